@@ -1,0 +1,1 @@
+"""The intermediate representations: scalar expressions, the Cascade IR and the Tile IR."""

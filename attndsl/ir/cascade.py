@@ -1,0 +1,206 @@
+"""The Cascade IR: an attention variant as a cascade of equations over named indices.
+
+A cascade declares its indices (each with a role the kernel schedule relies on), its tensors
+(inputs Q/K/V and captured tensors), scalar parameters, an optional key mask, and a list of
+equations ``T[i, j, ...] = expr``.  Indices that appear in an equation's body but not on its
+left-hand side must be reduced explicitly (``sum(n)``/``max(n)``); frontends insert the
+implicit Einsum sums.  The key mask restricts every reduction over the key index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from attndsl.ir.expr import BOOL, DTYPES, FLOAT, REDUCE, Expr, IRError, Op, render
+
+ROLES = ("batch", "head", "query", "key", "qk", "v")
+
+
+@dataclass(frozen=True)
+class SourceLoc:
+    """Where a declaration came from, for error messages (file:line:col)."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class IndexDecl:
+    """A named index, its extent parameter and its role (batch/head/query/key/qk/v)."""
+
+    name: str
+    extent: str
+    role: str
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """An input (``kind='input'``) or captured tensor (``kind='captured'``); ``dims`` names the
+    extent of each dimension (``('B', 'HKV', 'N', 'E')``, or ``('cap0.0',)`` for a captured one).
+    Equations read it with one index expression per dimension."""
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str = FLOAT
+    kind: str = "input"
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    """A scalar kernel argument (``scale``, a group size, a window bound from a text spec)."""
+
+    name: str
+    dtype: str = FLOAT
+    default: float | int | None = None
+
+
+@dataclass(frozen=True)
+class Equation:
+    name: str
+    indices: tuple[str, ...]
+    expr: Expr
+    loc: SourceLoc | None = field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.name}[{', '.join(self.indices)}] = {render(self.expr)}"
+
+
+@dataclass(frozen=True)
+class Cascade:
+    name: str
+    indices: tuple[IndexDecl, ...]
+    tensors: tuple[TensorDecl, ...]
+    params: tuple[ParamDecl, ...]
+    equations: tuple[Equation, ...]
+    outputs: tuple[str, ...]
+    mask: Equation | None = None
+
+    # -- lookups ---------------------------------------------------------------------------
+    def index(self, name: str) -> IndexDecl:
+        for i in self.indices:
+            if i.name == name:
+                return i
+        raise IRError(f"cascade {self.name!r} has no index {name!r}")
+
+    def role(self, role: str) -> str | None:
+        """Name of the index with this role, or None."""
+        names = [i.name for i in self.indices if i.role == role]
+        return names[0] if names else None
+
+    def tensor(self, name: str) -> TensorDecl | None:
+        return next((t for t in self.tensors if t.name == name), None)
+
+    def equation(self, name: str) -> Equation | None:
+        return next((e for e in self.equations if e.name == name), None)
+
+    def replace_equations(self, equations: tuple[Equation, ...], mask: Equation | None = None,
+                          keep_mask: bool = True) -> Cascade:
+        return Cascade(self.name, self.indices, self.tensors, self.params, equations,
+                       self.outputs, self.mask if keep_mask and mask is None else mask)
+
+    def __str__(self) -> str:
+        lines = [f"cascade {self.name}"]
+        for i in self.indices:
+            lines.append(f"  index {i.name}: {i.extent} ({i.role})")
+        for t in self.tensors:
+            lines.append(f"  {t.kind} {t.name}[{', '.join(t.dims)}]: {t.dtype}")
+        for p in self.params:
+            default = "" if p.default is None else f" = {p.default!r}"
+            lines.append(f"  param {p.name}: {p.dtype}{default}")
+        if self.mask is not None:
+            lines.append(f"  mask {self.mask}")
+        lines.extend(f"  {eq}" for eq in self.equations)
+        lines.append(f"  outputs {', '.join(self.outputs)}")
+        return "\n".join(lines)
+
+
+def verify(c: Cascade) -> Cascade:
+    """Check that a cascade is well formed; raise IRError naming the equation otherwise."""
+    names = [i.name for i in c.indices]
+    if len(set(names)) != len(names):
+        raise IRError(f"cascade {c.name!r}: an index is declared twice: {names}")
+    for i in c.indices:
+        if i.role not in ROLES:
+            raise IRError(f"index {i.name!r} has role {i.role!r}; expected one of {ROLES}")
+    for role in ("query", "key"):
+        if c.role(role) is None:
+            raise IRError(f"cascade {c.name!r} has no {role} index")
+    extents = {i.extent for i in c.indices}
+    scalars = {p.name for p in c.params} | extents
+    for t in c.tensors:
+        if t.dtype not in DTYPES:
+            raise IRError(f"tensor {t.name!r} has dtype {t.dtype!r}; expected one of {DTYPES}")
+        if t.kind not in ("input", "captured"):
+            raise IRError(f"tensor {t.name!r} has kind {t.kind!r}; expected input or captured")
+        scalars |= set(t.dims)
+    defined: dict[str, tuple[str, ...]] = {t.name: t.dims for t in c.tensors}
+    eqs = list(c.equations) + ([c.mask] if c.mask is not None else [])
+    for eq in c.equations:
+        if eq.name in defined:
+            raise IRError(f"{_where(eq)}{eq.name!r} is defined twice")
+        defined[eq.name] = eq.indices
+    for eq in eqs:
+        _verify_equation(c, eq, defined, scalars, set(names))
+    if c.mask is not None and c.mask.expr.dtype != BOOL:
+        raise IRError(f"{_where(c.mask)}the mask must be boolean, got {c.mask.expr.dtype}")
+    for out in c.outputs:
+        if c.equation(out) is None:
+            raise IRError(f"cascade {c.name!r}: output {out!r} is not defined by any equation")
+    _check_acyclic(c)
+    return c
+
+
+def _where(eq: Equation) -> str:
+    return f"{eq.loc}: " if eq.loc else f"equation {eq.name}: "
+
+
+def _verify_equation(c: Cascade, eq: Equation, defined: dict[str, tuple[str, ...]],
+                     scalars: set[str], names: set[str]) -> None:
+    for i in eq.indices:
+        if i not in names:
+            raise IRError(f"{_where(eq)}unknown index {i!r} on the left-hand side")
+    free = eq.expr.free_indices()
+    extra = free - set(eq.indices)
+    if extra:
+        raise IRError(f"{_where(eq)}indices {sorted(extra)} appear on the right but not on the "
+                      f"left; reduce them with sum(...) or max(...)")
+    for node in eq.expr.walk():
+        if node.op is Op.LOAD:
+            if node.arg not in defined:
+                raise IRError(f"{_where(eq)}unknown tensor {node.arg!r}")
+            if len(node.src) != len(defined[node.arg]):
+                raise IRError(f"{_where(eq)}{node.arg} has rank {len(defined[node.arg])} but is "
+                              f"indexed with {len(node.src)} subscripts")
+            for s in node.src:
+                if s.dtype == FLOAT:
+                    raise IRError(f"{_where(eq)}{node.arg} is indexed by a float expression {s}")
+        elif node.op is Op.PARAM and node.arg not in scalars:
+            raise IRError(f"{_where(eq)}unknown parameter {node.arg!r}")
+        elif node.op is Op.INDEX and node.arg not in names:
+            raise IRError(f"{_where(eq)}unknown index {node.arg!r}")
+        elif node.op in REDUCE and node.arg not in node.src[0].free_indices():
+            raise IRError(f"{_where(eq)}reduction over {node.arg!r}, which its body does not use")
+        elif node.op is Op.CAST and node.arg not in (FLOAT, INT, BOOL):
+            raise IRError(f"{_where(eq)}cast to unknown dtype {node.arg!r}")
+
+
+def _check_acyclic(c: Cascade) -> None:
+    deps = {eq.name: {n.arg for n in eq.expr.walk() if n.op is Op.LOAD} for eq in c.equations}
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2 or name not in deps:
+            return
+        if state.get(name) == 1:
+            raise IRError(f"cascade {c.name!r} has a cycle: {' -> '.join(path + [name])}")
+        state[name] = 1
+        for d in deps[name]:
+            visit(d, path + [name])
+        state[name] = 2
+
+    for name in deps:
+        visit(name, [])

@@ -1,0 +1,327 @@
+"""Scalar expressions of the Cascade IR.
+
+One immutable node type, :class:`Expr`, holds every operation (in the spirit of a single op
+enum with families).  An expression denotes the value of one element of a tensor at a point of
+its index space: ``Expr(Op.INDEX, arg="m")`` is the query position, ``LOAD`` reads a tensor at
+index expressions, ``REDUCE_SUM``/``REDUCE_MAX`` reduce their body over a named index.
+
+Semantics shared by every executor (the eager oracle and the kernels):
+
+* a reduction over the key index ranges only over unmasked keys; over an empty range
+  ``sum = 0`` and ``max = -inf``;
+* ``x / y`` is ``0`` when both are ``0`` (a fully masked row normalises to zero, never NaN);
+* ``//`` and ``%`` on integers follow Python (floor) semantics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import Any, Callable, Iterator
+
+FLOAT, INT, BOOL = "float", "int", "bool"
+DTYPES = (FLOAT, INT, BOOL)
+
+
+class Op(Enum):
+    # leaves
+    CONST = auto()  # arg: python value
+    INDEX = auto()  # arg: index name
+    PARAM = auto()  # arg: scalar parameter name (a kernel argument)
+    LOAD = auto()  # arg: tensor name, src: one index expression per dimension
+    ROW = auto()  # arg: name of a per-row value of a schedule (a finished reduction)
+    # unary
+    NEG = auto()
+    EXP = auto()
+    EXP2 = auto()
+    LOG = auto()
+    LOG2 = auto()
+    TANH = auto()
+    SIGMOID = auto()
+    ABS = auto()
+    SQRT = auto()
+    NOT = auto()
+    CAST = auto()  # arg: target dtype
+    # binary
+    ADD = auto()
+    SUB = auto()
+    MUL = auto()
+    DIV = auto()
+    FLOORDIV = auto()
+    MOD = auto()
+    MAX = auto()
+    MIN = auto()
+    POW = auto()
+    LT = auto()
+    LE = auto()
+    GT = auto()
+    GE = auto()
+    EQ = auto()
+    NE = auto()
+    AND = auto()
+    OR = auto()
+    # ternary
+    WHERE = auto()
+    # reductions (arg: index name)
+    REDUCE_SUM = auto()
+    REDUCE_MAX = auto()
+    # built-in normaliser over an index (arg: index name); expanded by a pass
+    SOFTMAX = auto()
+
+
+UNARY = {Op.NEG, Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.TANH, Op.SIGMOID, Op.ABS, Op.SQRT, Op.NOT,
+         Op.CAST}
+BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.FLOORDIV, Op.MOD, Op.MAX, Op.MIN, Op.POW, Op.LT,
+          Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE, Op.AND, Op.OR}
+COMPARE = {Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE}
+REDUCE = {Op.REDUCE_SUM, Op.REDUCE_MAX}
+LEAVES = {Op.CONST, Op.INDEX, Op.PARAM, Op.ROW}
+FLOAT_ONLY = {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.TANH, Op.SIGMOID, Op.SQRT}
+
+
+class IRError(ValueError):
+    """An ill-formed IR: the message says which node and what was expected."""
+
+
+@dataclass(frozen=True)
+class Expr:
+    """One node: ``op`` applied to ``src`` with an extra ``arg``; ``dtype`` is float/int/bool."""
+
+    op: Op
+    src: tuple[Expr, ...] = ()
+    arg: Any = None
+    dtype: str = FLOAT
+    _hash: int = field(default=0, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.op, self.src, self.arg, self.dtype)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    # -- traversal -------------------------------------------------------------------------
+    def walk(self) -> Iterator[Expr]:
+        """Every node, children before parents, each distinct node once."""
+        seen: set[Expr] = set()
+        stack: list[tuple[Expr, bool]] = [(self, False)]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                yield node
+                continue
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.append((node, True))
+            stack.extend((s, False) for s in reversed(node.src))
+
+    def free_indices(self) -> frozenset[str]:
+        """Indices the value depends on (indices bound by a reduction inside are not free)."""
+        return _free(self)
+
+    def replace(self, fn: Callable[[Expr], Expr | None]) -> Expr:
+        """Rebuild bottom-up; ``fn`` returns a replacement for a rebuilt node or None."""
+        memo: dict[Expr, Expr] = {}
+        for node in self.walk():
+            src = tuple(memo[s] for s in node.src)
+            new = node if src == node.src else Expr(node.op, src, node.arg, node.dtype)
+            out = fn(new)
+            memo[node] = new if out is None else out
+        return memo[self]
+
+    # -- building --------------------------------------------------------------------------
+    def __add__(self, o: Any) -> Expr:
+        return binary(Op.ADD, self, o)
+
+    def __radd__(self, o: Any) -> Expr:
+        return binary(Op.ADD, o, self)
+
+    def __sub__(self, o: Any) -> Expr:
+        return binary(Op.SUB, self, o)
+
+    def __rsub__(self, o: Any) -> Expr:
+        return binary(Op.SUB, o, self)
+
+    def __mul__(self, o: Any) -> Expr:
+        return binary(Op.MUL, self, o)
+
+    def __rmul__(self, o: Any) -> Expr:
+        return binary(Op.MUL, o, self)
+
+    def __truediv__(self, o: Any) -> Expr:
+        return binary(Op.DIV, self, o)
+
+    def __rtruediv__(self, o: Any) -> Expr:
+        return binary(Op.DIV, o, self)
+
+    def __neg__(self) -> Expr:
+        return unary(Op.NEG, self)
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+def _free(e: Expr) -> frozenset[str]:
+    memo: dict[Expr, frozenset[str]] = {}
+    for node in e.walk():
+        if node.op is Op.INDEX:
+            memo[node] = frozenset({node.arg})
+        elif node.op in REDUCE or node.op is Op.SOFTMAX:
+            inner = memo[node.src[0]]
+            memo[node] = inner - {node.arg} if node.op in REDUCE else inner
+        else:
+            memo[node] = frozenset().union(*(memo[s] for s in node.src))
+    return memo[e]
+
+
+# -- constructors ----------------------------------------------------------------------------
+
+def const(value: float | int | bool) -> Expr:
+    if isinstance(value, bool):
+        return Expr(Op.CONST, arg=value, dtype=BOOL)
+    if isinstance(value, int):
+        return Expr(Op.CONST, arg=value, dtype=INT)
+    if isinstance(value, float):
+        return Expr(Op.CONST, arg=value, dtype=FLOAT)
+    raise IRError(f"a constant must be a bool, int or float, got {type(value).__name__}")
+
+
+def as_expr(x: Any) -> Expr:
+    return x if isinstance(x, Expr) else const(x)
+
+
+def index(name: str) -> Expr:
+    return Expr(Op.INDEX, arg=name, dtype=INT)
+
+
+def param(name: str, dtype: str = FLOAT) -> Expr:
+    return Expr(Op.PARAM, arg=name, dtype=dtype)
+
+
+def row(name: str) -> Expr:
+    return Expr(Op.ROW, arg=name, dtype=FLOAT)
+
+
+def load(tensor: str, idx: tuple[Expr, ...], dtype: str = FLOAT) -> Expr:
+    return Expr(Op.LOAD, tuple(as_expr(i) for i in idx), tensor, dtype)
+
+
+def promote(a: str, b: str) -> str:
+    """Result dtype of arithmetic on a and b (bool < int < float)."""
+    order = {BOOL: 0, INT: 1, FLOAT: 2}
+    return a if order[a] >= order[b] else b
+
+
+def unary(op: Op, x: Any, arg: Any = None) -> Expr:
+    x = as_expr(x)
+    if op is Op.CAST:
+        return Expr(op, (x,), arg, arg)
+    if op is Op.NOT:
+        return Expr(op, (x,), None, BOOL)
+    dtype = FLOAT if op in FLOAT_ONLY else x.dtype
+    if op is Op.NEG and dtype == BOOL:
+        raise IRError("cannot negate a boolean; use ~ (not)")
+    return Expr(op, (x,), arg, dtype)
+
+
+def binary(op: Op, a: Any, b: Any) -> Expr:
+    a, b = as_expr(a), as_expr(b)
+    if op in COMPARE:
+        dtype = BOOL
+    elif op in (Op.AND, Op.OR):
+        dtype = BOOL if a.dtype == b.dtype == BOOL else promote(a.dtype, b.dtype)
+        if dtype == FLOAT:
+            raise IRError("& and | need boolean or integer operands, got a float")
+    elif op is Op.DIV:
+        dtype = FLOAT
+    else:
+        dtype = promote(a.dtype, b.dtype)
+        if dtype == BOOL and op not in (Op.MAX, Op.MIN):
+            dtype = INT
+    return Expr(op, (a, b), None, dtype)
+
+
+def where(c: Any, a: Any, b: Any) -> Expr:
+    c, a, b = as_expr(c), as_expr(a), as_expr(b)
+    if c.dtype != BOOL:
+        raise IRError(f"where() needs a boolean condition, got a {c.dtype} expression: {c}")
+    return Expr(Op.WHERE, (c, a, b), None, promote(a.dtype, b.dtype))
+
+
+def reduce_sum(idx: str, body: Any) -> Expr:
+    body = as_expr(body)
+    return Expr(Op.REDUCE_SUM, (body,), idx, FLOAT if body.dtype != INT else INT)
+
+
+def reduce_max(idx: str, body: Any) -> Expr:
+    body = as_expr(body)
+    return Expr(Op.REDUCE_MAX, (body,), idx, body.dtype)
+
+
+def softmax(idx: str, body: Any) -> Expr:
+    return Expr(Op.SOFTMAX, (as_expr(body),), idx, FLOAT)
+
+
+def exp(x: Any) -> Expr:
+    return unary(Op.EXP, x)
+
+
+def log(x: Any) -> Expr:
+    return unary(Op.LOG, x)
+
+
+def is_const(e: Expr, value: float | None = None) -> bool:
+    return e.op is Op.CONST and (value is None or e.arg == value)
+
+
+# -- printing --------------------------------------------------------------------------------
+
+_INFIX = {Op.ADD: ("+", 4), Op.SUB: ("-", 4), Op.MUL: ("*", 5), Op.DIV: ("/", 5),
+          Op.FLOORDIV: ("//", 5), Op.MOD: ("%", 5), Op.POW: ("**", 7), Op.LT: ("<", 3),
+          Op.LE: ("<=", 3), Op.GT: (">", 3), Op.GE: (">=", 3), Op.EQ: ("==", 3),
+          Op.NE: ("!=", 3), Op.AND: ("&", 2), Op.OR: ("|", 1)}
+_CALL = {Op.EXP: "exp", Op.EXP2: "exp2", Op.LOG: "log", Op.LOG2: "log2", Op.TANH: "tanh",
+         Op.SIGMOID: "sigmoid", Op.ABS: "abs", Op.SQRT: "sqrt", Op.MAX: "max", Op.MIN: "min",
+         Op.WHERE: "where"}
+
+
+def render_const(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    return repr(v)
+
+
+def render(e: Expr, prec: float = 0) -> str:
+    """Infix text of an expression (the cascade language's own syntax)."""
+    op = e.op
+    if op is Op.CONST:
+        return render_const(e.arg)
+    if op in (Op.INDEX, Op.PARAM):
+        return str(e.arg)
+    if op is Op.ROW:
+        return f"%{e.arg}"
+    if op is Op.LOAD:
+        return f"{e.arg}[{', '.join(render(s) for s in e.src)}]"
+    if op in _INFIX:
+        sym, p = _INFIX[op]
+        if op in (Op.AND, Op.OR):  # parenthesise comparisons under & and | for readability
+            text = f"{render(e.src[0], 3.5)} {sym} {render(e.src[1], 3.5)}"
+            return f"({text})" if p < prec else text
+        right = p + 1 if op is not Op.POW else p
+        text = f"{render(e.src[0], p if op is not Op.POW else p + 1)} {sym} {render(e.src[1], right)}"
+        return f"({text})" if p < prec else text
+    if op is Op.NEG:
+        text = f"-{render(e.src[0], 6)}"
+        return f"({text})" if prec > 6 else text
+    if op is Op.NOT:
+        return f"!{render(e.src[0], 6)}"
+    if op is Op.CAST:
+        return f"{e.arg}({render(e.src[0])})"
+    if op in (Op.REDUCE_SUM, Op.REDUCE_MAX, Op.SOFTMAX):
+        name = {Op.REDUCE_SUM: "sum", Op.REDUCE_MAX: "max", Op.SOFTMAX: "softmax"}[op]
+        text = f"{name}({e.arg}) {render(e.src[0], 6)}"
+        return f"({text})" if prec > 0 else text
+    return f"{_CALL[op]}({', '.join(render(s) for s in e.src)})"
