@@ -1,0 +1,313 @@
+"""Eager executor of the Cascade IR in plain torch: the oracle every kernel is tested against.
+
+It shares nothing with the kernel path beyond the IR.  Every node evaluates to a tensor laid
+out over all of the cascade's indices (size 1 along the indices it does not depend on), so
+broadcasting does the index bookkeeping.  Work is chunked over the query index, so an 8k-token
+problem needs O(chunk * Lkv) memory per (batch, head).  Floats are computed in ``dtype``
+(float64 by default).  Semantics (see attndsl.ir.expr): reductions over the key index skip
+masked keys (empty sum 0, empty max -inf); ``0 / 0 = 0``; ``//`` and ``%`` floor like Python.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import torch
+
+from attndsl.ir.cascade import Cascade, Equation
+from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
+
+Tensor = torch.Tensor
+
+
+class EagerError(ValueError):
+    """The cascade cannot be evaluated with the given inputs (missing tensor, bad shape)."""
+
+
+class _Ctx:
+    """Everything one evaluation needs: axes, their index tensors, bound tensors, the mask."""
+
+    def __init__(self, axes: list[str], ranges: dict[str, Tensor], tensors: Mapping[str, Tensor],
+                 params: Mapping[str, float | int], key: str | None, dtype: torch.dtype,
+                 intermediates: dict[str, tuple[tuple[str, ...], Tensor]]) -> None:
+        self.axes, self.ranges, self.tensors, self.params = axes, ranges, tensors, params
+        self.key, self.dtype, self.intermediates = key, dtype, intermediates
+        self.mask: Tensor | None = None
+        self.memo: dict[Expr, Tensor] = {}
+
+    def shape_along(self, name: str, values: Tensor) -> Tensor:
+        shape = [1] * len(self.axes)
+        shape[self.axes.index(name)] = values.numel()
+        return values.reshape(shape)
+
+
+def _torch_dtype(d: str, fdtype: torch.dtype) -> torch.dtype:
+    return {FLOAT: fdtype, INT: torch.int64, BOOL: torch.bool}[d]
+
+
+def _safe_div(a: Tensor, b: Tensor) -> Tensor:
+    return torch.where((a == 0) & (b == 0), torch.zeros((), dtype=a.dtype), a / b)
+
+
+def _as_float(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+_UNARY: dict[Op, Callable[[Tensor], Tensor]] = {
+    Op.NEG: torch.neg, Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.LOG: torch.log,
+    Op.LOG2: torch.log2, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.ABS: torch.abs,
+    Op.SQRT: torch.sqrt, Op.NOT: torch.logical_not,
+}
+_CMP: dict[Op, Callable[[Tensor, Tensor], Tensor]] = {
+    Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge, Op.EQ: torch.eq,
+    Op.NE: torch.ne,
+}
+
+
+def _binary(op: Op, a: Tensor, b: Tensor, out_dtype: str, fdtype: torch.dtype) -> Tensor:
+    if op in _CMP:
+        return _CMP[op](a, b)
+    if op in (Op.AND, Op.OR):
+        if a.dtype == torch.bool and b.dtype == torch.bool:
+            return torch.logical_and(a, b) if op is Op.AND else torch.logical_or(a, b)
+        return torch.bitwise_and(a.long(), b.long()) if op is Op.AND else \
+            torch.bitwise_or(a.long(), b.long())
+    target = _torch_dtype(out_dtype, fdtype)
+    if op is Op.DIV:
+        return _safe_div(_as_float(a, fdtype), _as_float(b, fdtype))
+    a, b = a.to(target), b.to(target)
+    if op is Op.ADD:
+        return a + b
+    if op is Op.SUB:
+        return a - b
+    if op is Op.MUL:
+        return a * b
+    if op is Op.FLOORDIV:
+        return torch.div(a, b, rounding_mode="floor")
+    if op is Op.MOD:
+        return torch.remainder(a, b)
+    if op is Op.MAX:
+        return torch.maximum(a, b)
+    if op is Op.MIN:
+        return torch.minimum(a, b)
+    if op is Op.POW:
+        return torch.pow(a, b)
+    raise EagerError(f"no eager rule for {op}")
+
+
+def _eval(e: Expr, ctx: _Ctx) -> Tensor:
+    return _get(e, ctx.memo, ctx)
+
+
+def _get(node: Expr, memo: dict[Expr, Tensor], ctx: _Ctx) -> Tensor:
+    if node not in memo:
+        memo[node] = _eval_node(node, memo, ctx)
+    return memo[node]
+
+
+def _eval_node(node: Expr, memo: dict[Expr, Tensor], ctx: _Ctx) -> Tensor:
+    nd = len(ctx.axes)
+
+    def arg(i: int) -> Tensor:
+        return _get(node.src[i], memo, ctx)
+
+    op = node.op
+    if op is Op.CONST:
+        return torch.tensor(node.arg, dtype=_torch_dtype(node.dtype, ctx.dtype)).reshape([1] * nd)
+    if op is Op.INDEX:
+        return ctx.shape_along(node.arg, ctx.ranges[node.arg])
+    if op is Op.PARAM:
+        if node.arg not in ctx.params:
+            raise EagerError(f"parameter {node.arg!r} is not bound")
+        return torch.tensor(ctx.params[node.arg],
+                            dtype=_torch_dtype(node.dtype, ctx.dtype)).reshape([1] * nd)
+    if op is Op.LOAD:
+        return _load(node, [arg(i) for i in range(len(node.src))], ctx)
+    if op is Op.CAST:
+        return arg(0).to(_torch_dtype(node.arg, ctx.dtype))
+    if op in _UNARY:
+        x = arg(0)
+        if op not in (Op.NEG, Op.ABS, Op.NOT):
+            x = _as_float(x, ctx.dtype)
+        return _UNARY[op](x)
+    if op is Op.WHERE:
+        t = _torch_dtype(node.dtype, ctx.dtype)
+        return torch.where(arg(0), arg(1).to(t), arg(2).to(t))
+    if op in (Op.REDUCE_SUM, Op.REDUCE_MAX):
+        return _reduce(node, ctx)
+    if op is Op.SOFTMAX:
+        return _softmax(node, ctx)
+    if op is Op.ROW:
+        raise EagerError("ROW values belong to schedules, not to cascades")
+    return _binary(op, arg(0), arg(1), node.dtype, ctx.dtype)
+
+
+def _load(node: Expr, idx: list[Tensor], ctx: _Ctx) -> Tensor:
+    name = node.arg
+    if name in ctx.intermediates:
+        lhs, value = ctx.intermediates[name]
+        plain = all(s.op is Op.INDEX and s.arg == i for s, i in zip(node.src, lhs))
+        if not plain:
+            raise EagerError(f"{name} is read at shifted indices; only inputs and captured "
+                             f"tensors can be gathered")
+        return value
+    if name not in ctx.tensors:
+        raise EagerError(f"tensor {name!r} is not bound")
+    t = ctx.tensors[name]
+    if t.dim() != len(idx):
+        raise EagerError(f"tensor {name!r} has {t.dim()} dims, indexed with {len(idx)}")
+    if not idx:
+        v = t.reshape([1] * len(ctx.axes))
+    else:
+        for d, i in enumerate(idx):
+            if i.numel() and (int(i.min()) < 0 or int(i.max()) >= t.shape[d]):
+                raise EagerError(f"{name}: index {d} ranges over [{int(i.min())}, "
+                                 f"{int(i.max())}], outside its size {t.shape[d]}")
+        v = t[tuple(i.long() for i in idx)]
+        v = v.reshape(torch.broadcast_shapes(*(i.shape for i in idx)))
+    return v.to(_torch_dtype(node.dtype, ctx.dtype)) if v.dtype.is_floating_point or \
+        node.dtype != FLOAT else v.to(ctx.dtype)
+
+
+def _reduce_dims(node: Expr, ctx: _Ctx) -> tuple[Tensor, int]:
+    axis = ctx.axes.index(node.arg)
+    body = node.src[0]
+    if node.op is Op.REDUCE_SUM and body.op is Op.MUL and node.arg != ctx.key:
+        return _contract(body, node.arg, ctx), axis
+    return _eval(body, ctx), axis
+
+
+def _contract(body: Expr, idx: str, ctx: _Ctx) -> Tensor:
+    """sum over ``idx`` of a product, by einsum, without materialising the product."""
+    a, b = _eval(body.src[0], ctx), _eval(body.src[1], ctx)
+    a, b = _as_float(a, ctx.dtype), _as_float(b, ctx.dtype)
+    letters = "abcdefghijklmnopqrstuvwxyz"[: len(ctx.axes)]
+
+    def sub(t: Tensor) -> tuple[Tensor, str]:
+        keep = [i for i in range(t.dim()) if t.shape[i] != 1]
+        return t.reshape([t.shape[i] for i in keep]), "".join(letters[i] for i in keep)
+
+    (ta, sa), (tb, sb) = sub(a), sub(b)
+    r = ctx.axes.index(idx)
+    out = "".join(ch for ch in letters if (ch in sa or ch in sb) and ch != letters[r])
+    res = torch.einsum(f"{sa},{sb}->{out}", ta, tb)
+    shape = [a.shape[i] if letters[i] in sa else b.shape[i] if letters[i] in sb else 1
+             for i in range(len(ctx.axes))]
+    shape[r] = 1
+    return res.reshape(shape)
+
+
+def _reduce(node: Expr, ctx: _Ctx) -> Tensor:
+    body, axis = _reduce_dims(node, ctx)
+    if node.op is Op.REDUCE_SUM and body.shape[axis] == 1 and node.arg != ctx.key:
+        return body  # contracted already
+    full = list(body.shape)
+    full[axis] = ctx.ranges[node.arg].numel()
+    body = body.expand(torch.broadcast_shapes(body.shape, tuple(full)))
+    mask = ctx.mask if node.arg == ctx.key else None
+    if node.op is Op.REDUCE_SUM:
+        if body.dtype == torch.bool:
+            body = body.long()
+        if mask is not None:
+            body = torch.where(mask, body, torch.zeros((), dtype=body.dtype))
+        return body.sum(axis, keepdim=True)
+    if mask is not None:
+        low = -math.inf if body.dtype.is_floating_point else torch.iinfo(body.dtype).min
+        body = torch.where(mask, body, torch.tensor(low, dtype=body.dtype))
+    return body.amax(axis, keepdim=True)
+
+
+def _softmax(node: Expr, ctx: _Ctx) -> Tensor:
+    x = _as_float(_eval(node.src[0], ctx), ctx.dtype)
+    axis = ctx.axes.index(node.arg)
+    full = list(x.shape)
+    full[axis] = ctx.ranges[node.arg].numel()
+    x = x.expand(torch.broadcast_shapes(x.shape, tuple(full)))
+    mask = ctx.mask if node.arg == ctx.key else None
+    if mask is not None:
+        x = torch.where(mask, x, torch.tensor(-math.inf, dtype=x.dtype))
+    mx = x.amax(axis, keepdim=True)
+    mx = torch.where(torch.isneginf(mx), torch.zeros((), dtype=x.dtype), mx)
+    ex = torch.exp(x - mx)
+    return _safe_div(ex, ex.sum(axis, keepdim=True))
+
+
+def bind_extents(c: Cascade, tensors: Mapping[str, Tensor]) -> dict[str, int]:
+    """Sizes of every extent name, read off the shapes of the bound tensors."""
+    sizes: dict[str, int] = {}
+    for decl in c.tensors:
+        if decl.name not in tensors:
+            raise EagerError(f"cascade {c.name!r} needs tensor {decl.name!r}")
+        t = tensors[decl.name]
+        if t.dim() != len(decl.dims):
+            raise EagerError(f"{decl.name} must have {len(decl.dims)} dims "
+                             f"[{', '.join(decl.dims)}], got shape {tuple(t.shape)}")
+        for dim, size in zip(decl.dims, t.shape):
+            if sizes.setdefault(dim, int(size)) != int(size):
+                raise EagerError(f"extent {dim} is {sizes[dim]} elsewhere but {decl.name} has "
+                                 f"{int(size)}")
+    return sizes
+
+
+def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
+                params: Mapping[str, float | int] | None = None, *,
+                dtype: torch.dtype = torch.float64, max_elements: int = 1 << 24,
+                ) -> dict[str, Tensor]:
+    """Evaluate every output of ``c``; returns tensors shaped by each output's indices."""
+    sizes = bind_extents(c, tensors)
+    params = dict(params or {})
+    for p in c.params:
+        if p.name not in params and p.default is not None:
+            params[p.name] = p.default
+    for ext, size in sizes.items():
+        params.setdefault(ext, size)
+    axes = [i.name for i in c.indices]
+    extent = {}
+    for i in c.indices:
+        if i.extent not in sizes and i.extent not in params:
+            raise EagerError(f"extent {i.extent} of index {i.name} is not bound")
+        extent[i.name] = int(sizes.get(i.extent, params.get(i.extent)))
+    query, key = c.role("query"), c.role("key")
+    per_query = max(1, math.prod(v for k, v in extent.items() if k != query))
+    chunk = max(1, min(extent[query], max_elements // per_query))
+    cpu = {k: v.detach().cpu() for k, v in tensors.items()}
+    outs: dict[str, list[Tensor]] = {o: [] for o in c.outputs}
+    for start in range(0, extent[query], chunk):
+        ranges = {k: torch.arange(v) for k, v in extent.items()}
+        ranges[query] = torch.arange(start, min(start + chunk, extent[query]))
+        inter: dict[str, tuple[tuple[str, ...], Tensor]] = {}
+        ctx = _Ctx(axes, ranges, cpu, params, key, dtype, inter)
+        if c.mask is not None:
+            ctx.mask = _eval(c.mask.expr, ctx)
+        for eq in c.equations:
+            inter[eq.name] = (eq.indices, _eval_equation(eq, ctx))
+        for o in c.outputs:
+            lhs, value = inter[o]
+            outs[o].append(_compact(value, lhs, axes, ranges))
+    qpos = {o: c.equation(o).indices.index(query) if query in c.equation(o).indices else None
+            for o in c.outputs}
+    return {o: torch.cat(v, dim=qpos[o]) if qpos[o] is not None else v[0]
+            for o, v in outs.items()}
+
+
+def _eval_equation(eq: Equation, ctx: _Ctx) -> Tensor:
+    value = _eval(eq.expr, ctx)
+    shape = [ctx.ranges[a].numel() if a in eq.indices else 1 for a in ctx.axes]
+    return value.expand(torch.broadcast_shapes(value.shape, tuple(shape)))
+
+
+def _compact(value: Tensor, lhs: tuple[str, ...], axes: list[str],
+             ranges: dict[str, Tensor]) -> Tensor:
+    full = [ranges[a].numel() if a in lhs else 1 for a in axes]
+    v = value.expand(full).reshape([ranges[a].numel() for a in axes if a in lhs])
+    present = [a for a in axes if a in lhs]
+    return v.permute([present.index(name) for name in lhs]).contiguous()
+
+
+def eval_expr(e: Expr, axes: list[str], ranges: Mapping[str, Tensor],
+              tensors: Mapping[str, Tensor], params: Mapping[str, float | int] | None = None,
+              dtype: torch.dtype = torch.float64) -> Tensor:
+    """Evaluate one expression over given index ranges (a broadcast tensor over ``axes``)."""
+    ctx = _Ctx(list(axes), dict(ranges), tensors, dict(params or {}), None, dtype, {})
+    return _eval(e, ctx)
