@@ -11,7 +11,7 @@ masked keys (empty sum 0, empty max -inf); ``0 / 0 = 0``; ``//`` and ``%`` floor
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 

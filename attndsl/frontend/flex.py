@@ -13,8 +13,8 @@ The cascade every FlexAttention call denotes (G = H / HKV query heads per key/va
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -99,4 +99,4 @@ def mask_expr(mask_mod: Callable) -> tuple[E.Expr, dict[str, torch.Tensor]]:
     return spec.cascade.mask.expr, spec.captured
 
 
-__all__ = ["FlexSpec", "attention_cascade", "lower_flex", "mask_expr", "FLOAT"]
+__all__ = ["FLOAT", "FlexSpec", "attention_cascade", "lower_flex", "mask_expr"]

@@ -13,8 +13,9 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ def _dtype_of(t: torch.Tensor | torch.dtype) -> str:
 class Sym:
     """A symbolic scalar standing for one element of a score/mask computation."""
 
-    __slots__ = ("expr", "ctx")
+    __slots__ = ("ctx", "expr")
 
     def __init__(self, expr: Expr, ctx: TraceContext) -> None:
         self.expr = expr
@@ -114,7 +115,7 @@ class Sym:
     def __float__(self) -> float:
         raise self.ctx.fail("a symbolic value was converted to a Python float")
 
-    def __iter__(self):  # noqa: D105
+    def __iter__(self):
         raise self.ctx.fail("a symbolic scalar cannot be iterated")
 
     def __repr__(self) -> str:
@@ -175,10 +176,10 @@ class Sym:
     def __ge__(self, o: Any) -> Sym:
         return self._bin(Op.GE, self, o)
 
-    def __eq__(self, o: Any) -> Sym:  # type: ignore[override]
+    def __eq__(self, o: object) -> Sym:  # type: ignore[override]
         return self._bin(Op.EQ, self, o)
 
-    def __ne__(self, o: Any) -> Sym:  # type: ignore[override]
+    def __ne__(self, o: object) -> Sym:  # type: ignore[override]
         return self._bin(Op.NE, self, o)
 
     __hash__ = None  # type: ignore[assignment]
@@ -293,7 +294,7 @@ def _where(ctx: TraceContext, c: Any, a: Any, b: Any) -> Sym:
         raise ctx.fail(str(err)) from None
 
 
-def _clamp(ctx: TraceContext, x: Any, min: Any = None, max: Any = None) -> Sym:  # noqa: A002
+def _clamp(ctx: TraceContext, x: Any, min: Any = None, max: Any = None) -> Sym:
     s = _sym(ctx, x)
     e = s.expr
     if min is not None:
@@ -373,8 +374,12 @@ _FUNCS: dict[str, Callable[..., Sym]] = {
 _FUNCS.update({f"__{k}__": v for k, v in list(_FUNCS.items()) if k in
                ("add", "sub", "mul", "eq", "ne", "lt", "le", "gt", "ge")})
 
+def _as_method(fn: Callable[..., Sym]) -> Callable[..., Sym]:
+    return lambda s, *a, **k: fn(s.ctx, s, *a, **k)
+
+
 _METHODS: dict[str, Callable[..., Sym]] = {
-    name: (lambda f: lambda s, *a, **k: f(s.ctx, s, *a, **k))(fn)
+    name: _as_method(fn)
     for name, fn in _FUNCS.items() if not name.startswith("__") and name not in ("where",)
 }
 _METHODS.update({

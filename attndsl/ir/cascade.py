@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from attndsl.ir.expr import BOOL, DTYPES, FLOAT, REDUCE, Expr, IRError, Op, render
+from attndsl.ir.expr import BOOL, DTYPES, FLOAT, INT, REDUCE, Expr, IRError, Op, render
 
 ROLES = ("batch", "head", "query", "key", "qk", "v")
 

@@ -16,9 +16,10 @@ Semantics shared by every executor (the eager oracle and the kernels):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import Any, Callable, Iterator
+from typing import Any
 
 FLOAT, INT, BOOL = "float", "int", "bool"
 DTYPES = (FLOAT, INT, BOOL)
@@ -177,7 +178,7 @@ def _free(e: Expr) -> frozenset[str]:
 
 # -- constructors ----------------------------------------------------------------------------
 
-def const(value: float | int | bool) -> Expr:
+def const(value: float | bool) -> Expr:
     if isinstance(value, bool):
         return Expr(Op.CONST, arg=value, dtype=BOOL)
     if isinstance(value, int):

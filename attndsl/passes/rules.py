@@ -1,0 +1,126 @@
+"""Algebraic rewrite rules: one rule per line, each a function returning a replacement or None.
+
+``simplify`` applies the table bottom-up to a fixed point.  Rules never change the value of an
+expression under the IR's semantics (see attndsl.ir.expr).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+
+from attndsl.ir import expr as E
+from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
+
+Rule = Callable[[Expr], Expr | None]
+LOG2E = 1.4426950408889634  # 1 / ln 2
+LN2 = 0.6931471805599453
+
+_FOLD = {Op.ADD: operator.add, Op.SUB: operator.sub, Op.MUL: operator.mul,
+         Op.MAX: max, Op.MIN: min, Op.LT: operator.lt, Op.LE: operator.le, Op.GT: operator.gt,
+         Op.GE: operator.ge, Op.EQ: operator.eq, Op.NE: operator.ne}
+_FOLD1 = {Op.NEG: operator.neg, Op.EXP: math.exp, Op.TANH: math.tanh, Op.ABS: abs}
+
+
+def _c(e: Expr) -> bool:
+    return e.op is Op.CONST
+
+
+def _fold_binary(e: Expr) -> Expr | None:
+    """c1 op c2 -> c (finite, same dtype rules as the IR)"""
+    if e.op not in _FOLD or not (_c(e.src[0]) and _c(e.src[1])):
+        return None
+    a, b = e.src[0].arg, e.src[1].arg
+    try:
+        v = _FOLD[e.op](a, b)
+    except (OverflowError, ValueError):
+        return None
+    if e.dtype == FLOAT:
+        v = float(v)
+        if not math.isfinite(v) and math.isfinite(float(a)) and math.isfinite(float(b)):
+            return None
+    elif e.dtype == INT:
+        v = int(v)
+    else:
+        v = bool(v)
+    return E.const(v)
+
+
+def _fold_unary(e: Expr) -> Expr | None:
+    """f(c) -> c"""
+    if e.op not in _FOLD1 or not _c(e.src[0]) or e.src[0].dtype == BOOL:
+        return None
+    try:
+        v = _FOLD1[e.op](e.src[0].arg)
+    except OverflowError:
+        return None
+    return E.const(float(v) if e.dtype == FLOAT else v)
+
+
+def _is(e: Expr, v: float) -> bool:
+    return e.op is Op.CONST and e.dtype != BOOL and e.arg == v
+
+
+def _keep_dtype(e: Expr, x: Expr) -> Expr | None:
+    """x, unless dropping the node would change the dtype (then cast)."""
+    if x.dtype == e.dtype:
+        return x
+    return E.unary(Op.CAST, x, e.dtype) if e.dtype == FLOAT else None
+
+
+RULES: list[Rule] = [
+    _fold_binary,
+    _fold_unary,
+    lambda e: _keep_dtype(e, e.src[0]) if e.op is Op.MUL and _is(e.src[1], 1) else None,  # x*1 -> x
+    lambda e: _keep_dtype(e, e.src[1]) if e.op is Op.MUL and _is(e.src[0], 1) else None,  # 1*x -> x
+    lambda e: _keep_dtype(e, e.src[0]) if e.op in (Op.ADD, Op.SUB) and _is(e.src[1], 0)
+    else None,  # x+0 -> x, x-0 -> x
+    lambda e: _keep_dtype(e, e.src[1]) if e.op is Op.ADD and _is(e.src[0], 0) else None,  # 0+x -> x
+    lambda e: _keep_dtype(e, e.src[0]) if e.op is Op.DIV and _is(e.src[1], 1)
+    else None,  # x/1 -> x
+    lambda e: e.src[0].src[0] if e.op is Op.NEG and e.src[0].op is Op.NEG else None,  # --x -> x
+    lambda e: E.binary(Op.SUB, e.src[0], e.src[1].src[0])
+    if e.op is Op.ADD and e.src[1].op is Op.NEG else None,  # a + -b -> a - b
+    lambda e: E.binary(Op.ADD, e.src[0], e.src[1].src[0])
+    if e.op is Op.SUB and e.src[1].op is Op.NEG else None,  # a - -b -> a + b
+    lambda e: e.src[0] if e.op is Op.CAST and e.src[0].dtype == e.arg else None,  # cast to same
+    lambda e: e.src[1] if e.op is Op.WHERE and _c(e.src[0]) and e.src[0].arg is True
+    else None,  # where(True, a, b) -> a
+    lambda e: e.src[2] if e.op is Op.WHERE and _c(e.src[0]) and e.src[0].arg is False
+    else None,  # where(False, a, b) -> b
+    lambda e: e.src[0] if e.op is Op.AND and _c(e.src[1]) and e.src[1].arg is True
+    else None,  # x & True -> x
+    lambda e: e.src[1] if e.op is Op.AND and _c(e.src[0]) and e.src[0].arg is True
+    else None,  # True & x -> x
+    lambda e: e.src[0].src[0] if e.op is Op.NOT and e.src[0].op is Op.NOT else None,  # !!x -> x
+    lambda e: E.const(0.0) if e.op is Op.SUB and e.src[0] == e.src[1] and e.dtype == FLOAT
+    else None,  # x - x -> 0
+    lambda e: E.const(1.0) if e.op in (Op.EXP, Op.EXP2) and _is(e.src[0], 0) else None,  # exp(0)->1
+]
+
+
+# merging exponentials: used where no rule splits them (finalising outputs, kernel bodies)
+MERGE_EXP: list[Rule] = [
+    lambda e: E.exp(E.binary(Op.ADD, e.src[0].src[0], e.src[1].src[0]))
+    if e.op is Op.MUL and e.src[0].op is Op.EXP and e.src[1].op is Op.EXP
+    else None,  # exp(a)*exp(b) -> exp(a+b)
+    lambda e: E.unary(Op.EXP2, E.binary(Op.ADD, e.src[0].src[0], e.src[1].src[0]))
+    if e.op is Op.MUL and e.src[0].op is Op.EXP2 and e.src[1].op is Op.EXP2
+    else None,  # exp2(a)*exp2(b) -> exp2(a+b)
+]
+
+
+def rewrite(e: Expr, rules: list[Rule]) -> Expr:
+    """Apply ``rules`` bottom-up until none fires."""
+    def step(node: Expr) -> Expr | None:
+        for rule in rules:
+            out = rule(node)
+            if out is not None and out != node:
+                return rewrite(out, rules)
+        return None
+    return e.replace(step)
+
+
+def simplify(e: Expr) -> Expr:
+    return rewrite(e, RULES)

@@ -1,0 +1,142 @@
+"""Lower a streaming Schedule to the Tile IR: find the operands, the dot products and the
+value products, and check that what is left is elementwise over a (query, key) tile.
+
+* ``sum(e) A[.., m, .., e] * B[.., n, .., e]`` (e the qk index)  ->  ``Dot`` of two operands
+* a running sum whose body is ``p * V[.., n, .., f]``            ->  ``p @ V`` on the tensor cores
+"""
+
+from __future__ import annotations
+
+from attndsl.ir import expr as E
+from attndsl.ir.cascade import Cascade
+from attndsl.ir.expr import Expr, IRError, Op
+from attndsl.ir.tile import Dot, KVPass, Operand, RunningMax, RunningSum, Store, TileKernel
+from attndsl.passes.stream import Schedule, _factors, _product
+
+
+class LoweringError(IRError):
+    """The schedule does not fit the attention kernel template; the message says why."""
+
+
+def _operand(load: Expr, c: Cascade, row: str, col: str, side: str, var: str) -> Operand:
+    decl = c.tensor(load.arg)
+    if decl is None or decl.kind != "input":
+        raise LoweringError(f"{E.render(load)}: only input tensors can feed a dot product")
+    rows = [i for i, s in enumerate(load.src) if s.op is Op.INDEX and s.arg == row]
+    cols = [i for i, s in enumerate(load.src) if s.op is Op.INDEX and s.arg == col]
+    if len(rows) != 1 or len(cols) != 1:
+        raise LoweringError(f"{E.render(load)}: a {side}-side operand must be indexed by "
+                            f"{row} and {col} directly, once each")
+    for i, s in enumerate(load.src):
+        if i not in (rows[0], cols[0]) and s.free_indices() - {c.role("batch"), c.role("head")}:
+            raise LoweringError(f"{E.render(load)}: subscript {E.render(s)} may only use the "
+                                f"batch and head indices")
+    return Operand(var, load.arg, side, load.src, rows[0], cols[0])
+
+
+def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
+    roles = {i.role: i.name for i in c.indices}
+    m, n = roles["query"], roles["key"]
+    e, f = roles.get("qk"), roles.get("v")
+    operands: dict[tuple[str, str, tuple[Expr, ...]], Operand] = {}
+    dots: dict[Expr, Dot] = {}
+
+    def operand(load: Expr, row: str, col: str, side: str) -> Operand:
+        k = (side, load.arg, load.src)
+        if k not in operands:
+            count = sum(1 for o in operands.values() if o.side == side)
+            operands[k] = _operand(load, c, row, col, side, f"{side}{count}")
+        return operands[k]
+
+    def replace_dots(x: Expr) -> Expr:
+        def visit(node: Expr) -> Expr | None:
+            if node.op is not Op.REDUCE_SUM or node.arg != e:
+                return None
+            body = node.src[0]
+            if body.op is not Op.MUL or {s.op for s in body.src} != {Op.LOAD}:
+                raise LoweringError(f"sum({e}) must be a product of a query-side and a key-side "
+                                    f"tensor, got {E.render(body)}")
+            a, b = body.src
+            if m not in a.free_indices():
+                a, b = b, a
+            if node not in dots:
+                q = operand(a, m, e, "q")
+                k = operand(b, n, e, "k")
+                dots[node] = Dot(f"qk{len(dots)}", q, k)
+            return E.row(dots[node].var)
+        return x.replace(visit)
+
+    def check_elementwise(x: Expr, what: str, allowed: set[str]) -> None:
+        for node in x.walk():
+            if node.op is Op.LOAD and c.tensor(node.arg) is not None and \
+                    c.tensor(node.arg).kind == "input":
+                raise LoweringError(f"{what}: input {node.arg} is used outside a dot product "
+                                    f"({E.render(node)})")
+            if node.op in (Op.REDUCE_SUM, Op.REDUCE_MAX):
+                raise LoweringError(f"{what}: nested reduction over {node.arg} in "
+                                    f"{E.render(x)}")
+        extra = x.free_indices() - allowed
+        if extra:
+            raise LoweringError(f"{what} depends on {sorted(extra)}, which a kernel tile "
+                                f"cannot hold")
+
+    tile_ok = {roles.get("batch"), roles.get("head"), m, n} - {None}
+    passes = []
+    for p in schedule.passes:
+        maxes, sums = [], []
+        for r in p:
+            body = replace_dots(r.body)
+            if r.kind == "max":
+                check_elementwise(body, f"max {r.name}", tile_ok)
+                maxes.append(RunningMax(r.name, body, r.floor0, r.stabilizer))
+                continue
+            v = None
+            if f is not None and f in body.free_indices():
+                factors = _factors(body)
+                vs = [i for i, (x, _) in enumerate(factors) if f in x.free_indices()]
+                vload, power = factors[vs[0]] if len(vs) == 1 else (body, 0)
+                if power != 1 or vload.op is not Op.LOAD:
+                    raise LoweringError(f"sum {r.name}: the {f} index must come from one value "
+                                        f"tensor multiplying the weights, got {E.render(body)}")
+                v = operand(vload, n, f, "v")
+                body = _product([fp for i, fp in enumerate(factors) if i != vs[0]])
+            check_elementwise(body, f"sum {r.name}", tile_ok)
+            sums.append(RunningSum(r.name, body, v, r.units))
+        passes.append(KVPass(tuple(maxes), tuple(sums)))
+    stores = []
+    for name, idx, x in schedule.outputs:
+        x = replace_dots(x)
+        tile = f is not None and f in idx
+        check_elementwise(x, f"output {name}", {roles.get("batch"), roles.get("head"), m}
+                          - {None})
+        if m not in idx:
+            raise LoweringError(f"output {name}[{', '.join(idx)}] must be indexed by the query "
+                                f"index {m}")
+        stores.append(Store(name, idx, x, tile))
+    mask = schedule.mask
+    if mask is not None:
+        check_elementwise(mask, "the mask", tile_ok)
+    exprs = [mx.arg for p in passes for mx in p.maxes] + \
+        [s.body for p in passes for s in p.sums] + [s.expr for s in stores] + \
+        ([mask] if mask is not None else []) + \
+        [i for o in operands.values() for i in o.idx]
+    params: dict[str, str] = {}
+    captured: dict[str, tuple[str, int, str]] = {}
+    for x in exprs:
+        for node in x.walk():
+            if node.op is Op.PARAM:
+                params[node.arg] = node.dtype
+            elif node.op is Op.LOAD:
+                decl = c.tensor(node.arg)
+                if decl is not None and decl.kind == "captured":
+                    captured[node.arg] = (node.arg, len(decl.dims), decl.dtype)
+    extents: dict[str, tuple[str, str, int]] = {}
+    for t in c.tensors:
+        for d, ext in enumerate(t.dims):
+            extents.setdefault(ext, (ext, t.name, d))
+    return TileKernel(c.name, roles, tuple(operands.values()), tuple(dots.values()),
+                      tuple(passes), tuple(stores), mask, tuple(sorted(params.items())),
+                      tuple(captured.values()), tuple(extents.values()),
+                      tuple((i.name, i.extent) for i in c.indices),
+                      tuple((p.name, p.default) for p in c.params if p.default is not None),
+                      str(c))

@@ -1,0 +1,1 @@
+"""Runtime: the module cache, loading generated modules and calling them."""

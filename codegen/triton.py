@@ -1,0 +1,448 @@
+"""Triton printer: Tile IR -> the source of a standalone Python module.
+
+The printer is a renderer: an op-to-text table for expressions plus templates for the kernel's
+fixed skeleton (program ids, operand loads, the online-update loop, stores), in the shape of
+Triton's fused-attention tutorial.  Every identifier in the generated source is made here
+(``q0``, ``qk0``, ``l0``, ``p0``...); names from a spec only reach the source as string
+literals produced by ``repr`` or as comments with unsafe characters removed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
+from attndsl.ir.tile import Operand, RunningSum, TileKernel
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class CodegenError(ValueError):
+    pass
+
+
+def ident(name: str) -> str:
+    """A kernel identifier derived from an internal name (``mx0.safe`` -> ``mx0_safe``)."""
+    out = name.replace(".", "_")
+    if not _IDENT.match(out):
+        raise CodegenError(f"internal name {name!r} is not a valid identifier")
+    return out
+
+
+def comment(text: str) -> str:
+    """Spec text as a comment: printable ASCII only, one line per line."""
+    lines = text.splitlines() or [""]
+    clean = ["".join(ch if 32 <= ord(ch) < 127 else "?" for ch in ln) for ln in lines]
+    return "\n".join(f"# {ln}".rstrip() for ln in clean)
+
+
+def literal(v: object) -> str:
+    if isinstance(v, bool):
+        return "True" if v else "False"
+    if isinstance(v, int):
+        return repr(int(v))
+    if isinstance(v, float):
+        if math.isnan(v):
+            return 'float("nan")'
+        if math.isinf(v):
+            return 'float("inf")' if v > 0 else 'float("-inf")'
+        return repr(float(v))
+    raise CodegenError(f"cannot print a constant of type {type(v).__name__}")
+
+
+_UNARY = {Op.EXP: "tl.exp({})", Op.EXP2: "tl.exp2({})", Op.LOG: "tl.log({})",
+          Op.LOG2: "tl.log2({})", Op.SIGMOID: "tl.sigmoid({})", Op.ABS: "tl.abs({})",
+          Op.SQRT: "tl.sqrt({})", Op.NEG: "(-{})",
+          Op.TANH: "(2.0 * tl.sigmoid(2.0 * {}) - 1.0)"}  # tanh x = 2 sigmoid(2x) - 1
+_BINARY = {Op.ADD: "({} + {})", Op.SUB: "({} - {})", Op.MUL: "({} * {})",
+           Op.LT: "({} < {})", Op.LE: "({} <= {})", Op.GT: "({} > {})", Op.GE: "({} >= {})",
+           Op.EQ: "({} == {})", Op.NE: "({} != {})", Op.AND: "({} & {})", Op.OR: "({} | {})",
+           Op.MAX: "tl.maximum({}, {})", Op.MIN: "tl.minimum({}, {})"}
+
+
+def _nonneg(e: Expr) -> bool:
+    """A cheap proof that an integer expression is >= 0 (indices, constants, + * // %)."""
+    if e.op is Op.INDEX:
+        return True
+    if e.op is Op.CONST:
+        return e.arg >= 0
+    if e.op in (Op.ADD, Op.MUL, Op.FLOORDIV, Op.MOD, Op.MAX):
+        return all(_nonneg(s) for s in e.src)
+    return False
+
+
+@dataclass
+class Env:
+    """How leaves print in one context: index names, row values and scalar arguments."""
+
+    index: dict[str, str]
+    rows: dict[str, str]
+    params: dict[str, str]
+    captured: dict[str, tuple[str, int]]
+    load_mask: str | None
+    hoisted: dict[Expr, str] = field(default_factory=dict)
+
+
+def render(e: Expr, env: Env) -> str:
+    memo: dict[Expr, str] = {}
+    for node in e.walk():
+        memo[node] = env.hoisted.get(node) or _render_node(node, [memo[s] for s in node.src],
+                                                             env)
+    return memo[e]
+
+
+def _render_node(e: Expr, a: list[str], env: Env) -> str:
+    op = e.op
+    if op is Op.CONST:
+        return literal(e.arg)
+    if op is Op.INDEX:
+        return env.index[e.arg]
+    if op is Op.PARAM:
+        return env.params[e.arg]
+    if op is Op.ROW:
+        return env.rows[e.arg]
+    if op is Op.LOAD:
+        ptr, rank = env.captured[e.arg]
+        offs = " + ".join(f"({a[d]}) * {ptr}_s{d}" for d in range(rank)) or "0"
+        mask = f", mask={env.load_mask}, other=0" if env.load_mask else ""
+        return f"tl.load({ptr} + {offs}{mask})"
+    if op in _UNARY:
+        return _UNARY[op].format(*a)
+    if op is Op.NOT:
+        return f"({a[0]} == 0)"
+    if op is Op.CAST:
+        return {FLOAT: "({}).to(tl.float32)", INT: "({}).to(tl.int32)",
+                BOOL: "(({}) != 0)"}[e.arg].format(a[0])
+    if op is Op.WHERE:
+        return f"tl.where({a[0]}, {a[1]}, {a[2]})"
+    if op is Op.DIV:  # 0 / 0 = 0 (a fully masked row normalises to zero)
+        both0 = f"(({a[0]}) == 0) & (({a[1]}) == 0)"
+        return f"tl.where({both0}, 0.0, ({a[0]}) / tl.where({both0}, 1.0, {a[1]}))"
+    if op is Op.FLOORDIV:
+        if e.dtype == FLOAT:
+            return f"tl.floor(({a[0]}) / ({a[1]}))"
+        if _nonneg(e.src[0]) and _nonneg(e.src[1]):
+            return f"({a[0]} // {a[1]})"
+        q, r = f"({a[0]} // {a[1]})", f"({a[0]} % {a[1]})"
+        return f"tl.where(({r} != 0) & (({a[0]} < 0) != ({a[1]} < 0)), {q} - 1, {q})"
+    if op is Op.MOD:
+        if e.dtype == FLOAT:
+            return f"(({a[0]}) - tl.floor(({a[0]}) / ({a[1]})) * ({a[1]}))"
+        if _nonneg(e.src[0]) and _nonneg(e.src[1]):
+            return f"({a[0]} % {a[1]})"
+        r = f"({a[0]} % {a[1]})"
+        return f"tl.where(({r} != 0) & (({r} < 0) != ({a[1]} < 0)), {r} + {a[1]}, {r})"
+    if op is Op.POW:
+        y = e.src[1]
+        if y.op is Op.CONST and float(y.arg).is_integer() and 0 <= y.arg <= 8:
+            return "(" + " * ".join([f"({a[0]})"] * int(y.arg)) + ")" if y.arg else "1.0"
+        return f"tl.exp2(tl.log2({a[0]}) * ({a[1]}))"
+    if op in _BINARY:
+        return _BINARY[op].format(*a)
+    raise CodegenError(f"no Triton rule for {op.name}")
+
+
+# -- the module -----------------------------------------------------------------------------
+
+@dataclass
+class _Names:
+    """Kernel argument names for tensors and parameters (all generated here)."""
+
+    tensors: dict[str, str]
+    params: dict[str, str]
+    outputs: dict[str, str]
+
+
+def _names(k: TileKernel) -> _Names:
+    tensors: dict[str, str] = {}
+    for o in k.operands:
+        tensors.setdefault(o.tensor, f"T{len(tensors)}")
+    for i, (name, _, _) in enumerate(k.captured):
+        tensors[name] = f"C{i}"
+    params = {name: f"P{i}" for i, (name, _) in enumerate(k.params)}
+    outputs = {s.name: f"O{i}" for i, s in enumerate(k.stores)}
+    return _Names(tensors, params, outputs)
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.out: list[str] = []
+
+    def __call__(self, depth: int, text: str = "") -> None:
+        self.out.extend(("    " * depth + ln).rstrip() for ln in text.split("\n"))
+
+
+def _operand_ptr(o: Operand, names: _Names, env: Env, row: str, col: str) -> str:
+    ptr = names.tensors[o.tensor]
+    parts = []
+    for d, idx in enumerate(o.idx):
+        if d == o.row_dim:
+            parts.append(f"{row} * {ptr}_s{d}")
+        elif d == o.col_dim:
+            parts.append(f"{col} * {ptr}_s{d}")
+        else:
+            parts.append(f"({render(idx, env)}) * {ptr}_s{d}")
+    return f"{ptr} + " + " + ".join(parts)
+
+
+def _hoist(exprs: list[Expr], tile_vars: set[str], lines: _Lines, env: Env, depth: int) -> None:
+    """Loop-invariant code motion: scalar subexpressions become variables before the loop."""
+    for e in exprs:
+        for node in e.walk():
+            if node.op in (Op.CONST, Op.PARAM, Op.INDEX) or node in env.hoisted:
+                continue
+            deps = node.free_indices()
+            if deps & tile_vars or any(x.op in (Op.ROW, Op.LOAD) for x in node.walk()):
+                continue
+            if any(s.op in (Op.CONST, Op.PARAM, Op.INDEX) or s in env.hoisted
+                   for s in node.src):
+                name = f"c{len(env.hoisted)}"
+                lines(depth, f"{name} = {render(node, env)}")
+                env.hoisted[node] = name
+
+
+def generate(k: TileKernel, spec_hash: str, version: str) -> str:
+    """The full source of a generated module for one tile kernel."""
+    names = _names(k)
+    roles = k.roles
+    m, n = roles["query"], roles["key"]
+    b, h, f = roles.get("batch"), roles.get("head"), roles.get("v")
+    L = _Lines()
+    L(0, comment(f"Generated by attndsl {version} -- do not edit.\nspec hash: {spec_hash}\n\n"
+                 f"Cascade:\n{k.spec_text}\n\nTile IR:\n{k}"))
+    L(0, '"""A fused attention kernel generated by attndsl; needs only torch and triton."""\n')
+    L(0, "import math\nimport os\n\nimport torch\n")
+    L(0, "if not torch.cuda.is_available():  # CPU tensors run in Triton's interpreter")
+    L(1, 'os.environ.setdefault("TRITON_INTERPRET", "1")')
+    L(0, "import triton  # noqa: E402\nimport triton.language as tl  # noqa: E402\n")
+    L(0, f"SPEC_HASH = {spec_hash!r}\nATTNDSL_VERSION = {version!r}")
+    _emit_tables(k, names, L)
+    _emit_kernel(k, names, L, m, n, b, h, f)
+    L(0, launcher_source())
+    return "\n".join(L.out) + "\n"
+
+
+def _emit_tables(k: TileKernel, names: _Names, L: _Lines) -> None:
+    """Plain-literal metadata the launcher reads (tensor names only as repr'd strings)."""
+    ops = {o.tensor: o for o in k.operands}
+    L(0, "# tensor name -> (kernel pointer, side, row dim, column dim)")
+    L(0, "OPERANDS = " + repr({t: (names.tensors[t], o.side, o.row_dim, o.col_dim)
+                               for t, o in ops.items()}))
+    L(0, "# captured tensor name -> (kernel pointer, rank)")
+    L(0, "CAPTURED = " + repr({c: (names.tensors[c], r) for c, r, _ in k.captured}))
+    L(0, "# scalar parameter name -> kernel argument")
+    L(0, "PARAMS = " + repr(names.params))
+    L(0, "# output name -> (kernel pointer, indices, is a [rows, v] tile)")
+    L(0, "OUTPUTS = " + repr({s.name: (names.outputs[s.name], s.indices, s.tile)
+                              for s in k.stores}))
+    L(0, "ROLES = " + repr(dict(k.roles)))
+    L(0, "HAS_MASK = " + repr(k.mask is not None))
+    L(0, "# extent name -> (tensor, dim) it is read from; index name -> extent name")
+    L(0, "EXTENTS = " + repr({e: (t, d) for e, t, d in k.extents}))
+    L(0, "INDEX_EXTENTS = " + repr(dict(k.index_extents)))
+    L(0, "PARAM_DEFAULTS = " + repr(dict(k.param_defaults)))
+    L(0, "PASSES = " + repr(len(k.passes)) + "\n")
+
+
+def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str | None,
+                 h: str | None, f: str | None) -> None:
+    args: list[str] = []
+    tensor_ranks = {o.tensor: len(o.idx) for o in k.operands}
+    tensor_ranks.update({c: r for c, r, _ in k.captured})
+    for t, rank in tensor_ranks.items():
+        p = names.tensors[t]
+        args.append(p)
+        args.extend(f"{p}_s{d}" for d in range(rank))
+    for s in k.stores:
+        p = names.outputs[s.name]
+        args.append(p)
+        args.extend(f"{p}_s{d}" for d in range(len(s.indices)))
+    args.extend(names.params[p] for p, _ in k.params)
+    args += ["n_heads", "M_len", "N_len", "E_len", "F_len"]
+    args += ["kv_num", "kv_num_s0", "kv_num_s1", "kv_num_s2", "kv_idx", "kv_idx_s0",
+             "kv_idx_s1", "kv_idx_s2", "kv_idx_s3", "full_num", "full_num_s0", "full_num_s1",
+             "full_num_s2", "full_idx", "full_idx_s0", "full_idx_s1", "full_idx_s2",
+             "full_idx_s3"]
+    const = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "EVEN_N", "SPARSITY", "SPARSE_Q",
+             "SPARSE_KV", "DOT_PRECISION"]
+    L(0, "def attention_fwd_kernel(")
+    for a in args:
+        L(1, f"{a},")
+    for c in const:
+        L(1, f"{c}: tl.constexpr,")
+    L(0, "):")
+    L(1, '"""One program: BLOCK_M query rows of one (batch, head); SPARSITY 0 = every key '
+         'tile\n    unmasked, 1 = every key tile masked, 2 = block tables (partial tiles masked, '
+         'full ones not)."""')
+    L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
+    L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
+    L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+    L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
+    L(1, "row_ok = offs_m < M_len")
+    params = {p: names.params[p] for p, _ in k.params}
+    captured = {c: (names.tensors[c], r) for c, r, _ in k.captured}
+    scalar_index = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}
+    head_env = Env(dict(scalar_index), {}, params, captured, None)
+    tile_vars = {m, n} | ({f} if f else set())
+    all_exprs = [mx.arg for p in k.passes for mx in p.maxes] + \
+        [s.body for p in k.passes for s in p.sums] + [s.expr for s in k.stores] + \
+        ([k.mask] if k.mask is not None else [])
+    L(1, "# loop-invariant scalars")
+    _hoist(all_exprs, tile_vars, L, head_env, 1)
+    L(1, "# query-side operands, loaded once")
+    for o in k.operands:
+        if o.side == "q":
+            ptr = _operand_ptr(o, names, head_env, "offs_m[:, None]", "offs_e[None, :]")
+            L(1, f"{o.var} = tl.load({ptr}, mask=row_ok[:, None] & (offs_e[None, :] < E_len), "
+                 f"other=0.0)")
+    finished: dict[str, str] = {}
+    for pi, p in enumerate(k.passes):
+        L(1, f"# pass {pi + 1} over the key tiles")
+        for mx in p.maxes:
+            L(1, f'{mx.var} = tl.full([BLOCK_M], float("-inf"), tl.float32)')
+            if mx.stabilizer:
+                L(1, f"{mx.var}_use = tl.zeros([BLOCK_M], tl.float32)")
+        for s in p.sums:
+            shape = "[BLOCK_M, BLOCK_F]" if s.v is not None else "[BLOCK_M]"
+            L(1, f"{s.var} = tl.zeros({shape}, tl.float32)")
+        body = _tile_body(k, p, names, head_env, finished, m, n, b, h)
+        L(1, "if SPARSITY == 2:")
+        for table, masked in (("kv", True), ("full", False)):
+            L(2, f"# {'partial tiles: evaluate the mask' if masked else 'full tiles: no mask'}")
+            L(2, "sparse_row = (pid_m * BLOCK_M) // SPARSE_Q")
+            L(2, f"n_blocks = tl.load({table}_num + off_b * {table}_num_s0 + off_h * "
+                 f"{table}_num_s1 + sparse_row * {table}_num_s2)")
+            L(2, "for blk_i in range(0, n_blocks):")
+            L(3, f"blk = tl.load({table}_idx + off_b * {table}_idx_s0 + off_h * {table}_idx_s1 "
+                 f"+ sparse_row * {table}_idx_s2 + blk_i * {table}_idx_s3)")
+            L(3, "for sub in range(0, SPARSE_KV // BLOCK_N):")
+            L(4, "start_n = blk * SPARSE_KV + sub * BLOCK_N")
+            L(4, body(masked and k.mask is not None, True))
+        L(1, "else:")
+        L(2, "for start_n in range(0, N_len, BLOCK_N):")
+        L(3, "if SPARSITY == 1:")
+        L(4, body(k.mask is not None, False))
+        L(3, "else:")
+        L(4, body(False, False))
+        for mx in p.maxes:
+            floor = f"tl.maximum({mx.var}, 0.0)" if mx.floor0 else \
+                f'tl.where({mx.var} == float("-inf"), 0.0, {mx.var})'
+            L(1, f"{mx.var}_safe = {floor}")
+            finished[mx.var] = mx.var
+            finished[mx.var + ".safe"] = f"{mx.var}_safe"
+        for s in p.sums:
+            finished[s.var] = s.var
+    L(1, "# outputs")
+    for st in k.stores:
+        ptr = names.outputs[st.name]
+        is_tile = st.tile
+        rows = {r: (f"{v}[:, None]" if is_tile else v) for r, v in finished.items()}
+        for s in (x for p in k.passes for x in p.sums):
+            if s.v is not None:
+                rows[s.var] = s.var
+        idx = dict(scalar_index)
+        idx[m] = "offs_m[:, None]" if is_tile else "offs_m"
+        if f is not None:
+            idx[f] = "offs_f[None, :]"
+        env = Env(idx, rows, params, captured, "row_ok[:, None]" if is_tile else "row_ok",
+                  head_env.hoisted)
+        value = render(st.expr, env)
+        offs = " + ".join(f"{idx[i]} * {ptr}_s{d}" for d, i in enumerate(st.indices))
+        mask = "row_ok[:, None] & (offs_f[None, :] < F_len)" if is_tile else "row_ok"
+        L(1, f"val_{ptr} = {value}")
+        L(1, f"tl.store({ptr} + {offs}, val_{ptr}.to({ptr}.dtype.element_ty), mask={mask})")
+    L(0, "")
+
+
+def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, finished: dict[str, str],
+               m: str, n: str, b: str | None, h: str | None):
+    """Returns body(masked, check_bounds) -> the source of one key-tile step of pass p."""
+
+    def body(masked: bool, table: bool) -> str:
+        L = _Lines()
+        L(0, "offs_n = start_n + tl.arange(0, BLOCK_N)")
+        L(0, "col_ok = offs_n < N_len")
+        idx = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}
+        idx[m], idx[n] = "offs_m[:, None]", "offs_n[None, :]"
+        rows = {r: f"{v}[:, None]" for r, v in finished.items()}
+        for mx in p.maxes:
+            if mx.stabilizer:
+                rows[mx.var] = f"{mx.var}_use[:, None]"
+        env = Env(idx, rows, head_env.params, head_env.captured,
+                  "row_ok[:, None] & col_ok[None, :]", head_env.hoisted)
+        used = {d.var for d in k.dots if any(
+            x.op is Op.ROW and x.arg == d.var for e in
+            [mx.arg for mx in p.maxes] + [s.body for s in p.sums] for x in e.walk())}
+        for d in k.dots:
+            if d.var not in used:
+                continue
+            ptr = _operand_ptr(d.k, names, head_env, "offs_n[None, :]", "offs_e[:, None]")
+            L(0, f"{d.k.var} = tl.load({ptr}, mask=col_ok[None, :] & (offs_e[:, None] < E_len), "
+                 f"other=0.0)")
+            L(0, f"{d.var} = tl.dot({d.q.var}, {d.k.var}, input_precision=DOT_PRECISION)")
+            rows[d.var] = d.var
+        keep = "col_ok[None, :]"
+        if masked:
+            assert k.mask is not None
+            L(0, f"keep = col_ok[None, :] & ({render(k.mask, env)})")
+            keep = "keep"
+        bounded = masked or "not EVEN_N"
+        for mx in p.maxes:
+            L(0, f"y_{mx.var} = {render(mx.arg, env)}")
+            _guard(L, bounded, f"y_{mx.var}", keep, 'float("-inf")')
+            L(0, f"{mx.var}_new = tl.maximum({mx.var}, tl.max(y_{mx.var}, 1))")
+            if mx.stabilizer:
+                safe = f"tl.maximum({mx.var}_new, 0.0)" if mx.floor0 else \
+                    f'tl.where({mx.var}_new == float("-inf"), 0.0, {mx.var}_new)'
+                L(0, f"{mx.var}_use_new = {safe}")
+        for s in p.sums:
+            _emit_sum(L, s, env, bounded, keep, names, head_env)
+        for mx in p.maxes:
+            L(0, f"{mx.var} = {mx.var}_new")
+            if mx.stabilizer:
+                L(0, f"{mx.var}_use = {mx.var}_use_new")
+        return "\n".join(L.out)
+
+    return body
+
+
+def _guard(L: _Lines, bounded: bool | str, var: str, keep: str, fill: str) -> None:
+    if bounded is True:
+        L(0, f"{var} = tl.where({keep}, {var}, {fill})")
+    else:
+        L(0, f"if {bounded}:\n    {var} = tl.where({keep}, {var}, {fill})")
+
+
+def _emit_sum(L: _Lines, s: RunningSum, env: Env, bounded: bool | str, keep: str,
+              names: _Names, head_env: Env) -> None:
+    rows = dict(env.rows)
+    for u, _ in s.units:  # inside the step, a stabiliser reads its new (safe) value
+        rows[u] = f"{u}_use_new[:, None]"
+    step_env = Env(env.index, rows, env.params, env.captured, env.load_mask, env.hoisted)
+    L(0, f"p_{s.var} = {render(s.body, step_env)}")
+    L(0, f"p_{s.var} = tl.broadcast_to(p_{s.var}, [BLOCK_M, BLOCK_N])")
+    _guard(L, bounded, f"p_{s.var}", keep, "0.0")
+    if s.units:
+        delta = " + ".join(f"{k}.0 * ({u}_use - {u}_use_new)" for u, k in s.units)
+        L(0, f"alpha_{s.var} = tl.exp2({delta})")
+        scaled = f"{s.var} * alpha_{s.var}" + ("[:, None]" if s.v is not None else "")
+    else:
+        scaled = s.var
+    if s.v is None:
+        L(0, f"{s.var} = {scaled} + tl.sum(p_{s.var}, 1)")
+        return
+    v = s.v.var
+    ptr = _operand_ptr(s.v, names, head_env, "offs_n[:, None]", "offs_f[None, :]")
+    L(0, f"{v} = tl.load({ptr}, mask=col_ok[:, None] & (offs_f[None, :] < F_len), other=0.0)")
+    L(0, f"{s.var} = {scaled} + tl.dot(p_{s.var}.to({v}.dtype), {v}, "
+         f"input_precision=DOT_PRECISION)")
+
+
+
+def launcher_source() -> str:
+    """The launcher appended to every module (codegen/launcher.py, without its lint header)."""
+    text = (Path(__file__).with_name("launcher.py")).read_text()
+    return text.split("\n", 1)[1]
