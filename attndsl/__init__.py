@@ -6,3 +6,11 @@ import torch as _torch
 
 if not _torch.cuda.is_available():  # CPU tensors run in Triton's interpreter
     _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from attndsl.api import AuxOutput, AuxRequest, Kernel, compile, flex_attention  # noqa: E402
+from attndsl.eager import run_cascade  # noqa: E402
+from attndsl.frontend.trace import TraceError  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["AuxOutput", "AuxRequest", "Kernel", "TraceError", "compile", "flex_attention",
+           "run_cascade", "__version__"]

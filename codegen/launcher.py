@@ -177,6 +177,7 @@ def _run(device_type, grid, args, cfg, e_len, f_len, n_len, sparsity, sparse_q, 
         BLOCK_E=max(16, _next_pow2(e_len)), BLOCK_F=max(16, _next_pow2(f_len)),
         EVEN_N=n_len % cfg["BLOCK_N"] == 0, SPARSITY=sparsity, SPARSE_Q=sparse_q,
         SPARSE_KV=sparse_kv, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        UPCAST=device_type == "cpu" and dtype == torch.bfloat16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

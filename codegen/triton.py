@@ -74,6 +74,29 @@ def _nonneg(e: Expr) -> bool:
     return False
 
 
+HELPERS = '''
+@triton.jit
+def _safe_div(a, b):
+    """a / b, with 0 / 0 = 0 (a fully masked row normalises to zero)."""
+    both0 = (a == 0) & (b == 0)
+    return tl.where(both0, 0.0, a / tl.where(both0, 1.0, b))
+
+
+@triton.jit
+def _floor_div(a, b):
+    """Python's a // b on integers (Triton's // truncates toward zero)."""
+    q = a // b
+    return tl.where(((a % b) != 0) & ((a < 0) != (b < 0)), q - 1, q)
+
+
+@triton.jit
+def _floor_mod(a, b):
+    """Python's a % b on integers (the result takes the sign of b)."""
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+'''
+
+
 @dataclass
 class Env:
     """How leaves print in one context: index names, row values and scalar arguments."""
@@ -84,6 +107,14 @@ class Env:
     captured: dict[str, tuple[str, int]]
     load_mask: str | None
     hoisted: dict[Expr, str] = field(default_factory=dict)
+    scalar_indices: frozenset[str] = frozenset()
+
+
+def _scalar(e: Expr, env: Env) -> bool:
+    """Same value for every element of a program (parameters, constants, batch/head math,
+    reads of captured tensors at such subscripts)."""
+    return not any(n.op is Op.ROW or (n.op is Op.INDEX and n.arg not in env.scalar_indices)
+                   for n in e.walk())
 
 
 def render(e: Expr, env: Env) -> str:
@@ -107,7 +138,7 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
     if op is Op.LOAD:
         ptr, rank = env.captured[e.arg]
         offs = " + ".join(f"({a[d]}) * {ptr}_s{d}" for d in range(rank)) or "0"
-        mask = f", mask={env.load_mask}, other=0" if env.load_mask else ""
+        mask = f", mask={env.load_mask}, other=0" if env.load_mask and not _scalar(e, env) else ""
         return f"tl.load({ptr} + {offs}{mask})"
     if op in _UNARY:
         return _UNARY[op].format(*a)
@@ -119,22 +150,21 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
     if op is Op.WHERE:
         return f"tl.where({a[0]}, {a[1]}, {a[2]})"
     if op is Op.DIV:  # 0 / 0 = 0 (a fully masked row normalises to zero)
-        both0 = f"(({a[0]}) == 0) & (({a[1]}) == 0)"
-        return f"tl.where({both0}, 0.0, ({a[0]}) / tl.where({both0}, 1.0, {a[1]}))"
+        if _scalar(e.src[1], env):
+            return f"({a[0]} / {a[1]})"
+        return f"_safe_div({a[0]}, {a[1]})"
     if op is Op.FLOORDIV:
         if e.dtype == FLOAT:
             return f"tl.floor(({a[0]}) / ({a[1]}))"
         if _nonneg(e.src[0]) and _nonneg(e.src[1]):
             return f"({a[0]} // {a[1]})"
-        q, r = f"({a[0]} // {a[1]})", f"({a[0]} % {a[1]})"
-        return f"tl.where(({r} != 0) & (({a[0]} < 0) != ({a[1]} < 0)), {q} - 1, {q})"
+        return f"_floor_div({a[0]}, {a[1]})"
     if op is Op.MOD:
         if e.dtype == FLOAT:
             return f"(({a[0]}) - tl.floor(({a[0]}) / ({a[1]})) * ({a[1]}))"
         if _nonneg(e.src[0]) and _nonneg(e.src[1]):
             return f"({a[0]} % {a[1]})"
-        r = f"({a[0]} % {a[1]})"
-        return f"tl.where(({r} != 0) & (({r} < 0) != ({a[1]} < 0)), {r} + {a[1]}, {r})"
+        return f"_floor_mod({a[0]}, {a[1]})"
     if op is Op.POW:
         y = e.src[1]
         if y.op is Op.CONST and float(y.arg).is_integer() and 0 <= y.arg <= 8:
@@ -220,6 +250,7 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     L(0, "import triton  # noqa: E402\nimport triton.language as tl  # noqa: E402\n")
     L(0, f"SPEC_HASH = {spec_hash!r}\nATTNDSL_VERSION = {version!r}")
     _emit_tables(k, names, L)
+    L(0, HELPERS)
     _emit_kernel(k, names, L, m, n, b, h, f)
     L(0, launcher_source())
     return "\n".join(L.out) + "\n"
@@ -267,7 +298,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
              "full_num_s2", "full_idx", "full_idx_s0", "full_idx_s1", "full_idx_s2",
              "full_idx_s3"]
     const = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "EVEN_N", "SPARSITY", "SPARSE_Q",
-             "SPARSE_KV", "DOT_PRECISION"]
+             "SPARSE_KV", "DOT_PRECISION", "UPCAST"]
     L(0, "def attention_fwd_kernel(")
     for a in args:
         L(1, f"{a},")
@@ -285,7 +316,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
     params = {p: names.params[p] for p, _ in k.params}
     captured = {c: (names.tensors[c], r) for c, r, _ in k.captured}
     scalar_index = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}
-    head_env = Env(dict(scalar_index), {}, params, captured, None)
+    head_env = Env(dict(scalar_index), {}, params, captured, None,
+                   scalar_indices=frozenset(scalar_index))
     tile_vars = {m, n} | ({f} if f else set())
     all_exprs = [mx.arg for p in k.passes for mx in p.maxes] + \
         [s.body for p in k.passes for s in p.sums] + [s.expr for s in k.stores] + \
@@ -298,6 +330,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
             ptr = _operand_ptr(o, names, head_env, "offs_m[:, None]", "offs_e[None, :]")
             L(1, f"{o.var} = tl.load({ptr}, mask=row_ok[:, None] & (offs_e[None, :] < E_len), "
                  f"other=0.0)")
+            L(1, f"if UPCAST:  # the interpreter has no bf16 arithmetic\n    {o.var} = "
+                 f"{o.var}.to(tl.float32)")
     finished: dict[str, str] = {}
     for pi, p in enumerate(k.passes):
         L(1, f"# pass {pi + 1} over the key tiles")
@@ -348,7 +382,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
         if f is not None:
             idx[f] = "offs_f[None, :]"
         env = Env(idx, rows, params, captured, "row_ok[:, None]" if is_tile else "row_ok",
-                  head_env.hoisted)
+                  head_env.hoisted, head_env.scalar_indices)
         value = render(st.expr, env)
         offs = " + ".join(f"{idx[i]} * {ptr}_s{d}" for d, i in enumerate(st.indices))
         mask = "row_ok[:, None] & (offs_f[None, :] < F_len)" if is_tile else "row_ok"
@@ -372,7 +406,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, finished: dict[st
             if mx.stabilizer:
                 rows[mx.var] = f"{mx.var}_use[:, None]"
         env = Env(idx, rows, head_env.params, head_env.captured,
-                  "row_ok[:, None] & col_ok[None, :]", head_env.hoisted)
+                  "row_ok[:, None] & col_ok[None, :]", head_env.hoisted, head_env.scalar_indices)
         used = {d.var for d in k.dots if any(
             x.op is Op.ROW and x.arg == d.var for e in
             [mx.arg for mx in p.maxes] + [s.body for s in p.sums] for x in e.walk())}
@@ -382,6 +416,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, finished: dict[st
             ptr = _operand_ptr(d.k, names, head_env, "offs_n[None, :]", "offs_e[:, None]")
             L(0, f"{d.k.var} = tl.load({ptr}, mask=col_ok[None, :] & (offs_e[:, None] < E_len), "
                  f"other=0.0)")
+            L(0, f"if UPCAST:\n    {d.k.var} = {d.k.var}.to(tl.float32)")
             L(0, f"{d.var} = tl.dot({d.q.var}, {d.k.var}, input_precision=DOT_PRECISION)")
             rows[d.var] = d.var
         keep = "col_ok[None, :]"
@@ -421,7 +456,8 @@ def _emit_sum(L: _Lines, s: RunningSum, env: Env, bounded: bool | str, keep: str
     rows = dict(env.rows)
     for u, _ in s.units:  # inside the step, a stabiliser reads its new (safe) value
         rows[u] = f"{u}_use_new[:, None]"
-    step_env = Env(env.index, rows, env.params, env.captured, env.load_mask, env.hoisted)
+    step_env = Env(env.index, rows, env.params, env.captured, env.load_mask, env.hoisted,
+                   env.scalar_indices)
     L(0, f"p_{s.var} = {render(s.body, step_env)}")
     L(0, f"p_{s.var} = tl.broadcast_to(p_{s.var}, [BLOCK_M, BLOCK_N])")
     _guard(L, bounded, f"p_{s.var}", keep, "0.0")
@@ -437,6 +473,7 @@ def _emit_sum(L: _Lines, s: RunningSum, env: Env, bounded: bool | str, keep: str
     v = s.v.var
     ptr = _operand_ptr(s.v, names, head_env, "offs_n[:, None]", "offs_f[None, :]")
     L(0, f"{v} = tl.load({ptr}, mask=col_ok[:, None] & (offs_f[None, :] < F_len), other=0.0)")
+    L(0, f"if UPCAST:\n    {v} = {v}.to(tl.float32)")
     L(0, f"{s.var} = {scaled} + tl.dot(p_{s.var}.to({v}.dtype), {v}, "
          f"input_precision=DOT_PRECISION)")
 

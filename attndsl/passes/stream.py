@@ -158,6 +158,11 @@ def _product(factors: list[tuple[Expr, int]]) -> Expr:
     return out
 
 
+def _short(e: Expr, limit: int = 72) -> str:
+    text = E.render(e)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _invariant(e: Expr, key: str) -> bool:
     return key not in e.free_indices()
 
@@ -174,8 +179,8 @@ def _split_exp(key: str, fired: list[str]):
         if not out:
             return None
         keep = [ts for ts in terms if ts not in out]
-        fired.append(f"split-exp: {E.render(e)} -> exp({E.render(_sum_terms(keep))}) * "
-                     f"exp({E.render(_sum_terms(out))})")
+        fired.append(f"split-exp: exp(a + r) -> exp(a) * exp(r), r = "
+                     f"{_short(_sum_terms(out))}")
         return E.exp(_sum_terms(keep)) * E.exp(_sum_terms(out))
     return rule
 
@@ -193,10 +198,42 @@ def _defer(key: str, fired: list[str]):
         if not keep:
             return None
         new_sum = E.reduce_sum(key, _product(keep))
-        fired.append(f"defer-division: sum({key}) {E.render(e.src[0], 6)} -> "
-                     f"{E.render(_product(out), 5)} * sum({key}) {E.render(_product(keep), 6)}")
+        fired.append(f"defer-division: {_short(_product(out))} leaves sum({key}) "
+                     f"{_short(_product(keep))}")
         return _product([(new_sum, 1)] + out)
     return rule
+
+
+def _linear(key: str, fired: list[str]):
+    def rule(e: Expr) -> Expr | None:
+        """sum(n) (a +- b) -> sum(n) a +- sum(n) b, and (a +- b) * c -> a*c +- b*c inside it,
+        when a term holds a reduction over n (so that it can leave the sum afterwards)"""
+        if e.op is not Op.REDUCE_SUM or e.arg != key:
+            return None
+        body = _distribute(e.src[0], key)
+        if body.op not in (Op.ADD, Op.SUB) or not _key_reductions(body, key):
+            return None
+        a, c = body.src
+        fired.append(f"split-sum: sum({key}) (a {'+' if body.op is Op.ADD else '-'} b) -> "
+                     f"sum({key}) a {'+' if body.op is Op.ADD else '-'} sum({key}) b")
+        return E.binary(body.op, E.reduce_sum(key, a), E.reduce_sum(key, c))
+    return rule
+
+
+def _distribute(e: Expr, key: str) -> Expr:
+    """(a +- b) * c -> a*c +- b*c (either side) when a or b holds a reduction over n."""
+    if e.op in (Op.MUL, Op.DIV):
+        x, y = _distribute(e.src[0], key), e.src[1]
+        if x.op in (Op.ADD, Op.SUB) and _key_reductions(x, key):
+            return E.binary(x.op, _distribute(E.binary(e.op, x.src[0], y), key),
+                            _distribute(E.binary(e.op, x.src[1], y), key))
+        if e.op is Op.MUL:
+            y2 = _distribute(y, key)
+            if y2.op in (Op.ADD, Op.SUB) and _key_reductions(y2, key):
+                return E.binary(y2.op, _distribute(x * y2.src[0], key),
+                                _distribute(x * y2.src[1], key))
+        return E.binary(e.op, x, y)
+    return e
 
 
 # -- scaled arithmetic ------------------------------------------------------------------------
@@ -389,7 +426,7 @@ def derive_schedule(fused: Fused, stream: bool = True) -> Schedule:
     if direct == 0:
         raise NotStreamable(f"cascade {c.name!r} has no reduction over the key index {key!r}")
     if stream:
-        rules = [_split_exp(key, fired), _defer(key, fired)] + RULES
+        rules = [_split_exp(key, fired), _linear(key, fired), _defer(key, fired)] + RULES
         outs = [(n, idx, rewrite(e, rules)) for n, idx, e in outs]
     rules_fired = list(dict.fromkeys(fired))
 

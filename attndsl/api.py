@@ -1,0 +1,202 @@
+"""The public Python API: ``flex_attention`` (drop-in for torch's) and ``compile``.
+
+``flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+kernel_options, *, mask_mod, return_aux)`` follows the calling convention and semantics of
+``torch.nn.attention.flex_attention.flex_attention``::
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor  # bool
+
+    query: (B, Hq, L, E)   key: (B, Hkv, S, E)   value: (B, Hkv, S, Ev)   ->   out: (B, Hq, L, Ev)
+
+The functions are traced once into the Cascade IR (never called per element), compiled into a
+fused Triton kernel (cached by content), and run: natively on a GPU, through Triton's
+interpreter on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from attndsl.frontend.flex import lower_flex
+from attndsl.ir.cascade import Cascade
+from attndsl.passes.pipeline import Compiled, compile_cascade
+from attndsl.runtime.modules import load_kernel_module, module_source
+
+Tensor = torch.Tensor
+_COMPILED: dict[Cascade, tuple[Compiled, ModuleType]] = {}
+KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_IGNORED_FLEX_OPTIONS = ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS",
+                         "OUTPUT_LOGSUMEXP", "OUTPUT_MAX", "FORCE_USE_FLEX_ATTENTION",
+                         "WRITE_DQ", "BACKEND")
+
+
+class AuxRequest(NamedTuple):
+    """Which auxiliary outputs to return (as torch's AuxRequest)."""
+
+    lse: bool = False
+    max_scores: bool = False
+
+
+class AuxOutput(NamedTuple):
+    lse: Tensor | None = None
+    max_scores: Tensor | None = None
+
+
+class AttentionError(ValueError):
+    """Bad arguments to flex_attention / a compiled kernel: says what was expected."""
+
+
+def _compiled(cascade: Cascade) -> tuple[Compiled, ModuleType]:
+    if cascade not in _COMPILED:
+        comp = compile_cascade(cascade)
+        _COMPILED[cascade] = (comp, load_kernel_module(comp.kernel))
+    return _COMPILED[cascade]
+
+
+def _check_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise AttentionError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise AttentionError(f"{name} must have shape (B, H, L, E), got {tuple(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise AttentionError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or "
+                                 f"float32")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise AttentionError(f"query, key and value must share a dtype, got {query.dtype}, "
+                             f"{key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise AttentionError(f"query, key and value must be on one device, got {query.device}, "
+                             f"{key.device}, {value.device}")
+    (b, hq, _, e), (bk, hk, s, ek), (bv, hv, sv, ev) = query.shape, key.shape, value.shape
+    if not (b == bk == bv):
+        raise AttentionError(f"batch sizes differ: query {b}, key {bk}, value {bv}")
+    if hk != hv or s != sv:
+        raise AttentionError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree "
+                             f"on heads and length")
+    if e != ek:
+        raise AttentionError(f"query head dim {e} != key head dim {ek}")
+    for name, d in (("query/key", e), ("value", ev)):
+        if not 16 <= d <= 256:
+            raise AttentionError(f"{name} head dim is {d}; attndsl supports 16 to 256")
+    if hk == 0 or hq % hk:
+        raise AttentionError(f"{hq} query heads are not a multiple of {hk} key/value heads")
+    if hq != hk and not enable_gqa:
+        raise AttentionError(f"query has {hq} heads but key/value have {hk}; pass "
+                             f"enable_gqa=True for grouped-query attention")
+
+
+def _block_tables(block_mask: Any, lq: int, lkv: int) -> dict | None:
+    """Tables of torch's BlockMask or attndsl's (same field names)."""
+    if block_mask is None:
+        return None
+    for attr in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE"):
+        if not hasattr(block_mask, attr):
+            raise AttentionError(f"block_mask must be a BlockMask (torch's or attndsl's); "
+                                 f"{type(block_mask).__name__} has no {attr}")
+    seq = getattr(block_mask, "seq_lengths", None)
+    if seq is not None and tuple(seq) != (lq, lkv):
+        raise AttentionError(f"block_mask was built for (Q_LEN, KV_LEN) = {tuple(seq)}, but "
+                             f"the inputs have ({lq}, {lkv}); rebuild it with "
+                             f"create_block_mask(..., {lq}, {lkv})")
+    bs = block_mask.BLOCK_SIZE
+    q_bs, kv_bs = (bs, bs) if isinstance(bs, int) else bs
+    return {"kv_num_blocks": block_mask.kv_num_blocks, "kv_indices": block_mask.kv_indices,
+            "full_kv_num_blocks": getattr(block_mask, "full_kv_num_blocks", None),
+            "full_kv_indices": getattr(block_mask, "full_kv_indices", None),
+            "Q_BLOCK_SIZE": int(q_bs), "KV_BLOCK_SIZE": int(kv_bs)}
+
+
+def _mask_of(block_mask: Any, mask_mod: Callable | None) -> Callable | None:
+    if mask_mod is not None:
+        return mask_mod
+    fn = getattr(block_mask, "mask_mod", None)
+    if fn is None or getattr(fn, "__name__", "") == "noop_mask":
+        return None
+    return fn
+
+
+def _options(kernel_options: dict | None) -> dict:
+    out = {}
+    for k, v in (kernel_options or {}).items():
+        if k in KERNEL_OPTIONS:
+            out[k] = int(v)
+        elif k not in _IGNORED_FLEX_OPTIONS:
+            raise AttentionError(f"unknown kernel option {k!r}; attndsl reads {KERNEL_OPTIONS}")
+    return out
+
+
+def flex_attention(query: Tensor, key: Tensor, value: Tensor,
+                   score_mod: Callable | None = None, block_mask: Any = None,
+                   scale: float | None = None, enable_gqa: bool = False,
+                   return_lse: bool = False, kernel_options: dict | None = None, *,
+                   mask_mod: Callable | None = None, return_aux: Any = None) -> Any:
+    """Attention with a traced ``score_mod`` and ``mask_mod`` (see the module docstring).
+
+    ``block_mask`` may be torch's ``BlockMask`` or attndsl's: its tables choose the key tiles
+    (partial tiles evaluate the mask, full tiles do not) and its ``mask_mod`` is traced.
+    ``mask_mod=`` alone needs no block mask.  Returns ``out``, ``(out, lse)`` with
+    ``return_lse``, or ``(out, AuxOutput(lse, max_scores))`` with ``return_aux``.  The
+    log-sum-exp is in natural log; fully masked rows give 0 and lse = -inf.
+    """
+    _check_qkv(query, key, value, enable_gqa)
+    lq, lkv = query.shape[2], key.shape[2]
+    tables = _block_tables(block_mask, lq, lkv)
+    spec = lower_flex(score_mod, _mask_of(block_mask, mask_mod))
+    _, module = _compiled(spec.cascade)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    out = module.launch({"Q": query, "K": key, "V": value},
+                        {"scale": float(scale), "G": query.shape[1] // key.shape[1]},
+                        spec.captured, tables, _options(kernel_options))
+    if return_aux is not None:
+        return out["O"], AuxOutput(out["LSE"] if return_aux.lse else None,
+                                   out["MAX"] if return_aux.max_scores else None)
+    if return_lse:
+        return out["O"], out["LSE"]
+    return out["O"]
+
+
+@dataclass
+class Kernel:
+    """A compiled spec: its IR at every stage, the generated source and the loaded module."""
+
+    compiled: Compiled
+    module: ModuleType
+    captured: dict[str, Tensor]
+
+    @property
+    def source(self) -> str:
+        return module_source(self.compiled.kernel)
+
+    def __call__(self, inputs: dict[str, Tensor], params: dict | None = None,
+                 captured: dict[str, Tensor] | None = None, block_mask: Any = None,
+                 kernel_options: dict | None = None) -> dict[str, Tensor]:
+        """Run on named inputs; returns every output of the cascade by name."""
+        first = next(iter(inputs.values()))
+        lq = first.shape[-2]
+        tables = None
+        if block_mask is not None:
+            key = next(t for n, t in inputs.items() if n != next(iter(inputs)))
+            tables = _block_tables(block_mask, lq, key.shape[-2])
+        return self.module.launch(inputs, params, {**self.captured, **(captured or {})},
+                                  tables, _options(kernel_options))
+
+
+def compile(spec: Cascade | None = None, *, score_mod: Callable | None = None,  # noqa: A001
+            mask_mod: Callable | None = None) -> Kernel:
+    """Compile a cascade, or FlexAttention-style functions, into a reusable kernel."""
+    captured: dict[str, Tensor] = {}
+    if spec is None:
+        flex = lower_flex(score_mod, mask_mod)
+        spec, captured = flex.cascade, flex.captured
+    elif score_mod is not None or mask_mod is not None:
+        raise AttentionError("pass either a cascade or score_mod/mask_mod, not both")
+    comp, module = _compiled(spec)
+    return Kernel(comp, module, captured)

@@ -1,0 +1,176 @@
+"""The ``attndsl`` command line: compile, check, explain and list examples.
+
+Exit codes: 0 success; 1 a check found errors above tolerance; 2 bad usage or a spec that does
+not load, trace, parse or compile (the message says why and where).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from attndsl.checking import TOLERANCE, compare, index_sizes, oracle, random_problem
+from attndsl.frontend.load import LoadedSpec, SpecLoadError, load_spec
+from attndsl.frontend.trace import TraceError
+from attndsl.ir.expr import IRError
+from attndsl.passes.pipeline import compile_cascade
+from attndsl.runtime.modules import import_path, module_source, write_module
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+USER_ERRORS = (SpecLoadError, TraceError, IRError, ValueError)
+
+
+def _load(spec: str) -> LoadedSpec:
+    return load_spec(spec)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    spec = _load(args.spec)
+    t0 = time.perf_counter()
+    cascade, _ = spec.build()
+    compiled = compile_cascade(cascade)
+    source = module_source(compiled.kernel)
+    ms = (time.perf_counter() - t0) * 1e3
+    write_module(source, args.output)
+    print(f"wrote {args.output}: {compiled.schedule.direct_passes}-pass cascade -> "
+          f"{len(compiled.schedule.passes)}-pass kernel ({ms:.1f} ms from spec to source)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    spec = _load(args.spec)
+    gen = torch.Generator().manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    worst: dict[str, float] = {}
+    failed = False
+    module_file = None
+    for trial in range(args.trials):
+        B, H = int(torch.randint(1, 3, (1,), generator=gen)), int(torch.randint(1, 4, (1,),
+                                                                               generator=gen))
+        hkv = H if not spec.enable_gqa else 1
+        H = H * (2 if spec.enable_gqa else 1)
+        lq = 1 if trial == 0 else int(torch.randint(1, args.max_len + 1, (1,), generator=gen))
+        lkv = int(torch.randint(1, args.max_len + 1, (1,), generator=gen))
+        e = [16, 32, 48, 64][int(torch.randint(0, 4, (1,), generator=gen))]
+        cascade, captured = spec.build(B, H, lq, lkv, device)
+        compiled = compile_cascade(cascade)
+        if module_file is None and args.output:
+            write_module(module_source(compiled.kernel), args.output)
+            module_file = args.output
+        module = import_path(args.output) if args.output else None
+        if module is None:
+            from attndsl.runtime.modules import load_kernel_module
+
+            module = load_kernel_module(compiled.kernel)
+        for name in args.dtypes.split(","):
+            dtype = DTYPES[name]
+            sizes = index_sizes(cascade, B, H, hkv, lq, lkv, e, e)
+            prob = random_problem(cascade, sizes, dtype, gen, device, captured)
+            out = module.launch(prob.inputs, prob.params, prob.captured)
+            ref = oracle(cascade, prob)
+            res = compare(out, ref)
+            err = res.worst()
+            worst[name] = max(worst.get(name, 0.0), err)
+            if res.nan or err > TOLERANCE[dtype]:
+                failed = True
+                print(f"  FAIL {name} B={B} H={H} Hkv={hkv} Lq={lq} Lkv={lkv} E={e}: "
+                      f"{res.errors}{' (NaN)' if res.nan else ''}")
+    for name, err in worst.items():
+        tol = TOLERANCE[DTYPES[name]]
+        print(f"{spec.name}: {name:5s} worst error {err:.2e} (tolerance {tol:.0e}) over "
+              f"{args.trials} shapes {'ok' if err <= tol else 'FAIL'}")
+    if module_file:
+        print(f"module written to {module_file} and checked from there")
+    return 1 if failed else 0
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    for path in sorted(EXAMPLES.glob("*.py")) + sorted(EXAMPLES.glob("*.attn")):
+        if path.name.startswith("_"):
+            continue
+        doc = _first_doc_line(path)
+        print(f"{path.name:32s} {doc}")
+    return 0
+
+
+def _first_doc_line(path: Path) -> str:
+    text = path.read_text()
+    if path.suffix == ".py":
+        import ast
+
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from attndsl.explain import explain
+
+    spec = _load(args.spec)
+    cascade, captured = spec.build(1, 1, args.lq, args.lkv, "cpu")
+    print(explain(cascade, captured, lq=args.lq, lkv=args.lkv, target=args.target))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attndsl", description="Compile attention variants "
+                                "(FlexAttention score/mask programs, .attn Einsum cascades) "
+                                "into fused Triton kernels.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    spec_help = ("a .py file (make(), score_mod/mask_mod or cascade), path.py:NAME, "
+                 "module:NAME, or a .attn file (file.attn:NAME)")
+    c = sub.add_parser("compile", help="write a standalone kernel module for a spec",
+                       description="Write a standalone Python module (Triton kernel + launcher) "
+                       "for SPEC; it needs only torch and triton at run time.")
+    c.add_argument("spec", help=spec_help)
+    c.add_argument("-o", "--output", required=True, help="the .py module to write")
+    c.set_defaults(fn=cmd_compile)
+    k = sub.add_parser("check", help="property-test a spec's kernel against the oracle",
+                       description="Run SPEC's kernel on random shapes and dtypes and compare "
+                       "with the float64 eager oracle; prints the worst error per dtype.")
+    k.add_argument("spec", help=spec_help)
+    k.add_argument("--trials", type=int, default=4, help="random shapes to try (default 4)")
+    k.add_argument("--max-len", type=int, default=80, help="largest Lq/Lkv (default 80)")
+    k.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma list of fp32,fp16,bf16")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("-o", "--output", help="also write the module here and check it from there")
+    k.set_defaults(fn=cmd_check)
+    e = sub.add_parser("examples", help="list the bundled examples",
+                       description="List examples/*.py and examples/*.attn.")
+    e.set_defaults(fn=cmd_examples)
+    x = sub.add_parser("explain", help="show the IR after each pass and the kernel plan",
+                       description="Print the cascade, the fused form, the rewrites that fired, "
+                       "the pass count, the schedule, the tile plan and the mask's tile picture.")
+    x.add_argument("spec", help=spec_help)
+    x.add_argument("--lq", type=int, default=512, help="query length for the tile picture")
+    x.add_argument("--lkv", type=int, default=512, help="key length for the tile picture")
+    x.add_argument("--target", default=None, help="also compile for sm80/sm86/sm89/sm90 and "
+                   "report registers, spills, shared memory, tensor-core instructions")
+    x.set_defaults(fn=cmd_explain)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "dtypes", None):
+        bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
+        if bad:
+            parser.error(f"unknown dtype(s) {bad}; choose from {sorted(DTYPES)}")
+    try:
+        return args.fn(args)
+    except USER_ERRORS as err:
+        print(f"attndsl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

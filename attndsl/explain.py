@@ -1,0 +1,57 @@
+"""``attndsl explain``: the IR after each pass, the rewrites that fired, the pass count, the
+tile plan, the mask's tile classes, and (with a target) the GPU resource report."""
+
+from __future__ import annotations
+
+import torch
+
+from attndsl.ir.cascade import Cascade
+from attndsl.ir.expr import render
+from attndsl.passes.pipeline import compile_cascade
+
+
+def _section(title: str, body: str) -> str:
+    return f"== {title} ==\n{body}\n"
+
+
+def explain(c: Cascade, captured: dict[str, torch.Tensor] | None = None, lq: int = 512,
+            lkv: int = 512, target: str | None = None) -> str:
+    comp = compile_cascade(c)
+    direct = compile_cascade(c, stream=False).schedule
+    out = [_section("cascade (as written)", str(c))]
+    fused = "\n".join(f"{n}[{', '.join(i)}] = {render(e)}" for n, i, e in comp.fused.outputs)
+    if comp.fused.mask is not None:
+        fused += f"\nmask: {render(comp.fused.mask)}"
+    out.append(_section("after inline (fusion of the score/mask chain)", fused))
+    out.append(_section(f"direct schedule: {direct.direct_passes} passes over the keys",
+                        str(direct)))
+    rules = "\n".join(f"- {r}" for r in comp.schedule.fired)
+    out.append(_section("rewrites that fired", rules or "(none)"))
+    out.append(_section(
+        f"streamed schedule: {comp.schedule.direct_passes}-pass -> "
+        f"{len(comp.schedule.passes)}-pass", str(comp.schedule)))
+    out.append(_section("tile plan (Tile IR)", str(comp.kernel)))
+    if comp.fused.mask is not None:
+        out.append(_section(f"mask tiles at Lq={lq}, Lkv={lkv}",
+                            _mask_picture(comp.fused.mask, captured or {}, lq, lkv)))
+    if target is not None:
+        out.append(_section(f"GPU report for {target}", _target_report(comp, target)))
+    return "\n".join(out)
+
+
+def _mask_picture(mask, captured, lq: int, lkv: int) -> str:
+    try:
+        from attndsl.passes.mask_analysis import classify_tiles
+    except ImportError:
+        return "(mask analysis unavailable)"
+    try:
+        tiles = classify_tiles(mask, captured, 1, 1, lq, lkv, 128, 128)
+    except (ValueError, RuntimeError, IndexError) as err:
+        return f"(not analysable at these sizes: {err})"
+    return f"mechanism: {tiles.mechanism}\n{tiles.picture()}"
+
+
+def _target_report(comp, target: str) -> str:
+    from attndsl.runtime.gpu_report import kernel_reports
+
+    return kernel_reports(comp.kernel, target)

@@ -1,0 +1,139 @@
+"""Resolve a SPEC argument of the CLI into something the compiler takes.
+
+SPEC forms:
+  ``examples/alibi.py``           a file defining ``make(B, H, Lq, Lkv, device)`` (returning
+                                  ``{"score_mod": ..., "mask_mod": ...}``) or module-level
+                                  ``score_mod`` / ``mask_mod`` / ``cascade``
+  ``path.py:name`` / ``pkg.mod:name``   one attribute: a score_mod (5 args), a mask_mod
+                                  (4 args), a Cascade, or a make() factory
+  ``file.attn`` / ``file.attn:name``    a text spec (the only one in the file, or the named one)
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+from attndsl.frontend.flex import lower_flex
+from attndsl.ir.cascade import Cascade
+
+
+class SpecLoadError(ValueError):
+    """SPEC does not name a loadable spec; the message says what was looked for."""
+
+
+@dataclass
+class LoadedSpec:
+    """A spec ready to compile: ``build(B, H, Lq, Lkv, device)`` -> (cascade, captured)."""
+
+    name: str
+    build: Callable[..., tuple[Cascade, dict[str, torch.Tensor]]]
+    enable_gqa: bool = False
+    is_flex: bool = True
+
+
+def _import_file(path: Path) -> ModuleType:
+    name = f"attndsl_spec_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SpecLoadError(f"{path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise SpecLoadError(f"{path}: importing it raised {type(err).__name__}: {err}") from err
+    return module
+
+
+def _flex_builder(make: Callable[..., dict]) -> Callable[..., tuple[Cascade, dict]]:
+    def build(B: int = 1, H: int = 1, Lq: int = 16, Lkv: int = 16, device: Any = "cpu"):
+        fns = make(B, H, Lq, Lkv, device)
+        flex = lower_flex(fns.get("score_mod"), fns.get("mask_mod"))
+        return flex.cascade, flex.captured
+    return build
+
+
+def _from_attr(obj: Any, where: str) -> LoadedSpec:
+    if isinstance(obj, Cascade):
+        return LoadedSpec(obj.name, lambda *a, **k: (obj, {}), is_flex=False)
+    if callable(obj):
+        try:
+            nargs = len(inspect.signature(obj).parameters)
+        except (TypeError, ValueError):
+            nargs = -1
+        name = getattr(obj, "__name__", where)
+        if nargs == 5:
+            return LoadedSpec(name, _flex_builder(lambda *a: {"score_mod": obj}))
+        if nargs == 4:
+            return LoadedSpec(name, _flex_builder(lambda *a: {"mask_mod": obj}))
+        return LoadedSpec(where, _flex_builder(obj))  # a make(B, H, Lq, Lkv, device) factory
+    raise SpecLoadError(f"{where} is a {type(obj).__name__}; expected a score_mod, mask_mod, "
+                        f"Cascade or make() factory")
+
+
+def _from_module(module: ModuleType, where: str) -> LoadedSpec:
+    gqa = bool(getattr(module, "ENABLE_GQA", False))
+    if hasattr(module, "make"):
+        spec = LoadedSpec(Path(where).stem, _flex_builder(module.make), gqa)
+    elif isinstance(getattr(module, "cascade", None), Cascade):
+        spec = _from_attr(module.cascade, where)
+    elif hasattr(module, "score_mod") or hasattr(module, "mask_mod"):
+        fns = {k: getattr(module, k, None) for k in ("score_mod", "mask_mod")}
+        spec = LoadedSpec(Path(where).stem, _flex_builder(lambda *a: fns), gqa)
+    else:
+        raise SpecLoadError(f"{where} defines none of make(), score_mod, mask_mod or cascade")
+    return spec
+
+
+def _from_text(path: Path, name: str | None) -> LoadedSpec:
+    from attndsl.frontend.text import parse_file
+
+    specs = parse_file(path)
+    if name is None:
+        if len(specs) != 1:
+            raise SpecLoadError(f"{path} holds {len(specs)} specs ({', '.join(specs)}); name one "
+                                f"as {path}:NAME")
+        name = next(iter(specs))
+    if name not in specs:
+        raise SpecLoadError(f"{path} has no spec {name!r}; it has {', '.join(specs)}")
+    c = specs[name]
+    return LoadedSpec(name, lambda *a, **k: (c, {}), is_flex=False)
+
+
+def load_spec(text: str) -> LoadedSpec:
+    """Resolve a SPEC string (see the module docstring)."""
+    path_part, _, attr = text.partition(":")
+    if len(path_part) == 1 and attr.startswith(("\\", "/")):  # a Windows drive letter
+        path_part, _, attr = text[2:].partition(":")
+        path_part = text[:2] + path_part
+    path = Path(path_part)
+    if path.suffix == ".attn":
+        if not path.exists():
+            raise SpecLoadError(f"{path}: no such file")
+        return _from_text(path, attr or None)
+    if path.suffix == ".py":
+        if not path.exists():
+            raise SpecLoadError(f"{path}: no such file")
+        module = _import_file(path)
+    else:
+        try:
+            module = importlib.import_module(path_part)
+        except ImportError as err:
+            raise SpecLoadError(f"{text!r} is neither a .py/.attn file nor an importable "
+                                f"module ({err})") from None
+    if attr:
+        if not hasattr(module, attr):
+            raise SpecLoadError(f"{path_part} has no attribute {attr!r}")
+        spec = _from_attr(getattr(module, attr), f"{path_part}:{attr}")
+        spec.enable_gqa = bool(getattr(module, "ENABLE_GQA", False))
+        return spec
+    return _from_module(module, path_part)
