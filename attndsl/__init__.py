@@ -4,7 +4,9 @@ import os as _os
 
 import torch as _torch
 
-if not _torch.cuda.is_available():  # CPU tensors run in Triton's interpreter
+# CPU tensors run in Triton's interpreter, which must be chosen before triton is imported;
+# ATTNDSL_NO_INTERPRET=1 keeps the real compiler (ahead-of-time GPU compiles on a CPU).
+if not _torch.cuda.is_available() and not _os.environ.get("ATTNDSL_NO_INTERPRET"):
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from attndsl.api import AuxOutput, AuxRequest, Kernel, compile, flex_attention  # noqa: E402

@@ -39,23 +39,8 @@ DTYPES = list(O_TOL)
 HEAD_DIMS = (16, 32, 48, 80)
 LENGTHS = st.one_of(st.sampled_from([1, 2, 31, 32, 33, 63, 64, 65, 96]), st.integers(1, 96))
 
-# Compiler bugs the examples hit: example name -> reason.  Such an example runs only in the
-# fixed-case tests, as a strict xfail; once the bug is fixed (XPASS), drop it from here and the
-# property test covers it again.
-KNOWN_BUGS = {
-    name: "a captured tensor indexed only by b/h (alibi's slopes[h]) is loaded through a "
-          "scalar pointer with a block mask: InterpreterError 'Mask argument cannot be block "
-          "type if pointer argument is not a block'"
-    for name in ("alibi", "softcap_causal_alibi")
-}
 # Log-sum-exp of a fully masked row: the interpreter's numpy log(0) warns on its way to -inf.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
-
-
-def example_params() -> list:
-    """Every example; the ones in KNOWN_BUGS as strict xfails."""
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name]))
-            if name in KNOWN_BUGS else name for name in EXAMPLES]
 
 
 def load(name: str) -> ModuleType:
@@ -118,17 +103,16 @@ def check_example(name: str, s: dict, dtype: torch.dtype) -> None:
     assert_matches_oracle(out, lse, oracle(mods, q, k, v, 1.0 / math.sqrt(s["E"])), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("name", [n for n in EXAMPLES if n not in KNOWN_BUGS])
-@given(data=st.data())
-def test_example_matches_oracle(name: str, dtype: torch.dtype, data: st.DataObject) -> None:
+@pytest.mark.parametrize("name", EXAMPLES)
+@given(data=st.data(), dtype=st.sampled_from(DTYPES))
+def test_example_matches_oracle(name: str, data: st.DataObject, dtype: torch.dtype) -> None:
     check_example(name, data.draw(shapes(getattr(load(name), "ENABLE_GQA", False))), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("name", example_params())
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_fixed_case(name: str, dtype: torch.dtype) -> None:
-    """Odd, unequal lengths (grouped heads for GQA examples)."""
+    """Every dtype, at odd unequal lengths (and grouped heads for GQA examples)."""
     gqa = getattr(load(name), "ENABLE_GQA", False)
     check_example(name, {"B": 2, "H": 4, "Hkv": 2 if gqa else 4, "Lq": 37, "Lkv": 91, "E": 48,
                          "F": 80}, dtype)
@@ -160,7 +144,7 @@ def test_everything_masked(dtype: torch.dtype) -> None:
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
-@pytest.mark.parametrize("name", example_params())
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_matches_torch(name: str) -> None:
     """attndsl against torch's eager flex_attention on rows that see at least one key."""
     module = load(name)

@@ -1,0 +1,125 @@
+"""Ahead-of-time GPU reports for generated kernels (registers, spills, shared memory,
+tensor-core instructions), computed on a CPU with Triton's own compiler.
+
+The compile runs in a child process: this process may have imported triton in interpreter mode
+(TRITON_INTERPRET=1, for CPU execution), in which Triton's library functions cannot be compiled
+for a GPU.  ``python -m attndsl.runtime.gpu_report MODULE TARGET DTYPE E F`` prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from attndsl.ir.tile import TileKernel
+from attndsl.runtime.modules import cache_dir, module_source, spec_hash, write_module
+
+CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def signature(module: Any, dtype: str, e: int, f: int) -> tuple[dict, dict]:
+    """(signature, unit-stride constexprs) as a launch with contiguous tensors specialises."""
+    import inspect
+
+    sig: dict[str, str] = {}
+    units: dict[str, int] = {}
+    names = list(inspect.signature(module.attention_fwd_kernel).parameters)
+    ranks: dict[str, int] = {}
+    for a in names:
+        if "_s" in a and a.split("_s")[0] in module.ARG_TYPES:
+            base = a.split("_s")[0]
+            ranks[base] = max(ranks.get(base, 0), int(a.rsplit("_s", 1)[1]) + 1)
+    for a, ty in module.ARG_TYPES.items():
+        ty = ty.format(dtype=dtype)
+        base, _, d = a.rpartition("_s")
+        if base in ranks and d.isdigit() and not base.startswith(("kv_", "full_")):
+            if int(d) == ranks[base] - 1:
+                units[a] = 1  # contiguous last dim: specialised to 1 at launch
+                continue
+            ty = "i32:16" if base.startswith(("T", "O")) and e % 16 == 0 and f % 16 == 0 \
+                else "i32"
+        elif a in ("E_len", "F_len"):
+            ty = "i32:16" if (e if a == "E_len" else f) % 16 == 0 else "i32"
+        sig[a] = ty
+    return sig, units
+
+
+def _report_child(path: str, target: str, dtype: str, e: int, f: int, sparsity: int) -> list:
+    from attndsl.runtime.aot import compile_kernel
+    from attndsl.runtime.modules import import_path
+
+    module = import_path(path)
+    sig, units = signature(module, dtype, e, f)
+    torch_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
+    import torch
+
+    default = module.default_config(e, f, getattr(torch, torch_dtype), "cuda")
+    configs = [(default["BLOCK_M"], default["BLOCK_N"], default["num_warps"],
+                default["num_stages"])] + [c for c in CANDIDATES]
+    seen, out = set(), []
+    for bm, bn, warps, stages in configs:
+        if (bm, bn, warps, stages) in seen:
+            continue
+        seen.add((bm, bn, warps, stages))
+        consts = dict(units, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, _next_pow2(e)),
+                      BLOCK_F=max(16, _next_pow2(f)), EVEN_N=True, SPARSITY=sparsity,
+                      SPARSE_Q=128, SPARSE_KV=128,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+        try:
+            r = compile_kernel(module.attention_fwd_kernel, sig, consts, target, warps, stages)
+            out.append({"config": [bm, bn, warps, stages], "default": not out,
+                        "registers": r.registers, "spills": r.spill_stores + r.spill_loads,
+                        "stack": r.stack_bytes, "shared": r.shared_total_bytes,
+                        "tc_kind": r.tc_kind, "tc_count": r.tc_count,
+                        "programs_per_sm": r.programs_per_sm, "fits": r.fits,
+                        "reason": r.reason})
+        except Exception as err:  # a config Triton cannot build is reported, not fatal
+            out.append({"config": [bm, bn, warps, stages], "default": not out,
+                        "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
+    return out
+
+
+def compile_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int = 64,
+                    f: int = 64, sparsity: int = 1) -> list[dict]:
+    """Compile every candidate config of ``kernel`` for ``target``; one dict per config."""
+    path = cache_dir() / f"aot_{spec_hash(kernel)}.py"
+    write_module(module_source(kernel), path)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(ATTNDSL_NO_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-m", "attndsl.runtime.gpu_report", str(path),
+                           target, dtype, str(e), str(f), str(sparsity)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compile failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_reports(reports: list[dict]) -> str:
+    lines = [f"{'BLOCK_M x N, warps, stages':28s} {'regs':>5s} {'spills':>6s} {'smem KiB':>9s} "
+             f"{'tensor cores':>14s} {'CTAs/SM':>7s}  fits"]
+    for r in reports:
+        cfg = "{} x {}, {}w, {}s".format(*r["config"]) + ("  (default)" if r["default"] else "")
+        if "error" in r:
+            lines.append(f"{cfg:28s} failed: {r['error']}")
+            continue
+        tc = f"{r['tc_kind']} x{r['tc_count']}"
+        lines.append(f"{cfg:28s} {r['registers']:5d} {r['spills']:6d} {r['shared'] / 1024:9.1f} "
+                     f"{tc:>14s} {r['programs_per_sm']:7d}  {'yes' if r['fits'] else 'no: ' + r['reason']}")
+    return "\n".join(lines)
+
+
+def kernel_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int = 64,
+                   f: int = 64) -> str:
+    return format_reports(compile_reports(kernel, target, dtype, e, f))
+
+
+if __name__ == "__main__":
+    path, target, dtype, e, f, sparsity = sys.argv[1:7]
+    print(json.dumps(_report_child(path, target, dtype, int(e), int(f), int(sparsity))))
