@@ -160,7 +160,7 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         if t.dtype == torch.bool:
             t = t.to(torch.int8)
         args += [t] + [t.stride(d) for d in range(t.dim())]
-    for name, (_, idx, _) in OUTPUTS.items():
+    for name in OUTPUTS:
         t = out[name]
         args += [t] + [t.stride(d) for d in range(t.dim())]
     args += [values[p] for p in PARAMS]

@@ -487,9 +487,10 @@ def _emit_sum(L: _Lines, s: RunningSum, env: Env, bounded: bool | str, keep: str
     L(0, f"p_{s.var} = {render(s.body, step_env)}")
     L(0, f"p_{s.var} = tl.broadcast_to(p_{s.var}, [BLOCK_M, BLOCK_N])")
     _guard(L, bounded, f"p_{s.var}", keep, "0.0")
-    if s.units:
+    if s.units:  # rescale by 2^(k * (old - new)); nothing accumulated yet when old is -inf
         delta = " + ".join(f"{k}.0 * ({u}_use - {u}_use_new)" for u, k in s.units)
-        L(0, f"alpha_{s.var} = tl.exp2({delta})")
+        fresh = " | ".join(f'({u} == float("-inf"))' for u, _ in s.units)
+        L(0, f"alpha_{s.var} = tl.where({fresh}, 0.0, tl.exp2({delta}))")
         scaled = f"{s.var} * alpha_{s.var}" + ("[:, None]" if s.v is not None else "")
     else:
         scaled = s.var

@@ -11,7 +11,6 @@ raises :class:`TraceError` naming the function, the line and the operation.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -435,10 +434,7 @@ def _user_frame_of(err: BaseException) -> str:
     while tb is not None:
         path = os.path.abspath(tb.tb_frame.f_code.co_filename)
         if not path.startswith((_PKG_DIR, _TORCH_DIR)):
-            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}()"
+            code = tb.tb_frame.f_code
+            where = f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}()"
         tb = tb.tb_next
     return where
-
-
-def is_finite_const(e: Expr) -> bool:
-    return e.op is Op.CONST and not (isinstance(e.arg, float) and not math.isfinite(e.arg))

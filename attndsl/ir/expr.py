@@ -312,7 +312,8 @@ def render(e: Expr, prec: float = 0) -> str:
             text = f"{render(e.src[0], 3.5)} {sym} {render(e.src[1], 3.5)}"
             return f"({text})" if p < prec else text
         right = p + 1 if op is not Op.POW else p
-        text = f"{render(e.src[0], p if op is not Op.POW else p + 1)} {sym} {render(e.src[1], right)}"
+        left = render(e.src[0], p if op is not Op.POW else p + 1)
+        text = f"{left} {sym} {render(e.src[1], right)}"
         return f"({text})" if p < prec else text
     if op is Op.NEG:
         text = f"-{render(e.src[0], 6)}"

@@ -110,8 +110,9 @@ def format_reports(reports: list[dict]) -> str:
             lines.append(f"{cfg:28s} failed: {r['error']}")
             continue
         tc = f"{r['tc_kind']} x{r['tc_count']}"
+        fits = "yes" if r["fits"] else "no: " + r["reason"]
         lines.append(f"{cfg:28s} {r['registers']:5d} {r['spills']:6d} {r['shared'] / 1024:9.1f} "
-                     f"{tc:>14s} {r['programs_per_sm']:7d}  {'yes' if r['fits'] else 'no: ' + r['reason']}")
+                     f"{tc:>14s} {r['programs_per_sm']:7d}  {fits}")
     return "\n".join(lines)
 
 
