@@ -41,6 +41,16 @@ class LoadedSpec:
     is_flex: bool = True
 
 
+def import_spec_file(path: Path) -> ModuleType:
+    """Import a spec file; its own folder is importable meanwhile (for shared helpers)."""
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        return _import_file(path)
+    finally:
+        sys.path.remove(folder)
+
+
 def _import_file(path: Path) -> ModuleType:
     name = f"attndsl_spec_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -124,7 +134,7 @@ def load_spec(text: str) -> LoadedSpec:
     if path.suffix == ".py":
         if not path.exists():
             raise SpecLoadError(f"{path}: no such file")
-        module = _import_file(path)
+        module = import_spec_file(path)
     else:
         try:
             module = importlib.import_module(path_part)
