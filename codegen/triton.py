@@ -205,17 +205,17 @@ class _Lines:
         self.out.extend(("    " * depth + ln).rstrip() for ln in text.split("\n"))
 
 
-def _operand_ptr(o: Operand, names: _Names, env: Env, row: str, col: str) -> str:
+def _operand_base(o: Operand, names: _Names, env: Env) -> str:
+    """The program's base pointer into an operand: its batch/head subscripts (loop-invariant)."""
     ptr = names.tensors[o.tensor]
-    parts = []
-    for d, idx in enumerate(o.idx):
-        if d == o.row_dim:
-            parts.append(f"{row} * {ptr}_s{d}")
-        elif d == o.col_dim:
-            parts.append(f"{col} * {ptr}_s{d}")
-        else:
-            parts.append(f"({render(idx, env)}) * {ptr}_s{d}")
-    return f"{ptr} + " + " + ".join(parts)
+    parts = [f"({render(idx, env)}) * {ptr}_s{d}" for d, idx in enumerate(o.idx)
+             if d not in (o.row_dim, o.col_dim)]
+    return " + ".join([ptr] + parts)
+
+
+def _operand_ptr(o: Operand, names: _Names, row: str, col: str) -> str:
+    ptr = names.tensors[o.tensor]
+    return (f"base_{o.var} + {row} * {ptr}_s{o.row_dim} + {col} * {ptr}_s{o.col_dim}")
 
 
 def _hoist(exprs: list[Expr], tile_vars: set[str], lines: _Lines, env: Env, depth: int) -> None:
@@ -329,10 +329,12 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
         ([k.mask] if k.mask is not None else [])
     L(1, "# loop-invariant scalars")
     _hoist(all_exprs, tile_vars, L, head_env, 1)
-    L(1, "# query-side operands, loaded once")
+    L(1, "# base pointers of this (batch, head); query-side operands, loaded once")
+    for o in k.operands:
+        L(1, f"base_{o.var} = {_operand_base(o, names, head_env)}")
     for o in k.operands:
         if o.side == "q":
-            ptr = _operand_ptr(o, names, head_env, "offs_m[:, None]", "offs_e[None, :]")
+            ptr = _operand_ptr(o, names, "offs_m[:, None]", "offs_e[None, :]")
             L(1, f"{o.var} = tl.load({ptr}, mask=row_ok[:, None] & (offs_e[None, :] < E_len), "
                  f"other=0.0)")
             L(1, f"if UPCAST:  # the interpreter has no bf16 arithmetic\n    {o.var} = "
@@ -439,7 +441,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, finished: dict[st
         for d in k.dots:
             if d.var not in used:
                 continue
-            ptr = _operand_ptr(d.k, names, head_env, "offs_n[None, :]", "offs_e[:, None]")
+            ptr = _operand_ptr(d.k, names, "offs_n[None, :]", "offs_e[:, None]")
             L(0, f"{d.k.var} = tl.load({ptr}, mask=col_ok[None, :] & (offs_e[:, None] < E_len), "
                  f"other=0.0)")
             L(0, f"if UPCAST:\n    {d.k.var} = {d.k.var}.to(tl.float32)")
@@ -459,8 +461,9 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, finished: dict[st
                 safe = f"tl.maximum({mx.var}_new, 0.0)" if mx.floor0 else \
                     f'tl.where({mx.var}_new == float("-inf"), 0.0, {mx.var}_new)'
                 L(0, f"{mx.var}_use_new = {safe}")
+        shared: dict = {"names": names}
         for s in p.sums:
-            _emit_sum(L, s, env, bounded, keep, names, head_env)
+            _emit_sum(L, s, env, bounded, keep, shared)
         for mx in p.maxes:
             L(0, f"{mx.var} = {mx.var}_new")
             if mx.stabilizer:
@@ -478,32 +481,42 @@ def _guard(L: _Lines, bounded: bool | str, var: str, keep: str, fill: str) -> No
 
 
 def _emit_sum(L: _Lines, s: RunningSum, env: Env, bounded: bool | str, keep: str,
-              names: _Names, head_env: Env) -> None:
+              shared: dict) -> None:
+    """One running-sum update; ``shared`` reuses equal weights, rescale factors and V loads
+    of the other sums of the same step."""
     rows = dict(env.rows)
     for u, _ in s.units:  # inside the step, a stabiliser reads its new (safe) value
         rows[u] = f"{u}_use_new[:, None]"
     step_env = Env(env.index, rows, env.params, env.captured, env.load_mask, env.hoisted,
                    env.scalar_indices)
-    L(0, f"p_{s.var} = {render(s.body, step_env)}")
-    L(0, f"p_{s.var} = tl.broadcast_to(p_{s.var}, [BLOCK_M, BLOCK_N])")
-    _guard(L, bounded, f"p_{s.var}", keep, "0.0")
+    body = render(s.body, step_env)
+    p = shared.get(("p", body))
+    if p is None:
+        p = shared[("p", body)] = f"p_{s.var}"
+        L(0, f"{p} = tl.broadcast_to({body}, [BLOCK_M, BLOCK_N])")
+        _guard(L, bounded, p, keep, "0.0")
     if s.units:  # rescale by 2^(k * (old - new)); nothing accumulated yet when old is -inf
-        delta = " + ".join(f"{k}.0 * ({u}_use - {u}_use_new)" for u, k in s.units)
-        fresh = " | ".join(f'({u} == float("-inf"))' for u, _ in s.units)
-        L(0, f"alpha_{s.var} = tl.where({fresh}, 0.0, tl.exp2({delta}))")
-        scaled = f"{s.var} * alpha_{s.var}" + ("[:, None]" if s.v is not None else "")
+        alpha = shared.get(("alpha", s.units))
+        if alpha is None:
+            alpha = shared[("alpha", s.units)] = f"alpha_{s.var}"
+            delta = " + ".join(f"{k}.0 * ({u}_use - {u}_use_new)" for u, k in s.units)
+            fresh = " | ".join(f'({u} == float("-inf"))' for u, _ in s.units)
+            L(0, f"{alpha} = tl.where({fresh}, 0.0, tl.exp2({delta}))")
+        scaled = f"{s.var} * {alpha}" + ("[:, None]" if s.v is not None else "")
     else:
         scaled = s.var
     if s.v is None:
-        L(0, f"{s.var} = {scaled} + tl.sum(p_{s.var}, 1)")
+        L(0, f"{s.var} = {scaled} + tl.sum({p}, 1)")
         return
     v = s.v.var
-    ptr = _operand_ptr(s.v, names, head_env, "offs_n[:, None]", "offs_f[None, :]")
-    L(0, f"{v} = tl.load({ptr}, mask=col_ok[:, None] & (offs_f[None, :] < F_len), other=0.0)")
-    L(0, f"if UPCAST:\n    {v} = {v}.to(tl.float32)")
-    L(0, f"{s.var} = {scaled} + tl.dot(p_{s.var}.to({v}.dtype), {v}, "
+    if ("v", v) not in shared:
+        shared[("v", v)] = v
+        ptr = _operand_ptr(s.v, shared["names"], "offs_n[:, None]", "offs_f[None, :]")
+        L(0, f"{v} = tl.load({ptr}, mask=col_ok[:, None] & (offs_f[None, :] < F_len), "
+             f"other=0.0)")
+        L(0, f"if UPCAST:\n    {v} = {v}.to(tl.float32)")
+    L(0, f"{s.var} = {scaled} + tl.dot({p}.to({v}.dtype), {v}, "
          f"input_precision=DOT_PRECISION)")
-
 
 
 def launcher_source() -> str:
