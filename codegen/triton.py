@@ -105,7 +105,7 @@ class Env:
     rows: dict[str, str]
     params: dict[str, str]
     captured: dict[str, tuple[str, int]]
-    load_mask: str | None
+    masks: dict[str, str]  # index -> validity mask of that tile axis, for captured loads
     hoisted: dict[Expr, str] = field(default_factory=dict)
     scalar_indices: frozenset[str] = frozenset()
 
@@ -138,7 +138,8 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
     if op is Op.LOAD:
         ptr, rank = env.captured[e.arg]
         offs = " + ".join(f"({a[d]}) * {ptr}_s{d}" for d in range(rank)) or "0"
-        mask = f", mask={env.load_mask}, other=0" if env.load_mask and not _scalar(e, env) else ""
+        axes = sorted(e.free_indices() & set(env.masks))
+        mask = f", mask={' & '.join(env.masks[x] for x in axes)}, other=0" if axes else ""
         return f"tl.load({ptr} + {offs}{mask})"
     if op in _UNARY:
         return _UNARY[op].format(*a)
@@ -234,6 +235,26 @@ def _hoist(exprs: list[Expr], tile_vars: set[str], lines: _Lines, env: Env, dept
                 env.hoisted[node] = name
 
 
+def _hoist_rows(exprs: list[Expr], m: str, lines: _Lines, env: Env, depth: int) -> None:
+    """Reads of captured tensors that depend on the query rows only (``doc[m]``) are loaded
+    once per program as [BLOCK_M, 1] columns instead of once per key tile."""
+    def visit(node: Expr) -> None:
+        if node in env.hoisted:
+            return
+        free = node.free_indices()
+        if m in free and free <= env.scalar_indices | {m} and \
+                not any(x.op is Op.ROW for x in node.walk()) and \
+                any(x.op is Op.LOAD for x in node.walk()):
+            name = f"r{sum(1 for v in env.hoisted.values() if v.startswith('r'))}"
+            lines(depth, f"{name} = {render(node, env)}")
+            env.hoisted[node] = name
+            return
+        for s in node.src:
+            visit(s)
+    for e in exprs:
+        visit(e)
+
+
 def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     """The full source of a generated module for one tile kernel."""
     names = _names(k)
@@ -321,7 +342,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
     params = {p: names.params[p] for p, _ in k.params}
     captured = {c: (names.tensors[c], r) for c, r, _ in k.captured}
     scalar_index = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}
-    head_env = Env(dict(scalar_index), {}, params, captured, None,
+    head_env = Env(dict(scalar_index), {}, params, captured, {},
                    scalar_indices=frozenset(scalar_index))
     tile_vars = {m, n} | ({f} if f else set())
     all_exprs = [mx.arg for p in k.passes for mx in p.maxes] + \
@@ -339,6 +360,13 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
                  f"other=0.0)")
             L(1, f"if UPCAST:  # the interpreter has no bf16 arithmetic\n    {o.var} = "
                  f"{o.var}.to(tl.float32)")
+    loop_hoisted = dict(head_env.hoisted)
+    row_env = Env({**scalar_index, m: "offs_m[:, None]"}, {}, params, captured,
+                  {m: "row_ok[:, None]"}, loop_hoisted, head_env.scalar_indices)
+    loop_exprs = [mx.arg for p in k.passes for mx in p.maxes] + \
+        [s.body for p in k.passes for s in p.sums] + ([k.mask] if k.mask is not None else [])
+    L(1, "# captured-tensor reads that depend on the query rows only")
+    _hoist_rows(loop_exprs, m, L, row_env, 1)
     finished: dict[str, str] = {}
     for pi, p in enumerate(k.passes):
         L(1, f"# pass {pi + 1} over the key tiles")
@@ -349,7 +377,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
         for s in p.sums:
             shape = "[BLOCK_M, BLOCK_F]" if s.v is not None else "[BLOCK_M]"
             L(1, f"{s.var} = tl.zeros({shape}, tl.float32)")
-        body = _tile_body(k, p, names, head_env, finished, m, n, b, h)
+        body = _tile_body(k, p, names, head_env, loop_hoisted, finished, m, n, b, h)
         L(1, "if SPARSITY == 2:")
         for table, masked in (("kv", True), ("full", False)):
             L(2, f"# {'partial tiles: evaluate the mask' if masked else 'full tiles: no mask'}")
@@ -388,7 +416,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
         idx[m] = "offs_m[:, None]" if is_tile else "offs_m"
         if f is not None:
             idx[f] = "offs_f[None, :]"
-        env = Env(idx, rows, params, captured, "row_ok[:, None]" if is_tile else "row_ok",
+        env = Env(idx, rows, params, captured, {m: "row_ok[:, None]" if is_tile else "row_ok"},
                   head_env.hoisted, head_env.scalar_indices)
         value = render(st.expr, env)
         offs = " + ".join(f"{idx[i]} * {ptr}_s{d}" for d, i in enumerate(st.indices))
@@ -419,8 +447,8 @@ def _arg_types(k: TileKernel, names: _Names, args: list[str]) -> dict[str, str]:
     return out
 
 
-def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, finished: dict[str, str],
-               m: str, n: str, b: str | None, h: str | None):
+def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dict,
+               finished: dict[str, str], m: str, n: str, b: str | None, h: str | None):
     """Returns body(masked, check_bounds) -> the source of one key-tile step of pass p."""
 
     def body(masked: bool, table: bool) -> str:
@@ -434,7 +462,8 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, finished: dict[st
             if mx.stabilizer:
                 rows[mx.var] = f"{mx.var}_use[:, None]"
         env = Env(idx, rows, head_env.params, head_env.captured,
-                  "row_ok[:, None] & col_ok[None, :]", head_env.hoisted, head_env.scalar_indices)
+                  {m: "row_ok[:, None]", n: "col_ok[None, :]"}, loop_hoisted,
+                  head_env.scalar_indices)
         used = {d.var for d in k.dots if any(
             x.op is Op.ROW and x.arg == d.var for e in
             [mx.arg for mx in p.maxes] + [s.body for s in p.sums] for x in e.walk())}
@@ -487,7 +516,7 @@ def _emit_sum(L: _Lines, s: RunningSum, env: Env, bounded: bool | str, keep: str
     rows = dict(env.rows)
     for u, _ in s.units:  # inside the step, a stabiliser reads its new (safe) value
         rows[u] = f"{u}_use_new[:, None]"
-    step_env = Env(env.index, rows, env.params, env.captured, env.load_mask, env.hoisted,
+    step_env = Env(env.index, rows, env.params, env.captured, env.masks, env.hoisted,
                    env.scalar_indices)
     body = render(s.body, step_env)
     p = shared.get(("p", body))

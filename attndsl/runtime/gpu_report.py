@@ -51,61 +51,77 @@ def signature(module: Any, dtype: str, e: int, f: int) -> tuple[dict, dict]:
     return sig, units
 
 
-def _report_child(path: str, target: str, dtype: str, e: int, f: int, sparsity: int) -> list:
+def _compile_job(job: dict) -> dict:
+    """Compile one (module, target, dtype, head dims, sparsity, config) in this process."""
     from attndsl.runtime.aot import compile_kernel
     from attndsl.runtime.modules import import_path
 
-    module = import_path(path)
+    module = import_path(job["path"])
+    dtype, e, f = job["dtype"], job["e"], job["f"]
     sig, units = signature(module, dtype, e, f)
-    torch_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
+    bm, bn, warps, stages = job["config"]
+    consts = dict(units, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, _next_pow2(e)),
+                  BLOCK_F=max(16, _next_pow2(f)), EVEN_N=True, SPARSITY=job["sparsity"],
+                  SPARSE_Q=128, SPARSE_KV=128,
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+    out = dict(job)
+    try:
+        r = compile_kernel(module.attention_fwd_kernel, sig, consts, job["target"], warps,
+                           stages)
+        out.update(registers=r.registers, spills=r.spill_stores + r.spill_loads,
+                   stack=r.stack_bytes, shared=r.shared_total_bytes, tc_kind=r.tc_kind,
+                   tc_count=r.tc_count, programs_per_sm=r.programs_per_sm, fits=r.fits,
+                   reason=r.reason)
+    except Exception as err:  # a config Triton cannot build is reported, not fatal
+        out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return out
+
+
+def default_config(kernel_path: str, dtype: str, e: int, f: int) -> list[int]:
+    """The generated module's own default GPU config (BLOCK_M, BLOCK_N, warps, stages)."""
     import torch
 
-    default = module.default_config(e, f, getattr(torch, torch_dtype), "cuda")
-    configs = [(default["BLOCK_M"], default["BLOCK_N"], default["num_warps"],
-                default["num_stages"])] + [c for c in CANDIDATES]
-    seen, out = set(), []
-    for bm, bn, warps, stages in configs:
-        if (bm, bn, warps, stages) in seen:
-            continue
-        seen.add((bm, bn, warps, stages))
-        consts = dict(units, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, _next_pow2(e)),
-                      BLOCK_F=max(16, _next_pow2(f)), EVEN_N=True, SPARSITY=sparsity,
-                      SPARSE_Q=128, SPARSE_KV=128,
-                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
-        try:
-            r = compile_kernel(module.attention_fwd_kernel, sig, consts, target, warps, stages)
-            out.append({"config": [bm, bn, warps, stages], "default": not out,
-                        "registers": r.registers, "spills": r.spill_stores + r.spill_loads,
-                        "stack": r.stack_bytes, "shared": r.shared_total_bytes,
-                        "tc_kind": r.tc_kind, "tc_count": r.tc_count,
-                        "programs_per_sm": r.programs_per_sm, "fits": r.fits,
-                        "reason": r.reason})
-        except Exception as err:  # a config Triton cannot build is reported, not fatal
-            out.append({"config": [bm, bn, warps, stages], "default": not out,
-                        "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
-    return out
+    from attndsl.runtime.modules import import_path
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    cfg = import_path(kernel_path).default_config(e, f, torch_dtype, "cuda")
+    return [cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]]
+
+
+def run_jobs(jobs: list[dict]) -> list[dict]:
+    """Compile many jobs in one child process (Triton imported without the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(ATTNDSL_NO_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-m", "attndsl.runtime.gpu_report"],
+                          input=json.dumps(jobs), capture_output=True, text=True, env=env,
+                          timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compile failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def kernel_path(kernel: TileKernel) -> str:
+    path = cache_dir() / f"aot_{spec_hash(kernel)}.py"
+    write_module(module_source(kernel), path)
+    return str(path)
 
 
 def compile_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int = 64,
                     f: int = 64, sparsity: int = 1) -> list[dict]:
-    """Compile every candidate config of ``kernel`` for ``target``; one dict per config."""
-    path = cache_dir() / f"aot_{spec_hash(kernel)}.py"
-    write_module(module_source(kernel), path)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(ATTNDSL_NO_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-m", "attndsl.runtime.gpu_report", str(path),
-                           target, dtype, str(e), str(f), str(sparsity)],
-                          capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compile failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Compile the default and every candidate config of ``kernel`` for ``target``."""
+    path = kernel_path(kernel)
+    configs = [None] + [list(c) for c in CANDIDATES]
+    jobs = [{"path": path, "target": target, "dtype": dtype, "e": e, "f": f,
+             "sparsity": sparsity, "config": c, "default": c is None} for c in configs]
+    return run_jobs(jobs)
 
 
 def format_reports(reports: list[dict]) -> str:
     lines = [f"{'BLOCK_M x N, warps, stages':28s} {'regs':>5s} {'spills':>6s} {'smem KiB':>9s} "
              f"{'tensor cores':>14s} {'CTAs/SM':>7s}  fits"]
     for r in reports:
-        cfg = "{} x {}, {}w, {}s".format(*r["config"]) + ("  (default)" if r["default"] else "")
+        cfg = "{} x {}, {}w, {}s".format(*r["config"]) + \
+            ("  (default)" if r.get("default") else "")
         if "error" in r:
             lines.append(f"{cfg:28s} failed: {r['error']}")
             continue
@@ -121,6 +137,20 @@ def kernel_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int 
     return format_reports(compile_reports(kernel, target, dtype, e, f))
 
 
+def _child() -> None:
+    jobs = json.loads(sys.stdin.read())
+    results, seen = [], set()
+    for job in jobs:
+        if job["config"] is None:
+            job["config"] = default_config(job["path"], job["dtype"], job["e"], job["f"])
+        key = (job["path"], job["target"], job["dtype"], job["e"], job["f"], job["sparsity"],
+               tuple(job["config"]))
+        if key in seen:
+            continue
+        seen.add(key)
+        results.append(_compile_job(job))
+    print(json.dumps(results))
+
+
 if __name__ == "__main__":
-    path, target, dtype, e, f, sparsity = sys.argv[1:7]
-    print(json.dumps(_report_child(path, target, dtype, int(e), int(f), int(sparsity))))
+    _child()

@@ -1,0 +1,650 @@
+"""Backward printer: the FlexAttention cascade -> the source of a module of backward kernels.
+
+The forward (codegen/triton.py) computes, per row of one (batch, head)::
+
+    S = scale * Q K^T      T = score_mod(S)      P = softmax(n) T  (masked keys excluded)
+    O = P V                LSE = log sum(n) exp(T)
+
+Given dO and dLSE, FlashAttention-2's backward recomputes P from the saved LSE instead of
+storing it, and the chain rule gives::
+
+    delta = rowsum(dO * O) - dLSE                    (preprocessing kernel)
+    P     = exp2(T log2e - LSE log2e)                (0: masked, out of range, LSE = -inf)
+    dV    = P^T dO            dP = dO V^T            dT = P * (dP - delta)
+    dS    = dT * dT/dS        dK = scale dS^T Q      dQ = scale dS K
+    dcap  = scatter-add of dT * dT/dcap[site] at each gather site of a captured tensor
+
+``dT/dS`` and ``dT/dcap[site]`` come from :mod:`attndsl.passes.grad`.  The kernels:
+
+* ``attention_bwd_preprocess``: one program per (query tile, batch*head): ``delta``.
+* ``attention_bwd_dkdv_kernel``: one program per (key tile, batch*kv-head).  It loops over the
+  G query heads of its group (GQA: dK and dV are summed in registers, so they are
+  deterministic) and over the query tiles: dense (every tile, the mask evaluated on each) or
+  from the q-major block tables (``q_num_blocks``/``q_indices``: partial tiles evaluate the
+  mask, ``full_q_*`` tiles skip it).  With ``ATOMIC_DQ`` it also adds ``scale dS K`` into a
+  float32 dQ buffer with ``tl.atomic_add``; captured-tensor gradients are always atomic adds
+  into float32 buffers.
+* ``attention_bwd_dq_kernel``: the deterministic dQ, one program per (query tile, batch*head)
+  looping over the key tiles (kv-major tables, as the forward).
+
+Like the forward printer, every identifier in the generated source is made here; spec names
+reach it only as ``repr``'d strings in the metadata tables or as sanitised comments.  The
+launcher between the ``launcher`` markers below is real code, copied verbatim into the module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from attndsl.codegen.triton import HELPERS, CodegenError, Env, comment, literal, render
+
+from attndsl.ir import expr as E
+from attndsl.ir.cascade import Cascade
+from attndsl.ir.expr import FLOAT, Expr, Op
+from attndsl.passes.grad import diff, gather_grads, simplify_grad
+from attndsl.passes.rules import LOG2E
+
+SCORE_ROW = "s"  # ROW name of the scaled score tile in backward expressions
+
+
+@dataclass(frozen=True)
+class GatherGrad:
+    """One gather site of a captured tensor: its subscripts and d T / d (that element)."""
+
+    load: Expr
+    deriv: Expr
+
+    @property
+    def deps(self) -> frozenset[str]:
+        """The tile indices (query m, key n) the gathered element depends on."""
+        return frozenset().union(*(s.free_indices() for s in self.load.src))
+
+
+@dataclass(frozen=True)
+class BackwardSpec:
+    """What the backward kernels evaluate, derived from a FlexAttention cascade."""
+
+    cascade: Cascade
+    score: Expr  # T, with S read as ROW(SCORE_ROW)
+    dscore: Expr  # dT/dS, same form
+    mask: Expr | None
+    captured: tuple[tuple[str, int], ...]  # (IR name, rank) read by the score or the mask
+    grads: tuple[tuple[str, tuple[GatherGrad, ...]], ...]  # float captured with a gradient
+    roles: dict[str, str]
+
+    def __str__(self) -> str:
+        lines = [f"T = {E.render(self.score)}", f"dT/dS = {E.render(self.dscore)}"]
+        if self.mask is not None:
+            lines.append(f"mask: {E.render(self.mask)}")
+        for _, sites in self.grads:
+            for g in sites:
+                lines.append(f"dT/d{E.render(g.load)} = {E.render(g.deriv)}")
+        return "\n".join(lines)
+
+
+def _score_read(c: Cascade) -> Expr:
+    b, h, m, n = (c.role(r) for r in ("batch", "head", "query", "key"))
+    return E.load("S", tuple(E.index(i) for i in (b, h, m, n)))
+
+
+def _check_flex(c: Cascade) -> None:
+    """The backward printer knows the FlexAttention cascade (attndsl.frontend.flex) only."""
+    want = {"Q": ("B", "H", "M", "E"), "K": ("B", "HKV", "N", "E"), "V": ("B", "HKV", "N", "F")}
+    for name, dims in want.items():
+        t = c.tensor(name)
+        if t is None or t.dims != dims or t.kind != "input":
+            raise CodegenError(f"the backward supports FlexAttention cascades only: expected "
+                               f"input {name}[{', '.join(dims)}]")
+    for name in ("S", "T", "P", "O", "LSE"):
+        if c.equation(name) is None:
+            raise CodegenError(f"the backward supports FlexAttention cascades only: cascade "
+                               f"{c.name!r} has no equation {name}")
+    for node in c.equation("T").expr.walk():
+        if node.op is Op.LOAD and node.arg in {eq.name for eq in c.equations}:
+            if node != _score_read(c):
+                raise CodegenError(f"the score may read S[b, h, m, n] only, got "
+                                   f"{E.render(node)}")
+        if node.op in (Op.REDUCE_SUM, Op.REDUCE_MAX, Op.SOFTMAX):
+            raise CodegenError("the score must be elementwise (no reductions)")
+
+
+def backward_spec(c: Cascade) -> BackwardSpec:
+    """Differentiate the score of a FlexAttention cascade: dT/dS and one dT/dcap per site."""
+    _check_flex(c)
+    s_load = _score_read(c)
+    score = c.equation("T").expr
+
+    def as_row(e: Expr) -> Expr:
+        return e.replace(lambda x: E.row(SCORE_ROW) if x == s_load else None)
+
+    mask = None if c.mask is None else c.mask.expr
+    used = {x.arg for e in [score] + ([mask] if mask is not None else []) for x in e.walk()
+            if x.op is Op.LOAD}
+    captured = tuple((t.name, len(t.dims)) for t in c.tensors
+                     if t.kind == "captured" and t.name in used)
+    grads = []
+    for t in c.tensors:
+        if t.kind != "captured" or t.dtype != FLOAT or t.name not in used:
+            continue
+        sites = tuple(GatherGrad(ld, as_row(d)) for ld, d in gather_grads(score, t.name))
+        if sites:
+            grads.append((t.name, sites))
+    roles = {i.role: i.name for i in c.indices}
+    return BackwardSpec(c, as_row(simplify_grad(score)), as_row(diff(score, s_load)), mask,
+                        captured, tuple(grads), roles)
+
+
+# -- printing helpers -------------------------------------------------------------------------
+
+class _Lines:
+    def __init__(self) -> None:
+        self.out: list[str] = []
+
+    def __call__(self, depth: int, text: str = "") -> None:
+        self.out.extend(("    " * depth + ln).rstrip() for ln in text.split("\n"))
+
+
+@dataclass(frozen=True)
+class _Names:
+    """Kernel pointer names of the captured tensors (``C0``...) and their gradients."""
+
+    captured: dict[str, tuple[str, int]]  # IR name -> (pointer, rank)
+    grads: dict[str, str]  # IR name -> gradient pointer (``DC0``...)
+
+
+def _names(spec: BackwardSpec) -> _Names:
+    captured = {name: (f"C{i}", rank) for i, (name, rank) in enumerate(spec.captured)}
+    grads = {name: "D" + captured[name][0] for name, _ in spec.grads}
+    return _Names(captured, grads)
+
+
+def _ptr(base: str, parts: list[str]) -> str:
+    """``base + i0 * base_s0 + i1 * base_s1 + ...`` (one term per dimension)."""
+    return base + " + " + " + ".join(f"{p} * {base}_s{d}" for d, p in enumerate(parts))
+
+
+def _tile_env(spec: BackwardSpec, names: _Names, m: str, n: str, mask: str) -> Env:
+    r = spec.roles
+    index = {r["batch"]: "off_b", r["head"]: "off_h", r["query"]: m, r["key"]: n}
+    return Env(index, {SCORE_ROW: "s"}, {"scale": "scale", "G": "G"}, names.captured, mask,
+               {}, frozenset({r["batch"], r["head"]}))
+
+
+_TILE = ("offs_m[:, None]", "offs_n[None, :]", "row_ok[:, None] & col_ok[None, :]")
+
+
+def _emit_step(L: _Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> None:
+    """One (query tile, key tile) step: recompute P, then dS; ``kind`` is ``dkdv`` (also
+    dV, dK, atomic dQ and captured gradients) or ``dq`` (the deterministic dQ)."""
+    env = _tile_env(spec, names, *_TILE)
+    L(0, "# scores: S = scale * Q K^T, T = score_mod(S)")
+    L(0, "qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)")
+    L(0, "s = qk * scale")
+    L(0, f"t = {render(spec.score, env)}")
+    L(0, "# P = exp(T - LSE): 0 where masked, out of range, or the row is empty (LSE = -inf)")
+    L(0, "valid = row_ok[:, None] & col_ok[None, :] & lse_ok[:, None]")
+    if masked:
+        assert spec.mask is not None
+        L(0, f"valid = valid & ({render(spec.mask, env)})")
+    L(0, f"p = tl.exp2(t * {literal(LOG2E)} - lse[:, None] * {literal(LOG2E)})")
+    L(0, "p = tl.where(valid, p, 0.0)")
+    L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")
+    L(0, "dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)")
+    L(0, "dt = p * (dp - delta[:, None])")
+    L(0, f"# dS = dT * dT/dS, dT/dS = {_one_line(spec.dscore)}")
+    if spec.dscore.op is Op.CONST and spec.dscore.arg == 1.0:
+        L(0, "ds = dt")
+    elif spec.dscore.op is Op.CONST and spec.dscore.arg == 0.0:
+        L(0, "ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
+    else:  # where P == 0, dT == 0: keep dT/dS's inf/nan (at T = -inf) out of the sums
+        L(0, f"ds = tl.where(p != 0.0, dt * ({render(spec.dscore, env)}), 0.0)")
+    if kind == "dq":
+        L(0, "# dQ += dS K (times scale at the end)")
+        L(0, "dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)")
+        return
+    L(0, "# dV += P^T dO; dK += dS^T Q (times scale at the end)")
+    L(0, "dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)")
+    L(0, "dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)")
+    L(0, "if ATOMIC_DQ:")
+    L(1, "# dQ += scale * dS K: float32 atomics (other key tiles add to the same rows)")
+    L(1, "dq_part = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * scale")
+    L(1, "tl.atomic_add(" + _ptr("DQ", ["off_b", "off_h", "offs_m[:, None]", "offs_e[None, :]"])
+      + ", dq_part, mask=row_ok[:, None] & (offs_e[None, :] < E_len))")
+    for name, sites in spec.grads:
+        for i, site in enumerate(sites):
+            _emit_gather_grad(L, spec, names, name, i, site)
+
+
+def _emit_gather_grad(L: _Lines, spec: BackwardSpec, names: _Names, name: str, i: int,
+                      site: GatherGrad) -> None:
+    """Scatter dT * dT/dcap[site] to the element the site read (reduced over the tile axes
+    the subscripts do not use, then one atomic add per distinct element of the tile)."""
+    ptr = names.grads[name]
+    var = f"g_{ptr.lower()}_{i}"
+    m, n = spec.roles["query"], spec.roles["key"]
+    env = _tile_env(spec, names, *_TILE)
+    L(0, f"if NEED_{ptr}:")
+    L(1, comment(f"gradient of the captured tensor at {E.render(site.load)}: dT * "
+                 f"{_one_line(site.deriv)}"))
+    L(1, f"{var} = tl.where(p != 0.0, dt * ({render(site.deriv, env)}), 0.0)")
+    deps = site.deps & {m, n}
+    if deps == {m, n}:
+        sub_env, value, mask = env, var, "valid"
+    elif deps == {m}:
+        sub_env = _tile_env(spec, names, "offs_m", "offs_n", "row_ok")
+        value, mask = f"tl.sum({var}, 1)", "row_ok"
+    elif deps == {n}:
+        sub_env = _tile_env(spec, names, "offs_m", "offs_n", "col_ok")
+        value, mask = f"tl.sum({var}, 0)", "col_ok"
+    else:
+        sub_env = _tile_env(spec, names, "offs_m", "offs_n", None)
+        value, mask = f"tl.sum(tl.sum({var}, 1), 0)", None
+    offs = [f"({render(s, sub_env)})" for s in site.load.src]
+    target = _ptr(ptr, offs) if offs else ptr
+    L(1, f"tl.atomic_add({target}, {value}" + (f", mask={mask})" if mask else ")"))
+
+
+def _one_line(e: Expr, limit: int = 70) -> str:
+    text = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in E.render(e))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- kernels ----------------------------------------------------------------------------------
+
+_CONSTEXPR = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "SPARSITY", "SPARSE_Q", "SPARSE_KV",
+              "DOT_PRECISION", "UPCAST"]
+
+
+def _tensor_args(name: str, rank: int) -> list[str]:
+    return [name] + [f"{name}_s{d}" for d in range(rank)]
+
+
+def _table_args(prefix: str) -> list[str]:
+    return (_tensor_args(f"{prefix}num", 3) + _tensor_args(f"{prefix}idx", 4)
+            + _tensor_args(f"full_{prefix}num", 3) + _tensor_args(f"full_{prefix}idx", 4))
+
+
+def _signature(L: _Lines, fn: str, args: list[str], const: list[str], doc: str) -> None:
+    L(0, f"def {fn}(")
+    for a in args:
+        L(1, f"{a},")
+    for c in const:
+        L(1, f"{c}: tl.constexpr,")
+    L(0, "):")
+    L(1, f'"""{doc}"""')
+
+
+def _emit_preprocess(L: _Lines) -> None:
+    args = (_tensor_args("O", 4) + _tensor_args("DO", 4) + _tensor_args("DLSE", 3)
+            + _tensor_args("DELTA", 3) + ["n_heads", "M_len", "F_len"])
+    _signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F"],
+               "delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - dLSE[b, h, m], "
+               "in float32.")
+    L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
+    L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
+    L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
+    L(1, "row_ok = offs_m < M_len")
+    L(1, "tile_ok = row_ok[:, None] & (offs_f[None, :] < F_len)")
+    rows = ["off_b", "off_h", "offs_m[:, None]", "offs_f[None, :]"]
+    L(1, f"o = tl.load({_ptr('O', rows)}, mask=tile_ok, other=0.0).to(tl.float32)")
+    L(1, f"do = tl.load({_ptr('DO', rows)}, mask=tile_ok, other=0.0).to(tl.float32)")
+    L(1, f"dlse = tl.load({_ptr('DLSE', ['off_b', 'off_h', 'offs_m'])}, mask=row_ok, "
+         f"other=0.0).to(tl.float32)")
+    L(1, "delta = tl.sum(o * do, 1) - dlse")
+    L(1, f"tl.store({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, delta, mask=row_ok)\n")
+
+
+def _captured_args(names: _Names, with_grads: bool) -> list[str]:
+    args: list[str] = []
+    for ptr, rank in names.captured.values():
+        args += _tensor_args(ptr, rank)
+    if with_grads:
+        for name, ptr in names.grads.items():
+            args += _tensor_args(ptr, names.captured[name][1])
+    return args
+
+
+def _emit_query_side(L: _Lines, depth: int) -> None:
+    """Loads of the query-side tiles of one (b, h, query tile)."""
+    rows = ["off_b", "off_h", "offs_m[:, None]"]
+    L(depth, "# query-side tiles: Q, dO, the saved log-sum-exp and delta")
+    L(depth, f"q = tl.load({_ptr('Q', rows + ['offs_e[None, :]'])}, "
+             f"mask=row_ok[:, None] & (offs_e[None, :] < E_len), other=0.0)")
+    L(depth, f"do = tl.load({_ptr('DO', rows + ['offs_f[None, :]'])}, "
+             f"mask=row_ok[:, None] & (offs_f[None, :] < F_len), other=0.0)")
+    L(depth, "if UPCAST:  # the interpreter has no bf16 arithmetic")
+    L(depth + 1, "q = q.to(tl.float32)\ndo = do.to(tl.float32)")
+    L(depth, f"lse = tl.load({_ptr('LSE', ['off_b', 'off_h', 'offs_m'])}, mask=row_ok, "
+             f"other=0.0)")
+    L(depth, 'lse_ok = lse != float("-inf")')
+    L(depth, f"delta = tl.load({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, mask=row_ok, "
+             f"other=0.0)")
+
+
+def _emit_key_side(L: _Lines, depth: int, head: str) -> None:
+    """Loads of the key-side tiles (K, V) of one (b, kv head, key tile)."""
+    rows = ["off_b", head, "offs_n[:, None]"]
+    L(depth, f"k = tl.load({_ptr('K', rows + ['offs_e[None, :]'])}, "
+             f"mask=col_ok[:, None] & (offs_e[None, :] < E_len), other=0.0)")
+    L(depth, f"v = tl.load({_ptr('V', rows + ['offs_f[None, :]'])}, "
+             f"mask=col_ok[:, None] & (offs_f[None, :] < F_len), other=0.0)")
+    L(depth, "if UPCAST:")
+    L(depth + 1, "k = k.to(tl.float32)\nv = v.to(tl.float32)")
+
+
+def _emit_loops(L: _Lines, depth: int, spec: BackwardSpec, step, over: str) -> None:
+    """The SPARSITY branches of a loop over query tiles (``over='m'``) or key tiles ('n')."""
+    has_mask = spec.mask is not None
+    if over == "m":
+        table, own, other_block, own_block, start, tile, length = \
+            "q_", "pid_n * BLOCK_N", "SPARSE_Q", "SPARSE_KV", "start_m", "BLOCK_M", "M_len"
+    else:
+        table, own, other_block, own_block, start, tile, length = \
+            "kv_", "pid_m * BLOCK_M", "SPARSE_KV", "SPARSE_Q", "start_n", "BLOCK_N", "N_len"
+    L(depth, "if SPARSITY == 2:")
+    L(depth + 1, f"sparse_row = ({own}) // {own_block}")
+    for prefix, masked in ((table, True), (f"full_{table}", False)):
+        L(depth + 1, f"# {'partial tiles: evaluate the mask' if masked else 'full tiles: no mask'}")
+        num, idx = f"{prefix}num", f"{prefix}idx"
+        L(depth + 1, f"n_blocks = tl.load({_ptr(num, ['off_b', 'off_h', 'sparse_row'])})")
+        L(depth + 1, "for blk_i in range(0, n_blocks):")
+        L(depth + 2, f"blk = tl.load({_ptr(idx, ['off_b', 'off_h', 'sparse_row', 'blk_i'])})")
+        L(depth + 2, f"for sub in range(0, {other_block} // {tile}):")
+        L(depth + 3, f"{start} = blk * {other_block} + sub * {tile}")
+        step(L, depth + 3, masked and has_mask)
+    L(depth, "elif SPARSITY == 1:")
+    L(depth + 1, f"for {start} in range(0, {length}, {tile}):")
+    step(L, depth + 2, has_mask)
+    L(depth, "else:")
+    L(depth + 1, f"for {start} in range(0, {length}, {tile}):")
+    step(L, depth + 2, False)
+
+
+def _nested(L: _Lines, depth: int, emit) -> None:
+    inner = _Lines()
+    emit(inner)
+    L(depth, "\n".join(inner.out))
+
+
+def _emit_dkdv(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
+    args = (_tensor_args("Q", 4) + _tensor_args("K", 4) + _tensor_args("V", 4)
+            + _tensor_args("DO", 4) + _tensor_args("LSE", 3) + _tensor_args("DELTA", 3)
+            + _tensor_args("DQ", 4) + _tensor_args("DK", 4) + _tensor_args("DV", 4)
+            + _captured_args(names, True)
+            + ["scale", "G", "n_heads", "n_kv_heads", "M_len", "N_len", "E_len", "F_len"]
+            + _table_args("q_"))
+    const = _CONSTEXPR + ["ATOMIC_DQ"] + [f"NEED_{p}" for p in names.grads.values()]
+    _signature(L, "attention_bwd_dkdv_kernel", args, const,
+               "One program: BLOCK_N keys of one (batch, key/value head).  Loops over the G "
+               "query\n    heads of the group and over the query tiles (SPARSITY 0 = every "
+               "tile unmasked, 1 = every\n    tile masked, 2 = q-major block tables); dK and dV "
+               "sum in registers, dQ (ATOMIC_DQ) and\n    captured-tensor gradients are float32 "
+               "atomic adds.")
+    L(1, "pid_n = tl.program_id(0)\npid_bhkv = tl.program_id(1)")
+    L(1, "off_b = pid_bhkv // n_kv_heads\noff_hkv = pid_bhkv % n_kv_heads")
+    L(1, "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)")
+    L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
+    L(1, "col_ok = offs_n < N_len")
+    L(1, "# key-side tiles, loaded once")
+    _emit_key_side(L, 1, "off_hkv")
+    L(1, "dk = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)")
+    L(1, "dv = tl.zeros([BLOCK_N, BLOCK_F], tl.float32)")
+    L(1, "for g in range(0, G):")
+    L(2, "# query head of the group (GQA: dK and dV sum over the G heads)")
+    L(2, "off_h = off_hkv * G + g")
+
+    def step(L2: _Lines, depth: int, masked: bool) -> None:
+        def body(B: _Lines) -> None:
+            B(0, "offs_m = start_m + tl.arange(0, BLOCK_M)")
+            B(0, "row_ok = offs_m < M_len")
+            _emit_query_side(B, 0)
+            _emit_step(B, spec, names, masked, "dkdv")
+        _nested(L2, depth, body)
+
+    _emit_loops(L, 2, spec, step, "m")
+    L(1, "# store dK = scale * sum dS^T Q and dV = sum P^T dO")
+    L(1, "dk = dk * scale")
+    rows = ["off_b", "off_hkv", "offs_n[:, None]"]
+    L(1, f"tl.store({_ptr('DK', rows + ['offs_e[None, :]'])}, dk.to(DK.dtype.element_ty), "
+         f"mask=col_ok[:, None] & (offs_e[None, :] < E_len))")
+    L(1, f"tl.store({_ptr('DV', rows + ['offs_f[None, :]'])}, dv.to(DV.dtype.element_ty), "
+         f"mask=col_ok[:, None] & (offs_f[None, :] < F_len))\n")
+
+
+def _emit_dq(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
+    args = (_tensor_args("Q", 4) + _tensor_args("K", 4) + _tensor_args("V", 4)
+            + _tensor_args("DO", 4) + _tensor_args("LSE", 3) + _tensor_args("DELTA", 3)
+            + _tensor_args("DQ", 4) + _captured_args(names, False)
+            + ["scale", "G", "n_heads", "M_len", "N_len", "E_len", "F_len"]
+            + _table_args("kv_"))
+    _signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR,
+               "One program: BLOCK_M query rows of one (batch, head); loops over the key "
+               "tiles\n    (as the forward) and writes dQ = scale * sum dS K without atomics "
+               "(deterministic).")
+    L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
+    L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
+    L(1, "off_hkv = off_h // G")
+    L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+    L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
+    L(1, "row_ok = offs_m < M_len")
+    _emit_query_side(L, 1)
+    L(1, "dq = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)")
+
+    def step(L2: _Lines, depth: int, masked: bool) -> None:
+        def body(B: _Lines) -> None:
+            B(0, "offs_n = start_n + tl.arange(0, BLOCK_N)")
+            B(0, "col_ok = offs_n < N_len")
+            _emit_key_side(B, 0, "off_hkv")
+            _emit_step(B, spec, names, masked, "dq")
+        _nested(L2, depth, body)
+
+    _emit_loops(L, 1, spec, step, "n")
+    L(1, "dq = dq * scale")
+    L(1, f"tl.store({_ptr('DQ', ['off_b', 'off_h', 'offs_m[:, None]', 'offs_e[None, :]'])}, "
+         f"dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E_len))\n")
+
+
+def generate_backward(c: Cascade, version: str) -> str:
+    """The full source of the backward module of a FlexAttention cascade."""
+    spec = backward_spec(c)
+    names = _names(spec)
+    digest = hashlib.sha256(str(c).encode()).hexdigest()[:16]
+    L = _Lines()
+    L(0, comment(f"Generated by attndsl {version} -- do not edit.\nbackward of spec hash: "
+                 f"{digest}\n\nCascade:\n{c}\n\nBackward:\n{spec}"))
+    L(0, '"""Backward kernels of a fused attention kernel generated by attndsl; needs only '
+         'torch and triton."""\n')
+    L(0, "import math\nimport os\n\nimport torch\n")
+    L(0, "if not torch.cuda.is_available() and not os.environ.get(\"ATTNDSL_NO_INTERPRET\"):")
+    L(1, "# CPU tensors run in Triton's interpreter (chosen before triton is imported)")
+    L(1, 'os.environ.setdefault("TRITON_INTERPRET", "1")')
+    L(0, "import triton  # noqa: E402\nimport triton.language as tl  # noqa: E402\n")
+    L(0, f"SPEC_HASH = {digest!r}\nATTNDSL_VERSION = {version!r}")
+    L(0, "# captured tensor name -> (kernel pointer, rank)")
+    L(0, "CAPTURED = " + repr(names.captured))
+    L(0, "# captured tensor name -> kernel pointer of its float32 gradient buffer")
+    L(0, "GRADS = " + repr(names.grads))
+    L(0, "HAS_MASK = " + repr(spec.mask is not None))
+    L(0, HELPERS)
+    _emit_preprocess(L)
+    _emit_dkdv(L, spec, names)
+    _emit_dq(L, spec, names)
+    L(0, launcher_source())
+    return "\n".join(L.out) + "\n"
+
+
+def launcher_source() -> str:
+    """The launcher section of this file (between the markers), copied into every module."""
+    text = Path(__file__).read_text()
+    start = text.index("# >>> launcher\n") + len("# >>> launcher\n")
+    return text[start: text.index("# <<< launcher\n")]
+
+
+# >>> launcher
+# The backward launcher (copied into each generated backward module, which defines the kernels
+# and the CAPTURED / GRADS / HAS_MASK tables it reads; it needs only torch and triton).
+
+_BWD_KERNELS: dict = {}
+
+
+def _bwd_kernel(name: str, device_type: str):
+    """A kernel of this module, compiled for GPUs or run by the interpreter for CPU tensors."""
+    if (name, device_type) not in _BWD_KERNELS:
+        fn = globals()[name]
+        if device_type == "cpu":
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _BWD_KERNELS[name, device_type] = InterpretedFunction(fn)
+        else:
+            from triton.runtime.jit import JITFunction
+
+            _BWD_KERNELS[name, device_type] = JITFunction(fn)
+    return _BWD_KERNELS[name, device_type]
+
+
+def backward_config(device_type: str, head_dim: int, v_dim: int) -> dict:
+    """Tile sizes of the backward kernels (BLOCK_M query rows x BLOCK_N keys)."""
+    if device_type == "cpu":  # the interpreter runs numpy: large tiles, few programs
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if max(head_dim, v_dim) <= 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << max(0, (int(x) - 1).bit_length()))
+
+
+def _strides(t: torch.Tensor) -> list:
+    """A tensor and its strides, as kernel arguments (stride 0 along broadcast dims)."""
+    return [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
+
+
+def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
+    """kv-major (num, idx) -> q-major (num, idx): the same block set, listed by column."""
+    rows = idx.shape[-2]
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None].long()
+    col = torch.where(listed & (idx.long() < n_cols), idx.long(), n_cols)
+    dense = torch.zeros(tuple(idx.shape[:-1]) + (n_cols + 1,), dtype=torch.bool,
+                        device=idx.device)
+    dense.scatter_(-1, col, True)
+    dense_t = dense[..., :n_cols].transpose(-1, -2)  # [.., cols, rows]
+    order = torch.argsort((~dense_t).to(torch.int8), dim=-1, stable=True)
+    return dense_t.sum(-1).to(torch.int32), order[..., :rows].to(torch.int32)
+
+
+def _tables(block_tables, device, prefix: str, n_kv_blocks: int) -> list:
+    """Kernel arguments of one kind of table (``kv_`` or ``q_``), or dummies; q-major tables
+    missing from ``block_tables`` are derived from the kv-major ones."""
+    if block_tables is None:
+        dummy = torch.zeros(4, dtype=torch.int32, device=device)
+        return [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
+    if prefix == "q_" and block_tables.get("q_num_blocks") is None:
+        for part in ("", "full_"):
+            num = block_tables.get(f"{part}kv_num_blocks")
+            if num is not None:
+                qn, qi = transpose_block_tables(num, block_tables[f"{part}kv_indices"],
+                                                n_kv_blocks)
+                block_tables = dict(block_tables, **{f"{part}q_num_blocks": qn,
+                                                     f"{part}q_indices": qi})
+    args = []
+    for key in ("num_blocks", "indices", "full_num_blocks", "full_indices"):
+        full = key.startswith("full_")
+        name = ("full_" if full else "") + prefix + key.removeprefix("full_")
+        t = block_tables.get(name)
+        if t is None:  # no full blocks: every listed block is partial
+            t = torch.zeros([1, 1, 1] + ([1] if "indices" in key else []), dtype=torch.int32,
+                            device=device)
+        args += _strides(t.to(device=device, dtype=torch.int32))
+    return args
+
+
+def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
+                    captured: dict | None = None, need: tuple = (),
+                    block_tables: dict | None = None, config: dict | None = None,
+                    deterministic: bool = False) -> dict:
+    """Gradients of the forward's inputs.  ``inputs``: Q, K, V; ``outputs``: O and LSE of the
+    forward; ``grads``: dO under "O" and dLSE (or None) under "LSE"; ``params``: scale (G is
+    read off the head counts); ``need``: names of captured tensors to differentiate.
+    ``block_tables``: the forward's kv-major tables plus, optionally, the q-major
+    q_num_blocks/q_indices/full_q_num_blocks/full_q_indices (derived when absent).
+    Returns dQ, dK, dV under "Q", "K", "V" and each needed captured gradient by name."""
+    captured = dict(captured or {})
+    q, k, v = inputs["Q"], inputs["K"], inputs["V"]
+    o, lse, do = outputs["O"], outputs["LSE"], grads["O"]
+    n_batch, n_heads, m_len, e_len = q.shape
+    n_kv_heads, n_len, f_len = k.shape[1], k.shape[2], v.shape[3]
+    device, dtype = q.device, q.dtype
+    group = n_heads // n_kv_heads
+    scale = params.get("scale")
+    scale = 1.0 / math.sqrt(e_len) if scale is None else float(scale)
+    dlse = grads.get("LSE")
+    if dlse is None:
+        dlse = torch.zeros((1, 1, 1), dtype=torch.float32, device=device).expand(lse.shape)
+    cap_grads = {name: torch.zeros(captured[name].shape, dtype=torch.float32, device=device)
+                 for name in GRADS if name in need}  # noqa: F821
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=device)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    if min(n_batch, n_heads, m_len, n_len) == 0:
+        return {"Q": dq32.to(dtype), "K": dk, "V": dv, **cap_grads}
+    cfg = dict(backward_config(device.type, e_len, f_len))
+    cfg.update(config or {})
+    sparsity, sparse_q, sparse_kv = (1 if HAS_MASK else 0), 1, 1  # noqa: F821
+    if block_tables is not None:
+        sparsity = 2
+        sparse_q, sparse_kv = int(block_tables["Q_BLOCK_SIZE"]), int(block_tables["KV_BLOCK_SIZE"])
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], sparse_q)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], sparse_kv)
+        if sparse_q % cfg["BLOCK_M"] or sparse_kv % cfg["BLOCK_N"]:
+            raise ValueError(f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of the "
+                             f"tile ({cfg['BLOCK_M']}, {cfg['BLOCK_N']})")
+    consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_E=_pow2(e_len),
+                  BLOCK_F=_pow2(f_len), SPARSITY=sparsity, SPARSE_Q=sparse_q,
+                  SPARSE_KV=sparse_kv,
+                  DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                  UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # delta = rowsum(dO * O) - dLSE
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
+    pre_grid = (_cdiv(m_len, cfg["BLOCK_M"]), n_batch * n_heads)
+    _bwd_kernel("attention_bwd_preprocess", device.type)[pre_grid](
+        *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), n_heads, m_len, f_len,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_F=consts["BLOCK_F"], num_warps=cfg["num_warps"])
+    cap_args = []
+    for name in CAPTURED:  # noqa: F821
+        t = captured[name]
+        cap_args += _strides(t.to(torch.int8) if t.dtype == torch.bool else t)
+    grad_args = []
+    for name in GRADS:  # noqa: F821
+        t = cap_grads.get(name, torch.zeros((1,) * captured[name].dim(), device=device))
+        grad_args += _strides(t)
+    common = [*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
+              *_strides(delta)]
+    dq = torch.empty_like(q) if deterministic else dq32
+    n_kv_blocks = _cdiv(n_len, sparse_kv)
+    need_flags = {f"NEED_{ptr}": name in cap_grads for name, ptr in GRADS.items()}  # noqa: F821
+    dkdv_grid = (_cdiv(n_len, cfg["BLOCK_N"]), n_batch * n_kv_heads)
+    _bwd_kernel("attention_bwd_dkdv_kernel", device.type)[dkdv_grid](
+        *common, *_strides(dq), *_strides(dk), *_strides(dv), *cap_args, *grad_args, scale,
+        group, n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
+        *_tables(block_tables, device, "q_", n_kv_blocks), ATOMIC_DQ=not deterministic,
+        **need_flags, **consts)
+    if deterministic:
+        dq_grid = (_cdiv(m_len, cfg["BLOCK_M"]), n_batch * n_heads)
+        _bwd_kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
+            *common, *_strides(dq), *cap_args, scale, group, n_heads, m_len, n_len, e_len,
+            f_len, *_tables(block_tables, device, "kv_", n_kv_blocks), **consts)
+    else:
+        dq = dq.to(dtype)
+    out = {"Q": dq, "K": dk, "V": dv}
+    out.update({name: g.to(captured[name].dtype) for name, g in cap_grads.items()})
+    return out
+# <<< launcher
