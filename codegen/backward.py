@@ -167,81 +167,113 @@ def _ptr(base: str, parts: list[str]) -> str:
     return base + " + " + " + ".join(f"{p} * {base}_s{d}" for d, p in enumerate(parts))
 
 
-def _tile_env(spec: BackwardSpec, names: _Names, m: str, n: str, mask: str) -> Env:
+@dataclass(frozen=True)
+class _Orient:
+    """How a kernel lays out its score tiles: ``[BLOCK_M, BLOCK_N]`` (queries x keys, the dQ
+    kernel) or ``[BLOCK_N, BLOCK_M]`` (keys x queries, the dK/dV kernel: its accumulating
+    products P^T dO and dS^T Q then need no transposed score tile)."""
+
+    m: str  # the query positions as a tile axis
+    n: str  # the key positions as a tile axis
+    m_ok: str
+    n_ok: str
+    row: str  # a per-query vector broadcast over the tile
+    m_axis: int  # tile axis of the queries
+
+    @property
+    def shape(self) -> str:
+        return "[BLOCK_M, BLOCK_N]" if self.m_axis == 0 else "[BLOCK_N, BLOCK_M]"
+
+
+QUERY_MAJOR = _Orient("offs_m[:, None]", "offs_n[None, :]", "m_ok[:, None]", "n_ok[None, :]",
+                      "[:, None]", 0)
+KEY_MAJOR = _Orient("offs_m[None, :]", "offs_n[:, None]", "m_ok[None, :]", "n_ok[:, None]",
+                    "[None, :]", 1)
+VECTORS = _Orient("offs_m", "offs_n", "m_ok", "n_ok", "", -1)  # one axis: 1-D index vectors
+
+
+def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient) -> Env:
+    """Leaves of a score tile (or of one axis of it): captured-tensor loads are masked with the
+    validity of the tile axes their subscripts use."""
     r = spec.roles
-    index = {r["batch"]: "off_b", r["head"]: "off_h", r["query"]: m, r["key"]: n}
-    return Env(index, {SCORE_ROW: "s"}, {"scale": "scale", "G": "G"}, names.captured, mask,
-               {}, frozenset({r["batch"], r["head"]}))
-
-
-_TILE = ("offs_m[:, None]", "offs_n[None, :]", "row_ok[:, None] & col_ok[None, :]")
+    index = {r["batch"]: "off_b", r["head"]: "off_h", r["query"]: o.m, r["key"]: o.n}
+    return Env(index=index, rows={SCORE_ROW: "s"}, params={"scale": "scale", "G": "G"},
+               captured=names.captured, masks={r["query"]: o.m_ok, r["key"]: o.n_ok},
+               hoisted={}, scalar_indices=frozenset({r["batch"], r["head"]}))
 
 
 def _emit_step(L: _Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> None:
-    """One (query tile, key tile) step: recompute P, then dS; ``kind`` is ``dkdv`` (also
-    dV, dK, atomic dQ and captured gradients) or ``dq`` (the deterministic dQ)."""
-    env = _tile_env(spec, names, *_TILE)
+    """One (query tile, key tile) step: recompute P, then dS.  ``kind`` is ``dkdv`` (key-major
+    tiles; also dV, dK, the atomic dQ and captured gradients) or ``dq`` (query-major tiles)."""
+    o = KEY_MAJOR if kind == "dkdv" else QUERY_MAJOR
+    env = _tile_env(spec, names, o)
+    r = o.row
     L(0, "# scores: S = scale * Q K^T, T = score_mod(S)")
-    L(0, "qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)")
+    if kind == "dkdv":
+        L(0, "qk = tl.dot(k, qT, input_precision=DOT_PRECISION)  # [keys, queries]")
+    else:
+        L(0, "qk = tl.dot(q, kT, input_precision=DOT_PRECISION)")
     L(0, "s = qk * scale")
     L(0, f"t = {render(spec.score, env)}")
     L(0, "# P = exp(T - LSE): 0 where masked, out of range, or the row is empty (LSE = -inf)")
-    L(0, "valid = row_ok[:, None] & col_ok[None, :] & lse_ok[:, None]")
+    L(0, f"valid = {o.m_ok} & {o.n_ok} & lse_ok{r}")
     if masked:
         assert spec.mask is not None
         L(0, f"valid = valid & ({render(spec.mask, env)})")
-    L(0, f"p = tl.exp2(t * {literal(LOG2E)} - lse[:, None] * {literal(LOG2E)})")
+    L(0, f"p = tl.exp2(t * {literal(LOG2E)} - lse{r} * {literal(LOG2E)})")
     L(0, "p = tl.where(valid, p, 0.0)")
     L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")
-    L(0, "dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)")
-    L(0, "dt = p * (dp - delta[:, None])")
+    if kind == "dkdv":
+        L(0, "dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)")
+    else:
+        L(0, "dp = tl.dot(do, vT, input_precision=DOT_PRECISION)")
+    L(0, f"dt = p * (dp - delta{r})")
     L(0, f"# dS = dT * dT/dS, dT/dS = {_one_line(spec.dscore)}")
     if spec.dscore.op is Op.CONST and spec.dscore.arg == 1.0:
         L(0, "ds = dt")
     elif spec.dscore.op is Op.CONST and spec.dscore.arg == 0.0:
-        L(0, "ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)")
+        L(0, f"ds = tl.zeros({o.shape}, tl.float32)")
     else:  # where P == 0, dT == 0: keep dT/dS's inf/nan (at T = -inf) out of the sums
         L(0, f"ds = tl.where(p != 0.0, dt * ({render(spec.dscore, env)}), 0.0)")
     if kind == "dq":
         L(0, "# dQ += dS K (times scale at the end)")
-        L(0, "dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)")
+        L(0, "dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)")
         return
     L(0, "# dV += P^T dO; dK += dS^T Q (times scale at the end)")
-    L(0, "dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)")
-    L(0, "dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)")
+    L(0, "dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)")
+    L(0, "dk += tl.dot(ds.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)")
     L(0, "if ATOMIC_DQ:")
     L(1, "# dQ += scale * dS K: float32 atomics (other key tiles add to the same rows)")
-    L(1, "dq_part = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * scale")
+    L(1, "dq_part = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale")
     L(1, "tl.atomic_add(" + _ptr("DQ", ["off_b", "off_h", "offs_m[:, None]", "offs_e[None, :]"])
-      + ", dq_part, mask=row_ok[:, None] & (offs_e[None, :] < E_len))")
+      + ", dq_part, mask=m_ok[:, None] & (offs_e[None, :] < E_len))")
     for name, sites in spec.grads:
         for i, site in enumerate(sites):
-            _emit_gather_grad(L, spec, names, name, i, site)
+            _emit_gather_grad(L, spec, names, name, i, site, o)
 
 
 def _emit_gather_grad(L: _Lines, spec: BackwardSpec, names: _Names, name: str, i: int,
-                      site: GatherGrad) -> None:
-    """Scatter dT * dT/dcap[site] to the element the site read (reduced over the tile axes
-    the subscripts do not use, then one atomic add per distinct element of the tile)."""
+                      site: GatherGrad, o: _Orient) -> None:
+    """Scatter dT * dT/dcap[site] to the element the site read: reduce over the tile axes the
+    subscripts do not use, then one atomic add per element (a scalar add when the site only
+    depends on the batch and head)."""
     ptr = names.grads[name]
     var = f"g_{ptr.lower()}_{i}"
     m, n = spec.roles["query"], spec.roles["key"]
-    env = _tile_env(spec, names, *_TILE)
+    env = _tile_env(spec, names, o)
     L(0, f"if NEED_{ptr}:")
     L(1, comment(f"gradient of the captured tensor at {E.render(site.load)}: dT * "
                  f"{_one_line(site.deriv)}"))
     L(1, f"{var} = tl.where(p != 0.0, dt * ({render(site.deriv, env)}), 0.0)")
     deps = site.deps & {m, n}
+    sub_env = _tile_env(spec, names, VECTORS)
     if deps == {m, n}:
         sub_env, value, mask = env, var, "valid"
     elif deps == {m}:
-        sub_env = _tile_env(spec, names, "offs_m", "offs_n", "row_ok")
-        value, mask = f"tl.sum({var}, 1)", "row_ok"
+        value, mask = f"tl.sum({var}, {1 - o.m_axis})", "m_ok"
     elif deps == {n}:
-        sub_env = _tile_env(spec, names, "offs_m", "offs_n", "col_ok")
-        value, mask = f"tl.sum({var}, 0)", "col_ok"
+        value, mask = f"tl.sum({var}, {o.m_axis})", "n_ok"
     else:
-        sub_env = _tile_env(spec, names, "offs_m", "offs_n", None)
         value, mask = f"tl.sum(tl.sum({var}, 1), 0)", None
     offs = [f"({render(s, sub_env)})" for s in site.load.src]
     target = _ptr(ptr, offs) if offs else ptr
@@ -287,15 +319,15 @@ def _emit_preprocess(L: _Lines) -> None:
     L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
     L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
-    L(1, "row_ok = offs_m < M_len")
-    L(1, "tile_ok = row_ok[:, None] & (offs_f[None, :] < F_len)")
+    L(1, "m_ok = offs_m < M_len")
+    L(1, "tile_ok = m_ok[:, None] & (offs_f[None, :] < F_len)")
     rows = ["off_b", "off_h", "offs_m[:, None]", "offs_f[None, :]"]
     L(1, f"o = tl.load({_ptr('O', rows)}, mask=tile_ok, other=0.0).to(tl.float32)")
     L(1, f"do = tl.load({_ptr('DO', rows)}, mask=tile_ok, other=0.0).to(tl.float32)")
-    L(1, f"dlse = tl.load({_ptr('DLSE', ['off_b', 'off_h', 'offs_m'])}, mask=row_ok, "
+    L(1, f"dlse = tl.load({_ptr('DLSE', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
          f"other=0.0).to(tl.float32)")
     L(1, "delta = tl.sum(o * do, 1) - dlse")
-    L(1, f"tl.store({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, delta, mask=row_ok)\n")
+    L(1, f"tl.store({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, delta, mask=m_ok)\n")
 
 
 def _captured_args(names: _Names, with_grads: bool) -> list[str]:
@@ -308,32 +340,43 @@ def _captured_args(names: _Names, with_grads: bool) -> list[str]:
     return args
 
 
-def _emit_query_side(L: _Lines, depth: int) -> None:
-    """Loads of the query-side tiles of one (b, h, query tile)."""
-    rows = ["off_b", "off_h", "offs_m[:, None]"]
+def _emit_query_side(L: _Lines, depth: int, kind: str) -> None:
+    """Loads of the query-side tiles of one (b, h, query tile): Q (as Q^T [E, BLOCK_M] in the
+    key-major dK/dV kernel), dO, the saved log-sum-exp and delta."""
     L(depth, "# query-side tiles: Q, dO, the saved log-sum-exp and delta")
-    L(depth, f"q = tl.load({_ptr('Q', rows + ['offs_e[None, :]'])}, "
-             f"mask=row_ok[:, None] & (offs_e[None, :] < E_len), other=0.0)")
-    L(depth, f"do = tl.load({_ptr('DO', rows + ['offs_f[None, :]'])}, "
-             f"mask=row_ok[:, None] & (offs_f[None, :] < F_len), other=0.0)")
+    if kind == "dkdv":
+        q, rows, cols = "qT", "[None, :]", "[:, None]"
+    else:
+        q, rows, cols = "q", "[:, None]", "[None, :]"
+    ptr = _ptr("Q", ["off_b", "off_h", f"offs_m{rows}", f"offs_e{cols}"])
+    L(depth, f"{q} = tl.load({ptr}, mask=m_ok{rows} & (offs_e{cols} < E_len), other=0.0)")
+    L(depth, f"do = tl.load({_ptr('DO', ['off_b', 'off_h', 'offs_m[:, None]', 'offs_f[None, :]'])}"
+             f", mask=m_ok[:, None] & (offs_f[None, :] < F_len), other=0.0)")
     L(depth, "if UPCAST:  # the interpreter has no bf16 arithmetic")
-    L(depth + 1, "q = q.to(tl.float32)\ndo = do.to(tl.float32)")
-    L(depth, f"lse = tl.load({_ptr('LSE', ['off_b', 'off_h', 'offs_m'])}, mask=row_ok, "
+    L(depth + 1, f"{q} = {q}.to(tl.float32)\ndo = do.to(tl.float32)")
+    L(depth, f"lse = tl.load({_ptr('LSE', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
              f"other=0.0)")
     L(depth, 'lse_ok = lse != float("-inf")')
-    L(depth, f"delta = tl.load({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, mask=row_ok, "
+    L(depth, f"delta = tl.load({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
              f"other=0.0)")
 
 
-def _emit_key_side(L: _Lines, depth: int, head: str) -> None:
-    """Loads of the key-side tiles (K, V) of one (b, kv head, key tile)."""
-    rows = ["off_b", head, "offs_n[:, None]"]
-    L(depth, f"k = tl.load({_ptr('K', rows + ['offs_e[None, :]'])}, "
-             f"mask=col_ok[:, None] & (offs_e[None, :] < E_len), other=0.0)")
-    L(depth, f"v = tl.load({_ptr('V', rows + ['offs_f[None, :]'])}, "
-             f"mask=col_ok[:, None] & (offs_f[None, :] < F_len), other=0.0)")
+def _emit_key_side(L: _Lines, depth: int, kind: str) -> None:
+    """Loads of the key-side tiles of one (b, kv head, key tile): K, V as [BLOCK_N, E] in the
+    dK/dV kernel, as K^T, V^T [E, BLOCK_N] in the dQ kernel."""
+    if kind == "dkdv":
+        names, idx, ok = ("k", "v"), ("offs_n[:, None]", "offs_e[None, :]", "offs_f[None, :]"), \
+            "n_ok[:, None]"
+        lens = ("(offs_e[None, :] < E_len)", "(offs_f[None, :] < F_len)")
+    else:
+        names, idx, ok = ("kT", "vT"), ("offs_n[None, :]", "offs_e[:, None]", "offs_f[:, None]"), \
+            "n_ok[None, :]"
+        lens = ("(offs_e[:, None] < E_len)", "(offs_f[:, None] < F_len)")
+    for var, ptr, col, length in zip(names, ("K", "V"), idx[1:], lens):
+        L(depth, f"{var} = tl.load({_ptr(ptr, ['off_b', 'off_hkv', idx[0], col])}, "
+                 f"mask={ok} & {length}, other=0.0)")
     L(depth, "if UPCAST:")
-    L(depth + 1, "k = k.to(tl.float32)\nv = v.to(tl.float32)")
+    L(depth + 1, f"{names[0]} = {names[0]}.to(tl.float32)\n{names[1]} = {names[1]}.to(tl.float32)")
 
 
 def _emit_loops(L: _Lines, depth: int, spec: BackwardSpec, step, over: str) -> None:
@@ -388,9 +431,9 @@ def _emit_dkdv(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "off_b = pid_bhkv // n_kv_heads\noff_hkv = pid_bhkv % n_kv_heads")
     L(1, "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
-    L(1, "col_ok = offs_n < N_len")
+    L(1, "n_ok = offs_n < N_len")
     L(1, "# key-side tiles, loaded once")
-    _emit_key_side(L, 1, "off_hkv")
+    _emit_key_side(L, 1, "dkdv")
     L(1, "dk = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)")
     L(1, "dv = tl.zeros([BLOCK_N, BLOCK_F], tl.float32)")
     L(1, "for g in range(0, G):")
@@ -400,8 +443,8 @@ def _emit_dkdv(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
     def step(L2: _Lines, depth: int, masked: bool) -> None:
         def body(B: _Lines) -> None:
             B(0, "offs_m = start_m + tl.arange(0, BLOCK_M)")
-            B(0, "row_ok = offs_m < M_len")
-            _emit_query_side(B, 0)
+            B(0, "m_ok = offs_m < M_len")
+            _emit_query_side(B, 0, "dkdv")
             _emit_step(B, spec, names, masked, "dkdv")
         _nested(L2, depth, body)
 
@@ -410,9 +453,9 @@ def _emit_dkdv(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "dk = dk * scale")
     rows = ["off_b", "off_hkv", "offs_n[:, None]"]
     L(1, f"tl.store({_ptr('DK', rows + ['offs_e[None, :]'])}, dk.to(DK.dtype.element_ty), "
-         f"mask=col_ok[:, None] & (offs_e[None, :] < E_len))")
+         f"mask=n_ok[:, None] & (offs_e[None, :] < E_len))")
     L(1, f"tl.store({_ptr('DV', rows + ['offs_f[None, :]'])}, dv.to(DV.dtype.element_ty), "
-         f"mask=col_ok[:, None] & (offs_f[None, :] < F_len))\n")
+         f"mask=n_ok[:, None] & (offs_f[None, :] < F_len))\n")
 
 
 def _emit_dq(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
@@ -430,22 +473,22 @@ def _emit_dq(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "off_hkv = off_h // G")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
-    L(1, "row_ok = offs_m < M_len")
-    _emit_query_side(L, 1)
+    L(1, "m_ok = offs_m < M_len")
+    _emit_query_side(L, 1, "dq")
     L(1, "dq = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)")
 
     def step(L2: _Lines, depth: int, masked: bool) -> None:
         def body(B: _Lines) -> None:
             B(0, "offs_n = start_n + tl.arange(0, BLOCK_N)")
-            B(0, "col_ok = offs_n < N_len")
-            _emit_key_side(B, 0, "off_hkv")
+            B(0, "n_ok = offs_n < N_len")
+            _emit_key_side(B, 0, "dq")
             _emit_step(B, spec, names, masked, "dq")
         _nested(L2, depth, body)
 
     _emit_loops(L, 1, spec, step, "n")
     L(1, "dq = dq * scale")
     L(1, f"tl.store({_ptr('DQ', ['off_b', 'off_h', 'offs_m[:, None]', 'offs_e[None, :]'])}, "
-         f"dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E_len))\n")
+         f"dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_e[None, :] < E_len))\n")
 
 
 def generate_backward(c: Cascade, version: str) -> str:

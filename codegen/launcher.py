@@ -1,7 +1,7 @@
 # ruff: noqa: F821
 # The launcher of every generated module.  The printer copies this text, below the kernel and
-# the metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, ROLES, EXTENTS, INDEX_EXTENTS,
-# PARAM_DEFAULTS, HAS_MASK) it reads, into the module.  It needs only torch and triton.
+# the metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, ROLES, INDEX_EXTENTS,
+# PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS) it reads, into the module.  It needs only torch and triton.
 
 _KERNELS: dict = {}
 
@@ -31,12 +31,14 @@ def _kernel(device_type: str):
 
 def default_config(head_dim: int, v_dim: int, dtype: torch.dtype, device_type: str,
                    passes: int = 1) -> dict:
-    """Tile sizes and launch settings: BLOCK_M x BLOCK_N tiles, warps and pipeline stages."""
+    """Tile sizes and launch settings: BLOCK_M x BLOCK_N tiles, warps and pipeline stages.
+    The GPU defaults are configs that compile without spills and fit in shared memory on
+    sm80 and sm90 for every bundled example (tests/test_gpu_static.py checks this)."""
     if device_type == "cpu":  # the interpreter runs numpy: larger tiles, fewer programs
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     wide = max(head_dim, v_dim)
     if wide <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     if wide <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
@@ -47,19 +49,23 @@ def _next_pow2(x: int) -> int:
 
 
 def _sizes(inputs: dict, captured: dict) -> dict:
-    sizes = {}
+    """Every extent's size, read off the tensors; a disagreement is an error."""
+    sizes, seen = {}, {}
     tensors = {**inputs, **captured}
-    for ext, (tensor, dim) in EXTENTS.items():
-        if tensor in tensors:
-            size = int(tensors[tensor].shape[dim])
-            if sizes.setdefault(ext, size) != size:
-                raise AttentionInputError(f"extent {ext} is {sizes[ext]} but {tensor} has {size}")
-    for tensor, t in tensors.items():
-        for d, size in enumerate(t.shape):
-            ext = next((e for e, (tn, dd) in EXTENTS.items() if tn == tensor and dd == d), None)
-            if ext is not None and sizes[ext] != int(size):
-                raise AttentionInputError(f"{tensor} dim {d} has size {int(size)}, expected "
-                                          f"{ext} = {sizes[ext]}")
+    for tensor, dims in TENSOR_DIMS.items():
+        t = tensors.get(tensor)
+        if t is None:
+            continue
+        if t.dim() != len(dims):
+            raise AttentionInputError(f"{tensor} must have {len(dims)} dims [{', '.join(dims)}], "
+                                      f"got shape {tuple(t.shape)}")
+        for ext, size in zip(dims, t.shape):
+            if sizes.setdefault(ext, int(size)) != int(size):
+                raise AttentionInputError(
+                    f"extent {ext} is {sizes[ext]} (from {seen[ext]}) but {tensor} has "
+                    f"{int(size)}; shapes: "
+                    f"{ {n: tuple(x.shape) for n, x in tensors.items() if n in TENSOR_DIMS} }")
+            seen.setdefault(ext, tensor)
     return sizes
 
 
@@ -165,9 +171,83 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         args += [t] + [t.stride(d) for d in range(t.dim())]
     args += [values[p] for p in PARAMS]
     args += [n_heads, m_len, n_len, e_len, f_len] + tables
-    grid = (triton.cdiv(m_len, cfg["BLOCK_M"]), n_batch * n_heads)
-    _run(device.type, grid, args, cfg, e_len, f_len, n_len, sparsity, sparse_q, sparse_kv, dtype)
+
+    def run(c: dict) -> None:
+        grid = (triton.cdiv(m_len, c["BLOCK_M"]), n_batch * n_heads)
+        _run(device.type, grid, args, c, e_len, f_len, n_len, sparsity, sparse_q, sparse_kv,
+             dtype)
+
+    tune = cfg.pop("autotune", device.type == "cuda" and not config
+                   and os.environ.get("ATTNDSL_AUTOTUNE", "1") != "0")
+    if tune:
+        key = (SPEC_HASH, str(device), str(dtype), e_len, f_len, sparsity, sparse_q, sparse_kv,
+               _next_pow2(m_len), _next_pow2(n_len))
+        cfg = _tuned(key, [c for c in _candidates(cfg) if sparse_q % c["BLOCK_M"] == 0
+                           and sparse_kv % c["BLOCK_N"] == 0 or sparsity != 2], run)
+    run(cfg)
     return out
+
+
+AUTOTUNE_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3),
+                       (64, 128, 4, 2)]
+_TUNED: dict = {}
+
+
+def _candidates(default: dict) -> list:
+    out = [dict(default)]
+    for bm, bn, warps, stages in AUTOTUNE_CANDIDATES:
+        c = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _tuning_file() -> str:
+    root = os.environ.get("ATTNDSL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                           "attndsl")
+    return os.path.join(root, "tuning.json")
+
+
+def _tuned(key: tuple, candidates: list, run) -> dict:
+    """The fastest candidate for this key: measured once, then cached in memory and on disk
+    (a config that fails to compile or launch, e.g. out of shared memory, is skipped)."""
+    import json
+    import time
+
+    skey = repr(key)
+    if skey not in _TUNED:
+        try:
+            with open(_tuning_file()) as fh:
+                _TUNED.update(json.load(fh))
+        except (OSError, ValueError):
+            pass
+    if skey in _TUNED:
+        return dict(_TUNED[skey])
+    best = None
+    for c in candidates:
+        try:
+            if key[1].startswith("cuda"):
+                from triton.testing import do_bench
+
+                ms = do_bench(lambda c=c: run(c), warmup=5, rep=20)
+            else:
+                t0 = time.perf_counter()
+                run(c)
+                ms = (time.perf_counter() - t0) * 1e3
+        except Exception:  # noqa: BLE001 - a config that cannot run is simply not chosen
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, c)
+    if best is None:
+        raise AttentionInputError("no tile configuration could run on this device")
+    _TUNED[skey] = best[1]
+    try:
+        os.makedirs(os.path.dirname(_tuning_file()), exist_ok=True)
+        with open(_tuning_file(), "w") as fh:
+            json.dump(_TUNED, fh)
+    except OSError:
+        pass
+    return dict(best[1])
 
 
 def _run(device_type, grid, args, cfg, e_len, f_len, n_len, sparsity, sparse_q, sparse_kv,

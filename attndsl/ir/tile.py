@@ -87,7 +87,7 @@ class TileKernel:
     mask: Expr | None
     params: tuple[tuple[str, str], ...]  # (IR name, dtype) of scalar arguments used
     captured: tuple[tuple[str, int, str], ...]  # (IR name, rank, dtype) of captured tensors
-    extents: tuple[tuple[str, str, int], ...]  # (extent name, tensor, dim) to read sizes from
+    tensor_dims: tuple[tuple[str, tuple[str, ...]], ...]  # (tensor, extent name of each dim)
     index_extents: tuple[tuple[str, str], ...]  # (index name, extent name)
     param_defaults: tuple[tuple[str, float | int], ...]
     spec_text: str = ""

@@ -38,6 +38,23 @@ def _is_zero(e: Expr) -> bool:
     return e.op is Op.CONST and e.dtype != BOOL and e.arg == 0
 
 
+def _c2(e: Expr) -> bool:
+    return all(s.op is Op.CONST and s.dtype != BOOL for s in e.src)
+
+
+def _merge_consts(e: Expr) -> Expr | None:
+    """(c1 * x) * c2, c2 * (c1 * x), (x * c1) * c2 ... -> (c1 * c2) * x (float constants)"""
+    if e.op is not Op.MUL or e.dtype != FLOAT:
+        return None
+    for outer, inner in ((e.src[1], e.src[0]), (e.src[0], e.src[1])):
+        if outer.op is not Op.CONST or inner.op is not Op.MUL:
+            continue
+        for c, x in ((inner.src[0], inner.src[1]), (inner.src[1], inner.src[0])):
+            if c.op is Op.CONST and c.dtype == FLOAT and outer.dtype == FLOAT:
+                return E.const(float(c.arg) * float(outer.arg)) * x
+    return None
+
+
 _GRAD_RULES = [
     lambda e: E.const(0.0) if e.op is Op.MUL and (_is_zero(e.src[0]) or _is_zero(e.src[1]))
     else None,  # 0 * x -> 0 (derivative pruning; x is finite where it is used)
@@ -48,6 +65,9 @@ _GRAD_RULES = [
     else None,  # 0 - x -> -x
     lambda e: E.const(float(e.src[0].arg)) if e.op is Op.CAST and e.arg == FLOAT
     and e.src[0].op is Op.CONST else None,  # float(c) -> c
+    lambda e: E.const(e.src[0].arg / e.src[1].arg) if e.op is Op.DIV and _c2(e)
+    and e.src[1].arg != 0 else None,  # c1 / c2 -> c
+    _merge_consts,  # (c1 * x) * c2 -> (c1 * c2) * x
 ]
 
 

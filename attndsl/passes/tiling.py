@@ -130,13 +130,11 @@ def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
                 decl = c.tensor(node.arg)
                 if decl is not None and decl.kind == "captured":
                     captured[node.arg] = (node.arg, len(decl.dims), decl.dtype)
-    extents: dict[str, tuple[str, str, int]] = {}
-    for t in c.tensors:
-        for d, ext in enumerate(t.dims):
-            extents.setdefault(ext, (ext, t.name, d))
     return TileKernel(c.name, roles, tuple(operands.values()), tuple(dots.values()),
                       tuple(passes), tuple(stores), mask, tuple(sorted(params.items())),
-                      tuple(captured.values()), tuple(extents.values()),
+                      tuple(captured.values()),
+                      tuple((t.name, t.dims) for t in c.tensors
+                            if t.kind == "input" or t.name in captured),
                       tuple((i.name, i.extent) for i in c.indices),
                       tuple((p.name, p.default) for p in c.params if p.default is not None),
                       str(c))
