@@ -54,7 +54,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                                                                                generator=gen))
         hkv = H if not spec.enable_gqa else 1
         H = H * (2 if spec.enable_gqa else 1)
-        lq = 1 if trial == 0 else int(torch.randint(1, args.max_len + 1, (1,), generator=gen))
+        lq = 1 if trial == 1 else int(torch.randint(1, args.max_len + 1, (1,), generator=gen))
         lkv = int(torch.randint(1, args.max_len + 1, (1,), generator=gen))
         e = [16, 32, 48, 64][int(torch.randint(0, 4, (1,), generator=gen))]
         cascade, captured = spec.build(B, H, lq, lkv, device)
@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except USER_ERRORS as err:
-        print(f"attndsl {args.command}: error: {err}", file=sys.stderr)
+        text = str(err)  # located errors (file:line:col: error: ...) are printed as they are
+        prefix = "" if ": error: " in text.split("\n", 1)[0] else f"attndsl {args.command}: error: "
+        print(prefix + text, file=sys.stderr)
         return 2
 
 

@@ -426,7 +426,7 @@ class IntervalEvaluator:
 
     def __init__(self, captured: Mapping[str, Tensor],
                  params: Mapping[str, float] | None = None) -> None:
-        self.data = {k: v.detach().to("cpu", _F64) for k, v in captured.items()}
+        self.data = {k: v.detach().cpu() for k, v in captured.items()}  # converted on use
         self.params = dict(params or {})
         self.tables: dict[tuple[str, int], RangeTable | None] = {}
         self.coarse = False
@@ -470,19 +470,19 @@ class IntervalEvaluator:
         if t.dim() != len(idx):
             raise MaskAnalysisError(f"{node.arg} has {t.dim()} dims, indexed with {len(idx)}")
         if t.dim() == 0:
-            return _point(float(t))
+            return _point(float(t.to(_F64)))
         los = [v.lo.clamp(0, s - 1) for v, s in zip(idx, t.shape)]
         his = [v.hi.clamp(0, s - 1) for v, s in zip(idx, t.shape)]
         ranged = [d for d in range(t.dim()) if not bool((los[d] == his[d]).all())]
         if not ranged:
-            vals = t[tuple(i.to(torch.int64) for i in torch.broadcast_tensors(*los))]
+            vals = t[tuple(i.to(torch.int64) for i in torch.broadcast_tensors(*los))].to(_F64)
             return _clean(vals, vals)
         if len(ranged) == 1:
             table = self._table(node.arg, ranged[0])
             if table is not None:
                 return self._ranged(t, ranged[0], table, los, his)
         self.coarse = True
-        return _clean(t.min().reshape(()), t.max().reshape(()))
+        return _clean(t.min().to(_F64).reshape(()), t.max().to(_F64).reshape(()))
 
     def _ranged(self, t: Tensor, d: int, table: RangeTable, los: list[Tensor],
                 his: list[Tensor]) -> Iv:
@@ -501,8 +501,8 @@ class IntervalEvaluator:
             size = t.shape[d]
             levels = int(math.log2(size)) + 1 if size else 1
             ok = t.numel() * levels <= _TABLE_LIMIT
-            rows = t.movedim(d, -1).reshape(-1, size).contiguous()
-            self.tables[key] = RangeTable(rows) if ok else None
+            rows = t.movedim(d, -1).reshape(-1, size).to(_F64) if ok else None
+            self.tables[key] = RangeTable(rows) if rows is not None else None
         return self.tables[key]
 
 
@@ -774,11 +774,17 @@ class BlockTables(NamedTuple):
 def dense_to_ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     """torch's ordered layout of a 0/1 block matrix [.., rows, cols]: per row the number of set
     blocks, and the column indices of the set blocks in ascending order followed by the other
-    columns in ascending order (a stable descending argsort, as torch's _dense_to_ordered)."""
-    dense = dense.to(torch.int32)
-    num = dense.sum(dim=-1).to(torch.int32)
-    idx = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
-    return num.contiguous(), idx.contiguous()
+    columns in ascending order -- what torch's _dense_to_ordered gets from a stable descending
+    argsort, computed here in O(cols) per row: set column j goes to position (set columns
+    before it), unset column j to num + (unset columns before it)."""
+    d = dense.to(torch.int32)
+    num = d.sum(dim=-1, dtype=torch.int32)
+    cols = d.shape[-1]
+    before = d.cumsum(dim=-1, dtype=torch.int32) - d
+    j = torch.arange(cols, dtype=torch.int32, device=d.device)
+    pos = torch.where(d.bool(), before, num.unsqueeze(-1) + j - before)
+    idx = torch.empty_like(d).scatter_(-1, pos.long(), j.expand_as(d).contiguous())
+    return num.contiguous(), idx
 
 
 _PICTURE = {EMPTY: " ", PARTIAL: "░", FULL: "█"}

@@ -1,0 +1,256 @@
+"""Block masks: torch's BlockMask tables, built by analysing the traced mask instead of a dense
+evaluation.
+
+``create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE=128)`` traces ``mask_mod`` into
+an expression (:func:`attndsl.frontend.flex.mask_expr`), classifies its tiles with
+:func:`attndsl.passes.mask_analysis.classify_tiles` (interval bounds, range summaries of
+captured tensors, or chunked exact evaluation) and lays the result out exactly like
+``torch.nn.attention.flex_attention.create_block_mask``: the same eight int32 tables, the same
+ordering (set blocks ascending, then the other columns ascending) and the same convention
+that a block cut short by Q_LEN or KV_LEN is never full.  The one difference: when the mask
+does not depend on b (or h) the batch (head) dimension of the tables is 1, broadcast, where
+torch repeats it B (H) times.
+
+``and_masks``, ``or_masks`` and ``noop_mask`` are plain Python compositions, traceable by
+attndsl and usable by torch alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attndsl.frontend.flex import mask_expr
+from attndsl.ir import expr as E
+from attndsl.ir.expr import Expr
+from attndsl.passes.mask_analysis import (
+    FULL,
+    PARTIAL,
+    MaskAnalysisError,
+    TileMap,
+    classify_tiles,
+    dense_to_ordered,
+)
+
+Tensor = torch.Tensor
+MaskMod = Callable[[Any, Any, Any, Any], Any]
+TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+          "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+@dataclass
+class BlockMask:
+    """A block-sparse mask in torch's BlockMask layout, plus what attndsl knows about it.
+
+    ``kv_*`` tables are [B, H, nq] / [B, H, nq, nk], ``q_*`` their transposes [B, H, nk] /
+    [B, H, nk, nq] (int32); B and H are 1 when broadcast.  ``mask`` / ``captured`` are the
+    traced mask expression and its captured tensors (traced lazily for masks taken from
+    torch); ``mechanism`` says how the tables were made.
+    """
+
+    seq_lengths: tuple[int, int]
+    kv_num_blocks: Tensor
+    kv_indices: Tensor
+    full_kv_num_blocks: Tensor | None
+    full_kv_indices: Tensor | None
+    q_num_blocks: Tensor | None
+    q_indices: Tensor | None
+    full_q_num_blocks: Tensor | None
+    full_q_indices: Tensor | None
+    BLOCK_SIZE: tuple[int, int]
+    mask_mod: MaskMod | None = None
+    mask: Expr | None = None
+    captured: dict[str, Tensor] | None = None
+    mechanism: str = ""
+    tile_map: TileMap | None = dataclasses.field(default=None, repr=False)
+
+    # -- torch interop -------------------------------------------------------------------------
+    def to_torch(self) -> Any:
+        """torch.nn.attention.flex_attention.BlockMask with the same tables (no recomputation)."""
+        from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+        from torch.nn.attention.flex_attention import noop_mask as torch_noop
+
+        return TorchBlockMask(self.seq_lengths, *(getattr(self, k) for k in TABLES),
+                              BLOCK_SIZE=self.BLOCK_SIZE,
+                              mask_mod=self.mask_mod if self.mask_mod is not None else torch_noop)
+
+    @classmethod
+    def from_torch(cls, tbm: Any) -> BlockMask:
+        """Wrap a torch BlockMask: keeps its tables and mask_mod; the mask is traced on demand
+        (:meth:`traced`).  Missing q tables are made by transposing the kv tables."""
+        tables = {k: getattr(tbm, k) for k in TABLES}
+        for pre in ("", "full_"):
+            if tables[f"{pre}q_indices"] is None and tables[f"{pre}kv_indices"] is not None:
+                dense = _ordered_to_dense(tables[f"{pre}kv_num_blocks"],
+                                          tables[f"{pre}kv_indices"])
+                q = dense_to_ordered(dense.transpose(-2, -1))
+                tables[f"{pre}q_num_blocks"], tables[f"{pre}q_indices"] = q
+        return cls(tuple(tbm.seq_lengths), **tables, BLOCK_SIZE=tuple(tbm.BLOCK_SIZE),
+                   mask_mod=tbm.mask_mod, mechanism="from torch")
+
+    def traced(self) -> tuple[Expr, dict[str, Tensor]]:
+        """The mask expression and captured tensors, tracing ``mask_mod`` the first time."""
+        if self.mask is None:
+            if self.mask_mod is None:
+                raise MaskAnalysisError("this BlockMask has no mask_mod to trace")
+            self.mask, self.captured = mask_expr(self.mask_mod)
+        return self.mask, dict(self.captured or {})
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(B, H, Q_LEN, KV_LEN), B and H as stored (1 when broadcast)."""
+        return tuple(self.kv_indices.shape[:-2]) + tuple(self.seq_lengths)
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def sparsity(self) -> float:
+        """Percentage of blocks skipped, as torch computes it (blocks counted at full size)."""
+        computed = int(self.kv_num_blocks.sum())
+        if self.full_kv_num_blocks is not None:
+            computed += int(self.full_kv_num_blocks.sum())
+        dense = computed * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / max(1, self.numel())
+        return 100 * (1 - dense)
+
+    def classes(self) -> Tensor:
+        """int8 [B, H, nq, nk]: 0 empty, 1 partial, 2 full (torch's boundary convention)."""
+        nk = self.kv_indices.shape[-1]
+        out = _ordered_to_dense(self.kv_num_blocks, self.kv_indices, nk).to(torch.int8) * PARTIAL
+        if self.full_kv_indices is not None:
+            full = _ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, nk)
+            out = torch.where(full.bool(), torch.tensor(FULL, dtype=torch.int8), out)
+        return out
+
+    def picture(self, max_rows: int = 16, max_cols: int = 32) -> str:
+        tm = self.tile_map or TileMap(self.classes().cpu(), self.mechanism, *self.seq_lengths,
+                                      *self.BLOCK_SIZE)
+        return tm.picture(max_rows, max_cols)
+
+    def to(self, device: torch.device | str) -> BlockMask:
+        """A copy with every table (and captured tensor) on ``device``."""
+        moved = {k: None if getattr(self, k) is None else getattr(self, k).to(device)
+                 for k in TABLES}
+        captured = None if self.captured is None else \
+            {k: v.to(device) for k, v in self.captured.items()}
+        return dataclasses.replace(self, **moved, captured=captured)
+
+    def __repr__(self) -> str:
+        what = E.render(self.mask) if self.mask is not None else \
+            getattr(self.mask_mod, "__name__", repr(self.mask_mod))
+        return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "
+                f"sparsity={self.sparsity():.2f}%, mechanism={self.mechanism!r}, mask={what})")
+
+
+def _ordered_to_dense(num: Tensor, idx: Tensor, cols: int | None = None) -> Tensor:
+    """The 0/1 [.., rows, cols] matrix of an ordered table (entries past num are ignored)."""
+    cols = idx.shape[-1] if cols is None else cols
+    valid = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
+    dense = torch.zeros(*idx.shape[:-1], cols + 1, dtype=torch.int32, device=idx.device)
+    dense.scatter_(-1, torch.where(valid, idx, cols).long(), 1)
+    return dense[..., :cols]
+
+
+def _block_size(bs: int | tuple[int, int]) -> tuple[int, int]:
+    pair = (bs, bs) if not isinstance(bs, tuple | list) else tuple(bs)
+    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                 for x in pair):
+        raise MaskAnalysisError(f"BLOCK_SIZE must be a positive int or a pair of positive ints "
+                                f"(Q_BLOCK_SIZE, KV_BLOCK_SIZE), got {bs!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _size(name: str, v: int | None, default: int | None = None) -> int:
+    if v is None and default is not None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise MaskAnalysisError(f"{name} must be a positive int{' or None' if default else ''}, "
+                                f"got {v!r}")
+    return v
+
+
+def _default_device(device: Any) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    return torch.device(acc) if acc is not None else torch.device("cpu")
+
+
+def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
+                      device: torch.device | str | None = None,
+                      BLOCK_SIZE: int | tuple[int, int] = 128) -> BlockMask:
+    """torch's ``create_block_mask``, by mask analysis (B / H None: broadcast, as in torch).
+
+    The device defaults to the current accelerator (else CPU), like torch; the analysis runs
+    on the CPU and only the tables are moved."""
+    if not callable(mask_mod):
+        raise MaskAnalysisError(f"mask_mod must be callable, got {type(mask_mod).__name__}")
+    bm, bn = _block_size(BLOCK_SIZE)
+    b, h = _size("B", B, 1), _size("H", H, 1)
+    q_len, kv_len = _size("Q_LEN", Q_LEN), _size("KV_LEN", KV_LEN)
+    mask, captured = mask_expr(mask_mod)
+    tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
+    dev = _default_device(device)
+    tables = [t.to(dev) for t in tm.to_tables(torch_boundary=True)]
+    return BlockMask((q_len, kv_len), *tables, BLOCK_SIZE=(bm, bn), mask_mod=mask_mod, mask=mask,
+                     captured=captured, mechanism=tm.mechanism, tile_map=tm)
+
+
+# -- composition ---------------------------------------------------------------------------------
+
+def _check_callables(fns: tuple[Any, ...]) -> None:
+    bad = [f for f in fns if not callable(f)]
+    if bad:
+        raise MaskAnalysisError(f"all arguments must be mask_mod functions, got {bad!r}")
+
+
+def _constant(b: Any, value: bool) -> Any:
+    """A constant mask value: a 0-d bool tensor for torch, a Python bool for the tracer."""
+    if isinstance(b, Tensor):
+        return torch.full((), value, dtype=torch.bool, device=b.device)
+    return value
+
+
+def noop_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+    """Every key is visible."""
+    return _constant(b, True)
+
+
+def and_masks(*mask_mods: MaskMod) -> MaskMod:
+    """The intersection of mask_mods (all visible); no argument: noop_mask."""
+    _check_callables(mask_mods)
+    if not mask_mods:
+        return noop_mask
+
+    def and_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        result = mask_mods[0](b, h, q_idx, kv_idx)
+        for fn in mask_mods[1:]:
+            result = result & fn(b, h, q_idx, kv_idx)
+        return result
+
+    return and_mask
+
+
+def or_masks(*mask_mods: MaskMod) -> MaskMod:
+    """The union of mask_mods (any visible); no argument: nothing visible."""
+    _check_callables(mask_mods)
+
+    def or_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        if not mask_mods:
+            return _constant(b, False)
+        result = mask_mods[0](b, h, q_idx, kv_idx)
+        for fn in mask_mods[1:]:
+            result = result | fn(b, h, q_idx, kv_idx)
+        return result
+
+    return or_mask
+
+
+__all__ = ["BlockMask", "and_masks", "create_block_mask", "noop_mask", "or_masks"]

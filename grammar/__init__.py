@@ -1,0 +1,1 @@
+"""The .attn grammar (attn.lark) and its reference, shipped inside the package."""
