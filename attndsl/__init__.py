@@ -10,12 +10,20 @@ if not _torch.cuda.is_available() and not _os.environ.get("ATTNDSL_NO_INTERPRET"
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from attndsl.api import AuxOutput, AuxRequest, Kernel, compile, flex_attention  # noqa: E402
+from attndsl.block_mask import (  # noqa: E402
+    BlockMask,
+    and_masks,
+    create_block_mask,
+    noop_mask,
+    or_masks,
+)
 from attndsl.eager import run_cascade  # noqa: E402
 from attndsl.frontend.builder import CascadeBuilder, cascade  # noqa: E402
 from attndsl.frontend.text import SpecError, parse_file, parse_text  # noqa: E402
 from attndsl.frontend.trace import TraceError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["AuxOutput", "AuxRequest", "CascadeBuilder", "Kernel", "SpecError", "TraceError",
+__all__ = ["AuxOutput", "AuxRequest", "BlockMask", "and_masks", "create_block_mask", "noop_mask",
+           "or_masks", "CascadeBuilder", "Kernel", "SpecError", "TraceError",
            "cascade", "compile", "flex_attention", "parse_file", "parse_text", "run_cascade",
            "__version__"]

@@ -26,6 +26,8 @@ import torch
 
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
+from attndsl.ir.expr import Expr
+from attndsl.passes.mask_analysis import classify_tiles, kv_tile_bounds
 from attndsl.passes.pipeline import Compiled, compile_cascade
 from attndsl.runtime.modules import load_kernel_module, module_source
 
@@ -114,6 +116,38 @@ def _block_tables(block_mask: Any, lq: int, lkv: int) -> dict | None:
             "Q_BLOCK_SIZE": int(q_bs), "KV_BLOCK_SIZE": int(kv_bs)}
 
 
+_PLANS: dict = {}
+SPARSE_BLOCK = 128
+
+
+def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: int, lkv: int,
+                   device: torch.device) -> dict:
+    """How the kernel skips key tiles for a mask given without a block mask: closed-form
+    per-query-tile ranges when the mask has them (evaluated in O(Lq / 128)), else block tables
+    built by the symbolic analysis (O(tiles), from per-tile summaries of captured data)."""
+    key = (mask, tuple((n, id(t), t._version) for n, t in sorted(captured.items())), B, H, lq,
+           lkv, str(device))
+    if key in _PLANS:
+        return _PLANS[key]
+    bounds = kv_tile_bounds(mask, SPARSE_BLOCK, SPARSE_BLOCK)
+    if bounds is not None:
+        ev = bounds.evaluate(lq, lkv)
+        table = torch.stack([ev["lo"], ev["full_lo"], ev["full_hi"], ev["hi"]], dim=1)
+        plan = {"bounds": table.to(device=device, dtype=torch.int32)}
+    else:
+        tiles = classify_tiles(mask, captured, B, H, lq, lkv, SPARSE_BLOCK, SPARSE_BLOCK)
+        t = tiles.to_tables()
+        plan = {"kv_num_blocks": t.kv_num_blocks.to(device),
+                "kv_indices": t.kv_indices.to(device),
+                "full_kv_num_blocks": t.full_kv_num_blocks.to(device),
+                "full_kv_indices": t.full_kv_indices.to(device)}
+    plan.update(Q_BLOCK_SIZE=SPARSE_BLOCK, KV_BLOCK_SIZE=SPARSE_BLOCK)
+    if len(_PLANS) > 64:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
 def _mask_of(block_mask: Any, mask_mod: Callable | None) -> Callable | None:
     if mask_mod is not None:
         return mask_mod
@@ -151,6 +185,9 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor,
     tables = _block_tables(block_mask, lq, lkv)
     spec = lower_flex(score_mod, _mask_of(block_mask, mask_mod))
     _, module = _compiled(spec.cascade)
+    if tables is None and spec.cascade.mask is not None:
+        tables = _sparsity_plan(spec.cascade.mask.expr, spec.captured, query.shape[0],
+                                query.shape[1], lq, lkv, query.device)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     out = module.launch({"Q": query, "K": key, "V": value},

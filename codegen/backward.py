@@ -45,8 +45,8 @@ from attndsl.codegen.triton import HELPERS, CodegenError, Env, comment, literal,
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import FLOAT, Expr, Op
-from attndsl.passes.grad import diff, gather_grads, simplify_grad
-from attndsl.passes.rules import LOG2E
+from attndsl.passes.grad import diff, gather_grads
+from attndsl.passes.rules import LOG2E, simplify
 
 SCORE_ROW = "s"  # ROW name of the scaled score tile in backward expressions
 
@@ -77,12 +77,12 @@ class BackwardSpec:
     roles: dict[str, str]
 
     def __str__(self) -> str:
-        lines = [f"T = {E.render(self.score)}", f"dT/dS = {E.render(self.dscore)}"]
+        lines = [f"T = {_show(self.score)}", f"dT/dS = {_show(self.dscore)}"]
         if self.mask is not None:
             lines.append(f"mask: {E.render(self.mask)}")
         for _, sites in self.grads:
             for g in sites:
-                lines.append(f"dT/d{E.render(g.load)} = {E.render(g.deriv)}")
+                lines.append(f"dT/d{E.render(g.load)} = {_show(g.deriv)}")
         return "\n".join(lines)
 
 
@@ -134,7 +134,7 @@ def backward_spec(c: Cascade) -> BackwardSpec:
         if sites:
             grads.append((t.name, sites))
     roles = {i.role: i.name for i in c.indices}
-    return BackwardSpec(c, as_row(simplify_grad(score)), as_row(diff(score, s_load)), mask,
+    return BackwardSpec(c, as_row(simplify(score)), as_row(diff(score, s_load)), mask,
                         captured, tuple(grads), roles)
 
 
@@ -264,7 +264,10 @@ def _emit_gather_grad(L: _Lines, spec: BackwardSpec, names: _Names, name: str, i
     L(0, f"if NEED_{ptr}:")
     L(1, comment(f"gradient of the captured tensor at {E.render(site.load)}: dT * "
                  f"{_one_line(site.deriv)}"))
-    L(1, f"{var} = tl.where(p != 0.0, dt * ({render(site.deriv, env)}), 0.0)")
+    if site.deriv.op is Op.CONST and site.deriv.arg == 1.0:
+        L(1, f"{var} = dt")
+    else:
+        L(1, f"{var} = tl.where(p != 0.0, dt * ({render(site.deriv, env)}), 0.0)")
     deps = site.deps & {m, n}
     sub_env = _tile_env(spec, names, VECTORS)
     if deps == {m, n}:
@@ -280,8 +283,15 @@ def _emit_gather_grad(L: _Lines, spec: BackwardSpec, names: _Names, name: str, i
     L(1, f"tl.atomic_add({target}, {value}" + (f", mask={mask})" if mask else ")"))
 
 
+def _show(e: Expr) -> str:
+    """An expression as text, the score tile shown as S."""
+    return E.render(e.replace(
+        lambda x: E.param("S") if x.op is Op.ROW and x.arg == SCORE_ROW else None))
+
+
 def _one_line(e: Expr, limit: int = 70) -> str:
-    text = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in E.render(e))
+    """An expression as comment text (printable ASCII, shortened)."""
+    text = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in _show(e))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -423,9 +433,9 @@ def _emit_dkdv(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
     const = _CONSTEXPR + ["ATOMIC_DQ"] + [f"NEED_{p}" for p in names.grads.values()]
     _signature(L, "attention_bwd_dkdv_kernel", args, const,
                "One program: BLOCK_N keys of one (batch, key/value head).  Loops over the G "
-               "query\n    heads of the group and over the query tiles (SPARSITY 0 = every "
-               "tile unmasked, 1 = every\n    tile masked, 2 = q-major block tables); dK and dV "
-               "sum in registers, dQ (ATOMIC_DQ) and\n    captured-tensor gradients are float32 "
+               "query\nheads of the group and over the query tiles (SPARSITY 0 = every "
+               "tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); dK and dV "
+               "sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients are float32 "
                "atomic adds.")
     L(1, "pid_n = tl.program_id(0)\npid_bhkv = tl.program_id(1)")
     L(1, "off_b = pid_bhkv // n_kv_heads\noff_hkv = pid_bhkv % n_kv_heads")
@@ -466,7 +476,7 @@ def _emit_dq(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
             + _table_args("kv_"))
     _signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR,
                "One program: BLOCK_M query rows of one (batch, head); loops over the key "
-               "tiles\n    (as the forward) and writes dQ = scale * sum dS K without atomics "
+               "tiles\n(as the forward) and writes dQ = scale * sum dS K without atomics "
                "(deterministic).")
     L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
     L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
@@ -550,12 +560,18 @@ def _bwd_kernel(name: str, device_type: str):
 
 
 def backward_config(device_type: str, head_dim: int, v_dim: int) -> dict:
-    """Tile sizes of the backward kernels (BLOCK_M query rows x BLOCK_N keys)."""
+    """Launch settings per kernel: ``dkdv`` (BLOCK_M queries x BLOCK_N keys per step, one
+    program per key tile) and ``dq`` (one program per query tile).  GPU values: no register
+    spills for sm90 fp16 (ahead-of-time reports of a plain and of a softcap + ALiBi + relative
+    bias + causal spec; the dK/dV kernel holds dK, dV, K, V and four score tiles at once)."""
     if device_type == "cpu":  # the interpreter runs numpy: large tiles, few programs
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        one = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        return {"dkdv": one, "dq": dict(one)}
     if max(head_dim, v_dim) <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        return {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1},
+                "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}
+    return {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+            "dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -638,29 +654,33 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     if min(n_batch, n_heads, m_len, n_len) == 0:
         return {"Q": dq32.to(dtype), "K": dk, "V": dv, **cap_grads}
-    cfg = dict(backward_config(device.type, e_len, f_len))
-    cfg.update(config or {})
+    cfg = backward_config(device.type, e_len, f_len)
+    for part, over in (config or {}).items():
+        cfg[part] = {**cfg[part], **over}
     sparsity, sparse_q, sparse_kv = (1 if HAS_MASK else 0), 1, 1  # noqa: F821
     if block_tables is not None:
         sparsity = 2
         sparse_q, sparse_kv = int(block_tables["Q_BLOCK_SIZE"]), int(block_tables["KV_BLOCK_SIZE"])
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], sparse_q)
-        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], sparse_kv)
-        if sparse_q % cfg["BLOCK_M"] or sparse_kv % cfg["BLOCK_N"]:
-            raise ValueError(f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of the "
-                             f"tile ({cfg['BLOCK_M']}, {cfg['BLOCK_N']})")
-    consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_E=_pow2(e_len),
-                  BLOCK_F=_pow2(f_len), SPARSITY=sparsity, SPARSE_Q=sparse_q,
-                  SPARSE_KV=sparse_kv,
-                  DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                  UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    consts = {}
+    for part, c in cfg.items():
+        bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+        if sparsity == 2:  # a tile lies inside one block of the tables
+            bm, bn = min(bm, sparse_q), min(bn, sparse_kv)
+            if sparse_q % bm or sparse_kv % bn:
+                raise ValueError(f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of "
+                                 f"the tile ({bm}, {bn})")
+        consts[part] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=_pow2(e_len), BLOCK_F=_pow2(f_len),
+                            SPARSITY=sparsity, SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv,
+                            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                            UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
+                            num_warps=c["num_warps"], num_stages=c["num_stages"])
     # delta = rowsum(dO * O) - dLSE
     delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
-    pre_grid = (_cdiv(m_len, cfg["BLOCK_M"]), n_batch * n_heads)
-    _bwd_kernel("attention_bwd_preprocess", device.type)[pre_grid](
+    pre = cfg["dq"]
+    _bwd_kernel("attention_bwd_preprocess", device.type)[
+        (_cdiv(m_len, pre["BLOCK_M"]), n_batch * n_heads)](
         *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), n_heads, m_len, f_len,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_F=consts["BLOCK_F"], num_warps=cfg["num_warps"])
+        BLOCK_M=pre["BLOCK_M"], BLOCK_F=_pow2(f_len), num_warps=pre["num_warps"])
     cap_args = []
     for name in CAPTURED:  # noqa: F821
         t = captured[name]
@@ -674,17 +694,18 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     dq = torch.empty_like(q) if deterministic else dq32
     n_kv_blocks = _cdiv(n_len, sparse_kv)
     need_flags = {f"NEED_{ptr}": name in cap_grads for name, ptr in GRADS.items()}  # noqa: F821
-    dkdv_grid = (_cdiv(n_len, cfg["BLOCK_N"]), n_batch * n_kv_heads)
+    # dK, dV (and, unless deterministic, dQ by atomics): a program per key tile
+    dkdv_grid = (_cdiv(n_len, consts["dkdv"]["BLOCK_N"]), n_batch * n_kv_heads)
     _bwd_kernel("attention_bwd_dkdv_kernel", device.type)[dkdv_grid](
         *common, *_strides(dq), *_strides(dk), *_strides(dv), *cap_args, *grad_args, scale,
         group, n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
         *_tables(block_tables, device, "q_", n_kv_blocks), ATOMIC_DQ=not deterministic,
-        **need_flags, **consts)
-    if deterministic:
-        dq_grid = (_cdiv(m_len, cfg["BLOCK_M"]), n_batch * n_heads)
+        **need_flags, **consts["dkdv"])
+    if deterministic:  # dQ: a program per query tile
+        dq_grid = (_cdiv(m_len, consts["dq"]["BLOCK_M"]), n_batch * n_heads)
         _bwd_kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
             *common, *_strides(dq), *cap_args, scale, group, n_heads, m_len, n_len, e_len,
-            f_len, *_tables(block_tables, device, "kv_", n_kv_blocks), **consts)
+            f_len, *_tables(block_tables, device, "kv_", n_kv_blocks), **consts["dq"])
     else:
         dq = dq.to(dtype)
     out = {"Q": dq, "K": dk, "V": dv}

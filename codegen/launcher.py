@@ -138,14 +138,22 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     sparsity = 1 if HAS_MASK else 0
     tables = []
     sparse_q = sparse_kv = 1
+    dummy = torch.zeros(4, dtype=torch.int32, device=device)
+    bounds = [dummy, 0]
     if block_tables is not None:
-        sparsity = 2
         sparse_q, sparse_kv = int(block_tables["Q_BLOCK_SIZE"]), int(block_tables["KV_BLOCK_SIZE"])
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], sparse_q)
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], sparse_kv)
         if sparse_q % cfg["BLOCK_M"] or sparse_kv % cfg["BLOCK_N"]:
             raise AttentionInputError(f"block sizes ({sparse_q}, {sparse_kv}) must be multiples "
                                       f"of the tile ({cfg['BLOCK_M']}, {cfg['BLOCK_N']})")
+    if block_tables is not None and "bounds" in block_tables:
+        sparsity = 3  # [query blocks, 4] = (lo, full_lo, full_hi, hi) in key blocks
+        b = block_tables["bounds"].to(device=device, dtype=torch.int32).contiguous()
+        bounds = [b, b.stride(0)]
+        tables = [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
+    elif block_tables is not None:
+        sparsity = 2
         for key in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
             t = block_tables.get(key)
             if t is None:  # no full blocks: every listed block is partial
@@ -155,7 +163,6 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
             strides = [0 if t.shape[d] == 1 and d < 2 else t.stride(d) for d in range(t.dim())]
             tables += [t] + strides
     else:
-        dummy = torch.zeros(4, dtype=torch.int32, device=device)
         tables = [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
     args = []
     for name, (_, _, _, _) in OPERANDS.items():
@@ -170,7 +177,10 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         t = out[name]
         args += [t] + [t.stride(d) for d in range(t.dim())]
     args += [values[p] for p in PARAMS]
-    args += [n_heads, m_len, n_len, e_len, f_len] + tables
+    stats = cfg.pop("stats", None)  # an int32 tensor of 2 counters, for instrumentation
+    cfg["counting"] = stats is not None
+    args += [n_heads, m_len, n_len, e_len, f_len] + tables + bounds + [
+        stats if stats is not None else dummy]
 
     def run(c: dict) -> None:
         grid = (triton.cdiv(m_len, c["BLOCK_M"]), n_batch * n_heads)
@@ -257,7 +267,7 @@ def _run(device_type, grid, args, cfg, e_len, f_len, n_len, sparsity, sparse_q, 
         BLOCK_E=max(16, _next_pow2(e_len)), BLOCK_F=max(16, _next_pow2(f_len)),
         EVEN_N=n_len % cfg["BLOCK_N"] == 0, SPARSITY=sparsity, SPARSE_Q=sparse_q,
         SPARSE_KV=sparse_kv, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        UPCAST=device_type == "cpu" and dtype == torch.bfloat16,
+        UPCAST=device_type == "cpu" and dtype == torch.bfloat16, STATS=cfg.get("counting", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

@@ -318,9 +318,9 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
     args += ["kv_num", "kv_num_s0", "kv_num_s1", "kv_num_s2", "kv_idx", "kv_idx_s0",
              "kv_idx_s1", "kv_idx_s2", "kv_idx_s3", "full_num", "full_num_s0", "full_num_s1",
              "full_num_s2", "full_idx", "full_idx_s0", "full_idx_s1", "full_idx_s2",
-             "full_idx_s3"]
+             "full_idx_s3", "bounds", "bounds_s0", "stats"]
     const = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "EVEN_N", "SPARSITY", "SPARSE_Q",
-             "SPARSE_KV", "DOT_PRECISION", "UPCAST"]
+             "SPARSE_KV", "DOT_PRECISION", "UPCAST", "STATS"]
     types = _arg_types(k, names, args)
     L(0, "# kernel argument -> Triton type ({dtype} is the inputs' dtype); for ahead-of-time")
     L(0, "# compilation: a launch specialises unit strides to 1 and multiples of 16 as such")
@@ -390,6 +390,16 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
             L(3, "for sub in range(0, SPARSE_KV // BLOCK_N):")
             L(4, "start_n = blk * SPARSE_KV + sub * BLOCK_N")
             L(4, body(masked and k.mask is not None, True))
+        L(1, "elif SPARSITY == 3:")
+        L(2, "# closed-form key-tile ranges of this query tile: masked [lo, full_lo), unmasked")
+        L(2, "# [full_lo, full_hi), masked [full_hi, hi); everything else is empty")
+        L(2, "sparse_row = (pid_m * BLOCK_M) // SPARSE_Q")
+        for i, name in enumerate(("lo", "full_lo", "full_hi", "hi")):
+            L(2, f"{name} = tl.load(bounds + sparse_row * bounds_s0 + {i}) * SPARSE_KV")
+        for a, z, masked in (("lo", "full_lo", True), ("full_lo", "full_hi", False),
+                             ("full_hi", "hi", True)):
+            L(2, f"for start_n in range({a}, {z}, BLOCK_N):")
+            L(3, body(masked and k.mask is not None, True))
         L(1, "elif SPARSITY == 1:")
         L(2, "for start_n in range(0, N_len, BLOCK_N):")
         L(3, body(k.mask is not None, False))
@@ -434,7 +444,8 @@ def _arg_types(k: TileKernel, names: _Names, args: list[str]) -> dict[str, str]:
     ptr: dict[str, str] = {names.tensors[o.tensor]: "*{dtype}" for o in k.operands}
     ptr.update({names.tensors[c]: _POINTER[dt] for c, _, dt in k.captured})
     ptr.update({names.outputs[s.name]: "*{dtype}" if s.tile else "*fp32" for s in k.stores})
-    ptr.update({t: "*i32" for t in ("kv_num", "kv_idx", "full_num", "full_idx")})
+    ptr.update({t: "*i32" for t in ("kv_num", "kv_idx", "full_num", "full_idx", "bounds",
+                                    "stats")})
     params = {names.params[p]: "fp32" if dt == FLOAT else "i32" for p, dt in k.params}
     out = {}
     for a in args:
@@ -453,6 +464,8 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
 
     def body(masked: bool, table: bool) -> str:
         L = _Lines()
+        L(0, f"if STATS:  # instrumentation: key tiles visited [0] and masked [1]\n"
+             f"    tl.atomic_add(stats + {1 if masked else 0}, 1)")
         L(0, "offs_n = start_n + tl.arange(0, BLOCK_N)")
         L(0, "col_ok = offs_n < N_len")
         idx = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}

@@ -26,7 +26,7 @@ How tiles are classified (``TileMap.mechanism``):
   then refined (below) so that the final classes are exact.
 * ``"table from summaries"`` -- the mask reads captured tensors.  Reads are bounded by range
   summaries: a sparse table gives min and max of a tensor over any index interval in O(1)
-  (built in O(L log L)), so ``doc[m]`` over a tile is [min, max] of the ids in the tile;
+  (O(L) per window size used), so ``doc[m]`` over a tile is [min, max] of the ids in it;
   reads at exact indices (``win[h]``, ``lengths[b]``) are exact.
 * ``"chunked evaluation"`` -- when a bound had to fall back to a data-blind rule (a gather at
   a non-monotone index such as ``doc[perm[m]]``, a read ranging over two dimensions) and
@@ -72,7 +72,7 @@ CHUNKED = "chunked evaluation"
 MAX_ELEMENTS = 1 << 24  # dense mask points evaluated at a time
 MAX_BOXES = 1 << 20  # interval boxes evaluated at a time
 REFINE_BUDGET = 1 << 23  # boxes a refinement may evaluate in all
-_TABLE_LIMIT = 1 << 26  # entries of one range-summary table
+_TABLE_LIMIT = 1 << 26  # entries of a tensor given range summaries
 _F64 = torch.float64
 _INF = math.inf
 _AXES = ("b", "h", "m", "n")
@@ -378,27 +378,32 @@ _RULES: dict[Op, Callable[..., Iv]] = {
 # -- range summaries of captured tensors -------------------------------------------------------
 
 class RangeTable:
-    """Range min / max along the last dim of ``rows`` [R, S] (a sparse table).
+    """Range min / max along the last dim of ``rows`` [R, S] (a lazily built sparse table).
 
-    Level k holds min and max over every window of 2**k consecutive entries.  A range
-    [lo, hi] is the union of the two windows of size 2**k, k = floor(log2(hi - lo + 1)), that
-    start at lo and end at hi, so a query costs two gathers.  Memory R * S * (log2(S) + 1).
-    A tile-aligned query gives the per-tile min / max of the tensor over the tile's range.
+    Level k holds min and max over every window of 2**k consecutive entries (level k from
+    level k - 1: min of two overlapping halves).  A range [lo, hi] is the union of the two
+    windows of size 2**k, k = floor(log2(hi - lo + 1)), that start at lo and end at hi, so a
+    query costs two gathers.  Only the levels that queries use are kept (tile-aligned queries
+    of a tile grid use one level: the per-tile min / max of the tensor over each tile's range),
+    so memory is O(R * S) per level used, not O(R * S * log S).
     """
 
     def __init__(self, rows: Tensor) -> None:
         self.R, self.S = rows.shape
-        mins, maxs, k = [rows], [rows], 1
-        while (1 << k) <= self.S:
-            w, n = 1 << (k - 1), self.S - (1 << k) + 1
-            mins.append(torch.minimum(mins[-1][:, :n], mins[-1][:, w:w + n]))
-            maxs.append(torch.maximum(maxs[-1][:, :n], maxs[-1][:, w:w + n]))
-            k += 1
-        pad = [(self.S - t.shape[1]) for t in mins]
-        self.mins = torch.stack([torch.nn.functional.pad(t, (0, p), value=_INF)
-                                 for t, p in zip(mins, pad)]).reshape(-1)
-        self.maxs = torch.stack([torch.nn.functional.pad(t, (0, p), value=-_INF)
-                                 for t, p in zip(maxs, pad)]).reshape(-1)
+        self.levels: dict[int, tuple[Tensor, Tensor]] = {0: (rows, rows)}
+
+    def level(self, k: int) -> tuple[Tensor, Tensor]:
+        """(min, max) over the windows of 2**k entries starting at 0 .. S - 2**k."""
+        if k not in self.levels:
+            j = max(i for i in self.levels if i < k)
+            mn, mx = self.levels[j]
+            while j < k:
+                w, n = 1 << j, self.S - (1 << (j + 1)) + 1
+                mn = torch.minimum(mn[:, :n], mn[:, w:w + n])
+                mx = torch.maximum(mx[:, :n], mx[:, w:w + n])
+                j += 1
+            self.levels[k] = (mn, mx)
+        return self.levels[k]
 
     def query(self, row: Tensor, lo: Tensor, hi: Tensor) -> Iv:
         """[min, max] of rows[row, lo..hi] (int64 tensors, broadcast; 0 <= lo <= hi < S)."""
@@ -407,11 +412,15 @@ class RangeTable:
         one = torch.ones_like(k)
         k = k - (torch.bitwise_left_shift(one, k) > length).to(torch.int64)
         k = k + (torch.bitwise_left_shift(one, k + 1) <= length).to(torch.int64)
-        span = torch.bitwise_left_shift(one, k)
-        base = (k * self.R + row) * self.S
-        i1, i2 = base + lo, base + hi - span + 1
-        return _clean(torch.minimum(self.mins[i1], self.mins[i2]),
-                      torch.maximum(self.maxs[i1], self.maxs[i2]))
+        mn, mx = torch.empty(k.shape, dtype=_F64), torch.empty(k.shape, dtype=_F64)
+        for kv in k.unique().tolist():
+            sel = k == kv
+            tmin, tmax = self.level(kv)
+            r, i1 = row[sel], lo[sel]
+            i2 = hi[sel] - (1 << kv) + 1
+            mn[sel] = torch.minimum(tmin[r, i1], tmin[r, i2])
+            mx[sel] = torch.maximum(tmax[r, i1], tmax[r, i2])
+        return _clean(mn, mx)
 
 
 # -- the evaluator -----------------------------------------------------------------------------
@@ -498,10 +507,8 @@ class IntervalEvaluator:
         key = (name, d)
         if key not in self.tables:
             t = self.data[name]
-            size = t.shape[d]
-            levels = int(math.log2(size)) + 1 if size else 1
-            ok = t.numel() * levels <= _TABLE_LIMIT
-            rows = t.movedim(d, -1).reshape(-1, size).to(_F64) if ok else None
+            ok = t.numel() <= _TABLE_LIMIT
+            rows = t.movedim(d, -1).reshape(-1, t.shape[d]).to(_F64) if ok else None
             self.tables[key] = RangeTable(rows) if rows is not None else None
         return self.tables[key]
 

@@ -63,7 +63,8 @@ def _compile_job(job: dict) -> dict:
     consts = dict(units, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, _next_pow2(e)),
                   BLOCK_F=max(16, _next_pow2(f)), EVEN_N=True, SPARSITY=job["sparsity"],
                   SPARSE_Q=128, SPARSE_KV=128,
-                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
+                  STATS=False)
     out = dict(job)
     try:
         r = compile_kernel(module.attention_fwd_kernel, sig, consts, job["target"], warps,
