@@ -162,7 +162,7 @@ def _options(kernel_options: dict | None) -> dict:
     for k, v in (kernel_options or {}).items():
         if k in KERNEL_OPTIONS:
             out[k] = int(v)
-        elif k not in _IGNORED_FLEX_OPTIONS:
+        elif k not in _IGNORED_FLEX_OPTIONS and k != "deterministic":
             raise AttentionError(f"unknown kernel option {k!r}; attndsl reads {KERNEL_OPTIONS}")
     return out
 
@@ -184,6 +184,10 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor,
     lq, lkv = query.shape[2], key.shape[2]
     tables = _block_tables(block_mask, lq, lkv)
     spec = lower_flex(score_mod, _mask_of(block_mask, mask_mod))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in
+                                       (query, key, value, *spec.captured.values())):
+        return _trainable(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                          return_lse, kernel_options, mask_mod, return_aux)
     _, module = _compiled(spec.cascade)
     if tables is None and spec.cascade.mask is not None:
         tables = _sparsity_plan(spec.cascade.mask.expr, spec.captured, query.shape[0],
@@ -199,6 +203,32 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor,
     if return_lse:
         return out["O"], out["LSE"]
     return out["O"]
+
+
+def _trainable(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable | None,
+               block_mask: Any, scale: float | None, enable_gqa: bool, return_lse: bool,
+               kernel_options: dict | None, mask_mod: Callable | None, return_aux: Any) -> Any:
+    """The differentiable path (generated backward kernels, a torch custom op)."""
+    from attndsl.autograd import flex_attention_trainable
+
+    options = dict(kernel_options or {})
+    deterministic = bool(options.pop("deterministic", False))
+    if _options(options):
+        raise AttentionError(f"kernel options {sorted(_options(options))} are not supported "
+                             f"when gradients are needed")
+    out, lse = flex_attention_trainable(query, key, value, score_mod, block_mask, scale,
+                                        enable_gqa, True, mask_mod=mask_mod,
+                                        deterministic=deterministic)
+    if return_aux is not None:
+        max_scores = None
+        if return_aux.max_scores:  # not differentiable: a forward-only run provides it
+            with torch.no_grad():
+                _, aux = flex_attention(query.detach(), key.detach(), value.detach(), score_mod,
+                                        block_mask, scale, enable_gqa, mask_mod=mask_mod,
+                                        return_aux=AuxRequest(max_scores=True))
+            max_scores = aux.max_scores
+        return out, AuxOutput(lse if return_aux.lse else None, max_scores)
+    return (out, lse) if return_lse else out
 
 
 @dataclass

@@ -17,6 +17,15 @@ Design (torch.compile-friendly):
   the forward module.  dK/dV are deterministic (a program per key tile loops over the query
   heads of its GQA group); dQ uses float32 atomics unless ``deterministic=True`` (a separate
   dQ kernel over the key tiles).  Captured-tensor gradients are float32 atomics.
+
+Under ``torch.compile(fullgraph=True)`` the score/mask programs are traced once, at trace time
+(``assume_constant_result``), into the spec key plus, for each captured tensor, a path from the
+functions to it (closure cell, global, default, attribute, item; bound methods through their
+``self``).  The compiled code re-reads the tensors along those paths, so dynamo lifts them as
+graph inputs (parameters get gradients) and guards on them; ``id()`` of the functions is
+guarded too, so a new score_mod object recompiles.  Limitation: a score_mod *defined inside*
+the compiled function and closing over its traced tensors cannot be traced this way (dynamo
+cannot make it a constant); define it outside (a module method, a closure built beforehand).
 """
 
 from __future__ import annotations
@@ -120,12 +129,19 @@ def _tables_dict(tables: list[Tensor], q_block: int, kv_block: int) -> dict | No
 
 # -- custom ops ---------------------------------------------------------------------------------
 
+def _entry(key: str) -> SpecEntry:
+    if key not in _SPECS:
+        raise api.AttentionError(f"attndsl spec {key!r} is not registered in this process; "
+                                 f"call flex_attention_trainable (or register_spec) first")
+    return _SPECS[key]
+
+
 @torch.library.custom_op("attndsl::flex_fwd", mutates_args=())
 def flex_fwd(query: Tensor, key: Tensor, value: Tensor, captured: list[Tensor], spec: str,
              scale: float, tables: list[Tensor], q_block: int, kv_block: int
              ) -> tuple[Tensor, Tensor]:
     """O = softmax(score_mod(scale Q K^T), masked) V and LSE (natural log, float32)."""
-    entry = _SPECS[spec]
+    entry = _entry(spec)
     out = entry.forward.launch({"Q": query, "K": key, "V": value},
                                {"scale": scale, "G": query.shape[1] // key.shape[1]},
                                dict(zip(entry.captured, captured)),
@@ -149,7 +165,7 @@ def flex_bwd(grad_out: Tensor, grad_lse: Tensor | None, query: Tensor, key: Tens
              deterministic: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """dQ, dK, dV and the gradients of the captured tensors flagged in ``need`` (an empty
     tensor for the others)."""
-    entry = _SPECS[spec]
+    entry = _entry(spec)
     names = [n for n, want in zip(entry.captured, need) if want]
     grads = entry.backward.launch_backward(
         {"Q": query, "K": key, "V": value}, {"O": out, "LSE": lse},

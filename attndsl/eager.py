@@ -271,7 +271,7 @@ def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
     query, key = c.role("query"), c.role("key")
     per_query = max(1, math.prod(v for k, v in extent.items() if k != query))
     chunk = max(1, min(extent[query], max_elements // per_query))
-    cpu = {k: v.detach().cpu() for k, v in tensors.items()}
+    cpu = {k: v.cpu() for k, v in tensors.items()}  # differentiable: autograd flows through
     outs: dict[str, list[Tensor]] = {o: [] for o in c.outputs}
     for start in range(0, extent[query], chunk):
         ranges = {k: torch.arange(v) for k, v in extent.items()}

@@ -265,7 +265,8 @@ def _run(device_type, grid, args, cfg, e_len, f_len, n_len, sparsity, sparse_q, 
     _kernel(device_type)[grid](
         *args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_E=max(16, _next_pow2(e_len)), BLOCK_F=max(16, _next_pow2(f_len)),
-        EVEN_N=n_len % cfg["BLOCK_N"] == 0, SPARSITY=sparsity, SPARSE_Q=sparse_q,
+        EVEN_N=n_len % (sparse_kv if sparsity >= 2 else cfg["BLOCK_N"]) == 0, SPARSITY=sparsity,
+        SPARSE_Q=sparse_q,
         SPARSE_KV=sparse_kv, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=device_type == "cpu" and dtype == torch.bfloat16, STATS=cfg.get("counting", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

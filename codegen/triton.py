@@ -395,7 +395,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
         L(2, "# [full_lo, full_hi), masked [full_hi, hi); everything else is empty")
         L(2, "sparse_row = (pid_m * BLOCK_M) // SPARSE_Q")
         for i, name in enumerate(("lo", "full_lo", "full_hi", "hi")):
-            L(2, f"{name} = tl.load(bounds + sparse_row * bounds_s0 + {i}) * SPARSE_KV")
+            L(2, f"{name} = tl.minimum(tl.load(bounds + sparse_row * bounds_s0 + {i}) * SPARSE_KV, "
+                 f"N_len)")
         for a, z, masked in (("lo", "full_lo", True), ("full_lo", "full_hi", False),
                              ("full_hi", "hi", True)):
             L(2, f"for start_n in range({a}, {z}, BLOCK_N):")

@@ -1,0 +1,573 @@
+"""Training support: symbolic derivatives (passes/grad.py), the generated backward kernels
+(codegen/backward.py) and autograd / torch.compile (attndsl/autograd.py).
+
+Every gradient is checked against torch autograd through the float64 oracle (the eager
+executor of the same cascade).  Errors are ``max |ours - oracle| / max(1, max |oracle|)`` with
+the oracle run on the same (rounded) inputs; measured on CPU (Triton interpreter, B=2, H=2,
+Lq=37, Lkv=29, D=32): float32 <= 9e-7, float16 <= 6e-4, bfloat16 <= 7e-3 (2e-2 for a slope
+gradient, a sum over every (query, key) pair).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+from attndsl.codegen.backward import backward_spec, transpose_block_tables
+from hypothesis import given
+from hypothesis import strategies as st
+
+import attndsl
+from attndsl import eager
+from attndsl.autograd import (
+    backward_source,
+    flex_attention_trainable,
+    load_backward_module,
+    register_spec,
+)
+from attndsl.frontend.flex import lower_flex
+from attndsl.ir import expr as E
+from attndsl.ir.cascade import Cascade
+from attndsl.passes.grad import GradError, diff, gather_grads
+
+Tensor = torch.Tensor
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 4e-2}
+S_LOAD = E.load("S", tuple(E.index(i) for i in "bhmn"))
+
+
+def causal(b, h, q, kv):
+    return kv <= q
+
+
+# -- the oracle -------------------------------------------------------------------------------
+
+def _run_differentiable(c: Cascade, tensors: dict[str, Tensor], params: dict) -> dict:
+    """run_cascade's evaluation in one chunk without detaching the inputs (run_cascade copies
+    them with .detach()), so that torch autograd differentiates the oracle."""
+    sizes = eager.bind_extents(c, tensors)
+    values = {**params, **sizes}
+    axes = [i.name for i in c.indices]
+    ranges = {i.name: torch.arange(int(sizes.get(i.extent, values.get(i.extent, 1))))
+              for i in c.indices}
+    inter: dict = {}
+    ctx = eager._Ctx(axes, ranges, tensors, values, c.role("key"), torch.float64, inter)
+    if c.mask is not None:
+        ctx.mask = eager._eval(c.mask.expr, ctx)
+    for eq in c.equations:
+        inter[eq.name] = (eq.indices, eager._eval_equation(eq, ctx))
+    return {o: eager._compact(inter[o][1], inter[o][0], axes, ranges) for o in c.outputs}
+
+
+def oracle(c: Cascade, tensors: dict[str, Tensor], params: dict) -> dict:
+    """The float64 oracle's outputs, differentiable in ``tensors``."""
+    out = attndsl.run_cascade(c, tensors, params)
+    if out["O"].requires_grad:
+        return out
+    return _run_differentiable(c, tensors, params)
+
+
+def _leaf64(t: Tensor) -> Tensor:
+    """A float64 leaf that requires grad (float tensors), or the detached tensor (others)."""
+    return t.detach().double().requires_grad_() if t.is_floating_point() else t.detach()
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    assert not torch.isnan(a).any(), "NaN in a gradient"
+    return (a.double() - b).abs().max().item() / max(1.0, b.abs().max().item())
+
+
+def _loss(out: Tensor, lse: Tensor, do: Tensor, dlse: Tensor | None) -> Tensor:
+    """<out, dO> (+ <lse, dLSE> over rows with keys): a loss whose gradient is (dO, dLSE)."""
+    loss = (out.double() * do).sum()
+    if dlse is not None:
+        loss = loss + (torch.where(torch.isinf(lse), 0.0, lse).double() * dlse).sum()
+    return loss
+
+
+def check_grads(score_mod: Callable | None = None, mask_mod: Callable | None = None, *,
+                captured: dict[str, Tensor] | None = None, B: int = 2, H: int = 2,
+                HKV: int = 2, Lq: int = 37, Lkv: int = 29, D: int = 16,
+                dtype: torch.dtype = torch.float32, lse_loss: bool = False,
+                deterministic: bool = False, block_mask=None, seed: int = 0) -> dict:
+    """Gradients of <O, dO> (+ <LSE, dLSE>) by the kernels vs torch autograd through the
+    float64 oracle; returns the relative errors by name and asserts them under TOL."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, D, generator=gen).to(dtype)
+               for h, n in ((H, Lq), (HKV, Lkv), (HKV, Lkv)))
+    do = torch.randn(B, H, Lq, D, generator=gen, dtype=torch.float64)
+    dlse = torch.randn(B, H, Lq, generator=gen, dtype=torch.float64) if lse_loss else None
+    captured = captured or {}
+    mine = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flex_attention_trainable(*mine, score_mod, block_mask=block_mask,
+                                        enable_gqa=H != HKV, return_lse=True,
+                                        mask_mod=mask_mod, deterministic=deterministic)
+    _loss(out, lse, do, dlse).backward()
+    ours = {"dq": mine[0].grad, "dk": mine[1].grad, "dv": mine[2].grad}
+    for name, t in captured.items():
+        ours[name], t.grad = t.grad, None
+    spec = lower_flex(score_mod, mask_mod or getattr(block_mask, "mask_mod", None))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    caps = {n: _leaf64(t) for n, t in spec.captured.items()}
+    res = oracle(spec.cascade, {"Q": ref[0], "K": ref[1], "V": ref[2], **caps},
+                 {"scale": 1.0 / math.sqrt(D), "G": H // HKV})
+    _loss(res["O"], res["LSE"], do, dlse).backward()
+    theirs = {"dq": ref[0].grad, "dk": ref[1].grad, "dv": ref[2].grad}
+    by_tensor = {id(t): n for n, t in spec.captured.items()}
+    for name, t in captured.items():
+        theirs[name] = caps[by_tensor[id(t)]].grad
+    errs = {name: _rel(ours[name], theirs[name]) for name in theirs}
+    errs["out"] = _rel(out, res["O"])
+    bad = {n: e for n, e in errs.items() if not e <= TOL[dtype]}
+    assert not bad, f"errors over {TOL[dtype]:g} ({dtype}): {bad}"
+    return errs
+
+
+# -- symbolic derivatives ----------------------------------------------------------------------
+
+def _score(fn: Callable) -> tuple[E.Expr, dict[str, Tensor]]:
+    spec = lower_flex(fn, None)
+    return spec.cascade.equation("T").expr, spec.captured
+
+
+def _eval(e: E.Expr, tensors: dict[str, Tensor]) -> Tensor:
+    shape = tensors["S"].shape
+    ranges = {i: torch.arange(n) for i, n in zip("bhmn", shape)}
+    return eager.eval_expr(e, list("bhmn"), ranges, tensors)
+
+
+def _numeric_check(fn: Callable, seed: int = 0) -> None:
+    """diff(T, S) and each gather site's derivative vs torch autograd, at random points."""
+    t_expr, captured = _score(fn)
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64).requires_grad_()
+    caps = {n: _leaf64(t) for n, t in captured.items()}
+    value = _eval(t_expr, {"S": s, **caps})
+    if value.requires_grad:
+        value.expand(s.shape).sum().backward()
+    want = s.grad if s.grad is not None else torch.zeros_like(s)
+    got = _eval(diff(t_expr, S_LOAD), {"S": s.detach(), **caps}).expand(s.shape)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for name, t in caps.items():
+        if not t.is_floating_point():
+            assert gather_grads(t_expr, name) == []
+            continue
+        scattered = torch.zeros_like(t)
+        for site, d in gather_grads(t_expr, name):
+            idx = [_eval(i, {"S": s}).expand(s.shape).reshape(-1) for i in site.src]
+            val = _eval(d, {"S": s.detach(), **caps}).expand(s.shape).reshape(-1)
+            scattered.index_put_(tuple(i.long() for i in idx) if idx else (), val.sum()
+                                 if not idx else val, accumulate=True)
+        torch.testing.assert_close(scattered, t.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_diff_softcap_golden() -> None:
+    t_expr, _ = _score(lambda s, b, h, q, kv: 30 * torch.tanh(s / 30))
+    d = diff(t_expr, S_LOAD)
+    assert str(d) == "1.0 - tanh(S[b, h, m, n] / 30) * tanh(S[b, h, m, n] / 30)"
+    _numeric_check(lambda s, b, h, q, kv: 30 * torch.tanh(s / 30))
+
+
+_TABLE = torch.randn(3, 13, dtype=torch.float64)
+_SLOPES = torch.rand(3, dtype=torch.float64)
+_IDS = torch.tensor([0, 1, 1, 2, 2, 3, 3])
+
+DIFF_CASES = {
+    "arith": lambda s, b, h, q, kv: (s * 3 - s / 2 + 1) * s - (-s) / (s * s + 1),
+    "exp_log": lambda s, b, h, q, kv: torch.exp(s / 4) + torch.exp2(s / 3) + torch.log(s * s + 1)
+    + torch.log2(s * s + 2),
+    "tanh_sigmoid": lambda s, b, h, q, kv: torch.tanh(s) * torch.sigmoid(s * 2),
+    "abs_sqrt_pow": lambda s, b, h, q, kv: torch.abs(s) + torch.sqrt(s * s + 1) + (s * s + 1) ** 1.5
+    + s ** 3 + (s * s + 2) ** (s / 4),
+    "max_min_where": lambda s, b, h, q, kv: torch.clamp(s, min=-0.3, max=0.7) + torch.relu(s)
+    + torch.where(q >= kv, s * 2, -s) + torch.maximum(s, s * s) + torch.minimum(s, 0.5 - s),
+    "cast_int": lambda s, b, h, q, kv: s * (q - kv) + (kv % 3).float() * s + (q > kv).float(),
+    "alibi": lambda s, b, h, q, kv: s + _SLOPES[h] * (kv - q),
+    "two_sites": lambda s, b, h, q, kv: s + _TABLE[h, q - kv + 6] * _TABLE[h, kv - q + 6]
+    + torch.tanh(_TABLE[h, q] * s),
+    "int_capture": lambda s, b, h, q, kv: torch.where(_IDS[q] == _IDS[kv], s, s * 0.5),
+    "no_score": lambda s, b, h, q, kv: _SLOPES[h] * q,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIFF_CASES))
+def test_diff_matches_autograd(name: str) -> None:
+    _numeric_check(DIFF_CASES[name])
+
+
+def test_gather_sites_are_separate_variables() -> None:
+    t_expr, captured = _score(DIFF_CASES["two_sites"])
+    (name,) = captured
+    sites = gather_grads(t_expr, name)
+    assert [E.render(s) for s, _ in sites] == [f"{name}[h, m - n + 6]", f"{name}[h, n - m + 6]",
+                                               f"{name}[h, m]"]
+    assert E.render(diff(E.load("S", (E.index("b"),)), S_LOAD)) == "0.0"
+    with pytest.raises(GradError):
+        diff(t_expr, E.index("m"))
+
+
+# -- generated backward source -----------------------------------------------------------------
+
+def test_backward_source_is_readable_and_safe() -> None:
+    slopes = torch.rand(2)
+    spec = lower_flex(lambda s, b, h, q, kv: 30 * torch.tanh(s / 30) + slopes[h] * (kv - q),
+                      causal)
+    src = backward_source(spec.cascade)
+    compile(src, "<backward>", "exec")
+    assert "make_block_ptr" not in src
+    for stage in ("# scores: S = scale * Q K^T", "# P = exp(T - LSE)", "# dP = dO V^T",
+                  "# dS = dT * dT/dS", "# dV += P^T dO", "dQ += scale * dS K",
+                  "# gradient of the captured tensor at"):
+        assert stage in src, stage
+    code = [ln for ln in src.splitlines() if not ln.lstrip().startswith("#")]
+    # spec names reach code lines only as repr'd strings in the metadata tables
+    assert [ln for ln in code if "cap0" in ln] == ["CAPTURED = {'cap0': ('C0', 1)}",
+                                                    "GRADS = {'cap0': 'DC0'}"]
+    bspec = backward_spec(spec.cascade)
+    assert E.render(bspec.dscore) == "1.0 - tanh(%s / 30) * tanh(%s / 30)"
+
+
+def test_backward_rejects_other_cascades() -> None:
+    from attndsl.codegen.triton import CodegenError
+
+    from attndsl.frontend.flex import attention_cascade
+    c = attention_cascade(None, None)
+    broken = c.replace_equations(tuple(eq for eq in c.equations if eq.name != "LSE"))
+    with pytest.raises(CodegenError, match="FlexAttention cascades only"):
+        backward_spec(broken)
+
+
+def test_transpose_block_tables() -> None:
+    dense = torch.rand(2, 1, 3, 4) < 0.5
+    num = dense.sum(-1).int()
+    idx = torch.argsort((~dense).int(), dim=-1, stable=True).int()
+    qn, qi = transpose_block_tables(num, idx, 4)
+    dense_t = dense.transpose(-1, -2)
+    assert torch.equal(qn, dense_t.sum(-1).int())
+    for r in range(4):
+        got = qi[0, 0, r, : int(qn[0, 0, r])].tolist()
+        assert got == torch.nonzero(dense_t[0, 0, r]).flatten().tolist()
+
+
+# -- gradients vs the oracle -------------------------------------------------------------------
+
+def test_no_mod() -> None:
+    check_grads()
+
+
+def test_causal() -> None:
+    check_grads(mask_mod=causal)
+
+
+def test_softcap() -> None:
+    check_grads(lambda s, b, h, q, kv: 4 * torch.tanh(s / 4))
+
+
+def test_alibi_learnable_slopes() -> None:
+    slopes = torch.rand(2, requires_grad=True)
+    check_grads(lambda s, b, h, q, kv: s + slopes[h] * (kv - q), causal,
+                captured={"slopes": slopes})
+
+
+def test_relative_bias_table() -> None:
+    table = torch.randn(2, 37 + 29 - 1, requires_grad=True)
+    check_grads(lambda s, b, h, q, kv: s + table[h, q - kv + 28], captured={"table": table})
+
+
+def test_full_bias_tensor() -> None:
+    bias = torch.randn(2, 2, 37, 29, requires_grad=True)
+    check_grads(lambda s, b, h, q, kv: s + bias[b, h, q, kv], causal, captured={"bias": bias})
+
+
+@pytest.mark.parametrize("hkv", [1, 2])
+def test_gqa(hkv: int) -> None:
+    slopes = torch.rand(4, requires_grad=True)
+    check_grads(lambda s, b, h, q, kv: s + slopes[h] * (kv - q), causal, H=4, HKV=hkv,
+                captured={"slopes": slopes})
+
+
+def test_lq_ne_lkv_and_d32() -> None:
+    check_grads(mask_mod=causal, Lq=13, Lkv=40, D=32)
+
+
+def test_non_contiguous_inputs_and_grad() -> None:
+    """(B, L, H, D) storage seen as (B, H, L, D), and an upstream gradient with zero strides."""
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(2, 21, 2, 16, generator=gen) for _ in range(3)]
+    ours = [t.clone().requires_grad_() for t in base]
+    ref = [t.clone().requires_grad_() for t in base]
+    out = flex_attention_trainable(*(t.transpose(1, 2) for t in ours), mask_mod=causal)
+    out.sum().backward()
+    want = flex_attention_trainable(*(t.transpose(1, 2).contiguous() for t in ref),
+                                    mask_mod=causal)
+    want.sum().backward()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fully_masked_rows_zero_grads() -> None:
+    def late(b, h, q, kv):
+        return (q >= 5) & (kv <= q)
+
+    check_grads(mask_mod=late)
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    out, lse = flex_attention_trainable(q, k, v, mask_mod=late, return_lse=True)
+    assert torch.isneginf(lse[:, :, :5]).all()
+    (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[:, :, :5] == 0).all() and (out[:, :, :5] == 0).all()
+
+
+def test_document_mask_int_capture() -> None:
+    """An integer captured tensor in the mask (no gradient) next to a float one in the score."""
+    doc = torch.tensor([0] * 10 + [1] * 17 + [2] * 10)
+    slopes = torch.rand(2, requires_grad=True)
+    check_grads(lambda s, b, h, q, kv: s + slopes[h] * (kv - q),
+                lambda b, h, q, kv: (doc[q] == doc[kv]) & (kv <= q), Lq=37, Lkv=37,
+                captured={"slopes": slopes})
+
+
+def test_everything_masked() -> None:
+    q, k, v = (torch.randn(1, 1, 9, 16, requires_grad=True) for _ in range(3))
+    out = flex_attention_trainable(q, k, v, mask_mod=lambda b, h, qi, kv: qi < 0)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert (t.grad == 0).all()
+
+
+def test_loss_through_lse() -> None:
+    table = torch.randn(2, 65, requires_grad=True)
+    check_grads(lambda s, b, h, q, kv: s + table[h, q - kv + 28], causal,
+                captured={"table": table}, lse_loss=True)
+
+
+def test_deterministic_dq() -> None:
+    slopes = torch.rand(4, requires_grad=True)
+    check_grads(lambda s, b, h, q, kv: 4 * torch.tanh(s / 4) + slopes[h] * (kv - q), causal,
+                H=4, HKV=2, captured={"slopes": slopes}, deterministic=True, lse_loss=True)
+
+
+def test_torch_block_mask() -> None:
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+
+    def window(b, h, q, kv):
+        return (kv <= q) & (q - kv < 20)
+
+    bm = fa.create_block_mask(window, 2, 2, 40, 40, device="cpu", BLOCK_SIZE=16)
+    assert bm.q_num_blocks is not None
+    check_grads(block_mask=bm, Lq=40, Lkv=40)
+    check_grads(block_mask=bm, Lq=40, Lkv=40, deterministic=True)
+
+
+def test_small_tiles_many_programs() -> None:
+    """The GPU-sized tile shapes (16-row query tiles) on the interpreter, against the default."""
+    slopes = torch.rand(2)
+    spec = lower_flex(lambda s, b, h, q, kv: s + slopes[h] * (kv - q), causal)
+    module = load_backward_module(spec.cascade)
+    register_spec(spec.cascade)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, do = (torch.randn(1, 2, 40, 16, generator=gen) for _ in range(4))
+    fwd = attndsl.api._compiled(spec.cascade)[1].launch(
+        {"Q": q, "K": k, "V": v}, {"scale": 0.25}, dict(spec.captured))
+    args = ({"Q": q, "K": k, "V": v}, {"O": fwd["O"], "LSE": fwd["LSE"]},
+            {"O": do, "LSE": None}, {"scale": 0.25}, dict(spec.captured), tuple(spec.captured))
+    base = module.launch_backward(*args)
+    small = {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 16}, "dq": {"BLOCK_M": 16, "BLOCK_N": 16}}
+    for det in (False, True):
+        other = module.launch_backward(*args, config=small, deterministic=det)
+        for name in base:
+            torch.testing.assert_close(other[name], base[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype: torch.dtype) -> None:
+    slopes = torch.rand(2, requires_grad=True)
+    check_grads(lambda s, b, h, q, kv: 4 * torch.tanh(s / 4) + slopes[h] * (kv - q), causal,
+                captured={"slopes": slopes}, dtype=dtype, D=32, lse_loss=True)
+    check_grads(dtype=dtype, D=32)
+
+
+@given(b=st.integers(1, 2), heads=st.sampled_from([(1, 1), (2, 1), (2, 2)]),
+       lq=st.integers(1, 40), lkv=st.integers(1, 40), d=st.sampled_from([16, 32]),
+       case=st.sampled_from(["softcap_causal", "relative_bias"]))
+def test_shapes_hypothesis(b: int, heads: tuple[int, int], lq: int, lkv: int, d: int,
+                           case: str) -> None:
+    h, hkv = heads
+    if case == "softcap_causal":
+        check_grads(lambda s, bi, hi, q, kv: 4 * torch.tanh(s / 4), causal, B=b, H=h, HKV=hkv,
+                    Lq=lq, Lkv=lkv, D=d)
+    else:
+        table = torch.randn(h, lq + lkv - 1, requires_grad=True)
+        check_grads(lambda s, bi, hi, q, kv: s + table[hi, q - kv + lkv - 1], B=b, H=h,
+                    HKV=hkv, Lq=lq, Lkv=lkv, D=d, captured={"table": table})
+
+
+# -- torch.compile -----------------------------------------------------------------------------
+
+COMPILE_SLOPES = torch.rand(2, requires_grad=True)
+
+
+def alibi(s, b, h, q, kv):
+    return s + COMPILE_SLOPES[h] * (kv - q)
+
+
+def _grads(fn: Callable, params: list[Tensor], seed: int = 0) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(1, 2, 20, 16, generator=gen) for _ in range(4))
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = fn(*inputs)
+    (out * do).sum().backward()
+    grads = [out.detach()] + [t.grad.clone() for t in inputs + params]
+    for t in params:
+        t.grad = None
+    return grads
+
+
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    """Custom ops with fake implementations: the compiled graph holds the two ops, no breaks;
+    captured tensors (here a global's) are lifted as graph inputs and get gradients."""
+    torch._dynamo.reset()
+
+    def fn(q, k, v):
+        return flex_attention_trainable(q, k, v, alibi, mask_mod=causal)
+
+    eager_grads = _grads(fn, [COMPILE_SLOPES])
+    compiled_grads = _grads(torch.compile(fn, fullgraph=True), [COMPILE_SLOPES])
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert COMPILE_SLOPES.grad is None and eager_grads[-1].abs().sum() > 0
+
+
+def test_torch_compile_module_and_recompiles() -> None:
+    """nn.Module parameters through a bound-method score_mod, a block mask, and a new
+    score_mod object triggers a recompile (the spec key is guarded by the function's id)."""
+    import torch._dynamo.testing
+
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+    torch._dynamo.reset()
+
+    class Biased(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(2, 39))
+
+        def score(self, s, b, h, q, kv):
+            return s + self.table[h, q - kv + 19]
+
+        def forward(self, q, k, v, bm):
+            return flex_attention_trainable(q, k, v, self.score, block_mask=bm)
+
+    mod = Biased()
+    bm = fa.create_block_mask(causal, 1, 2, 20, 20, device="cpu", BLOCK_SIZE=16)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(mod, fullgraph=True, backend=counter)
+    want = _grads(lambda q, k, v: mod(q, k, v, bm), [mod.table])
+    got = _grads(lambda q, k, v: compiled(q, k, v, bm), [mod.table])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+    def make(scale: float) -> Callable:
+        def sm(s, b, h, q, kv):
+            return s * scale
+        return sm
+
+    def fn(q, k, v, sm):
+        return flex_attention_trainable(q, k, v, sm)
+
+    cf = torch.compile(fn, fullgraph=True, backend=counter)
+    before = counter.frame_count
+    x = torch.randn(1, 1, 8, 16)
+    one, two = make(1.0), make(3.0)
+    torch.testing.assert_close(cf(x, x, x, one), fn(x, x, x, one))
+    torch.testing.assert_close(cf(x, x, x, two), fn(x, x, x, two))
+    cf(x, x, x, one)
+    assert counter.frame_count - before == 2
+
+
+# -- ahead-of-time GPU compile (no GPU needed) -------------------------------------------------
+
+_AOT_CHILD = r"""
+import inspect, json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["ATTNDSL_NO_INTERPRET"] = "1"
+from attndsl.runtime.aot import compile_kernel
+from attndsl.runtime.modules import import_path
+mod = import_path(sys.argv[1], "attndsl_bwd_aot")
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+cfg = mod.backward_config("cuda", 64, 64)
+half = {"Q", "K", "V", "DO", "O", "DK", "DV"}
+ints = ("q_num", "q_idx", "full_q_num", "full_q_idx", "kv_num", "kv_idx", "full_kv_num",
+        "full_kv_idx")
+out = {}
+for name, part in (("attention_bwd_dkdv_kernel", "dkdv"), ("attention_bwd_dq_kernel", "dq")):
+    fn = getattr(mod, name)
+    params = inspect.signature(fn).parameters
+    sig = {}
+    for a, p in params.items():
+        if "constexpr" in str(p.annotation):
+            continue
+        sig[a] = ("*fp16" if a in half else "*i32" if a in ints else "fp32" if a == "scale"
+                  else "i32" if "_s" in a or a.endswith("_len") or a in ("G", "n_heads",
+                  "n_kv_heads") else "*fp32")
+    c = cfg[part]
+    consts = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_E=64, BLOCK_F=64,
+                  SPARSITY=2, SPARSE_Q=128, SPARSE_KV=128, DOT_PRECISION="tf32", UPCAST=False,
+                  ATOMIC_DQ=True, **{f"NEED_{p}": True for p in mod.GRADS.values()})
+    consts = {k: v for k, v in consts.items() if k in params}
+    r = compile_kernel(fn, sig, consts, "sm_90", c["num_warps"], c["num_stages"])
+    out[part] = {"registers": r.registers, "spills": r.spill_stores, "tc": r.tc_kind}
+print(json.dumps(out))
+"""
+
+
+def test_backward_compiles_for_sm90() -> None:
+    """The generated kernels go through Triton's GPU compiler (ptxas) for sm90: the dK/dV
+    kernel with block tables, dQ atomics and a captured-tensor gradient, and the dQ kernel."""
+    try:
+        from attndsl.runtime.aot import find_cuobjdump
+        find_cuobjdump()
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"no Triton CUDA toolchain in this wheel: {err}")
+    slopes = torch.rand(2)
+    spec = lower_flex(lambda s, b, h, q, kv: 30 * torch.tanh(s / 30) + slopes[h] * (kv - q),
+                      causal)
+    path = load_backward_module(spec.cascade).__file__
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_CHILD, path], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["dkdv"]["tc"] == "HGMMA" and report["dq"]["tc"] == "HGMMA", report
+
+
+def test_flex_attention_routes_to_the_trainable_path() -> None:
+    """attndsl.flex_attention itself is differentiable when an input requires grad."""
+    import attndsl
+
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 19, 16, dtype=torch.float64).float().requires_grad_()
+               for _ in range(3))
+    slopes = torch.rand(2, requires_grad=True)
+
+    def alibi(s, b, h, qi, ki):
+        return s - slopes[h] * (qi - ki)
+
+    out, aux = attndsl.flex_attention(q, k, v, score_mod=alibi,
+                                      mask_mod=lambda b, h, qi, ki: ki <= qi,
+                                      return_aux=attndsl.AuxRequest(lse=True, max_scores=True))
+    (out.sum() + aux.lse.sum()).backward()
+    q2, k2, v2, s2 = (t.detach().double().requires_grad_() for t in (q, k, v, slopes))
+    kernel = attndsl.compile(score_mod=alibi, mask_mod=lambda b, h, qi, ki: ki <= qi)
+    ref = attndsl.run_cascade(kernel.compiled.cascade,
+                              {"Q": q2, "K": k2, "V": v2, "cap0": s2}, {"scale": 0.25, "G": 1})
+    (ref["O"].sum() + ref["LSE"].sum()).backward()
+    for ours, theirs in ((q, q2), (k, k2), (v, v2), (slopes, s2)):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(aux.max_scores.double(), ref["MAX"].detach(), atol=1e-5,
+                               rtol=1e-5)
