@@ -162,6 +162,11 @@ def _options(kernel_options: dict | None) -> dict:
     for k, v in (kernel_options or {}).items():
         if k in KERNEL_OPTIONS:
             out[k] = int(v)
+            if k.startswith("BLOCK") and (out[k] < 16 or out[k] & (out[k] - 1)):
+                raise AttentionError(f"kernel option {k}={v}: tile sizes must be powers of two "
+                                     f">= 16")
+            if not k.startswith("BLOCK") and out[k] < 1:
+                raise AttentionError(f"kernel option {k}={v} must be >= 1")
         elif k not in _IGNORED_FLEX_OPTIONS and k != "deterministic":
             raise AttentionError(f"unknown kernel option {k!r}; attndsl reads {KERNEL_OPTIONS}")
     return out
@@ -194,9 +199,12 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor,
                                 query.shape[1], lq, lkv, query.device)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    out = module.launch({"Q": query, "K": key, "V": value},
-                        {"scale": float(scale), "G": query.shape[1] // key.shape[1]},
-                        spec.captured, tables, _options(kernel_options))
+    try:
+        out = module.launch({"Q": query, "K": key, "V": value},
+                            {"scale": float(scale), "G": query.shape[1] // key.shape[1]},
+                            spec.captured, tables, _options(kernel_options))
+    except module.AttentionInputError as err:
+        raise AttentionError(str(err)) from None
     if return_aux is not None:
         return out["O"], AuxOutput(out["LSE"] if return_aux.lse else None,
                                    out["MAX"] if return_aux.max_scores else None)

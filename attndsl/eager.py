@@ -126,6 +126,8 @@ def _eval_node(node: Expr, memo: dict[Expr, Tensor], ctx: _Ctx) -> Tensor:
         return _load(node, [arg(i) for i in range(len(node.src))], ctx)
     if op is Op.CAST:
         return arg(0).to(_torch_dtype(node.arg, ctx.dtype))
+    if op is Op.LOG and node.src[0].op is Op.REDUCE_SUM and node.src[0].src[0].op is Op.EXP:
+        return _logsumexp(node.src[0], ctx)  # log(sum exp x), without overflow
     if op in _UNARY:
         x = arg(0)
         if op not in (Op.NEG, Op.ABS, Op.NOT):
@@ -215,7 +217,31 @@ def _reduce(node: Expr, ctx: _Ctx) -> Tensor:
     if mask is not None:
         low = -math.inf if body.dtype.is_floating_point else torch.iinfo(body.dtype).min
         body = torch.where(mask, body, torch.tensor(low, dtype=body.dtype))
-    return body.amax(axis, keepdim=True)
+    return _amax(body, axis)
+
+
+def _amax(x: Tensor, axis: int) -> Tensor:
+    """Max over an axis; -inf (or the dtype's minimum) over an empty one."""
+    if x.shape[axis] == 0:
+        shape = list(x.shape)
+        shape[axis] = 1
+        low = -math.inf if x.dtype.is_floating_point else torch.iinfo(x.dtype).min
+        return torch.full(shape, low, dtype=x.dtype)
+    return x.amax(axis, keepdim=True)
+
+
+def _logsumexp(node: Expr, ctx: _Ctx) -> Tensor:
+    """log(sum(n) exp(x)) = mx + log(sum(n) exp(x - mx)) over unmasked keys."""
+    x = _as_float(_eval(node.src[0].src[0], ctx), ctx.dtype)
+    axis = ctx.axes.index(node.arg)
+    full = list(x.shape)
+    full[axis] = ctx.ranges[node.arg].numel()
+    x = x.expand(torch.broadcast_shapes(x.shape, tuple(full)))
+    if node.arg == ctx.key and ctx.mask is not None:
+        x = torch.where(ctx.mask, x, torch.tensor(-math.inf, dtype=x.dtype))
+    mx = _amax(x, axis)
+    safe = torch.where(torch.isinf(mx), torch.zeros((), dtype=x.dtype), mx)
+    return safe + torch.log(torch.exp(x - safe).sum(axis, keepdim=True))
 
 
 def _softmax(node: Expr, ctx: _Ctx) -> Tensor:
@@ -227,7 +253,7 @@ def _softmax(node: Expr, ctx: _Ctx) -> Tensor:
     mask = ctx.mask if node.arg == ctx.key else None
     if mask is not None:
         x = torch.where(mask, x, torch.tensor(-math.inf, dtype=x.dtype))
-    mx = x.amax(axis, keepdim=True)
+    mx = _amax(x, axis)
     mx = torch.where(torch.isneginf(mx), torch.zeros((), dtype=x.dtype), mx)
     ex = torch.exp(x - mx)
     return _safe_div(ex, ex.sum(axis, keepdim=True))
@@ -287,6 +313,9 @@ def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
             outs[o].append(_compact(value, lhs, axes, ranges))
     qpos = {o: c.equation(o).indices.index(query) if query in c.equation(o).indices else None
             for o in c.outputs}
+    if extent[query] == 0:  # no query rows: empty outputs of the right shapes
+        return {o: torch.zeros([extent[i] for i in c.equation(o).indices], dtype=dtype)
+                for o in c.outputs}
     return {o: torch.cat(v, dim=qpos[o]) if qpos[o] is not None else v[0]
             for o, v in outs.items()}
 

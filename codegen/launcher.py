@@ -41,7 +41,7 @@ def default_config(head_dim: int, v_dim: int, dtype: torch.dtype, device_type: s
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     if wide <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
 
 
 def _next_pow2(x: int) -> int:
@@ -142,11 +142,13 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     bounds = [dummy, 0]
     if block_tables is not None:
         sparse_q, sparse_kv = int(block_tables["Q_BLOCK_SIZE"]), int(block_tables["KV_BLOCK_SIZE"])
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], sparse_q)
-        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], sparse_kv)
-        if sparse_q % cfg["BLOCK_M"] or sparse_kv % cfg["BLOCK_N"]:
-            raise AttentionInputError(f"block sizes ({sparse_q}, {sparse_kv}) must be multiples "
-                                      f"of the tile ({cfg['BLOCK_M']}, {cfg['BLOCK_N']})")
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], sparse_q & -sparse_q)  # largest power of 2
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], sparse_kv & -sparse_kv)  # dividing the block
+        if sparse_q % cfg["BLOCK_M"] or sparse_kv % cfg["BLOCK_N"] or \
+                min(cfg["BLOCK_M"], cfg["BLOCK_N"]) < 16:
+            raise AttentionInputError(
+                f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of a power-of-two "
+                f"tile >= 16; the tile is ({cfg['BLOCK_M']}, {cfg['BLOCK_N']})")
     if block_tables is not None and "bounds" in block_tables:
         sparsity = 3  # [query blocks, 4] = (lo, full_lo, full_hi, hi) in key blocks
         b = block_tables["bounds"].to(device=device, dtype=torch.int32).contiguous()

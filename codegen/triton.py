@@ -140,7 +140,10 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
         offs = " + ".join(f"({a[d]}) * {ptr}_s{d}" for d in range(rank)) or "0"
         axes = sorted(e.free_indices() & set(env.masks))
         mask = f", mask={' & '.join(env.masks[x] for x in axes)}, other=0" if axes else ""
-        return f"tl.load({ptr} + {offs}{mask})"
+        load = f"tl.load({ptr} + {offs}{mask})"
+        if e.dtype == FLOAT:  # 16-bit captured tensors are computed in fp32
+            return f"{load}.to(tl.float32)"
+        return f"({load} != 0)" if e.dtype == BOOL else load
     if op in _UNARY:
         return _UNARY[op].format(*a)
     if op is Op.NOT:

@@ -10,6 +10,9 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import attndsl
 
 MaskMod = Callable[..., torch.Tensor]
 ScoreMod = Callable[..., torch.Tensor]
@@ -77,9 +80,6 @@ def generator() -> torch.Generator:
 def demo(make: Callable[..., dict], enable_gqa: bool = False, B: int = 2, H: int = 4,
          Lq: int = 80, Lkv: int = 96) -> None:
     """Run one example through attndsl and torch's eager flex_attention; print the error."""
-    import attndsl
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     mods = make(B, H, Lq, Lkv)
     hkv = H // 2 if enable_gqa else H
     gen = torch.Generator().manual_seed(1)

@@ -1,5 +1,5 @@
 """Composition: ALiBi bias then tanh soft-capping (cap 30) as one score_mod, with a causal
-mask_mod -- score and mask programs combine freely (ALiBi, Press et al. 2022; Gemma 2 soft-capping)."""
+mask_mod -- score and mask programs combine freely (ALiBi, Press et al. 2022; Gemma 2)."""
 
 from __future__ import annotations
 

@@ -77,15 +77,16 @@ def lower_flex(score_mod: Callable | None = None, mask_mod: Callable | None = No
         traced = trace(score_mod, (E.load("S", (b, h, m, n)), b, h, m, n), "score_mod", ctx)
         score = traced.expr
         if score.dtype == BOOL:
-            raise ctx.fail("score_mod returned a boolean; did you mean to pass it as mask_mod?")
+            raise ctx.fail_in(score_mod, "score_mod returned a boolean; did you mean to pass it "
+                                         "as mask_mod?")
         if score.dtype == INT:
             score = E.unary(Op.CAST, score, FLOAT)
     if mask_mod is not None:
         traced = trace(mask_mod, (b, h, m, n), "mask_mod", ctx)
         mask = traced.expr
         if mask.dtype != BOOL:
-            raise ctx.fail(f"mask_mod must return a boolean (a comparison, &, |, ~), got a "
-                           f"{mask.dtype} expression: {mask}")
+            raise ctx.fail_in(mask_mod, f"mask_mod must return a boolean (a comparison, &, |, "
+                                        f"~), got a {mask.dtype} expression: {mask}")
     captured = {name: t for name, t in ctx.captured.values()}
     parts = [getattr(fn, "__name__", "fn") for fn in (score_mod, mask_mod) if fn is not None]
     return FlexSpec(attention_cascade(score, mask, "_".join(parts) or "dense", captured),

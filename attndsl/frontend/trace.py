@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,9 +48,18 @@ class TraceContext:
     fn_name: str
     captured: dict[int, tuple[str, torch.Tensor]] = field(default_factory=dict)
     prefix: str = "cap"
+    return_lines: dict[Any, int] = field(default_factory=dict)  # code object -> return line
 
     def fail(self, what: str) -> TraceError:
         return TraceError(f"cannot trace {self.fn_name}: {what}\n  at {_user_frame()}")
+
+    def fail_in(self, fn: Callable, what: str) -> TraceError:
+        """An error about ``fn``'s result, located at the line it returned from."""
+        code = getattr(fn, "__code__", None)
+        line = self.return_lines.get(code, code.co_firstlineno if code else 0)
+        where = f"{code.co_filename}:{line} in {code.co_name}()" if code else repr(fn)
+        name = getattr(fn, "__name__", type(fn).__name__)
+        return TraceError(f"cannot trace {name}: {what}\n  at {where}")
 
     def capture(self, t: torch.Tensor) -> str:
         key = id(t)
@@ -409,6 +419,14 @@ def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | N
     name = getattr(fn, "__name__", type(fn).__name__)
     ctx = ctx or TraceContext(fn_name=name)
     ctx.fn_name = name
+    code = getattr(fn, "__code__", None)
+
+    def on_return(frame: Any, event: str, arg: Any) -> None:
+        if event == "return" and frame.f_code is code:
+            ctx.return_lines[code] = frame.f_lineno
+
+    previous = sys.getprofile()
+    sys.setprofile(on_return)
     try:
         result = fn(*(Sym(a, ctx) for a in args))
     except TraceError:
@@ -418,6 +436,8 @@ def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | N
     except Exception as err:  # a user function failing on symbols: say where, keep the cause
         raise TraceError(f"cannot trace {name}: calling it with symbolic arguments raised "
                          f"{type(err).__name__}: {err}\n  at {_user_frame_of(err)}") from err
+    finally:
+        sys.setprofile(previous)
     if isinstance(result, bool | int | float):
         result = Sym(E.const(result), ctx)
     if isinstance(result, torch.Tensor) and result.dim() == 0:
