@@ -221,6 +221,11 @@ def _trainable(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable | 
 
     options = dict(kernel_options or {})
     deterministic = bool(options.pop("deterministic", False))
+    if block_mask is None and mask_mod is not None:  # tables from the symbolic analysis
+        from attndsl.block_mask import create_block_mask
+
+        block_mask = create_block_mask(mask_mod, query.shape[0], query.shape[1],
+                                       query.shape[2], key.shape[2], device=query.device)
     if _options(options):
         raise AttentionError(f"kernel options {sorted(_options(options))} are not supported "
                              f"when gradients are needed")

@@ -36,6 +36,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     compiled = compile_cascade(cascade)
     source = module_source(compiled.kernel)
     ms = (time.perf_counter() - t0) * 1e3
+    if args.target:  # record the ahead-of-time GPU report in the module's header
+        from attndsl.runtime.gpu_report import compile_reports, format_reports
+
+        report = format_reports(compile_reports(compiled.kernel, args.target, args.dtype,
+                                                args.head_dim, args.head_dim))
+        header = (f"# Target report ({args.target}, {args.dtype}, head dim {args.head_dim}), "
+                  f"compiled on the CPU:\n" + "\n".join(f"#   {ln}" for ln in
+                                                        report.splitlines()) + "\n")
+        source = header + source
     write_module(source, args.output)
     print(f"wrote {args.output}: {compiled.schedule.direct_passes}-pass cascade -> "
           f"{len(compiled.schedule.passes)}-pass kernel ({ms:.1f} ms from spec to source)")
@@ -132,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "for SPEC; it needs only torch and triton at run time.")
     c.add_argument("spec", help=spec_help)
     c.add_argument("-o", "--output", required=True, help="the .py module to write")
+    c.add_argument("--target", help="also compile for sm80/sm86/sm89/sm90 and record the "
+                   "resource report (registers, spills, shared memory) in the header")
+    c.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="input dtype for the --target report (default fp16)")
+    c.add_argument("--head-dim", type=int, default=64, help="head dim for the --target report")
     c.set_defaults(fn=cmd_compile)
     k = sub.add_parser("check", help="property-test a spec's kernel against the oracle",
                        description="Run SPEC's kernel on random shapes and dtypes and compare "

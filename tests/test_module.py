@@ -46,3 +46,22 @@ def test_launch_rejects_bad_inputs(module, inputs, message) -> None:
     q = torch.randn(1, 1, 8, 16)
     with pytest.raises(module.AttentionInputError, match=message):
         module.launch(inputs(q), {"scale": 0.25})
+
+
+@pytest.mark.parametrize("e, f", [(16, 16), (96, 64), (80, 96), (192, 128), (256, 256)])
+@pytest.mark.parametrize("lq", [1, 33])
+def test_head_dims_and_decoding(e: int, f: int, lq: int) -> None:
+    """Head dims 16..256 (non-powers of two too), value dim != qk dim, Lq = 1 decoding."""
+    torch.manual_seed(e + f + lq)
+    q, k = torch.randn(1, 2, lq, e), torch.randn(1, 2, 50, e)
+    v = torch.randn(1, 2, 50, f)
+
+    def causal_br(b, h, qi, ki):
+        return ki <= qi + (50 - lq)
+
+    out, lse = attndsl.flex_attention(q, k, v, mask_mod=causal_br, return_lse=True)
+    kernel = attndsl.compile(mask_mod=causal_br)
+    ref = attndsl.run_cascade(kernel.compiled.cascade, {"Q": q, "K": k, "V": v},
+                              {"scale": e ** -0.5, "G": 1})
+    torch.testing.assert_close(out.double(), ref["O"], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref["LSE"], atol=2e-5, rtol=2e-5)
