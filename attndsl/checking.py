@@ -53,12 +53,17 @@ def random_problem(c: Cascade, sizes: dict[str, int], dtype: torch.dtype,
             params.setdefault(p.name, 0.5 if p.dtype == FLOAT else 2)
     captured = dict(captured or {})
     for t in c.tensors:
+        if t.kind == "captured" and t.name in captured:
+            sizes.update(zip(t.dims, (int(s) for s in captured[t.name].shape)))
+    for t in c.tensors:
         if t.kind == "captured" and t.name not in captured:
             for d, ext in enumerate(t.dims):
                 if ext not in sizes:
                     sizes[ext] = _needed_extent(c, t.name, d, sizes, params)
     inputs = {}
     for t in c.tensors:
+        if t.name in captured:
+            continue
         shape = [sizes[d] for d in t.dims]
         if t.kind == "input":
             inputs[t.name] = torch.randn(shape, generator=gen).to(dtype).to(device)

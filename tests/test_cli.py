@@ -90,3 +90,12 @@ def test_help_on_every_command() -> None:
         assert proc.returncode == 0 and "usage: attndsl" in proc.stdout
 
 
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "examples").glob("*.[pa]*")
+                                        if p.suffix in (".py", ".attn")
+                                        and not p.name.startswith("_")), ids=lambda p: p.name)
+def test_every_example_checks_through_the_cli(path: Path, tmp_path: Path, capsys) -> None:
+    rc = main(["check", str(path), "--trials", "2", "--max-len", "40", "--dtypes", "fp32",
+               "-o", str(tmp_path / "kernel.py")])
+    assert rc == 0, capsys.readouterr().out
