@@ -123,17 +123,15 @@ SPARSE_BLOCK = 128
 def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: int, lkv: int,
                    device: torch.device) -> dict:
     """How the kernel skips key tiles for a mask given without a block mask: closed-form
-    per-query-tile ranges when the mask has them (evaluated in O(Lq / 128)), else block tables
-    built by the symbolic analysis (O(tiles), from per-tile summaries of captured data)."""
+    key-tile ranges computed by the kernel from its query-tile index when the mask has them
+    (no table at all), else block tables built by the symbolic analysis (O(tiles), from
+    per-tile summaries of captured data)."""
     key = (mask, tuple((n, id(t), t._version) for n, t in sorted(captured.items())), B, H, lq,
            lkv, str(device))
     if key in _PLANS:
         return _PLANS[key]
-    bounds = kv_tile_bounds(mask, SPARSE_BLOCK, SPARSE_BLOCK)
-    if bounds is not None:
-        ev = bounds.evaluate(lq, lkv)
-        table = torch.stack([ev["lo"], ev["full_lo"], ev["full_hi"], ev["hi"]], dim=1)
-        plan = {"bounds": table.to(device=device, dtype=torch.int32)}
+    if kv_tile_bounds(mask, SPARSE_BLOCK, SPARSE_BLOCK) is not None:
+        plan = {"closed_form": True}  # the kernel computes its key-tile ranges itself
     else:
         tiles = classify_tiles(mask, captured, B, H, lq, lkv, SPARSE_BLOCK, SPARSE_BLOCK)
         t = tiles.to_tables()

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
-from attndsl.ir.expr import render
+from attndsl.ir.expr import Op, render
 from attndsl.passes.pipeline import compile_cascade
 
 
@@ -32,23 +33,28 @@ def explain(c: Cascade, captured: dict[str, torch.Tensor] | None = None, lq: int
         f"{len(comp.schedule.passes)}-pass", str(comp.schedule)))
     out.append(_section("tile plan (Tile IR)", str(comp.kernel)))
     if comp.fused.mask is not None:
+        defaults = {p.name: E.const(p.default) for p in c.params if p.default is not None}
+        mask = comp.fused.mask.replace(
+            lambda n: defaults.get(n.arg) if n.op is Op.PARAM else None)
         out.append(_section(f"mask tiles at Lq={lq}, Lkv={lkv}",
-                            _mask_picture(comp.fused.mask, captured or {}, lq, lkv)))
+                            _mask_picture(mask, captured or {}, lq, lkv)))
     if target is not None:
         out.append(_section(f"GPU report for {target}", _target_report(comp, target)))
     return "\n".join(out)
 
 
 def _mask_picture(mask, captured, lq: int, lkv: int) -> str:
-    try:
-        from attndsl.passes.mask_analysis import classify_tiles
-    except ImportError:
-        return "(mask analysis unavailable)"
+    from attndsl.passes.mask_analysis import classify_tiles, kv_tile_bounds
+
     try:
         tiles = classify_tiles(mask, captured, 1, 1, lq, lkv, 128, 128)
     except (ValueError, RuntimeError, IndexError) as err:
         return f"(not analysable at these sizes: {err})"
-    return f"mechanism: {tiles.mechanism}\n{tiles.picture()}"
+    bounds = kv_tile_bounds(mask, 128, 128)
+    kernel = ("the kernel computes each query tile's key-tile ranges in closed form:\n"
+              + "\n".join(f"  {ln}" for ln in str(bounds).splitlines())) if bounds else \
+        f"the kernel reads block tables built by {tiles.mechanism}"
+    return f"{kernel}\n{tiles.picture()}"
 
 
 def _target_report(comp, target: str) -> str:

@@ -103,7 +103,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     """Run the kernel.  ``inputs``/``captured`` map tensor names to tensors, ``params`` scalar
     names to values.  ``block_tables`` (optional) holds kv_num_blocks, kv_indices,
     full_kv_num_blocks, full_kv_indices shaped [B or 1, H or 1, rows(, cols)] and
-    Q_BLOCK_SIZE/KV_BLOCK_SIZE.  Returns every output by name."""
+    Q_BLOCK_SIZE/KV_BLOCK_SIZE, or ``{"closed_form": True}`` to let the kernel compute each
+    query block's key-tile ranges (when BOUNDS_BLOCK is set).  Returns every output by name."""
     captured = dict(captured or {})
     device = _check(inputs, captured)
     sizes = _sizes(inputs, captured)
@@ -139,7 +140,11 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     tables = []
     sparse_q = sparse_kv = 1
     dummy = torch.zeros(4, dtype=torch.int32, device=device)
-    bounds = [dummy, 0]
+    if block_tables is not None and block_tables.get("closed_form"):
+        if BOUNDS_BLOCK is None:
+            raise AttentionInputError("this kernel's mask has no closed-form key-tile ranges")
+        block_tables = {"closed_form": True, "Q_BLOCK_SIZE": BOUNDS_BLOCK,
+                        "KV_BLOCK_SIZE": BOUNDS_BLOCK}
     if block_tables is not None:
         sparse_q, sparse_kv = int(block_tables["Q_BLOCK_SIZE"]), int(block_tables["KV_BLOCK_SIZE"])
         cfg["BLOCK_M"] = min(cfg["BLOCK_M"], sparse_q & -sparse_q)  # largest power of 2
@@ -149,10 +154,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
             raise AttentionInputError(
                 f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of a power-of-two "
                 f"tile >= 16; the tile is ({cfg['BLOCK_M']}, {cfg['BLOCK_N']})")
-    if block_tables is not None and "bounds" in block_tables:
-        sparsity = 3  # [query blocks, 4] = (lo, full_lo, full_hi, hi) in key blocks
-        b = block_tables["bounds"].to(device=device, dtype=torch.int32).contiguous()
-        bounds = [b, b.stride(0)]
+    if block_tables is not None and block_tables.get("closed_form"):
+        sparsity = 3  # the kernel computes each query block's key-tile ranges itself
         tables = [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
     elif block_tables is not None:
         sparsity = 2
@@ -181,7 +184,7 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     args += [values[p] for p in PARAMS]
     stats = cfg.pop("stats", None)  # an int32 tensor of 2 counters, for instrumentation
     cfg["counting"] = stats is not None
-    args += [n_heads, m_len, n_len, e_len, f_len] + tables + bounds + [
+    args += [n_heads, m_len, n_len, e_len, f_len] + tables + [
         stats if stats is not None else dummy]
 
     def run(c: dict) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
 from attndsl.ir.tile import Operand, RunningSum, TileKernel
+from attndsl.passes.tiling import BOUNDS_BLOCK
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -300,7 +301,9 @@ def _emit_tables(k: TileKernel, names: _Names, L: _Lines) -> None:
     L(0, "TENSOR_DIMS = " + repr(dict(k.tensor_dims)))
     L(0, "INDEX_EXTENTS = " + repr(dict(k.index_extents)))
     L(0, "PARAM_DEFAULTS = " + repr(dict(k.param_defaults)))
-    L(0, "PASSES = " + repr(len(k.passes)) + "\n")
+    L(0, "PASSES = " + repr(len(k.passes)))
+    L(0, "# closed-form key-tile ranges (SPARSITY 3) exist for this mask, in blocks of:")
+    L(0, "BOUNDS_BLOCK = " + repr(BOUNDS_BLOCK if k.bounds is not None else None) + "\n")
 
 
 def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str | None,
@@ -321,7 +324,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
     args += ["kv_num", "kv_num_s0", "kv_num_s1", "kv_num_s2", "kv_idx", "kv_idx_s0",
              "kv_idx_s1", "kv_idx_s2", "kv_idx_s3", "full_num", "full_num_s0", "full_num_s1",
              "full_num_s2", "full_idx", "full_idx_s0", "full_idx_s1", "full_idx_s2",
-             "full_idx_s3", "bounds", "bounds_s0", "stats"]
+             "full_idx_s3", "stats"]
     const = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "EVEN_N", "SPARSITY", "SPARSE_Q",
              "SPARSE_KV", "DOT_PRECISION", "UPCAST", "STATS"]
     types = _arg_types(k, names, args)
@@ -397,9 +400,13 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
         L(2, "# closed-form key-tile ranges of this query tile: masked [lo, full_lo), unmasked")
         L(2, "# [full_lo, full_hi), masked [full_hi, hi); everything else is empty")
         L(2, "sparse_row = (pid_m * BLOCK_M) // SPARSE_Q")
-        for i, name in enumerate(("lo", "full_lo", "full_hi", "hi")):
-            L(2, f"{name} = tl.minimum(tl.load(bounds + sparse_row * bounds_s0 + {i}) * SPARSE_KV, "
-                 f"N_len)")
+        if k.bounds is not None:
+            bounds_env = Env({"qt": "sparse_row"}, {}, {"M": "M_len", "N": "N_len"}, {}, {})
+            for name, expr in zip(("lo", "full_lo", "full_hi", "hi"), k.bounds):
+                L(2, f"{name} = tl.minimum(({render(expr, bounds_env)}) * SPARSE_KV, N_len)")
+        else:
+            L(2, "lo = 0  # this mask has no closed form: the launcher never selects SPARSITY 3")
+            L(2, "full_lo = 0\nfull_hi = 0\nhi = 0")
         for a, z, masked in (("lo", "full_lo", True), ("full_lo", "full_hi", False),
                              ("full_hi", "hi", True)):
             L(2, f"for start_n in range({a}, {z}, BLOCK_N):")
@@ -448,8 +455,7 @@ def _arg_types(k: TileKernel, names: _Names, args: list[str]) -> dict[str, str]:
     ptr: dict[str, str] = {names.tensors[o.tensor]: "*{dtype}" for o in k.operands}
     ptr.update({names.tensors[c]: _POINTER[dt] for c, _, dt in k.captured})
     ptr.update({names.outputs[s.name]: "*{dtype}" if s.tile else "*fp32" for s in k.stores})
-    ptr.update({t: "*i32" for t in ("kv_num", "kv_idx", "full_num", "full_idx", "bounds",
-                                    "stats")})
+    ptr.update({t: "*i32" for t in ("kv_num", "kv_idx", "full_num", "full_idx", "stats")})
     params = {names.params[p]: "fp32" if dt == FLOAT else "i32" for p, dt in k.params}
     out = {}
     for a in args:

@@ -33,7 +33,18 @@ def reports() -> dict:
                     jobs.append({"path": module, "target": target, "dtype": dtype, "e": d,
                                  "f": d, "sparsity": sparsity, "config": None,
                                  "example": path.stem})
+        if kernel.bounds is not None:  # the closed-form key-tile loop (SPARSITY 3) too
+            jobs.append({"path": module, "target": "sm90", "dtype": "fp16", "e": 64, "f": 64,
+                         "sparsity": 3, "config": None, "example": path.stem + ":bounds"})
     return {(r["example"], r["target"], r["dtype"], r["e"]): r for r in run_jobs(jobs)}
+
+
+def test_closed_form_loops_compile_without_spills(reports: dict) -> None:
+    closed = {k: r for k, r in reports.items() if k[0].endswith(":bounds")}
+    assert {k[0] for k in closed} >= {"causal:bounds", "sliding_window:bounds",
+                                      "prefix_lm:bounds"}
+    for r in closed.values():
+        assert "error" not in r and r["spills"] == 0 and r["tc_kind"] == "HGMMA", r
 
 
 @pytest.mark.parametrize("target", TARGETS)

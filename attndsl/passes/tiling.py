@@ -34,6 +34,19 @@ def _operand(load: Expr, c: Cascade, row: str, col: str, side: str, var: str) ->
     return Operand(var, load.arg, side, load.src, rows[0], cols[0])
 
 
+BOUNDS_BLOCK = 128  # key-tile ranges are computed in blocks of 128 queries x 128 keys
+
+
+def _closed_form_bounds(mask: Expr | None, roles: dict[str, str]) -> tuple | None:
+    """(lo, full_lo, full_hi, hi) of each query block, when the mask has closed forms."""
+    from attndsl.passes.mask_analysis import kv_tile_bounds
+
+    if mask is None or (roles["query"], roles["key"]) != ("m", "n"):
+        return None
+    b = kv_tile_bounds(mask, BOUNDS_BLOCK, BOUNDS_BLOCK)
+    return None if b is None else (b.lo, b.full_lo, b.full_hi, b.hi)
+
+
 def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
     roles = {i.role: i.name for i in c.indices}
     m, n = roles["query"], roles["key"]
@@ -137,4 +150,4 @@ def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
                             if t.kind == "input" or t.name in captured),
                       tuple((i.name, i.extent) for i in c.indices),
                       tuple((p.name, p.default) for p in c.params if p.default is not None),
-                      str(c))
+                      str(c), _closed_form_bounds(mask, roles))
