@@ -78,13 +78,28 @@ def kept_fraction(mask_mod, L: int, device: str = "cpu") -> float:
     return float(keep.float().mean())
 
 
-def _time_case(flex, q, k, v, score_mod, bm, name: str, flops: float) -> dict:
+def _fwd_bwd(fn, q, k, v):
+    """Forward plus backward of one attention call (gradients of q, k, v)."""
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        fn().sum().backward()
+    return run
+
+
+def _time_case(flex, q, k, v, score_mod, bm, name: str, flops: float,
+               backward: bool = False) -> dict:
     import triton
 
     fns = {"attndsl": lambda: attndsl.flex_attention(q, k, v, score_mod=score_mod,
                                                       block_mask=bm),
            "flex": lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm)}
-    if name in ("dense", "causal"):
+    if backward:  # forward + backward, FLOPs counted as 3.5x forward (backward = 2.5x)
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        fns = {impl: _fwd_bwd(fn, q, k, v) for impl, fn in fns.items()}
+        flops *= 3.5
+    elif name in ("dense", "causal"):
         fns["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=name == "causal")
     row = {}
@@ -114,7 +129,8 @@ def bench_gpu(args: argparse.Namespace) -> list[dict]:
                     frac = kept_fraction(mask, L, "cuda")
                     flops = 4 * B * H * L * L * D * frac
                     row = {"case": name, "dtype": str(dtype), "L": L, "B": B, "H": H, "D": D}
-                    row.update(_time_case(flex, q, k, v, mods.get("score_mod"), bm, name, flops))
+                    row.update(_time_case(flex, q, k, v, mods.get("score_mod"), bm, name, flops,
+                                          args.backward))
                     row["vs_flex"] = row["flex_ms"] / row["attndsl_ms"]
                     if "sdpa_ms" in row:
                         row["vs_sdpa"] = row["sdpa_ms"] / row["attndsl_ms"]
@@ -174,6 +190,8 @@ def bench_cpu(args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer sizes")
+    p.add_argument("--backward", action="store_true",
+                   help="GPU: time forward + backward instead of forward only")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     gpu = torch.cuda.is_available()
