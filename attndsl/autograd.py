@@ -46,7 +46,7 @@ from attndsl import api
 from attndsl.codegen.backward import generate_backward
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
-from attndsl.runtime.modules import VERSION, cache_dir, import_path, write_module
+from attndsl.runtime.modules import VERSION, load_source
 
 Tensor = torch.Tensor
 TABLE_KEYS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
@@ -70,7 +70,6 @@ class SpecEntry:
 
 
 _SPECS: dict[str, SpecEntry] = {}
-_BACKWARD_MODULES: dict[str, ModuleType] = {}
 
 
 def spec_key(cascade: Cascade) -> str:
@@ -95,14 +94,7 @@ def backward_source(cascade: Cascade) -> str:
 
 def load_backward_module(cascade: Cascade) -> ModuleType:
     """Generate, cache (by content hash) and import the backward module of ``cascade``."""
-    source = backward_source(cascade)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
-    if digest not in _BACKWARD_MODULES:
-        path = cache_dir() / f"kb_{digest}.py"
-        if not path.exists() or path.read_text() != source:
-            write_module(source, path)
-        _BACKWARD_MODULES[digest] = import_path(path, f"attndsl_generated_kb_{digest}")
-    return _BACKWARD_MODULES[digest]
+    return load_source(backward_source(cascade), "kb")
 
 
 # -- block tables as op arguments ---------------------------------------------------------------

@@ -61,13 +61,18 @@ def import_path(path: str | os.PathLike, name: str | None = None) -> ModuleType:
     return module
 
 
-def load_kernel_module(kernel: TileKernel) -> ModuleType:
-    """The imported module for a kernel, generating and caching it on first use."""
-    source = module_source(kernel)
+def load_source(source: str, prefix: str = "k") -> ModuleType:
+    """Import generated source, cached by content hash (in memory and in cache_dir())."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
-    if digest not in _LOADED:
-        path = cache_dir() / f"k_{digest}.py"
+    key = f"{prefix}_{digest}"
+    if key not in _LOADED:
+        path = cache_dir() / f"{key}.py"
         if not path.exists() or path.read_text() != source:
             write_module(source, path)
-        _LOADED[digest] = import_path(path, f"attndsl_generated_k_{digest}")
-    return _LOADED[digest]
+        _LOADED[key] = import_path(path, f"attndsl_generated_{key}")
+    return _LOADED[key]
+
+
+def load_kernel_module(kernel: TileKernel) -> ModuleType:
+    """The imported module for a kernel, generating and caching it on first use."""
+    return load_source(module_source(kernel))
