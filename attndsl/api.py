@@ -184,6 +184,9 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor,
     log-sum-exp is in natural log; fully masked rows give 0 and lse = -inf.
     """
     _check_qkv(query, key, value, enable_gqa)
+    if torch.compiler.is_compiling():  # custom ops with fake kernels: no graph breaks
+        return _trainable(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                          return_lse, kernel_options, mask_mod, return_aux)
     lq, lkv = query.shape[2], key.shape[2]
     tables = _block_tables(block_mask, lq, lkv)
     spec = lower_flex(score_mod, _mask_of(block_mask, mask_mod))
@@ -219,7 +222,7 @@ def _trainable(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable | 
 
     options = dict(kernel_options or {})
     deterministic = bool(options.pop("deterministic", False))
-    if block_mask is None and mask_mod is not None:  # tables from the symbolic analysis
+    if block_mask is None and mask_mod is not None and not torch.compiler.is_compiling():
         from attndsl.block_mask import create_block_mask
 
         block_mask = create_block_mask(mask_mod, query.shape[0], query.shape[1],
@@ -233,6 +236,9 @@ def _trainable(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable | 
     if return_aux is not None:
         max_scores = None
         if return_aux.max_scores:  # not differentiable: a forward-only run provides it
+            if torch.compiler.is_compiling():
+                raise AttentionError("return_aux=AuxRequest(max_scores=True) is not supported "
+                                     "inside torch.compile; request lse only")
             with torch.no_grad():
                 _, aux = flex_attention(query.detach(), key.detach(), value.detach(), score_mod,
                                         block_mask, scale, enable_gqa, mask_mod=mask_mod,

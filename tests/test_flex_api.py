@@ -488,3 +488,15 @@ def test_wrong_return_type_names_the_line(fn: Callable) -> None:
     with pytest.raises(attndsl.TraceError) as info:
         attndsl.flex_attention(q, k, v, **{kind: fn})
     assert line_of(fn) in str(info.value)
+
+
+def test_inference_under_torch_compile_fullgraph() -> None:
+    """A forward-only call inside torch.compile(fullgraph=True) runs as custom ops."""
+    def model(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return attndsl.flex_attention(q, k, v, mask_mod=causal) * 2
+
+    q, k, v = qkv(1, 2, 40, 40)
+    with torch.no_grad():
+        got = torch.compile(model, fullgraph=True)(q, k, v)
+        want = model(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
