@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from attndsl.eager import run_cascade
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import Expr
@@ -263,15 +264,76 @@ class Kernel:
     def __call__(self, inputs: dict[str, Tensor], params: dict | None = None,
                  captured: dict[str, Tensor] | None = None, block_mask: Any = None,
                  kernel_options: dict | None = None) -> dict[str, Tensor]:
-        """Run on named inputs; returns every output of the cascade by name."""
+        """Run on named inputs; returns every output of the cascade by name.
+
+        Differentiable: when an input or captured tensor requires grad, the backward pass
+        recomputes the cascade with the eager executor (float32, chunked over queries) and
+        differentiates it -- correct for every cascade, but not a fused kernel (FlexAttention
+        specs called through ``flex_attention`` get generated backward kernels instead)."""
         first = next(iter(inputs.values()))
         lq = first.shape[-2]
         tables = None
         if block_mask is not None:
             key = next(t for n, t in inputs.items() if n != next(iter(inputs)))
             tables = _block_tables(block_mask, lq, key.shape[-2])
-        return self.module.launch(inputs, params, {**self.captured, **(captured or {})},
-                                  tables, _options(kernel_options))
+        cap = {**self.captured, **(captured or {})}
+        run = lambda: self.module.launch(  # noqa: E731
+            inputs, params, cap, tables, _options(kernel_options))
+        tensors = {**inputs, **cap}
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())):
+            return run()
+        names = list(tensors)
+        outs = _EagerBackward.apply(self, run, names, dict(params or {}), *tensors.values())
+        return dict(zip(self.compiled.cascade.outputs, outs))
+
+
+class _EagerBackward(torch.autograd.Function):
+    """Forward: the generated kernel.  Backward: autograd through the eager executor."""
+
+    @staticmethod
+    def forward(ctx: Any, kernel: Kernel, run: Callable, names: list[str], params: dict,
+                *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.kernel, ctx.names, ctx.params = kernel, names, params
+        ctx.save_for_backward(*tensors)
+        out = run()
+        return tuple(out[o] for o in kernel.compiled.cascade.outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple:
+        tensors = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(t.requires_grad and t.is_floating_point())
+                  for t in tensors]
+        cascade = ctx.kernel.compiled.cascade
+        params = dict(ctx.params)
+        with torch.enable_grad():
+            ref = run_cascade(cascade, dict(zip(ctx.names, leaves)),
+                              _default_params(cascade, params, dict(zip(ctx.names, tensors))),
+                              dtype=torch.float32)
+            pairs = [(ref[o], g) for o, g in zip(cascade.outputs, grads)
+                     if g is not None and ref[o].requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs],
+                                      [x for x in leaves if x.requires_grad],
+                                      [g.to(o.device, o.dtype) for o, g in pairs],
+                                      allow_unused=True) if pairs else []
+        it = iter(got)
+        out = [next(it) if x.requires_grad else None for x in leaves]
+        out = [None if g is None else g.to(t.device, t.dtype) for g, t in zip(out, tensors)]
+        return (None, None, None, None, *out)
+
+
+def _default_params(cascade: Cascade, params: dict, tensors: dict[str, Tensor]) -> dict:
+    """The scalars the kernel's launcher would use: scale = 1/sqrt(qk dim), G from heads."""
+    from attndsl.eager import bind_extents
+
+    sizes = bind_extents(cascade, tensors)
+    out = dict(params)
+    qk = next((i.extent for i in cascade.indices if i.role == "qk"), None)
+    head = next((i.extent for i in cascade.indices if i.role == "head"), None)
+    if any(p.name == "scale" for p in cascade.params) and out.get("scale") is None:
+        out["scale"] = 1.0 / math.sqrt(sizes.get(qk, 1))
+    if any(p.name == "G" for p in cascade.params) and "G" not in out and "HKV" in sizes:
+        out["G"] = sizes[head] // sizes["HKV"]
+    return out
 
 
 def compile(spec: Cascade | None = None, *, score_mod: Callable | None = None,  # noqa: A001

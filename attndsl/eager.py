@@ -47,7 +47,11 @@ def _torch_dtype(d: str, fdtype: torch.dtype) -> torch.dtype:
 
 
 def _safe_div(a: Tensor, b: Tensor) -> Tensor:
-    return torch.where((a == 0) & (b == 0), torch.zeros((), dtype=a.dtype), a / b)
+    """a / b with 0 / 0 = 0 (and a finite gradient there: the divisor is replaced, not the
+    quotient, so autograd never multiplies 0 by inf)."""
+    both0 = (a == 0) & (b == 0)
+    return torch.where(both0, torch.zeros((), dtype=a.dtype),
+                       a / torch.where(both0, torch.ones((), dtype=b.dtype), b))
 
 
 def _as_float(x: Tensor, dtype: torch.dtype) -> Tensor:
