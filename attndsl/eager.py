@@ -176,18 +176,20 @@ def _load(node: Expr, idx: list[Tensor], ctx: _Ctx) -> Tensor:
         node.dtype != FLOAT else v.to(ctx.dtype)
 
 
-def _reduce_dims(node: Expr, ctx: _Ctx) -> tuple[Tensor, int]:
-    axis = ctx.axes.index(node.arg)
-    body = node.src[0]
-    if node.op is Op.REDUCE_SUM and body.op is Op.MUL and node.arg != ctx.key:
-        return _contract(body, node.arg, ctx), axis
-    return _eval(body, ctx), axis
-
-
-def _contract(body: Expr, idx: str, ctx: _Ctx) -> Tensor:
-    """sum over ``idx`` of a product, by einsum, without materialising the product."""
+def _contract(body: Expr, idx: str, ctx: _Ctx) -> Tensor | None:
+    """sum over ``idx`` of a product, by einsum, without materialising the product; over the
+    key index the mask is applied to the factor that spans it.  None if neither does."""
     a, b = _eval(body.src[0], ctx), _eval(body.src[1], ctx)
     a, b = _as_float(a, ctx.dtype), _as_float(b, ctx.dtype)
+    if idx == ctx.key and ctx.mask is not None:
+        spans = [all(t.shape[i] != 1 or ctx.mask.shape[i] == 1 for i in range(t.dim()))
+                 for t in (a, b)]
+        if spans[0]:
+            a = torch.where(ctx.mask, a, torch.zeros((), dtype=a.dtype))
+        elif spans[1]:
+            b = torch.where(ctx.mask, b, torch.zeros((), dtype=b.dtype))
+        else:
+            return None
     letters = "abcdefghijklmnopqrstuvwxyz"[: len(ctx.axes)]
 
     def sub(t: Tensor) -> tuple[Tensor, str]:
@@ -205,9 +207,12 @@ def _contract(body: Expr, idx: str, ctx: _Ctx) -> Tensor:
 
 
 def _reduce(node: Expr, ctx: _Ctx) -> Tensor:
-    body, axis = _reduce_dims(node, ctx)
-    if node.op is Op.REDUCE_SUM and body.shape[axis] == 1 and node.arg != ctx.key:
-        return body  # contracted already
+    axis = ctx.axes.index(node.arg)
+    if node.op is Op.REDUCE_SUM and node.src[0].op is Op.MUL:
+        contracted = _contract(node.src[0], node.arg, ctx)
+        if contracted is not None:
+            return contracted
+    body = _eval(node.src[0], ctx)
     full = list(body.shape)
     full[axis] = ctx.ranges[node.arg].numel()
     body = body.expand(torch.broadcast_shapes(body.shape, tuple(full)))
@@ -299,7 +304,8 @@ def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
             raise EagerError(f"extent {i.extent} of index {i.name} is not bound")
         extent[i.name] = int(sizes.get(i.extent, params.get(i.extent)))
     query, key = c.role("query"), c.role("key")
-    per_query = max(1, math.prod(v for k, v in extent.items() if k != query))
+    qk = c.role("qk")  # contracted by einsum, never materialised with the query rows
+    per_query = max(1, math.prod(v for k, v in extent.items() if k not in (query, qk)))
     chunk = max(1, min(extent[query], max_elements // per_query))
     cpu = {k: v.cpu() for k, v in tensors.items()}  # differentiable: autograd flows through
     outs: dict[str, list[Tensor]] = {o: [] for o in c.outputs}
