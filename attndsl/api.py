@@ -100,8 +100,8 @@ def _block_tables(block_mask: Any, lq: int, lkv: int) -> dict | None:
     """Tables of torch's BlockMask or attndsl's (same field names)."""
     if block_mask is None:
         return None
-    for attr in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE"):
-        if not hasattr(block_mask, attr):
+    for attr in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE"):  # on the class: tables may be
+        if not hasattr(type(block_mask), attr) and attr not in vars(block_mask):  # built lazily
             raise AttentionError(f"block_mask must be a BlockMask (torch's or attndsl's); "
                                  f"{type(block_mask).__name__} has no {attr}")
     seq = getattr(block_mask, "seq_lengths", None)
@@ -111,6 +111,8 @@ def _block_tables(block_mask: Any, lq: int, lkv: int) -> dict | None:
                              f"create_block_mask(..., {lq}, {lkv})")
     bs = block_mask.BLOCK_SIZE
     q_bs, kv_bs = (bs, bs) if isinstance(bs, int) else bs
+    if getattr(block_mask, "closed_form", False) and (q_bs, kv_bs) == (SPARSE_BLOCK,) * 2:
+        return {"closed_form": True, "Q_BLOCK_SIZE": q_bs, "KV_BLOCK_SIZE": kv_bs}
     return {"kv_num_blocks": block_mask.kv_num_blocks, "kv_indices": block_mask.kv_indices,
             "full_kv_num_blocks": getattr(block_mask, "full_kv_num_blocks", None),
             "full_kv_indices": getattr(block_mask, "full_kv_indices", None),

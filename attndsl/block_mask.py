@@ -34,6 +34,7 @@ from attndsl.passes.mask_analysis import (
     TileMap,
     classify_tiles,
     dense_to_ordered,
+    kv_tile_bounds,
 )
 
 Tensor = torch.Tensor
@@ -50,23 +51,40 @@ class BlockMask:
     [B, H, nk, nq] (int32); B and H are 1 when broadcast.  ``mask`` / ``captured`` are the
     traced mask expression and its captured tensors (traced lazily for masks taken from
     torch); ``mechanism`` says how the tables were made.
+
+    A mask with closed-form key-tile ranges (``closed_form``) builds its tables only when they
+    are first read: attndsl's kernels compute the ranges themselves and never need them.
     """
 
     seq_lengths: tuple[int, int]
-    kv_num_blocks: Tensor
-    kv_indices: Tensor
-    full_kv_num_blocks: Tensor | None
-    full_kv_indices: Tensor | None
-    q_num_blocks: Tensor | None
-    q_indices: Tensor | None
-    full_q_num_blocks: Tensor | None
-    full_q_indices: Tensor | None
     BLOCK_SIZE: tuple[int, int]
     mask_mod: MaskMod | None = None
     mask: Expr | None = None
     captured: dict[str, Tensor] | None = None
     mechanism: str = ""
-    tile_map: TileMap | None = dataclasses.field(default=None, repr=False)
+    closed_form: bool = False
+    tables: dict[str, Tensor | None] | None = dataclasses.field(default=None, repr=False)
+    build: Callable[[], tuple[dict, TileMap]] | None = dataclasses.field(default=None,
+                                                                         repr=False)
+    built_tile_map: TileMap | None = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def from_tables(cls, seq_lengths: tuple[int, int], *tables: Tensor | None,
+                    **kw: Any) -> BlockMask:
+        """From the eight tables, in torch's order (TABLES)."""
+        return cls(tuple(seq_lengths), tables=dict(zip(TABLES, tables)), **kw)
+
+    def _table(self, name: str) -> Tensor | None:
+        if self.tables is None:
+            assert self.build is not None
+            self.tables, self.built_tile_map = self.build()
+        return self.tables[name]
+
+    @property
+    def tile_map(self) -> TileMap | None:
+        if self.tables is None and self.build is not None:
+            self._table(TABLES[0])
+        return self.built_tile_map
 
     # -- torch interop -------------------------------------------------------------------------
     def to_torch(self) -> Any:
@@ -74,7 +92,7 @@ class BlockMask:
         from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
         from torch.nn.attention.flex_attention import noop_mask as torch_noop
 
-        return TorchBlockMask(self.seq_lengths, *(getattr(self, k) for k in TABLES),
+        return TorchBlockMask(self.seq_lengths, *(self._table(k) for k in TABLES),
                               BLOCK_SIZE=self.BLOCK_SIZE,
                               mask_mod=self.mask_mod if self.mask_mod is not None else torch_noop)
 
@@ -89,8 +107,9 @@ class BlockMask:
                                           tables[f"{pre}kv_indices"])
                 q = dense_to_ordered(dense.transpose(-2, -1))
                 tables[f"{pre}q_num_blocks"], tables[f"{pre}q_indices"] = q
-        return cls(tuple(tbm.seq_lengths), **tables, BLOCK_SIZE=tuple(tbm.BLOCK_SIZE),
-                   mask_mod=tbm.mask_mod, mechanism="from torch")
+        return cls.from_tables(tuple(tbm.seq_lengths), *(tables[k] for k in TABLES),
+                               BLOCK_SIZE=tuple(tbm.BLOCK_SIZE), mask_mod=tbm.mask_mod,
+                               mechanism="from torch")
 
     def traced(self) -> tuple[Expr, dict[str, Tensor]]:
         """The mask expression and captured tensors, tracing ``mask_mod`` the first time."""
@@ -136,11 +155,11 @@ class BlockMask:
 
     def to(self, device: torch.device | str) -> BlockMask:
         """A copy with every table (and captured tensor) on ``device``."""
-        moved = {k: None if getattr(self, k) is None else getattr(self, k).to(device)
+        moved = {k: None if self._table(k) is None else self._table(k).to(device)
                  for k in TABLES}
         captured = None if self.captured is None else \
             {k: v.to(device) for k, v in self.captured.items()}
-        return dataclasses.replace(self, **moved, captured=captured)
+        return dataclasses.replace(self, tables=moved, captured=captured, build=None)
 
     def __repr__(self) -> str:
         what = E.render(self.mask) if self.mask is not None else \
@@ -196,11 +215,34 @@ def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: in
     b, h = _size("B", B, 1), _size("H", H, 1)
     q_len, kv_len = _size("Q_LEN", Q_LEN), _size("KV_LEN", KV_LEN)
     mask, captured = mask_expr(mask_mod)
-    tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
     dev = _default_device(device)
-    tables = [t.to(dev) for t in tm.to_tables(torch_boundary=True)]
-    return BlockMask((q_len, kv_len), *tables, BLOCK_SIZE=(bm, bn), mask_mod=mask_mod, mask=mask,
-                     captured=captured, mechanism=tm.mechanism, tile_map=tm)
+
+    def build() -> tuple[dict, TileMap]:
+        tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
+        return dict(zip(TABLES, (t.to(dev) for t in tm.to_tables(torch_boundary=True)))), tm
+
+    if _has_closed_form(mask, bm, bn):  # tables on first read only
+        return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured,
+                         "closed-form bounds", closed_form=True, build=build)
+    tables, tm = build()
+    return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured, tm.mechanism,
+                     tables=tables, built_tile_map=tm)
+
+
+_CLOSED: dict = {}
+
+
+def _has_closed_form(mask: Expr, bm: int, bn: int) -> bool:
+    """Whether the mask's key-tile ranges have closed forms (cached per expression)."""
+    key = (mask, bm, bn)
+    if key not in _CLOSED:
+        _CLOSED[key] = kv_tile_bounds(mask, bm, bn) is not None
+    return _CLOSED[key]
+
+
+for _name in TABLES:
+    setattr(BlockMask, _name, property(lambda self, _k=_name: self._table(_k),
+                                       doc=f"torch BlockMask table {_name} (built on first read)"))
 
 
 # -- composition ---------------------------------------------------------------------------------

@@ -68,3 +68,19 @@ def test_torch_block_mask_tables_drive_the_same_visits() -> None:
     _, _, stats, _ = _run_counting(MASKS["causal"], 256, 256, plan)
     # 2 query blocks x 4 programs each; row 0: 1 partial block, row 1: 1 full + 1 partial
     assert (int(stats[0]), int(stats[1])) == (4 * 4, 2 * 4 * 4)
+
+
+def test_closed_form_block_mask_never_builds_tables() -> None:
+    """attndsl.create_block_mask on a closed-form mask is O(1) in L; the kernel computes the
+    key-tile ranges itself, and the tables appear only when read (equal to torch's)."""
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create
+
+    bm = attndsl.create_block_mask(MASKS["sliding"], None, None, 300, 300, device="cpu")
+    assert bm.closed_form and bm.tables is None
+    q = torch.randn(1, 2, 300, 16)
+    out = attndsl.flex_attention(q, q, q, block_mask=bm)
+    assert bm.tables is None
+    torch.testing.assert_close(out, attndsl.flex_attention(q, q, q, mask_mod=MASKS["sliding"]))
+    ref = torch_create(MASKS["sliding"], None, None, 300, 300, device="cpu")
+    assert torch.equal(bm.kv_num_blocks, ref.kv_num_blocks)
+    assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
