@@ -139,3 +139,16 @@ def test_render_parenthesises_comparisons_under_and() -> None:
     m, n = E.index("m"), E.index("n")
     e = E.binary(E.Op.AND, E.binary(E.Op.LE, n, m), E.binary(E.Op.LT, m - n, 8))
     assert E.render(e) == "(n <= m) & (m - n < 8)"
+
+
+def test_tracing_under_a_running_profiler() -> None:
+    """The tracer's return-line hook must not displace (or break on) a user's profiler."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        spec = lower_flex(SCORE_MODS["softcap"], MASK_MODS["causal"])
+    finally:
+        profiler.disable()
+    assert spec.cascade.mask is not None

@@ -425,8 +425,9 @@ def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | N
         if event == "return" and frame.f_code is code:
             ctx.return_lines[code] = frame.f_lineno
 
-    previous = sys.getprofile()
-    sys.setprofile(on_return)
+    hook = sys.getprofile() is None  # never displace a profiler the user is running
+    if hook:
+        sys.setprofile(on_return)
     try:
         result = fn(*(Sym(a, ctx) for a in args))
     except TraceError:
@@ -437,7 +438,8 @@ def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | N
         raise TraceError(f"cannot trace {name}: calling it with symbolic arguments raised "
                          f"{type(err).__name__}: {err}\n  at {_user_frame_of(err)}") from err
     finally:
-        sys.setprofile(previous)
+        if hook:
+            sys.setprofile(None)
     if isinstance(result, bool | int | float):
         result = Sym(E.const(result), ctx)
     if isinstance(result, torch.Tensor) and result.dim() == 0:
