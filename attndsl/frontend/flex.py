@@ -100,4 +100,4 @@ def mask_expr(mask_mod: Callable) -> tuple[E.Expr, dict[str, torch.Tensor]]:
     return spec.cascade.mask.expr, spec.captured
 
 
-__all__ = ["FLOAT", "FlexSpec", "attention_cascade", "lower_flex", "mask_expr"]
+__all__ = ["FlexSpec", "attention_cascade", "lower_flex", "mask_expr"]

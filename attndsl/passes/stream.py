@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from attndsl.ir import expr as E
-from attndsl.ir.expr import FLOAT, Expr, IRError, Op
+from attndsl.ir.expr import Expr, IRError, Op
 from attndsl.passes.lower import Fused, expand_softmax
 from attndsl.passes.rules import LN2, LOG2E, MERGE_EXP, RULES, rewrite
 
@@ -504,4 +504,4 @@ def derive_schedule(fused: Fused, stream: bool = True) -> Schedule:
                     tuple(rules_fired) + (f"passes: {direct}-pass -> {npass}-pass",))
 
 
-__all__ = ["FLOAT", "NotStreamable", "Reduction", "Schedule", "derive_schedule", "passes_needed"]
+__all__ = ["NotStreamable", "Reduction", "Schedule", "derive_schedule", "passes_needed"]
