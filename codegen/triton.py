@@ -506,7 +506,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             keep = "keep"
         bounded = masked or "not EVEN_N"
         for mx in p.maxes:
-            L(0, f"y_{mx.var} = {render(mx.arg, env)}")
+            L(0, f"y_{mx.var} = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({render(mx.arg, env)})")
             _guard(L, bounded, f"y_{mx.var}", keep, 'float("-inf")')
             L(0, f"{mx.var}_new = tl.maximum({mx.var}, tl.max(y_{mx.var}, 1))")
             if mx.stabilizer:
@@ -545,7 +545,7 @@ def _emit_sum(L: _Lines, s: RunningSum, env: Env, bounded: bool | str, keep: str
     p = shared.get(("p", body))
     if p is None:
         p = shared[("p", body)] = f"p_{s.var}"
-        L(0, f"{p} = tl.broadcast_to({body}, [BLOCK_M, BLOCK_N])")
+        L(0, f"{p} = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({body})  # a full tile")
         _guard(L, bounded, p, keep, "0.0")
     if s.units:  # rescale by 2^(k * (old - new)); nothing accumulated yet when old is -inf
         alpha = shared.get(("alpha", s.units))

@@ -149,15 +149,29 @@ def test_softpick_stabiliser_is_floored() -> None:
     assert mx.floor0
 
 
-def test_variance_needs_two_passes() -> None:
-    """sum(n) (s - mean)^2 cannot be streamed by these rules: compiled as 2 passes."""
-    mean = E.reduce_sum("n", S()) / E.unary(Op.CAST, E.param("N", INT), "float")
-    var = E.reduce_sum("n", (S() - mean) * (S() - mean))
+def _mean() -> E.Expr:
+    return E.reduce_sum("n", S()) / E.unary(Op.CAST, E.param("N", INT), "float")
+
+
+def test_variance_expands_to_one_pass() -> None:
+    """sum(n) (s - mean)^2 distributes into sums of s^2, s and 1: one pass."""
+    var = E.reduce_sum("n", (S() - _mean()) * (S() - _mean()))
     c = cascade("variance", [("S", BHMN, qk()),
                              ("O", ("b", "h", "m", "f"), v_sum(S()) / (var + 1.0))])
     comp = compile_cascade(c)
-    assert comp.schedule.direct_passes == 2
-    assert len(comp.schedule.passes) == 2
+    assert comp.schedule.direct_passes == 2 and len(comp.schedule.passes) == 1
+    assert any(r.startswith("split-sum") for r in comp.schedule.fired)
+    _check_numerics(c, torch.float32, 1, 2, 1, 19, 33, 16, 16, seed=0)
+
+
+def test_nonlinear_use_of_a_reduction_needs_two_passes() -> None:
+    """sum(n) relu(s - mean) has no streaming rewrite here: compiled and reported as 2 passes."""
+    dev = E.reduce_sum("n", E.binary(Op.MAX, S() - _mean(), 0.0))
+    c = cascade("above_mean", [("S", BHMN, qk()),
+                               ("O", ("b", "h", "m", "f"), v_sum(S()) / (dev + 1.0))])
+    comp = compile_cascade(c)
+    assert comp.schedule.direct_passes == 2 and len(comp.schedule.passes) == 2
+    assert "passes: 2-pass -> 2-pass" in comp.schedule.fired
     _check_numerics(c, torch.float32, 1, 2, 1, 19, 33, 16, 16, seed=0)
 
 

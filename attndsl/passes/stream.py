@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from attndsl.ir import expr as E
-from attndsl.ir.expr import Expr, IRError, Op
+from attndsl.ir.expr import Expr, IRError, Op, is_const
 from attndsl.passes.lower import Fused, expand_softmax
 from attndsl.passes.rules import LN2, LOG2E, MERGE_EXP, RULES, rewrite
 
@@ -195,8 +195,10 @@ def _defer(key: str, fired: list[str]):
         if not out:
             return None
         keep = [fp for fp in factors if not _invariant(fp[0], key)]
-        if not keep:
-            return None
+        if not keep:  # sum(n) c -> c * sum(n) 1: the count of unmasked keys
+            if len(factors) == 1 and is_const(factors[0][0], 1.0):
+                return None
+            keep = [(E.const(1.0), 1)]
         new_sum = E.reduce_sum(key, _product(keep))
         fired.append(f"defer-division: {_short(_product(out))} leaves sum({key}) "
                      f"{_short(_product(keep))}")
@@ -404,6 +406,23 @@ def fold_scales(tile_indices: set[str]):
     return rule
 
 
+def cancel_factors(e: Expr) -> Expr | None:
+    """(a * x) / (b * x) -> a / b: a factor common to a quotient's numerator and denominator
+    cancels (so an exp(-max) that overflows on a fully masked row never meets a zero)"""
+    if e.op is not Op.DIV:
+        return None
+    factors = _factors(e)
+    power: dict[Expr, int] = {}
+    for f, p in factors:
+        power[f] = power.get(f, 0) + p
+    if all(abs(power[f]) == sum(abs(p) for g, p in factors if g == f) for f in power):
+        return None
+    kept: list[tuple[Expr, int]] = []
+    for f, p in power.items():
+        kept.extend([(f, 1 if p > 0 else -1)] * abs(p))
+    return _product(kept) if kept else E.const(1.0)
+
+
 def distribute_const(e: Expr) -> Expr | None:
     """(a - b) * c -> a * c - b * c and (a + b) * c -> a*c + b*c for a constant c"""
     if e.op is Op.MUL and e.src[0].op in (Op.ADD, Op.SUB) and e.src[1].op is Op.CONST:
@@ -453,7 +472,7 @@ def derive_schedule(fused: Fused, stream: bool = True) -> Schedule:
     units_of_row: dict[str, Units] = {}
     exp_units: dict[str, str] = {}
     twins: dict[str, str] = {}  # a max reduction that doubles as a stabiliser -> stabiliser
-    simple = RULES + MERGE_EXP + [fold_scales(tile_indices), distribute_const]
+    simple = RULES + MERGE_EXP + [fold_scales(tile_indices), distribute_const, cancel_factors]
     for level in range(1, npass + 1):
         stabs = _Stabilizers(key, prefix=f"mx{level - 1}_" if npass > 1 else "mx")
         reds = [r for r in all_reds if memo[r] == level]
