@@ -7,6 +7,7 @@ not load, trace, parse or compile (the message says why and where).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown dtype(s) {bad}; choose from {sorted(DTYPES)}")
     try:
         return args.fn(args)
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
+        return 0
     except USER_ERRORS as err:
         text = str(err)  # located errors (file:line:col: error: ...) are printed as they are
         prefix = "" if ": error: " in text.split("\n", 1)[0] else f"attndsl {args.command}: error: "
