@@ -277,6 +277,7 @@ def and_masks(*mask_mods: MaskMod) -> MaskMod:
             result = result & fn(b, h, q_idx, kv_idx)
         return result
 
+    and_mask.__name__ = "_and_".join(getattr(m, "__name__", "mask") for m in mask_mods)
     return and_mask
 
 
@@ -292,6 +293,8 @@ def or_masks(*mask_mods: MaskMod) -> MaskMod:
             result = result | fn(b, h, q_idx, kv_idx)
         return result
 
+    if mask_mods:
+        or_mask.__name__ = "_or_".join(getattr(m, "__name__", "mask") for m in mask_mods)
     return or_mask
 
 

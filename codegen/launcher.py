@@ -29,8 +29,7 @@ def _kernel(device_type: str):
     return _KERNELS[device_type]
 
 
-def default_config(head_dim: int, v_dim: int, dtype: torch.dtype, device_type: str,
-                   passes: int = 1) -> dict:
+def default_config(head_dim: int, v_dim: int, dtype: torch.dtype, device_type: str) -> dict:
     """Tile sizes and launch settings: BLOCK_M x BLOCK_N tiles, warps and pipeline stages.
     The GPU defaults are configs that compile without spills and fit in shared memory on
     sm80 and sm90 for every bundled example (tests/test_gpu_static.py checks this)."""

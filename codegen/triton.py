@@ -395,7 +395,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
                  f"+ sparse_row * {table}_idx_s2 + blk_i * {table}_idx_s3)")
             L(3, "for sub in range(0, SPARSE_KV // BLOCK_N):")
             L(4, "start_n = blk * SPARSE_KV + sub * BLOCK_N")
-            L(4, body(masked and k.mask is not None, True))
+            L(4, body(masked and k.mask is not None))
         L(1, "elif SPARSITY == 3:")
         L(2, "# closed-form key-tile ranges of this query tile: masked [lo, full_lo), unmasked")
         L(2, "# [full_lo, full_hi), masked [full_hi, hi); everything else is empty")
@@ -410,13 +410,13 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
         for a, z, masked in (("lo", "full_lo", True), ("full_lo", "full_hi", False),
                              ("full_hi", "hi", True)):
             L(2, f"for start_n in range({a}, {z}, BLOCK_N):")
-            L(3, body(masked and k.mask is not None, True))
+            L(3, body(masked and k.mask is not None))
         L(1, "elif SPARSITY == 1:")
         L(2, "for start_n in range(0, N_len, BLOCK_N):")
-        L(3, body(k.mask is not None, False))
+        L(3, body(k.mask is not None))
         L(1, "else:")
         L(2, "for start_n in range(0, N_len, BLOCK_N):")
-        L(3, body(False, False))
+        L(3, body(False))
         for mx in p.maxes:
             floor = f"tl.maximum({mx.var}, 0.0)" if mx.floor0 else \
                 f'tl.where({mx.var} == float("-inf"), 0.0, {mx.var})'
@@ -470,9 +470,9 @@ def _arg_types(k: TileKernel, names: _Names, args: list[str]) -> dict[str, str]:
 
 def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dict,
                finished: dict[str, str], m: str, n: str, b: str | None, h: str | None):
-    """Returns body(masked, check_bounds) -> the source of one key-tile step of pass p."""
+    """Returns body(masked) -> the source of one key-tile step of pass p."""
 
-    def body(masked: bool, table: bool) -> str:
+    def body(masked: bool) -> str:
         L = _Lines()
         L(0, f"if STATS:  # instrumentation: key tiles visited [0] and masked [1]\n"
              f"    tl.atomic_add(stats + {1 if masked else 0}, 1)")

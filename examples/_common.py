@@ -1,7 +1,7 @@
 """Shared pieces of the examples: mask/score composition and a small demo runner.
 
-The combinators are plain Python composition, so attndsl's tracer (and torch's vmap) see
-through them: ``and_masks(causal_mask, window)`` traces to ``(q >= kv) & (q - kv <= w)``.
+The mask combinators are attndsl's own ``and_masks`` / ``or_masks`` (plain Python composition,
+so attndsl's tracer and torch's vmap both see through them).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import attndsl
+from attndsl import and_masks, or_masks  # noqa: F401 - re-exported for the examples
 
 MaskMod = Callable[..., torch.Tensor]
 ScoreMod = Callable[..., torch.Tensor]
@@ -22,38 +23,6 @@ def causal_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
                 kv_idx: torch.Tensor) -> torch.Tensor:
     """Causal (top-left aligned, as torch's FlexAttention examples): query i sees keys <= i."""
     return q_idx >= kv_idx
-
-
-def and_masks(*masks: MaskMod) -> MaskMod:
-    """A mask_mod keeping (b, h, q, kv) when every one of ``masks`` keeps it."""
-    if not masks:
-        raise ValueError("and_masks needs at least one mask_mod")
-
-    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
-                 kv_idx: torch.Tensor) -> torch.Tensor:
-        keep = masks[0](b, h, q_idx, kv_idx)
-        for mask in masks[1:]:
-            keep = keep & mask(b, h, q_idx, kv_idx)
-        return keep
-
-    mask_mod.__name__ = "_and_".join(m.__name__ for m in masks)
-    return mask_mod
-
-
-def or_masks(*masks: MaskMod) -> MaskMod:
-    """A mask_mod keeping (b, h, q, kv) when any one of ``masks`` keeps it."""
-    if not masks:
-        raise ValueError("or_masks needs at least one mask_mod")
-
-    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
-                 kv_idx: torch.Tensor) -> torch.Tensor:
-        keep = masks[0](b, h, q_idx, kv_idx)
-        for mask in masks[1:]:
-            keep = keep | mask(b, h, q_idx, kv_idx)
-        return keep
-
-    mask_mod.__name__ = "_or_".join(m.__name__ for m in masks)
-    return mask_mod
 
 
 def compose_score_mods(*mods: ScoreMod) -> ScoreMod:
