@@ -24,11 +24,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from attndsl.block_mask import has_closed_form
 from attndsl.eager import run_cascade
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import Expr
-from attndsl.passes.mask_analysis import classify_tiles, kv_tile_bounds
+from attndsl.passes.mask_analysis import classify_tiles
 from attndsl.passes.pipeline import Compiled, compile_cascade
 from attndsl.runtime.modules import load_kernel_module, module_source
 
@@ -133,7 +134,7 @@ def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: 
            lkv, str(device))
     if key in _PLANS:
         return _PLANS[key]
-    if kv_tile_bounds(mask, SPARSE_BLOCK, SPARSE_BLOCK) is not None:
+    if has_closed_form(mask, SPARSE_BLOCK, SPARSE_BLOCK):
         plan = {"closed_form": True}  # the kernel computes its key-tile ranges itself
     else:
         tiles = classify_tiles(mask, captured, B, H, lq, lkv, SPARSE_BLOCK, SPARSE_BLOCK)

@@ -221,7 +221,7 @@ def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: in
         tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
         return dict(zip(TABLES, (t.to(dev) for t in tm.to_tables(torch_boundary=True)))), tm
 
-    if _has_closed_form(mask, bm, bn):  # tables on first read only
+    if has_closed_form(mask, bm, bn):  # tables on first read only
         return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured,
                          "closed-form bounds", closed_form=True, build=build)
     tables, tm = build()
@@ -232,7 +232,7 @@ def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: in
 _CLOSED: dict = {}
 
 
-def _has_closed_form(mask: Expr, bm: int, bn: int) -> bool:
+def has_closed_form(mask: Expr, bm: int, bn: int) -> bool:
     """Whether the mask's key-tile ranges have closed forms (cached per expression)."""
     key = (mask, bm, bn)
     if key not in _CLOSED:
