@@ -114,6 +114,9 @@ def _block_tables(block_mask: Any, lq: int, lkv: int) -> dict | None:
     q_bs, kv_bs = (bs, bs) if isinstance(bs, int) else bs
     if getattr(block_mask, "closed_form", False) and (q_bs, kv_bs) == (SPARSE_BLOCK,) * 2:
         return {"closed_form": True, "Q_BLOCK_SIZE": q_bs, "KV_BLOCK_SIZE": kv_bs}
+    if getattr(block_mask, "kv_ranges", None) is not None:
+        return {"kv_ranges": block_mask.kv_ranges, "Q_BLOCK_SIZE": int(q_bs),
+                "KV_BLOCK_SIZE": int(kv_bs)}
     return {"kv_num_blocks": block_mask.kv_num_blocks, "kv_indices": block_mask.kv_indices,
             "full_kv_num_blocks": getattr(block_mask, "full_kv_num_blocks", None),
             "full_kv_indices": getattr(block_mask, "full_kv_indices", None),
@@ -128,8 +131,9 @@ def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: 
                    device: torch.device) -> dict:
     """How the kernel skips key tiles for a mask given without a block mask: closed-form
     key-tile ranges computed by the kernel from its query-tile index when the mask has them
-    (no table at all), else block tables built by the symbolic analysis (O(tiles), from
-    per-tile summaries of captured data)."""
+    (no table at all), else tables built by the symbolic analysis (O(tiles), from per-tile
+    summaries of captured data): four key-tile bounds per query tile when every query tile
+    sees one interval of key tiles, block tables otherwise."""
     key = (mask, tuple((n, id(t), t._version) for n, t in sorted(captured.items())), B, H, lq,
            lkv, str(device))
     if key in _PLANS:
@@ -138,11 +142,15 @@ def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: 
         plan = {"closed_form": True}  # the kernel computes its key-tile ranges itself
     else:
         tiles = classify_tiles(mask, captured, B, H, lq, lkv, SPARSE_BLOCK, SPARSE_BLOCK)
-        t = tiles.to_tables()
-        plan = {"kv_num_blocks": t.kv_num_blocks.to(device),
-                "kv_indices": t.kv_indices.to(device),
-                "full_kv_num_blocks": t.full_kv_num_blocks.to(device),
-                "full_kv_indices": t.full_kv_indices.to(device)}
+        ranges = tiles.kv_ranges()
+        if ranges is not None:  # one interval of key tiles per query tile
+            plan = {"kv_ranges": ranges.to(device)}
+        else:
+            t = tiles.to_tables()
+            plan = {"kv_num_blocks": t.kv_num_blocks.to(device),
+                    "kv_indices": t.kv_indices.to(device),
+                    "full_kv_num_blocks": t.full_kv_num_blocks.to(device),
+                    "full_kv_indices": t.full_kv_indices.to(device)}
     plan.update(Q_BLOCK_SIZE=SPARSE_BLOCK, KV_BLOCK_SIZE=SPARSE_BLOCK)
     if len(_PLANS) > 64:
         _PLANS.clear()

@@ -54,6 +54,11 @@ class BlockMask:
 
     A mask with closed-form key-tile ranges (``closed_form``) builds its tables only when they
     are first read: attndsl's kernels compute the ranges themselves and never need them.
+    Likewise a mask whose every query tile sees one interval of key tiles (partial, full,
+    partial: document masks, padding, ...) keeps ``kv_ranges`` ([B, H, nq, 4] int32: lo,
+    full_lo, full_hi, hi key tiles), which is all attndsl's forward kernel reads; the torch
+    tables (and the q-major ones the backward reads) are built from the tile classes when
+    first read.
     """
 
     seq_lengths: tuple[int, int]
@@ -67,6 +72,7 @@ class BlockMask:
     build: Callable[[], tuple[dict, TileMap]] | None = dataclasses.field(default=None,
                                                                          repr=False)
     built_tile_map: TileMap | None = dataclasses.field(default=None, repr=False)
+    kv_ranges: Tensor | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_tables(cls, seq_lengths: tuple[int, int], *tables: Tensor | None,
@@ -82,7 +88,7 @@ class BlockMask:
 
     @property
     def tile_map(self) -> TileMap | None:
-        if self.tables is None and self.build is not None:
+        if self.built_tile_map is None and self.tables is None and self.build is not None:
             self._table(TABLES[0])
         return self.built_tile_map
 
@@ -123,7 +129,8 @@ class BlockMask:
     @property
     def shape(self) -> tuple[int, ...]:
         """(B, H, Q_LEN, KV_LEN), B and H as stored (1 when broadcast)."""
-        return tuple(self.kv_indices.shape[:-2]) + tuple(self.seq_lengths)
+        lead = self.kv_indices if self.kv_ranges is None else self.kv_ranges
+        return tuple(lead.shape[:-2]) + tuple(self.seq_lengths)
 
     def numel(self) -> int:
         n = 1
@@ -154,12 +161,24 @@ class BlockMask:
         return tm.picture(max_rows, max_cols)
 
     def to(self, device: torch.device | str) -> BlockMask:
-        """A copy with every table (and captured tensor) on ``device``."""
-        moved = {k: None if self._table(k) is None else self._table(k).to(device)
-                 for k in TABLES}
+        """A copy with every table (and captured tensor) on ``device``; tables not built yet
+        are built there when first read."""
         captured = None if self.captured is None else \
             {k: v.to(device) for k, v in self.captured.items()}
-        return dataclasses.replace(self, tables=moved, captured=captured, build=None)
+        ranges = None if self.kv_ranges is None else self.kv_ranges.to(device)
+        if self.tables is None:
+            assert self.build is not None
+            build = self.build
+
+            def build_there() -> tuple[dict, TileMap]:
+                tables, tm = build()
+                return {k: None if t is None else t.to(device) for k, t in tables.items()}, tm
+
+            return dataclasses.replace(self, captured=captured, kv_ranges=ranges,
+                                       build=build_there)
+        moved = {k: None if t is None else t.to(device) for k, t in self.tables.items()}
+        return dataclasses.replace(self, tables=moved, captured=captured, kv_ranges=ranges,
+                                   build=None)
 
     def __repr__(self) -> str:
         what = E.render(self.mask) if self.mask is not None else \
@@ -217,16 +236,24 @@ def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: in
     mask, captured = mask_expr(mask_mod)
     dev = _default_device(device)
 
-    def build() -> tuple[dict, TileMap]:
-        tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
-        return dict(zip(TABLES, (t.to(dev) for t in tm.to_tables(torch_boundary=True)))), tm
+    def tables_of(tm: TileMap) -> dict:
+        return dict(zip(TABLES, (t.to(dev) for t in tm.to_tables(torch_boundary=True))))
 
     if has_closed_form(mask, bm, bn):  # tables on first read only
+        def build() -> tuple[dict, TileMap]:
+            tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
+            return tables_of(tm), tm
+
         return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured,
                          "closed-form bounds", closed_form=True, build=build)
-    tables, tm = build()
+    tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
+    ranges = tm.kv_ranges()
+    if ranges is not None:  # the kernel reads the ranges; tables on first read only
+        return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured, tm.mechanism,
+                         build=lambda: (tables_of(tm), tm), built_tile_map=tm,
+                         kv_ranges=ranges.to(dev))
     return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured, tm.mechanism,
-                     tables=tables, built_tile_map=tm)
+                     tables=tables_of(tm), built_tile_map=tm)
 
 
 _CLOSED: dict = {}

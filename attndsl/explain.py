@@ -51,9 +51,14 @@ def _mask_picture(mask, captured, lq: int, lkv: int) -> str:
     except (ValueError, RuntimeError, IndexError) as err:
         return f"(not analysable at these sizes: {err})"
     bounds = kv_tile_bounds(mask, 128, 128)
-    kernel = ("the kernel computes each query tile's key-tile ranges in closed form:\n"
-              + "\n".join(f"  {ln}" for ln in str(bounds).splitlines())) if bounds else \
-        f"the kernel reads block tables built by {tiles.mechanism}"
+    if bounds is not None:
+        kernel = ("the kernel computes each query tile's key-tile ranges in closed form:\n"
+                  + "\n".join(f"  {ln}" for ln in str(bounds).splitlines()))
+    elif tiles.kv_ranges() is not None:
+        kernel = (f"the kernel reads a range table (lo, full_lo, full_hi, hi per query tile) "
+                  f"built by {tiles.mechanism}")
+    else:
+        kernel = f"the kernel reads block tables built by {tiles.mechanism}"
     return f"{kernel}\n{tiles.picture()}"
 
 

@@ -4,7 +4,11 @@ Compares, on the CPU, for causal, sliding window 1024 (causal), prefix-LM (prefi
 chunked local attention (chunks of 1024) and a 16-document mask (sorted random document
 boundaries) at each length:
 
-* ``attndsl``       -- attndsl.block_mask.create_block_mask (trace + tile analysis + tables);
+* ``attndsl``       -- attndsl.block_mask.create_block_mask (trace + tile analysis + what the
+                       kernel reads: nothing for closed-form masks, a range table of four
+                       numbers per query tile for interval-shaped ones, else the tables);
+                       torch's eight tables are built only when read, and the note gives the
+                       time of creation plus reading them;
 * ``torch eager``   -- torch's create_block_mask (dense [L, L] mask, then block sums); skipped
                        above 16k (O(L^2) memory);
 * ``torch compile`` -- torch's create_block_mask(..., _compile=True); the first call's extra
@@ -135,7 +139,11 @@ def run_one(method: str, fn: Callable, L: int, block: int, repeats: int) -> dict
     out = {"time": steady, "peak": peak,
            "compile": first - steady if method == "torch compile" else None}
     if method == "attndsl":
-        out["mechanism"] = result.mechanism
+        lazy = result.tables is None
+        out["mechanism"] = result.mechanism + (
+            " (range table)" if result.kv_ranges is not None else "")
+        if lazy:  # what reading torch's eight tables costs on top (built on first read)
+            out["with_tables"] = median_time(lambda: call().q_indices, repeats)
     return out
 
 
@@ -193,6 +201,8 @@ def _row(name: str, L: int, method: str, r: dict, base: dict) -> str:
                         else r["peak"] / base["peak"])
     comp = f"{r['compile']:.2f}" if r.get("compile") is not None else "-"
     note = r.get("mechanism", "")
+    if r.get("with_tables") is not None:
+        note += f"; {r['with_tables'] * 1e3:.1f} ms with torch's tables read"
     return (f"{name:<22}{L:>7}  {method:<14}{r['time'] * 1e3:>10.1f}{comp:>11}"
             f"{fmt_bytes(r['peak']):>10}{ratio_t:>11}{ratio_m:>13}  {note}")
 

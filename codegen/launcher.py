@@ -102,8 +102,10 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     """Run the kernel.  ``inputs``/``captured`` map tensor names to tensors, ``params`` scalar
     names to values.  ``block_tables`` (optional) holds kv_num_blocks, kv_indices,
     full_kv_num_blocks, full_kv_indices shaped [B or 1, H or 1, rows(, cols)] and
-    Q_BLOCK_SIZE/KV_BLOCK_SIZE, or ``{"closed_form": True}`` to let the kernel compute each
-    query block's key-tile ranges (when BOUNDS_BLOCK is set).  Returns every output by name."""
+    Q_BLOCK_SIZE/KV_BLOCK_SIZE, or ``kv_ranges`` [B or 1, H or 1, rows, 4] int32 (lo,
+    full_lo, full_hi, hi key blocks of each query block: masked, unmasked, masked) with the
+    block sizes, or ``{"closed_form": True}`` to let the kernel compute each query block's
+    key-tile ranges (when BOUNDS_BLOCK is set).  Returns every output by name."""
     captured = dict(captured or {})
     device = _check(inputs, captured)
     sizes = _sizes(inputs, captured)
@@ -156,6 +158,13 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     if block_tables is not None and block_tables.get("closed_form"):
         sparsity = 3  # the kernel computes each query block's key-tile ranges itself
         tables = [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
+    elif block_tables is not None and block_tables.get("kv_ranges") is not None:
+        sparsity = 4  # four numbers per query block, read by the kernel
+        r = block_tables["kv_ranges"].to(device=device, dtype=torch.int32).contiguous()
+        if r.dim() != 4 or r.shape[-1] != 4:
+            raise AttentionInputError(f"kv_ranges must be [B, H, rows, 4], got {list(r.shape)}")
+        tables = [r] + [0 if r.shape[d] == 1 and d < 2 else r.stride(d) for d in range(3)]
+        tables += [dummy, 0, 0, 0, 0] + [dummy, 0, 0, 0, dummy, 0, 0, 0, 0]
     elif block_tables is not None:
         sparsity = 2
         for key in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
@@ -197,7 +206,7 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         key = (SPEC_HASH, str(device), str(dtype), e_len, f_len, sparsity, sparse_q, sparse_kv,
                _next_pow2(m_len), _next_pow2(n_len))
         cfg = _tuned(key, [c for c in _candidates(cfg) if sparse_q % c["BLOCK_M"] == 0
-                           and sparse_kv % c["BLOCK_N"] == 0 or sparsity != 2], run)
+                           and sparse_kv % c["BLOCK_N"] == 0 or sparsity not in (2, 4)], run)
     run(cfg)
     return out
 

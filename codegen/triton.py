@@ -339,7 +339,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
     L(0, "):")
     L(1, '"""One program: BLOCK_M query rows of one (batch, head); SPARSITY 0 = every key '
          'tile\n    unmasked, 1 = every key tile masked, 2 = block tables (partial tiles masked, '
-         'full ones not)."""')
+         'full ones not),\n    3 = closed-form key-tile ranges, 4 = a key-tile range table."""')
     L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
     L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
@@ -396,17 +396,22 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
             L(3, "for sub in range(0, SPARSE_KV // BLOCK_N):")
             L(4, "start_n = blk * SPARSE_KV + sub * BLOCK_N")
             L(4, body(masked and k.mask is not None))
-        L(1, "elif SPARSITY == 3:")
-        L(2, "# closed-form key-tile ranges of this query tile: masked [lo, full_lo), unmasked")
+        L(1, "elif SPARSITY >= 3:")
+        L(2, "# key-tile ranges of this query tile: masked [lo, full_lo), unmasked")
         L(2, "# [full_lo, full_hi), masked [full_hi, hi); everything else is empty")
         L(2, "sparse_row = (pid_m * BLOCK_M) // SPARSE_Q")
+        L(2, "if SPARSITY == 4:  # read from a [B, H, rows, 4] range table")
+        L(3, "ranges = kv_num + off_b * kv_num_s0 + off_h * kv_num_s1 + sparse_row * kv_num_s2")
+        for i, name in enumerate(("lo", "full_lo", "full_hi", "hi")):
+            L(3, f"{name} = tl.minimum(tl.load(ranges + {i}) * SPARSE_KV, N_len)")
+        L(2, "else:  # closed forms of the query-tile index")
         if k.bounds is not None:
             bounds_env = Env({"qt": "sparse_row"}, {}, {"M": "M_len", "N": "N_len"}, {}, {})
             for name, expr in zip(("lo", "full_lo", "full_hi", "hi"), k.bounds):
-                L(2, f"{name} = tl.minimum(({render(expr, bounds_env)}) * SPARSE_KV, N_len)")
+                L(3, f"{name} = tl.minimum(({render(expr, bounds_env)}) * SPARSE_KV, N_len)")
         else:
-            L(2, "lo = 0  # this mask has no closed form: the launcher never selects SPARSITY 3")
-            L(2, "full_lo = 0\nfull_hi = 0\nhi = 0")
+            L(3, "lo = 0  # this mask has no closed form: the launcher never selects SPARSITY 3")
+            L(3, "full_lo = 0\nfull_hi = 0\nhi = 0")
         for a, z, masked in (("lo", "full_lo", True), ("full_lo", "full_hi", False),
                              ("full_hi", "hi", True)):
             L(2, f"for start_n in range({a}, {z}, BLOCK_N):")

@@ -279,6 +279,28 @@ def assert_tables_match(ours: BlockMask, theirs, B: int, H: int) -> None:
         assert torch.equal(idx_a, idx_b), f"{pre}{side}_indices padding differs"
 
 
+def assert_ranges_match(ranges: torch.Tensor | None, classes: torch.Tensor) -> None:
+    """Range tables describe the classes exactly, and exist whenever every row is of the
+    shape partial* full* partial* (no empty tile between two non-empty ones)."""
+    nonempty = classes != EMPTY
+    first = nonempty.int().argmax(-1, keepdim=True)
+    last = classes.shape[-1] - 1 - nonempty.flip(-1).int().argmax(-1, keepdim=True)
+    col = torch.arange(classes.shape[-1])
+    between = (col >= first) & (col <= last)
+    full = classes == FULL
+    full_run = full.int().diff(dim=-1).clamp(min=0).sum(-1) + full[..., :1].int().squeeze(-1)
+    interval = bool((nonempty == (between & nonempty.any(-1, keepdim=True))).all()) and \
+        bool((full_run <= 1).all())
+    assert (ranges is not None) == interval
+    if ranges is None:
+        return
+    lo, flo, fhi, hi = (ranges[..., i:i + 1] for i in range(4))
+    assert bool(((lo <= flo) & (flo <= fhi) & (fhi <= hi)).all())
+    rebuilt = torch.where((col >= flo) & (col < fhi), FULL,
+                          torch.where((col >= lo) & (col < hi), PARTIAL, EMPTY))
+    assert torch.equal(rebuilt.to(classes.dtype), classes)
+
+
 # -- (a), (b), (d) -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", sorted(CASES))
@@ -300,6 +322,7 @@ def test_classes_and_tables(kind: str, data: st.DataObject) -> None:
     if case.mechanism is not None:  # (d)
         assert tm.mechanism == case.mechanism
         assert tm.stats["exact_tiles"] == 0
+    assert_ranges_match(tm.kv_ranges(), tm.classes)
     ours = create_block_mask(case.mask_mod, case.B, case.H, Lq, Lkv, device="cpu",
                              BLOCK_SIZE=(BM, BN))
     theirs = torch_create_block_mask(case.mask_mod, case.B, case.H, Lq, Lkv, device="cpu",

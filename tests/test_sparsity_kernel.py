@@ -1,6 +1,6 @@
 """Kernel work accounting (instrumented interpreter runs): the kernel visits exactly the
 non-empty key tiles and evaluates the mask only on partial ones, whether the tiles come from
-closed-form bounds, from the analysis' block tables, or from torch's BlockMask."""
+closed-form bounds, from the analysis' range or block tables, or from torch's BlockMask."""
 
 import pytest
 import torch
@@ -21,7 +21,11 @@ MASKS = {
     "prefix": lambda b, h, q, kv: (kv < 130) | (kv <= q),
     "document": lambda b, h, q, kv: (doc[q] == doc[kv]) & (kv <= q),
     "dilated": lambda b, h, q, kv: ((q - kv) % 3 == 0) & (kv <= q),
+    "sinks_chunks": lambda b, h, q, kv: (kv < 16) | ((kv <= q) & (kv // 128 == q // 128)),
 }
+# how the kernel finds its key tiles: closed forms, a range table, block tables
+PLANS = {"causal": "closed_form", "sliding": "closed_form", "prefix": "closed_form",
+         "document": "kv_ranges", "dilated": "kv_ranges", "sinks_chunks": "kv_indices"}
 
 
 def _run_counting(mask_mod, lq: int, lkv: int, plan: dict | None = None):
@@ -45,7 +49,7 @@ def _run_counting(mask_mod, lq: int, lkv: int, plan: dict | None = None):
 @pytest.mark.parametrize("name", sorted(MASKS))
 @given(lq=st.sampled_from([128, 256, 384]), lkv=st.sampled_from([128, 256, 384]))
 def test_visits_exactly_the_non_empty_tiles(name: str, lq: int, lkv: int) -> None:
-    if name == "document" and (lq != L_DOC or lkv != L_DOC):
+    if name in ("document", "sinks_chunks"):  # the sizes where the plan is the one named
         lq = lkv = L_DOC
     spec, plan, stats, out = _run_counting(MASKS[name], lq, lkv)
     tiles = classify_tiles(spec.cascade.mask.expr, spec.captured, 1, 1, lq, lkv,
@@ -54,7 +58,7 @@ def test_visits_exactly_the_non_empty_tiles(name: str, lq: int, lkv: int) -> Non
     visited = int((tiles > 0).sum()) * programs_per_row * subtiles
     masked = int((tiles == 1).sum()) * programs_per_row * subtiles
     assert (int(stats[0]) + int(stats[1]), int(stats[1])) == (visited, masked)
-    assert bool(plan.get("closed_form")) == (name in ("causal", "sliding", "prefix"))
+    assert plan.get(PLANS[name]) is not None
     assert not torch.isnan(out["O"]).any()
 
 
@@ -84,3 +88,25 @@ def test_closed_form_block_mask_never_builds_tables() -> None:
     ref = torch_create(MASKS["sliding"], None, None, 300, 300, device="cpu")
     assert torch.equal(bm.kv_num_blocks, ref.kv_num_blocks)
     assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
+
+
+def test_document_block_mask_keeps_only_ranges() -> None:
+    """A data-dependent mask whose query tiles each see one interval of key tiles keeps four
+    numbers per query tile; the kernel reads those, and torch's tables appear only when read."""
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create
+
+    mask = MASKS["document"]
+    bm = attndsl.create_block_mask(mask, None, None, L_DOC, L_DOC, device="cpu")
+    assert bm.kv_ranges is not None and bm.tables is None
+    assert bm.kv_ranges.shape == (1, 1, 3, 4)
+    q = torch.randn(1, 2, L_DOC, 16)
+    out = attndsl.flex_attention(q, q, q, block_mask=bm)
+    assert bm.tables is None
+    spec = lower_flex(None, mask)
+    ref = attndsl.run_cascade(spec.cascade, {"Q": q, "K": q, "V": q, **spec.captured},
+                              {"scale": 0.25, "G": 1})
+    torch.testing.assert_close(out.double(), ref["O"], atol=1e-5, rtol=1e-5)
+    theirs = torch_create(mask, None, None, L_DOC, L_DOC, device="cpu")
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices"):
+        assert torch.equal(getattr(bm, name), getattr(theirs, name)), name

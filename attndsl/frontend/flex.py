@@ -82,22 +82,27 @@ def lower_flex(score_mod: Callable | None = None, mask_mod: Callable | None = No
         if score.dtype == INT:
             score = E.unary(Op.CAST, score, FLOAT)
     if mask_mod is not None:
-        traced = trace(mask_mod, (b, h, m, n), "mask_mod", ctx)
-        mask = traced.expr
-        if mask.dtype != BOOL:
-            raise ctx.fail_in(mask_mod, f"mask_mod must return a boolean (a comparison, &, |, "
-                                        f"~), got a {mask.dtype} expression: {mask}")
+        mask = _trace_mask(mask_mod, ctx)
     captured = {name: t for name, t in ctx.captured.values()}
     parts = [getattr(fn, "__name__", "fn") for fn in (score_mod, mask_mod) if fn is not None]
     return FlexSpec(attention_cascade(score, mask, "_".join(parts) or "dense", captured),
                     captured)
 
 
+def _trace_mask(mask_mod: Callable, ctx: TraceContext) -> E.Expr:
+    mask = trace(mask_mod, tuple(E.index(i) for i in BHMN), "mask_mod", ctx).expr
+    if mask.dtype != BOOL:
+        raise ctx.fail_in(mask_mod, f"mask_mod must return a boolean (a comparison, &, |, ~), "
+                                    f"got a {mask.dtype} expression: {mask}")
+    return mask
+
+
 def mask_expr(mask_mod: Callable) -> tuple[E.Expr, dict[str, torch.Tensor]]:
-    """Trace a mask_mod alone: a boolean expression over b, h, m (query), n (key)."""
-    spec = lower_flex(None, mask_mod)
-    assert spec.cascade.mask is not None
-    return spec.cascade.mask.expr, spec.captured
+    """Trace a mask_mod alone: a boolean expression over b, h, m (query), n (key), and the
+    tensors it captured (the same expression ``lower_flex`` puts in its cascade)."""
+    ctx = TraceContext(fn_name="mask_mod")
+    mask = _trace_mask(mask_mod, ctx)
+    return mask, {name: t for name, t in ctx.captured.values()}
 
 
 __all__ = ["FlexSpec", "attention_cascade", "lower_flex", "mask_expr"]

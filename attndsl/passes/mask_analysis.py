@@ -114,7 +114,17 @@ def _clean(lo: Tensor, hi: Tensor) -> Iv:
 
 
 def _truth(always: Tensor, never: Tensor) -> Iv:
-    return Iv(always.to(_F64), (~never).to(_F64))
+    """A boolean as bool tensors (lo = always, hi = not never): 8x less memory than float64."""
+    return Iv(always, ~never)
+
+
+def _bool(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.bool else t > 0.5
+
+
+def _numeric(v: Iv) -> Iv:
+    """A boolean interval as float64 0 / 1, for arithmetic."""
+    return Iv(v.lo.to(_F64), v.hi.to(_F64)) if v.lo.dtype == torch.bool else v
 
 
 def _known(v: Iv) -> Tensor:
@@ -363,6 +373,9 @@ def _r_where(node: Expr, c: Iv, a: Iv, b: Iv) -> Iv:
     return Iv(lo, hi)
 
 
+# rules that take boolean intervals (bool tensors) as they are; the others get float64
+_LOGICAL = frozenset({Op.AND, Op.OR, Op.NOT, Op.WHERE, Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT,
+                      Op.GE})
 _RULES: dict[Op, Callable[..., Iv]] = {
     Op.NEG: _r_neg, Op.ABS: _r_abs, Op.ADD: _r_add, Op.SUB: _r_sub, Op.MUL: _r_mul,
     Op.DIV: _r_div, Op.FLOORDIV: _r_floordiv, Op.MOD: _r_mod, Op.MAX: _r_max, Op.MIN: _r_min,
@@ -391,6 +404,19 @@ class RangeTable:
     def __init__(self, rows: Tensor) -> None:
         self.R, self.S = rows.shape
         self.levels: dict[int, tuple[Tensor, Tensor]] = {0: (rows, rows)}
+        self.blocks: dict[int, tuple[Tensor, Tensor]] = {0: (rows, rows)}
+
+    def block(self, k: int) -> tuple[Tensor, Tensor]:
+        """(min, max) over the aligned blocks [j * 2**k, (j + 1) * 2**k) (the last one cut
+        short by S): a pyramid, each level from pairs of the one below, O(S) in all."""
+        if k not in self.blocks:
+            mn, mx = self.block(k - 1)
+            if mn.shape[1] % 2:
+                mn = torch.cat([mn, mn[:, -1:]], 1)
+                mx = torch.cat([mx, mx[:, -1:]], 1)
+            self.blocks[k] = (torch.minimum(mn[:, 0::2], mn[:, 1::2]),
+                              torch.maximum(mx[:, 0::2], mx[:, 1::2]))
+        return self.blocks[k]
 
     def level(self, k: int) -> tuple[Tensor, Tensor]:
         """(min, max) over the windows of 2**k entries starting at 0 .. S - 2**k."""
@@ -406,8 +432,16 @@ class RangeTable:
         return self.levels[k]
 
     def query(self, row: Tensor, lo: Tensor, hi: Tensor) -> Iv:
-        """[min, max] of rows[row, lo..hi] (int64 tensors, broadcast; 0 <= lo <= hi < S)."""
+        """[min, max] of rows[row, lo..hi] (int64 tensors, broadcast; 0 <= lo <= hi < S).
+        Ranges that are aligned blocks of one power-of-two size (tiles) read the pyramid."""
         length = hi - lo + 1
+        top = int(length.max()) if length.numel() else 1
+        k = top.bit_length() - 1
+        if top == 1 << k and bool(((lo % top == 0) & (hi == (lo + top).clamp(max=self.S) - 1))
+                                  .all()):
+            tmin, tmax = self.block(k)
+            j = lo >> k
+            return _clean(tmin[row, j], tmax[row, j])
         k = torch.floor(torch.log2(length.to(_F64))).to(torch.int64)
         one = torch.ones_like(k)
         k = k - (torch.bitwise_left_shift(one, k) > length).to(torch.int64)
@@ -449,7 +483,8 @@ class IntervalEvaluator:
     def codes(self, mask: Expr, boxes: Boxes) -> Tensor:
         """FULL where the mask is always true on the box, EMPTY where never, else _MAYBE."""
         v = self.evaluate(mask, boxes)
-        return torch.where(v.lo > 0.5, FULL, torch.where(v.hi < 0.5, EMPTY, _MAYBE)).to(torch.int8)
+        always, maybe = (_bool(x).view(torch.int8) for x in v)
+        return maybe * _MAYBE - always * (_MAYBE - FULL)  # (1, 1) FULL, (0, 1) MAYBE, (0, 0)
 
     def _node(self, node: Expr, args: list[Iv], boxes: Boxes) -> Iv:
         op = node.op
@@ -466,6 +501,8 @@ class IntervalEvaluator:
         rule = _RULES.get(op)
         if rule is None:
             raise MaskAnalysisError(f"{E.render(node)}: a mask cannot contain {op.name}")
+        if op not in _LOGICAL:
+            args = [_numeric(a) for a in args]
         return rule(node, *args)
 
     def _load(self, node: Expr, idx: list[Iv]) -> Iv:
@@ -609,6 +646,42 @@ def _grid_boxes(g: Geometry, Bm: int, Hm: int) -> Boxes:
     return Boxes(b, h, mlo, mhi, nlo, nhi)
 
 
+COARSE_BOXES = 65536  # boxes of the first, coarsest level of the interval pass
+_SPLIT = 4  # each level cuts a box into _SPLIT x _SPLIT boxes of the next
+
+
+def _coarse_to_fine(ev: IntervalEvaluator, mask: Expr, g: Geometry, Bm: int, Hm: int,
+                    stats: dict[str, int]) -> Tensor:
+    """Interval codes [Bm, Hm, nq, nk] of every tile, coarse to fine.
+
+    The first level evaluates boxes of s x s tiles (s a power of _SPLIT, at most about
+    COARSE_BOXES boxes); a box that is always (never) true decides all its tiles at once, and
+    only the boxes of the next level inside undecided ones are evaluated, down to single
+    tiles.  Work is proportional to the undecided boundary of the mask, not to the number of
+    tiles (a level that is mostly undecided is evaluated as a whole grid, by broadcasting)."""
+    s = 1
+    while -(-g.nq // (s * _SPLIT)) * -(-g.nk // (s * _SPLIT)) * Bm * Hm >= COARSE_BOXES:
+        s *= _SPLIT
+    level = Geometry(g.Lq, g.Lkv, g.BM * s, g.BN * s)
+    codes = ev.codes(mask, _grid_boxes(level, Bm, Hm)).expand(Bm, Hm, level.nq, level.nk)
+    stats["coarse_boxes"] = codes.numel()
+    while s > 1:
+        s //= _SPLIT
+        level = Geometry(g.Lq, g.Lkv, g.BM * s, g.BN * s)
+        codes = codes.repeat_interleave(_SPLIT, 2)[:, :, :level.nq]
+        codes = codes.repeat_interleave(_SPLIT, 3)[:, :, :, :level.nk]
+        maybe = codes == _MAYBE
+        count = int(maybe.sum())
+        stats["coarse_boxes"] += count
+        if 4 * count > codes.numel():  # mostly undecided: the whole grid, by broadcasting
+            grid = ev.codes(mask, _grid_boxes(level, Bm, Hm)).expand_as(codes)
+            codes = torch.where(maybe, grid, codes)
+        elif count:
+            roots = maybe.nonzero()
+            codes[tuple(roots.unbind(1))] = _codes_of(ev, mask, _root_boxes(roots, level))
+    return codes.contiguous()
+
+
 def _root_boxes(roots: Tensor, g: Geometry) -> Tensor:
     """[R, 6] boxes (b, h, mlo, mhi, nlo, nhi) of tiles given as [R, 4] (b, h, qt, kt) rows."""
     r = roots.to(_F64)
@@ -626,17 +699,22 @@ def _codes_of(ev: IntervalEvaluator, mask: Expr, rows: Tensor) -> Tensor:
     return out
 
 
-def _sample_points(boxes: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact points of each box: corners, centre, 7 steps along the last row from the left and
-    7 along the last column from the top.  Returns [P, 6] point boxes and their owners."""
+def _sample_points(boxes: Tensor, runs: bool) -> tuple[Tensor, Tensor]:
+    """Exact points of each box: its corners and centre, or (``runs``) 7 steps along the last
+    row from the left and 7 along the last column from the top.  Returns [P, 6] point boxes
+    and their owners."""
     b, h, mlo, mhi, nlo, nhi = boxes.unbind(1)
-    mmid, nmid = torch.floor((mlo + mhi) / 2), torch.floor((nlo + nhi) / 2)
-    coords = [(mlo, nlo), (mlo, nhi), (mhi, nlo), (mhi, nhi), (mmid, nmid)]
-    coords += [(mhi, torch.minimum(nlo + j, nhi)) for j in range(1, 8)]
-    coords += [(torch.minimum(mlo + i, mhi), nhi) for i in range(1, 8)]
-    pts = torch.stack([torch.stack([b, h, m, m, n, n], 1) for m, n in coords])
-    owner = torch.arange(boxes.shape[0]).expand(len(coords), -1)
-    return pts.reshape(-1, 6), owner.reshape(-1)
+    if runs:
+        coords = [(mhi, torch.minimum(nlo + j, nhi)) for j in range(1, 8)]
+        coords += [(torch.minimum(mlo + i, mhi), nhi) for i in range(1, 8)]
+    else:
+        mmid, nmid = torch.floor((mlo + mhi) / 2), torch.floor((nlo + nhi) / 2)
+        coords = [(mlo, nlo), (mlo, nhi), (mhi, nlo), (mhi, nhi), (mmid, nmid)]
+    m = torch.stack([c[0] for c in coords], 1).reshape(-1)
+    n = torch.stack([c[1] for c in coords], 1).reshape(-1)
+    owner = torch.arange(boxes.shape[0]).repeat_interleave(len(coords))
+    bh = boxes[:, :2].repeat_interleave(len(coords), 0)
+    return torch.stack([bh[:, 0], bh[:, 1], m, m, n, n], 1), owner
 
 
 def _split(boxes: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
@@ -677,10 +755,15 @@ def _refine(ev: IntervalEvaluator, mask: Expr, roots: Tensor, g: Geometry,
     boxes = _root_boxes(roots, g)
     n = boxes.shape[0]
     w = _Witness(*(torch.zeros(n, dtype=torch.bool) for _ in range(3)))
-    pts, owner = _sample_points(boxes)
-    w.see(_codes_of(ev, mask, pts), owner)
-    stats["sample_points"] += pts.shape[0]
-    frontier, owner = boxes[~w.partial], torch.arange(n)[~w.partial]
+    undecided = torch.arange(n)
+    for runs in (False, True):  # corners and centre first, then short runs from a corner
+        pts, owner = _sample_points(boxes[undecided], runs)
+        w.see(_codes_of(ev, mask, pts), undecided[owner])
+        stats["sample_points"] += pts.shape[0]
+        undecided = undecided[~w.partial[undecided]]
+        if not undecided.numel():
+            break
+    frontier, owner = boxes[undecided], undecided
     spent = 0
     while frontier.shape[0]:
         frontier, owner = _split(frontier, owner)
@@ -846,6 +929,30 @@ class TileMap:
             dense_to_ordered(full.transpose(-2, -1))
         return BlockTables(*kv, *q)
 
+    def kv_ranges(self) -> Tensor | None:
+        """Key-tile ranges of every query tile, int32 [Bm, Hm, nq, 4] = (lo, full_lo, full_hi,
+        hi), when each row's non-empty tiles are the interval [lo, hi), its full tiles the
+        interval [full_lo, full_hi) inside it and every other tile of [lo, hi) partial (a row
+        without full tiles has full_lo = full_hi = hi); None when some row is not of that
+        shape.  A kernel then needs four numbers per query tile instead of a block table."""
+        c = self.classes
+        nk = c.shape[-1]
+        small = torch.int16 if nk < 1 << 15 else torch.int32  # less memory to touch
+        after = torch.arange(1, nk + 1, dtype=small)  # 1 + column
+        before = nk - after + 1  # nk - column
+        out = []
+        for sel in (c != EMPTY, c == FULL):
+            count = sel.sum(-1, dtype=torch.int32)
+            lo = nk - (sel * before).amax(-1).to(torch.int32)
+            hi = (sel * after).amax(-1).to(torch.int32)
+            if not bool(((hi - lo == count) | (count == 0)).all()):
+                return None
+            out.append((lo, hi, count))
+        (lo, hi, n), (flo, fhi, nf) = out
+        lo, hi = torch.where(n == 0, 0, lo), torch.where(n == 0, 0, hi)
+        flo, fhi = torch.where(nf == 0, hi, flo), torch.where(nf == 0, hi, fhi)
+        return torch.stack([lo, flo, fhi, hi], -1).contiguous()
+
     def picture(self, max_rows: int = 16, max_cols: int = 32, b: int = 0, h: int = 0) -> str:
         """ASCII picture of the (b, h) slice: one character per group of tiles, ' ' all empty,
         '█' all full, '░' otherwise (tiles are grouped when the grid is larger)."""
@@ -924,17 +1031,18 @@ def classify_tiles(mask: Expr, captured: Mapping[str, Tensor], B: int, H: int, L
     Bm, Hm = (B if "b" in free else 1), (H if "h" in free else 1)
     uses_data = any(node.op is Op.LOAD for node in mask.walk())
     ev = IntervalEvaluator(captured)
-    classes = ev.codes(mask, _grid_boxes(g, Bm, Hm)).expand(Bm, Hm, g.nq, g.nk).clone()
-    maybe = classes == _MAYBE
-    stats = {"tiles": classes.numel(), "decided_by_bounds": int((~maybe).sum()),
+    stats = {"tiles": Bm * Hm * g.nq * g.nk, "coarse_boxes": 0, "decided_by_bounds": 0,
              "sample_points": 0, "refine_boxes": 0, "exact_tiles": 0}
-    if uses_data and (ev.coarse or _blind_gathers(mask)) and bool(maybe.all()):
+    classes = _coarse_to_fine(ev, mask, g, Bm, Hm, stats)
+    roots = (classes == _MAYBE).nonzero()
+    stats["decided_by_bounds"] = classes.numel() - roots.shape[0]
+    if uses_data and (ev.coarse or _blind_gathers(mask)) and \
+            roots.shape[0] == classes.numel():
         stats["exact_tiles"] = classes.numel()
         classes = _exact_grid(mask, captured, Bm, Hm, g, max_elements)
         return TileMap(classes, CHUNKED, Lq, Lkv, g.BM, g.BN, stats)
     mechanism = SUMMARIES if uses_data else CLOSED_FORM
-    if bool(maybe.any()):
-        roots = maybe.nonzero()
+    if roots.shape[0]:
         if exact:
             codes = _refine(ev, mask, roots, g, stats, budget)
             stuck = codes == _MAYBE
