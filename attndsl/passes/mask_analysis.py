@@ -65,7 +65,7 @@ from attndsl.ir.expr import BOOL, INT, Expr, Op
 Tensor = torch.Tensor
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-_MAYBE = 3  # internal: undecided by the interval pass
+_MAYBE = 3  # internal: undecided by the interval pass (FULL = _MAYBE - 1)
 CLOSED_FORM = "closed-form bounds"
 SUMMARIES = "table from summaries"
 CHUNKED = "chunked evaluation"
@@ -152,6 +152,7 @@ class Boxes:
     mhi: Tensor
     nlo: Tensor
     nhi: Tensor
+    grid: Geometry | None = None  # set when the boxes are the tiles of this geometry
 
     @staticmethod
     def from_rows(rows: Tensor) -> Boxes:
@@ -306,21 +307,24 @@ def _r_ge(node: Expr, a: Iv, b: Iv) -> Iv:
 
 
 def _eq_parts(a: Iv, b: Iv) -> tuple[Tensor, Tensor]:
-    always = _is_point(a) & _is_point(b) & (a.lo == b.lo)
-    never = (a.hi < b.lo) | (b.hi < a.lo)
-    return always, never
+    """(always, possibly) equal.  Non-points become NaN before the broadcast comparison, so
+    the full-size work is one comparison for each part."""
+    nan = _scalar(math.nan)
+    always = torch.where(_is_point(a), a.lo, nan) == torch.where(_is_point(b), b.lo, nan)
+    possibly = (a.hi >= b.lo) & (b.hi >= a.lo)
+    return always, possibly
 
 
 def _r_eq(node: Expr, a: Iv, b: Iv) -> Iv:
     """x == y: always when both are the same single value, never when disjoint."""
-    always, never = _eq_parts(a, b)
-    return _truth(always, never)
+    always, possibly = _eq_parts(a, b)
+    return Iv(always, possibly)
 
 
 def _r_ne(node: Expr, a: Iv, b: Iv) -> Iv:
     """x != y: the negation of x == y."""
-    always, never = _eq_parts(a, b)
-    return _truth(never, always)
+    always, possibly = _eq_parts(a, b)
+    return Iv(~possibly, ~always)
 
 
 def _bitwise(fn: Callable[[Tensor, Tensor], Tensor], is_and: bool, a: Iv, b: Iv) -> Iv:
@@ -408,14 +412,14 @@ class RangeTable:
 
     def block(self, k: int) -> tuple[Tensor, Tensor]:
         """(min, max) over the aligned blocks [j * 2**k, (j + 1) * 2**k) (the last one cut
-        short by S): a pyramid, each level from pairs of the one below, O(S) in all."""
+        short by S): O(S) per block size used."""
         if k not in self.blocks:
-            mn, mx = self.block(k - 1)
-            if mn.shape[1] % 2:
-                mn = torch.cat([mn, mn[:, -1:]], 1)
-                mx = torch.cat([mx, mx[:, -1:]], 1)
-            self.blocks[k] = (torch.minimum(mn[:, 0::2], mn[:, 1::2]),
-                              torch.maximum(mx[:, 0::2], mx[:, 1::2]))
+            rows, w = self.blocks[0][0], 1 << k
+            pad = -self.S % w  # the last block repeats its last entry
+            if pad:
+                rows = torch.cat([rows, rows[:, -1:].expand(self.R, pad)], 1)
+            blocks = rows.view(self.R, -1, w)
+            self.blocks[k] = (blocks.amin(-1), blocks.amax(-1))
         return self.blocks[k]
 
     def level(self, k: int) -> tuple[Tensor, Tensor]:
@@ -433,7 +437,7 @@ class RangeTable:
 
     def query(self, row: Tensor, lo: Tensor, hi: Tensor) -> Iv:
         """[min, max] of rows[row, lo..hi] (int64 tensors, broadcast; 0 <= lo <= hi < S).
-        Ranges that are aligned blocks of one power-of-two size (tiles) read the pyramid."""
+        Ranges that are aligned blocks of one power-of-two size (tiles) read the block summaries."""
         length = hi - lo + 1
         top = int(length.max()) if length.numel() else 1
         k = top.bit_length() - 1
@@ -484,7 +488,7 @@ class IntervalEvaluator:
         """FULL where the mask is always true on the box, EMPTY where never, else _MAYBE."""
         v = self.evaluate(mask, boxes)
         always, maybe = (_bool(x).view(torch.int8) for x in v)
-        return maybe * _MAYBE - always * (_MAYBE - FULL)  # (1, 1) FULL, (0, 1) MAYBE, (0, 0)
+        return maybe * _MAYBE - always  # (1, 1) FULL, (0, 1) MAYBE, (0, 0) EMPTY
 
     def _node(self, node: Expr, args: list[Iv], boxes: Boxes) -> Iv:
         op = node.op
@@ -497,7 +501,8 @@ class IntervalEvaluator:
                 return _point(self.params[node.arg])
             return Iv(_scalar(-_INF), _scalar(_INF))
         if op is Op.LOAD:
-            return self._load(node, args)
+            tiled = self._tiled_load(node, boxes)
+            return tiled if tiled is not None else self._load(node, args)
         rule = _RULES.get(op)
         if rule is None:
             raise MaskAnalysisError(f"{E.render(node)}: a mask cannot contain {op.name}")
@@ -519,16 +524,35 @@ class IntervalEvaluator:
             return _point(float(t.to(_F64)))
         los = [v.lo.clamp(0, s - 1) for v, s in zip(idx, t.shape)]
         his = [v.hi.clamp(0, s - 1) for v, s in zip(idx, t.shape)]
-        ranged = [d for d in range(t.dim()) if not bool((los[d] == his[d]).all())]
+        ranged = [d for d in range(t.dim()) if not torch.equal(los[d], his[d])]
         if not ranged:
             vals = t[tuple(i.to(torch.int64) for i in torch.broadcast_tensors(*los))].to(_F64)
-            return _clean(vals, vals)
+            return _clean(vals, vals) if t.is_floating_point() else Iv(vals, vals)
         if len(ranged) == 1:
             table = self._table(node.arg, ranged[0])
             if table is not None:
                 return self._ranged(t, ranged[0], table, los, his)
         self.coarse = True
         return _clean(t.min().to(_F64).reshape(()), t.max().to(_F64).reshape(()))
+
+    def _tiled_load(self, node: Expr, boxes: Boxes) -> Iv | None:
+        """t[m] (or t[n]) over the tiles of a grid, t 1-D of the axis' length: the per-tile
+        min / max of t, straight from its block summaries (what _load computes, in a few
+        operations)."""
+        g, t = boxes.grid, self.data.get(node.arg)
+        if g is None or t is None or t.dim() != 1 or node.src[0].op is not Op.INDEX:
+            return None
+        axis = node.src[0].arg
+        length, size = (g.Lq, g.BM) if axis == "m" else (g.Lkv, g.BN) if axis == "n" else (0, 0)
+        if t.shape[0] != length or size & (size - 1):
+            return None
+        table = self._table(node.arg, 0)
+        if table is None:
+            return None
+        mn, mx = table.block(size.bit_length() - 1)
+        shape = (1, 1, -1, 1) if axis == "m" else (1, 1, 1, -1)
+        mn, mx = mn[0].view(shape), mx[0].view(shape)
+        return _clean(mn, mx) if t.is_floating_point() else Iv(mn, mx)
 
     def _ranged(self, t: Tensor, d: int, table: RangeTable, los: list[Tensor],
                 his: list[Tensor]) -> Iv:
@@ -643,7 +667,7 @@ def _grid_boxes(g: Geometry, Bm: int, Hm: int) -> Boxes:
     nlo, nhi = g.cols(kt)
     b = torch.arange(Bm, dtype=_F64).reshape(-1, 1, 1, 1)
     h = torch.arange(Hm, dtype=_F64).reshape(1, -1, 1, 1)
-    return Boxes(b, h, mlo, mhi, nlo, nhi)
+    return Boxes(b, h, mlo, mhi, nlo, nhi, g)
 
 
 COARSE_BOXES = 65536  # boxes of the first, coarsest level of the interval pass
@@ -757,8 +781,10 @@ def _refine(ev: IntervalEvaluator, mask: Expr, roots: Tensor, g: Geometry,
     w = _Witness(*(torch.zeros(n, dtype=torch.bool) for _ in range(3)))
     undecided = torch.arange(n)
     for runs in (False, True):  # corners and centre first, then short runs from a corner
-        pts, owner = _sample_points(boxes[undecided], runs)
-        w.see(_codes_of(ev, mask, pts), undecided[owner])
+        pts, _ = _sample_points(boxes[undecided], runs)
+        codes = _codes_of(ev, mask, pts).view(undecided.shape[0], -1)  # a row per box
+        w.true[undecided] |= (codes == FULL).any(1)
+        w.false[undecided] |= (codes == EMPTY).any(1)
         stats["sample_points"] += pts.shape[0]
         undecided = undecided[~w.partial[undecided]]
         if not undecided.numel():
