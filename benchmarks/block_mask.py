@@ -202,8 +202,8 @@ def _row(name: str, L: int, method: str, r: dict, base: dict) -> str:
     comp = f"{r['compile']:.2f}" if r.get("compile") is not None else "-"
     note = r.get("mechanism", "")
     if r.get("with_tables") is not None:
-        note += f"; {r['with_tables'] * 1e3:.1f} ms with torch's tables read"
-    return (f"{name:<22}{L:>7}  {method:<14}{r['time'] * 1e3:>10.1f}{comp:>11}"
+        note += f"; {r['with_tables'] * 1e3:.3g} ms with torch's tables read"
+    return (f"{name:<22}{L:>7}  {method:<14}{r['time'] * 1e3:>10.3g}{comp:>11}"
             f"{fmt_bytes(r['peak']):>10}{ratio_t:>11}{ratio_m:>13}  {note}")
 
 

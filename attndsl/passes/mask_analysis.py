@@ -694,7 +694,7 @@ def _coarse_to_fine(ev: IntervalEvaluator, mask: Expr, g: Geometry, Bm: int, Hm:
         level = Geometry(g.Lq, g.Lkv, g.BM * s, g.BN * s)
         codes = codes.repeat_interleave(_SPLIT, 2)[:, :, :level.nq]
         codes = codes.repeat_interleave(_SPLIT, 3)[:, :, :, :level.nk]
-        maybe = codes == _MAYBE
+        maybe = (codes & 1).bool()  # codes are 0, FULL or _MAYBE
         count = int(maybe.sum())
         stats["coarse_boxes"] += count
         if 4 * count > codes.numel():  # mostly undecided: the whole grid, by broadcasting
@@ -967,7 +967,7 @@ class TileMap:
         after = torch.arange(1, nk + 1, dtype=small)  # 1 + column
         before = nk - after + 1  # nk - column
         out = []
-        for sel in (c != EMPTY, c == FULL):
+        for sel in (c.bool(), (c >> 1).bool()):  # non-empty, full (EMPTY 0, PARTIAL 1, FULL 2)
             count = sel.sum(-1, dtype=torch.int32)
             lo = nk - (sel * before).amax(-1).to(torch.int32)
             hi = (sel * after).amax(-1).to(torch.int32)
@@ -1060,7 +1060,7 @@ def classify_tiles(mask: Expr, captured: Mapping[str, Tensor], B: int, H: int, L
     stats = {"tiles": Bm * Hm * g.nq * g.nk, "coarse_boxes": 0, "decided_by_bounds": 0,
              "sample_points": 0, "refine_boxes": 0, "exact_tiles": 0}
     classes = _coarse_to_fine(ev, mask, g, Bm, Hm, stats)
-    roots = (classes == _MAYBE).nonzero()
+    roots = (classes & 1).bool().nonzero()  # the interval pass gives 0, FULL = 2 or _MAYBE = 3
     stats["decided_by_bounds"] = classes.numel() - roots.shape[0]
     if uses_data and (ev.coarse or _blind_gathers(mask)) and \
             roots.shape[0] == classes.numel():
