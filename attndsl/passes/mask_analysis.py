@@ -50,6 +50,7 @@ forms of the non-empty / full kv tile ranges of each query tile, as integer expr
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -660,7 +661,9 @@ class Geometry:
         return lo, torch.clamp(lo + self.BN, max=self.Lkv) - 1
 
 
+@functools.lru_cache(maxsize=16)
 def _grid_boxes(g: Geometry, Bm: int, Hm: int) -> Boxes:
+    """The tiles of g as boxes, broadcast over [Bm, Hm, nq, nk] (cached: never modified)."""
     qt = torch.arange(g.nq, dtype=_F64).reshape(1, 1, -1, 1)
     kt = torch.arange(g.nk, dtype=_F64).reshape(1, 1, 1, -1)
     mlo, mhi = g.rows(qt)
