@@ -132,8 +132,8 @@ def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: 
     """How the kernel skips key tiles for a mask given without a block mask: closed-form
     key-tile ranges computed by the kernel from its query-tile index when the mask has them
     (no table at all), else tables built by the symbolic analysis (O(tiles), from per-tile
-    summaries of captured data): four key-tile bounds per query tile when every query tile
-    sees one interval of key tiles, block tables otherwise."""
+    summaries of captured data): four key-tile bounds per segment of key tiles when no query
+    tile sees more than MAX_SEGMENTS segments, block tables otherwise."""
     key = (mask, tuple((n, id(t), t._version) for n, t in sorted(captured.items())), B, H, lq,
            lkv, str(device))
     if key in _PLANS:
@@ -143,7 +143,7 @@ def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: 
     else:
         tiles = classify_tiles(mask, captured, B, H, lq, lkv, SPARSE_BLOCK, SPARSE_BLOCK)
         ranges = tiles.kv_ranges()
-        if ranges is not None:  # one interval of key tiles per query tile
+        if ranges is not None:  # a few segments of key tiles per query tile
             plan = {"kv_ranges": ranges.to(device)}
         else:
             t = tiles.to_tables()

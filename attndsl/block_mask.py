@@ -54,11 +54,11 @@ class BlockMask:
 
     A mask with closed-form key-tile ranges (``closed_form``) builds its tables only when they
     are first read: attndsl's kernels compute the ranges themselves and never need them.
-    Likewise a mask whose every query tile sees one interval of key tiles (partial, full,
-    partial: document masks, padding, ...) keeps ``kv_ranges`` ([B, H, nq, 4] int32: lo,
-    full_lo, full_hi, hi key tiles), which is all attndsl's forward kernel reads; the torch
-    tables (and the q-major ones the backward reads) are built from the tile classes when
-    first read.
+    Likewise a mask whose query tiles each see at most MAX_SEGMENTS segments of key tiles
+    (partial, full, partial: document masks, padding, sinks with a window, ...) keeps
+    ``kv_ranges`` ([B, H, nq, 4 * segments] int32: lo, full_lo, full_hi, hi key tiles per
+    segment), which is all attndsl's forward kernel reads; the torch tables (and the q-major
+    ones the backward reads) are built from the tile classes when first read.
     """
 
     seq_lengths: tuple[int, int]
@@ -248,7 +248,7 @@ def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: in
                          "closed-form bounds", closed_form=True, build=build)
     tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
     ranges = tm.kv_ranges()
-    if ranges is not None:  # the kernel reads the ranges; tables on first read only
+    if ranges is not None:  # the kernel reads the segments; tables on first read only
         return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured, tm.mechanism,
                          build=lambda: (tables_of(tm), tm), built_tile_map=tm,
                          kv_ranges=ranges.to(dev))

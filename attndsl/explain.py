@@ -55,8 +55,9 @@ def _mask_picture(mask, captured, lq: int, lkv: int) -> str:
         kernel = ("the kernel computes each query tile's key-tile ranges in closed form:\n"
                   + "\n".join(f"  {ln}" for ln in str(bounds).splitlines()))
     elif tiles.kv_ranges() is not None:
-        kernel = (f"the kernel reads a range table (lo, full_lo, full_hi, hi per query tile) "
-                  f"built by {tiles.mechanism}")
+        segments = tiles.kv_ranges().shape[-1] // 4
+        kernel = (f"the kernel reads a range table ({segments} segment(s) of lo, full_lo, "
+                  f"full_hi, hi per query tile) built by {tiles.mechanism}")
     else:
         kernel = f"the kernel reads block tables built by {tiles.mechanism}"
     return f"{kernel}\n{tiles.picture()}"

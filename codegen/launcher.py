@@ -102,10 +102,10 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     """Run the kernel.  ``inputs``/``captured`` map tensor names to tensors, ``params`` scalar
     names to values.  ``block_tables`` (optional) holds kv_num_blocks, kv_indices,
     full_kv_num_blocks, full_kv_indices shaped [B or 1, H or 1, rows(, cols)] and
-    Q_BLOCK_SIZE/KV_BLOCK_SIZE, or ``kv_ranges`` [B or 1, H or 1, rows, 4] int32 (lo,
-    full_lo, full_hi, hi key blocks of each query block: masked, unmasked, masked) with the
-    block sizes, or ``{"closed_form": True}`` to let the kernel compute each query block's
-    key-tile ranges (when BOUNDS_BLOCK is set).  Returns every output by name."""
+    Q_BLOCK_SIZE/KV_BLOCK_SIZE, or ``kv_ranges`` [B or 1, H or 1, rows, 4 * segments] int32
+    (per segment the lo, full_lo, full_hi, hi key blocks of a query block: masked, unmasked,
+    masked) with the block sizes, or ``{"closed_form": True}`` to let the kernel compute each
+    query block's key-tile ranges (when BOUNDS_BLOCK is set).  Returns every output by name."""
     captured = dict(captured or {})
     device = _check(inputs, captured)
     sizes = _sizes(inputs, captured)
@@ -138,6 +138,7 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     if m_len == 0 or n_batch * n_heads == 0:
         return out
     sparsity = 1 if HAS_MASK else 0
+    segments = 1
     tables = []
     sparse_q = sparse_kv = 1
     dummy = torch.zeros(4, dtype=torch.int32, device=device)
@@ -161,8 +162,10 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     elif block_tables is not None and block_tables.get("kv_ranges") is not None:
         sparsity = 4  # four numbers per query block, read by the kernel
         r = block_tables["kv_ranges"].to(device=device, dtype=torch.int32).contiguous()
-        if r.dim() != 4 or r.shape[-1] != 4:
-            raise AttentionInputError(f"kv_ranges must be [B, H, rows, 4], got {list(r.shape)}")
+        if r.dim() != 4 or r.shape[-1] % 4 or not r.shape[-1]:
+            raise AttentionInputError(f"kv_ranges must be [B, H, rows, 4 * segments], got "
+                                      f"{list(r.shape)}")
+        segments = r.shape[-1] // 4
         tables = [r] + [0 if r.shape[d] == 1 and d < 2 else r.stride(d) for d in range(3)]
         tables += [dummy, 0, 0, 0, 0] + [dummy, 0, 0, 0, dummy, 0, 0, 0, 0]
     elif block_tables is not None:
@@ -198,13 +201,13 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     def run(c: dict) -> None:
         grid = (triton.cdiv(m_len, c["BLOCK_M"]), n_batch * n_heads)
         _run(device.type, grid, args, c, e_len, f_len, n_len, sparsity, sparse_q, sparse_kv,
-             dtype)
+             segments, dtype)
 
     tune = cfg.pop("autotune", device.type == "cuda" and not config
                    and os.environ.get("ATTNDSL_AUTOTUNE", "1") != "0")
     if tune:
         key = (SPEC_HASH, str(device), str(dtype), e_len, f_len, sparsity, sparse_q, sparse_kv,
-               _next_pow2(m_len), _next_pow2(n_len))
+               segments, _next_pow2(m_len), _next_pow2(n_len))
         cfg = _tuned(key, [c for c in _candidates(cfg) if sparse_q % c["BLOCK_M"] == 0
                            and sparse_kv % c["BLOCK_N"] == 0 or sparsity not in (2, 4)], run)
     run(cfg)
@@ -274,13 +277,13 @@ def _tuned(key: tuple, candidates: list, run) -> dict:
 
 
 def _run(device_type, grid, args, cfg, e_len, f_len, n_len, sparsity, sparse_q, sparse_kv,
-         dtype) -> None:
+         segments, dtype) -> None:
     _kernel(device_type)[grid](
         *args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_E=max(16, _next_pow2(e_len)), BLOCK_F=max(16, _next_pow2(f_len)),
         EVEN_N=n_len % (sparse_kv if sparsity >= 2 else cfg["BLOCK_N"]) == 0, SPARSITY=sparsity,
-        SPARSE_Q=sparse_q,
-        SPARSE_KV=sparse_kv, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv, SEGMENTS=segments,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=device_type == "cpu" and dtype == torch.bfloat16, STATS=cfg.get("counting", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 

@@ -326,7 +326,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
              "full_num_s2", "full_idx", "full_idx_s0", "full_idx_s1", "full_idx_s2",
              "full_idx_s3", "stats"]
     const = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "EVEN_N", "SPARSITY", "SPARSE_Q",
-             "SPARSE_KV", "DOT_PRECISION", "UPCAST", "STATS"]
+             "SPARSE_KV", "SEGMENTS", "DOT_PRECISION", "UPCAST", "STATS"]
     types = _arg_types(k, names, args)
     L(0, "# kernel argument -> Triton type ({dtype} is the inputs' dtype); for ahead-of-time")
     L(0, "# compilation: a launch specialises unit strides to 1 and multiples of 16 as such")
@@ -339,7 +339,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
     L(0, "):")
     L(1, '"""One program: BLOCK_M query rows of one (batch, head); SPARSITY 0 = every key '
          'tile\n    unmasked, 1 = every key tile masked, 2 = block tables (partial tiles masked, '
-         'full ones not),\n    3 = closed-form key-tile ranges, 4 = a key-tile range table."""')
+         'full ones not),\n    3 = closed-form key-tile ranges, 4 = a table of SEGMENTS '
+         'key-tile ranges."""')
     L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
     L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
@@ -397,25 +398,26 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
             L(4, "start_n = blk * SPARSE_KV + sub * BLOCK_N")
             L(4, body(masked and k.mask is not None))
         L(1, "elif SPARSITY >= 3:")
-        L(2, "# key-tile ranges of this query tile: masked [lo, full_lo), unmasked")
+        L(2, "# key-tile segments of this query tile, each masked [lo, full_lo), unmasked")
         L(2, "# [full_lo, full_hi), masked [full_hi, hi); everything else is empty")
         L(2, "sparse_row = (pid_m * BLOCK_M) // SPARSE_Q")
-        L(2, "if SPARSITY == 4:  # read from a [B, H, rows, 4] range table")
-        L(3, "ranges = kv_num + off_b * kv_num_s0 + off_h * kv_num_s1 + sparse_row * kv_num_s2")
+        L(2, "for seg in tl.static_range(SEGMENTS):")
+        L(3, "if SPARSITY == 4:  # read from a [B, H, rows, 4 * SEGMENTS] range table")
+        L(4, "ranges = kv_num + off_b * kv_num_s0 + off_h * kv_num_s1 + sparse_row * kv_num_s2")
         for i, name in enumerate(("lo", "full_lo", "full_hi", "hi")):
-            L(3, f"{name} = tl.minimum(tl.load(ranges + {i}) * SPARSE_KV, N_len)")
-        L(2, "else:  # closed forms of the query-tile index")
+            L(4, f"{name} = tl.minimum(tl.load(ranges + 4 * seg + {i}) * SPARSE_KV, N_len)")
+        L(3, "else:  # closed forms of the query-tile index (one segment)")
         if k.bounds is not None:
             bounds_env = Env({"qt": "sparse_row"}, {}, {"M": "M_len", "N": "N_len"}, {}, {})
             for name, expr in zip(("lo", "full_lo", "full_hi", "hi"), k.bounds):
-                L(3, f"{name} = tl.minimum(({render(expr, bounds_env)}) * SPARSE_KV, N_len)")
+                L(4, f"{name} = tl.minimum(({render(expr, bounds_env)}) * SPARSE_KV, N_len)")
         else:
-            L(3, "lo = 0  # this mask has no closed form: the launcher never selects SPARSITY 3")
-            L(3, "full_lo = 0\nfull_hi = 0\nhi = 0")
+            L(4, "lo = 0  # this mask has no closed form: the launcher never selects SPARSITY 3")
+            L(4, "full_lo = 0\nfull_hi = 0\nhi = 0")
         for a, z, masked in (("lo", "full_lo", True), ("full_lo", "full_hi", False),
                              ("full_hi", "hi", True)):
-            L(2, f"for start_n in range({a}, {z}, BLOCK_N):")
-            L(3, body(masked and k.mask is not None))
+            L(3, f"for start_n in range({a}, {z}, BLOCK_N):")
+            L(4, body(masked and k.mask is not None))
         L(1, "elif SPARSITY == 1:")
         L(2, "for start_n in range(0, N_len, BLOCK_N):")
         L(3, body(k.mask is not None))

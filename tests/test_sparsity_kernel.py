@@ -22,10 +22,13 @@ MASKS = {
     "document": lambda b, h, q, kv: (doc[q] == doc[kv]) & (kv <= q),
     "dilated": lambda b, h, q, kv: ((q - kv) % 3 == 0) & (kv <= q),
     "sinks_chunks": lambda b, h, q, kv: (kv < 16) | ((kv <= q) & (kv // 128 == q // 128)),
+    "striped": lambda b, h, q, kv: (kv // 128) % 2 == 0,
 }
 # how the kernel finds its key tiles: closed forms, a range table, block tables
 PLANS = {"causal": "closed_form", "sliding": "closed_form", "prefix": "closed_form",
-         "document": "kv_ranges", "dilated": "kv_ranges", "sinks_chunks": "kv_indices"}
+         "document": "kv_ranges", "dilated": "kv_ranges", "sinks_chunks": "kv_ranges",
+         "striped": "kv_indices"}
+SEGMENTS = {"sinks_chunks": 2}  # key-tile segments per query tile of a range table (else 1)
 
 
 def _run_counting(mask_mod, lq: int, lkv: int, plan: dict | None = None):
@@ -51,6 +54,8 @@ def _run_counting(mask_mod, lq: int, lkv: int, plan: dict | None = None):
 def test_visits_exactly_the_non_empty_tiles(name: str, lq: int, lkv: int) -> None:
     if name in ("document", "sinks_chunks"):  # the sizes where the plan is the one named
         lq = lkv = L_DOC
+    if name == "striped":  # five runs of key tiles: more than a range table holds
+        lq, lkv = 128, 1152
     spec, plan, stats, out = _run_counting(MASKS[name], lq, lkv)
     tiles = classify_tiles(spec.cascade.mask.expr, spec.captured, 1, 1, lq, lkv,
                            SPARSE_BLOCK, SPARSE_BLOCK).classes[0, 0]
@@ -59,6 +64,8 @@ def test_visits_exactly_the_non_empty_tiles(name: str, lq: int, lkv: int) -> Non
     masked = int((tiles == 1).sum()) * programs_per_row * subtiles
     assert (int(stats[0]) + int(stats[1]), int(stats[1])) == (visited, masked)
     assert plan.get(PLANS[name]) is not None
+    if PLANS[name] == "kv_ranges":
+        assert plan["kv_ranges"].shape[-1] == 4 * SEGMENTS.get(name, 1)
     assert not torch.isnan(out["O"]).any()
 
 

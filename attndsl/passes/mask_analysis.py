@@ -907,6 +907,51 @@ def dense_to_ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
 
 
 _PICTURE = {EMPTY: " ", PARTIAL: "░", FULL: "█"}
+MAX_SEGMENTS = 4  # key-tile segments per query tile a range table may hold
+
+
+def _segments(c: Tensor, max_segments: int) -> Tensor | None:
+    """The general case of :meth:`TileMap.kv_ranges` (rows of several segments).
+
+    A segment starts at a non-empty tile after an empty one (or at column 0), and at the
+    first full tile of a block of full tiles when its run of non-empty tiles already had a
+    full block; each segment is then partial* full* partial*.  Per segment, lo / hi are the
+    min / max + 1 of its columns and full_lo / full_hi those of its full tiles (hi, hi when
+    it has none), by scatter-min / max over (row, segment)."""
+    nonempty, full = c.bool(), (c >> 1).bool()
+    col = torch.arange(c.shape[-1])
+    run_start = nonempty & ~_shifted(nonempty)
+    block_start = full & ~_shifted(full)
+    blocks = block_start.to(torch.int32).cumsum(-1)
+    before_run = torch.where(run_start, blocks - block_start.to(torch.int32), 0).cummax(-1).values
+    later_block = block_start & (blocks - before_run > 1)
+    seg = (run_start | later_block).to(torch.int32).cumsum(-1) - 1  # segment of each tile
+    k = int(seg.max()) + 1 if c.numel() else 1
+    if k > max_segments:
+        return None
+    k = max(k, 1)
+    rows = c.shape[:-1]
+    flat = (torch.arange(math.prod(rows)).reshape(*rows, 1) * k + seg.clamp(min=0)).reshape(-1)
+    big = c.shape[-1]
+
+    def reduce(sel: Tensor, value: Tensor, how: str, empty: int) -> Tensor:
+        v = torch.where(sel, value, empty).reshape(-1)
+        out = torch.full((math.prod(rows) * k,), empty, dtype=torch.int64)
+        return out.scatter_reduce(0, flat, v, how).reshape(*rows, k)
+
+    lo = reduce(nonempty, col, "amin", big)
+    hi = reduce(nonempty, col + 1, "amax", 0)
+    flo = reduce(full, col, "amin", big)
+    fhi = reduce(full, col + 1, "amax", 0)
+    used = hi > 0
+    lo = torch.where(used, lo, 0)
+    flo, fhi = torch.where(fhi > 0, flo, hi), torch.where(fhi > 0, fhi, hi)
+    return torch.stack([lo, flo, fhi, hi], -1).reshape(*rows, 4 * k).to(torch.int32).contiguous()
+
+
+def _shifted(x: Tensor) -> Tensor:
+    """A boolean x shifted one column right along the last dim (column j holds x[j - 1])."""
+    return torch.cat([torch.zeros_like(x[..., :1]), x[..., :-1]], -1)
 
 
 @dataclass
@@ -958,12 +1003,14 @@ class TileMap:
             dense_to_ordered(full.transpose(-2, -1))
         return BlockTables(*kv, *q)
 
-    def kv_ranges(self) -> Tensor | None:
-        """Key-tile ranges of every query tile, int32 [Bm, Hm, nq, 4] = (lo, full_lo, full_hi,
-        hi), when each row's non-empty tiles are the interval [lo, hi), its full tiles the
-        interval [full_lo, full_hi) inside it and every other tile of [lo, hi) partial (a row
-        without full tiles has full_lo = full_hi = hi); None when some row is not of that
-        shape.  A kernel then needs four numbers per query tile instead of a block table."""
+    def kv_ranges(self, max_segments: int = MAX_SEGMENTS) -> Tensor | None:
+        """Key-tile ranges of every query tile as segments, int32 [Bm, Hm, nq, 4 * K]: K
+        segments (lo, full_lo, full_hi, hi) in increasing order, each made of partial tiles
+        [lo, full_lo), full tiles [full_lo, full_hi) and partial tiles [full_hi, hi), together
+        exactly the row's non-empty tiles (rows with fewer segments are padded with empty
+        (0, 0, 0, 0) ones).  K is the most any row needs (a new segment starts after an empty
+        tile or at a second block of full tiles); None when that exceeds ``max_segments``.
+        A kernel then reads 4 * K numbers per query tile instead of a block table."""
         c = self.classes
         nk = c.shape[-1]
         small = torch.int16 if nk < 1 << 15 else torch.int32  # less memory to touch
@@ -975,7 +1022,7 @@ class TileMap:
             lo = nk - (sel * before).amax(-1).to(torch.int32)
             hi = (sel * after).amax(-1).to(torch.int32)
             if not bool(((hi - lo == count) | (count == 0)).all()):
-                return None
+                return _segments(c, max_segments)
             out.append((lo, hi, count))
         (lo, hi, n), (flo, fhi, nf) = out
         lo, hi = torch.where(n == 0, 0, lo), torch.where(n == 0, 0, hi)
@@ -1555,7 +1602,7 @@ def kv_tile_bounds(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
     return KVBounds(_c(0), hi, _c(0), full_hi, BM, BN, torch_boundary)
 
 
-__all__ = ["CHUNKED", "CLOSED_FORM", "EMPTY", "FULL", "PARTIAL", "SUMMARIES", "BlockTables",
-           "Boxes", "Geometry", "IntervalEvaluator", "Iv", "KVBounds", "MaskAnalysisError",
-           "RangeTable", "TileMap", "check_mask", "classify_tiles", "dense_to_ordered",
-           "exact_classes", "kv_tile_bounds"]
+__all__ = ["CHUNKED", "CLOSED_FORM", "EMPTY", "FULL", "MAX_SEGMENTS", "PARTIAL", "SUMMARIES",
+           "BlockTables", "Boxes", "Geometry", "IntervalEvaluator", "Iv", "KVBounds",
+           "MaskAnalysisError", "RangeTable", "TileMap", "check_mask", "classify_tiles",
+           "dense_to_ordered", "exact_classes", "kv_tile_bounds"]

@@ -52,7 +52,7 @@ def signature(module: Any, dtype: str, e: int, f: int) -> tuple[dict, dict]:
 
 
 def _compile_job(job: dict) -> dict:
-    """Compile one (module, target, dtype, head dims, sparsity, config) in this process."""
+    """Compile one (module, target, dtype, head dims, sparsity, segments, config) here."""
     from attndsl.runtime.aot import compile_kernel
     from attndsl.runtime.modules import import_path
 
@@ -62,7 +62,7 @@ def _compile_job(job: dict) -> dict:
     bm, bn, warps, stages = job["config"]
     consts = dict(units, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, _next_pow2(e)),
                   BLOCK_F=max(16, _next_pow2(f)), EVEN_N=True, SPARSITY=job["sparsity"],
-                  SPARSE_Q=128, SPARSE_KV=128,
+                  SPARSE_Q=128, SPARSE_KV=128, SEGMENTS=job.get("segments", 1),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
                   STATS=False)
     out = dict(job)
@@ -145,7 +145,7 @@ def _child() -> None:
         if job["config"] is None:
             job["config"] = default_config(job["path"], job["dtype"], job["e"], job["f"])
         key = (job["path"], job["target"], job["dtype"], job["e"], job["f"], job["sparsity"],
-               tuple(job["config"]))
+               job.get("segments", 1), tuple(job["config"]))
         if key in seen:
             continue
         seen.add(key)
