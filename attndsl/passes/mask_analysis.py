@@ -726,22 +726,25 @@ def _codes_of(ev: IntervalEvaluator, mask: Expr, rows: Tensor) -> Tensor:
     return out
 
 
-def _sample_points(boxes: Tensor, runs: bool) -> tuple[Tensor, Tensor]:
-    """Exact points of each box: its corners and centre, or (``runs``) 7 steps along the last
-    row from the left and 7 along the last column from the top.  Returns [P, 6] point boxes
-    and their owners."""
-    b, h, mlo, mhi, nlo, nhi = boxes.unbind(1)
-    if runs:
-        coords = [(mhi, torch.minimum(nlo + j, nhi)) for j in range(1, 8)]
-        coords += [(torch.minimum(mlo + i, mhi), nhi) for i in range(1, 8)]
-    else:
-        mmid, nmid = torch.floor((mlo + mhi) / 2), torch.floor((nlo + nhi) / 2)
-        coords = [(mlo, nlo), (mlo, nhi), (mhi, nlo), (mhi, nhi), (mmid, nmid)]
-    m = torch.stack([c[0] for c in coords], 1).reshape(-1)
-    n = torch.stack([c[1] for c in coords], 1).reshape(-1)
-    owner = torch.arange(boxes.shape[0]).repeat_interleave(len(coords))
-    bh = boxes[:, :2].repeat_interleave(len(coords), 0)
-    return torch.stack([bh[:, 0], bh[:, 1], m, m, n, n], 1), owner
+def _sample_codes(ev: IntervalEvaluator, mask: Expr, boxes: Tensor, runs: bool) -> Tensor:
+    """Exact codes [P, k] at k points of each of the [P, 6] boxes: its corners and centre,
+    or (``runs``) 7 steps along the last row from the left and 7 along the last column from
+    the top.  The points of a box share its b and h, so they are evaluated as [P, k] point
+    boxes broadcast against [P, 1] (MAX_BOXES points at a time)."""
+    out = []
+    step = max(1, MAX_BOXES // 16)
+    for s in range(0, boxes.shape[0], step):
+        b, h, mlo, mhi, nlo, nhi = (x[:, None] for x in boxes[s:s + step].unbind(1))
+        if runs:
+            j = torch.arange(1, 8, dtype=_F64)
+            m = torch.cat([mhi.expand(-1, 7), torch.minimum(mlo + j, mhi)], 1)
+            n = torch.cat([torch.minimum(nlo + j, nhi), nhi.expand(-1, 7)], 1)
+        else:
+            mmid, nmid = torch.floor((mlo + mhi) / 2), torch.floor((nlo + nhi) / 2)
+            m = torch.cat([mlo, mlo, mhi, mhi, mmid], 1)
+            n = torch.cat([nlo, nhi, nlo, nhi, nmid], 1)
+        out.append(ev.codes(mask, Boxes(b, h, m, m, n, n)).expand(m.shape))
+    return torch.cat(out)
 
 
 def _split(boxes: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
@@ -784,11 +787,10 @@ def _refine(ev: IntervalEvaluator, mask: Expr, roots: Tensor, g: Geometry,
     w = _Witness(*(torch.zeros(n, dtype=torch.bool) for _ in range(3)))
     undecided = torch.arange(n)
     for runs in (False, True):  # corners and centre first, then short runs from a corner
-        pts, _ = _sample_points(boxes[undecided], runs)
-        codes = _codes_of(ev, mask, pts).view(undecided.shape[0], -1)  # a row per box
+        codes = _sample_codes(ev, mask, boxes[undecided], runs)  # a row per box
         w.true[undecided] |= (codes == FULL).any(1)
         w.false[undecided] |= (codes == EMPTY).any(1)
-        stats["sample_points"] += pts.shape[0]
+        stats["sample_points"] += codes.numel()
         undecided = undecided[~w.partial[undecided]]
         if not undecided.numel():
             break
