@@ -16,10 +16,12 @@ boundaries) at each length:
                        (dynamo is reset before each mask and length so no cache limit is hit,
                        and inductor's on-disk caches are disabled unless --warm-cache).
 
-Time is the median of ``--repeats`` calls after a warm-up call.  Peak memory is measured with
-the torch profiler (``profile_memory=True``): the CPU allocator's allocation and free events of
-one extra call are replayed in order, and the largest sum of live bytes is reported.  It counts
-every tensor the call allocates (also inside compiled kernels), not Python objects.
+Time is the median of ``--repeats`` calls after a warm-up call, and "best" their minimum (the
+shared 2-core machine has slow phases that a median of few calls does not always hide).  Peak
+memory is measured with the torch profiler (``profile_memory=True``): the CPU allocator's
+allocation and free events of one extra call are replayed in order, and the largest sum of
+live bytes is reported.  It counts every tensor the call allocates (also inside compiled
+kernels), not Python objects.
 
 usage: python benchmarks/block_mask.py [--lengths 4096 16384] [--repeats 5] [--block 128]
        [--threads 1] [--warm-cache] [--methods attndsl "torch eager" "torch compile"]
@@ -72,13 +74,13 @@ def mask_mods(L: int) -> dict[str, Callable]:
             "prefix-LM": prefix_lm, f"chunked {CHUNK}": chunked, f"{DOCS} documents": document}
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
+def call_times(fn: Callable[[], object], repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 @contextlib.contextmanager
@@ -132,18 +134,20 @@ def run_one(method: str, fn: Callable, L: int, block: int, repeats: int) -> dict
         t0 = time.perf_counter()
         result = call()
         first = time.perf_counter() - t0
-        steady = median_time(call, repeats)
+        times = call_times(call, repeats)
+        steady = statistics.median(times)
         peak = peak_bytes(call)
     except Exception as err:  # compile unavailable, out of memory ...
         return {"note": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:60]}"}
-    out = {"time": steady, "peak": peak,
+    out = {"time": steady, "best": min(times), "peak": peak,
            "compile": first - steady if method == "torch compile" else None}
     if method == "attndsl":
         lazy = result.tables is None
         out["mechanism"] = result.mechanism + (
             " (range table)" if result.kv_ranges is not None else "")
         if lazy:  # what reading torch's eight tables costs on top (built on first read)
-            out["with_tables"] = median_time(lambda: call().q_indices, repeats)
+            out["with_tables"] = statistics.median(call_times(lambda: call().q_indices,
+                                                              repeats))
     return out
 
 
@@ -175,8 +179,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, BLOCK_SIZE "
           f"{args.block}; time: median of {args.repeats}; peak: profiler allocator events")
-    head = (f"{'mask':<22}{'L':>7}  {'method':<14}{'time ms':>10}{'compile s':>11}"
-            f"{'peak MiB':>10}{'t/attndsl':>11}{'mem/attndsl':>13}  note")
+    head = (f"{'mask':<22}{'L':>7}  {'method':<14}{'time ms':>10}{'best ms':>10}"
+            f"{'compile s':>11}{'peak MiB':>10}{'t/attndsl':>11}{'best/best':>11}"
+            f"{'mem/attndsl':>13}  note")
     print(head)
     print("-" * len(head))
     for L in args.lengths:
@@ -193,18 +198,20 @@ def main() -> None:
 
 def _row(name: str, L: int, method: str, r: dict, base: dict) -> str:
     if "note" in r:
-        return f"{name:<22}{L:>7}  {method:<14}{'':>10}{'':>11}{'':>10}{'':>11}{'':>13}  " \
-               f"{r['note']}"
+        return f"{name:<22}{L:>7}  {method:<14}{'':>10}{'':>10}{'':>11}{'':>10}{'':>11}" \
+               f"{'':>11}{'':>13}  {r['note']}"
     first = method == "attndsl"
     ratio_t = fmt_ratio(None if first or not base.get("time") else r["time"] / base["time"])
+    ratio_b = fmt_ratio(None if first or not base.get("best") else r["best"] / base["best"])
     ratio_m = fmt_ratio(None if first or not base.get("peak") or r["peak"] is None
                         else r["peak"] / base["peak"])
     comp = f"{r['compile']:.2f}" if r.get("compile") is not None else "-"
     note = r.get("mechanism", "")
     if r.get("with_tables") is not None:
         note += f"; {r['with_tables'] * 1e3:.3g} ms with torch's tables read"
-    return (f"{name:<22}{L:>7}  {method:<14}{r['time'] * 1e3:>10.3g}{comp:>11}"
-            f"{fmt_bytes(r['peak']):>10}{ratio_t:>11}{ratio_m:>13}  {note}")
+    return (f"{name:<22}{L:>7}  {method:<14}{r['time'] * 1e3:>10.3g}{r['best'] * 1e3:>10.3g}"
+            f"{comp:>11}{fmt_bytes(r['peak']):>10}{ratio_t:>11}{ratio_b:>11}{ratio_m:>13}  "
+            f"{note}")
 
 
 if __name__ == "__main__":
