@@ -117,3 +117,18 @@ def test_document_block_mask_keeps_only_ranges() -> None:
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                  "q_num_blocks", "q_indices"):
         assert torch.equal(getattr(bm, name), getattr(theirs, name)), name
+
+
+def test_range_table_rows_without_keys_give_zero_and_minus_inf() -> None:
+    """Query tiles with no key segment (all (0, 0, 0, 0)) and fully masked rows inside
+    partial tiles: out 0, lse -inf, no NaN."""
+    def mask(b, h, q, kv):
+        return (q < 200) & (doc[q] == doc[kv])
+
+    bm = attndsl.create_block_mask(mask, None, None, L_DOC, L_DOC, device="cpu")
+    assert bm.kv_ranges is not None and not bm.kv_ranges[0, 0, 2].any()
+    q = torch.randn(1, 1, L_DOC, 16)
+    out, lse = attndsl.flex_attention(q, q, q, block_mask=bm, return_lse=True)
+    assert bm.tables is None
+    assert not out.isnan().any() and bool((out[:, :, 200:] == 0).all())
+    assert bool((lse[:, :, 200:] == float("-inf")).all()) and bool(lse[:, :, :200].isfinite().all())

@@ -307,11 +307,15 @@ def _r_ge(node: Expr, a: Iv, b: Iv) -> Iv:
     return _r_le(node, b, a)
 
 
+def _point_value(v: Iv) -> Tensor:
+    """The value where v is a single point, NaN (equal to nothing) elsewhere."""
+    return v.lo if v.lo is v.hi else torch.where(_is_point(v), v.lo, _scalar(math.nan))
+
+
 def _eq_parts(a: Iv, b: Iv) -> tuple[Tensor, Tensor]:
     """(always, possibly) equal.  Non-points become NaN before the broadcast comparison, so
     the full-size work is one comparison for each part."""
-    nan = _scalar(math.nan)
-    always = torch.where(_is_point(a), a.lo, nan) == torch.where(_is_point(b), b.lo, nan)
+    always = _point_value(a) == _point_value(b)
     possibly = (a.hi >= b.lo) & (b.hi >= a.lo)
     return always, possibly
 
@@ -524,8 +528,10 @@ class IntervalEvaluator:
         if t.dim() == 0:
             return _point(float(t.to(_F64)))
         los = [v.lo.clamp(0, s - 1) for v, s in zip(idx, t.shape)]
-        his = [v.hi.clamp(0, s - 1) for v, s in zip(idx, t.shape)]
-        ranged = [d for d in range(t.dim()) if not torch.equal(los[d], his[d])]
+        his = [lo if v.hi is v.lo else v.hi.clamp(0, s - 1)  # points: one tensor for both
+               for v, lo, s in zip(idx, los, t.shape)]
+        ranged = [d for d in range(t.dim()) if his[d] is not los[d]
+                  and not torch.equal(los[d], his[d])]
         if not ranged:
             vals = t[tuple(i.to(torch.int64) for i in torch.broadcast_tensors(*los))].to(_F64)
             return _clean(vals, vals) if t.is_floating_point() else Iv(vals, vals)
