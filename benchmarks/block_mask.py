@@ -16,14 +16,16 @@ boundaries) at each length:
                        (dynamo is reset before each mask and length so no cache limit is hit,
                        and inductor's on-disk caches are disabled unless --warm-cache).
 
-Time is the median of ``--repeats`` calls after a warm-up call, and "best" their minimum (the
-shared 2-core machine has slow phases that a median of few calls does not always hide).  Peak
+Time is the median of ``--repeats`` calls after the first call and ``--warmup`` more, and
+"best" their minimum (the shared 2-core machine has slow phases; attndsl's millisecond calls
+also speed up over their first few dozen calls as the allocator and caches warm up).  Peak
 memory is measured with the torch profiler (``profile_memory=True``): the CPU allocator's
 allocation and free events of one extra call are replayed in order, and the largest sum of
 live bytes is reported.  It counts every tensor the call allocates (also inside compiled
 kernels), not Python objects.
 
-usage: python benchmarks/block_mask.py [--lengths 4096 16384] [--repeats 5] [--block 128]
+usage: python benchmarks/block_mask.py [--lengths 4096 16384] [--repeats 11] [--warmup 5]
+       [--block 128]
        [--threads 1] [--warm-cache] [--methods attndsl "torch eager" "torch compile"]
        [--masks causal ...]
 """
@@ -115,7 +117,7 @@ def peak_bytes(fn: Callable[[], object]) -> int | None:
     return peak
 
 
-def run_one(method: str, fn: Callable, L: int, block: int, repeats: int) -> dict:
+def run_one(method: str, fn: Callable, L: int, block: int, repeats: int, warmup: int) -> dict:
     """Time, compile time and peak memory of one method, or a 'failed' / 'skipped' note."""
     if method == "torch eager" and L > EAGER_LIMIT:
         return {"note": "skipped: O(L^2) memory"}
@@ -134,6 +136,7 @@ def run_one(method: str, fn: Callable, L: int, block: int, repeats: int) -> dict
         t0 = time.perf_counter()
         result = call()
         first = time.perf_counter() - t0
+        call_times(call, warmup)
         times = call_times(call, repeats)
         steady = statistics.median(times)
         peak = peak_bytes(call)
@@ -162,7 +165,8 @@ def fmt_ratio(x: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed calls after the first")
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--methods", nargs="+", default=["attndsl", "torch eager", "torch compile"])
     ap.add_argument("--masks", nargs="*", default=None, help="subset of mask names")
@@ -190,7 +194,7 @@ def main() -> None:
                 continue
             base: dict = {}
             for method in args.methods:
-                r = run_one(method, fn, L, args.block, args.repeats)
+                r = run_one(method, fn, L, args.block, args.repeats, args.warmup)
                 if method == "attndsl":
                     base = r
                 print(_row(name, L, method, r, base), flush=True)
