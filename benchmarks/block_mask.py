@@ -25,9 +25,8 @@ live bytes is reported.  It counts every tensor the call allocates (also inside 
 kernels), not Python objects.
 
 usage: python benchmarks/block_mask.py [--lengths 4096 16384] [--repeats 11] [--warmup 5]
-       [--block 128]
-       [--threads 1] [--warm-cache] [--methods attndsl "torch eager" "torch compile"]
-       [--masks causal ...]
+       [--block 128] [--threads 1] [--warm-cache] [--masks causal ...]
+       [--methods attndsl "torch eager" "torch compile"]
 """
 
 from __future__ import annotations
