@@ -102,6 +102,16 @@ class BlockMask:
                               BLOCK_SIZE=self.BLOCK_SIZE,
                               mask_mod=self.mask_mod if self.mask_mod is not None else torch_noop)
 
+    def as_tuple(self, flatten: bool = True) -> tuple:
+        """torch's BlockMask.as_tuple (what torch's flex_attention reads), so that this block
+        mask can be passed to torch's flex_attention directly."""
+        return self.to_torch().as_tuple(flatten)
+
+    def to_dense(self) -> Tensor:
+        """The dense block-level 0/1 matrix [B, H, nq, nk] (partial and full blocks), as torch's
+        BlockMask.to_dense gives it."""
+        return self.to_torch().to_dense()
+
     @classmethod
     def from_torch(cls, tbm: Any) -> BlockMask:
         """Wrap a torch BlockMask: keeps its tables and mask_mod; the mask is traced on demand
@@ -223,11 +233,13 @@ def _default_device(device: Any) -> torch.device:
 
 def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
                       device: torch.device | str | None = None,
-                      BLOCK_SIZE: int | tuple[int, int] = 128) -> BlockMask:
+                      BLOCK_SIZE: int | tuple[int, int] = 128,
+                      _compile: bool = False) -> BlockMask:
     """torch's ``create_block_mask``, by mask analysis (B / H None: broadcast, as in torch).
 
     The device defaults to the current accelerator (else CPU), like torch; the analysis runs
-    on the CPU and only the tables are moved."""
+    on the CPU and only the tables are moved.  ``_compile`` is accepted for drop-in use and
+    has no effect: the mask is never evaluated densely, so there is nothing to compile."""
     if not callable(mask_mod):
         raise MaskAnalysisError(f"mask_mod must be callable, got {type(mask_mod).__name__}")
     bm, bn = _block_size(BLOCK_SIZE)

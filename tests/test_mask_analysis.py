@@ -510,10 +510,13 @@ def test_block_mask_round_trip_and_attention() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex_attention on the CPU warns once
         out = flex_attention(q, k, v, block_mask=tbm)
+        direct = flex_attention(q, k, v, block_mask=create_block_mask(  # as_tuple, no to_torch
+            fn, 2, 3, 200, 200, BLOCK_SIZE=64, device="cpu", _compile=True))
     keep = (torch.arange(200)[:, None] >= torch.arange(200)) & \
         (torch.arange(200) < lengths[:, None, None, None])
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(out, ref, atol=1e-5) and torch.equal(direct, out)
+    assert torch.equal(bm.to_dense().expand(2, 3, -1, -1), theirs.to_dense())
 
 
 def test_compositions_trace_and_match_torch() -> None:
