@@ -136,6 +136,29 @@ def case_block_causal(draw, Lq, Lkv):
     return Case(block_causal, closed=True)
 
 
+def case_chunked_causal(draw, Lq, Lkv):
+    C = draw(st.integers(1, 100))
+    return Case(and_masks(_chunk(C), causal), closed=True)
+
+
+def case_chunked_window(draw, Lq, Lkv):
+    """A two-sided window inside block-causal chunks (both allow the diagonal)."""
+    C, w, v = draw(st.integers(1, 100)), draw(st.integers(0, 60)), draw(st.integers(0, 60))
+
+    def chunk_window(b, h, q, kv):
+        return (kv // C <= q // C) & (q - kv <= w) & (kv - q <= v)
+    return Case(chunk_window, closed=True)
+
+
+def case_chunk_off_diagonal(draw, Lq, Lkv):
+    """Strictly causal inside chunks: the diagonal is excluded, no closed form is claimed."""
+    C = draw(st.integers(1, 100))
+
+    def strict(b, h, q, kv):
+        return (q // C == kv // C) & (kv < q)
+    return Case(strict)
+
+
 def case_anti_causal(draw, Lq, Lkv):
     def anti(b, h, q, kv):
         return ~(q >= kv)
@@ -350,7 +373,8 @@ def test_classes_and_tables(kind: str, data: st.DataObject) -> None:
 # -- (c) -----------------------------------------------------------------------------------------
 
 CLOSED = ["anti_causal", "block_causal", "bottom_right", "causal", "causal_window", "chunked",
-          "prefix_lm", "window_one_sided", "window_two_sided"]
+          "chunked_causal", "chunked_window", "prefix_lm", "window_one_sided",
+          "window_two_sided"]
 
 
 @pytest.mark.parametrize("kind", CLOSED)

@@ -1580,6 +1580,50 @@ def _band_bounds(band: _Band, BM: int, BN: int, torch_boundary: bool) -> _Four:
     return lo, hi, full_lo, full_hi
 
 
+def _conjuncts(e: Expr) -> list[Expr]:
+    if e.op is Op.AND and e.dtype == BOOL:
+        return _conjuncts(e.src[0]) + _conjuncts(e.src[1])
+    return [e]
+
+
+def _diagonal_chunk_and_lin(e: Expr) -> tuple[_Band, _Band] | None:
+    """e = (one chunk comparison m // C op n // C) & (linear constraints on m - n only), both
+    allowing the diagonal n = m (op one of ==, <=, >=; dlo <= 0 <= dhi): chunked causal,
+    a sliding window inside chunks, ...  Returns the two bands, or None."""
+    parts = _conjuncts(e)
+    chunks = [p for p in parts if _band_of_chunk(p) is not None and _lin_of(p) is None]
+    if len(chunks) != 1 or chunks[0].op not in (Op.EQ, Op.LE, Op.GE):
+        return None
+    lin = _Lin()
+    for p in parts:
+        if p is not chunks[0]:
+            c = _lin_of(p)
+            if c is None:
+                return None
+            lin = lin.meet(c)
+    if lin.empty or any(v is not None for v in (lin.mlo, lin.mhi, lin.nlo, lin.nhi)) or \
+            (lin.dlo is not None and lin.dlo > 0) or (lin.dhi is not None and lin.dhi < 0):
+        return None
+    chunk = _band_of_chunk(chunks[0])
+    assert chunk is not None
+    return chunk, _band_of_lin(lin)
+
+
+def _meet(a: _Four, b: _Four) -> _Four:
+    """Tile bounds of the intersection of two bands that both allow the diagonal n = m.  Each
+    row's keys are then an interval holding m, so a tile's rows allow one interval of keys from
+    the first row's lower end to the last row's upper end: the non-empty tiles are the meet of
+    the two ranges.  A tile is full for both bands iff it is full for their intersection, so
+    the full tiles are the meet of the two full ranges."""
+    zero = _c(0)
+    lo, hi = _max(a[0], b[0]), _min(a[1], b[1])
+    nonempty = _le(_add(lo, 1), hi)
+    lo, hi = _if(nonempty, lo, zero), _if(nonempty, hi, zero)
+    full_lo = _min(_max(_max(a[2], b[2]), lo), hi)
+    full_hi = _max(_min(_min(a[3], b[3]), hi), full_lo)
+    return lo, hi, full_lo, full_hi
+
+
 def kv_tile_bounds(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
                    torch_boundary: bool = False) -> KVBounds | None:
     """Closed forms of the non-empty and full kv tile ranges of each query tile, or None.
@@ -1590,13 +1634,21 @@ def kv_tile_bounds(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
     local attention, block-causal); and | of such parts that all leave n unbounded below
     (prefix-LM ``n < P | causal``: the union of ranges that all start at tile 0 is the range
     up to the largest end, and a tile that the union fills is filled by one part, because
-    each part is closed under decreasing n).  Masks using b, h or captured data give None.
+    each part is closed under decreasing n); and a chunk comparison & linear constraints on
+    m - n when both allow the diagonal (chunked causal, windows inside chunks: see _meet).
+    Masks using b, h or captured data give None.
     """
     BM, BN = _positive("BLOCK_M", BLOCK_M), _positive("BLOCK_N", BLOCK_N)
     check_mask(mask, None)
     if mask.free_indices() - {"m", "n"} or any(x.op is Op.PARAM for x in mask.walk()):
         return None
     bands = [_band_of(p) for p in _or_parts(mask)]
+    if len(bands) == 1 and bands[0] is None:
+        pair = _diagonal_chunk_and_lin(mask)
+        if pair is None:
+            return None
+        four = _meet(*(_band_bounds(b, BM, BN, torch_boundary) for b in pair))
+        return KVBounds(*four, BM, BN, torch_boundary)
     if any(b is None for b in bands):
         return None
     if len(bands) == 1:
