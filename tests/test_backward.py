@@ -366,6 +366,22 @@ def test_torch_block_mask() -> None:
     check_grads(block_mask=bm, Lq=40, Lkv=40, deterministic=True)
 
 
+def test_attndsl_range_table_block_mask() -> None:
+    """attndsl's BlockMask of a document mask keeps only a range table; training builds the
+    tables the backward reads on first use, and the forward still reads the ranges."""
+    import attndsl
+
+    doc = torch.tensor([0] * 13 + [1] * 20 + [2] * 7)
+
+    def document(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (kv <= q)
+
+    bm = attndsl.create_block_mask(document, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
+    assert bm.kv_ranges is not None and bm.tables is None
+    check_grads(block_mask=bm, Lq=40, Lkv=40)
+    assert bm.tables is not None
+
+
 def test_small_tiles_many_programs() -> None:
     """The GPU-sized tile shapes (16-row query tiles) on the interpreter, against the default."""
     slopes = torch.rand(2)
