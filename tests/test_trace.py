@@ -9,6 +9,7 @@ from attndsl.frontend.flex import lower_flex
 from attndsl.frontend.trace import TraceError
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import verify
+from attndsl.ir.expr import BOOL
 
 B, H, L = 2, 3, 11
 table = torch.randn(H, 2 * L - 1)
@@ -123,6 +124,18 @@ def test_untraceable_functions_name_the_function_and_line(fn, message) -> None:
 def test_mask_mod_must_return_bool() -> None:
     with pytest.raises(TraceError, match="mask_mod must return a boolean"):
         lower_flex(None, lambda b, h, q, kv: q - kv)
+
+
+def test_bool_arithmetic_stays_boolean_as_in_torch() -> None:
+    """torch: bool * bool is and, bool + bool is or, bool - bool an error."""
+    mask = lower_flex(None, lambda b, h, q, kv: (q >= kv) * (kv > 3) + (kv == 0)).cascade.mask
+    assert mask is not None and mask.expr.dtype == BOOL
+    q = torch.arange(6)[:, None]
+    kv = torch.arange(6)[None, :]
+    got = eval_expr(mask.expr, ["m", "n"], {"m": torch.arange(6), "n": torch.arange(6)}, {})
+    assert torch.equal(got.bool(), (q >= kv) * (kv > 3) + (kv == 0))
+    with pytest.raises(TraceError, match="subtracting two booleans"):
+        lower_flex(None, lambda b, h, q, kv: (q >= kv) - (kv > 3))
 
 
 def test_score_mod_returning_bool_is_rejected() -> None:

@@ -77,6 +77,10 @@ def _dtype_of(t: torch.Tensor | torch.dtype) -> str:
     return FLOAT if dt.is_floating_point else INT
 
 
+# torch's arithmetic on two bool tensors stays boolean: * is and, + is or, - is an error
+_BOOL_ARITH: dict[Op, Op | None] = {Op.MUL: Op.AND, Op.ADD: Op.OR, Op.SUB: None}
+
+
 class Sym:
     """A symbolic scalar standing for one element of a score/mask computation."""
 
@@ -108,7 +112,13 @@ class Sym:
 
     def _bin(self, op: Op, a: Any, b: Any) -> Sym:
         try:
-            return self._new(E.binary(op, self._lift(a), self._lift(b)))
+            x, y = self._lift(a), self._lift(b)
+            if x.dtype == y.dtype == BOOL and op in _BOOL_ARITH:  # torch: bool op bool -> bool
+                if _BOOL_ARITH[op] is None:
+                    raise E.IRError("subtracting two booleans is not supported (as in torch); "
+                                    "use ^ or logical_xor")
+                op = _BOOL_ARITH[op]
+            return self._new(E.binary(op, x, y))
         except E.IRError as err:
             raise self.ctx.fail(str(err)) from None
 
