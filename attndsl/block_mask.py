@@ -34,7 +34,7 @@ from attndsl.passes.mask_analysis import (
     TileMap,
     classify_tiles,
     dense_to_ordered,
-    kv_tile_bounds,
+    kv_tile_segments,
 )
 
 Tensor = torch.Tensor
@@ -272,10 +272,10 @@ _CLOSED: dict = {}
 
 
 def has_closed_form(mask: Expr, bm: int, bn: int) -> bool:
-    """Whether the mask's key-tile ranges have closed forms (cached per expression)."""
+    """Whether the mask's key-tile segments have closed forms (cached per expression)."""
     key = (mask, bm, bn)
     if key not in _CLOSED:
-        _CLOSED[key] = kv_tile_bounds(mask, bm, bn) is not None
+        _CLOSED[key] = kv_tile_segments(mask, bm, bn) is not None
     return _CLOSED[key]
 
 

@@ -44,16 +44,19 @@ def explain(c: Cascade, captured: dict[str, torch.Tensor] | None = None, lq: int
 
 
 def _mask_picture(mask, captured, lq: int, lkv: int) -> str:
-    from attndsl.passes.mask_analysis import classify_tiles, kv_tile_bounds
+    from attndsl.passes.mask_analysis import classify_tiles, kv_tile_segments
 
     try:
         tiles = classify_tiles(mask, captured, 1, 1, lq, lkv, 128, 128)
     except (ValueError, RuntimeError, IndexError) as err:
         return f"(not analysable at these sizes: {err})"
-    bounds = kv_tile_bounds(mask, 128, 128)
-    if bounds is not None:
-        kernel = ("the kernel computes each query tile's key-tile ranges in closed form:\n"
-                  + "\n".join(f"  {ln}" for ln in str(bounds).splitlines()))
+    segments = kv_tile_segments(mask, 128, 128)
+    if segments is not None:
+        kernel = "the kernel computes each query tile's key-tile ranges in closed form:"
+        for i, seg in enumerate(segments):
+            head = f"\n  segment {i + 1}:" if len(segments) > 1 else ""
+            pad = "    " if len(segments) > 1 else "  "
+            kernel += head + "".join(f"\n{pad}{ln}" for ln in str(seg).splitlines())
     elif tiles.kv_ranges() is not None:
         segments = tiles.kv_ranges().shape[-1] // 4
         kernel = (f"the kernel reads a range table ({segments} segment(s) of lo, full_lo, "

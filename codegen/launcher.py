@@ -1,7 +1,8 @@
 # ruff: noqa: F821
 # The launcher of every generated module.  The printer copies this text, below the kernel and
 # the metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, ROLES, INDEX_EXTENTS,
-# PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS) it reads, into the module.  It needs only torch and triton.
+# PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS) it reads, into the
+# module.  It needs only torch and triton.
 
 _KERNELS: dict = {}
 
@@ -158,6 +159,7 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
                 f"tile >= 16; the tile is ({cfg['BLOCK_M']}, {cfg['BLOCK_N']})")
     if block_tables is not None and block_tables.get("closed_form"):
         sparsity = 3  # the kernel computes each query block's key-tile ranges itself
+        segments = BOUNDS_SEGMENTS
         tables = [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
     elif block_tables is not None and block_tables.get("kv_ranges") is not None:
         sparsity = 4  # four numbers per query block, read by the kernel

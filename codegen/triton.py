@@ -303,7 +303,8 @@ def _emit_tables(k: TileKernel, names: _Names, L: _Lines) -> None:
     L(0, "PARAM_DEFAULTS = " + repr(dict(k.param_defaults)))
     L(0, "PASSES = " + repr(len(k.passes)))
     L(0, "# closed-form key-tile ranges (SPARSITY 3) exist for this mask, in blocks of:")
-    L(0, "BOUNDS_BLOCK = " + repr(BOUNDS_BLOCK if k.bounds is not None else None) + "\n")
+    L(0, "BOUNDS_BLOCK = " + repr(BOUNDS_BLOCK if k.bounds is not None else None))
+    L(0, "BOUNDS_SEGMENTS = " + repr(len(k.bounds) if k.bounds is not None else None) + "\n")
 
 
 def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str | None,
@@ -406,11 +407,17 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
         L(4, "ranges = kv_num + off_b * kv_num_s0 + off_h * kv_num_s1 + sparse_row * kv_num_s2")
         for i, name in enumerate(("lo", "full_lo", "full_hi", "hi")):
             L(4, f"{name} = tl.minimum(tl.load(ranges + 4 * seg + {i}) * SPARSE_KV, N_len)")
-        L(3, "else:  # closed forms of the query-tile index (one segment)")
+        L(3, "else:  # closed forms of the query-tile index (SEGMENTS = BOUNDS_SEGMENTS)")
         if k.bounds is not None:
             bounds_env = Env({"qt": "sparse_row"}, {}, {"M": "M_len", "N": "N_len"}, {}, {})
-            for name, expr in zip(("lo", "full_lo", "full_hi", "hi"), k.bounds):
-                L(4, f"{name} = tl.minimum(({render(expr, bounds_env)}) * SPARSE_KV, N_len)")
+            for i, seg in enumerate(k.bounds):
+                depth = 4
+                if len(k.bounds) > 1:
+                    L(4, f"{'if' if i == 0 else 'elif'} seg == {i}:")
+                    depth = 5
+                for name, expr in zip(("lo", "full_lo", "full_hi", "hi"), seg):
+                    L(depth, f"{name} = tl.minimum(({render(expr, bounds_env)}) * SPARSE_KV, "
+                             f"N_len)")
         else:
             L(4, "lo = 0  # this mask has no closed form: the launcher never selects SPARSITY 3")
             L(4, "full_lo = 0\nfull_hi = 0\nhi = 0")

@@ -44,6 +44,7 @@ from attndsl.passes.mask_analysis import (
     MaskAnalysisError,
     classify_tiles,
     kv_tile_bounds,
+    kv_tile_segments,
 )
 
 SIZES = st.integers(1, 300)
@@ -397,6 +398,40 @@ def test_closed_form_bounds(kind: str, data: st.DataObject) -> None:
         assert torch.equal(full, c == FULL), f"{bounds}"
         assert bool(((v["lo"] <= v["full_lo"]) & (v["full_lo"] <= v["full_hi"])
                      & (v["full_hi"] <= v["hi"])).all())
+
+
+SEGMENTED = {
+    "sinks_window": lambda S, W: or_masks(lambda b, h, q, kv: kv < S,
+                                          and_masks(causal, _window(W))),
+    "causal_sinks_or_window": lambda S, W: and_masks(
+        or_masks(lambda b, h, q, kv: kv < S, _window(W)), causal),
+    "prefix_two_sided": lambda S, W: or_masks(lambda b, h, q, kv: kv < S,
+                                              lambda b, h, q, kv: (q - kv).abs() <= W),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SEGMENTED))
+@settings(max_examples=EXAMPLES)
+@given(data=st.data())
+def test_closed_form_segments(kind: str, data: st.DataObject) -> None:
+    """Sinks (or a prefix) beside a window: two closed-form segments, disjoint, covering
+    exactly the non-empty tiles; their full ranges hold only full tiles."""
+    Lq, Lkv, BM, BN = (data.draw(s) for s in (SIZES, SIZES, BLOCKS, BLOCKS))
+    S, W = data.draw(st.integers(1, 64)), data.draw(st.integers(1, 100))
+    mask, captured = mask_expr(SEGMENTED[kind](S, W))
+    tm = classify_tiles(mask, captured, 1, 1, Lq, Lkv, BM, BN)
+    for torch_boundary, classes in ((False, tm.classes), (True, tm.torch_classes())):
+        segments = kv_tile_segments(mask, BM, BN, torch_boundary=torch_boundary)
+        assert segments is not None and len(segments) <= 2
+        c = classes[0, 0]
+        kt = torch.arange(c.shape[1])
+        covered = torch.zeros(c.shape, dtype=torch.int64)
+        for seg in segments:
+            v = seg.evaluate(Lq, Lkv)
+            covered += (kt >= v["lo"][:, None]) & (kt < v["hi"][:, None])
+            full = (kt >= v["full_lo"][:, None]) & (kt < v["full_hi"][:, None])
+            assert bool((c[full] == FULL).all()), str(seg)
+        assert int(covered.max()) <= 1 and torch.equal(covered == 1, c != EMPTY)
 
 
 def test_closed_form_is_readable() -> None:

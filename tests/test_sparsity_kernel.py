@@ -24,11 +24,13 @@ MASKS = {
     "sinks_chunks": lambda b, h, q, kv: (kv < 16) | ((kv <= q) & (kv // 128 == q // 128)),
     "striped": lambda b, h, q, kv: (kv // 128) % 2 == 0,
     "chunked_causal": lambda b, h, q, kv: (q // 100 == kv // 100) & (kv <= q),
+    "sinks_window": lambda b, h, q, kv: (kv < 16) | ((kv <= q) & (q - kv < 100)),
 }
 # how the kernel finds its key tiles: closed forms, a range table, block tables
 PLANS = {"causal": "closed_form", "sliding": "closed_form", "prefix": "closed_form",
          "document": "kv_ranges", "dilated": "kv_ranges", "sinks_chunks": "kv_ranges",
-         "striped": "kv_indices", "chunked_causal": "closed_form"}
+         "striped": "kv_indices", "chunked_causal": "closed_form",
+         "sinks_window": "closed_form"}  # sinks_window: two closed-form segments
 SEGMENTS = {"sinks_chunks": 2}  # key-tile segments per query tile of a range table (else 1)
 
 

@@ -91,9 +91,10 @@ class TileKernel:
     index_extents: tuple[tuple[str, str], ...]  # (index name, extent name)
     param_defaults: tuple[tuple[str, float | int], ...]
     spec_text: str = ""
-    # closed-form key-tile ranges (lo, full_lo, full_hi, hi) of query tile ``qt`` in units of
-    # BOUNDS_BLOCK keys (over INDEX qt, PARAM M = Lq, PARAM N = Lkv), when the mask has them
-    bounds: tuple[Expr, Expr, Expr, Expr] | None = None
+    # closed-form key-tile segments (lo, full_lo, full_hi, hi), in order, of query tile ``qt``
+    # in units of BOUNDS_BLOCK keys (over INDEX qt, PARAM M = Lq, PARAM N = Lkv), when the
+    # mask has them
+    bounds: tuple[tuple[Expr, Expr, Expr, Expr], ...] | None = None
 
     def __str__(self) -> str:
         lines = [f"kernel {self.name}: for each (b, h, query tile)"]
@@ -113,10 +114,9 @@ class TileKernel:
                 lines.append(f"    {s.var} = {s.var} * {scale} + rowsum({render(s.body)}){v}")
         if self.mask is not None:
             lines.append(f"  mask (partial tiles only): {render(self.mask)}")
-        if self.bounds is not None:
-            lines.append("  key-tile ranges in closed form: " + ", ".join(
-                f"{n} = {render(b)}" for n, b in zip(("lo", "full_lo", "full_hi", "hi"),
-                                                    self.bounds)))
+        for i, seg in enumerate(self.bounds or ()):
+            lines.append(f"  key-tile segment {i + 1} in closed form: " + ", ".join(
+                f"{n} = {render(b)}" for n, b in zip(("lo", "full_lo", "full_hi", "hi"), seg)))
         for st in self.stores:
             lines.append(f"  store {st.name}[{', '.join(st.indices)}] = {render(st.expr)}")
         return "\n".join(lines)

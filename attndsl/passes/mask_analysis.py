@@ -1534,6 +1534,32 @@ def _or_parts(e: Expr) -> list[Expr]:
     return [e]
 
 
+_MAX_PARTS = 8
+
+
+def _disjuncts(e: Expr) -> list[Expr]:
+    """e as an | of parts, & distributed over | ((a | b) & c = a & c | b & c: sinks or a
+    window, all causal), at most _MAX_PARTS of them."""
+    if e.op is Op.OR and e.dtype == BOOL:
+        return _disjuncts(e.src[0]) + _disjuncts(e.src[1])
+    if e.op is Op.AND and e.dtype == BOOL:
+        left, right = _disjuncts(e.src[0]), _disjuncts(e.src[1])
+        if len(left) * len(right) <= _MAX_PARTS:
+            return [E.binary(Op.AND, a, b) for a in left for b in right]
+    return [e]
+
+
+def _bands(mask: Expr) -> list[_Band | None]:
+    """The bands of the parts of an | (distributing & over | when the parts as written are
+    not all bands)."""
+    bands = [_band_of(p) for p in _or_parts(mask)]
+    if any(b is None for b in bands):
+        parts = _disjuncts(mask)
+        if len(parts) > 1:
+            return [_band_of(p) for p in parts]
+    return bands
+
+
 _Four = tuple[Expr, Expr, Expr, Expr]
 
 
@@ -1642,7 +1668,7 @@ def kv_tile_bounds(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
     check_mask(mask, None)
     if mask.free_indices() - {"m", "n"} or any(x.op is Op.PARAM for x in mask.walk()):
         return None
-    bands = [_band_of(p) for p in _or_parts(mask)]
+    bands = _bands(mask)
     if len(bands) == 1 and bands[0] is None:
         pair = _diagonal_chunk_and_lin(mask)
         if pair is None:
@@ -1655,14 +1681,53 @@ def kv_tile_bounds(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
         return KVBounds(*_band_bounds(bands[0], BM, BN, torch_boundary), BM, BN, torch_boundary)
     if any(b.lo is not None for b in bands if not b.empty):
         return None
+    return KVBounds(*_prefix_union(bands, BM, BN, torch_boundary), BM, BN, torch_boundary)
+
+
+def _prefix_union(bands: list[_Band], BM: int, BN: int, torch_boundary: bool) -> _Four:
+    """Bounds of the union of bands that are all unbounded below (see kv_tile_bounds)."""
     parts = [_band_bounds(b, BM, BN, torch_boundary) for b in bands]
     hi, full_hi = parts[0][1], parts[0][3]
     for p in parts[1:]:
         hi, full_hi = _max(hi, p[1]), _max(full_hi, p[3])
-    return KVBounds(_c(0), hi, _c(0), full_hi, BM, BN, torch_boundary)
+    return _c(0), hi, _c(0), full_hi
+
+
+def kv_tile_segments(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
+                     torch_boundary: bool = False) -> list[KVBounds] | None:
+    """Closed-form key-tile segments of each query tile: disjoint, in increasing order, and
+    together exactly its non-empty tiles; each segment's [full_lo, full_hi) tiles are full.
+
+    One segment is :func:`kv_tile_bounds` (exact).  Two: an | whose parts are all unbounded
+    below but one (sinks ``n < S``, a prefix: their union is the first segment, from tile 0)
+    and one band (a window, causal ...), clipped to start where the first segment ends.  A
+    tile of the first segment that is partial for its parts but filled by the band is then
+    treated as partial (masked, still correct): with two segments full tiles may be missed,
+    never invented.  None when neither applies."""
+    single = kv_tile_bounds(mask, BLOCK_M, BLOCK_N, torch_boundary=torch_boundary)
+    if single is not None:
+        return [single]
+    if mask.free_indices() - {"m", "n"} or any(x.op is Op.PARAM for x in mask.walk()):
+        return None
+    BM, BN = BLOCK_M, BLOCK_N
+    bands = _bands(mask)
+    if len(bands) < 2 or any(b is None for b in bands):
+        return None
+    bounded = [i for i, b in enumerate(bands) if not b.empty and b.lo is not None]
+    if len(bounded) != 1:
+        return None
+    head = _prefix_union([b for i, b in enumerate(bands) if i != bounded[0]], BM, BN,
+                         torch_boundary)
+    lo, hi, full_lo, full_hi = _band_bounds(bands[bounded[0]], BM, BN, torch_boundary)
+    lo = _max(lo, head[1])
+    hi = _max(hi, lo)
+    full_lo = _min(_max(full_lo, lo), hi)
+    full_hi = _max(_min(full_hi, hi), full_lo)
+    return [KVBounds(*head, BM, BN, torch_boundary),
+            KVBounds(lo, hi, full_lo, full_hi, BM, BN, torch_boundary)]
 
 
 __all__ = ["CHUNKED", "CLOSED_FORM", "EMPTY", "FULL", "MAX_SEGMENTS", "PARTIAL", "SUMMARIES",
            "BlockTables", "Boxes", "Geometry", "IntervalEvaluator", "Iv", "KVBounds",
            "MaskAnalysisError", "RangeTable", "TileMap", "check_mask", "classify_tiles",
-           "dense_to_ordered", "exact_classes", "kv_tile_bounds"]
+           "dense_to_ordered", "exact_classes", "kv_tile_bounds", "kv_tile_segments"]

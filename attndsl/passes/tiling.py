@@ -38,13 +38,14 @@ BOUNDS_BLOCK = 128  # key-tile ranges are computed in blocks of 128 queries x 12
 
 
 def _closed_form_bounds(mask: Expr | None, roles: dict[str, str]) -> tuple | None:
-    """(lo, full_lo, full_hi, hi) of each query block, when the mask has closed forms."""
-    from attndsl.passes.mask_analysis import kv_tile_bounds
+    """Segments (lo, full_lo, full_hi, hi) of each query block's key blocks, when the mask
+    has closed forms for them."""
+    from attndsl.passes.mask_analysis import kv_tile_segments
 
     if mask is None or (roles["query"], roles["key"]) != ("m", "n"):
         return None
-    b = kv_tile_bounds(mask, BOUNDS_BLOCK, BOUNDS_BLOCK)
-    return None if b is None else (b.lo, b.full_lo, b.full_hi, b.hi)
+    segs = kv_tile_segments(mask, BOUNDS_BLOCK, BOUNDS_BLOCK)
+    return None if segs is None else tuple((b.lo, b.full_lo, b.full_hi, b.hi) for b in segs)
 
 
 def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:

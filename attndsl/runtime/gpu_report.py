@@ -62,7 +62,9 @@ def _compile_job(job: dict) -> dict:
     bm, bn, warps, stages = job["config"]
     consts = dict(units, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, _next_pow2(e)),
                   BLOCK_F=max(16, _next_pow2(f)), EVEN_N=True, SPARSITY=job["sparsity"],
-                  SPARSE_Q=128, SPARSE_KV=128, SEGMENTS=job.get("segments", 1),
+                  SPARSE_Q=128, SPARSE_KV=128,
+                  SEGMENTS=job.get("segments") or (module.BOUNDS_SEGMENTS
+                                                   if job["sparsity"] == 3 else 1),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
                   STATS=False)
     out = dict(job)
