@@ -44,8 +44,11 @@ those tiles (``stats["exact_tiles"]`` counts them).  Cost: O(number of tiles) fo
 pass, plus about O(log BLOCK) pieces per maybe tile for the masks of the test-suite.
 
 :func:`kv_tile_bounds` gives, for masks made of linear constraints on ``m - n``, ``m``, ``n``
-(causal, sliding windows, prefix-LM ...) or tile arithmetic ``m // C  op  n // C``, closed
-forms of the non-empty / full kv tile ranges of each query tile, as integer expressions.
+(causal, sliding windows, prefix-LM ...) or tile arithmetic ``m // C  op  n // C`` (chunked,
+chunked causal ...), closed forms of the non-empty / full kv tile ranges of each query tile,
+as integer expressions; :func:`kv_tile_segments` extends them to two segments (sinks beside a
+window).  :meth:`TileMap.kv_ranges` gives the same segments as data, from the classes, for
+any mask whose rows have at most MAX_SEGMENTS of them.
 """
 
 from __future__ import annotations
