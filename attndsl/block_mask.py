@@ -139,6 +139,8 @@ class BlockMask:
     @property
     def shape(self) -> tuple[int, ...]:
         """(B, H, Q_LEN, KV_LEN), B and H as stored (1 when broadcast)."""
+        if self.tables is None and self.closed_form:  # closed forms use neither b nor h
+            return (1, 1, *self.seq_lengths)
         lead = self.kv_indices if self.kv_ranges is None else self.kv_ranges
         return tuple(lead.shape[:-2]) + tuple(self.seq_lengths)
 
@@ -149,10 +151,20 @@ class BlockMask:
         return n
 
     def sparsity(self) -> float:
-        """Percentage of blocks skipped, as torch computes it (blocks counted at full size)."""
-        computed = int(self.kv_num_blocks.sum())
-        if self.full_kv_num_blocks is not None:
-            computed += int(self.full_kv_num_blocks.sum())
+        """Percentage of blocks skipped, as torch computes it (blocks counted at full size);
+        from the range table or the closed forms when the tables are not built."""
+        if self.tables is None and self.kv_ranges is not None:
+            r = self.kv_ranges.reshape(*self.kv_ranges.shape[:-1], -1, 4)
+            computed = int((r[..., 3] - r[..., 0]).sum())
+        elif self.tables is None and self.closed_form and self.mask is not None:
+            segments = kv_tile_segments(self.mask, *self.BLOCK_SIZE)
+            assert segments is not None
+            computed = sum(int((v["hi"] - v["lo"]).sum()) for v in
+                           (seg.evaluate(*self.seq_lengths) for seg in segments))
+        else:
+            computed = int(self.kv_num_blocks.sum())
+            if self.full_kv_num_blocks is not None:
+                computed += int(self.full_kv_num_blocks.sum())
         dense = computed * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / max(1, self.numel())
         return 100 * (1 - dense)
 
@@ -194,7 +206,16 @@ class BlockMask:
         what = E.render(self.mask) if self.mask is not None else \
             getattr(self.mask_mod, "__name__", repr(self.mask_mod))
         return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "
-                f"sparsity={self.sparsity():.2f}%, mechanism={self.mechanism!r}, mask={what})")
+                f"sparsity={self.sparsity():.2f}%, mechanism={self.mechanism!r}, "
+                f"kernel_reads={self.kernel_reads()!r}, mask={what})")
+
+    def kernel_reads(self) -> str:
+        """What attndsl's forward kernel reads to find its key tiles."""
+        if self.closed_form:
+            return "closed-form ranges (no table)"
+        if self.kv_ranges is not None:
+            return f"range table ({self.kv_ranges.shape[-1] // 4} segment(s) per query tile)"
+        return "block tables"
 
 
 def _ordered_to_dense(num: Tensor, idx: Tensor, cols: int | None = None) -> Tensor:

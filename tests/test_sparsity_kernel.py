@@ -91,11 +91,14 @@ def test_closed_form_block_mask_never_builds_tables() -> None:
 
     bm = attndsl.create_block_mask(MASKS["sliding"], None, None, 300, 300, device="cpu")
     assert bm.closed_form and bm.tables is None
+    assert "closed-form ranges" in repr(bm) and bm.tables is None  # sparsity from the bounds
+    lazy_sparsity = bm.sparsity()
     q = torch.randn(1, 2, 300, 16)
     out = attndsl.flex_attention(q, q, q, block_mask=bm)
     assert bm.tables is None
     torch.testing.assert_close(out, attndsl.flex_attention(q, q, q, mask_mod=MASKS["sliding"]))
     ref = torch_create(MASKS["sliding"], None, None, 300, 300, device="cpu")
+    assert abs(lazy_sparsity - ref.sparsity()) < 1e-9
     assert torch.equal(bm.kv_num_blocks, ref.kv_num_blocks)
     assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
 
@@ -109,6 +112,8 @@ def test_document_block_mask_keeps_only_ranges() -> None:
     bm = attndsl.create_block_mask(mask, None, None, L_DOC, L_DOC, device="cpu")
     assert bm.kv_ranges is not None and bm.tables is None
     assert bm.kv_ranges.shape == (1, 1, 3, 4)
+    assert "range table" in repr(bm) and bm.tables is None
+    lazy_sparsity = bm.sparsity()
     q = torch.randn(1, 2, L_DOC, 16)
     out = attndsl.flex_attention(q, q, q, block_mask=bm)
     assert bm.tables is None
@@ -117,6 +122,7 @@ def test_document_block_mask_keeps_only_ranges() -> None:
                               {"scale": 0.25, "G": 1})
     torch.testing.assert_close(out.double(), ref["O"], atol=1e-5, rtol=1e-5)
     theirs = torch_create(mask, None, None, L_DOC, L_DOC, device="cpu")
+    assert abs(lazy_sparsity - theirs.sparsity()) < 1e-9
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                  "q_num_blocks", "q_indices"):
         assert torch.equal(getattr(bm, name), getattr(theirs, name)), name
