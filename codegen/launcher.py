@@ -106,7 +106,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     Q_BLOCK_SIZE/KV_BLOCK_SIZE, or ``kv_ranges`` [B or 1, H or 1, rows, 4 * segments] int32
     (per segment the lo, full_lo, full_hi, hi key blocks of a query block: masked, unmasked,
     masked) with the block sizes, or ``{"closed_form": True}`` to let the kernel compute each
-    query block's key-tile ranges (when BOUNDS_BLOCK is set).  Returns every output by name."""
+    query block's key-tile ranges (when BOUNDS_BLOCK is set; without tables that is the
+    default).  Returns every output by name."""
     captured = dict(captured or {})
     device = _check(inputs, captured)
     sizes = _sizes(inputs, captured)
@@ -143,6 +144,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     tables = []
     sparse_q = sparse_kv = 1
     dummy = torch.zeros(4, dtype=torch.int32, device=device)
+    if block_tables is None and BOUNDS_BLOCK is not None:  # skip empty key tiles by itself
+        block_tables = {"closed_form": True}
     if block_tables is not None and block_tables.get("closed_form"):
         if BOUNDS_BLOCK is None:
             raise AttentionInputError("this kernel's mask has no closed-form key-tile ranges")

@@ -141,3 +141,23 @@ def test_range_table_rows_without_keys_give_zero_and_minus_inf() -> None:
     assert bm.tables is None
     assert not out.isnan().any() and bool((out[:, :, 200:] == 0).all())
     assert bool((lse[:, :, 200:] == float("-inf")).all()) and bool(lse[:, :, :200].isfinite().all())
+
+
+def test_closed_form_kernels_skip_empty_tiles_without_tables() -> None:
+    """A generated module whose mask has closed forms skips empty key tiles by itself: a
+    standalone launch with no block tables visits exactly the non-empty tiles."""
+    spec = lower_flex(None, MASKS["sliding"])
+    _, module = _compiled(spec.cascade)
+    assert module.BOUNDS_BLOCK == SPARSE_BLOCK and module.BOUNDS_SEGMENTS == 1
+    q = torch.randn(1, 1, 384, 16)
+    stats = torch.zeros(2, dtype=torch.int32)
+    out = module.launch({"Q": q, "K": q, "V": q}, {"scale": 0.25}, {}, None,
+                        {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1,
+                         "stats": stats})
+    ref = attndsl.run_cascade(spec.cascade, {"Q": q, "K": q, "V": q}, {"scale": 0.25, "G": 1})
+    torch.testing.assert_close(out["O"].double(), ref["O"], atol=1e-5, rtol=1e-5)
+    tiles = classify_tiles(spec.cascade.mask.expr, {}, 1, 1, 384, 384, SPARSE_BLOCK,
+                           SPARSE_BLOCK).classes[0, 0]
+    per_tile = (SPARSE_BLOCK // 32) ** 2
+    assert (int(stats[0]) + int(stats[1]), int(stats[1])) == \
+        (int((tiles > 0).sum()) * per_tile, int((tiles == 1).sum()) * per_tile)
