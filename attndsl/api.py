@@ -25,11 +25,12 @@ from typing import Any, NamedTuple
 import torch
 
 from attndsl.block_mask import has_closed_form
-from attndsl.eager import run_cascade
+from attndsl.eager import EagerError, bind_extents, run_cascade
 from attndsl.frontend.flex import lower_flex
+from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
-from attndsl.ir.expr import Expr
-from attndsl.passes.mask_analysis import classify_tiles
+from attndsl.ir.expr import INT, Expr, Op
+from attndsl.passes.mask_analysis import MaskAnalysisError, classify_tiles
 from attndsl.passes.pipeline import Compiled, compile_cascade
 from attndsl.runtime.modules import load_kernel_module, module_source
 
@@ -128,17 +129,17 @@ SPARSE_BLOCK = 128
 
 
 def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: int, lkv: int,
-                   device: torch.device) -> dict:
+                   device: torch.device, closed_form: bool = True) -> dict:
     """How the kernel skips key tiles for a mask given without a block mask: closed-form
     key-tile ranges computed by the kernel from its query-tile index when the mask has them
     (no table at all), else tables built by the symbolic analysis (O(tiles), from per-tile
     summaries of captured data): four key-tile bounds per segment of key tiles when no query
     tile sees more than MAX_SEGMENTS segments, block tables otherwise."""
     key = (mask, tuple((n, id(t), t._version) for n, t in sorted(captured.items())), B, H, lq,
-           lkv, str(device))
+           lkv, str(device), closed_form)
     if key in _PLANS:
         return _PLANS[key]
-    if has_closed_form(mask, SPARSE_BLOCK, SPARSE_BLOCK):
+    if closed_form and has_closed_form(mask, SPARSE_BLOCK, SPARSE_BLOCK):
         plan = {"closed_form": True}  # the kernel computes its key-tile ranges itself
     else:
         tiles = classify_tiles(mask, captured, B, H, lq, lkv, SPARSE_BLOCK, SPARSE_BLOCK)
@@ -284,10 +285,12 @@ class Kernel:
         first = next(iter(inputs.values()))
         lq = first.shape[-2]
         tables = None
+        cap = {**self.captured, **(captured or {})}
         if block_mask is not None:
             key = next(t for n, t in inputs.items() if n != next(iter(inputs)))
             tables = _block_tables(block_mask, lq, key.shape[-2])
-        cap = {**self.captured, **(captured or {})}
+        else:
+            tables = self._mask_plan({**inputs, **cap}, params or {}, first.device)
         run = lambda: self.module.launch(  # noqa: E731
             inputs, params, cap, tables, _options(kernel_options))
         tensors = {**inputs, **cap}
@@ -296,6 +299,46 @@ class Kernel:
         names = list(tensors)
         outs = _EagerBackward.apply(self, run, names, dict(params or {}), *tensors.values())
         return dict(zip(self.compiled.cascade.outputs, outs))
+
+
+    def _mask_plan(self, tensors: dict[str, Tensor], params: dict,
+                   device: torch.device) -> dict | None:
+        """Key-tile tables from the mask analysis, for a launch without a block mask when the
+        kernel has no closed-form ranges of its own (masks reading data or parameters): the
+        mask with the launch's parameter values, indices renamed by role, its tensors bound.
+        None (every key tile visited, masked) when the mask cannot be analysed."""
+        c = self.compiled.cascade
+        if c.mask is None or getattr(self.module, "BOUNDS_BLOCK", None) is not None:
+            return None
+        roles = {i.role: i for i in c.indices}
+        rename = {roles[r].name: x for r, x in (("batch", "b"), ("head", "h"), ("query", "m"),
+                                                ("key", "n")) if r in roles}
+        values = {p.name: p.default for p in c.params if p.default is not None}
+        values.update({k: v for k, v in params.items() if v is not None})
+        if any(x.op is Op.PARAM and x.arg not in values for x in c.mask.expr.walk()):
+            return None
+
+        def bind(node: Expr) -> Expr | None:
+            if node.op is Op.INDEX and node.arg in rename:
+                return E.index(rename[node.arg])
+            if node.op is Op.PARAM:
+                value = values[node.arg]
+                return E.const(int(value) if node.dtype == INT else float(value))
+            return None
+
+        mask = c.mask.expr.replace(bind)
+        used = {x.arg for x in mask.walk() if x.op is Op.LOAD}
+        if mask.free_indices() - set(rename.values()) or not used <= set(tensors):
+            return None
+        try:
+            sizes = bind_extents(c, tensors)
+            extent = {r: sizes.get(roles[r].extent, 1) if r in roles else 1
+                      for r in ("batch", "head", "query", "key")}
+            return _sparsity_plan(mask, {k: tensors[k] for k in sorted(used)},
+                                  extent["batch"], extent["head"], extent["query"],
+                                  extent["key"], device, closed_form=False)
+        except (EagerError, MaskAnalysisError):
+            return None
 
 
 class _EagerBackward(torch.autograd.Function):

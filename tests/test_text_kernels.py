@@ -70,3 +70,25 @@ def test_text_and_flex_give_the_same_kernel(source, score_mod, mask_mod) -> None
     flex = compile_cascade(replace(flex_cascade, outputs=text.cascade.outputs))
     assert str(text.schedule).splitlines()[1:] == str(flex.schedule).splitlines()[1:]
     assert str(text.kernel).splitlines()[1:] == str(flex.kernel).splitlines()[1:]
+
+
+@pytest.mark.parametrize("name,params", [("document_mask", {}), ("prefix_lm", {"P": 100}),
+                                         ("sliding_window", {})])
+def test_compiled_text_specs_skip_key_tiles_from_the_mask_analysis(name: str,
+                                                                   params: dict) -> None:
+    """A compiled spec whose mask reads data or parameters (no closed form in the kernel)
+    gets a range table from the mask analysis at launch, with the launch's parameter values;
+    the result still matches the oracle."""
+    c = _one(Path(__file__).resolve().parent.parent / "examples" / f"{name}.attn")
+    kernel = attndsl.compile(c)
+    assert kernel.module.BOUNDS_BLOCK is None
+    gen = torch.Generator().manual_seed(0)
+    prob = random_problem(c, index_sizes(c, 1, 2, 2, 300, 300, 32, 16), torch.float32, gen)
+    if name == "document_mask":  # sorted document ids, as packed sequences have
+        prob.captured["doc"] = torch.sort(prob.captured["doc"]).values
+    params = {**prob.params, **params}
+    plan = kernel._mask_plan({**prob.inputs, **prob.captured}, params, torch.device("cpu"))
+    assert plan is not None and plan.get("kv_ranges") is not None
+    out = kernel(prob.inputs, params, prob.captured)
+    res = compare(out, oracle(c, replace(prob, params=params)))
+    assert not res.nan and res.worst() <= TOLERANCE[torch.float32], res
