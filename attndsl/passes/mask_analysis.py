@@ -1008,10 +1008,9 @@ class TileMap:
         """The eight tables of torch's BlockMask, in its layout and ordering (see
         :func:`dense_to_ordered`); q_* are the transposes, as BlockMask.from_kv_blocks makes."""
         c = self.torch_classes() if torch_boundary else self.classes
-        partial, full = (c == PARTIAL), (c == FULL)
-        kv = dense_to_ordered(partial) + dense_to_ordered(full)
-        q = dense_to_ordered(partial.transpose(-2, -1)) + \
-            dense_to_ordered(full.transpose(-2, -1))
+        ct = c.transpose(-2, -1).contiguous()  # row-wise work on contiguous rows is 2x faster
+        kv = dense_to_ordered(c == PARTIAL) + dense_to_ordered(c == FULL)
+        q = dense_to_ordered(ct == PARTIAL) + dense_to_ordered(ct == FULL)
         return BlockTables(*kv, *q)
 
     def kv_ranges(self, max_segments: int = MAX_SEGMENTS) -> Tensor | None:
