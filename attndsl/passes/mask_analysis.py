@@ -19,15 +19,18 @@ and :meth:`TileMap.to_tables` apply that convention (cut-short FULL tiles become
 How tiles are classified (``TileMap.mechanism``):
 
 * ``"closed-form bounds"`` -- the mask uses no captured data.  It is evaluated in interval
-  arithmetic (:class:`IntervalEvaluator`) over every tile at once: each index becomes the
-  interval it spans in the tile, booleans become three-valued (always / never / maybe), and
-  a tile is FULL when the mask is *always* true, EMPTY when *never*.  The rules are sound (a
+  arithmetic (:class:`IntervalEvaluator`) over every tile at once (broadcast over the tile
+  grid; above COARSE_BOXES tiles first over boxes of 4 x 4 tiles, then only inside the
+  undecided ones): each index becomes the interval it spans in the tile, booleans become
+  three-valued (always / never / maybe), and a tile is FULL when the mask is *always* true,
+  EMPTY when *never*.  The rules are sound (a
   bound always contains every value), so FULL and EMPTY are never wrong; "maybe" tiles are
   then refined (below) so that the final classes are exact.
 * ``"table from summaries"`` -- the mask reads captured tensors.  Reads are bounded by range
   summaries: a sparse table gives min and max of a tensor over any index interval in O(1)
-  (O(L) per window size used), so ``doc[m]`` over a tile is [min, max] of the ids in it;
-  reads at exact indices (``win[h]``, ``lengths[b]``) are exact.
+  (O(L) per window size used; aligned power-of-two blocks, such as tiles, read block min /
+  max directly), so ``doc[m]`` over a tile is [min, max] of the ids in it; reads at exact
+  indices (``win[h]``, ``lengths[b]``) are exact.
 * ``"chunked evaluation"`` -- when a bound had to fall back to a data-blind rule (a gather at
   a non-monotone index such as ``doc[perm[m]]``, a read ranging over two dimensions) and
   therefore *every* tile of a data-dependent mask came out "maybe", the mask is evaluated
