@@ -7,9 +7,8 @@ an expression (:func:`attndsl.frontend.flex.mask_expr`), classifies its tiles wi
 captured tensors, or chunked exact evaluation) and lays the result out exactly like
 ``torch.nn.attention.flex_attention.create_block_mask``: the same eight int32 tables, the same
 ordering (set blocks ascending, then the other columns ascending) and the same convention
-that a block cut short by Q_LEN or KV_LEN is never full.  The one difference: when the mask
-does not depend on b (or h) the batch (head) dimension of the tables is 1, broadcast, where
-torch repeats it B (H) times.
+that a block cut short by Q_LEN or KV_LEN is never full, with torch's [B, H, ...] shapes
+(when the mask does not depend on b or h, those dims are broadcast views of one copy).
 
 ``and_masks``, ``or_masks`` and ``noop_mask`` are plain Python compositions, traceable by
 attndsl and usable by torch alike.
@@ -48,7 +47,8 @@ class BlockMask:
     """A block-sparse mask in torch's BlockMask layout, plus what attndsl knows about it.
 
     ``kv_*`` tables are [B, H, nq] / [B, H, nq, nk], ``q_*`` their transposes [B, H, nk] /
-    [B, H, nk, nq] (int32); B and H are 1 when broadcast.  ``mask`` / ``captured`` are the
+    [B, H, nk, nq] (int32; stored once along a dim the mask does not use, read as broadcast
+    views; ``kv_ranges`` stays [1, ...] there).  ``mask`` / ``captured`` are the
     traced mask expression and its captured tensors (traced lazily for masks taken from
     torch); ``mechanism`` says how the tables were made.
 
@@ -73,6 +73,7 @@ class BlockMask:
                                                                          repr=False)
     built_tile_map: TileMap | None = dataclasses.field(default=None, repr=False)
     kv_ranges: Tensor | None = dataclasses.field(default=None, repr=False)
+    batch_heads: tuple[int, int] | None = None  # the B, H asked for (tables broadcast to them)
 
     @classmethod
     def from_tables(cls, seq_lengths: tuple[int, int], *tables: Tensor | None,
@@ -81,10 +82,15 @@ class BlockMask:
         return cls(tuple(seq_lengths), tables=dict(zip(TABLES, tables)), **kw)
 
     def _table(self, name: str) -> Tensor | None:
+        """A torch-layout table, built on first read, with torch's [B, H, ...] shape (a
+        broadcast view when the mask does not depend on b or h)."""
         if self.tables is None:
             assert self.build is not None
             self.tables, self.built_tile_map = self.build()
-        return self.tables[name]
+        t = self.tables[name]
+        if t is not None and self.batch_heads is not None:
+            t = t.expand(*self.batch_heads, *t.shape[2:])
+        return t
 
     @property
     def tile_map(self) -> TileMap | None:
@@ -138,11 +144,10 @@ class BlockMask:
     # -- views ---------------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
-        """(B, H, Q_LEN, KV_LEN), B and H as stored (1 when broadcast)."""
-        if self.tables is None and self.closed_form:  # closed forms use neither b nor h
-            return (1, 1, *self.seq_lengths)
-        lead = self.kv_indices if self.kv_ranges is None else self.kv_ranges
-        return tuple(lead.shape[:-2]) + tuple(self.seq_lengths)
+        """(B, H, Q_LEN, KV_LEN), as torch's BlockMask gives it."""
+        if self.batch_heads is not None:
+            return (*self.batch_heads, *self.seq_lengths)
+        return tuple(self.kv_indices.shape[:-2]) + tuple(self.seq_lengths)
 
     def numel(self) -> int:
         n = 1
@@ -153,14 +158,16 @@ class BlockMask:
     def sparsity(self) -> float:
         """Percentage of blocks skipped, as torch computes it (blocks counted at full size);
         from the range table or the closed forms when the tables are not built."""
+        copies = self.numel() // (self.seq_lengths[0] * self.seq_lengths[1])  # B * H
         if self.tables is None and self.kv_ranges is not None:
             r = self.kv_ranges.reshape(*self.kv_ranges.shape[:-1], -1, 4)
-            computed = int((r[..., 3] - r[..., 0]).sum())
+            stored = r.shape[0] * r.shape[1]  # 1 along a broadcast batch or head dim
+            computed = int((r[..., 3] - r[..., 0]).sum()) * copies // stored
         elif self.tables is None and self.closed_form and self.mask is not None:
             segments = kv_tile_segments(self.mask, *self.BLOCK_SIZE)
             assert segments is not None
-            computed = sum(int((v["hi"] - v["lo"]).sum()) for v in
-                           (seg.evaluate(*self.seq_lengths) for seg in segments))
+            computed = copies * sum(int((v["hi"] - v["lo"]).sum()) for v in
+                                    (seg.evaluate(*self.seq_lengths) for seg in segments))
         else:
             computed = int(self.kv_num_blocks.sum())
             if self.full_kv_num_blocks is not None:
@@ -278,15 +285,16 @@ def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: in
             return tables_of(tm), tm
 
         return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured,
-                         "closed-form bounds", closed_form=True, build=build)
+                         "closed-form bounds", closed_form=True, build=build,
+                         batch_heads=(b, h))
     tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
     ranges = tm.kv_ranges()
     if ranges is not None:  # the kernel reads the segments; tables on first read only
         return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured, tm.mechanism,
                          build=lambda: (tables_of(tm), tm), built_tile_map=tm,
-                         kv_ranges=ranges.to(dev))
+                         kv_ranges=ranges.to(dev), batch_heads=(b, h))
     return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured, tm.mechanism,
-                     tables=tables_of(tm), built_tile_map=tm)
+                     tables=tables_of(tm), built_tile_map=tm, batch_heads=(b, h))
 
 
 _CLOSED: dict = {}

@@ -290,14 +290,14 @@ def assert_tables_match(ours: BlockMask, theirs, B: int, H: int) -> None:
     """torch guarantees, per row, the count and the first ``count`` indices (the set blocks in
     ascending order); that is compared first.  Beyond the count torch leaves the remaining
     columns in ascending order (stable argsort); we reproduce that too, so the whole index
-    tensors are compared as well.  Our batch / head dims may be 1 (broadcast): expanded."""
+    tensors are compared as well, with torch's shapes."""
     for pre, side in (("", "kv"), ("full_", "kv"), ("", "q"), ("full_", "q")):
         num_a = getattr(ours, f"{pre}{side}_num_blocks")
         idx_a = getattr(ours, f"{pre}{side}_indices")
         num_b = getattr(theirs, f"{pre}{side}_num_blocks")
         idx_b = getattr(theirs, f"{pre}{side}_indices")
-        num_a, idx_a = num_a.expand(B, H, *num_a.shape[2:]), idx_a.expand(B, H, *idx_a.shape[2:])
         assert num_a.dtype == idx_a.dtype == torch.int32
+        assert num_a.shape == num_b.shape and idx_a.shape == idx_b.shape  # torch's [B, H, ..]
         assert torch.equal(num_a, num_b), f"{pre}{side}_num_blocks differ"
         valid = torch.arange(idx_b.shape[-1]) < num_b.unsqueeze(-1)
         assert torch.equal(idx_a[valid], idx_b[valid]), f"{pre}{side}_indices differ"
@@ -552,7 +552,8 @@ def test_block_mask_round_trip_and_attention() -> None:
         return kv < lengths[b]
     fn = and_masks(causal, padded)
     bm = create_block_mask(fn, 2, 3, 200, 200, BLOCK_SIZE=64, device="cpu")
-    assert bm.shape == (2, 1, 200, 200) and bm.BLOCK_SIZE == (64, 64)
+    assert bm.shape == (2, 3, 200, 200) and bm.BLOCK_SIZE == (64, 64)
+    assert bm.kv_num_blocks.shape == (2, 3, 4)  # torch's shape; one copy along the heads
     assert "sparsity=" in repr(bm) and SUMMARIES in repr(bm)
     tbm = bm.to_torch()
     theirs = torch_create_block_mask(fn, 2, 3, 200, 200, device="cpu", BLOCK_SIZE=64)
