@@ -300,7 +300,6 @@ class Kernel:
         outs = _EagerBackward.apply(self, run, names, dict(params or {}), *tensors.values())
         return dict(zip(self.compiled.cascade.outputs, outs))
 
-
     def _mask_plan(self, tensors: dict[str, Tensor], params: dict,
                    device: torch.device) -> dict | None:
         """Key-tile tables from the mask analysis, for a launch without a block mask when the

@@ -50,17 +50,16 @@ def _mask_picture(mask, captured, lq: int, lkv: int) -> str:
         tiles = classify_tiles(mask, captured, 1, 1, lq, lkv, 128, 128)
     except (ValueError, RuntimeError, IndexError) as err:
         return f"(not analysable at these sizes: {err})"
-    segments = kv_tile_segments(mask, 128, 128)
+    segments, ranges = kv_tile_segments(mask, 128, 128), tiles.kv_ranges()
     if segments is not None:
         kernel = "the kernel computes each query tile's key-tile ranges in closed form:"
         for i, seg in enumerate(segments):
             head = f"\n  segment {i + 1}:" if len(segments) > 1 else ""
             pad = "    " if len(segments) > 1 else "  "
             kernel += head + "".join(f"\n{pad}{ln}" for ln in str(seg).splitlines())
-    elif tiles.kv_ranges() is not None:
-        segments = tiles.kv_ranges().shape[-1] // 4
-        kernel = (f"the kernel reads a range table ({segments} segment(s) of lo, full_lo, "
-                  f"full_hi, hi per query tile) built by {tiles.mechanism}")
+    elif ranges is not None:
+        kernel = (f"the kernel reads a range table ({ranges.shape[-1] // 4} segment(s) of lo, "
+                  f"full_lo, full_hi, hi per query tile) built by {tiles.mechanism}")
     else:
         kernel = f"the kernel reads block tables built by {tiles.mechanism}"
     return f"{kernel}\n{tiles.picture()}"

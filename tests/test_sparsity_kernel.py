@@ -161,3 +161,13 @@ def test_closed_form_kernels_skip_empty_tiles_without_tables() -> None:
     per_tile = (SPARSE_BLOCK // 32) ** 2
     assert (int(stats[0]) + int(stats[1]), int(stats[1])) == \
         (int((tiles > 0).sum()) * per_tile, int((tiles == 1).sum()) * per_tile)
+
+
+def test_malformed_range_table_is_refused() -> None:
+    spec = lower_flex(None, MASKS["document"])
+    _, module = _compiled(spec.cascade)
+    q = torch.randn(1, 1, L_DOC, 16)
+    bad = {"kv_ranges": torch.zeros(1, 1, 3, 5, dtype=torch.int32), "Q_BLOCK_SIZE": 128,
+           "KV_BLOCK_SIZE": 128}
+    with pytest.raises(module.AttentionInputError, match=r"kv_ranges must be \[B, H, rows, 4"):
+        module.launch({"Q": q, "K": q, "V": q}, {"scale": 0.25}, spec.captured, bad)

@@ -1611,6 +1611,12 @@ def _band_bounds(band: _Band, BM: int, BN: int, torch_boundary: bool) -> _Four:
     return lo, hi, full_lo, full_hi
 
 
+def _positions_only(mask: Expr) -> bool:
+    """The mask reads only m and n and constants: closed forms may exist."""
+    return not mask.free_indices() - {"m", "n"} and \
+        not any(x.op in (Op.PARAM, Op.LOAD) for x in mask.walk())
+
+
 def _conjuncts(e: Expr) -> list[Expr]:
     if e.op is Op.AND and e.dtype == BOOL:
         return _conjuncts(e.src[0]) + _conjuncts(e.src[1])
@@ -1671,7 +1677,7 @@ def kv_tile_bounds(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
     """
     BM, BN = _positive("BLOCK_M", BLOCK_M), _positive("BLOCK_N", BLOCK_N)
     check_mask(mask, None)
-    if mask.free_indices() - {"m", "n"} or any(x.op is Op.PARAM for x in mask.walk()):
+    if not _positions_only(mask):
         return None
     bands = _bands(mask)
     if len(bands) == 1 and bands[0] is None:
@@ -1712,7 +1718,7 @@ def kv_tile_segments(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
     single = kv_tile_bounds(mask, BLOCK_M, BLOCK_N, torch_boundary=torch_boundary)
     if single is not None:
         return [single]
-    if mask.free_indices() - {"m", "n"} or any(x.op is Op.PARAM for x in mask.walk()):
+    if not _positions_only(mask):
         return None
     BM, BN = BLOCK_M, BLOCK_N
     bands = _bands(mask)
