@@ -187,7 +187,7 @@ def test_nested_recordings_also_count_in_the_enclosing_one() -> None:
     with recording() as outer:
         simplify(x * 1.0)
         with recording() as inner:
-            simplify(-(-x))
+            simplify(E.unary(E.Op.NEG, -x))
     assert dict(inner) == {"neg-neg": 1}
     assert dict(outer) == {"mul-one": 1, "neg-neg": 1}
 
