@@ -26,7 +26,7 @@ from attndsl.passes.pipeline import (
 )
 from attndsl.passes.rules import MERGE_EXP, RULES, Rule, recording, simplify
 from attndsl.passes.softmax import EXPAND
-from attndsl.passes.stream import derive_schedule
+from attndsl.passes.stream import derive_schedule, verify_schedule
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -164,6 +164,21 @@ def test_a_fused_output_still_reading_an_equation_is_refused() -> None:
 def test_pass_analysis_needs_softmax_expanded_first() -> None:
     with pytest.raises(IRError, match="still holds a softmax: run the expand-softmax pass"):
         derive_schedule(inline(_cascade("document_mask.attn")))
+
+
+def test_a_schedule_reading_a_later_pass_is_refused() -> None:
+    s = compile_cascade(_cascade("softmax_3pass.attn"), stream=False).schedule
+    with pytest.raises(IRError, match=r"pass 1, %mx1_0: reads %g0 before it is defined"):
+        verify_schedule(replace(s, passes=s.passes[1:]))
+
+
+def test_a_schedule_output_with_a_key_reduction_left_is_refused() -> None:
+    s = compile_cascade(_cascade("sink.attn")).schedule
+    name, idx, _ = s.outputs[0]
+    left = E.reduce_sum("n", E.exp(E.index("n") * 1.0))
+    with pytest.raises(IRError, match=r"output O\[b, h, m, f\]: still holds a reduction over "
+                                      r"the key index"):
+        verify_schedule(replace(s, outputs=((name, idx, left),)))
 
 
 # -- named rules --------------------------------------------------------------------------------

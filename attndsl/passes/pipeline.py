@@ -10,8 +10,9 @@ counts), so that ``attndsl explain`` and the golden tests can print the IR after
 
 With verification on (``verify=True``, or the environment variable ``ATTNDSL_VERIFY=1``; the
 test suite always sets it) the verifier of each IR runs after every pass: the Cascade IR's
-:func:`attndsl.ir.cascade.verify`, :func:`attndsl.passes.lower.verify_fused`, and the Tile IR's
-:func:`attndsl.ir.tile.verify`.  The input cascade is always verified (the ``verify`` pass).
+:func:`attndsl.ir.cascade.verify`, :func:`attndsl.passes.lower.verify_fused`,
+:func:`attndsl.passes.stream.verify_schedule`, and the Tile IR's :func:`attndsl.ir.tile.verify`.
+The input cascade is always verified (the ``verify`` pass).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from attndsl.ir.tile import TileKernel
 from attndsl.passes.lower import Fused, inline, verify_fused
 from attndsl.passes.rules import recording
 from attndsl.passes.softmax import expand_softmax_outputs
-from attndsl.passes.stream import Schedule, derive_schedule
+from attndsl.passes.stream import Schedule, derive_schedule, verify_schedule
 from attndsl.passes.tiling import lower_to_tiles
 
 VERIFY_ENV = "ATTNDSL_VERIFY"
@@ -95,7 +96,8 @@ PIPELINE: tuple[Pass, ...] = (
 )
 
 VERIFIERS: dict[type, Callable[[Any], Any]] = {
-    Cascade: cascade_ir.verify, Fused: verify_fused, TileKernel: tile_ir.verify}
+    Cascade: cascade_ir.verify, Fused: verify_fused, Schedule: verify_schedule,
+    TileKernel: tile_ir.verify}
 
 
 @dataclass(frozen=True)

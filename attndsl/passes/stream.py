@@ -489,4 +489,39 @@ def derive_schedule(fused: Fused, stream: bool = True) -> Schedule:
                     tuple(rules_fired) + (f"passes: {direct}-pass -> {npass}-pass",))
 
 
-__all__ = ["NotStreamable", "Reduction", "Schedule", "derive_schedule", "passes_needed"]
+def verify_schedule(s: Schedule) -> Schedule:
+    """Check a schedule: reduction names unique; a body of pass ``i`` reads (``ROW``) only
+    reductions of earlier passes (maxima also as ``.safe``) or, in a sum, a stabiliser of pass
+    ``i``; a sum's units name stabilisers of its pass; outputs read only finished reductions;
+    no reduction over the key index is left in a body or an output."""
+    finished: set[str] = set()
+    for i, p in enumerate(s.passes):
+        stabs = {r.name for r in p if r.stabilizer}
+        for r in p:
+            what = f"schedule of {s.cascade.name!r}, pass {i + 1}, %{r.name}"
+            if r.name in finished or sum(1 for x in p if x.name == r.name) > 1:
+                raise IRError(f"{what}: the name is defined twice")
+            _check_reads(what, r.body, finished | (stabs if r.kind == "sum" else set()), s.key)
+            bad = [u for u, _ in r.units if u not in stabs]
+            if bad:
+                raise IRError(f"{what}: scaled by {bad}, not stabilisers of this pass "
+                              f"({sorted(stabs)})")
+        finished |= {r.name for r in p} | {f"{r.name}.safe" for r in p if r.kind == "max"}
+    for name, idx, e in s.outputs:
+        _check_reads(f"schedule of {s.cascade.name!r}, output {name}[{', '.join(idx)}]", e,
+                     finished, s.key)
+    return s
+
+
+def _check_reads(what: str, e: Expr, visible: set[str], key: str) -> None:
+    for node in e.walk():
+        if node.op is Op.ROW and node.arg not in visible:
+            raise IRError(f"{what}: reads %{node.arg} before it is defined (visible: "
+                          f"{sorted(visible) or 'none'})")
+        if node.op in (Op.REDUCE_SUM, Op.REDUCE_MAX, Op.SOFTMAX) and node.arg == key:
+            raise IRError(f"{what}: still holds a reduction over the key index "
+                          f"({_short(node)})")
+
+
+__all__ = ["NotStreamable", "Reduction", "Schedule", "derive_schedule", "passes_needed",
+           "verify_schedule"]
