@@ -3,11 +3,13 @@
 A *pass* is a read-read dependency over the key fiber: a reduction over the key index ``n``
 whose body uses the result of another reduction over ``n`` cannot start before that one has
 read every key.  The direct schedule needs as many passes as the longest such chain
-(3 for the textbook softmax: max, then sum, then the value product).
+(3 for the textbook softmax: max, then sum, then the value product; a built-in softmax has
+been written out so by the ``expand-softmax`` pass, :mod:`attndsl.passes.softmax`).
 
-The rewrites that shorten the chain are algebra, applied to every ``sum(n)``:
+The rewrites that shorten the chain are algebra, named rules applied to every ``sum(n)``:
 
 * ``split-exp``:       exp(a + r) -> exp(a) * exp(r)            (r independent of n)
+* ``split-sum``:       sum(n) (a + b) -> sum(n) a + sum(n) b     (a term holds a reduction)
 * ``defer-division``:  sum(n) x * y / r -> (sum(n) x * y) / r    (r independent of n;
                        more generally every n-invariant factor leaves the sum)
 
