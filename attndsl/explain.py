@@ -1,5 +1,6 @@
-"""``attndsl explain``: the IR after each pass, the rewrites that fired, the pass count, the
-tile plan, the mask's tile classes, and (with a target) the GPU resource report."""
+"""``attndsl explain``: the passes run (in order, with the named rewrite rules that fired in
+each and how often), the IR after each pass, the rewrites that fired, the pass count, the tile
+plan, the mask's tile classes, and (with a target) the GPU resource report."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import torch
 
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
-from attndsl.ir.expr import Op, render
-from attndsl.passes.pipeline import compile_cascade
+from attndsl.ir.expr import Op
+from attndsl.passes.pipeline import PIPELINE, Compiled, compile_cascade
 
 
 def _section(title: str, body: str) -> str:
@@ -19,11 +20,9 @@ def explain(c: Cascade, captured: dict[str, torch.Tensor] | None = None, lq: int
             lkv: int = 512, target: str | None = None) -> str:
     comp = compile_cascade(c)
     direct = compile_cascade(c, stream=False).schedule
-    out = [_section("cascade (as written)", str(c))]
-    fused = "\n".join(f"{n}[{', '.join(i)}] = {render(e)}" for n, i, e in comp.fused.outputs)
-    if comp.fused.mask is not None:
-        fused += f"\nmask: {render(comp.fused.mask)}"
-    out.append(_section("after inline (fusion of the score/mask chain)", fused))
+    out = [_section("cascade (as written)", str(c)),
+           _section("passes, with the rewrite rules that fired in each", pass_list(comp)),
+           _section("after inline (fusion of the score/mask chain)", str(comp.fused))]
     out.append(_section(f"direct schedule: {direct.direct_passes} passes over the keys",
                         str(direct)))
     rules = "\n".join(f"- {r}" for r in comp.schedule.fired)
@@ -41,6 +40,16 @@ def explain(c: Cascade, captured: dict[str, torch.Tensor] | None = None, lq: int
     if target is not None:
         out.append(_section(f"GPU report for {target}", _target_report(comp, target)))
     return "\n".join(out)
+
+
+def pass_list(comp: Compiled) -> str:
+    """One line per pass run (name: what it does), then ``- rule xN`` per rule that fired."""
+    docs = {p.name: p.doc for p in PIPELINE}
+    lines = []
+    for i, record in enumerate(comp.trace):
+        lines.append(f"{i + 1}. {record.name}: {docs.get(record.name, '')}".rstrip(": "))
+        lines.extend(f"   - {rule} x{count}" for rule, count in record.rules)
+    return "\n".join(lines)
 
 
 def _mask_picture(mask, captured, lq: int, lkv: int) -> str:

@@ -15,3 +15,11 @@ settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True,
 settings.register_profile("thorough", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# every compilation in the suite runs the IR verifiers between passes
+os.environ.setdefault("ATTNDSL_VERIFY", "1")
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite tests/golden/*.txt from the current compiler output")

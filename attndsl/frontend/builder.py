@@ -47,9 +47,9 @@ from typing import Any
 from attndsl.frontend.text import (
     FUNCTIONS,
     INT_LIMIT,
+    Assembler,
     SpecError,
     Where,
-    _Assembler,
     _Bad,
     combine,
     logical_not,
@@ -234,7 +234,7 @@ class CascadeBuilder:
     the Cascade.  Declaration methods return the builder, so calls chain."""
 
     def __init__(self, name: str) -> None:
-        self._asm = _Assembler(name, _caller())
+        self._asm = Assembler(name, _caller())
 
     # declarations
     def index(self, name: str, extent: str, role: str | None = None) -> CascadeBuilder:

@@ -16,7 +16,7 @@ A spec declares its indices, tensors and parameters, then equations over named i
 
 The syntax lives in ``grammar/attn.lark`` (explained in ``grammar/REFERENCE.md``).  Parsing is
 LALR(1); the :class:`_Exprs` transformer turns expression trees into IR nodes, one method per
-grammar alias; :class:`_Assembler` checks declarations and equations and builds the verified
+grammar alias; :class:`Assembler` checks declarations and equations and builds the verified
 :class:`~attndsl.ir.cascade.Cascade`.  The Python builder (:mod:`attndsl.frontend.builder`)
 goes through the same assembler, so both forms of a spec give equal cascades.
 
@@ -341,7 +341,7 @@ class _Eq:
     locate: Locate | None = None
 
 
-class _Assembler:
+class Assembler:
     """Collects one spec's declarations and equations, checks them, builds the Cascade.
 
     Both frontends drive it: the text frontend with positions of tokens, the builder with the
@@ -817,7 +817,7 @@ class _Exprs(Transformer):
     ``first`` maps (node, slot) to where the node first appears, for errors found later;
     ``latest`` to where it appeared last (the operands of the node being built)."""
 
-    def __init__(self, asm: _Assembler, src: _Source) -> None:
+    def __init__(self, asm: Assembler, src: _Source) -> None:
         super().__init__(visit_tokens=False)
         self.asm, self.src = asm, src
         self.first: dict[tuple[Expr, Any], Where] = {}
@@ -945,7 +945,7 @@ def _eq_reads(tree: Tree, equations: dict[str, _Eq]) -> list[Token]:
 
 def _read_spec(tree: Tree, src: _Source) -> Cascade:
     name_tok, *stmts = tree.children
-    asm = _Assembler(name_tok.value, src.of(name_tok))
+    asm = Assembler(name_tok.value, src.of(name_tok))
     bodies: dict[str, Tree] = {}
     masks: list[Tree] = []
     for st in stmts:
@@ -1052,5 +1052,5 @@ def format_cascade(c: Cascade) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["FUNCTIONS", "SpecError", "Where", "format_cascade", "grammar_text", "implicit_sums",
-           "parse_file", "parse_text", "parser"]
+__all__ = ["FUNCTIONS", "Assembler", "SpecError", "Where", "format_cascade", "grammar_text",
+           "implicit_sums", "parse_file", "parse_text", "parser"]

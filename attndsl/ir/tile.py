@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attndsl.ir.expr import Expr, render
+from attndsl.ir.expr import Expr, IRError, Op, render
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,171 @@ class TileKernel:
         for st in self.stores:
             lines.append(f"  store {st.name}[{', '.join(st.indices)}] = {render(st.expr)}")
         return "\n".join(lines)
+
+
+# -- verifier --------------------------------------------------------------------------------
+
+def verify(k: TileKernel) -> TileKernel:
+    """Check a TileKernel's invariants; raise IRError naming the kernel part otherwise.
+
+    * the roles name declared indices, with a query and a key index;
+    * every operand reads a declared input tensor with one subscript per dimension, its tile
+      row is the query (Q side) or key (K, V sides) index, its column the qk (Q, K) or v (V)
+      index; kernel variables (operands, dots, running reductions) are unique;
+    * a dot multiplies a Q-side by a K-side operand of the kernel;
+    * a ``ROW`` read names a value defined before it: inside pass ``i``, a dot product, a
+      stabilising running max of pass ``i`` or a running reduction of an earlier pass (maxima
+      also in their ``.safe`` form); in a store, any running reduction; a rescaling unit names
+      a stabiliser of its own pass; the mask reads no kernel value;
+    * tile expressions depend only on batch, head, query and key indices (stores: not the key),
+      read no input tensor (those come in through operands) and hold no reduction;
+    * parameters and captured tensors used are declared (captured: with their rank);
+    * every store is indexed by the query index, is a tile exactly when indexed by v, and a
+      store that reads a value product is a tile;
+    * closed-form bounds have four expressions per segment.
+    """
+    where = f"tile kernel {k.name!r}"
+    index_names = {i for i, _ in k.index_extents}
+    roles = k.roles
+    for role, name in roles.items():
+        if name not in index_names:
+            raise IRError(f"{where}: role {role} names {name!r}, which is not a kernel index "
+                          f"({sorted(index_names)})")
+    for role in ("query", "key"):
+        if role not in roles:
+            raise IRError(f"{where}: no {role} index among the roles {dict(roles)}")
+    _verify_operands(k, where)
+    defined = _verify_dots(k, where)
+    tile_ok = {roles[r] for r in ("batch", "head", "query", "key") if r in roles}
+    finished: set[str] = set()
+    v_sums: set[str] = set()
+    for i, p in enumerate(k.passes):
+        here = f"{where}, pass {i + 1}"
+        stabs = {mx.var for mx in p.maxes if mx.stabilizer}
+        visible = defined | finished | stabs
+        for mx in p.maxes:
+            _verify_expr(k, f"{here}, max {mx.var}", mx.arg, visible, tile_ok)
+        for s in p.sums:
+            _verify_expr(k, f"{here}, sum {s.var}", s.body, visible, tile_ok)
+            for u, _ in s.units:
+                if u not in stabs:
+                    raise IRError(f"{here}, sum {s.var}: rescaled by {u!r}, which is not a "
+                                  f"stabilising max of this pass ({sorted(stabs)})")
+            if s.v is not None:
+                if s.v.side != "v" or s.v not in k.operands:
+                    raise IRError(f"{here}, sum {s.var}: its value operand {s.v.var} is not a "
+                                  f"V-side operand of the kernel")
+                v_sums.add(s.var)
+        for var in [mx.var for mx in p.maxes] + [s.var for s in p.sums]:
+            if var in defined or var in finished:
+                raise IRError(f"{here}: {var!r} is defined twice")
+        finished |= {mx.var for mx in p.maxes} | {f"{mx.var}.safe" for mx in p.maxes}
+        finished |= {s.var for s in p.sums}
+    if k.mask is not None:
+        if k.mask.dtype != "bool":
+            raise IRError(f"{where}: the mask must be boolean, got {k.mask.dtype}")
+        _verify_expr(k, f"{where}, mask", k.mask, set(), tile_ok)
+    _verify_stores(k, where, finished, v_sums, tile_ok - {roles["key"]})
+    for i, seg in enumerate(k.bounds or ()):
+        if len(seg) != 4:
+            raise IRError(f"{where}: closed-form key-tile segment {i + 1} has {len(seg)} "
+                          f"bounds; expected lo, full_lo, full_hi, hi")
+    return k
+
+
+def _verify_operands(k: TileKernel, where: str) -> None:
+    dims = dict(k.tensor_dims)
+    captured = {c for c, _, _ in k.captured}
+    row_role = {"q": "query", "k": "key", "v": "key"}
+    col_role = {"q": "qk", "k": "qk", "v": "v"}
+    seen: set[str] = set()
+    for o in k.operands:
+        what = f"{where}, operand {o.var} = {o.tensor}[{', '.join(render(i) for i in o.idx)}]"
+        if o.var in seen:
+            raise IRError(f"{what}: the variable {o.var!r} is defined twice")
+        seen.add(o.var)
+        if o.side not in row_role:
+            raise IRError(f"{what}: side {o.side!r}; expected q, k or v")
+        if o.tensor not in dims or o.tensor in captured:
+            raise IRError(f"{what}: {o.tensor!r} is not a declared input tensor")
+        if len(o.idx) != len(dims[o.tensor]):
+            raise IRError(f"{what}: {o.tensor} has rank {len(dims[o.tensor])} but {len(o.idx)} "
+                          f"subscripts")
+        scalar = {k.roles[r] for r in ("batch", "head") if r in k.roles}
+        for i, s in enumerate(o.idx):
+            if i not in (o.row_dim, o.col_dim):
+                _verify_expr(k, f"{what}, subscript {i}", s, set(), scalar)
+        for dim, role in ((o.row_dim, row_role[o.side]), (o.col_dim, col_role[o.side])):
+            name = k.roles.get(role)
+            ok = 0 <= dim < len(o.idx) and o.idx[dim].op is Op.INDEX and o.idx[dim].arg == name
+            if not ok or o.row_dim == o.col_dim:
+                raise IRError(f"{what}: subscript {dim} must be the {role} index {name!r}")
+
+
+def _verify_dots(k: TileKernel, where: str) -> set[str]:
+    defined: set[str] = set()
+    operands = {o.var for o in k.operands}
+    for d in k.dots:
+        if d.var in defined or d.var in operands:
+            raise IRError(f"{where}: dot {d.var!r} is defined twice")
+        if d.q.side != "q" or d.k.side != "k":
+            raise IRError(f"{where}: dot {d.var} = dot({d.q.var}, {d.k.var}^T) must multiply a "
+                          f"Q-side by a K-side operand")
+        if d.q not in k.operands or d.k not in k.operands:
+            raise IRError(f"{where}: dot {d.var} reads an operand the kernel does not load")
+        defined.add(d.var)
+    return defined
+
+
+def _verify_expr(k: TileKernel, what: str, e: Expr, visible: set[str],
+                 allowed: set[str]) -> None:
+    params = dict(k.params)
+    captured = {c: rank for c, rank, _ in k.captured}
+    for node in e.walk():
+        if node.op is Op.ROW and node.arg not in visible:
+            raise IRError(f"{what}: reads %{node.arg} before it is defined (visible here: "
+                          f"{sorted(visible) or 'none'})")
+        if node.op is Op.PARAM and node.arg not in params:
+            raise IRError(f"{what}: parameter {node.arg!r} is not among the kernel's scalar "
+                          f"arguments {sorted(params)}")
+        if node.op is Op.LOAD:
+            if node.arg not in captured:
+                raise IRError(f"{what}: reads tensor {node.arg!r} outside an operand "
+                              f"({render(node)}); only captured tensors may be gathered")
+            if len(node.src) != captured[node.arg]:
+                raise IRError(f"{what}: {node.arg} has rank {captured[node.arg]} but is "
+                              f"indexed with {len(node.src)} subscripts")
+        if node.op in (Op.REDUCE_SUM, Op.REDUCE_MAX, Op.SOFTMAX):
+            raise IRError(f"{what}: holds a reduction over {node.arg!r} ({render(node)}), "
+                          f"which a tile cannot evaluate")
+    extra = e.free_indices() - allowed
+    if extra:
+        raise IRError(f"{what}: depends on {sorted(extra)}; a tile holds only "
+                      f"{sorted(allowed)}")
+
+
+def _verify_stores(k: TileKernel, where: str, finished: set[str], v_sums: set[str],
+                   allowed: set[str]) -> None:
+    m, f = k.roles["query"], k.roles.get("v")
+    index_names = {i for i, _ in k.index_extents}
+    inputs = {t for t, _ in k.tensor_dims}
+    seen: set[str] = set()
+    for st in k.stores:
+        what = f"{where}, store {st.name}[{', '.join(st.indices)}]"
+        if st.name in seen or st.name in inputs:
+            raise IRError(f"{what}: {st.name!r} is stored twice or is also an input")
+        seen.add(st.name)
+        unknown = [i for i in st.indices if i not in index_names]
+        if unknown or len(set(st.indices)) != len(st.indices):
+            raise IRError(f"{what}: indices must be distinct kernel indices "
+                          f"({sorted(index_names)})")
+        if m not in st.indices:
+            raise IRError(f"{what}: must be indexed by the query index {m!r}")
+        if st.tile != (f is not None and f in st.indices):
+            raise IRError(f"{what}: a store is a [rows, v] tile exactly when indexed by the v "
+                          f"index {f!r}")
+        _verify_expr(k, what, st.expr, finished, allowed | ({f} if st.tile else set()))
+        reads_v = {n.arg for n in st.expr.walk() if n.op is Op.ROW} & v_sums
+        if reads_v and not st.tile:
+            raise IRError(f"{what}: reads the value product(s) {sorted(reads_v)} but is not a "
+                          f"tile over {f!r}")

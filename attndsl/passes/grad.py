@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, Expr, IRError, Op
-from attndsl.passes.rules import LN2, RULES, rewrite
+from attndsl.passes.rules import LN2, RULES, Rule, rewrite
 
 Deriv = Expr | None  # None: identically zero
 
@@ -56,18 +56,21 @@ def _merge_consts(e: Expr) -> Expr | None:
 
 
 _GRAD_RULES = [
-    lambda e: E.const(0.0) if e.op is Op.MUL and (_is_zero(e.src[0]) or _is_zero(e.src[1]))
-    else None,  # 0 * x -> 0 (derivative pruning; x is finite where it is used)
-    lambda e: E.const(0.0) if e.op is Op.DIV and _is_zero(e.src[0]) else None,  # 0 / x -> 0
-    lambda e: e.src[1] if e.op is Op.WHERE and e.src[1] == e.src[2] else None,  # where(c,x,x)
-    lambda e: E.const(0.0) if e.op is Op.NEG and _is_zero(e.src[0]) else None,  # -0 -> 0
-    lambda e: -e.src[1] if e.op is Op.SUB and _is_zero(e.src[0]) and e.dtype == FLOAT
-    else None,  # 0 - x -> -x
-    lambda e: E.const(float(e.src[0].arg)) if e.op is Op.CAST and e.arg == FLOAT
-    and e.src[0].op is Op.CONST else None,  # float(c) -> c
-    lambda e: E.const(e.src[0].arg / e.src[1].arg) if e.op is Op.DIV and _c2(e)
-    and e.src[1].arg != 0 else None,  # c1 / c2 -> c
-    _merge_consts,  # (c1 * x) * c2 -> (c1 * c2) * x
+    Rule("zero-mul", lambda e: E.const(0.0) if e.op is Op.MUL and (
+        _is_zero(e.src[0]) or _is_zero(e.src[1])) else None),  # 0 * x -> 0 (x finite where used)
+    Rule("zero-div", lambda e: E.const(0.0)
+         if e.op is Op.DIV and _is_zero(e.src[0]) else None),  # 0 / x -> 0
+    Rule("where-same", lambda e: e.src[1]
+         if e.op is Op.WHERE and e.src[1] == e.src[2] else None),  # where(c, x, x) -> x
+    Rule("neg-zero", lambda e: E.const(0.0)
+         if e.op is Op.NEG and _is_zero(e.src[0]) else None),  # -0 -> 0
+    Rule("zero-sub", lambda e: -e.src[1] if e.op is Op.SUB and _is_zero(e.src[0])
+         and e.dtype == FLOAT else None),  # 0 - x -> -x
+    Rule("fold-float", lambda e: E.const(float(e.src[0].arg)) if e.op is Op.CAST
+         and e.arg == FLOAT and e.src[0].op is Op.CONST else None),  # float(c) -> c
+    Rule("fold-div", lambda e: E.const(e.src[0].arg / e.src[1].arg) if e.op is Op.DIV
+         and _c2(e) and e.src[1].arg != 0 else None),  # c1 / c2 -> c
+    Rule("merge-consts", _merge_consts),  # (c1 * x) * c2 -> (c1 * c2) * x
 ]
 
 

@@ -1,20 +1,18 @@
-"""Cascade-level passes: inline equations into the outputs (fusion) and expand built-ins.
+"""Fusion: inline equations into the outputs.
 
 ``inline`` substitutes every read of an intermediate tensor by its defining expression (with
 the reader's index expressions put in for the definition's indices), so that each output and
 the key mask become one closed expression: the whole score/mask chain is fused.
-``expand_softmax`` rewrites ``softmax(n) x`` into the 3-pass form of FuseMax's cascade::
-
-    softmax(n) x  ->  exp(x - max(n) x) / sum(n) exp(x - max(n) x)
+:func:`verify_fused` checks what fusion promises (run between passes when verification is on).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
-from attndsl.ir.expr import Expr, IRError, Op
+from attndsl.ir.expr import BOOL, Expr, IRError, Op
 from attndsl.passes.rules import simplify
 
 
@@ -25,6 +23,13 @@ class Fused:
     cascade: Cascade
     outputs: tuple[tuple[str, tuple[str, ...], Expr], ...]
     mask: Expr | None
+    fired: tuple[str, ...] = field(default=())  # the cascade-level rewrites applied, described
+
+    def __str__(self) -> str:
+        lines = [f"{n}[{', '.join(i)}] = {E.render(e)}" for n, i, e in self.outputs]
+        if self.mask is not None:
+            lines.append(f"mask: {E.render(self.mask)}")
+        return "\n".join(lines)
 
 
 def substitute(e: Expr, mapping: dict[str, Expr]) -> Expr:
@@ -66,12 +71,28 @@ def inline(c: Cascade) -> Fused:
     return Fused(c, outputs, mask)
 
 
-def expand_softmax(e: Expr) -> Expr:
-    """softmax(n) x -> exp(x - max(n) x) / sum(n) exp(x - max(n) x)"""
-    def visit(node: Expr) -> Expr | None:
-        if node.op is not Op.SOFTMAX:
-            return None
-        x, n = node.src[0], node.arg
-        num = E.exp(x - E.reduce_max(n, x))
-        return num / E.reduce_sum(n, num)
-    return e.replace(visit)
+def verify_fused(f: Fused) -> Fused:
+    """Check a fused cascade: one closed expression per declared output, over that output's
+    indices, reading only input and captured tensors; a boolean mask of the same kind."""
+    c = f.cascade
+    if tuple(n for n, _, _ in f.outputs) != c.outputs:
+        raise IRError(f"fused cascade {c.name!r}: outputs {[n for n, _, _ in f.outputs]} are "
+                      f"not the declared outputs {list(c.outputs)}")
+    exprs = [(f"output {n}[{', '.join(i)}]", set(i), e) for n, i, e in f.outputs]
+    if f.mask is not None:
+        if f.mask.dtype != BOOL:
+            raise IRError(f"fused cascade {c.name!r}: the mask must be boolean, got "
+                          f"{f.mask.dtype}")
+        exprs.append(("the mask", {i.name for i in c.indices}, f.mask))
+    for what, allowed, e in exprs:
+        extra = e.free_indices() - allowed
+        if extra:
+            raise IRError(f"fused cascade {c.name!r}: {what} depends on {sorted(extra)}")
+        for node in e.walk():
+            if node.op is Op.LOAD and c.tensor(node.arg) is None:
+                raise IRError(f"fused cascade {c.name!r}: {what} still reads {node.arg}, which "
+                              f"inlining should have replaced ({E.render(node)})")
+            if node.op is Op.ROW:
+                raise IRError(f"fused cascade {c.name!r}: {what} reads a schedule value "
+                              f"{E.render(node)} before any schedule exists")
+    return f

@@ -1,33 +1,169 @@
-"""The pass pipeline: Cascade IR -> fused cascade -> streaming schedule -> Tile IR.
+"""The pass pipeline, as data: a list of named passes from the Cascade IR to the Tile IR.
 
-Each step is named; ``compile_cascade`` returns every intermediate so that ``attndsl explain``
-can print the IR after each pass and the rewrites that fired.
+    verify -> inline -> expand-softmax -> stream -> tile
+    Cascade   Fused     Fused             Schedule  TileKernel
+
+Each :class:`Pass` has a name, a docstring (its ``run``'s), and a dataclass of options (the
+``stream`` pass: ``StreamOptions(stream=True)``).  :func:`run_pipeline` runs the list and
+keeps, per pass, the IR it produced and the named rewrite rules that fired in it (with
+counts), so that ``attndsl explain`` and the golden tests can print the IR after each pass.
+
+With verification on (``verify=True``, or the environment variable ``ATTNDSL_VERIFY=1``; the
+test suite always sets it) the verifier of each IR runs after every pass: the Cascade IR's
+:func:`attndsl.ir.cascade.verify`, :func:`attndsl.passes.lower.verify_fused`,
+:func:`attndsl.passes.stream.verify_schedule`, and the Tile IR's :func:`attndsl.ir.tile.verify`.
+The input cascade is always verified (the ``verify`` pass).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from attndsl.ir.cascade import Cascade, verify
+from attndsl.ir import cascade as cascade_ir
+from attndsl.ir import tile as tile_ir
+from attndsl.ir.cascade import Cascade
 from attndsl.ir.tile import TileKernel
-from attndsl.passes.lower import Fused, inline
-from attndsl.passes.stream import Schedule, derive_schedule
+from attndsl.passes.lower import Fused, inline, verify_fused
+from attndsl.passes.rules import recording
+from attndsl.passes.softmax import expand_softmax_outputs
+from attndsl.passes.stream import Schedule, derive_schedule, verify_schedule
 from attndsl.passes.tiling import lower_to_tiles
+
+VERIFY_ENV = "ATTNDSL_VERIFY"
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A pass without options."""
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """``stream``: apply the streaming rewrites (split-exp, split-sum, defer-division) before
+    scheduling; without them the schedule keeps the direct pass count."""
+
+    stream: bool = True
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One named step ``run(ir, options) -> ir`` with its options' dataclass."""
+
+    name: str
+    run: Callable[[Any, Any], Any]
+    options: type = NoOptions
+
+    @property
+    def doc(self) -> str:
+        """The first line of the pass's docstring."""
+        return (self.run.__doc__ or "").strip().splitlines()[0]
+
+
+def _verify(c: Cascade, _: NoOptions) -> Cascade:
+    """Check the input cascade is well formed (indices, tensors, equations, no cycles)."""
+    return cascade_ir.verify(c)
+
+
+def _inline(c: Cascade, _: NoOptions) -> Fused:
+    """Inline every equation into the outputs and the mask: one fused expression each."""
+    return inline(c)
+
+
+def _expand_softmax(f: Fused, _: NoOptions) -> Fused:
+    """Write softmax(n) x as exp(x - max(n) x) / sum(n) exp(x - max(n) x)."""
+    return expand_softmax_outputs(f)
+
+
+def _stream(f: Fused, options: StreamOptions) -> Schedule:
+    """Pass analysis (FuseMax) and the online derivation: passes of running reductions."""
+    return derive_schedule(f, stream=options.stream)
+
+
+def _tile(s: Schedule, _: NoOptions) -> TileKernel:
+    """Lower the schedule to the Tile IR: operands, dot products, running rows, stores."""
+    return lower_to_tiles(s, s.cascade)
+
+
+PIPELINE: tuple[Pass, ...] = (
+    Pass("verify", _verify),
+    Pass("inline", _inline),
+    Pass("expand-softmax", _expand_softmax),
+    Pass("stream", _stream, StreamOptions),
+    Pass("tile", _tile),
+)
+
+VERIFIERS: dict[type, Callable[[Any], Any]] = {
+    Cascade: cascade_ir.verify, Fused: verify_fused, Schedule: verify_schedule,
+    TileKernel: tile_ir.verify}
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What one pass produced, and the named rewrite rules that fired in it (name, count),
+    most frequent first, ties by name."""
+
+    name: str
+    ir: Any
+    rules: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
 class Compiled:
-    """Every stage of one compilation."""
+    """Every stage of one compilation (``trace``: each pass's output, in order)."""
 
     cascade: Cascade
     fused: Fused
     schedule: Schedule
     kernel: TileKernel
+    trace: tuple[PassRecord, ...] = field(default=(), compare=False, repr=False)
+
+    def stage(self, name: str) -> Any:
+        """The IR after the pass called ``name``."""
+        for r in self.trace:
+            if r.name == name:
+                return r.ir
+        raise KeyError(f"no pass {name!r} in this compilation; passes: "
+                       f"{[r.name for r in self.trace]}")
+
+
+def verification_on() -> bool:
+    """Whether ``ATTNDSL_VERIFY`` asks for the verifiers between passes."""
+    return os.environ.get(VERIFY_ENV, "") not in ("", "0")
+
+
+def run_pipeline(ir: Any, passes: tuple[Pass, ...] = PIPELINE,
+                 options: Mapping[str, Any] | None = None,
+                 verify: bool | None = None) -> tuple[PassRecord, ...]:
+    """Run ``passes`` in order on ``ir``; ``options`` maps a pass name to its options (the
+    defaults otherwise); ``verify`` (default: :func:`verification_on`) runs the verifier of
+    each pass's result."""
+    options = dict(options or {})
+    unknown = set(options) - {p.name for p in passes}
+    if unknown:
+        raise ValueError(f"options for unknown pass(es) {sorted(unknown)}; the passes are "
+                         f"{[p.name for p in passes]}")
+    check = verification_on() if verify is None else verify
+    records = []
+    for p in passes:
+        opts = options.get(p.name, p.options())
+        if not isinstance(opts, p.options):
+            raise TypeError(f"pass {p.name!r} takes {p.options.__name__}, got "
+                            f"{type(opts).__name__}")
+        with recording() as counts:
+            ir = p.run(ir, opts)
+        if check and type(ir) in VERIFIERS:
+            VERIFIERS[type(ir)](ir)
+        fired = tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        records.append(PassRecord(p.name, ir, fired))
+    return tuple(records)
 
 
 def compile_cascade(c: Cascade, stream: bool = True) -> Compiled:
-    """verify -> inline (fusion) -> pass analysis + online derivation -> tiles."""
-    verify(c)
-    fused = inline(c)
-    schedule = derive_schedule(fused, stream=stream)
-    return Compiled(c, fused, schedule, lower_to_tiles(schedule, c))
+    """verify -> inline (fusion) -> expand-softmax -> stream (pass analysis + online
+    derivation) -> tile."""
+    trace = run_pipeline(c, options={"stream": StreamOptions(stream=stream)})
+    by_name = {r.name: r.ir for r in trace}
+    return Compiled(c, by_name["inline"], by_name["stream"], by_name["tile"], trace)

@@ -1,19 +1,42 @@
-"""Algebraic rewrite rules: one rule per line, each a function returning a replacement or None.
+"""Algebraic rewrite rules: one named rule per line, each a function returning a replacement
+or None.
 
 ``simplify`` applies the table bottom-up to a fixed point.  Rules never change the value of an
-expression under the IR's semantics (see attndsl.ir.expr).
+expression under the IR's semantics (see attndsl.ir.expr).  Every rule has a name, and
+:func:`rewrite` counts the rules that fire inside a :func:`recording` block, so that the
+pipeline and ``attndsl explain`` can say which rewrites each pass applied and how often.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
 
-Rule = Callable[[Expr], Expr | None]
+
+@dataclass(frozen=True)
+class Rule:
+    """A named rewrite: ``fn(e)`` is the replacement of the node ``e``, or None (no match)."""
+
+    name: str
+    fn: Callable[[Expr], Expr | None]
+
+    def __call__(self, e: Expr) -> Expr | None:
+        return self.fn(e)
+
+
+def named(name: str) -> Callable[[Callable[[Expr], Expr | None]], Rule]:
+    """Decorator: ``@named("cancel-factors")`` turns a rewrite function into a :class:`Rule`."""
+    return lambda fn: Rule(name, fn)
+
+
 LOG2E = 1.4426950408889634  # 1 / ln 2
 LN2 = 0.6931471805599453
 
@@ -70,57 +93,86 @@ def _keep_dtype(e: Expr, x: Expr) -> Expr | None:
 
 
 RULES: list[Rule] = [
-    _fold_binary,
-    _fold_unary,
-    lambda e: _keep_dtype(e, e.src[0]) if e.op is Op.MUL and _is(e.src[1], 1) else None,  # x*1 -> x
-    lambda e: _keep_dtype(e, e.src[1]) if e.op is Op.MUL and _is(e.src[0], 1) else None,  # 1*x -> x
-    lambda e: _keep_dtype(e, e.src[0]) if e.op in (Op.ADD, Op.SUB) and _is(e.src[1], 0)
-    else None,  # x+0 -> x, x-0 -> x
-    lambda e: _keep_dtype(e, e.src[1]) if e.op is Op.ADD and _is(e.src[0], 0) else None,  # 0+x -> x
-    lambda e: _keep_dtype(e, e.src[0]) if e.op is Op.DIV and _is(e.src[1], 1)
-    else None,  # x/1 -> x
-    lambda e: e.src[0].src[0] if e.op is Op.NEG and e.src[0].op is Op.NEG else None,  # --x -> x
-    lambda e: E.binary(Op.SUB, e.src[0], e.src[1].src[0])
-    if e.op is Op.ADD and e.src[1].op is Op.NEG else None,  # a + -b -> a - b
-    lambda e: E.binary(Op.ADD, e.src[0], e.src[1].src[0])
-    if e.op is Op.SUB and e.src[1].op is Op.NEG else None,  # a - -b -> a + b
-    lambda e: e.src[0] if e.op is Op.CAST and e.src[0].dtype == e.arg else None,  # cast to same
-    lambda e: e.src[1] if e.op is Op.WHERE and _c(e.src[0]) and e.src[0].arg is True
-    else None,  # where(True, a, b) -> a
-    lambda e: e.src[2] if e.op is Op.WHERE and _c(e.src[0]) and e.src[0].arg is False
-    else None,  # where(False, a, b) -> b
-    lambda e: e.src[0] if e.op is Op.AND and _c(e.src[1]) and e.src[1].arg is True
-    else None,  # x & True -> x
-    lambda e: e.src[1] if e.op is Op.AND and _c(e.src[0]) and e.src[0].arg is True
-    else None,  # True & x -> x
-    lambda e: e.src[0].src[0] if e.op is Op.NOT and e.src[0].op is Op.NOT else None,  # !!x -> x
-    lambda e: E.const(0.0) if e.op is Op.SUB and e.src[0] == e.src[1] and e.dtype == FLOAT
-    else None,  # x - x -> 0
-    lambda e: E.const(1.0) if e.op in (Op.EXP, Op.EXP2) and _is(e.src[0], 0) else None,  # exp(0)->1
+    Rule("fold-binary", _fold_binary),  # c1 op c2 -> c
+    Rule("fold-unary", _fold_unary),  # f(c) -> c
+    Rule("mul-one", lambda e: _keep_dtype(e, e.src[0])
+         if e.op is Op.MUL and _is(e.src[1], 1) else None),  # x*1 -> x
+    Rule("one-mul", lambda e: _keep_dtype(e, e.src[1])
+         if e.op is Op.MUL and _is(e.src[0], 1) else None),  # 1*x -> x
+    Rule("add-zero", lambda e: _keep_dtype(e, e.src[0])
+         if e.op in (Op.ADD, Op.SUB) and _is(e.src[1], 0) else None),  # x+0 -> x, x-0 -> x
+    Rule("zero-add", lambda e: _keep_dtype(e, e.src[1])
+         if e.op is Op.ADD and _is(e.src[0], 0) else None),  # 0+x -> x
+    Rule("div-one", lambda e: _keep_dtype(e, e.src[0])
+         if e.op is Op.DIV and _is(e.src[1], 1) else None),  # x/1 -> x
+    Rule("neg-neg", lambda e: e.src[0].src[0]
+         if e.op is Op.NEG and e.src[0].op is Op.NEG else None),  # --x -> x
+    Rule("add-neg", lambda e: E.binary(Op.SUB, e.src[0], e.src[1].src[0])
+         if e.op is Op.ADD and e.src[1].op is Op.NEG else None),  # a + -b -> a - b
+    Rule("sub-neg", lambda e: E.binary(Op.ADD, e.src[0], e.src[1].src[0])
+         if e.op is Op.SUB and e.src[1].op is Op.NEG else None),  # a - -b -> a + b
+    Rule("cast-same", lambda e: e.src[0]
+         if e.op is Op.CAST and e.src[0].dtype == e.arg else None),  # cast to same -> x
+    Rule("where-true", lambda e: e.src[1] if e.op is Op.WHERE and _c(e.src[0])
+         and e.src[0].arg is True else None),  # where(True, a, b) -> a
+    Rule("where-false", lambda e: e.src[2] if e.op is Op.WHERE and _c(e.src[0])
+         and e.src[0].arg is False else None),  # where(False, a, b) -> b
+    Rule("and-true", lambda e: e.src[0] if e.op is Op.AND and _c(e.src[1])
+         and e.src[1].arg is True else None),  # x & True -> x
+    Rule("true-and", lambda e: e.src[1] if e.op is Op.AND and _c(e.src[0])
+         and e.src[0].arg is True else None),  # True & x -> x
+    Rule("not-not", lambda e: e.src[0].src[0]
+         if e.op is Op.NOT and e.src[0].op is Op.NOT else None),  # !!x -> x
+    Rule("sub-self", lambda e: E.const(0.0) if e.op is Op.SUB and e.src[0] == e.src[1]
+         and e.dtype == FLOAT else None),  # x - x -> 0
+    Rule("exp-zero", lambda e: E.const(1.0)
+         if e.op in (Op.EXP, Op.EXP2) and _is(e.src[0], 0) else None),  # exp(0) -> 1
 ]
 
 
 # merging exponentials: used where no rule splits them (finalising outputs, kernel bodies)
 MERGE_EXP: list[Rule] = [
-    lambda e: E.exp(E.binary(Op.ADD, e.src[0].src[0], e.src[1].src[0]))
-    if e.op is Op.MUL and e.src[0].op is Op.EXP and e.src[1].op is Op.EXP
-    else None,  # exp(a)*exp(b) -> exp(a+b)
-    lambda e: E.unary(Op.EXP2, E.binary(Op.ADD, e.src[0].src[0], e.src[1].src[0]))
-    if e.op is Op.MUL and e.src[0].op is Op.EXP2 and e.src[1].op is Op.EXP2
-    else None,  # exp2(a)*exp2(b) -> exp2(a+b)
+    Rule("merge-exp", lambda e: E.exp(E.binary(Op.ADD, e.src[0].src[0], e.src[1].src[0]))
+         if e.op is Op.MUL and e.src[0].op is Op.EXP and e.src[1].op is Op.EXP
+         else None),  # exp(a)*exp(b) -> exp(a+b)
+    Rule("merge-exp2", lambda e: E.unary(Op.EXP2, E.binary(Op.ADD, e.src[0].src[0],
+                                                           e.src[1].src[0]))
+         if e.op is Op.MUL and e.src[0].op is Op.EXP2 and e.src[1].op is Op.EXP2
+         else None),  # exp2(a)*exp2(b) -> exp2(a+b)
 ]
 
+_FIRED: ContextVar[Counter[str] | None] = ContextVar("attndsl_rules_fired", default=None)
 
-def rewrite(e: Expr, rules: list[Rule]) -> Expr:
-    """Apply ``rules`` bottom-up until none fires."""
+
+@contextmanager
+def recording() -> Iterator[Counter[str]]:
+    """Count by name every rule that fires in the block; the counts also go to any enclosing
+    ``recording`` block when this one ends."""
+    outer = _FIRED.get()
+    counts: Counter[str] = Counter()
+    token = _FIRED.set(counts)
+    try:
+        yield counts
+    finally:
+        _FIRED.reset(token)
+        if outer is not None:
+            outer.update(counts)
+
+
+def rewrite(e: Expr, rules: Sequence[Rule]) -> Expr:
+    """Apply ``rules`` bottom-up until none fires (each firing counted under its name)."""
     def step(node: Expr) -> Expr | None:
         for rule in rules:
             out = rule(node)
             if out is not None and out != node:
+                counts = _FIRED.get()
+                if counts is not None:
+                    counts[rule.name] += 1
                 return rewrite(out, rules)
         return None
     return e.replace(step)
 
 
 def simplify(e: Expr) -> Expr:
+    """``e`` rewritten with :data:`RULES` to a fixed point."""
     return rewrite(e, RULES)

@@ -3,11 +3,13 @@
 A *pass* is a read-read dependency over the key fiber: a reduction over the key index ``n``
 whose body uses the result of another reduction over ``n`` cannot start before that one has
 read every key.  The direct schedule needs as many passes as the longest such chain
-(3 for the textbook softmax: max, then sum, then the value product).
+(3 for the textbook softmax: max, then sum, then the value product; a built-in softmax has
+been written out so by the ``expand-softmax`` pass, :mod:`attndsl.passes.softmax`).
 
-The rewrites that shorten the chain are algebra, applied to every ``sum(n)``:
+The rewrites that shorten the chain are algebra, named rules applied to every ``sum(n)``:
 
 * ``split-exp``:       exp(a + r) -> exp(a) * exp(r)            (r independent of n)
+* ``split-sum``:       sum(n) (a + b) -> sum(n) a + sum(n) b     (a term holds a reduction)
 * ``defer-division``:  sum(n) x * y / r -> (sum(n) x * y) / r    (r independent of n;
                        more generally every n-invariant factor leaves the sum)
 
@@ -31,9 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from attndsl.ir import expr as E
+from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import Expr, IRError, Op, is_const
-from attndsl.passes.lower import Fused, expand_softmax
-from attndsl.passes.rules import LN2, LOG2E, MERGE_EXP, RULES, rewrite
+from attndsl.passes import terms as T
+from attndsl.passes.lower import Fused
+from attndsl.passes.rules import LN2, LOG2E, MERGE_EXP, RULES, Rule, named, rewrite
 
 Units = tuple[tuple[str, int], ...]
 
@@ -68,6 +72,7 @@ class Schedule:
     outputs: tuple[tuple[str, tuple[str, ...], Expr], ...]
     mask: Expr | None
     direct_passes: int
+    cascade: Cascade = field(repr=False, compare=False)  # the source, for lowering to tiles
     fired: tuple[str, ...] = field(default=())
 
     def reduction(self, name: str) -> Reduction:
@@ -117,47 +122,6 @@ def passes_needed(exprs: list[Expr], key: str) -> int:
     return max((_depth(e, key, memo) for e in exprs), default=0)
 
 
-def _terms(e: Expr) -> list[tuple[Expr, int]]:
-    """Flatten a +/- tree into signed terms."""
-    if e.op is Op.ADD:
-        return _terms(e.src[0]) + _terms(e.src[1])
-    if e.op is Op.SUB:
-        return _terms(e.src[0]) + [(t, -s) for t, s in _terms(e.src[1])]
-    if e.op is Op.NEG:
-        return [(t, -s) for t, s in _terms(e.src[0])]
-    return [(e, 1)]
-
-
-def _sum_terms(terms: list[tuple[Expr, int]]) -> Expr:
-    out: Expr | None = None
-    for t, s in terms:
-        if out is None:
-            out = t if s > 0 else -t
-        else:
-            out = out + t if s > 0 else out - t
-    return out if out is not None else E.const(0.0)
-
-
-def _factors(e: Expr) -> list[tuple[Expr, int]]:
-    """Flatten a * and / tree into (factor, +1 | -1)."""
-    if e.op is Op.MUL:
-        return _factors(e.src[0]) + _factors(e.src[1])
-    if e.op is Op.DIV:
-        return _factors(e.src[0]) + [(f, -p) for f, p in _factors(e.src[1])]
-    return [(e, 1)]
-
-
-def _product(factors: list[tuple[Expr, int]]) -> Expr:
-    num = [f for f, p in factors if p > 0]
-    den = [f for f, p in factors if p < 0]
-    out = num[0] if num else E.const(1.0)
-    for f in num[1:]:
-        out = out * f
-    for f in den:
-        out = out / f
-    return out
-
-
 def _short(e: Expr, limit: int = 72) -> str:
     text = E.render(e)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -169,28 +133,28 @@ def _invariant(e: Expr, key: str) -> bool:
 
 # -- rewrites -------------------------------------------------------------------------------
 
-def _split_exp(key: str, fired: list[str]):
+def _split_exp(key: str, fired: list[str]) -> Rule:
     def rule(e: Expr) -> Expr | None:
         """exp(a + r) -> exp(a) * exp(r), r n-invariant and holding a reduction over n"""
         if e.op is not Op.EXP or _invariant(e.src[0], key):
             return None
-        terms = _terms(e.src[0])
+        terms = T.terms(e.src[0])
         out = [(t, s) for t, s in terms if _invariant(t, key) and _key_reductions(t, key)]
         if not out:
             return None
         keep = [ts for ts in terms if ts not in out]
         fired.append(f"split-exp: exp(a + r) -> exp(a) * exp(r), r = "
-                     f"{_short(_sum_terms(out))}")
-        return E.exp(_sum_terms(keep)) * E.exp(_sum_terms(out))
-    return rule
+                     f"{_short(T.sum_terms(out))}")
+        return E.exp(T.sum_terms(keep)) * E.exp(T.sum_terms(out))
+    return Rule("split-exp", rule)
 
 
-def _defer(key: str, fired: list[str]):
+def _defer(key: str, fired: list[str]) -> Rule:
     def rule(e: Expr) -> Expr | None:
         """sum(n) x * r -> r * sum(n) x, r n-invariant (deferred division when r = 1/d)"""
         if e.op is not Op.REDUCE_SUM or e.arg != key:
             return None
-        factors = _factors(e.src[0])
+        factors = T.factors(e.src[0])
         out = [fp for fp in factors if _invariant(fp[0], key)]
         if not out:
             return None
@@ -199,14 +163,14 @@ def _defer(key: str, fired: list[str]):
             if len(factors) == 1 and is_const(factors[0][0], 1.0):
                 return None
             keep = [(E.const(1.0), 1)]
-        new_sum = E.reduce_sum(key, _product(keep))
-        fired.append(f"defer-division: {_short(_product(out))} leaves sum({key}) "
-                     f"{_short(_product(keep))}")
-        return _product([(new_sum, 1)] + out)
-    return rule
+        new_sum = E.reduce_sum(key, T.product(keep))
+        fired.append(f"defer-division: {_short(T.product(out))} leaves sum({key}) "
+                     f"{_short(T.product(keep))}")
+        return T.product([(new_sum, 1)] + out)
+    return Rule("defer-division", rule)
 
 
-def _linear(key: str, fired: list[str]):
+def _linear(key: str, fired: list[str]) -> Rule:
     def rule(e: Expr) -> Expr | None:
         """sum(n) (a +- b) -> sum(n) a +- sum(n) b, and (a +- b) * c -> a*c +- b*c inside it,
         when a term holds a reduction over n (so that it can leave the sum afterwards)"""
@@ -219,7 +183,7 @@ def _linear(key: str, fired: list[str]):
         fired.append(f"split-sum: sum({key}) (a {'+' if body.op is Op.ADD else '-'} b) -> "
                      f"sum({key}) a {'+' if body.op is Op.ADD else '-'} sum({key}) b")
         return E.binary(body.op, E.reduce_sum(key, a), E.reduce_sum(key, c))
-    return rule
+    return Rule("split-sum", rule)
 
 
 def _distribute(e: Expr, key: str) -> Expr:
@@ -367,7 +331,7 @@ def _linear_in_rows(e: Expr, exp_units: dict[str, str]) -> tuple[Expr, Units] | 
     """Split e = sum_i c_i * G_i + r for maxes G_i that equal a stabiliser (G = mx * ln 2)."""
     coeffs: dict[str, float] = {}
     rest: list[tuple[Expr, int]] = []
-    for t, s in _terms(e):
+    for t, s in T.terms(e):
         c, atom = float(s), t
         if t.op is Op.MUL and t.src[0].op is Op.CONST:
             c, atom = c * float(t.src[0].arg), t.src[1]
@@ -380,7 +344,7 @@ def _linear_in_rows(e: Expr, exp_units: dict[str, str]) -> tuple[Expr, Units] | 
             rest.append((t, s))
     if not coeffs:
         return None
-    return _sum_terms(rest), tuple(sorted((s, k) for s, k in coeffs.items() if k))
+    return T.sum_terms(rest), tuple(sorted((s, k) for s, k in coeffs.items() if k))
 
 
 # -- the pass ---------------------------------------------------------------------------------
@@ -390,7 +354,7 @@ def _tile_invariant(e: Expr, tile_indices: set[str]) -> bool:
         n.op in (Op.ROW, Op.LOAD) for n in e.walk())
 
 
-def fold_scales(tile_indices: set[str]):
+def fold_scales(tile_indices: set[str]) -> Rule:
     def rule(e: Expr) -> Expr | None:
         """(x * a) * b -> x * (a * b) and (a * x) * b -> x * (a * b), a and b the same for
         every element of a tile (hoisted out of the kernel's loop)"""
@@ -403,15 +367,16 @@ def fold_scales(tile_indices: set[str]):
             if _tile_invariant(a, tile_indices) and not _tile_invariant(x, tile_indices):
                 return x * E.binary(Op.MUL, a, b)
         return None
-    return rule
+    return Rule("fold-scales", rule)
 
 
+@named("cancel-factors")
 def cancel_factors(e: Expr) -> Expr | None:
     """(a * x) / (b * x) -> a / b: a factor common to a quotient's numerator and denominator
     cancels (so an exp(-max) that overflows on a fully masked row never meets a zero)"""
     if e.op is not Op.DIV:
         return None
-    factors = _factors(e)
+    factors = T.factors(e)
     power: dict[Expr, int] = {}
     for f, p in factors:
         power[f] = power.get(f, 0) + p
@@ -420,9 +385,10 @@ def cancel_factors(e: Expr) -> Expr | None:
     kept: list[tuple[Expr, int]] = []
     for f, p in power.items():
         kept.extend([(f, 1 if p > 0 else -1)] * abs(p))
-    return _product(kept) if kept else E.const(1.0)
+    return T.product(kept) if kept else E.const(1.0)
 
 
+@named("distribute-const")
 def distribute_const(e: Expr) -> Expr | None:
     """(a - b) * c -> a * c - b * c and (a + b) * c -> a*c + b*c for a constant c"""
     if e.op is Op.MUL and e.src[0].op in (Op.ADD, Op.SUB) and e.src[1].op is Op.CONST:
@@ -437,10 +403,12 @@ def derive_schedule(fused: Fused, stream: bool = True) -> Schedule:
     key = c.role("key")
     assert key is not None
     tile_indices = {i.name for i in c.indices if i.role in ("query", "key", "qk", "v")}
-    fired: list[str] = []
-    outs = [(n, idx, expand_softmax(e)) for n, idx, e in fused.outputs]
-    if any(n.op is Op.SOFTMAX for _, _, e in fused.outputs for n in e.walk()):
-        fired.append("expand-softmax: softmax(n) x -> exp(x - max(n) x) / sum(n) exp(...)")
+    outs = list(fused.outputs)
+    for name, _, e in outs:
+        if any(n.op is Op.SOFTMAX for n in e.walk()):
+            raise IRError(f"output {name} of cascade {c.name!r} still holds a softmax: run the "
+                          f"expand-softmax pass before pass analysis")
+    fired = list(fused.fired)
     direct = passes_needed([e for _, _, e in outs], key)
     if direct == 0:
         raise NotStreamable(f"cascade {c.name!r} has no reduction over the key index {key!r}")
@@ -519,8 +487,43 @@ def derive_schedule(fused: Fused, stream: bool = True) -> Schedule:
         fixed.append(tuple(replace(r, body=rewrite(r.body.replace(
             lambda n: E.row(twins[n.arg]) * LN2 if n.op is Op.ROW and n.arg in twins else None),
             simple)) for r in p))
-    return Schedule(key, tuple(fixed), tuple(finals), fused.mask, direct,
+    return Schedule(key, tuple(fixed), tuple(finals), fused.mask, direct, c,
                     tuple(rules_fired) + (f"passes: {direct}-pass -> {npass}-pass",))
 
 
-__all__ = ["NotStreamable", "Reduction", "Schedule", "derive_schedule", "passes_needed"]
+def verify_schedule(s: Schedule) -> Schedule:
+    """Check a schedule: reduction names unique; a body of pass ``i`` reads (``ROW``) only
+    reductions of earlier passes (maxima also as ``.safe``) or, in a sum, a stabiliser of pass
+    ``i``; a sum's units name stabilisers of its pass; outputs read only finished reductions;
+    no reduction over the key index is left in a body or an output."""
+    finished: set[str] = set()
+    for i, p in enumerate(s.passes):
+        stabs = {r.name for r in p if r.stabilizer}
+        for r in p:
+            what = f"schedule of {s.cascade.name!r}, pass {i + 1}, %{r.name}"
+            if r.name in finished or sum(1 for x in p if x.name == r.name) > 1:
+                raise IRError(f"{what}: the name is defined twice")
+            _check_reads(what, r.body, finished | (stabs if r.kind == "sum" else set()), s.key)
+            bad = [u for u, _ in r.units if u not in stabs]
+            if bad:
+                raise IRError(f"{what}: scaled by {bad}, not stabilisers of this pass "
+                              f"({sorted(stabs)})")
+        finished |= {r.name for r in p} | {f"{r.name}.safe" for r in p if r.kind == "max"}
+    for name, idx, e in s.outputs:
+        _check_reads(f"schedule of {s.cascade.name!r}, output {name}[{', '.join(idx)}]", e,
+                     finished, s.key)
+    return s
+
+
+def _check_reads(what: str, e: Expr, visible: set[str], key: str) -> None:
+    for node in e.walk():
+        if node.op is Op.ROW and node.arg not in visible:
+            raise IRError(f"{what}: reads %{node.arg} before it is defined (visible: "
+                          f"{sorted(visible) or 'none'})")
+        if node.op in (Op.REDUCE_SUM, Op.REDUCE_MAX, Op.SOFTMAX) and node.arg == key:
+            raise IRError(f"{what}: still holds a reduction over the key index "
+                          f"({_short(node)})")
+
+
+__all__ = ["NotStreamable", "Reduction", "Schedule", "derive_schedule", "passes_needed",
+           "verify_schedule"]

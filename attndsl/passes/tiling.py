@@ -11,7 +11,8 @@ from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import Expr, IRError, Op
 from attndsl.ir.tile import Dot, KVPass, Operand, RunningMax, RunningSum, Store, TileKernel
-from attndsl.passes.stream import Schedule, _factors, _product
+from attndsl.passes import terms as T
+from attndsl.passes.stream import Schedule
 
 
 class LoweringError(IRError):
@@ -106,14 +107,14 @@ def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
                 continue
             v = None
             if f is not None and f in body.free_indices():
-                factors = _factors(body)
+                factors = T.factors(body)
                 vs = [i for i, (x, _) in enumerate(factors) if f in x.free_indices()]
                 vload, power = factors[vs[0]] if len(vs) == 1 else (body, 0)
                 if power != 1 or vload.op is not Op.LOAD:
                     raise LoweringError(f"sum {r.name}: the {f} index must come from one value "
                                         f"tensor multiplying the weights, got {E.render(body)}")
                 v = operand(vload, n, f, "v")
-                body = _product([fp for i, fp in enumerate(factors) if i != vs[0]])
+                body = T.product([fp for i, fp in enumerate(factors) if i != vs[0]])
             check_elementwise(body, f"sum {r.name}", tile_ok)
             sums.append(RunningSum(r.name, body, v, r.units))
         passes.append(KVPass(tuple(maxes), tuple(sums)))
