@@ -26,12 +26,13 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
 
 from attndsl.block_mask import BlockMask, and_masks, create_block_mask, noop_mask, or_masks
+from attndsl.block_tables import torch_classes
 from attndsl.eager import eval_expr
 from attndsl.frontend.flex import mask_expr
 from attndsl.frontend.trace import TraceError
 from attndsl.ir import expr as E
 from attndsl.ir.expr import Op
-from attndsl.passes.mask_analysis import (
+from attndsl.passes.mask import (
     CHUNKED,
     CLOSED_FORM,
     EMPTY,
@@ -386,7 +387,7 @@ def test_closed_form_bounds(kind: str, data: st.DataObject) -> None:
     case = CASES[kind](data.draw, Lq, Lkv)
     mask, captured = mask_expr(case.mask_mod)
     tm = classify_tiles(mask, captured, 1, 1, Lq, Lkv, BM, BN)
-    for torch_boundary, classes in ((False, tm.classes), (True, tm.torch_classes())):
+    for torch_boundary, classes in ((False, tm.classes), (True, torch_classes(tm))):
         bounds = kv_tile_bounds(mask, BM, BN, torch_boundary=torch_boundary)
         assert bounds is not None
         v = bounds.evaluate(Lq, Lkv)
@@ -420,7 +421,7 @@ def test_closed_form_segments(kind: str, data: st.DataObject) -> None:
     S, W = data.draw(st.integers(1, 64)), data.draw(st.integers(1, 100))
     mask, captured = mask_expr(SEGMENTED[kind](S, W))
     tm = classify_tiles(mask, captured, 1, 1, Lq, Lkv, BM, BN)
-    for torch_boundary, classes in ((False, tm.classes), (True, tm.torch_classes())):
+    for torch_boundary, classes in ((False, tm.classes), (True, torch_classes(tm))):
         segments = kv_tile_segments(mask, BM, BN, torch_boundary=torch_boundary)
         assert segments is not None and len(segments) <= 2
         c = classes[0, 0]
