@@ -1,13 +1,13 @@
 """Eager executor of the Cascade IR in plain torch: the oracle every kernel is tested against.
 
-It shares nothing with the kernel path beyond the IR, including the IR's element-wise
-evaluator (:mod:`attndsl.ir.evaluate`), which this module extends with reductions, softmax and
-the mask.  Every node evaluates to a tensor laid out over all of the cascade's indices (size 1
-along the indices it does not depend on), so broadcasting does the index bookkeeping.  Work is
-chunked over the query index, so an 8k-token problem needs O(chunk * Lkv) memory per (batch,
-head).  Floats are computed in ``dtype`` (float64 by default).  Semantics (see
-attndsl.ir.expr): reductions over the key index skip masked keys (empty sum 0, empty max
--inf); ``0 / 0 = 0``; ``//`` and ``%`` floor like Python.
+It shares nothing with the kernel path but the IR and the IR's element-wise evaluator
+(:mod:`attndsl.ir.evaluate`), which it extends with reductions, softmax and the mask.  Every
+node evaluates to a tensor laid out over all of the cascade's indices (size 1 along the
+indices it does not depend on), so broadcasting does the index bookkeeping.  Work is chunked
+over the query index, so an 8k-token problem needs O(chunk * Lkv) memory per (batch, head).
+Floats are computed in ``dtype`` (float64 by default).  Semantics (see attndsl.ir.expr):
+reductions over the key index skip masked keys (empty sum 0, empty max -inf); ``0 / 0 = 0``;
+``//`` and ``%`` floor like Python.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ bound parameters single points, and every other node is bounded by its rule in
 at exact indices; an index that ranges in one dimension reads the range summary of t along it
 (:mod:`~attndsl.passes.mask.summaries`); ranges in several dimensions fall back to the
 data-blind [min t, max t] (``coarse``).  A gather at an index that is not monotone in m or n
-(``doc[perm[m]]``) is bounded soundly but without information (``_blind_gathers``).
+(``doc[perm[m]]``) is bounded soundly but learns little; ``_blind_gathers`` finds such reads,
+so that classification can switch to exact evaluation.
 """
 
 from __future__ import annotations
