@@ -25,12 +25,13 @@ from typing import Any, NamedTuple
 import torch
 
 from attndsl.block_mask import has_closed_form
+from attndsl.block_tables import to_tables
 from attndsl.eager import EagerError, bind_extents, run_cascade
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import INT, Expr, Op
-from attndsl.passes.mask_analysis import MaskAnalysisError, classify_tiles
+from attndsl.passes.mask import MaskAnalysisError, classify_tiles
 from attndsl.passes.pipeline import Compiled, compile_cascade
 from attndsl.runtime.modules import load_kernel_module, module_source
 
@@ -147,7 +148,7 @@ def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: 
         if ranges is not None:  # a few segments of key tiles per query tile
             plan = {"kv_ranges": ranges.to(device)}
         else:
-            t = tiles.to_tables()
+            t = to_tables(tiles)
             plan = {"kv_num_blocks": t.kv_num_blocks.to(device),
                     "kv_indices": t.kv_indices.to(device),
                     "full_kv_num_blocks": t.full_kv_num_blocks.to(device),

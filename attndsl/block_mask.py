@@ -3,7 +3,7 @@ evaluation.
 
 ``create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE=128)`` traces ``mask_mod`` into
 an expression (:func:`attndsl.frontend.flex.mask_expr`), classifies its tiles with
-:func:`attndsl.passes.mask_analysis.classify_tiles` (interval bounds, range summaries of
+:func:`attndsl.passes.mask.classify_tiles` (interval bounds, range summaries of
 captured tensors, or chunked exact evaluation) and lays the result out exactly like
 ``torch.nn.attention.flex_attention.create_block_mask``: the same eight int32 tables, the same
 ordering (set blocks ascending, then the other columns ascending) and the same convention
@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
+from attndsl.block_tables import dense_to_ordered, ordered_to_dense, to_tables
 from attndsl.frontend.flex import mask_expr
 from attndsl.ir import expr as E
 from attndsl.ir.expr import Expr
-from attndsl.passes.mask_analysis import (
+from attndsl.passes.mask import (
     FULL,
     PARTIAL,
     MaskAnalysisError,
     TileMap,
     classify_tiles,
-    dense_to_ordered,
     kv_tile_segments,
 )
 
@@ -125,7 +125,7 @@ class BlockMask:
         tables = {k: getattr(tbm, k) for k in TABLES}
         for pre in ("", "full_"):
             if tables[f"{pre}q_indices"] is None and tables[f"{pre}kv_indices"] is not None:
-                dense = _ordered_to_dense(tables[f"{pre}kv_num_blocks"],
+                dense = ordered_to_dense(tables[f"{pre}kv_num_blocks"],
                                           tables[f"{pre}kv_indices"])
                 q = dense_to_ordered(dense.transpose(-2, -1))
                 tables[f"{pre}q_num_blocks"], tables[f"{pre}q_indices"] = q
@@ -178,9 +178,9 @@ class BlockMask:
     def classes(self) -> Tensor:
         """int8 [B, H, nq, nk]: 0 empty, 1 partial, 2 full (torch's boundary convention)."""
         nk = self.kv_indices.shape[-1]
-        out = _ordered_to_dense(self.kv_num_blocks, self.kv_indices, nk).to(torch.int8) * PARTIAL
+        out = ordered_to_dense(self.kv_num_blocks, self.kv_indices, nk).to(torch.int8) * PARTIAL
         if self.full_kv_indices is not None:
-            full = _ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, nk)
+            full = ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, nk)
             out = torch.where(full.bool(), torch.tensor(FULL, dtype=torch.int8), out)
         return out
 
@@ -224,14 +224,6 @@ class BlockMask:
             return f"range table ({self.kv_ranges.shape[-1] // 4} segment(s) per query tile)"
         return "block tables"
 
-
-def _ordered_to_dense(num: Tensor, idx: Tensor, cols: int | None = None) -> Tensor:
-    """The 0/1 [.., rows, cols] matrix of an ordered table (entries past num are ignored)."""
-    cols = idx.shape[-1] if cols is None else cols
-    valid = torch.arange(idx.shape[-1], device=idx.device) < num.unsqueeze(-1)
-    dense = torch.zeros(*idx.shape[:-1], cols + 1, dtype=torch.int32, device=idx.device)
-    dense.scatter_(-1, torch.where(valid, idx, cols).long(), 1)
-    return dense[..., :cols]
 
 
 def _block_size(bs: int | tuple[int, int]) -> tuple[int, int]:
@@ -277,7 +269,7 @@ def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: in
     dev = _default_device(device)
 
     def tables_of(tm: TileMap) -> dict:
-        return dict(zip(TABLES, (t.to(dev) for t in tm.to_tables(torch_boundary=True))))
+        return dict(zip(TABLES, (t.to(dev) for t in to_tables(tm, torch_boundary=True))))
 
     if has_closed_form(mask, bm, bn):  # tables on first read only
         def build() -> tuple[dict, TileMap]:

@@ -1,186 +1,82 @@
 """Eager executor of the Cascade IR in plain torch: the oracle every kernel is tested against.
 
-It shares nothing with the kernel path beyond the IR.  Every node evaluates to a tensor laid
-out over all of the cascade's indices (size 1 along the indices it does not depend on), so
-broadcasting does the index bookkeeping.  Work is chunked over the query index, so an 8k-token
-problem needs O(chunk * Lkv) memory per (batch, head).  Floats are computed in ``dtype``
-(float64 by default).  Semantics (see attndsl.ir.expr): reductions over the key index skip
-masked keys (empty sum 0, empty max -inf); ``0 / 0 = 0``; ``//`` and ``%`` floor like Python.
+It shares nothing with the kernel path but the IR and the IR's element-wise evaluator
+(:mod:`attndsl.ir.evaluate`), which it extends with reductions, softmax and the mask.  Every
+node evaluates to a tensor laid out over all of the cascade's indices (size 1 along the
+indices it does not depend on), so broadcasting does the index bookkeeping.  Work is chunked
+over the query index, so an 8k-token problem needs O(chunk * Lkv) memory per (batch, head).
+Floats are computed in ``dtype`` (float64 by default).  Semantics (see attndsl.ir.expr):
+reductions over the key index skip masked keys (empty sum 0, empty max -inf); ``0 / 0 = 0``;
+``//`` and ``%`` floor like Python.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
 from attndsl.ir.cascade import Cascade, Equation
-from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
+from attndsl.ir.evaluate import Env, EvaluationError, apply, as_float, safe_div
+from attndsl.ir.expr import Expr, Op
 
 Tensor = torch.Tensor
 
 
-class EagerError(ValueError):
-    """The cascade cannot be evaluated with the given inputs (missing tensor, bad shape)."""
+EagerError = EvaluationError  # one class: every failure of an evaluation, element-wise or not
 
 
-class _Ctx:
-    """Everything one evaluation needs: axes, their index tensors, bound tensors, the mask."""
+class _Ctx(Env):
+    """Everything one evaluation needs: the element-wise environment, the key index, the mask,
+    the intermediates computed so far."""
 
     def __init__(self, axes: list[str], ranges: dict[str, Tensor], tensors: Mapping[str, Tensor],
                  params: Mapping[str, float | int], key: str | None, dtype: torch.dtype,
                  intermediates: dict[str, tuple[tuple[str, ...], Tensor]]) -> None:
-        self.axes, self.ranges, self.tensors, self.params = axes, ranges, tensors, params
-        self.key, self.dtype, self.intermediates = key, dtype, intermediates
+        super().__init__(axes, ranges, tensors, params, dtype)
+        self.key, self.intermediates = key, intermediates
         self.mask: Tensor | None = None
         self.memo: dict[Expr, Tensor] = {}
 
-    def shape_along(self, name: str, values: Tensor) -> Tensor:
-        shape = [1] * len(self.axes)
-        shape[self.axes.index(name)] = values.numel()
-        return values.reshape(shape)
-
-
-def _torch_dtype(d: str, fdtype: torch.dtype) -> torch.dtype:
-    return {FLOAT: fdtype, INT: torch.int64, BOOL: torch.bool}[d]
-
-
-def _safe_div(a: Tensor, b: Tensor) -> Tensor:
-    """a / b with 0 / 0 = 0 (and a finite gradient there: the divisor is replaced, not the
-    quotient, so autograd never multiplies 0 by inf)."""
-    both0 = (a == 0) & (b == 0)
-    return torch.where(both0, torch.zeros((), dtype=a.dtype),
-                       a / torch.where(both0, torch.ones((), dtype=b.dtype), b))
-
-
-def _as_float(x: Tensor, dtype: torch.dtype) -> Tensor:
-    return x if x.dtype == dtype else x.to(dtype)
-
-
-_UNARY: dict[Op, Callable[[Tensor], Tensor]] = {
-    Op.NEG: torch.neg, Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.LOG: torch.log,
-    Op.LOG2: torch.log2, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.ABS: torch.abs,
-    Op.SQRT: torch.sqrt, Op.NOT: torch.logical_not,
-}
-_CMP: dict[Op, Callable[[Tensor, Tensor], Tensor]] = {
-    Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge, Op.EQ: torch.eq,
-    Op.NE: torch.ne,
-}
-
-
-def _binary(op: Op, a: Tensor, b: Tensor, out_dtype: str, fdtype: torch.dtype) -> Tensor:
-    if op in _CMP:
-        return _CMP[op](a, b)
-    if op in (Op.AND, Op.OR):
-        if a.dtype == torch.bool and b.dtype == torch.bool:
-            return torch.logical_and(a, b) if op is Op.AND else torch.logical_or(a, b)
-        return torch.bitwise_and(a.long(), b.long()) if op is Op.AND else \
-            torch.bitwise_or(a.long(), b.long())
-    target = _torch_dtype(out_dtype, fdtype)
-    if op is Op.DIV:
-        return _safe_div(_as_float(a, fdtype), _as_float(b, fdtype))
-    a, b = a.to(target), b.to(target)
-    if op is Op.ADD:
-        return a + b
-    if op is Op.SUB:
-        return a - b
-    if op is Op.MUL:
-        return a * b
-    if op is Op.FLOORDIV:
-        return torch.div(a, b, rounding_mode="floor")
-    if op is Op.MOD:
-        return torch.remainder(a, b)
-    if op is Op.MAX:
-        return torch.maximum(a, b)
-    if op is Op.MIN:
-        return torch.minimum(a, b)
-    if op is Op.POW:
-        return torch.pow(a, b)
-    raise EagerError(f"no eager rule for {op}")
-
 
 def _eval(e: Expr, ctx: _Ctx) -> Tensor:
-    return _get(e, ctx.memo, ctx)
+    """The value of e; nodes that are not element-wise (reductions over the key index skip
+    masked keys, softmax, intermediates) are evaluated here, the rest by attndsl.ir.evaluate."""
+    if e not in ctx.memo:
+        ctx.memo[e] = _eval_node(e, ctx)
+    return ctx.memo[e]
 
 
-def _get(node: Expr, memo: dict[Expr, Tensor], ctx: _Ctx) -> Tensor:
-    if node not in memo:
-        memo[node] = _eval_node(node, memo, ctx)
-    return memo[node]
-
-
-def _eval_node(node: Expr, memo: dict[Expr, Tensor], ctx: _Ctx) -> Tensor:
-    nd = len(ctx.axes)
-
-    def arg(i: int) -> Tensor:
-        return _get(node.src[i], memo, ctx)
-
+def _eval_node(node: Expr, ctx: _Ctx) -> Tensor:
     op = node.op
-    if op is Op.CONST:
-        return torch.tensor(node.arg, dtype=_torch_dtype(node.dtype, ctx.dtype)).reshape([1] * nd)
-    if op is Op.INDEX:
-        return ctx.shape_along(node.arg, ctx.ranges[node.arg])
-    if op is Op.PARAM:
-        if node.arg not in ctx.params:
-            raise EagerError(f"parameter {node.arg!r} is not bound")
-        return torch.tensor(ctx.params[node.arg],
-                            dtype=_torch_dtype(node.dtype, ctx.dtype)).reshape([1] * nd)
-    if op is Op.LOAD:
-        return _load(node, [arg(i) for i in range(len(node.src))], ctx)
-    if op is Op.CAST:
-        return arg(0).to(_torch_dtype(node.arg, ctx.dtype))
+    if op is Op.LOAD and node.arg in ctx.intermediates:
+        return _intermediate(node, ctx)
     if op is Op.LOG and node.src[0].op is Op.REDUCE_SUM and node.src[0].src[0].op is Op.EXP:
         return _logsumexp(node.src[0], ctx)  # log(sum exp x), without overflow
-    if op in _UNARY:
-        x = arg(0)
-        if op not in (Op.NEG, Op.ABS, Op.NOT):
-            x = _as_float(x, ctx.dtype)
-        return _UNARY[op](x)
-    if op is Op.WHERE:
-        t = _torch_dtype(node.dtype, ctx.dtype)
-        return torch.where(arg(0), arg(1).to(t), arg(2).to(t))
     if op in (Op.REDUCE_SUM, Op.REDUCE_MAX):
         return _reduce(node, ctx)
     if op is Op.SOFTMAX:
         return _softmax(node, ctx)
     if op is Op.ROW:
         raise EagerError("ROW values belong to schedules, not to cascades")
-    return _binary(op, arg(0), arg(1), node.dtype, ctx.dtype)
+    return apply(node, [_eval(s, ctx) for s in node.src], ctx)
 
 
-def _load(node: Expr, idx: list[Tensor], ctx: _Ctx) -> Tensor:
-    name = node.arg
-    if name in ctx.intermediates:
-        lhs, value = ctx.intermediates[name]
-        plain = all(s.op is Op.INDEX and s.arg == i for s, i in zip(node.src, lhs))
-        if not plain:
-            raise EagerError(f"{name} is read at shifted indices; only inputs and captured "
-                             f"tensors can be gathered")
-        return value
-    if name not in ctx.tensors:
-        raise EagerError(f"tensor {name!r} is not bound")
-    t = ctx.tensors[name]
-    if t.dim() != len(idx):
-        raise EagerError(f"tensor {name!r} has {t.dim()} dims, indexed with {len(idx)}")
-    if not idx:
-        v = t.reshape([1] * len(ctx.axes))
-    else:
-        for d, i in enumerate(idx):
-            if i.numel() and (int(i.min()) < 0 or int(i.max()) >= t.shape[d]):
-                raise EagerError(f"{name}: index {d} ranges over [{int(i.min())}, "
-                                 f"{int(i.max())}], outside its size {t.shape[d]}")
-        v = t[tuple(i.long() for i in idx)]
-        v = v.reshape(torch.broadcast_shapes(*(i.shape for i in idx)))
-    return v.to(_torch_dtype(node.dtype, ctx.dtype)) if v.dtype.is_floating_point or \
-        node.dtype != FLOAT else v.to(ctx.dtype)
+def _intermediate(node: Expr, ctx: _Ctx) -> Tensor:
+    """An equation's value, read at its own indices (shifted reads are not defined)."""
+    lhs, value = ctx.intermediates[node.arg]
+    if not all(s.op is Op.INDEX and s.arg == i for s, i in zip(node.src, lhs)):
+        raise EagerError(f"{node.arg} is read at shifted indices; only inputs and captured "
+                         f"tensors can be gathered")
+    return value
 
 
 def _contract(body: Expr, idx: str, ctx: _Ctx) -> Tensor | None:
     """sum over ``idx`` of a product, by einsum, without materialising the product; over the
     key index the mask is applied to the factor that spans it.  None if neither does."""
     a, b = _eval(body.src[0], ctx), _eval(body.src[1], ctx)
-    a, b = _as_float(a, ctx.dtype), _as_float(b, ctx.dtype)
+    a, b = as_float(a, ctx.dtype), as_float(b, ctx.dtype)
     if idx == ctx.key and ctx.mask is not None:
         spans = [all(t.shape[i] != 1 or ctx.mask.shape[i] == 1 for i in range(t.dim()))
                  for t in (a, b)]
@@ -241,7 +137,7 @@ def _amax(x: Tensor, axis: int) -> Tensor:
 
 def _logsumexp(node: Expr, ctx: _Ctx) -> Tensor:
     """log(sum(n) exp(x)) = mx + log(sum(n) exp(x - mx)) over unmasked keys."""
-    x = _as_float(_eval(node.src[0].src[0], ctx), ctx.dtype)
+    x = as_float(_eval(node.src[0].src[0], ctx), ctx.dtype)
     axis = ctx.axes.index(node.arg)
     full = list(x.shape)
     full[axis] = ctx.ranges[node.arg].numel()
@@ -254,7 +150,7 @@ def _logsumexp(node: Expr, ctx: _Ctx) -> Tensor:
 
 
 def _softmax(node: Expr, ctx: _Ctx) -> Tensor:
-    x = _as_float(_eval(node.src[0], ctx), ctx.dtype)
+    x = as_float(_eval(node.src[0], ctx), ctx.dtype)
     axis = ctx.axes.index(node.arg)
     full = list(x.shape)
     full[axis] = ctx.ranges[node.arg].numel()
@@ -265,7 +161,7 @@ def _softmax(node: Expr, ctx: _Ctx) -> Tensor:
     mx = _amax(x, axis)
     mx = torch.where(torch.isneginf(mx), torch.zeros((), dtype=x.dtype), mx)
     ex = torch.exp(x - mx)
-    return _safe_div(ex, ex.sum(axis, keepdim=True))
+    return safe_div(ex, ex.sum(axis, keepdim=True))
 
 
 def bind_extents(c: Cascade, tensors: Mapping[str, Tensor]) -> dict[str, int]:

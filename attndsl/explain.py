@@ -53,7 +53,7 @@ def pass_list(comp: Compiled) -> str:
 
 
 def _mask_picture(mask, captured, lq: int, lkv: int) -> str:
-    from attndsl.passes.mask_analysis import classify_tiles, kv_tile_segments
+    from attndsl.passes.mask import classify_tiles, kv_tile_segments
 
     try:
         tiles = classify_tiles(mask, captured, 1, 1, lq, lkv, 128, 128)

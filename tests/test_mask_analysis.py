@@ -14,9 +14,11 @@ chosen independently for queries and keys) and every supported mask family:
 
 from __future__ import annotations
 
+import ast
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,13 +27,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
 
+import attndsl
 from attndsl.block_mask import BlockMask, and_masks, create_block_mask, noop_mask, or_masks
+from attndsl.block_tables import torch_classes
 from attndsl.eager import eval_expr
 from attndsl.frontend.flex import mask_expr
 from attndsl.frontend.trace import TraceError
 from attndsl.ir import expr as E
 from attndsl.ir.expr import Op
-from attndsl.passes.mask_analysis import (
+from attndsl.passes.mask import (
     CHUNKED,
     CLOSED_FORM,
     EMPTY,
@@ -386,7 +390,7 @@ def test_closed_form_bounds(kind: str, data: st.DataObject) -> None:
     case = CASES[kind](data.draw, Lq, Lkv)
     mask, captured = mask_expr(case.mask_mod)
     tm = classify_tiles(mask, captured, 1, 1, Lq, Lkv, BM, BN)
-    for torch_boundary, classes in ((False, tm.classes), (True, tm.torch_classes())):
+    for torch_boundary, classes in ((False, tm.classes), (True, torch_classes(tm))):
         bounds = kv_tile_bounds(mask, BM, BN, torch_boundary=torch_boundary)
         assert bounds is not None
         v = bounds.evaluate(Lq, Lkv)
@@ -420,7 +424,7 @@ def test_closed_form_segments(kind: str, data: st.DataObject) -> None:
     S, W = data.draw(st.integers(1, 64)), data.draw(st.integers(1, 100))
     mask, captured = mask_expr(SEGMENTED[kind](S, W))
     tm = classify_tiles(mask, captured, 1, 1, Lq, Lkv, BM, BN)
-    for torch_boundary, classes in ((False, tm.classes), (True, tm.torch_classes())):
+    for torch_boundary, classes in ((False, tm.classes), (True, torch_classes(tm))):
         segments = kv_tile_segments(mask, BM, BN, torch_boundary=torch_boundary)
         assert segments is not None and len(segments) <= 2
         c = classes[0, 0]
@@ -610,3 +614,46 @@ def test_bad_input_errors() -> None:
         create_block_mask("causal", None, None, 64, 64)
     with pytest.raises(MaskAnalysisError, match="not bound"):
         classify_tiles(E.binary(Op.EQ, E.load("cap0", (_m,), "int"), 0), {}, 1, 1, 8, 8, 4, 4)
+
+
+# -- (f) -------------------------------------------------------------------------------------------
+
+def _attndsl_imports(module: str) -> set[str]:
+    """The attndsl modules ``module``'s source names in its import statements (``from a.b
+    import c`` names a.b, and a.b.c when that is a module)."""
+    root = Path(attndsl.__file__).parent.parent
+
+    def source(name: str) -> Path | None:
+        base = root / name.replace(".", "/")
+        for path in (base.with_suffix(".py"), base / "__init__.py"):
+            if path.is_file():
+                return path
+        return None
+
+    found: set[str] = set()
+    path = source(module)
+    assert path is not None, module
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names
+                      if source(f"{node.module}.{a.name}") is not None}
+    return {m for m in found if m.split(".")[0] == "attndsl"}
+
+
+def test_the_mask_analysis_and_the_table_layout_never_import_the_eager_oracle() -> None:
+    """The kernel path shares only the IR with the oracle: nothing the analysis or the table
+    layout imports, directly or through other modules, is attndsl.eager."""
+    todo = ["attndsl.passes.mask", "attndsl.block_tables"]
+    todo += [f"attndsl.passes.mask.{p.stem}" for p in
+             (Path(attndsl.__file__).parent / "passes" / "mask").glob("*.py")]
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += sorted(_attndsl_imports(module))
+    assert "attndsl.ir.evaluate" in seen and "attndsl.passes.mask.classify" in seen
+    assert "attndsl.eager" not in seen, sorted(seen)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import attndsl
 from attndsl.api import SPARSE_BLOCK, _compiled, _sparsity_plan
 from attndsl.frontend.flex import lower_flex
-from attndsl.passes.mask_analysis import classify_tiles
+from attndsl.passes.mask import classify_tiles
 
 L_DOC = 384
 doc = torch.div(torch.arange(L_DOC) * 5, L_DOC, rounding_mode="floor")

@@ -41,7 +41,7 @@ BOUNDS_BLOCK = 128  # key-tile ranges are computed in blocks of 128 queries x 12
 def _closed_form_bounds(mask: Expr | None, roles: dict[str, str]) -> tuple | None:
     """Segments (lo, full_lo, full_hi, hi) of each query block's key blocks, when the mask
     has closed forms for them."""
-    from attndsl.passes.mask_analysis import kv_tile_segments
+    from attndsl.passes.mask import kv_tile_segments
 
     if mask is None or (roles["query"], roles["key"]) != ("m", "n"):
         return None
