@@ -26,6 +26,7 @@ import torch
 
 from attndsl.block_mask import has_closed_form
 from attndsl.eager import EagerError, bind_extents, run_cascade
+from attndsl.errors import AttnDSLError
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
@@ -54,7 +55,7 @@ class AuxOutput(NamedTuple):
     max_scores: Tensor | None = None
 
 
-class AttentionError(ValueError):
+class AttentionError(AttnDSLError, ValueError):
     """Bad arguments to flex_attention / a compiled kernel: says what was expected."""
 
 

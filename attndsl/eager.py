@@ -15,13 +15,14 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from attndsl.errors import AttnDSLError
 from attndsl.ir.cascade import Cascade, Equation
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
 
 Tensor = torch.Tensor
 
 
-class EagerError(ValueError):
+class EagerError(AttnDSLError, ValueError):
     """The cascade cannot be evaluated with the given inputs (missing tensor, bad shape)."""
 
 

@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
+from attndsl.errors import AttnDSLError
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
 
 
-class SpecLoadError(ValueError):
+class SpecLoadError(AttnDSLError, ValueError):
     """SPEC does not name a loadable spec; the message says what was looked for."""
 
 

@@ -50,6 +50,7 @@ from lark.exceptions import (
     VisitError,
 )
 
+from attndsl.errors import AttnDSLError, located_message
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import (
     ROLES,
@@ -81,7 +82,7 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 # -- errors and source locations -------------------------------------------------------------
 
-class SpecError(ValueError):
+class SpecError(AttnDSLError, ValueError):
     """A spec that does not parse or check.
 
     ``file``, ``line`` and ``col`` (1-based) locate the offending token; the message is
@@ -92,9 +93,7 @@ class SpecError(ValueError):
                  source_line: str = "") -> None:
         self.what, self.file, self.line, self.col = what, file, line, col
         self.source_line = source_line
-        pad = "".join(ch if ch == "\t" else " " for ch in source_line[: col - 1])
-        caret = pad + " " * (col - 1 - len(pad)) + "^"
-        super().__init__(f"{file}:{line}:{col}: error: {what}\n  {source_line}\n  {caret}")
+        super().__init__(located_message(what, file, line, col, source_line))
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class Where:
         return SpecError(what, self.file, self.line, self.col, self.text)
 
     def loc(self) -> SourceLoc:
-        return SourceLoc(self.file, self.line, self.col)
+        return SourceLoc(self.file, self.line, self.col, self.text)
 
     def describe(self, other: Where) -> str:
         """'line 3', or 'file:3' when ``other`` is in another file."""
@@ -991,12 +990,19 @@ def _read_spec(tree: Tree, src: _Source) -> Cascade:
     return asm.finish()
 
 
+def normalize_newlines(text: str) -> str:
+    """Windows (\\r\\n) and classic Mac (lone \\r) line ends as \\n: lark counts lines by \\n
+    only, so a file with lone carriage returns would otherwise be one long line."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def parse_text(text: str, filename: str = "<string>") -> dict[str, Cascade]:
     """Parse .attn text holding one or more specs into verified cascades, by spec name.
 
     Raises :class:`SpecError` (a ValueError) at the first problem."""
     if not isinstance(text, str):
         raise TypeError(f"parse_text() takes a str, got {type(text).__name__}")
+    text = normalize_newlines(text)
     src = _Source(text, filename)
     try:
         tree = parser().parse(text)
@@ -1029,7 +1035,8 @@ def parse_file(path: str | Path) -> dict[str, Cascade]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
+        before = data[: err.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        line = before.count(b"\n") + 1
         raise SpecError("the file is not valid UTF-8", str(path), line, 1) from None
     return parse_text(text, str(path))
 

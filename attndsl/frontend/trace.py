@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
+from attndsl.errors import AttnDSLError
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
 
 
-class TraceError(TypeError):
+class TraceError(AttnDSLError, TypeError):
     """A score/mask function could not be traced; the message names the function and line."""
 
 

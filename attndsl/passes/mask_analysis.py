@@ -66,6 +66,7 @@ from typing import Any, NamedTuple
 import torch
 
 from attndsl.eager import eval_expr
+from attndsl.errors import AttnDSLError
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, INT, Expr, Op
 
@@ -85,7 +86,7 @@ _INF = math.inf
 _AXES = ("b", "h", "m", "n")
 
 
-class MaskAnalysisError(ValueError):
+class MaskAnalysisError(AttnDSLError, ValueError):
     """The mask or the tiling is not valid for analysis; the message says what is wrong."""
 
 
