@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 
 from attndsl.checking import TOLERANCE, compare, index_sizes, oracle, random_problem
-from attndsl.frontend.load import LoadedSpec, SpecLoadError, load_spec
-from attndsl.frontend.trace import TraceError
-from attndsl.ir.expr import IRError
+from attndsl.errors import AttnDSLError
+from attndsl.frontend.load import LoadedSpec, load_spec
 from attndsl.passes.pipeline import compile_cascade
 from attndsl.runtime.modules import import_path, load_kernel_module, module_source, write_module
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-USER_ERRORS = (SpecLoadError, TraceError, IRError, ValueError)
+# every error a bad spec or bad arguments can cause (AttnDSLError covers SpecLoadError,
+# SpecError, TraceError, IRError, ...); the ValueError of a bad --target value too
+USER_ERRORS = (AttnDSLError, ValueError)
 
 
 def _load(spec: str) -> LoadedSpec:
