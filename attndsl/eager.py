@@ -82,6 +82,10 @@ def _binary(op: Op, a: Tensor, b: Tensor, out_dtype: str, fdtype: torch.dtype) -
     if op is Op.DIV:
         return _safe_div(_as_float(a, fdtype), _as_float(b, fdtype))
     a, b = a.to(target), b.to(target)
+    if op in (Op.FLOORDIV, Op.MOD) and not target.is_floating_point and bool((b == 0).any()):
+        word = "//" if op is Op.FLOORDIV else "%"
+        raise EagerError(f"integer {word} by zero (torch raises ZeroDivisionError on integer "
+                         f"tensors too); the divisor is zero for some indices")
     if op is Op.ADD:
         return a + b
     if op is Op.SUB:

@@ -33,10 +33,9 @@ def located_message(what: str, file: str, line: int, col: int, source_line: str 
     """``file:line:col: error: what``, then the source line and a caret under column ``col``.
 
     Tabs before the column are kept so that the caret lines up under the same character in a
-    terminal; no source line (unknown text) gives the first line alone."""
+    terminal.  The message always has these three lines (the second is empty when the text is
+    unknown, as at the end of a file)."""
     head = f"{file}:{line}:{col}: error: {what}"
-    if not source_line:
-        return head
     pad = "".join(ch if ch == "\t" else " " for ch in source_line[: col - 1])
     caret = pad + " " * (col - 1 - len(pad)) + "^"
     return f"{head}\n  {source_line}\n  {caret}"

@@ -34,6 +34,8 @@ _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
+INT64 = 2**63  # integer constants must fit in int64, as in torch
+
 # the signatures torch's FlexAttention calls the programs with
 SIGNATURES = {"score_mod": "score_mod(score, b, h, q_idx, kv_idx)",
               "mask_mod": "mask_mod(b, h, q_idx, kv_idx)"}
@@ -124,6 +126,9 @@ class Sym:
         if isinstance(x, Sym):
             return x.expr
         if isinstance(x, bool | int):
+            if not isinstance(x, bool) and not -INT64 <= x < INT64:
+                raise self.ctx.fail(f"the integer {x} does not fit in 64 bits (torch raises "
+                                    f"an overflow error for it too)")
             return E.const(x)
         if isinstance(x, float):
             return E.const(x)
