@@ -157,13 +157,14 @@ _TEXT_EDITS: list[Callable[[str, random.Random], str]] = [
 # -- the pipeline a mutant goes through ------------------------------------------------------
 
 def exercise(c: Cascade, captured: dict[str, torch.Tensor] | None = None,
-             run_kernel: bool = False) -> None:
+             run_kernel: bool = False, located: str = "") -> None:
     """Compile ``c`` to source (which must be Python) and evaluate it with the oracle; every
-    failure must be one of attndsl's errors."""
+    failure must be one of attndsl's errors (compile errors starting with ``located``)."""
     try:
         compiled = compile_cascade(c)
         source = module_source(compiled.kernel)
-    except AttnDSLError:
+    except AttnDSLError as err:
+        assert str(err).startswith(located), f"an unlocated compile error: {err}"
         compiled = source = None
     if source is not None:
         ast.parse(source)
@@ -187,7 +188,7 @@ def check_text(text: str, run_kernel: bool = False) -> None:
         assert str(err).startswith("fuzz.attn:"), f"an unlocated error: {err}"
         return
     for c in specs.values():
-        exercise(c, run_kernel=run_kernel)
+        exercise(c, run_kernel=run_kernel, located="fuzz.attn:")
 
 
 CORPUS = [(name, seed) for name in ATTN for seed in range(12)]

@@ -459,6 +459,7 @@ class _Assembler:
             raise
 
     def output(self, name: str, where: Where) -> None:
+        _expect_name(name, where, "output()")
         if name in self.outputs:
             raise where.error(f"{name!r} is already an output (line {self.outputs[name].line})")
         self.outputs[name] = where
@@ -478,6 +479,7 @@ class _Assembler:
 
     def scalar(self, name: str, where: Where) -> Expr:
         """What a bare name denotes: an index, a parameter or an extent."""
+        _expect_name(name, where, "var()")
         kind = self.kinds.get(name, (None,))[0]
         if kind == "index":
             return E.index(name)
@@ -491,6 +493,7 @@ class _Assembler:
         raise where.error(f"unknown name {name!r}{_suggest(name, self.kinds)}")
 
     def index_name(self, name: str, where: Where, place: str) -> str:
+        _expect_name(name, where, place)
         if name not in self.indices:
             raise where.error(self._not_an_index(name, place))
         return name
@@ -502,6 +505,7 @@ class _Assembler:
 
     def read(self, name: str, subs: Sequence[Expr], where: Where) -> Expr:
         """``name[subs]``: a tensor, or an equation whose body is already built."""
+        _expect_name(name, where, "read()")
         if name in self.tensors:
             return E.load(name, tuple(subs), self.tensors[name].dtype)
         eq = self.equations.get(name)
@@ -645,6 +649,12 @@ class _Assembler:
                     msg, at = msg[len(f"{w.loc()}: "):], w
                     break
             raise at.error(msg) from None
+
+
+def _expect_name(name: Any, where: Where, place: str) -> None:
+    """Lookups take names (the builder passes whatever its caller gave)."""
+    if not isinstance(name, str):
+        raise where.error(f"{place} takes a name (a str), got {type(name).__name__} {name!r}")
 
 
 def _a(kind: str) -> str:

@@ -460,6 +460,9 @@ class Traced:
 def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | None = None,
           ) -> Traced:
     """Call ``fn`` on symbols standing for ``args`` and return the expression it builds."""
+    if not callable(fn):
+        raise TraceError(f"{what} must be a function {SIGNATURES.get(what, what)}, got "
+                         f"{_a_type(fn)}")
     name = getattr(fn, "__name__", type(fn).__name__)
     ctx = ctx or TraceContext(fn_name=name)
     ctx.fn_name, ctx.fn_where = name, defined_at(fn)
