@@ -27,6 +27,7 @@ import torch
 from attndsl.block_mask import has_closed_form
 from attndsl.block_tables import to_tables
 from attndsl.eager import EagerError, bind_extents, run_cascade
+from attndsl.errors import AttnDSLError
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
@@ -55,7 +56,7 @@ class AuxOutput(NamedTuple):
     max_scores: Tensor | None = None
 
 
-class AttentionError(ValueError):
+class AttentionError(AttnDSLError, ValueError):
     """Bad arguments to flex_attention / a compiled kernel: says what was expected."""
 
 

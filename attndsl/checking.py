@@ -1,7 +1,8 @@
 """Random problems for any cascade, and the comparison of a kernel with the float64 oracle.
 
-Sizes of extents that no index names (a captured table's length, say) are derived from how the
-cascade reads them: one more than the largest subscript any read can produce.
+Sizes of extents that no index names (a captured table's length, an input's key/value head
+count under any name) are derived from how the cascade reads them: one more than the largest
+subscript any read can produce.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def random_problem(c: Cascade, sizes: dict[str, int], dtype: torch.dtype,
     for t in c.tensors:
         if t.kind == "captured" and t.name in captured:
             sizes.update(zip(t.dims, (int(s) for s in captured[t.name].shape)))
-    for t in c.tensors:
-        if t.kind == "captured" and t.name not in captured:
+    for t in c.tensors:  # extents no index names (a table's length, K's head count HKV)
+        if t.name not in captured:
             for d, ext in enumerate(t.dims):
                 if ext not in sizes:
                     sizes[ext] = _needed_extent(c, t.name, d, sizes, params)

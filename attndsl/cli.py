@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 
 from attndsl.checking import TOLERANCE, compare, index_sizes, oracle, random_problem
-from attndsl.frontend.load import LoadedSpec, SpecLoadError, load_spec
-from attndsl.frontend.trace import TraceError
-from attndsl.ir.expr import IRError
+from attndsl.errors import AttnDSLError
+from attndsl.frontend.load import LoadedSpec, load_spec
 from attndsl.passes.pipeline import compile_cascade
 from attndsl.runtime.modules import import_path, load_kernel_module, module_source, write_module
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-USER_ERRORS = (SpecLoadError, TraceError, IRError, ValueError)
+# every error a bad spec or bad arguments can cause (AttnDSLError covers SpecLoadError,
+# SpecError, TraceError, IRError, ...); the ValueError of a bad --target value too
+USER_ERRORS = (AttnDSLError, ValueError)
 
 
 def _load(spec: str) -> LoadedSpec:
@@ -128,6 +129,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (sizes, lengths, trial counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attndsl", description="Compile attention variants "
                                 "(FlexAttention score/mask programs, .attn Einsum cascades) "
@@ -144,14 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "resource report (registers, spills, shared memory) in the header")
     c.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="input dtype for the --target report (default fp16)")
-    c.add_argument("--head-dim", type=int, default=64, help="head dim for the --target report")
+    c.add_argument("--head-dim", type=_positive, default=64,
+                   help="head dim for the --target report")
     c.set_defaults(fn=cmd_compile)
     k = sub.add_parser("check", help="property-test a spec's kernel against the oracle",
                        description="Run SPEC's kernel on random shapes and dtypes and compare "
                        "with the float64 eager oracle; prints the worst error per dtype.")
     k.add_argument("spec", help=spec_help)
-    k.add_argument("--trials", type=int, default=4, help="random shapes to try (default 4)")
-    k.add_argument("--max-len", type=int, default=80, help="largest Lq/Lkv (default 80)")
+    k.add_argument("--trials", type=_positive, default=4, help="random shapes to try (default 4)")
+    k.add_argument("--max-len", type=_positive, default=80, help="largest Lq/Lkv (default 80)")
     k.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma list of fp32,fp16,bf16")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("-o", "--output", help="also write the module here and check it from there")
@@ -163,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the cascade, the fused form, the rewrites that fired, "
                        "the pass count, the schedule, the tile plan and the mask's tile picture.")
     x.add_argument("spec", help=spec_help)
-    x.add_argument("--lq", type=int, default=512, help="query length for the tile picture")
-    x.add_argument("--lkv", type=int, default=512, help="key length for the tile picture")
+    x.add_argument("--lq", type=_positive, default=512, help="query length for the tile picture")
+    x.add_argument("--lkv", type=_positive, default=512, help="key length for the tile picture")
     x.add_argument("--target", default=None, help="also compile for sm80/sm86/sm89/sm90 and "
                    "report registers, spills, shared memory, tensor-core instructions")
     x.set_defaults(fn=cmd_explain)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attndsl.errors import AttnDSLError
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
 from attndsl.ir.tile import Operand, RunningSum, TileKernel
 from attndsl.passes.tiling import BOUNDS_BLOCK
@@ -21,8 +22,8 @@ from attndsl.passes.tiling import BOUNDS_BLOCK
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class CodegenError(ValueError):
-    pass
+class CodegenError(AttnDSLError, ValueError):
+    """The Tile IR asks for something the Triton printer has no rule for."""
 
 
 def ident(name: str) -> str:

@@ -226,6 +226,9 @@ def softmax_over(idx: Term | str, body: Any) -> Term:
 def _names(indices: str | Sequence[Any]) -> list[str]:
     if isinstance(indices, str):
         return [i for i in re.split(r"[\s,]+", indices) if i]
+    if not isinstance(indices, Sequence):
+        raise _caller().error(f"eq() takes its left-hand side indices as 'b h m n' or a list of "
+                              f"indices, got {type(indices).__name__} {indices!r}")
     return [_index_arg(i, "eq") for i in indices]
 
 

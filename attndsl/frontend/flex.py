@@ -20,7 +20,15 @@ import torch
 
 from attndsl.frontend.trace import TraceContext, trace
 from attndsl.ir import expr as E
-from attndsl.ir.cascade import Cascade, Equation, IndexDecl, ParamDecl, TensorDecl, verify
+from attndsl.ir.cascade import (
+    Cascade,
+    Equation,
+    IndexDecl,
+    ParamDecl,
+    SourceLoc,
+    TensorDecl,
+    verify,
+)
 from attndsl.ir.expr import BOOL, FLOAT, INT, Op
 
 INDICES = (IndexDecl("b", "B", "batch"), IndexDecl("h", "H", "head"),
@@ -38,15 +46,19 @@ class FlexSpec:
 
 
 def attention_cascade(score: E.Expr | None, mask: E.Expr | None, name: str = "flex",
-                      captured: dict[str, torch.Tensor] | None = None) -> Cascade:
-    """The softmax-attention cascade with a score expression over S and a key mask."""
+                      captured: dict[str, torch.Tensor] | None = None,
+                      score_loc: SourceLoc | None = None, mask_loc: SourceLoc | None = None,
+                      ) -> Cascade:
+    """The softmax-attention cascade with a score expression over S and a key mask;
+    ``score_loc`` / ``mask_loc`` (the lines the programs returned from) locate errors about
+    the score and mask equations."""
     b, h, m, n, e, f = (E.index(i) for i in ("b", "h", "m", "n", "e", "f"))
     hk = E.binary(Op.FLOORDIV, h, E.param("G", INT))
     s_def = E.reduce_sum("e", E.load("Q", (b, h, m, e)) * E.load("K", (b, hk, n, e))) \
         * E.param("scale")
     s_read = E.load("S", (b, h, m, n))
     t_expr = s_read if score is None else score
-    equations = [Equation("S", BHMN, s_def), Equation("T", BHMN, t_expr)]
+    equations = [Equation("S", BHMN, s_def), Equation("T", BHMN, t_expr, score_loc)]
     t_read = E.load("T", (b, h, m, n))
     equations += [
         Equation("P", BHMN, E.softmax("n", t_read)),
@@ -61,7 +73,7 @@ def attention_cascade(score: E.Expr | None, mask: E.Expr | None, name: str = "fl
         dtype = BOOL if t.dtype == torch.bool else FLOAT if t.dtype.is_floating_point else INT
         tensors.append(TensorDecl(cname, tuple(f"{cname}.{i}" for i in range(t.dim())), dtype,
                                   "captured"))
-    mask_eq = None if mask is None else Equation("Keep", BHMN, mask)
+    mask_eq = None if mask is None else Equation("Keep", BHMN, mask, mask_loc)
     cascade = Cascade(name, INDICES, tuple(tensors),
                       (ParamDecl("scale", FLOAT), ParamDecl("G", INT)), tuple(equations),
                       ("O", "LSE", "MAX"), mask_eq)
@@ -72,7 +84,7 @@ def lower_flex(score_mod: Callable | None = None, mask_mod: Callable | None = No
     """Trace ``score_mod(score, b, h, q_idx, kv_idx)`` and ``mask_mod(b, h, q_idx, kv_idx)``."""
     b, h, m, n = (E.index(i) for i in BHMN)
     ctx = TraceContext(fn_name="score_mod")
-    score = mask = None
+    score = mask = score_loc = mask_loc = None
     if score_mod is not None:
         traced = trace(score_mod, (E.load("S", (b, h, m, n)), b, h, m, n), "score_mod", ctx)
         score = traced.expr
@@ -81,12 +93,14 @@ def lower_flex(score_mod: Callable | None = None, mask_mod: Callable | None = No
                                          "as mask_mod?")
         if score.dtype == INT:
             score = E.unary(Op.CAST, score, FLOAT)
+        score_loc = ctx.returned_at(score_mod)
     if mask_mod is not None:
         mask = _trace_mask(mask_mod, ctx)
+        mask_loc = ctx.returned_at(mask_mod)
     captured = {name: t for name, t in ctx.captured.values()}
     parts = [getattr(fn, "__name__", "fn") for fn in (score_mod, mask_mod) if fn is not None]
-    return FlexSpec(attention_cascade(score, mask, "_".join(parts) or "dense", captured),
-                    captured)
+    return FlexSpec(attention_cascade(score, mask, "_".join(parts) or "dense", captured,
+                                      score_loc, mask_loc), captured)
 
 
 def _trace_mask(mask_mod: Callable, ctx: TraceContext) -> E.Expr:

@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
+from attndsl.errors import AttnDSLError
 from attndsl.frontend.flex import lower_flex
+from attndsl.frontend.trace import defined_at, raised_at
 from attndsl.ir.cascade import Cascade
 
 
-class SpecLoadError(ValueError):
+class SpecLoadError(AttnDSLError, ValueError):
     """SPEC does not name a loadable spec; the message says what was looked for."""
 
 
@@ -67,10 +69,49 @@ def _import_file(path: Path) -> ModuleType:
 
 def _flex_builder(make: Callable[..., dict]) -> Callable[..., tuple[Cascade, dict]]:
     def build(B: int = 1, H: int = 1, Lq: int = 16, Lkv: int = 16, device: Any = "cpu"):
-        fns = make(B, H, Lq, Lkv, device)
+        fns = _call_make(make, B, H, Lq, Lkv, device)
         flex = lower_flex(fns.get("score_mod"), fns.get("mask_mod"))
         return flex.cascade, flex.captured
     return build
+
+
+MAKE_SIGNATURE = "make(B, H, Lq, Lkv, device)"
+_PROGRAMS = ("score_mod", "mask_mod")
+
+
+def _call_make(make: Callable[..., Any], *args: Any) -> dict:
+    """``make(B, H, Lq, Lkv, device)``: a dict with a score_mod and/or a mask_mod.
+
+    The factory is user code: whatever it raises is reported with its function and line (as
+    an import error is), never as a traceback out of attndsl."""
+    where = defined_at(make)
+    try:
+        inspect.signature(make).bind(*args)
+    except TypeError as err:
+        raise SpecLoadError(f"{where}: a spec factory is called as {MAKE_SIGNATURE}, but "
+                            f"{getattr(make, '__name__', 'it')} cannot take those arguments "
+                            f"({err})") from None
+    except ValueError:  # no introspectable signature: let the call decide
+        pass
+    try:
+        fns = make(*args)
+    except Exception as err:  # user code: keep the cause, say where it came from
+        raise SpecLoadError(f"{raised_at(err, where)}: {MAKE_SIGNATURE} raised "
+                            f"{type(err).__name__}: {err}") from err
+    if not isinstance(fns, dict) or not set(fns) <= set(_PROGRAMS):
+        raise SpecLoadError(f"{where}: {MAKE_SIGNATURE} must return a dict with the keys "
+                            f"'score_mod' and/or 'mask_mod', got {_describe(fns)}")
+    for key, fn in fns.items():
+        if fn is not None and not callable(fn):
+            raise SpecLoadError(f"{where}: {MAKE_SIGNATURE} returned {key!r}: {_describe(fn)}; "
+                                f"expected a function or None")
+    return fns
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, dict):
+        return f"a dict with keys {sorted(map(repr, x))}"
+    return f"{type(x).__name__} {x!r}"[:120]
 
 
 def _from_attr(obj: Any, where: str) -> LoadedSpec:

@@ -50,6 +50,7 @@ from lark.exceptions import (
     VisitError,
 )
 
+from attndsl.errors import AttnDSLError, located_message
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import (
     ROLES,
@@ -81,7 +82,7 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 # -- errors and source locations -------------------------------------------------------------
 
-class SpecError(ValueError):
+class SpecError(AttnDSLError, ValueError):
     """A spec that does not parse or check.
 
     ``file``, ``line`` and ``col`` (1-based) locate the offending token; the message is
@@ -92,9 +93,7 @@ class SpecError(ValueError):
                  source_line: str = "") -> None:
         self.what, self.file, self.line, self.col = what, file, line, col
         self.source_line = source_line
-        pad = "".join(ch if ch == "\t" else " " for ch in source_line[: col - 1])
-        caret = pad + " " * (col - 1 - len(pad)) + "^"
-        super().__init__(f"{file}:{line}:{col}: error: {what}\n  {source_line}\n  {caret}")
+        super().__init__(located_message(what, file, line, col, source_line))
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class Where:
         return SpecError(what, self.file, self.line, self.col, self.text)
 
     def loc(self) -> SourceLoc:
-        return SourceLoc(self.file, self.line, self.col)
+        return SourceLoc(self.file, self.line, self.col, self.text)
 
     def describe(self, other: Where) -> str:
         """'line 3', or 'file:3' when ``other`` is in another file."""
@@ -460,6 +459,7 @@ class Assembler:
             raise
 
     def output(self, name: str, where: Where) -> None:
+        _expect_name(name, where, "output()")
         if name in self.outputs:
             raise where.error(f"{name!r} is already an output (line {self.outputs[name].line})")
         self.outputs[name] = where
@@ -479,6 +479,7 @@ class Assembler:
 
     def scalar(self, name: str, where: Where) -> Expr:
         """What a bare name denotes: an index, a parameter or an extent."""
+        _expect_name(name, where, "var()")
         kind = self.kinds.get(name, (None,))[0]
         if kind == "index":
             return E.index(name)
@@ -492,6 +493,7 @@ class Assembler:
         raise where.error(f"unknown name {name!r}{_suggest(name, self.kinds)}")
 
     def index_name(self, name: str, where: Where, place: str) -> str:
+        _expect_name(name, where, place)
         if name not in self.indices:
             raise where.error(self._not_an_index(name, place))
         return name
@@ -503,6 +505,7 @@ class Assembler:
 
     def read(self, name: str, subs: Sequence[Expr], where: Where) -> Expr:
         """``name[subs]``: a tensor, or an equation whose body is already built."""
+        _expect_name(name, where, "read()")
         if name in self.tensors:
             return E.load(name, tuple(subs), self.tensors[name].dtype)
         eq = self.equations.get(name)
@@ -646,6 +649,12 @@ class Assembler:
                     msg, at = msg[len(f"{w.loc()}: "):], w
                     break
             raise at.error(msg) from None
+
+
+def _expect_name(name: Any, where: Where, place: str) -> None:
+    """Lookups take names (the builder passes whatever its caller gave)."""
+    if not isinstance(name, str):
+        raise where.error(f"{place} takes a name (a str), got {type(name).__name__} {name!r}")
 
 
 def _a(kind: str) -> str:
@@ -991,12 +1000,19 @@ def _read_spec(tree: Tree, src: _Source) -> Cascade:
     return asm.finish()
 
 
+def normalize_newlines(text: str) -> str:
+    """Windows (\\r\\n) and classic Mac (lone \\r) line ends as \\n: lark counts lines by \\n
+    only, so a file with lone carriage returns would otherwise be one long line."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def parse_text(text: str, filename: str = "<string>") -> dict[str, Cascade]:
     """Parse .attn text holding one or more specs into verified cascades, by spec name.
 
     Raises :class:`SpecError` (a ValueError) at the first problem."""
     if not isinstance(text, str):
         raise TypeError(f"parse_text() takes a str, got {type(text).__name__}")
+    text = normalize_newlines(text)
     src = _Source(text, filename)
     try:
         tree = parser().parse(text)
@@ -1029,7 +1045,8 @@ def parse_file(path: str | Path) -> dict[str, Cascade]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
+        before = data[: err.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        line = before.count(b"\n") + 1
         raise SpecError("the file is not valid UTF-8", str(path), line, 1) from None
     return parse_text(text, str(path))
 

@@ -11,6 +11,7 @@ raises :class:`TraceError` naming the function, the line and the operation.
 from __future__ import annotations
 
 import inspect
+import linecache
 import os
 import sys
 from collections.abc import Callable
@@ -19,11 +20,13 @@ from typing import Any
 
 import torch
 
+from attndsl.errors import AttnDSLError
 from attndsl.ir import expr as E
+from attndsl.ir.cascade import SourceLoc
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
 
 
-class TraceError(TypeError):
+class TraceError(AttnDSLError, TypeError):
     """A score/mask function could not be traced; the message names the function and line."""
 
 
@@ -31,14 +34,31 @@ _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
-def _user_frame() -> str:
-    """'file:line' of the innermost frame outside attndsl and torch (the user's code)."""
+INT64 = 2**63  # integer constants must fit in int64, as in torch
+
+# the signatures torch's FlexAttention calls the programs with
+SIGNATURES = {"score_mod": "score_mod(score, b, h, q_idx, kv_idx)",
+              "mask_mod": "mask_mod(b, h, q_idx, kv_idx)"}
+
+
+def _user_frame(fallback: str) -> str:
+    """'file:line' of the innermost frame outside attndsl and torch (the user's code), else
+    ``fallback`` (where the traced function is defined)."""
     for info in inspect.stack()[1:]:
         path = os.path.abspath(info.filename)
         if not path.startswith((_PKG_DIR, _TORCH_DIR)):
             line = (info.code_context or [""])[0].strip()
             return f"{info.filename}:{info.lineno} in {info.function}(): {line}"
-    return "<unknown location>"
+    return fallback
+
+
+def defined_at(fn: Callable) -> str:
+    """'file:line in name()' of the line that defines ``fn`` (its ``def``), or its repr for
+    callables without Python code (a builtin, a C extension)."""
+    code = getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
+    if code is None:
+        return repr(fn)
+    return f"{code.co_filename}:{code.co_firstlineno} in {code.co_name}()"
 
 
 @dataclass
@@ -49,15 +69,26 @@ class TraceContext:
     captured: dict[int, tuple[str, torch.Tensor]] = field(default_factory=dict)
     prefix: str = "cap"
     return_lines: dict[Any, int] = field(default_factory=dict)  # code object -> return line
+    fn_where: str = "<unknown location>"  # where the function being traced is defined
 
     def fail(self, what: str) -> TraceError:
-        return TraceError(f"cannot trace {self.fn_name}: {what}\n  at {_user_frame()}")
+        return TraceError(f"cannot trace {self.fn_name}: {what}\n  at {_user_frame(self.fn_where)}")
+
+    def returned_at(self, fn: Callable) -> SourceLoc | None:
+        """Where ``fn`` returned from (its ``def`` line before it ran): file, line, the
+        column of the line's first character, the line's text and the function's name."""
+        code = getattr(inspect.unwrap(fn), "__code__", None)
+        if code is None:
+            return None
+        line = self.return_lines.get(code, code.co_firstlineno)
+        text = linecache.getline(code.co_filename, line).rstrip("\r\n")
+        col = len(text) - len(text.lstrip()) + 1
+        return SourceLoc(code.co_filename, line, col, text, code.co_name)
 
     def fail_in(self, fn: Callable, what: str) -> TraceError:
         """An error about ``fn``'s result, located at the line it returned from."""
-        code = getattr(fn, "__code__", None)
-        line = self.return_lines.get(code, code.co_firstlineno if code else 0)
-        where = f"{code.co_filename}:{line} in {code.co_name}()" if code else repr(fn)
+        loc = self.returned_at(fn)
+        where = f"{loc.file}:{loc.line} in {loc.function}()" if loc else repr(fn)
         name = getattr(fn, "__name__", type(fn).__name__)
         return TraceError(f"cannot trace {name}: {what}\n  at {where}")
 
@@ -95,6 +126,9 @@ class Sym:
         if isinstance(x, Sym):
             return x.expr
         if isinstance(x, bool | int):
+            if not isinstance(x, bool) and not -INT64 <= x < INT64:
+                raise self.ctx.fail(f"the integer {x} does not fit in 64 bits (torch raises "
+                                    f"an overflow error for it too)")
             return E.const(x)
         if isinstance(x, float):
             return E.const(x)
@@ -426,10 +460,14 @@ class Traced:
 def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | None = None,
           ) -> Traced:
     """Call ``fn`` on symbols standing for ``args`` and return the expression it builds."""
+    if not callable(fn):
+        raise TraceError(f"{what} must be a function {SIGNATURES.get(what, what)}, got "
+                         f"{_a_type(fn)}")
     name = getattr(fn, "__name__", type(fn).__name__)
     ctx = ctx or TraceContext(fn_name=name)
-    ctx.fn_name = name
-    code = getattr(fn, "__code__", None)
+    ctx.fn_name, ctx.fn_where = name, defined_at(fn)
+    _check_signature(fn, name, len(args), what, ctx.fn_where)
+    code = getattr(inspect.unwrap(fn), "__code__", None)
 
     def on_return(frame: Any, event: str, arg: Any) -> None:
         if event == "return" and frame.f_code is code:
@@ -446,7 +484,8 @@ def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | N
         raise ctx.fail(str(err)) from None
     except Exception as err:  # a user function failing on symbols: say where, keep the cause
         raise TraceError(f"cannot trace {name}: calling it with symbolic arguments raised "
-                         f"{type(err).__name__}: {err}\n  at {_user_frame_of(err)}") from err
+                         f"{type(err).__name__}: {err}\n  at "
+                         f"{raised_at(err, ctx.fn_where)}") from err
     finally:
         if hook:
             sys.setprofile(None)
@@ -455,14 +494,41 @@ def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | N
     if isinstance(result, torch.Tensor) and result.dim() == 0:
         result = Sym(Sym(E.const(0), ctx)._lift(result), ctx)
     if not isinstance(result, Sym):
-        raise TraceError(f"{what} {name} must return a scalar expression, got "
-                         f"{type(result).__name__}")
+        shape = f" of shape {tuple(result.shape)}" if isinstance(result, torch.Tensor) else ""
+        raise ctx.fail_in(fn, f"{what} must return a scalar expression built from its "
+                              f"arguments (e.g. {_EXAMPLE[what]}), got {_a_type(result)}{shape}")
     return Traced(result.expr, {n: t for n, t in ctx.captured.values()})
 
 
-def _user_frame_of(err: BaseException) -> str:
+_EXAMPLE = {"score_mod": "score + bias[h]", "mask_mod": "q_idx >= kv_idx"}
+
+
+def _a_type(x: Any) -> str:
+    if x is None:
+        return "None (no return statement?)"
+    name = type(x).__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
+
+
+def _check_signature(fn: Callable, name: str, nargs: int, what: str, where: str) -> None:
+    """``fn`` must accept ``nargs`` positional arguments, as FlexAttention calls it."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # no introspectable signature: let the call decide
+        return
+    try:
+        sig.bind(*range(nargs))
+    except TypeError as err:
+        raise TraceError(f"cannot trace {name}: {what} is called with {nargs} arguments, as "
+                         f"{SIGNATURES.get(what, what)}, but {name}{sig} cannot take them "
+                         f"({err})\n  at {where}") from None
+
+
+def raised_at(err: BaseException, fallback: str) -> str:
+    """'file:line in name()' of the innermost frame of ``err``'s traceback outside attndsl and
+    torch (the user's line that raised), else ``fallback``."""
     tb = err.__traceback__
-    where = "<unknown location>"
+    where = fallback
     while tb is not None:
         path = os.path.abspath(tb.tb_frame.f_code.co_filename)
         if not path.startswith((_PKG_DIR, _TORCH_DIR)):

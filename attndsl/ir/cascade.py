@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attndsl.errors import located_message
 from attndsl.ir.expr import BOOL, DTYPES, FLOAT, INT, REDUCE, Expr, IRError, Op, render
 
 ROLES = ("batch", "head", "query", "key", "qk", "v")
@@ -18,14 +19,23 @@ ROLES = ("batch", "head", "query", "key", "qk", "v")
 
 @dataclass(frozen=True)
 class SourceLoc:
-    """Where a declaration came from, for error messages (file:line:col)."""
+    """Where a declaration came from, for error messages (file:line:col); ``text`` is the
+    whole source line (for the caret under it), ``function`` the Python function that defined
+    it (a score_mod / mask_mod), if any."""
 
     file: str
     line: int
     col: int
+    text: str = field(default="", compare=False)
+    function: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}"
+
+    def message(self, what: str) -> str:
+        """``file:line:col: error: [in fn(): ]what`` with the source line and a caret."""
+        prefix = f"in {self.function}(): " if self.function else ""
+        return located_message(prefix + what, self.file, self.line, self.col, self.text)
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,14 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from attndsl.errors import AttnDSLError
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
 
 Tensor = torch.Tensor
 
 
-class EvaluationError(ValueError):
+class EvaluationError(AttnDSLError, ValueError):
     """An expression cannot be evaluated with the given inputs (unbound tensor or parameter,
     wrong number of indices, an index outside a tensor, a non-element-wise op)."""
 
@@ -110,6 +111,19 @@ def _arith(fn: Callable[[Tensor, Tensor], Tensor]) -> Rule:
     return rule
 
 
+def _integer_division(word: str, fn: Callable[[Tensor, Tensor], Tensor]) -> Rule:
+    """// and %: as torch, an integer division by zero is an error (floats give inf / nan)."""
+    def rule(node: Expr, a: list[Tensor], env: Env) -> Tensor:
+        t = env.torch_dtype(node.dtype)
+        x, y = a[0].to(t), a[1].to(t)
+        if not t.is_floating_point and bool((y == 0).any()):
+            raise EvaluationError(f"{E.render(node)}: integer {word} by zero (torch raises "
+                                  f"ZeroDivisionError on integer tensors too); the divisor is "
+                                  f"zero for some indices")
+        return fn(x, y)
+    return rule
+
+
 def _logical(on_bool: Callable[[Tensor, Tensor], Tensor],
              on_int: Callable[[Tensor, Tensor], Tensor]) -> Rule:
     """& / |: logical on two booleans, bitwise on integers."""
@@ -146,8 +160,8 @@ RULES: dict[Op, Rule] = {
     Op.MUL: _arith(operator.mul),
     Op.DIV: lambda node, a, env: safe_div(as_float(a[0], env.dtype),
                                           as_float(a[1], env.dtype)),  # 0 / 0 = 0
-    Op.FLOORDIV: _arith(lambda x, y: torch.div(x, y, rounding_mode="floor")),  # Python's //
-    Op.MOD: _arith(torch.remainder),  # Python's %: the sign of the divisor
+    Op.FLOORDIV: _integer_division("//", lambda x, y: torch.div(x, y, rounding_mode="floor")),
+    Op.MOD: _integer_division("%", torch.remainder),  # Python's %: the sign of the divisor
     Op.MAX: _arith(torch.maximum),
     Op.MIN: _arith(torch.minimum),
     Op.POW: _arith(torch.pow),

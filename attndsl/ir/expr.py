@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
 
+from attndsl.errors import AttnDSLError
+
 FLOAT, INT, BOOL = "float", "int", "bool"
 DTYPES = (FLOAT, INT, BOOL)
 
@@ -81,7 +83,7 @@ LEAVES = {Op.CONST, Op.INDEX, Op.PARAM, Op.ROW}
 FLOAT_ONLY = {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.TANH, Op.SIGMOID, Op.SQRT}
 
 
-class IRError(ValueError):
+class IRError(AttnDSLError, ValueError):
     """An ill-formed IR: the message says which node and what was expected."""
 
 

@@ -13,6 +13,11 @@ test suite always sets it) the verifier of each IR runs after every pass: the Ca
 :func:`attndsl.ir.cascade.verify`, :func:`attndsl.passes.lower.verify_fused`,
 :func:`attndsl.passes.stream.verify_schedule`, and the Tile IR's :func:`attndsl.ir.tile.verify`.
 The input cascade is always verified (the ``verify`` pass).
+
+A pass that refuses the cascade raises an :class:`~attndsl.ir.expr.IRError`;
+:func:`compile_cascade` puts the source location of the equation to blame in front of its
+message (the equations of text and builder specs, and the score/mask equations of
+FlexAttention programs, carry one).
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from typing import Any
 
 from attndsl.ir import cascade as cascade_ir
 from attndsl.ir import tile as tile_ir
-from attndsl.ir.cascade import Cascade
+from attndsl.ir.cascade import Cascade, Equation
+from attndsl.ir.expr import Expr, IRError, Op
 from attndsl.ir.tile import TileKernel
 from attndsl.passes.lower import Fused, inline, verify_fused
 from attndsl.passes.rules import recording
 from attndsl.passes.softmax import expand_softmax_outputs
 from attndsl.passes.stream import Schedule, derive_schedule, verify_schedule
-from attndsl.passes.tiling import lower_to_tiles
+from attndsl.passes.tiling import LoweringError, lower_to_tiles
 
 VERIFY_ENV = "ATTNDSL_VERIFY"
 
@@ -136,17 +142,19 @@ def verification_on() -> bool:
 
 def run_pipeline(ir: Any, passes: tuple[Pass, ...] = PIPELINE,
                  options: Mapping[str, Any] | None = None,
-                 verify: bool | None = None) -> tuple[PassRecord, ...]:
+                 verify: bool | None = None,
+                 records: list[PassRecord] | None = None) -> tuple[PassRecord, ...]:
     """Run ``passes`` in order on ``ir``; ``options`` maps a pass name to its options (the
     defaults otherwise); ``verify`` (default: :func:`verification_on`) runs the verifier of
-    each pass's result."""
+    each pass's result.  ``records``, when given, receives each pass's record as it completes
+    (what had been done when a pass raised)."""
     options = dict(options or {})
     unknown = set(options) - {p.name for p in passes}
     if unknown:
         raise ValueError(f"options for unknown pass(es) {sorted(unknown)}; the passes are "
                          f"{[p.name for p in passes]}")
     check = verification_on() if verify is None else verify
-    records = []
+    records = [] if records is None else records
     for p in passes:
         opts = options.get(p.name, p.options())
         if not isinstance(opts, p.options):
@@ -163,7 +171,76 @@ def run_pipeline(ir: Any, passes: tuple[Pass, ...] = PIPELINE,
 
 def compile_cascade(c: Cascade, stream: bool = True) -> Compiled:
     """verify -> inline (fusion) -> expand-softmax -> stream (pass analysis + online
-    derivation) -> tile."""
-    trace = run_pipeline(c, options={"stream": StreamOptions(stream=stream)})
+    derivation) -> tile.  An IRError of a pass after ``verify`` is re-raised located at the
+    equation to blame (:func:`blamed_equation`)."""
+    done: list[PassRecord] = []
+    try:
+        trace = run_pipeline(c, options={"stream": StreamOptions(stream=stream)}, records=done)
+    except IRError as err:
+        if not done:  # the verifier's own errors are located already
+            raise
+        schedule = next((r.ir for r in done if r.name == "stream"), None)
+        eq = blamed_equation(c, err, schedule)
+        if eq is None or eq.loc is None:
+            raise
+        located = type(err)(eq.loc.message(f"cannot compile {c.name}: {err}"))
+        if isinstance(err, LoweringError) and isinstance(located, LoweringError):
+            located.tensors, located.subject = err.tensors, err.subject
+        raise located from None
     by_name = {r.name: r.ir for r in trace}
     return Compiled(c, by_name["inline"], by_name["stream"], by_name["tile"], trace)
+
+
+def blamed_equation(c: Cascade, err: IRError, schedule: Schedule | None) -> Equation | None:
+    """The equation a compile error is about.
+
+    The lowering says what it was lowering (an output, a running reduction, the mask) and
+    which tensors it objects to: the answer is the first equation, among those the affected
+    outputs are built from, that reads one of those tensors directly, else the first affected
+    output itself.  Errors without that information blame the first output."""
+    subject = getattr(err, "subject", None)
+    if subject is not None and subject[0] == "mask" and c.mask is not None:
+        return c.mask
+    outputs = list(c.outputs[:1])
+    if subject is not None and subject[0] == "output":
+        outputs = [subject[1]]
+    elif subject is not None and subject[0] == "reduction" and schedule is not None:
+        outputs = _outputs_using(schedule, subject[1]) or outputs
+    tensors = set(getattr(err, "tensors", ()))
+    chain = _built_from(c, outputs)
+    for eq in chain:
+        if any(x.op is Op.LOAD and x.arg in tensors for x in eq.expr.walk()):
+            return eq
+    return c.equation(outputs[0]) if outputs else None
+
+
+def _outputs_using(schedule: Schedule, reduction: str) -> list[str]:
+    """The outputs whose finished expressions read ``reduction`` (directly or through other
+    running reductions), in schedule order."""
+    bodies = {r.name: r.body for p in schedule.passes for r in p}
+
+    def reads(e: Expr, seen: set[str]) -> bool:
+        for x in e.walk():
+            if x.op is Op.ROW and x.arg not in seen:
+                if x.arg == reduction:
+                    return True
+                seen.add(x.arg)
+                if x.arg in bodies and reads(bodies[x.arg], seen):
+                    return True
+        return False
+
+    return [name for name, _, e in schedule.outputs if reads(e, set())]
+
+
+def _built_from(c: Cascade, outputs: list[str]) -> list[Equation]:
+    """The equations ``outputs`` depend on (themselves included), in cascade order."""
+    eqs = {eq.name: eq for eq in c.equations}
+    needed: set[str] = set()
+    stack = [o for o in outputs if o in eqs]
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        stack.extend(x.arg for x in eqs[name].expr.walk() if x.op is Op.LOAD and x.arg in eqs)
+    return [eq for eq in c.equations if eq.name in needed]

@@ -81,6 +81,19 @@ def _fold_unary(e: Expr) -> Expr | None:
     return E.const(float(v) if e.dtype == FLOAT else v)
 
 
+def _fold_cast(e: Expr) -> Expr | None:
+    """cast(c) -> c as torch's .to() converts it: float -> int truncates toward zero, a
+    number -> bool is c != 0 (a literal has no tensor to call .to() on in a kernel)."""
+    if e.op is not Op.CAST or not _c(e.src[0]):
+        return None
+    v = e.src[0].arg
+    if e.arg == BOOL:
+        return E.const(v != 0)
+    if e.arg == INT:
+        return E.const(int(v)) if math.isfinite(v) and abs(v) < 2**63 else None
+    return E.const(float(v))
+
+
 def _is(e: Expr, v: float) -> bool:
     return e.op is Op.CONST and e.dtype != BOOL and e.arg == v
 
@@ -95,6 +108,7 @@ def _keep_dtype(e: Expr, x: Expr) -> Expr | None:
 RULES: list[Rule] = [
     Rule("fold-binary", _fold_binary),  # c1 op c2 -> c
     Rule("fold-unary", _fold_unary),  # f(c) -> c
+    Rule("fold-cast", _fold_cast),  # cast(c) -> c, as torch converts
     Rule("mul-one", lambda e: _keep_dtype(e, e.src[0])
          if e.op is Op.MUL and _is(e.src[1], 1) else None),  # x*1 -> x
     Rule("one-mul", lambda e: _keep_dtype(e, e.src[1])

@@ -7,32 +7,61 @@ value products, and check that what is left is elementwise over a (query, key) t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import Expr, IRError, Op
 from attndsl.ir.tile import Dot, KVPass, Operand, RunningMax, RunningSum, Store, TileKernel
 from attndsl.passes import terms as T
-from attndsl.passes.stream import Schedule
+from attndsl.passes.stream import Reduction, Schedule
 
 
 class LoweringError(IRError):
-    """The schedule does not fit the attention kernel template; the message says why."""
+    """The schedule does not fit the attention kernel template; the message says why.
+
+    ``tensors`` names the tensors the problem is about and ``subject`` what was being lowered
+    (``("output", O)``, ``("reduction", l0)`` or ``("mask", None)``), so that
+    :func:`~attndsl.passes.pipeline.compile_cascade` can point at the equation to blame."""
+
+    def __init__(self, what: str, tensors: tuple[str, ...] = ()) -> None:
+        super().__init__(what)
+        self.tensors = tensors
+        self.subject: tuple[str, str | None] | None = None
+
+
+@contextmanager
+def _lowering(kind: str, name: str | None) -> Iterator[None]:
+    """Tag a LoweringError raised inside with what was being lowered."""
+    try:
+        yield
+    except LoweringError as err:
+        if err.subject is None:
+            err.subject = (kind, name)
+        raise
 
 
 def _operand(load: Expr, c: Cascade, row: str, col: str, side: str, var: str) -> Operand:
     decl = c.tensor(load.arg)
     if decl is None or decl.kind != "input":
-        raise LoweringError(f"{E.render(load)}: only input tensors can feed a dot product")
+        raise LoweringError(f"{E.render(load)}: only input tensors can feed a dot product",
+                            (load.arg,))
     rows = [i for i, s in enumerate(load.src) if s.op is Op.INDEX and s.arg == row]
     cols = [i for i, s in enumerate(load.src) if s.op is Op.INDEX and s.arg == col]
     if len(rows) != 1 or len(cols) != 1:
         raise LoweringError(f"{E.render(load)}: a {side}-side operand must be indexed by "
-                            f"{row} and {col} directly, once each")
+                            f"{row} and {col} directly, once each", (load.arg,))
     for i, s in enumerate(load.src):
         if i not in (rows[0], cols[0]) and s.free_indices() - {c.role("batch"), c.role("head")}:
             raise LoweringError(f"{E.render(load)}: subscript {E.render(s)} may only use the "
-                                f"batch and head indices")
+                                f"batch and head indices", (load.arg,))
     return Operand(var, load.arg, side, load.src, rows[0], cols[0])
+
+
+def _loads(e: Expr) -> tuple[str, ...]:
+    """The tensors ``e`` reads, in order of first appearance."""
+    return tuple(dict.fromkeys(x.arg for x in e.walk() if x.op is Op.LOAD))
 
 
 BOUNDS_BLOCK = 128  # key-tile ranges are computed in blocks of 128 queries x 128 keys
@@ -70,7 +99,7 @@ def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
             body = node.src[0]
             if body.op is not Op.MUL or {s.op for s in body.src} != {Op.LOAD}:
                 raise LoweringError(f"sum({e}) must be a product of a query-side and a key-side "
-                                    f"tensor, got {E.render(body)}")
+                                    f"tensor, got {E.render(body)}", _loads(body))
             a, b = body.src
             if m not in a.free_indices():
                 a, b = b, a
@@ -86,7 +115,7 @@ def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
             if node.op is Op.LOAD and c.tensor(node.arg) is not None and \
                     c.tensor(node.arg).kind == "input":
                 raise LoweringError(f"{what}: input {node.arg} is used outside a dot product "
-                                    f"({E.render(node)})")
+                                    f"({E.render(node)})", (node.arg,))
             if node.op in (Op.REDUCE_SUM, Op.REDUCE_MAX):
                 raise LoweringError(f"{what}: nested reduction over {node.arg} in "
                                     f"{E.render(x)}")
@@ -96,41 +125,51 @@ def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
                                 f"cannot hold")
 
     tile_ok = {roles.get("batch"), roles.get("head"), m, n} - {None}
-    passes = []
-    for p in schedule.passes:
-        maxes, sums = [], []
-        for r in p:
-            body = replace_dots(r.body)
-            if r.kind == "max":
-                check_elementwise(body, f"max {r.name}", tile_ok)
-                maxes.append(RunningMax(r.name, body, r.floor0, r.stabilizer))
-                continue
-            v = None
-            if f is not None and f in body.free_indices():
-                factors = T.factors(body)
-                vs = [i for i, (x, _) in enumerate(factors) if f in x.free_indices()]
-                vload, power = factors[vs[0]] if len(vs) == 1 else (body, 0)
-                if power != 1 or vload.op is not Op.LOAD:
-                    raise LoweringError(f"sum {r.name}: the {f} index must come from one value "
-                                        f"tensor multiplying the weights, got {E.render(body)}")
-                v = operand(vload, n, f, "v")
-                body = T.product([fp for i, fp in enumerate(factors) if i != vs[0]])
-            check_elementwise(body, f"sum {r.name}", tile_ok)
-            sums.append(RunningSum(r.name, body, v, r.units))
-        passes.append(KVPass(tuple(maxes), tuple(sums)))
-    stores = []
-    for name, idx, x in schedule.outputs:
+
+    def lower_sum(r: Reduction, body: Expr) -> RunningSum:
+        v = None
+        if f is not None and f in body.free_indices():
+            factors = T.factors(body)
+            vs = [i for i, (x, _) in enumerate(factors) if f in x.free_indices()]
+            vload, power = factors[vs[0]] if len(vs) == 1 else (body, 0)
+            if power != 1 or vload.op is not Op.LOAD:
+                raise LoweringError(f"sum {r.name}: the {f} index must come from one value "
+                                    f"tensor multiplying the weights, got {E.render(body)}",
+                                    _loads(vload))
+            v = operand(vload, n, f, "v")
+            body = T.product([fp for i, fp in enumerate(factors) if i != vs[0]])
+        check_elementwise(body, f"sum {r.name}", tile_ok)
+        return RunningSum(r.name, body, v, r.units)
+
+    def lower_store(name: str, idx: tuple[str, ...], x: Expr) -> Store:
         x = replace_dots(x)
-        tile = f is not None and f in idx
         check_elementwise(x, f"output {name}", {roles.get("batch"), roles.get("head"), m}
                           - {None})
         if m not in idx:
             raise LoweringError(f"output {name}[{', '.join(idx)}] must be indexed by the query "
                                 f"index {m}")
-        stores.append(Store(name, idx, x, tile))
+        return Store(name, idx, x, f is not None and f in idx)
+
+    passes = []
+    for p in schedule.passes:
+        maxes, sums = [], []
+        for r in p:
+            with _lowering("reduction", r.name):
+                body = replace_dots(r.body)
+                if r.kind == "max":
+                    check_elementwise(body, f"max {r.name}", tile_ok)
+                    maxes.append(RunningMax(r.name, body, r.floor0, r.stabilizer))
+                    continue
+                sums.append(lower_sum(r, body))
+        passes.append(KVPass(tuple(maxes), tuple(sums)))
+    stores = []
+    for name, idx, x in schedule.outputs:
+        with _lowering("output", name):
+            stores.append(lower_store(name, idx, x))
     mask = schedule.mask
     if mask is not None:
-        check_elementwise(mask, "the mask", tile_ok)
+        with _lowering("mask", None):
+            check_elementwise(mask, "the mask", tile_ok)
     exprs = [mx.arg for p in passes for mx in p.maxes] + \
         [s.body for p in passes for s in p.sums] + [s.expr for s in stores] + \
         ([mask] if mask is not None else []) + \

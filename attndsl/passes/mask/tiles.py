@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attndsl.errors import AttnDSLError
+
 Tensor = torch.Tensor
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _MAYBE = 3  # internal: undecided by the interval pass (FULL = _MAYBE - 1)
 
 
-class MaskAnalysisError(ValueError):
+class MaskAnalysisError(AttnDSLError, ValueError):
     """The mask or the tiling is not valid for analysis; the message says what is wrong."""
 
 
