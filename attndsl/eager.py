@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 from attndsl.ir.cascade import Cascade, Equation
-from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
+from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op, render
+from attndsl.runtime.index_check import index_error
 
 Tensor = torch.Tensor
 
@@ -35,6 +36,7 @@ class _Ctx:
         self.key, self.dtype, self.intermediates = key, dtype, intermediates
         self.mask: Tensor | None = None
         self.memo: dict[Expr, Tensor] = {}
+        self.captured: frozenset[str] | None = None  # tensors whose negative subscripts wrap
 
     def shape_along(self, name: str, values: Tensor) -> Tensor:
         shape = [1] * len(self.axes)
@@ -166,14 +168,25 @@ def _load(node: Expr, idx: list[Tensor], ctx: _Ctx) -> Tensor:
     if not idx:
         v = t.reshape([1] * len(ctx.axes))
     else:
-        for d, i in enumerate(idx):
-            if i.numel() and (int(i.min()) < 0 or int(i.max()) >= t.shape[d]):
-                raise EagerError(f"{name}: index {d} ranges over [{int(i.min())}, "
-                                 f"{int(i.max())}], outside its size {t.shape[d]}")
-        v = t[tuple(i.long() for i in idx)]
+        _check_subscripts(node, idx, t, ctx)
+        v = t[tuple(i.long() for i in idx)]  # torch's indexing: negatives wrap once
         v = v.reshape(torch.broadcast_shapes(*(i.shape for i in idx)))
     return v.to(_torch_dtype(node.dtype, ctx.dtype)) if v.dtype.is_floating_point or \
         node.dtype != FLOAT else v.to(ctx.dtype)
+
+
+def _check_subscripts(node: Expr, idx: list[Tensor], t: Tensor, ctx: _Ctx) -> None:
+    """torch's rule for the subscripts of a read: -size <= i < size along each dimension of a
+    captured tensor (negatives wrap), 0 <= i < size for an input; else the IndexError the
+    kernels raise (attndsl.runtime.index_check), with the range of values seen."""
+    for d, i in enumerate(idx):
+        if not i.numel():
+            continue
+        lo, hi = (int(v) for v in torch.aminmax(i.long()))
+        wraps = ctx.captured is None or node.arg in ctx.captured
+        err = index_error(node.arg, d, tuple(t.shape), (lo, hi), render(node.src[d]), wraps)
+        if err is not None:
+            raise err
 
 
 def _contract(body: Expr, idx: str, ctx: _Ctx) -> Tensor | None:
@@ -314,6 +327,7 @@ def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
         ranges[query] = torch.arange(start, min(start + chunk, extent[query]))
         inter: dict[str, tuple[tuple[str, ...], Tensor]] = {}
         ctx = _Ctx(axes, ranges, cpu, params, key, dtype, inter)
+        ctx.captured = frozenset(t.name for t in c.tensors if t.kind == "captured")
         if c.mask is not None:
             ctx.mask = _eval(c.mask.expr, ctx)
         for eq in c.equations:
