@@ -23,7 +23,7 @@ from attndsl.runtime.modules import import_path, load_kernel_module, module_sour
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-USER_ERRORS = (SpecLoadError, TraceError, IRError, ValueError)
+USER_ERRORS = (SpecLoadError, TraceError, IRError, ValueError, IndexError)
 
 
 def _load(spec: str) -> LoadedSpec:

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from attndsl.runtime import index_check as rt
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import BOOL, INT, Expr, Op
+from attndsl.runtime import index_check as rt
 
 
 @dataclass(frozen=True)
@@ -76,21 +76,77 @@ Leaf = Callable[[Expr], Any]
 Apply = Callable[[str, list[Any]], Any]
 
 
-def walk_intervals(e: Expr, leaf: Leaf, apply: Apply, memo: dict[Expr, Any]) -> Any:
+def walk_intervals(e: Expr, leaf: Leaf, apply: Apply, memo: dict[Any, Any]) -> Any:
     """The interval of ``e``: ``leaf`` gives those of CONST/INDEX/PARAM/ROW nodes and of reads
     (a read's value is bounded by its tensor's [min, max]), ``apply(rule, args)`` applies the
-    rule of attndsl.runtime.index_check for every other node."""
-    for node in e.walk():
-        if node in memo:
-            continue
+    rule of attndsl.runtime.index_check for every other node.
+
+    ``where(p, x, y)`` evaluates x knowing p and y knowing not p: an integer node compared in
+    p (``d < 8``, conjunctions of comparisons) is narrowed in that branch (``_iv_narrow_*``),
+    so ``where(d < 8, d, 15)`` over d in [0, 39] is [0, 15], not [0, 39].  Reads and every
+    other node take their unconditional interval (a kernel evaluates both branches)."""
+    return _Walker(leaf, apply, memo).value(e, {}, ())
+
+
+_NEGATE = {Op.LT: Op.GE, Op.LE: Op.GT, Op.GT: Op.LE, Op.GE: Op.LT, Op.EQ: Op.NE, Op.NE: Op.EQ}
+_FLIP = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}
+
+
+def _constraints(c: Expr, truth: bool) -> list[tuple[Expr, Op, Expr]]:
+    """(x, op, y) with x an integer node such that ``x op y`` holds where ``c`` is ``truth``."""
+    if c.op in _NEGATE:
+        op = c.op if truth else _NEGATE[c.op]
+        a, b = c.src
+        out = [(a, op, b)] if a.dtype == INT else []
+        return out + ([(b, _FLIP[op], a)] if b.dtype == INT else [])
+    if c.op is Op.NOT:
+        return _constraints(c.src[0], not truth)
+    if c.dtype == BOOL and (c.op is Op.AND and truth or c.op is Op.OR and not truth):
+        return _constraints(c.src[0], truth) + _constraints(c.src[1], truth)
+    return []
+
+
+class _Walker:
+    """Evaluates nodes under environments of narrowed nodes (``env``, identified by ``key``);
+    a node that no narrowed node lies under is evaluated once for all environments."""
+
+    def __init__(self, leaf: Leaf, apply: Apply, memo: dict[Any, Any]) -> None:
+        self.leaf, self.apply, self.memo = leaf, apply, memo
+
+    def value(self, node: Expr, env: dict[Expr, Any], key: tuple) -> Any:
+        if node in env:
+            return env[node]
+        k = (node, key) if env and any(x in env for x in node.walk()) else node
+        if k not in self.memo:
+            self.memo[k] = self._compute(node, env, key)
+        return self.memo[k]
+
+    def _compute(self, node: Expr, env: dict[Expr, Any], key: tuple) -> Any:
         if node.op in E.LEAVES or node.op is Op.LOAD:
-            memo[node] = leaf(node)
-        elif node.op in E.REDUCE or node.op is Op.SOFTMAX:
-            memo[node] = apply("_iv_row", [])
-        else:
-            name = rt.rule_name(node.op.name, node.dtype, node.arg)
-            memo[node] = apply(name, [memo[s] for s in node.src])
-    return memo[e]
+            return self.leaf(node)
+        if node.op in E.REDUCE or node.op is Op.SOFTMAX:
+            return self.apply("_iv_row", [])
+        if node.op is Op.WHERE:
+            c = self.value(node.src[0], env, key)
+            yes = self.value(node.src[1], *self._narrowed(node.src[0], True, env, key))
+            no = self.value(node.src[2], *self._narrowed(node.src[0], False, env, key))
+            return self.apply("_iv_where", [c, yes, no])
+        args = [self.value(s, env, key) for s in node.src]
+        return self.apply(rt.rule_name(node.op.name, node.dtype, node.arg), args)
+
+    def _narrowed(self, cond: Expr, truth: bool, env: dict[Expr, Any], key: tuple
+                  ) -> tuple[dict[Expr, Any], tuple]:
+        found = _constraints(cond, truth)
+        if not found:
+            return env, key
+        out = dict(env)
+        for x, op, y in found:
+            if op is Op.NE:
+                continue
+            bound = self.apply(f"_iv_narrow_{op.name.lower()}",
+                               [self.value(x, env, key), self.value(y, env, key)])
+            out[x] = bound if x not in out else self.apply("_iv_meet", [out[x], bound])
+        return out, key + ((cond, truth),)  # an environment is named by its narrowings
 
 
 def site_intervals(sites: Iterable[IndexSite], sizes: Mapping[str, int | None],

@@ -349,6 +349,50 @@ def _iv_where(c, a, b):
     return (min(a[0], b[0]), max(a[1], b[1]))
 
 
+def _finite(v):
+    return v == v and v not in (_INF, -_INF)
+
+
+def _meet(lo, hi):
+    return None if lo > hi else (lo, hi)
+
+
+@_rule
+def _iv_meet(a, b):
+    """The values in both a and b (None when disjoint)."""
+    return _meet(max(a[0], b[0]), min(a[1], b[1]))
+
+
+@_rule
+def _iv_narrow_lt(x, k):
+    """An integer x where x < k holds: x <= ceil(hi_k) - 1."""
+    return _meet(x[0], min(x[1], math.ceil(k[1]) - 1)) if _finite(k[1]) else x
+
+
+@_rule
+def _iv_narrow_le(x, k):
+    """An integer x where x <= k holds: x <= floor(hi_k)."""
+    return _meet(x[0], min(x[1], math.floor(k[1]))) if _finite(k[1]) else x
+
+
+@_rule
+def _iv_narrow_gt(x, k):
+    """An integer x where x > k holds: x >= floor(lo_k) + 1."""
+    return _meet(max(x[0], math.floor(k[0]) + 1), x[1]) if _finite(k[0]) else x
+
+
+@_rule
+def _iv_narrow_ge(x, k):
+    """An integer x where x >= k holds: x >= ceil(lo_k)."""
+    return _meet(max(x[0], math.ceil(k[0])), x[1]) if _finite(k[0]) else x
+
+
+@_rule
+def _iv_narrow_eq(x, k):
+    """An integer x where x == k holds: both narrowings."""
+    return _iv_narrow_ge(_iv_narrow_le(x, k), k)
+
+
 def _iv_row(*_):
     """A per-row kernel value (a dot product, a running sum): unknown before the launch."""
     return _UNKNOWN
