@@ -18,7 +18,7 @@ from attndsl.block_mask import (  # noqa: E402
     or_masks,
 )
 from attndsl.eager import run_cascade  # noqa: E402
-from attndsl.errors import AttnDSLError  # noqa: E402
+from attndsl.errors import AttnDSLError, SubscriptError  # noqa: E402
 from attndsl.frontend.builder import CascadeBuilder, cascade  # noqa: E402
 from attndsl.frontend.text import SpecError, parse_file, parse_text  # noqa: E402
 from attndsl.frontend.trace import TraceError  # noqa: E402
@@ -26,5 +26,5 @@ from attndsl.frontend.trace import TraceError  # noqa: E402
 __version__ = "0.1.0"
 __all__ = ["AttnDSLError", "AuxOutput", "AuxRequest", "BlockMask", "and_masks",
            "create_block_mask", "noop_mask", "or_masks", "CascadeBuilder", "Kernel", "SpecError",
-           "TraceError", "cascade", "compile", "flex_attention", "parse_file", "parse_text",
-           "run_cascade", "__version__"]
+           "SubscriptError", "TraceError", "cascade", "compile", "flex_attention", "parse_file",
+           "parse_text", "run_cascade", "__version__"]

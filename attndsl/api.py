@@ -32,6 +32,7 @@ from attndsl.frontend.flex import lower_flex
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import INT, Expr, Op
+from attndsl.passes.index_bounds import names_captured_tensors
 from attndsl.passes.mask import MaskAnalysisError, classify_tiles
 from attndsl.passes.pipeline import Compiled, compile_cascade
 from attndsl.runtime.modules import load_kernel_module, module_source
@@ -185,6 +186,7 @@ def _options(kernel_options: dict | None) -> dict:
     return out
 
 
+@names_captured_tensors
 def flex_attention(query: Tensor, key: Tensor, value: Tensor,
                    score_mod: Callable | None = None, block_mask: Any = None,
                    scale: float | None = None, enable_gqa: bool = False,

@@ -88,7 +88,8 @@ def _head_extent(c: Cascade) -> str:
 
 def _needed_extent(c: Cascade, tensor: str, dim: int, sizes: dict[str, int],
                    params: dict[str, float | int]) -> int:
-    """1 + the largest subscript any read of ``tensor`` uses along ``dim`` (at least 1)."""
+    """The smallest size that every subscript of a read of ``tensor`` along ``dim`` fits
+    (1 + the largest, and minus the smallest negative one; at least 1)."""
     axes = [i.name for i in c.indices]
     ranges = {i.name: torch.arange(sizes[i.extent]) for i in c.indices}
     scalars = {**sizes, **params}
@@ -102,7 +103,8 @@ def _needed_extent(c: Cascade, tensor: str, dim: int, sizes: dict[str, int],
                     best = max(best, 64)
                     continue
                 vals = eval_expr(sub, axes, ranges, {}, scalars)
-                best = max(best, int(vals.max()) + 1)
+                if vals.numel():  # negatives wrap (torch's rule): -size <= i < size
+                    best = max(best, int(vals.max()) + 1, -int(vals.min()))
     return max(best, 1)
 
 

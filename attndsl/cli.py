@@ -23,8 +23,9 @@ from attndsl.runtime.modules import import_path, load_kernel_module, module_sour
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # every error a bad spec or bad arguments can cause (AttnDSLError covers SpecLoadError,
-# SpecError, TraceError, IRError, ...); the ValueError of a bad --target value too
-USER_ERRORS = (AttnDSLError, ValueError)
+# SpecError, TraceError, IRError, ...); the ValueError of a bad --target value; the
+# IndexError of a captured subscript out of range (as torch raises it, standalone modules too)
+USER_ERRORS = (AttnDSLError, ValueError, IndexError)
 
 
 def _load(spec: str) -> LoadedSpec:

@@ -17,9 +17,11 @@ from collections.abc import Mapping
 
 import torch
 
+from attndsl.errors import SubscriptError
 from attndsl.ir.cascade import Cascade, Equation
 from attndsl.ir.evaluate import Env, EvaluationError, apply, as_float, safe_div
-from attndsl.ir.expr import Expr, Op
+from attndsl.ir.expr import Expr, Op, render
+from attndsl.runtime.index_check import index_error
 
 Tensor = torch.Tensor
 
@@ -38,6 +40,20 @@ class _Ctx(Env):
         self.key, self.intermediates = key, intermediates
         self.mask: Tensor | None = None
         self.memo: dict[Expr, Tensor] = {}
+        self.captured: frozenset[str] | None = None  # tensors whose negative subscripts wrap
+
+    def check_subscripts(self, node: Expr, idx: list[Tensor], t: Tensor) -> None:
+        """torch's rule for the subscripts of a read: -size <= i < size along each dimension
+        of a captured tensor (negatives wrap), 0 <= i < size for an input; else the
+        IndexError the kernels raise (attndsl.runtime.index_check), with the range seen."""
+        for d, i in enumerate(idx):
+            if not i.numel():
+                continue
+            lo, hi = (int(v) for v in torch.aminmax(i.long()))
+            wraps = self.captured is None or node.arg in self.captured
+            err = index_error(node.arg, d, tuple(t.shape), (lo, hi), render(node.src[d]), wraps)
+            if err is not None:
+                raise SubscriptError(str(err)) from None
 
 
 def _eval(e: Expr, ctx: _Ctx) -> Tensor:
@@ -210,6 +226,7 @@ def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
         ranges[query] = torch.arange(start, min(start + chunk, extent[query]))
         inter: dict[str, tuple[tuple[str, ...], Tensor]] = {}
         ctx = _Ctx(axes, ranges, cpu, params, key, dtype, inter)
+        ctx.captured = frozenset(t.name for t in c.tensors if t.kind == "captured")
         if c.mask is not None:
             ctx.mask = _eval(c.mask.expr, ctx)
         for eq in c.equations:

@@ -17,6 +17,7 @@ The hierarchy (module of each class in brackets)::
       EagerError (eager; ir.evaluate's EvaluationError), MaskAnalysisError (passes.mask),
       CodegenError (codegen)
       AttentionError (api)               bad arguments to flex_attention / a compiled kernel
+      SubscriptError (errors)            a subscript out of range (an IndexError, as torch's)
 
 This module imports nothing of attndsl, so every layer can use it.
 """
@@ -28,6 +29,12 @@ class AttnDSLError(Exception):
     """A problem with a spec or with the arguments of a call; the message says what was
     expected and where (``file:line:col`` for .attn text and builder calls, the function and
     its line for score_mod / mask_mod programs)."""
+
+
+class SubscriptError(AttnDSLError, IndexError):
+    """A subscript of a tensor read by a spec is out of range (torch raises IndexError there
+    too): the message names the tensor, the dimension, the range of values and the size.
+    Generated standalone modules raise a plain IndexError with the same message."""
 
 
 def located_message(what: str, file: str, line: int, col: int, source_line: str = "") -> str:
@@ -42,4 +49,4 @@ def located_message(what: str, file: str, line: int, col: int, source_line: str 
     return f"{head}\n  {source_line}\n  {caret}"
 
 
-__all__ = ["AttnDSLError", "located_message"]
+__all__ = ["AttnDSLError", "SubscriptError", "located_message"]

@@ -46,6 +46,7 @@ from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import FLOAT, Expr, Op
 from attndsl.passes.grad import diff, gather_grads
+from attndsl.passes.index_bounds import wrap_captured
 from attndsl.passes.rules import LOG2E, simplify
 
 SCORE_ROW = "s"  # ROW name of the scaled score tile in backward expressions
@@ -116,12 +117,12 @@ def backward_spec(c: Cascade) -> BackwardSpec:
     """Differentiate the score of a FlexAttention cascade: dT/dS and one dT/dcap per site."""
     _check_flex(c)
     s_load = _score_read(c)
-    score = c.equation("T").expr
+    score = wrap_captured(c.equation("T").expr, c)  # torch's wrap of negative subscripts
 
     def as_row(e: Expr) -> Expr:
         return e.replace(lambda x: E.row(SCORE_ROW) if x == s_load else None)
 
-    mask = None if c.mask is None else c.mask.expr
+    mask = None if c.mask is None else wrap_captured(c.mask.expr, c)
     used = {x.arg for e in [score] + ([mask] if mask is not None else []) for x in e.walk()
             if x.op is Op.LOAD}
     captured = tuple((t.name, len(t.dims)) for t in c.tensors
@@ -150,16 +151,21 @@ class _Lines:
 
 @dataclass(frozen=True)
 class _Names:
-    """Kernel pointer names of the captured tensors (``C0``...) and their gradients."""
+    """Kernel pointer names of the captured tensors (``C0``...) and their gradients; the
+    sizes of their dimensions (``C0_n0``...: the wrap of negative subscripts reads them as
+    the parameters named by the dimensions' extents)."""
 
     captured: dict[str, tuple[str, int]]  # IR name -> (pointer, rank)
     grads: dict[str, str]  # IR name -> gradient pointer (``DC0``...)
+    sizes: dict[str, str]  # extent of a captured dimension -> its size argument
 
 
 def _names(spec: BackwardSpec) -> _Names:
     captured = {name: (f"C{i}", rank) for i, (name, rank) in enumerate(spec.captured)}
     grads = {name: "D" + captured[name][0] for name, _ in spec.grads}
-    return _Names(captured, grads)
+    sizes = {spec.cascade.tensor(name).dims[d]: f"{ptr}_n{d}"
+             for name, (ptr, rank) in captured.items() for d in range(rank)}
+    return _Names(captured, grads, sizes)
 
 
 def _ptr(base: str, parts: list[str]) -> str:
@@ -197,7 +203,8 @@ def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient) -> Env:
     validity of the tile axes their subscripts use."""
     r = spec.roles
     index = {r["batch"]: "off_b", r["head"]: "off_h", r["query"]: o.m, r["key"]: o.n}
-    return Env(index=index, rows={SCORE_ROW: "s"}, params={"scale": "scale", "G": "G"},
+    return Env(index=index, rows={SCORE_ROW: "s"},
+               params={"scale": "scale", "G": "G", **names.sizes},
                captured=names.captured, masks={r["query"]: o.m_ok, r["key"]: o.n_ok},
                hoisted={}, scalar_indices=frozenset({r["batch"], r["head"]}))
 
@@ -343,7 +350,7 @@ def _emit_preprocess(L: _Lines) -> None:
 def _captured_args(names: _Names, with_grads: bool) -> list[str]:
     args: list[str] = []
     for ptr, rank in names.captured.values():
-        args += _tensor_args(ptr, rank)
+        args += _tensor_args(ptr, rank) + [f"{ptr}_n{d}" for d in range(rank)]
     if with_grads:
         for name, ptr in names.grads.items():
             args += _tensor_args(ptr, names.captured[name][1])
@@ -684,7 +691,8 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     cap_args = []
     for name in CAPTURED:  # noqa: F821
         t = captured[name]
-        cap_args += _strides(t.to(torch.int8) if t.dtype == torch.bool else t)
+        cap_args += _strides(t.to(torch.int8) if t.dtype == torch.bool else t) + \
+            [int(size) for size in t.shape]  # for the wrap of negative subscripts
     grad_args = []
     for name in GRADS:  # noqa: F821
         t = cap_grads.get(name, torch.zeros((1,) * captured[name].dim(), device=device))

@@ -1,8 +1,9 @@
 # ruff: noqa: F821
-# The launcher of every generated module.  The printer copies this text, below the kernel and
-# the metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, ROLES, INDEX_EXTENTS,
-# PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS) it reads, into the
-# module.  It needs only torch and triton.
+# The launcher of every generated module.  The printer copies this text, below the kernel, the
+# metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, ROLES, INDEX_EXTENTS,
+# PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS) it reads and the
+# index-range check (index_ranges, check_index_ranges), into the module.  It needs only torch
+# and triton.
 
 _KERNELS: dict = {}
 
@@ -130,6 +131,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     for p in PARAMS:
         if p not in values:
             raise AttentionInputError(f"parameter {p!r} is not bound; pass it in params")
+    tensors = {**inputs, **captured}  # every subscript in range (IndexError, as torch's)
+    check_index_ranges(index_ranges(values, tensors), tensors)
     dtype = next(iter(inputs.values())).dtype
     cfg = dict(default_config(e_len, f_len, dtype, device.type))
     cfg.update(config or {})

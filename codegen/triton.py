@@ -17,7 +17,9 @@ from pathlib import Path
 from attndsl.errors import AttnDSLError
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
 from attndsl.ir.tile import Operand, RunningSum, TileKernel
+from attndsl.passes.index_bounds import walk_intervals
 from attndsl.passes.tiling import BOUNDS_BLOCK
+from attndsl.runtime.index_check import runtime_source
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -279,6 +281,8 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     _emit_tables(k, names, L)
     L(0, HELPERS)
     _emit_kernel(k, names, L, m, n, b, h, f)
+    L(0, runtime_source())
+    _emit_index_ranges(k, L)
     L(0, launcher_source())
     return "\n".join(L.out) + "\n"
 
@@ -306,6 +310,44 @@ def _emit_tables(k: TileKernel, names: _Names, L: _Lines) -> None:
     L(0, "# closed-form key-tile ranges (SPARSITY 3) exist for this mask, in blocks of:")
     L(0, "BOUNDS_BLOCK = " + repr(BOUNDS_BLOCK if k.bounds is not None else None))
     L(0, "BOUNDS_SEGMENTS = " + repr(len(k.bounds) if k.bounds is not None else None) + "\n")
+
+
+def _emit_index_ranges(k: TileKernel, L: _Lines) -> None:
+    """``index_ranges(V, T)``: the interval of every subscript checked at launch, one line per
+    IR node (the rules are the runtime's ``_iv_*``), from the values ``V`` of the extents and
+    parameters and the tensors ``T`` (the [min, max] of a tensor read inside a subscript)."""
+    extents = dict(k.index_extents)
+    L(0, "def index_ranges(V: dict, T: dict) -> list:")
+    L(1, '"""(tensor, dim, interval, subscript, negatives wrap) of each subscript of a tensor '
+         'read\nthat is not proven in range at compile time (intervals: see _iv_index)."""')
+    lines: list[str] = []
+
+    def assign(text: str) -> str:
+        var = f"v{len(lines)}"
+        lines.append(f"{var} = {text}")
+        return var
+
+    def leaf(node: Expr) -> str:
+        if node.op is Op.CONST:
+            return assign(f"_iv_param({literal(node.arg)})")
+        if node.op is Op.INDEX:
+            ext = extents.get(node.arg)
+            return assign(f"_iv_index(V.get({ext!r}))" if ext else "_UNKNOWN")
+        if node.op is Op.PARAM:
+            return assign(f"_iv_param(V.get({node.arg!r}))")
+        if node.op is Op.LOAD:
+            return assign(f"_iv_tensor(T[{node.arg!r}])")
+        return assign("_iv_row()")
+
+    def apply(rule: str, args: list[str]) -> str:
+        return assign(f"{rule}({', '.join(args)})")
+
+    memo: dict[Expr, str] = {}
+    out = [f"({s.tensor!r}, {s.dim}, {walk_intervals(s.index, leaf, apply, memo)}, "
+           f"{s.text!r}, {s.wraps!r})" for s in k.index_sites]
+    for line in lines:
+        L(1, line)
+    L(1, "return [" + ",\n        ".join(out) + "]\n\n")
 
 
 def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str | None,

@@ -51,6 +51,14 @@ class Env:
         """The torch dtype of an IR dtype: floats in ``self.dtype``."""
         return {FLOAT: self.dtype, INT: torch.int64, BOOL: torch.bool}[d]
 
+    def check_subscripts(self, node: Expr, idx: list[Tensor], t: Tensor) -> None:
+        """Every subscript of the read ``node`` of ``t`` must lie in [0, size) (the oracle
+        overrides this with torch's rule for captured tensors, where negatives wrap)."""
+        for d, i in enumerate(idx):
+            if i.numel() and (int(i.min()) < 0 or int(i.max()) >= t.shape[d]):
+                raise EvaluationError(f"{node.arg}: index {d} ranges over [{int(i.min())}, "
+                                      f"{int(i.max())}], outside its size {t.shape[d]}")
+
 
 Rule = Callable[[Expr, list[Tensor], Env], Tensor]
 
@@ -88,11 +96,8 @@ def _load(node: Expr, idx: list[Tensor], env: Env) -> Tensor:
     if not idx:
         v = t.reshape([1] * len(env.axes))
     else:
-        for d, i in enumerate(idx):
-            if i.numel() and (int(i.min()) < 0 or int(i.max()) >= t.shape[d]):
-                raise EvaluationError(f"{name}: index {d} ranges over [{int(i.min())}, "
-                                      f"{int(i.max())}], outside its size {t.shape[d]}")
-        v = t[tuple(i.long() for i in idx)]
+        env.check_subscripts(node, idx, t)
+        v = t[tuple(i.long() for i in idx)]  # torch's indexing: negatives wrap once
         v = v.reshape(torch.broadcast_shapes(*(i.shape for i in idx)))
     return v.to(env.torch_dtype(node.dtype)) if v.dtype.is_floating_point or \
         node.dtype != FLOAT else v.to(env.dtype)

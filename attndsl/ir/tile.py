@@ -95,6 +95,8 @@ class TileKernel:
     # in units of BOUNDS_BLOCK keys (over INDEX qt, PARAM M = Lq, PARAM N = Lkv), when the
     # mask has them
     bounds: tuple[tuple[Expr, Expr, Expr, Expr], ...] | None = None
+    # subscripts of tensor reads checked at launch (attndsl.passes.index_bounds.IndexSite)
+    index_sites: tuple = ()
 
     def __str__(self) -> str:
         lines = [f"kernel {self.name}: for each (b, h, query tile)"]

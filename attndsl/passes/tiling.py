@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import Expr, IRError, Op
 from attndsl.ir.tile import Dot, KVPass, Operand, RunningMax, RunningSum, Store, TileKernel
 from attndsl.passes import terms as T
+from attndsl.passes.index_bounds import cascade_sites, wrap_captured
 from attndsl.passes.stream import Reduction, Schedule
 
 
@@ -78,7 +80,27 @@ def _closed_form_bounds(mask: Expr | None, roles: dict[str, str]) -> tuple | Non
     return None if segs is None else tuple((b.lo, b.full_lo, b.full_hi, b.hi) for b in segs)
 
 
+def _wrapped(schedule: Schedule, c: Cascade) -> Schedule:
+    """The schedule with torch's wrap of negative subscripts of captured tensors explicit."""
+    def wrap(x: Expr) -> Expr:
+        return wrap_captured(x, c)
+    passes = tuple(tuple(replace(r, body=wrap(r.body)) for r in p) for p in schedule.passes)
+    outputs = tuple((name, idx, wrap(x)) for name, idx, x in schedule.outputs)
+    mask = None if schedule.mask is None else wrap(schedule.mask)
+    return replace(schedule, passes=passes, outputs=outputs, mask=mask)
+
+
+def _schedule_exprs(schedule: Schedule) -> list[Expr]:
+    return [r.body for p in schedule.passes for r in p] + [x for _, _, x in schedule.outputs] \
+        + ([schedule.mask] if schedule.mask is not None else [])
+
+
 def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
+    """The tile kernel of a schedule; subscripts of tensor reads that are not proven in range
+    become ``index_sites`` (checked at launch), and negative ones of captured tensors wrap."""
+    sites = cascade_sites(c, _schedule_exprs(schedule))
+    bounds = _closed_form_bounds(schedule.mask, {i.role: i.name for i in c.indices})
+    schedule = _wrapped(schedule, c)
     roles = {i.role: i.name for i in c.indices}
     m, n = roles["query"], roles["key"]
     e, f = roles.get("qk"), roles.get("v")
@@ -191,4 +213,4 @@ def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
                             if t.kind == "input" or t.name in captured),
                       tuple((i.name, i.extent) for i in c.indices),
                       tuple((p.name, p.default) for p in c.params if p.default is not None),
-                      str(c), _closed_form_bounds(mask, roles))
+                      str(c), bounds, sites)

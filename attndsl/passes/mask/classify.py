@@ -42,6 +42,7 @@ import torch
 from attndsl.ir import expr as E
 from attndsl.ir.evaluate import evaluate
 from attndsl.ir.expr import BOOL, Expr, Op
+from attndsl.passes.index_bounds import check_sites, index_sites, wrap_negative
 from attndsl.passes.mask.evaluator import Boxes, IntervalEvaluator, _blind_gathers
 from attndsl.passes.mask.intervals import _F64
 from attndsl.passes.mask.tiles import (
@@ -319,6 +320,20 @@ def check_mask(mask: Any, captured: Mapping[str, Tensor] | None) -> Expr:
     return mask
 
 
+def _in_range(mask: Expr, captured: Mapping[str, Tensor], sizes: dict[str, int]) -> Expr:
+    """The mask with torch's indexing made explicit: every subscript of a captured tensor is
+    checked to lie in [-size, size) (the IndexError of attndsl.runtime.index_check
+    otherwise, as the kernels and torch raise), and negative ones wrap, ``where(i < 0, i + s,
+    i)``, so that the interval rules (which clamp subscripts into the tensor) stay sound."""
+    extents = dict(zip(_AXES, ("B", "H", "M", "N")))
+    dims = {name: tuple(f"{name}.{d}" for d in range(t.dim())) for name, t in captured.items()}
+    sites = index_sites([mask], lambda name: "captured" if name in captured else None,
+                        dims.__getitem__, extents.get)
+    check_sites(sites, sizes, {}, captured, extents)
+    return wrap_negative(mask, lambda name, d: E.const(int(captured[name].shape[d]))
+                         if name in captured else None)
+
+
 def classify_tiles(mask: Expr, captured: Mapping[str, Tensor], B: int, H: int, Lq: int,
                    Lkv: int, BLOCK_M: int, BLOCK_N: int, *, exact: bool = True,
                    max_elements: int = MAX_ELEMENTS, budget: int = REFINE_BUDGET) -> TileMap:
@@ -331,6 +346,7 @@ def classify_tiles(mask: Expr, captured: Mapping[str, Tensor], B: int, H: int, L
     g = Geometry(Lq, Lkv, _positive("BLOCK_M", BLOCK_M), _positive("BLOCK_N", BLOCK_N))
     captured = {k: v.detach().cpu() for k, v in captured.items()}
     free = check_mask(mask, captured).free_indices()
+    mask = _in_range(mask, captured, {"B": B, "H": H, "M": Lq, "N": Lkv})
     Bm, Hm = (B if "b" in free else 1), (H if "h" in free else 1)
     uses_data = any(node.op is Op.LOAD for node in mask.walk())
     ev = IntervalEvaluator(captured)
