@@ -114,18 +114,20 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     ext = {i: sizes.get(e) for i, e in INDEX_EXTENTS.items()}
     q_idx, k_idx = ROLES["query"], ROLES["key"]
     e_len, f_len = ext.get(ROLES.get("qk")) or 1, ext.get(ROLES.get("v")) or 1
-    n_batch = ext.get(ROLES.get("batch")) or 1
-    n_heads = ext.get(ROLES.get("head")) or 1
+    # 1 when the spec has no batch (head) index; a size of 0 stays 0: empty outputs, no launch
+    n_batch, n_heads = (1 if ext.get(ROLES.get(r)) is None else ext[ROLES[r]]
+                        for r in ("batch", "head"))
     m_len, n_len = ext[q_idx], ext[k_idx]
     values = dict(PARAM_DEFAULTS)
     values.update(sizes)
     if "scale" in PARAMS and (params or {}).get("scale") is None:
         values["scale"] = 1.0 / math.sqrt(e_len)
     if "G" in PARAMS and "HKV" in sizes:
-        if sizes["HKV"] == 0 or n_heads % sizes["HKV"]:
+        n_kv = sizes["HKV"]  # no heads at all (0 and 0) is an empty problem, not an error
+        if (n_kv == 0) != (n_heads == 0) or n_kv and n_heads % n_kv:
             raise AttentionInputError(f"{n_heads} query heads cannot be grouped over "
-                                      f"{sizes['HKV']} key/value heads")
-        values["G"] = n_heads // sizes["HKV"]
+                                      f"{n_kv} key/value heads")
+        values["G"] = n_heads // n_kv if n_kv else 1
     values.update({k: v for k, v in (params or {}).items() if v is not None})
     for p in PARAMS:
         if p not in values:
@@ -137,8 +139,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     for name, (_, idx, tile) in OUTPUTS.items():
         shape = [ext[i] if i in ext and ext[i] is not None else 1 for i in idx]
         out[name] = torch.empty(shape, device=device, dtype=dtype if tile else torch.float32)
-    if m_len == 0 or n_batch * n_heads == 0:
-        return out
+    if m_len == 0 or n_batch * n_heads == 0 or device.type == "meta":
+        return out  # nothing to compute, or shapes only (meta tensors: model initialisation)
     sparsity = 1 if HAS_MASK else 0
     segments = 1
     tables = []
