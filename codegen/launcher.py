@@ -241,21 +241,73 @@ def _tuning_file() -> str:
     return os.path.join(root, "tuning.json")
 
 
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def _valid_config(c) -> bool:
+    """A saved config is used only if it has exactly the launch settings, as positive ints
+    (tile sizes powers of two): anything else in the file is ignored and re-tuned."""
+    return isinstance(c, dict) and sorted(c) == sorted(_CONFIG_KEYS) and all(
+        type(c[k]) is int and c[k] > 0 for k in _CONFIG_KEYS) and all(
+        c[k] & (c[k] - 1) == 0 for k in ("BLOCK_M", "BLOCK_N"))
+
+
+def _settings(c: dict) -> dict:
+    return {k: c[k] for k in _CONFIG_KEYS}
+
+
+def _read_tuning() -> dict:
+    """The valid entries of the tuning file; an absent, unreadable, corrupt (not JSON, not
+    UTF-8, not an object) or non-regular file reads as empty (never blocks, never raises)."""
+    import json
+
+    path = _tuning_file()
+    try:
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and _valid_config(v)}
+
+
+def _write_tuning(entries: dict) -> None:
+    """Merge entries into the tuning file, atomically (a temporary file renamed over it), so
+    concurrent processes never read half a file; an unwritable cache is skipped."""
+    import json
+    import tempfile
+
+    path = _tuning_file()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        merged = {**_read_tuning(), **entries}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(merged, fh)
+            os.replace(tmp, path)
+        except OSError:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
 def _tuned(key: tuple, candidates: list, run) -> dict:
     """The fastest candidate for this key: measured once, then cached in memory and on disk
     (a config that fails to compile or launch, e.g. out of shared memory, is skipped)."""
-    import json
     import time
 
     skey = repr(key)
+    extras = {k: v for k, v in (candidates[0] if candidates else {}).items()
+              if k not in _CONFIG_KEYS}  # not tuned (e.g. instrumentation): kept as given
     if skey not in _TUNED:
-        try:
-            with open(_tuning_file()) as fh:
-                _TUNED.update(json.load(fh))
-        except (OSError, ValueError):
-            pass
+        _TUNED.update(_read_tuning())
     if skey in _TUNED:
-        return dict(_TUNED[skey])
+        return {**extras, **_TUNED[skey]}
     best = None
     for c in candidates:
         try:
@@ -273,14 +325,9 @@ def _tuned(key: tuple, candidates: list, run) -> dict:
             best = (ms, c)
     if best is None:
         raise AttentionInputError("no tile configuration could run on this device")
-    _TUNED[skey] = best[1]
-    try:
-        os.makedirs(os.path.dirname(_tuning_file()), exist_ok=True)
-        with open(_tuning_file(), "w") as fh:
-            json.dump(_TUNED, fh)
-    except OSError:
-        pass
-    return dict(best[1])
+    _TUNED[skey] = _settings(best[1])
+    _write_tuning({skey: _TUNED[skey]})
+    return {**extras, **_TUNED[skey]}
 
 
 def _run(device_type, grid, args, cfg, e_len, f_len, n_len, sparsity, sparse_q, sparse_kv,
