@@ -36,6 +36,7 @@ from attndsl.passes.index_bounds import names_captured_tensors
 from attndsl.passes.mask import MaskAnalysisError, classify_tiles
 from attndsl.passes.pipeline import Compiled, compile_cascade
 from attndsl.runtime.modules import load_kernel_module, module_source
+from attndsl.runtime.plan_cache import TensorKeyedCache
 
 Tensor = torch.Tensor
 _COMPILED: dict[Cascade, tuple[Compiled, ModuleType]] = {}
@@ -94,7 +95,7 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> N
     for name, d in (("query/key", e), ("value", ev)):
         if not 16 <= d <= 256:
             raise AttentionError(f"{name} head dim is {d}; attndsl supports 16 to 256")
-    if hk == 0 or hq % hk:
+    if (hk == 0) != (hq == 0) or hk and hq % hk:  # no heads at all: an empty problem
         raise AttentionError(f"{hq} query heads are not a multiple of {hk} key/value heads")
     if hq != hk and not enable_gqa:
         raise AttentionError(f"query has {hq} heads but key/value have {hk}; pass "
@@ -127,21 +128,42 @@ def _block_tables(block_mask: Any, lq: int, lkv: int) -> dict | None:
             "Q_BLOCK_SIZE": int(q_bs), "KV_BLOCK_SIZE": int(kv_bs)}
 
 
-_PLANS: dict = {}
+_PLANS = TensorKeyedCache(max_entries=64)  # by captured values or live identity, never id()
 SPARSE_BLOCK = 128
 
 
+def _no_work(device: torch.device, *sizes: int) -> bool:
+    """An empty problem (a batch, head or length of 0) or shapes only (meta tensors, as in
+    model initialisation): outputs are made without a launch, so no tile plan is needed
+    (and meta tensors hold no data to analyse)."""
+    return device.type == "meta" or 0 in sizes
+
+
+def _shapes_only(captured: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Captured tensors as meta tensors when the inputs are (the launcher checks that devices
+    agree; a meta launch reads shapes only).  A tensor with data is detached on its way: meta
+    inputs compute nothing, so it gets no gradient (rather than an uninitialised one)."""
+    if device.type != "meta":
+        return captured
+    return {n: t if t.device.type == "meta" else t.detach().to("meta")
+            for n, t in captured.items()}
+
+
 def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: int, lkv: int,
-                   device: torch.device, closed_form: bool = True) -> dict:
+                   device: torch.device, closed_form: bool = True) -> dict | None:
     """How the kernel skips key tiles for a mask given without a block mask: closed-form
     key-tile ranges computed by the kernel from its query-tile index when the mask has them
     (no table at all), else tables built by the symbolic analysis (O(tiles), from per-tile
     summaries of captured data): four key-tile bounds per segment of key tiles when no query
-    tile sees more than MAX_SEGMENTS segments, block tables otherwise."""
-    key = (mask, tuple((n, id(t), t._version) for n, t in sorted(captured.items())), B, H, lq,
-           lkv, str(device), closed_form)
-    if key in _PLANS:
-        return _PLANS[key]
+    tile sees more than MAX_SEGMENTS segments, block tables otherwise.  Cached by the captured
+    tensors' values (small CPU tensors) or live identity and version (attndsl.runtime.
+    plan_cache): a new tensor at a freed one's address never reuses the old plan."""
+    if _no_work(device, B, H, lq, lkv):
+        return None
+    parts = (mask, B, H, lq, lkv, str(device), closed_form)
+    plan = _PLANS.get(parts, captured)
+    if plan is not None:
+        return plan
     if closed_form and has_closed_form(mask, SPARSE_BLOCK, SPARSE_BLOCK):
         plan = {"closed_form": True}  # the kernel computes its key-tile ranges itself
     else:
@@ -156,9 +178,7 @@ def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: 
                     "full_kv_num_blocks": t.full_kv_num_blocks.to(device),
                     "full_kv_indices": t.full_kv_indices.to(device)}
     plan.update(Q_BLOCK_SIZE=SPARSE_BLOCK, KV_BLOCK_SIZE=SPARSE_BLOCK)
-    if len(_PLANS) > 64:
-        _PLANS.clear()
-    _PLANS[key] = plan
+    _PLANS.put(parts, captured, plan)
     return plan
 
 
@@ -219,8 +239,9 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor,
         scale = 1.0 / math.sqrt(query.shape[-1])
     try:
         out = module.launch({"Q": query, "K": key, "V": value},
-                            {"scale": float(scale), "G": query.shape[1] // key.shape[1]},
-                            spec.captured, tables, _options(kernel_options))
+                            {"scale": float(scale), "G": query.shape[1] // max(1, key.shape[1])},
+                            _shapes_only(spec.captured, query.device), tables,
+                            _options(kernel_options))
     except module.AttentionInputError as err:
         raise AttentionError(str(err)) from None
     if return_aux is not None:
@@ -239,7 +260,8 @@ def _trainable(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable | 
 
     options = dict(kernel_options or {})
     deterministic = bool(options.pop("deterministic", False))
-    if block_mask is None and mask_mod is not None and not torch.compiler.is_compiling():
+    if block_mask is None and mask_mod is not None and not torch.compiler.is_compiling() \
+            and not _no_work(query.device, *query.shape[:3], key.shape[2]):
         from attndsl.block_mask import create_block_mask
 
         block_mask = create_block_mask(mask_mod, query.shape[0], query.shape[1],
@@ -289,7 +311,7 @@ class Kernel:
         first = next(iter(inputs.values()))
         lq = first.shape[-2]
         tables = None
-        cap = {**self.captured, **(captured or {})}
+        cap = _shapes_only({**self.captured, **(captured or {})}, first.device)
         if block_mask is not None:
             key = next(t for n, t in inputs.items() if n != next(iter(inputs)))
             tables = _block_tables(block_mask, lq, key.shape[-2])
@@ -368,13 +390,15 @@ class _EagerBackward(torch.autograd.Function):
                               dtype=torch.float32)
             pairs = [(ref[o], g) for o, g in zip(cascade.outputs, grads)
                      if g is not None and ref[o].requires_grad]
-            got = torch.autograd.grad([o for o, _ in pairs],
-                                      [x for x in leaves if x.requires_grad],
+            wanted = [x for x in leaves if x.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], wanted,
                                       [g.to(o.device, o.dtype) for o, g in pairs],
-                                      allow_unused=True) if pairs else []
+                                      allow_unused=True) if pairs else [None] * len(wanted)
         it = iter(got)
         out = [next(it) if x.requires_grad else None for x in leaves]
-        out = [None if g is None else g.to(t.device, t.dtype) for g, t in zip(out, tensors)]
+        # a tensor no output depends on (e.g. in an empty problem) has a zero gradient
+        out = [None if not x.requires_grad else torch.zeros_like(t) if g is None else
+               g.to(t.device, t.dtype) for g, x, t in zip(out, leaves, tensors)]
         return (None, None, None, None, *out)
 
 
@@ -389,7 +413,7 @@ def _default_params(cascade: Cascade, params: dict, tensors: dict[str, Tensor]) 
     if any(p.name == "scale" for p in cascade.params) and out.get("scale") is None:
         out["scale"] = 1.0 / math.sqrt(sizes.get(qk, 1))
     if any(p.name == "G" for p in cascade.params) and "G" not in out and "HKV" in sizes:
-        out["G"] = sizes[head] // sizes["HKV"]
+        out["G"] = sizes[head] // sizes["HKV"] if sizes["HKV"] else 1  # 0 heads: empty
     return out
 
 

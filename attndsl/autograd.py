@@ -135,7 +135,7 @@ def flex_fwd(query: Tensor, key: Tensor, value: Tensor, captured: list[Tensor], 
     """O = softmax(score_mod(scale Q K^T), masked) V and LSE (natural log, float32)."""
     entry = _entry(spec)
     out = entry.forward.launch({"Q": query, "K": key, "V": value},
-                               {"scale": scale, "G": query.shape[1] // key.shape[1]},
+                               {"scale": scale, "G": query.shape[1] // max(1, key.shape[1])},
                                dict(zip(entry.captured, captured)),
                                _tables_dict(tables, q_block, kv_block))
     return out["O"], out["LSE"]
@@ -346,6 +346,8 @@ def flex_attention_trainable(query: Tensor, key: Tensor, value: Tensor,
         captured = [_follow(roots, p) for p in paths]
     else:
         entry_key, captured = _prepare(score_mod, mask_fn)
+        names = _SPECS[entry_key].captured
+        captured = list(api._shapes_only(dict(zip(names, captured)), query.device).values())
     tables, q_block, kv_block = _tables_arg(block_mask, lq, lkv)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])

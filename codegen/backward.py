@@ -649,7 +649,7 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     n_batch, n_heads, m_len, e_len = q.shape
     n_kv_heads, n_len, f_len = k.shape[1], k.shape[2], v.shape[3]
     device, dtype = q.device, q.dtype
-    group = n_heads // n_kv_heads
+    group = n_heads // max(1, n_kv_heads)  # no heads at all: an empty problem
     scale = params.get("scale")
     scale = 1.0 / math.sqrt(e_len) if scale is None else float(scale)
     dlse = grads.get("LSE")

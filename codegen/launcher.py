@@ -115,18 +115,20 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     ext = {i: sizes.get(e) for i, e in INDEX_EXTENTS.items()}
     q_idx, k_idx = ROLES["query"], ROLES["key"]
     e_len, f_len = ext.get(ROLES.get("qk")) or 1, ext.get(ROLES.get("v")) or 1
-    n_batch = ext.get(ROLES.get("batch")) or 1
-    n_heads = ext.get(ROLES.get("head")) or 1
+    # 1 when the spec has no batch (head) index; a size of 0 stays 0: empty outputs, no launch
+    n_batch, n_heads = (1 if ext.get(ROLES.get(r)) is None else ext[ROLES[r]]
+                        for r in ("batch", "head"))
     m_len, n_len = ext[q_idx], ext[k_idx]
     values = dict(PARAM_DEFAULTS)
     values.update(sizes)
     if "scale" in PARAMS and (params or {}).get("scale") is None:
         values["scale"] = 1.0 / math.sqrt(e_len)
     if "G" in PARAMS and "HKV" in sizes:
-        if sizes["HKV"] == 0 or n_heads % sizes["HKV"]:
+        n_kv = sizes["HKV"]  # no heads at all (0 and 0) is an empty problem, not an error
+        if (n_kv == 0) != (n_heads == 0) or n_kv and n_heads % n_kv:
             raise AttentionInputError(f"{n_heads} query heads cannot be grouped over "
-                                      f"{sizes['HKV']} key/value heads")
-        values["G"] = n_heads // sizes["HKV"]
+                                      f"{n_kv} key/value heads")
+        values["G"] = n_heads // n_kv if n_kv else 1
     values.update({k: v for k, v in (params or {}).items() if v is not None})
     for p in PARAMS:
         if p not in values:
@@ -140,8 +142,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     for name, (_, idx, tile) in OUTPUTS.items():
         shape = [ext[i] if i in ext and ext[i] is not None else 1 for i in idx]
         out[name] = torch.empty(shape, device=device, dtype=dtype if tile else torch.float32)
-    if m_len == 0 or n_batch * n_heads == 0:
-        return out
+    if m_len == 0 or n_batch * n_heads == 0 or device.type == "meta":
+        return out  # nothing to compute, or shapes only (meta tensors: model initialisation)
     sparsity = 1 if HAS_MASK else 0
     segments = 1
     tables = []
@@ -242,21 +244,73 @@ def _tuning_file() -> str:
     return os.path.join(root, "tuning.json")
 
 
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def _valid_config(c) -> bool:
+    """A saved config is used only if it has exactly the launch settings, as positive ints
+    (tile sizes powers of two): anything else in the file is ignored and re-tuned."""
+    return isinstance(c, dict) and sorted(c) == sorted(_CONFIG_KEYS) and all(
+        type(c[k]) is int and c[k] > 0 for k in _CONFIG_KEYS) and all(
+        c[k] & (c[k] - 1) == 0 for k in ("BLOCK_M", "BLOCK_N"))
+
+
+def _settings(c: dict) -> dict:
+    return {k: c[k] for k in _CONFIG_KEYS}
+
+
+def _read_tuning() -> dict:
+    """The valid entries of the tuning file; an absent, unreadable, corrupt (not JSON, not
+    UTF-8, not an object) or non-regular file reads as empty (never blocks, never raises)."""
+    import json
+
+    path = _tuning_file()
+    try:
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and _valid_config(v)}
+
+
+def _write_tuning(entries: dict) -> None:
+    """Merge entries into the tuning file, atomically (a temporary file renamed over it), so
+    concurrent processes never read half a file; an unwritable cache is skipped."""
+    import json
+    import tempfile
+
+    path = _tuning_file()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        merged = {**_read_tuning(), **entries}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(merged, fh)
+            os.replace(tmp, path)
+        except OSError:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
 def _tuned(key: tuple, candidates: list, run) -> dict:
     """The fastest candidate for this key: measured once, then cached in memory and on disk
     (a config that fails to compile or launch, e.g. out of shared memory, is skipped)."""
-    import json
     import time
 
     skey = repr(key)
+    extras = {k: v for k, v in (candidates[0] if candidates else {}).items()
+              if k not in _CONFIG_KEYS}  # not tuned (e.g. instrumentation): kept as given
     if skey not in _TUNED:
-        try:
-            with open(_tuning_file()) as fh:
-                _TUNED.update(json.load(fh))
-        except (OSError, ValueError):
-            pass
+        _TUNED.update(_read_tuning())
     if skey in _TUNED:
-        return dict(_TUNED[skey])
+        return {**extras, **_TUNED[skey]}
     best = None
     for c in candidates:
         try:
@@ -274,14 +328,9 @@ def _tuned(key: tuple, candidates: list, run) -> dict:
             best = (ms, c)
     if best is None:
         raise AttentionInputError("no tile configuration could run on this device")
-    _TUNED[skey] = best[1]
-    try:
-        os.makedirs(os.path.dirname(_tuning_file()), exist_ok=True)
-        with open(_tuning_file(), "w") as fh:
-            json.dump(_TUNED, fh)
-    except OSError:
-        pass
-    return dict(best[1])
+    _TUNED[skey] = _settings(best[1])
+    _write_tuning({skey: _TUNED[skey]})
+    return {**extras, **_TUNED[skey]}
 
 
 def _run(device_type, grid, args, cfg, e_len, f_len, n_len, sparsity, sparse_q, sparse_kv,
