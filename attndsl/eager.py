@@ -5,7 +5,9 @@ out over all of the cascade's indices (size 1 along the indices it does not depe
 broadcasting does the index bookkeeping.  Work is chunked over the query index, so an 8k-token
 problem needs O(chunk * Lkv) memory per (batch, head).  Floats are computed in ``dtype``
 (float64 by default).  Semantics (see attndsl.ir.expr): reductions over the key index skip
-masked keys (empty sum 0, empty max -inf); ``0 / 0 = 0``; ``//`` and ``%`` floor like Python.
+masked keys (empty sum 0, empty max -inf); ``0 / 0 = 0`` (``DIV``; ``TRUEDIV`` is IEEE);
+``//`` and ``%`` floor like Python and refuse a zero integer divisor; integers are int64 and
+their bitwise operators are torch's.
 """
 
 from __future__ import annotations
@@ -69,18 +71,31 @@ _CMP: dict[Op, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+_BITWISE: dict[Op, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]]
+_BITWISE = {Op.AND: (torch.logical_and, torch.bitwise_and),
+            Op.OR: (torch.logical_or, torch.bitwise_or),
+            Op.XOR: (torch.logical_xor, torch.bitwise_xor),
+            Op.LSHIFT: (torch.bitwise_left_shift, torch.bitwise_left_shift),
+            Op.RSHIFT: (torch.bitwise_right_shift, torch.bitwise_right_shift)}
+
+
 def _binary(op: Op, a: Tensor, b: Tensor, out_dtype: str, fdtype: torch.dtype) -> Tensor:
     if op in _CMP:
         return _CMP[op](a, b)
-    if op in (Op.AND, Op.OR):
-        if a.dtype == torch.bool and b.dtype == torch.bool:
-            return torch.logical_and(a, b) if op is Op.AND else torch.logical_or(a, b)
-        return torch.bitwise_and(a.long(), b.long()) if op is Op.AND else \
-            torch.bitwise_or(a.long(), b.long())
+    if op in _BITWISE:  # logical on two booleans, else int64 bitwise (a bool counts 0 / 1)
+        logical, bitwise = _BITWISE[op]
+        if out_dtype == BOOL:
+            return logical(a, b)
+        return bitwise(a.long(), b.long())
     target = _torch_dtype(out_dtype, fdtype)
     if op is Op.DIV:
         return _safe_div(_as_float(a, fdtype), _as_float(b, fdtype))
+    if op is Op.TRUEDIV:
+        return _as_float(a, fdtype) / _as_float(b, fdtype)
     a, b = a.to(target), b.to(target)
+    if op in (Op.FLOORDIV, Op.MOD) and out_dtype == INT and bool((b == 0).any()):
+        raise EagerError(f"integer {'//' if op is Op.FLOORDIV else '%'} by zero (torch raises "
+                         f"ZeroDivisionError)")
     if op is Op.ADD:
         return a + b
     if op is Op.SUB:
@@ -130,6 +145,10 @@ def _eval_node(node: Expr, memo: dict[Expr, Tensor], ctx: _Ctx) -> Tensor:
         return _load(node, [arg(i) for i in range(len(node.src))], ctx)
     if op is Op.CAST:
         return arg(0).to(_torch_dtype(node.arg, ctx.dtype))
+    if op is Op.ROUND:  # to nearest (ties to even) of the 16-bit format, then a float again
+        return arg(0).to(getattr(torch, node.arg)).to(ctx.dtype)
+    if op is Op.INVERT:
+        return torch.bitwise_not(arg(0).long())
     if op is Op.LOG and node.src[0].op is Op.REDUCE_SUM and node.src[0].src[0].op is Op.EXP:
         return _logsumexp(node.src[0], ctx)  # log(sum exp x), without overflow
     if op in _UNARY:

@@ -130,6 +130,9 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     for p in PARAMS:
         if p not in values:
             raise AttentionInputError(f"parameter {p!r} is not bound; pass it in params")
+    for p in NONZERO_PARAMS:  # integer // and % by them: torch raises ZeroDivisionError
+        if values[p] == 0 and m_len and n_batch * n_heads:
+            raise AttentionInputError(f"parameter {p!r} divides an integer and is 0")
     dtype = next(iter(inputs.values())).dtype
     cfg = dict(default_config(e_len, f_len, dtype, device.type))
     cfg.update(config or {})
