@@ -111,6 +111,14 @@ def _shr(a, b):
 
 
 @triton.jit
+def _safe_div_scalar(a, b):
+    """_safe_div for a divisor that is one scalar (the interpreter cannot & a scalar bool with
+    a tile of them)."""
+    q = a / b
+    return tl.where(a == 0, tl.where(b == 0, 0.0, q), q)
+
+
+@triton.jit
 def _floor_div(a, b):
     """Python's a // b on integers (Triton's // truncates toward zero)."""
     q = a // b
@@ -255,6 +263,8 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
         d = e.src[1]
         if d.op is Op.CONST and d.arg != 0:
             return f"({a[0]} / {a[1]})"
+        if _scalar(d, env):
+            return f"_safe_div_scalar({a[0]}, {a[1]})"
         return f"_safe_div({a[0]}, {a[1]})"
     if op is Op.FLOORDIV:
         if e.dtype == FLOAT:

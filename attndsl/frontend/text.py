@@ -271,9 +271,6 @@ FUNCTIONS: dict[str, tuple[int, Callable[..., Expr]]] = {
     "relu": (1, relu), "min": (2, lambda a, b: combine(Op.MIN, a, b)),
     "max": (2, lambda a, b: combine(Op.MAX, a, b)), "where": (3, where),
     "float": (1, _cast(FLOAT)), "int": (1, _cast(INT)), "bool": (1, _cast(BOOL)),
-    "float16": (1, lambda x: E.unary(Op.ROUND, x, "float16")),
-    "bfloat16": (1, lambda x: E.unary(Op.ROUND, x, "bfloat16")),
-    "truediv": (2, lambda a, b: combine(Op.TRUEDIV, a, b)),
 }
 BINARY_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "//": Op.FLOORDIV,
               "%": Op.MOD, "**": Op.POW, "&": Op.AND, "|": Op.OR, "^": Op.XOR, "<<": Op.LSHIFT,

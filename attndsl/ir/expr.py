@@ -289,6 +289,8 @@ def binary(op: Op, a: Any, b: Any) -> Expr:
         dtype = INT
     elif op in (Op.DIV, Op.TRUEDIV):
         dtype = FLOAT
+        if op is Op.TRUEDIV and b.op is Op.CONST and b.arg != 0:
+            op = Op.DIV  # the two agree unless the divisor is 0: one canonical form
     else:
         dtype = promote(a.dtype, b.dtype)
         if dtype == BOOL and op not in (Op.MAX, Op.MIN):

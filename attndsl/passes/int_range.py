@@ -43,17 +43,22 @@ def _bits(r: Range) -> Range:
 
 
 def _floordiv(a: Range, b: Range) -> Range:
+    """Corners when b keeps one sign; else (a zero divisor is refused or checked at launch)
+    |x // y| <= |x| for |y| >= 1."""
     if b[0] <= 0 <= b[1]:
-        return I64
+        top = max(abs(a[0]), abs(a[1]))
+        return _clip(-top, top)
     return _corners(lambda x, y: x // y, a, b)
 
 
 def _mod(a: Range, b: Range) -> Range:
-    if b[0] > 0:  # x % y <= x for x >= 0
+    """x % y takes the sign of y and |x % y| < |y|; x % y <= x for x >= 0, y > 0."""
+    if b[0] > 0:
         return (0, b[1] - 1) if a[0] < 0 else (0, min(a[1], b[1] - 1))
     if b[1] < 0:
         return (b[0] + 1, 0)
-    return I64
+    top = max(abs(b[0]), abs(b[1])) - 1
+    return (-top, top)
 
 
 def _rule(e: Expr, s: list[Range]) -> Range:
