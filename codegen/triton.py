@@ -163,8 +163,9 @@ def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
     if e.op in (Op.CAST, Op.LOAD) or not e.src:
         return a
     if e.dtype == FLOAT:
-        return [f"({x}).to(tl.float32)" if s.dtype != FLOAT and not _is_where_cond(e, i)
-                else x for i, (s, x) in enumerate(zip(e.src, a))]
+        return [x if s.dtype == FLOAT or _is_where_cond(e, i) else
+                literal(float(s.arg)) if s.op is Op.CONST else f"({x}).to(tl.float32)"
+                for i, (s, x) in enumerate(zip(e.src, a))]
     if env.wide(e) or any(env.wide(s) for s in e.src):
         return [f"({x}).to(tl.int64)" if s.dtype in (INT, BOOL) and not env.wide(s)
                 and s.op is not Op.CONST and not _is_where_cond(e, i) else x
