@@ -6,8 +6,9 @@ node evaluates to a tensor laid out over all of the cascade's indices (size 1 al
 indices it does not depend on), so broadcasting does the index bookkeeping.  Work is chunked
 over the query index, so an 8k-token problem needs O(chunk * Lkv) memory per (batch, head).
 Floats are computed in ``dtype`` (float64 by default).  Semantics (see attndsl.ir.expr):
-reductions over the key index skip masked keys (empty sum 0, empty max -inf); ``0 / 0 = 0``;
-``//`` and ``%`` floor like Python.
+reductions over the key index skip masked keys (empty sum 0, empty max -inf); ``0 / 0 = 0``
+(``DIV``; ``TRUEDIV`` is IEEE); ``//`` and ``%`` floor like Python and refuse a zero integer
+divisor; integers are int64 and their bitwise operators are torch's.
 """
 
 from __future__ import annotations

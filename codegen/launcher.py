@@ -133,6 +133,9 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     for p in PARAMS:
         if p not in values:
             raise AttentionInputError(f"parameter {p!r} is not bound; pass it in params")
+    for p in NONZERO_PARAMS:  # integer // and % by them: torch raises ZeroDivisionError
+        if values[p] == 0 and m_len and n_batch * n_heads:
+            raise AttentionInputError(f"parameter {p!r} divides an integer and is 0")
     tensors = {**inputs, **captured}  # every subscript in range (IndexError, as torch's)
     check_index_ranges(index_ranges(values, tensors), tensors)
     dtype = next(iter(inputs.values())).dtype

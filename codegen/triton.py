@@ -9,15 +9,19 @@ literals produced by ``repr`` or as comments with unsafe characters removed.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from attndsl.errors import AttnDSLError
-from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
+from attndsl.ir import expr as E
+from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
 from attndsl.ir.tile import Operand, RunningSum, TileKernel
 from attndsl.passes.index_bounds import walk_intervals
+from attndsl.passes.int_range import fits_i32, int_ranges, zero_divisors
 from attndsl.passes.tiling import BOUNDS_BLOCK
 from attndsl.runtime.index_check import runtime_source
 
@@ -46,8 +50,8 @@ def comment(text: str) -> str:
 def literal(v: object) -> str:
     if isinstance(v, bool):
         return "True" if v else "False"
-    if isinstance(v, int):
-        return repr(int(v))
+    if isinstance(v, int):  # outside int32 Triton would type it u32 / i64 by value: say i64
+        return repr(int(v)) if fits_i32((v, v)) else f"tl.full((), {int(v)}, tl.int64)"
     if isinstance(v, float):
         if math.isnan(v):
             return 'float("nan")'
@@ -64,7 +68,8 @@ _UNARY = {Op.EXP: "tl.exp({})", Op.EXP2: "tl.exp2({})", Op.LOG: "tl.log({})",
 _BINARY = {Op.ADD: "({} + {})", Op.SUB: "({} - {})", Op.MUL: "({} * {})",
            Op.LT: "({} < {})", Op.LE: "({} <= {})", Op.GT: "({} > {})", Op.GE: "({} >= {})",
            Op.EQ: "({} == {})", Op.NE: "({} != {})", Op.AND: "({} & {})", Op.OR: "({} | {})",
-           Op.MAX: "tl.maximum({}, {})", Op.MIN: "tl.minimum({}, {})"}
+           Op.XOR: "({} ^ {})", Op.LSHIFT: "_shl({}, {})", Op.RSHIFT: "_shr({}, {})",
+           Op.TRUEDIV: "({} / {})", Op.MAX: "tl.maximum({}, {})", Op.MIN: "tl.minimum({}, {})"}
 
 
 def _nonneg(e: Expr) -> bool:
@@ -84,6 +89,36 @@ def _safe_div(a, b):
     """a / b, with 0 / 0 = 0 (a fully masked row normalises to zero)."""
     both0 = (a == 0) & (b == 0)
     return tl.where(both0, 0.0, a / tl.where(both0, 1.0, b))
+
+
+@triton.jit
+def _round_bf16(x):
+    """x rounded to the nearest bfloat16 (ties to even), as a float32: on the bits, since
+    the interpreter's float32 -> bfloat16 conversion truncates."""
+    b = x.to(tl.uint32, bitcast=True)
+    r = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
+    return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _shl(a, b):
+    """torch's a << b on int64: 0 when b < 0 or b >= 64."""
+    out = (a << tl.minimum(tl.maximum(b, 0), 63).to(tl.int64)).to(tl.int64)
+    return tl.where((b < 0) | (b > 63), tl.zeros_like(out), out)
+
+
+@triton.jit
+def _shr(a, b):
+    """torch's a >> b on int64 (arithmetic): the sign (a >> 63) when b < 0 or b >= 64."""
+    return a >> tl.where((b < 0) | (b > 63), 63, b).to(tl.int64)
+
+
+@triton.jit
+def _safe_div_scalar(a, b):
+    """_safe_div for a divisor that is one scalar (the interpreter cannot & a scalar bool with
+    a tile of them)."""
+    q = a / b
+    return tl.where(a == 0, tl.where(b == 0, 0.0, q), q)
 
 
 @triton.jit
@@ -112,6 +147,37 @@ class Env:
     masks: dict[str, str]  # index -> validity mask of that tile axis, for captured loads
     hoisted: dict[Expr, str] = field(default_factory=dict)
     scalar_indices: frozenset[str] = frozenset()
+    ranges: dict[Expr, tuple[int, int]] = field(default_factory=dict)  # of integer nodes
+
+    def wide(self, e: Expr) -> bool:
+        """Whether an integer node is computed in int64: its range may leave int32, it is a
+        shift (int64 by definition) or it reads an int64 tensor."""
+        if e.dtype != INT:
+            return False
+        if e not in self.ranges:
+            self.ranges.update(int_ranges(e))
+        return e.op in SHIFTS or e.op is Op.LOAD or not fits_i32(self.ranges[e])
+
+
+def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
+    """Operands converted as the node computes: integers to int64 under an int64 node (an
+    int32 operand would wrap), integers and booleans to fp32 under a float node (Triton's
+    float functions take no integers)."""
+    if e.op in (Op.CAST, Op.LOAD) or not e.src:
+        return a
+    if e.dtype == FLOAT:
+        return [x if s.dtype == FLOAT or _is_where_cond(e, i) else
+                literal(float(s.arg)) if s.op is Op.CONST else f"({x}).to(tl.float32)"
+                for i, (s, x) in enumerate(zip(e.src, a))]
+    if env.wide(e) or any(env.wide(s) for s in e.src):
+        return [f"({x}).to(tl.int64)" if s.dtype in (INT, BOOL) and not env.wide(s)
+                and s.op is not Op.CONST and not _is_where_cond(e, i) else x
+                for i, (s, x) in enumerate(zip(e.src, a))]
+    return a
+
+
+def _is_where_cond(e: Expr, i: int) -> bool:
+    return e.op is Op.WHERE and i == 0
 
 
 def _scalar(e: Expr, env: Env) -> bool:
@@ -121,12 +187,44 @@ def _scalar(e: Expr, env: Env) -> bool:
                    for n in e.walk())
 
 
-def render(e: Expr, env: Env) -> str:
+SPILL_NEST = 48  # parentheses a rendered subexpression may nest before it becomes a variable
+_NEST_PER_LEVEL = 4  # the most parentheses one node's template (and its casts) adds
+_spills = itertools.count()
+
+
+def reset_spills() -> None:
+    """Restart the numbering of spilled variables (once per generated module: deterministic)."""
+    global _spills
+    _spills = itertools.count()
+
+
+def render(e: Expr, env: Env, spill: list[str] | None = None) -> str:
+    """Triton source of ``e``.  With ``spill``, a subexpression nested deeper than SPILL_NEST
+    parentheses is assigned to a variable (``spN = ...`` appended to ``spill``, to be emitted
+    before the use), so that any expression depth gives source Python can parse."""
     memo: dict[Expr, str] = {}
+    nest: dict[Expr, int] = {}
     for node in e.walk():
-        memo[node] = env.hoisted.get(node) or _render_node(node, [memo[s] for s in node.src],
-                                                             env)
+        hoisted = env.hoisted.get(node)
+        if hoisted is not None:
+            memo[node], nest[node] = hoisted, 0
+            continue
+        memo[node] = _render_node(node, [memo[s] for s in node.src], env)
+        nest[node] = max((nest[s] for s in node.src), default=0) + _NEST_PER_LEVEL
+        if spill is not None and nest[node] > SPILL_NEST and node is not e:
+            name = f"sp{next(_spills)}"
+            spill.append(f"{name} = {memo[node]}")
+            memo[node], nest[node] = name, 0
     return memo[e]
+
+
+def render_at(L: Callable[[int, str], None], depth: int, e: Expr, env: Env) -> str:
+    """``render`` whose spilled variables are emitted through ``L`` at ``depth`` first."""
+    spill: list[str] = []
+    text = render(e, env, spill)
+    for line in spill:
+        L(depth, line)
+    return text
 
 
 def _render_node(e: Expr, a: list[str], env: Env) -> str:
@@ -148,18 +246,29 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
         if e.dtype == FLOAT:  # 16-bit captured tensors are computed in fp32
             return f"{load}.to(tl.float32)"
         return f"({load} != 0)" if e.dtype == BOOL else load
+    a = _widen(e, a, env)
     if op in _UNARY:
         return _UNARY[op].format(*a)
     if op is Op.NOT:
         return f"({a[0]} == 0)"
+    if op is Op.INVERT:
+        return f"(~{a[0]})"
+    if op is Op.ROUND:  # round to nearest even in the 16-bit format, compute on in fp32
+        if e.arg == "bfloat16":
+            return f"_round_bf16({a[0]})"
+        return f"({a[0]}).to(tl.float16).to(tl.float32)"
     if op is Op.CAST:
-        return {FLOAT: "({}).to(tl.float32)", INT: "({}).to(tl.int32)",
+        width = "tl.int64" if env.wide(e) else "tl.int32"
+        return {FLOAT: "({}).to(tl.float32)", INT: f"({{}}).to({width})",
                 BOOL: "(({}) != 0)"}[e.arg].format(a[0])
     if op is Op.WHERE:
         return f"tl.where({a[0]}, {a[1]}, {a[2]})"
     if op is Op.DIV:  # 0 / 0 = 0 (a fully masked row normalises to zero)
-        if _scalar(e.src[1], env):
+        d = e.src[1]
+        if d.op is Op.CONST and d.arg != 0:
             return f"({a[0]} / {a[1]})"
+        if _scalar(d, env):
+            return f"_safe_div_scalar({a[0]}, {a[1]})"
         return f"_safe_div({a[0]}, {a[1]})"
     if op is Op.FLOORDIV:
         if e.dtype == FLOAT:
@@ -238,7 +347,7 @@ def _hoist(exprs: list[Expr], tile_vars: set[str], lines: _Lines, env: Env, dept
             if any(s.op in (Op.CONST, Op.PARAM, Op.INDEX) or s in env.hoisted
                    for s in node.src):
                 name = f"c{len(env.hoisted)}"
-                lines(depth, f"{name} = {render(node, env)}")
+                lines(depth, f"{name} = {render_at(lines, depth, node, env)}")
                 env.hoisted[node] = name
 
 
@@ -253,7 +362,7 @@ def _hoist_rows(exprs: list[Expr], m: str, lines: _Lines, env: Env, depth: int) 
                 not any(x.op is Op.ROW for x in node.walk()) and \
                 any(x.op is Op.LOAD for x in node.walk()):
             name = f"r{sum(1 for v in env.hoisted.values() if v.startswith('r'))}"
-            lines(depth, f"{name} = {render(node, env)}")
+            lines(depth, f"{name} = {render_at(lines, depth, node, env)}")
             env.hoisted[node] = name
             return
         for s in node.src:
@@ -268,6 +377,8 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     roles = k.roles
     m, n = roles["query"], roles["key"]
     b, h, f = roles.get("batch"), roles.get("head"), roles.get("v")
+    divisors = _check_divisors(_kernel_exprs(k))
+    reset_spills()
     L = _Lines()
     L(0, comment(f"Generated by attndsl {version} -- do not edit.\nspec hash: {spec_hash}\n\n"
                  f"Cascade:\n{k.spec_text}\n\nTile IR:\n{k}"))
@@ -279,12 +390,38 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     L(0, "import triton  # noqa: E402\nimport triton.language as tl  # noqa: E402\n")
     L(0, f"SPEC_HASH = {spec_hash!r}\nATTNDSL_VERSION = {version!r}")
     _emit_tables(k, names, L)
+    L(0, "# parameters that divide integers: a launch with one of them 0 is refused")
+    L(0, "NONZERO_PARAMS = " + repr(divisors) + "\n")
     L(0, HELPERS)
     _emit_kernel(k, names, L, m, n, b, h, f)
     L(0, runtime_source())
     _emit_index_ranges(k, L)
     L(0, launcher_source())
     return "\n".join(L.out) + "\n"
+
+
+def _kernel_exprs(k: TileKernel) -> list[Expr]:
+    return [mx.arg for p in k.passes for mx in p.maxes] + \
+        [s.body for p in k.passes for s in p.sums] + [s.expr for s in k.stores] + \
+        ([k.mask] if k.mask is not None else [])
+
+
+def _check_divisors(exprs: list[Expr]) -> tuple[str, ...]:
+    """Refuses an integer // or % whose divisor can be zero (torch raises ZeroDivisionError;
+    a kernel cannot); returns the parameters that are divisors, checked at launch."""
+    params: dict[str, None] = {}
+    for e in exprs:
+        bad = zero_divisors(e)
+        if bad:
+            node = bad[0]
+            raise CodegenError(f"the divisor of the integer {E.render(node)} can be zero "
+                               f"(torch raises ZeroDivisionError); make it provably nonzero, "
+                               f"e.g. with max(..., 1)")
+        for node in e.walk():
+            if node.op in (Op.FLOORDIV, Op.MOD) and node.dtype == INT and \
+                    node.src[1].op is Op.PARAM:
+                params[node.src[1].arg] = None
+    return tuple(params)
 
 
 def _emit_tables(k: TileKernel, names: _Names, L: _Lines) -> None:
@@ -459,7 +596,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
                     L(4, f"{'if' if i == 0 else 'elif'} seg == {i}:")
                     depth = 5
                 for name, expr in zip(("lo", "full_lo", "full_hi", "hi"), seg):
-                    L(depth, f"{name} = tl.minimum(({render(expr, bounds_env)}) * SPARSE_KV, "
+                    value = render_at(L, depth, expr, bounds_env)
+                    L(depth, f"{name} = tl.minimum(({value}) * SPARSE_KV, "
                              f"N_len)")
         else:
             L(4, "lo = 0  # this mask has no closed form: the launcher never selects SPARSITY 3")
@@ -496,7 +634,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: _Lines, m: str, n: str, b: str
             idx[f] = "offs_f[None, :]"
         env = Env(idx, rows, params, captured, {m: "row_ok[:, None]" if is_tile else "row_ok"},
                   head_env.hoisted, head_env.scalar_indices)
-        value = render(st.expr, env)
+        value = render_at(L, 1, st.expr, env)
         offs = " + ".join(f"{idx[i]} * {ptr}_s{d}" for d, i in enumerate(st.indices))
         mask = "row_ok[:, None] & (offs_f[None, :] < F_len)" if is_tile else "row_ok"
         L(1, f"val_{ptr} = {value}")
@@ -559,11 +697,12 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         keep = "col_ok[None, :]"
         if masked:
             assert k.mask is not None
-            L(0, f"keep = col_ok[None, :] & ({render(k.mask, env)})")
+            L(0, f"keep = col_ok[None, :] & ({render_at(L, 0, k.mask, env)})")
             keep = "keep"
         bounded = masked or "not EVEN_N"
         for mx in p.maxes:
-            L(0, f"y_{mx.var} = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({render(mx.arg, env)})")
+            value = render_at(L, 0, mx.arg, env)
+            L(0, f"y_{mx.var} = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({value})")
             _guard(L, bounded, f"y_{mx.var}", keep, 'float("-inf")')
             L(0, f"{mx.var}_new = tl.maximum({mx.var}, tl.max(y_{mx.var}, 1))")
             if mx.stabilizer:
@@ -598,7 +737,7 @@ def _emit_sum(L: _Lines, s: RunningSum, env: Env, bounded: bool | str, keep: str
         rows[u] = f"{u}_use_new[:, None]"
     step_env = Env(env.index, rows, env.params, env.captured, env.masks, env.hoisted,
                    env.scalar_indices)
-    body = render(s.body, step_env)
+    body = render_at(L, 0, s.body, step_env)
     p = shared.get(("p", body))
     if p is None:
         p = shared[("p", body)] = f"p_{s.var}"

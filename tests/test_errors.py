@@ -18,13 +18,14 @@ import attndsl
 from attndsl.api import AttentionError
 from attndsl.checking import index_sizes, oracle, random_problem
 from attndsl.cli import main
-from attndsl.eager import EagerError, run_cascade
+from attndsl.eager import EagerError
 from attndsl.errors import AttnDSLError
 from attndsl.frontend.flex import lower_flex
 from attndsl.frontend.load import SpecLoadError, load_spec
 from attndsl.frontend.text import SpecError, parse_text
 from attndsl.frontend.trace import TraceError
 from attndsl.ir import expr as E
+from attndsl.ir.evaluate import evaluate
 from attndsl.ir.expr import FLOAT, IRError, Op
 from attndsl.passes.mask import MaskAnalysisError
 from attndsl.passes.pipeline import compile_cascade
@@ -156,10 +157,11 @@ def test_an_integer_beyond_int64_in_a_score_mod_is_refused_at_its_line() -> None
 
 
 def test_integer_division_by_zero_in_the_oracle_is_an_eager_error() -> None:
-    flex = lower_flex(score_mod=lambda score, b, h, q_idx, kv_idx: score + q_idx % (kv_idx - 1))
-    q = torch.randn(1, 1, 3, 16)
+    # the frontends refuse a divisor that can be zero; the evaluator refuses one that is
+    expr = E.binary(Op.MOD, E.index("m"), E.binary(Op.SUB, E.index("n"), E.const(1)))
+    ranges = {"m": torch.arange(3), "n": torch.arange(3)}
     with pytest.raises(EagerError, match="by zero"):
-        run_cascade(flex.cascade, {"Q": q, "K": q, "V": q}, {"scale": 1.0, "G": 1})
+        evaluate(expr, ["m", "n"], ranges, {})
 
 
 def _write(tmp_path: Path, name: str, text: str) -> str:

@@ -51,14 +51,14 @@ from attndsl.frontend.text import (
     SpecError,
     Where,
     _Bad,
+    bitwise_not,
     combine,
-    logical_not,
     negate,
     parse_text,
 )
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
-from attndsl.ir.expr import Expr, IRError, Op, render
+from attndsl.ir.expr import MAX_DEPTH, Expr, IRError, Op, render
 
 _FRONTEND = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,11 +85,15 @@ def _caller() -> Where:
 
 def _apply(fn: Callable[..., Expr], *args: Any) -> Expr:
     try:
-        return fn(*args)
+        e = fn(*args)
     except _Bad as bad:
         raise _caller().error(bad.what) from None
     except IRError as err:
         raise _caller().error(str(err)) from None
+    if e.depth > MAX_DEPTH:
+        raise _caller().error(f"expression is nested too deeply (more than {MAX_DEPTH} levels "
+                              f"of operators)")
+    return e
 
 
 def lift(x: Any) -> Expr:
@@ -122,7 +126,8 @@ def _binop(op: Op, reflected: bool = False) -> Callable[[Term, Any], Term]:
 class Term:
     """An expression under construction; Python operators build IR nodes.
 
-    ``~t`` is the text's ``!t``; ``t == u`` builds a comparison (Terms are not hashable).
+    ``~t`` is the text's ``~t`` (``!t`` of a boolean, bitwise not of an integer); ``t == u``
+    builds a comparison (Terms are not hashable).
     ``t.expr`` is the IR expression."""
 
     __slots__ = ("expr",)
@@ -151,6 +156,9 @@ class Term:
     __pow__, __rpow__ = _binop(Op.POW), _binop(Op.POW, True)
     __and__, __rand__ = _binop(Op.AND), _binop(Op.AND, True)
     __or__, __ror__ = _binop(Op.OR), _binop(Op.OR, True)
+    __xor__, __rxor__ = _binop(Op.XOR), _binop(Op.XOR, True)
+    __lshift__, __rlshift__ = _binop(Op.LSHIFT), _binop(Op.LSHIFT, True)
+    __rshift__, __rrshift__ = _binop(Op.RSHIFT), _binop(Op.RSHIFT, True)
     __lt__, __le__ = _binop(Op.LT), _binop(Op.LE)
     __gt__, __ge__ = _binop(Op.GT), _binop(Op.GE)
     __eq__, __ne__ = _binop(Op.EQ), _binop(Op.NE)  # type: ignore[assignment]
@@ -162,7 +170,7 @@ class Term:
         return self
 
     def __invert__(self) -> Term:
-        return Term(_apply(logical_not, self.expr))
+        return Term(_apply(bitwise_not, self.expr))
 
     def __abs__(self) -> Term:
         return abs_(self)

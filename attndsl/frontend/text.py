@@ -62,11 +62,24 @@ from attndsl.ir.cascade import (
     TensorDecl,
     verify,
 )
-from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, IRError, Op, render, render_const
+from attndsl.ir.expr import (
+    BOOL,
+    FLOAT,
+    INT,
+    MAX_DEPTH,
+    Expr,
+    IRError,
+    Op,
+    render,
+    render_const,
+)
+from attndsl.passes.int_range import may_be_zero
 
 GRAMMAR_FILE = "attn.lark"
 MAX_BRACKETS = 64  # open ( and [ at once
-MAX_DEPTH = 200  # levels of an expression tree (lark's transformer recurses once per level)
+# MAX_DEPTH (attndsl.ir.expr): levels of an expression tree, checked on the parse tree (lark's
+# transformer recurses once per level) and on the IR of each equation with the equations it
+# reads inlined (chained comparisons and equation chains nest without nesting the parse tree)
 INT_LIMIT = 2**63  # integer literals must fit in int64
 
 # role of an index whose declaration names none, by the conventional index names
@@ -192,18 +205,42 @@ def logical_not(x: Expr) -> Expr:
     return E.unary(Op.NOT, x)
 
 
+def bitwise_not(x: Expr) -> Expr:
+    """~x: logical not of a boolean, bitwise not (-x - 1) of an integer, as torch's ~."""
+    if x.dtype == FLOAT:
+        raise _Bad("~ needs a boolean or integer operand, got a float expression", 0)
+    return E.unary(Op.NOT if x.dtype == BOOL else Op.INVERT, x)
+
+
+_SYMBOL = {Op.AND: "&", Op.OR: "|", Op.XOR: "^", Op.LSHIFT: "<<", Op.RSHIFT: ">>"}
+
+
 def combine(op: Op, a: Expr, b: Expr) -> Expr:
     """A binary node, with the operand checks of the language."""
-    if op in (Op.AND, Op.OR):
+    if op in _SYMBOL:
         for slot, x in enumerate((a, b)):
             if x.dtype == FLOAT:
-                sym = "&" if op is Op.AND else "|"
-                raise _Bad(f"{sym} needs boolean (or integer) operands, got a float expression",
-                           slot)
+                kinds = "integer" if op in E.SHIFTS else "boolean (or integer)"
+                raise _Bad(f"{_SYMBOL[op]} needs {kinds} operands, got a float expression", slot)
+    if op in (Op.FLOORDIV, Op.MOD) and E.promote(a.dtype, b.dtype) != FLOAT:
+        problem = zero_divisor(b)
+        if problem:
+            raise _Bad(f"integer {'//' if op is Op.FLOORDIV else '%'} {problem}", 1)
     try:
         return E.binary(op, a, b)
     except IRError as err:
         raise _Bad(str(err)) from None
+
+
+def zero_divisor(d: Expr) -> str | None:
+    """Why an integer divisor is refused: it is 0, or it can be 0 somewhere (torch raises
+    ZeroDivisionError; a kernel cannot).  A bare parameter is checked at launch."""
+    if E.is_const(d, 0):
+        return "by zero (torch raises ZeroDivisionError)"
+    if d.op is not Op.PARAM and may_be_zero(d):
+        return ("by a divisor that can be zero (torch raises ZeroDivisionError); make it "
+                "provably nonzero, e.g. max(d, 1)")
+    return None
 
 
 def where(c: Expr, a: Expr, b: Expr) -> Expr:
@@ -235,8 +272,9 @@ FUNCTIONS: dict[str, tuple[int, Callable[..., Expr]]] = {
     "float": (1, _cast(FLOAT)), "int": (1, _cast(INT)), "bool": (1, _cast(BOOL)),
 }
 BINARY_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "//": Op.FLOORDIV,
-              "%": Op.MOD, "**": Op.POW, "&": Op.AND, "|": Op.OR, "<": Op.LT, "<=": Op.LE,
-              ">": Op.GT, ">=": Op.GE, "==": Op.EQ, "!=": Op.NE}
+              "%": Op.MOD, "**": Op.POW, "&": Op.AND, "|": Op.OR, "^": Op.XOR, "<<": Op.LSHIFT,
+              ">>": Op.RSHIFT, "<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE, "==": Op.EQ,
+              "!=": Op.NE}
 REDUCTIONS = {"sum": E.reduce_sum, "max": E.reduce_max, "softmax": E.softmax}
 _REDUCE_WORD = {Op.REDUCE_SUM: "sum", Op.REDUCE_MAX: "max", Op.SOFTMAX: "softmax"}
 
@@ -338,6 +376,7 @@ class _Eq:
     where: Where
     expr: Expr | None = None
     locate: Locate | None = None
+    depth: int | None = None  # levels of expr with the equations it reads inlined
 
 
 class Assembler:
@@ -525,6 +564,25 @@ class Assembler:
         eq = self.equations[name]
         self._check_expr(expr, locate, f"{name}[{', '.join(eq.indices)}]")
         eq.expr, eq.locate = implicit_sums(expr, eq.indices), locate
+        try:
+            eq.depth = self._inlined_depth(eq.expr)
+        except _Bad as bad:
+            eq.expr = eq.locate = None
+            raise eq.where.error(f"equation {name}: {bad.what}") from None
+
+    def _inlined_depth(self, expr: Expr) -> int:
+        """Levels of ``expr`` once the equations it reads are substituted (as fusion does):
+        a read of an equation counts that equation's own inlined depth."""
+        memo: dict[Expr, int] = {}
+        for node in expr.walk():
+            eq = self.equations.get(node.arg) if node.op is Op.LOAD else None
+            below = max((memo[s] for s in node.src), default=0)
+            memo[node] = 1 + below if eq is None or eq.depth is None else \
+                max(eq.depth, 1 + below)
+        if memo[expr] > MAX_DEPTH:
+            raise _Bad(f"the expression is nested too deeply once the equations it reads are "
+                       f"substituted ({memo[expr]} levels of operators, more than {MAX_DEPTH})")
+        return memo[expr]
 
     def set_mask(self, expr: Expr, locate: Locate, where: Where) -> None:
         if self.mask is not None:
@@ -709,8 +767,9 @@ def parser() -> Lark:
 # readable names of the terminals in syntax errors
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "CMP_OP": "a comparison", "_NL": "end of line",
           "$END": "end of input"}
-_EXPR_START = {"NAME", "NUMBER", "(", "-", "!", "sum", "max", "softmax", "inf", "True", "False"}
-_OPERATORS = {"+", "-", "*", "/", "//", "%", "**", "&", "|", "CMP_OP"}
+_EXPR_START = {"NAME", "NUMBER", "(", "-", "!", "~", "sum", "max", "softmax", "inf", "True",
+               "False"}
+_OPERATORS = {"+", "-", "*", "/", "//", "%", "**", "&", "|", "^", "<<", ">>", "CMP_OP"}
 _FIRST = {"]": 0, ")": 1, "}": 2, ",": 3}
 
 
@@ -853,6 +912,9 @@ class _Exprs(Transformer):
             raise w.error(bad.what) from None
         except IRError as err:
             raise self._where(meta).error(str(err)) from None
+        if e.depth > MAX_DEPTH:  # a chain a < b < c < ... nests without nesting the tree
+            raise self._where(meta).error(f"expression is nested too deeply (more than "
+                                          f"{MAX_DEPTH} levels of operators)")
         return self._at(meta, e)
 
     # leaves
@@ -902,10 +964,14 @@ class _Exprs(Transformer):
 
     add, sub, mul, div = _binary(Op.ADD), _binary(Op.SUB), _binary(Op.MUL), _binary(Op.DIV)
     floordiv, mod, pow = _binary(Op.FLOORDIV), _binary(Op.MOD), _binary(Op.POW)
-    and_, or_ = _binary(Op.AND), _binary(Op.OR)
+    and_, or_, xor = _binary(Op.AND), _binary(Op.OR), _binary(Op.XOR)
+    lshift, rshift = _binary(Op.LSHIFT), _binary(Op.RSHIFT)
 
     def neg(self, meta: Any, x: Expr) -> Expr:
         return self._op(meta, negate, x)
+
+    def invert(self, meta: Any, x: Expr) -> Expr:
+        return self._op(meta, bitwise_not, x)
 
     def not_(self, meta: Any, x: Expr) -> Expr:
         return self._op(meta, logical_not, x)

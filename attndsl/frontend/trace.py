@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from attndsl.errors import AttnDSLError
+from attndsl.frontend.text import zero_divisor
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import SourceLoc
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
@@ -118,6 +119,9 @@ class Sym:
     __slots__ = ("ctx", "expr")
 
     def __init__(self, expr: Expr, ctx: TraceContext) -> None:
+        if expr.depth > E.MAX_DEPTH:
+            raise ctx.fail(f"the expression is nested too deeply (more than {E.MAX_DEPTH} "
+                           f"levels of operators)")
         self.expr = expr
         self.ctx = ctx
 
@@ -152,6 +156,11 @@ class Sym:
                     raise E.IRError("subtracting two booleans is not supported (as in torch); "
                                     "use ^ or logical_xor")
                 op = _BOOL_ARITH[op]
+            if op in (Op.FLOORDIV, Op.MOD) and E.promote(x.dtype, y.dtype) != FLOAT:
+                problem = zero_divisor(y)
+                if problem:
+                    sym = "//" if op is Op.FLOORDIV else "%"
+                    raise E.IRError(f"integer {sym} {problem}")
             return self._new(E.binary(op, x, y))
         except E.IRError as err:
             raise self.ctx.fail(str(err)) from None
@@ -193,11 +202,11 @@ class Sym:
     def __rmul__(self, o: Any) -> Sym:
         return self._bin(Op.MUL, o, self)
 
-    def __truediv__(self, o: Any) -> Sym:
-        return self._bin(Op.DIV, self, o)
+    def __truediv__(self, o: Any) -> Sym:  # IEEE, as torch: 0 / 0 is NaN
+        return self._bin(Op.TRUEDIV, self, o)
 
     def __rtruediv__(self, o: Any) -> Sym:
-        return self._bin(Op.DIV, o, self)
+        return self._bin(Op.TRUEDIV, o, self)
 
     def __floordiv__(self, o: Any) -> Sym:
         return self._bin(Op.FLOORDIV, self, o)
@@ -250,12 +259,25 @@ class Sym:
         return self._bin(Op.OR, o, self)
 
     def __xor__(self, o: Any) -> Sym:
-        return self._bin(Op.NE, self, o)
+        return self._bin(Op.XOR, self, o)
+
+    def __rxor__(self, o: Any) -> Sym:
+        return self._bin(Op.XOR, o, self)
+
+    def __lshift__(self, o: Any) -> Sym:
+        return self._bin(Op.LSHIFT, self, o)
+
+    def __rlshift__(self, o: Any) -> Sym:
+        return self._bin(Op.LSHIFT, o, self)
+
+    def __rshift__(self, o: Any) -> Sym:
+        return self._bin(Op.RSHIFT, self, o)
+
+    def __rrshift__(self, o: Any) -> Sym:
+        return self._bin(Op.RSHIFT, o, self)
 
     def __invert__(self) -> Sym:
-        if self.expr.dtype != BOOL:
-            raise self.ctx.fail("~ on a non-boolean value (bitwise not of integers is unsupported)")
-        return self._new(E.unary(Op.NOT, self.expr))
+        return _bitwise_not(self.ctx, self)
 
     def __neg__(self) -> Sym:
         return self._new(E.unary(Op.NEG, self.expr))
@@ -347,6 +369,24 @@ def _where(ctx: TraceContext, c: Any, a: Any, b: Any) -> Sym:
         raise ctx.fail(str(err)) from None
 
 
+def _bitwise_not(ctx: TraceContext, x: Any) -> Sym:
+    """torch's ~ / bitwise_not: logical not of a bool, -x - 1 of an integer, an error on floats."""
+    s = _sym(ctx, x)
+    if s.expr.dtype == FLOAT:
+        raise ctx.fail("~ (bitwise not) of a float value is not defined (as in torch)")
+    return s._new(E.unary(Op.NOT if s.expr.dtype == BOOL else Op.INVERT, s.expr))
+
+
+def _logical(op: Op) -> Callable[..., Sym]:
+    """torch.logical_and / or / xor: the operands count as booleans (nonzero is True)."""
+    def run(ctx: TraceContext, a: Any, b: Any) -> Sym:
+        s = _sym(ctx, a)
+        x, y = (E.unary(Op.CAST, v, BOOL) if v.dtype != BOOL else v
+                for v in (s._lift(a), s._lift(b)))
+        return s._new(E.binary(op, x, y))
+    return run
+
+
 def _clamp(ctx: TraceContext, x: Any, min: Any = None, max: Any = None) -> Sym:
     s = _sym(ctx, x)
     e = s.expr
@@ -364,7 +404,12 @@ def _cast(ctx: TraceContext, x: Any, *args: Any, **kw: Any) -> Sym:
     if not isinstance(dt, torch.dtype):
         raise ctx.fail(".to() in a score/mask program needs a dtype (devices are implicit)")
     s = _sym(ctx, x)
+    if dt in _HALF:  # rounded to the 16-bit format, then used as a float (torch upcasts)
+        return s._new(E.unary(Op.ROUND, s.expr, _HALF[dt]))
     return s._new(E.unary(Op.CAST, s.expr, _dtype_of(dt)))
+
+
+_HALF = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _const_like(value: float) -> Callable[..., Sym]:
@@ -399,7 +444,7 @@ def _sign_safe_pow(ctx: TraceContext, a: Any, b: Any) -> Sym:
 
 def _rsqrt(ctx: TraceContext, x: Any) -> Sym:
     s = _sym(ctx, x)
-    return s._new(E.binary(Op.DIV, 1.0, E.unary(Op.SQRT, s.expr)))
+    return s._new(E.binary(Op.TRUEDIV, 1.0, E.unary(Op.SQRT, s.expr)))
 
 
 def _square(ctx: TraceContext, x: Any) -> Sym:
@@ -411,21 +456,27 @@ _FUNCS: dict[str, Callable[..., Sym]] = {
     "where": _where, "tanh": _unary(Op.TANH), "exp": _unary(Op.EXP), "exp2": _unary(Op.EXP2),
     "log": _unary(Op.LOG), "log2": _unary(Op.LOG2), "abs": _unary(Op.ABS),
     "sigmoid": _unary(Op.SIGMOID), "sqrt": _unary(Op.SQRT), "neg": _unary(Op.NEG),
-    "negative": _unary(Op.NEG), "logical_not": _unary(Op.NOT), "bitwise_not": _unary(Op.NOT),
+    "negative": _unary(Op.NEG), "logical_not": _unary(Op.NOT), "bitwise_not": _bitwise_not,
     "relu": _relu, "log1p": _log1p, "softplus": _softplus, "rsqrt": _rsqrt, "square": _square,
     "clamp": _clamp, "clip": _clamp, "maximum": _binop(Op.MAX), "minimum": _binop(Op.MIN),
     "max": _binop(Op.MAX), "min": _binop(Op.MIN), "add": _binop(Op.ADD), "sub": _binop(Op.SUB),
     "subtract": _binop(Op.SUB), "mul": _binop(Op.MUL), "multiply": _binop(Op.MUL),
-    "div": _binop(Op.DIV), "true_divide": _binop(Op.DIV), "floor_divide": _binop(Op.FLOORDIV),
+    "div": _binop(Op.TRUEDIV), "true_divide": _binop(Op.TRUEDIV),
+    "floor_divide": _binop(Op.FLOORDIV),
     "remainder": _binop(Op.MOD), "pow": _sign_safe_pow, "eq": _binop(Op.EQ),
     "ne": _binop(Op.NE), "lt": _binop(Op.LT), "le": _binop(Op.LE), "gt": _binop(Op.GT),
-    "ge": _binop(Op.GE), "logical_and": _binop(Op.AND), "logical_or": _binop(Op.OR),
-    "bitwise_and": _binop(Op.AND), "bitwise_or": _binop(Op.OR), "logical_xor": _binop(Op.NE),
+    "ge": _binop(Op.GE), "logical_and": _logical(Op.AND), "logical_or": _logical(Op.OR),
+    "logical_xor": _logical(Op.XOR), "bitwise_and": _binop(Op.AND), "bitwise_or": _binop(Op.OR),
+    "bitwise_xor": _binop(Op.XOR), "bitwise_left_shift": _binop(Op.LSHIFT),
+    "bitwise_right_shift": _binop(Op.RSHIFT),
     "zeros_like": _const_like(0.0), "ones_like": _const_like(1.0), "full_like": _full_like,
     "to": _cast, "type": _cast,
 }
 _FUNCS.update({f"__{k}__": v for k, v in list(_FUNCS.items()) if k in
                ("add", "sub", "mul", "eq", "ne", "lt", "le", "gt", "ge")})
+_FUNCS.update({"__and__": _binop(Op.AND), "__or__": _binop(Op.OR), "__xor__": _binop(Op.XOR),
+               "__lshift__": _binop(Op.LSHIFT), "__rshift__": _binop(Op.RSHIFT),
+               "__invert__": _bitwise_not, "__truediv__": _binop(Op.TRUEDIV)})
 
 def _as_method(fn: Callable[..., Sym]) -> Callable[..., Sym]:
     return lambda s, *a, **k: fn(s.ctx, s, *a, **k)
@@ -438,8 +489,8 @@ _METHODS: dict[str, Callable[..., Sym]] = {
 _METHODS.update({
     "float": lambda s: _cast(s.ctx, s, torch.float32),
     "double": lambda s: _cast(s.ctx, s, torch.float64),
-    "half": lambda s: _cast(s.ctx, s, torch.float32),
-    "bfloat16": lambda s: _cast(s.ctx, s, torch.float32),
+    "half": lambda s: _cast(s.ctx, s, torch.float16),
+    "bfloat16": lambda s: _cast(s.ctx, s, torch.bfloat16),
     "int": lambda s: _cast(s.ctx, s, torch.int32),
     "long": lambda s: _cast(s.ctx, s, torch.int64),
     "bool": lambda s: _cast(s.ctx, s, torch.bool),

@@ -131,9 +131,10 @@ def _integer_division(word: str, fn: Callable[[Tensor, Tensor], Tensor]) -> Rule
 
 def _logical(on_bool: Callable[[Tensor, Tensor], Tensor],
              on_int: Callable[[Tensor, Tensor], Tensor]) -> Rule:
-    """& / |: logical on two booleans, bitwise on integers."""
+    """& | ^ << >>: logical when the result is boolean, else int64 bitwise (a bool counts
+    0 / 1), as torch's operators."""
     def rule(node: Expr, a: list[Tensor], env: Env) -> Tensor:
-        if a[0].dtype == torch.bool and a[1].dtype == torch.bool:
+        if node.dtype == BOOL:
             return on_bool(a[0], a[1])
         return on_int(a[0].long(), a[1].long())
     return rule
@@ -150,6 +151,8 @@ RULES: dict[Op, Rule] = {
     Op.PARAM: _param,
     Op.LOAD: _load,
     Op.CAST: lambda node, a, env: a[0].to(env.torch_dtype(node.arg)),
+    Op.ROUND: lambda node, a, env: a[0].to(getattr(torch, node.arg)).to(env.dtype),  # 16-bit
+    Op.INVERT: lambda node, a, env: torch.bitwise_not(a[0].long()),  # ~x on an integer
     Op.NEG: lambda node, a, env: torch.neg(a[0]),  # in the operand's dtype
     Op.ABS: lambda node, a, env: torch.abs(a[0]),
     Op.NOT: lambda node, a, env: torch.logical_not(a[0]),  # p == 0
@@ -165,6 +168,7 @@ RULES: dict[Op, Rule] = {
     Op.MUL: _arith(operator.mul),
     Op.DIV: lambda node, a, env: safe_div(as_float(a[0], env.dtype),
                                           as_float(a[1], env.dtype)),  # 0 / 0 = 0
+    Op.TRUEDIV: lambda node, a, env: as_float(a[0], env.dtype) / as_float(a[1], env.dtype),
     Op.FLOORDIV: _integer_division("//", lambda x, y: torch.div(x, y, rounding_mode="floor")),
     Op.MOD: _integer_division("%", torch.remainder),  # Python's %: the sign of the divisor
     Op.MAX: _arith(torch.maximum),
@@ -178,6 +182,9 @@ RULES: dict[Op, Rule] = {
     Op.NE: lambda node, a, env: torch.ne(a[0], a[1]),
     Op.AND: _logical(torch.logical_and, torch.bitwise_and),
     Op.OR: _logical(torch.logical_or, torch.bitwise_or),
+    Op.XOR: _logical(torch.logical_xor, torch.bitwise_xor),
+    Op.LSHIFT: _logical(torch.bitwise_left_shift, torch.bitwise_left_shift),
+    Op.RSHIFT: _logical(torch.bitwise_right_shift, torch.bitwise_right_shift),
     Op.WHERE: _where,
 }
 

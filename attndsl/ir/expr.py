@@ -9,8 +9,21 @@ Semantics shared by every executor (the eager oracle and the kernels):
 
 * a reduction over the key index ranges only over unmasked keys; over an empty range
   ``sum = 0`` and ``max = -inf``;
-* ``x / y`` is ``0`` when both are ``0`` (a fully masked row normalises to zero, never NaN);
-* ``//`` and ``%`` on integers follow Python (floor) semantics.
+* ``x / y`` (``DIV``, the language's normalising division) is ``0`` when both are ``0`` (a
+  fully masked row normalises to zero, never NaN); ``TRUEDIV`` is IEEE division as in torch
+  (``0 / 0`` is NaN), what ``/`` means in a traced score_mod;
+* integers are int64 (wrapping as torch's do); ``//`` and ``%`` on integers follow Python
+  (floor) semantics and a zero divisor is an error (torch raises ZeroDivisionError);
+* ``&``, ``|``, ``^`` are logical on booleans and bitwise on integers (a bool operand is 0/1);
+  ``INVERT`` is bitwise not of an integer (``~x = -x - 1``); ``<<`` / ``>>`` shift an int64:
+  a shift by a negative amount or by 64 or more gives 0 (``<<``) or the sign (``>>``), as in
+  torch;
+* a float-only function (``exp``, ``log``, ``sqrt``...) of an integer first converts it to
+  float (an explicit ``CAST`` node), as torch promotes;
+* ``ROUND`` (arg ``"float16"`` / ``"bfloat16"``) rounds a float to the nearest value of that
+  16-bit format (ties to even) and stays a float: ``.half()`` then fp32 math;
+* an expression is at most :data:`MAX_DEPTH` levels deep where a spec states it (the frontends
+  check it with a location); lowering may add at most :data:`LOWERING_DEPTH` levels.
 """
 
 from __future__ import annotations
@@ -25,6 +38,9 @@ from attndsl.errors import AttnDSLError
 
 FLOAT, INT, BOOL = "float", "int", "bool"
 DTYPES = (FLOAT, INT, BOOL)
+HALF_FORMATS = ("float16", "bfloat16")  # the 16-bit float formats a ROUND node rounds to
+MAX_DEPTH = 200  # levels of operators a spec's expression may have (after inlining equations)
+LOWERING_DEPTH = 4 * MAX_DEPTH  # hard limit of any IR expression (derivatives nest deeper)
 
 
 class Op(Enum):
@@ -44,13 +60,16 @@ class Op(Enum):
     SIGMOID = auto()
     ABS = auto()
     SQRT = auto()
-    NOT = auto()
+    NOT = auto()  # logical not (of a boolean, or x == 0)
+    INVERT = auto()  # bitwise not of an integer
     CAST = auto()  # arg: target dtype
+    ROUND = auto()  # arg: one of HALF_FORMATS; round to that format, the value stays float
     # binary
     ADD = auto()
     SUB = auto()
     MUL = auto()
-    DIV = auto()
+    DIV = auto()  # 0 / 0 = 0 (normalisation)
+    TRUEDIV = auto()  # IEEE division (torch's /)
     FLOORDIV = auto()
     MOD = auto()
     MAX = auto()
@@ -64,6 +83,9 @@ class Op(Enum):
     NE = auto()
     AND = auto()
     OR = auto()
+    XOR = auto()
+    LSHIFT = auto()
+    RSHIFT = auto()
     # ternary
     WHERE = auto()
     # reductions (arg: index name)
@@ -74,9 +96,12 @@ class Op(Enum):
 
 
 UNARY = {Op.NEG, Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.TANH, Op.SIGMOID, Op.ABS, Op.SQRT, Op.NOT,
-         Op.CAST}
-BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.FLOORDIV, Op.MOD, Op.MAX, Op.MIN, Op.POW, Op.LT,
-          Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE, Op.AND, Op.OR}
+         Op.INVERT, Op.CAST, Op.ROUND}
+BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.TRUEDIV, Op.FLOORDIV, Op.MOD, Op.MAX, Op.MIN,
+          Op.POW, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE, Op.AND, Op.OR, Op.XOR, Op.LSHIFT,
+          Op.RSHIFT}
+BITWISE = {Op.AND, Op.OR, Op.XOR}  # logical on booleans, bitwise on integers
+SHIFTS = {Op.LSHIFT, Op.RSHIFT}
 COMPARE = {Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE}
 REDUCE = {Op.REDUCE_SUM, Op.REDUCE_MAX}
 LEAVES = {Op.CONST, Op.INDEX, Op.PARAM, Op.ROW}
@@ -96,9 +121,16 @@ class Expr:
     arg: Any = None
     dtype: str = FLOAT
     _hash: int = field(default=0, compare=False, repr=False)
+    depth: int = field(default=1, compare=False, repr=False)  # levels, a leaf is 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_hash", hash((self.op, self.src, self.arg, self.dtype)))
+        if self.src:
+            depth = 1 + max(s.depth for s in self.src)
+            if depth > LOWERING_DEPTH:
+                raise IRError(f"an expression is nested too deeply (more than {LOWERING_DEPTH} "
+                              f"levels)")
+            object.__setattr__(self, "depth", depth)
 
     def __hash__(self) -> int:
         return self._hash
@@ -216,13 +248,29 @@ def promote(a: str, b: str) -> str:
     return a if order[a] >= order[b] else b
 
 
+def to_float(x: Expr) -> Expr:
+    """x as a float: an explicit CAST of an integer or boolean (torch's promotion)."""
+    return x if x.dtype == FLOAT else Expr(Op.CAST, (x,), FLOAT, FLOAT)
+
+
 def unary(op: Op, x: Any, arg: Any = None) -> Expr:
     x = as_expr(x)
     if op is Op.CAST:
         return Expr(op, (x,), arg, arg)
+    if op is Op.ROUND:
+        if arg not in HALF_FORMATS:
+            raise IRError(f"ROUND needs one of {', '.join(HALF_FORMATS)}, got {arg!r}")
+        return Expr(op, (to_float(x),), arg, FLOAT)
     if op is Op.NOT:
         return Expr(op, (x,), None, BOOL)
-    dtype = FLOAT if op in FLOAT_ONLY else x.dtype
+    if op is Op.INVERT:
+        if x.dtype != INT:
+            raise IRError(f"bitwise not (~) needs an integer operand, got a {x.dtype} "
+                          f"expression; use ! (not) for booleans")
+        return Expr(op, (x,), None, INT)
+    if op in FLOAT_ONLY:
+        return Expr(op, (to_float(x),), arg, FLOAT)
+    dtype = x.dtype
     if op is Op.NEG and dtype == BOOL:
         raise IRError("cannot negate a boolean; use ~ (not)")
     return Expr(op, (x,), arg, dtype)
@@ -232,16 +280,25 @@ def binary(op: Op, a: Any, b: Any) -> Expr:
     a, b = as_expr(a), as_expr(b)
     if op in COMPARE:
         dtype = BOOL
-    elif op in (Op.AND, Op.OR):
+    elif op in BITWISE:
         dtype = BOOL if a.dtype == b.dtype == BOOL else promote(a.dtype, b.dtype)
         if dtype == FLOAT:
-            raise IRError("& and | need boolean or integer operands, got a float")
-    elif op is Op.DIV:
+            raise IRError(f"{_INFIX[op][0]} needs boolean or integer operands, got a float "
+                          f"(as in torch)")
+    elif op in SHIFTS:
+        if FLOAT in (a.dtype, b.dtype):
+            raise IRError(f"{_INFIX[op][0]} needs integer operands, got a float")
+        dtype = INT
+    elif op in (Op.DIV, Op.TRUEDIV):
         dtype = FLOAT
+        if op is Op.TRUEDIV and b.op is Op.CONST and b.arg != 0:
+            op = Op.DIV  # the two agree unless the divisor is 0: one canonical form
     else:
         dtype = promote(a.dtype, b.dtype)
         if dtype == BOOL and op not in (Op.MAX, Op.MIN):
             dtype = INT
+        if op in (Op.FLOORDIV, Op.MOD) and dtype == INT and is_const(b, 0):
+            raise IRError(f"integer {_INFIX[op][0]} by zero (torch raises ZeroDivisionError)")
     return Expr(op, (a, b), None, dtype)
 
 
@@ -280,13 +337,15 @@ def is_const(e: Expr, value: float | None = None) -> bool:
 
 # -- printing --------------------------------------------------------------------------------
 
-_INFIX = {Op.ADD: ("+", 4), Op.SUB: ("-", 4), Op.MUL: ("*", 5), Op.DIV: ("/", 5),
-          Op.FLOORDIV: ("//", 5), Op.MOD: ("%", 5), Op.POW: ("**", 7), Op.LT: ("<", 3),
-          Op.LE: ("<=", 3), Op.GT: (">", 3), Op.GE: (">=", 3), Op.EQ: ("==", 3),
-          Op.NE: ("!=", 3), Op.AND: ("&", 2), Op.OR: ("|", 1)}
+# precedence climbs as in grammar/attn.lark: | ^ & (comparison) << >> + - * / // % ** (prefix)
+_INFIX = {Op.ADD: ("+", 5), Op.SUB: ("-", 5), Op.MUL: ("*", 6), Op.DIV: ("/", 6),
+          Op.FLOORDIV: ("//", 6), Op.MOD: ("%", 6), Op.POW: ("**", 8),
+          Op.LSHIFT: ("<<", 4.5), Op.RSHIFT: (">>", 4.5), Op.LT: ("<", 4), Op.LE: ("<=", 4),
+          Op.GT: (">", 4), Op.GE: (">=", 4), Op.EQ: ("==", 4), Op.NE: ("!=", 4),
+          Op.AND: ("&", 3), Op.XOR: ("^", 2), Op.OR: ("|", 1)}
 _CALL = {Op.EXP: "exp", Op.EXP2: "exp2", Op.LOG: "log", Op.LOG2: "log2", Op.TANH: "tanh",
          Op.SIGMOID: "sigmoid", Op.ABS: "abs", Op.SQRT: "sqrt", Op.MAX: "max", Op.MIN: "min",
-         Op.WHERE: "where"}
+         Op.WHERE: "where", Op.TRUEDIV: "truediv"}
 
 
 def render_const(v: Any) -> str:
@@ -310,22 +369,21 @@ def render(e: Expr, prec: float = 0) -> str:
         return f"{e.arg}[{', '.join(render(s) for s in e.src)}]"
     if op in _INFIX:
         sym, p = _INFIX[op]
-        if op in (Op.AND, Op.OR):  # parenthesise comparisons under & and | for readability
-            text = f"{render(e.src[0], 3.5)} {sym} {render(e.src[1], 3.5)}"
+        if op in BITWISE:  # parenthesise comparisons under & ^ | for readability
+            text = f"{render(e.src[0], 4.5)} {sym} {render(e.src[1], 4.5)}"
             return f"({text})" if p < prec else text
         right = p + 1 if op is not Op.POW else p
         left = render(e.src[0], p if op is not Op.POW else p + 1)
         text = f"{left} {sym} {render(e.src[1], right)}"
         return f"({text})" if p < prec else text
-    if op is Op.NEG:
-        text = f"-{render(e.src[0], 6)}"
-        return f"({text})" if prec > 6 else text
-    if op is Op.NOT:
-        return f"!{render(e.src[0], 6)}"
-    if op is Op.CAST:
+    if op in (Op.NEG, Op.NOT, Op.INVERT):
+        sym = {Op.NEG: "-", Op.NOT: "!", Op.INVERT: "~"}[op]
+        text = f"{sym}{render(e.src[0], 7)}"
+        return f"({text})" if prec > 7 else text
+    if op in (Op.CAST, Op.ROUND):
         return f"{e.arg}({render(e.src[0])})"
     if op in (Op.REDUCE_SUM, Op.REDUCE_MAX, Op.SOFTMAX):
         name = {Op.REDUCE_SUM: "sum", Op.REDUCE_MAX: "max", Op.SOFTMAX: "softmax"}[op]
-        text = f"{name}({e.arg}) {render(e.src[0], 6)}"
+        text = f"{name}({e.arg}) {render(e.src[0], 7)}"
         return f"({text})" if prec > 0 else text
     return f"{_CALL[op]}({', '.join(render(s) for s in e.src)})"

@@ -16,6 +16,7 @@ parameters and constants have derivative 0)::
     (a ** b)' = b a^(b-1) a' + a^b log(a) b'
     max(a, b)' = where(a >= b, a', b')      min(a, b)' = where(a <= b, a', b')
     where(c, a, b)' = where(c, a', b')      float(a)' = a' (a float), 0 otherwise
+    float16(a)' = bfloat16(a)' = a' (rounding passes the gradient through, as torch's)
 
 A derivative that is structurally zero is pruned while it is built (no ``x * 0`` terms reach
 the result), and the result is simplified with :func:`attndsl.passes.rules.simplify`.
@@ -163,6 +164,13 @@ def _rule(n: Expr, d: list[Deriv]) -> Deriv:
                        d[2] if d[2] is not None else 0.0)
     if op is Op.CAST:
         return d[0] if n.arg == FLOAT and src[0].dtype == FLOAT else None
+    if op is Op.ROUND:  # as torch's .half(): the gradient passes through the rounding
+        return d[0]
+    if op is Op.TRUEDIV:
+        a, b = src
+        first = None if d[0] is None else E.binary(Op.TRUEDIV, d[0], b)
+        second = None if d[1] is None else E.binary(Op.TRUEDIV, a * d[1], b * b)
+        return _sub(first, second)
     if op is Op.FLOORDIV:
         return None  # piecewise constant
     if op is Op.MOD:  # a - floor(a / b) * b

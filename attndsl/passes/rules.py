@@ -131,10 +131,10 @@ RULES: list[Rule] = [
          and e.src[0].arg is True else None),  # where(True, a, b) -> a
     Rule("where-false", lambda e: e.src[2] if e.op is Op.WHERE and _c(e.src[0])
          and e.src[0].arg is False else None),  # where(False, a, b) -> b
-    Rule("and-true", lambda e: e.src[0] if e.op is Op.AND and _c(e.src[1])
-         and e.src[1].arg is True else None),  # x & True -> x
-    Rule("true-and", lambda e: e.src[1] if e.op is Op.AND and _c(e.src[0])
-         and e.src[0].arg is True else None),  # True & x -> x
+    Rule("and-true", lambda e: e.src[0] if e.op is Op.AND and e.dtype == BOOL and _c(e.src[1])
+         and e.src[1].arg is True else None),  # p & True -> p (an integer x & True is x & 1)
+    Rule("true-and", lambda e: e.src[1] if e.op is Op.AND and e.dtype == BOOL and _c(e.src[0])
+         and e.src[0].arg is True else None),  # True & p -> p
     Rule("not-not", lambda e: e.src[0].src[0]
          if e.op is Op.NOT and e.src[0].op is Op.NOT else None),  # !!x -> x
     Rule("sub-self", lambda e: E.const(0.0) if e.op is Op.SUB and e.src[0] == e.src[1]

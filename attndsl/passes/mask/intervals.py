@@ -127,6 +127,15 @@ def _r_div(node: Expr, a: Iv, b: Iv) -> Iv:
     return _clean(_where(point, exact, lo), _where(point, exact, hi))
 
 
+def _r_truediv(node: Expr, a: Iv, b: Iv) -> Iv:
+    """x / y in IEEE arithmetic: as _r_div, but a point 0 / 0 is NaN (unknown)."""
+    ok = _one_sign(b)
+    q = _corners(torch.div, a, b)
+    lo, hi = _where(ok, q.lo, -_INF), _where(ok, q.hi, _INF)
+    point = _is_point(a) & _is_point(b)
+    return _clean(_where(point, a.lo / b.lo, lo), _where(point, a.lo / b.lo, hi))
+
+
 def _floor_div(x: Tensor, y: Tensor) -> Tensor:
     return torch.div(x, y, rounding_mode="floor")
 
@@ -260,6 +269,43 @@ def _r_or(node: Expr, a: Iv, b: Iv) -> Iv:
     return _bitwise(torch.bitwise_or, False, a, b)
 
 
+def _r_xor(node: Expr, a: Iv, b: Iv) -> Iv:
+    """p ^ q on booleans: always iff one is always and the other never, never iff both are
+    known and equal; on integers exact at points, else within the operands' bit width."""
+    if node.dtype == BOOL:
+        a_on, a_off, b_on, b_off = a.lo > 0.5, a.hi < 0.5, b.lo > 0.5, b.hi < 0.5
+        return _truth((a_on & b_off) | (a_off & b_on), (a_on & b_on) | (a_off & b_off))
+    nonneg = (a.lo >= 0) & (b.lo >= 0) & torch.isfinite(a.hi) & torch.isfinite(b.hi)
+    top = torch.maximum(a.hi, b.hi)
+    cap = torch.exp2(torch.ceil(torch.log2(top + 1))) - 1
+    point = _is_point(a) & _is_point(b) & torch.isfinite(a.lo) & torch.isfinite(b.lo)
+    safe = _where(point, 1.0, 0.0)
+    exact = torch.bitwise_xor((a.lo * safe).to(torch.int64),
+                              (b.lo * safe).to(torch.int64)).to(_F64)
+    return Iv(_where(point, exact, _where(nonneg, 0.0, -_INF)),
+              _where(point, exact, _where(nonneg, cap, _INF)))
+
+
+def _r_invert(node: Expr, a: Iv) -> Iv:
+    """~x = -x - 1 (decreasing)."""
+    return Iv(-a.hi - 1, -a.lo - 1)
+
+
+def _r_shift(node: Expr, a: Iv, b: Iv) -> Iv:
+    """x << y, x >> y: exact at points (torch's rules for large shifts), else unknown."""
+    point = _is_point(a) & _is_point(b) & torch.isfinite(a.lo) & torch.isfinite(b.lo)
+    safe = _where(point, 1.0, 0.0)
+    fn = torch.bitwise_left_shift if node.op is Op.LSHIFT else torch.bitwise_right_shift
+    exact = fn((a.lo * safe).to(torch.int64), (b.lo * safe).to(torch.int64)).to(_F64)
+    return Iv(_where(point, exact, -_INF), _where(point, exact, _INF))
+
+
+def _r_round(node: Expr, a: Iv) -> Iv:
+    """Rounding to a 16-bit format is monotone."""
+    dt = getattr(torch, node.arg)
+    return Iv(a.lo.to(dt).to(_F64), a.hi.to(dt).to(_F64))
+
+
 def _r_not(node: Expr, a: Iv) -> Iv:
     """~p (p == 0): always when p is the single value 0, never when 0 is outside [lo, hi]."""
     return _truth((a.lo == 0) & (a.hi == 0), (a.lo > 0) | (a.hi < 0))
@@ -284,7 +330,7 @@ def _r_where(node: Expr, c: Iv, a: Iv, b: Iv) -> Iv:
 
 # rules that take boolean intervals (bool tensors) as they are; the others get float64
 _LOGICAL = frozenset({Op.AND, Op.OR, Op.NOT, Op.WHERE, Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT,
-                      Op.GE})
+                      Op.GE, Op.XOR})
 
 # one rule per Op: rule(node, *operand intervals) -> the interval of the node over each box
 _RULES: dict[Op, Callable[..., Iv]] = {
@@ -294,6 +340,7 @@ _RULES: dict[Op, Callable[..., Iv]] = {
     Op.SUB: lambda node, a, b: _clean(a.lo - b.hi, a.hi - b.lo),  # [lo_x - hi_y, hi_x - lo_y]
     Op.MUL: lambda node, a, b: _corners(_times, a, b),  # bilinear: extremes at corners
     Op.DIV: _r_div,  # corners when y keeps one sign, else unbounded; points exact
+    Op.TRUEDIV: _r_truediv,  # as DIV, but a point 0 / 0 is NaN (unknown)
     Op.FLOORDIV: _r_floordiv,  # floor of the corners when y keeps one sign
     Op.MOD: _r_mod,  # [lo % c, hi % c] inside one period, else [0, hi_y - 1] (y > 0)
     Op.MAX: lambda node, a, b: Iv(torch.maximum(a.lo, b.lo), torch.maximum(a.hi, b.hi)),
@@ -314,6 +361,11 @@ _RULES: dict[Op, Callable[..., Iv]] = {
     Op.NE: _r_ne,  # the negation of ==
     Op.AND: _r_and,  # booleans: [min(lo), min(hi)]; integers: bitwise bounds
     Op.OR: _r_or,  # booleans: [max(lo), max(hi)]; integers: bitwise bounds
+    Op.XOR: _r_xor,  # booleans: known when both are; integers: within the bit width
+    Op.INVERT: _r_invert,  # ~x = -x - 1: [-hi - 1, -lo - 1]
+    Op.LSHIFT: _r_shift,  # exact at points, else unknown
+    Op.RSHIFT: _r_shift,
+    Op.ROUND: _r_round,  # rounding to a 16-bit format is monotone
     Op.NOT: _r_not,  # always when p is the point 0, never when 0 is outside [lo, hi]
     Op.CAST: _r_cast,  # bool(x) is x != 0, int(x) truncates (monotone), float(x) is x
     Op.WHERE: _r_where,  # the chosen branch when p is decided, else the hull of both

@@ -1,0 +1,303 @@
+"""Expression semantics are torch's in every executor: the tracer, the .attn text, the oracle and
+the generated kernel agree with torch evaluating the same Python function on index grids (or with
+torch's own flex_attention on the CPU).
+
+Covered: bitwise ``^ & | ~ << >>`` on integers and booleans, int64 index arithmetic (no int32
+wrap-around in the kernel), refused integer division by zero, IEEE ``0 / 0`` in a score_mod,
+integer arguments of float functions, 16-bit rounding casts, and one depth limit for every
+construct that nests.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from attndsl.codegen.triton import generate
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
+from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
+
+import attndsl
+from attndsl.checking import TOLERANCE, compare, index_sizes, oracle, random_problem
+from attndsl.eager import EagerError, eval_expr
+from attndsl.frontend.flex import mask_expr
+from attndsl.frontend.text import SpecError, parse_text
+from attndsl.ir.expr import MAX_DEPTH
+from attndsl.passes.pipeline import compile_cascade
+from attndsl.runtime.modules import load_kernel_module
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
+Tensor = torch.Tensor
+B, H, L, D = 1, 2, 40, 16
+
+
+def _qkv(seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, L, D, generator=gen) for _ in range(3))
+
+
+def _both(score_mod=None, mask_mod=None) -> tuple[Tensor, Tensor]:
+    """attndsl's kernel and torch's flex_attention on the same problem."""
+    q, k, v = _qkv()
+    ours = attndsl.flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod)
+    block = None if mask_mod is None else torch_block_mask(mask_mod, B, H, L, L, device="cpu")
+    return ours, torch_flex_attention(q, k, v, score_mod=score_mod, block_mask=block)
+
+
+# -- 1. bitwise operators ---------------------------------------------------------------------
+
+BITWISE_MASKS = {
+    "xor parity": lambda b, h, q, kv: ((q ^ kv) & 1) == 0,
+    "xor window": lambda b, h, q, kv: (q ^ kv) < 5,
+    "or": lambda b, h, q, kv: (q | kv) <= q + 3,
+    "shifts": lambda b, h, q, kv: (q >> 3) == ((kv << 2) >> 5),
+    "bitwise not": lambda b, h, q, kv: (~kv) >= -q - 1,
+    "boolean xor": lambda b, h, q, kv: (q >= kv) ^ (kv < 4),
+    "boolean not": lambda b, h, q, kv: ~(q < kv),
+}
+
+
+@pytest.mark.parametrize("name", BITWISE_MASKS)
+def test_bitwise_masks_match_torch_flex_attention(name: str) -> None:
+    ours, ref = _both(mask_mod=BITWISE_MASKS[name])
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_integer_bitwise_score_terms_match_torch_flex_attention() -> None:
+    def score(s, b, h, q, kv):
+        return s + ((q << 3) >> (kv % 5)).float() * 0.01 + (~q ^ kv).float() * 0.001
+
+    ours, ref = _both(score_mod=score)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_bitwise_functions_trace_like_the_operators() -> None:
+    q, kv = torch.arange(20)[:, None], torch.arange(20)[None, :]
+    fns = [lambda b, h, q, kv: torch.bitwise_xor(q, kv) < 3,
+           lambda b, h, q, kv: torch.logical_xor(q & 1, kv & 2),
+           lambda b, h, q, kv: torch.logical_and(q % 3, kv),
+           lambda b, h, q, kv: torch.bitwise_left_shift(q, kv % 70) > 100,
+           lambda b, h, q, kv: torch.bitwise_not(q) < -kv]
+    for fn in fns:
+        got = _grid(mask_expr(fn)[0], 20)
+        assert torch.equal(got, fn(0, 0, q, kv).expand(20, 20)), fn
+
+
+def _grid(e, n: int) -> Tensor:
+    """An expression over (b, h, m, n) evaluated on an n x n query/key grid."""
+    ranges = {"b": torch.arange(1), "h": torch.arange(1), "m": torch.arange(n),
+              "n": torch.arange(n)}
+    out = eval_expr(e, ["b", "h", "m", "n"], ranges, {})
+    return out.expand(1, 1, n, n)[0, 0]
+
+
+_SYM = st.sampled_from(["q", "kv"])
+_CONST = st.integers(-70, 70).map(str)
+_BIN = st.sampled_from(["^", "&", "|", "<<", ">>", "+", "-", "*"])
+
+
+def _expr(depth: int) -> st.SearchStrategy[str]:
+    """Integer expressions in which every subexpression uses q or kv (so that Python never
+    folds constants itself)."""
+    if depth == 0:
+        return _SYM
+    sub = _expr(depth - 1)
+    pairs = st.one_of(st.tuples(sub, sub), st.tuples(sub, _CONST), st.tuples(_CONST, sub))
+    return st.one_of(sub, st.tuples(pairs, _BIN).map(lambda t: f"({t[0][0]} {t[1]} {t[0][1]})"),
+                     sub.map(lambda t: f"(~{t})"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=_expr(3), bound=st.integers(-100, 100))
+def test_random_integer_bitwise_expressions_evaluate_as_in_torch(text: str, bound: int) -> None:
+    """Random int64 expressions (shift amounts beyond 63 and negative ones included) give the
+    values torch gives on the index grid, through the tracer and the oracle."""
+    fn = eval(f"lambda b, h, q, kv: {text} < {bound}")  # noqa: S307 -- test-built text
+    q, kv = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    assert torch.equal(_grid(mask_expr(fn)[0], 12), fn(0, 0, q, kv).expand(12, 12))
+
+
+def test_text_frontend_parses_bitwise_operators_with_python_like_precedence() -> None:
+    spec = _TEXT.format(mask="mask (m ^ n) < 3 ^ m >> 2 == n >> 2 & ~n < 0 | m == n + 1",
+                        extra="", score="S[b,h,m,n]")
+    (c,) = parse_text(spec).values()
+    keep = c.mask.expr
+    q, kv = torch.arange(16)[:, None], torch.arange(16)[None, :]
+    want = (((q ^ kv) < 3) ^ (((q >> 2) == (kv >> 2)) & ((~kv) < 0))) | (q == kv + 1)
+    assert torch.equal(_grid(keep, 16), want)
+
+
+def test_bitwise_operators_refuse_floats_with_a_located_error() -> None:
+    with pytest.raises(SpecError) as err:
+        parse_text(_TEXT.format(mask="", extra="", score="S[b,h,m,n] ^ 1"))
+    assert (err.value.line, err.value.col) == (6, 16) and "^ needs" in err.value.what
+    with pytest.raises(attndsl.TraceError, match="bitwise not"):
+        attndsl.compile(score_mod=lambda s, b, h, q, kv: ~s)
+
+
+# -- 2. int64 arithmetic and division by zero ----------------------------------------------
+
+def test_index_arithmetic_beyond_int32_matches_torch() -> None:
+    ours, ref = _both(mask_mod=lambda b, h, q, kv: q + 2147483647 >= kv + 2147483647)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    ours, ref = _both(score_mod=lambda s, b, h, q, kv: s + ((q + 4294967296) % 7).float()
+                      - ((q * 3000000019 + kv) % 11).float())
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_wide_integer_nodes_are_computed_in_int64_in_the_kernel() -> None:
+    def mask_lines(mask_mod) -> str:
+        src = attndsl.compile(mask_mod=mask_mod).source
+        return "\n".join(ln for ln in src.splitlines() if "keep = " in ln)
+
+    assert ".to(tl.int64)" in mask_lines(lambda b, h, q, kv: q + 2147483647 >= kv)
+    assert "int64" not in mask_lines(lambda b, h, q, kv: q - kv <= 8)
+
+
+def test_integer_division_by_constant_zero_is_refused_where_it_is_written() -> None:
+    with pytest.raises(attndsl.TraceError, match=r"integer // by zero[\s\S]*test_expr_semantics"):
+        attndsl.compile(mask_mod=lambda b, h, q, kv: q // 0 == kv)
+    with pytest.raises(SpecError) as err:
+        parse_text(_TEXT.format(mask="", extra="", score="S[b,h,m,n] + m % 0"))
+    assert (err.value.line, err.value.col) == (6, 33) and "by zero" in err.value.what
+
+
+def test_integer_division_by_a_value_that_can_be_zero_is_refused() -> None:
+    with pytest.raises(attndsl.TraceError, match="can be zero"):
+        attndsl.compile(mask_mod=lambda b, h, q, kv: q % kv == 0)
+    ours, ref = _both(mask_mod=lambda b, h, q, kv: q % (kv + 1) == 0)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_an_integer_parameter_that_divides_is_checked_at_launch() -> None:
+    (c,) = parse_text(_TEXT.format(mask="mask m // W == n // W", extra="param W: int",
+                                   score="S[b,h,m,n]")).values()
+    module = load_kernel_module(compile_cascade(c).kernel)
+    prob = random_problem(c, index_sizes(c, 1, 2, 2, 8, 8, 16, 16), torch.float32,
+                          torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="'W' divides an integer and is 0"):
+        module.launch(prob.inputs, {**prob.params, "W": 0}, prob.captured)
+    with pytest.raises(EagerError, match="by zero"):
+        oracle(c, replace(prob, params={**prob.params, "W": 0}))
+
+
+def test_zero_over_zero_in_a_score_mod_is_nan_as_in_torch() -> None:
+    def score(s, b, h, q, kv):
+        return torch.where(q == 3, s * 0.0 / (q - q).float(), s)
+
+    ours, ref = _both(score_mod=score)
+    assert torch.equal(ours.isnan(), ref.isnan()) and ref.isnan().any()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+# -- 4. integer arguments of float functions -----------------------------------------------
+
+def test_float_functions_of_integers_compile_and_match_the_oracle() -> None:
+    score = "S[b,h,m,n] * log(N) / sqrt(N) + exp(-m) + log2(n + 1) - sigmoid(m - n)"
+    (c,) = parse_text(_TEXT.format(mask="", extra="", score=score)).values()
+    module = load_kernel_module(compile_cascade(c).kernel)
+    prob = random_problem(c, index_sizes(c, 1, 2, 2, 19, 23, 16, 16), torch.float32,
+                          torch.Generator().manual_seed(1))
+    res = compare(module.launch(prob.inputs, prob.params, prob.captured), oracle(c, prob))
+    assert not res.nan and res.worst() <= TOLERANCE[torch.float32], res
+
+
+# -- 5. 16-bit casts -------------------------------------------------------------------------
+
+HALF_CASTS = {
+    "half": lambda s, b, h, q, kv: (s * 37.3).half(),
+    "bfloat16": lambda s, b, h, q, kv: (s * 37.3).bfloat16(),
+    "to float16": lambda s, b, h, q, kv: (s * 37.3).to(torch.float16) + 0.0,
+    "to bfloat16 of an int": lambda s, b, h, q, kv:
+        s + (q * 1001 + kv).to(torch.bfloat16).float() * 1e-3,
+}
+
+
+@pytest.mark.parametrize("name", HALF_CASTS)
+def test_16_bit_casts_round_as_torch_in_oracle_and_kernel(name: str) -> None:
+    """The row maxima of the scores show the rounding itself: they equal torch's maxima of
+    score_mod evaluated on the float32 score grid (a float32 cast would be off by ~2^-9)."""
+    fn = HALF_CASTS[name]
+    q, k, v = _qkv()
+    _, aux = attndsl.flex_attention(q, k, v, score_mod=fn, return_aux=attndsl.AuxRequest(
+        max_scores=True))
+    s = (q @ k.transpose(-1, -2)) * D ** -0.5
+    qi, ki = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    want = fn(s, 0, 0, qi, ki).float().amax(-1)
+    torch.testing.assert_close(aux.max_scores, want, atol=2e-5, rtol=2e-6)
+    (cas,) = [attndsl.compile(score_mod=fn).compiled.cascade]
+    inputs = {"Q": q.double(), "K": k.double(), "V": v.double()}
+    got = attndsl.run_cascade(cas, inputs, {"scale": D ** -0.5, "G": 1})["MAX"]
+    torch.testing.assert_close(got.float(), want, atol=2e-5, rtol=2e-6)
+
+
+# -- 3. one depth limit ------------------------------------------------------------------------
+
+_TEXT = """spec s {{
+  index b: B batch, h: H head, m: M query, n: N key, e: E qk, f: F v
+  input Q[B, H, M, E], K[B, H, N, E], V[B, H, N, F]
+  {extra}
+  S[b,h,m,n] = Q[b,h,m,e] * K[b,h,n,e]
+  T[b,h,m,n] = {score}
+  {mask}
+  O[b,h,m,f] = softmax(n) T[b,h,m,n] * V[b,h,n,f]
+  output O
+}}
+"""
+
+
+def test_chained_comparisons_past_the_depth_limit_are_a_located_error() -> None:
+    chain = " < ".join(["m"] * (MAX_DEPTH + 10))
+    with pytest.raises(SpecError) as err:
+        parse_text(_TEXT.format(mask=f"mask {chain}", extra="", score="S[b,h,m,n]"))
+    assert err.value.line == 7 and "nested too deeply" in err.value.what
+
+
+def test_equation_chains_past_the_depth_limit_are_a_located_error() -> None:
+    eqs = "\n".join(f"  A{i}[b,h,m,n] = A{i - 1}[b,h,m,n] * 0.5 + 1.0"
+                    for i in range(1, MAX_DEPTH // 2 + 5))
+    with pytest.raises(SpecError) as err:
+        parse_text(_TEXT.format(mask="", extra=f"A0[b,h,m,n] = Q[b,h,m,0]\n{eqs}",
+                                score=f"S[b,h,m,n] + A{MAX_DEPTH // 2 + 4}[b,h,m,n]"))
+    assert "nested too deeply once the equations it reads are substituted" in err.value.what
+    assert err.value.line > 4
+
+
+def test_a_deep_traced_score_mod_is_a_located_error_not_a_recursion_error() -> None:
+    def deep(s, b, h, q, kv):
+        for _ in range(5 * MAX_DEPTH):
+            s = s * 0.5 + 1.0
+        return s
+
+    with pytest.raises(attndsl.TraceError, match=r"nested too deeply[\s\S]*in deep"):
+        attndsl.compile(score_mod=deep)
+
+
+def test_specs_just_within_the_depth_limit_generate_source_that_parses_and_runs() -> None:
+    chain = " <= ".join(["n"] + ["m"] * (MAX_DEPTH - 20))
+    terms = "S[b,h,m,n]" + " * 0.5 + 0.25" * ((MAX_DEPTH - 20) // 2)
+    (c,) = parse_text(_TEXT.format(mask=f"mask {chain}", extra="", score=terms)).values()
+    kernel = compile_cascade(c).kernel
+    ast.parse(generate(kernel, "x", "0"))
+    module = load_kernel_module(kernel)
+    prob = random_problem(c, index_sizes(c, 1, 1, 1, 9, 11, 16, 16), torch.float32,
+                          torch.Generator().manual_seed(2))
+    res = compare(module.launch(prob.inputs, prob.params, prob.captured), oracle(c, prob))
+    assert not res.nan and res.worst() <= TOLERANCE[torch.float32], res
+
+
+def test_the_flex_backward_of_a_deep_score_mod_still_compiles() -> None:
+    def deep(s, b, h, q, kv):
+        for _ in range(MAX_DEPTH // 3):
+            s = torch.tanh(s) * 0.9 + 0.05
+        return s
+
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    out = attndsl.flex_attention(q, k, v, score_mod=deep)
+    out.sum().backward()
+    assert all(math.isfinite(float(t.grad.abs().sum())) for t in (q, k, v))
