@@ -5,6 +5,12 @@ Triton's compiler needs no GPU or driver: ``triton.compile`` on an ``ASTSource``
 CPU. This module compiles a kernel for a named NVIDIA target, reads the cubin back with the
 ``cuobjdump`` shipped in the Triton wheel, and reports what the kernel would use on that GPU.
 
+Where the compile runs: in this process, unless Triton's interpreter is on or has been used
+here (:func:`interpreter_active`) -- then in one fresh ``python -m attndsl.runtime.aot`` child
+without TRITON_INTERPRET, which imports the kernel from its file. Running interpreted ``@jit``
+helpers leaves ``triton.language`` patched (triton 3.8), so an in-process GPU compile after CPU
+runs fails; the child makes every caller (tests, ``attndsl explain --target``) independent of it.
+
 What Triton itself checks, and when: ``triton.compile`` does *not* check shared memory against
 the device; an over-large config compiles fine (a 256x256x256 attention tile reports 896 KiB) and
 only fails at the first launch (``CompiledKernel._init_handles`` raises ``OutOfResources``).
@@ -63,11 +69,11 @@ __all__ = [
     "CompiledReport",
     "TargetLimits",
     "attention_bound",
+    "child_env",
     "clear_cache",
     "compile_kernel",
     "estimate_occupancy",
     "find_cuobjdump",
-    "child_env",
     "format_report",
     "interpreter_active",
     "normalize_target",
