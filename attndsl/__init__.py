@@ -8,6 +8,9 @@ import torch as _torch
 # ATTNDSL_NO_INTERPRET=1 keeps the real compiler (ahead-of-time GPU compiles on a CPU).
 if not _torch.cuda.is_available() and not _os.environ.get("ATTNDSL_NO_INTERPRET"):
     _os.environ.setdefault("TRITON_INTERPRET", "1")
+    from attndsl.runtime.versions import warn_if_interpreter_broken as _warn
+
+    _warn()
 
 from attndsl.api import AuxOutput, AuxRequest, Kernel, compile, flex_attention  # noqa: E402
 from attndsl.block_mask import (  # noqa: E402

@@ -340,9 +340,11 @@ def flex_attention_trainable(query: Tensor, key: Tensor, value: Tensor,
     mask_fn = api._mask_of(block_mask, mask_mod)
     if torch.compiler.is_compiling():
         # traced once per (score_mod, mask_mod) object: id() guards recompile on new ones;
-        # the captured tensors are re-read through their paths so that dynamo lifts them
+        # the captured tensors are re-read through their paths so that dynamo lifts them;
+        # an absent root (None) needs no guard, and torch < 2.13's dynamo cannot trace id(None)
         roots = (*_split(score_mod), *_split(mask_fn))
-        entry_key, paths = _prepare_constant(*roots, *(id(r) for r in roots))
+        ids = (id(r) for r in roots if r is not None)
+        entry_key, paths = _prepare_constant(*roots, *ids)
         captured = [_follow(roots, p) for p in paths]
     else:
         entry_key, captured = _prepare(score_mod, mask_fn)

@@ -156,8 +156,15 @@ class BlockMask:
         return n
 
     def sparsity(self) -> float:
-        """Percentage of blocks skipped, as torch computes it (blocks counted at full size);
-        from the range table or the closed forms when the tables are not built."""
+        """Percentage of the block grid that the kernel skips, in [0, 100]:
+        ``100 * (1 - computed / (B * H * ceil(Q_LEN / BQ) * ceil(KV_LEN / BK)))`` with
+        ``computed`` the partial plus full blocks, counted from the range table or the closed
+        forms when the tables are not built.
+
+        torch >= 2.14 defines ``BlockMask.sparsity()`` the same way.  Earlier torch divides
+        ``computed * BQ * BK`` by the unpadded ``B * H * Q_LEN * KV_LEN``, which counts a block
+        cut short by a length at full size and goes negative (-27% for a sliding window at
+        L = 300, 128-blocks); that is not a fraction of anything, so it is not followed."""
         copies = self.numel() // (self.seq_lengths[0] * self.seq_lengths[1])  # B * H
         if self.tables is None and self.kv_ranges is not None:
             r = self.kv_ranges.reshape(*self.kv_ranges.shape[:-1], -1, 4)
@@ -172,8 +179,7 @@ class BlockMask:
             computed = int(self.kv_num_blocks.sum())
             if self.full_kv_num_blocks is not None:
                 computed += int(self.full_kv_num_blocks.sum())
-        dense = computed * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / max(1, self.numel())
-        return 100 * (1 - dense)
+        return block_grid_sparsity(computed, copies, self.seq_lengths, self.BLOCK_SIZE)
 
     def classes(self) -> Tensor:
         """int8 [B, H, nq, nk]: 0 empty, 1 partial, 2 full (torch's boundary convention)."""
@@ -223,6 +229,16 @@ class BlockMask:
         if self.kv_ranges is not None:
             return f"range table ({self.kv_ranges.shape[-1] // 4} segment(s) per query tile)"
         return "block tables"
+
+
+def block_grid_sparsity(computed: int, copies: int, seq_lengths: tuple[int, int],
+                        block_size: tuple[int, int]) -> float:
+    """``100 * (1 - computed / total)``: the percentage of the ``copies`` (B * H) block grids
+    of ``ceil(Q_LEN / BQ) x ceil(KV_LEN / BK)`` blocks that are not among the ``computed``."""
+    total = copies
+    for length, block in zip(seq_lengths, block_size, strict=True):
+        total *= -(-length // block)
+    return 100 * (1 - computed / max(1, total))
 
 
 

@@ -181,3 +181,48 @@ def test_attention_bound():
     assert aot.attention_bound(1e12, 4.0e12, "sm80") == pytest.approx(2.0)
     with pytest.raises(ValueError, match="no roofline"):
         aot.attention_bound(1.0, 1.0, "sm86")
+
+
+HELPER = None  # the interpreted helper, set by the test that launches apply_helper_body
+
+
+def add_one_helper_body(x):
+    return x + 1.0
+
+
+def apply_helper_body(X, N, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(X + offs, HELPER(tl.load(X + offs, mask=offs < N)), mask=offs < N)
+
+
+def test_gpu_compile_works_after_an_interpreted_helper_call(monkeypatch):
+    """Running an interpreted @jit helper leaves triton.language patched on triton 3.8; the
+    compile must still succeed (it runs in a fresh child process) and report real numbers."""
+    import torch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(globals(), "HELPER", triton.jit(add_one_helper_body))
+    x = torch.zeros(8)
+    triton.jit(apply_helper_body)[(1,)](x, 8, BLOCK=8)
+    assert torch.equal(x, torch.ones(8))
+    assert aot.interpreter_active()
+    r = aot.compile_kernel(add_body, {"X": "*fp32", "Y": "*fp32", "N": "i32"},
+                           {"BLOCK": 256}, "sm90", 2, 1)
+    assert r.fits and r.name == "add_body" and r.registers > 0 and r.target == "sm90"
+
+
+def test_a_local_kernel_under_the_interpreter_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def local_kernel(X, BLOCK: tl.constexpr):
+        tl.store(X + tl.arange(0, BLOCK), 0.0)
+
+    with pytest.raises(ValueError, match="module level.*child process"):
+        aot.compile_kernel(local_kernel, {"X": "*fp32"}, {"BLOCK": 16}, "sm80", 4, 1)
+
+
+def test_compile_errors_in_the_child_keep_their_message(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="(?s)add_body.*power of 2"):
+        aot.compile_kernel(add_body, {"X": "*fp32", "Y": "*fp32", "N": "i32"},
+                           {"BLOCK": 1000}, "sm80", 4, 1)  # tl.arange needs a power of 2

@@ -461,6 +461,10 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
     assert COMPILE_SLOPES.grad is None and eager_grads[-1].abs().sum() > 0
 
 
+# torch 2.11's dynamo cannot pass an nn.Module to an assume_constant_result function
+# ("UnspecializedNNModuleVariable is not a constant"); torch 2.13 can.
+@pytest.mark.skipif(torch.__version__ < "2.13", reason="bound nn.Module score_mod under "
+                    "torch.compile(fullgraph=True) needs torch >= 2.13")
 def test_torch_compile_module_and_recompiles() -> None:
     """nn.Module parameters through a bound-method score_mod, a block mask, and a new
     score_mod object triggers a recompile (the spec key is guarded by the function's id)."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch_compat import torch_block_grid_sparsity
 
 import attndsl
 from attndsl.api import SPARSE_BLOCK, _compiled, _sparsity_plan
@@ -98,7 +99,7 @@ def test_closed_form_block_mask_never_builds_tables() -> None:
     assert bm.tables is None
     torch.testing.assert_close(out, attndsl.flex_attention(q, q, q, mask_mod=MASKS["sliding"]))
     ref = torch_create(MASKS["sliding"], None, None, 300, 300, device="cpu")
-    assert abs(lazy_sparsity - ref.sparsity()) < 1e-9
+    assert abs(lazy_sparsity - torch_block_grid_sparsity(ref)) < 1e-9
     assert torch.equal(bm.kv_num_blocks, ref.kv_num_blocks)
     assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
 
@@ -122,7 +123,7 @@ def test_document_block_mask_keeps_only_ranges() -> None:
                               {"scale": 0.25, "G": 1})
     torch.testing.assert_close(out.double(), ref["O"], atol=1e-5, rtol=1e-5)
     theirs = torch_create(mask, None, None, L_DOC, L_DOC, device="cpu")
-    assert abs(lazy_sparsity - theirs.sparsity()) < 1e-9
+    assert abs(lazy_sparsity - torch_block_grid_sparsity(theirs)) < 1e-9
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                  "q_num_blocks", "q_indices"):
         assert torch.equal(getattr(bm, name), getattr(theirs, name)), name
@@ -171,3 +172,29 @@ def test_malformed_range_table_is_refused() -> None:
            "KV_BLOCK_SIZE": 128}
     with pytest.raises(module.AttentionInputError, match=r"kv_ranges must be \[B, H, rows, 4"):
         module.launch({"Q": q, "K": q, "V": q}, {"scale": 0.25}, spec.captured, bad)
+
+
+@pytest.mark.parametrize("length", [1, 100, 300, 1000])
+@pytest.mark.parametrize("mask", ["causal", "sliding", "document"])
+def test_sparsity_is_the_skipped_share_of_the_block_grid_at_any_length(mask: str,
+                                                                       length: int) -> None:
+    """Sparsity is a percentage in [0, 100] of the ceil(L / 128)^2 block grid, whatever the
+    length (torch < 2.14 divides by L^2 instead and reports -27% here at L = 300)."""
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create
+
+    fn = MASKS[mask] if mask != "document" else \
+        (lambda b, h, q, kv: doc[q % L_DOC] == doc[kv % L_DOC])  # documents repeat past L_DOC
+    bm = attndsl.create_block_mask(fn, 2, 3, length, length, device="cpu")
+    theirs = torch_create(fn, 2, 3, length, length, device="cpu")
+    value = bm.sparsity()
+    assert 0.0 <= value <= 100.0
+    assert abs(value - torch_block_grid_sparsity(theirs)) < 1e-9
+    tiles = -(-length // 128)
+    computed = int(theirs.kv_num_blocks.sum()) + int(theirs.full_kv_num_blocks.sum())
+    assert abs(value - 100 * (1 - computed / (2 * 3 * tiles * tiles))) < 1e-9
+
+
+def test_sliding_window_sparsity_at_300_is_three_skipped_tiles_of_nine() -> None:
+    bm = attndsl.create_block_mask(MASKS["sliding"], None, None, 300, 300, device="cpu")
+    assert bm.closed_form and bm.tables is None
+    assert abs(bm.sparsity() - 100 * 3 / 9) < 1e-9  # key tiles 0, 0-1, 0-2 of 3 rows

@@ -5,6 +5,12 @@ Triton's compiler needs no GPU or driver: ``triton.compile`` on an ``ASTSource``
 CPU. This module compiles a kernel for a named NVIDIA target, reads the cubin back with the
 ``cuobjdump`` shipped in the Triton wheel, and reports what the kernel would use on that GPU.
 
+Where the compile runs: in this process, unless Triton's interpreter is on or has been used
+here (:func:`interpreter_active`) -- then in one fresh ``python -m attndsl.runtime.aot`` child
+without TRITON_INTERPRET, which imports the kernel from its file. Running interpreted ``@jit``
+helpers leaves ``triton.language`` patched (triton 3.8), so an in-process GPU compile after CPU
+runs fails; the child makes every caller (tests, ``attndsl explain --target``) independent of it.
+
 What Triton itself checks, and when: ``triton.compile`` does *not* check shared memory against
 the device; an over-large config compiles fine (a 256x256x256 attention tile reports 896 KiB) and
 only fails at the first launch (``CompiledKernel._init_handles`` raises ``OutOfResources``).
@@ -40,12 +46,16 @@ Formulas used (all per streaming multiprocessor, SM):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import inspect
+import json
 import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
@@ -59,11 +69,13 @@ __all__ = [
     "CompiledReport",
     "TargetLimits",
     "attention_bound",
+    "child_env",
     "clear_cache",
     "compile_kernel",
     "estimate_occupancy",
     "find_cuobjdump",
     "format_report",
+    "interpreter_active",
     "normalize_target",
     "prune_configs",
 ]
@@ -345,6 +357,54 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One compile: a kernel, its argument types and constexprs, a target and a launch config."""
+
+    jit_fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    target: str
+    num_warps: int
+    num_stages: int
+    assume_aligned: bool
+    options: dict[str, Any]
+
+    @property
+    def key(self) -> tuple:
+        """Cache key: kernel content and every compile input, spelled canonically."""
+        return (
+            _source_key(self.jit_fn),
+            tuple(sorted((k, str(v)) for k, v in self.signature.items())),
+            tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())),
+            self.target,
+            self.num_warps,
+            self.num_stages,
+            self.assume_aligned,
+            tuple(sorted((k, repr(v)) for k, v in self.options.items())),
+        )
+
+
+def _request(
+    fn: Callable[..., Any],
+    signature: Mapping[str, str],
+    constexprs: Mapping[str, Any],
+    target: str | int,
+    num_warps: int,
+    num_stages: int,
+    assume_aligned: bool,
+    options: Mapping[str, Any] | None,
+) -> _Request:
+    """Validate one compile request (target name, launch config, argument coverage)."""
+    name = normalize_target(target)
+    if int(num_warps) < 1 or int(num_stages) < 1:
+        raise ValueError(f"num_warps and num_stages must be >= 1, got {num_warps}, {num_stages}")
+    jit_fn = _as_jit_function(fn)
+    _build_signature(jit_fn, signature, constexprs, assume_aligned)  # raises on a bad signature
+    return _Request(jit_fn, dict(signature), dict(constexprs), name, int(num_warps),
+                    int(num_stages), bool(assume_aligned), dict(options or {}))
+
+
 def compile_kernel(
     fn: Callable[..., Any],
     signature: dict[str, str],
@@ -363,53 +423,176 @@ def compile_kernel(
     ``"i32"``, ``"fp32"``, optionally ``"i32:16"``); ``constexprs`` maps constexpr arguments to
     values. ``options`` are extra Triton compile options (e.g. ``maxnreg``).
 
+    In a process that runs Triton's interpreter the compile happens in a fresh child process
+    (see :func:`interpreter_active`); ``fn`` must then be defined at module level in a file.
+
     Results are cached in-process on (source hash, signature, constexprs, target, warps, stages,
     alignment, options): an identical request returns the identical report object.
     """
+    req = _request(fn, signature, constexprs, target, num_warps, num_stages, assume_aligned,
+                   options)
+    return _compile_all([req])[0]
+
+
+def interpreter_active() -> bool:
+    """True when ``triton.compile`` cannot be trusted in this process.
+
+    That is when TRITON_INTERPRET is on (Triton's own spelling: 1, true, on) or when Triton's
+    interpreter has been loaded here: running an interpreted ``@jit`` helper patches
+    ``triton.language`` builtins for good (triton 3.8 restores the patches only around a whole
+    kernel launch), after which a GPU compile fails with errors such as
+    ``'InterpreterBuilder' object has no attribute 'grid_idx'``.
+    """
+    flag = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+    return flag or "triton.runtime.interpreter" in sys.modules
+
+
+def child_env() -> dict[str, str]:
+    """Environment of a child process that compiles with the real Triton compiler."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["ATTNDSL_NO_INTERPRET"] = "1"  # importing attndsl must not switch the interpreter on
+    return env
+
+
+def _compile_all(requests: Sequence[_Request]) -> list[CompiledReport]:
+    """Reports for ``requests``: cached ones as they are, the rest compiled here or in one
+    child process, whichever :func:`interpreter_active` allows."""
+    keys = [req.key for req in requests]
+    with _CACHE_LOCK:
+        found = {key: _CACHE[key] for key in keys if key in _CACHE}
+    todo = {key: req for key, req in zip(keys, requests) if key not in found}
+    if todo:
+        if interpreter_active():
+            fresh = _compile_in_child(list(todo.values()))
+        else:
+            fresh = [_compile_here(req) for req in todo.values()]
+        with _CACHE_LOCK:
+            for key, report in zip(todo, fresh):
+                found[key] = _CACHE.setdefault(key, report)
+    return [found[key] for key in keys]
+
+
+def _compile_here(req: _Request) -> CompiledReport:
+    """Run ``triton.compile`` in this process and read the cubin back."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name = normalize_target(target)
-    lim = TARGETS[name]
-    if int(num_warps) < 1 or int(num_stages) < 1:
-        raise ValueError(f"num_warps and num_stages must be >= 1, got {num_warps}, {num_stages}")
-    jit_fn = _as_jit_function(fn)
-    extra = dict(options or {})
-    key = (
-        _source_key(jit_fn),
-        tuple(sorted((k, str(v)) for k, v in signature.items())),
-        tuple(sorted((k, repr(v)) for k, v in constexprs.items())),
-        name,
-        int(num_warps),
-        int(num_stages),
-        bool(assume_aligned),
-        tuple(sorted((k, repr(v)) for k, v in extra.items())),
-    )
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-    if hit is not None:
-        return hit
-
-    sig, constants, attrs = _build_signature(jit_fn, signature, constexprs, assume_aligned)
-    src = ASTSource(fn=jit_fn, signature=sig, constexprs=constants, attrs=attrs)
+    lim = TARGETS[req.target]
+    sig, constants, attrs = _build_signature(req.jit_fn, req.signature, req.constexprs,
+                                             req.assume_aligned)
+    src = ASTSource(fn=req.jit_fn, signature=sig, constexprs=constants, attrs=attrs)
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", lim.capability, 32),
-        options={**extra, "num_warps": int(num_warps), "num_stages": int(num_stages)},
+        options={**req.options, "num_warps": req.num_warps, "num_stages": req.num_stages},
     )
-    built_for = str(getattr(compiled.metadata, "arch", name)).replace("_", "")
-    if built_for != name:  # TRITON_OVERRIDE_ARCH wins over the GPUTarget inside triton.compile
-        raise RuntimeError(f"asked for {name} but Triton compiled for {built_for}")
+    built_for = str(getattr(compiled.metadata, "arch", req.target)).replace("_", "")
+    if built_for != req.target:  # TRITON_OVERRIDE_ARCH wins over the GPUTarget in triton.compile
+        raise RuntimeError(f"asked for {req.target} but Triton compiled for {built_for}")
     usage_text, sass = _run_cuobjdump(compiled.asm["cubin"])
     usage = _parse_resource_usage(usage_text, compiled.metadata.name)
     ops = _count_opcodes(sass)
-    report = _make_report(
-        compiled.metadata.name, lim, int(num_warps), int(num_stages), dict(constexprs),
+    return _make_report(
+        compiled.metadata.name, lim, req.num_warps, req.num_stages, dict(req.constexprs),
         usage, ops, int(compiled.metadata.shared),
     )
-    with _CACHE_LOCK:
-        return _CACHE.setdefault(key, report)
+
+
+# ----------------------------------------------------------------------------- child process
+
+# Exceptions a child may report that are re-raised as the same type (anything else: RuntimeError).
+_CHILD_ERRORS: dict[str, type[Exception]] = {
+    "ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError,
+}
+
+
+def _locate(jit_fn: Any) -> tuple[str, str]:
+    """(source file, qualified name) by which a child process finds the kernel."""
+    raw = jit_fn.fn
+    path = inspect.getsourcefile(raw)
+    if path is None or not os.path.isfile(path) or "<locals>" in raw.__qualname__:
+        raise ValueError(
+            f"{raw.__qualname__} must be defined at module level in a .py file: this process runs "
+            "Triton's interpreter, so the kernel is compiled in a child process that imports it "
+            "from its file"
+        )
+    return os.path.abspath(path), raw.__qualname__
+
+
+def _payload(req: _Request) -> dict[str, Any]:
+    """A JSON-ready description of ``req`` for the child."""
+    path, qualname = _locate(req.jit_fn)
+    payload = {
+        "file": path, "qualname": qualname, "signature": req.signature,
+        "constexprs": req.constexprs, "target": req.target, "num_warps": req.num_warps,
+        "num_stages": req.num_stages, "assume_aligned": req.assume_aligned,
+        "options": req.options,
+    }
+    try:
+        json.dumps(payload)
+    except TypeError as err:
+        raise TypeError(
+            f"{qualname}: constexprs and options must be numbers, strings or bools to be sent to "
+            f"the compiling child process ({err})"
+        ) from None
+    return payload
+
+
+def _compile_in_child(requests: Sequence[_Request]) -> list[CompiledReport]:
+    """Compile ``requests`` in one fresh ``python -m attndsl.runtime.aot`` without the
+    interpreter; errors come back with their message (and type, for the usual ones)."""
+    payloads = [_payload(req) for req in requests]
+    proc = subprocess.run([sys.executable, "-m", "attndsl.runtime.aot"],
+                          input=json.dumps(payloads), capture_output=True, text=True,
+                          env=child_env(), timeout=1800, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"ahead-of-time compile child failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    reports = []
+    for req, result in zip(requests, json.loads(lines[-1]), strict=True):
+        if "error" in result:
+            kind, message = result["error"]
+            raise _CHILD_ERRORS.get(kind, RuntimeError)(message)
+        reports.append(CompiledReport(**{**result["report"], "constexprs": req.constexprs}))
+    return reports
+
+
+def _load_kernel(path: str, qualname: str, modules: dict[str, Any]) -> Any:
+    """The object ``qualname`` of the Python file ``path`` (imported once per file)."""
+    if path not in modules:
+        name = "_attndsl_aot_" + hashlib.sha256(path.encode()).hexdigest()[:16]
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        sys.path.insert(0, os.path.dirname(path))  # sibling imports, as when run from there
+        spec.loader.exec_module(module)
+        modules[path] = module
+    obj = modules[path]
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _child_main() -> None:
+    """Read compile requests (JSON) on stdin, print one JSON list of reports or errors."""
+    if interpreter_active():
+        raise SystemExit("the compiling child must run without TRITON_INTERPRET")
+    modules: dict[str, Any] = {}
+    results = []
+    for job in json.loads(sys.stdin.read()):
+        try:
+            fn = _load_kernel(job["file"], job["qualname"], modules)
+            req = _request(fn, job["signature"], job["constexprs"], job["target"],
+                           job["num_warps"], job["num_stages"], job["assume_aligned"],
+                           job["options"])
+            results.append({"report": dataclasses.asdict(_compile_here(req))})
+        except Exception as err:  # reported to the parent with its type and message
+            results.append({"error": [type(err).__name__, f"{err}"]})
+    print(json.dumps(results))
 
 
 def _make_report(
@@ -509,17 +692,14 @@ def prune_configs(
     A config holds constexprs (``BLOCK_M``, ``BLOCK_N``, ...) merged over ``constexpr_base`` plus
     ``num_warps`` (default 4) and ``num_stages`` (default 3). Compile errors propagate.
     """
-    kept = []
+    requests = []
     for config in configs:
         consts = dict(constexpr_base)
         consts.update({k: v for k, v in config.items() if k not in ("num_warps", "num_stages")})
-        report = compile_kernel(
-            fn, signature, consts, target,
-            int(config.get("num_warps", 4)), int(config.get("num_stages", 3)),
-        )
-        if report.fits:
-            kept.append((config, report))
-    return kept
+        requests.append(_request(fn, signature, consts, target, int(config.get("num_warps", 4)),
+                                 int(config.get("num_stages", 3)), True, None))
+    reports = _compile_all(requests)  # one child process for all of them, when one is needed
+    return [(config, report) for config, report in zip(configs, reports) if report.fits]
 
 
 def attention_bound(flops: float, bytes_moved: float, target: str) -> float:
@@ -535,3 +715,7 @@ def attention_bound(flops: float, bytes_moved: float, target: str) -> float:
         raise ValueError("flops and bytes_moved must be non-negative")
     peak, bandwidth = _CEILINGS[name]
     return max(flops / peak, bytes_moved / bandwidth)
+
+
+if __name__ == "__main__":
+    _child_main()

@@ -9,7 +9,6 @@ for a GPU.  ``python -m attndsl.runtime.gpu_report MODULE TARGET DTYPE E F`` pri
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from typing import Any
@@ -93,8 +92,9 @@ def default_config(kernel_path: str, dtype: str, e: int, f: int) -> list[int]:
 
 def run_jobs(jobs: list[dict]) -> list[dict]:
     """Compile many jobs in one child process (Triton imported without the interpreter)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(ATTNDSL_NO_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    from attndsl.runtime.aot import child_env
+
+    env = dict(child_env(), TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, "-m", "attndsl.runtime.gpu_report"],
                           input=json.dumps(jobs), capture_output=True, text=True, env=env,
                           timeout=1800)
