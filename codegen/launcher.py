@@ -2,8 +2,8 @@
 # The launcher of every generated module.  The printer copies this text, below the kernel, the
 # metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, ROLES, INDEX_EXTENTS,
 # PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS) it reads and the
-# index-range check (index_ranges, check_index_ranges), into the module.  It needs only torch
-# and triton.
+# index-range checks (index_ranges, divisor_ranges, check_index_ranges), into the module.  It
+# needs only torch and triton.
 
 _KERNELS: dict = {}
 
@@ -133,10 +133,12 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     for p in PARAMS:
         if p not in values:
             raise AttentionInputError(f"parameter {p!r} is not bound; pass it in params")
-    for p in NONZERO_PARAMS:  # integer // and % by them: torch raises ZeroDivisionError
-        if values[p] == 0 and m_len and n_batch * n_heads:
-            raise AttentionInputError(f"parameter {p!r} divides an integer and is 0")
-    tensors = {**inputs, **captured}  # every subscript in range (IndexError, as torch's)
+    tensors = {**inputs, **captured}
+    for text, (lo, hi) in divisor_ranges(values, tensors) if m_len and n_batch * n_heads else ():
+        if lo <= 0 <= hi:  # integer // and % by zero: torch raises ZeroDivisionError
+            raise AttentionInputError(f"the integer divisor {text} takes values in [{lo}, {hi}], "
+                                      f"which includes 0 (torch raises ZeroDivisionError)")
+    # every subscript in range (IndexError, as torch's)
     check_index_ranges(index_ranges(values, tensors), tensors)
     dtype = next(iter(inputs.values())).dtype
     cfg = dict(default_config(e_len, f_len, dtype, device.type))

@@ -21,7 +21,7 @@ from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
 from attndsl.ir.tile import Operand, RunningSum, TileKernel
 from attndsl.passes.index_bounds import walk_intervals
-from attndsl.passes.int_range import fits_i32, int_ranges, zero_divisors
+from attndsl.passes.int_range import fits_i32, int_ranges, launch_divisors, zero_divisors
 from attndsl.passes.tiling import BOUNDS_BLOCK
 from attndsl.runtime.index_check import runtime_source
 
@@ -390,12 +390,10 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     L(0, "import triton  # noqa: E402\nimport triton.language as tl  # noqa: E402\n")
     L(0, f"SPEC_HASH = {spec_hash!r}\nATTNDSL_VERSION = {version!r}")
     _emit_tables(k, names, L)
-    L(0, "# parameters that divide integers: a launch with one of them 0 is refused")
-    L(0, "NONZERO_PARAMS = " + repr(divisors) + "\n")
     L(0, HELPERS)
     _emit_kernel(k, names, L, m, n, b, h, f)
     L(0, runtime_source())
-    _emit_index_ranges(k, L)
+    _emit_index_ranges(k, L, divisors)
     L(0, launcher_source())
     return "\n".join(L.out) + "\n"
 
@@ -406,10 +404,11 @@ def _kernel_exprs(k: TileKernel) -> list[Expr]:
         ([k.mask] if k.mask is not None else [])
 
 
-def _check_divisors(exprs: list[Expr]) -> tuple[str, ...]:
-    """Refuses an integer // or % whose divisor can be zero (torch raises ZeroDivisionError;
-    a kernel cannot); returns the parameters that are divisors, checked at launch."""
-    params: dict[str, None] = {}
+def _check_divisors(exprs: list[Expr]) -> tuple[Expr, ...]:
+    """Refuses an integer // or % whose divisor, a function of the indices alone, can be zero
+    (torch raises ZeroDivisionError; a kernel cannot); returns the divisors that read
+    parameters or tensors, whose range the launcher checks for 0."""
+    divisors: dict[Expr, None] = {}
     for e in exprs:
         bad = zero_divisors(e)
         if bad:
@@ -417,11 +416,8 @@ def _check_divisors(exprs: list[Expr]) -> tuple[str, ...]:
             raise CodegenError(f"the divisor of the integer {E.render(node)} can be zero "
                                f"(torch raises ZeroDivisionError); make it provably nonzero, "
                                f"e.g. with max(..., 1)")
-        for node in e.walk():
-            if node.op in (Op.FLOORDIV, Op.MOD) and node.dtype == INT and \
-                    node.src[1].op is Op.PARAM:
-                params[node.src[1].arg] = None
-    return tuple(params)
+        divisors.update(dict.fromkeys(launch_divisors(e)))
+    return tuple(divisors)
 
 
 def _emit_tables(k: TileKernel, names: _Names, L: _Lines) -> None:
@@ -449,14 +445,26 @@ def _emit_tables(k: TileKernel, names: _Names, L: _Lines) -> None:
     L(0, "BOUNDS_SEGMENTS = " + repr(len(k.bounds) if k.bounds is not None else None) + "\n")
 
 
-def _emit_index_ranges(k: TileKernel, L: _Lines) -> None:
-    """``index_ranges(V, T)``: the interval of every subscript checked at launch, one line per
-    IR node (the rules are the runtime's ``_iv_*``), from the values ``V`` of the extents and
-    parameters and the tensors ``T`` (the [min, max] of a tensor read inside a subscript)."""
+def _emit_index_ranges(k: TileKernel, L: _Lines, divisors: tuple[Expr, ...] = ()) -> None:
+    """``index_ranges(V, T)``: the interval of every subscript checked at launch, and
+    ``divisor_ranges(V, T)``: the interval of every integer divisor that reads data, one line
+    per IR node (the rules are the runtime's ``_iv_*``), from the values ``V`` of the extents
+    and parameters and the tensors ``T`` (the [min, max] of a tensor read)."""
     extents = dict(k.index_extents)
     L(0, "def index_ranges(V: dict, T: dict) -> list:")
     L(1, '"""(tensor, dim, interval, subscript, negatives wrap) of each subscript of a tensor '
          'read\nthat is not proven in range at compile time (intervals: see _iv_index)."""')
+    _emit_intervals(extents, L, [(f"({s.tensor!r}, {s.dim}, ", s.index, f", {s.text!r}, "
+                                  f"{s.wraps!r})") for s in k.index_sites])
+    L(0, "def divisor_ranges(V: dict, T: dict) -> list:")
+    L(1, '"""(divisor, interval) of each integer // and % whose divisor reads parameters or '
+         'tensors."""')
+    _emit_intervals(extents, L, [(f"({E.render(d)!r}, ", d, ")") for d in divisors])
+
+
+def _emit_intervals(extents: dict[str, str], L: _Lines,
+                    items: list[tuple[str, Expr, str]]) -> None:
+    """The body of a function returning ``[head + interval of expr + tail, ...]``."""
     lines: list[str] = []
 
     def assign(text: str) -> str:
@@ -480,8 +488,7 @@ def _emit_index_ranges(k: TileKernel, L: _Lines) -> None:
         return assign(f"{rule}({', '.join(args)})")
 
     memo: dict[Expr, str] = {}
-    out = [f"({s.tensor!r}, {s.dim}, {walk_intervals(s.index, leaf, apply, memo)}, "
-           f"{s.text!r}, {s.wraps!r})" for s in k.index_sites]
+    out = [head + walk_intervals(e, leaf, apply, memo) + tail for head, e, tail in items]
     for line in lines:
         L(1, line)
     L(1, "return [" + ",\n        ".join(out) + "]\n\n")

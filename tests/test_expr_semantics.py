@@ -180,10 +180,27 @@ def test_an_integer_parameter_that_divides_is_checked_at_launch() -> None:
     module = load_kernel_module(compile_cascade(c).kernel)
     prob = random_problem(c, index_sizes(c, 1, 2, 2, 8, 8, 16, 16), torch.float32,
                           torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="'W' divides an integer and is 0"):
+    with pytest.raises(ValueError, match=r"divisor W takes values in \[0, 0\], which includes 0"):
         module.launch(prob.inputs, {**prob.params, "W": 0}, prob.captured)
     with pytest.raises(EagerError, match="by zero"):
         oracle(c, replace(prob, params={**prob.params, "W": 0}))
+
+
+def test_a_divisor_read_from_a_captured_tensor_is_checked_at_launch() -> None:
+    chunk = torch.tensor([3, 5], dtype=torch.int64)
+
+    def per_head_chunks(b, h, q, kv):
+        return (q // chunk[h] == kv // chunk[h]) & (kv % chunk[h] <= q % chunk[h])
+
+    ours, ref = _both(mask_mod=per_head_chunks)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    chunk[1] = 0  # torch raises ZeroDivisionError; so do the mask analysis and the launch
+    with pytest.raises(ValueError, match="by zero"):
+        _both(mask_mod=per_head_chunks)
+    kernel = attndsl.compile(mask_mod=per_head_chunks)
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"divisor .* takes values in \[0, 3\], which includes 0"):
+        kernel({"Q": q, "K": k, "V": v})
 
 
 def test_zero_over_zero_in_a_score_mod_is_nan_as_in_torch() -> None:

@@ -73,7 +73,7 @@ from attndsl.ir.expr import (
     render,
     render_const,
 )
-from attndsl.passes.int_range import may_be_zero
+from attndsl.passes.int_range import may_be_zero, reads_data
 
 GRAMMAR_FILE = "attn.lark"
 MAX_BRACKETS = 64  # open ( and [ at once
@@ -233,11 +233,12 @@ def combine(op: Op, a: Expr, b: Expr) -> Expr:
 
 
 def zero_divisor(d: Expr) -> str | None:
-    """Why an integer divisor is refused: it is 0, or it can be 0 somewhere (torch raises
-    ZeroDivisionError; a kernel cannot).  A bare parameter is checked at launch."""
+    """Why an integer divisor is refused: it is 0, or it is a function of the indices alone
+    that is 0 somewhere (torch raises ZeroDivisionError; a kernel cannot).  A divisor that
+    reads parameters or tensors is checked at launch, when their values are known."""
     if E.is_const(d, 0):
         return "by zero (torch raises ZeroDivisionError)"
-    if d.op is not Op.PARAM and may_be_zero(d):
+    if not reads_data(d) and may_be_zero(d):
         return ("by a divisor that can be zero (torch raises ZeroDivisionError); make it "
                 "provably nonzero, e.g. max(d, 1)")
     return None

@@ -119,15 +119,27 @@ def may_be_zero(e: Expr) -> bool:
     return lo <= 0 <= hi
 
 
+def reads_data(e: Expr) -> bool:
+    """Whether ``e`` reads a parameter or a tensor (values known only at launch)."""
+    return any(x.op in (Op.PARAM, Op.LOAD) for x in e.walk())
+
+
+def launch_divisors(e: Expr) -> list[Expr]:
+    """The divisors of the integer ``//`` and ``%`` nodes of ``e`` that read parameters or
+    tensors: whether they can be 0 is decided at launch, from the values."""
+    return [x.src[1] for x in e.walk()
+            if x.op in (Op.FLOORDIV, Op.MOD) and x.dtype == INT and reads_data(x.src[1])]
+
+
 def zero_divisors(e: Expr) -> list[Expr]:
-    """The integer ``//`` and ``%`` nodes of ``e`` whose divisor can be zero and is not a bare
-    parameter (a parameter is checked when its value is known, at launch)."""
+    """The integer ``//`` and ``%`` nodes of ``e`` whose divisor, a function of the indices
+    alone, can be zero (divisors reading data are checked at launch: launch_divisors)."""
     ranges: dict[Expr, Range] = {}
     out = []
     for node in e.walk():
         if node.op in (Op.FLOORDIV, Op.MOD) and node.dtype == INT:
             d = node.src[1]
-            if d.op is Op.PARAM:
+            if reads_data(d):
                 continue
             if d not in ranges:
                 ranges.update(int_ranges(d))
@@ -137,4 +149,5 @@ def zero_divisors(e: Expr) -> list[Expr]:
     return out
 
 
-__all__ = ["I32", "INDEX_RANGE", "fits_i32", "int_ranges", "may_be_zero", "zero_divisors"]
+__all__ = ["I32", "INDEX_RANGE", "fits_i32", "int_ranges", "launch_divisors", "may_be_zero",
+           "reads_data", "zero_divisors"]
