@@ -261,10 +261,14 @@ def _size(name: str, v: int | None, default: int | None = None) -> int:
 
 
 def _default_device(device: Any) -> torch.device:
+    """``device``, else the current accelerator when one is usable, else the CPU (a CUDA build
+    of torch on a machine without a driver names CUDA as its accelerator but cannot use it)."""
     if device is not None:
         return torch.device(device)
-    acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
-    return torch.device(acc) if acc is not None else torch.device("cpu")
+    acc = getattr(torch, "accelerator", None)
+    if acc is None or not acc.is_available() or acc.current_accelerator() is None:
+        return torch.device("cpu")
+    return torch.device(acc.current_accelerator())
 
 
 def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,

@@ -345,3 +345,12 @@ def test_a_tuning_entry_with_bad_values_is_re_tuned(tmp_path: Path,
     ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True, scale=0.25)
     torch.testing.assert_close(out["O"], ref, atol=1e-5, rtol=1e-5)
     assert mod._TUNED[key]["BLOCK_N"] in (32, 64, 128)
+
+
+def test_block_masks_default_to_the_cpu_when_the_accelerator_torch_names_is_unusable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a CUDA build of torch on a machine without a driver (what a fresh install resolves)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    mask = attndsl.create_block_mask(lambda b, h, q, kv: kv <= q, 1, 1, 64, 64)
+    assert mask.kv_num_blocks.device.type == "cpu"
