@@ -22,7 +22,7 @@ from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
 from attndsl.ir.tile import Operand, RunningSum, TileKernel
 from attndsl.passes.index_bounds import walk_intervals
 from attndsl.passes.int_range import fits_i32, int_ranges, zero_divisors
-from attndsl.passes.tiling import BOUNDS_BLOCK
+from attndsl.passes.mask import SPARSE_BLOCK
 from attndsl.runtime.index_check import runtime_source
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -445,7 +445,7 @@ def _emit_tables(k: TileKernel, names: _Names, L: _Lines) -> None:
     L(0, "PARAM_DEFAULTS = " + repr(dict(k.param_defaults)))
     L(0, "PASSES = " + repr(len(k.passes)))
     L(0, "# closed-form key-tile ranges (SPARSITY 3) exist for this mask, in blocks of:")
-    L(0, "BOUNDS_BLOCK = " + repr(BOUNDS_BLOCK if k.bounds is not None else None))
+    L(0, "BOUNDS_BLOCK = " + repr(SPARSE_BLOCK if k.bounds is not None else None))
     L(0, "BOUNDS_SEGMENTS = " + repr(len(k.bounds) if k.bounds is not None else None) + "\n")
 
 
