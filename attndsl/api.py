@@ -159,18 +159,23 @@ class Kernel:
         cap = _shapes_only({**self.captured, **(captured or {})}, first.device)
         if block_mask is not None:
             key = next(t for n, t in inputs.items() if n != next(iter(inputs)))
-            plan = block_mask_plan(block_mask, first.shape[-2], key.shape[-2])
+            tables = block_mask_plan(block_mask, first.shape[-2], key.shape[-2]).launch_tables()
         else:
-            plan = kernel_plan(self.compiled.cascade, self.module, {**inputs, **cap},
-                               params or {}, first.device)
+            tables = self._mask_plan({**inputs, **cap}, params or {}, first.device)
         run = lambda: self.module.launch(  # noqa: E731
-            inputs, params, cap, plan.launch_tables(), _options(kernel_options))
+            inputs, params, cap, tables, _options(kernel_options))
         tensors = {**inputs, **cap}
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())):
             return run()
         names = list(tensors)
         outs = _EagerBackward.apply(self, run, names, dict(params or {}), *tensors.values())
         return dict(zip(self.compiled.cascade.outputs, outs))
+
+    def _mask_plan(self, tensors: dict[str, Tensor], params: dict,
+                   device: torch.device) -> dict | None:
+        """The launch tables of a call without a block mask (:func:`kernel_plan`)."""
+        return kernel_plan(self.compiled.cascade, self.module, tensors, params,
+                           device).launch_tables()
 
 
 class _EagerBackward(torch.autograd.Function):

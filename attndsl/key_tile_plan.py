@@ -58,7 +58,7 @@ class Once(Generic[T]):
         return self._value  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KeyTilePlan:
     """How a kernel visits key tiles (see the module docstring), with the block sizes
     ``block`` = (Q_BLOCK_SIZE, KV_BLOCK_SIZE) and the ``mechanism`` that made it.
@@ -73,9 +73,8 @@ class KeyTilePlan:
     segments: tuple[KVBounds, ...] | None = None
     kv_ranges: Tensor | None = field(default=None, repr=False)
     tables: Tables | None = field(default=None, repr=False)
-    lazy: Callable[[], tuple[Tables, TileMap | None]] | None = field(default=None, repr=False,
-                                                                     compare=False)
-    tiles: TileMap | None = field(default=None, repr=False, compare=False)
+    lazy: Callable[[], tuple[Tables, TileMap | None]] | None = field(default=None, repr=False)
+    tiles: TileMap | None = field(default=None, repr=False)
 
     @classmethod
     def dense(cls) -> KeyTilePlan:
