@@ -11,7 +11,9 @@ kernel_options, *, mask_mod, return_aux)`` follows the calling convention and se
 
 The functions are traced once into the Cascade IR (never called per element), compiled into a
 fused Triton kernel (cached by content), and run: natively on a GPU, through Triton's
-interpreter on a CPU.
+interpreter on a CPU.  The layer below (:mod:`attndsl.runtime.checks`, ``.kernels``,
+``.plan``) checks the arguments, caches the compiled kernels and chooses each launch's
+key-tile plan; ``AttentionError`` is re-exported here.
 """
 
 from __future__ import annotations
@@ -24,26 +26,23 @@ from typing import Any, NamedTuple
 
 import torch
 
-from attndsl.block_mask import has_closed_form
-from attndsl.block_tables import to_tables
-from attndsl.eager import EagerError, bind_extents, run_cascade
-from attndsl.errors import AttnDSLError
+from attndsl.eager import bind_extents, run_cascade
 from attndsl.frontend.flex import lower_flex
-from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
-from attndsl.ir.expr import INT, Expr, Op
 from attndsl.passes.index_bounds import names_captured_tensors
-from attndsl.passes.mask import MaskAnalysisError, classify_tiles
-from attndsl.passes.pipeline import Compiled, compile_cascade
-from attndsl.runtime.modules import load_kernel_module, module_source
-from attndsl.runtime.plan_cache import TensorKeyedCache
+from attndsl.passes.pipeline import Compiled
+from attndsl.runtime.checks import AttentionError
+from attndsl.runtime.checks import check_qkv as _check_qkv
+from attndsl.runtime.checks import kernel_options as _options
+from attndsl.runtime.checks import mask_of as _mask_of
+from attndsl.runtime.checks import no_work as _no_work
+from attndsl.runtime.checks import shapes_only as _shapes_only
+from attndsl.runtime.kernels import compiled as _compiled
+from attndsl.runtime.kernels import launch_attention
+from attndsl.runtime.modules import module_source
+from attndsl.runtime.plan import block_mask_plan, kernel_plan, mask_plan
 
 Tensor = torch.Tensor
-_COMPILED: dict[Cascade, tuple[Compiled, ModuleType]] = {}
-KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-_IGNORED_FLEX_OPTIONS = ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS",
-                         "OUTPUT_LOGSUMEXP", "OUTPUT_MAX", "FORCE_USE_FLEX_ATTENTION",
-                         "WRITE_DQ", "BACKEND")
 
 
 class AuxRequest(NamedTuple):
@@ -56,154 +55,6 @@ class AuxRequest(NamedTuple):
 class AuxOutput(NamedTuple):
     lse: Tensor | None = None
     max_scores: Tensor | None = None
-
-
-class AttentionError(AttnDSLError, ValueError):
-    """Bad arguments to flex_attention / a compiled kernel: says what was expected."""
-
-
-def _compiled(cascade: Cascade) -> tuple[Compiled, ModuleType]:
-    if cascade not in _COMPILED:
-        comp = compile_cascade(cascade)
-        _COMPILED[cascade] = (comp, load_kernel_module(comp.kernel))
-    return _COMPILED[cascade]
-
-
-def _check_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise AttentionError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise AttentionError(f"{name} must have shape (B, H, L, E), got {tuple(t.shape)}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise AttentionError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or "
-                                 f"float32")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise AttentionError(f"query, key and value must share a dtype, got {query.dtype}, "
-                             f"{key.dtype}, {value.dtype}")
-    if not (query.device == key.device == value.device):
-        raise AttentionError(f"query, key and value must be on one device, got {query.device}, "
-                             f"{key.device}, {value.device}")
-    (b, hq, _, e), (bk, hk, s, ek), (bv, hv, sv, ev) = query.shape, key.shape, value.shape
-    if not (b == bk == bv):
-        raise AttentionError(f"batch sizes differ: query {b}, key {bk}, value {bv}")
-    if hk != hv or s != sv:
-        raise AttentionError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree "
-                             f"on heads and length")
-    if e != ek:
-        raise AttentionError(f"query head dim {e} != key head dim {ek}")
-    for name, d in (("query/key", e), ("value", ev)):
-        if not 16 <= d <= 256:
-            raise AttentionError(f"{name} head dim is {d}; attndsl supports 16 to 256")
-    if (hk == 0) != (hq == 0) or hk and hq % hk:  # no heads at all: an empty problem
-        raise AttentionError(f"{hq} query heads are not a multiple of {hk} key/value heads")
-    if hq != hk and not enable_gqa:
-        raise AttentionError(f"query has {hq} heads but key/value have {hk}; pass "
-                             f"enable_gqa=True for grouped-query attention")
-
-
-def _block_tables(block_mask: Any, lq: int, lkv: int) -> dict | None:
-    """Tables of torch's BlockMask or attndsl's (same field names)."""
-    if block_mask is None:
-        return None
-    for attr in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE"):  # on the class: tables may be
-        if not hasattr(type(block_mask), attr) and attr not in vars(block_mask):  # built lazily
-            raise AttentionError(f"block_mask must be a BlockMask (torch's or attndsl's); "
-                                 f"{type(block_mask).__name__} has no {attr}")
-    seq = getattr(block_mask, "seq_lengths", None)
-    if seq is not None and tuple(seq) != (lq, lkv):
-        raise AttentionError(f"block_mask was built for (Q_LEN, KV_LEN) = {tuple(seq)}, but "
-                             f"the inputs have ({lq}, {lkv}); rebuild it with "
-                             f"create_block_mask(..., {lq}, {lkv})")
-    bs = block_mask.BLOCK_SIZE
-    q_bs, kv_bs = (bs, bs) if isinstance(bs, int) else bs
-    if getattr(block_mask, "closed_form", False) and (q_bs, kv_bs) == (SPARSE_BLOCK,) * 2:
-        return {"closed_form": True, "Q_BLOCK_SIZE": q_bs, "KV_BLOCK_SIZE": kv_bs}
-    if getattr(block_mask, "kv_ranges", None) is not None:
-        return {"kv_ranges": block_mask.kv_ranges, "Q_BLOCK_SIZE": int(q_bs),
-                "KV_BLOCK_SIZE": int(kv_bs)}
-    return {"kv_num_blocks": block_mask.kv_num_blocks, "kv_indices": block_mask.kv_indices,
-            "full_kv_num_blocks": getattr(block_mask, "full_kv_num_blocks", None),
-            "full_kv_indices": getattr(block_mask, "full_kv_indices", None),
-            "Q_BLOCK_SIZE": int(q_bs), "KV_BLOCK_SIZE": int(kv_bs)}
-
-
-_PLANS = TensorKeyedCache(max_entries=64)  # by captured values or live identity, never id()
-SPARSE_BLOCK = 128
-
-
-def _no_work(device: torch.device, *sizes: int) -> bool:
-    """An empty problem (a batch, head or length of 0) or shapes only (meta tensors, as in
-    model initialisation): outputs are made without a launch, so no tile plan is needed
-    (and meta tensors hold no data to analyse)."""
-    return device.type == "meta" or 0 in sizes
-
-
-def _shapes_only(captured: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """Captured tensors as meta tensors when the inputs are (the launcher checks that devices
-    agree; a meta launch reads shapes only).  A tensor with data is detached on its way: meta
-    inputs compute nothing, so it gets no gradient (rather than an uninitialised one)."""
-    if device.type != "meta":
-        return captured
-    return {n: t if t.device.type == "meta" else t.detach().to("meta")
-            for n, t in captured.items()}
-
-
-def _sparsity_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: int, lkv: int,
-                   device: torch.device, closed_form: bool = True) -> dict | None:
-    """How the kernel skips key tiles for a mask given without a block mask: closed-form
-    key-tile ranges computed by the kernel from its query-tile index when the mask has them
-    (no table at all), else tables built by the symbolic analysis (O(tiles), from per-tile
-    summaries of captured data): four key-tile bounds per segment of key tiles when no query
-    tile sees more than MAX_SEGMENTS segments, block tables otherwise.  Cached by the captured
-    tensors' values (small CPU tensors) or live identity and version (attndsl.runtime.
-    plan_cache): a new tensor at a freed one's address never reuses the old plan."""
-    if _no_work(device, B, H, lq, lkv):
-        return None
-    parts = (mask, B, H, lq, lkv, str(device), closed_form)
-    plan = _PLANS.get(parts, captured)
-    if plan is not None:
-        return plan
-    if closed_form and has_closed_form(mask, SPARSE_BLOCK, SPARSE_BLOCK):
-        plan = {"closed_form": True}  # the kernel computes its key-tile ranges itself
-    else:
-        tiles = classify_tiles(mask, captured, B, H, lq, lkv, SPARSE_BLOCK, SPARSE_BLOCK)
-        ranges = tiles.kv_ranges()
-        if ranges is not None:  # a few segments of key tiles per query tile
-            plan = {"kv_ranges": ranges.to(device)}
-        else:
-            t = to_tables(tiles)
-            plan = {"kv_num_blocks": t.kv_num_blocks.to(device),
-                    "kv_indices": t.kv_indices.to(device),
-                    "full_kv_num_blocks": t.full_kv_num_blocks.to(device),
-                    "full_kv_indices": t.full_kv_indices.to(device)}
-    plan.update(Q_BLOCK_SIZE=SPARSE_BLOCK, KV_BLOCK_SIZE=SPARSE_BLOCK)
-    _PLANS.put(parts, captured, plan)
-    return plan
-
-
-def _mask_of(block_mask: Any, mask_mod: Callable | None) -> Callable | None:
-    if mask_mod is not None:
-        return mask_mod
-    fn = getattr(block_mask, "mask_mod", None)
-    if fn is None or getattr(fn, "__name__", "") == "noop_mask":
-        return None
-    return fn
-
-
-def _options(kernel_options: dict | None) -> dict:
-    out = {}
-    for k, v in (kernel_options or {}).items():
-        if k in KERNEL_OPTIONS:
-            out[k] = int(v)
-            if k.startswith("BLOCK") and (out[k] < 16 or out[k] & (out[k] - 1)):
-                raise AttentionError(f"kernel option {k}={v}: tile sizes must be powers of two "
-                                     f">= 16")
-            if not k.startswith("BLOCK") and out[k] < 1:
-                raise AttentionError(f"kernel option {k}={v} must be >= 1")
-        elif k not in _IGNORED_FLEX_OPTIONS and k != "deterministic":
-            raise AttentionError(f"unknown kernel option {k!r}; attndsl reads {KERNEL_OPTIONS}")
-    return out
 
 
 @names_captured_tensors
@@ -225,25 +76,21 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor,
         return _trainable(query, key, value, score_mod, block_mask, scale, enable_gqa,
                           return_lse, kernel_options, mask_mod, return_aux)
     lq, lkv = query.shape[2], key.shape[2]
-    tables = _block_tables(block_mask, lq, lkv)
+    plan = block_mask_plan(block_mask, lq, lkv)
     spec = lower_flex(score_mod, _mask_of(block_mask, mask_mod))
     if torch.is_grad_enabled() and any(t.requires_grad for t in
                                        (query, key, value, *spec.captured.values())):
         return _trainable(query, key, value, score_mod, block_mask, scale, enable_gqa,
                           return_lse, kernel_options, mask_mod, return_aux)
     _, module = _compiled(spec.cascade)
-    if tables is None and spec.cascade.mask is not None:
-        tables = _sparsity_plan(spec.cascade.mask.expr, spec.captured, query.shape[0],
-                                query.shape[1], lq, lkv, query.device)
+    if block_mask is None and spec.cascade.mask is not None:
+        plan = mask_plan(spec.cascade.mask.expr, spec.captured, query.shape[0],
+                         query.shape[1], lq, lkv, query.device)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    try:
-        out = module.launch({"Q": query, "K": key, "V": value},
-                            {"scale": float(scale), "G": query.shape[1] // max(1, key.shape[1])},
-                            _shapes_only(spec.captured, query.device), tables,
-                            _options(kernel_options))
-    except module.AttentionInputError as err:
-        raise AttentionError(str(err)) from None
+    out = launch_attention(module, query, key, value, scale,
+                           _shapes_only(spec.captured, query.device), plan,
+                           _options(kernel_options))
     if return_aux is not None:
         return out["O"], AuxOutput(out["LSE"] if return_aux.lse else None,
                                    out["MAX"] if return_aux.max_scores else None)
@@ -309,12 +156,10 @@ class Kernel:
         differentiates it -- correct for every cascade, but not a fused kernel (FlexAttention
         specs called through ``flex_attention`` get generated backward kernels instead)."""
         first = next(iter(inputs.values()))
-        lq = first.shape[-2]
-        tables = None
         cap = _shapes_only({**self.captured, **(captured or {})}, first.device)
         if block_mask is not None:
             key = next(t for n, t in inputs.items() if n != next(iter(inputs)))
-            tables = _block_tables(block_mask, lq, key.shape[-2])
+            tables = block_mask_plan(block_mask, first.shape[-2], key.shape[-2]).launch_tables()
         else:
             tables = self._mask_plan({**inputs, **cap}, params or {}, first.device)
         run = lambda: self.module.launch(  # noqa: E731
@@ -328,42 +173,9 @@ class Kernel:
 
     def _mask_plan(self, tensors: dict[str, Tensor], params: dict,
                    device: torch.device) -> dict | None:
-        """Key-tile tables from the mask analysis, for a launch without a block mask when the
-        kernel has no closed-form ranges of its own (masks reading data or parameters): the
-        mask with the launch's parameter values, indices renamed by role, its tensors bound.
-        None (every key tile visited, masked) when the mask cannot be analysed."""
-        c = self.compiled.cascade
-        if c.mask is None or getattr(self.module, "BOUNDS_BLOCK", None) is not None:
-            return None
-        roles = {i.role: i for i in c.indices}
-        rename = {roles[r].name: x for r, x in (("batch", "b"), ("head", "h"), ("query", "m"),
-                                                ("key", "n")) if r in roles}
-        values = {p.name: p.default for p in c.params if p.default is not None}
-        values.update({k: v for k, v in params.items() if v is not None})
-        if any(x.op is Op.PARAM and x.arg not in values for x in c.mask.expr.walk()):
-            return None
-
-        def bind(node: Expr) -> Expr | None:
-            if node.op is Op.INDEX and node.arg in rename:
-                return E.index(rename[node.arg])
-            if node.op is Op.PARAM:
-                value = values[node.arg]
-                return E.const(int(value) if node.dtype == INT else float(value))
-            return None
-
-        mask = c.mask.expr.replace(bind)
-        used = {x.arg for x in mask.walk() if x.op is Op.LOAD}
-        if mask.free_indices() - set(rename.values()) or not used <= set(tensors):
-            return None
-        try:
-            sizes = bind_extents(c, tensors)
-            extent = {r: sizes.get(roles[r].extent, 1) if r in roles else 1
-                      for r in ("batch", "head", "query", "key")}
-            return _sparsity_plan(mask, {k: tensors[k] for k in sorted(used)},
-                                  extent["batch"], extent["head"], extent["query"],
-                                  extent["key"], device, closed_form=False)
-        except (EagerError, MaskAnalysisError):
-            return None
+        """The launch tables of a call without a block mask (:func:`kernel_plan`)."""
+        return kernel_plan(self.compiled.cascade, self.module, tensors, params,
+                           device).launch_tables()
 
 
 class _EagerBackward(torch.autograd.Function):
@@ -404,8 +216,6 @@ class _EagerBackward(torch.autograd.Function):
 
 def _default_params(cascade: Cascade, params: dict, tensors: dict[str, Tensor]) -> dict:
     """The scalars the kernel's launcher would use: scale = 1/sqrt(qk dim), G from heads."""
-    from attndsl.eager import bind_extents
-
     sizes = bind_extents(cascade, tensors)
     out = dict(params)
     qk = next((i.extent for i in cascade.indices if i.role == "qk"), None)
@@ -428,3 +238,6 @@ def compile(spec: Cascade | None = None, *, score_mod: Callable | None = None,  
         raise AttentionError("pass either a cascade or score_mod/mask_mod, not both")
     comp, module = _compiled(spec)
     return Kernel(comp, module, captured)
+
+
+__all__ = ["AttentionError", "AuxOutput", "AuxRequest", "Kernel", "compile", "flex_attention"]

@@ -42,15 +42,16 @@ from typing import Any
 
 import torch
 
-from attndsl import api
 from attndsl.codegen.backward import generate_backward
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
+from attndsl.key_tile_plan import KeyTilePlan
+from attndsl.runtime.checks import AttentionError, check_qkv, mask_of, shapes_only
+from attndsl.runtime.kernels import compiled
 from attndsl.runtime.modules import VERSION, load_source
+from attndsl.runtime.plan import block_mask_plan
 
 Tensor = torch.Tensor
-TABLE_KEYS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-              "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
 
 @dataclass
@@ -81,7 +82,7 @@ def register_spec(cascade: Cascade) -> str:
     """Compile (or find) the forward of ``cascade`` and register it under its key."""
     key = spec_key(cascade)
     if key not in _SPECS:
-        _, module = api._compiled(cascade)
+        _, module = compiled(cascade)
         names = tuple(t.name for t in cascade.tensors if t.kind == "captured")
         _SPECS[key] = SpecEntry(cascade, module, names)
     return key
@@ -97,33 +98,11 @@ def load_backward_module(cascade: Cascade) -> ModuleType:
     return load_source(backward_source(cascade), "kb")
 
 
-# -- block tables as op arguments ---------------------------------------------------------------
-
-def _tables_arg(block_mask: Any, lq: int, lkv: int) -> tuple[list[Tensor], int, int]:
-    """A BlockMask's tables as a list in TABLE_KEYS order (missing ones as empty tensors)."""
-    tables = api._block_tables(block_mask, lq, lkv)
-    if tables is None:
-        return [], 0, 0
-    out = []
-    for k in TABLE_KEYS:
-        t = tables.get(k) if k in tables else getattr(block_mask, k, None)
-        out.append(torch.empty(0, dtype=torch.int32) if t is None else t)
-    return out, tables["Q_BLOCK_SIZE"], tables["KV_BLOCK_SIZE"]
-
-
-def _tables_dict(tables: list[Tensor], q_block: int, kv_block: int) -> dict | None:
-    if not tables:
-        return None
-    out: dict[str, Any] = {k: (t if t.numel() else None) for k, t in zip(TABLE_KEYS, tables)}
-    out.update(Q_BLOCK_SIZE=q_block, KV_BLOCK_SIZE=kv_block)
-    return out
-
-
 # -- custom ops ---------------------------------------------------------------------------------
 
 def _entry(key: str) -> SpecEntry:
     if key not in _SPECS:
-        raise api.AttentionError(f"attndsl spec {key!r} is not registered in this process; "
+        raise AttentionError(f"attndsl spec {key!r} is not registered in this process; "
                                  f"call flex_attention_trainable (or register_spec) first")
     return _SPECS[key]
 
@@ -137,7 +116,7 @@ def flex_fwd(query: Tensor, key: Tensor, value: Tensor, captured: list[Tensor], 
     out = entry.forward.launch({"Q": query, "K": key, "V": value},
                                {"scale": scale, "G": query.shape[1] // max(1, key.shape[1])},
                                dict(zip(entry.captured, captured)),
-                               _tables_dict(tables, q_block, kv_block))
+                               KeyTilePlan.from_op_args(tables, q_block, kv_block).launch_tables())
     return out["O"], out["LSE"]
 
 
@@ -162,7 +141,8 @@ def flex_bwd(grad_out: Tensor, grad_lse: Tensor | None, query: Tensor, key: Tens
     grads = entry.backward.launch_backward(
         {"Q": query, "K": key, "V": value}, {"O": out, "LSE": lse},
         {"O": grad_out, "LSE": grad_lse}, {"scale": scale}, dict(zip(entry.captured, captured)),
-        tuple(names), _tables_dict(tables, q_block, kv_block), None, deterministic)
+        tuple(names), KeyTilePlan.from_op_args(tables, q_block, kv_block).launch_tables(), None,
+        deterministic)
     caps = []
     for name, t, want in zip(entry.captured, captured, need):
         g = grads.get(name) if want else None
@@ -301,7 +281,7 @@ def find_paths(roots: tuple, targets: list[Tensor], max_depth: int = 6,
             queue.extend((child, path + (step,)) for step, child in _children(obj))
     missing = [i for t, i in want.items() if t not in found]
     if missing:
-        raise api.AttentionError(
+        raise AttentionError(
             f"under torch.compile, captured tensor(s) {missing} of score_mod/mask_mod could not "
             f"be found from the functions' closures, globals or attributes; keep them there "
             f"(or call flex_attention_trainable outside the compiled region)")
@@ -335,9 +315,9 @@ def flex_attention_trainable(query: Tensor, key: Tensor, value: Tensor,
     Differentiable in query, key, value, the returned lse (natural log) and the floating
     captured tensors of ``score_mod``.  Fully masked rows give out = 0, lse = -inf and zero
     gradients.  ``deterministic=True`` computes dQ without atomics (a second kernel)."""
-    api._check_qkv(query, key, value, enable_gqa)
+    check_qkv(query, key, value, enable_gqa)
     lq, lkv = query.shape[2], key.shape[2]
-    mask_fn = api._mask_of(block_mask, mask_mod)
+    mask_fn = mask_of(block_mask, mask_mod)
     if torch.compiler.is_compiling():
         # traced once per (score_mod, mask_mod) object: id() guards recompile on new ones;
         # the captured tensors are re-read through their paths so that dynamo lifts them;
@@ -349,8 +329,8 @@ def flex_attention_trainable(query: Tensor, key: Tensor, value: Tensor,
     else:
         entry_key, captured = _prepare(score_mod, mask_fn)
         names = _SPECS[entry_key].captured
-        captured = list(api._shapes_only(dict(zip(names, captured)), query.device).values())
-    tables, q_block, kv_block = _tables_arg(block_mask, lq, lkv)
+        captured = list(shapes_only(dict(zip(names, captured)), query.device).values())
+    tables, q_block, kv_block = block_mask_plan(block_mask, lq, lkv).op_args()
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     out, lse = FlexAttentionFunction.apply(query, key, value, entry_key, float(scale), tables,

@@ -1,8 +1,8 @@
 """Block masks: torch's BlockMask tables, built by analysing the traced mask instead of a dense
 evaluation.
 
-``create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE=128)`` traces ``mask_mod`` into
-an expression (:func:`attndsl.frontend.flex.mask_expr`), classifies its tiles with
+``create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE=128)`` traces ``mask_mod``
+into an expression (:func:`attndsl.frontend.flex.mask_expr`), classifies its tiles with
 :func:`attndsl.passes.mask.classify_tiles` (interval bounds, range summaries of
 captured tensors, or chunked exact evaluation) and lays the result out exactly like
 ``torch.nn.attention.flex_attention.create_block_mask``: the same eight int32 tables, the same
@@ -23,23 +23,22 @@ from typing import Any
 
 import torch
 
-from attndsl.block_tables import dense_to_ordered, ordered_to_dense, to_tables
+from attndsl.block_tables import TABLE_NAMES, dense_to_ordered, ordered_to_dense
 from attndsl.frontend.flex import mask_expr
 from attndsl.ir import expr as E
 from attndsl.ir.expr import Expr
+from attndsl.key_tile_plan import CLOSED, TABLES, KeyTilePlan, plan_key_tiles
 from attndsl.passes.mask import (
     FULL,
     PARTIAL,
+    SPARSE_BLOCK,
     MaskAnalysisError,
     TileMap,
-    classify_tiles,
     kv_tile_segments,
 )
 
 Tensor = torch.Tensor
 MaskMod = Callable[[Any, Any, Any, Any], Any]
-TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-          "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
 
 @dataclass
@@ -78,8 +77,21 @@ class BlockMask:
     @classmethod
     def from_tables(cls, seq_lengths: tuple[int, int], *tables: Tensor | None,
                     **kw: Any) -> BlockMask:
-        """From the eight tables, in torch's order (TABLES)."""
-        return cls(tuple(seq_lengths), tables=dict(zip(TABLES, tables)), **kw)
+        """From the eight tables, in torch's order (TABLE_NAMES)."""
+        return cls(tuple(seq_lengths), tables=dict(zip(TABLE_NAMES, tables)), **kw)
+
+    @classmethod
+    def from_plan(cls, plan: KeyTilePlan, seq_lengths: tuple[int, int], mask_mod: MaskMod,
+                  mask: Expr, captured: dict[str, Tensor],
+                  batch_heads: tuple[int, int]) -> BlockMask:
+        """The block mask of a key-tile plan: its tables when the plan has them, else built
+        from it on first read; its range table or closed forms for attndsl's kernels."""
+        eager = plan.tables if plan.kind == TABLES else None
+        return cls(seq_lengths, plan.block, mask_mod, mask, captured, plan.mechanism,
+                   closed_form=plan.kind == CLOSED, tables=eager,
+                   build=None if eager is not None else plan.lazy,
+                   built_tile_map=plan.tiles, kv_ranges=plan.kv_ranges,
+                   batch_heads=batch_heads)
 
     def _table(self, name: str) -> Tensor | None:
         """A torch-layout table, built on first read, with torch's [B, H, ...] shape (a
@@ -95,7 +107,7 @@ class BlockMask:
     @property
     def tile_map(self) -> TileMap | None:
         if self.built_tile_map is None and self.tables is None and self.build is not None:
-            self._table(TABLES[0])
+            self._table(TABLE_NAMES[0])
         return self.built_tile_map
 
     # -- torch interop -------------------------------------------------------------------------
@@ -104,7 +116,7 @@ class BlockMask:
         from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
         from torch.nn.attention.flex_attention import noop_mask as torch_noop
 
-        return TorchBlockMask(self.seq_lengths, *(self._table(k) for k in TABLES),
+        return TorchBlockMask(self.seq_lengths, *(self._table(k) for k in TABLE_NAMES),
                               BLOCK_SIZE=self.BLOCK_SIZE,
                               mask_mod=self.mask_mod if self.mask_mod is not None else torch_noop)
 
@@ -122,14 +134,14 @@ class BlockMask:
     def from_torch(cls, tbm: Any) -> BlockMask:
         """Wrap a torch BlockMask: keeps its tables and mask_mod; the mask is traced on demand
         (:meth:`traced`).  Missing q tables are made by transposing the kv tables."""
-        tables = {k: getattr(tbm, k) for k in TABLES}
+        tables = {k: getattr(tbm, k) for k in TABLE_NAMES}
         for pre in ("", "full_"):
             if tables[f"{pre}q_indices"] is None and tables[f"{pre}kv_indices"] is not None:
                 dense = ordered_to_dense(tables[f"{pre}kv_num_blocks"],
                                           tables[f"{pre}kv_indices"])
                 q = dense_to_ordered(dense.transpose(-2, -1))
                 tables[f"{pre}q_num_blocks"], tables[f"{pre}q_indices"] = q
-        return cls.from_tables(tuple(tbm.seq_lengths), *(tables[k] for k in TABLES),
+        return cls.from_tables(tuple(tbm.seq_lengths), *(tables[k] for k in TABLE_NAMES),
                                BLOCK_SIZE=tuple(tbm.BLOCK_SIZE), mask_mod=tbm.mask_mod,
                                mechanism="from torch")
 
@@ -273,7 +285,7 @@ def _default_device(device: Any) -> torch.device:
 
 def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int,
                       device: torch.device | str | None = None,
-                      BLOCK_SIZE: int | tuple[int, int] = 128,
+                      BLOCK_SIZE: int | tuple[int, int] = SPARSE_BLOCK,
                       _compile: bool = False) -> BlockMask:
     """torch's ``create_block_mask``, by mask analysis (B / H None: broadcast, as in torch).
 
@@ -286,41 +298,12 @@ def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: in
     b, h = _size("B", B, 1), _size("H", H, 1)
     q_len, kv_len = _size("Q_LEN", Q_LEN), _size("KV_LEN", KV_LEN)
     mask, captured = mask_expr(mask_mod)
-    dev = _default_device(device)
-
-    def tables_of(tm: TileMap) -> dict:
-        return dict(zip(TABLES, (t.to(dev) for t in to_tables(tm, torch_boundary=True))))
-
-    if has_closed_form(mask, bm, bn):  # tables on first read only
-        def build() -> tuple[dict, TileMap]:
-            tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
-            return tables_of(tm), tm
-
-        return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured,
-                         "closed-form bounds", closed_form=True, build=build,
-                         batch_heads=(b, h))
-    tm = classify_tiles(mask, captured, b, h, q_len, kv_len, bm, bn)
-    ranges = tm.kv_ranges()
-    if ranges is not None:  # the kernel reads the segments; tables on first read only
-        return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured, tm.mechanism,
-                         build=lambda: (tables_of(tm), tm), built_tile_map=tm,
-                         kv_ranges=ranges.to(dev), batch_heads=(b, h))
-    return BlockMask((q_len, kv_len), (bm, bn), mask_mod, mask, captured, tm.mechanism,
-                     tables=tables_of(tm), built_tile_map=tm, batch_heads=(b, h))
+    plan = plan_key_tiles(mask, captured, b, h, q_len, kv_len, (bm, bn),
+                          _default_device(device))
+    return BlockMask.from_plan(plan, (q_len, kv_len), mask_mod, mask, captured, (b, h))
 
 
-_CLOSED: dict = {}
-
-
-def has_closed_form(mask: Expr, bm: int, bn: int) -> bool:
-    """Whether the mask's key-tile segments have closed forms (cached per expression)."""
-    key = (mask, bm, bn)
-    if key not in _CLOSED:
-        _CLOSED[key] = kv_tile_segments(mask, bm, bn) is not None
-    return _CLOSED[key]
-
-
-for _name in TABLES:
+for _name in TABLE_NAMES:
     setattr(BlockMask, _name, property(lambda self, _k=_name: self._table(_k),
                                        doc=f"torch BlockMask table {_name} (built on first read)"))
 

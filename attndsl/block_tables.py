@@ -34,6 +34,9 @@ class BlockTables(NamedTuple):
     full_q_indices: Tensor
 
 
+TABLE_NAMES: tuple[str, ...] = BlockTables._fields  # torch's order (BlockMask.__init__, as_tuple)
+
+
 def dense_to_ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
     """torch's ordered layout of a 0/1 block matrix [.., rows, cols]: per row the number of set
     blocks, and the column indices of the set blocks in ascending order followed by the other
@@ -84,4 +87,5 @@ def to_tables(tm: TileMap, torch_boundary: bool = True) -> BlockTables:
     return BlockTables(*kv, *q)
 
 
-__all__ = ["BlockTables", "dense_to_ordered", "ordered_to_dense", "to_tables", "torch_classes"]
+__all__ = ["TABLE_NAMES", "BlockTables", "dense_to_ordered", "ordered_to_dense", "to_tables",
+           "torch_classes"]

@@ -8,7 +8,8 @@ import torch
 
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
-from attndsl.ir.expr import Op
+from attndsl.ir.expr import Expr, Op
+from attndsl.key_tile_plan import plan_key_tiles
 from attndsl.passes.pipeline import PIPELINE, Compiled, compile_cascade
 
 
@@ -52,26 +53,15 @@ def pass_list(comp: Compiled) -> str:
     return "\n".join(lines)
 
 
-def _mask_picture(mask, captured, lq: int, lkv: int) -> str:
-    from attndsl.passes.mask import classify_tiles, kv_tile_segments
-
+def _mask_picture(mask: Expr, captured: dict[str, torch.Tensor], lq: int, lkv: int) -> str:
+    """The key-tile plan of the mask at (lq, lkv) (what the kernel reads) and its tiles."""
     try:
-        tiles = classify_tiles(mask, captured, 1, 1, lq, lkv, 128, 128)
+        plan = plan_key_tiles(mask, captured, 1, 1, lq, lkv)
+        tiles = plan.tile_map()
     except (ValueError, RuntimeError, IndexError) as err:
         return f"(not analysable at these sizes: {err})"
-    segments, ranges = kv_tile_segments(mask, 128, 128), tiles.kv_ranges()
-    if segments is not None:
-        kernel = "the kernel computes each query tile's key-tile ranges in closed form:"
-        for i, seg in enumerate(segments):
-            head = f"\n  segment {i + 1}:" if len(segments) > 1 else ""
-            pad = "    " if len(segments) > 1 else "  "
-            kernel += head + "".join(f"\n{pad}{ln}" for ln in str(seg).splitlines())
-    elif ranges is not None:
-        kernel = (f"the kernel reads a range table ({ranges.shape[-1] // 4} segment(s) of lo, "
-                  f"full_lo, full_hi, hi per query tile) built by {tiles.mechanism}")
-    else:
-        kernel = f"the kernel reads block tables built by {tiles.mechanism}"
-    return f"{kernel}\n{tiles.picture()}"
+    assert tiles is not None
+    return f"{plan}\n{tiles.picture()}"
 
 
 def _target_report(comp, target: str) -> str:

@@ -29,21 +29,21 @@ storing it, and the chain rule gives::
 
 Like the forward printer, every identifier in the generated source is made here; spec names
 reach it only as ``repr``'d strings in the metadata tables or as sanitised comments.  The
-launcher between the ``launcher`` markers below is real code, copied verbatim into the module.
+launcher (codegen/backward_launcher.py, between its markers) is real code, copied verbatim into
+the module.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from attndsl.codegen.triton import (
+from attndsl.codegen.expr import (
     HELPERS,
     CodegenError,
     Env,
+    Lines,
     comment,
     literal,
     render,
@@ -150,14 +150,6 @@ def backward_spec(c: Cascade) -> BackwardSpec:
 
 # -- printing helpers -------------------------------------------------------------------------
 
-class _Lines:
-    def __init__(self) -> None:
-        self.out: list[str] = []
-
-    def __call__(self, depth: int, text: str = "") -> None:
-        self.out.extend(("    " * depth + ln).rstrip() for ln in text.split("\n"))
-
-
 @dataclass(frozen=True)
 class _Names:
     """Kernel pointer names of the captured tensors (``C0``...) and their gradients; the
@@ -218,7 +210,7 @@ def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient) -> Env:
                hoisted={}, scalar_indices=frozenset({r["batch"], r["head"]}))
 
 
-def _emit_step(L: _Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> None:
+def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> None:
     """One (query tile, key tile) step: recompute P, then dS.  ``kind`` is ``dkdv`` (key-major
     tiles; also dV, dK, the atomic dQ and captured gradients) or ``dq`` (query-major tiles)."""
     o = KEY_MAJOR if kind == "dkdv" else QUERY_MAJOR
@@ -268,7 +260,7 @@ def _emit_step(L: _Lines, spec: BackwardSpec, names: _Names, masked: bool, kind:
             _emit_gather_grad(L, spec, names, name, i, site, o)
 
 
-def _emit_gather_grad(L: _Lines, spec: BackwardSpec, names: _Names, name: str, i: int,
+def _emit_gather_grad(L: Lines, spec: BackwardSpec, names: _Names, name: str, i: int,
                       site: GatherGrad, o: _Orient) -> None:
     """Scatter dT * dT/dcap[site] to the element the site read: reduce over the tile axes the
     subscripts do not use, then one atomic add per element (a scalar add when the site only
@@ -326,7 +318,7 @@ def _table_args(prefix: str) -> list[str]:
             + _tensor_args(f"full_{prefix}num", 3) + _tensor_args(f"full_{prefix}idx", 4))
 
 
-def _signature(L: _Lines, fn: str, args: list[str], const: list[str], doc: str) -> None:
+def _signature(L: Lines, fn: str, args: list[str], const: list[str], doc: str) -> None:
     L(0, f"def {fn}(")
     for a in args:
         L(1, f"{a},")
@@ -336,7 +328,7 @@ def _signature(L: _Lines, fn: str, args: list[str], const: list[str], doc: str) 
     L(1, f'"""{doc}"""')
 
 
-def _emit_preprocess(L: _Lines) -> None:
+def _emit_preprocess(L: Lines) -> None:
     args = (_tensor_args("O", 4) + _tensor_args("DO", 4) + _tensor_args("DLSE", 3)
             + _tensor_args("DELTA", 3) + ["n_heads", "M_len", "F_len"])
     _signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F"],
@@ -366,7 +358,7 @@ def _captured_args(names: _Names, with_grads: bool) -> list[str]:
     return args
 
 
-def _emit_query_side(L: _Lines, depth: int, kind: str) -> None:
+def _emit_query_side(L: Lines, depth: int, kind: str) -> None:
     """Loads of the query-side tiles of one (b, h, query tile): Q (as Q^T [E, BLOCK_M] in the
     key-major dK/dV kernel), dO, the saved log-sum-exp and delta."""
     L(depth, "# query-side tiles: Q, dO, the saved log-sum-exp and delta")
@@ -387,7 +379,7 @@ def _emit_query_side(L: _Lines, depth: int, kind: str) -> None:
              f"other=0.0)")
 
 
-def _emit_key_side(L: _Lines, depth: int, kind: str) -> None:
+def _emit_key_side(L: Lines, depth: int, kind: str) -> None:
     """Loads of the key-side tiles of one (b, kv head, key tile): K, V as [BLOCK_N, E] in the
     dK/dV kernel, as K^T, V^T [E, BLOCK_N] in the dQ kernel."""
     if kind == "dkdv":
@@ -405,7 +397,7 @@ def _emit_key_side(L: _Lines, depth: int, kind: str) -> None:
     L(depth + 1, f"{names[0]} = {names[0]}.to(tl.float32)\n{names[1]} = {names[1]}.to(tl.float32)")
 
 
-def _emit_loops(L: _Lines, depth: int, spec: BackwardSpec, step, over: str) -> None:
+def _emit_loops(L: Lines, depth: int, spec: BackwardSpec, step, over: str) -> None:
     """The SPARSITY branches of a loop over query tiles (``over='m'``) or key tiles ('n')."""
     has_mask = spec.mask is not None
     if over == "m":
@@ -433,13 +425,13 @@ def _emit_loops(L: _Lines, depth: int, spec: BackwardSpec, step, over: str) -> N
     step(L, depth + 2, False)
 
 
-def _nested(L: _Lines, depth: int, emit) -> None:
-    inner = _Lines()
+def _nested(L: Lines, depth: int, emit) -> None:
+    inner = Lines()
     emit(inner)
     L(depth, "\n".join(inner.out))
 
 
-def _emit_dkdv(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
+def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     args = (_tensor_args("Q", 4) + _tensor_args("K", 4) + _tensor_args("V", 4)
             + _tensor_args("DO", 4) + _tensor_args("LSE", 3) + _tensor_args("DELTA", 3)
             + _tensor_args("DQ", 4) + _tensor_args("DK", 4) + _tensor_args("DV", 4)
@@ -466,8 +458,8 @@ def _emit_dkdv(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
     L(2, "# query head of the group (GQA: dK and dV sum over the G heads)")
     L(2, "off_h = off_hkv * G + g")
 
-    def step(L2: _Lines, depth: int, masked: bool) -> None:
-        def body(B: _Lines) -> None:
+    def step(L2: Lines, depth: int, masked: bool) -> None:
+        def body(B: Lines) -> None:
             B(0, "offs_m = start_m + tl.arange(0, BLOCK_M)")
             B(0, "m_ok = offs_m < M_len")
             _emit_query_side(B, 0, "dkdv")
@@ -484,7 +476,7 @@ def _emit_dkdv(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
          f"mask=n_ok[:, None] & (offs_f[None, :] < F_len))\n")
 
 
-def _emit_dq(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
+def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     args = (_tensor_args("Q", 4) + _tensor_args("K", 4) + _tensor_args("V", 4)
             + _tensor_args("DO", 4) + _tensor_args("LSE", 3) + _tensor_args("DELTA", 3)
             + _tensor_args("DQ", 4) + _captured_args(names, False)
@@ -503,8 +495,8 @@ def _emit_dq(L: _Lines, spec: BackwardSpec, names: _Names) -> None:
     _emit_query_side(L, 1, "dq")
     L(1, "dq = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)")
 
-    def step(L2: _Lines, depth: int, masked: bool) -> None:
-        def body(B: _Lines) -> None:
+    def step(L2: Lines, depth: int, masked: bool) -> None:
+        def body(B: Lines) -> None:
             B(0, "offs_n = start_n + tl.arange(0, BLOCK_N)")
             B(0, "n_ok = offs_n < N_len")
             _emit_key_side(B, 0, "dq")
@@ -523,7 +515,7 @@ def generate_backward(c: Cascade, version: str) -> str:
     names = _names(spec)
     digest = hashlib.sha256(str(c).encode()).hexdigest()[:16]
     reset_spills()
-    L = _Lines()
+    L = Lines()
     L(0, comment(f"Generated by attndsl {version} -- do not edit.\nbackward of spec hash: "
                  f"{digest}\n\nCascade:\n{c}\n\nBackward:\n{spec}"))
     L(0, '"""Backward kernels of a fused attention kernel generated by attndsl; needs only '
@@ -548,185 +540,8 @@ def generate_backward(c: Cascade, version: str) -> str:
 
 
 def launcher_source() -> str:
-    """The launcher section of this file (between the markers), copied into every module."""
-    text = Path(__file__).read_text()
+    """The launcher section of codegen/backward_launcher.py (between its markers), copied
+    into every module."""
+    text = Path(__file__).with_name("backward_launcher.py").read_text()
     start = text.index("# >>> launcher\n") + len("# >>> launcher\n")
     return text[start: text.index("# <<< launcher\n")]
-
-
-# >>> launcher
-# The backward launcher (copied into each generated backward module, which defines the kernels
-# and the CAPTURED / GRADS / HAS_MASK tables it reads; it needs only torch and triton).
-
-_BWD_KERNELS: dict = {}
-
-
-def _bwd_kernel(name: str, device_type: str):
-    """A kernel of this module, compiled for GPUs or run by the interpreter for CPU tensors."""
-    if (name, device_type) not in _BWD_KERNELS:
-        fn = globals()[name]
-        if device_type == "cpu":
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _BWD_KERNELS[name, device_type] = InterpretedFunction(fn)
-        else:
-            from triton.runtime.jit import JITFunction
-
-            _BWD_KERNELS[name, device_type] = JITFunction(fn)
-    return _BWD_KERNELS[name, device_type]
-
-
-def backward_config(device_type: str, head_dim: int, v_dim: int) -> dict:
-    """Launch settings per kernel: ``dkdv`` (BLOCK_M queries x BLOCK_N keys per step, one
-    program per key tile) and ``dq`` (one program per query tile).  GPU values: no register
-    spills for sm90 fp16 (ahead-of-time reports of a plain and of a softcap + ALiBi + relative
-    bias + causal spec; the dK/dV kernel holds dK, dV, K, V and four score tiles at once)."""
-    if device_type == "cpu":  # the interpreter runs numpy: large tiles, few programs
-        one = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-        return {"dkdv": one, "dq": dict(one)}
-    if max(head_dim, v_dim) <= 64:
-        return {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1},
-                "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}
-    return {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-            "dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}}
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-int(a) // int(b))
-
-
-def _pow2(x: int) -> int:
-    return max(16, 1 << max(0, (int(x) - 1).bit_length()))
-
-
-def _strides(t: torch.Tensor) -> list:
-    """A tensor and its strides, as kernel arguments (stride 0 along broadcast dims)."""
-    return [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
-
-
-def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
-    """kv-major (num, idx) -> q-major (num, idx): the same block set, listed by column."""
-    rows = idx.shape[-2]
-    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None].long()
-    col = torch.where(listed & (idx.long() < n_cols), idx.long(), n_cols)
-    dense = torch.zeros(tuple(idx.shape[:-1]) + (n_cols + 1,), dtype=torch.bool,
-                        device=idx.device)
-    dense.scatter_(-1, col, True)
-    dense_t = dense[..., :n_cols].transpose(-1, -2)  # [.., cols, rows]
-    order = torch.argsort((~dense_t).to(torch.int8), dim=-1, stable=True)
-    return dense_t.sum(-1).to(torch.int32), order[..., :rows].to(torch.int32)
-
-
-def _tables(block_tables, device, prefix: str, n_kv_blocks: int) -> list:
-    """Kernel arguments of one kind of table (``kv_`` or ``q_``), or dummies; q-major tables
-    missing from ``block_tables`` are derived from the kv-major ones."""
-    if block_tables is None:
-        dummy = torch.zeros(4, dtype=torch.int32, device=device)
-        return [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
-    if prefix == "q_" and block_tables.get("q_num_blocks") is None:
-        for part in ("", "full_"):
-            num = block_tables.get(f"{part}kv_num_blocks")
-            if num is not None:
-                qn, qi = transpose_block_tables(num, block_tables[f"{part}kv_indices"],
-                                                n_kv_blocks)
-                block_tables = dict(block_tables, **{f"{part}q_num_blocks": qn,
-                                                     f"{part}q_indices": qi})
-    args = []
-    for key in ("num_blocks", "indices", "full_num_blocks", "full_indices"):
-        full = key.startswith("full_")
-        name = ("full_" if full else "") + prefix + key.removeprefix("full_")
-        t = block_tables.get(name)
-        if t is None:  # no full blocks: every listed block is partial
-            t = torch.zeros([1, 1, 1] + ([1] if "indices" in key else []), dtype=torch.int32,
-                            device=device)
-        args += _strides(t.to(device=device, dtype=torch.int32))
-    return args
-
-
-def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
-                    captured: dict | None = None, need: tuple = (),
-                    block_tables: dict | None = None, config: dict | None = None,
-                    deterministic: bool = False) -> dict:
-    """Gradients of the forward's inputs.  ``inputs``: Q, K, V; ``outputs``: O and LSE of the
-    forward; ``grads``: dO under "O" and dLSE (or None) under "LSE"; ``params``: scale (G is
-    read off the head counts); ``need``: names of captured tensors to differentiate.
-    ``block_tables``: the forward's kv-major tables plus, optionally, the q-major
-    q_num_blocks/q_indices/full_q_num_blocks/full_q_indices (derived when absent).
-    Returns dQ, dK, dV under "Q", "K", "V" and each needed captured gradient by name."""
-    captured = dict(captured or {})
-    q, k, v = inputs["Q"], inputs["K"], inputs["V"]
-    o, lse, do = outputs["O"], outputs["LSE"], grads["O"]
-    n_batch, n_heads, m_len, e_len = q.shape
-    n_kv_heads, n_len, f_len = k.shape[1], k.shape[2], v.shape[3]
-    device, dtype = q.device, q.dtype
-    group = n_heads // max(1, n_kv_heads)  # no heads at all: an empty problem
-    scale = params.get("scale")
-    scale = 1.0 / math.sqrt(e_len) if scale is None else float(scale)
-    dlse = grads.get("LSE")
-    if dlse is None:
-        dlse = torch.zeros((1, 1, 1), dtype=torch.float32, device=device).expand(lse.shape)
-    cap_grads = {name: torch.zeros(captured[name].shape, dtype=torch.float32, device=device)
-                 for name in GRADS if name in need}  # noqa: F821
-    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=device)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    if min(n_batch, n_heads, m_len, n_len) == 0:
-        return {"Q": dq32.to(dtype), "K": dk, "V": dv, **cap_grads}
-    cfg = backward_config(device.type, e_len, f_len)
-    for part, over in (config or {}).items():
-        cfg[part] = {**cfg[part], **over}
-    sparsity, sparse_q, sparse_kv = (1 if HAS_MASK else 0), 1, 1  # noqa: F821
-    if block_tables is not None:
-        sparsity = 2
-        sparse_q, sparse_kv = int(block_tables["Q_BLOCK_SIZE"]), int(block_tables["KV_BLOCK_SIZE"])
-    consts = {}
-    for part, c in cfg.items():
-        bm, bn = c["BLOCK_M"], c["BLOCK_N"]
-        if sparsity == 2:  # a tile lies inside one block of the tables
-            bm, bn = min(bm, sparse_q), min(bn, sparse_kv)
-            if sparse_q % bm or sparse_kv % bn:
-                raise ValueError(f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of "
-                                 f"the tile ({bm}, {bn})")
-        consts[part] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=_pow2(e_len), BLOCK_F=_pow2(f_len),
-                            SPARSITY=sparsity, SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv,
-                            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                            UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
-                            num_warps=c["num_warps"], num_stages=c["num_stages"])
-    # delta = rowsum(dO * O) - dLSE
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
-    pre = cfg["dq"]
-    _bwd_kernel("attention_bwd_preprocess", device.type)[
-        (_cdiv(m_len, pre["BLOCK_M"]), n_batch * n_heads)](
-        *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), n_heads, m_len, f_len,
-        BLOCK_M=pre["BLOCK_M"], BLOCK_F=_pow2(f_len), num_warps=pre["num_warps"])
-    cap_args = []
-    for name in CAPTURED:  # noqa: F821
-        t = captured[name]
-        cap_args += _strides(t.to(torch.int8) if t.dtype == torch.bool else t) + \
-            [int(size) for size in t.shape]  # for the wrap of negative subscripts
-    grad_args = []
-    for name in GRADS:  # noqa: F821
-        t = cap_grads.get(name, torch.zeros((1,) * captured[name].dim(), device=device))
-        grad_args += _strides(t)
-    common = [*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
-              *_strides(delta)]
-    dq = torch.empty_like(q) if deterministic else dq32
-    n_kv_blocks = _cdiv(n_len, sparse_kv)
-    need_flags = {f"NEED_{ptr}": name in cap_grads for name, ptr in GRADS.items()}  # noqa: F821
-    # dK, dV (and, unless deterministic, dQ by atomics): a program per key tile
-    dkdv_grid = (_cdiv(n_len, consts["dkdv"]["BLOCK_N"]), n_batch * n_kv_heads)
-    _bwd_kernel("attention_bwd_dkdv_kernel", device.type)[dkdv_grid](
-        *common, *_strides(dq), *_strides(dk), *_strides(dv), *cap_args, *grad_args, scale,
-        group, n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
-        *_tables(block_tables, device, "q_", n_kv_blocks), ATOMIC_DQ=not deterministic,
-        **need_flags, **consts["dkdv"])
-    if deterministic:  # dQ: a program per query tile
-        dq_grid = (_cdiv(m_len, consts["dq"]["BLOCK_M"]), n_batch * n_heads)
-        _bwd_kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
-            *common, *_strides(dq), *cap_args, scale, group, n_heads, m_len, n_len, e_len,
-            f_len, *_tables(block_tables, device, "kv_", n_kv_blocks), **consts["dq"])
-    else:
-        dq = dq.to(dtype)
-    out = {"Q": dq, "K": dk, "V": dv}
-    out.update({name: g.to(captured[name].dtype) for name, g in cap_grads.items()})
-    return out
-# <<< launcher

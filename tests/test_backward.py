@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from attndsl.codegen.backward import backward_spec, transpose_block_tables
+from attndsl.codegen.backward import backward_spec
+from attndsl.codegen.backward_launcher import transpose_block_tables
 from hypothesis import given
 from hypothesis import strategies as st
 

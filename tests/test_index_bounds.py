@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from attndsl.codegen.triton import _emit_index_ranges, _Lines
+from attndsl.codegen.expr import Lines as _Lines
+from attndsl.codegen.triton import _emit_index_ranges
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask

@@ -19,6 +19,7 @@ import torch
 import attndsl
 from attndsl import api
 from attndsl.runtime import modules, plan_cache
+from attndsl.runtime import plan as runtime_plan
 from attndsl.runtime.modules import import_path, load_source, write_module
 
 Tensor = torch.Tensor
@@ -41,7 +42,7 @@ def test_a_document_id_tensor_rebuilt_each_step_matches_the_oracle_every_step(
     allocator reuses the address, and the version counter is 1 each time): a plan keyed by
     id() and version would be reused with the old documents' key tiles."""
     monkeypatch.setattr(plan_cache, "CONTENT_LIMIT", limit)
-    api._PLANS.clear()
+    runtime_plan._PLANS.clear()
     L = 384  # 3 x 3 tiles of 128: documents move across tile boundaries from step to step
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, L, 16, generator=gen) for _ in range(3))

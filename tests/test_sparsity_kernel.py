@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 from torch_compat import torch_block_grid_sparsity
 
 import attndsl
-from attndsl.api import SPARSE_BLOCK, _compiled, _sparsity_plan
+from attndsl.api import _compiled
 from attndsl.frontend.flex import lower_flex
+from attndsl.key_tile_plan import SPARSE_BLOCK
 from attndsl.passes.mask import classify_tiles
+from attndsl.runtime.plan import mask_plan
 
 L_DOC = 384
 doc = torch.div(torch.arange(L_DOC) * 5, L_DOC, rounding_mode="floor")
@@ -44,7 +46,8 @@ def _run_counting(mask_mod, lq: int, lkv: int, plan: dict | None = None):
     ref = attndsl.run_cascade(spec.cascade, {"Q": q, "K": k, "V": k, **spec.captured},
                               {"scale": 0.25, "G": 1})
     if plan is None:
-        plan = _sparsity_plan(spec.cascade.mask.expr, spec.captured, 1, 1, lq, lkv, q.device)
+        plan = mask_plan(spec.cascade.mask.expr, spec.captured, 1, 1, lq, lkv,
+                         q.device).launch_tables()
     stats = torch.zeros(2, dtype=torch.int32)
     out = module.launch({"Q": q, "K": k, "V": k}, {"scale": 0.25}, spec.captured, plan,
                         {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1,

@@ -44,18 +44,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from attndsl.frontend.text import (
-    FUNCTIONS,
-    INT_LIMIT,
-    Assembler,
-    SpecError,
-    Where,
-    _Bad,
-    bitwise_not,
-    combine,
-    negate,
-    parse_text,
-)
+from attndsl.frontend.assembler import Assembler
+from attndsl.frontend.ops import FUNCTIONS, bitwise_not, combine, negate
+from attndsl.frontend.source import INT_LIMIT, SpecError, UnlocatedError, Where
+from attndsl.frontend.text import parse_text
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import MAX_DEPTH, Expr, IRError, Op, render
@@ -86,7 +78,7 @@ def _caller() -> Where:
 def _apply(fn: Callable[..., Expr], *args: Any) -> Expr:
     try:
         e = fn(*args)
-    except _Bad as bad:
+    except UnlocatedError as bad:
         raise _caller().error(bad.what) from None
     except IRError as err:
         raise _caller().error(str(err)) from None

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from attndsl.errors import AttnDSLError
-from attndsl.frontend.text import zero_divisor
+from attndsl.frontend.ops import zero_divisor
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import SourceLoc
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op

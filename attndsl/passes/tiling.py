@@ -17,6 +17,7 @@ from attndsl.ir.expr import Expr, IRError, Op
 from attndsl.ir.tile import Dot, KVPass, Operand, RunningMax, RunningSum, Store, TileKernel
 from attndsl.passes import terms as T
 from attndsl.passes.index_bounds import cascade_sites, wrap_captured
+from attndsl.passes.mask import SPARSE_BLOCK, closed_form_segments
 from attndsl.passes.stream import Reduction, Schedule
 
 
@@ -66,17 +67,12 @@ def _loads(e: Expr) -> tuple[str, ...]:
     return tuple(dict.fromkeys(x.arg for x in e.walk() if x.op is Op.LOAD))
 
 
-BOUNDS_BLOCK = 128  # key-tile ranges are computed in blocks of 128 queries x 128 keys
-
-
 def _closed_form_bounds(mask: Expr | None, roles: dict[str, str]) -> tuple | None:
-    """Segments (lo, full_lo, full_hi, hi) of each query block's key blocks, when the mask
-    has closed forms for them."""
-    from attndsl.passes.mask import kv_tile_segments
-
+    """Segments (lo, full_lo, full_hi, hi) of each query block's key blocks, in blocks of
+    SPARSE_BLOCK, when the mask has closed forms for them (the kernel then computes them)."""
     if mask is None or (roles["query"], roles["key"]) != ("m", "n"):
         return None
-    segs = kv_tile_segments(mask, BOUNDS_BLOCK, BOUNDS_BLOCK)
+    segs = closed_form_segments(mask, SPARSE_BLOCK, SPARSE_BLOCK)
     return None if segs is None else tuple((b.lo, b.full_lo, b.full_hi, b.hi) for b in segs)
 
 

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from attndsl.ir.tile import TileKernel
+from attndsl.passes.mask import SPARSE_BLOCK
 from attndsl.runtime.modules import cache_dir, module_source, spec_hash, write_module
 
 CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
@@ -61,7 +62,7 @@ def _compile_job(job: dict) -> dict:
     bm, bn, warps, stages = job["config"]
     consts = dict(units, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, _next_pow2(e)),
                   BLOCK_F=max(16, _next_pow2(f)), EVEN_N=True, SPARSITY=job["sparsity"],
-                  SPARSE_Q=128, SPARSE_KV=128,
+                  SPARSE_Q=SPARSE_BLOCK, SPARSE_KV=SPARSE_BLOCK,
                   SEGMENTS=job.get("segments") or (module.BOUNDS_SEGMENTS
                                                    if job["sparsity"] == 3 else 1),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,

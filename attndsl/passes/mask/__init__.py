@@ -12,7 +12,8 @@ One job per module, in dependency order:
   undecided tiles and exact evaluation (:func:`classify_tiles`, :func:`exact_classes`,
   :func:`check_mask`);
 * :mod:`.symbolic`, :mod:`.bands`, :mod:`.closed_form` -- closed forms of each query tile's
-  key-tile ranges for masks made of bands (:func:`kv_tile_bounds`, :func:`kv_tile_segments`).
+  key-tile ranges for masks made of bands (:func:`kv_tile_bounds`, :func:`kv_tile_segments`,
+  :func:`closed_form_segments` and the plans' block ``SPARSE_BLOCK``).
 
 torch's table layout of the classes lives with the block masks (:mod:`attndsl.block_tables`).
 The exact evaluation uses the IR's element-wise evaluator (:mod:`attndsl.ir.evaluate`), not
@@ -29,7 +30,13 @@ from attndsl.passes.mask.classify import (
     classify_tiles,
     exact_classes,
 )
-from attndsl.passes.mask.closed_form import KVBounds, kv_tile_bounds, kv_tile_segments
+from attndsl.passes.mask.closed_form import (
+    SPARSE_BLOCK,
+    KVBounds,
+    closed_form_segments,
+    kv_tile_bounds,
+    kv_tile_segments,
+)
 from attndsl.passes.mask.evaluator import Boxes, IntervalEvaluator
 from attndsl.passes.mask.intervals import Iv
 from attndsl.passes.mask.summaries import RangeTable
@@ -44,6 +51,7 @@ from attndsl.passes.mask.tiles import (
 )
 
 __all__ = ["CHUNKED", "CLOSED_FORM", "EMPTY", "FULL", "MAX_ELEMENTS", "MAX_SEGMENTS", "PARTIAL",
-           "REFINE_BUDGET", "SUMMARIES", "Boxes", "Geometry", "IntervalEvaluator", "Iv",
-           "KVBounds", "MaskAnalysisError", "RangeTable", "TileMap", "check_mask",
-           "classify_tiles", "exact_classes", "kv_tile_bounds", "kv_tile_segments"]
+           "REFINE_BUDGET", "SPARSE_BLOCK", "SUMMARIES", "Boxes", "Geometry", "IntervalEvaluator",
+           "Iv", "KVBounds", "MaskAnalysisError", "RangeTable", "TileMap", "check_mask",
+           "classify_tiles", "closed_form_segments", "exact_classes", "kv_tile_bounds",
+           "kv_tile_segments"]

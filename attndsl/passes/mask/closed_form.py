@@ -264,3 +264,22 @@ def kv_tile_segments(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
     full_hi = _max(_min(full_hi, hi), full_lo)
     return [KVBounds(*head, BM, BN, torch_boundary),
             KVBounds(lo, hi, full_lo, full_hi, BM, BN, torch_boundary)]
+
+
+SPARSE_BLOCK = 128  # the block of sparse key-tile plans: 128 queries x 128 keys (see below)
+_SEGMENTS: dict[tuple[Expr, int, int], tuple[KVBounds, ...] | None] = {}
+
+
+def closed_form_segments(mask: Expr, BLOCK_M: int = SPARSE_BLOCK,
+                         BLOCK_N: int = SPARSE_BLOCK) -> tuple[KVBounds, ...] | None:
+    """:func:`kv_tile_segments` of ``mask``, cached per (expression, block sizes).
+
+    The one test of "does this mask have closed-form key-tile ranges": the tile pass asks it
+    at ``SPARSE_BLOCK`` (a generated kernel with closed forms computes its key-tile ranges in
+    blocks of SPARSE_BLOCK x SPARSE_BLOCK, its ``BOUNDS_BLOCK``) and so does the key-tile plan
+    of a launch (:func:`attndsl.key_tile_plan.plan_key_tiles`), so the two always agree."""
+    key = (mask, BLOCK_M, BLOCK_N)
+    if key not in _SEGMENTS:
+        segments = kv_tile_segments(mask, BLOCK_M, BLOCK_N)
+        _SEGMENTS[key] = None if segments is None else tuple(segments)
+    return _SEGMENTS[key]

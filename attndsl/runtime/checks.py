@@ -1,0 +1,108 @@
+"""Checks of the arguments of ``flex_attention`` and compiled kernels, before any launch.
+
+Everything here raises :class:`AttentionError` with what was expected: tensors of the wrong
+kind, shape, dtype or device, head counts that do not group, kernel options attndsl does not
+read.  It also says which inputs need no launch at all (empty or meta problems).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attndsl.errors import AttnDSLError
+
+Tensor = torch.Tensor
+KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+IGNORED_FLEX_OPTIONS = ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS",
+                        "OUTPUT_LOGSUMEXP", "OUTPUT_MAX", "FORCE_USE_FLEX_ATTENTION",
+                        "WRITE_DQ", "BACKEND")
+
+
+class AttentionError(AttnDSLError, ValueError):
+    """Bad arguments to flex_attention / a compiled kernel: says what was expected."""
+
+
+def _check_tensor(name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise AttentionError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise AttentionError(f"{name} must have shape (B, H, L, E), got {tuple(t.shape)}")
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise AttentionError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or "
+                             f"float32")
+
+
+def check_qkv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> None:
+    """query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev): one float dtype, one
+    device, head dims 16..256, Hq a multiple of Hkv (and equal unless ``enable_gqa``)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise AttentionError(f"query, key and value must share a dtype, got {query.dtype}, "
+                             f"{key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise AttentionError(f"query, key and value must be on one device, got {query.device}, "
+                             f"{key.device}, {value.device}")
+    (b, hq, _, e), (bk, hk, s, ek), (bv, hv, sv, ev) = query.shape, key.shape, value.shape
+    if not (b == bk == bv):
+        raise AttentionError(f"batch sizes differ: query {b}, key {bk}, value {bv}")
+    if hk != hv or s != sv:
+        raise AttentionError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree "
+                             f"on heads and length")
+    if e != ek:
+        raise AttentionError(f"query head dim {e} != key head dim {ek}")
+    for name, d in (("query/key", e), ("value", ev)):
+        if not 16 <= d <= 256:
+            raise AttentionError(f"{name} head dim is {d}; attndsl supports 16 to 256")
+    if (hk == 0) != (hq == 0) or hk and hq % hk:  # no heads at all: an empty problem
+        raise AttentionError(f"{hq} query heads are not a multiple of {hk} key/value heads")
+    if hq != hk and not enable_gqa:
+        raise AttentionError(f"query has {hq} heads but key/value have {hk}; pass "
+                             f"enable_gqa=True for grouped-query attention")
+
+
+def kernel_options(options: dict | None) -> dict:
+    """The launch settings among torch's ``kernel_options`` (tile sizes powers of two >= 16,
+    warps and stages >= 1); torch's other options are accepted and ignored."""
+    out = {}
+    for k, v in (options or {}).items():
+        if k in KERNEL_OPTIONS:
+            out[k] = int(v)
+            if k.startswith("BLOCK") and (out[k] < 16 or out[k] & (out[k] - 1)):
+                raise AttentionError(f"kernel option {k}={v}: tile sizes must be powers of two "
+                                     f">= 16")
+            if not k.startswith("BLOCK") and out[k] < 1:
+                raise AttentionError(f"kernel option {k}={v} must be >= 1")
+        elif k not in IGNORED_FLEX_OPTIONS and k != "deterministic":
+            raise AttentionError(f"unknown kernel option {k!r}; attndsl reads {KERNEL_OPTIONS}")
+    return out
+
+
+def mask_of(block_mask: Any, mask_mod: Callable | None) -> Callable | None:
+    """The mask function to trace: ``mask_mod``, else the block mask's (none for noop_mask)."""
+    if mask_mod is not None:
+        return mask_mod
+    fn = getattr(block_mask, "mask_mod", None)
+    if fn is None or getattr(fn, "__name__", "") == "noop_mask":
+        return None
+    return fn
+
+
+def no_work(device: torch.device, *sizes: int) -> bool:
+    """An empty problem (a batch, head or length of 0) or shapes only (meta tensors, as in
+    model initialisation): outputs are made without a launch, so no tile plan is needed
+    (and meta tensors hold no data to analyse)."""
+    return device.type == "meta" or 0 in sizes
+
+
+def shapes_only(captured: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Captured tensors as meta tensors when the inputs are (the launcher checks that devices
+    agree; a meta launch reads shapes only).  A tensor with data is detached on its way: meta
+    inputs compute nothing, so it gets no gradient (rather than an uninitialised one)."""
+    if device.type != "meta":
+        return captured
+    return {n: t if t.device.type == "meta" else t.detach().to("meta")
+            for n, t in captured.items()}

@@ -1,0 +1,188 @@
+"""The launcher of every generated backward module.
+
+The text from the ``launcher`` marker to its end is copied verbatim into each module
+(:func:`attndsl.codegen.backward.launcher_source`), below the kernels and the CAPTURED / GRADS
+/ HAS_MASK tables it reads; the module needs only torch and triton.  The imports above the
+marker are the module's own (its header imports math and torch).
+"""
+
+import math
+
+import torch
+
+# >>> launcher
+# The backward launcher (copied into each generated backward module, which defines the kernels
+# and the CAPTURED / GRADS / HAS_MASK tables it reads; it needs only torch and triton).
+
+_BWD_KERNELS: dict = {}
+
+
+def _bwd_kernel(name: str, device_type: str):
+    """A kernel of this module, compiled for GPUs or run by the interpreter for CPU tensors."""
+    if (name, device_type) not in _BWD_KERNELS:
+        fn = globals()[name]
+        if device_type == "cpu":
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _BWD_KERNELS[name, device_type] = InterpretedFunction(fn)
+        else:
+            from triton.runtime.jit import JITFunction
+
+            _BWD_KERNELS[name, device_type] = JITFunction(fn)
+    return _BWD_KERNELS[name, device_type]
+
+
+def backward_config(device_type: str, head_dim: int, v_dim: int) -> dict:
+    """Launch settings per kernel: ``dkdv`` (BLOCK_M queries x BLOCK_N keys per step, one
+    program per key tile) and ``dq`` (one program per query tile).  GPU values: no register
+    spills for sm90 fp16 (ahead-of-time reports of a plain and of a softcap + ALiBi + relative
+    bias + causal spec; the dK/dV kernel holds dK, dV, K, V and four score tiles at once)."""
+    if device_type == "cpu":  # the interpreter runs numpy: large tiles, few programs
+        one = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        return {"dkdv": one, "dq": dict(one)}
+    if max(head_dim, v_dim) <= 64:
+        return {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1},
+                "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}
+    return {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+            "dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << max(0, (int(x) - 1).bit_length()))
+
+
+def _strides(t: torch.Tensor) -> list:
+    """A tensor and its strides, as kernel arguments (stride 0 along broadcast dims)."""
+    return [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
+
+
+def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
+    """kv-major (num, idx) -> q-major (num, idx): the same block set, listed by column."""
+    rows = idx.shape[-2]
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None].long()
+    col = torch.where(listed & (idx.long() < n_cols), idx.long(), n_cols)
+    dense = torch.zeros(tuple(idx.shape[:-1]) + (n_cols + 1,), dtype=torch.bool,
+                        device=idx.device)
+    dense.scatter_(-1, col, True)
+    dense_t = dense[..., :n_cols].transpose(-1, -2)  # [.., cols, rows]
+    order = torch.argsort((~dense_t).to(torch.int8), dim=-1, stable=True)
+    return dense_t.sum(-1).to(torch.int32), order[..., :rows].to(torch.int32)
+
+
+def _tables(block_tables, device, prefix: str, n_kv_blocks: int) -> list:
+    """Kernel arguments of one kind of table (``kv_`` or ``q_``), or dummies; q-major tables
+    missing from ``block_tables`` are derived from the kv-major ones."""
+    if block_tables is None:
+        dummy = torch.zeros(4, dtype=torch.int32, device=device)
+        return [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
+    if prefix == "q_" and block_tables.get("q_num_blocks") is None:
+        for part in ("", "full_"):
+            num = block_tables.get(f"{part}kv_num_blocks")
+            if num is not None:
+                qn, qi = transpose_block_tables(num, block_tables[f"{part}kv_indices"],
+                                                n_kv_blocks)
+                block_tables = dict(block_tables, **{f"{part}q_num_blocks": qn,
+                                                     f"{part}q_indices": qi})
+    args = []
+    for key in ("num_blocks", "indices", "full_num_blocks", "full_indices"):
+        full = key.startswith("full_")
+        name = ("full_" if full else "") + prefix + key.removeprefix("full_")
+        t = block_tables.get(name)
+        if t is None:  # no full blocks: every listed block is partial
+            t = torch.zeros([1, 1, 1] + ([1] if "indices" in key else []), dtype=torch.int32,
+                            device=device)
+        args += _strides(t.to(device=device, dtype=torch.int32))
+    return args
+
+
+def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
+                    captured: dict | None = None, need: tuple = (),
+                    block_tables: dict | None = None, config: dict | None = None,
+                    deterministic: bool = False) -> dict:
+    """Gradients of the forward's inputs.  ``inputs``: Q, K, V; ``outputs``: O and LSE of the
+    forward; ``grads``: dO under "O" and dLSE (or None) under "LSE"; ``params``: scale (G is
+    read off the head counts); ``need``: names of captured tensors to differentiate.
+    ``block_tables``: the forward's kv-major tables plus, optionally, the q-major
+    q_num_blocks/q_indices/full_q_num_blocks/full_q_indices (derived when absent).
+    Returns dQ, dK, dV under "Q", "K", "V" and each needed captured gradient by name."""
+    captured = dict(captured or {})
+    q, k, v = inputs["Q"], inputs["K"], inputs["V"]
+    o, lse, do = outputs["O"], outputs["LSE"], grads["O"]
+    n_batch, n_heads, m_len, e_len = q.shape
+    n_kv_heads, n_len, f_len = k.shape[1], k.shape[2], v.shape[3]
+    device, dtype = q.device, q.dtype
+    group = n_heads // max(1, n_kv_heads)  # no heads at all: an empty problem
+    scale = params.get("scale")
+    scale = 1.0 / math.sqrt(e_len) if scale is None else float(scale)
+    dlse = grads.get("LSE")
+    if dlse is None:
+        dlse = torch.zeros((1, 1, 1), dtype=torch.float32, device=device).expand(lse.shape)
+    cap_grads = {name: torch.zeros(captured[name].shape, dtype=torch.float32, device=device)
+                 for name in GRADS if name in need}  # noqa: F821
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=device)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    if min(n_batch, n_heads, m_len, n_len) == 0:
+        return {"Q": dq32.to(dtype), "K": dk, "V": dv, **cap_grads}
+    cfg = backward_config(device.type, e_len, f_len)
+    for part, over in (config or {}).items():
+        cfg[part] = {**cfg[part], **over}
+    sparsity, sparse_q, sparse_kv = (1 if HAS_MASK else 0), 1, 1  # noqa: F821
+    if block_tables is not None:
+        sparsity = 2
+        sparse_q, sparse_kv = int(block_tables["Q_BLOCK_SIZE"]), int(block_tables["KV_BLOCK_SIZE"])
+    consts = {}
+    for part, c in cfg.items():
+        bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+        if sparsity == 2:  # a tile lies inside one block of the tables
+            bm, bn = min(bm, sparse_q), min(bn, sparse_kv)
+            if sparse_q % bm or sparse_kv % bn:
+                raise ValueError(f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of "
+                                 f"the tile ({bm}, {bn})")
+        consts[part] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=_pow2(e_len), BLOCK_F=_pow2(f_len),
+                            SPARSITY=sparsity, SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv,
+                            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                            UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
+                            num_warps=c["num_warps"], num_stages=c["num_stages"])
+    # delta = rowsum(dO * O) - dLSE
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
+    pre = cfg["dq"]
+    _bwd_kernel("attention_bwd_preprocess", device.type)[
+        (_cdiv(m_len, pre["BLOCK_M"]), n_batch * n_heads)](
+        *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), n_heads, m_len, f_len,
+        BLOCK_M=pre["BLOCK_M"], BLOCK_F=_pow2(f_len), num_warps=pre["num_warps"])
+    cap_args = []
+    for name in CAPTURED:  # noqa: F821
+        t = captured[name]
+        cap_args += _strides(t.to(torch.int8) if t.dtype == torch.bool else t) + \
+            [int(size) for size in t.shape]  # for the wrap of negative subscripts
+    grad_args = []
+    for name in GRADS:  # noqa: F821
+        t = cap_grads.get(name, torch.zeros((1,) * captured[name].dim(), device=device))
+        grad_args += _strides(t)
+    common = [*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
+              *_strides(delta)]
+    dq = torch.empty_like(q) if deterministic else dq32
+    n_kv_blocks = _cdiv(n_len, sparse_kv)
+    need_flags = {f"NEED_{ptr}": name in cap_grads for name, ptr in GRADS.items()}  # noqa: F821
+    # dK, dV (and, unless deterministic, dQ by atomics): a program per key tile
+    dkdv_grid = (_cdiv(n_len, consts["dkdv"]["BLOCK_N"]), n_batch * n_kv_heads)
+    _bwd_kernel("attention_bwd_dkdv_kernel", device.type)[dkdv_grid](
+        *common, *_strides(dq), *_strides(dk), *_strides(dv), *cap_args, *grad_args, scale,
+        group, n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
+        *_tables(block_tables, device, "q_", n_kv_blocks), ATOMIC_DQ=not deterministic,
+        **need_flags, **consts["dkdv"])
+    if deterministic:  # dQ: a program per query tile
+        dq_grid = (_cdiv(m_len, consts["dq"]["BLOCK_M"]), n_batch * n_heads)
+        _bwd_kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
+            *common, *_strides(dq), *cap_args, scale, group, n_heads, m_len, n_len, e_len,
+            f_len, *_tables(block_tables, device, "kv_", n_kv_blocks), **consts["dq"])
+    else:
+        dq = dq.to(dtype)
+    out = {"Q": dq, "K": dk, "V": dv}
+    out.update({name: g.to(captured[name].dtype) for name, g in cap_grads.items()})
+    return out
+# <<< launcher

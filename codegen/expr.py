@@ -1,0 +1,298 @@
+"""Printing IR expressions as Triton source, shared by the forward and backward printers.
+
+An op-to-text table (``_UNARY``, ``_BINARY`` and the rules of :func:`_render_node`) with
+torch's semantics (integer division and modulo floor, shifts saturate, int32 math widened when
+its range needs int64), the helper functions those rules call (``HELPERS``, printed into every
+module), and the safe spelling of identifiers, literals and comments: a spec's names reach the
+source only through :func:`ident` (validated), :func:`literal` or :func:`comment`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from attndsl.errors import AttnDSLError
+from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
+from attndsl.passes.int_range import fits_i32, int_ranges
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class CodegenError(AttnDSLError, ValueError):
+    """The Tile IR asks for something the Triton printer has no rule for."""
+
+
+def ident(name: str) -> str:
+    """A kernel identifier derived from an internal name (``mx0.safe`` -> ``mx0_safe``)."""
+    out = name.replace(".", "_")
+    if not _IDENT.match(out):
+        raise CodegenError(f"internal name {name!r} is not a valid identifier")
+    return out
+
+
+def comment(text: str) -> str:
+    """Spec text as a comment: printable ASCII only, one line per line."""
+    lines = text.splitlines() or [""]
+    clean = ["".join(ch if 32 <= ord(ch) < 127 else "?" for ch in ln) for ln in lines]
+    return "\n".join(f"# {ln}".rstrip() for ln in clean)
+
+
+def literal(v: object) -> str:
+    if isinstance(v, bool):
+        return "True" if v else "False"
+    if isinstance(v, int):  # outside int32 Triton would type it u32 / i64 by value: say i64
+        return repr(int(v)) if fits_i32((v, v)) else f"tl.full((), {int(v)}, tl.int64)"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return 'float("nan")'
+        if math.isinf(v):
+            return 'float("inf")' if v > 0 else 'float("-inf")'
+        return repr(float(v))
+    raise CodegenError(f"cannot print a constant of type {type(v).__name__}")
+
+
+_UNARY = {Op.EXP: "tl.exp({})", Op.EXP2: "tl.exp2({})", Op.LOG: "tl.log({})",
+          Op.LOG2: "tl.log2({})", Op.SIGMOID: "tl.sigmoid({})", Op.ABS: "tl.abs({})",
+          Op.SQRT: "tl.sqrt({})", Op.NEG: "(-{})",
+          Op.TANH: "(2.0 * tl.sigmoid(2.0 * {}) - 1.0)"}  # tanh x = 2 sigmoid(2x) - 1
+_BINARY = {Op.ADD: "({} + {})", Op.SUB: "({} - {})", Op.MUL: "({} * {})",
+           Op.LT: "({} < {})", Op.LE: "({} <= {})", Op.GT: "({} > {})", Op.GE: "({} >= {})",
+           Op.EQ: "({} == {})", Op.NE: "({} != {})", Op.AND: "({} & {})", Op.OR: "({} | {})",
+           Op.XOR: "({} ^ {})", Op.LSHIFT: "_shl({}, {})", Op.RSHIFT: "_shr({}, {})",
+           Op.TRUEDIV: "({} / {})", Op.MAX: "tl.maximum({}, {})", Op.MIN: "tl.minimum({}, {})"}
+
+
+def _nonneg(e: Expr) -> bool:
+    """A cheap proof that an integer expression is >= 0 (indices, constants, + * // %)."""
+    if e.op is Op.INDEX:
+        return True
+    if e.op is Op.CONST:
+        return e.arg >= 0
+    if e.op in (Op.ADD, Op.MUL, Op.FLOORDIV, Op.MOD, Op.MAX):
+        return all(_nonneg(s) for s in e.src)
+    return False
+
+
+HELPERS = '''
+@triton.jit
+def _safe_div(a, b):
+    """a / b, with 0 / 0 = 0 (a fully masked row normalises to zero)."""
+    both0 = (a == 0) & (b == 0)
+    return tl.where(both0, 0.0, a / tl.where(both0, 1.0, b))
+
+
+@triton.jit
+def _round_bf16(x):
+    """x rounded to the nearest bfloat16 (ties to even), as a float32: on the bits, since
+    the interpreter's float32 -> bfloat16 conversion truncates."""
+    b = x.to(tl.uint32, bitcast=True)
+    r = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
+    return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _shl(a, b):
+    """torch's a << b on int64: 0 when b < 0 or b >= 64."""
+    out = (a << tl.minimum(tl.maximum(b, 0), 63).to(tl.int64)).to(tl.int64)
+    return tl.where((b < 0) | (b > 63), tl.zeros_like(out), out)
+
+
+@triton.jit
+def _shr(a, b):
+    """torch's a >> b on int64 (arithmetic): the sign (a >> 63) when b < 0 or b >= 64."""
+    return a >> tl.where((b < 0) | (b > 63), 63, b).to(tl.int64)
+
+
+@triton.jit
+def _safe_div_scalar(a, b):
+    """_safe_div for a divisor that is one scalar (the interpreter cannot & a scalar bool with
+    a tile of them)."""
+    q = a / b
+    return tl.where(a == 0, tl.where(b == 0, 0.0, q), q)
+
+
+@triton.jit
+def _floor_div(a, b):
+    """Python's a // b on integers (Triton's // truncates toward zero)."""
+    q = a // b
+    return tl.where(((a % b) != 0) & ((a < 0) != (b < 0)), q - 1, q)
+
+
+@triton.jit
+def _floor_mod(a, b):
+    """Python's a % b on integers (the result takes the sign of b)."""
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+'''
+
+
+@dataclass
+class Env:
+    """How leaves print in one context: index names, row values and scalar arguments."""
+
+    index: dict[str, str]
+    rows: dict[str, str]
+    params: dict[str, str]
+    captured: dict[str, tuple[str, int]]
+    masks: dict[str, str]  # index -> validity mask of that tile axis, for captured loads
+    hoisted: dict[Expr, str] = field(default_factory=dict)
+    scalar_indices: frozenset[str] = frozenset()
+    ranges: dict[Expr, tuple[int, int]] = field(default_factory=dict)  # of integer nodes
+
+    def wide(self, e: Expr) -> bool:
+        """Whether an integer node is computed in int64: its range may leave int32, it is a
+        shift (int64 by definition) or it reads an int64 tensor."""
+        if e.dtype != INT:
+            return False
+        if e not in self.ranges:
+            self.ranges.update(int_ranges(e))
+        return e.op in SHIFTS or e.op is Op.LOAD or not fits_i32(self.ranges[e])
+
+
+def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
+    """Operands converted as the node computes: integers to int64 under an int64 node (an
+    int32 operand would wrap), integers and booleans to fp32 under a float node (Triton's
+    float functions take no integers)."""
+    if e.op in (Op.CAST, Op.LOAD) or not e.src:
+        return a
+    if e.dtype == FLOAT:
+        return [x if s.dtype == FLOAT or _is_where_cond(e, i) else
+                literal(float(s.arg)) if s.op is Op.CONST else f"({x}).to(tl.float32)"
+                for i, (s, x) in enumerate(zip(e.src, a))]
+    if env.wide(e) or any(env.wide(s) for s in e.src):
+        return [f"({x}).to(tl.int64)" if s.dtype in (INT, BOOL) and not env.wide(s)
+                and s.op is not Op.CONST and not _is_where_cond(e, i) else x
+                for i, (s, x) in enumerate(zip(e.src, a))]
+    return a
+
+
+def _is_where_cond(e: Expr, i: int) -> bool:
+    return e.op is Op.WHERE and i == 0
+
+
+def _scalar(e: Expr, env: Env) -> bool:
+    """Same value for every element of a program (parameters, constants, batch/head math,
+    reads of captured tensors at such subscripts)."""
+    return not any(n.op is Op.ROW or (n.op is Op.INDEX and n.arg not in env.scalar_indices)
+                   for n in e.walk())
+
+
+SPILL_NEST = 48  # parentheses a rendered subexpression may nest before it becomes a variable
+_NEST_PER_LEVEL = 4  # the most parentheses one node's template (and its casts) adds
+_spills = itertools.count()
+
+
+def reset_spills() -> None:
+    """Restart the numbering of spilled variables (once per generated module: deterministic)."""
+    global _spills
+    _spills = itertools.count()
+
+
+def render(e: Expr, env: Env, spill: list[str] | None = None) -> str:
+    """Triton source of ``e``.  With ``spill``, a subexpression nested deeper than SPILL_NEST
+    parentheses is assigned to a variable (``spN = ...`` appended to ``spill``, to be emitted
+    before the use), so that any expression depth gives source Python can parse."""
+    memo: dict[Expr, str] = {}
+    nest: dict[Expr, int] = {}
+    for node in e.walk():
+        hoisted = env.hoisted.get(node)
+        if hoisted is not None:
+            memo[node], nest[node] = hoisted, 0
+            continue
+        memo[node] = _render_node(node, [memo[s] for s in node.src], env)
+        nest[node] = max((nest[s] for s in node.src), default=0) + _NEST_PER_LEVEL
+        if spill is not None and nest[node] > SPILL_NEST and node is not e:
+            name = f"sp{next(_spills)}"
+            spill.append(f"{name} = {memo[node]}")
+            memo[node], nest[node] = name, 0
+    return memo[e]
+
+
+def render_at(L: Callable[[int, str], None], depth: int, e: Expr, env: Env) -> str:
+    """``render`` whose spilled variables are emitted through ``L`` at ``depth`` first."""
+    spill: list[str] = []
+    text = render(e, env, spill)
+    for line in spill:
+        L(depth, line)
+    return text
+
+
+def _render_node(e: Expr, a: list[str], env: Env) -> str:
+    op = e.op
+    if op is Op.CONST:
+        return literal(e.arg)
+    if op is Op.INDEX:
+        return env.index[e.arg]
+    if op is Op.PARAM:
+        return env.params[e.arg]
+    if op is Op.ROW:
+        return env.rows[e.arg]
+    if op is Op.LOAD:
+        ptr, rank = env.captured[e.arg]
+        offs = " + ".join(f"({a[d]}) * {ptr}_s{d}" for d in range(rank)) or "0"
+        axes = sorted(e.free_indices() & set(env.masks))
+        mask = f", mask={' & '.join(env.masks[x] for x in axes)}, other=0" if axes else ""
+        load = f"tl.load({ptr} + {offs}{mask})"
+        if e.dtype == FLOAT:  # 16-bit captured tensors are computed in fp32
+            return f"{load}.to(tl.float32)"
+        return f"({load} != 0)" if e.dtype == BOOL else load
+    a = _widen(e, a, env)
+    if op in _UNARY:
+        return _UNARY[op].format(*a)
+    if op is Op.NOT:
+        return f"({a[0]} == 0)"
+    if op is Op.INVERT:
+        return f"(~{a[0]})"
+    if op is Op.ROUND:  # round to nearest even in the 16-bit format, compute on in fp32
+        if e.arg == "bfloat16":
+            return f"_round_bf16({a[0]})"
+        return f"({a[0]}).to(tl.float16).to(tl.float32)"
+    if op is Op.CAST:
+        width = "tl.int64" if env.wide(e) else "tl.int32"
+        return {FLOAT: "({}).to(tl.float32)", INT: f"({{}}).to({width})",
+                BOOL: "(({}) != 0)"}[e.arg].format(a[0])
+    if op is Op.WHERE:
+        return f"tl.where({a[0]}, {a[1]}, {a[2]})"
+    if op is Op.DIV:  # 0 / 0 = 0 (a fully masked row normalises to zero)
+        d = e.src[1]
+        if d.op is Op.CONST and d.arg != 0:
+            return f"({a[0]} / {a[1]})"
+        if _scalar(d, env):
+            return f"_safe_div_scalar({a[0]}, {a[1]})"
+        return f"_safe_div({a[0]}, {a[1]})"
+    if op is Op.FLOORDIV:
+        if e.dtype == FLOAT:
+            return f"tl.floor(({a[0]}) / ({a[1]}))"
+        if _nonneg(e.src[0]) and _nonneg(e.src[1]):
+            return f"({a[0]} // {a[1]})"
+        return f"_floor_div({a[0]}, {a[1]})"
+    if op is Op.MOD:
+        if e.dtype == FLOAT:
+            return f"(({a[0]}) - tl.floor(({a[0]}) / ({a[1]})) * ({a[1]}))"
+        if _nonneg(e.src[0]) and _nonneg(e.src[1]):
+            return f"({a[0]} % {a[1]})"
+        return f"_floor_mod({a[0]}, {a[1]})"
+    if op is Op.POW:
+        y = e.src[1]
+        if y.op is Op.CONST and float(y.arg).is_integer() and 0 <= y.arg <= 8:
+            return "(" + " * ".join([f"({a[0]})"] * int(y.arg)) + ")" if y.arg else "1.0"
+        return f"tl.exp2(tl.log2({a[0]}) * ({a[1]}))"
+    if op in _BINARY:
+        return _BINARY[op].format(*a)
+    raise CodegenError(f"no Triton rule for {op.name}")
+
+
+
+class Lines:
+    """Lines of generated source: ``L(depth, text)`` appends text indented by depth."""
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+
+    def __call__(self, depth: int, text: str = "") -> None:
+        self.out.extend(("    " * depth + ln).rstrip() for ln in text.split("\n"))
+
