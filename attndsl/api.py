@@ -29,7 +29,6 @@ import torch
 from attndsl.eager import bind_extents, run_cascade
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
-from attndsl.passes.index_bounds import names_captured_tensors
 from attndsl.passes.pipeline import Compiled
 from attndsl.runtime.checks import AttentionError
 from attndsl.runtime.checks import check_qkv as _check_qkv
@@ -41,6 +40,7 @@ from attndsl.runtime.kernels import compiled as _compiled
 from attndsl.runtime.kernels import launch_attention
 from attndsl.runtime.modules import module_source
 from attndsl.runtime.plan import block_mask_plan, kernel_plan, mask_plan
+from attndsl.runtime.user_names import names_captured_tensors
 
 Tensor = torch.Tensor
 
