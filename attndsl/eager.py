@@ -19,10 +19,10 @@ from collections.abc import Mapping
 import torch
 
 from attndsl.errors import SubscriptError
+from attndsl.index_check import index_error
 from attndsl.ir.cascade import Cascade, Equation
 from attndsl.ir.evaluate import Env, EvaluationError, apply, as_float, safe_div
 from attndsl.ir.expr import Expr, Op, render
-from attndsl.runtime.index_check import index_error
 
 Tensor = torch.Tensor
 
@@ -46,7 +46,7 @@ class _Ctx(Env):
     def check_subscripts(self, node: Expr, idx: list[Tensor], t: Tensor) -> None:
         """torch's rule for the subscripts of a read: -size <= i < size along each dimension
         of a captured tensor (negatives wrap), 0 <= i < size for an input; else the
-        IndexError the kernels raise (attndsl.runtime.index_check), with the range seen."""
+        IndexError the kernels raise (attndsl.index_check), with the range seen."""
         for d, i in enumerate(idx):
             if not i.numel():
                 continue

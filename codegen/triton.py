@@ -24,13 +24,13 @@ from attndsl.codegen.expr import (
     reset_spills,
 )
 
+from attndsl.index_check import runtime_source
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
 from attndsl.ir.tile import Operand, RunningSum, TileKernel
 from attndsl.passes.index_bounds import walk_intervals
 from attndsl.passes.int_range import launch_divisors, zero_divisors
 from attndsl.passes.mask import SPARSE_BLOCK
-from attndsl.runtime.index_check import runtime_source
 
 # -- the module -----------------------------------------------------------------------------
 

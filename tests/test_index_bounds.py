@@ -19,6 +19,7 @@ from torch.nn.attention.flex_attention import create_block_mask as torch_block_m
 from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
 import attndsl
+from attndsl import index_check as rt
 from attndsl.block_mask import create_block_mask
 from attndsl.cli import main
 from attndsl.eager import eval_expr, run_cascade
@@ -28,7 +29,6 @@ from attndsl.ir import expr as E
 from attndsl.ir.expr import Op
 from attndsl.passes.index_bounds import IndexSite, nonneg, site_intervals
 from attndsl.passes.pipeline import compile_cascade
-from attndsl.runtime import index_check as rt
 from attndsl.runtime.modules import import_path, load_kernel_module, write_module
 
 Tensor = torch.Tensor

@@ -3,7 +3,7 @@
 A read ``t[i0, .., ik]`` of a captured or input tensor is a set of *sites* (one per
 subscript).  A site is proven in range at compile time when its subscript is an index whose
 extent is the dimension's own extent (``slopes[h]`` with ``slopes[H]``); every other site is
-checked at launch from its interval (attndsl.runtime.index_check), which the launch knows:
+checked at launch from its interval (attndsl.index_check), which the launch knows:
 extents, parameter values and [min, max] of the tensors a subscript reads.
 
 Semantics (torch's, for captured tensors): ``-s <= i < s`` on a dimension of size ``s``, a
@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
+from attndsl import index_check as rt
 from attndsl.errors import SubscriptError
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import BOOL, INT, Expr, Op
-from attndsl.runtime import index_check as rt
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ Apply = Callable[[str, list[Any]], Any]
 def walk_intervals(e: Expr, leaf: Leaf, apply: Apply, memo: dict[Any, Any]) -> Any:
     """The interval of ``e``: ``leaf`` gives those of CONST/INDEX/PARAM/ROW nodes and of reads
     (a read's value is bounded by its tensor's [min, max]), ``apply(rule, args)`` applies the
-    rule of attndsl.runtime.index_check for every other node.
+    rule of attndsl.index_check for every other node.
 
     ``where(p, x, y)`` evaluates x knowing p and y knowing not p: an integer node compared in
     p (``d < 8``, conjunctions of comparisons) is narrowed in that branch (``_iv_narrow_*``),

@@ -322,7 +322,7 @@ def check_mask(mask: Any, captured: Mapping[str, Tensor] | None) -> Expr:
 
 def _in_range(mask: Expr, captured: Mapping[str, Tensor], sizes: dict[str, int]) -> Expr:
     """The mask with torch's indexing made explicit: every subscript of a captured tensor is
-    checked to lie in [-size, size) (the IndexError of attndsl.runtime.index_check
+    checked to lie in [-size, size) (the IndexError of attndsl.index_check
     otherwise, as the kernels and torch raise), and negative ones wrap, ``where(i < 0, i + s,
     i)``, so that the interval rules (which clamp subscripts into the tensor) stay sound."""
     extents = dict(zip(_AXES, ("B", "H", "M", "N")))
