@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -23,3 +24,10 @@ os.environ.setdefault("ATTNDSL_VERIFY", "1")
 def pytest_addoption(parser) -> None:
     parser.addoption("--update-golden", action="store_true", default=False,
                      help="rewrite tests/golden/*.txt from the current compiler output")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch() -> None:
+    """Every test draws the same random tensors whatever ran before it in its worker (xdist
+    orders tests differently run to run): the suite is deterministic."""
+    torch.manual_seed(0)
