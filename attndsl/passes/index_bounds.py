@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from attndsl import index_check as rt
+import attndsl.index_check as rt
 from attndsl.errors import SubscriptError
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
