@@ -64,6 +64,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from attndsl.runtime.sass import KeyTileLoop, summarize_sass
+
 __all__ = [
     "TARGETS",
     "CompiledReport",
@@ -146,6 +148,8 @@ class CompiledReport:
     ``stack_bytes`` / ``local_bytes`` are cuobjdump's ``STACK`` / ``LOCAL`` per thread.
     ``tc_kind`` is ``"HGMMA"`` (Hopper warpgroup MMA), ``"HMMA"`` (mma.sync) or ``"none"``, and
     ``tc_count`` the static number of such instructions in the SASS.
+    ``loops`` are the key-tile loops of the SASS (see :mod:`attndsl.runtime.sass`) in address
+    order, and ``tma_count`` the static number of TMA instructions (``UTMALDG``, ``UBLKCP``, ...).
     """
 
     name: str
@@ -168,6 +172,14 @@ class CompiledReport:
     occupancy: float
     fits: bool
     reason: str = ""
+    loops: tuple[KeyTileLoop, ...] = ()
+    tma_count: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CompiledReport:
+        """Inverse of ``dataclasses.asdict`` (the child process sends reports as JSON)."""
+        loops = tuple(KeyTileLoop(**loop) for loop in data.get("loops", ()))
+        return cls(**{**data, "loops": loops})
 
     @property
     def limits(self) -> TargetLimits:
@@ -493,10 +505,12 @@ def _compile_here(req: _Request) -> CompiledReport:
     usage_text, sass = _run_cuobjdump(compiled.asm["cubin"])
     usage = _parse_resource_usage(usage_text, compiled.metadata.name)
     ops = _count_opcodes(sass)
-    return _make_report(
+    report = _make_report(
         compiled.metadata.name, lim, req.num_warps, req.num_stages, dict(req.constexprs),
         usage, ops, int(compiled.metadata.shared),
     )
+    summary = summarize_sass(sass, compiled.metadata.name)
+    return dataclasses.replace(report, loops=summary.loops, tma_count=summary.tma)
 
 
 # ----------------------------------------------------------------------------- child process
@@ -555,7 +569,8 @@ def _compile_in_child(requests: Sequence[_Request]) -> list[CompiledReport]:
         if "error" in result:
             kind, message = result["error"]
             raise _CHILD_ERRORS.get(kind, RuntimeError)(message)
-        reports.append(CompiledReport(**{**result["report"], "constexprs": req.constexprs}))
+        reports.append(CompiledReport.from_dict({**result["report"],
+                                                 "constexprs": req.constexprs}))
     return reports
 
 
