@@ -1,0 +1,455 @@
+"""Static kernel benchmark: generated key-tile loops against hand-written ones, from SASS.
+
+No GPU is needed. For each case, target (sm_90a, sm_80), dtype (fp16, bf16) and head dim
+(64, 128) this compiles, with the project's AOT path (:mod:`attndsl.runtime.aot`, Triton's real
+compiler in child processes, at most two at once), the forward kernel attndsl generates for
+the case and the hand-written reference of ``benchmarks/reference/`` with the same config
+(128 x 64 tiles, 8 warps, the generated module's stages: 3 at D = 64, 2 at D = 128), and the
+generated backward kernels next to the FlashAttention-2 references. Per kernel: registers,
+spills, shared memory; per key-tile loop (:mod:`attndsl.runtime.sass`): all instructions,
+tensor-core, ``MUFU.EX2``, the rest, and the ratio generated / hand-written.
+
+How a kernel is obtained: exactly as a user runs it. The generated kernels come from
+``attndsl.flex_attention`` with the examples' ``score_mod``/``mask_mod`` (``examples/*.py``),
+the forward with ``kernel_options`` holding the tile config, the backward through autograd
+with ``deterministic=True`` (so the dQ kernel, one program per query tile, runs); the sigmoid
+backward from ``examples/sigmoid.attn`` via ``attndsl.compile``. Each call runs under Triton's
+interpreter with every launch *recorded instead of executed*
+(:func:`attndsl.runtime.gpu_report.record_launches`): the recorded arguments give the
+compile signature exactly as a GPU launch specialises it, whatever the generated kernel's
+argument names or constexprs are. Launches are recorded with fp16 tensors and retyped to bf16
+(the CPU launcher upcasts bf16 for the interpreter); the backward's tile config (CPU values at
+record time) is replaced by the generated module's GPU ``backward_config`` when it has one
+(else :data:`BACKWARD_CONFIG`), used for the references too.
+
+How loops are paired (:func:`loop_kinds`, :func:`pair_loops`): a key-tile loop is *masked* when
+it compares indices about once per score element a thread owns (``ISETP`` counts; a mask is
+elementwise, loop control and row guards are per tile or per row), counted above the kernel's
+least-comparing loop when the kernel has several. Each generated loop is compared with the
+first reference loop of the same kind (the reference kernels have one loop body per kind); a
+kernel pair with a single loop each is paired directly. A kind the reference lacks has no
+ratio: e.g. the reference dQ kernel's diagonal is a single key tile when BLOCK_M == BLOCK_N,
+which the compiler takes out of the loop.
+
+Usage::
+
+    python benchmarks/static_kernel.py                 # everything (tens of minutes on 2 cores)
+    python benchmarks/static_kernel.py --quick         # causal, sm90, fp16, D=64
+    python benchmarks/static_kernel.py --cases dense,causal --targets sm90 --dims 128
+
+Writes ``benchmarks/results/static_kernel_<date>.json`` and ``.md`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ["TRITON_INTERPRET"] = "1"  # launches are recorded through the interpreter
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import attndsl  # noqa: E402
+from attndsl.frontend.load import load_spec  # noqa: E402
+from attndsl.runtime.aot import CompiledReport, KernelSpec, compile_kernels  # noqa: E402
+from attndsl.runtime.gpu_report import RecordedLaunch, record_launches  # noqa: E402
+from attndsl.runtime.sass import KeyTileLoop  # noqa: E402
+from benchmarks.reference import backward as ref_bwd  # noqa: E402
+from benchmarks.reference import forward as ref_fwd  # noqa: E402
+
+TARGETS = ("sm90", "sm80")
+DTYPES = ("fp16", "bf16")
+DIMS = (64, 128)
+FORWARD_CASES = tuple(ref_fwd.CASES)
+BACKWARD_CASES = tuple(ref_bwd.CASES)
+BATCH, HEADS, LENGTH = 2, 16, 1024
+BLOCK_M, BLOCK_N, WARPS = 128, 64, 8
+# The backward config when the generated module names none: per kernel, as the tutorial splits.
+BACKWARD_CONFIG = {"dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+                   "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}}
+# example file per case (score_mod / mask_mod from its make()), and whether it groups heads
+EXAMPLES = {"dense": None, "causal": "causal", "sliding_window": "sliding_window",
+            "prefix_lm": "prefix_lm", "alibi_causal": "alibi", "softcap": "softcap",
+            "relative_bias": "relative_bias", "document": "document_mask",
+            "gqa_causal": "gqa_causal", "sigmoid": "sigmoid"}
+
+
+def stages(dim: int) -> int:
+    """Pipeline stages of the compared forward config (the generated module's GPU default)."""
+    return 3 if dim <= 64 else 2
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _example(name: str) -> Any:
+    """The example module ``examples/<name>.py``."""
+    path = ROOT / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _qkv(case: str, dim: int, grad: bool = False) -> tuple[torch.Tensor, ...]:
+    """fp16 q [B, H, L, D], k and v [B, H / G, L, D] (G = 4 for GQA), random."""
+    gen = torch.Generator().manual_seed(0)
+    kv_heads = HEADS // ref_fwd.CASES.get(case, (0, 0, 1))[2]
+    shapes = [(BATCH, HEADS, LENGTH, dim)] + [(BATCH, kv_heads, LENGTH, dim)] * 2
+    return tuple(torch.randn(s, generator=gen).half().requires_grad_(grad) for s in shapes)
+
+
+def _mods(case: str) -> dict:
+    """``{"score_mod", "mask_mod"}`` of the case's example (none for dense)."""
+    name = EXAMPLES[case]
+    if name is None:
+        return {"score_mod": None, "mask_mod": None}
+    return _example(name).make(BATCH, HEADS, LENGTH, LENGTH)
+
+
+def _reference_extras(case: str) -> dict:
+    """The captured tensors of the case, as the reference launcher takes them."""
+    if case == "alibi_causal":
+        return {"slopes": _example("alibi").alibi_slopes(HEADS)}
+    if case == "relative_bias":
+        return {"bias": torch.randn(HEADS, 2 * LENGTH - 1)}
+    if case == "document":
+        doc = _example("document_mask")
+        return {"doc": doc.document_ids(LENGTH, doc.NUM_DOCS, doc.generator())}
+    return {}
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def _one(launches: list[RecordedLaunch], what: str) -> RecordedLaunch:
+    if len(launches) != 1:
+        raise RuntimeError(f"{what}: expected one kernel launch, recorded {len(launches)}")
+    return launches[0]
+
+
+def generated_forward(case: str, dim: int) -> RecordedLaunch:
+    """The generated forward kernel's launch, through ``attndsl.flex_attention``."""
+    q, k, v = _qkv(case, dim)
+    mods = _mods(case)
+    options = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "num_warps": WARPS,
+               "num_stages": stages(dim)}
+    return _one(record_launches(lambda: attndsl.flex_attention(
+        q, k, v, score_mod=mods["score_mod"], mask_mod=mods["mask_mod"],
+        enable_gqa=case == "gqa_causal", kernel_options=options)), f"{case} forward")
+
+
+def reference_forward(case: str, dim: int) -> RecordedLaunch:
+    """The hand-written forward kernel's launch with the same config."""
+    q, k, v = _qkv(case, dim)
+    return _one(record_launches(lambda: ref_fwd.attention(
+        q, k, v, case, block_m=BLOCK_M, block_n=BLOCK_N, num_warps=WARPS,
+        num_stages=stages(dim), **_reference_extras(case))), f"{case} reference forward")
+
+
+def _role(launch: RecordedLaunch) -> str | None:
+    """``preprocess`` / ``dkdv`` / ``dq`` from a backward kernel's name, or None."""
+    name = launch.name.lower()
+    for role, marks in (("preprocess", ("preprocess",)), ("dkdv", ("dkdv", "dk_dv")),
+                        ("dq", ("dq",))):
+        if any(mark in name for mark in marks):
+            return role
+    return None
+
+
+def generated_backward(case: str, dim: int) -> dict[str, RecordedLaunch]:
+    """The generated backward kernels' launches by role (none for an eager backward)."""
+    q, k, v = _qkv(case, dim, grad=True)
+
+    def run() -> None:
+        if case == "sigmoid":
+            cascade, _ = load_spec(str(ROOT / "examples" / "sigmoid.attn")).build(
+                BATCH, HEADS, LENGTH, LENGTH)
+            out = attndsl.compile(cascade)({"Q": q, "K": k, "V": v})["O"]
+        else:
+            mods = _mods(case)
+            out = attndsl.flex_attention(q, k, v, score_mod=mods["score_mod"],
+                                         mask_mod=mods["mask_mod"],
+                                         kernel_options={"deterministic": True})
+        out.backward(torch.ones_like(out))
+
+    found: dict[str, RecordedLaunch] = {}
+    for launch in record_launches(run):
+        role = _role(launch)
+        if role is not None:
+            found[role] = launch
+    return found
+
+
+def backward_config(launches: dict[str, RecordedLaunch], dim: int) -> dict[str, dict]:
+    """The generated module's GPU backward config per kernel (``BACKWARD_CONFIG`` if none)."""
+    for launch in launches.values():
+        fn = launch.fn.__globals__.get("backward_config")
+        if callable(fn):
+            cfg = fn("cuda", dim, dim)
+            return {role: {k: int(cfg[role][k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps",
+                                                          "num_stages")}
+                    for role in ("dkdv", "dq")}
+    return BACKWARD_CONFIG
+
+
+def reference_backward(case: str, dim: int, config: dict[str, dict]) -> dict[str, RecordedLaunch]:
+    """The FA2 reference backward launches by role, with ``config``'s tiles."""
+    q, k, v = _qkv(case, dim)
+    do = torch.randn_like(q)
+    o, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+    tiles = config["dkdv"]
+    kw = dict(block_m=tiles["BLOCK_M"], block_n=tiles["BLOCK_N"],
+              num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    slopes = _reference_extras(case).get("slopes")
+
+    def run() -> Any:
+        if case == "sigmoid":
+            return ref_bwd.sigmoid_attention_backward(q, k, v, do, **kw)
+        return ref_bwd.attention_backward(q, k, v, o, lse, do, case, slopes=slopes, **kw)
+
+    return {role: launch for launch in record_launches(run)
+            if (role := _role(launch)) is not None}
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+@dataclass
+class Job:
+    """One compile: which kernel, for which cell of the table."""
+
+    direction: str  # forward / backward
+    case: str
+    target: str
+    dtype: str
+    dim: int
+    kernel: str  # fwd / preprocess / dkdv / dq
+    side: str  # generated / reference
+    spec: KernelSpec
+
+
+def _spec(launch: RecordedLaunch, target: str, dtype: str, tiles: dict | None = None
+          ) -> KernelSpec:
+    retype = None if dtype == "fp16" else ("fp16", dtype)
+    over = {}
+    for key, value in (tiles or {}).items():
+        if key in launch.constexprs or key in ("num_warps", "num_stages"):
+            over[key] = value
+    return launch.spec(target, dtype=retype, **over)
+
+
+def forward_jobs(cases: list[str], targets: list[str], dtypes: list[str], dims: list[int]
+                 ) -> list[Job]:
+    jobs = []
+    for case in cases:
+        for dim in dims:
+            launches = {"generated": generated_forward(case, dim),
+                        "reference": reference_forward(case, dim)}
+            for target in targets:
+                for dtype in dtypes:
+                    for side, launch in launches.items():
+                        jobs.append(Job("forward", case, target, dtype, dim, "fwd", side,
+                                        _spec(launch, target, dtype)))
+    return jobs
+
+
+def backward_jobs(cases: list[str], targets: list[str], dtypes: list[str], dims: list[int]
+                  ) -> list[Job]:
+    jobs = []
+    for case in cases:
+        for dim in dims:
+            gen = generated_backward(case, dim)
+            config = backward_config(gen, dim)
+            ref = reference_backward(case, dim, config)
+            for target in targets:
+                for dtype in dtypes:
+                    for side, launches in (("generated", gen), ("reference", ref)):
+                        for role, launch in launches.items():
+                            tiles = config.get(role, config["dq"])
+                            jobs.append(Job("backward", case, target, dtype, dim, role, side,
+                                            _spec(launch, target, dtype, tiles)))
+    return jobs
+
+
+def elements_per_thread(spec: KernelSpec) -> int:
+    """Score elements one thread holds: BLOCK_M * BLOCK_N / threads."""
+    consts = spec.constexprs
+    return max(1, consts.get("BLOCK_M", 1) * consts.get("BLOCK_N", 1) // (32 * spec.num_warps))
+
+
+def loop_kinds(loops: tuple[KeyTileLoop, ...], per_thread: int) -> list[str]:
+    """``masked`` / ``unmasked`` per loop, by its integer compares (``ISETP``).
+
+    A mask compares indices once per score element a thread owns (``per_thread``); loop control
+    and per-row guards compare a few times per tile. With several loops in a kernel, a loop is
+    masked when it has at least ``0.75 * per_thread`` compares more than the kernel's loop with
+    the fewest; a single loop, when it has at least ``0.75 * per_thread`` at all."""
+    counts = [loop.count("ISETP") for loop in loops]
+    base = min(counts) if len(counts) > 1 else 0
+    return ["masked" if c >= base + 0.75 * per_thread else "unmasked" for c in counts]
+
+
+def _loop_row(loop: KeyTileLoop, kind: str) -> dict:
+    return {"kind": kind, "all": loop.instructions, "tensor_core": loop.tensor_core,
+            "ex2": loop.ex2, "rest": loop.rest, "tma": loop.tma,
+            "selects": loop.count("FSEL") + loop.count("SEL"), "int_compares": loop.count("ISETP"),
+            "opcodes": loop.opcodes}
+
+
+def _kernel_row(job: Job, report: CompiledReport | Exception) -> dict:
+    row = {"side": job.side, "kernel_name": getattr(job.spec.fn, "__name__", "?"),
+           "num_warps": job.spec.num_warps, "num_stages": job.spec.num_stages,
+           "tiles": [job.spec.constexprs.get("BLOCK_M"), job.spec.constexprs.get("BLOCK_N")]}
+    if isinstance(report, Exception):
+        row["error"] = f"{type(report).__name__}: {str(report).splitlines()[-1][:300]}"
+        return row
+    per_thread = elements_per_thread(job.spec)
+    row.update(registers=report.registers, spills=report.spill_stores + report.spill_loads,
+               stack=report.stack_bytes, shared_bytes=report.shared_total_bytes,
+               tma=report.tma_count,
+               loops=[_loop_row(lp, kind) for lp, kind in
+                      zip(report.loops, loop_kinds(report.loops, per_thread), strict=True)])
+    return row
+
+
+def pair_loops(gen: dict, ref: dict) -> list[dict]:
+    """Each generated loop next to the first reference loop of its kind, with the ratio; a
+    kernel pair with one loop each is paired whatever the kinds (same structure)."""
+    gen_loops, ref_loops = gen.get("loops", []), ref.get("loops", [])
+    pairs = []
+    for loop in gen_loops:
+        if len(gen_loops) == len(ref_loops) == 1:
+            match = ref_loops[0]
+        else:
+            match = next((r for r in ref_loops if r["kind"] == loop["kind"]), None)
+        ratio = round(loop["all"] / match["all"], 3) if match else None
+        pairs.append({"kind": (match or loop)["kind"], "generated": loop, "reference": match,
+                      "ratio": ratio})
+    return pairs
+
+
+def compare(jobs: list[Job], reports: list[CompiledReport | Exception]) -> list[dict]:
+    """Rows of the result: one per (direction, case, target, dtype, dim, kernel)."""
+    cells: dict[tuple, dict] = {}
+    for job, report in zip(jobs, reports, strict=True):
+        key = (job.direction, job.case, job.target, job.dtype, job.dim, job.kernel)
+        cells.setdefault(key, {})[job.side] = _kernel_row(job, report)
+    rows = []
+    for (direction, case, target, dtype, dim, kernel), sides in cells.items():
+        gen, ref = sides.get("generated"), sides.get("reference")
+        rows.append({"direction": direction, "case": case, "target": target, "dtype": dtype,
+                     "dim": dim, "kernel": kernel, "generated": gen, "reference": ref,
+                     "loops": pair_loops(gen or {}, ref or {})})
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _regs(side: dict | None) -> str:
+    if side is None:
+        return "none"
+    if "error" in side:
+        return "error"
+    spill = f", {side['spills']} spill" if side["spills"] or side["stack"] else ""
+    return f"{side['registers']}{spill}, {side['shared_bytes'] / 1024:.0f}K"
+
+
+def _counts(loop: dict | None) -> str:
+    if loop is None:
+        return "-"
+    return f"{loop['all']} ({loop['tensor_core']}/{loop['ex2']}/{loop['rest']})"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The result table: one line per generated key-tile loop (or kernel without loops)."""
+    lines = [
+        f"Static SASS, compiled on CPU, no GPU; triton {meta['triton']}, {meta['date']}; "
+        f"forward tiles {BLOCK_M}x{BLOCK_N}, {WARPS} warps, stages 3 (D=64) / 2 (D=128); "
+        f"backward tiles per kernel as listed. Loop counts: all (tensor-core / MUFU.EX2 / "
+        f"rest); kernel: registers, spills, shared memory.",
+        "",
+        "| dir | case | target | dtype | D | kernel | loop | generated | hand-written | ratio "
+        "| gen regs, smem | ref regs, smem |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        head = (f"| {row['direction'][:3]} | {row['case']} | {row['target']} | {row['dtype']} "
+                f"| {row['dim']} | {row['kernel']}")
+        regs = f"{_regs(row['generated'])} | {_regs(row['reference'])} |"
+        if not row["loops"]:
+            ref_loops = (row["reference"] or {}).get("loops", [])
+            ref = _counts(ref_loops[0]) if ref_loops else "-"
+            gen = "no generated kernel" if row["generated"] is None else \
+                (row["generated"].get("error") or "no key-tile loop")
+            lines.append(f"{head} | - | {gen} | {ref} | - | {regs}")
+        for pair in row["loops"]:
+            ratio = "-" if pair["ratio"] is None else f"{pair['ratio']:.2f}"
+            lines.append(f"{head} | {pair['kind']} | {_counts(pair['generated'])} | "
+                         f"{_counts(pair['reference'])} | {ratio} | {regs}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="one case (causal), one target (sm90), one dtype (fp16), D=64")
+    parser.add_argument("--cases", help="comma-separated case names (default: all)")
+    parser.add_argument("--targets", help=f"comma-separated, from {','.join(TARGETS)}")
+    parser.add_argument("--dtypes", help=f"comma-separated, from {','.join(DTYPES)}")
+    parser.add_argument("--dims", help="comma-separated head dims (default 64,128)")
+    parser.add_argument("--no-backward", action="store_true", help="forward kernels only")
+    parser.add_argument("--jobs", type=int, default=2, help="compiling children (at most 2)")
+    parser.add_argument("--out", help="output path without extension "
+                                      "(default benchmarks/results/static_kernel_<date>)")
+    args = parser.parse_args(argv)
+    split = lambda text, default: default if not text else text.split(",")  # noqa: E731
+    cases = split(args.cases, ["causal"] if args.quick else None)
+    targets = split(args.targets, ["sm90"] if args.quick else list(TARGETS))
+    dtypes = split(args.dtypes, ["fp16"] if args.quick else list(DTYPES))
+    dims = [int(d) for d in split(args.dims, ["64"] if args.quick else list(DIMS))]
+    known = set(FORWARD_CASES) | set(BACKWARD_CASES)
+    unknown = sorted(set(cases or []) - known)
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {sorted(known)}")
+    fwd_cases = [c for c in (cases or FORWARD_CASES) if c in FORWARD_CASES]
+    bwd_cases = [] if args.no_backward else \
+        [c for c in (cases or BACKWARD_CASES) if c in BACKWARD_CASES]
+    t0 = time.perf_counter()
+    jobs = forward_jobs(fwd_cases, targets, dtypes, dims) + \
+        backward_jobs(bwd_cases, targets, dtypes, dims)
+    reports = compile_kernels([job.spec for job in jobs], jobs=max(1, min(2, args.jobs)),
+                              strict=False)
+    rows = compare(jobs, reports)
+    meta = {"date": datetime.date.today().isoformat(), "triton": triton.__version__,
+            "torch": torch.__version__, "compiled": len(jobs),
+            "seconds": round(time.perf_counter() - t0, 1), "batch": BATCH, "heads": HEADS,
+            "length": LENGTH, "forward_tiles": [BLOCK_M, BLOCK_N, WARPS],
+            "note": "static SASS, compiled on CPU, no GPU"}
+    out = Path(args.out) if args.out else \
+        ROOT / "benchmarks" / "results" / f"static_kernel_{meta['date']}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = markdown(rows, meta)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"{len(jobs)} kernels compiled in {meta['seconds']} s; wrote {out}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
