@@ -1,0 +1,86 @@
+"""The static kernel benchmark (benchmarks/static_kernel.py) runs and reports real numbers.
+
+The smoke test runs ``--quick`` forward-only in a subprocess (the benchmark records launches
+under Triton's interpreter and compiles in its own children) and checks the JSON it writes:
+each loop with its counts and kind, ratios against the hand-written kernel, registers and
+shared memory of both kernels. The pairing rules and the backward recording are tested on
+their own, without compiling.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from attndsl.runtime.sass import KeyTileLoop
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import static_kernel  # noqa: E402
+
+
+def test_quick_run_writes_loop_counts_and_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "quick"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "static_kernel.py"),
+                           "--quick", "--no-backward", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.perf_counter() - t0 < 120
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["meta"]["triton"] and data["meta"]["compiled"] == 2
+    (row,) = data["rows"]
+    assert (row["case"], row["target"], row["dtype"], row["dim"]) == ("causal", "sm90", "fp16",
+                                                                       64)
+    for side in (row["generated"], row["reference"]):
+        assert "error" not in side, side
+        assert 0 < side["registers"] <= 255 and side["shared_bytes"] > 0
+    kinds = sorted(pair["kind"] for pair in row["loops"])
+    assert kinds == ["masked", "unmasked"]  # causal: below the diagonal and on it
+    for pair in row["loops"]:
+        gen, ref = pair["generated"], pair["reference"]
+        assert gen["tensor_core"] == ref["tensor_core"] > 0  # same tiles, same MMAs
+        assert gen["ex2"] >= 32 and ref["ex2"] >= 32  # 128 x 64 scores over 256 threads
+        assert gen["rest"] == gen["all"] - gen["tensor_core"] - gen["ex2"]
+        assert pair["ratio"] == pytest.approx(gen["all"] / ref["all"], abs=1e-3)
+    table = out.with_suffix(".md").read_text()
+    assert "| for | causal | sm90 | fp16 | 64 | fwd | masked |" in table
+
+
+def _loop(compares: int, all_: int = 100) -> KeyTileLoop:
+    return KeyTileLoop(0, 16, all_, 8, 34, opcodes={"ISETP.GE.AND": compares})
+
+
+def test_loops_are_masked_when_they_compare_once_per_score_element() -> None:
+    # 32 score elements per thread: one mask compare each, against a few for loop control
+    assert static_kernel.loop_kinds((_loop(12), _loop(111)), 32) == ["unmasked", "masked"]
+    assert static_kernel.loop_kinds((_loop(33),), 32) == ["masked"]
+    assert static_kernel.loop_kinds((_loop(2),), 16) == ["unmasked"]
+    # small tiles (4 elements per thread): guards of the unmasked loop do not make it masked
+    assert static_kernel.loop_kinds((_loop(26), _loop(10)), 4) == ["masked", "unmasked"]
+
+
+def test_generated_loops_are_paired_with_the_reference_loop_of_their_kind() -> None:
+    gen = {"loops": [{"kind": "masked", "all": 120}, {"kind": "unmasked", "all": 90}]}
+    ref = {"loops": [{"kind": "unmasked", "all": 60}, {"kind": "masked", "all": 100}]}
+    pairs = static_kernel.pair_loops(gen, ref)
+    assert [(p["kind"], p["ratio"]) for p in pairs] == [("masked", 1.2), ("unmasked", 1.5)]
+    lone = static_kernel.pair_loops(gen, {"loops": [{"kind": "unmasked", "all": 60}]})
+    assert [p["ratio"] for p in lone] == [None, 1.5]  # no masked reference loop: no ratio
+
+
+def test_the_backward_launches_are_recorded_by_role() -> None:
+    found = static_kernel.generated_backward("causal", 64)
+    assert {"preprocess", "dkdv", "dq"} <= set(found)
+    config = static_kernel.backward_config(found, 64)
+    assert set(config) == {"dkdv", "dq"}
+    refs = static_kernel.reference_backward("causal", 64, config)
+    assert set(refs) == {"preprocess", "dkdv", "dq"}
+    # the references are recorded with the generated module's GPU tiles
+    assert refs["dkdv"].constexprs["BLOCK_N"] == config["dkdv"]["BLOCK_N"]
+    assert refs["dkdv"].num_warps == config["dkdv"]["num_warps"]
