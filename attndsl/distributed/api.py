@@ -27,7 +27,7 @@ from attndsl.distributed.layout import all_positions, check_layout
 from attndsl.distributed.merge import add_sink
 from attndsl.distributed.pairs import best_layout, classify_pair, pair_classes
 from attndsl.distributed.positions import positioned
-from attndsl.distributed.ring import Ring, RingFunction
+from attndsl.distributed.ring import Replicated, Ring, RingFunction
 from attndsl.frontend.flex import lower_flex
 from attndsl.passes.mask import EMPTY
 from attndsl.runtime.checks import AttentionError, check_qkv
@@ -94,7 +94,7 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     names = tuple(kernels.captured)
     out, lse = RingFunction.apply(ring, names, q, k, v, *kernels.captured.values())
     if sinks is not None:
-        out, lse = add_sink(out, lse, sinks)
+        out, lse = add_sink(out, lse, Replicated.apply(sinks, group))
     out = out.movedim(2, seq_dim)
     return (out, lse) if return_lse else out
 

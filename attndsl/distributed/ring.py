@@ -179,3 +179,20 @@ class RingFunction(torch.autograd.Function):
         cap_grads = [caps[n].to(ctx.ring.kernels.captured[n].dtype) if n in caps else None
                      for n in ctx.names]
         return (None, None, dq, dk, dv, *cap_grads)
+
+
+class Replicated(torch.autograd.Function):
+    """The identity on a tensor every rank holds the same copy of (a sink logit): its
+    gradient is the sum of every rank's, as the single-process gradient is the sum over
+    all rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
