@@ -44,8 +44,8 @@ def spawn(world: int, cases: list[Callable[[int, int], None]], timeout: float = 
     ``timeout`` seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        ctx = mp.start_processes(_worker, args=(world, store, cases, backend), nprocs=world, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(world, store, cases, backend), nprocs=world,
+                                 join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:

@@ -8,6 +8,8 @@ ranks).  Cases are grouped into one spawn per world size to keep the suite fast.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,9 +17,11 @@ import torch.distributed as dist
 import attndsl
 from attndsl.api import AttentionError
 from attndsl.distributed import context_parallel_attention, shard, tree_decode
+from attndsl.frontend.text import parse_file
 from tests.cp_harness import spawn
 
 ATOL = 2e-5
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _inputs(B: int, H: int, L: int, E: int, hkv: int | None = None) -> tuple:
@@ -135,6 +139,27 @@ def sinks_causal(rank: int, world: int) -> None:
     _check(rank, world, "striped", None, causal, q, k, v, captured=(sinks,), sinks=sinks)
 
 
+def text_cascade_with_sinks(rank: int, world: int) -> None:
+    """examples/sink.attn: exp(sink[h]) joins the denominator once, not once per shard."""
+    spec = parse_file(str(EXAMPLES / "sink.attn"))["sink"]
+    z = torch.tensor([0.5, -0.7], requires_grad=True)
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 26, 16))
+    ref = attndsl.compile(spec)({"Q": q, "K": k, "V": v}, captured={"sink": z})["O"]
+    weights = torch.randn(ref.shape)
+    (ref * weights).sum().backward()
+    want = z.grad.clone()
+    z.grad = None
+    parts = [shard(t.detach(), "zigzag", world, rank).requires_grad_() for t in (q, k, v)]
+    out = context_parallel_attention(*parts, layout="zigzag", cascade=spec,
+                                     captured={"sink": z})["O"]
+    mine = lambda t: shard(t, "zigzag", world, rank)  # noqa: E731
+    torch.testing.assert_close(out, mine(ref.detach()), atol=ATOL, rtol=1e-4)
+    (out * mine(weights)).sum().backward()
+    for got, full in zip(parts, (q, k, v)):
+        torch.testing.assert_close(got.grad, mine(full.grad), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z.grad, want, atol=1e-4, rtol=1e-4)
+
+
 def tree_decode_matches_one_process(rank: int, world: int) -> None:
     """Four new queries against a 50-key cache split over the ranks."""
     def causal(b, h, q_idx, kv_idx):
@@ -161,12 +186,12 @@ def unshardable_lengths_are_refused(rank: int, world: int) -> None:
 
 def test_two_ranks_match_one_process_forward_and_backward():
     spawn(2, [causal_alibi_every_layout, sliding_window_gqa, documents, padded_queries,
-              sinks_causal, tree_decode_matches_one_process, unshardable_lengths_are_refused])
+              sinks_causal, text_cascade_with_sinks, tree_decode_matches_one_process,
+              unshardable_lengths_are_refused])
 
 
 def test_four_ranks_match_one_process_forward_and_backward():
-    spawn(4, [documents, padded_queries, fewer_rows_than_ranks, sinks_causal,
-              tree_decode_matches_one_process])
+    spawn(4, [documents, padded_queries, fewer_rows_than_ranks, text_cascade_with_sinks])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),

@@ -25,10 +25,12 @@ import torch.distributed as dist
 from attndsl.distributed.kernels import PairKernels
 from attndsl.distributed.layout import all_positions, check_layout
 from attndsl.distributed.merge import add_sink
+from attndsl.distributed.normaliser import SoftmaxForm, softmax_form
 from attndsl.distributed.pairs import best_layout, classify_pair, pair_classes
 from attndsl.distributed.positions import positioned
 from attndsl.distributed.ring import Replicated, Ring, RingFunction
 from attndsl.frontend.flex import lower_flex
+from attndsl.ir.cascade import Cascade
 from attndsl.passes.mask import EMPTY
 from attndsl.runtime.checks import AttentionError, check_qkv
 
@@ -71,23 +73,35 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
                                mask_mod: Callable | None = None, *, group: Any = None,
                                layout: str = "contiguous", seq_dim: int = 2,
                                scale: float | None = None, enable_gqa: bool = False,
-                               sinks: Tensor | None = None, return_lse: bool = False) -> Any:
+                               sinks: Tensor | None = None, return_lse: bool = False,
+                               cascade: Cascade | None = None,
+                               captured: dict[str, Tensor] | None = None,
+                               params: dict | None = None) -> Any:
     """Attention over a sequence sharded across ``group`` (see the module docstring).
 
     Differentiable in query, key, value, the lse, ``sinks`` and floating captured tensors
     (their gradients are summed over the ranks).  Returns ``out`` or ``(out, lse)``; lse is
-    in natural log, -inf (and out 0) for rows no key reaches."""
+    in natural log, -inf (and out 0) for rows no key reaches.  With ``cascade=`` (a text or
+    builder spec of the softmax family, :mod:`.normaliser`; its tensors in ``captured``, its
+    scalars in ``params``) it returns the cascade's outputs by name instead."""
     group = process_group(group)
     layout = check_layout(layout)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     q, k, v = (x.movedim(seq_dim, 2) for x in (query, key, value))
-    check_qkv(q, k, v, enable_gqa)
+    check_qkv(q, k, v, enable_gqa or cascade is not None)
     lengths = _global_lengths(q, k, group, world)
     q_pos = all_positions(layout, sum(x[0] for x in lengths), world)
     k_pos = all_positions(layout, sum(x[1] for x in lengths), world)
     _check_lengths(lengths, q_pos, "query", 0, layout)
     _check_lengths(lengths, k_pos, "key", 1, layout)
-    kernels = PairKernels.of(score_mod, mask_mod)
+    form = None
+    if cascade is None:
+        kernels = PairKernels.of(score_mod, mask_mod)
+    else:
+        form = _softmax_form(cascade, params, captured, q, k, score_mod, mask_mod, sinks)
+        kernels = PairKernels.of_cascade(form.flex, form.captured)
+        sinks = form.sink_logit(q.shape[1])
+        scale = (params or {}).get("scale", scale) if form.scaled else 1.0
     classes = pair_classes(kernels.mask, kernels.captured, q.shape[0], q.shape[1], q_pos, k_pos)
     ring = Ring(kernels, group, rank, world, q_pos, k_pos, classes,
                 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
@@ -96,7 +110,22 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     if sinks is not None:
         out, lse = add_sink(out, lse, Replicated.apply(sinks, group))
     out = out.movedim(2, seq_dim)
+    if form is not None:
+        return {name: out if kind == "O" else lse for name, kind in form.outputs.items()}
     return (out, lse) if return_lse else out
+
+
+def _softmax_form(cascade: Cascade, params: dict | None, captured: dict | None, q: Tensor,
+                  k: Tensor, score_mod: Callable | None, mask_mod: Callable | None,
+                  sinks: Tensor | None) -> SoftmaxForm:
+    """The cascade's softmax form; a group size ``G`` defaults to the head ratio."""
+    if score_mod is not None or mask_mod is not None or sinks is not None:
+        raise AttentionError("pass either cascade= or score_mod / mask_mod / sinks, not both "
+                             "(the cascade holds its own score, mask and sinks)")
+    params = dict(params or {})
+    if any(p.name == "G" for p in cascade.params):
+        params.setdefault("G", q.shape[1] // max(1, k.shape[1]))
+    return softmax_form(cascade, params, captured)
 
 
 def tree_decode(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable | None = None,

@@ -38,10 +38,17 @@ class PairKernels:
 
     @classmethod
     def of(cls, score_mod: Callable | None, mask_mod: Callable | None) -> PairKernels:
+        """The kernels of FlexAttention programs (traced here)."""
         flex = lower_flex(score_mod, mask_mod)
-        pc = positioned(flex.cascade)
+        return cls.of_cascade(flex.cascade, flex.captured)
+
+    @classmethod
+    def of_cascade(cls, flex: Cascade, captured: dict[str, Tensor]) -> PairKernels:
+        """The kernels of a FlexAttention cascade (:func:`attndsl.frontend.flex.
+        attention_cascade`'s form) reading ``captured``."""
+        pc = positioned(flex)
         bare = pc.replace_equations(pc.equations, None, keep_mask=False)
-        return cls(pc, register_spec(pc), register_spec(bare), dict(flex.captured))
+        return cls(pc, register_spec(pc), register_spec(bare), dict(captured))
 
     @property
     def mask(self) -> Expr | None:
