@@ -47,7 +47,7 @@ def positions(layout: str, length: int, world: int, rank: int) -> Tensor:
         piece = _pieces(length, world)[rank]
         return torch.arange(piece.start, piece.stop, dtype=torch.int64)
     if layout == "striped":
-        return torch.arange(rank, length, world, dtype=torch.int64)
+        return torch.arange(rank, max(rank, length), world, dtype=torch.int64)  # L <= r: none
     pieces = _pieces(length, 2 * world)
     head, tail = pieces[rank], pieces[2 * world - 1 - rank]
     return torch.cat([torch.arange(head.start, head.stop), torch.arange(tail.start, tail.stop)])

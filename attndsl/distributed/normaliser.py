@@ -51,7 +51,8 @@ class SoftmaxForm:
             return None
         r = evaluate(self.extra, ["h"], {"h": torch.arange(heads)}, self.extra_tensors,
                      dtype=torch.float32)
-        r = r.expand(heads) if r.dim() == 0 else r
+        # an h-free term evaluates to one broadcast value
+        r = r.reshape(-1).expand(heads) if r.numel() == 1 else r.reshape(heads)
         if bool((r < 0).any()):
             raise AttentionError(f"the extra normaliser term {E.render(self.extra)} is "
                                  f"negative; a log-sum-exp merge needs it >= 0")
