@@ -1,9 +1,11 @@
 """Real multi-process runs for the context-parallel tests: spawned ranks on localhost.
 
-``spawn(world, cases)`` starts ``world`` processes (gloo or nccl, rendezvous through a file, so no
-port is chosen by hand), runs every case ``case(rank, world)`` in each, and fails with the
-first rank's traceback; it kills the ranks and fails if they run past ``timeout`` seconds.
-Cases are module-level functions (the spawned processes import them by name).
+``spawn(world, cases)`` starts ``world`` processes (gloo or nccl, rendezvous through a file,
+so no port is chosen by hand) and runs every ``(size, case)``: ``case(rank, size, group)`` on
+the first ``size`` ranks, in a process group of its own when ``size < world`` (one spawn
+serves several group sizes, and non-default groups are exercised).  It fails with the first
+rank's traceback, and kills the ranks and fails if they run past ``timeout`` seconds.  Cases
+are module-level functions (the spawned processes import them by name).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+Case = tuple[int, Callable[[int, int, object], None]]
 
-def _worker(rank: int, world: int, store: str, cases: list[Callable[[int, int], None]],
-            backend: str) -> None:
+
+def _worker(rank: int, world: int, store: str, cases: list[Case], backend: str) -> None:
     if backend == "nccl":  # each rank on its own GPU; the cases' tensors are made there
         torch.cuda.set_device(rank)
         torch.set_default_device(f"cuda:{rank}")
@@ -30,15 +33,18 @@ def _worker(rank: int, world: int, store: str, cases: list[Callable[[int, int], 
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
                             world_size=world)
     try:
-        for case in cases:
+        groups = {size: dist.new_group(list(range(size))) if size < world else None
+                  for size in sorted({size for size, _ in cases})}
+        for size, case in cases:
             torch.manual_seed(0)
-            case(rank, world)
+            if rank < size:
+                case(rank, size, groups[size])
             dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def spawn(world: int, cases: list[Callable[[int, int], None]], timeout: float = 240,
+def spawn(world: int, cases: list[Case], timeout: float = 240,
           backend: str = "gloo") -> None:
     """Run ``cases`` on ``world`` spawned ranks (gloo on the CPU, or nccl) within
     ``timeout`` seconds."""

@@ -30,8 +30,8 @@ def _inputs(B: int, H: int, L: int, E: int, hkv: int | None = None) -> tuple:
     return q, k, v
 
 
-def _check(rank: int, world: int, layout: str, score_mod, mask_mod, q, k, v, captured=(),
-           enable_gqa: bool = False, sinks: torch.Tensor | None = None) -> None:
+def _check(rank: int, world: int, group, layout: str, score_mod, mask_mod, q, k, v,
+           captured=(), enable_gqa: bool = False, sinks: torch.Tensor | None = None) -> None:
     """Output, lse and every gradient of this rank equal the single-process ones."""
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     if sinks is None:
@@ -47,9 +47,9 @@ def _check(rank: int, world: int, layout: str, score_mod, mask_mod, q, k, v, cap
     for c in captured:
         c.grad = None
     parts = [shard(t.detach(), layout, world, rank).requires_grad_() for t in (q, k, v)]
-    out, lse = context_parallel_attention(*parts, score_mod, mask_mod, layout=layout,
-                                          enable_gqa=enable_gqa, return_lse=True,
-                                          sinks=sinks)
+    out, lse = context_parallel_attention(*parts, score_mod, mask_mod, group=group,
+                                          layout=layout, enable_gqa=enable_gqa,
+                                          return_lse=True, sinks=sinks)
     mine = lambda t: shard(t, layout, world, rank)  # noqa: E731
     torch.testing.assert_close(out, mine(ref.detach()), atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(lse, mine(ref_lse.detach()), atol=ATOL, rtol=1e-4)
@@ -78,7 +78,7 @@ def _sink_reference(q, k, v, mask_mod, sinks):
 
 # -- the cases (module level: the spawned ranks import them) -----------------------------------
 
-def causal_alibi_every_layout(rank: int, world: int) -> None:
+def causal_alibi_every_layout(rank: int, world: int, group) -> None:
     slopes = torch.tensor([0.5, 0.25], requires_grad=True)
 
     def alibi(score, b, h, q_idx, kv_idx):
@@ -89,57 +89,85 @@ def causal_alibi_every_layout(rank: int, world: int) -> None:
 
     q, k, v = _inputs(1, 2, 37, 16)  # 37 rows: uneven shards
     for layout in ("contiguous", "striped", "zigzag"):
-        _check(rank, world, layout, alibi, causal, q, k, v, captured=(slopes,))
+        _check(rank, world, group, layout, alibi, causal, q, k, v, captured=(slopes,))
 
 
-def sliding_window_gqa(rank: int, world: int) -> None:
+def sliding_window_gqa(rank: int, world: int, group) -> None:
     def window(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < 6)
 
     q, k, v = _inputs(2, 4, 40, 16, hkv=2)
-    _check(rank, world, "contiguous", None, window, q, k, v, enable_gqa=True)
+    _check(rank, world, group, "contiguous", None, window, q, k, v, enable_gqa=True)
 
 
-def documents(rank: int, world: int) -> None:
+def documents(rank: int, world: int, group) -> None:
     doc = torch.tensor([0] * 9 + [1] * 14 + [2] * 3 + [3] * 10)
 
     def same_doc(b, h, q_idx, kv_idx):
         return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
 
     q, k, v = _inputs(1, 2, 36, 16)
-    _check(rank, world, "zigzag", None, same_doc, q, k, v)
+    _check(rank, world, group, "zigzag", None, same_doc, q, k, v)
 
 
-def padded_queries(rank: int, world: int) -> None:
+def padded_queries(rank: int, world: int, group) -> None:
     """Rows from 25 on see no key: on 4 ranks the last rank's shard is empty for the mask
     (0 and lse -inf, zero gradients), and keys from 25 on go nowhere."""
     def padded(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx < 25) & (kv_idx < 25)
 
     q, k, v = _inputs(1, 2, 40, 16)
-    _check(rank, world, "contiguous", None, padded, q, k, v)
+    _check(rank, world, group, "contiguous", None, padded, q, k, v)
 
 
-def fewer_rows_than_ranks(rank: int, world: int) -> None:
+def keys_nobody_needs_are_not_sent(rank: int, world: int, group) -> None:
+    """A sliding window over 4 ranks: each rank's K/V go to its right neighbour only (plain
+    ring attention would send every shard to every rank)."""
+    import attndsl.distributed.ring as ring
+
+    sent: list[int] = []
+    real = ring.dist.batch_isend_irecv
+
+    def counting(ops):
+        sent.extend(dist.get_group_rank(group, op.peer) if group is not None else op.peer
+                    for op in ops if op.op is dist.isend)
+        return real(ops)
+
+    def window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < 5)
+
+    q, k, v = _inputs(1, 2, 40, 16)
+    ring.dist.batch_isend_irecv = counting
+    try:
+        with torch.no_grad():
+            context_parallel_attention(*(shard(t, "contiguous", world, rank) for t in (q, k, v)),
+                                       None, window, group=group)
+    finally:
+        ring.dist.batch_isend_irecv = real
+    want = [rank + 1] * 2 if rank + 1 < world else []  # K and V
+    assert sent == want, (rank, sent)
+
+
+def fewer_rows_than_ranks(rank: int, world: int, group) -> None:
     """3 rows over 4 ranks: one rank holds no row at all."""
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
 
     q, k, v = _inputs(1, 2, world - 1, 16)
-    _check(rank, world, "contiguous", None, causal, q, k, v)
+    _check(rank, world, group, "contiguous", None, causal, q, k, v)
 
 
-def sinks_causal(rank: int, world: int) -> None:
+def sinks_causal(rank: int, world: int, group) -> None:
     sinks = torch.tensor([0.3, -1.0], requires_grad=True)
 
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
 
     q, k, v = _inputs(1, 2, 30, 16)
-    _check(rank, world, "striped", None, causal, q, k, v, captured=(sinks,), sinks=sinks)
+    _check(rank, world, group, "striped", None, causal, q, k, v, captured=(sinks,), sinks=sinks)
 
 
-def text_cascade_with_sinks(rank: int, world: int) -> None:
+def text_cascade_with_sinks(rank: int, world: int, group) -> None:
     """examples/sink.attn: exp(sink[h]) joins the denominator once, not once per shard."""
     spec = parse_file(str(EXAMPLES / "sink.attn"))["sink"]
     z = torch.tensor([0.5, -0.7], requires_grad=True)
@@ -150,7 +178,7 @@ def text_cascade_with_sinks(rank: int, world: int) -> None:
     want = z.grad.clone()
     z.grad = None
     parts = [shard(t.detach(), "zigzag", world, rank).requires_grad_() for t in (q, k, v)]
-    out = context_parallel_attention(*parts, layout="zigzag", cascade=spec,
+    out = context_parallel_attention(*parts, group=group, layout="zigzag", cascade=spec,
                                      captured={"sink": z})["O"]
     mine = lambda t: shard(t, "zigzag", world, rank)  # noqa: E731
     torch.testing.assert_close(out, mine(ref.detach()), atol=ATOL, rtol=1e-4)
@@ -160,7 +188,7 @@ def text_cascade_with_sinks(rank: int, world: int) -> None:
     torch.testing.assert_close(z.grad, want, atol=1e-4, rtol=1e-4)
 
 
-def tree_decode_matches_one_process(rank: int, world: int) -> None:
+def tree_decode_matches_one_process(rank: int, world: int, group) -> None:
     """Four new queries against a 50-key cache split over the ranks."""
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
@@ -173,28 +201,29 @@ def tree_decode_matches_one_process(rank: int, world: int) -> None:
     with torch.no_grad():
         out, lse = tree_decode(q, shard(k, "contiguous", world, rank),
                                shard(v, "contiguous", world, rank), None, causal,
-                               q_positions=lq, return_lse=True)
+                               group=group, q_positions=lq, return_lse=True)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=1e-4)
 
 
-def unshardable_lengths_are_refused(rank: int, world: int) -> None:
+def unshardable_lengths_are_refused(rank: int, world: int, group) -> None:
     q = torch.randn(1, 2, 5 + rank, 16)  # rank 1 holds one row too many for contiguous
     with pytest.raises(AttentionError, match="layout of 11 rows over 2 ranks"):
-        context_parallel_attention(q, q, q)
+        context_parallel_attention(q, q, q, group=group)
 
 
-def test_two_ranks_match_one_process_forward_and_backward():
-    spawn(2, [causal_alibi_every_layout, sliding_window_gqa, documents, padded_queries,
-              sinks_causal, text_cascade_with_sinks, tree_decode_matches_one_process,
-              unshardable_lengths_are_refused])
+TWO = [causal_alibi_every_layout, sliding_window_gqa, documents, padded_queries, sinks_causal,
+       text_cascade_with_sinks, tree_decode_matches_one_process, unshardable_lengths_are_refused]
+FOUR = [documents, padded_queries, keys_nobody_needs_are_not_sent, fewer_rows_than_ranks,
+        text_cascade_with_sinks]
 
 
-def test_four_ranks_match_one_process_forward_and_backward():
-    spawn(4, [documents, padded_queries, fewer_rows_than_ranks, text_cascade_with_sinks])
+def test_two_and_four_ranks_match_one_process_forward_and_backward():
+    """One spawn of four ranks: the two-rank cases run in a group of ranks 0 and 1."""
+    spawn(4, [(2, case) for case in TWO] + [(4, case) for case in FOUR])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
                     reason="NCCL needs two CUDA devices")
 def test_nccl_runs_the_same_code():  # pragma: no cover - GPU machines only
-    spawn(2, [causal_alibi_every_layout, sinks_causal], backend="nccl")
+    spawn(2, [(2, causal_alibi_every_layout), (2, sinks_causal)], backend="nccl")

@@ -81,7 +81,8 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
 
     Differentiable in query, key, value, the lse, ``sinks`` and floating captured tensors
     (their gradients are summed over the ranks).  Returns ``out`` or ``(out, lse)``; lse is
-    in natural log, -inf (and out 0) for rows no key reaches.  With ``cascade=`` (a text or
+    in natural log, -inf (and out 0) for rows no key reaches; with ``sinks`` it is the log of
+    the whole denominator (sink included).  With ``cascade=`` (a text or
     builder spec of the softmax family, :mod:`.normaliser`; its tensors in ``captured``, its
     scalars in ``params``) it returns the cascade's outputs by name instead."""
     group = process_group(group)
@@ -107,11 +108,12 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
                 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
     names = tuple(kernels.captured)
     out, lse = RingFunction.apply(ring, names, q, k, v, *kernels.captured.values())
+    sums_lse = lse  # log sum(n) exp(X): what a cascade's own LSE output is
     if sinks is not None:
         out, lse = add_sink(out, lse, Replicated.apply(sinks, group))
     out = out.movedim(2, seq_dim)
     if form is not None:
-        return {name: out if kind == "O" else lse for name, kind in form.outputs.items()}
+        return {name: out if kind == "O" else sums_lse for name, kind in form.outputs.items()}
     return (out, lse) if return_lse else out
 
 
