@@ -23,6 +23,7 @@ from attndsl.ir.expr import Expr, Op
 from attndsl.key_tile_plan import SPARSE_BLOCK, KeyTilePlan, plan_key_tiles
 from attndsl.passes.mask import FULL
 from attndsl.runtime.checks import AttentionError
+from attndsl.runtime.plan import mask_plan
 
 Tensor = torch.Tensor
 
@@ -57,9 +58,16 @@ class PairKernels:
     def _captured(self, qpos: Tensor, kpos: Tensor, device: torch.device) -> dict[str, Tensor]:
         return {**self.captured, QPOS: qpos.to(device), KPOS: kpos.to(device)}
 
-    def _plan(self, q: Tensor, k: Tensor, qpos: Tensor, kpos: Tensor) -> KeyTilePlan:
+    def _plan(self, q: Tensor, k: Tensor, qpos: Tensor, kpos: Tensor, cached: bool = False
+              ) -> KeyTilePlan:
+        """The pair's key-tile plan from the mask analysis at its positions; ``cached``: the
+        forward's (kept by the runtime's plan cache, keyed by the positions' values, so
+        the next call with the same layout reuses it)."""
         used = {x.arg for x in self.mask.walk() if x.op is Op.LOAD}
         caps = {n: t for n, t in self._captured(qpos, kpos, q.device).items() if n in used}
+        if cached:
+            return mask_plan(self.mask, caps, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+                             q.device, closed_form=False)
         return plan_key_tiles(self.mask, caps, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
                               (SPARSE_BLOCK, SPARSE_BLOCK), q.device, closed_form=False)
 
@@ -68,7 +76,7 @@ class PairKernels:
         """(O_i, lse_i) of the pair; ``cls`` is its class (FULL: the unmasked kernel)."""
         full = cls == FULL or self.mask is None
         entry = _SPECS[self.unmasked if full else self.masked]
-        tables = None if full else self._plan(q, k, qpos, kpos).launch_tables()
+        tables = None if full else self._plan(q, k, qpos, kpos, cached=True).launch_tables()
         try:
             out = entry.forward.launch({"Q": q, "K": k, "V": v},
                                        {"scale": scale, "G": q.shape[1] // max(1, k.shape[1])},
