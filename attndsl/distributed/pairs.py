@@ -22,7 +22,6 @@ from attndsl.ir.expr import Expr, Op
 from attndsl.passes.mask import EMPTY, FULL, PARTIAL, classify_tiles
 
 Tensor = torch.Tensor
-NAMES = {EMPTY: "empty", PARTIAL: "partial", FULL: "full"}
 
 
 def _captured(mask: Expr, captured: Mapping[str, Tensor], qpos: Tensor, kpos: Tensor
