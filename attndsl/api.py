@@ -208,8 +208,12 @@ class _FusedBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple:
-        named = dict(zip(ctx.names, ctx.saved_tensors))
         module = ctx.kernel.fused_backward
+        outputs = ctx.kernel.compiled.cascade.outputs
+        if any(g is not None and bool(g.any()) for o, g in zip(outputs, grads)
+               if o in module.MAX_STORES):  # the gradient of a max value: not derived
+            return _EagerBackward.backward(ctx, *grads)
+        named = dict(zip(ctx.names, ctx.saved_tensors))
         wants = dict(zip(ctx.names, ctx.needs_input_grad[4:]))
         need = tuple(n for n in module.CAPTURED_GRADS if wants.get(n))
         got = module.launch_backward(

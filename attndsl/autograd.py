@@ -48,10 +48,10 @@ from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.tile import TileKernel
 from attndsl.key_tile_plan import KeyTilePlan
-from attndsl.runtime.checks import AttentionError, check_qkv, mask_of, shapes_only
-from attndsl.runtime.kernels import compiled
 from attndsl.passes.grad import GradError
 from attndsl.passes.tile_grad import derive_tile_backward
+from attndsl.runtime.checks import AttentionError, check_qkv, mask_of, shapes_only
+from attndsl.runtime.kernels import compiled
 from attndsl.runtime.modules import VERSION, load_source, spec_hash
 from attndsl.runtime.plan import block_mask_plan
 

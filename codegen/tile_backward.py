@@ -25,8 +25,16 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from attndsl.codegen.expr import HELPERS, Env, Lines, comment, ident, render, render_at, \
-    reset_spills
+from attndsl.codegen.expr import (
+    HELPERS,
+    Env,
+    Lines,
+    comment,
+    ident,
+    render,
+    render_at,
+    reset_spills,
+)
 
 from attndsl.ir import expr as E
 from attndsl.ir.expr import FLOAT
@@ -260,7 +268,7 @@ def _emit_coefficients(L: Lines, b: TileBackward, names: _Names) -> None:
     k = b.kernel
     L(1, "# incoming gradients of the stores")
     dy = {}
-    for st in k.stores:
+    for st in (x for x in k.stores if x.name not in b.max_stores):
         ptr = names.stores[st.name]
         env = _store_env(b, names, st.tile)
         offs = " + ".join(f"{env.index.get(i, '0')} * {ptr}_s{d}"
@@ -434,6 +442,8 @@ def _tables(L: Lines, b: TileBackward, names: _Names) -> None:
     L(0, "# running sums: (coefficient buffer is a [rows, v] tile); stabilisers")
     L(0, "SUMS = " + repr([s.sum.v is not None for s in b.sums]))
     L(0, "STABILIZERS = " + repr(len(b.stabilizers)))
+    L(0, "# stores holding a max reduction's value: their gradient is not derived here")
+    L(0, "MAX_STORES = " + repr(list(b.max_stores)))
 
 
 def generate_tile_backward(b: TileBackward, version: str) -> str:

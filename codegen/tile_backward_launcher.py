@@ -108,7 +108,7 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
         args += _with_strides(d_cap[name])
     args += [n_heads, m_len, n_len, e_len, f_len]
     dy = []
-    for name, (indices, tile) in STORES.items():  # noqa: F821
+    for name, (indices, _) in STORES.items():  # noqa: F821
         shape = [ext[i] if ext.get(i) is not None else 1 for i in indices]
         g = grads.get(name)
         g = torch.zeros((1,) * len(shape), device=device) if g is None else g

@@ -26,7 +26,9 @@ normaliser by name: every derivative comes from :func:`attndsl.passes.grad.diff`
 the kernel's own expressions.
 
 Not derivable (the caller keeps the eager backward and says why): schedules of more than one
-pass, stores that read a non-stabilising max (the gradient of a running max), reductions.
+pass and reductions; stores that hold the value of a max reduction (``MAX = max(n) S``, whose
+gradient flows to the arg max) are listed in ``max_stores`` and left to the eager backward
+whenever their incoming gradient is nonzero.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 
 from attndsl.ir import expr as E
 from attndsl.ir.expr import FLOAT, Expr, Op
-from attndsl.ir.tile import RunningSum, TileKernel
+from attndsl.ir.tile import RunningMax, RunningSum, TileKernel
 from attndsl.passes.grad import GradError, diff, gather_grads
 
 _PLACEHOLDER = "%row:"  # a ROW value as a LOAD variable while differentiating
@@ -77,6 +79,9 @@ class TileBackward:
     sums: tuple[SumGrad, ...]
     partials: tuple[StorePartial, ...]
     store_sites: tuple[tuple[str, SiteGrad], ...]  # (store, site) of captured reads in stores
+    # stores holding a max reduction's value: not differentiated here (a caller gives them a
+    # nonzero gradient only through the eager backward)
+    max_stores: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"backward of {self.kernel.name}: stabilisers {list(self.stabilizers)} held "
@@ -94,6 +99,8 @@ class TileBackward:
                 lines.append(f"  d{E.render(g.load)} += W_{s.sum.var} * {E.render(g.deriv)}")
         for st, g in self.store_sites:
             lines.append(f"  d{E.render(g.load)} += d{st} * {E.render(g.deriv)}")
+        for st in self.max_stores:
+            lines.append(f"  {st}: the value of a max reduction, not differentiated (eager)")
         return "\n".join(lines)
 
 
@@ -135,21 +142,27 @@ def derive_tile_backward(k: TileKernel) -> TileBackward:
                         f"backward needs a one-pass schedule")
     (p,) = k.passes
     stabs = tuple(mx.var for mx in p.maxes if mx.stabilizer)
-    plain = {mx.var for mx in p.maxes if not mx.stabilizer}
-    for st in k.stores:
-        read = {x.arg.removesuffix(".safe") for x in st.expr.walk() if x.op is Op.ROW}
-        if read & plain:
-            raise GradError(f"store {st.name} of kernel {k.name!r} reads the running max "
-                            f"{sorted(read & plain)}, whose gradient is not derived")
+    max_stores = tuple(st.name for st in k.stores if _reads_max_value(st.expr, p.maxes))
     sums = []
     for s in p.sums:
         dots = tuple((d.var, de) for d in k.dots
                      if not _is_zero(de := _d_row(s.body, d.var)))
         sums.append(SumGrad(s, dots, _site_grads(s.body, k)))
-    partials = tuple(StorePartial(st.name, s.var, d) for st in k.stores for s in p.sums
+    derived = [st for st in k.stores if st.name not in max_stores]
+    partials = tuple(StorePartial(st.name, s.var, d) for st in derived for s in p.sums
                      if not _is_zero(d := _d_row(st.expr, s.var)))
-    store_sites = tuple((st.name, g) for st in k.stores for g in _site_grads(st.expr, k))
-    return TileBackward(k, stabs, tuple(sums), partials, store_sites)
+    store_sites = tuple((st.name, g) for st in derived for g in _site_grads(st.expr, k))
+    return TileBackward(k, stabs, tuple(sums), partials, store_sites, max_stores)
+
+
+def _reads_max_value(e: Expr, maxes: tuple[RunningMax, ...]) -> bool:
+    """Whether ``e`` reads the value of a max reduction itself: a raw running max (the
+    streamed forms read a stabiliser as ``.safe``; a raw read is the cascade's own
+    ``max(n)``) or any form of a non-stabilising max.  Its gradient flows to the arg max,
+    which the held-stabiliser derivation does not give."""
+    raw = {mx.var for mx in maxes}
+    plain = {mx.var + ".safe" for mx in maxes if not mx.stabilizer}
+    return any(x.op is Op.ROW and x.arg in raw | plain for x in e.walk())
 
 
 __all__ = ["SiteGrad", "StorePartial", "SumGrad", "TileBackward", "derive_tile_backward"]
