@@ -127,3 +127,12 @@ def test_a_multi_pass_schedule_has_no_fused_backward_and_says_why() -> None:
     kernel = compile_cascade(softmax_3pass(), stream=False).kernel
     with pytest.raises(GradError, match="3 passes"):
         derive_tile_backward(kernel)
+
+
+def test_explain_shows_the_backward_ir_or_why_there_is_none() -> None:
+    from attndsl.explain import backward_text, explain
+
+    text = explain(NORMALISERS["sigmoid"][0](), lq=64, lkv=64)
+    assert "== backward" in text and "fused: backward of" in text and "dqk0 +=" in text
+    direct = compile_cascade(softmax_3pass(), stream=False)
+    assert backward_text(direct).startswith("eager recomputation (no fused backward: ")
