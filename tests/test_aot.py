@@ -226,3 +226,15 @@ def test_compile_errors_in_the_child_keep_their_message(monkeypatch):
     with pytest.raises(RuntimeError, match="(?s)add_body.*power of 2"):
         aot.compile_kernel(add_body, {"X": "*fp32", "Y": "*fp32", "N": "i32"},
                            {"BLOCK": 1000}, "sm80", 4, 1)  # tl.arange needs a power of 2
+
+
+@pytest.mark.parametrize(("target", "tc"), [("sm90", "HGMMA"), ("sm80", "HMMA")])
+def test_the_key_tile_loop_of_a_real_compile_holds_the_tile_exponentials(target, tc):
+    r = report(target)
+    (loop,) = r.loops  # one key loop in this kernel; the epilogue division is no loop
+    threads = 32 * r.num_warps
+    # p = exp2(qk - m): one EX2 per score element a thread holds, plus alpha per row it holds.
+    assert loop.ex2 >= BASE["BLOCK_M"] * BASE["BLOCK_N"] // threads
+    assert 0 < loop.tensor_core == loop.count(tc) <= r.tc_count
+    assert loop.rest == loop.instructions - loop.tensor_core - loop.ex2 > 0
+    assert r.tma_count == 0  # pointer loads: no tensor descriptors in this kernel

@@ -61,17 +61,22 @@ import textwrap
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from attndsl.runtime.sass import KeyTileLoop, summarize_sass
 
 __all__ = [
     "TARGETS",
     "CompiledReport",
+    "KernelSpec",
     "TargetLimits",
     "attention_bound",
     "child_env",
     "clear_cache",
     "compile_kernel",
+    "compile_kernels",
     "estimate_occupancy",
     "find_cuobjdump",
     "format_report",
@@ -146,6 +151,8 @@ class CompiledReport:
     ``stack_bytes`` / ``local_bytes`` are cuobjdump's ``STACK`` / ``LOCAL`` per thread.
     ``tc_kind`` is ``"HGMMA"`` (Hopper warpgroup MMA), ``"HMMA"`` (mma.sync) or ``"none"``, and
     ``tc_count`` the static number of such instructions in the SASS.
+    ``loops`` are the key-tile loops of the SASS (see :mod:`attndsl.runtime.sass`) in address
+    order, and ``tma_count`` the static number of TMA instructions (``UTMALDG``, ``UBLKCP``, ...).
     """
 
     name: str
@@ -168,6 +175,14 @@ class CompiledReport:
     occupancy: float
     fits: bool
     reason: str = ""
+    loops: tuple[KeyTileLoop, ...] = ()
+    tma_count: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CompiledReport:
+        """Inverse of ``dataclasses.asdict`` (the child process sends reports as JSON)."""
+        loops = tuple(KeyTileLoop(**loop) for loop in data.get("loops", ()))
+        return cls(**{**data, "loops": loops})
 
     @property
     def limits(self) -> TargetLimits:
@@ -451,25 +466,79 @@ def child_env() -> dict[str, str]:
     """Environment of a child process that compiles with the real Triton compiler."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["ATTNDSL_NO_INTERPRET"] = "1"  # importing attndsl must not switch the interpreter on
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
     return env
 
 
-def _compile_all(requests: Sequence[_Request]) -> list[CompiledReport]:
-    """Reports for ``requests``: cached ones as they are, the rest compiled here or in one
-    child process, whichever :func:`interpreter_active` allows."""
+def _compile_all(requests: Sequence[_Request], jobs: int = 1,
+                 strict: bool = True) -> list[CompiledReport | Exception]:
+    """Reports for ``requests``: cached ones as they are, the rest compiled here or in child
+    processes, whichever :func:`interpreter_active` allows; ``jobs > 1`` always compiles in
+    that many children at once (threads waiting on ``python -m attndsl.runtime.aot``).
+
+    With ``strict`` the first failed compile raises; without, its exception takes its place in
+    the list (and is not cached)."""
     keys = [req.key for req in requests]
     with _CACHE_LOCK:
-        found = {key: _CACHE[key] for key in keys if key in _CACHE}
+        found: dict[tuple, CompiledReport | Exception] = {
+            key: _CACHE[key] for key in keys if key in _CACHE}
     todo = {key: req for key, req in zip(keys, requests) if key not in found}
     if todo:
-        if interpreter_active():
-            fresh = _compile_in_child(list(todo.values()))
+        pending = list(todo.values())
+        if jobs > 1 or interpreter_active():
+            fresh = _compile_in_children(pending, max(1, jobs), strict)
         else:
-            fresh = [_compile_here(req) for req in todo.values()]
+            fresh = [_compile_here_or_error(req, strict) for req in pending]
         with _CACHE_LOCK:
             for key, report in zip(todo, fresh):
-                found[key] = _CACHE.setdefault(key, report)
+                found[key] = report if isinstance(report, Exception) else \
+                    _CACHE.setdefault(key, report)
     return [found[key] for key in keys]
+
+
+def _compile_here_or_error(req: _Request, strict: bool) -> CompiledReport | Exception:
+    """:func:`_compile_here`, or (not ``strict``) the exception it raised."""
+    try:
+        return _compile_here(req)
+    except Exception as err:
+        if strict:
+            raise
+        return err
+
+
+def _compile_in_children(requests: Sequence[_Request], jobs: int,
+                         strict: bool) -> list[CompiledReport | Exception]:
+    """``requests`` split into ``jobs`` contiguous chunks, each compiled by its own child."""
+    chunk = -(-len(requests) // jobs)
+    parts = [list(requests[i:i + chunk]) for i in range(0, len(requests), chunk)]
+    if len(parts) == 1:
+        return _compile_in_child(parts[0], strict)
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        done = list(pool.map(lambda part: _compile_in_child(part, strict), parts))
+    return [report for part in done for report in part]
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel to compile: the arguments of :func:`compile_kernel`, as data."""
+
+    fn: Callable[..., Any]
+    signature: Mapping[str, str]
+    constexprs: Mapping[str, Any]
+    target: str
+    num_warps: int
+    num_stages: int
+    assume_aligned: bool = True
+    options: Mapping[str, Any] | None = None
+
+
+def compile_kernels(specs: Sequence[KernelSpec], *, jobs: int = 1,
+                    strict: bool = True) -> list[CompiledReport | Exception]:
+    """Compile many kernels (cached like :func:`compile_kernel`), in up to ``jobs`` child
+    processes at once; without ``strict`` a failed compile is returned as its exception."""
+    requests = [_request(s.fn, s.signature, s.constexprs, s.target, s.num_warps, s.num_stages,
+                         s.assume_aligned, s.options) for s in specs]
+    return _compile_all(requests, jobs, strict)
 
 
 def _compile_here(req: _Request) -> CompiledReport:
@@ -493,10 +562,12 @@ def _compile_here(req: _Request) -> CompiledReport:
     usage_text, sass = _run_cuobjdump(compiled.asm["cubin"])
     usage = _parse_resource_usage(usage_text, compiled.metadata.name)
     ops = _count_opcodes(sass)
-    return _make_report(
+    report = _make_report(
         compiled.metadata.name, lim, req.num_warps, req.num_stages, dict(req.constexprs),
         usage, ops, int(compiled.metadata.shared),
     )
+    summary = summarize_sass(sass, compiled.metadata.name)
+    return dataclasses.replace(report, loops=summary.loops, tma_count=summary.tma)
 
 
 # ----------------------------------------------------------------------------- child process
@@ -539,9 +610,11 @@ def _payload(req: _Request) -> dict[str, Any]:
     return payload
 
 
-def _compile_in_child(requests: Sequence[_Request]) -> list[CompiledReport]:
+def _compile_in_child(requests: Sequence[_Request],
+                      strict: bool = True) -> list[CompiledReport | Exception]:
     """Compile ``requests`` in one fresh ``python -m attndsl.runtime.aot`` without the
-    interpreter; errors come back with their message (and type, for the usual ones)."""
+    interpreter; errors come back with their message (and type, for the usual ones): raised
+    when ``strict``, else returned in place of the report."""
     payloads = [_payload(req) for req in requests]
     proc = subprocess.run([sys.executable, "-m", "attndsl.runtime.aot"],
                           input=json.dumps(payloads), capture_output=True, text=True,
@@ -550,12 +623,17 @@ def _compile_in_child(requests: Sequence[_Request]) -> list[CompiledReport]:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"ahead-of-time compile child failed ({proc.returncode}):\n"
                            f"{proc.stderr[-4000:]}")
-    reports = []
+    reports: list[CompiledReport | Exception] = []
     for req, result in zip(requests, json.loads(lines[-1]), strict=True):
         if "error" in result:
             kind, message = result["error"]
-            raise _CHILD_ERRORS.get(kind, RuntimeError)(message)
-        reports.append(CompiledReport(**{**result["report"], "constexprs": req.constexprs}))
+            err = _CHILD_ERRORS.get(kind, RuntimeError)(message)
+            if strict:
+                raise err
+            reports.append(err)
+            continue
+        reports.append(CompiledReport.from_dict({**result["report"],
+                                                 "constexprs": req.constexprs}))
     return reports
 
 

@@ -8,13 +8,17 @@ for a GPU.  ``python -m attndsl.runtime.gpu_report MODULE TARGET DTYPE E F`` pri
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from attndsl.ir.tile import TileKernel
 from attndsl.passes.mask import SPARSE_BLOCK
+from attndsl.runtime.aot import KernelSpec
 from attndsl.runtime.modules import cache_dir, module_source, spec_hash, write_module
 
 CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
@@ -154,6 +158,113 @@ def _child() -> None:
         seen.add(key)
         results.append(_compile_job(job))
     print(json.dumps(results))
+
+
+
+
+# ----------------------------------------------------------------------------- recorded launches
+
+# Launch keywords that are compile options, not kernel arguments.
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+@dataclass(frozen=True)
+class RecordedLaunch:
+    """One kernel launch as a GPU launch would specialise it, ready for :mod:`aot`.
+
+    ``signature`` holds the runtime arguments with the types Triton's launcher gives them
+    (``"*fp16"``, ``"i32"``, ``"fp32"``) and ``":16"`` on integers divisible by 16;
+    ``constexprs`` the constexpr arguments plus the integers equal to 1 and the ``None``s, which
+    Triton specialises into constants. ``fn`` is the kernel's Python function.
+    """
+
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+    grid: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        """The kernel's function name."""
+        return self.fn.__name__
+
+    def spec(self, target: str, *, dtype: tuple[str, str] | None = None,
+             **overrides: Any) -> KernelSpec:
+        """An :class:`aot.KernelSpec` for ``target``; ``dtype=("fp16", "bf16")`` retypes the
+        pointers of one element type (the launch was recorded on the CPU, where the launcher
+        may upcast bf16), ``overrides`` replace constexprs and ``num_warps``/``num_stages``."""
+        sig = dict(self.signature)
+        if dtype is not None:
+            old, new = (f"*{d}" for d in dtype)
+            sig = {k: new if v == old else v for k, v in sig.items()}
+        warps = int(overrides.pop("num_warps", self.num_warps))
+        stages = int(overrides.pop("num_stages", self.num_stages))
+        unknown = sorted(set(overrides) - set(self.constexprs))
+        if unknown:
+            raise ValueError(f"{self.name} has no constexprs {unknown}; it has "
+                             f"{sorted(self.constexprs)}")
+        return KernelSpec(self.fn, sig, {**self.constexprs, **overrides}, target, warps, stages)
+
+
+def _specialise(value: Any) -> tuple[str, str]:
+    """(type, key) that Triton's launcher gives a runtime argument (key ``"D"``: divisible by
+    16; type ``"constexpr"``: the value becomes a constant)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    ty, key = native_specialize_impl(BaseBackend, value, False, True, True)
+    return ty, key
+
+
+def _record(fn: Any, args: tuple, kwargs: dict, grid: Any) -> RecordedLaunch:
+    """The launch ``fn[grid](*args, **kwargs)`` in :class:`RecordedLaunch` form."""
+    options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+    params = inspect.signature(fn).parameters
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    sig: dict[str, str] = {}
+    consts: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        annotation = params[name].annotation
+        if "constexpr" in str(getattr(annotation, "__name__", annotation)):
+            consts[name] = value
+            continue
+        ty, key = _specialise(value)
+        if ty == "constexpr":
+            consts[name] = value
+        else:
+            sig[name] = ty + (":16" if key == "D" and not ty.startswith("*") else "")
+    shape = grid if isinstance(grid, tuple) else (grid,)
+    return RecordedLaunch(fn, sig, consts, int(options.get("num_warps", 4)),
+                          int(options.get("num_stages", 3)), tuple(int(g) for g in shape))
+
+
+def record_launches(run: Callable[[], Any]) -> list[RecordedLaunch]:
+    """Call ``run()`` with every kernel launch recorded instead of executed, in launch order.
+
+    The launches run through Triton's interpreter (TRITON_INTERPRET=1 in this process, CPU
+    tensors): each ``kernel[grid](...)`` is turned into a :class:`RecordedLaunch` and returns
+    without computing anything, so outputs hold whatever ``torch.empty`` gave. This reads the
+    exact arguments the generated launcher passes -- names, dtypes, which integers a GPU launch
+    would specialise -- without knowing the launcher's conventions.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: list[RecordedLaunch] = []
+
+    def recording_run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
+        if not warmup:
+            launches.append(_record(self.fn, args, dict(kwargs), grid))
+
+    original = InterpretedFunction.run
+    InterpretedFunction.run = recording_run
+    try:
+        run()
+    finally:
+        InterpretedFunction.run = original
+    return launches
 
 
 if __name__ == "__main__":
