@@ -17,7 +17,8 @@ from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import FLOAT, Expr, Op
 from attndsl.passes.grad import GradError, diff, gather_grads
 from attndsl.passes.index_bounds import wrap_captured
-from attndsl.passes.rules import simplify
+from attndsl.passes.rules import LOG2E, RULES, rewrite, simplify
+from attndsl.passes.stream import distribute_const, fold_scales
 
 
 class NotFlexCascade(GradError):
@@ -25,6 +26,7 @@ class NotFlexCascade(GradError):
 
 
 SCORE_ROW = "s"  # ROW name of the scaled score tile in backward expressions
+QK_ROW = "qk"  # ROW name of the dot tile Q K^T
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,12 @@ class BackwardSpec:
     captured: tuple[tuple[str, int], ...]  # (IR name, rank) read by the score or the mask
     grads: tuple[tuple[str, tuple[GatherGrad, ...]], ...]  # float captured with a gradient
     roles: dict[str, str]
+    # T log2e over the dot tile ROW(QK_ROW) = Q K^T, constants folded (P = exp2 of it - lse2)
+    log2_score: Expr
 
     def __str__(self) -> str:
-        lines = [f"T = {show(self.score)}", f"dT/dS = {show(self.dscore)}"]
+        lines = [f"T = {show(self.score)}", f"dT/dS = {show(self.dscore)}",
+                 f"T log2e = {E.render(self.log2_score)}"]
         if self.mask is not None:
             lines.append(f"mask: {E.render(self.mask)}")
         for _, sites in self.grads:
@@ -110,8 +115,19 @@ def backward_spec(c: Cascade) -> BackwardSpec:
         if sites:
             grads.append((t.name, sites))
     roles = {i.role: i.name for i in c.indices}
-    return BackwardSpec(c, as_row(simplify(score)), as_row(diff(score, s_load)), mask,
-                        captured, tuple(grads), roles)
+    t = as_row(simplify(score))
+    return BackwardSpec(c, t, as_row(diff(score, s_load)), mask, captured, tuple(grads), roles,
+                        log2_score(t, roles))
+
+
+def log2_score(t: Expr, roles: dict[str, str]) -> Expr:
+    """``T log2e`` with the score tile as ``qk * scale`` and the constants folded by the
+    stream pass's rules: ``qk * (scale * log2e)`` for a plain score, one multiply as in the
+    forward (``(x + y) c -> x c + y c``, ``(x a) b -> x (a b)`` for tile-invariant a, b)."""
+    tile = {roles[x] for x in ("query", "key", "qk", "v") if x in roles}
+    qk = E.row(QK_ROW) * E.param("scale")
+    scaled = t.replace(lambda x: qk if x.op is Op.ROW and x.arg == SCORE_ROW else None)
+    return rewrite(scaled * LOG2E, RULES + [distribute_const, fold_scales(tile)])
 
 
 
@@ -128,5 +144,5 @@ def one_line(e: Expr, limit: int = 70) -> str:
 
 
 
-__all__ = ["SCORE_ROW", "BackwardSpec", "GatherGrad", "NotFlexCascade", "backward_spec",
+__all__ = ["QK_ROW", "SCORE_ROW", "BackwardSpec", "GatherGrad", "NotFlexCascade", "backward_spec",
            "one_line", "show"]
