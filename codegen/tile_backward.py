@@ -83,9 +83,9 @@ def _load_operand(L: Lines, depth: int, o: Operand, names: _Names, env: Env, axi
                   ok: str) -> None:
     """``o`` as a [rows, columns] tile: rows ``offs_m``/``offs_n`` (axis), columns E or F."""
     ptr = names.tensors[o.tensor]
-    col, col_len = ("offs_e", "E_len") if o.side != "v" else ("offs_f", "F_len")
+    col, col_ok = ("offs_e", "e_ok") if o.side != "v" else ("offs_f", "f_ok")
     p = _tile_ptr(o, ptr, env, f"{axis}[:, None]", f"{col}[None, :]")
-    L(depth, f"{o.var} = tl.load({p}, mask={ok}[:, None] & ({col}[None, :] < {col_len}), "
+    L(depth, f"{o.var} = tl.load({p}, mask={ok}[:, None] & {col_ok}[None, :], "
              f"other=0.0)")
     L(depth, f"if UPCAST:  # the interpreter has no bf16 arithmetic\n    {o.var} = "
              f"{o.var}.to(tl.float32)")
@@ -100,30 +100,36 @@ def _env(b: TileBackward, names: _Names, rows: dict[str, str], index: dict[str, 
                scalar_indices=frozenset(scalar))
 
 
-def _tile_index(k: TileKernel) -> tuple[dict[str, str], dict[str, str]]:
+# How a kernel lays out its score tiles: [BLOCK_M, BLOCK_N] (queries x keys, the rows kernel)
+# or [BLOCK_N, BLOCK_M] (keys x queries, the keys kernel: its accumulating products P^T c and
+# dqk^T Q then need no transposed tile).  Per layout: the broadcast of a query vector, of a key
+# vector, and the tile shape.
+QUERY_MAJOR = ("[:, None]", "[None, :]", "[BLOCK_M, BLOCK_N]")
+KEY_MAJOR = ("[None, :]", "[:, None]", "[BLOCK_N, BLOCK_M]")
+
+
+def _tile_index(k: TileKernel, o: tuple[str, str, str]) -> tuple[dict, dict]:
     m, n = k.roles["query"], k.roles["key"]
-    return ({m: "offs_m[:, None]", n: "offs_n[None, :]"},
-            {m: "row_ok[:, None]", n: "col_ok[None, :]"})
+    return ({m: f"offs_m{o[0]}", n: f"offs_n{o[1]}"}, {m: f"row_ok{o[0]}", n: f"col_ok{o[1]}"})
 
 
-def _dots(L: Lines, depth: int, k: TileKernel, used: set[str]) -> None:
+def _dots(L: Lines, depth: int, k: TileKernel, o: tuple[str, str, str]) -> None:
     for d in k.dots:
-        if d.var in used:
-            L(depth, f"{d.var} = tl.dot({d.q.var}, tl.trans({d.k.var}), "
-                     f"input_precision=DOT_PRECISION)")
+        a, b = (d.q.var, d.k.var) if o is QUERY_MAJOR else (d.k.var, d.q.var)
+        L(depth, f"{d.var} = tl.dot({a}, tl.trans({b}), input_precision=DOT_PRECISION)")
 
 
-def _keep(L: Lines, depth: int, k: TileKernel, env: Env) -> None:
-    L(depth, "keep = row_ok[:, None] & col_ok[None, :]")
+def _keep(L: Lines, depth: int, k: TileKernel, env: Env, o: tuple[str, str, str]) -> None:
+    L(depth, f"keep = row_ok{o[0]} & col_ok{o[1]}")
     if k.mask is not None:
         L(depth, f"keep = keep & ({render_at(L, depth, k.mask, env)})")
 
 
-def _use_rows(b: TileBackward) -> dict[str, str]:
+def _use_rows(b: TileBackward, o: tuple[str, str, str]) -> dict[str, str]:
     """A stabiliser inside the loop reads its final safe value (also as ``.safe``)."""
     rows = {}
     for mx in b.stabilizers:
-        rows[mx] = rows[mx + ".safe"] = f"{ident(mx)}_use[:, None]"
+        rows[mx] = rows[mx + ".safe"] = f"{ident(mx)}_use{o[0]}"
     return rows
 
 
@@ -133,6 +139,8 @@ def _signature(L: Lines, fn: str, args: list[str], doc: str) -> None:
         L(1, f"{a},")
     for c in ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION", "UPCAST"):
         L(1, f"{c}: tl.constexpr,")
+    for c in ("EVEN_M", "EVEN_N", "EVEN_E", "EVEN_F"):
+        L(1, f"{c}: tl.constexpr = False,")
     L(0, "):")
     L(1, f'"""{doc}"""')
 
@@ -153,14 +161,21 @@ def _common_args(b: TileBackward, names: _Names) -> list[str]:
     return args + ["n_heads", "M_len", "N_len", "E_len", "F_len"]
 
 
+def _ok(var: str, offs: str, dim: str) -> str:
+    """A validity vector, all true (folded away by the compiler) when EVEN_<dim>: the length
+    is a multiple of the tile (M, N) or equals it (E, F)."""
+    return f"{var} = ({offs} < {dim}_len) | EVEN_{dim}"
+
+
 def _program(L: Lines, k: TileKernel, axis: str) -> None:
     L(1, "pid_t = tl.program_id(0)\npid_bh = tl.program_id(1)")
     L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
+    L(1, _ok("e_ok", "offs_e", "E") + "\n" + _ok("f_ok", "offs_f", "F"))
     if axis == "m":
-        L(1, "offs_m = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)\nrow_ok = offs_m < M_len")
+        L(1, "offs_m = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)\n" + _ok("row_ok", "offs_m", "M"))
     else:
-        L(1, "offs_n = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)\ncol_ok = offs_n < N_len")
+        L(1, "offs_n = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)\n" + _ok("col_ok", "offs_n", "N"))
 
 
 def _emit_rows_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
@@ -174,7 +189,7 @@ def _emit_rows_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
                "finished rows\n    and writes the chain rule's coefficient of every running "
                "sum and the final stabilisers.")
     _program(L, k, "m")
-    index, masks = _tile_index(k)
+    index, masks = _tile_index(k, QUERY_MAJOR)
     head = _env(b, names, {}, {}, {})
     for o in k.operands:
         if o.side == "q":
@@ -198,7 +213,7 @@ def _emit_rows_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
         shape = "[BLOCK_M, BLOCK_F]" if s.v is not None else "[BLOCK_M]"
         L(1, f"{ident(s.var)} = tl.zeros({shape}, tl.float32)")
     _key_loop(L, b, names, lambda B, env: _emit_sums(B, b, names, env), index, masks,
-              _use_rows(b), count=True)
+              _use_rows(b, QUERY_MAJOR), count=True)
     _emit_coefficients(L, b, names)
 
 
@@ -207,14 +222,14 @@ def _key_loop(L: Lines, b: TileBackward, names: _Names, step, index: dict, masks
     """``for start_n``: the key-side operand loads, the dot tiles, the mask, then ``step``."""
     k = b.kernel
     L(1, "for start_n in range(0, N_len, BLOCK_N):")
-    L(2, "offs_n = start_n + tl.arange(0, BLOCK_N)\ncol_ok = offs_n < N_len")
+    L(2, "offs_n = start_n + tl.arange(0, BLOCK_N)\n" + _ok("col_ok", "offs_n", "N"))
     head = _env(b, names, {}, {}, {})
     for o in k.operands:
         if o.side != "q":
             _load_operand(L, 2, o, names, head, "offs_n", "col_ok")
-    _dots(L, 2, k, {d.var for d in k.dots})
+    _dots(L, 2, k, QUERY_MAJOR)
     env = _env(b, names, {**rows, **{d.var: d.var for d in k.dots}}, index, masks)
-    _keep(L, 2, k, env)
+    _keep(L, 2, k, env, QUERY_MAJOR)
     if count:
         L(2, "kept += tl.sum(keep.to(tl.float32), 1)")
     inner = Lines()
@@ -273,7 +288,7 @@ def _emit_coefficients(L: Lines, b: TileBackward, names: _Names) -> None:
         env = _store_env(b, names, st.tile)
         offs = " + ".join(f"{env.index.get(i, '0')} * {ptr}_s{d}"
                           for d, i in enumerate(st.indices))
-        ok = "row_ok[:, None] & (offs_f[None, :] < F_len)" if st.tile else "row_ok"
+        ok = "row_ok[:, None] & f_ok[None, :]" if st.tile else "row_ok"
         dy[st.name] = f"dy{len(dy)}"
         L(1, f"{dy[st.name]} = tl.load({ptr} + {offs}, mask={ok}, other=0.0).to(tl.float32)")
     tiles = {st.name: st.tile for st in k.stores}
@@ -291,12 +306,14 @@ def _emit_coefficients(L: Lines, b: TileBackward, names: _Names) -> None:
             L(1, f"{c} += {term}")
         col = "[:, None]" if r.v is not None else ""
         L(1, f"{c} = tl.where(kept{col} > 0.0, {c}, 0.0)  # a row with no kept key adds nothing")
-        ok = "row_ok[:, None] & (offs_f[None, :] < F_len)" if r.v is not None else "row_ok"
-        L(1, f"tl.store({_rows_buffer('CF_' + ident(r.var), r.v is not None)}, {c}, mask={ok})")
+        ok = "row_ok[:, None] & f_ok[None, :]" if r.v is not None else "row_ok"
+        buf = "CF_" + ident(r.var)
+        L(1, f"tl.store({_rows_buffer(buf, r.v is not None)}, {c}.to({buf}.dtype.element_ty), "
+             f"mask={ok})")
     for store, site in b.store_sites:
         tile = tiles[store]
         env = _store_env(b, names, tile)
-        ok = "row_ok[:, None] & (offs_f[None, :] < F_len)" if tile else "row_ok"
+        ok = "row_ok[:, None] & f_ok[None, :]" if tile else "row_ok"
         g = f"tl.where({ok}, {dy[store]} * ({render_at(L, 1, site.deriv, env)}), 0.0)"
         L(1, comment(f"gradient of the captured tensor read at {E.render(site.load)}"))
         L(1, f"g = {g}")
@@ -317,7 +334,7 @@ def _scatter(L: Lines, depth: int, b: TileBackward, names: _Names, site: SiteGra
         if i not in keep:
             value = f"tl.sum({value}, {i})"
     vec = {"m": "offs_m", "n": "offs_n", "f": "offs_f"}
-    ok = {"m": "row_ok", "n": "col_ok", "f": "(offs_f < F_len)"}
+    ok = {"m": "row_ok", "n": "col_ok", "f": "f_ok"}
     kept_axes = [tile_axes[i] for i in keep]
     shape = len(kept_axes)
     idx = dict(env.index)
@@ -346,7 +363,7 @@ def _emit_keys_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
     _signature(L, "tile_bwd_keys_kernel", args,
                "One program: BLOCK_N keys of one (batch, head); loops over the query tiles.")
     _program(L, k, "n")
-    index, masks = _tile_index(k)
+    index, masks = _tile_index(k, KEY_MAJOR)
     head = _env(b, names, {}, {}, {})
     L(1, "# key-side tiles, loaded once; their gradients sum in registers")
     for o in k.operands:
@@ -355,16 +372,17 @@ def _emit_keys_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
             cols = "BLOCK_F" if o.side == "v" else "BLOCK_E"
             L(1, f"d_{o.var} = tl.zeros([BLOCK_N, {cols}], tl.float32)")
     L(1, "for start_m in range(0, M_len, BLOCK_M):")
-    L(2, "offs_m = start_m + tl.arange(0, BLOCK_M)\nrow_ok = offs_m < M_len")
+    L(2, "offs_m = start_m + tl.arange(0, BLOCK_M)\n" + _ok("row_ok", "offs_m", "M"))
     for o in k.operands:
         if o.side == "q":
             _load_operand(L, 2, o, names, head, "offs_m", "row_ok")
     for mx in b.stabilizers:
         v = ident(mx)
         L(2, f"{v}_use = tl.load({_rows_buffer('MX_' + v, False)}, mask=row_ok, other=0.0)")
-    _dots(L, 2, k, {d.var for d in k.dots})
-    env = _env(b, names, {**_use_rows(b), **{d.var: d.var for d in k.dots}}, index, masks)
-    _keep(L, 2, k, env)
+    _dots(L, 2, k, KEY_MAJOR)
+    env = _env(b, names, {**_use_rows(b, KEY_MAJOR), **{d.var: d.var for d in k.dots}}, index,
+               masks)
+    _keep(L, 2, k, env, KEY_MAJOR)
     body = Lines()
     _emit_key_step(body, b, names, env)
     L(2, "\n".join(body.out))
@@ -383,17 +401,19 @@ def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
         r = s.sum
         v = ident(r.var)
         tile = r.v is not None
-        ok = "row_ok[:, None] & (offs_f[None, :] < F_len)" if tile else "row_ok"
+        ok = "row_ok[:, None] & f_ok[None, :]" if tile else "row_ok"
         L(0, f"c_{v} = tl.load({_rows_buffer('CF_' + v, tile)}, mask={ok}, other=0.0)")
-        if tile:
+        if tile:  # [keys, queries] tiles: W^T = V c^T, dV += P^T c
+            dt = f"{r.v.var}.dtype"
             L(0, f"# W = c V^T, dV += P^T c  ({comment(E.render(r.body))[2:60]})")
-            L(0, f"w_{v} = tl.dot(c_{v}, tl.trans({r.v.var}).to(tl.float32), "
+            L(0, f"w_{v} = tl.dot({r.v.var}, tl.trans(c_{v}.to({dt})), "
                  f"input_precision=DOT_PRECISION)")
             body = render_at(L, 0, r.body, env)
-            L(0, f"p = tl.where(keep, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({body}), 0.0)")
-            L(0, f"d_{r.v.var} += tl.dot(tl.trans(p), c_{v}, input_precision=DOT_PRECISION)")
+            L(0, f"p = tl.where(keep, tl.zeros([BLOCK_N, BLOCK_M], tl.float32) + ({body}), 0.0)")
+            L(0, f"d_{r.v.var} += tl.dot(p.to({dt}), c_{v}.to({dt}), "
+                 f"input_precision=DOT_PRECISION)")
         else:
-            L(0, f"w_{v} = c_{v}[:, None]")
+            L(0, f"w_{v} = c_{v}[None, :]")
         for dot, deriv in s.dots:
             dqk[dot].append(f"w_{v} * ({render_at(L, 0, deriv, env)})")
         for site in s.sites:
@@ -403,27 +423,27 @@ def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
             continue
         L(0, f"# d{d.var} = sum(s) W_s * d b_s / d {d.var}; dQ += d{d.var} K, dK += d{d.var}^T Q")
         L(0, f"dqk = tl.where(keep, {' + '.join(dqk[d.var])}, 0.0)")
-        L(0, f"dq_part = tl.dot(dqk.to({d.k.var}.dtype), {d.k.var}, "
+        L(0, f"dq_part = tl.dot(tl.trans(dqk.to({d.k.var}.dtype)), {d.k.var}, "
              f"input_precision=DOT_PRECISION)")
         _atomic_operand(L, 0, d.q, names, _env(b, names, {}, {}, {}), "dq_part", "offs_m",
                         "row_ok")
-        L(0, f"d_{d.k.var} += tl.dot(tl.trans(dqk.to({d.q.var}.dtype)), {d.q.var}, "
+        L(0, f"d_{d.k.var} += tl.dot(dqk.to({d.q.var}.dtype), {d.q.var}, "
              f"input_precision=DOT_PRECISION)")
     for site, value in sites:
         L(0, comment(f"gradient of the captured tensor read at {E.render(site.load)}"))
         L(0, f"g = tl.where(keep, {value}, 0.0)")
-        _scatter(L, 0, b, names, site, "g", env, tile_axes=("m", "n"))
+        _scatter(L, 0, b, names, site, "g", env, tile_axes=("n", "m"))
 
 
 def _atomic_operand(L: Lines, depth: int, o: Operand, names: _Names, env: Env, value: str,
                     axis: str, ok: str) -> None:
     ptr = "D" + names.tensors[o.tensor]
-    col, col_len = ("offs_e", "E_len") if o.side != "v" else ("offs_f", "F_len")
+    col, col_ok = ("offs_e", "e_ok") if o.side != "v" else ("offs_f", "f_ok")
     parts = [f"({render(i, env)}) * {ptr}_s{d}" for d, i in enumerate(o.idx)
              if d not in (o.row_dim, o.col_dim)]
     base = " + ".join([ptr] + parts)
     L(depth, f"tl.atomic_add({base} + {axis}[:, None] * {ptr}_s{o.row_dim} + {col}[None, :] * "
-             f"{ptr}_s{o.col_dim}, {value}, mask={ok}[:, None] & ({col}[None, :] < {col_len}))")
+             f"{ptr}_s{o.col_dim}, {value}, mask={ok}[:, None] & {col_ok}[None, :])")
 
 
 def _tables(L: Lines, b: TileBackward, names: _Names) -> None:

@@ -91,8 +91,10 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
     if min(m_len, n_len, n_batch * n_heads) == 0:
         return result()
     rows = n_batch * n_heads * m_len
-    coef = [torch.zeros(rows * (f_len if tile else 1), dtype=torch.float32, device=device)
-            for tile in SUMS]  # noqa: F821
+    # coefficients of value sums in the inputs' dtype (the 16-bit operand of two dots, as
+    # FlashAttention's dO), of row sums in float32
+    coef = [torch.zeros(rows * (f_len if tile else 1), device=device,
+                        dtype=dtype if tile else torch.float32) for tile in SUMS]  # noqa: F821
     stab = [torch.zeros(rows, dtype=torch.float32, device=device)
             for _ in range(STABILIZERS)]  # noqa: F821
     args: list = []
@@ -119,6 +121,9 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
                   BLOCK_F=max(16, 1 << (int(f_len) - 1).bit_length()),
                   DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                   UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
+                  EVEN_M=m_len % cfg["BLOCK_M"] == 0, EVEN_N=n_len % cfg["BLOCK_N"] == 0,
+                  EVEN_E=e_len == max(16, 1 << (int(e_len) - 1).bit_length()),
+                  EVEN_F=f_len == max(16, 1 << (int(f_len) - 1).bit_length()),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (-(-m_len // cfg["BLOCK_M"]), n_batch * n_heads)
     _tile_bwd_kernel("tile_bwd_rows_kernel", device.type)[grid](*args, *dy, **consts)

@@ -136,3 +136,12 @@ def test_explain_shows_the_backward_ir_or_why_there_is_none() -> None:
     assert "== backward" in text and "fused: backward of" in text and "dqk0 +=" in text
     direct = compile_cascade(softmax_3pass(), stream=False)
     assert backward_text(direct).startswith("eager recomputation (no fused backward: ")
+
+
+@pytest.mark.parametrize("name", ["sink", "differential", "relu2"])
+def test_lengths_and_head_dims_that_fill_the_tiles_match_the_oracle(name: str) -> None:
+    """The EVEN_M/N/E/F specialisation (no bounds masks): lengths multiples of the CPU tile
+    (32) and head dims equal to their block."""
+    cascade = NORMALISERS[name][0]()
+    sizes = index_sizes(cascade, 1, 2, 1, 64, 32, 32, 16)
+    _check_gradients(attndsl.compile(cascade), sizes, torch.float32, 4)
