@@ -99,11 +99,15 @@ def _loops(report) -> list[tuple[int, int, int, int]]:
     return [(lp.instructions, lp.tensor_core, lp.ex2, lp.rest) for lp in report.loops]
 
 
-def measure(target: str, dims: list[int]) -> list[dict]:
+CASES = ("dense", "causal", "sigmoid")
+
+
+def measure(target: str, dims: list[int], cases: tuple[str, ...] = CASES) -> list[dict]:
+    """One row per (case, D, kernel, generated or reference): registers, spills, loops."""
     rows = []
     specs, labels = [], []
     for d in dims:
-        for case in ("dense", "causal"):
+        for case in (c for c in ("dense", "causal") if c in cases):
             gen = generated_flex(case, d)
             ref = reference(case, d)
             pairs = [("dkdv", _pick(gen, "attention_bwd_dkdv_kernel"),
@@ -114,6 +118,8 @@ def measure(target: str, dims: list[int]) -> list[dict]:
                     over = {k: v for k, v in REF_CONFIG.items() if k in launch.constexprs}
                     specs.append(launch.spec(target, num_warps=8, num_stages=2, **over))
                     labels.append((case, d, kind, who))
+        if "sigmoid" not in cases:
+            continue
         gen = generated_sigmoid(d)
         ref = reference("sigmoid", d)
         for who, launch in (("generated", _pick(gen, "tile_bwd_keys_kernel")[0]),
@@ -159,9 +165,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="sm90")
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    rows = measure(args.target, args.dims)
+    rows = measure(args.target, args.dims, tuple(args.cases))
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
