@@ -8,8 +8,9 @@ instructions), all instructions, tensor-core, ``MUFU.EX2`` and the rest.
 
 Compared: the dK/dV and dQ kernels of the FlexAttention backward (codegen/backward.py, dQ by the
 deterministic kernel so that the dK/dV loop holds no atomics, as the reference's) against
-``benchmarks/reference/backward.py`` for dense and causal softmax; and the fused backward of
-sigmoid attention (codegen/tile_backward.py) against the hand-written sigmoid backward.
+``benchmarks/reference/backward.py`` for dense, causal, ALiBi + causal and softcap; and the
+fused backward of sigmoid attention (codegen/tile_backward.py) against the hand-written sigmoid
+backward.
 
     python benchmarks/static_backward.py [--target sm90] [--dims 64 128] [--json out.json]
 """
@@ -44,6 +45,22 @@ def _tensors(d: int, heads: int = 2) -> list[torch.Tensor]:
     return [torch.randn(1, heads, LENGTH, d, generator=gen).half() for _ in range(4)]
 
 
+SLOPES = torch.tensor([0.5, 0.25])
+
+
+def _alibi(s, b, h, q, kv):
+    return s + SLOPES[h] * (kv - q)
+
+
+def _softcap(s, b, h, q, kv):
+    return 30.0 * torch.tanh(s / 30.0)
+
+
+# case -> (score_mod, mask_mod) of the FlexAttention spec, as the reference computes it
+FLEX_CASES = {"dense": (None, None), "causal": (None, _causal),
+              "alibi_causal": (_alibi, _causal), "softcap": (_softcap, None)}
+
+
 def generated_flex(case: str, d: int) -> list:
     """Recorded launches of the FlexAttention backward (dK/dV and deterministic dQ)."""
     from attndsl.autograd import load_backward_module
@@ -51,8 +68,8 @@ def generated_flex(case: str, d: int) -> list:
     from attndsl.frontend.flex import lower_flex
     from attndsl.runtime.plan import block_mask_plan
 
-    mask = _causal if case == "causal" else None
-    spec = lower_flex(None, mask)
+    score, mask = FLEX_CASES[case]
+    spec = lower_flex(score, mask)
     module = load_backward_module(spec.cascade)
     q, k, v, do = _tensors(d)
     lse = torch.zeros(q.shape[:3])
@@ -63,7 +80,7 @@ def generated_flex(case: str, d: int) -> list:
     cfg = {"dkdv": dict(REF_CONFIG), "dq": dict(REF_CONFIG)}
     return record_launches(lambda: module.launch_backward(
         {"Q": q, "K": k, "V": v}, {"O": q, "LSE": lse}, {"O": do, "LSE": None},
-        {"scale": d ** -0.5}, {}, (), tables, cfg, True))
+        {"scale": d ** -0.5}, dict(spec.captured), (), tables, cfg, True))
 
 
 def generated_sigmoid(d: int) -> list:
@@ -88,7 +105,8 @@ def reference(case: str, d: int) -> list:
     cfg = dict(block_m=64, block_n=64, num_warps=8, num_stages=2)
     if case == "sigmoid":
         return record_launches(lambda: ref.sigmoid_attention_backward(q, k, v, do, **cfg))
-    return record_launches(lambda: ref.attention_backward(q, k, v, q, lse, do, case, **cfg))
+    return record_launches(lambda: ref.attention_backward(q, k, v, q, lse, do, case,
+                                                          slopes=SLOPES.clone(), **cfg))
 
 
 def _pick(launches: list, *names: str) -> list:
@@ -99,7 +117,7 @@ def _loops(report) -> list[tuple[int, int, int, int]]:
     return [(lp.instructions, lp.tensor_core, lp.ex2, lp.rest) for lp in report.loops]
 
 
-CASES = ("dense", "causal", "sigmoid")
+CASES = ("dense", "causal", "alibi_causal", "softcap", "sigmoid")
 
 
 def measure(target: str, dims: list[int], cases: tuple[str, ...] = CASES) -> list[dict]:
@@ -107,7 +125,7 @@ def measure(target: str, dims: list[int], cases: tuple[str, ...] = CASES) -> lis
     rows = []
     specs, labels = [], []
     for d in dims:
-        for case in (c for c in ("dense", "causal") if c in cases):
+        for case in (c for c in FLEX_CASES if c in cases):
             gen = generated_flex(case, d)
             ref = reference(case, d)
             pairs = [("dkdv", _pick(gen, "attention_bwd_dkdv_kernel"),

@@ -37,7 +37,7 @@ the module.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from attndsl.codegen.expr import (
@@ -80,6 +80,9 @@ class _Names:
     captured: dict[str, tuple[str, int]]  # IR name -> (pointer, rank)
     grads: dict[str, str]  # IR name -> gradient pointer (``DC0``...)
     sizes: dict[str, str]  # extent of a captured dimension -> its size argument
+    # loop-invariant reads of captured tensors (subscripts of batch and head only) -> the
+    # variable holding them, loaded once per (batch, head) instead of once per tile
+    hoisted: dict = field(default_factory=dict)
 
 
 def _names(spec: BackwardSpec) -> _Names:
@@ -128,7 +131,24 @@ def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient) -> Env:
     return Env(index=index, rows={SCORE_ROW: "s"},
                params={"scale": "scale", "G": "G", **names.sizes},
                captured=names.captured, masks={r["query"]: o.m_ok, r["key"]: o.n_ok},
-               hoisted={}, scalar_indices=frozenset({r["batch"], r["head"]}))
+               hoisted=names.hoisted, scalar_indices=frozenset({r["batch"], r["head"]}))
+
+
+def _hoist_loads(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> None:
+    """Emit each captured-tensor read of the score, its derivatives and the mask whose
+    subscripts use only the batch and head (``slopes[h]``) once, before the tile loops."""
+    names.hoisted.clear()
+    scalar = {spec.roles["batch"], spec.roles["head"]}
+    exprs = [spec.log2_score, spec.score, spec.dscore] + ([spec.mask] if spec.mask else []) + \
+        [g.deriv for _, sites in spec.grads for g in sites]
+    env = _tile_env(spec, names, VECTORS)
+    for e in exprs:
+        for node in e.walk():
+            if node.op is Op.LOAD and node.free_indices() <= scalar and \
+                    node not in names.hoisted and not any(x.op is Op.ROW for x in node.walk()):
+                var = f"cap_{len(names.hoisted)}"
+                L(depth, f"{var} = {render_at(L, depth, node, env)}  # loop-invariant read")
+                names.hoisted[node] = var
 
 
 def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> None:
@@ -386,6 +406,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "for g in range(0, G):")
     L(2, "# query head of the group (GQA: dK and dV sum over the G heads)")
     L(2, "off_h = off_hkv * G + g")
+    _hoist_loads(L, 2, spec, names)
 
     def step(L2: Lines, depth: int, masked: bool) -> None:
         def body(B: Lines) -> None:
@@ -418,6 +439,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
     L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
     L(1, "off_hkv = off_h // G")
+    _hoist_loads(L, 1, spec, names)
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, _ok("e_ok", "offs_e", "E_len", "EVEN_E"))
