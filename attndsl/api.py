@@ -151,10 +151,12 @@ class Kernel:
                  kernel_options: dict | None = None) -> dict[str, Tensor]:
         """Run on named inputs; returns every output of the cascade by name.
 
-        Differentiable: when an input or captured tensor requires grad, the backward pass
-        recomputes the cascade with the eager executor (float32, chunked over queries) and
-        differentiates it -- correct for every cascade, but not a fused kernel (FlexAttention
-        specs called through ``flex_attention`` get generated backward kernels instead)."""
+        Differentiable: when an input or captured tensor requires grad, the backward runs
+        the generated fused backward kernels (:attr:`fused_backward`, derived from the
+        streamed schedule by attndsl.passes.tile_grad: every one-pass kernel, softmax or not).
+        Where there is none (:attr:`backward_fallback` says why), or an output holding a max
+        reduction's value gets a nonzero gradient, it recomputes the cascade with the eager
+        executor (float32, chunked over queries) and differentiates that."""
         first = next(iter(inputs.values()))
         cap = _shapes_only({**self.captured, **(captured or {})}, first.device)
         if block_mask is not None:
