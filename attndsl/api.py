@@ -151,10 +151,12 @@ class Kernel:
                  kernel_options: dict | None = None) -> dict[str, Tensor]:
         """Run on named inputs; returns every output of the cascade by name.
 
-        Differentiable: when an input or captured tensor requires grad, the backward pass
-        recomputes the cascade with the eager executor (float32, chunked over queries) and
-        differentiates it -- correct for every cascade, but not a fused kernel (FlexAttention
-        specs called through ``flex_attention`` get generated backward kernels instead)."""
+        Differentiable: when an input or captured tensor requires grad, the backward runs
+        the generated fused backward kernels (:attr:`fused_backward`, derived from the
+        streamed schedule by attndsl.passes.tile_grad: every one-pass kernel, softmax or not).
+        Where there is none (:attr:`backward_fallback` says why), or an output holding a max
+        reduction's value gets a nonzero gradient, it recomputes the cascade with the eager
+        executor (float32, chunked over queries) and differentiates that."""
         first = next(iter(inputs.values()))
         cap = _shapes_only({**self.captured, **(captured or {})}, first.device)
         if block_mask is not None:
@@ -168,14 +170,61 @@ class Kernel:
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())):
             return run()
         names = list(tensors)
-        outs = _EagerBackward.apply(self, run, names, dict(params or {}), *tensors.values())
+        backward = _FusedBackward if self.fused_backward is not None else _EagerBackward
+        outs = backward.apply(self, run, names, dict(params or {}), *tensors.values())
         return dict(zip(self.compiled.cascade.outputs, outs))
+
+    @property
+    def fused_backward(self) -> ModuleType | None:
+        """The generated fused backward module, or None when the kernel has none (then the
+        backward recomputes through the eager executor; ``backward_fallback`` says why)."""
+        from attndsl.autograd import tile_backward_module
+
+        return tile_backward_module(self.compiled.kernel)[0]
+
+    @property
+    def backward_fallback(self) -> str | None:
+        """Why this kernel's backward is the eager recomputation (None: it is fused)."""
+        from attndsl.autograd import tile_backward_module
+
+        return tile_backward_module(self.compiled.kernel)[1]
 
     def _mask_plan(self, tensors: dict[str, Tensor], params: dict,
                    device: torch.device) -> dict | None:
         """The launch tables of a call without a block mask (:func:`kernel_plan`)."""
         return kernel_plan(self.compiled.cascade, self.module, tensors, params,
                            device).launch_tables()
+
+
+class _FusedBackward(torch.autograd.Function):
+    """Forward: the generated kernel.  Backward: the generated fused backward kernels
+    (attndsl.passes.tile_grad derives them from the kernel's running sums)."""
+
+    @staticmethod
+    def forward(ctx: Any, kernel: Kernel, run: Callable, names: list[str], params: dict,
+                *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.kernel, ctx.names, ctx.params = kernel, names, params
+        ctx.save_for_backward(*tensors)
+        out = run()
+        return tuple(out[o] for o in kernel.compiled.cascade.outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple:
+        module = ctx.kernel.fused_backward
+        outputs = ctx.kernel.compiled.cascade.outputs
+        if any(g is not None and bool(g.any()) for o, g in zip(outputs, grads)
+               if o in module.MAX_STORES):  # the gradient of a max value: not derived
+            return _EagerBackward.backward(ctx, *grads)
+        named = dict(zip(ctx.names, ctx.saved_tensors))
+        wants = dict(zip(ctx.names, ctx.needs_input_grad[4:]))
+        need = tuple(n for n in module.CAPTURED_GRADS if wants.get(n))
+        got = module.launch_backward(
+            {n: named[n] for n in module.TENSORS}, ctx.params,
+            {n: named[n] for n in module.CAPTURED}, dict(zip(ctx.kernel.compiled.cascade.outputs,
+                                                             grads)), need)
+        out = [None if not wants[n] else got[n] if n in got else torch.zeros_like(t)
+               for n, t in named.items()]
+        return (None, None, None, None, *out)
 
 
 class _EagerBackward(torch.autograd.Function):

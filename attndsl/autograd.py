@@ -43,12 +43,16 @@ from typing import Any
 import torch
 
 from attndsl.codegen.backward import generate_backward
+from attndsl.codegen.tile_backward import generate_tile_backward
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
+from attndsl.ir.tile import TileKernel
 from attndsl.key_tile_plan import KeyTilePlan
+from attndsl.passes.grad import GradError
+from attndsl.passes.tile_grad import derive_tile_backward
 from attndsl.runtime.checks import AttentionError, check_qkv, mask_of, shapes_only
 from attndsl.runtime.kernels import compiled
-from attndsl.runtime.modules import VERSION, load_source
+from attndsl.runtime.modules import VERSION, load_source, spec_hash
 from attndsl.runtime.plan import block_mask_plan
 
 Tensor = torch.Tensor
@@ -96,6 +100,26 @@ def backward_source(cascade: Cascade) -> str:
 def load_backward_module(cascade: Cascade) -> ModuleType:
     """Generate, cache (by content hash) and import the backward module of ``cascade``."""
     return load_source(backward_source(cascade), "kb")
+
+
+_TILE_BACKWARDS: dict[str, tuple[ModuleType | None, str | None]] = {}
+
+
+def tile_backward_source(kernel: TileKernel) -> str:
+    """The generated source of the fused backward of a one-pass tile kernel (GradError when
+    :func:`attndsl.passes.tile_grad.derive_tile_backward` finds none)."""
+    return generate_tile_backward(derive_tile_backward(kernel), VERSION)
+
+
+def tile_backward_module(kernel: TileKernel) -> tuple[ModuleType | None, str | None]:
+    """(the fused backward module of ``kernel``, None) or (None, why there is none)."""
+    key = spec_hash(kernel)
+    if key not in _TILE_BACKWARDS:
+        try:
+            _TILE_BACKWARDS[key] = (load_source(tile_backward_source(kernel), "kt"), None)
+        except GradError as err:
+            _TILE_BACKWARDS[key] = (None, str(err))
+    return _TILE_BACKWARDS[key]
 
 
 # -- custom ops ---------------------------------------------------------------------------------

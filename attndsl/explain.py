@@ -1,6 +1,7 @@
 """``attndsl explain``: the passes run (in order, with the named rewrite rules that fired in
 each and how often), the IR after each pass, the rewrites that fired, the pass count, the tile
-plan, the mask's tile classes, and (with a target) the GPU resource report."""
+plan, the backward (fused, or why not), the mask's tile classes, and (with a target) the GPU
+resource report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import Expr, Op
 from attndsl.key_tile_plan import plan_key_tiles
+from attndsl.passes.grad import GradError
 from attndsl.passes.pipeline import PIPELINE, Compiled, compile_cascade
+from attndsl.passes.tile_grad import derive_tile_backward
 
 
 def _section(title: str, body: str) -> str:
@@ -32,6 +35,7 @@ def explain(c: Cascade, captured: dict[str, torch.Tensor] | None = None, lq: int
         f"streamed schedule: {comp.schedule.direct_passes}-pass -> "
         f"{len(comp.schedule.passes)}-pass", str(comp.schedule)))
     out.append(_section("tile plan (Tile IR)", str(comp.kernel)))
+    out.append(_section("backward (attndsl.compile's kernels)", backward_text(comp)))
     if comp.fused.mask is not None:
         defaults = {p.name: E.const(p.default) for p in c.params if p.default is not None}
         mask = comp.fused.mask.replace(
@@ -41,6 +45,15 @@ def explain(c: Cascade, captured: dict[str, torch.Tensor] | None = None, lq: int
     if target is not None:
         out.append(_section(f"GPU report for {target}", _target_report(comp, target)))
     return "\n".join(out)
+
+
+def backward_text(comp: Compiled) -> str:
+    """The backward IR of the fused backward (passes/tile_grad.py), or why the backward
+    recomputes through the eager executor instead."""
+    try:
+        return "fused: " + str(derive_tile_backward(comp.kernel))
+    except GradError as err:
+        return f"eager recomputation (no fused backward: {err})"
 
 
 def pass_list(comp: Compiled) -> str:

@@ -14,7 +14,8 @@ storing it, and the chain rule gives::
     dS    = dT * dT/dS        dK = scale dS^T Q      dQ = scale dS K
     dcap  = scatter-add of dT * dT/dcap[site] at each gather site of a captured tensor
 
-``dT/dS`` and ``dT/dcap[site]`` come from :mod:`attndsl.passes.grad`.  The kernels:
+``dT/dS`` and ``dT/dcap[site]`` are derived by :mod:`attndsl.passes.flex_grad` (a
+``BackwardSpec``, the printable data this printer only prints).  The kernels:
 
 * ``attention_bwd_preprocess``: one program per (query tile, batch*head): ``delta``.
 * ``attention_bwd_dkdv_kernel``: one program per (key tile, batch*kv-head).  It loops over the
@@ -36,7 +37,7 @@ the module.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from attndsl.codegen.expr import (
@@ -53,100 +54,20 @@ from attndsl.codegen.expr import (
 
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
-from attndsl.ir.expr import FLOAT, Expr, Op
-from attndsl.passes.grad import diff, gather_grads
-from attndsl.passes.index_bounds import wrap_captured
-from attndsl.passes.rules import LOG2E, simplify
-
-SCORE_ROW = "s"  # ROW name of the scaled score tile in backward expressions
-
-
-@dataclass(frozen=True)
-class GatherGrad:
-    """One gather site of a captured tensor: its subscripts and d T / d (that element)."""
-
-    load: Expr
-    deriv: Expr
-
-    @property
-    def deps(self) -> frozenset[str]:
-        """The tile indices (query m, key n) the gathered element depends on."""
-        return frozenset().union(*(s.free_indices() for s in self.load.src))
-
-
-@dataclass(frozen=True)
-class BackwardSpec:
-    """What the backward kernels evaluate, derived from a FlexAttention cascade."""
-
-    cascade: Cascade
-    score: Expr  # T, with S read as ROW(SCORE_ROW)
-    dscore: Expr  # dT/dS, same form
-    mask: Expr | None
-    captured: tuple[tuple[str, int], ...]  # (IR name, rank) read by the score or the mask
-    grads: tuple[tuple[str, tuple[GatherGrad, ...]], ...]  # float captured with a gradient
-    roles: dict[str, str]
-
-    def __str__(self) -> str:
-        lines = [f"T = {_show(self.score)}", f"dT/dS = {_show(self.dscore)}"]
-        if self.mask is not None:
-            lines.append(f"mask: {E.render(self.mask)}")
-        for _, sites in self.grads:
-            for g in sites:
-                lines.append(f"dT/d{E.render(g.load)} = {_show(g.deriv)}")
-        return "\n".join(lines)
-
-
-def _score_read(c: Cascade) -> Expr:
-    b, h, m, n = (c.role(r) for r in ("batch", "head", "query", "key"))
-    return E.load("S", tuple(E.index(i) for i in (b, h, m, n)))
-
-
-def _check_flex(c: Cascade) -> None:
-    """The backward printer knows the FlexAttention cascade (attndsl.frontend.flex) only."""
-    want = {"Q": ("B", "H", "M", "E"), "K": ("B", "HKV", "N", "E"), "V": ("B", "HKV", "N", "F")}
-    for name, dims in want.items():
-        t = c.tensor(name)
-        if t is None or t.dims != dims or t.kind != "input":
-            raise CodegenError(f"the backward supports FlexAttention cascades only: expected "
-                               f"input {name}[{', '.join(dims)}]")
-    for name in ("S", "T", "P", "O", "LSE"):
-        if c.equation(name) is None:
-            raise CodegenError(f"the backward supports FlexAttention cascades only: cascade "
-                               f"{c.name!r} has no equation {name}")
-    for node in c.equation("T").expr.walk():
-        if node.op is Op.LOAD and node.arg in {eq.name for eq in c.equations}:
-            if node != _score_read(c):
-                raise CodegenError(f"the score may read S[b, h, m, n] only, got "
-                                   f"{E.render(node)}")
-        if node.op in (Op.REDUCE_SUM, Op.REDUCE_MAX, Op.SOFTMAX):
-            raise CodegenError("the score must be elementwise (no reductions)")
+from attndsl.ir.expr import Op
+from attndsl.passes import flex_grad
+from attndsl.passes.flex_grad import QK_ROW, SCORE_ROW, BackwardSpec, GatherGrad, NotFlexCascade
+from attndsl.passes.flex_grad import one_line as _one_line
+from attndsl.passes.rules import LOG2E
 
 
 def backward_spec(c: Cascade) -> BackwardSpec:
-    """Differentiate the score of a FlexAttention cascade: dT/dS and one dT/dcap per site."""
-    _check_flex(c)
-    s_load = _score_read(c)
-    score = wrap_captured(c.equation("T").expr, c)  # torch's wrap of negative subscripts
-
-    def as_row(e: Expr) -> Expr:
-        return e.replace(lambda x: E.row(SCORE_ROW) if x == s_load else None)
-
-    mask = None if c.mask is None else wrap_captured(c.mask.expr, c)
-    used = {x.arg for e in [score] + ([mask] if mask is not None else []) for x in e.walk()
-            if x.op is Op.LOAD}
-    captured = tuple((t.name, len(t.dims)) for t in c.tensors
-                     if t.kind == "captured" and t.name in used)
-    grads = []
-    for t in c.tensors:
-        if t.kind != "captured" or t.dtype != FLOAT or t.name not in used:
-            continue
-        sites = tuple(GatherGrad(ld, as_row(d)) for ld, d in gather_grads(score, t.name))
-        if sites:
-            grads.append((t.name, sites))
-    roles = {i.role: i.name for i in c.indices}
-    return BackwardSpec(c, as_row(simplify(score)), as_row(diff(score, s_load)), mask,
-                        captured, tuple(grads), roles)
-
+    """The derivation (attndsl.passes.flex_grad); a cascade the FA2 kernels cannot print is
+    a CodegenError of this printer."""
+    try:
+        return flex_grad.backward_spec(c)
+    except NotFlexCascade as err:
+        raise CodegenError(str(err)) from err
 
 # -- printing helpers -------------------------------------------------------------------------
 
@@ -159,6 +80,9 @@ class _Names:
     captured: dict[str, tuple[str, int]]  # IR name -> (pointer, rank)
     grads: dict[str, str]  # IR name -> gradient pointer (``DC0``...)
     sizes: dict[str, str]  # extent of a captured dimension -> its size argument
+    # loop-invariant reads of captured tensors (subscripts of batch and head only) -> the
+    # variable holding them, loaded once per (batch, head) instead of once per tile
+    hoisted: dict = field(default_factory=dict)
 
 
 def _names(spec: BackwardSpec) -> _Names:
@@ -207,7 +131,24 @@ def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient) -> Env:
     return Env(index=index, rows={SCORE_ROW: "s"},
                params={"scale": "scale", "G": "G", **names.sizes},
                captured=names.captured, masks={r["query"]: o.m_ok, r["key"]: o.n_ok},
-               hoisted={}, scalar_indices=frozenset({r["batch"], r["head"]}))
+               hoisted=names.hoisted, scalar_indices=frozenset({r["batch"], r["head"]}))
+
+
+def _hoist_loads(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> None:
+    """Emit each captured-tensor read of the score, its derivatives and the mask whose
+    subscripts use only the batch and head (``slopes[h]``) once, before the tile loops."""
+    names.hoisted.clear()
+    scalar = {spec.roles["batch"], spec.roles["head"]}
+    exprs = [spec.log2_score, spec.score, spec.dscore] + ([spec.mask] if spec.mask else []) + \
+        [g.deriv for _, sites in spec.grads for g in sites]
+    env = _tile_env(spec, names, VECTORS)
+    for e in exprs:
+        for node in e.walk():
+            if node.op is Op.LOAD and node.free_indices() <= scalar and \
+                    node not in names.hoisted and not any(x.op is Op.ROW for x in node.walk()):
+                var = f"cap_{len(names.hoisted)}"
+                L(depth, f"{var} = {render_at(L, depth, node, env)}  # loop-invariant read")
+                names.hoisted[node] = var
 
 
 def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> None:
@@ -215,6 +156,7 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
     tiles; also dV, dK, the atomic dQ and captured gradients) or ``dq`` (query-major tiles)."""
     o = KEY_MAJOR if kind == "dkdv" else QUERY_MAJOR
     env = _tile_env(spec, names, o)
+    env.rows[QK_ROW] = "qk"
     r = o.row
     L(0, "# scores: S = scale * Q K^T, T = score_mod(S)")
     if kind == "dkdv":
@@ -223,12 +165,12 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
         L(0, "qk = tl.dot(q, kT, input_precision=DOT_PRECISION)")
     L(0, "s = qk * scale")
     L(0, f"t = {render_at(L, 0, spec.score, env)}")
-    L(0, "# P = exp(T - LSE): 0 where masked, out of range, or the row is empty (LSE = -inf)")
-    L(0, f"valid = {o.m_ok} & {o.n_ok} & lse_ok{r}")
+    L(0, "# P = exp(T - LSE) = exp2(T log2e - lse2), lse2 = LSE log2e (+inf on empty rows: P = 0)")
+    L(0, f"valid = {o.m_ok} & {o.n_ok}")
     if masked:
         assert spec.mask is not None
         L(0, f"valid = valid & ({render_at(L, 0, spec.mask, env)})")
-    L(0, f"p = tl.exp2(t * {literal(LOG2E)} - lse{r} * {literal(LOG2E)})")
+    L(0, f"p = tl.exp2({render_at(L, 0, spec.log2_score, env)} - lse2{r})")
     L(0, "p = tl.where(valid, p, 0.0)")
     L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")
     if kind == "dkdv":
@@ -254,7 +196,7 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
     L(1, "# dQ += scale * dS K: float32 atomics (other key tiles add to the same rows)")
     L(1, "dq_part = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale")
     L(1, "tl.atomic_add(" + _ptr("DQ", ["off_b", "off_h", "offs_m[:, None]", "offs_e[None, :]"])
-      + ", dq_part, mask=m_ok[:, None] & (offs_e[None, :] < E_len))")
+      + ", dq_part, mask=m_ok[:, None] & e_ok[None, :])")
     for name, sites in spec.grads:
         for i, site in enumerate(sites):
             _emit_gather_grad(L, spec, names, name, i, site, o)
@@ -291,22 +233,18 @@ def _emit_gather_grad(L: Lines, spec: BackwardSpec, names: _Names, name: str, i:
     L(1, f"tl.atomic_add({target}, {value}" + (f", mask={mask})" if mask else ")"))
 
 
-def _show(e: Expr) -> str:
-    """An expression as text, the score tile shown as S."""
-    return E.render(e.replace(
-        lambda x: E.param("S") if x.op is Op.ROW and x.arg == SCORE_ROW else None))
-
-
-def _one_line(e: Expr, limit: int = 70) -> str:
-    """An expression as comment text (printable ASCII, shortened)."""
-    text = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in _show(e))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _ok(var: str, offs: str, length: str, even: str) -> str:
+    """A validity vector; all true (folded away by the compiler) when ``even``: the length
+    is a multiple of the tile."""
+    return f"{var} = ({offs} < {length}) | {even}  # {even}: every position in range"
 
 
 # -- kernels ----------------------------------------------------------------------------------
 
 _CONSTEXPR = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "SPARSITY", "SPARSE_Q", "SPARSE_KV",
               "DOT_PRECISION", "UPCAST"]
+# lengths that are multiples of the tile (M, N) or equal to it (E, F): no bounds masks
+_EVEN = ["EVEN_M", "EVEN_N", "EVEN_E", "EVEN_F"]
 
 
 def _tensor_args(name: str, rank: int) -> list[str]:
@@ -318,22 +256,28 @@ def _table_args(prefix: str) -> list[str]:
             + _tensor_args(f"full_{prefix}num", 3) + _tensor_args(f"full_{prefix}idx", 4))
 
 
-def _signature(L: Lines, fn: str, args: list[str], const: list[str], doc: str) -> None:
+def _signature(L: Lines, fn: str, args: list[str], const: list[str], doc: str,
+               even: bool = True) -> None:
     L(0, f"def {fn}(")
     for a in args:
         L(1, f"{a},")
     for c in const:
         L(1, f"{c}: tl.constexpr,")
+    if even:
+        for c in _EVEN:
+            L(1, f"{c}: tl.constexpr = False,")
     L(0, "):")
     L(1, f'"""{doc}"""')
 
 
 def _emit_preprocess(L: Lines) -> None:
     args = (_tensor_args("O", 4) + _tensor_args("DO", 4) + _tensor_args("DLSE", 3)
-            + _tensor_args("DELTA", 3) + ["n_heads", "M_len", "F_len"])
-    _signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F"],
-               "delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - dLSE[b, h, m], "
-               "in float32.")
+            + _tensor_args("DELTA", 3) + _tensor_args("LSE", 3) + _tensor_args("LSE2", 3)
+            + ["n_heads", "M_len", "F_len"])
+    _signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F"], even=False,
+               doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - dLSE[b, h, m], "
+               "in float32,\n    and lse2 = LSE log2e (+inf where LSE = -inf: an empty "
+               "row, whose P the loops then\n    compute as 0 without a guard).")
     L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
     L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
@@ -345,7 +289,11 @@ def _emit_preprocess(L: Lines) -> None:
     L(1, f"dlse = tl.load({_ptr('DLSE', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
          f"other=0.0).to(tl.float32)")
     L(1, "delta = tl.sum(o * do, 1) - dlse")
-    L(1, f"tl.store({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, delta, mask=m_ok)\n")
+    L(1, f"tl.store({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, delta, mask=m_ok)")
+    L(1, f"lse = tl.load({_ptr('LSE', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, other=0.0)")
+    L(1, f'lse2 = tl.where(lse == float("-inf"), float("inf"), lse * {literal(LOG2E)})'
+         f"  # 1/ln 2")
+    L(1, f"tl.store({_ptr('LSE2', ['off_b', 'off_h', 'offs_m'])}, lse2, mask=m_ok)\n")
 
 
 def _captured_args(names: _Names, with_grads: bool) -> list[str]:
@@ -361,20 +309,19 @@ def _captured_args(names: _Names, with_grads: bool) -> list[str]:
 def _emit_query_side(L: Lines, depth: int, kind: str) -> None:
     """Loads of the query-side tiles of one (b, h, query tile): Q (as Q^T [E, BLOCK_M] in the
     key-major dK/dV kernel), dO, the saved log-sum-exp and delta."""
-    L(depth, "# query-side tiles: Q, dO, the saved log-sum-exp and delta")
+    L(depth, "# query-side tiles: Q, dO, the log-sum-exp in log2 units and delta")
     if kind == "dkdv":
         q, rows, cols = "qT", "[None, :]", "[:, None]"
     else:
         q, rows, cols = "q", "[:, None]", "[None, :]"
     ptr = _ptr("Q", ["off_b", "off_h", f"offs_m{rows}", f"offs_e{cols}"])
-    L(depth, f"{q} = tl.load({ptr}, mask=m_ok{rows} & (offs_e{cols} < E_len), other=0.0)")
+    L(depth, f"{q} = tl.load({ptr}, mask=m_ok{rows} & e_ok{cols}, other=0.0)")
     L(depth, f"do = tl.load({_ptr('DO', ['off_b', 'off_h', 'offs_m[:, None]', 'offs_f[None, :]'])}"
-             f", mask=m_ok[:, None] & (offs_f[None, :] < F_len), other=0.0)")
+             f", mask=m_ok[:, None] & f_ok[None, :], other=0.0)")
     L(depth, "if UPCAST:  # the interpreter has no bf16 arithmetic")
     L(depth + 1, f"{q} = {q}.to(tl.float32)\ndo = do.to(tl.float32)")
-    L(depth, f"lse = tl.load({_ptr('LSE', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
-             f"other=0.0)")
-    L(depth, 'lse_ok = lse != float("-inf")')
+    L(depth, f"lse2 = tl.load({_ptr('LSE', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
+             f'other=float("inf"))')
     L(depth, f"delta = tl.load({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
              f"other=0.0)")
 
@@ -385,11 +332,11 @@ def _emit_key_side(L: Lines, depth: int, kind: str) -> None:
     if kind == "dkdv":
         names, idx, ok = ("k", "v"), ("offs_n[:, None]", "offs_e[None, :]", "offs_f[None, :]"), \
             "n_ok[:, None]"
-        lens = ("(offs_e[None, :] < E_len)", "(offs_f[None, :] < F_len)")
+        lens = ("e_ok[None, :]", "f_ok[None, :]")
     else:
         names, idx, ok = ("kT", "vT"), ("offs_n[None, :]", "offs_e[:, None]", "offs_f[:, None]"), \
             "n_ok[None, :]"
-        lens = ("(offs_e[:, None] < E_len)", "(offs_f[:, None] < F_len)")
+        lens = ("e_ok[:, None]", "f_ok[:, None]")
     for var, ptr, col, length in zip(names, ("K", "V"), idx[1:], lens):
         L(depth, f"{var} = tl.load({_ptr(ptr, ['off_b', 'off_hkv', idx[0], col])}, "
                  f"mask={ok} & {length}, other=0.0)")
@@ -449,7 +396,9 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "off_b = pid_bhkv // n_kv_heads\noff_hkv = pid_bhkv % n_kv_heads")
     L(1, "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
-    L(1, "n_ok = offs_n < N_len")
+    L(1, _ok("e_ok", "offs_e", "E_len", "EVEN_E"))
+    L(1, _ok("f_ok", "offs_f", "F_len", "EVEN_F"))
+    L(1, _ok("n_ok", "offs_n", "N_len", "EVEN_N"))
     L(1, "# key-side tiles, loaded once")
     _emit_key_side(L, 1, "dkdv")
     L(1, "dk = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)")
@@ -457,11 +406,12 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "for g in range(0, G):")
     L(2, "# query head of the group (GQA: dK and dV sum over the G heads)")
     L(2, "off_h = off_hkv * G + g")
+    _hoist_loads(L, 2, spec, names)
 
     def step(L2: Lines, depth: int, masked: bool) -> None:
         def body(B: Lines) -> None:
             B(0, "offs_m = start_m + tl.arange(0, BLOCK_M)")
-            B(0, "m_ok = offs_m < M_len")
+            B(0, _ok("m_ok", "offs_m", "M_len", "EVEN_M"))
             _emit_query_side(B, 0, "dkdv")
             _emit_step(B, spec, names, masked, "dkdv")
         _nested(L2, depth, body)
@@ -471,9 +421,9 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "dk = dk * scale")
     rows = ["off_b", "off_hkv", "offs_n[:, None]"]
     L(1, f"tl.store({_ptr('DK', rows + ['offs_e[None, :]'])}, dk.to(DK.dtype.element_ty), "
-         f"mask=n_ok[:, None] & (offs_e[None, :] < E_len))")
+         f"mask=n_ok[:, None] & e_ok[None, :])")
     L(1, f"tl.store({_ptr('DV', rows + ['offs_f[None, :]'])}, dv.to(DV.dtype.element_ty), "
-         f"mask=n_ok[:, None] & (offs_f[None, :] < F_len))\n")
+         f"mask=n_ok[:, None] & f_ok[None, :])\n")
 
 
 def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
@@ -489,16 +439,19 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
     L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
     L(1, "off_hkv = off_h // G")
+    _hoist_loads(L, 1, spec, names)
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
-    L(1, "m_ok = offs_m < M_len")
+    L(1, _ok("e_ok", "offs_e", "E_len", "EVEN_E"))
+    L(1, _ok("f_ok", "offs_f", "F_len", "EVEN_F"))
+    L(1, _ok("m_ok", "offs_m", "M_len", "EVEN_M"))
     _emit_query_side(L, 1, "dq")
     L(1, "dq = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)")
 
     def step(L2: Lines, depth: int, masked: bool) -> None:
         def body(B: Lines) -> None:
             B(0, "offs_n = start_n + tl.arange(0, BLOCK_N)")
-            B(0, "n_ok = offs_n < N_len")
+            B(0, _ok("n_ok", "offs_n", "N_len", "EVEN_N"))
             _emit_key_side(B, 0, "dq")
             _emit_step(B, spec, names, masked, "dq")
         _nested(L2, depth, body)
@@ -506,7 +459,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     _emit_loops(L, 1, spec, step, "n")
     L(1, "dq = dq * scale")
     L(1, f"tl.store({_ptr('DQ', ['off_b', 'off_h', 'offs_m[:, None]', 'offs_e[None, :]'])}, "
-         f"dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_e[None, :] < E_len))\n")
+         f"dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])\n")
 
 
 def generate_backward(c: Cascade, version: str) -> str:

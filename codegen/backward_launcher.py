@@ -146,14 +146,20 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
                             SPARSITY=sparsity, SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv,
                             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                             UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
+                            # tables list whole blocks: even means a multiple of them
+                            EVEN_M=m_len % (sparse_q if sparsity == 2 else bm) == 0,
+                            EVEN_N=n_len % (sparse_kv if sparsity == 2 else bn) == 0,
+                            EVEN_E=e_len == _pow2(e_len), EVEN_F=f_len == _pow2(f_len),
                             num_warps=c["num_warps"], num_stages=c["num_stages"])
     # delta = rowsum(dO * O) - dLSE
     delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
+    lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)  # LSE log2e, -inf: +inf
     pre = cfg["dq"]
     _bwd_kernel("attention_bwd_preprocess", device.type)[
         (_cdiv(m_len, pre["BLOCK_M"]), n_batch * n_heads)](
-        *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), n_heads, m_len, f_len,
-        BLOCK_M=pre["BLOCK_M"], BLOCK_F=_pow2(f_len), num_warps=pre["num_warps"])
+        *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), *_strides(lse),
+        *_strides(lse2), n_heads, m_len, f_len, BLOCK_M=pre["BLOCK_M"], BLOCK_F=_pow2(f_len),
+        num_warps=pre["num_warps"])
     cap_args = []
     for name in CAPTURED:  # noqa: F821
         t = captured[name]
@@ -163,7 +169,7 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     for name in GRADS:  # noqa: F821
         t = cap_grads.get(name, torch.zeros((1,) * captured[name].dim(), device=device))
         grad_args += _strides(t)
-    common = [*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse),
+    common = [*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse2),
               *_strides(delta)]
     dq = torch.empty_like(q) if deterministic else dq32
     n_kv_blocks = _cdiv(n_len, sparse_kv)

@@ -632,3 +632,22 @@ def test_every_example_backward_matches_oracle(path: Path) -> None:
     for ours, theirs in ((q, q2), (k, k2), (v, v2)):
         assert not torch.isnan(ours.grad).any()
         torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_lengths_that_fill_tiles_but_not_table_blocks_stay_in_bounds() -> None:
+    """Lq = Lkv = 64 fills the CPU tiles (32) but not the 128-wide blocks of the tables: the
+    table loops visit a whole block, so the kernels must still mask positions past 64."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 64, 16).requires_grad_() for _ in range(3))
+    from attndsl.block_mask import create_block_mask
+
+    bm = create_block_mask(causal, 1, 2, 64, 64)
+    out, lse = flex_attention_trainable(q, k, v, None, bm, None, False, True)
+    (out.sum() + lse.sum()).backward()
+    kernel = attndsl.compile(mask_mod=causal)
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attndsl.run_cascade(kernel.compiled.cascade, {"Q": q2, "K": k2, "V": v2},
+                              {"scale": 0.25, "G": 1})
+    (ref["O"].sum() + ref["LSE"].sum()).backward()
+    for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)

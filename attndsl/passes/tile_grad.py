@@ -1,0 +1,168 @@
+"""The backward of a streamed Tile IR kernel, derived from its running sums (any normaliser).
+
+A one-pass tile kernel computes, per query row ``m``, running sums over the key tiles and then
+its outputs from the finished rows::
+
+    R_s[m]    = sum(n) b_s(qk[m, n], M[m])              (a row sum)
+    A_s[m, f] = sum(n) b_s(qk[m, n], M[m]) V_s[n, f]    (a value sum)
+    Y[m(, f)] = G(A[m, f], R[m], M[m])                  (a store)
+
+where ``qk_d = Q_d K_d^T`` are the dot tiles and ``M`` the stabilising maxima.  The streamed
+form is exact for *any* value of a stabiliser (``stream`` derives it as algebra), so its
+derivative through ``M`` is zero and ``M`` is held at the forward's final value.  The chain
+rule then gives, with ``dY`` the incoming gradient of each store::
+
+    c_s[m, f] = sum(Y) dY[m, f] dG/dA_s                 (coefficient of a value sum)
+    c_s[m]    = sum(Y) sum(f) dY[m(, f)] dG/dR_s        (coefficient of a row sum)
+    W_s       = c_s V_s^T  (value sum)   or   c_s[m]    (row sum, broadcast over the keys)
+    dqk_d     = sum(s) db_s/dqk_d * W_s                 (0 on masked or out-of-range keys)
+    dQ_d += dqk_d K_d     dK_d += dqk_d^T Q_d     dV_s += b_s^T c_s
+    dcap[site] += sum(s) db_s/dcap[site] W_s  (tile sites)  + dY dG/dcap[site] (store sites)
+
+For softmax this is FlashAttention-2's ``dS = P (dP - delta)``; for sigmoid attention
+(``b = sigmoid(s)``, ``G = A``) it is ``dS = dP * P (1 - P)`` with no delta; for sinks and
+the off-by-one softmax ``dG/dR`` carries the extra denominator term.  Nothing here matches a
+normaliser by name: every derivative comes from :func:`attndsl.passes.grad.diff` applied to
+the kernel's own expressions.
+
+Not derivable (the caller keeps the eager backward and says why): schedules of more than one
+pass and reductions; stores that hold the value of a max reduction (``MAX = max(n) S``, whose
+gradient flows to the arg max) are listed in ``max_stores`` and left to the eager backward
+whenever their incoming gradient is nonzero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attndsl.ir import expr as E
+from attndsl.ir.expr import FLOAT, Expr, Op
+from attndsl.ir.tile import RunningMax, RunningSum, TileKernel
+from attndsl.passes.grad import GradError, diff, gather_grads
+
+_PLACEHOLDER = "%row:"  # a ROW value as a LOAD variable while differentiating
+
+
+@dataclass(frozen=True)
+class SiteGrad:
+    """d(expression)/d(captured tensor at one gather site)."""
+
+    tensor: str
+    load: Expr
+    deriv: Expr
+
+
+@dataclass(frozen=True)
+class SumGrad:
+    """One running sum: its body, d body / d qk per dot, d body / d captured sites."""
+
+    sum: RunningSum
+    dots: tuple[tuple[str, Expr], ...]  # (dot var, d body / d qk_d), nonzero only
+    sites: tuple[SiteGrad, ...]
+
+
+@dataclass(frozen=True)
+class StorePartial:
+    """dG/d(finished row) of one store: the chain rule's coefficient terms."""
+
+    store: str
+    row: str
+    deriv: Expr
+
+
+@dataclass(frozen=True)
+class TileBackward:
+    """The backward IR of a one-pass tile kernel: what the backward printer prints."""
+
+    kernel: TileKernel
+    stabilizers: tuple[str, ...]  # maxes held at their final (safe) value
+    sums: tuple[SumGrad, ...]
+    partials: tuple[StorePartial, ...]
+    store_sites: tuple[tuple[str, SiteGrad], ...]  # (store, site) of captured reads in stores
+    # stores holding a max reduction's value: not differentiated here (a caller gives them a
+    # nonzero gradient only through the eager backward)
+    max_stores: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"backward of {self.kernel.name}: stabilisers {list(self.stabilizers)} held "
+                 f"at their final values"]
+        for p in self.partials:
+            lines.append(f"  c_{p.row} += d{p.store} * {E.render(p.deriv)}")
+        for s in self.sums:
+            w = f"c_{s.sum.var} {s.sum.v.var}^T" if s.sum.v is not None else f"c_{s.sum.var}"
+            lines.append(f"  W_{s.sum.var} = {w}")
+            for d, e in s.dots:
+                lines.append(f"  d{d} += W_{s.sum.var} * {E.render(e)}")
+            if s.sum.v is not None:
+                lines.append(f"  d{s.sum.v.var} += ({E.render(s.sum.body)})^T c_{s.sum.var}")
+            for g in s.sites:
+                lines.append(f"  d{E.render(g.load)} += W_{s.sum.var} * {E.render(g.deriv)}")
+        for st, g in self.store_sites:
+            lines.append(f"  d{E.render(g.load)} += d{st} * {E.render(g.deriv)}")
+        for st in self.max_stores:
+            lines.append(f"  {st}: the value of a max reduction, not differentiated (eager)")
+        return "\n".join(lines)
+
+
+def _as_loads(e: Expr) -> Expr:
+    """ROW values as rank-0 LOAD variables (``diff`` differentiates with respect to loads)."""
+    return e.replace(lambda x: E.load(_PLACEHOLDER + x.arg, ()) if x.op is Op.ROW else None)
+
+
+def _as_rows(e: Expr) -> Expr:
+    return e.replace(lambda x: E.row(x.arg[len(_PLACEHOLDER):])
+                     if x.op is Op.LOAD and x.arg.startswith(_PLACEHOLDER) else None)
+
+
+def _d_row(e: Expr, row: str) -> Expr:
+    """d e / d ROW(row), other rows held fixed."""
+    return _as_rows(diff(_as_loads(e), E.load(_PLACEHOLDER + row, ())))
+
+
+def _is_zero(e: Expr) -> bool:
+    return e.op is Op.CONST and e.arg == 0
+
+
+def _site_grads(e: Expr, k: TileKernel) -> tuple[SiteGrad, ...]:
+    """One SiteGrad per gather site of a float captured tensor read by ``e``."""
+    loaded = _as_loads(e)
+    out = []
+    for name, _, dtype in k.captured:
+        if dtype != FLOAT:
+            continue
+        for load, d in gather_grads(loaded, name):
+            out.append(SiteGrad(name, _as_rows(load), _as_rows(d)))
+    return tuple(out)
+
+
+def derive_tile_backward(k: TileKernel) -> TileBackward:
+    """The backward IR of ``k``; raises GradError (with the reason) when it has none."""
+    if len(k.passes) != 1:
+        raise GradError(f"kernel {k.name!r} streams in {len(k.passes)} passes; the fused "
+                        f"backward needs a one-pass schedule")
+    (p,) = k.passes
+    stabs = tuple(mx.var for mx in p.maxes if mx.stabilizer)
+    max_stores = tuple(st.name for st in k.stores if _reads_max_value(st.expr, p.maxes))
+    sums = []
+    for s in p.sums:
+        dots = tuple((d.var, de) for d in k.dots
+                     if not _is_zero(de := _d_row(s.body, d.var)))
+        sums.append(SumGrad(s, dots, _site_grads(s.body, k)))
+    derived = [st for st in k.stores if st.name not in max_stores]
+    partials = tuple(StorePartial(st.name, s.var, d) for st in derived for s in p.sums
+                     if not _is_zero(d := _d_row(st.expr, s.var)))
+    store_sites = tuple((st.name, g) for st in derived for g in _site_grads(st.expr, k))
+    return TileBackward(k, stabs, tuple(sums), partials, store_sites, max_stores)
+
+
+def _reads_max_value(e: Expr, maxes: tuple[RunningMax, ...]) -> bool:
+    """Whether ``e`` reads the value of a max reduction itself: a raw running max (the
+    streamed forms read a stabiliser as ``.safe``; a raw read is the cascade's own
+    ``max(n)``) or any form of a non-stabilising max.  Its gradient flows to the arg max,
+    which the held-stabiliser derivation does not give."""
+    raw = {mx.var for mx in maxes}
+    plain = {mx.var + ".safe" for mx in maxes if not mx.stabilizer}
+    return any(x.op is Op.ROW and x.arg in raw | plain for x in e.walk())
+
+
+__all__ = ["SiteGrad", "StorePartial", "SumGrad", "TileBackward", "derive_tile_backward"]

@@ -1,0 +1,196 @@
+"""Static weight of the generated backward loops against hand-written FA2 backward kernels.
+
+No GPU: every launch is recorded on the CPU (:func:`attndsl.runtime.gpu_report.record_launches`,
+the exact arguments the launchers pass), then compiled ahead of time for the target with the
+reference's tile config (``BLOCK_M = BLOCK_N = 64``, 8 warps, 2 stages) and read back from the
+SASS: registers, spills and, per key-tile loop (innermost loop bodies holding tensor-core
+instructions), all instructions, tensor-core, ``MUFU.EX2`` and the rest.
+
+Compared: the dK/dV and dQ kernels of the FlexAttention backward (codegen/backward.py, dQ by the
+deterministic kernel so that the dK/dV loop holds no atomics, as the reference's) against
+``benchmarks/reference/backward.py`` for dense, causal, ALiBi + causal and softcap; and the
+fused backward of sigmoid attention (codegen/tile_backward.py) against the hand-written sigmoid
+backward.
+
+    python benchmarks/static_backward.py [--target sm90] [--dims 64 128] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # launches are recorded through the interpreter
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attndsl.runtime import aot  # noqa: E402
+from attndsl.runtime.gpu_report import record_launches  # noqa: E402
+
+REF_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+LENGTH = 256
+
+
+def _causal(b, h, q, kv):
+    return kv <= q
+
+
+def _tensors(d: int, heads: int = 2) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(1, heads, LENGTH, d, generator=gen).half() for _ in range(4)]
+
+
+SLOPES = torch.tensor([0.5, 0.25])
+
+
+def _alibi(s, b, h, q, kv):
+    return s + SLOPES[h] * (kv - q)
+
+
+def _softcap(s, b, h, q, kv):
+    return 30.0 * torch.tanh(s / 30.0)
+
+
+# case -> (score_mod, mask_mod) of the FlexAttention spec, as the reference computes it
+FLEX_CASES = {"dense": (None, None), "causal": (None, _causal),
+              "alibi_causal": (_alibi, _causal), "softcap": (_softcap, None)}
+
+
+def generated_flex(case: str, d: int) -> list:
+    """Recorded launches of the FlexAttention backward (dK/dV and deterministic dQ)."""
+    from attndsl.autograd import load_backward_module
+    from attndsl.block_mask import create_block_mask
+    from attndsl.frontend.flex import lower_flex
+    from attndsl.runtime.plan import block_mask_plan
+
+    score, mask = FLEX_CASES[case]
+    spec = lower_flex(score, mask)
+    module = load_backward_module(spec.cascade)
+    q, k, v, do = _tensors(d)
+    lse = torch.zeros(q.shape[:3])
+    tables = None
+    if mask is not None:  # the q-major tables of the block mask, as flex_attention passes
+        tables = block_mask_plan(create_block_mask(mask, 1, 2, LENGTH, LENGTH), LENGTH,
+                                 LENGTH).launch_tables()
+    cfg = {"dkdv": dict(REF_CONFIG), "dq": dict(REF_CONFIG)}
+    return record_launches(lambda: module.launch_backward(
+        {"Q": q, "K": k, "V": v}, {"O": q, "LSE": lse}, {"O": do, "LSE": None},
+        {"scale": d ** -0.5}, dict(spec.captured), (), tables, cfg, True))
+
+
+def generated_sigmoid(d: int) -> list:
+    """Recorded launches of the fused backward of examples/sigmoid.attn."""
+    import attndsl
+    from attndsl.frontend.text import parse_file
+
+    root = Path(__file__).resolve().parents[1]
+    kernel = attndsl.compile(parse_file(root / "examples" / "sigmoid.attn")["sigmoid"])
+    module = kernel.fused_backward
+    q, k, v, do = _tensors(d)
+    return record_launches(lambda: module.launch_backward(
+        {"Q": q, "K": k, "V": v}, {"bias": -6.0}, {}, {"O": do}, (),
+        {**REF_CONFIG}))
+
+
+def reference(case: str, d: int) -> list:
+    from benchmarks.reference import backward as ref
+
+    q, k, v, do = _tensors(d)
+    lse = torch.zeros(q.shape[:3])
+    cfg = dict(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    if case == "sigmoid":
+        return record_launches(lambda: ref.sigmoid_attention_backward(q, k, v, do, **cfg))
+    return record_launches(lambda: ref.attention_backward(q, k, v, q, lse, do, case,
+                                                          slopes=SLOPES.clone(), **cfg))
+
+
+def _pick(launches: list, *names: str) -> list:
+    return [x for x in launches if x.name in names]
+
+
+def _loops(report) -> list[tuple[int, int, int, int]]:
+    return [(lp.instructions, lp.tensor_core, lp.ex2, lp.rest) for lp in report.loops]
+
+
+CASES = ("dense", "causal", "alibi_causal", "softcap", "sigmoid")
+
+
+def measure(target: str, dims: list[int], cases: tuple[str, ...] = CASES) -> list[dict]:
+    """One row per (case, D, kernel, generated or reference): registers, spills, loops."""
+    rows = []
+    specs, labels = [], []
+    for d in dims:
+        for case in (c for c in FLEX_CASES if c in cases):
+            gen = generated_flex(case, d)
+            ref = reference(case, d)
+            pairs = [("dkdv", _pick(gen, "attention_bwd_dkdv_kernel"),
+                      _pick(ref, "reference_bwd_dkdv")),
+                     ("dq", _pick(gen, "attention_bwd_dq_kernel"), _pick(ref, "reference_bwd_dq"))]
+            for kind, g, r in pairs:
+                for who, launch in (("generated", g[0]), ("reference", r[0])):
+                    over = {k: v for k, v in REF_CONFIG.items() if k in launch.constexprs}
+                    specs.append(launch.spec(target, num_warps=8, num_stages=2, **over))
+                    labels.append((case, d, kind, who))
+        if "sigmoid" not in cases:
+            continue
+        gen = generated_sigmoid(d)
+        ref = reference("sigmoid", d)
+        for who, launch in (("generated", _pick(gen, "tile_bwd_keys_kernel")[0]),
+                            ("reference", _pick(ref, "reference_bwd_dkdv")[0])):
+            over = {k: v for k, v in REF_CONFIG.items() if k in launch.constexprs}
+            specs.append(launch.spec(target, num_warps=8, num_stages=2, **over))
+            labels.append(("sigmoid", d, "dkdv", who))
+    reports = aot.compile_kernels(specs, jobs=2, strict=False)
+    for (case, d, kind, who), rep in zip(labels, reports):
+        if isinstance(rep, Exception):
+            rows.append({"case": case, "D": d, "kernel": kind, "who": who,
+                         "error": f"{type(rep).__name__}: {str(rep)[:300]}"})
+            continue
+        rows.append({"case": case, "D": d, "kernel": kind, "who": who, "target": target,
+                     "registers": rep.registers, "spills": rep.spill_stores + rep.spill_loads,
+                     "loops": _loops(rep)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| case | D | kernel | generated: loops (all/tc/ex2/rest), regs, spills | "
+           "reference | ratio (all, per loop) |", "|---|---|---|---|---|---|"]
+    keyed = {(r["case"], r["D"], r["kernel"], r["who"]): r for r in rows}
+    for (case, d, kind, who), r in keyed.items():
+        if who != "generated":
+            continue
+        ref = keyed.get((case, d, kind, "reference"))
+
+        def cell(x):
+            if x is None or "error" in x:
+                return (x or {}).get("error", "-")
+            return f"{x['loops']}, {x['registers']} regs, {x['spills']} spills"
+
+        ratio = "-"
+        if ref and "error" not in ref and "error" not in r and r["loops"] and ref["loops"]:
+            ratio = ", ".join(f"{g[0] / h[0]:.2f}" for g, h in zip(
+                sorted(r["loops"]), sorted(ref["loops"])))
+        out.append(f"| {case} | {d} | {kind} | {cell(r)} | {cell(ref)} | {ratio} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", default="sm90")
+    ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = measure(args.target, args.dims, tuple(args.cases))
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,501 @@
+"""Backward printer of any one-pass tile kernel: the backward IR -> a module of two kernels.
+
+It prints :class:`attndsl.passes.tile_grad.TileBackward` (the derivation lives there):
+
+* ``tile_bwd_rows_kernel``, one program per (query tile, batch*head): recomputes the finished
+  rows of the forward's running sums -- first the stabilising maxima over every key tile, then
+  the sums with each stabiliser at its final (safe) value, so no rescaling -- and from them
+  and the incoming gradients the coefficients ``c_s`` of the chain rule (0 on rows with no
+  kept key: those rows add nothing to any sum), the final stabilisers, and the gradients of
+  captured tensors read by the stores.
+* ``tile_bwd_keys_kernel``, one program per (key tile, batch*head): loops over the query
+  tiles, re-forms the dot tiles and the sum bodies, and accumulates ``dV_s += b_s^T c_s``,
+  ``dK_d += dqk_d^T Q_d`` in registers, adding ``dQ_d += dqk_d K_d`` and the captured-tensor
+  gradients of tile sites with float32 atomics.  dK and dV are added atomically too at the
+  end (a kernel's key-side subscripts may send several heads to one element, as GQA does).
+
+The mask is evaluated on every tile (no block tables): the backward visits every
+(query tile, key tile) pair, as the eager recomputation it replaces did.  Identifiers are
+made here (``T0``, ``C0``, ``P0``, ``qk0``, ``l0``); spec names reach the source only as
+``repr``'d strings in the metadata tables or as sanitised comments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from attndsl.codegen.expr import (
+    HELPERS,
+    Env,
+    Lines,
+    comment,
+    ident,
+    render,
+    render_at,
+    reset_spills,
+)
+
+from attndsl.ir import expr as E
+from attndsl.ir.expr import FLOAT
+from attndsl.ir.tile import Operand, TileKernel
+from attndsl.passes.tile_grad import SiteGrad, TileBackward
+
+
+class _Names:
+    """Kernel argument names: input tensors ``T<i>`` (gradients ``DT<i>``), captured
+    ``C<i>`` (gradients ``DC<i>``), parameters ``P<i>``, store gradients ``DY<i>``."""
+
+    def __init__(self, k: TileKernel) -> None:
+        self.tensors: dict[str, str] = {}
+        for o in k.operands:
+            self.tensors.setdefault(o.tensor, f"T{len(self.tensors)}")
+        self.ranks = {o.tensor: len(o.idx) for o in k.operands}
+        self.captured = {name: (f"C{i}", rank) for i, (name, rank, _) in enumerate(k.captured)}
+        self.cap_grads = {name: f"DC{i}" for i, (name, _, dt) in enumerate(k.captured)
+                          if dt == FLOAT}
+        self.params = {name: f"P{i}" for i, (name, _) in enumerate(k.params)}
+        self.stores = {st.name: f"DY{i}" for i, st in enumerate(k.stores)}
+
+
+def _strided(ptr: str, rank: int) -> list[str]:
+    return [ptr] + [f"{ptr}_s{d}" for d in range(rank)]
+
+
+def _base(o: Operand, ptr: str, env: Env) -> str:
+    """Pointer of the program's (batch, head) slice of an operand's tensor ``ptr``."""
+    parts = [f"({render(i, env)}) * {ptr}_s{d}" for d, i in enumerate(o.idx)
+             if d not in (o.row_dim, o.col_dim)]
+    return " + ".join([ptr] + parts)
+
+
+def _tile_ptr(o: Operand, ptr: str, env: Env, row: str, col: str) -> str:
+    return f"{_base(o, ptr, env)} + {row} * {ptr}_s{o.row_dim} + {col} * {ptr}_s{o.col_dim}"
+
+
+def _rows_buffer(var: str, tile: bool) -> str:
+    """Offsets into a contiguous float32 [batch, heads, M(, F)] buffer of the backward."""
+    rows = "(pid_bh * M_len + offs_m)"
+    return f"{var} + {rows}[:, None] * F_len + offs_f[None, :]" if tile else f"{var} + {rows}"
+
+
+def _load_operand(L: Lines, depth: int, o: Operand, names: _Names, env: Env, axis: str,
+                  ok: str) -> None:
+    """``o`` as a [rows, columns] tile: rows ``offs_m``/``offs_n`` (axis), columns E or F."""
+    ptr = names.tensors[o.tensor]
+    col, col_ok = ("offs_e", "e_ok") if o.side != "v" else ("offs_f", "f_ok")
+    p = _tile_ptr(o, ptr, env, f"{axis}[:, None]", f"{col}[None, :]")
+    L(depth, f"{o.var} = tl.load({p}, mask={ok}[:, None] & {col_ok}[None, :], "
+             f"other=0.0)")
+    L(depth, f"if UPCAST:  # the interpreter has no bf16 arithmetic\n    {o.var} = "
+             f"{o.var}.to(tl.float32)")
+
+
+def _env(b: TileBackward, names: _Names, rows: dict[str, str], index: dict[str, str],
+         masks: dict[str, str]) -> Env:
+    k = b.kernel
+    scalar = {i: v for i, v in ((k.roles.get("batch"), "off_b"), (k.roles.get("head"), "off_h"))
+              if i is not None}
+    return Env({**scalar, **index}, rows, dict(names.params), names.captured, masks,
+               scalar_indices=frozenset(scalar))
+
+
+# How a kernel lays out its score tiles: [BLOCK_M, BLOCK_N] (queries x keys, the rows kernel)
+# or [BLOCK_N, BLOCK_M] (keys x queries, the keys kernel: its accumulating products P^T c and
+# dqk^T Q then need no transposed tile).  Per layout: the broadcast of a query vector, of a key
+# vector, and the tile shape.
+QUERY_MAJOR = ("[:, None]", "[None, :]", "[BLOCK_M, BLOCK_N]")
+KEY_MAJOR = ("[None, :]", "[:, None]", "[BLOCK_N, BLOCK_M]")
+
+
+def _tile_index(k: TileKernel, o: tuple[str, str, str]) -> tuple[dict, dict]:
+    m, n = k.roles["query"], k.roles["key"]
+    return ({m: f"offs_m{o[0]}", n: f"offs_n{o[1]}"}, {m: f"row_ok{o[0]}", n: f"col_ok{o[1]}"})
+
+
+def _dots(L: Lines, depth: int, k: TileKernel, o: tuple[str, str, str]) -> None:
+    for d in k.dots:
+        a, b = (d.q.var, d.k.var) if o is QUERY_MAJOR else (d.k.var, d.q.var)
+        L(depth, f"{d.var} = tl.dot({a}, tl.trans({b}), input_precision=DOT_PRECISION)")
+
+
+def _keep(L: Lines, depth: int, k: TileKernel, env: Env, o: tuple[str, str, str]) -> None:
+    L(depth, f"keep = row_ok{o[0]} & col_ok{o[1]}")
+    if k.mask is not None:
+        L(depth, f"keep = keep & ({render_at(L, depth, k.mask, env)})")
+
+
+def _use_rows(b: TileBackward, o: tuple[str, str, str]) -> dict[str, str]:
+    """A stabiliser inside the loop reads its final safe value (also as ``.safe``)."""
+    rows = {}
+    for mx in b.stabilizers:
+        rows[mx] = rows[mx + ".safe"] = f"{ident(mx)}_use{o[0]}"
+    return rows
+
+
+def _signature(L: Lines, fn: str, args: list[str], doc: str) -> None:
+    L(0, f"def {fn}(")
+    for a in args:
+        L(1, f"{a},")
+    for c in ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION", "UPCAST"):
+        L(1, f"{c}: tl.constexpr,")
+    for c in ("EVEN_M", "EVEN_N", "EVEN_E", "EVEN_F"):
+        L(1, f"{c}: tl.constexpr = False,")
+    L(0, "):")
+    L(1, f'"""{doc}"""')
+
+
+def _common_args(b: TileBackward, names: _Names) -> list[str]:
+    args: list[str] = []
+    for t, ptr in names.tensors.items():
+        args += _strided(ptr, names.ranks[t])
+    for ptr, rank in names.captured.values():
+        args += _strided(ptr, rank) + [f"{ptr}_n{d}" for d in range(rank)]
+    args += list(names.params.values())
+    for s in b.sums:
+        args.append(f"CF_{ident(s.sum.var)}")
+    for mx in b.stabilizers:
+        args.append(f"MX_{ident(mx)}")
+    for name, ptr in names.cap_grads.items():
+        args += _strided(ptr, names.captured[name][1])
+    return args + ["n_heads", "M_len", "N_len", "E_len", "F_len"]
+
+
+def _ok(var: str, offs: str, dim: str) -> str:
+    """A validity vector, all true (folded away by the compiler) when EVEN_<dim>: the length
+    is a multiple of the tile (M, N) or equals it (E, F)."""
+    return f"{var} = ({offs} < {dim}_len) | EVEN_{dim}"
+
+
+def _program(L: Lines, k: TileKernel, axis: str) -> None:
+    L(1, "pid_t = tl.program_id(0)\npid_bh = tl.program_id(1)")
+    L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
+    L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
+    L(1, _ok("e_ok", "offs_e", "E") + "\n" + _ok("f_ok", "offs_f", "F"))
+    if axis == "m":
+        L(1, "offs_m = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)\n" + _ok("row_ok", "offs_m", "M"))
+    else:
+        L(1, "offs_n = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)\n" + _ok("col_ok", "offs_n", "N"))
+
+
+def _emit_rows_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
+    k = b.kernel
+    (p,) = k.passes
+    args = _common_args(b, names)
+    for st in k.stores:
+        args += _strided(names.stores[st.name], len(st.indices))
+    _signature(L, "tile_bwd_rows_kernel", args,
+               "One program: BLOCK_M query rows of one (batch, head).  Recomputes the "
+               "finished rows\n    and writes the chain rule's coefficient of every running "
+               "sum and the final stabilisers.")
+    _program(L, k, "m")
+    index, masks = _tile_index(k, QUERY_MAJOR)
+    head = _env(b, names, {}, {}, {})
+    for o in k.operands:
+        if o.side == "q":
+            _load_operand(L, 1, o, names, head, "offs_m", "row_ok")
+    L(1, "kept = tl.zeros([BLOCK_M], tl.float32)  # keys kept per row")
+    if p.maxes:
+        L(1, "# stabilising maxima over every key tile")
+        for mx in p.maxes:
+            L(1, f'{ident(mx.var)} = tl.full([BLOCK_M], float("-inf"), tl.float32)')
+        _key_loop(L, b, names, lambda B, env: _emit_maxes(B, p, env), index, masks, {},
+                  count=False)
+        for mx in p.maxes:
+            v = ident(mx.var)
+            floor = f"tl.maximum({v}, 0.0)" if mx.floor0 else \
+                f'tl.where({v} == float("-inf"), 0.0, {v})'
+            L(1, f"{v}_use = {floor}")
+            if mx.var in b.stabilizers:
+                L(1, f"tl.store({_rows_buffer('MX_' + v, False)}, {v}_use, mask=row_ok)")
+    L(1, "# the running sums, each stabiliser at its final value")
+    for s in p.sums:
+        shape = "[BLOCK_M, BLOCK_F]" if s.v is not None else "[BLOCK_M]"
+        L(1, f"{ident(s.var)} = tl.zeros({shape}, tl.float32)")
+    _key_loop(L, b, names, lambda B, env: _emit_sums(B, b, names, env), index, masks,
+              _use_rows(b, QUERY_MAJOR), count=True)
+    _emit_coefficients(L, b, names)
+
+
+def _key_loop(L: Lines, b: TileBackward, names: _Names, step, index: dict, masks: dict,
+              rows: dict, count: bool) -> None:
+    """``for start_n``: the key-side operand loads, the dot tiles, the mask, then ``step``."""
+    k = b.kernel
+    L(1, "for start_n in range(0, N_len, BLOCK_N):")
+    L(2, "offs_n = start_n + tl.arange(0, BLOCK_N)\n" + _ok("col_ok", "offs_n", "N"))
+    head = _env(b, names, {}, {}, {})
+    for o in k.operands:
+        if o.side != "q":
+            _load_operand(L, 2, o, names, head, "offs_n", "col_ok")
+    _dots(L, 2, k, QUERY_MAJOR)
+    env = _env(b, names, {**rows, **{d.var: d.var for d in k.dots}}, index, masks)
+    _keep(L, 2, k, env, QUERY_MAJOR)
+    if count:
+        L(2, "kept += tl.sum(keep.to(tl.float32), 1)")
+    inner = Lines()
+    step(inner, env)
+    L(2, "\n".join(inner.out))
+
+
+def _emit_maxes(L: Lines, p, env: Env) -> None:
+    for mx in p.maxes:
+        v = ident(mx.var)
+        value = render_at(L, 0, mx.arg, env)
+        L(0, f"y = tl.where(keep, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({value}), "
+             f'float("-inf"))')
+        L(0, f"{v} = tl.maximum({v}, tl.max(y, 1))")
+
+
+def _emit_sums(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
+    for s in b.sums:
+        r = s.sum
+        v = ident(r.var)
+        body = render_at(L, 0, r.body, env)
+        L(0, f"p = tl.where(keep, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({body}), 0.0)")
+        if r.v is None:
+            L(0, f"{v} += tl.sum(p, 1)")
+        else:
+            L(0, f"{v} += tl.dot(p.to({r.v.var}.dtype), {r.v.var}, "
+                 f"input_precision=DOT_PRECISION)")
+
+
+def _store_env(b: TileBackward, names: _Names, tile: bool) -> Env:
+    """Leaves of a store expression: finished rows, and the store's incoming gradient."""
+    k = b.kernel
+    (p,) = k.passes
+    col = "[:, None]" if tile else ""
+    rows = {}
+    for mx in p.maxes:
+        v = ident(mx.var)
+        rows[mx.var] = f"{v}{col}"
+        rows[mx.var + ".safe"] = f"{v}_use{col}"
+    for s in p.sums:
+        rows[s.var] = ident(s.var) + ("" if s.v is not None else col)
+    m, f = k.roles["query"], k.roles.get("v")
+    index = {m: f"offs_m{col}"}
+    if f is not None and tile:
+        index[f] = "offs_f[None, :]"
+    return _env(b, names, rows, index, {m: f"row_ok{col}"})
+
+
+def _emit_coefficients(L: Lines, b: TileBackward, names: _Names) -> None:
+    """c_s = sum over stores of dY * dG/dR_s (rows with no kept key: 0)."""
+    k = b.kernel
+    L(1, "# incoming gradients of the stores")
+    dy = {}
+    for st in (x for x in k.stores if x.name not in b.max_stores):
+        ptr = names.stores[st.name]
+        env = _store_env(b, names, st.tile)
+        offs = " + ".join(f"{env.index.get(i, '0')} * {ptr}_s{d}"
+                          for d, i in enumerate(st.indices))
+        ok = "row_ok[:, None] & f_ok[None, :]" if st.tile else "row_ok"
+        dy[st.name] = f"dy{len(dy)}"
+        L(1, f"{dy[st.name]} = tl.load({ptr} + {offs}, mask={ok}, other=0.0).to(tl.float32)")
+    tiles = {st.name: st.tile for st in k.stores}
+    L(1, "# coefficients of the running sums: c_s = sum(Y) dY dG/dR_s")
+    for s in b.sums:
+        r = s.sum
+        c = f"c_{ident(r.var)}"
+        shape = "[BLOCK_M, BLOCK_F]" if r.v is not None else "[BLOCK_M]"
+        L(1, f"{c} = tl.zeros({shape}, tl.float32)")
+        for part in (x for x in b.partials if x.row == r.var):
+            env = _store_env(b, names, tiles[part.store])
+            term = f"{dy[part.store]} * ({render_at(L, 1, part.deriv, env)})"
+            if tiles[part.store] and r.v is None:
+                term = f"tl.sum({term}, 1)"
+            L(1, f"{c} += {term}")
+        col = "[:, None]" if r.v is not None else ""
+        L(1, f"{c} = tl.where(kept{col} > 0.0, {c}, 0.0)  # a row with no kept key adds nothing")
+        ok = "row_ok[:, None] & f_ok[None, :]" if r.v is not None else "row_ok"
+        buf = "CF_" + ident(r.var)
+        L(1, f"tl.store({_rows_buffer(buf, r.v is not None)}, {c}.to({buf}.dtype.element_ty), "
+             f"mask={ok})")
+    for store, site in b.store_sites:
+        tile = tiles[store]
+        env = _store_env(b, names, tile)
+        ok = "row_ok[:, None] & f_ok[None, :]" if tile else "row_ok"
+        g = f"tl.where({ok}, {dy[store]} * ({render_at(L, 1, site.deriv, env)}), 0.0)"
+        L(1, comment(f"gradient of the captured tensor read at {E.render(site.load)}"))
+        L(1, f"g = {g}")
+        _scatter(L, 1, b, names, site, "g", env, tile_axes=("m", "f") if tile else ("m",))
+
+
+def _scatter(L: Lines, depth: int, b: TileBackward, names: _Names, site: SiteGrad, var: str,
+             env: Env, tile_axes: tuple[str, ...]) -> None:
+    """Atomic scatter-add of ``var`` (a tile over ``tile_axes``: roles query/key/v) to the
+    element the site read: summed over the axes its subscripts do not use."""
+    k = b.kernel
+    role = {"m": "query", "n": "key", "f": "v"}
+    axis_index = [k.roles.get(role[a]) for a in tile_axes]
+    deps = site.load.free_indices()
+    keep = [i for i, x in enumerate(axis_index) if x in deps]
+    value = var
+    for i in reversed(range(len(tile_axes))):
+        if i not in keep:
+            value = f"tl.sum({value}, {i})"
+    vec = {"m": "offs_m", "n": "offs_n", "f": "offs_f"}
+    ok = {"m": "row_ok", "n": "col_ok", "f": "f_ok"}
+    kept_axes = [tile_axes[i] for i in keep]
+    shape = len(kept_axes)
+    idx = dict(env.index)
+    for j, a in enumerate(kept_axes):
+        sel = "" if shape == 1 else ("[:, None]" if j == 0 else "[None, :]")
+        idx[axis_index[tile_axes.index(a)]] = vec[a] + sel
+    sub_env = Env(idx, env.rows, env.params, env.captured, env.masks,
+                  scalar_indices=env.scalar_indices)
+    dptr = names.cap_grads[site.tensor]
+    offs = " + ".join(f"({render(s, sub_env)}) * {dptr}_s{d}"
+                      for d, s in enumerate(site.load.src))
+    target = f"{dptr} + {offs}" if offs else dptr
+    if shape == 0:
+        L(depth, f"tl.atomic_add({target}, {value})")
+        return
+    masks = [ok[a] + ("" if shape == 1 else ("[:, None]" if j == 0 else "[None, :]"))
+             for j, a in enumerate(kept_axes)]
+    L(depth, f"tl.atomic_add({target}, {value}, mask={' & '.join(masks)})")
+
+
+def _emit_keys_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
+    k = b.kernel
+    args = _common_args(b, names)
+    for t, ptr in names.tensors.items():
+        args += _strided("D" + ptr, names.ranks[t])
+    _signature(L, "tile_bwd_keys_kernel", args,
+               "One program: BLOCK_N keys of one (batch, head); loops over the query tiles.")
+    _program(L, k, "n")
+    index, masks = _tile_index(k, KEY_MAJOR)
+    head = _env(b, names, {}, {}, {})
+    L(1, "# key-side tiles, loaded once; their gradients sum in registers")
+    for o in k.operands:
+        if o.side != "q":
+            _load_operand(L, 1, o, names, head, "offs_n", "col_ok")
+            cols = "BLOCK_F" if o.side == "v" else "BLOCK_E"
+            L(1, f"d_{o.var} = tl.zeros([BLOCK_N, {cols}], tl.float32)")
+    L(1, "for start_m in range(0, M_len, BLOCK_M):")
+    L(2, "offs_m = start_m + tl.arange(0, BLOCK_M)\n" + _ok("row_ok", "offs_m", "M"))
+    for o in k.operands:
+        if o.side == "q":
+            _load_operand(L, 2, o, names, head, "offs_m", "row_ok")
+    for mx in b.stabilizers:
+        v = ident(mx)
+        L(2, f"{v}_use = tl.load({_rows_buffer('MX_' + v, False)}, mask=row_ok, other=0.0)")
+    _dots(L, 2, k, KEY_MAJOR)
+    env = _env(b, names, {**_use_rows(b, KEY_MAJOR), **{d.var: d.var for d in k.dots}}, index,
+               masks)
+    _keep(L, 2, k, env, KEY_MAJOR)
+    body = Lines()
+    _emit_key_step(body, b, names, env)
+    L(2, "\n".join(body.out))
+    L(1, "# dK, dV: float32 atomics (other heads may share these keys)")
+    for o in k.operands:
+        if o.side != "q":
+            _atomic_operand(L, 1, o, names, head, f"d_{o.var}", "offs_n", "col_ok")
+
+
+def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
+    """One (query tile, key tile) step: W_s, dV, dqk per dot, tile-site captured gradients."""
+    k = b.kernel
+    dqk: dict[str, list[str]] = {d.var: [] for d in k.dots}
+    sites: list[tuple[SiteGrad, str]] = []
+    for s in b.sums:
+        r = s.sum
+        v = ident(r.var)
+        tile = r.v is not None
+        ok = "row_ok[:, None] & f_ok[None, :]" if tile else "row_ok"
+        L(0, f"c_{v} = tl.load({_rows_buffer('CF_' + v, tile)}, mask={ok}, other=0.0)")
+        if tile:  # [keys, queries] tiles: W^T = V c^T, dV += P^T c
+            dt = f"{r.v.var}.dtype"
+            L(0, f"# W = c V^T, dV += P^T c  ({comment(E.render(r.body))[2:60]})")
+            L(0, f"w_{v} = tl.dot({r.v.var}, tl.trans(c_{v}.to({dt})), "
+                 f"input_precision=DOT_PRECISION)")
+            body = render_at(L, 0, r.body, env)
+            L(0, f"p = tl.where(keep, tl.zeros([BLOCK_N, BLOCK_M], tl.float32) + ({body}), 0.0)")
+            L(0, f"d_{r.v.var} += tl.dot(p.to({dt}), c_{v}.to({dt}), "
+                 f"input_precision=DOT_PRECISION)")
+        else:
+            L(0, f"w_{v} = c_{v}[None, :]")
+        for dot, deriv in s.dots:
+            dqk[dot].append(f"w_{v} * ({render_at(L, 0, deriv, env)})")
+        for site in s.sites:
+            sites.append((site, f"w_{v} * ({render_at(L, 0, site.deriv, env)})"))
+    for d in k.dots:
+        if not dqk[d.var]:
+            continue
+        L(0, f"# d{d.var} = sum(s) W_s * d b_s / d {d.var}; dQ += d{d.var} K, dK += d{d.var}^T Q")
+        L(0, f"dqk = tl.where(keep, {' + '.join(dqk[d.var])}, 0.0)")
+        L(0, f"dq_part = tl.dot(tl.trans(dqk.to({d.k.var}.dtype)), {d.k.var}, "
+             f"input_precision=DOT_PRECISION)")
+        _atomic_operand(L, 0, d.q, names, _env(b, names, {}, {}, {}), "dq_part", "offs_m",
+                        "row_ok")
+        L(0, f"d_{d.k.var} += tl.dot(dqk.to({d.q.var}.dtype), {d.q.var}, "
+             f"input_precision=DOT_PRECISION)")
+    for site, value in sites:
+        L(0, comment(f"gradient of the captured tensor read at {E.render(site.load)}"))
+        L(0, f"g = tl.where(keep, {value}, 0.0)")
+        _scatter(L, 0, b, names, site, "g", env, tile_axes=("n", "m"))
+
+
+def _atomic_operand(L: Lines, depth: int, o: Operand, names: _Names, env: Env, value: str,
+                    axis: str, ok: str) -> None:
+    ptr = "D" + names.tensors[o.tensor]
+    col, col_ok = ("offs_e", "e_ok") if o.side != "v" else ("offs_f", "f_ok")
+    parts = [f"({render(i, env)}) * {ptr}_s{d}" for d, i in enumerate(o.idx)
+             if d not in (o.row_dim, o.col_dim)]
+    base = " + ".join([ptr] + parts)
+    L(depth, f"tl.atomic_add({base} + {axis}[:, None] * {ptr}_s{o.row_dim} + {col}[None, :] * "
+             f"{ptr}_s{o.col_dim}, {value}, mask={ok}[:, None] & {col_ok}[None, :])")
+
+
+def _tables(L: Lines, b: TileBackward, names: _Names) -> None:
+    k = b.kernel
+    L(0, "# input tensor name -> (kernel pointer, rank); captured -> (pointer, rank)")
+    L(0, "TENSORS = " + repr({t: (p, names.ranks[t]) for t, p in names.tensors.items()}))
+    L(0, "CAPTURED = " + repr(names.captured))
+    L(0, "CAPTURED_GRADS = " + repr(names.cap_grads))
+    L(0, "PARAMS = " + repr(list(names.params)))
+    L(0, "PARAM_DEFAULTS = " + repr(dict(k.param_defaults)))
+    L(0, "ROLES = " + repr(dict(k.roles)))
+    L(0, "INDEX_EXTENTS = " + repr(dict(k.index_extents)))
+    L(0, "TENSOR_DIMS = " + repr(dict(k.tensor_dims)))
+    L(0, "# store name -> (its indices, is a [rows, v] tile)")
+    L(0, "STORES = " + repr({st.name: (st.indices, st.tile) for st in k.stores}))
+    L(0, "# running sums: (coefficient buffer is a [rows, v] tile); stabilisers")
+    L(0, "SUMS = " + repr([s.sum.v is not None for s in b.sums]))
+    L(0, "STABILIZERS = " + repr(len(b.stabilizers)))
+    L(0, "# stores holding a max reduction's value: their gradient is not derived here")
+    L(0, "MAX_STORES = " + repr(list(b.max_stores)))
+
+
+def generate_tile_backward(b: TileBackward, version: str) -> str:
+    """The full source of the fused backward module of a one-pass tile kernel."""
+    names = _Names(b.kernel)
+    digest = hashlib.sha256(str(b).encode() + b.kernel.spec_text.encode()).hexdigest()[:16]
+    reset_spills()
+    L = Lines()
+    L(0, comment(f"Generated by attndsl {version} -- do not edit.\nbackward of: {digest}\n\n"
+                 f"Tile IR:\n{b.kernel}\n\nBackward IR:\n{b}"))
+    L(0, '"""Fused backward kernels of an attndsl tile kernel; needs only torch and triton."""\n')
+    L(0, "import math\nimport os\n\nimport torch\n")
+    L(0, "if not torch.cuda.is_available() and not os.environ.get(\"ATTNDSL_NO_INTERPRET\"):")
+    L(1, "# CPU tensors run in Triton's interpreter (chosen before triton is imported)")
+    L(1, 'os.environ.setdefault("TRITON_INTERPRET", "1")')
+    L(0, "import triton  # noqa: E402\nimport triton.language as tl  # noqa: E402\n")
+    L(0, f"SPEC_HASH = {digest!r}\nATTNDSL_VERSION = {version!r}")
+    _tables(L, b, names)
+    L(0, HELPERS)
+    _emit_rows_kernel(L, b, names)
+    L(0, "")
+    _emit_keys_kernel(L, b, names)
+    L(0, "")
+    L(0, launcher_source())
+    return "\n".join(L.out) + "\n"
+
+
+def launcher_source() -> str:
+    """The launcher section of codegen/tile_backward_launcher.py, copied into every module."""
+    text = Path(__file__).with_name("tile_backward_launcher.py").read_text()
+    start = text.index("# >>> launcher\n") + len("# >>> launcher\n")
+    return text[start: text.index("# <<< launcher\n")]
+
+
+__all__ = ["generate_tile_backward", "launcher_source"]
