@@ -1,0 +1,12 @@
+"""Decoding: a few new queries per sequence against a (paged, ragged) K/V cache.
+
+Built from IR rewrites and the runtime, with the prefill kernel generator unchanged:
+``reindex`` (the packed problem: GQA groups, key splits, logical positions), ``layout``
+(physical views of K/V), ``tables`` (the key blocks of each program), ``split`` (how many
+splits), ``merge`` (combining split states), ``api`` (:func:`decode`) and ``cache``
+(:class:`PagedKVCache`, and the block masks of ``attndsl.flex_attention`` over its pages).
+"""
+
+from attndsl.decode.api import decode
+
+__all__ = ["decode"]
