@@ -3,7 +3,7 @@
 Keys are visited in blocks of ``kv_block`` rows, each inside one page.  Sequence ``b`` has
 ``ceil(len[b] / kv_block)`` logical blocks; logical block ``j`` (page ``j // per_page``, part
 ``j % per_page``) is physical block ``(page_table[b, page] * PW + part * kv_block) / kv_block``
-of the physical view (:mod:`attndsl.decode.layout`).  Split ``s`` of ``S`` takes logical blocks
+of the physical view (:mod:`attndsl.decoding.layout`).  Split ``s`` of ``S`` takes logical blocks
 ``[s * chunk, (s + 1) * chunk)``.  Every listed block is partial (the kernel evaluates the
 mask, which holds the length and the user's mask), so the table is exact whatever the mask.
 The tables are torch's ``kv_num_blocks`` [B*S, 1, nq] and ``kv_indices`` [B*S, 1, nq, chunk]
@@ -50,4 +50,18 @@ def split_tables(lengths: Tensor, page_table: Tensor | None, splits: int, q_tile
     return {"kv_num_blocks": num, "kv_indices": idx}
 
 
-__all__ = ["logical_blocks", "physical_blocks", "split_tables"]
+def inverse_pages(page_table: Tensor, lengths: Tensor, page: int, pw: int, rows: int) -> Tensor:
+    """[B, num_pages] int32: the logical page of each physical page in each sequence, -1 for
+    pages the sequence does not own (the physical -> logical table of the score programs);
+    ``rows`` is the physical view's length (:mod:`attndsl.decoding.layout`)."""
+    n_pages = (rows - page) // pw + 1
+    b, cols = page_table.shape
+    inv = torch.full((b, n_pages), -1, dtype=torch.int32, device=page_table.device)
+    j = torch.arange(cols, device=page_table.device)
+    used = j[None] < logical_blocks(lengths, page)[:, None]
+    rows = torch.arange(b, device=page_table.device)[:, None].expand(b, cols)
+    inv[rows[used], page_table.to(torch.int64)[used]] = j.expand(b, cols)[used].to(torch.int32)
+    return inv
+
+
+__all__ = ["inverse_pages", "logical_blocks", "physical_blocks", "split_tables"]

@@ -7,6 +7,7 @@ splits), ``merge`` (combining split states), ``api`` (:func:`decode`) and ``cach
 (:class:`PagedKVCache`, and the block masks of ``attndsl.flex_attention`` over its pages).
 """
 
-from attndsl.decode.api import decode
+from attndsl.decoding.api import decode
+from attndsl.decoding.cache import PagedKVCache
 
-__all__ = ["decode"]
+__all__ = ["PagedKVCache", "decode"]

@@ -18,9 +18,9 @@ queries end the sequence), so ``kv_idx <= q_idx`` is the causal mask of a chunke
 before the sequence start (``lengths[b] < Lq``) and a sequence of length 0 see no keys (0,
 lse = -inf).  ``sinks`` (Hq,) are per-head sink logits added once to each denominator.
 
-One launch runs the packed problem of :mod:`attndsl.decode.reindex` (GQA groups in one
+One launch runs the packed problem of :mod:`attndsl.decoding.reindex` (GQA groups in one
 program, the keys split S ways by batch ``b * S + s``; K/V read in place, Q copied S times),
-then :mod:`attndsl.decode.merge` combines the splits.
+then :mod:`attndsl.decoding.merge` combines the splits.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from typing import Any
 import torch
 
 from attndsl.api import AuxOutput
-from attndsl.decode.layout import PhysicalKV, dense_kv, paged_kv
-from attndsl.decode.merge import add_sink, merge_splits
-from attndsl.decode.reindex import LENGTHS, PAGES, packed_spec
-from attndsl.decode.split import choose_splits, sm_count
-from attndsl.decode.tables import logical_blocks, split_tables
+from attndsl.decoding.layout import PhysicalKV, dense_kv, paged_kv
+from attndsl.decoding.merge import add_sink, merge_splits
+from attndsl.decoding.reindex import LENGTHS, PAGES, packed_spec
+from attndsl.decoding.split import choose_splits, sm_count
+from attndsl.decoding.tables import inverse_pages, logical_blocks, split_tables
 from attndsl.runtime.checks import AttentionError, kernel_options
 from attndsl.runtime.kernels import compiled
 
@@ -149,19 +149,6 @@ def _kv_block(kv: PhysicalKV) -> int:
     return min(MAX_Q_BLOCK, kv.page & -kv.page)
 
 
-def _inverse_pages(page_table: Tensor, lengths: Tensor, kv: PhysicalKV) -> Tensor:
-    """[B, num_pages] int32: the logical page of each physical page in each sequence, -1 for
-    pages the sequence does not own (the physical -> logical table of the score programs)."""
-    n_pages = (kv.k.shape[2] - kv.page) // kv.pw + 1
-    b, cols = page_table.shape
-    inv = torch.full((b, n_pages), -1, dtype=torch.int32, device=page_table.device)
-    j = torch.arange(cols, device=page_table.device)
-    used = j[None] < logical_blocks(lengths, kv.page)[:, None]
-    rows = torch.arange(b, device=page_table.device)[:, None].expand(b, cols)
-    inv[rows[used], page_table.to(torch.int64)[used]] = j.expand(b, cols)[used].to(torch.int32)
-    return inv
-
-
 def _run(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | None,
          score_mod: Callable | None, mask_mod: Callable | None, scale: float, group: int,
          splits: int | None, options: dict | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,7 +171,7 @@ def _run(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | No
     tables = split_tables(lengths, page_table, splits, q_tiles, kv_block, kv.page, kv.pw)
     captured = {**spec.captured, LENGTHS: lengths.to(torch.int32)}
     if kv.paged:
-        captured[PAGES] = _inverse_pages(page_table, lengths, kv)
+        captured[PAGES] = inverse_pages(page_table, lengths, kv.page, kv.pw, kv.k.shape[2])
     params = {"scale": scale, "KVB": splits * (b if kv.paged else 1), "S": splits, "G": group,
               "LQ": lq, "P": kv.page, "PW": kv.pw}
     try:
