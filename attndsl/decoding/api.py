@@ -54,8 +54,12 @@ def decode(query: Tensor, key: Tensor, value: Tensor, lengths: Tensor, *,
     """Decode attention (see the module docstring).  Returns ``out``, ``(out, lse)`` with
     ``return_lse`` or ``(out, AuxOutput(lse, max_scores))`` with ``return_aux``, as
     ``flex_attention`` does; lse includes the sinks, max_scores is over the keys."""
+    _check_programs(score_mod, mask_mod)
     kv = dense_kv(key, value) if page_table is None else paged_kv(key, value, layout)
     _check(query, kv, lengths, page_table, sinks)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise AttentionError("decode is forward-only (inference); call it under "
+                             "torch.no_grad() or use flex_attention for training")
     b, hq, lq, _ = query.shape
     hkv = kv.k.shape[1]
     group = hq // hkv if hkv else 1
@@ -81,6 +85,17 @@ def _empty(query: Tensor, f: int) -> tuple[Tensor, Tensor, Tensor]:
     out = torch.zeros(b, hq, 1, lq, f, dtype=query.dtype, device=dev)
     lse = torch.full((b, hq, 1, lq), -math.inf, device=dev)
     return out, lse, lse.clone()
+
+
+def _check_programs(score_mod: Any, mask_mod: Any) -> None:
+    """Only FlexAttention programs: their softmax is what the split merge combines."""
+    for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        if fn is not None and not callable(fn):
+            raise AttentionError(
+                f"decode: {name} must be a FlexAttention function, got {type(fn).__name__}; "
+                f"a cascade's own normaliser (sigmoid, ReLU, ...) has no split merge here: "
+                f"run it with attndsl.compile(cascade) (use sinks= for sink logits and "
+                f"off-by-one softmax, which decode merges)")
 
 
 def _check(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | None,
