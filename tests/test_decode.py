@@ -225,3 +225,24 @@ def test_bad_decode_inputs_say_what_was_expected() -> None:
     with pytest.raises(attndsl.AttnDSLError, match="multiple of 16"):
         attndsl.decode(q, pages[:, :8], pages[:, :8], torch.tensor([3, 2]),
                        page_table=torch.tensor([[0], [1]]))
+
+
+def test_a_sliding_window_decode_reads_only_the_windows_key_blocks() -> None:
+    from attndsl.decoding.pruning import live_blocks
+    from attndsl.decoding.reindex import packed_spec
+
+    fns = example("sliding_window", 2, 4, 1024)
+    spec = packed_spec(**fns, paged=True)
+    live = live_blocks(spec.mask, spec.captured, torch.tensor([1000, 10]), 4, 2, 1, 16)
+    assert live.shape == (2, 2, 63)
+    assert live[0].sum(-1).tolist() == [5, 5]  # keys 937..999 of 1000: blocks 58..62
+    assert live[0, :, 58:].all() and live[1].sum(-1).tolist() == [1, 1]
+    lengths, hkv = [300, 10], 2
+    seqs_k = [torch.randn(hkv, n, D) for n in lengths]
+    seqs_v = [torch.randn(hkv, n, D) for n in lengths]
+    table, pool = random_pages(lengths, 16, 0, torch.Generator().manual_seed(3))
+    q = torch.randn(2, 4, 1, D)
+    out, lse = attndsl.decode(q, fill_pages(seqs_k, table, pool, 16, "NPHD"),
+                              fill_pages(seqs_v, table, pool, 16, "NPHD"),
+                              torch.tensor(lengths), page_table=table, return_lse=True, **fns)
+    close(out, lse, oracle(q, seqs_k, seqs_v, lengths, **fns))

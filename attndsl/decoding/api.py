@@ -34,6 +34,7 @@ import torch
 from attndsl.api import AuxOutput
 from attndsl.decoding.layout import PhysicalKV, dense_kv, paged_kv
 from attndsl.decoding.merge import add_sink, merge_splits
+from attndsl.decoding.pruning import live_blocks
 from attndsl.decoding.reindex import LENGTHS, PAGES, packed_spec
 from attndsl.decoding.split import choose_splits, sm_count
 from attndsl.decoding.tables import inverse_pages, logical_blocks, split_tables
@@ -175,7 +176,8 @@ def _run(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | No
     kv_block = _kv_block(kv)
     q_block = min(MAX_Q_BLOCK, max(16, 1 << (rows - 1).bit_length()))
     q_tiles = -(-rows // q_block)
-    most = int(logical_blocks(lengths, kv_block).max())
+    live = live_blocks(spec.mask, spec.captured, lengths, hq, hkv, lq, kv_block)
+    most = int(live.sum(-1).max())
     if splits is None:
         splits = choose_splits(b * hkv * q_tiles, most, sm_count(query.device))
     if splits < 1:
@@ -183,7 +185,7 @@ def _run(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | No
     packed = query.reshape(b, hkv, rows, e)
     if splits > 1:
         packed = packed.unsqueeze(1).expand(b, splits, hkv, rows, e).reshape(-1, hkv, rows, e)
-    tables = split_tables(lengths, page_table, splits, q_tiles, kv_block, kv.page, kv.pw)
+    tables = split_tables(live, page_table, splits, q_tiles, kv_block, kv.page, kv.pw)
     captured = {**spec.captured, LENGTHS: lengths.to(torch.int32)}
     if kv.paged:
         captured[PAGES] = inverse_pages(page_table, lengths, kv.page, kv.pw, kv.k.shape[2])

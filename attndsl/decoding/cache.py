@@ -23,6 +23,7 @@ import torch
 from attndsl.block_mask import BlockMask
 from attndsl.decoding.api import decode
 from attndsl.decoding.layout import LAYOUTS, PhysicalKV, paged_kv
+from attndsl.decoding.pruning import live_blocks
 from attndsl.decoding.tables import inverse_pages, split_tables
 from attndsl.runtime.checks import AttentionError
 
@@ -145,7 +146,8 @@ class PagedKVCache:
         if kv.page % 16:
             raise AttentionError(f"page_size {kv.page} must be a multiple of 16")
         q_block = 128
-        tables = split_tables(lengths, self.page_table[:batch], 1, -(-q_len // q_block),
+        live = live_blocks(None, {}, lengths, 1, 1, q_len, kv_block)
+        tables = split_tables(live, self.page_table[:batch], 1, -(-q_len // q_block),
                               kv_block, kv.page, kv.pw)
         page, pw = kv.page, kv.pw
 

@@ -44,12 +44,15 @@ BHMN = ("b", "h", "m", "n")
 
 @dataclass(frozen=True)
 class PackedSpec:
-    """The packed cascade and the user's captured tensors (the rewrite adds LENGTHS and, when
-    paged, PAGES; the runtime binds those)."""
+    """The packed cascade, the user's captured tensors (the rewrite adds LENGTHS and, when
+    paged, PAGES; the runtime binds those) and the user's mask as traced (over b, h, m, n in
+    logical positions; None without a mask_mod), which :mod:`attndsl.decoding.pruning`
+    analyses."""
 
     cascade: Cascade
     captured: dict[str, torch.Tensor]
     paged: bool
+    mask: Expr | None
 
 
 def _p(name: str) -> Expr:
@@ -117,7 +120,8 @@ def packed_spec(score_mod: object = None, mask_mod: object = None, *,
     mask = in_sequence(pos)
     if c.mask is not None:
         mask = E.binary(Op.AND, mask, reindex(c.mask.expr, pos))
-    return PackedSpec(_cascade(c, score, mask, flex.captured, paged), flex.captured, paged)
+    return PackedSpec(_cascade(c, score, mask, flex.captured, paged), flex.captured, paged,
+                      None if c.mask is None else c.mask.expr)
 
 
 def _cascade(user: Cascade, score: Expr, mask: Expr, captured: dict[str, torch.Tensor],

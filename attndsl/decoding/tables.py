@@ -3,11 +3,12 @@
 Keys are visited in blocks of ``kv_block`` rows, each inside one page.  Sequence ``b`` has
 ``ceil(len[b] / kv_block)`` logical blocks; logical block ``j`` (page ``j // per_page``, part
 ``j % per_page``) is physical block ``(page_table[b, page] * PW + part * kv_block) / kv_block``
-of the physical view (:mod:`attndsl.decoding.layout`).  Split ``s`` of ``S`` takes logical blocks
-``[s * chunk, (s + 1) * chunk)``.  Every listed block is partial (the kernel evaluates the
-mask, which holds the length and the user's mask), so the table is exact whatever the mask.
-The tables are torch's ``kv_num_blocks`` [B*S, 1, nq] and ``kv_indices`` [B*S, 1, nq, chunk]
-(the same for every head and query tile: broadcast views).
+of the physical view (:mod:`attndsl.decoding.layout`).  A (sequence, key/value head)
+program visits its live blocks (:mod:`attndsl.decoding.pruning`), in order; split ``s`` of
+``S`` takes the ``s``-th of S equal chunks of them.  Every listed block is partial (the
+kernel evaluates the mask, which holds the length and the user's mask), so the table is
+exact whatever the mask.  The tables are torch's ``kv_num_blocks`` [B*S, Hkv, nq] and
+``kv_indices`` [B*S, Hkv, nq, chunk] (the same for every query tile: broadcast views).
 """
 
 from __future__ import annotations
@@ -34,20 +35,28 @@ def physical_blocks(page_table: Tensor | None, n_blocks: int, kv_block: int, pag
     return (pages * pw + (j % per_page)[None] * kv_block) // kv_block
 
 
-def split_tables(lengths: Tensor, page_table: Tensor | None, splits: int, q_tiles: int,
+def split_tables(live: Tensor, page_table: Tensor | None, splits: int, q_tiles: int,
                  kv_block: int, page: int, pw: int) -> dict[str, Tensor]:
-    """``kv_num_blocks`` / ``kv_indices`` of the packed problem, batch ``b * splits + s``."""
-    blocks = logical_blocks(lengths, kv_block)
-    most = int(blocks.max()) if blocks.numel() else 0
-    chunk = max(1, -(-most // splits))
-    phys = physical_blocks(page_table, splits * chunk, kv_block, page, pw).to(lengths.device)
-    phys = phys.expand(lengths.shape[0], -1).reshape(-1, splits, chunk)
-    start = torch.arange(splits, device=lengths.device) * chunk
-    count = (blocks[:, None] - start[None]).clamp(0, chunk)  # [B, S]
-    batch = lengths.shape[0] * splits
-    num = count.reshape(batch, 1, 1).to(torch.int32).expand(batch, 1, q_tiles)
-    idx = phys.reshape(batch, 1, 1, chunk).to(torch.int32).expand(batch, 1, q_tiles, chunk)
-    return {"kv_num_blocks": num, "kv_indices": idx}
+    """``kv_num_blocks`` [B*S, Hkv, q_tiles] / ``kv_indices`` [B*S, Hkv, q_tiles, chunk] of
+    the packed problem (batch ``b * splits + s``) from ``live`` [B, Hkv, n_blocks], the
+    logical blocks each (sequence, key/value head) visits: its live blocks in order, cut
+    into ``splits`` equal chunks."""
+    b, heads, n_blocks = live.shape
+    count = live.sum(-1)  # [B, Hkv]
+    chunk = max(1, -(-int(count.max()) // splits)) if live.numel() else 1
+    order = torch.sort((~live).to(torch.int8), dim=-1, stable=True).indices  # live first
+    order = torch.nn.functional.pad(order, (0, splits * chunk - n_blocks)) \
+        if splits * chunk > n_blocks else order[..., :splits * chunk]
+    phys = physical_blocks(page_table, n_blocks, kv_block, page, pw).to(live.device)
+    phys = phys.expand(b, n_blocks)[:, None].expand(b, heads, n_blocks)
+    idx = torch.gather(phys, 2, order)  # [B, Hkv, S * chunk]
+    idx = idx.reshape(b, heads, splits, chunk).transpose(1, 2)
+    start = torch.arange(splits, device=live.device) * chunk
+    num = (count[:, None, :] - start[None, :, None]).clamp(0, chunk)  # [B, S, Hkv]
+    batch = b * splits
+    num = num.reshape(batch, heads, 1).to(torch.int32).expand(batch, heads, q_tiles)
+    idx = idx.reshape(batch, heads, 1, chunk).to(torch.int32)
+    return {"kv_num_blocks": num, "kv_indices": idx.expand(batch, heads, q_tiles, chunk)}
 
 
 def inverse_pages(page_table: Tensor, lengths: Tensor, page: int, pw: int, rows: int) -> Tensor:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attndsl.decoding.pruning import live_blocks
 from attndsl.decoding.tables import split_tables
 
 
@@ -52,7 +53,8 @@ def decode_traffic(lengths: torch.Tensor, *, q_heads: int, kv_heads: int, q_len:
     rows = group * q_len if packed else q_len
     heads = kv_heads if packed else q_heads
     q_tiles = -(-rows // min(128, max(16, 1 << (rows - 1).bit_length())))
-    t = split_tables(lengths, None, splits, 1, kv_block, page, page)
+    t = split_tables(live_blocks(None, {}, lengths, 1, 1, q_len, kv_block), None, splits, 1,
+                     kv_block, page, page)
     blocks = int(t["kv_num_blocks"].sum())
     row_bytes = (head_dim + v_dim) * elem
     kv = blocks * kv_block * row_bytes * heads * q_tiles
