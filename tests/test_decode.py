@@ -246,3 +246,13 @@ def test_a_sliding_window_decode_reads_only_the_windows_key_blocks() -> None:
                               fill_pages(seqs_v, table, pool, 16, "NPHD"),
                               torch.tensor(lengths), page_table=table, return_lse=True, **fns)
     close(out, lse, oracle(q, seqs_k, seqs_v, lengths, **fns))
+
+
+def test_a_chunk_with_more_packed_rows_than_one_query_tile_matches_the_oracle() -> None:
+    lengths, hq, hkv, lq = [100, 40], 4, 2, 70  # 2 x 70 = 140 rows: two query tiles
+    k, v = torch.randn(2, hkv, 112, D), torch.randn(2, hkv, 112, D)
+    q = torch.randn(2, hq, lq, D)
+    fns = example("softcap_causal_alibi", 2, hq, 112)
+    out, lse = attndsl.decode(q, k, v, torch.tensor(lengths), splits=2, return_lse=True, **fns)
+    close(out, lse, oracle(q, [k[i, :, :n] for i, n in enumerate(lengths)],
+                           [v[i, :, :n] for i, n in enumerate(lengths)], lengths, **fns))

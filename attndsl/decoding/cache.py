@@ -158,7 +158,8 @@ class PagedKVCache:
             keep = (owner >= 0) & (key < lengths[b]) & (query >= 0)
             return keep if mask_mod is None else keep & mask_mod(b, h, query, key)
         return BlockMask.from_tables((q_len, kv.k.shape[2]), tables["kv_num_blocks"],
-                                     tables["kv_indices"], None, None, None, None, None, None,
+                                     tables["kv_indices"], tables["full_kv_num_blocks"],
+                                     tables["full_kv_indices"], None, None, None, None,
                                      BLOCK_SIZE=(q_block, kv_block), mask_mod=paged_mask,
                                      mechanism="the page table")
 

@@ -56,7 +56,12 @@ def split_tables(live: Tensor, page_table: Tensor | None, splits: int, q_tiles: 
     batch = b * splits
     num = num.reshape(batch, heads, 1).to(torch.int32).expand(batch, heads, q_tiles)
     idx = idx.reshape(batch, heads, 1, chunk).to(torch.int32)
-    return {"kv_num_blocks": num, "kv_indices": idx.expand(batch, heads, q_tiles, chunk)}
+    # no full blocks, given explicitly: the launcher's stand-in for missing full tables has
+    # one row, which a second query tile would read past
+    none = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=live.device)
+    return {"kv_num_blocks": num, "kv_indices": idx.expand(batch, heads, q_tiles, chunk),
+            "full_kv_num_blocks": none[..., 0].expand(batch, heads, q_tiles),
+            "full_kv_indices": none.expand(batch, heads, q_tiles, 1)}
 
 
 def inverse_pages(page_table: Tensor, lengths: Tensor, page: int, pw: int, rows: int) -> Tensor:
