@@ -74,7 +74,7 @@ def main() -> None:
     if args.static:
         reports = static_reports(args.target)
         print(format_reports(reports))
-        result["static"] = reports
+        result["static"] = [{k: v for k, v in r.items() if k != "path"} for r in reports]
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
