@@ -10,7 +10,11 @@ coordinates (before paging) the mask the kernel evaluates is::
 (``kv_block`` keys) tiles -- O(tiles), from per-tile summaries of the captured data, the
 lengths included -- and a block is live for a packed program (b, key/value head) when it is
 not EMPTY for some query head of the group.  A sliding window then reads only the window's
-blocks; a mask the analysis cannot evaluate keeps every block under the length.
+blocks; a mask the analysis cannot evaluate keeps every block under the length.  Only the
+interval pass runs (``exact=False``): EMPTY is never wrong, and an undecided tile is merely
+visited (the kernel evaluates the mask on every listed block).  It runs on the host at each
+call, O(B x n_blocks) vectorised: about a second for 8 sequences of 128k keys in blocks of 16
+on a busy 2-core CPU.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def live_blocks(mask: Expr | None, captured: dict[str, Tensor], lengths: Tensor,
     tensors = {**captured, LENGTHS: lengths.to(torch.int64)}
     try:
         tm = classify_tiles(_logical_mask(mask, q_len), tensors, b, q_heads, q_len,
-                            n_blocks * kv_block, q_len, kv_block)
+                            n_blocks * kv_block, q_len, kv_block, exact=False)
     except MaskAnalysisError:
         return fallback
     live = (tm.classes != EMPTY)[:, :, 0].to(lengths.device)  # [B|1, Hq|1, n_blocks]
