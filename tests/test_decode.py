@@ -256,3 +256,29 @@ def test_a_chunk_with_more_packed_rows_than_one_query_tile_matches_the_oracle() 
     out, lse = attndsl.decode(q, k, v, torch.tensor(lengths), splits=2, return_lse=True, **fns)
     close(out, lse, oracle(q, [k[i, :, :n] for i, n in enumerate(lengths)],
                            [v[i, :, :n] for i, n in enumerate(lengths)], lengths, **fns))
+
+
+@pytest.mark.parametrize("name", ["sink", "off_by_one"])
+def test_a_softmax_family_cascade_decodes_with_its_normaliser_term_added_once(name: str) -> None:
+    cascade = attndsl.parse_file(EXAMPLES_DIR / f"{name}.attn")[name]
+    lengths, h = [30, 1, 0], 2
+    captured = {"sink": torch.tensor([0.3, -2.0])} if name == "sink" else {}
+    seqs_k = [torch.randn(h, n, D) for n in lengths]
+    seqs_v = [torch.randn(h, n, D) for n in lengths]
+    table, pool = random_pages(lengths, 16, 1, torch.Generator().manual_seed(5))
+    q = torch.randn(3, h, 1, D)
+    out = attndsl.decode(q, fill_pages(seqs_k, table, pool, 16, "NHPD"),
+                         fill_pages(seqs_v, table, pool, 16, "NHPD"), torch.tensor(lengths),
+                         page_table=table, layout="NHPD", splits=2, cascade=cascade,
+                         captured=captured)
+    for i, n in enumerate(lengths):
+        if n == 0:
+            assert torch.equal(out[i], torch.zeros_like(out[i]))
+            continue
+        qf = torch.zeros(1, h, n, D, dtype=torch.float64)
+        qf[0, :, -1] = q[i, :, 0].double()
+        ref = attndsl.run_cascade(cascade, {"Q": qf, "K": seqs_k[i][None].double(),
+                                            "V": seqs_v[i][None].double(), **captured},
+                                  {"scale": 1 / math.sqrt(D)})
+        torch.testing.assert_close(out[i, :, 0].double(), ref["O"][0, :, -1], atol=2e-5,
+                                   rtol=2e-5)

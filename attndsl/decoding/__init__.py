@@ -2,9 +2,11 @@
 
 Built from IR rewrites and the runtime, with the prefill kernel generator unchanged:
 ``reindex`` (the packed problem: GQA groups, key splits, logical positions), ``layout``
-(physical views of K/V), ``tables`` (the key blocks of each program), ``split`` (how many
-splits), ``merge`` (combining split states), ``api`` (:func:`decode`) and ``cache``
-(:class:`PagedKVCache`, and the block masks of ``attndsl.flex_attention`` over its pages).
+(physical views of K/V), ``pruning`` (the key blocks a mask keeps), ``tables`` (the key
+blocks of each program), ``split`` (how many splits), ``traffic`` (the bandwidth model),
+``api`` (:func:`decode`; the split states merge by :mod:`attndsl.distributed.merge`) and
+``cache`` (:class:`PagedKVCache`, and the block masks of ``attndsl.flex_attention`` over
+its pages).
 """
 
 from attndsl.decoding.api import decode

@@ -16,28 +16,33 @@ Query ``i`` of sequence ``b`` sits at position ``lengths[b] - Lq + i`` (bottom-r
 queries end the sequence), so ``kv_idx <= q_idx`` is the causal mask of a chunked prefill;
 ``score_mod`` / ``mask_mod`` see logical positions, the real batch and the query head.  A row
 before the sequence start (``lengths[b] < Lq``) and a sequence of length 0 see no keys (0,
-lse = -inf).  ``sinks`` (Hq,) are per-head sink logits added once to each denominator.
+lse = -inf).  ``sinks`` (Hq,) are per-head sink logits added once to each denominator;
+a softmax-family cascade (``cascade=``) brings its own.
 
 One launch runs the packed problem of :mod:`attndsl.decoding.reindex` (GQA groups in one
 program, the keys split S ways by batch ``b * S + s``; K/V read in place, Q copied S times),
-then :mod:`attndsl.decoding.merge` combines the splits.
+then the log-sum-exp merge of :mod:`attndsl.distributed.merge` (the one merge rule, shared
+with context parallelism) combines the splits.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from attndsl.api import AuxOutput
 from attndsl.decoding.layout import PhysicalKV, dense_kv, paged_kv
-from attndsl.decoding.merge import add_sink, merge_splits
 from attndsl.decoding.pruning import live_blocks
-from attndsl.decoding.reindex import LENGTHS, PAGES, packed_spec
+from attndsl.decoding.reindex import LENGTHS, PAGES, PackedSpec, packed_from, packed_spec
 from attndsl.decoding.split import choose_splits, sm_count
 from attndsl.decoding.tables import inverse_pages, logical_blocks, split_tables
+from attndsl.distributed.merge import add_sink, merge
+from attndsl.distributed.normaliser import softmax_form
+from attndsl.ir.cascade import Cascade
 from attndsl.runtime.checks import AttentionError, kernel_options
 from attndsl.runtime.kernels import compiled
 
@@ -51,11 +56,22 @@ def decode(query: Tensor, key: Tensor, value: Tensor, lengths: Tensor, *,
            score_mod: Callable | None = None, mask_mod: Callable | None = None,
            scale: float | None = None, sinks: Tensor | None = None, splits: int | None = None,
            return_lse: bool = False, return_aux: Any = None,
-           kernel_options: dict | None = None) -> Any:
+           kernel_options: dict | None = None, cascade: Cascade | None = None,
+           params: dict | None = None, captured: dict[str, Tensor] | None = None) -> Any:
     """Decode attention (see the module docstring).  Returns ``out``, ``(out, lse)`` with
     ``return_lse`` or ``(out, AuxOutput(lse, max_scores))`` with ``return_aux``, as
-    ``flex_attention`` does; lse includes the sinks, max_scores is over the keys."""
-    _check_programs(score_mod, mask_mod)
+    ``flex_attention`` does; lse includes the sinks, max_scores is over the keys.
+
+    ``cascade`` (with its ``params`` and ``captured`` tensors) replaces score_mod/mask_mod by
+    a cascade of the softmax family (:mod:`attndsl.distributed.normaliser`: softmax,
+    off-by-one softmax, learned sinks -- an extra normaliser term becomes the sink logit);
+    other normalisers (sigmoid, ReLU, ...) have no split merge and are refused by name."""
+    spec_of = _spec_source(score_mod, mask_mod, cascade, params, captured, sinks,
+                           query.shape[1] if query.dim() == 4 else 0)
+    if spec_of.sinks is not None:
+        sinks = spec_of.sinks
+    if not spec_of.scaled:
+        scale = 1.0
     kv = dense_kv(key, value) if page_table is None else paged_kv(key, value, layout)
     _check(query, kv, lengths, page_table, sinks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
@@ -69,11 +85,11 @@ def decode(query: Tensor, key: Tensor, value: Tensor, lengths: Tensor, *,
     if query.numel() == 0 or query.device.type == "meta":
         out, lse, mx = _empty(query, kv.v.shape[-1])
     else:
-        out, lse, mx = _run(query, kv, lengths, page_table, score_mod, mask_mod, float(scale),
-                            group, splits, kernel_options)
+        out, lse, mx = _run(query, kv, lengths, page_table, spec_of, float(scale), group,
+                            splits, kernel_options)
     out, lse, mx = (t.reshape(b, hq, lq, *t.shape[4:]) for t in (out, lse, mx))
     if sinks is not None:
-        out, lse = add_sink(out, lse, sinks.reshape(1, hq, 1))
+        out, lse = add_sink(out, lse, sinks)
     if return_aux is not None:
         return out, AuxOutput(lse if return_aux.lse else None,
                               mx if return_aux.max_scores else None)
@@ -88,15 +104,48 @@ def _empty(query: Tensor, f: int) -> tuple[Tensor, Tensor, Tensor]:
     return out, lse, lse.clone()
 
 
-def _check_programs(score_mod: Any, mask_mod: Any) -> None:
-    """Only FlexAttention programs: their softmax is what the split merge combines."""
+@dataclass(frozen=True)
+class _Source:
+    """What the packed spec is made from: a FlexAttention cascade and its tensors, whether
+    its scores are scaled, and the sink logits a softmax-form cascade brings."""
+
+    flex: Cascade | None  # None: trace score_mod / mask_mod
+    captured: dict[str, Tensor]
+    score_mod: Callable | None
+    mask_mod: Callable | None
+    scaled: bool = True
+    sinks: Tensor | None = None
+
+    def packed(self, paged: bool) -> PackedSpec:
+        if self.flex is None:
+            return packed_spec(self.score_mod, self.mask_mod, paged=paged)
+        return packed_from(self.flex, self.captured, paged=paged)
+
+
+def _spec_source(score_mod: Any, mask_mod: Any, cascade: Cascade | None, params: dict | None,
+                 captured: dict | None, sinks: Tensor | None, heads: int) -> _Source:
+    """FlexAttention functions, or a softmax-family cascade as FlexAttention plus sinks."""
     for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if fn is not None and not callable(fn):
-            raise AttentionError(
-                f"decode: {name} must be a FlexAttention function, got {type(fn).__name__}; "
-                f"a cascade's own normaliser (sigmoid, ReLU, ...) has no split merge here: "
-                f"run it with attndsl.compile(cascade) (use sinks= for sink logits and "
-                f"off-by-one softmax, which decode merges)")
+            raise AttentionError(f"decode: {name} must be a FlexAttention function, got "
+                                 f"{type(fn).__name__}; pass a cascade as cascade=")
+    if cascade is None:
+        return _Source(None, {}, score_mod, mask_mod)
+    if not isinstance(cascade, Cascade):
+        raise AttentionError(f"decode: cascade= must be a Cascade, got "
+                             f"{type(cascade).__name__} (parse_text / parse_file return a "
+                             f"dict of them by spec name)")
+    if score_mod is not None or mask_mod is not None:
+        raise AttentionError("decode: pass either a cascade or score_mod/mask_mod, not both")
+    try:
+        form = softmax_form(cascade, params, captured)
+    except AttentionError as err:  # the same merge combines decode's key splits
+        raise AttentionError(f"decode: {err} (decode splits the keys the same way)") from None
+    logit = form.sink_logit(heads)
+    if logit is not None and sinks is not None:
+        raise AttentionError(f"decode: cascade {cascade.name!r} has its own normaliser term; "
+                             f"do not pass sinks= as well")
+    return _Source(form.flex, form.captured, None, None, form.scaled, logit)
 
 
 def _check(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | None,
@@ -166,12 +215,12 @@ def _kv_block(kv: PhysicalKV) -> int:
 
 
 def _run(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | None,
-         score_mod: Callable | None, mask_mod: Callable | None, scale: float, group: int,
-         splits: int | None, options: dict | None) -> tuple[Tensor, Tensor, Tensor]:
+         source: _Source, scale: float, group: int, splits: int | None,
+         options: dict | None) -> tuple[Tensor, Tensor, Tensor]:
     """One launch of the packed problem, then the merge; returns [B, Hkv, G, Lq, ...]."""
     b, hq, lq, e = query.shape
     hkv, rows = kv.k.shape[1], group * lq
-    spec = packed_spec(score_mod, mask_mod, paged=kv.paged)
+    spec = source.packed(kv.paged)
     _, module = compiled(spec.cascade)
     kv_block = _kv_block(kv)
     q_block = min(MAX_Q_BLOCK, max(16, 1 << (rows - 1).bit_length()))
@@ -198,9 +247,9 @@ def _run(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | No
     except module.AttentionInputError as err:
         raise AttentionError(f"decode: {err}") from None
     shape = (b, splits, hkv, group, lq)
-    o, lse, mx = merge_splits(out["O"].reshape(*shape, -1), out["LSE"].reshape(shape),
-                              out["MAX"].reshape(shape), 1)
-    return o, lse, mx
+    o, lse = out["O"].reshape(*shape, -1), out["LSE"].reshape(shape)
+    merged, merged_lse = merge([(o[:, s], lse[:, s]) for s in range(splits)])
+    return merged.to(query.dtype), merged_lse, out["MAX"].reshape(shape).amax(1)
 
 
 __all__ = ["decode"]

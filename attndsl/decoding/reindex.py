@@ -114,13 +114,18 @@ def packed_spec(score_mod: object = None, mask_mod: object = None, *,
     """Trace the user's programs (once, as ``flex_attention`` does) and rewrite them into the
     packed decode cascade."""
     flex = lower_flex(score_mod, mask_mod)
-    c = flex.cascade
+    return packed_from(flex.cascade, flex.captured, paged=paged)
+
+
+def packed_from(c: Cascade, captured: dict[str, torch.Tensor], *, paged: bool) -> PackedSpec:
+    """The packed decode cascade of a FlexAttention cascade ``c`` (``T`` over ``S`` and the
+    mask ``Keep``, as :func:`attndsl.frontend.flex.attention_cascade` builds it)."""
     pos = user_positions(paged)
     score = reindex(c.equation("T").expr, pos)
     mask = in_sequence(pos)
     if c.mask is not None:
         mask = E.binary(Op.AND, mask, reindex(c.mask.expr, pos))
-    return PackedSpec(_cascade(c, score, mask, flex.captured, paged), flex.captured, paged,
+    return PackedSpec(_cascade(c, score, mask, captured, paged), captured, paged,
                       None if c.mask is None else c.mask.expr)
 
 
@@ -157,5 +162,5 @@ def _cascade(user: Cascade, score: Expr, mask: Expr, captured: dict[str, torch.T
                           ("O", "LSE", "MAX"), mask_eq))
 
 
-__all__ = ["LENGTHS", "PAGES", "PARAMS", "PackedSpec", "in_sequence", "packed_spec", "reindex",
-           "user_positions"]
+__all__ = ["LENGTHS", "PAGES", "PARAMS", "PackedSpec", "in_sequence", "packed_from", "packed_spec",
+           "reindex", "user_positions"]

@@ -1,0 +1,93 @@
+"""One (query shard, key shard) pair through attndsl's generated kernels.
+
+The spec is positioned (:mod:`.positions`) once and compiled twice: with its mask (PARTIAL
+pairs, key tiles from the mask analysis at the pair's global positions) and without it (FULL
+pairs: no mask evaluated at all).  The forward returns the pair's (O_i, lse_i), merged by
+:mod:`.merge`; the backward is FlashAttention-2's, which needs only the *global* O, dO and
+lse of the rows: with them each pair's dQ, dK, dV and captured-tensor gradients are exact
+partial sums of the single-process gradients (P = exp(T - lse) is the global probability).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from attndsl.autograd import _SPECS, register_spec
+from attndsl.distributed.positions import KPOS, QPOS, positioned
+from attndsl.frontend.flex import lower_flex
+from attndsl.ir.cascade import Cascade
+from attndsl.ir.expr import Expr, Op
+from attndsl.key_tile_plan import SPARSE_BLOCK, KeyTilePlan, plan_key_tiles
+from attndsl.passes.mask import FULL
+from attndsl.runtime.checks import AttentionError
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class PairKernels:
+    """The positioned spec's masked and unmasked kernels and the tensors they capture."""
+
+    cascade: Cascade  # positioned, with its mask (or none)
+    masked: str  # spec keys of attndsl.autograd's registry
+    unmasked: str
+    captured: dict[str, Tensor]  # the programs' captured tensors, by IR name
+
+    @classmethod
+    def of(cls, score_mod: Callable | None, mask_mod: Callable | None) -> PairKernels:
+        """The kernels of FlexAttention programs (traced here)."""
+        flex = lower_flex(score_mod, mask_mod)
+        return cls.of_cascade(flex.cascade, flex.captured)
+
+    @classmethod
+    def of_cascade(cls, flex: Cascade, captured: dict[str, Tensor]) -> PairKernels:
+        """The kernels of a FlexAttention cascade (:func:`attndsl.frontend.flex.
+        attention_cascade`'s form) reading ``captured``."""
+        pc = positioned(flex)
+        bare = pc.replace_equations(pc.equations, None, keep_mask=False)
+        return cls(pc, register_spec(pc), register_spec(bare), dict(captured))
+
+    @property
+    def mask(self) -> Expr | None:
+        return None if self.cascade.mask is None else self.cascade.mask.expr
+
+    def _captured(self, qpos: Tensor, kpos: Tensor, device: torch.device) -> dict[str, Tensor]:
+        return {**self.captured, QPOS: qpos.to(device), KPOS: kpos.to(device)}
+
+    def _plan(self, q: Tensor, k: Tensor, qpos: Tensor, kpos: Tensor) -> KeyTilePlan:
+        used = {x.arg for x in self.mask.walk() if x.op is Op.LOAD}
+        caps = {n: t for n, t in self._captured(qpos, kpos, q.device).items() if n in used}
+        return plan_key_tiles(self.mask, caps, q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+                              (SPARSE_BLOCK, SPARSE_BLOCK), q.device, closed_form=False)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, kpos: Tensor,
+                cls: int, scale: float) -> tuple[Tensor, Tensor]:
+        """(O_i, lse_i) of the pair; ``cls`` is its class (FULL: the unmasked kernel)."""
+        full = cls == FULL or self.mask is None
+        entry = _SPECS[self.unmasked if full else self.masked]
+        tables = None if full else self._plan(q, k, qpos, kpos).launch_tables()
+        try:
+            out = entry.forward.launch({"Q": q, "K": k, "V": v},
+                                       {"scale": scale, "G": q.shape[1] // max(1, k.shape[1])},
+                                       self._captured(qpos, kpos, q.device), tables)
+        except entry.forward.AttentionInputError as err:
+            raise AttentionError(str(err)) from None
+        return out["O"], out["LSE"]
+
+    def backward(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 dout: Tensor, dlse: Tensor | None, qpos: Tensor, kpos: Tensor, cls: int,
+                 scale: float, need: tuple[str, ...]) -> dict[str, Tensor]:
+        """The pair's share of dQ, dK, dV (under "Q", "K", "V") and of the gradients of the
+        captured tensors named in ``need``, from the rows' global O, lse and dO."""
+        full = cls == FULL or self.mask is None
+        entry = _SPECS[self.unmasked if full else self.masked]
+        tables = None
+        if not full:
+            tables = KeyTilePlan.from_op_args(*self._plan(q, k, qpos, kpos).op_args())
+            tables = tables.launch_tables()
+        return entry.backward.launch_backward(
+            {"Q": q, "K": k, "V": v}, {"O": out, "LSE": lse}, {"O": dout, "LSE": dlse},
+            {"scale": scale}, self._captured(qpos, kpos, q.device), need, tables, None, False)
