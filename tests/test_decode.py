@@ -282,3 +282,14 @@ def test_a_softmax_family_cascade_decodes_with_its_normaliser_term_added_once(na
                                   {"scale": 1 / math.sqrt(D)})
         torch.testing.assert_close(out[i, :, 0].double(), ref["O"][0, :, -1], atol=2e-5,
                                    rtol=2e-5)
+
+
+def test_a_cascades_own_scale_parameter_is_used_when_no_scale_is_passed() -> None:
+    cascade = attndsl.parse_file(EXAMPLES_DIR / "off_by_one.attn")["off_by_one"]
+    k, v, q = torch.randn(1, 2, 20, D), torch.randn(1, 2, 20, D), torch.randn(1, 2, 1, D)
+    lengths = torch.tensor([20])
+    own = attndsl.decode(q, k, v, lengths, cascade=cascade, params={"scale": 0.5})
+    given = attndsl.decode(q, k, v, lengths, cascade=cascade, scale=0.5)
+    default = attndsl.decode(q, k, v, lengths, cascade=cascade)
+    torch.testing.assert_close(own, given)
+    assert not torch.allclose(own, default)

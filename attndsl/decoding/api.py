@@ -72,6 +72,8 @@ def decode(query: Tensor, key: Tensor, value: Tensor, lengths: Tensor, *,
         sinks = spec_of.sinks
     if not spec_of.scaled:
         scale = 1.0
+    elif scale is None and (params or {}).get("scale") is not None:
+        scale = float(params["scale"])  # a cascade's own scale parameter
     kv = dense_kv(key, value) if page_table is None else paged_kv(key, value, layout)
     _check(query, kv, lengths, page_table, sinks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
