@@ -20,6 +20,7 @@ from attndsl.block_mask import (  # noqa: E402
     noop_mask,
     or_masks,
 )
+from attndsl.decoding import PagedKVCache, decode  # noqa: E402
 from attndsl.eager import run_cascade  # noqa: E402
 from attndsl.errors import AttnDSLError, SubscriptError  # noqa: E402
 from attndsl.frontend.builder import CascadeBuilder, cascade  # noqa: E402
@@ -28,6 +29,7 @@ from attndsl.frontend.trace import TraceError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["AttnDSLError", "AuxOutput", "AuxRequest", "BlockMask", "and_masks",
-           "create_block_mask", "noop_mask", "or_masks", "CascadeBuilder", "Kernel", "SpecError",
+           "create_block_mask", "decode", "noop_mask", "or_masks", "CascadeBuilder", "Kernel",
+           "PagedKVCache", "SpecError",
            "SubscriptError", "TraceError", "cascade", "compile", "flex_attention", "parse_file",
            "parse_text", "run_cascade", "__version__"]
