@@ -30,6 +30,7 @@ from attndsl.eager import bind_extents, run_cascade
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
 from attndsl.passes.pipeline import Compiled
+from attndsl.passes.scans import scan_equations
 from attndsl.runtime.checks import AttentionError
 from attndsl.runtime.checks import check_qkv as _check_qkv
 from attndsl.runtime.checks import kernel_options as _options
@@ -38,6 +39,7 @@ from attndsl.runtime.checks import no_work as _no_work
 from attndsl.runtime.checks import shapes_only as _shapes_only
 from attndsl.runtime.kernels import compiled as _compiled
 from attndsl.runtime.kernels import launch_attention
+from attndsl.runtime.linear import CHUNK, run_linear, scan_inputs
 from attndsl.runtime.modules import module_source
 from attndsl.runtime.plan import block_mask_plan, kernel_plan, mask_plan
 from attndsl.runtime.user_names import names_captured_tensors
@@ -157,6 +159,12 @@ class Kernel:
         specs called through ``flex_attention`` get generated backward kernels instead)."""
         first = next(iter(inputs.values()))
         cap = _shapes_only({**self.captured, **(captured or {})}, first.device)
+        if self.compiled.linear.form == "chunked" and block_mask is None:
+            return self.linear(inputs, params, cap)[0]
+        if scan_equations(self.compiled.cascade):
+            with torch.no_grad():
+                derived = scan_inputs(self.compiled.cascade, {**inputs, **cap}, params or {})
+            cap = {**cap, **derived}
         if block_mask is not None:
             key = next(t for n, t in inputs.items() if n != next(iter(inputs)))
             tables = block_mask_plan(block_mask, first.shape[-2], key.shape[-2]).launch_tables()
@@ -164,12 +172,41 @@ class Kernel:
             tables = self._mask_plan({**inputs, **cap}, params or {}, first.device)
         run = lambda: self.module.launch(  # noqa: E731
             inputs, params, cap, tables, _options(kernel_options))
-        tensors = {**inputs, **cap}
+        tensors = {**inputs, **{k: t for k, t in cap.items()
+                                if k not in {eq.name for eq in
+                                             scan_equations(self.compiled.cascade)}}}
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())):
             return run()
         names = list(tensors)
         outs = _EagerBackward.apply(self, run, names, dict(params or {}), *tensors.values())
         return dict(zip(self.compiled.cascade.outputs, outs))
+
+    def linear(self, inputs: dict[str, Tensor], params: dict | None = None,
+               captured: dict[str, Tensor] | None = None,
+               initial_state: dict[str, Tensor] | None = None, chunk: int | None = CHUNK,
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Run the chunked linear form (``attndsl explain`` says whether the cascade has
+        one): every output by name and the final state of each ([B, H, E, F], F + 1 columns
+        with a normaliser: z is the last), so that ``initial_state=`` chains segments
+        (prefill, then decode one token at a time with ``chunk=None``, the recurrent kernel).
+        Positions are counted from 0 in each segment; decays are relative, so chaining is
+        exact.  Differentiable (the backward is autograd through a chunked torch
+        implementation, not a fused kernel)."""
+        decision = self.compiled.linear
+        if decision.form != "chunked":
+            raise AttentionError(f"{self.compiled.cascade.name} has no linear form: "
+                                 f"{'; '.join(decision.reasons)}")
+        if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
+            raise AttentionError(f"chunk must be a power of two >= 16 (or None for the "
+                                 f"recurrent kernel), got {chunk}")
+        cap = {**self.captured, **(captured or {})}
+        tensors = {**inputs, **cap}
+        full = _default_params(self.compiled.cascade, dict(params or {}), tensors)
+        tensors.update(scan_inputs(self.compiled.cascade, tensors, full))
+        kernel_cascade = self.compiled.stage("materialise-scans")
+        scans = tuple(eq.name for eq in scan_equations(self.compiled.cascade))
+        return run_linear(decision.outputs, kernel_cascade, tensors, full, initial_state, chunk,
+                          scans)
 
     def _mask_plan(self, tensors: dict[str, Tensor], params: dict,
                    device: torch.device) -> dict | None:

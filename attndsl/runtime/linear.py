@@ -1,0 +1,242 @@
+"""Running a cascade in its linear form (the ``linearise`` pass's decision).
+
+1. :func:`scan_inputs`: the per-position prefix sums (``cumsum``) the ``materialise-scans``
+   pass turned into captured tensors, computed in torch (float32; float64 for float64 inputs):
+   O(L) work before the kernel.
+2. :func:`features`: per output, the query / key / value features and the gate, evaluated
+   element-wise over (b, h, position, e|f) from the expressions the pass extracted (GQA reads
+   such as ``K[b, h // G, n, e]`` come out per query head).  The gate is evaluated at
+   positions -1..L-1: g(-1) is the reference point of an initial state (a prefix sum is 0
+   before the sequence, its empty sum).
+3. The kernels (:mod:`attndsl.runtime.linear_kernels`): chunked for prefill, recurrent for
+   decode, with initial and final states, so segments chain.
+
+Gradients: the forward runs the Triton kernel; the backward is NOT a fused kernel: it
+differentiates :func:`chunked_torch`, the same chunked algorithm written in torch (an
+autograd fallback), through the feature evaluation to Q, K, V and the captured gates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from attndsl.ir.cascade import Cascade, Equation
+from attndsl.ir.evaluate import Env, EvaluationError, apply, safe_div
+from attndsl.ir.expr import Expr
+from attndsl.passes.linear import LinearOutput
+from attndsl.passes.scans import scan_equations
+
+Tensor = torch.Tensor
+CHUNK = 64  # positions per chunk (a power of two >= 16, for tl.dot)
+
+
+def _dtype_of(tensors: Mapping[str, Tensor]) -> torch.dtype:
+    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    return torch.float64 if torch.float64 in floats else torch.float32
+
+
+def _extents(c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any]
+             ) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for decl in c.tensors:
+        if decl.name in tensors:
+            sizes.update(zip(decl.dims, (int(s) for s in tensors[decl.name].shape)))
+    sizes.update({k: int(v) for k, v in params.items() if isinstance(v, int)})
+    return {i.name: sizes.get(i.extent, 1) for i in c.indices}
+
+
+class _Wrapping(Env):
+    """torch's rule for captured tensors (as the kernels and the oracle): a subscript in
+    [-size, size), negatives wrap."""
+
+    def check_subscripts(self, node: Expr, idx: list[Tensor], t: Tensor) -> None:
+        for d, i in enumerate(idx):
+            if i.numel() and (int(i.min()) < -t.shape[d] or int(i.max()) >= t.shape[d]):
+                raise EvaluationError(f"{node.arg}: index {d} ranges over [{int(i.min())}, "
+                                      f"{int(i.max())}], outside its size {t.shape[d]}")
+
+
+def _over(e: Expr, c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any],
+          keep: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+    """``e`` evaluated with the indices in ``keep`` ranging over their given values (the
+    others at 0), laid out in the order of ``keep``."""
+    axes = [i.name for i in c.indices]
+    ranges = {a: keep.get(a, torch.zeros(1, dtype=torch.long)) for a in axes}
+    env = _Wrapping(axes, ranges, tensors, dict(params), dtype)
+    memo: dict[Expr, Tensor] = {}
+    for node in e.walk():
+        memo[node] = apply(node, [memo[s] for s in node.src], env)
+    value = memo[e]
+    value = value.to(dtype).expand([ranges[a].numel() for a in axes])
+    order = [a for a in axes if a in keep]
+    value = value.reshape([ranges[a].numel() for a in axes if a in keep]) if order else value
+    return value.permute([order.index(a) for a in keep]).contiguous()
+
+
+def scan_inputs(c: Cascade, tensors: Mapping[str, Tensor],
+                params: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The prefix sums of ``c`` (its original form, with scan equations) as tensors."""
+    out: dict[str, Tensor] = {}
+    dtype = _dtype_of(tensors)
+    extent = _extents(c, tensors, params)
+    for eq in scan_equations(c):
+        out[eq.name] = _prefix_sum(eq, c, tensors, params, extent, dtype)
+    return out
+
+
+def _prefix_sum(eq: Equation, c: Cascade, tensors: Mapping[str, Tensor],
+                params: Mapping[str, Any], extent: dict[str, int], dtype: torch.dtype) -> Tensor:
+    idx, exclusive = eq.expr.arg
+    keep = {i: torch.arange(extent[i]) for i in eq.indices}
+    body = _over(eq.expr.src[0], c, tensors, params, keep, dtype)
+    axis = eq.indices.index(idx)
+    total = torch.cumsum(body, dim=axis)
+    if exclusive:  # shifted by one position: the first is the empty sum 0
+        total = torch.cat([torch.zeros_like(total.narrow(axis, 0, 1)),
+                           total.narrow(axis, 0, max(total.shape[axis] - 1, 0))], dim=axis)
+    return total
+
+
+def features(out: LinearOutput, c: Cascade, tensors: Mapping[str, Tensor],
+             params: Mapping[str, Any], scans: tuple[str, ...] = ()
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(q [B, H, L, E], k [B, H, L, E], v [B, H, L, F], g [B, H, L + 1(, E)] or None) of one
+    output; L is the query length (the state runs over positions of one sequence).  ``c``
+    is the cascade the kernels see; ``scans`` names its tensors that are prefix sums."""
+    dtype = _dtype_of(tensors)
+    roles = {r: c.role(r) for r in ("batch", "head", "query", "key", "qk", "v")}
+    extent = _extents(c, tensors, params)
+    length = extent[roles["query"]]
+
+    def grid(pos: str, inner: str | None, start: int = 0) -> dict[str, Tensor]:
+        axes = {}
+        for r in ("batch", "head"):
+            if roles[r] is not None:
+                axes[roles[r]] = torch.arange(extent[roles[r]])
+        axes[pos] = torch.arange(start, length)
+        if inner is not None:
+            axes[inner] = torch.arange(extent[inner])
+        return axes
+
+    def shaped(t: Tensor, inner: bool) -> Tensor:
+        missing = sum(roles[r] is None for r in ("batch", "head"))
+        t = t.reshape((1,) * missing + tuple(t.shape))
+        return t if inner else t.unsqueeze(-1)
+
+    qk, fv = roles["qk"], roles["v"]
+    q = shaped(_over(out.query, c, tensors, params, grid(roles["query"], qk), dtype), bool(qk))
+    k = shaped(_over(out.key, c, tensors, params, grid(roles["key"], qk), dtype), bool(qk))
+    v = shaped(_over(out.value, c, tensors, params, grid(roles["key"], fv), dtype), True)
+    if out.normalised:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    g = None
+    if out.gate is not None:
+        inner = qk if out.vector_gate else None
+        padded = {**tensors, **_before_start(c, tensors, scans)}
+        g = shaped(_over(out.gate, c, padded, params, grid(roles["key"], inner, -1), dtype),
+                   out.vector_gate)
+        g = g if out.vector_gate else g.squeeze(-1)
+    return q, k, v, g
+
+
+def _before_start(c: Cascade, tensors: Mapping[str, Tensor],
+                  scans: tuple[str, ...]) -> dict[str, Tensor]:
+    """Prefix sums read at position -1: a negative subscript of a captured tensor wraps, so
+    each scan gets a trailing 0 (its empty sum) along its position dimension (the one of the
+    key extent), which position -1 then reads."""
+    extent = c.index(c.role("key")).extent
+    out = {}
+    for name in scans:
+        axis = c.tensor(name).dims.index(extent)
+        t = tensors[name]
+        out[name] = torch.cat([t, torch.zeros_like(t.narrow(axis, 0, 1))], dim=axis)
+    return out
+
+
+def chunked_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
+                  chunk: int = CHUNK) -> tuple[Tensor, Tensor]:
+    """The chunked algorithm of the kernels in torch (differentiable): the backward's
+    reference.  q, k [BH, L, E], v [BH, L, F], g [BH, L + 1(, E)], s0 [BH, E, F]."""
+    bh, length, e = q.shape
+    s = torch.zeros(bh, e, v.shape[-1], dtype=q.dtype) if s0 is None else s0.to(q.dtype)
+    outs = []
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        qc, kc, vc = q[:, start:stop], k[:, start:stop], v[:, start:stop]
+        causal = torch.ones(stop - start, stop - start, dtype=torch.bool).tril()
+        if g is None:
+            p = torch.where(causal, qc @ kc.transpose(1, 2), 0.0)
+            outs.append(qc @ s + p @ vc)
+            s = s + kc.transpose(1, 2) @ vc
+            continue
+        gc, gp, gl = g[:, start + 1:stop + 1], g[:, start], g[:, stop]
+        vec = g.dim() == 3
+        d = gc[:, :, None] - gc[:, None, :]
+        d = torch.where(causal[..., None] if vec else causal, d, -torch.inf)
+        if vec:
+            p = torch.einsum("bie,bje,bije->bij", qc, kc, torch.exp(d))
+            q_in, k_out = qc * torch.exp(gc - gp[:, None]), kc * torch.exp(gl[:, None] - gc)
+            carry = torch.exp(gl - gp)[:, :, None]
+        else:
+            p = (qc @ kc.transpose(1, 2)) * torch.exp(d)
+            q_in = qc * torch.exp(gc - gp[:, None])[..., None]
+            k_out = kc * torch.exp(gl[:, None] - gc)[..., None]
+            carry = torch.exp(gl - gp)[:, None, None]
+        outs.append(q_in @ s + p @ vc)
+        s = s * carry + k_out.transpose(1, 2) @ vc
+    o = torch.cat(outs, 1) if outs else q.new_zeros(bh, 0, v.shape[-1])
+    return o, s
+
+
+class _Linear(torch.autograd.Function):
+    """Forward: the Triton kernel.  Backward: autograd through :func:`chunked_torch`."""
+
+    @staticmethod
+    def forward(ctx: Any, chunk: int | None, q: Tensor, k: Tensor, v: Tensor,
+                g: Tensor | None, s0: Tensor | None) -> tuple[Tensor, Tensor]:
+        from attndsl.runtime.linear_kernels import launch
+
+        ctx.chunk = chunk
+        ctx.save_for_backward(q, k, v, g, s0)
+        f32 = [None if t is None else t.detach().float().contiguous() for t in (q, k, v, g, s0)]
+        o, st = launch(*f32, chunk=chunk, vector=g is not None and g.dim() == 3)
+        return o.to(q.dtype), st.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, do: Tensor, dst: Tensor) -> tuple:
+        saved = ctx.saved_tensors
+        leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
+                  for t in saved]
+        with torch.enable_grad():
+            o, st = chunked_torch(*leaves, chunk=ctx.chunk or 16)
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            got = iter(torch.autograd.grad((o, st), wanted, (do, dst), allow_unused=True))
+        grads = [next(got) if t is not None and t.requires_grad else None for t in leaves]
+        return (None, *grads)
+
+
+def run_linear(outputs: tuple[LinearOutput, ...], c: Cascade, tensors: Mapping[str, Tensor],
+               params: Mapping[str, Any], initial: Mapping[str, Tensor] | None = None,
+               chunk: int | None = CHUNK, scans: tuple[str, ...] = ()
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Every output and its final state ([B, H, E, F(+1)]) by name; ``initial`` gives the
+    states to start from (a previous segment's final states); ``chunk=None`` runs the
+    recurrent kernel (decode)."""
+    results, states = {}, {}
+    for out in outputs:
+        q, k, v, g = features(out, c, tensors, params, scans)
+        b, h, length, e = q.shape
+        flat = [t.reshape(b * h, *t.shape[2:]) for t in (q, k, v)]
+        gf = None if g is None else g.reshape(b * h, *g.shape[2:])
+        s0 = None if initial is None or out.name not in initial else \
+            initial[out.name].reshape(b * h, e, v.shape[-1])
+        o, st = _Linear.apply(chunk, *flat, gf, s0)
+        o = o.reshape(b, h, length, -1)
+        if out.normalised:
+            o = safe_div(o[..., :-1], o[..., -1:])
+        results[out.name] = o
+        states[out.name] = st.reshape(b, h, e, v.shape[-1])
+    return results, states
