@@ -18,6 +18,7 @@ from attndsl.checking import TOLERANCE, compare, index_sizes, oracle, random_pro
 from attndsl.errors import AttnDSLError
 from attndsl.frontend.load import LoadedSpec, load_spec
 from attndsl.passes.pipeline import compile_cascade
+from attndsl.runtime.linear import scan_inputs
 from attndsl.runtime.modules import import_path, load_kernel_module, module_source, write_module
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -81,7 +82,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             dtype = DTYPES[name]
             sizes = index_sizes(cascade, B, H, hkv, lq, lkv, e, e)
             prob = random_problem(cascade, sizes, dtype, gen, device, captured)
-            out = module.launch(prob.inputs, prob.params, prob.captured)
+            derived = scan_inputs(cascade, {**prob.inputs, **prob.captured}, prob.params)
+            out = module.launch(prob.inputs, prob.params, {**prob.captured, **derived})
             ref = oracle(cascade, prob)
             res = compare(out, ref)
             err = res.worst()
