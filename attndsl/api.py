@@ -141,12 +141,21 @@ class Kernel:
     """A compiled spec: its IR at every stage, the generated source and the loaded module."""
 
     compiled: Compiled
-    module: ModuleType
+    module: ModuleType | None  # None: the cascade has only its chunked linear form
     captured: dict[str, Tensor]
 
     @property
     def source(self) -> str:
+        """The generated module of the quadratic form."""
+        self._quadratic()
         return module_source(self.compiled.kernel)
+
+    def _quadratic(self) -> ModuleType:
+        if self.module is None:
+            raise AttentionError(f"{self.compiled.cascade.name} has no quadratic kernel (it "
+                                 f"runs in its chunked linear form, Kernel.linear): "
+                                 f"{self.compiled.quadratic_error}")
+        return self.module
 
     def __call__(self, inputs: dict[str, Tensor], params: dict | None = None,
                  captured: dict[str, Tensor] | None = None, block_mask: Any = None,
@@ -161,6 +170,7 @@ class Kernel:
         cap = _shapes_only({**self.captured, **(captured or {})}, first.device)
         if self.compiled.linear.form == "chunked" and block_mask is None:
             return self.linear(inputs, params, cap)[0]
+        module = self._quadratic()
         if scan_equations(self.compiled.cascade):
             with torch.no_grad():
                 derived = scan_inputs(self.compiled.cascade, {**inputs, **cap}, params or {})
@@ -170,7 +180,7 @@ class Kernel:
             tables = block_mask_plan(block_mask, first.shape[-2], key.shape[-2]).launch_tables()
         else:
             tables = self._mask_plan({**inputs, **cap}, params or {}, first.device)
-        run = lambda: self.module.launch(  # noqa: E731
+        run = lambda: module.launch(  # noqa: E731
             inputs, params, cap, tables, _options(kernel_options))
         tensors = {**inputs, **{k: t for k, t in cap.items()
                                 if k not in {eq.name for eq in

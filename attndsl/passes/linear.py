@@ -96,7 +96,8 @@ class LinearDecision:
         lines += [f"- {r}" for r in self.rewrites]
         lines.append("features:")
         lines += [str(o) for o in self.outputs]
-        lines.append("quadratic still compiled (the reference form): O(L^2) work")
+        lines.append("quadratic form (O(L^2) work): compiled too when the stream pass can "
+                     "lower it (the reference)")
         return "\n".join(lines)
 
 

@@ -136,9 +136,12 @@ class Compiled:
 
     cascade: Cascade
     fused: Fused
-    schedule: Schedule
-    kernel: TileKernel
+    schedule: Schedule | None  # None: no quadratic form (see ``quadratic_error``)
+    kernel: TileKernel | None
     trace: tuple[PassRecord, ...] = field(default=(), compare=False, repr=False)
+    # why the quadratic form could not be compiled, for a cascade whose chunked linear form
+    # is its only one (a feature map such as elu(k) + 1, a per-key-dim decay inside q.k)
+    quadratic_error: str | None = field(default=None, compare=False)
 
     @property
     def linear(self) -> Any:
@@ -200,11 +203,17 @@ def compile_cascade(c: Cascade, stream: bool = True) -> Compiled:
             raise
         schedule = next((r.ir for r in done if r.name == "stream"), None)
         eq = blamed_equation(c, err, schedule)
-        if eq is None or eq.loc is None:
+        located = err
+        if eq is not None and eq.loc is not None:
+            located = type(err)(eq.loc.message(f"cannot compile {c.name}: {err}"))
+            if isinstance(err, LoweringError) and isinstance(located, LoweringError):
+                located.tensors, located.subject = err.tensors, err.subject
+        linear = next((r.ir.linear for r in done if r.name == "linearise"), None)
+        if linear is not None and linear.form == "chunked":  # the linear form is enough
+            by_name = {r.name: r.ir for r in done}
+            return Compiled(c, by_name["inline"], None, None, tuple(done), str(located))
+        if located is err:
             raise
-        located = type(err)(eq.loc.message(f"cannot compile {c.name}: {err}"))
-        if isinstance(err, LoweringError) and isinstance(located, LoweringError):
-            located.tensors, located.subject = err.tensors, err.subject
         raise located from None
     by_name = {r.name: r.ir for r in trace}
     return Compiled(c, by_name["inline"], by_name["stream"], by_name["tile"], trace)
