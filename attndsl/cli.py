@@ -11,25 +11,20 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 from attndsl.checking import (
     TOLERANCE,
-    Comparison,
-    Problem,
     compare,
     index_sizes,
+    kernel_outputs,
     oracle,
     random_problem,
 )
 from attndsl.errors import AttnDSLError
 from attndsl.frontend.load import LoadedSpec, load_spec
-from attndsl.ir.cascade import Cascade
-from attndsl.passes.pipeline import Compiled, compile_cascade
-from attndsl.passes.scans import scan_equations
-from attndsl.runtime.linear import run_linear, scan_inputs
+from attndsl.passes.pipeline import compile_cascade
 from attndsl.runtime.modules import import_path, load_kernel_module, module_source, write_module
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -101,7 +96,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             sizes = index_sizes(cascade, B, H, hkv, lq, lkv, e, e)
             prob = random_problem(cascade, sizes, dtype, gen, device, captured)
             ref = oracle(cascade, prob)
-            res = _compare_forms(compiled, module, cascade, prob, ref)
+            res = max((compare(out, ref) for out in kernel_outputs(compiled, prob, module)),
+                      key=lambda r: (r.nan, r.worst()))
             err = res.worst()
             worst[name] = max(worst.get(name, 0.0), err)
             if res.nan or err > TOLERANCE[dtype]:
@@ -115,24 +111,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     if module_file:
         print(f"module written to {module_file} and checked from there")
     return 1 if failed else 0
-
-
-def _compare_forms(compiled: Compiled, module: ModuleType | None, cascade: Cascade,
-                   prob: Problem, ref: dict[str, torch.Tensor]) -> Comparison:
-    """The worse of the quadratic kernel's and (when the cascade has one) the chunked linear
-    form's comparison with the oracle."""
-    tensors = {**prob.inputs, **prob.captured}
-    derived = scan_inputs(cascade, tensors, prob.params)
-    results = []
-    if module is not None:
-        out = module.launch(prob.inputs, prob.params, {**prob.captured, **derived})
-        results.append(compare(out, ref))
-    if compiled.linear.form == "chunked":
-        scans = tuple(eq.name for eq in scan_equations(cascade))
-        out, _ = run_linear(compiled.linear.outputs, compiled.stage("materialise-scans"),
-                            {**tensors, **derived}, prob.params, scans=scans)
-        results.append(compare(out, ref))
-    return max(results, key=lambda r: (r.nan, r.worst()))
 
 
 def cmd_examples(args: argparse.Namespace) -> int:

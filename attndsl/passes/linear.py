@@ -110,11 +110,17 @@ def decide(f: Fused) -> LinearDecision:
     """The linear form of every output of ``f``, or the reasons there is none."""
     c = f.cascade
     roles = {r: c.role(r) for r in ("batch", "head", "query", "key", "qk", "v")}
-    try:
-        _check_mask(f, roles)
-        outs = tuple(_output(name, idx, e, roles) for name, idx, e in f.outputs)
-    except NotLinear as why:
-        return LinearDecision("quadratic", reasons=(str(why),))
+    reasons: list[str] = []
+    outs: list[LinearOutput] = []
+    checks = [lambda name=name, idx=idx, e=e: outs.append(_output(name, idx, e, roles))
+              for name, idx, e in f.outputs]
+    for check in [*checks, lambda: _check_mask(f, roles), lambda: _check_positions(f, roles)]:
+        try:
+            check()
+        except NotLinear as why:  # every reason, the outputs' structure first
+            reasons.append(str(why))
+    if reasons:
+        return LinearDecision("quadratic", reasons=tuple(reasons))
     rewrites = ["re-associate the key contraction: (Q K^T) V = Q (K^T V), a state "
                 "S = sum_n k_n (x) v_n per (batch, head)",
                 "causal mask n <= m: the sum over keys is a prefix sum (chunk by chunk: "
@@ -125,7 +131,17 @@ def decide(f: Fused) -> LinearDecision:
     if any(o.normalised for o in outs):
         rewrites.append("normaliser sum(n) P kept as a second state z = sum_n decay k_n "
                         "(v extended by a column of ones)")
-    return LinearDecision("chunked", outs, (), tuple(rewrites))
+    return LinearDecision("chunked", tuple(outs), (), tuple(rewrites))
+
+
+def _check_positions(f: Fused, roles: dict[str, str | None]) -> None:
+    """One sequence: the query and key indices share their extent (self-attention)."""
+    c = f.cascade
+    qe, ke = c.index(roles["query"]).extent, c.index(roles["key"]).extent
+    if qe != ke:
+        raise NotLinear(f"the query and key indices have different extents ({qe}, {ke}); the "
+                        f"state runs over the positions of one sequence (declare both over "
+                        f"one extent, e.g. m: L query, n: L key)")
 
 
 def _check_mask(f: Fused, roles: dict[str, str | None]) -> None:
@@ -142,9 +158,11 @@ def _check_mask(f: Fused, roles: dict[str, str | None]) -> None:
 def _output(name: str, indices: tuple[str, ...], e: Expr,
             roles: dict[str, str | None]) -> LinearOutput:
     m, fidx = roles["query"], roles["v"]
-    if m not in indices or fidx is None or fidx not in indices:
-        raise NotLinear(f"output {name}[{', '.join(indices)}] is not indexed by the query and "
-                        f"value indices ({m}, {fidx})")
+    layout = tuple(i for i in (roles["batch"], roles["head"], m, fidx) if i is not None)
+    if indices != layout:
+        raise NotLinear(f"output {name}[{', '.join(indices)}] is not laid out as "
+                        f"[{', '.join(layout)}] (batch, head, query, value), the linear "
+                        f"kernels' layout")
     normalised = e.op is Op.DIV
     num, den = (e.src[0], e.src[1]) if normalised else (e, None)
     split = _key_sum(num, roles, name)
