@@ -12,10 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attndsl
+from attndsl.api import AttentionError
 from attndsl.explain import explain
 from attndsl.frontend.source import SpecError
 from attndsl.frontend.text import parse_file, parse_text
 from attndsl.passes.pipeline import compile_cascade
+from attndsl.runtime.linear import chunked_backward
 from attndsl.runtime.linear_kernels import launch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -115,7 +117,7 @@ def test_vector_gate_kernel_matches_the_recurrence_with_per_key_dim_decays(lengt
     s0 = torch.randn(bh, e, f, generator=gen)
     ref, ref_state = recurrence(q, k, v, log_alpha, s0)
     for chunk in (16, None):
-        o, st_ = launch(q, k, v, g, s0, chunk=chunk, vector=True)
+        o, st_, _ = launch(q, k, v, g, s0, chunk=chunk, vector=True)
         torch.testing.assert_close(o.double(), ref, atol=2e-4, rtol=2e-4)
         torch.testing.assert_close(st_.double(), ref_state, atol=2e-4, rtol=2e-4)
 
@@ -204,3 +206,60 @@ def test_the_builder_writes_the_same_prefix_sum_as_the_text():
     assert compile_cascade(built).linear == compile_cascade(spec("simple_gla")).linear
     assert str(built).replace("simple_gla", "") == str(spec("simple_gla")).replace(
         "simple_gla", "")
+
+
+@settings(max_examples=6, deadline=None)
+@given(length=st.integers(1, 40), vector=st.booleans(), with_state=st.booleans(),
+       gate_scale=st.sampled_from([0.0, 1.0, 4.0]), seed=st.integers(0, 99))
+def test_chunked_backward_gives_the_gradients_of_the_float64_recurrence(
+        length, vector, with_state, gate_scale, seed):
+    """dq, dk, dv, the gate (scalar or per key dim, over positions -1..L-1) and the initial
+    state, through the outputs and the final state, against autograd of the recurrence."""
+    gen = torch.Generator().manual_seed(seed)
+    bh, e, f = 2, 8, 12
+    q, k = torch.randn(bh, length, e, generator=gen), torch.randn(bh, length, e, generator=gen)
+    v = torch.randn(bh, length, f, generator=gen)
+    shape = (bh, length, e) if vector else (bh, length)
+    logits = torch.randn(shape, generator=gen) * gate_scale + 2.0 * (gate_scale - 1)
+    start = torch.randn(shape[:1] + (1,) + shape[2:], generator=gen)
+    g = torch.cat([start, torch.nn.functional.logsigmoid(logits).cumsum(1) + start], 1)
+    s0 = torch.randn(bh, e, f, generator=gen) if with_state else None
+    do, dst = torch.randn(bh, length, f, generator=gen), torch.randn(bh, e, f, generator=gen)
+    got = chunked_backward(q, k, v, g, s0, do, dst, chunk=16)
+    leaves = [None if t is None else t.double().requires_grad_() for t in (q, k, v, g, s0)]
+    o, s_final = recurrence(leaves[0], leaves[1], leaves[2], leaves[3][:, 1:] - leaves[3][:, :-1],
+                            leaves[4])
+    want = torch.autograd.grad((o, s_final), [t for t in leaves if t is not None],
+                               (do.double(), dst.double()))
+    for dx, ref in zip([x for x in got if x is not None], want):
+        torch.testing.assert_close(dx.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_gradients_of_gla_vector_gates_and_the_normalised_form_flow_to_the_inputs():
+    """The linear-only examples (no quadratic kernel) are differentiable end to end."""
+    for name, gates in (("gla", {"A": (1, 2, 21, 16)}), ("linear_attention", {})):
+        c = spec(name)
+        kern = attndsl.compile(c)
+        gen = torch.Generator().manual_seed(2)
+        q, k = (torch.randn(1, 2, 21, 16, generator=gen) for _ in range(2))
+        v = torch.randn(1, 2, 21, 8, generator=gen)
+        cap = {n: torch.randn(s, generator=gen) for n, s in gates.items()}
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, *cap.values())]
+        names = ["Q", "K", "V", *cap]
+        out = kern.linear(dict(zip(names[:3], leaves[:3])),
+                          captured=dict(zip(names[3:], leaves[3:])), chunk=16)[0]["O"]
+        out.pow(2).sum().backward()
+        ref_leaves = [t.double().requires_grad_() for t in (q, k, v, *cap.values())]
+        ref = attndsl.run_cascade(c, dict(zip(names, ref_leaves)), {"scale": 0.25})["O"]
+        ref.pow(2).sum().backward()
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+        for got, want in zip(leaves, ref_leaves):
+            torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-3, rtol=1e-3)
+
+
+def test_a_cascade_with_only_its_linear_form_says_why_it_has_no_quadratic_kernel():
+    kern = attndsl.compile(spec("gla"))
+    assert kern.module is None and kern.compiled.linear.form == "chunked"
+    with pytest.raises(AttentionError, match="has no quadratic kernel"):
+        _ = kern.source
+    assert "quadratic form: not compiled" in explain(spec("gla"))

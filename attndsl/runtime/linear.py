@@ -11,9 +11,11 @@
 3. The kernels (:mod:`attndsl.runtime.linear_kernels`): chunked for prefill, recurrent for
    decode, with initial and final states, so segments chain.
 
-Gradients: the forward runs the Triton kernel; the backward is NOT a fused kernel: it
-differentiates :func:`chunked_torch`, the same chunked algorithm written in torch (an
-autograd fallback), through the feature evaluation to Q, K, V and the captured gates.
+Gradients: the chunked Triton backward (:func:`chunked_backward`: dq, dk, dv and the initial
+state's gradient by kernel, the gate's from them) gives the features' gradients; torch's
+autograd carries them through the feature evaluation and the prefix sums to Q, K, V and the
+captured gates.  :func:`chunked_torch` is the same chunked algorithm in torch (a reference
+for the tests).
 """
 
 from __future__ import annotations
@@ -192,30 +194,55 @@ def chunked_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor 
 
 
 class _Linear(torch.autograd.Function):
-    """Forward: the Triton kernel.  Backward: autograd through :func:`chunked_torch`."""
+    """Forward and backward: the Triton kernels (:func:`chunked_backward`)."""
 
     @staticmethod
     def forward(ctx: Any, chunk: int | None, q: Tensor, k: Tensor, v: Tensor,
                 g: Tensor | None, s0: Tensor | None) -> tuple[Tensor, Tensor]:
         from attndsl.runtime.linear_kernels import launch
 
-        ctx.chunk = chunk
+        ctx.chunk = chunk or CHUNK
+        ctx.has_s0 = s0 is not None
         ctx.save_for_backward(q, k, v, g, s0)
         f32 = [None if t is None else t.detach().float().contiguous() for t in (q, k, v, g, s0)]
-        o, st = launch(*f32, chunk=chunk, vector=g is not None and g.dim() == 3)
+        o, st, _ = launch(*f32, chunk=chunk, vector=g is not None and g.dim() == 3)
         return o.to(q.dtype), st.to(q.dtype)
 
     @staticmethod
     def backward(ctx: Any, do: Tensor, dst: Tensor) -> tuple:
-        saved = ctx.saved_tensors
-        leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad)
-                  for t in saved]
-        with torch.enable_grad():
-            o, st = chunked_torch(*leaves, chunk=ctx.chunk or 16)
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            got = iter(torch.autograd.grad((o, st), wanted, (do, dst), allow_unused=True))
-        grads = [next(got) if t is not None and t.requires_grad else None for t in leaves]
-        return (None, *grads)
+        q, k, v, g, s0 = ctx.saved_tensors
+        grads = chunked_backward(q, k, v, g, s0, do, dst, ctx.chunk)
+        return (None, *(None if x is None else dx.to(x.dtype)
+                        for x, dx in zip((q, k, v, g, s0), grads)))
+
+
+def chunked_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
+                     do: Tensor, dst: Tensor, chunk: int = CHUNK) -> tuple[Tensor | None, ...]:
+    """dq, dk, dv, dg, ds0 of the linear form (fp32), by the chunked Triton backward.
+
+    The gate's gradient needs no kernel of its own: every term of o(m) carries
+    exp(g(m) - .) and every term holding k(n) carries exp(. - g(n)), so per position p (and
+    key dim e) dg(p) = q(p) dq(p) - k(p) dk(p); the final state adds dS_T . S_T at p = L - 1
+    (its terms all carry exp(g(L-1) - .)) and the initial state's terms give
+    dg(-1) = -S0 . dS0 (summed over e and f for a scalar gate, over f for a vector one)."""
+    from attndsl.runtime.linear_kernels import launch, launch_backward
+
+    vector = g is not None and g.dim() == 3
+    f32 = [None if t is None else t.detach().float().contiguous() for t in (q, k, v, g, s0)]
+    _, st, states = launch(*f32, chunk=chunk, vector=vector, save_states=True)
+    dq, dk, dv, ds0 = launch_backward(f32[0], f32[1], f32[2], f32[3], states,
+                                      do.float().contiguous(), dst.float().contiguous(),
+                                      chunk, vector)
+    dg = None
+    if g is not None:
+        per_e = f32[0] * dq - f32[1] * dk                                  # [BH, L, E]
+        final = (dst.float() * st).sum(-1)                                 # [BH, E]
+        start = -(f32[4] * ds0).sum(-1) if s0 is not None else torch.zeros_like(final)
+        dg = torch.cat([start[:, None], per_e], 1)
+        dg[:, -1] += final
+        if not vector:
+            dg = dg.sum(-1)
+    return dq, dk, dv, dg, (ds0 if s0 is not None else None)
 
 
 def run_linear(outputs: tuple[LinearOutput, ...], c: Cascade, tensors: Mapping[str, Tensor],

@@ -24,8 +24,11 @@ C x C x E product (exact; not on tensor cores).  States are fp32; inputs are cas
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+Tensor = torch.Tensor
 
 
 @triton.jit
@@ -46,10 +49,12 @@ def _decay_at(G, bh, pos, L, E, oe, me, VECTOR: tl.constexpr):
 
 
 @triton.jit
-def chunked_forward_kernel(Q, K, V, G, S0, Out, ST, L, E, F,
+def chunked_forward_kernel(Q, K, V, G, S0, Out, ST, SP, L, E, F,
                            HAS_GATE: tl.constexpr, VECTOR: tl.constexpr,
-                           HAS_S0: tl.constexpr, C: tl.constexpr, BE: tl.constexpr,
-                           BF: tl.constexpr):
+                           HAS_S0: tl.constexpr, SAVE: tl.constexpr, C: tl.constexpr,
+                           BE: tl.constexpr, BF: tl.constexpr):
+    """``SAVE``: store the state at each chunk's start in SP [BH, chunks, E, F] (for the
+    backward)."""
     bh = tl.program_id(0)
     oe = tl.arange(0, BE)
     of = tl.program_id(1) * BF + tl.arange(0, BF)
@@ -61,7 +66,11 @@ def chunked_forward_kernel(Q, K, V, G, S0, Out, ST, L, E, F,
         S = tl.load(S0 + s_off, mask=s_mask, other=0.0)
     else:
         S = tl.zeros([BE, BF], dtype=tl.float32)
-    for c in range(0, tl.cdiv(L, C)):
+    chunks = tl.cdiv(L, C)
+    for c in range(0, chunks):
+        if SAVE:
+            tl.store(SP + (bh * chunks + c) * E * F + oe[:, None] * F + of[None, :], S,
+                     mask=s_mask)
         t = c * C + oc
         mt = t < L
         q = tl.load(Q + bh * L * E + t[:, None] * E + oe[None, :],
@@ -100,6 +109,87 @@ def chunked_forward_kernel(Q, K, V, G, S0, Out, ST, L, E, F,
 
 
 @triton.jit
+def chunked_backward_kernel(Q, K, V, G, SP, DO, DST, DQ, DK, DV, DS0, L, E, F,
+                            HAS_GATE: tl.constexpr, VECTOR: tl.constexpr, C: tl.constexpr,
+                            BE: tl.constexpr, BF: tl.constexpr):
+    """Chunks in reverse, carrying dS (the gradient of the state at the chunk's end), from
+    the final state's gradient DST; SP holds each chunk's starting state.  Per chunk, with
+    D(i, j) = exp(g(i) - g(j)) for j <= i (0 above the diagonal) and P = (Q K^T) . D:
+
+        dP = (dO V^T) . D
+        dQ = dP K + exp(g - g(s-1)) . (dO S_prev^T)
+        dK = dP^T Q + exp(g(t) - g) . (V dS^T)
+        dV = P^T dO + (K . exp(g(t) - g)) dS
+        dS <- exp(g(t) - g(s-1)) dS + (Q . exp(g - g(s-1)))^T dO
+
+    (with a vector gate the decay is inside the e-sums: explicit C x C x E products).  The
+    gate's gradient follows from these (see :func:`chunked_backward`).  One program per
+    (batch * head) row, all of E and F in one tile."""
+    bh = tl.program_id(0)
+    oe = tl.arange(0, BE)
+    of = tl.arange(0, BF)
+    oc = tl.arange(0, C)
+    me, mf = oe < E, of < F
+    s_off = oe[:, None] * F + of[None, :]
+    s_mask = me[:, None] & mf[None, :]
+    dS = tl.load(DST + bh * E * F + s_off, mask=s_mask, other=0.0)
+    chunks = tl.cdiv(L, C)
+    for r in range(0, chunks):
+        c = chunks - 1 - r
+        t = c * C + oc
+        mt = t < L
+        qe_off = bh * L * E + t[:, None] * E + oe[None, :]
+        vf_off = bh * L * F + t[:, None] * F + of[None, :]
+        qe_mask = mt[:, None] & me[None, :]
+        vf_mask = mt[:, None] & mf[None, :]
+        q = tl.load(Q + qe_off, mask=qe_mask, other=0.0)
+        k = tl.load(K + qe_off, mask=qe_mask, other=0.0)
+        v = tl.load(V + vf_off, mask=vf_mask, other=0.0)
+        do = tl.load(DO + vf_off, mask=vf_mask, other=0.0)
+        s_prev = tl.load(SP + (bh * chunks + c) * E * F + s_off, mask=s_mask, other=0.0)
+        causal = (oc[:, None] >= oc[None, :]) & mt[:, None] & mt[None, :]
+        last = tl.minimum(c * C + C, L) - 1
+        dov = tl.where(causal, tl.dot(do, tl.trans(v)), 0.0)          # dO V^T
+        if HAS_GATE:
+            g = _decay_rows(G, bh, t, L, E, oe, me, mt, VECTOR)
+            g_prev = _decay_at(G, bh, c * C - 1, L, E, oe, me, VECTOR)
+            g_last = _decay_at(G, bh, last, L, E, oe, me, VECTOR)
+            if VECTOR:
+                d = tl.exp(tl.where(causal[:, :, None], g[:, None, :] - g[None, :, :],
+                                    -float("inf")))
+                p = tl.sum(q[:, None, :] * k[None, :, :] * d, axis=2)
+                dq = tl.sum(dov[:, :, None] * k[None, :, :] * d, axis=1)
+                dk = tl.sum(dov[:, :, None] * q[:, None, :] * d, axis=0)
+                q_in = q * tl.exp(g - g_prev[None, :])
+                k_out = k * tl.exp(tl.where(mt[:, None], g_last[None, :] - g, -float("inf")))
+                dq += tl.exp(g - g_prev[None, :]) * tl.dot(do, tl.trans(s_prev))
+                dk += tl.exp(tl.where(mt[:, None], g_last[None, :] - g, -float("inf"))) * \
+                    tl.dot(v, tl.trans(dS))
+                carry = tl.exp(g_last - g_prev)[:, None]
+            else:
+                dd = tl.exp(tl.where(causal, g[:, None] - g[None, :], -float("inf")))
+                p = tl.dot(q, tl.trans(k)) * dd
+                dp = dov * dd
+                dq = tl.dot(dp, k) + tl.exp(g - g_prev)[:, None] * tl.dot(do, tl.trans(s_prev))
+                k_decay = tl.exp(tl.where(mt, g_last - g, -float("inf")))[:, None]
+                dk = tl.dot(tl.trans(dp), q) + k_decay * tl.dot(v, tl.trans(dS))
+                q_in = q * tl.exp(g - g_prev)[:, None]
+                k_out = k * k_decay
+                carry = tl.exp(g_last - g_prev)
+        else:
+            p = tl.where(causal, tl.dot(q, tl.trans(k)), 0.0)
+            dq = tl.dot(dov, k) + tl.dot(do, tl.trans(s_prev))
+            dk = tl.dot(tl.trans(dov), q) + tl.dot(v, tl.trans(dS))
+            q_in, k_out, carry = q, k, 1.0
+        dv = tl.dot(tl.trans(p), do) + tl.dot(k_out, dS)
+        dS = dS * carry + tl.dot(tl.trans(q_in), do)
+        tl.store(DQ + qe_off, dq, mask=qe_mask)
+        tl.store(DK + qe_off, dk, mask=qe_mask)
+        tl.store(DV + vf_off, dv, mask=vf_mask)
+    tl.store(DS0 + bh * E * F + s_off, dS, mask=s_mask)
+
+
+@triton.jit
 def recurrent_kernel(Q, K, V, G, S0, Out, ST, L, E, F,
                      HAS_GATE: tl.constexpr, VECTOR: tl.constexpr, HAS_S0: tl.constexpr,
                      BE: tl.constexpr, BF: tl.constexpr):
@@ -130,27 +220,52 @@ def recurrent_kernel(Q, K, V, G, S0, Out, ST, L, E, F,
     tl.store(ST + s_off, S, mask=s_mask)
 
 
-def launch(q, k, v, g, s0, chunk: int | None, vector: bool):  # noqa: ANN001, ANN201
+def _blocks(e: int, f: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(e)), max(16, triton.next_power_of_2(f))
+
+
+def launch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
+           chunk: int | None, vector: bool, save_states: bool = False
+           ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Run the chunked kernel (``chunk``: a power of two >= 16) or, with ``chunk=None``, the
     recurrent one, on contiguous fp32 [BH, L, E|F] features, g [BH, L + 1(, E)] or None and
-    s0 [BH, E, F] or None; returns (o [BH, L, F], final state [BH, E, F])."""
-    import torch
-
+    s0 [BH, E, F] or None; returns (o [BH, L, F], final state [BH, E, F], the state at each
+    chunk's start [BH, chunks, E, F] with ``save_states``, else None)."""
     bh, length, e = q.shape
     f = v.shape[-1]
-    o = torch.empty((bh, length, f), dtype=torch.float32, device=q.device)
-    st = torch.empty((bh, e, f), dtype=torch.float32, device=q.device)
+    o = torch.zeros((bh, length, f), dtype=torch.float32, device=q.device)
+    st = torch.zeros((bh, e, f), dtype=torch.float32, device=q.device)
+    chunks = 0 if chunk is None else triton.cdiv(length, chunk)
+    sp = torch.zeros((bh, chunks, e, f), dtype=torch.float32, device=q.device) \
+        if save_states else None
     if bh == 0 or e == 0 or f == 0:
-        return o.zero_(), st.zero_()
-    be = max(16, triton.next_power_of_2(e))
-    bf = min(64, max(16, triton.next_power_of_2(f)))
+        return o, (st if s0 is None else s0.clone()), sp
+    be, bf = _blocks(e, f)
+    bf = bf if save_states else min(64, bf)
     grid = (bh, triton.cdiv(f, bf))
-    dummy = o
-    args = (q, k, v, dummy if g is None else g, dummy if s0 is None else s0, o, st,
-            length, e, f)
+    args = (q, k, v, o if g is None else g, o if s0 is None else s0, o, st)
     flags = dict(HAS_GATE=g is not None, VECTOR=vector, HAS_S0=s0 is not None, BE=be, BF=bf)
     if chunk is None:
-        recurrent_kernel[grid](*args, **flags)
+        recurrent_kernel[grid](*args, length, e, f, **flags)
     else:
-        chunked_forward_kernel[grid](*args, C=chunk, **flags)
-    return o, st
+        chunked_forward_kernel[grid](*args, o if sp is None else sp, length, e, f,
+                                     SAVE=sp is not None, C=chunk, **flags)
+    return o, st, sp
+
+
+def launch_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, states: Tensor,
+                    do: Tensor, dst: Tensor, chunk: int, vector: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv [BH, L, E|F] and the initial state's gradient [BH, E, F] (fp32) from the
+    output's and the final state's gradients; ``states`` from ``launch(save_states=True)``."""
+    bh, length, e = q.shape
+    f = v.shape[-1]
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    dv, ds0 = torch.zeros_like(v), dst.clone()
+    if bh == 0 or e == 0 or f == 0 or length == 0:
+        return dq, dk, dv, ds0
+    be, bf = _blocks(e, f)
+    chunked_backward_kernel[(bh,)](q, k, v, q if g is None else g, states, do, dst, dq, dk,
+                                   dv, ds0, length, e, f, HAS_GATE=g is not None,
+                                   VECTOR=vector, C=chunk, BE=be, BF=bf)
+    return dq, dk, dv, ds0
