@@ -39,7 +39,7 @@ from attndsl.runtime.checks import no_work as _no_work
 from attndsl.runtime.checks import shapes_only as _shapes_only
 from attndsl.runtime.kernels import compiled as _compiled
 from attndsl.runtime.kernels import launch_attention
-from attndsl.runtime.linear import CHUNK, run_linear, scan_inputs
+from attndsl.runtime.linear import AUTO, run_linear, scan_inputs
 from attndsl.runtime.modules import module_source
 from attndsl.runtime.plan import block_mask_plan, kernel_plan, mask_plan
 from attndsl.runtime.user_names import names_captured_tensors
@@ -193,7 +193,7 @@ class Kernel:
 
     def linear(self, inputs: dict[str, Tensor], params: dict | None = None,
                captured: dict[str, Tensor] | None = None,
-               initial_state: dict[str, Tensor] | None = None, chunk: int | None = CHUNK,
+               initial_state: dict[str, Tensor] | None = None, chunk: int | str | None = AUTO,
                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Run the chunked linear form (``attndsl explain`` says whether the cascade has
         one): every output by name and the final state of each ([B, H, E, F], F + 1 columns
@@ -206,9 +206,10 @@ class Kernel:
         if decision.form != "chunked":
             raise AttentionError(f"{self.compiled.cascade.name} has no linear form: "
                                  f"{'; '.join(decision.reasons)}")
-        if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
-            raise AttentionError(f"chunk must be a power of two >= 16 (or None for the "
-                                 f"recurrent kernel), got {chunk}")
+        if chunk not in (None, AUTO) and (not isinstance(chunk, int) or isinstance(chunk, bool)
+                                          or chunk < 16 or chunk & (chunk - 1)):
+            raise AttentionError(f"chunk must be a power of two >= 16, 'auto' (by qk dim) or "
+                                 f"None (the recurrent kernel), got {chunk!r}")
         cap = {**self.captured, **(captured or {})}
         tensors = {**inputs, **cap}
         full = _default_params(self.compiled.cascade, dict(params or {}), tensors)

@@ -263,3 +263,11 @@ def test_a_cascade_with_only_its_linear_form_says_why_it_has_no_quadratic_kernel
     with pytest.raises(AttentionError, match="has no quadratic kernel"):
         _ = kern.source
     assert "quadratic form: not compiled" in explain(spec("gla"))
+
+
+@pytest.mark.parametrize("chunk", [8, 24, True, "big"])
+def test_a_chunk_that_is_not_a_power_of_two_of_at_least_16_is_refused(chunk):
+    kern = attndsl.compile(spec("simple_gla"))
+    q, k, v, a = gla_inputs(1, 1, 5, 16, 16, 1.0, 0)
+    with pytest.raises(AttentionError, match="chunk must be a power of two >= 16"):
+        kern.linear({"Q": q, "K": k, "V": v}, captured={"A": a}, chunk=chunk)

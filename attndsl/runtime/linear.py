@@ -32,7 +32,8 @@ from attndsl.passes.linear import LinearOutput
 from attndsl.passes.scans import scan_equations
 
 Tensor = torch.Tensor
-CHUNK = 64  # positions per chunk (a power of two >= 16, for tl.dot)
+AUTO = "auto"  # chunk size chosen by qk dim (linear_kernels.default_chunk)
+BACKWARD_CHUNK = 16  # the backward's chunk (sm90 without spills at E = 64; any size is exact)
 
 
 def _dtype_of(tensors: Mapping[str, Tensor]) -> torch.dtype:
@@ -159,7 +160,7 @@ def _before_start(c: Cascade, tensors: Mapping[str, Tensor],
 
 
 def chunked_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
-                  chunk: int = CHUNK) -> tuple[Tensor, Tensor]:
+                  chunk: int = 64) -> tuple[Tensor, Tensor]:
     """The chunked algorithm of the kernels in torch (differentiable): the backward's
     reference.  q, k [BH, L, E], v [BH, L, F], g [BH, L + 1(, E)], s0 [BH, E, F]."""
     bh, length, e = q.shape
@@ -199,9 +200,9 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, chunk: int | None, q: Tensor, k: Tensor, v: Tensor,
                 g: Tensor | None, s0: Tensor | None) -> tuple[Tensor, Tensor]:
-        from attndsl.runtime.linear_kernels import launch
+        from attndsl.runtime.linear_kernels import default_chunk, launch
 
-        ctx.chunk = chunk or CHUNK
+        chunk = default_chunk(q.shape[-1]) if chunk == AUTO else chunk
         ctx.has_s0 = s0 is not None
         ctx.save_for_backward(q, k, v, g, s0)
         f32 = [None if t is None else t.detach().float().contiguous() for t in (q, k, v, g, s0)]
@@ -211,13 +212,14 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, do: Tensor, dst: Tensor) -> tuple:
         q, k, v, g, s0 = ctx.saved_tensors
-        grads = chunked_backward(q, k, v, g, s0, do, dst, ctx.chunk)
+        grads = chunked_backward(q, k, v, g, s0, do, dst)
         return (None, *(None if x is None else dx.to(x.dtype)
                         for x, dx in zip((q, k, v, g, s0), grads)))
 
 
 def chunked_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
-                     do: Tensor, dst: Tensor, chunk: int = CHUNK) -> tuple[Tensor | None, ...]:
+                     do: Tensor, dst: Tensor, chunk: int = BACKWARD_CHUNK
+                     ) -> tuple[Tensor | None, ...]:
     """dq, dk, dv, dg, ds0 of the linear form (fp32), by the chunked Triton backward.
 
     The gate's gradient needs no kernel of its own: every term of o(m) carries
@@ -247,7 +249,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tens
 
 def run_linear(outputs: tuple[LinearOutput, ...], c: Cascade, tensors: Mapping[str, Tensor],
                params: Mapping[str, Any], initial: Mapping[str, Tensor] | None = None,
-               chunk: int | None = CHUNK, scans: tuple[str, ...] = ()
+               chunk: int | str | None = AUTO, scans: tuple[str, ...] = ()
                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every output and its final state ([B, H, E, F(+1)]) by name; ``initial`` gives the
     states to start from (a previous segment's final states); ``chunk=None`` runs the

@@ -32,20 +32,28 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _decay_rows(G, bh, pos, L, E, oe, me, mt, VECTOR: tl.constexpr):
-    """g at positions ``pos`` (-1..L-1): [C, BE] for a vector gate, [C] for a scalar one."""
-    if VECTOR:
-        return tl.load(G + bh * (L + 1) * E + (pos[:, None] + 1) * E + oe[None, :],
-                       mask=mt[:, None] & me[None, :], other=0.0)
+def _gate_rows(G, bh, pos, L, mt):
+    """Scalar gate g at positions ``pos`` (-1..L-1): [C]."""
     return tl.load(G + bh * (L + 1) + pos + 1, mask=mt, other=0.0)
 
 
 @triton.jit
-def _decay_at(G, bh, pos, L, E, oe, me, VECTOR: tl.constexpr):
-    """g at one position ``pos``: [BE] (vector gate) or a scalar."""
-    if VECTOR:
-        return tl.load(G + bh * (L + 1) * E + (pos + 1) * E + oe, mask=me, other=0.0)
+def _gate_rows_vec(G, bh, pos, L, E, oe, me, mt):
+    """Vector gate g at positions ``pos``: [C, BE]."""
+    return tl.load(G + bh * (L + 1) * E + (pos[:, None] + 1) * E + oe[None, :],
+                   mask=mt[:, None] & me[None, :], other=0.0)
+
+
+@triton.jit
+def _gate_at(G, bh, pos, L):
+    """Scalar gate g at one position ``pos``."""
     return tl.load(G + bh * (L + 1) + pos + 1)
+
+
+@triton.jit
+def _gate_at_vec(G, bh, pos, L, E, oe, me):
+    """Vector gate g at one position ``pos``: [BE]."""
+    return tl.load(G + bh * (L + 1) * E + (pos + 1) * E + oe, mask=me, other=0.0)
 
 
 @triton.jit
@@ -82,16 +90,19 @@ def chunked_forward_kernel(Q, K, V, G, S0, Out, ST, SP, L, E, F,
         causal = (oc[:, None] >= oc[None, :]) & mt[:, None] & mt[None, :]
         last = tl.minimum(c * C + C, L) - 1
         if HAS_GATE:
-            g = _decay_rows(G, bh, t, L, E, oe, me, mt, VECTOR)
-            g_prev = _decay_at(G, bh, c * C - 1, L, E, oe, me, VECTOR)
-            g_last = _decay_at(G, bh, last, L, E, oe, me, VECTOR)
             if VECTOR:
+                g = _gate_rows_vec(G, bh, t, L, E, oe, me, mt)
+                g_prev = _gate_at_vec(G, bh, c * C - 1, L, E, oe, me)
+                g_last = _gate_at_vec(G, bh, last, L, E, oe, me)
                 q_in = q * tl.exp(g - g_prev[None, :])                 # q(m) exp(g(m) - g(s-1))
                 d = tl.where(causal[:, :, None], g[:, None, :] - g[None, :, :], -float("inf"))
                 p = tl.sum(q[:, None, :] * k[None, :, :] * tl.exp(d), axis=2)
                 k_out = k * tl.exp(tl.where(mt[:, None], g_last[None, :] - g, -float("inf")))
                 carry = tl.exp(g_last - g_prev)[:, None]
             else:
+                g = _gate_rows(G, bh, t, L, mt)
+                g_prev = _gate_at(G, bh, c * C - 1, L)
+                g_last = _gate_at(G, bh, last, L)
                 q_in = q * tl.exp(g - g_prev)[:, None]
                 d = tl.where(causal, g[:, None] - g[None, :], -float("inf"))
                 p = tl.dot(q, tl.trans(k)) * tl.exp(d)                # (Q K^T) . decay
@@ -151,10 +162,10 @@ def chunked_backward_kernel(Q, K, V, G, SP, DO, DST, DQ, DK, DV, DS0, L, E, F,
         last = tl.minimum(c * C + C, L) - 1
         dov = tl.where(causal, tl.dot(do, tl.trans(v)), 0.0)          # dO V^T
         if HAS_GATE:
-            g = _decay_rows(G, bh, t, L, E, oe, me, mt, VECTOR)
-            g_prev = _decay_at(G, bh, c * C - 1, L, E, oe, me, VECTOR)
-            g_last = _decay_at(G, bh, last, L, E, oe, me, VECTOR)
             if VECTOR:
+                g = _gate_rows_vec(G, bh, t, L, E, oe, me, mt)
+                g_prev = _gate_at_vec(G, bh, c * C - 1, L, E, oe, me)
+                g_last = _gate_at_vec(G, bh, last, L, E, oe, me)
                 d = tl.exp(tl.where(causal[:, :, None], g[:, None, :] - g[None, :, :],
                                     -float("inf")))
                 p = tl.sum(q[:, None, :] * k[None, :, :] * d, axis=2)
@@ -167,6 +178,9 @@ def chunked_backward_kernel(Q, K, V, G, SP, DO, DST, DQ, DK, DV, DS0, L, E, F,
                     tl.dot(v, tl.trans(dS))
                 carry = tl.exp(g_last - g_prev)[:, None]
             else:
+                g = _gate_rows(G, bh, t, L, mt)
+                g_prev = _gate_at(G, bh, c * C - 1, L)
+                g_last = _gate_at(G, bh, last, L)
                 dd = tl.exp(tl.where(causal, g[:, None] - g[None, :], -float("inf")))
                 p = tl.dot(q, tl.trans(k)) * dd
                 dp = dov * dd
@@ -209,15 +223,25 @@ def recurrent_kernel(Q, K, V, G, S0, Out, ST, L, E, F,
         k = tl.load(K + bh * L * E + t * E + oe, mask=me, other=0.0)
         v = tl.load(V + bh * L * F + t * F + of, mask=mf, other=0.0)
         if HAS_GATE:
-            step = _decay_at(G, bh, t, L, E, oe, me, VECTOR) - \
-                _decay_at(G, bh, t - 1, L, E, oe, me, VECTOR)
             if VECTOR:
+                step = _gate_at_vec(G, bh, t, L, E, oe, me) - \
+                    _gate_at_vec(G, bh, t - 1, L, E, oe, me)
                 S = S * tl.exp(step)[:, None]
             else:
-                S = S * tl.exp(step)
+                S = S * tl.exp(_gate_at(G, bh, t, L) - _gate_at(G, bh, t - 1, L))
         S = S + k[:, None] * v[None, :]
         tl.store(Out + bh * L * F + t * F + of, tl.sum(q[:, None] * S, axis=0), mask=mf)
     tl.store(ST + s_off, S, mask=s_mask)
+
+
+WARPS = 8  # sm90, fp32 features: no spills at C=64, E=64, BF=32 (forward), C=16 (backward)
+FORWARD_BF = 32  # value columns per forward program (the grid's second axis)
+
+
+def default_chunk(e: int) -> int:
+    """Positions per chunk for qk dim ``e``: 64 up to e = 64, else 16 (the largest that
+    compiles for sm90 without spills with fp32 features; BENCHMARKS.md)."""
+    return 64 if e <= 64 else 16
 
 
 def _blocks(e: int, f: int) -> tuple[int, int]:
@@ -241,15 +265,15 @@ def launch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
     if bh == 0 or e == 0 or f == 0:
         return o, (st if s0 is None else s0.clone()), sp
     be, bf = _blocks(e, f)
-    bf = bf if save_states else min(64, bf)
+    bf = bf if save_states else min(FORWARD_BF, bf)
     grid = (bh, triton.cdiv(f, bf))
     args = (q, k, v, o if g is None else g, o if s0 is None else s0, o, st)
     flags = dict(HAS_GATE=g is not None, VECTOR=vector, HAS_S0=s0 is not None, BE=be, BF=bf)
     if chunk is None:
-        recurrent_kernel[grid](*args, length, e, f, **flags)
+        recurrent_kernel[grid](*args, length, e, f, **flags, num_warps=WARPS)
     else:
         chunked_forward_kernel[grid](*args, o if sp is None else sp, length, e, f,
-                                     SAVE=sp is not None, C=chunk, **flags)
+                                     SAVE=sp is not None, C=chunk, **flags, num_warps=WARPS)
     return o, st, sp
 
 
@@ -267,5 +291,5 @@ def launch_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, states: T
     be, bf = _blocks(e, f)
     chunked_backward_kernel[(bh,)](q, k, v, q if g is None else g, states, do, dst, dq, dk,
                                    dv, ds0, length, e, f, HAS_GATE=g is not None,
-                                   VECTOR=vector, C=chunk, BE=be, BF=bf)
+                                   VECTOR=vector, C=chunk, BE=be, BF=bf, num_warps=WARPS)
     return dq, dk, dv, ds0
