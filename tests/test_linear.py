@@ -271,3 +271,28 @@ def test_a_chunk_that_is_not_a_power_of_two_of_at_least_16_is_refused(chunk):
     q, k, v, a = gla_inputs(1, 1, 5, 16, 16, 1.0, 0)
     with pytest.raises(AttentionError, match="chunk must be a power of two >= 16"):
         kern.linear({"Q": q, "K": k, "V": v}, captured={"A": a}, chunk=chunk)
+
+
+def test_the_linear_kernels_compile_for_sm90_with_tensor_cores():
+    """The kernels are real Triton, not interpreter-only code (helpers that returned tensors of
+    different shapes from constexpr branches ran interpreted but did not compile)."""
+    from attndsl.runtime import linear_kernels as lk
+    from attndsl.runtime.aot import compile_kernel
+
+    sig = {n: "*fp32" for n in ("Q", "K", "V", "G", "S0", "Out", "ST", "SP")}
+    sig.update({"L": "i32", "E": "i32", "F": "i32"})
+    for vector in (False, True):
+        const = dict(HAS_GATE=True, VECTOR=vector, HAS_S0=True, SAVE=True, C=16, BE=64, BF=32)
+        rep = compile_kernel(lk.chunked_forward_kernel, sig, const, "sm90", lk.WARPS, 1)
+        assert rep.tc_kind == "HGMMA", rep
+    rec = {k: v for k, v in sig.items() if k != "SP"}
+    compile_kernel(lk.recurrent_kernel, rec, dict(HAS_GATE=True, VECTOR=True, HAS_S0=True,
+                                                  BE=64, BF=32), "sm90", lk.WARPS, 1)
+    bsig = {n: "*fp32" for n in ("Q", "K", "V", "G", "SP", "DO", "DST", "DQ", "DK", "DV",
+                                 "DS0")}
+    bsig.update({"L": "i32", "E": "i32", "F": "i32"})
+    for vector in (False, True):
+        rep = compile_kernel(lk.chunked_backward_kernel, bsig,
+                             dict(HAS_GATE=True, VECTOR=vector, C=16, BE=64, BF=64), "sm90",
+                             lk.WARPS, 1)
+        assert rep.tc_kind == "HGMMA", rep
