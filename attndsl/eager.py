@@ -262,7 +262,7 @@ def _prefix_sum(eq: Equation, axes: list[str], extent: dict[str, int],
     value = _eval_equation(Equation(eq.name, eq.indices, eq.expr.src[0]), ctx)
     axis = axes.index(idx)
     total = torch.cumsum(value, dim=axis)
-    if exclusive:
+    if exclusive and total.shape[axis]:
         total = torch.cat([torch.zeros_like(total.narrow(axis, 0, 1)),
                            total.narrow(axis, 0, max(total.shape[axis] - 1, 0))], dim=axis)
     return _compact(total, eq.indices, axes, ranges)

@@ -296,3 +296,19 @@ def test_the_linear_kernels_compile_for_sm90_with_tensor_cores():
                              dict(HAS_GATE=True, VECTOR=vector, C=16, BE=64, BF=64), "sm90",
                              lk.WARPS, 1)
         assert rep.tc_kind == "HGMMA", rep
+
+
+@pytest.mark.parametrize("length", [0, 1, 37])
+def test_a_cascade_without_head_and_qk_indices_runs_linear_in_its_own_layout(length):
+    """Missing batch/head roles are size-1 axes inside and absent from the output; an
+    exclusive prefix sum and empty sequences included."""
+    c = parse_text(BASE.replace("%s", "G[b,n] = cumsum(n, exclusive) log(sigmoid(A[b,n]))"),
+                   "s.attn")["s"]
+    kern = attndsl.compile(c)
+    assert kern.compiled.linear.form == "chunked"
+    gen = torch.Generator().manual_seed(4)
+    v, a = torch.randn(2, length, 5, generator=gen), torch.randn(2, length, generator=gen)
+    out = kern.linear({"V": v}, captured={"A": a})[0]["O"]
+    ref = attndsl.run_cascade(c, {"V": v, "A": a})["O"]
+    assert out.shape == ref.shape == (2, length, 5)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)

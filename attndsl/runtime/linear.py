@@ -97,7 +97,7 @@ def _prefix_sum(eq: Equation, c: Cascade, tensors: Mapping[str, Tensor],
     body = _over(eq.expr.src[0], c, tensors, params, keep, dtype)
     axis = eq.indices.index(idx)
     total = torch.cumsum(body, dim=axis)
-    if exclusive:  # shifted by one position: the first is the empty sum 0
+    if exclusive and total.shape[axis]:  # shifted by one position: the first is the empty sum 0
         total = torch.cat([torch.zeros_like(total.narrow(axis, 0, 1)),
                            total.narrow(axis, 0, max(total.shape[axis] - 1, 0))], dim=axis)
     return total
@@ -125,8 +125,10 @@ def features(out: LinearOutput, c: Cascade, tensors: Mapping[str, Tensor],
         return axes
 
     def shaped(t: Tensor, inner: bool) -> Tensor:
-        missing = sum(roles[r] is None for r in ("batch", "head"))
-        t = t.reshape((1,) * missing + tuple(t.shape))
+        """[B, H, L, X] from the evaluated layout (batch, head where declared)."""
+        for axis, r in enumerate(("batch", "head")):
+            if roles[r] is None:
+                t = t.unsqueeze(axis)
         return t if inner else t.unsqueeze(-1)
 
     qk, fv = roles["qk"], roles["v"]
@@ -155,7 +157,9 @@ def _before_start(c: Cascade, tensors: Mapping[str, Tensor],
     for name in scans:
         axis = c.tensor(name).dims.index(extent)
         t = tensors[name]
-        out[name] = torch.cat([t, torch.zeros_like(t.narrow(axis, 0, 1))], dim=axis)
+        pad = list(t.shape)
+        pad[axis] = 1
+        out[name] = torch.cat([t, t.new_zeros(pad)], dim=axis)
     return out
 
 
@@ -263,9 +267,12 @@ def run_linear(outputs: tuple[LinearOutput, ...], c: Cascade, tensors: Mapping[s
         s0 = None if initial is None or out.name not in initial else \
             initial[out.name].reshape(b * h, e, v.shape[-1])
         o, st = _Linear.apply(chunk, *flat, gf, s0)
-        o = o.reshape(b, h, length, -1)
+        o = o.reshape(b, h, length, v.shape[-1])
         if out.normalised:
             o = safe_div(o[..., :-1], o[..., -1:])
+        for axis, r in ((1, "head"), (0, "batch")):  # the output's own layout
+            if c.role(r) is None:
+                o = o.squeeze(axis)
         results[out.name] = o
         states[out.name] = st.reshape(b, h, e, v.shape[-1])
     return results, states
