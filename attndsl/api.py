@@ -196,8 +196,9 @@ class Kernel:
                initial_state: dict[str, Tensor] | None = None, chunk: int | str | None = AUTO,
                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Run the chunked linear form (``attndsl explain`` says whether the cascade has
-        one): every output by name and the final state of each ([B, H, E, F], F + 1 columns
-        with a normaliser: z is the last), so that ``initial_state=`` chains segments
+        one): every output by name and the final state of each ([B, H, E, F], size 1 for
+        a batch or head index the cascade lacks; F + 1 columns with a normaliser: z last),
+        so that ``initial_state=`` chains segments
         (prefill, then decode one token at a time with ``chunk=None``, the recurrent kernel).
         Positions are counted from 0 in each segment; decays are relative, so chaining is
         exact.  Differentiable (the backward is autograd through a chunked torch

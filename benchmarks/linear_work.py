@@ -84,9 +84,11 @@ def main() -> int:
         cap = {"A": torch.randn(1, 1, length, generator=gen) + 3}
         inputs = {"Q": q, "K": k, "V": v}
         derived = attndsl.api.scan_inputs(cascade, {**inputs, **cap}, {})
-        runs = {"quadratic": lambda: kernel.module.launch(inputs, {}, {**cap, **derived},
-                                                          None, {}),
-                "chunked": lambda: kernel.linear(inputs, captured=cap, chunk=args.chunk)}
+        quadratic = {**cap, **derived}
+        runs = {"quadratic": lambda x=inputs, c=quadratic: kernel.module.launch(x, {}, c, None,
+                                                                                {}),
+                "chunked": lambda x=inputs, c=cap: kernel.linear(x, captured=c,
+                                                                 chunk=args.chunk)}
         for form, run in runs.items():
             dots, macs, dt = measure(run)
             lines.append(f"{length:6d} {form:10s} {dots:8d} {macs:14d} {macs / length:10.0f} "
