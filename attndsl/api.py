@@ -198,11 +198,11 @@ class Kernel:
         """Run the chunked linear form (``attndsl explain`` says whether the cascade has
         one): every output by name and the final state of each ([B, H, E, F], size 1 for
         a batch or head index the cascade lacks; F + 1 columns with a normaliser: z last),
-        so that ``initial_state=`` chains segments
-        (prefill, then decode one token at a time with ``chunk=None``, the recurrent kernel).
-        Positions are counted from 0 in each segment; decays are relative, so chaining is
-        exact.  Differentiable (the backward is autograd through a chunked torch
-        implementation, not a fused kernel)."""
+        so that ``initial_state=`` chains segments (prefill, then decode one token at a time
+        with ``chunk=None``, the recurrent kernel).  Positions are counted from 0 in each
+        segment; decays are relative, so chaining is exact.  Differentiable: the chunked
+        Triton backward gives the features' gradients, autograd carries them to the inputs
+        and captured gates through the feature evaluation."""
         decision = self.compiled.linear
         if decision.form != "chunked":
             raise AttentionError(f"{self.compiled.cascade.name} has no linear form: "
