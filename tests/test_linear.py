@@ -312,3 +312,13 @@ def test_a_cascade_without_head_and_qk_indices_runs_linear_in_its_own_layout(len
     ref = attndsl.run_cascade(c, {"V": v, "A": a})["O"]
     assert out.shape == ref.shape == (2, length, 5)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_an_extent_read_as_a_value_in_a_decay_is_bound_in_the_linear_form():
+    """lightning.attn's decay rate 2^(-8 (h + 1) / H) reads the head count H."""
+    c = spec("lightning")
+    kern = attndsl.compile(c)
+    q, k, v, _ = gla_inputs(1, 4, 29, 16, 8, 1.0, 6)
+    out = kern.linear({"Q": q, "K": k, "V": v}, chunk=16)[0]["O"]
+    ref = attndsl.run_cascade(c, {"Q": q, "K": k, "V": v}, {"scale": 0.25})["O"]
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)

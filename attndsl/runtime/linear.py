@@ -41,14 +41,27 @@ def _dtype_of(tensors: Mapping[str, Tensor]) -> torch.dtype:
     return torch.float64 if torch.float64 in floats else torch.float32
 
 
-def _extents(c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any]
-             ) -> dict[str, int]:
-    sizes: dict[str, int] = {}
+def _sizes(c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any]
+           ) -> dict[str, int]:
+    """Every extent's size: from the bound tensors' shapes, else an integer parameter."""
+    sizes = {k: int(v) for k, v in params.items() if isinstance(v, int)}
     for decl in c.tensors:
         if decl.name in tensors:
             sizes.update(zip(decl.dims, (int(s) for s in tensors[decl.name].shape)))
-    sizes.update({k: int(v) for k, v in params.items() if isinstance(v, int)})
+    return sizes
+
+
+def _extents(c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any]
+             ) -> dict[str, int]:
+    """The size of each index (1 for an extent nothing binds)."""
+    sizes = _sizes(c, tensors, params)
     return {i.name: sizes.get(i.extent, 1) for i in c.indices}
+
+
+def _with_extents(c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+    """The parameters plus the extents (an extent is a value in expressions, ``/ H``)."""
+    return {**_sizes(c, tensors, params), **params}
 
 
 class _Wrapping(Env):
@@ -85,6 +98,7 @@ def scan_inputs(c: Cascade, tensors: Mapping[str, Tensor],
     out: dict[str, Tensor] = {}
     dtype = _dtype_of(tensors)
     extent = _extents(c, tensors, params)
+    params = _with_extents(c, tensors, params)
     for eq in scan_equations(c):
         out[eq.name] = _prefix_sum(eq, c, tensors, params, extent, dtype)
     return out
@@ -112,6 +126,7 @@ def features(out: LinearOutput, c: Cascade, tensors: Mapping[str, Tensor],
     dtype = _dtype_of(tensors)
     roles = {r: c.role(r) for r in ("batch", "head", "query", "key", "qk", "v")}
     extent = _extents(c, tensors, params)
+    params = _with_extents(c, tensors, params)
     length = extent[roles["query"]]
 
     def grid(pos: str, inner: str | None, start: int = 0) -> dict[str, Tensor]:
