@@ -14,8 +14,7 @@
 Gradients: the chunked Triton backward (:func:`chunked_backward`: dq, dk, dv and the initial
 state's gradient by kernel, the gate's from them) gives the features' gradients; torch's
 autograd carries them through the feature evaluation and the prefix sums to Q, K, V and the
-captured gates.  :func:`chunked_torch` is the same chunked algorithm in torch (a reference
-for the tests).
+captured gates.
 """
 
 from __future__ import annotations
@@ -176,41 +175,6 @@ def _before_start(c: Cascade, tensors: Mapping[str, Tensor],
         pad[axis] = 1
         out[name] = torch.cat([t, t.new_zeros(pad)], dim=axis)
     return out
-
-
-def chunked_torch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
-                  chunk: int = 64) -> tuple[Tensor, Tensor]:
-    """The chunked algorithm of the kernels in torch (differentiable): the backward's
-    reference.  q, k [BH, L, E], v [BH, L, F], g [BH, L + 1(, E)], s0 [BH, E, F]."""
-    bh, length, e = q.shape
-    s = torch.zeros(bh, e, v.shape[-1], dtype=q.dtype) if s0 is None else s0.to(q.dtype)
-    outs = []
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        qc, kc, vc = q[:, start:stop], k[:, start:stop], v[:, start:stop]
-        causal = torch.ones(stop - start, stop - start, dtype=torch.bool).tril()
-        if g is None:
-            p = torch.where(causal, qc @ kc.transpose(1, 2), 0.0)
-            outs.append(qc @ s + p @ vc)
-            s = s + kc.transpose(1, 2) @ vc
-            continue
-        gc, gp, gl = g[:, start + 1:stop + 1], g[:, start], g[:, stop]
-        vec = g.dim() == 3
-        d = gc[:, :, None] - gc[:, None, :]
-        d = torch.where(causal[..., None] if vec else causal, d, -torch.inf)
-        if vec:
-            p = torch.einsum("bie,bje,bije->bij", qc, kc, torch.exp(d))
-            q_in, k_out = qc * torch.exp(gc - gp[:, None]), kc * torch.exp(gl[:, None] - gc)
-            carry = torch.exp(gl - gp)[:, :, None]
-        else:
-            p = (qc @ kc.transpose(1, 2)) * torch.exp(d)
-            q_in = qc * torch.exp(gc - gp[:, None])[..., None]
-            k_out = kc * torch.exp(gl[:, None] - gc)[..., None]
-            carry = torch.exp(gl - gp)[:, None, None]
-        outs.append(q_in @ s + p @ vc)
-        s = s * carry + k_out.transpose(1, 2) @ vc
-    o = torch.cat(outs, 1) if outs else q.new_zeros(bh, 0, v.shape[-1])
-    return o, s
 
 
 class _Linear(torch.autograd.Function):
