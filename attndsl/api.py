@@ -30,6 +30,7 @@ from attndsl.eager import bind_extents, run_cascade
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
 from attndsl.passes.pipeline import Compiled
+from attndsl.passes.scans import scan_equations
 from attndsl.runtime.checks import AttentionError
 from attndsl.runtime.checks import check_qkv as _check_qkv
 from attndsl.runtime.checks import kernel_options as _options
@@ -38,6 +39,7 @@ from attndsl.runtime.checks import no_work as _no_work
 from attndsl.runtime.checks import shapes_only as _shapes_only
 from attndsl.runtime.kernels import compiled as _compiled
 from attndsl.runtime.kernels import launch_attention
+from attndsl.runtime.linear import AUTO, run_linear, scan_inputs
 from attndsl.runtime.modules import module_source
 from attndsl.runtime.plan import block_mask_plan, kernel_plan, mask_plan
 from attndsl.runtime.user_names import names_captured_tensors
@@ -139,12 +141,21 @@ class Kernel:
     """A compiled spec: its IR at every stage, the generated source and the loaded module."""
 
     compiled: Compiled
-    module: ModuleType
+    module: ModuleType | None  # None: the cascade has only its chunked linear form
     captured: dict[str, Tensor]
 
     @property
     def source(self) -> str:
+        """The generated module of the quadratic form."""
+        self._quadratic()
         return module_source(self.compiled.kernel)
+
+    def _quadratic(self) -> ModuleType:
+        if self.module is None:
+            raise AttentionError(f"{self.compiled.cascade.name} has no quadratic kernel (it "
+                                 f"runs in its chunked linear form, Kernel.linear): "
+                                 f"{self.compiled.quadratic_error}")
+        return self.module
 
     def __call__(self, inputs: dict[str, Tensor], params: dict | None = None,
                  captured: dict[str, Tensor] | None = None, block_mask: Any = None,
@@ -159,14 +170,23 @@ class Kernel:
         executor (float32, chunked over queries) and differentiates that."""
         first = next(iter(inputs.values()))
         cap = _shapes_only({**self.captured, **(captured or {})}, first.device)
+        if self.compiled.linear.form == "chunked" and block_mask is None:
+            return self.linear(inputs, params, cap)[0]
+        module = self._quadratic()
+        if scan_equations(self.compiled.cascade):
+            with torch.no_grad():
+                derived = scan_inputs(self.compiled.cascade, {**inputs, **cap}, params or {})
+            cap = {**cap, **derived}
         if block_mask is not None:
             key = next(t for n, t in inputs.items() if n != next(iter(inputs)))
             tables = block_mask_plan(block_mask, first.shape[-2], key.shape[-2]).launch_tables()
         else:
             tables = self._mask_plan({**inputs, **cap}, params or {}, first.device)
-        run = lambda: self.module.launch(  # noqa: E731
+        run = lambda: module.launch(  # noqa: E731
             inputs, params, cap, tables, _options(kernel_options))
-        tensors = {**inputs, **cap}
+        tensors = {**inputs, **{k: t for k, t in cap.items()
+                                if k not in {eq.name for eq in
+                                             scan_equations(self.compiled.cascade)}}}
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())):
             return run()
         names = list(tensors)
@@ -188,6 +208,35 @@ class Kernel:
         from attndsl.autograd import tile_backward_module
 
         return tile_backward_module(self.compiled.kernel)[1]
+
+    def linear(self, inputs: dict[str, Tensor], params: dict | None = None,
+               captured: dict[str, Tensor] | None = None,
+               initial_state: dict[str, Tensor] | None = None, chunk: int | str | None = AUTO,
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Run the chunked linear form (``attndsl explain`` says whether the cascade has
+        one): every output by name and the final state of each ([B, H, E, F], size 1 for
+        a batch or head index the cascade lacks; F + 1 columns with a normaliser: z last),
+        so that ``initial_state=`` chains segments (prefill, then decode one token at a time
+        with ``chunk=None``, the recurrent kernel).  Positions are counted from 0 in each
+        segment; decays are relative, so chaining is exact.  Differentiable: the chunked
+        Triton backward gives the features' gradients, autograd carries them to the inputs
+        and captured gates through the feature evaluation."""
+        decision = self.compiled.linear
+        if decision.form != "chunked":
+            raise AttentionError(f"{self.compiled.cascade.name} has no linear form: "
+                                 f"{'; '.join(decision.reasons)}")
+        if chunk not in (None, AUTO) and (not isinstance(chunk, int) or isinstance(chunk, bool)
+                                          or chunk < 16 or chunk & (chunk - 1)):
+            raise AttentionError(f"chunk must be a power of two >= 16, 'auto' (by qk dim) or "
+                                 f"None (the recurrent kernel), got {chunk!r}")
+        cap = {**self.captured, **(captured or {})}
+        tensors = {**inputs, **cap}
+        full = _default_params(self.compiled.cascade, dict(params or {}), tensors)
+        tensors.update(scan_inputs(self.compiled.cascade, tensors, full))
+        kernel_cascade = self.compiled.stage("materialise-scans")
+        scans = tuple(eq.name for eq in scan_equations(self.compiled.cascade))
+        return run_linear(decision.outputs, kernel_cascade, tensors, full, initial_state, chunk,
+                          scans)
 
     def _mask_plan(self, tensors: dict[str, Tensor], params: dict,
                    device: torch.device) -> dict | None:

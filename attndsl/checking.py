@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
 from attndsl.eager import eval_expr, run_cascade
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import BOOL, FLOAT, Op
+from attndsl.passes.pipeline import Compiled
+from attndsl.passes.scans import scan_equations
+from attndsl.runtime.linear import run_linear, scan_inputs
+from attndsl.runtime.modules import load_kernel_module
 
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -75,7 +80,25 @@ def random_problem(c: Cascade, sizes: dict[str, int], dtype: torch.dtype,
                 captured[t.name] = (torch.rand(shape, generator=gen) < 0.7).to(device)
             else:
                 captured[t.name] = torch.randint(0, 3, shape, generator=gen).to(device)
+    derived = scan_inputs(c, {**inputs, **captured}, params)  # prefix sums the kernels read
+    captured.update({k: v for k, v in derived.items() if k not in captured})
     return Problem(inputs, captured, params, sizes)
+
+
+def kernel_outputs(compiled: Compiled, problem: Problem,
+                   module: ModuleType | None = None) -> list[dict[str, torch.Tensor]]:
+    """The outputs of each form the cascade compiled to: the quadratic kernel (``module``, or
+    the one loaded from ``compiled``) and the chunked linear form, where they exist."""
+    outs = []
+    if compiled.kernel is not None:
+        module = module or load_kernel_module(compiled.kernel)
+        outs.append(module.launch(problem.inputs, problem.params, problem.captured))
+    if compiled.linear.form == "chunked":
+        scans = tuple(eq.name for eq in scan_equations(compiled.cascade))
+        outs.append(run_linear(compiled.linear.outputs, compiled.stage("materialise-scans"),
+                               {**problem.inputs, **problem.captured}, problem.params,
+                               scans=scans)[0])
+    return outs
 
 
 def _qk_extent(c: Cascade) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from attndsl.errors import SubscriptError
 from attndsl.index_check import index_error
-from attndsl.ir.cascade import Cascade, Equation
+from attndsl.ir.cascade import Cascade, Equation, is_scan
 from attndsl.ir.evaluate import Env, EvaluationError, apply, as_float, safe_div
 from attndsl.ir.expr import Expr, Op, render
 
@@ -221,16 +221,22 @@ def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
     per_query = max(1, math.prod(v for k, v in extent.items() if k not in (query, qk)))
     chunk = max(1, min(extent[query], max_elements // per_query))
     cpu = {k: v.cpu() for k, v in tensors.items()}  # differentiable: autograd flows through
+    scans = [eq for eq in c.equations if is_scan(eq)]
+    for eq in scans:  # per-position prefix sums: tensors over their indices, read like inputs
+        cpu[eq.name] = _prefix_sum(eq, axes, extent, cpu, params, dtype)
     outs: dict[str, list[Tensor]] = {o: [] for o in c.outputs}
     for start in range(0, extent[query], chunk):
         ranges = {k: torch.arange(v) for k, v in extent.items()}
         ranges[query] = torch.arange(start, min(start + chunk, extent[query]))
         inter: dict[str, tuple[tuple[str, ...], Tensor]] = {}
         ctx = _Ctx(axes, ranges, cpu, params, key, dtype, inter)
-        ctx.captured = frozenset(t.name for t in c.tensors if t.kind == "captured")
+        ctx.captured = frozenset([t.name for t in c.tensors if t.kind == "captured"] +
+                                 [eq.name for eq in scans])
         if c.mask is not None:
             ctx.mask = _eval(c.mask.expr, ctx)
         for eq in c.equations:
+            if is_scan(eq):
+                continue
             inter[eq.name] = (eq.indices, _eval_equation(eq, ctx))
         for o in c.outputs:
             lhs, value = inter[o]
@@ -242,6 +248,24 @@ def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
                 for o in c.outputs}
     return {o: torch.cat(v, dim=qpos[o]) if qpos[o] is not None else v[0]
             for o, v in outs.items()}
+
+
+def _prefix_sum(eq: Equation, axes: list[str], extent: dict[str, int],
+                tensors: Mapping[str, Tensor], params: Mapping[str, float | int],
+                dtype: torch.dtype) -> Tensor:
+    """``G[..., n] = cumsum(n) body``: the body over its indices, then torch.cumsum along n
+    (exclusive: shifted by one position, G[0] = 0).  No mask applies: a prefix sum is of
+    per-position values, the mask restricts (query, key) pairs."""
+    idx, exclusive = eq.expr.arg
+    ranges = {k: torch.arange(v) for k, v in extent.items()}
+    ctx = _Ctx(axes, ranges, tensors, params, None, dtype, {})
+    value = _eval_equation(Equation(eq.name, eq.indices, eq.expr.src[0]), ctx)
+    axis = axes.index(idx)
+    total = torch.cumsum(value, dim=axis)
+    if exclusive and total.shape[axis]:
+        total = torch.cat([torch.zeros_like(total.narrow(axis, 0, 1)),
+                           total.narrow(axis, 0, max(total.shape[axis] - 1, 0))], dim=axis)
+    return _compact(total, eq.indices, axes, ranges)
 
 
 def _eval_equation(eq: Equation, ctx: _Ctx) -> Tensor:

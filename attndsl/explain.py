@@ -27,6 +27,11 @@ def explain(c: Cascade, captured: dict[str, torch.Tensor] | None = None, lq: int
     out = [_section("cascade (as written)", str(c)),
            _section("passes, with the rewrite rules that fired in each", pass_list(comp)),
            _section("after inline (fusion of the score/mask chain)", str(comp.fused))]
+    out.append(_section("linearise: quadratic, chunked linear or recurrent", str(comp.linear)))
+    if comp.kernel is None:
+        out.append(_section("quadratic form: not compiled (the chunked form is the kernel)",
+                            comp.quadratic_error or ""))
+        return "\n".join(out)
     out.append(_section(f"direct schedule: {direct.direct_passes} passes over the keys",
                         str(direct)))
     rules = "\n".join(f"- {r}" for r in comp.schedule.fired)

@@ -39,7 +39,8 @@ def _cascade(name: str) -> Cascade:
 # -- the pass list -----------------------------------------------------------------------------
 
 def test_the_pipeline_is_a_list_of_named_documented_passes() -> None:
-    assert [p.name for p in PIPELINE] == ["verify", "inline", "expand-softmax", "stream", "tile"]
+    assert [p.name for p in PIPELINE] == ["verify", "materialise-scans", "inline", "expand-softmax",
+                                          "linearise", "stream", "tile"]
     assert all(p.doc for p in PIPELINE)
 
 
@@ -93,8 +94,11 @@ def test_a_pass_producing_an_ill_formed_kernel_is_caught_between_passes() -> Non
                                         if p.suffix in (".attn", ".py")
                                         and not p.name.startswith("_")))
 def test_every_example_kernel_passes_the_tile_verifier(spec: str, stream: bool) -> None:
-    kernel = compile_cascade(_cascade(spec), stream=stream).kernel
-    assert tile_ir.verify(kernel) is kernel
+    comp = compile_cascade(_cascade(spec), stream=stream)
+    if comp.kernel is None:  # only the chunked linear form: no Tile IR, and it says why
+        assert comp.linear.form == "chunked" and comp.quadratic_error
+        return
+    assert tile_ir.verify(comp.kernel) is comp.kernel
 
 
 def _direct_kernel() -> tile_ir.TileKernel:
@@ -209,7 +213,7 @@ def test_nested_recordings_also_count_in_the_enclosing_one() -> None:
 
 def test_the_stream_pass_records_the_derivation_rules() -> None:
     comp = compile_cascade(_cascade("softmax_3pass.attn"))
-    rules = dict(comp.trace[3].rules)
+    rules = dict(next(r for r in comp.trace if r.name == "stream").rules)
     assert rules["split-exp"] >= 1 and rules["defer-division"] >= 1
 
 

@@ -216,6 +216,10 @@ class Assembler:
             raise where.error(self._not_an_index(name, place))
         return name
 
+    def _scan_dims(self, name: str) -> tuple[str, ...]:
+        """The extents of a prefix-sum equation's dimensions (its indices' extents)."""
+        return tuple(self.indices[i].extent for i in self.equations[name].indices)
+
     def _dims_of(self, name: str) -> tuple[str, ...]:
         if name in self.tensors:
             return self.tensors[name].dims
@@ -242,6 +246,7 @@ class Assembler:
         """Check an equation's right-hand side and store it with its implicit sums."""
         eq = self.equations[name]
         self._check_expr(expr, locate, f"{name}[{', '.join(eq.indices)}]")
+        self._check_scan_equation(name, expr, locate)
         eq.expr, eq.locate = implicit_sums(expr, eq.indices), locate
         try:
             eq.depth = self._inlined_depth(eq.expr)
@@ -295,11 +300,64 @@ class Assembler:
                     raise UnlocatedError("a constant is not a number (NaN)")
                 elif op is Op.ROW:
                     raise UnlocatedError("row values belong to schedules, not to specs")
+                elif op is Op.CUMSUM:
+                    self._check_scan(node, mask)
                 elif op in REDUCE_WORD:
                     self._check_reduction(node, mask)
             except UnlocatedError as bad:
                 slot = "arg" if op in REDUCE_WORD and bad.slot is None else bad.slot
                 raise locate(node, slot).error(bad.what) from None
+
+    def _check_scan(self, node: Expr, mask: bool) -> None:
+        """A prefix sum: over the key index, of per-position values (no query index, no
+        equation results, no reductions inside); where it may stand is checked by
+        :meth:`_check_scan_equation`."""
+        i, body = node.arg[0], node.src[0]
+        if mask:
+            raise UnlocatedError("the mask cannot contain cumsum(); it is a condition on "
+                                 "single elements")
+        if i not in self.indices:
+            raise UnlocatedError(self._not_an_index(i, f"cumsum({i})"))
+        if self.indices[i].role != "key":
+            raise UnlocatedError(f"cumsum({i}) scans {i!r}, the {self.indices[i].role} index; a "
+                                 f"prefix sum runs along the key index (positions)")
+        if i not in body.free_indices():
+            raise UnlocatedError(f"cumsum({i}) scans over {i!r}, which its body does not use")
+        query = self.by_role.get("query")
+        if query in body.free_indices():
+            raise UnlocatedError(f"the body of cumsum({i}) depends on the query index "
+                                 f"{query!r}; a prefix sum is of per-position values "
+                                 f"(such as log(A[b,h,{i}]))")
+        for x in body.walk():
+            if x.op in REDUCE_WORD:
+                raise UnlocatedError(f"the body of cumsum({i}) contains "
+                                     f"{REDUCE_WORD[x.op]}(); it must be element-wise")
+            if x.op is Op.LOAD and x.arg in self.equations:
+                raise UnlocatedError(f"the body of cumsum({i}) reads the equation {x.arg!r}; "
+                                     f"it may read only input and captured tensors")
+
+    def _check_scan_equation(self, name: str, expr: Expr, locate: Locate) -> None:
+        """``cumsum`` stands alone: ``G[b,h,n] = cumsum(n) body``, with n on the left and every
+        index of the body there too (the runtime materialises G before the kernel)."""
+        lhs = self.equations[name].indices
+        for node in expr.walk():
+            if node.op is not Op.CUMSUM:
+                continue
+            i = node.arg[0]
+            if node is not expr:
+                raise locate(node, "arg").error(
+                    f"cumsum({i}) must be the whole right-hand side of its equation (a "
+                    f"per-position prefix sum, e.g. G[b,h,{i}] = cumsum({i}) log(A[b,h,{i}])); "
+                    f"define it as its own equation and read that")
+            if i not in lhs:
+                raise locate(node, "arg").error(
+                    f"cumsum({i}) is indexed by {i!r}: put {i!r} on the left-hand side of "
+                    f"{name}")
+            extra = sorted(node.src[0].free_indices() - set(lhs))
+            if extra:
+                raise locate(node, "arg").error(
+                    f"the body of cumsum({i}) uses {extra} which the left-hand side of {name} "
+                    f"lacks; a prefix sum is not also summed over other indices")
 
     def _check_reduction(self, node: Expr, mask: bool) -> None:
         word, i = REDUCE_WORD[node.op], node.arg
@@ -320,6 +378,8 @@ class Assembler:
                                      f"`tensor`); {name!r} is an input")
         elif name in self.equations:
             dims, t = self.equations[name].indices, None
+            if _is_scan(self.equations[name].expr):  # a per-position tensor: any subscripts
+                dims, t = self._scan_dims(name), _SCAN
             if mask:
                 raise UnlocatedError(f"the mask cannot read equation results ({name!r})")
         else:
@@ -388,6 +448,13 @@ class Assembler:
                     msg, at = msg[len(f"{w.loc()}: "):], w
                     break
             raise at.error(msg) from None
+
+
+_SCAN = TensorDecl("(scan)", ())  # the reads of a prefix sum are checked as a tensor's
+
+
+def _is_scan(expr: Expr | None) -> bool:
+    return expr is not None and expr.op is Op.CUMSUM
 
 
 def _expect_name(name: Any, where: Where, place: str) -> None:

@@ -221,6 +221,13 @@ def softmax_over(idx: Term | str, body: Any) -> Term:
     return Term(E.softmax(_index_arg(idx, "softmax_over"), lift(body)))
 
 
+def cumsum_over(idx: Term | str, body: Any, exclusive: bool = False) -> Term:
+    """The text's ``cumsum(idx) body`` (``exclusive=True``: ``cumsum(idx, exclusive) body``):
+    the prefix sum along ``idx``, sum over j <= i (or j < i), the whole right-hand side of a
+    per-position equation such as ``G[b,h,n] = cumsum(n) log(A[b,h,n])``."""
+    return Term(E.cumsum(_index_arg(idx, "cumsum_over"), lift(body), exclusive=exclusive))
+
+
 # -- the builder -------------------------------------------------------------------------------
 
 def _names(indices: str | Sequence[Any]) -> list[str]:
@@ -319,6 +326,7 @@ def cascade(text: str) -> Cascade:
     return next(iter(specs.values()))
 
 
-__all__ = ["CascadeBuilder", "SpecError", "Term", "abs_", "cascade", "cast", "exp", "exp2",
+__all__ = ["CascadeBuilder", "SpecError", "Term", "abs_", "cascade", "cast", "cumsum_over", "exp",
+           "exp2",
            "lift", "log", "log2", "max_over", "maximum", "minimum", "relu", "sigmoid",
            "softmax_over", "sqrt", "sum_over", "tanh", "where"]

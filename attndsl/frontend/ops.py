@@ -113,7 +113,9 @@ BINARY_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "//": Op.FLOOR
               ">>": Op.RSHIFT, "<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE, "==": Op.EQ,
               "!=": Op.NE}
 REDUCTIONS = {"sum": E.reduce_sum, "max": E.reduce_max, "softmax": E.softmax}
-REDUCE_WORD = {Op.REDUCE_SUM: "sum", Op.REDUCE_MAX: "max", Op.SOFTMAX: "softmax"}
+REDUCE_WORD = {Op.REDUCE_SUM: "sum", Op.REDUCE_MAX: "max", Op.SOFTMAX: "softmax",
+               Op.CUMSUM: "cumsum"}
+SCAN_FORMS = ("inclusive", "exclusive")  # cumsum(n) x is inclusive; cumsum(n, exclusive) x
 
 
 def implicit_sums(expr: Expr, lhs: Iterable[str]) -> Expr:

@@ -21,7 +21,7 @@ from attndsl.ir.cascade import SourceLoc
 
 INT_LIMIT = 2**63  # integer literals must fit in int64
 RESERVED = frozenset({"spec", "index", "input", "tensor", "param", "mask", "output", "sum", "max",
-                      "softmax", "inf", "Keep"})  # Keep names the mask equation in the IR
+                      "softmax", "cumsum", "inf", "Keep"})  # Keep names the mask equation in the IR
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 class SpecError(AttnDSLError, ValueError):

@@ -77,8 +77,8 @@ def parser() -> Lark:
 # readable names of the terminals in syntax errors
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "CMP_OP": "a comparison", "_NL": "end of line",
           "$END": "end of input"}
-_EXPR_START = {"NAME", "NUMBER", "(", "-", "!", "~", "sum", "max", "softmax", "inf", "True",
-               "False"}
+_EXPR_START = {"NAME", "NUMBER", "(", "-", "!", "~", "sum", "max", "softmax", "cumsum", "inf",
+               "True", "False"}
 _OPERATORS = {"+", "-", "*", "/", "//", "%", "**", "&", "|", "^", "<<", ">>", "CMP_OP"}
 _FIRST = {"]": 0, ")": 1, "}": 2, ",": 3}
 
@@ -122,6 +122,12 @@ def syntax_error(err: UnexpectedInput, text: str, src: SourceText) -> SpecError:
     if isinstance(err, UnexpectedToken):
         tok = err.token
         at = src.end() if tok.type == "$END" else src.of(tok)
+        call = _call_before(text[: tok.start_pos]) if _starts_expression(tok) else None
+        if call is not None:  # f(n) body: the mistake is f, not the body after it
+            return src.of(call).error(
+                f"{call.value}(...) is followed by an expression, but {call.value!r} is not an "
+                f"operator with a body; the ones that take an index and then a body are "
+                f"{', '.join(f'{w}(n)' for w in BIG_OPERATORS)}")
         what = f"unexpected {_found(tok)}{_expected(err.accepts or err.expected)}"
         if tok.type == "NAME" and tok.value in RESERVED:
             what += f" ('{tok.value}' is a reserved word)"
@@ -141,6 +147,29 @@ def syntax_error(err: UnexpectedInput, text: str, src: SourceText) -> SpecError:
         return src.at(err.line, err.column).error(what)
     return src.at(getattr(err, "line", 1) or 1, getattr(err, "column", 1) or 1).error(
         "syntax error")
+
+
+BIG_OPERATORS = ("sum", "max", "softmax", "cumsum")  # word(index) body
+
+
+def _starts_expression(tok: Token) -> bool:
+    return tok.type in ("NAME", "NUMBER", "LPAR") or tok.value in _EXPR_START - {"-", "~", "!"}
+
+
+def _call_before(prefix: str) -> Token | None:
+    """The NAME of a call ``NAME(...)`` that ``prefix`` ends with, if it does."""
+    try:
+        toks = [t for t in parser().lex(prefix) if t.type != "_NL"]
+    except (LarkError, TooDeep):
+        return None
+    if not toks or toks[-1].type != "RPAR":
+        return None
+    depth = 0
+    for k in range(len(toks) - 1, -1, -1):
+        depth += {"RPAR": 1, "LPAR": -1}.get(toks[k].type, 0)
+        if depth == 0:
+            return toks[k - 1] if k > 0 and toks[k - 1].type == "NAME" else None
+    return None
 
 
 def _open_bracket(prefix: str) -> Token | None:

@@ -49,6 +49,7 @@ from attndsl.frontend.ops import (
     BINARY_OPS,
     FUNCTIONS,
     REDUCTIONS,
+    SCAN_FORMS,
     DependencyCycle,
     bitwise_not,
     combine,
@@ -202,6 +203,16 @@ class _Exprs(Transformer):
         return method
 
     reduce_sum, reduce_max, softmax = _reduction("sum"), _reduction("max"), _reduction("softmax")
+
+    def cumsum(self, meta: Any, tok: Token, form: Token | None, body: Expr) -> Expr:
+        """``cumsum(n) x`` (inclusive) or ``cumsum(n, exclusive) x``."""
+        w = self.src.of(tok)
+        idx = self.asm.index_name(tok.value, w, f"cumsum({tok.value})")
+        if form is not None and form.value not in SCAN_FORMS:
+            raise self.src.of(form).error(f"cumsum({tok.value}, {form.value}): expected "
+                                          f"{' or '.join(SCAN_FORMS)} after the index")
+        e = E.cumsum(idx, body, exclusive=form is not None and form.value == "exclusive")
+        return self._at(w, self._at(meta, e), "arg")
 
 
 def _transform(ex: _Exprs, tree: Any) -> Expr:

@@ -155,6 +155,7 @@ def verify(c: Cascade) -> Cascade:
         defined[eq.name] = eq.indices
     for eq in eqs:
         _verify_equation(c, eq, defined, scalars, set(names))
+        _verify_scan(c, eq)
     if c.mask is not None and c.mask.expr.dtype != BOOL:
         raise IRError(f"{_where(c.mask)}the mask must be boolean, got {c.mask.expr.dtype}")
     for out in c.outputs:
@@ -196,6 +197,33 @@ def _verify_equation(c: Cascade, eq: Equation, defined: dict[str, tuple[str, ...
             raise IRError(f"{_where(eq)}reduction over {node.arg!r}, which its body does not use")
         elif node.op is Op.CAST and node.arg not in (FLOAT, INT, BOOL):
             raise IRError(f"{_where(eq)}cast to unknown dtype {node.arg!r}")
+
+
+def is_scan(eq: Equation) -> bool:
+    """Whether ``eq`` is a per-position prefix sum ``G[..., n] = cumsum(n) body``."""
+    return eq.expr.op is Op.CUMSUM
+
+
+def _verify_scan(c: Cascade, eq: Equation) -> None:
+    """A CUMSUM is the whole right-hand side of an equation over its (key) index whose body
+    is element-wise, reads only declared tensors and does not depend on the query index."""
+    for node in eq.expr.walk():
+        if node.op is Op.CUMSUM and node is not eq.expr:
+            raise IRError(f"{_where(eq)}cumsum({node.arg[0]}) must be the whole right-hand side "
+                          f"of its equation")
+    if not is_scan(eq):
+        return
+    idx, body = eq.expr.arg[0], eq.expr.src[0]
+    if idx not in eq.indices or idx != c.role("key"):
+        raise IRError(f"{_where(eq)}cumsum({idx}) must scan the key index {c.role('key')!r} "
+                      f"and be indexed by it")
+    if c.role("query") in body.free_indices():
+        raise IRError(f"{_where(eq)}the body of cumsum({idx}) depends on the query index")
+    for node in body.walk():
+        if node.op in REDUCE or node.op is Op.SOFTMAX or (
+                node.op is Op.LOAD and c.tensor(node.arg) is None):
+            raise IRError(f"{_where(eq)}the body of cumsum({idx}) must be element-wise over "
+                          f"declared tensors, got {render(node)}")
 
 
 def _check_acyclic(c: Cascade) -> None:

@@ -93,6 +93,11 @@ class Op(Enum):
     REDUCE_MAX = auto()
     # built-in normaliser over an index (arg: index name); expanded by a pass
     SOFTMAX = auto()
+    # prefix sum along an index (arg: (index name, exclusive)); the value at position i is
+    # sum_{j <= i} body[j] (inclusive) or sum_{j < i} body[j] (exclusive).  The index stays
+    # free (the result is indexed by it).  Only the whole right-hand side of a per-position
+    # equation; the runtime materialises it (attndsl.passes.scans)
+    CUMSUM = auto()
 
 
 UNARY = {Op.NEG, Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.TANH, Op.SIGMOID, Op.ABS, Op.SQRT, Op.NOT,
@@ -323,6 +328,12 @@ def softmax(idx: str, body: Any) -> Expr:
     return Expr(Op.SOFTMAX, (as_expr(body),), idx, FLOAT)
 
 
+def cumsum(idx: str, body: Any, exclusive: bool = False) -> Expr:
+    """The prefix sum of ``body`` along ``idx`` (see :attr:`Op.CUMSUM`)."""
+    body = as_expr(body)
+    return Expr(Op.CUMSUM, (body,), (idx, bool(exclusive)), FLOAT if body.dtype != INT else INT)
+
+
 def exp(x: Any) -> Expr:
     return unary(Op.EXP, x)
 
@@ -382,6 +393,10 @@ def render(e: Expr, prec: float = 0) -> str:
         return f"({text})" if prec > 7 else text
     if op in (Op.CAST, Op.ROUND):
         return f"{e.arg}({render(e.src[0])})"
+    if op is Op.CUMSUM:
+        idx, exclusive = e.arg
+        text = f"cumsum({idx}{', exclusive' if exclusive else ''}) {render(e.src[0], 7)}"
+        return f"({text})" if prec > 0 else text
     if op in (Op.REDUCE_SUM, Op.REDUCE_MAX, Op.SOFTMAX):
         name = {Op.REDUCE_SUM: "sum", Op.REDUCE_MAX: "max", Op.SOFTMAX: "softmax"}[op]
         text = f"{name}({e.arg}) {render(e.src[0], 7)}"

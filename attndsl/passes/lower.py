@@ -9,6 +9,7 @@ the key mask become one closed expression: the whole score/mask chain is fused.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
@@ -24,6 +25,8 @@ class Fused:
     outputs: tuple[tuple[str, tuple[str, ...], Expr], ...]
     mask: Expr | None
     fired: tuple[str, ...] = field(default=())  # the cascade-level rewrites applied, described
+    # the linearise pass's decision (attndsl.passes.linear.LinearDecision), once it ran
+    linear: Any = field(default=None, compare=False)
 
     def __str__(self) -> str:
         lines = [f"{n}[{', '.join(i)}] = {E.render(e)}" for n, i, e in self.outputs]

@@ -1,7 +1,7 @@
 """The pass pipeline, as data: a list of named passes from the Cascade IR to the Tile IR.
 
-    verify -> inline -> expand-softmax -> stream -> tile
-    Cascade   Fused     Fused             Schedule  TileKernel
+    verify -> materialise-scans -> inline -> expand-softmax -> linearise -> stream -> tile
+    Cascade   Cascade              Fused     Fused             Fused        Schedule  TileKernel
 
 Each :class:`Pass` has a name, a docstring (its ``run``'s), and a dataclass of options (the
 ``stream`` pass: ``StreamOptions(stream=True)``).  :func:`run_pipeline` runs the list and
@@ -32,8 +32,10 @@ from attndsl.ir import tile as tile_ir
 from attndsl.ir.cascade import Cascade, Equation
 from attndsl.ir.expr import Expr, IRError, Op
 from attndsl.ir.tile import TileKernel
+from attndsl.passes.linear import linearise
 from attndsl.passes.lower import Fused, inline, verify_fused
 from attndsl.passes.rules import recording
+from attndsl.passes.scans import materialise_scans
 from attndsl.passes.softmax import expand_softmax_outputs
 from attndsl.passes.stream import Schedule, derive_schedule, verify_schedule
 from attndsl.passes.tiling import LoweringError, lower_to_tiles
@@ -73,6 +75,16 @@ def _verify(c: Cascade, _: NoOptions) -> Cascade:
     return cascade_ir.verify(c)
 
 
+def _materialise_scans(c: Cascade, _: NoOptions) -> Cascade:
+    """Per-position prefix sums (cumsum) become captured tensors the runtime computes."""
+    return materialise_scans(c)
+
+
+def _linearise(f: Fused, _: NoOptions) -> Fused:
+    """Decide quadratic vs chunked linear vs recurrent; the decision is kept on the IR."""
+    return linearise(f)
+
+
 def _inline(c: Cascade, _: NoOptions) -> Fused:
     """Inline every equation into the outputs and the mask: one fused expression each."""
     return inline(c)
@@ -95,8 +107,10 @@ def _tile(s: Schedule, _: NoOptions) -> TileKernel:
 
 PIPELINE: tuple[Pass, ...] = (
     Pass("verify", _verify),
+    Pass("materialise-scans", _materialise_scans),
     Pass("inline", _inline),
     Pass("expand-softmax", _expand_softmax),
+    Pass("linearise", _linearise),
     Pass("stream", _stream, StreamOptions),
     Pass("tile", _tile),
 )
@@ -122,9 +136,17 @@ class Compiled:
 
     cascade: Cascade
     fused: Fused
-    schedule: Schedule
-    kernel: TileKernel
+    schedule: Schedule | None  # None: no quadratic form (see ``quadratic_error``)
+    kernel: TileKernel | None
     trace: tuple[PassRecord, ...] = field(default=(), compare=False, repr=False)
+    # why the quadratic form could not be compiled, for a cascade whose chunked linear form
+    # is its only one (a feature map such as elu(k) + 1, a per-key-dim decay inside q.k)
+    quadratic_error: str | None = field(default=None, compare=False)
+
+    @property
+    def linear(self) -> Any:
+        """The linearise pass's :class:`~attndsl.passes.linear.LinearDecision`."""
+        return self.stage("linearise").linear
 
     def stage(self, name: str) -> Any:
         """The IR after the pass called ``name``."""
@@ -181,11 +203,17 @@ def compile_cascade(c: Cascade, stream: bool = True) -> Compiled:
             raise
         schedule = next((r.ir for r in done if r.name == "stream"), None)
         eq = blamed_equation(c, err, schedule)
-        if eq is None or eq.loc is None:
+        located = err
+        if eq is not None and eq.loc is not None:
+            located = type(err)(eq.loc.message(f"cannot compile {c.name}: {err}"))
+            if isinstance(err, LoweringError) and isinstance(located, LoweringError):
+                located.tensors, located.subject = err.tensors, err.subject
+        linear = next((r.ir.linear for r in done if r.name == "linearise"), None)
+        if linear is not None and linear.form == "chunked":  # the linear form is enough
+            by_name = {r.name: r.ir for r in done}
+            return Compiled(c, by_name["inline"], None, None, tuple(done), str(located))
+        if located is err:
             raise
-        located = type(err)(eq.loc.message(f"cannot compile {c.name}: {err}"))
-        if isinstance(err, LoweringError) and isinstance(located, LoweringError):
-            located.tensors, located.subject = err.tensors, err.subject
         raise located from None
     by_name = {r.name: r.ir for r in trace}
     return Compiled(c, by_name["inline"], by_name["stream"], by_name["tile"], trace)

@@ -21,11 +21,13 @@ Tensor = torch.Tensor
 _COMPILED: dict[Cascade, tuple[Compiled, ModuleType]] = {}
 
 
-def compiled(cascade: Cascade) -> tuple[Compiled, ModuleType]:
-    """The compilation record and the loaded forward module of ``cascade`` (cached)."""
+def compiled(cascade: Cascade) -> tuple[Compiled, ModuleType | None]:
+    """The compilation record and the loaded forward module of ``cascade`` (cached; None
+    when the cascade has only its chunked linear form, ``Compiled.quadratic_error``)."""
     if cascade not in _COMPILED:
         comp = compile_cascade(cascade)
-        _COMPILED[cascade] = (comp, load_kernel_module(comp.kernel))
+        module = None if comp.kernel is None else load_kernel_module(comp.kernel)
+        _COMPILED[cascade] = (comp, module)
     return _COMPILED[cascade]
 
 

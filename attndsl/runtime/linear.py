@@ -1,0 +1,257 @@
+"""Running a cascade in its linear form (the ``linearise`` pass's decision).
+
+1. :func:`scan_inputs`: the per-position prefix sums (``cumsum``) the ``materialise-scans``
+   pass turned into captured tensors, computed in torch (float32; float64 for float64 inputs):
+   O(L) work before the kernel.
+2. :func:`features`: per output, the query / key / value features and the gate, evaluated
+   element-wise over (b, h, position, e|f) from the expressions the pass extracted (GQA reads
+   such as ``K[b, h // G, n, e]`` come out per query head).  The gate is evaluated at
+   positions -1..L-1: g(-1) is the reference point of an initial state (a prefix sum is 0
+   before the sequence, its empty sum).
+3. The kernels (:mod:`attndsl.runtime.linear_kernels`): chunked for prefill, recurrent for
+   decode, with initial and final states, so segments chain.
+
+Gradients: the chunked Triton backward (:func:`chunked_backward`: dq, dk, dv and the initial
+state's gradient by kernel, the gate's from them) gives the features' gradients; torch's
+autograd carries them through the feature evaluation and the prefix sums to Q, K, V and the
+captured gates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from attndsl.ir.cascade import Cascade, Equation
+from attndsl.ir.evaluate import Env, EvaluationError, apply, safe_div
+from attndsl.ir.expr import Expr
+from attndsl.passes.linear import LinearOutput
+from attndsl.passes.scans import scan_equations
+
+Tensor = torch.Tensor
+AUTO = "auto"  # chunk size chosen by qk dim (linear_kernels.default_chunk)
+BACKWARD_CHUNK = 16  # the backward's chunk (sm90 without spills at E = 64; any size is exact)
+
+
+def _dtype_of(tensors: Mapping[str, Tensor]) -> torch.dtype:
+    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    return torch.float64 if torch.float64 in floats else torch.float32
+
+
+def _sizes(c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any]
+           ) -> dict[str, int]:
+    """Every extent's size: from the bound tensors' shapes, else an integer parameter."""
+    sizes = {k: int(v) for k, v in params.items() if isinstance(v, int)}
+    for decl in c.tensors:
+        if decl.name in tensors:
+            sizes.update(zip(decl.dims, (int(s) for s in tensors[decl.name].shape)))
+    return sizes
+
+
+def _extents(c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any]
+             ) -> dict[str, int]:
+    """The size of each index (1 for an extent nothing binds)."""
+    sizes = _sizes(c, tensors, params)
+    return {i.name: sizes.get(i.extent, 1) for i in c.indices}
+
+
+def _with_extents(c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+    """The parameters plus the extents (an extent is a value in expressions, ``/ H``)."""
+    return {**_sizes(c, tensors, params), **params}
+
+
+class _Wrapping(Env):
+    """torch's rule for captured tensors (as the kernels and the oracle): a subscript in
+    [-size, size), negatives wrap."""
+
+    def check_subscripts(self, node: Expr, idx: list[Tensor], t: Tensor) -> None:
+        for d, i in enumerate(idx):
+            if i.numel() and (int(i.min()) < -t.shape[d] or int(i.max()) >= t.shape[d]):
+                raise EvaluationError(f"{node.arg}: index {d} ranges over [{int(i.min())}, "
+                                      f"{int(i.max())}], outside its size {t.shape[d]}")
+
+
+def _over(e: Expr, c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any],
+          keep: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+    """``e`` evaluated with the indices in ``keep`` ranging over their given values (the
+    others at 0), laid out in the order of ``keep``."""
+    axes = [i.name for i in c.indices]
+    ranges = {a: keep.get(a, torch.zeros(1, dtype=torch.long)) for a in axes}
+    env = _Wrapping(axes, ranges, tensors, dict(params), dtype)
+    memo: dict[Expr, Tensor] = {}
+    for node in e.walk():
+        memo[node] = apply(node, [memo[s] for s in node.src], env)
+    value = memo[e]
+    value = value.to(dtype).expand([ranges[a].numel() for a in axes])
+    order = [a for a in axes if a in keep]
+    value = value.reshape([ranges[a].numel() for a in axes if a in keep]) if order else value
+    return value.permute([order.index(a) for a in keep]).contiguous()
+
+
+def scan_inputs(c: Cascade, tensors: Mapping[str, Tensor],
+                params: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The prefix sums of ``c`` (its original form, with scan equations) as tensors."""
+    out: dict[str, Tensor] = {}
+    dtype = _dtype_of(tensors)
+    extent = _extents(c, tensors, params)
+    params = _with_extents(c, tensors, params)
+    for eq in scan_equations(c):
+        out[eq.name] = _prefix_sum(eq, c, tensors, params, extent, dtype)
+    return out
+
+
+def _prefix_sum(eq: Equation, c: Cascade, tensors: Mapping[str, Tensor],
+                params: Mapping[str, Any], extent: dict[str, int], dtype: torch.dtype) -> Tensor:
+    idx, exclusive = eq.expr.arg
+    keep = {i: torch.arange(extent[i]) for i in eq.indices}
+    body = _over(eq.expr.src[0], c, tensors, params, keep, dtype)
+    axis = eq.indices.index(idx)
+    total = torch.cumsum(body, dim=axis)
+    if exclusive and total.shape[axis]:  # shifted by one position: the first is the empty sum 0
+        total = torch.cat([torch.zeros_like(total.narrow(axis, 0, 1)),
+                           total.narrow(axis, 0, max(total.shape[axis] - 1, 0))], dim=axis)
+    return total
+
+
+def features(out: LinearOutput, c: Cascade, tensors: Mapping[str, Tensor],
+             params: Mapping[str, Any], scans: tuple[str, ...] = ()
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(q [B, H, L, E], k [B, H, L, E], v [B, H, L, F], g [B, H, L + 1(, E)] or None) of one
+    output; L is the query length (the state runs over positions of one sequence).  ``c``
+    is the cascade the kernels see; ``scans`` names its tensors that are prefix sums."""
+    dtype = _dtype_of(tensors)
+    roles = {r: c.role(r) for r in ("batch", "head", "query", "key", "qk", "v")}
+    extent = _extents(c, tensors, params)
+    params = _with_extents(c, tensors, params)
+    length = extent[roles["query"]]
+
+    def grid(pos: str, inner: str | None, start: int = 0) -> dict[str, Tensor]:
+        axes = {}
+        for r in ("batch", "head"):
+            if roles[r] is not None:
+                axes[roles[r]] = torch.arange(extent[roles[r]])
+        axes[pos] = torch.arange(start, length)
+        if inner is not None:
+            axes[inner] = torch.arange(extent[inner])
+        return axes
+
+    def shaped(t: Tensor, inner: bool) -> Tensor:
+        """[B, H, L, X] from the evaluated layout (batch, head where declared)."""
+        for axis, r in enumerate(("batch", "head")):
+            if roles[r] is None:
+                t = t.unsqueeze(axis)
+        return t if inner else t.unsqueeze(-1)
+
+    qk, fv = roles["qk"], roles["v"]
+    q = shaped(_over(out.query, c, tensors, params, grid(roles["query"], qk), dtype), bool(qk))
+    k = shaped(_over(out.key, c, tensors, params, grid(roles["key"], qk), dtype), bool(qk))
+    v = shaped(_over(out.value, c, tensors, params, grid(roles["key"], fv), dtype), True)
+    if out.normalised:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    g = None
+    if out.gate is not None:
+        inner = qk if out.vector_gate else None
+        padded = {**tensors, **_before_start(c, tensors, scans)}
+        g = shaped(_over(out.gate, c, padded, params, grid(roles["key"], inner, -1), dtype),
+                   out.vector_gate)
+        g = g if out.vector_gate else g.squeeze(-1)
+    return q, k, v, g
+
+
+def _before_start(c: Cascade, tensors: Mapping[str, Tensor],
+                  scans: tuple[str, ...]) -> dict[str, Tensor]:
+    """Prefix sums read at position -1: a negative subscript of a captured tensor wraps, so
+    each scan gets a trailing 0 (its empty sum) along its position dimension (the one of the
+    key extent), which position -1 then reads."""
+    extent = c.index(c.role("key")).extent
+    out = {}
+    for name in scans:
+        axis = c.tensor(name).dims.index(extent)
+        t = tensors[name]
+        pad = list(t.shape)
+        pad[axis] = 1
+        out[name] = torch.cat([t, t.new_zeros(pad)], dim=axis)
+    return out
+
+
+class _Linear(torch.autograd.Function):
+    """Forward and backward: the Triton kernels (:func:`chunked_backward`)."""
+
+    @staticmethod
+    def forward(ctx: Any, chunk: int | None, q: Tensor, k: Tensor, v: Tensor,
+                g: Tensor | None, s0: Tensor | None) -> tuple[Tensor, Tensor]:
+        from attndsl.runtime.linear_kernels import default_chunk, launch
+
+        chunk = default_chunk(q.shape[-1]) if chunk == AUTO else chunk
+        ctx.has_s0 = s0 is not None
+        ctx.save_for_backward(q, k, v, g, s0)
+        f32 = [None if t is None else t.detach().float().contiguous() for t in (q, k, v, g, s0)]
+        o, st, _ = launch(*f32, chunk=chunk, vector=g is not None and g.dim() == 3)
+        return o.to(q.dtype), st.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, do: Tensor, dst: Tensor) -> tuple:
+        q, k, v, g, s0 = ctx.saved_tensors
+        grads = chunked_backward(q, k, v, g, s0, do, dst)
+        return (None, *(None if x is None else dx.to(x.dtype)
+                        for x, dx in zip((q, k, v, g, s0), grads)))
+
+
+def chunked_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
+                     do: Tensor, dst: Tensor, chunk: int = BACKWARD_CHUNK
+                     ) -> tuple[Tensor | None, ...]:
+    """dq, dk, dv, dg, ds0 of the linear form (fp32), by the chunked Triton backward.
+
+    The gate's gradient needs no kernel of its own: every term of o(m) carries
+    exp(g(m) - .) and every term holding k(n) carries exp(. - g(n)), so per position p (and
+    key dim e) dg(p) = q(p) dq(p) - k(p) dk(p); the final state adds dS_T . S_T at p = L - 1
+    (its terms all carry exp(g(L-1) - .)) and the initial state's terms give
+    dg(-1) = -S0 . dS0 (summed over e and f for a scalar gate, over f for a vector one)."""
+    from attndsl.runtime.linear_kernels import launch, launch_backward
+
+    vector = g is not None and g.dim() == 3
+    f32 = [None if t is None else t.detach().float().contiguous() for t in (q, k, v, g, s0)]
+    _, st, states = launch(*f32, chunk=chunk, vector=vector, save_states=True)
+    dq, dk, dv, ds0 = launch_backward(f32[0], f32[1], f32[2], f32[3], states,
+                                      do.float().contiguous(), dst.float().contiguous(),
+                                      chunk, vector)
+    dg = None
+    if g is not None:
+        per_e = f32[0] * dq - f32[1] * dk                                  # [BH, L, E]
+        final = (dst.float() * st).sum(-1)                                 # [BH, E]
+        start = -(f32[4] * ds0).sum(-1) if s0 is not None else torch.zeros_like(final)
+        dg = torch.cat([start[:, None], per_e], 1)
+        dg[:, -1] += final
+        if not vector:
+            dg = dg.sum(-1)
+    return dq, dk, dv, dg, (ds0 if s0 is not None else None)
+
+
+def run_linear(outputs: tuple[LinearOutput, ...], c: Cascade, tensors: Mapping[str, Tensor],
+               params: Mapping[str, Any], initial: Mapping[str, Tensor] | None = None,
+               chunk: int | str | None = AUTO, scans: tuple[str, ...] = ()
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Every output and its final state ([B, H, E, F(+1)]) by name; ``initial`` gives the
+    states to start from (a previous segment's final states); ``chunk=None`` runs the
+    recurrent kernel (decode)."""
+    results, states = {}, {}
+    for out in outputs:
+        q, k, v, g = features(out, c, tensors, params, scans)
+        b, h, length, e = q.shape
+        flat = [t.reshape(b * h, *t.shape[2:]) for t in (q, k, v)]
+        gf = None if g is None else g.reshape(b * h, *g.shape[2:])
+        s0 = None if initial is None or out.name not in initial else \
+            initial[out.name].reshape(b * h, e, v.shape[-1])
+        o, st = _Linear.apply(chunk, *flat, gf, s0)
+        o = o.reshape(b, h, length, v.shape[-1])
+        if out.normalised:
+            o = safe_div(o[..., :-1], o[..., -1:])
+        for axis, r in ((1, "head"), (0, "batch")):  # the output's own layout
+            if c.role(r) is None:
+                o = o.squeeze(axis)
+        results[out.name] = o
+        states[out.name] = st.reshape(b, h, e, v.shape[-1])
+    return results, states
