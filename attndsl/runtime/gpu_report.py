@@ -1,24 +1,27 @@
 """Ahead-of-time GPU reports for generated kernels (registers, spills, shared memory,
-tensor-core instructions), computed on a CPU with Triton's own compiler.
+tensor-core instructions, key-tile loops), computed on a CPU with Triton's own compiler.
 
-The compile runs in a child process: this process may have imported triton in interpreter mode
-(TRITON_INTERPRET=1, for CPU execution), in which Triton's library functions cannot be compiled
-for a GPU.  ``python -m attndsl.runtime.gpu_report MODULE TARGET DTYPE E F`` prints JSON.
+A thin layer over :mod:`attndsl.runtime.aot`, which compiles (in a child process whenever this
+one runs Triton's interpreter) and reads the cubin back. This module knows how a generated
+forward module is launched -- which arguments are strides, which constexprs a launch sets -- and
+turns a (module, target, dtype, head dims, sparsity, config) job into an :class:`aot.KernelSpec`.
+
+:func:`record_launches` reads the same facts from a real call instead: it runs any launcher
+(``attndsl.flex_attention``, a generated module's ``launch``, a hand-written kernel's wrapper)
+under the interpreter with each launch recorded, not executed, and gives the compile signature
+as a GPU launch would specialise it (benchmarks/static_kernel.py compiles that way).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from attndsl.ir.tile import TileKernel
 from attndsl.passes.mask import SPARSE_BLOCK
-from attndsl.runtime.aot import KernelSpec
+from attndsl.runtime.aot import CompiledReport, KernelSpec, compile_kernels
 from attndsl.runtime.modules import cache_dir, module_source, spec_hash, write_module
 
 CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
@@ -55,9 +58,8 @@ def signature(module: Any, dtype: str, e: int, f: int) -> tuple[dict, dict]:
     return sig, units
 
 
-def _compile_job(job: dict) -> dict:
-    """Compile one (module, target, dtype, head dims, sparsity, segments, config) here."""
-    from attndsl.runtime.aot import compile_kernel
+def _spec(job: dict) -> KernelSpec:
+    """The compile of one (module, target, dtype, head dims, sparsity, segments, config) job."""
     from attndsl.runtime.modules import import_path
 
     module = import_path(job["path"])
@@ -71,16 +73,23 @@ def _compile_job(job: dict) -> dict:
                                                    if job["sparsity"] == 3 else 1),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
                   STATS=False)
+    return KernelSpec(module.attention_fwd_kernel, sig, consts, job["target"], warps, stages)
+
+
+def _row(job: dict, report: CompiledReport | Exception) -> dict:
+    """The job with its report's numbers (or the error: a config Triton cannot build is
+    reported, not fatal)."""
     out = dict(job)
-    try:
-        r = compile_kernel(module.attention_fwd_kernel, sig, consts, job["target"], warps,
-                           stages)
-        out.update(registers=r.registers, spills=r.spill_stores + r.spill_loads,
-                   stack=r.stack_bytes, shared=r.shared_total_bytes, tc_kind=r.tc_kind,
-                   tc_count=r.tc_count, programs_per_sm=r.programs_per_sm, fits=r.fits,
-                   reason=r.reason)
-    except Exception as err:  # a config Triton cannot build is reported, not fatal
-        out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if isinstance(report, Exception):
+        out["error"] = f"{type(report).__name__}: {str(report).splitlines()[0][:200]}"
+        return out
+    r = report
+    out.update(registers=r.registers, spills=r.spill_stores + r.spill_loads,
+               stack=r.stack_bytes, shared=r.shared_total_bytes, tc_kind=r.tc_kind,
+               tc_count=r.tc_count, programs_per_sm=r.programs_per_sm, fits=r.fits,
+               reason=r.reason, tma=r.tma_count,
+               loops=[{"all": lp.instructions, "tensor_core": lp.tensor_core, "ex2": lp.ex2,
+                       "rest": lp.rest} for lp in r.loops])
     return out
 
 
@@ -96,16 +105,27 @@ def default_config(kernel_path: str, dtype: str, e: int, f: int) -> list[int]:
 
 
 def run_jobs(jobs: list[dict]) -> list[dict]:
-    """Compile many jobs in one child process (Triton imported without the interpreter)."""
-    from attndsl.runtime.aot import child_env
-
-    env = dict(child_env(), TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-m", "attndsl.runtime.gpu_report"],
-                          input=json.dumps(jobs), capture_output=True, text=True, env=env,
-                          timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compile failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Compile many jobs (one aot child process for all, when this process is interpreted);
+    a job with ``"config": None`` gets the module's default GPU config; repeated jobs once."""
+    unique, seen = [], set()
+    for job in jobs:
+        job = dict(job)
+        if job["config"] is None:
+            job["config"] = default_config(job["path"], job["dtype"], job["e"], job["f"])
+        key = (job["path"], job["target"], job["dtype"], job["e"], job["f"], job["sparsity"],
+               job.get("segments", 1), tuple(job["config"]))
+        if key not in seen:
+            seen.add(key)
+            unique.append(job)
+    specs: list[KernelSpec | Exception] = []
+    for job in unique:
+        try:
+            specs.append(_spec(job))
+        except Exception as err:  # a module that cannot be read is reported like a failed build
+            specs.append(err)
+    good = iter(compile_kernels([s for s in specs if isinstance(s, KernelSpec)], strict=False))
+    reports = [next(good) if isinstance(s, KernelSpec) else s for s in specs]
+    return [_row(job, report) for job, report in zip(unique, reports, strict=True)]
 
 
 def kernel_path(kernel: TileKernel) -> str:
@@ -143,23 +163,6 @@ def format_reports(reports: list[dict]) -> str:
 def kernel_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int = 64,
                    f: int = 64) -> str:
     return format_reports(compile_reports(kernel, target, dtype, e, f))
-
-
-def _child() -> None:
-    jobs = json.loads(sys.stdin.read())
-    results, seen = [], set()
-    for job in jobs:
-        if job["config"] is None:
-            job["config"] = default_config(job["path"], job["dtype"], job["e"], job["f"])
-        key = (job["path"], job["target"], job["dtype"], job["e"], job["f"], job["sparsity"],
-               job.get("segments", 1), tuple(job["config"]))
-        if key in seen:
-            continue
-        seen.add(key)
-        results.append(_compile_job(job))
-    print(json.dumps(results))
-
-
 
 
 # ----------------------------------------------------------------------------- recorded launches
@@ -265,7 +268,3 @@ def record_launches(run: Callable[[], Any]) -> list[RecordedLaunch]:
     finally:
         InterpretedFunction.run = original
     return launches
-
-
-if __name__ == "__main__":
-    _child()
