@@ -21,7 +21,7 @@ from typing import Any
 
 from attndsl.ir.tile import TileKernel
 from attndsl.passes.mask import SPARSE_BLOCK
-from attndsl.runtime.aot import CompiledReport, KernelSpec, compile_kernels
+from attndsl.runtime.aot import TARGETS, CompiledReport, KernelSpec, compile_kernels
 from attndsl.runtime.modules import cache_dir, module_source, spec_hash, write_module
 
 CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
@@ -68,7 +68,8 @@ def _spec(job: dict) -> KernelSpec:
     bm, bn, warps, stages = job["config"]
     consts = dict(units, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, _next_pow2(e)),
                   BLOCK_F=max(16, _next_pow2(f)), EVEN_N=True, SPARSITY=job["sparsity"],
-                  SPARSE_Q=SPARSE_BLOCK, SPARSE_KV=SPARSE_BLOCK,
+                  SPARSE_Q=job.get("sparse_q", SPARSE_BLOCK),
+                  SPARSE_KV=job.get("sparse_kv", SPARSE_BLOCK),
                   SEGMENTS=job.get("segments") or (module.BOUNDS_SEGMENTS
                                                    if job["sparsity"] == 3 else 1),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
@@ -163,6 +164,77 @@ def format_reports(reports: list[dict]) -> str:
 def kernel_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int = 64,
                    f: int = 64) -> str:
     return format_reports(compile_reports(kernel, target, dtype, e, f))
+
+
+# ----------------------------------------------------------------------------- autotuning
+
+_DTYPES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}
+
+
+def device_target(device: str) -> str | None:
+    """The :data:`aot.TARGETS` name of a CUDA device (``"cuda:0"`` -> ``"sm90"``), or None."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    name = f"sm{major}{minor}"
+    return name if name in TARGETS else None
+
+
+def prune_candidates(module: Any, key: tuple, candidates: list[dict],
+                     target: str) -> list[dict]:
+    """The autotuning candidates of a generated forward module that fit ``target`` statically.
+
+    ``key`` is the launcher's tuning key ``(spec hash, device, dtype, E, F, sparsity, sparse_q,
+    sparse_kv, segments, ...)``. Each candidate is compiled ahead of time (:func:`run_jobs`) and
+    kept when its report fits: shared memory within the block limit, no register spills. When
+    none fits, those that at least compile within the shared-memory limit are kept (they run,
+    with spills); when none of those either, the candidates are returned as given (the timing
+    loop then reports what cannot run)."""
+    _, _, dtype, e, f, sparsity, sparse_q, sparse_kv, segments = key[:9]
+    base = {"path": module.__file__, "target": target, "dtype": _DTYPES[str(dtype)], "e": e,
+            "f": f, "sparsity": sparsity, "segments": segments, "sparse_q": sparse_q,
+            "sparse_kv": sparse_kv}
+    configs = [[c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]] for c in candidates]
+    rows = {tuple(r["config"]): r for r in run_jobs([{**base, "config": c} for c in configs])}
+    found = [rows.get(tuple(c), {"error": "not compiled"}) for c in configs]
+    fit = [c for c, r in zip(candidates, found, strict=True) if r.get("fits")]
+    smem = TARGETS[target].smem_per_block
+    runs = [c for c, r in zip(candidates, found, strict=True)
+            if "error" not in r and r["shared"] <= smem]
+    return fit or runs or list(candidates)
+
+
+def install_static_pruning(module: Any,
+                           target_of: Callable[[str], str | None] = device_target) -> None:
+    """Make a generated forward module's autotuner drop, before timing anything, the
+    candidates whose static report does not fit the device (:func:`prune_candidates`).
+
+    Wraps the module's ``_tuned(key, candidates, run)`` (the launcher times each candidate
+    there); a module without one, a CPU key or a device without :data:`aot.TARGETS` limits is
+    left as it is. Installed once per module."""
+    tuned = getattr(module, "_tuned", None)
+    if not callable(tuned) or getattr(tuned, "statically_pruned", False):
+        return
+
+    kept: dict[str, list] = {}
+
+    def already_tuned(skey: str) -> bool:  # the launcher's memory and file, when it has them
+        memory = getattr(module, "_TUNED", {})
+        read = getattr(module, "_read_tuning", None)
+        return skey in memory or (callable(read) and skey in read())
+
+    def pruned(key: tuple, candidates: list, run: Callable) -> dict:
+        skey = repr(key)
+        device = str(key[1]) if len(key) > 1 else ""
+        if skey not in kept and len(candidates) > 1 and device.startswith("cuda") \
+                and len(key) >= 9 and not already_tuned(skey):
+            target = target_of(device)
+            kept[skey] = candidates if target is None else \
+                prune_candidates(module, key, candidates, target)
+        return tuned(key, kept.get(skey, candidates), run)
+
+    pruned.statically_pruned = True  # type: ignore[attr-defined]
+    module._tuned = pruned
 
 
 # ----------------------------------------------------------------------------- recorded launches
