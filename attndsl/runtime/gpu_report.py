@@ -146,8 +146,10 @@ def compile_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int
 
 
 def format_reports(reports: list[dict]) -> str:
+    """A table of reports: config, registers, spills, shared memory, tensor-core and TMA
+    instructions, programs per SM, the key-tile loops' instruction counts, fits."""
     lines = [f"{'BLOCK_M x N, warps, stages':28s} {'regs':>5s} {'spills':>6s} {'smem KiB':>9s} "
-             f"{'tensor cores':>14s} {'CTAs/SM':>7s}  fits"]
+             f"{'tensor cores':>14s} {'TMA':>4s} {'CTAs/SM':>7s} {'loop instr':>11s}  fits"]
     for r in reports:
         cfg = "{} x {}, {}w, {}s".format(*r["config"]) + \
             ("  (default)" if r.get("default") else "")
@@ -155,9 +157,11 @@ def format_reports(reports: list[dict]) -> str:
             lines.append(f"{cfg:28s} failed: {r['error']}")
             continue
         tc = f"{r['tc_kind']} x{r['tc_count']}"
+        loops = ",".join(str(lp["all"]) for lp in r.get("loops", [])) or "-"
         fits = "yes" if r["fits"] else "no: " + r["reason"]
         lines.append(f"{cfg:28s} {r['registers']:5d} {r['spills']:6d} {r['shared'] / 1024:9.1f} "
-                     f"{tc:>14s} {r['programs_per_sm']:7d}  {fits}")
+                     f"{tc:>14s} {r.get('tma', 0):4d} {r['programs_per_sm']:7d} {loops:>11s}  "
+                     f"{fits}")
     return "\n".join(lines)
 
 
