@@ -328,7 +328,12 @@ def _kernel_row(job: Job, report: CompiledReport | Exception) -> dict:
 
 def pair_loops(gen: dict, ref: dict) -> list[dict]:
     """Each generated loop next to the first reference loop of its kind, with the ratio; a
-    kernel pair with one loop each is paired whatever the kinds (same structure)."""
+    kernel pair with one loop each is paired whatever the kinds (same structure).
+
+    The ratio is per key tile: instructions per tensor-core instruction, generated over
+    hand-written. The tiles are the same, so one tile's MMAs are the same; a loop body that
+    the compiler unrolled over ``k`` tiles holds ``k`` times as many (``tiles_per_body``).
+    With equal tensor-core counts this is the plain instruction ratio."""
     gen_loops, ref_loops = gen.get("loops", []), ref.get("loops", [])
     pairs = []
     for loop in gen_loops:
@@ -336,10 +341,21 @@ def pair_loops(gen: dict, ref: dict) -> list[dict]:
             match = ref_loops[0]
         else:
             match = next((r for r in ref_loops if r["kind"] == loop["kind"]), None)
-        ratio = round(loop["all"] / match["all"], 3) if match else None
+        ratio = tiles = None
+        if match and loop["tensor_core"] and match["tensor_core"]:
+            tiles = loop["tensor_core"] / match["tensor_core"]
+            ratio = round(loop["all"] / match["all"] / tiles, 3)
         pairs.append({"kind": (match or loop)["kind"], "generated": loop, "reference": match,
-                      "ratio": ratio})
+                      "ratio": ratio, "tiles_per_body": tiles})
     return pairs
+
+
+def rescore(path: Path) -> list[dict]:
+    """Rows of a written JSON result with the loop pairs recomputed (no compiling)."""
+    rows = json.loads(path.read_text())["rows"]
+    for row in rows:
+        row["loops"] = pair_loops(row["generated"] or {}, row["reference"] or {})
+    return rows
 
 
 def compare(jobs: list[Job], reports: list[CompiledReport | Exception]) -> list[dict]:
@@ -399,8 +415,50 @@ def markdown(rows: list[dict], meta: dict) -> str:
             lines.append(f"{head} | - | {gen} | {ref} | - | {regs}")
         for pair in row["loops"]:
             ratio = "-" if pair["ratio"] is None else f"{pair['ratio']:.2f}"
+            if (pair["tiles_per_body"] or 1) != 1:
+                ratio += f" (x{pair['tiles_per_body']:g} tiles)"
             lines.append(f"{head} | {pair['kind']} | {_counts(pair['generated'])} | "
                          f"{_counts(pair['reference'])} | {ratio} | {regs}")
+    return "\n".join(lines) + "\n"
+
+
+def _ratios(row: dict) -> str:
+    """``unmasked / masked`` ratios of a row's loops (the largest per kind), ``-`` if none."""
+    best: dict[str, float] = {}
+    for pair in row["loops"]:
+        if pair["ratio"] is not None:
+            best[pair["kind"]] = max(best.get(pair["kind"], 0.0), pair["ratio"])
+    return " / ".join(f"{best[k]:.2f}" if k in best else "-" for k in ("unmasked", "masked"))
+
+
+def _regs_pair(row: dict) -> str:
+    gen, ref = row["generated"] or {}, row["reference"] or {}
+    if "registers" not in gen or "registers" not in ref:
+        return "-"
+    spill = lambda side: "s" if side["spills"] or side["stack"] else ""  # noqa: E731
+    return f"{gen['registers']}{spill(gen)} / {ref['registers']}{spill(ref)}"
+
+
+def summary(rows: list[dict], dtype: str = "fp16") -> str:
+    """One line per (direction, case, D, kernel) with key-tile loops: per target the loop
+    ratios (unmasked / masked, the worst loop of each kind) and registers (gen / ref, ``s``:
+    spills)."""
+    targets = sorted({r["target"] for r in rows}, reverse=True)
+    cells: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        if row["dtype"] == dtype and row["loops"]:
+            key = (row["direction"], row["case"], row["dim"], row["kernel"])
+            cells.setdefault(key, {})[row["target"]] = row
+    head = " | ".join(f"{t} ratio unmasked / masked | {t} regs gen / ref" for t in targets)
+    lines = [f"| dir | case | D | kernel | {head} |",
+             "| --- | --- | --- | --- |" + " --- | --- |" * len(targets)]
+    for (direction, case, dim, kernel), by_target in cells.items():
+        parts = []
+        for t in targets:
+            row = by_target.get(t)
+            parts += [_ratios(row), _regs_pair(row)] if row else ["-", "-"]
+        lines.append(f"| {direction[:3]} | {case} | {dim} | {kernel} | " + " | ".join(parts)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -414,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", help="comma-separated head dims (default 64,128)")
     parser.add_argument("--no-backward", action="store_true", help="forward kernels only")
     parser.add_argument("--jobs", type=int, default=2, help="compiling children (at most 2)")
+    parser.add_argument("--rescore", help="recompute the pairs and tables of a JSON result")
     parser.add_argument("--out", help="output path without extension "
                                       "(default benchmarks/results/static_kernel_<date>)")
     args = parser.parse_args(argv)
@@ -429,6 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     fwd_cases = [c for c in (cases or FORWARD_CASES) if c in FORWARD_CASES]
     bwd_cases = [] if args.no_backward else \
         [c for c in (cases or BACKWARD_CASES) if c in BACKWARD_CASES]
+    if args.rescore:
+        path = Path(args.rescore)
+        data = json.loads(path.read_text())
+        return _write(rescore(path), data["meta"], path.with_suffix(""),
+                      sorted({r["dtype"] for r in data["rows"]}))
     t0 = time.perf_counter()
     jobs = forward_jobs(fwd_cases, targets, dtypes, dims) + \
         backward_jobs(bwd_cases, targets, dtypes, dims)
@@ -442,12 +506,19 @@ def main(argv: list[str] | None = None) -> int:
             "note": "static SASS, compiled on CPU, no GPU"}
     out = Path(args.out) if args.out else \
         ROOT / "benchmarks" / "results" / f"static_kernel_{meta['date']}"
+    _write(rows, meta, out, dtypes)
+    print(f"{len(jobs)} kernels compiled in {meta['seconds']} s; wrote {out}.json and .md")
+    return 0
+
+
+def _write(rows: list[dict], meta: dict, out: Path, dtypes: list[str]) -> int:
+    """``out``.json (meta and rows) and ``out``.md (summaries per dtype, then every loop)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    table = markdown(rows, meta)
-    out.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"{len(jobs)} kernels compiled in {meta['seconds']} s; wrote {out}.json and .md")
+    short = "\n".join(f"Summary, {d} (worst loop of each kind):\n\n{summary(rows, d)}"
+                      for d in dtypes)
+    out.with_suffix(".md").write_text(f"{short}\nAll loops:\n\n{markdown(rows, meta)}")
+    print(short)
     return 0
 
 

@@ -72,3 +72,14 @@ def test_summary_counts_tma_per_kernel_and_picks_the_named_function() -> None:
     assert summary.tma == 2 and len(summary.loops) == 1
     assert summarize_sass(LISTING + other).function == "attn_kernel"  # the longest by default
     assert is_tma("UTMASTG.2D") and is_tma("UBLKCP.S.G") and not is_tma("ULDC.64")
+
+
+def test_the_target_report_table_shows_tma_and_key_tile_loop_counts() -> None:
+    from attndsl.runtime.gpu_report import format_reports
+
+    row = {"config": [128, 64, 8, 3], "registers": 125, "spills": 0, "shared": 66560,
+           "tc_kind": "HGMMA", "tc_count": 8, "tma": 2, "programs_per_sm": 2, "fits": True,
+           "loops": [{"all": 396}, {"all": 714}]}
+    header, line = format_reports([row]).splitlines()
+    assert "TMA" in header and "loop instr" in header
+    assert line.split()[-4:] == ["2", "2", "396,714", "yes"]

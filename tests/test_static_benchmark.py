@@ -66,12 +66,24 @@ def test_loops_are_masked_when_they_compare_once_per_score_element() -> None:
 
 
 def test_generated_loops_are_paired_with_the_reference_loop_of_their_kind() -> None:
-    gen = {"loops": [{"kind": "masked", "all": 120}, {"kind": "unmasked", "all": 90}]}
-    ref = {"loops": [{"kind": "unmasked", "all": 60}, {"kind": "masked", "all": 100}]}
+    gen = {"loops": [{"kind": "masked", "all": 120, "tensor_core": 8},
+                     {"kind": "unmasked", "all": 90, "tensor_core": 8}]}
+    ref = {"loops": [{"kind": "unmasked", "all": 60, "tensor_core": 8},
+                     {"kind": "masked", "all": 100, "tensor_core": 8}]}
     pairs = static_kernel.pair_loops(gen, ref)
     assert [(p["kind"], p["ratio"]) for p in pairs] == [("masked", 1.2), ("unmasked", 1.5)]
-    lone = static_kernel.pair_loops(gen, {"loops": [{"kind": "unmasked", "all": 60}]})
+    lone = static_kernel.pair_loops(gen, {"loops": [{"kind": "unmasked", "all": 60,
+                                                     "tensor_core": 8}]})
     assert [p["ratio"] for p in lone] == [None, 1.5]  # no masked reference loop: no ratio
+
+
+def test_a_loop_unrolled_over_several_key_tiles_is_compared_per_tile() -> None:
+    # sm80 unrolls a constant-trip inner loop: 8 tiles in one body, 8x the tensor-core ops
+    gen = {"loops": [{"kind": "unmasked", "all": 1733, "tensor_core": 256}]}
+    ref = {"loops": [{"kind": "unmasked", "all": 183, "tensor_core": 32}]}
+    (pair,) = static_kernel.pair_loops(gen, ref)
+    assert pair["tiles_per_body"] == 8
+    assert pair["ratio"] == pytest.approx(1733 / 8 / 183, abs=1e-3)
 
 
 def test_the_backward_launches_are_recorded_by_role() -> None:

@@ -535,10 +535,21 @@ class KernelSpec:
 def compile_kernels(specs: Sequence[KernelSpec], *, jobs: int = 1,
                     strict: bool = True) -> list[CompiledReport | Exception]:
     """Compile many kernels (cached like :func:`compile_kernel`), in up to ``jobs`` child
-    processes at once; without ``strict`` a failed compile is returned as its exception."""
-    requests = [_request(s.fn, s.signature, s.constexprs, s.target, s.num_warps, s.num_stages,
-                         s.assume_aligned, s.options) for s in specs]
-    return _compile_all(requests, jobs, strict)
+    processes at once; without ``strict`` a request that is invalid or fails to compile is
+    returned as its exception."""
+    results: list[CompiledReport | Exception | None] = []
+    requests = []
+    for s in specs:
+        try:
+            requests.append(_request(s.fn, s.signature, s.constexprs, s.target, s.num_warps,
+                                     s.num_stages, s.assume_aligned, s.options))
+            results.append(None)
+        except (ValueError, TypeError) as err:
+            if strict:
+                raise
+            results.append(err)
+    compiled = iter(_compile_all(requests, jobs, strict))
+    return [next(compiled) if r is None else r for r in results]
 
 
 def _compile_here(req: _Request) -> CompiledReport:

@@ -1,24 +1,27 @@
 """Ahead-of-time GPU reports for generated kernels (registers, spills, shared memory,
-tensor-core instructions), computed on a CPU with Triton's own compiler.
+tensor-core instructions, key-tile loops), computed on a CPU with Triton's own compiler.
 
-The compile runs in a child process: this process may have imported triton in interpreter mode
-(TRITON_INTERPRET=1, for CPU execution), in which Triton's library functions cannot be compiled
-for a GPU.  ``python -m attndsl.runtime.gpu_report MODULE TARGET DTYPE E F`` prints JSON.
+A thin layer over :mod:`attndsl.runtime.aot`, which compiles (in a child process whenever this
+one runs Triton's interpreter) and reads the cubin back. This module knows how a generated
+forward module is launched -- which arguments are strides, which constexprs a launch sets -- and
+turns a (module, target, dtype, head dims, sparsity, config) job into an :class:`aot.KernelSpec`.
+
+:func:`record_launches` reads the same facts from a real call instead: it runs any launcher
+(``attndsl.flex_attention``, a generated module's ``launch``, a hand-written kernel's wrapper)
+under the interpreter with each launch recorded, not executed, and gives the compile signature
+as a GPU launch would specialise it (benchmarks/static_kernel.py compiles that way).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from attndsl.ir.tile import TileKernel
 from attndsl.passes.mask import SPARSE_BLOCK
-from attndsl.runtime.aot import KernelSpec
+from attndsl.runtime.aot import TARGETS, CompiledReport, KernelSpec, compile_kernels
 from attndsl.runtime.modules import cache_dir, module_source, spec_hash, write_module
 
 CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
@@ -55,9 +58,8 @@ def signature(module: Any, dtype: str, e: int, f: int) -> tuple[dict, dict]:
     return sig, units
 
 
-def _compile_job(job: dict) -> dict:
-    """Compile one (module, target, dtype, head dims, sparsity, segments, config) here."""
-    from attndsl.runtime.aot import compile_kernel
+def _spec(job: dict) -> KernelSpec:
+    """The compile of one (module, target, dtype, head dims, sparsity, segments, config) job."""
     from attndsl.runtime.modules import import_path
 
     module = import_path(job["path"])
@@ -66,21 +68,29 @@ def _compile_job(job: dict) -> dict:
     bm, bn, warps, stages = job["config"]
     consts = dict(units, BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, _next_pow2(e)),
                   BLOCK_F=max(16, _next_pow2(f)), EVEN_N=True, SPARSITY=job["sparsity"],
-                  SPARSE_Q=SPARSE_BLOCK, SPARSE_KV=SPARSE_BLOCK,
+                  SPARSE_Q=job.get("sparse_q", SPARSE_BLOCK),
+                  SPARSE_KV=job.get("sparse_kv", SPARSE_BLOCK),
                   SEGMENTS=job.get("segments") or (module.BOUNDS_SEGMENTS
                                                    if job["sparsity"] == 3 else 1),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
                   STATS=False)
+    return KernelSpec(module.attention_fwd_kernel, sig, consts, job["target"], warps, stages)
+
+
+def _row(job: dict, report: CompiledReport | Exception) -> dict:
+    """The job with its report's numbers (or the error: a config Triton cannot build is
+    reported, not fatal)."""
     out = dict(job)
-    try:
-        r = compile_kernel(module.attention_fwd_kernel, sig, consts, job["target"], warps,
-                           stages)
-        out.update(registers=r.registers, spills=r.spill_stores + r.spill_loads,
-                   stack=r.stack_bytes, shared=r.shared_total_bytes, tc_kind=r.tc_kind,
-                   tc_count=r.tc_count, programs_per_sm=r.programs_per_sm, fits=r.fits,
-                   reason=r.reason)
-    except Exception as err:  # a config Triton cannot build is reported, not fatal
-        out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if isinstance(report, Exception):
+        out["error"] = f"{type(report).__name__}: {str(report).splitlines()[0][:200]}"
+        return out
+    r = report
+    out.update(registers=r.registers, spills=r.spill_stores + r.spill_loads,
+               stack=r.stack_bytes, shared=r.shared_total_bytes, tc_kind=r.tc_kind,
+               tc_count=r.tc_count, programs_per_sm=r.programs_per_sm, fits=r.fits,
+               reason=r.reason, tma=r.tma_count,
+               loops=[{"all": lp.instructions, "tensor_core": lp.tensor_core, "ex2": lp.ex2,
+                       "rest": lp.rest} for lp in r.loops])
     return out
 
 
@@ -96,16 +106,27 @@ def default_config(kernel_path: str, dtype: str, e: int, f: int) -> list[int]:
 
 
 def run_jobs(jobs: list[dict]) -> list[dict]:
-    """Compile many jobs in one child process (Triton imported without the interpreter)."""
-    from attndsl.runtime.aot import child_env
-
-    env = dict(child_env(), TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-m", "attndsl.runtime.gpu_report"],
-                          input=json.dumps(jobs), capture_output=True, text=True, env=env,
-                          timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compile failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Compile many jobs (one aot child process for all, when this process is interpreted);
+    a job with ``"config": None`` gets the module's default GPU config; repeated jobs once."""
+    unique, seen = [], set()
+    for job in jobs:
+        job = dict(job)
+        if job["config"] is None:
+            job["config"] = default_config(job["path"], job["dtype"], job["e"], job["f"])
+        key = (job["path"], job["target"], job["dtype"], job["e"], job["f"], job["sparsity"],
+               job.get("segments", 1), tuple(job["config"]))
+        if key not in seen:
+            seen.add(key)
+            unique.append(job)
+    specs: list[KernelSpec | Exception] = []
+    for job in unique:
+        try:
+            specs.append(_spec(job))
+        except Exception as err:  # a module that cannot be read is reported like a failed build
+            specs.append(err)
+    good = iter(compile_kernels([s for s in specs if isinstance(s, KernelSpec)], strict=False))
+    reports = [next(good) if isinstance(s, KernelSpec) else s for s in specs]
+    return [_row(job, report) for job, report in zip(unique, reports, strict=True)]
 
 
 def kernel_path(kernel: TileKernel) -> str:
@@ -125,8 +146,10 @@ def compile_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int
 
 
 def format_reports(reports: list[dict]) -> str:
+    """A table of reports: config, registers, spills, shared memory, tensor-core and TMA
+    instructions, programs per SM, the key-tile loops' instruction counts, fits."""
     lines = [f"{'BLOCK_M x N, warps, stages':28s} {'regs':>5s} {'spills':>6s} {'smem KiB':>9s} "
-             f"{'tensor cores':>14s} {'CTAs/SM':>7s}  fits"]
+             f"{'tensor cores':>14s} {'TMA':>4s} {'CTAs/SM':>7s} {'loop instr':>11s}  fits"]
     for r in reports:
         cfg = "{} x {}, {}w, {}s".format(*r["config"]) + \
             ("  (default)" if r.get("default") else "")
@@ -134,9 +157,11 @@ def format_reports(reports: list[dict]) -> str:
             lines.append(f"{cfg:28s} failed: {r['error']}")
             continue
         tc = f"{r['tc_kind']} x{r['tc_count']}"
+        loops = ",".join(str(lp["all"]) for lp in r.get("loops", [])) or "-"
         fits = "yes" if r["fits"] else "no: " + r["reason"]
         lines.append(f"{cfg:28s} {r['registers']:5d} {r['spills']:6d} {r['shared'] / 1024:9.1f} "
-                     f"{tc:>14s} {r['programs_per_sm']:7d}  {fits}")
+                     f"{tc:>14s} {r.get('tma', 0):4d} {r['programs_per_sm']:7d} {loops:>11s}  "
+                     f"{fits}")
     return "\n".join(lines)
 
 
@@ -145,21 +170,75 @@ def kernel_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int 
     return format_reports(compile_reports(kernel, target, dtype, e, f))
 
 
-def _child() -> None:
-    jobs = json.loads(sys.stdin.read())
-    results, seen = [], set()
-    for job in jobs:
-        if job["config"] is None:
-            job["config"] = default_config(job["path"], job["dtype"], job["e"], job["f"])
-        key = (job["path"], job["target"], job["dtype"], job["e"], job["f"], job["sparsity"],
-               job.get("segments", 1), tuple(job["config"]))
-        if key in seen:
-            continue
-        seen.add(key)
-        results.append(_compile_job(job))
-    print(json.dumps(results))
+# ----------------------------------------------------------------------------- autotuning
+
+_DTYPES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}
 
 
+def device_target(device: str) -> str | None:
+    """The :data:`aot.TARGETS` name of a CUDA device (``"cuda:0"`` -> ``"sm90"``), or None."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    name = f"sm{major}{minor}"
+    return name if name in TARGETS else None
+
+
+def prune_candidates(module: Any, key: tuple, candidates: list[dict],
+                     target: str) -> list[dict]:
+    """The autotuning candidates of a generated forward module that fit ``target`` statically.
+
+    ``key`` is the launcher's tuning key ``(spec hash, device, dtype, E, F, sparsity, sparse_q,
+    sparse_kv, segments, ...)``. Each candidate is compiled ahead of time (:func:`run_jobs`) and
+    kept when its report fits: shared memory within the block limit, no register spills. When
+    none fits, those that at least compile within the shared-memory limit are kept (they run,
+    with spills); when none of those either, the candidates are returned as given (the timing
+    loop then reports what cannot run)."""
+    _, _, dtype, e, f, sparsity, sparse_q, sparse_kv, segments = key[:9]
+    base = {"path": module.__file__, "target": target, "dtype": _DTYPES[str(dtype)], "e": e,
+            "f": f, "sparsity": sparsity, "segments": segments, "sparse_q": sparse_q,
+            "sparse_kv": sparse_kv}
+    configs = [[c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]] for c in candidates]
+    rows = {tuple(r["config"]): r for r in run_jobs([{**base, "config": c} for c in configs])}
+    found = [rows.get(tuple(c), {"error": "not compiled"}) for c in configs]
+    fit = [c for c, r in zip(candidates, found, strict=True) if r.get("fits")]
+    smem = TARGETS[target].smem_per_block
+    runs = [c for c, r in zip(candidates, found, strict=True)
+            if "error" not in r and r["shared"] <= smem]
+    return fit or runs or list(candidates)
+
+
+def install_static_pruning(module: Any,
+                           target_of: Callable[[str], str | None] = device_target) -> None:
+    """Make a generated forward module's autotuner drop, before timing anything, the
+    candidates whose static report does not fit the device (:func:`prune_candidates`).
+
+    Wraps the module's ``_tuned(key, candidates, run)`` (the launcher times each candidate
+    there); a module without one, a CPU key or a device without :data:`aot.TARGETS` limits is
+    left as it is. Installed once per module."""
+    tuned = getattr(module, "_tuned", None)
+    if not callable(tuned) or getattr(tuned, "statically_pruned", False):
+        return
+
+    kept: dict[str, list] = {}
+
+    def already_tuned(skey: str) -> bool:  # the launcher's memory and file, when it has them
+        memory = getattr(module, "_TUNED", {})
+        read = getattr(module, "_read_tuning", None)
+        return skey in memory or (callable(read) and skey in read())
+
+    def pruned(key: tuple, candidates: list, run: Callable) -> dict:
+        skey = repr(key)
+        device = str(key[1]) if len(key) > 1 else ""
+        if skey not in kept and len(candidates) > 1 and device.startswith("cuda") \
+                and len(key) >= 9 and not already_tuned(skey):
+            target = target_of(device)
+            kept[skey] = candidates if target is None else \
+                prune_candidates(module, key, candidates, target)
+        return tuned(key, kept.get(skey, candidates), run)
+
+    pruned.statically_pruned = True  # type: ignore[attr-defined]
+    module._tuned = pruned
 
 
 # ----------------------------------------------------------------------------- recorded launches
@@ -265,7 +344,3 @@ def record_launches(run: Callable[[], Any]) -> list[RecordedLaunch]:
     finally:
         InterpretedFunction.run = original
     return launches
-
-
-if __name__ == "__main__":
-    _child()

@@ -15,6 +15,7 @@ from attndsl.ir.cascade import Cascade
 from attndsl.key_tile_plan import KeyTilePlan
 from attndsl.passes.pipeline import Compiled, compile_cascade
 from attndsl.runtime.checks import AttentionError
+from attndsl.runtime.gpu_report import install_static_pruning
 from attndsl.runtime.modules import load_kernel_module
 
 Tensor = torch.Tensor
@@ -23,10 +24,13 @@ _COMPILED: dict[Cascade, tuple[Compiled, ModuleType]] = {}
 
 def compiled(cascade: Cascade) -> tuple[Compiled, ModuleType | None]:
     """The compilation record and the loaded forward module of ``cascade`` (cached; None
-    when the cascade has only its chunked linear form, ``Compiled.quadratic_error``)."""
+    when the cascade has only its chunked linear form, ``Compiled.quadratic_error``); the
+    module's autotuner drops configs by their static report before timing any."""
     if cascade not in _COMPILED:
         comp = compile_cascade(cascade)
         module = None if comp.kernel is None else load_kernel_module(comp.kernel)
+        if module is not None:
+            install_static_pruning(module)
         _COMPILED[cascade] = (comp, module)
     return _COMPILED[cascade]
 
