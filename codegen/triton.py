@@ -480,7 +480,6 @@ def _scaled_dots(k: TileKernel) -> dict[str, Expr]:
     softmax scale): dot -> s.  The launcher checks s >= 0 (``scale_ranges``, SCALE_NONNEG);
     then a fully valid tile's row max is rowmax(qk) * s (rounding is monotonic), one multiply
     per row instead of one per element before the max."""
-    tile_vars = {k.roles[r] for r in ("query", "key", "v") if r in k.roles}
     exprs = [mx.arg for p in k.passes for mx in p.maxes] + [s.body for p in k.passes
                                                             for s in p.sums]
     scale: dict[str, Expr | None] = {}
@@ -490,8 +489,7 @@ def _scaled_dots(k: TileKernel) -> dict[str, Expr]:
                 if child.op is not Op.ROW:
                     continue
                 c = node.src[1 - i] if node.op is Op.MUL and node.dtype == FLOAT else None
-                ok = c is not None and i == 0 and c.dtype == FLOAT and all(
-                    x.op in (Op.PARAM, Op.CONST) or x.src for x in c.walk()) and not any(
+                ok = c is not None and i == 0 and c.dtype == FLOAT and not any(
                     x.op in (Op.ROW, Op.LOAD, Op.INDEX) for x in c.walk())
                 prev = scale.get(child.arg, c)
                 scale[child.arg] = c if ok and prev == c else None
