@@ -129,6 +129,7 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     _emit_kernel(k, names, L, m, n, b, h, f)
     L(0, runtime_source())
     _emit_index_ranges(k, L, divisors)
+    _emit_scale_ranges(k, L)
     L(0, launcher_source())
     return "\n".join(L.out) + "\n"
 
@@ -195,9 +196,14 @@ def _emit_index_ranges(k: TileKernel, L: Lines, divisors: tuple[Expr, ...] = ())
     L(1, '"""(divisor, interval) of each integer // and % whose divisor reads parameters or '
          'tensors."""')
     _emit_intervals(extents, L, [(f"({E.render(d)!r}, ", d, ")") for d in divisors])
+
+
+def _emit_scale_ranges(k: TileKernel, L: Lines) -> None:
+    """``scale_ranges(V, T)``: the interval of each score scale s of a dot read as qk * s
+    (:func:`_scaled_dots`); the launcher sets SCALE_NONNEG when every one is >= 0."""
     L(0, "def scale_ranges(V: dict, T: dict) -> list:")
     L(1, '"""The interval of each score scale s of a dot read as qk * s (SCALE_NONNEG)."""')
-    _emit_intervals(extents, L, [("", c, "") for c in _scaled_dots(k).values()])
+    _emit_intervals(dict(k.index_extents), L, [("", c, "") for c in _scaled_dots(k).values()])
 
 
 def _emit_intervals(extents: dict[str, str], L: Lines,
