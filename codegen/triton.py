@@ -352,8 +352,9 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
                     depth = 5
                 for name, expr in zip(("lo", "full_lo", "full_hi", "hi"), seg):
                     value = render_at(L, depth, expr, bounds_env)
-                    L(depth, f"{name} = tl.minimum(({value}) * SPARSE_KV, "
-                             f"N_len)")
+                    # in [0, N_len]: int32, so the key offsets and the mask are int32 too
+                    L(depth, f"{name} = tl.minimum(tl.maximum(({value}) * SPARSE_KV, 0), "
+                             f"N_len).to(tl.int32)")
         else:
             L(4, "lo = 0  # this mask has no closed form: the launcher never selects SPARSITY 3")
             L(4, "full_lo = 0\nfull_hi = 0\nhi = 0")
