@@ -1,15 +1,22 @@
 """Triton printer: Tile IR -> the source of a standalone Python module.
 
 The printer is a renderer: an op-to-text table for expressions plus templates for the kernel's
-fixed skeleton (program ids, operand loads, the online-update loop, stores), in the shape of
-Triton's fused-attention tutorial.  Every identifier in the generated source is made here
-(``q0``, ``qk0``, ``l0``, ``p0``...); names from a spec only reach the source as string
-literals produced by ``repr`` or as comments with unsafe characters removed.
+fixed skeleton, in the shape of Triton's fused-attention tutorial: per pass one ``@triton.jit``
+key-tile step (``_key_tile_step_N``: load K, the dot, the score printed once, the masked
+running max, the running sums) called with a constexpr MASKED from every sparsity branch; the
+kernel loads Q once, runs the loops and stores the outputs.  Launch-time specialisations drop
+what a problem does not need: EVEN_N / EVEN_M (tiles inside the sequence), EVEN_E / EVEN_F
+(the block is the head dim: no head-dim masks), SCALE_NONNEG (rowmax(qk * s) = rowmax(qk) * s).
+Every identifier in the generated source is made here (``q0``, ``qk0``, ``l0``, ``p0``...);
+names from a spec only reach the source as string literals produced by ``repr`` or as
+comments with unsafe characters removed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +35,7 @@ from attndsl.codegen.expr import (
 from attndsl.index_check import runtime_source
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
-from attndsl.ir.tile import Operand, RunningSum, TileKernel
+from attndsl.ir.tile import KVPass, Operand, RunningSum, TileKernel
 from attndsl.passes.index_bounds import walk_intervals
 from attndsl.passes.int_range import launch_divisors, zero_divisors
 from attndsl.passes.mask import SPARSE_BLOCK
@@ -263,6 +270,9 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     L(0, "# kernel argument -> Triton type ({dtype} is the inputs' dtype); for ahead-of-time")
     L(0, "# compilation: a launch specialises unit strides to 1 and multiples of 16 as such")
     L(0, "ARG_TYPES = " + repr(types) + "\n")
+    steps = Lines()  # the key-tile step functions, printed above the kernel
+    steps_at = len(L.out)
+    kernel_start = len(L.out)
     L(0, "def attention_fwd_kernel(")
     for a in args:
         L(1, f"{a},")
@@ -320,7 +330,12 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         for s in p.sums:
             shape = "[BLOCK_M, BLOCK_F]" if s.v is not None else "[BLOCK_M]"
             L(1, f"{s.var} = tl.zeros({shape}, tl.float32)")
-        body = _tile_body(k, p, names, head_env, loop_hoisted, finished, m, n, b, h, scaled)
+        step = _tile_body(k, p, names, head_env, loop_hoisted, finished, m, n, b, h, scaled)()
+        call = _emit_step_function(f"_key_tile_step_{pi + 1}", p, step, L.out[kernel_start:],
+                                   args, const, steps)
+
+        def body(masked: bool, call=call) -> str:
+            return call(masked and k.mask is not None)
         L(1, "if SPARSITY == 2:")
         for table, masked in (("kv", True), ("full", False)):
             L(2, f"# {'partial tiles: evaluate the mask' if masked else 'full tiles: no mask'}")
@@ -396,6 +411,45 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         L(1, f"val_{ptr} = {value}")
         L(1, f"tl.store({ptr} + {offs}, val_{ptr}.to({ptr}.dtype.element_ty), mask={mask})")
     L(0, "")
+    L.out[steps_at:steps_at] = steps.out
+
+
+_NAME = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
+_ASSIGNED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*) = ", re.M)
+
+
+def _emit_step_function(fn: str, p: KVPass, step: str, kernel: list[str], args: list[str],
+                        const: list[str], out: Lines) -> Callable[[bool], str]:
+    """Print ``step`` (one key-tile step of pass ``p``) as ``@triton.jit def fn(...)`` into
+    ``out``; returns masked -> the statement that calls it from a loop.
+
+    The function takes the pass's running values (and returns them updated), every kernel
+    argument or kernel-scope variable the step reads, ``start_n``, the constexprs it reads and
+    MASKED (a partial tile: evaluate the mask)."""
+    state = [v for mx in p.maxes for v in ([mx.var, f"{mx.var}_use"] if mx.stabilizer
+                                           else [mx.var])] + [s.var for s in p.sums]
+    used = set(_NAME.findall(step))
+    scope = list(dict.fromkeys(args + _ASSIGNED.findall("\n".join(kernel))))
+    values = [a for a in scope if a in used and a not in state and a not in const]
+    flags = [c for c in const + list(_EVEN) if c in used and c != "MASKED"]
+    out(0, "@triton.jit")
+    out(0, f"def {fn}(")
+    for a in state + values + ["start_n"]:
+        out(1, f"{a},")
+    for c in flags + ["MASKED"]:
+        out(1, f"{c}: tl.constexpr,")
+    out(0, "):")
+    out(1, f'"""One key tile [start_n, start_n + BLOCK_N) of the pass: returns '
+           f'{", ".join(state)}."""')
+    out(1, step)
+    out(1, f"return {', '.join(state)}\n\n")
+    lhs = ", ".join(state)
+    positional = ", ".join(state + values + ["start_n"])
+    keywords = ", ".join(f"{c}={c}" for c in flags)
+
+    def call(masked: bool) -> str:
+        return f"{lhs} = {fn}({positional}, {keywords}, MASKED={masked})"
+    return call
 
 
 # EVEN_M: BLOCK_M divides M_len; EVEN_E / EVEN_F: BLOCK_E == E_len / BLOCK_F == F_len
@@ -522,18 +576,19 @@ def _vanishes_at_neg_inf(body: Expr, score: Expr, stabilizers: set[str]) -> bool
 def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dict,
                finished: dict[str, str], m: str, n: str, b: str | None, h: str | None,
                scaled: dict[Expr, tuple[str, str]]):
-    """Returns body(masked) -> the source of one key-tile step of pass p.  ``scaled`` maps a
-    score ``qk * s`` (:func:`_scaled_dots`) to (the dot, the printed scale)."""
+    """Returns body() -> the source of one key-tile step of pass p, masked when the constexpr
+    MASKED is set.  ``scaled`` maps a score ``qk * s`` (:func:`_scaled_dots`) to (the dot, the
+    printed scale)."""
     maxes = [(mx, mx.arg) for mx in p.maxes]
     sums = [(s, s.body) for s in p.sums]
     stabilizers = {mx.var for mx in p.maxes if mx.stabilizer}
     floor0 = {mx.var: mx.floor0 for mx in p.maxes}
     dots = {d.var for d in k.dots}
 
-    def body(masked: bool) -> str:
+    def body() -> str:
         L = Lines()
-        L(0, f"if STATS:  # instrumentation: key tiles visited [0] and masked [1]\n"
-             f"    tl.atomic_add(stats + {1 if masked else 0}, 1)")
+        L(0, "if STATS:  # instrumentation: key tiles visited [0] and masked [1]")
+        L(1, "if MASKED:\n    tl.atomic_add(stats + 1, 1)\nelse:\n    tl.atomic_add(stats, 1)")
         L(0, "offs_n = start_n + tl.arange(0, BLOCK_N)")
         L(0, "col_ok = offs_n < N_len")
         idx = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}
@@ -552,31 +607,35 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             if d.var not in used:
                 continue
             ptr = _operand_ptr(d.k, names, "offs_n[None, :]", "offs_e[:, None]")
+            L(0, f"# {d.var} = dot({d.q.var}, {d.k.var}^T)  ({d.k.tensor} tile)")
             L(0, f"{d.k.var} = _load_tile({ptr}, col_ok[None, :], offs_e[:, None] < E_len, "
                  f"not EVEN_N, not EVEN_E)")
             L(0, f"if UPCAST:\n    {d.k.var} = {d.k.var}.to(tl.float32)")
             L(0, f"{d.var} = tl.dot({d.q.var}, {d.k.var}, input_precision=DOT_PRECISION)")
             rows[d.var] = d.var
         keep = "col_ok[None, :]"
-        if masked:
-            assert k.mask is not None
-            L(0, f"keep = {render_at(L, 0, k.mask, env)}")
-            L(0, "if not EVEN_N:\n    keep = keep & col_ok[None, :]")
-            keep = "keep"
-        bounded = masked or "not EVEN_N"
+        bounded = "not EVEN_N"
+        if k.mask is not None:
+            L(0, "keep = col_ok[None, :]")
+            L(0, f"if MASKED:  # a partial tile: {comment(E.render(k.mask))[2:]}")
+            L(1, f"keep = {render_at(L, 1, k.mask, env)}")
+            L(1, "if not EVEN_N:\n    keep = keep & col_ok[None, :]")
+            keep, bounded = "keep", "MASKED or not EVEN_N"
+        unmasked = "" if k.mask is None else " and not MASKED"
         scores: dict[Expr, str] = {}
         for mx, arg in maxes:
+            L(0, f"# {mx.var} = max({mx.var}, rowmax({comment(E.render(arg))[2:]}))")
             value = render_at(L, 0, arg, env)
             y = f"y_{mx.var}"
             full = _full_tile(arg, dots, m, n)
             L(0, f"{y} = {value}" if full else
                  f"{y} = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({value})")
             dot = scaled.get(arg)
-            if dot is not None and not masked:
-                L(0, "if EVEN_N and SCALE_NONNEG:  # rowmax(qk * s) = rowmax(qk) * s, s >= 0")
+            if dot is not None:
+                L(0, f"if EVEN_N and SCALE_NONNEG{unmasked}:  # rowmax(qk * s) = rowmax(qk) * s")
                 L(1, f"{mx.var}_tile = tl.max({dot[0]}, 1) * {dot[1]}")
                 L(0, "else:")
-                L(1, f'if not EVEN_N:\n    {y} = tl.where(col_ok[None, :], {y}, float("-inf"))')
+                L(1, f'if {bounded}:\n    {y} = tl.where({keep}, {y}, float("-inf"))')
                 L(1, f"{mx.var}_tile = tl.max({y}, 1)")
             else:
                 _guard(L, bounded, y, keep, 'float("-inf")')
@@ -587,9 +646,12 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             if mx.stabilizer:
                 safe = f"tl.maximum({mx.var}_new, 0.0)" if mx.floor0 else \
                     f'tl.where({mx.var}_new == float("-inf"), 0.0, {mx.var}_new)'
-                L(0, f"{mx.var}_use_new = {safe}")
+                L(0, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
         shared: dict = {"names": names}
         for s, sbody in sums:
+            scale = " * ".join(f"2^({k}*d{u})" for u, k in s.units) or "1"
+            v = f" @ {s.v.var}" if s.v is not None else ""
+            L(0, f"# {s.var} = {s.var} * {scale} + rowsum({comment(E.render(sbody))[2:]}){v}")
             vanishes = any(_vanishes_at_neg_inf(sbody, a, stabilizers) for a in scores)
             _emit_sum(L, s, sbody, env, False if vanishes else bounded, keep, shared, floor0,
                       _full_tile(sbody, dots, m, n))

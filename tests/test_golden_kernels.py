@@ -68,3 +68,15 @@ def test_the_score_is_printed_once_per_key_tile_step() -> None:
     text = kernel_text("alibi.attn")
     steps = text.count("qk0 = tl.dot(")
     assert steps > 0 and text.count("(offs_m[:, None] - offs_n[None, :])") == steps
+
+
+def test_each_pass_prints_its_key_tile_step_once_and_every_loop_calls_it() -> None:
+    """One @triton.jit step function per pass, called with MASKED from each sparsity branch
+    (two block-table loops, three closed-form / range-table segments, dense and masked)."""
+    cascade, _ = load_spec(str(ROOT / "examples" / "softmax_3pass.attn")).build()
+    kernel = compile_cascade(cascade).kernel
+    source = module_source(kernel)
+    for i in range(1, len(kernel.passes) + 1):
+        assert source.count(f"def _key_tile_step_{i}(") == 1
+        assert source.count(f"= _key_tile_step_{i}(") == 7
+    assert source.count("tl.dot(") == len(kernel.passes) * 2
