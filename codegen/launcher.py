@@ -140,6 +140,7 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
                                       f"which includes 0 (torch raises ZeroDivisionError)")
     # every subscript in range (IndexError, as torch's)
     check_index_ranges(index_ranges(values, tensors), tensors)
+    scale_nonneg = all(lo >= 0 for lo, _ in scale_ranges(values, tensors))
     dtype = next(iter(inputs.values())).dtype
     cfg = dict(default_config(e_len, f_len, dtype, device.type))
     cfg.update(config or {})
@@ -215,8 +216,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
 
     def run(c: dict) -> None:
         grid = (triton.cdiv(m_len, c["BLOCK_M"]), n_batch * n_heads)
-        _run(device.type, grid, args, c, e_len, f_len, n_len, sparsity, sparse_q, sparse_kv,
-             segments, dtype)
+        _run(device.type, grid, args, dict(c, scale_nonneg=scale_nonneg), e_len, f_len, m_len,
+             n_len, sparsity, sparse_q, sparse_kv, segments, dtype)
 
     tune = cfg.pop("autotune", device.type == "cuda" and not config
                    and os.environ.get("ATTNDSL_AUTOTUNE", "1") != "0")
@@ -338,11 +339,13 @@ def _tuned(key: tuple, candidates: list, run) -> dict:
     return {**extras, **_TUNED[skey]}
 
 
-def _run(device_type, grid, args, cfg, e_len, f_len, n_len, sparsity, sparse_q, sparse_kv,
-         segments, dtype) -> None:
+def _run(device_type, grid, args, cfg, e_len, f_len, m_len, n_len, sparsity, sparse_q,
+         sparse_kv, segments, dtype) -> None:
+    block_e, block_f = max(16, _next_pow2(e_len)), max(16, _next_pow2(f_len))
     _kernel(device_type)[grid](
-        *args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_E=max(16, _next_pow2(e_len)), BLOCK_F=max(16, _next_pow2(f_len)),
+        *args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_E=block_e, BLOCK_F=block_f,
+        EVEN_M=m_len % cfg["BLOCK_M"] == 0, EVEN_E=block_e == e_len, EVEN_F=block_f == f_len,
+        SCALE_NONNEG=cfg["scale_nonneg"],
         EVEN_N=n_len % (sparse_kv if sparsity >= 2 else cfg["BLOCK_N"]) == 0, SPARSITY=sparsity,
         SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv, SEGMENTS=segments,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",

@@ -1,0 +1,46 @@
+"""The forward kernel's specialisations (EVEN_M / EVEN_N / EVEN_E / EVEN_F, SCALE_NONNEG) are
+chosen at launch from the problem: each case that turns one off still gives the oracle's
+answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attndsl.eager import run_cascade
+from attndsl.frontend.load import load_spec
+from attndsl.passes.pipeline import compile_cascade
+from attndsl.runtime.modules import load_kernel_module
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+def _causal(m: int, n: int, e: int, f: int, scale: float) -> tuple[dict, dict]:
+    cascade, _ = load_spec(str(ROOT / "examples" / "causal.attn")).build()
+    module = load_kernel_module(compile_cascade(cascade).kernel)
+    inputs = {"Q": torch.randn(1, 2, m, e), "K": torch.randn(1, 2, n, e),
+              "V": torch.randn(1, 2, n, f)}
+    out = module.launch(inputs, {"scale": scale}, {}, None, dict(CONFIG))
+    return out, run_cascade(cascade, inputs, {"scale": scale})
+
+
+@pytest.mark.parametrize("scale", [-30.0, -0.4, 0.0, 0.3])
+def test_a_score_scale_of_any_sign_gives_the_oracles_attention(scale: float) -> None:
+    """rowmax(qk * s) = rowmax(qk) * s only for s >= 0: a negative softmax scale (or 0)
+    must take the general row max on unmasked tiles (with the min in its place, exp2 of
+    scores far above it overflows)."""
+    out, ref = _causal(256, 256, 16, 16, scale)  # the 128-key blocks below the diagonal: unmasked
+    # fp32 scores of magnitude ~500 at scale -30: 1e-4 is a few ulps of them
+    torch.testing.assert_close(out["O"].double(), ref["O"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["LSE"].double(), ref["LSE"], atol=1e-4, rtol=1e-4)
+
+
+def test_ragged_lengths_and_head_dims_below_the_block_give_the_oracles_attention() -> None:
+    """M and N not multiples of the tile, E and F below their power-of-two blocks: every
+    load and the scores keep their masks."""
+    out, ref = _causal(21, 27, 12, 20, 0.25)
+    torch.testing.assert_close(out["O"].double(), ref["O"], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out["LSE"].double(), ref["LSE"], atol=2e-5, rtol=2e-5)
