@@ -12,7 +12,14 @@ if not _torch.cuda.is_available() and not _os.environ.get("ATTNDSL_NO_INTERPRET"
 
     _warn()
 
-from attndsl.api import AuxOutput, AuxRequest, Kernel, compile, flex_attention  # noqa: E402
+from attndsl.api import (  # noqa: E402
+    AttentionError,
+    AuxOutput,
+    AuxRequest,
+    Kernel,
+    compile,
+    flex_attention,
+)
 from attndsl.block_mask import (  # noqa: E402
     BlockMask,
     and_masks,
@@ -28,7 +35,7 @@ from attndsl.frontend.text import SpecError, parse_file, parse_text  # noqa: E40
 from attndsl.frontend.trace import TraceError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["AttnDSLError", "AuxOutput", "AuxRequest", "BlockMask", "and_masks",
+__all__ = ["AttentionError", "AttnDSLError", "AuxOutput", "AuxRequest", "BlockMask", "and_masks",
            "create_block_mask", "decode", "noop_mask", "or_masks", "CascadeBuilder", "Kernel",
            "PagedKVCache", "SpecError",
            "SubscriptError", "TraceError", "cascade", "compile", "flex_attention", "parse_file",

@@ -173,10 +173,9 @@ class Kernel:
         if self.compiled.linear.form == "chunked" and block_mask is None:
             return self.linear(inputs, params, cap)[0]
         module = self._quadratic()
-        if scan_equations(self.compiled.cascade):
-            with torch.no_grad():
-                derived = scan_inputs(self.compiled.cascade, {**inputs, **cap}, params or {})
-            cap = {**cap, **derived}
+        scans = {eq.name for eq in scan_equations(self.compiled.cascade)}
+        if scans:  # prefix sums (differentiable torch ops): the fused backward's dG flows on
+            cap = {**cap, **scan_inputs(self.compiled.cascade, {**inputs, **cap}, params or {})}
         if block_mask is not None:
             key = next(t for n, t in inputs.items() if n != next(iter(inputs)))
             tables = block_mask_plan(block_mask, first.shape[-2], key.shape[-2]).launch_tables()
@@ -184,13 +183,14 @@ class Kernel:
             tables = self._mask_plan({**inputs, **cap}, params or {}, first.device)
         run = lambda: module.launch(  # noqa: E731
             inputs, params, cap, tables, _options(kernel_options))
+        backward = _FusedBackward if self.fused_backward is not None else _EagerBackward
+        # the fused backward differentiates the kernel, which reads the prefix sums; the eager
+        # one re-runs the original cascade, which computes them from their sources
         tensors = {**inputs, **{k: t for k, t in cap.items()
-                                if k not in {eq.name for eq in
-                                             scan_equations(self.compiled.cascade)}}}
+                                if backward is _FusedBackward or k not in scans}}
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())):
             return run()
         names = list(tensors)
-        backward = _FusedBackward if self.fused_backward is not None else _EagerBackward
         outs = backward.apply(self, run, names, dict(params or {}), *tensors.values())
         return dict(zip(self.compiled.cascade.outputs, outs))
 
@@ -334,6 +334,11 @@ def compile(spec: Cascade | None = None, *, score_mod: Callable | None = None,  
         spec, captured = flex.cascade, flex.captured
     elif score_mod is not None or mask_mod is not None:
         raise AttentionError("pass either a cascade or score_mod/mask_mod, not both")
+    elif not isinstance(spec, Cascade):
+        hint = (" (parse_text/parse_file return {spec name: Cascade}: pass one of its values)"
+                if isinstance(spec, dict) else "")
+        raise AttentionError(f"compile() takes a Cascade or score_mod=/mask_mod=, got "
+                             f"{type(spec).__name__}{hint}")
     comp, module = _compiled(spec)
     return Kernel(comp, module, captured)
 

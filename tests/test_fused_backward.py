@@ -165,3 +165,28 @@ def test_the_static_backward_benchmark_measures_both_kernels_of_a_case() -> None
         assert "error" not in r and r["loops"] and all(tc > 0 and ex2 > 0
                                                        for _, tc, ex2, _ in r["loops"]), r
     assert "| sigmoid | 64 | dkdv |" in static_backward.table(rows)
+
+
+def test_gradients_reach_the_source_of_a_prefix_sum_through_the_fused_backward() -> None:
+    """The Forgetting Transformer's bias G = cumsum(log sigmoid(A)) is materialised before
+    the kernel; the fused backward's dG must flow on into the gate logits A."""
+    root = Path(__file__).resolve().parent.parent
+    cascade = next(iter(attndsl.parse_file(root / "examples/forgetting_transformer.attn")
+                        .values()))
+    kernel = attndsl.compile(cascade)
+    assert kernel.fused_backward is not None
+    gen = torch.Generator().manual_seed(3)
+    b, h, n, e = 1, 2, 19, 16
+    leaves = {name: torch.randn(shape, generator=gen, requires_grad=True)
+              for name, shape in [("Q", (b, h, n, e)), ("K", (b, h, n, e)),
+                                  ("V", (b, h, n, e)), ("A", (b, h, n))]}
+    out = kernel({k: leaves[k] for k in "QKV"}, {"scale": 0.25}, {"A": leaves["A"]})
+    weight = torch.randn(out["O"].shape, generator=gen)
+    (out["O"] * weight).sum().backward()
+    ref_leaves = {k: t.detach().double().requires_grad_() for k, t in leaves.items()}
+    ref = attndsl.run_cascade(cascade, ref_leaves, {"scale": 0.25})
+    (ref["O"] * weight.double()).sum().backward()
+    for name, t in leaves.items():
+        assert t.grad is not None, name
+        torch.testing.assert_close(t.grad.double(), ref_leaves[name].grad, atol=1e-4,
+                                   rtol=1e-4, msg=name)

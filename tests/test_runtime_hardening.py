@@ -355,3 +355,13 @@ def test_block_masks_default_to_the_cpu_when_the_accelerator_torch_names_is_unus
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
     mask = attndsl.create_block_mask(lambda b, h, q, kv: kv <= q, 1, 1, 64, 64)
     assert mask.kv_num_blocks.device.type == "cpu"
+
+
+def test_compile_of_a_parsed_spec_dictionary_says_to_pick_one_spec() -> None:
+    specs = attndsl.parse_text("spec s {\n  index b: B batch, h: H head, m: M query, n: N key,"
+                               " e: E qk, f: F v\n  input Q[B, H, M, E], K[B, H, N, E], "
+                               "V[B, H, N, F]\n  S[b,h,m,n] = Q[b,h,m,e] * K[b,h,n,e]\n"
+                               "  O[b,h,m,f] = softmax(n) S[b,h,m,n] * V[b,h,n,f]\n"
+                               "  output O\n}\n")
+    with pytest.raises(attndsl.AttentionError, match="pass one of its values"):
+        attndsl.compile(specs)
