@@ -99,6 +99,38 @@ def _check(inputs: dict, captured: dict) -> torch.device:
     return device
 
 
+def _checked_tables(prefix: str, num, idx, n_batch: int, n_heads: int, rows: int, cols: int,
+                    device):
+    """A (num_blocks, indices) pair of block tables as int32 on ``device``, refused unless the
+    kernel's reads stay inside them: [B or 1, H or 1, >= rows] counts in [0, indices' columns]
+    and, among the first count entries of each row, key-block indices in [0, cols)."""
+    name = prefix + "kv_num_blocks"
+    num, idx = (t.to(device=device, dtype=torch.int32) for t in (num, idx))
+    if num.dim() != 3 or idx.dim() != 4 or tuple(num.shape) != tuple(idx.shape[:3]):
+        raise AttentionInputError(f"{name} must be [B, H, rows] and {prefix}kv_indices "
+                                  f"[B, H, rows, blocks], got {list(num.shape)} and "
+                                  f"{list(idx.shape)}")
+    for d, (size, want) in enumerate(zip(num.shape, (n_batch, n_heads))):
+        if size not in (1, want):
+            raise AttentionInputError(f"{name} dim {d} is {size}; expected 1 or {want}")
+    if num.shape[2] < rows:
+        raise AttentionInputError(f"{name} has {num.shape[2]} query-block rows; the inputs "
+                                  f"need {rows}")
+    if num.numel():
+        lo, hi = int(num.min()), int(num.max())
+        if lo < 0 or hi > idx.shape[3]:
+            raise AttentionInputError(f"{name} holds counts in [{lo}, {hi}]; they must lie in "
+                                      f"[0, {idx.shape[3]}] (the columns of {prefix}kv_indices)")
+        used = torch.arange(idx.shape[3], device=device) < num[..., None]
+        if bool(used.any()):
+            vals = idx[used]
+            if int(vals.min()) < 0 or int(vals.max()) >= cols:
+                raise AttentionInputError(
+                    f"{prefix}kv_indices lists key blocks in [{int(vals.min())}, "
+                    f"{int(vals.max())}]; the keys have {cols} blocks")
+    return num, idx
+
+
 def launch(inputs: dict, params: dict | None = None, captured: dict | None = None,
            block_tables: dict | None = None, config: dict | None = None) -> dict:
     """Run the kernel.  ``inputs``/``captured`` map tensor names to tensors, ``params`` scalar
@@ -186,14 +218,19 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         tables += [dummy, 0, 0, 0, 0] + [dummy, 0, 0, 0, dummy, 0, 0, 0, 0]
     elif block_tables is not None:
         sparsity = 2
-        for key in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
-            t = block_tables.get(key)
-            if t is None:  # no full blocks: every listed block is partial
-                t = torch.zeros([1, 1, 1] + ([1] if "indices" in key else []),
-                                dtype=torch.int32, device=device)
-            t = t.to(device=device, dtype=torch.int32)
-            strides = [0 if t.shape[d] == 1 and d < 2 else t.stride(d) for d in range(t.dim())]
-            tables += [t] + strides
+        grid_rows = -(-m_len // sparse_q)
+        for prefix in ("", "full_"):
+            num = block_tables.get(prefix + "kv_num_blocks")
+            idx = block_tables.get(prefix + "kv_indices")
+            if num is None and not prefix:
+                raise AttentionInputError("block_tables has no kv_num_blocks")
+            if num is None:  # no full blocks: every listed block is partial (broadcast zeros)
+                num = torch.zeros([1, 1, grid_rows], dtype=torch.int32, device=device)
+                idx = torch.zeros([1, 1, grid_rows, 1], dtype=torch.int32, device=device)
+            num, idx = _checked_tables(prefix, num, idx, n_batch, n_heads, grid_rows,
+                                       -(-n_len // sparse_kv), device)
+            for t in (num, idx):  # a dim of size 1 broadcasts (stride 0)
+                tables += [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
     else:
         tables = [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
     args = []

@@ -365,3 +365,33 @@ def test_compile_of_a_parsed_spec_dictionary_says_to_pick_one_spec() -> None:
                                "  output O\n}\n")
     with pytest.raises(attndsl.AttentionError, match="pass one of its values"):
         attndsl.compile(specs)
+
+
+def _kv_block_mask(num: list, idx: list, length: int):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return BlockMask.from_kv_blocks(torch.tensor([[num]], dtype=torch.int32),
+                                    torch.tensor([[idx]], dtype=torch.int32), BLOCK_SIZE=128,
+                                    mask_mod=lambda b, h, m, n: m >= n,
+                                    seq_lengths=(length, length))
+
+
+def test_a_block_mask_without_full_tables_over_several_query_blocks_matches_sdpa() -> None:
+    """Without full-block tables every query block reads a stand-in table of its own (it used
+    to read past a one-row stand-in)."""
+    q, k, v = (torch.randn(1, 1, 256, 16) for _ in range(3))
+    out = attndsl.flex_attention(q, k, v, block_mask=_kv_block_mask([1, 2], [[0, 1], [0, 1]],
+                                                                     256))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num, idx, match", [
+    ([1, 3], [[0, 1], [0, 1]], "counts in"),       # more blocks than the table has columns
+    ([1, 2], [[0, 1], [0, 2]], "key blocks in"),   # a key block past the keys
+    ([1], [[0, 1]], "query-block rows"),           # fewer rows than query blocks
+])
+def test_block_tables_the_kernel_would_read_past_are_refused(num, idx, match) -> None:
+    q, k, v = (torch.randn(1, 1, 256, 16) for _ in range(3))
+    with pytest.raises(ValueError, match=match):
+        attndsl.flex_attention(q, k, v, block_mask=_kv_block_mask(num, idx, 256))
