@@ -430,7 +430,9 @@ def _emit_step_function(fn: str, p: KVPass, step: str, kernel: list[str], args: 
                                            else [mx.var])] + [s.var for s in p.sums]
     used = set(_NAME.findall(step))
     scope = list(dict.fromkeys(args + _ASSIGNED.findall("\n".join(kernel))))
-    values = [a for a in scope if a in used and a not in state and a not in const]
+    own = set(_ASSIGNED.findall(step)) | {"start_n"}  # the step's locals, its tile start
+    values = [a for a in scope if a in used and a not in state and a not in const
+              and a not in own]
     flags = [c for c in const + list(_EVEN) if c in used and c != "MASKED"]
     out(0, "@triton.jit")
     out(0, f"def {fn}(")
