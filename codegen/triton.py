@@ -7,9 +7,12 @@ running max, the running sums) called with a constexpr MASKED from every sparsit
 kernel loads Q once, runs the loops and stores the outputs.  Launch-time specialisations drop
 what a problem does not need: EVEN_N / EVEN_M (tiles inside the sequence), EVEN_E / EVEN_F
 (the block is the head dim: no head-dim masks), SCALE_NONNEG (rowmax(qk * s) = rowmax(qk) * s).
-Every identifier in the generated source is made here (``q0``, ``qk0``, ``l0``, ``p0``...);
-names from a spec only reach the source as string literals produced by ``repr`` or as
-comments with unsafe characters removed.
+Every identifier in the generated source is made here, named by role as in the tutorial
+(``q_ptr``, ``stride_qm``, ``sm_scale``, ``q``, ``qk``, ``m_i``, ``acc``, ``l_i``, ``alpha``:
+:func:`_names`, :func:`_role_names`); names from a spec reach the source only as validated
+short ASCII identifiers (a captured tensor's pointer, ``slopes_ptr``), as string literals
+produced by ``repr`` or as comments with unsafe characters removed.  Known constants are
+commented (``1.4426950408889634  # 1/ln 2``) and the launcher passes keyword arguments.
 """
 
 from __future__ import annotations
@@ -538,7 +541,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
                           for i, stride in zip(st.indices, names.strides[ptr], strict=True))
         mask = "row_ok[:, None] & (offs_f[None, :] < F_len)" if is_tile else "row_ok"
         val = f"val_{names.base(ptr)}"
-        L(1, f"# output {comment(st.name)[2:]}")
+        L(1, comment(f"output {st.name}[{', '.join(st.indices)}] = {E.render(st.expr)}"))
         L(1, f"{val} = {value}")
         L(1, f"tl.store({ptr} + {offs}, {val}.to({ptr}.dtype.element_ty), mask={mask})")
     L(0, "")
