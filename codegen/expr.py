@@ -142,6 +142,13 @@ class Env:
     hoisted: dict[Expr, str] = field(default_factory=dict)
     scalar_indices: frozenset[str] = frozenset()
     ranges: dict[Expr, tuple[int, int]] = field(default_factory=dict)  # of integer nodes
+    # pointer -> its stride arguments in dim order (default: ``<pointer>_s<dim>``)
+    strides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def stride(self, ptr: str, d: int) -> str:
+        """The kernel argument holding dim ``d``'s stride of the tensor at ``ptr``."""
+        named = self.strides.get(ptr)
+        return named[d] if named is not None else f"{ptr}_s{d}"
 
     def wide(self, e: Expr) -> bool:
         """Whether an integer node is computed in int64: its range may leave int32, it is a
@@ -233,7 +240,7 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
         return env.rows[e.arg]
     if op is Op.LOAD:
         ptr, rank = env.captured[e.arg]
-        offs = " + ".join(f"({a[d]}) * {ptr}_s{d}" for d in range(rank)) or "0"
+        offs = " + ".join(f"({a[d]}) * {env.stride(ptr, d)}" for d in range(rank)) or "0"
         axes = sorted(e.free_indices() & set(env.masks))
         mask = f", mask={' & '.join(env.masks[x] for x in axes)}, other=0" if axes else ""
         load = f"tl.load({ptr} + {offs}{mask})"

@@ -1,9 +1,9 @@
 # ruff: noqa: F821
 # The launcher of every generated module.  The printer copies this text, below the kernel, the
-# metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, ROLES, INDEX_EXTENTS,
-# PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS) it reads and the
-# index-range checks (index_ranges, divisor_ranges, check_index_ranges), into the module.  It
-# needs only torch and triton.
+# metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, STRIDES, TABLE_ARGS, ROLES,
+# INDEX_EXTENTS, PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS) it reads
+# and the index-range checks (index_ranges, divisor_ranges, check_index_ranges), into the
+# module.  It needs only torch and triton; the kernel is launched with keyword arguments.
 
 _KERNELS: dict = {}
 
@@ -233,23 +233,25 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
                 tables += [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
     else:
         tables = [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
-    args = []
-    for name, (_, _, _, _) in OPERANDS.items():
-        t = inputs[name]
-        args += [t] + [t.stride(d) for d in range(t.dim())]
-    for name in CAPTURED:
+    args = {}  # kernel argument name -> value: the launch passes keywords
+
+    def pointer(ptr: str, t: torch.Tensor) -> None:
+        args[ptr] = t
+        args.update(zip(STRIDES[ptr], t.stride(), strict=True))
+
+    for name, (ptr, _, _, _) in OPERANDS.items():
+        pointer(ptr, inputs[name])
+    for name, (ptr, _) in CAPTURED.items():
         t = captured[name]
-        if t.dtype == torch.bool:
-            t = t.to(torch.int8)
-        args += [t] + [t.stride(d) for d in range(t.dim())]
-    for name in OUTPUTS:
-        t = out[name]
-        args += [t] + [t.stride(d) for d in range(t.dim())]
-    args += [values[p] for p in PARAMS]
+        pointer(ptr, t.to(torch.int8) if t.dtype == torch.bool else t)
+    for name, (ptr, _, _) in OUTPUTS.items():
+        pointer(ptr, out[name])
+    args.update({arg: values[p] for p, arg in PARAMS.items()})
     stats = cfg.pop("stats", None)  # an int32 tensor of 2 counters, for instrumentation
     cfg["counting"] = stats is not None
-    args += [n_heads, m_len, n_len, e_len, f_len] + tables + [
-        stats if stats is not None else dummy]
+    args.update(n_heads=n_heads, M_len=m_len, N_len=n_len, E_len=e_len, F_len=f_len,
+                stats=stats if stats is not None else dummy)
+    args.update(zip(TABLE_ARGS, tables, strict=True))
 
     def run(c: dict) -> None:
         grid = (triton.cdiv(m_len, c["BLOCK_M"]), n_batch * n_heads)
@@ -380,7 +382,7 @@ def _run(device_type, grid, args, cfg, e_len, f_len, m_len, n_len, sparsity, spa
          sparse_kv, segments, dtype) -> None:
     block_e, block_f = max(16, _next_pow2(e_len)), max(16, _next_pow2(f_len))
     _kernel(device_type)[grid](
-        *args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_E=block_e, BLOCK_F=block_f,
+        **args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_E=block_e, BLOCK_F=block_f,
         EVEN_M=m_len % cfg["BLOCK_M"] == 0, EVEN_E=block_e == e_len, EVEN_F=block_f == f_len,
         SCALE_NONNEG=cfg["scale_nonneg"],
         EVEN_N=n_len % (sparse_kv if sparsity >= 2 else cfg["BLOCK_N"]) == 0, SPARSITY=sparsity,

@@ -7,14 +7,18 @@ running max, the running sums) called with a constexpr MASKED from every sparsit
 kernel loads Q once, runs the loops and stores the outputs.  Launch-time specialisations drop
 what a problem does not need: EVEN_N / EVEN_M (tiles inside the sequence), EVEN_E / EVEN_F
 (the block is the head dim: no head-dim masks), SCALE_NONNEG (rowmax(qk * s) = rowmax(qk) * s).
-Every identifier in the generated source is made here (``q0``, ``qk0``, ``l0``, ``p0``...);
-names from a spec only reach the source as string literals produced by ``repr`` or as
-comments with unsafe characters removed.
+Every identifier in the generated source is made here, named by role as in the tutorial
+(``q_ptr``, ``stride_qm``, ``sm_scale``, ``q``, ``qk``, ``m_i``, ``acc``, ``l_i``, ``alpha``:
+:func:`_names`, :func:`_role_names`); names from a spec reach the source only as validated
+short ASCII identifiers (a captured tensor's pointer, ``slopes_ptr``), as string literals
+produced by ``repr`` or as comments with unsafe characters removed.  Known constants are
+commented (``1.4426950408889634  # 1/ln 2``) and the launcher passes keyword arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,35 +48,107 @@ from attndsl.passes.mask import SPARSE_BLOCK
 
 @dataclass
 class _Names:
-    """Kernel argument names for tensors and parameters (all generated here)."""
+    """Kernel argument names (all generated here), by role as in Triton's fused-attention
+    tutorial: ``q_ptr`` with strides ``stride_qz, stride_qh, stride_qm, stride_qk``, ``o_ptr``,
+    ``lse_ptr``, ``sm_scale``.  ``strides`` maps a pointer to its stride arguments in dim
+    order; ``spec`` maps a pointer or parameter argument to the spec name it stands for."""
 
     tensors: dict[str, str]
     params: dict[str, str]
     outputs: dict[str, str]
+    strides: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    spec: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def base(self, ptr: str) -> str:
+        """The role name of a pointer (``q_ptr`` -> ``q``), for the variables derived from it."""
+        return ptr.removesuffix("_ptr")
+
+
+# the letter of a stride by the role of the dim's index (stride_qz ... stride_vd)
+_DIM_LETTERS = {"batch": "z", "head": "h", "query": "m", "key": "n", "qk": "k", "v": "d"}
+_SPEC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,23}$")  # short ASCII identifiers only
+
+
+def _spec_base(name: str) -> str | None:
+    """A pointer role name made from a spec's tensor name (``slopes``, ``LSE`` -> ``lse``), or
+    None when the name is not a short ASCII identifier (then a role name is used)."""
+    return name.lower() if _SPEC_NAME.match(name) and not name.startswith("_") else None
+
+
+def _stride_names(base: str, letters: list[str | None]) -> tuple[str, ...]:
+    """``stride_<base><letter>`` per dim (``stride_qm``; ``stride_lse_m`` for a longer base);
+    a dim without a role letter, or whose letter another dim took, is named by its position.
+    Distinct bases give distinct names: a one-letter base always gives 8 + 1 characters, a
+    longer one ``_`` and one letter or the position after it."""
+    sep = "" if len(base) == 1 else "_"
+    out: list[str] = []
+    for d, letter in enumerate(letters):
+        if letter is None or f"stride_{base}{sep}{letter}" in out:
+            letter = str(d)
+        out.append(f"stride_{base}{sep}{letter}")
+    return tuple(out)
 
 
 def _names(k: TileKernel) -> _Names:
-    tensors: dict[str, str] = {}
+    """Role names for every tensor, output and parameter of the kernel.  Spec names reach the
+    source only as validated identifiers (:func:`_spec_base`); one that is not valid, or
+    whose pointer name another tensor took, gets a numbered role name instead."""
+    letter_of = {k.roles[r]: c for r, c in _DIM_LETTERS.items() if r in k.roles}
+    taken: set[str] = set()
+
+    def claim(want: str | None, role: str) -> str:
+        name, i = (f"{want}_ptr" if want else None), 0
+        while name is None or name in taken:
+            name, i = f"{role}{i}_ptr", i + 1
+        taken.add(name)
+        return name
+
+    names = _Names({}, {}, {})
+    sides: dict[str, int] = {}
     for o in k.operands:
-        tensors.setdefault(o.tensor, f"T{len(tensors)}")
-    for i, (name, _, _) in enumerate(k.captured):
-        tensors[name] = f"C{i}"
-    params = {name: f"P{i}" for i, (name, _) in enumerate(k.params)}
-    outputs = {s.name: f"O{i}" for i, s in enumerate(k.stores)}
-    return _Names(tensors, params, outputs)
+        if o.tensor in names.tensors:
+            continue
+        count = sides[o.side] = sides.get(o.side, -1) + 1
+        ptr = names.tensors[o.tensor] = claim(o.side if count == 0 else None, o.side)
+        names.strides[ptr] = _stride_names(names.base(ptr), [
+            letter_of.get(i.arg) if i.op is Op.INDEX else None for i in o.idx])
+        names.spec[ptr] = o.tensor
+    for i, st in enumerate(k.stores):
+        first_tile = st.tile and not any(s.tile for s in k.stores[:i])
+        ptr = names.outputs[st.name] = claim("o" if first_tile else _spec_base(st.name), "out")
+        names.strides[ptr] = _stride_names(names.base(ptr), [letter_of.get(x)
+                                                             for x in st.indices])
+        names.spec[ptr] = st.name
+    for c, rank, _ in k.captured:
+        if c not in names.tensors:
+            ptr = names.tensors[c] = claim(_spec_base(c), "captured")
+            names.strides[ptr] = _stride_names(names.base(ptr), [None] * rank)
+            names.spec[ptr] = c
+    for i, (p, _) in enumerate(k.params):
+        want = "sm_scale" if p == "scale" else \
+            f"param_{p}" if _SPEC_NAME.match(p) else None
+        arg = want if want is not None and want not in taken else f"param{i}"
+        taken.add(arg)
+        names.params[p] = arg
+        names.spec[arg] = p
+    every = list(taken) + [s for strides in names.strides.values() for s in strides]
+    if len(set(every)) != len(every):  # an invariant of the naming rules above
+        raise CodegenError(f"kernel argument names collide: {sorted(every)}")
+    return names
 
 
 def _operand_base(o: Operand, names: _Names, env: Env) -> str:
     """The program's base pointer into an operand: its batch/head subscripts (loop-invariant)."""
     ptr = names.tensors[o.tensor]
-    parts = [f"({render(idx, env)}) * {ptr}_s{d}" for d, idx in enumerate(o.idx)
+    strides = names.strides[ptr]
+    parts = [f"({render(idx, env)}) * {strides[d]}" for d, idx in enumerate(o.idx)
              if d not in (o.row_dim, o.col_dim)]
     return " + ".join([ptr] + parts)
 
 
 def _operand_ptr(o: Operand, names: _Names, row: str, col: str) -> str:
-    ptr = names.tensors[o.tensor]
-    return (f"base_{o.var} + {row} * {ptr}_s{o.row_dim} + {col} * {ptr}_s{o.col_dim}")
+    strides = names.strides[names.tensors[o.tensor]]
+    return f"base_{o.var} + {row} * {strides[o.row_dim]} + {col} * {strides[o.col_dim]}"
 
 
 def _hoist(exprs: list[Expr], tile_vars: set[str], lines: Lines, env: Env, depth: int) -> None:
@@ -118,6 +194,7 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     m, n = roles["query"], roles["key"]
     b, h, f = roles.get("batch"), roles.get("head"), roles.get("v")
     divisors = _check_divisors(_kernel_exprs(k))
+    k = _role_names(k)
     reset_spills()
     L = Lines()
     L(0, comment(f"Generated by attndsl {version} -- do not edit.\nspec hash: {spec_hash}\n\n"
@@ -139,6 +216,59 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     _emit_scale_ranges(k, L)
     L(0, launcher_source())
     return "\n".join(L.out) + "\n"
+
+
+def _role_names(k: TileKernel) -> TileKernel:
+    """The kernel with its tile variables named by role, as in Triton's fused-attention
+    tutorial: operand tiles ``q``, ``k``, ``v``, score dots ``qk``, running maxima ``m_i``,
+    running sums ``acc`` (over V) and ``l_i`` (row sums); a second one of a role is ``_1``,
+    ``_2``...  The Tile IR's own names (``q0``, ``qk0``, ``mx0``, ``l2``) are internal: none
+    comes from a spec, and the printed Tile IR in the module header uses these names too."""
+    count: dict[str, int] = {}
+    new: dict[str, str] = {}
+
+    def give(var: str, role: str) -> None:
+        if var not in new:
+            i = count[role] = count.get(role, -1) + 1
+            new[var] = role if i == 0 else f"{role}_{i}"
+
+    for o in k.operands:
+        give(o.var, o.side)
+    for d in k.dots:
+        give(d.var, "qk")
+    for p in k.passes:
+        for mx in p.maxes:
+            give(mx.var, "m_i")
+        for sm in p.sums:
+            give(sm.var, "acc" if sm.v is not None else "l_i")
+
+    def row(node: Expr) -> Expr | None:
+        if node.op is not Op.ROW:
+            return None
+        var, dot, rest = node.arg.partition(".")
+        return E.row(new.get(var, var) + dot + rest)
+
+    def operand(o: Operand) -> Operand:
+        return dataclasses.replace(o, var=new[o.var])
+
+    def expr(e: Expr) -> Expr:
+        return e.replace(row)
+
+    passes = tuple(dataclasses.replace(
+        p, maxes=tuple(dataclasses.replace(mx, var=new[mx.var], arg=expr(mx.arg))
+                       for mx in p.maxes),
+        sums=tuple(dataclasses.replace(
+            sm, var=new[sm.var], body=expr(sm.body),
+            v=None if sm.v is None else operand(sm.v),
+            units=tuple((new.get(u, u), n) for u, n in sm.units)) for sm in p.sums))
+        for p in k.passes)
+    return dataclasses.replace(
+        k, operands=tuple(operand(o) for o in k.operands),
+        dots=tuple(dataclasses.replace(d, var=new[d.var], q=operand(d.q), k=operand(d.k))
+                   for d in k.dots),
+        passes=passes, stores=tuple(dataclasses.replace(st, expr=expr(st.expr))
+                                    for st in k.stores),
+        mask=None if k.mask is None else expr(k.mask))
 
 
 def _kernel_exprs(k: TileKernel) -> list[Expr]:
@@ -176,6 +306,10 @@ def _emit_tables(k: TileKernel, names: _Names, L: Lines) -> None:
     L(0, "# output name -> (kernel pointer, indices, is a [rows, v] tile)")
     L(0, "OUTPUTS = " + repr({s.name: (names.outputs[s.name], s.indices, s.tile)
                               for s in k.stores}))
+    L(0, "# kernel pointer -> its stride arguments, in dim order (the tensor's .stride())")
+    L(0, "STRIDES = " + repr(names.strides))
+    L(0, "# the block-table arguments (SPARSITY 2 and 4), in the launcher's order")
+    L(0, "TABLE_ARGS = " + repr(_TABLE_ARGS))
     L(0, "ROLES = " + repr(dict(k.roles)))
     L(0, "HAS_MASK = " + repr(k.mask is not None))
     L(0, "# tensor name -> extent name of each dim; index name -> extent name")
@@ -250,20 +384,16 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     args: list[str] = []
     tensor_ranks = {o.tensor: len(o.idx) for o in k.operands}
     tensor_ranks.update({c: r for c, r, _ in k.captured})
-    for t, rank in tensor_ranks.items():
+    for t in tensor_ranks:
         p = names.tensors[t]
         args.append(p)
-        args.extend(f"{p}_s{d}" for d in range(rank))
+        args.extend(names.strides[p])
     for s in k.stores:
         p = names.outputs[s.name]
         args.append(p)
-        args.extend(f"{p}_s{d}" for d in range(len(s.indices)))
+        args.extend(names.strides[p])
     args.extend(names.params[p] for p, _ in k.params)
-    args += ["n_heads", "M_len", "N_len", "E_len", "F_len"]
-    args += ["kv_num", "kv_num_s0", "kv_num_s1", "kv_num_s2", "kv_idx", "kv_idx_s0",
-             "kv_idx_s1", "kv_idx_s2", "kv_idx_s3", "full_num", "full_num_s0", "full_num_s1",
-             "full_num_s2", "full_idx", "full_idx_s0", "full_idx_s1", "full_idx_s2",
-             "full_idx_s3", "stats"]
+    args += ["n_heads", "M_len", "N_len", "E_len", "F_len", *_TABLE_ARGS, "stats"]
     const = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "EVEN_N", "SPARSITY", "SPARSE_Q",
              "SPARSE_KV", "SEGMENTS", "DOT_PRECISION", "UPCAST", "STATS"]
     types = _arg_types(k, names, args)
@@ -274,8 +404,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     steps_at = len(L.out)
     kernel_start = len(L.out)
     L(0, "def attention_fwd_kernel(")
-    for a in args:
-        L(1, f"{a},")
+    for a in args:  # the spec name a pointer or parameter stands for, as a comment
+        L(1, f"{a},  {comment(names.spec[a])}" if a in names.spec else f"{a},")
     for c in const:
         L(1, f"{c}: tl.constexpr,")
     for c in _EVEN:  # specialisations a caller may leave out: the general kernel
@@ -294,7 +424,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     captured = {c: (names.tensors[c], r) for c, r, _ in k.captured}
     scalar_index = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}
     head_env = Env(dict(scalar_index), {}, params, captured, {},
-                   scalar_indices=frozenset(scalar_index))
+                   scalar_indices=frozenset(scalar_index), strides=names.strides)
     tile_vars = {m, n} | ({f} if f else set())
     all_exprs = [mx.arg for p in k.passes for mx in p.maxes] + \
         [s.body for p in k.passes for s in p.sums] + [s.expr for s in k.stores] + \
@@ -315,7 +445,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     scaled = {E.binary(Op.MUL, E.row(d), c): (d, render_at(L, 1, c, head_env))
               for d, c in _scaled_dots(k).items()}
     row_env = Env({**scalar_index, m: "offs_m[:, None]"}, {}, params, captured,
-                  {m: "row_ok[:, None]"}, loop_hoisted, head_env.scalar_indices)
+                  {m: "row_ok[:, None]"}, loop_hoisted, head_env.scalar_indices,
+                  strides=names.strides)
     loop_exprs = [mx.arg for p in k.passes for mx in p.maxes] + \
         [s.body for p in k.passes for s in p.sums] + ([k.mask] if k.mask is not None else [])
     L(1, "# captured-tensor reads that depend on the query rows only")
@@ -404,14 +535,37 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         if f is not None:
             idx[f] = "offs_f[None, :]"
         env = Env(idx, rows, params, captured, {m: "row_ok[:, None]" if is_tile else "row_ok"},
-                  head_env.hoisted, head_env.scalar_indices)
+                  head_env.hoisted, head_env.scalar_indices, strides=names.strides)
         value = render_at(L, 1, st.expr, env)
-        offs = " + ".join(f"{idx[i]} * {ptr}_s{d}" for d, i in enumerate(st.indices))
+        offs = " + ".join(f"{idx[i]} * {stride}"
+                          for i, stride in zip(st.indices, names.strides[ptr], strict=True))
         mask = "row_ok[:, None] & (offs_f[None, :] < F_len)" if is_tile else "row_ok"
-        L(1, f"val_{ptr} = {value}")
-        L(1, f"tl.store({ptr} + {offs}, val_{ptr}.to({ptr}.dtype.element_ty), mask={mask})")
+        val = f"val_{names.base(ptr)}"
+        L(1, comment(f"output {st.name}[{', '.join(st.indices)}] = {E.render(st.expr)}"))
+        L(1, f"{val} = {value}")
+        L(1, f"tl.store({ptr} + {offs}, {val}.to({ptr}.dtype.element_ty), mask={mask})")
     L(0, "")
     L.out[steps_at:steps_at] = steps.out
+    L.out[steps_at:] = [_annotate_constants(line) for line in L.out[steps_at:]]
+
+
+# float constants the passes introduce -> what they are (log2 e folds exp into exp2)
+_NAMED_CONSTANTS = {1 / math.log(2): "1/ln 2", math.log(2): "ln 2"}
+_FLOAT = re.compile(r"(?<![\w.])\d+\.\d+(?:e[+-]?\d+)?(?![\w.])")
+
+
+def _annotate_constants(line: str) -> str:
+    """A line of kernel code with a comment naming each known constant it holds
+    (``1.4426950408889634  # 1/ln 2``); comment and docstring lines are left as they are."""
+    code, sep, note = line.partition("#")
+    if not code.strip() or '"""' in line:
+        return line
+    names = dict.fromkeys(f"{c} = {_NAMED_CONSTANTS[float(c)]}" for c in _FLOAT.findall(code)
+                          if float(c) in _NAMED_CONSTANTS)
+    if not names:
+        return line
+    text = ", ".join(names)
+    return f"{code}{sep}{note}; {text}" if sep else f"{line}  # {text}"
 
 
 _NAME = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
@@ -453,6 +607,11 @@ def _emit_step_function(fn: str, p: KVPass, step: str, kernel: list[str], args: 
         return f"{lhs} = {fn}({positional}, {keywords}, MASKED={masked})"
     return call
 
+
+_TABLE_ARGS = ("kv_num", "kv_num_s0", "kv_num_s1", "kv_num_s2", "kv_idx", "kv_idx_s0",
+               "kv_idx_s1", "kv_idx_s2", "kv_idx_s3", "full_num", "full_num_s0",
+               "full_num_s1", "full_num_s2", "full_idx", "full_idx_s0", "full_idx_s1",
+               "full_idx_s2", "full_idx_s3")
 
 # EVEN_M: BLOCK_M divides M_len; EVEN_E / EVEN_F: BLOCK_E == E_len / BLOCK_F == F_len
 # SCALE_NONNEG: every score scale of scale_ranges is >= 0
@@ -601,7 +760,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
                 rows[mx.var] = f"{mx.var}_use[:, None]"
         env = Env(idx, rows, head_env.params, head_env.captured,
                   {m: "row_ok[:, None]", n: "col_ok[None, :]"}, dict(loop_hoisted),
-                  head_env.scalar_indices)
+                  head_env.scalar_indices, strides=head_env.strides)
         used = {d.var for d in k.dots if any(
             x.op is Op.ROW and x.arg == d.var for e in
             [a for _, a in maxes] + [s for _, s in sums] for x in e.walk())}
@@ -683,18 +842,18 @@ def _emit_sum(L: Lines, s: RunningSum, sbody: Expr, env: Env, bounded: bool | st
     for u, _ in s.units:  # inside the step, a stabiliser reads its new (safe) value
         rows[u] = f"{u}_use_new[:, None]"
     step_env = Env(env.index, rows, env.params, env.captured, env.masks, env.hoisted,
-                   env.scalar_indices)
+                   env.scalar_indices, strides=env.strides)
     body = render_at(L, 0, sbody, step_env)
     p = shared.get(("p", body))
     if p is None:
-        p = shared[("p", body)] = f"p_{s.var}"
+        p = shared[("p", body)] = _numbered("p", shared)
         L(0, f"{p} = {body}" if full else
              f"{p} = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({body})  # a full tile")
         _guard(L, bounded, p, keep, "0.0")
     if s.units:
         alpha = shared.get(("alpha", s.units))
         if alpha is None:
-            alpha = shared[("alpha", s.units)] = f"alpha_{s.var}"
+            alpha = shared[("alpha", s.units)] = _numbered("alpha", shared)
             L(0, f"{alpha} = {_alpha(s.units, floor0)}")
         scaled = f"{s.var} * {alpha}" + ("[:, None]" if s.v is not None else "")
     else:
@@ -711,6 +870,12 @@ def _emit_sum(L: Lines, s: RunningSum, sbody: Expr, env: Env, bounded: bool | st
         L(0, f"if UPCAST:\n    {v} = {v}.to(tl.float32)")
     L(0, f"{s.var} = {scaled} + tl.dot({p}.to({v}.dtype), {v}, "
          f"input_precision=DOT_PRECISION)")
+
+
+def _numbered(role: str, shared: dict) -> str:
+    """``role`` for the first variable of that role in a step, then ``role_1``, ``role_2``."""
+    i = sum(1 for key in shared if isinstance(key, tuple) and key[0] == role)
+    return role if i == 0 else f"{role}_{i}"
 
 
 def _alpha(units: tuple[tuple[str, int], ...], floor0: dict[str, bool]) -> str:

@@ -64,9 +64,9 @@ def test_printed_kernel_is_the_same_on_a_second_compilation() -> None:
 
 def test_the_score_is_printed_once_per_key_tile_step() -> None:
     """The score expression (here qk * scale * log2 e - slope * (m - n) * log2 e) is
-    evaluated once per step: the running sums read y_mx0 instead of re-evaluating it."""
+    evaluated once per step: the running sums read y_m_i instead of re-evaluating it."""
     text = kernel_text("alibi.attn")
-    steps = text.count("qk0 = tl.dot(")
+    steps = text.count("qk = tl.dot(")
     assert steps > 0 and text.count("(offs_m[:, None] - offs_n[None, :])") == steps
 
 

@@ -32,29 +32,33 @@ def _next_pow2(x: int) -> int:
 
 
 def signature(module: Any, dtype: str, e: int, f: int) -> tuple[dict, dict]:
-    """(signature, unit-stride constexprs) as a launch with contiguous tensors specialises."""
-    import inspect
+    """(signature, unit-stride constexprs) as a launch with contiguous tensors specialises.
 
+    The strides come from the module's ``STRIDES`` table (pointer -> its stride arguments in
+    dim order), not from their names: the last one of every tensor is 1 (specialised to a
+    constant); the others of the attention operands and outputs are multiples of 16 when both
+    head dims are (a contiguous [.., rows, D] tensor), those of captured tensors plain i32."""
+    strides: dict[str, tuple[str, ...]] = module.STRIDES
+    tiles = {entry[0] for table in (module.OPERANDS, module.OUTPUTS)
+             for entry in table.values()}
+    aligned = e % 16 == 0 and f % 16 == 0
+    kind: dict[str, str] = {}
+    for ptr, names in strides.items():
+        for d, name in enumerate(names):
+            kind[name] = "unit" if d == len(names) - 1 else \
+                "i32:16" if ptr in tiles and aligned else "i32"
     sig: dict[str, str] = {}
     units: dict[str, int] = {}
-    names = list(inspect.signature(module.attention_fwd_kernel).parameters)
-    ranks: dict[str, int] = {}
-    for a in names:
-        if "_s" in a and a.split("_s")[0] in module.ARG_TYPES:
-            base = a.split("_s")[0]
-            ranks[base] = max(ranks.get(base, 0), int(a.rsplit("_s", 1)[1]) + 1)
     for a, ty in module.ARG_TYPES.items():
-        ty = ty.format(dtype=dtype)
-        base, _, d = a.rpartition("_s")
-        if base in ranks and d.isdigit() and not base.startswith(("kv_", "full_")):
-            if int(d) == ranks[base] - 1:
-                units[a] = 1  # contiguous last dim: specialised to 1 at launch
-                continue
-            ty = "i32:16" if base.startswith(("T", "O")) and e % 16 == 0 and f % 16 == 0 \
-                else "i32"
+        if kind.get(a) == "unit":
+            units[a] = 1  # contiguous last dim: specialised to 1 at launch
+            continue
+        if a in kind:
+            sig[a] = kind[a]
         elif a in ("E_len", "F_len"):
-            ty = "i32:16" if (e if a == "E_len" else f) % 16 == 0 else "i32"
-        sig[a] = ty
+            sig[a] = "i32:16" if (e if a == "E_len" else f) % 16 == 0 else "i32"
+        else:
+            sig[a] = ty.format(dtype=dtype)
     return sig, units
 
 
