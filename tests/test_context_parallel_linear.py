@@ -72,6 +72,12 @@ def normalised_linear_attention_matches_one_process(rank: int, world: int, group
     _check(rank, world, group, "linear_attention", 21, {}, ())
 
 
+def a_rank_without_rows_passes_the_state_on(rank: int, world: int, group) -> None:
+    """3 rows over 4 ranks: the last rank's shard is empty (its state is zero, its decay 1)."""
+    _check(rank, world, group, "simple_gla", world - 1, {"A": torch.randn(1, 2, world - 1)},
+           ("A",))
+
+
 def other_layouts_are_refused(rank: int, world: int, group) -> None:
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(AttentionError, match="needs the contiguous layout"):
@@ -82,7 +88,7 @@ def other_layouts_are_refused(rank: int, world: int, group) -> None:
 TWO = [retention_matches_one_process, simple_gla_matches_one_process,
        gla_matches_one_process, other_layouts_are_refused]
 FOUR = [retention_matches_one_process, simple_gla_matches_one_process,
-        normalised_linear_attention_matches_one_process]
+        normalised_linear_attention_matches_one_process, a_rank_without_rows_passes_the_state_on]
 
 
 def test_two_and_four_ranks_match_one_process_forward_and_backward():

@@ -16,8 +16,10 @@ state entering rank r is
     S0_r = sum_{j < r} exp(sum_{j < i < r} d_i) S_j
 
 (row-wise per key dim for a vector gate; a normaliser z rides along as the state's last
-column).  Each rank computes (S_j, d_j) with one pass over its shard, ONE all-gather of both
-packed together gives every rank all of them, and the rank reruns its shard from S0_r.
+column).  Each rank computes (S_j, d_j) and its outputs from a zero state with one kernel
+pass over its shard, ONE all-gather of both packed together gives every rank all of them,
+and since the state is linear in its initial value the rank adds S0_r's share of each row,
+(q(m) exp(g(m) - g(-1))) . S0_r, a dense product: no second kernel pass.
 
 Backward: autograd through the combination and the all-gather, whose adjoint sums every
 rank's gradient of the gathered states and hands rank j the part for its own (S_j, d_j)
@@ -130,6 +132,17 @@ def _log_decay(f: Flat) -> Tensor:
     return f.g[:, -1] - f.g[:, 0]
 
 
+def _from_initial(f: Flat, s0: Tensor) -> Tensor:
+    """The initial state's share of every output row, (q(m) exp(g(m) - g(-1))) . S0: the
+    kernel's state S(m) is linear in its initial state, so this added to the shard's run
+    from zero equals its run from S0 (one kernel pass, as LASP-2's inter-rank term)."""
+    q = f.q
+    if f.g is not None:
+        decay = torch.exp(f.g[:, 1:] - f.g[:, :1])  # [BH, L] or [BH, L, E]
+        q = q * (decay if decay.dim() == 3 else decay.unsqueeze(-1))
+    return q @ s0.to(q.dtype)
+
+
 def _replicated(c: Cascade, captured: dict[str, Tensor], group: Any) -> dict[str, Tensor]:
     """Captured tensors without the position extent: gradients summed over the ranks."""
     extent = c.index(c.role("key")).extent
@@ -166,12 +179,12 @@ def context_parallel_linear(kernel: Any, inputs: dict[str, Tensor],
     for out in setup.outputs:
         _check_shardable(c, out)
         f = flat_features(out, c, tensors, setup.params, setup.scans)
-        _, local = run_chunked(chunk, f, None)
+        o, local = run_chunked(chunk, f, None)
         decay = _log_decay(f)
         packed = torch.cat([local.flatten(), decay.to(local.dtype).flatten()])
         every = _AllGather.apply(packed, group, rank, world)
         states = every[:, :local.numel()].view(world, *local.shape)
         decays = every[:, local.numel():].view(world, *decay.shape)
-        o, _ = run_chunked(chunk, f, combine_states(states, decays, rank))
+        o = o + _from_initial(f, combine_states(states, decays, rank))
         results[out.name] = finish(out, c, f, o)
     return results
