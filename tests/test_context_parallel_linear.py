@@ -23,25 +23,27 @@ def _spec(name: str):
     return parse_file(str(EXAMPLES / f"{name}.attn"))[name]
 
 
-def _check(rank: int, world: int, group, name: str, length: int, gates: dict,
+def _check(rank: int, world: int, group, spec, length: int, gates: dict,
            per_position: tuple[str, ...]) -> None:
-    """This rank's rows of the output and of dQ, dK, dV and the per-position gate
+    """This rank's rows of every output and of dQ, dK, dV and the per-position gate
     gradients equal one process's; the gradient of a replicated gate summed over ranks."""
-    kern = attndsl.compile(_spec(name))
+    kern = attndsl.compile(_spec(spec) if isinstance(spec, str) else spec)
     q, k, v = (torch.randn(1, 2, length, 16) for _ in range(3))
     leaves = [t.requires_grad_() for t in (q, k, v, *gates.values())]
     ref = kern.linear(dict(zip("QKV", leaves[:3])), captured=dict(zip(gates, leaves[3:])),
-                      chunk=16)[0]["O"]
-    weights = torch.randn(ref.shape)
-    (ref * weights).sum().backward()
+                      chunk=16)[0]
+    weights = {n: torch.randn(o.shape) for n, o in ref.items()}
+    sum((o * weights[n]).sum() for n, o in ref.items()).backward()
     mine = lambda t: shard(t, "contiguous", world, rank)  # noqa: E731
     parts = [mine(t.detach()).requires_grad_() for t in leaves[:3]]
     caps = {n: (mine(t.detach()) if n in per_position else t.detach().clone())
             .requires_grad_() for n, t in gates.items()}
     out = context_parallel_linear(kern, dict(zip("QKV", parts)), captured=caps, group=group,
-                                  chunk=16)["O"]
-    torch.testing.assert_close(out, mine(ref.detach()), **TOL)
-    (out * mine(weights)).sum().backward()
+                                  chunk=16)
+    assert out.keys() == ref.keys()
+    for n, o in out.items():
+        torch.testing.assert_close(o, mine(ref[n].detach()), **TOL)
+    sum((o * mine(weights[n])).sum() for n, o in out.items()).backward()
     for got, full in zip(parts, leaves[:3]):
         torch.testing.assert_close(got.grad, mine(full.grad), **TOL)
     for (n, got), full in zip(caps.items(), leaves[3:]):
@@ -78,6 +80,14 @@ def a_rank_without_rows_passes_the_state_on(rank: int, world: int, group) -> Non
            ("A",))
 
 
+def two_outputs_share_one_all_gather(rank: int, world: int, group) -> None:
+    """A gated output and an ungated one: both states and decays travel in one collective."""
+    text = (EXAMPLES / "simple_gla.attn").read_text().replace(
+        "  output O", "  P[b,h,m,f] = S[b,h,m,n] * V[b,h,n,f]\n  output O, P")
+    spec = attndsl.frontend.text.parse_text(text)["simple_gla"]
+    _check(rank, world, group, spec, 19, {"A": torch.randn(1, 2, 19)}, ("A",))
+
+
 def other_layouts_are_refused(rank: int, world: int, group) -> None:
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(AttentionError, match="needs the contiguous layout"):
@@ -86,7 +96,7 @@ def other_layouts_are_refused(rank: int, world: int, group) -> None:
 
 
 TWO = [retention_matches_one_process, simple_gla_matches_one_process,
-       gla_matches_one_process, other_layouts_are_refused]
+       gla_matches_one_process, two_outputs_share_one_all_gather, other_layouts_are_refused]
 FOUR = [retention_matches_one_process, simple_gla_matches_one_process,
         normalised_linear_attention_matches_one_process, a_rank_without_rows_passes_the_state_on]
 

@@ -175,16 +175,21 @@ def context_parallel_linear(kernel: Any, inputs: dict[str, Tensor],
                          group)
     setup = kernel.linear_setup(inputs, params, shared)
     c, tensors = setup.cascade, setup.tensors
-    results = {}
-    for out in setup.outputs:
+    for out in setup.outputs:  # before any communication: every rank refuses alike
         _check_shardable(c, out)
+    runs = []
+    for out in setup.outputs:
         f = flat_features(out, c, tensors, setup.params, setup.scans)
         o, local = run_chunked(chunk, f, None)
-        decay = _log_decay(f)
-        packed = torch.cat([local.flatten(), decay.to(local.dtype).flatten()])
-        every = _AllGather.apply(packed, group, rank, world)
-        states = every[:, :local.numel()].view(world, *local.shape)
-        decays = every[:, local.numel():].view(world, *decay.shape)
+        runs.append((out, f, o, local, _log_decay(f).to(local.dtype)))
+    every = _AllGather.apply(torch.cat([t.flatten() for *_, st, d in runs for t in (st, d)]),
+                             group, rank, world)  # one collective for every output
+    results, at = {}, 0
+    for out, f, o, local, decay in runs:
+        states = every[:, at:at + local.numel()].view(world, *local.shape)
+        at += local.numel()
+        decays = every[:, at:at + decay.numel()].view(world, *decay.shape)
+        at += decay.numel()
         o = o + _from_initial(f, combine_states(states, decays, rank))
         results[out.name] = finish(out, c, f, o)
     return results
