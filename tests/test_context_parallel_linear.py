@@ -137,8 +137,21 @@ def test_a_gate_that_is_not_affine_in_the_position_is_refused():
         "exp((m * m - n * n) * log(sigmoid(c[h])))")
     spec = attndsl.frontend.text.parse_text(text)["retention"]
     kern = attndsl.compile(spec)
-    if kern.compiled.linear.form != "chunked":
-        pytest.skip("the linear pass does not linearise this gate")
+    assert kern.compiled.linear.form == "chunked"
     with pytest.raises(AttentionError, match="not a prefix sum or affine"):
+        _check_shardable(kern.compiled.stage("materialise-scans"),
+                         kern.compiled.linear.outputs[0])
+
+
+def test_a_feature_reading_the_position_as_a_value_is_refused():
+    """q(m) = (m + 1) Q[m]: a shard counts m from 0, so its features would differ from the
+    whole sequence's; refused with the output, feature and index named."""
+    from attndsl.distributed.linear import _check_shardable
+
+    text = (EXAMPLES / "retention.attn").read_text().replace(
+        "* K[b,h,n,e] * scale", "* K[b,h,n,e] * scale * (m + 1)")
+    kern = attndsl.compile(attndsl.frontend.text.parse_text(text)["retention"])
+    assert kern.compiled.linear.form == "chunked"
+    with pytest.raises(AttentionError, match="O's query feature uses the position m"):
         _check_shardable(kern.compiled.stage("materialise-scans"),
                          kern.compiled.linear.outputs[0])
