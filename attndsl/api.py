@@ -29,6 +29,7 @@ import torch
 from attndsl.eager import bind_extents, run_cascade
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
+from attndsl.passes.linear import LinearOutput
 from attndsl.passes.pipeline import Compiled
 from attndsl.passes.scans import scan_equations
 from attndsl.runtime.checks import AttentionError
@@ -39,7 +40,7 @@ from attndsl.runtime.checks import no_work as _no_work
 from attndsl.runtime.checks import shapes_only as _shapes_only
 from attndsl.runtime.kernels import compiled as _compiled
 from attndsl.runtime.kernels import launch_attention
-from attndsl.runtime.linear import AUTO, run_linear, scan_inputs
+from attndsl.runtime.linear import AUTO, check_chunk, run_linear, scan_inputs
 from attndsl.runtime.modules import module_source
 from attndsl.runtime.plan import block_mask_plan, kernel_plan, mask_plan
 from attndsl.runtime.user_names import names_captured_tensors
@@ -57,6 +58,16 @@ class AuxRequest(NamedTuple):
 class AuxOutput(NamedTuple):
     lse: Tensor | None = None
     max_scores: Tensor | None = None
+
+
+class LinearSetup(NamedTuple):
+    """The inputs of the linear kernels for one call (:meth:`Kernel.linear_setup`)."""
+
+    outputs: tuple[LinearOutput, ...]
+    cascade: Cascade
+    tensors: dict[str, Tensor]
+    params: dict[str, Any]
+    scans: tuple[str, ...]
 
 
 @names_captured_tensors
@@ -221,22 +232,27 @@ class Kernel:
         segment; decays are relative, so chaining is exact.  Differentiable: the chunked
         Triton backward gives the features' gradients, autograd carries them to the inputs
         and captured gates through the feature evaluation."""
+        setup = self.linear_setup(inputs, params, captured)
+        check_chunk(chunk)
+        return run_linear(setup.outputs, setup.cascade, setup.tensors, setup.params,
+                          initial_state, chunk, setup.scans)
+
+    def linear_setup(self, inputs: dict[str, Tensor], params: dict | None = None,
+                     captured: dict[str, Tensor] | None = None) -> LinearSetup:
+        """What :meth:`linear` hands the kernels: the chunked form's outputs, the cascade
+        they read (prefix sums materialised), the tensors with the prefix sums computed, the
+        parameters with defaults, and the names of the prefix sums."""
         decision = self.compiled.linear
         if decision.form != "chunked":
             raise AttentionError(f"{self.compiled.cascade.name} has no linear form: "
                                  f"{'; '.join(decision.reasons)}")
-        if chunk not in (None, AUTO) and (not isinstance(chunk, int) or isinstance(chunk, bool)
-                                          or chunk < 16 or chunk & (chunk - 1)):
-            raise AttentionError(f"chunk must be a power of two >= 16, 'auto' (by qk dim) or "
-                                 f"None (the recurrent kernel), got {chunk!r}")
         cap = {**self.captured, **(captured or {})}
         tensors = {**inputs, **cap}
         full = _default_params(self.compiled.cascade, dict(params or {}), tensors)
         tensors.update(scan_inputs(self.compiled.cascade, tensors, full))
         kernel_cascade = self.compiled.stage("materialise-scans")
         scans = tuple(eq.name for eq in scan_equations(self.compiled.cascade))
-        return run_linear(decision.outputs, kernel_cascade, tensors, full, initial_state, chunk,
-                          scans)
+        return LinearSetup(decision.outputs, kernel_cascade, tensors, full, scans)
 
     def _mask_plan(self, tensors: dict[str, Tensor], params: dict,
                    device: torch.device) -> dict | None:

@@ -20,7 +20,7 @@ captured gates.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,6 +29,7 @@ from attndsl.ir.evaluate import Env, EvaluationError, apply, safe_div
 from attndsl.ir.expr import Expr
 from attndsl.passes.linear import LinearOutput
 from attndsl.passes.scans import scan_equations
+from attndsl.runtime.checks import AttentionError
 
 Tensor = torch.Tensor
 AUTO = "auto"  # chunk size chosen by qk dim (linear_kernels.default_chunk)
@@ -230,6 +231,54 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tens
     return dq, dk, dv, dg, (ds0 if s0 is not None else None)
 
 
+def check_chunk(chunk: int | str | None) -> None:
+    """A chunk is a power of two >= 16, ``AUTO`` or None (the recurrent kernel)."""
+    if chunk not in (None, AUTO) and (not isinstance(chunk, int) or isinstance(chunk, bool)
+                                      or chunk < 16 or chunk & (chunk - 1)):
+        raise AttentionError(f"chunk must be a power of two >= 16, 'auto' (by qk dim) or "
+                             f"None (the recurrent kernel), got {chunk!r}")
+
+
+class Flat(NamedTuple):
+    """One output's features as the kernels take them: q, k [BH, L, E], v [BH, L, F(+1)],
+    g [BH, L + 1(, E)] or None (positions -1..L-1), and the (B, H) to restore."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    g: Tensor | None
+    batch: int
+    heads: int
+
+
+def flat_features(out: LinearOutput, c: Cascade, tensors: Mapping[str, Tensor],
+                  params: Mapping[str, Any], scans: tuple[str, ...] = ()) -> Flat:
+    """:func:`features` with (batch, head) flattened into the kernels' rows."""
+    q, k, v, g = features(out, c, tensors, params, scans)
+    b, h = q.shape[:2]
+    flat = [t.reshape(b * h, *t.shape[2:]) for t in (q, k, v)]
+    return Flat(*flat, None if g is None else g.reshape(b * h, *g.shape[2:]), b, h)
+
+
+def run_chunked(chunk: int | str | None, f: Flat, s0: Tensor | None
+                ) -> tuple[Tensor, Tensor]:
+    """(o [BH, L, F(+1)], final state [BH, E, F(+1)]) from the initial state ``s0``
+    [BH, E, F(+1)] or None (zeros); differentiable (the Triton backward)."""
+    return _Linear.apply(chunk, f.q, f.k, f.v, f.g, s0)
+
+
+def finish(out: LinearOutput, c: Cascade, f: Flat, o: Tensor) -> Tensor:
+    """The output in the cascade's own layout from the kernel's rows (divided by the
+    normaliser's column when there is one)."""
+    o = o.reshape(f.batch, f.heads, o.shape[1], o.shape[-1])
+    if out.normalised:
+        o = safe_div(o[..., :-1], o[..., -1:])
+    for axis, r in ((1, "head"), (0, "batch")):  # the output's own layout
+        if c.role(r) is None:
+            o = o.squeeze(axis)
+    return o
+
+
 def run_linear(outputs: tuple[LinearOutput, ...], c: Cascade, tensors: Mapping[str, Tensor],
                params: Mapping[str, Any], initial: Mapping[str, Tensor] | None = None,
                chunk: int | str | None = AUTO, scans: tuple[str, ...] = ()
@@ -239,19 +288,11 @@ def run_linear(outputs: tuple[LinearOutput, ...], c: Cascade, tensors: Mapping[s
     recurrent kernel (decode)."""
     results, states = {}, {}
     for out in outputs:
-        q, k, v, g = features(out, c, tensors, params, scans)
-        b, h, length, e = q.shape
-        flat = [t.reshape(b * h, *t.shape[2:]) for t in (q, k, v)]
-        gf = None if g is None else g.reshape(b * h, *g.shape[2:])
+        f = flat_features(out, c, tensors, params, scans)
+        e, width = f.q.shape[-1], f.v.shape[-1]
         s0 = None if initial is None or out.name not in initial else \
-            initial[out.name].reshape(b * h, e, v.shape[-1])
-        o, st = _Linear.apply(chunk, *flat, gf, s0)
-        o = o.reshape(b, h, length, v.shape[-1])
-        if out.normalised:
-            o = safe_div(o[..., :-1], o[..., -1:])
-        for axis, r in ((1, "head"), (0, "batch")):  # the output's own layout
-            if c.role(r) is None:
-                o = o.squeeze(axis)
-        results[out.name] = o
-        states[out.name] = st.reshape(b, h, e, v.shape[-1])
+            initial[out.name].reshape(f.q.shape[0], e, width)
+        o, st = run_chunked(chunk, f, s0)
+        results[out.name] = finish(out, c, f, o)
+        states[out.name] = st.reshape(f.batch, f.heads, e, width)
     return results, states
