@@ -261,9 +261,8 @@ class Kernel:
                            device).launch_tables()
 
 
-class _FusedBackward(torch.autograd.Function):
-    """Forward: the generated kernel.  Backward: the generated fused backward kernels
-    (attndsl.passes.tile_grad derives them from the kernel's running sums)."""
+class _KernelFunction(torch.autograd.Function):
+    """Forward: the generated kernel on the named tensors (saved for the backward)."""
 
     @staticmethod
     def forward(ctx: Any, kernel: Kernel, run: Callable, names: list[str], params: dict,
@@ -272,6 +271,11 @@ class _FusedBackward(torch.autograd.Function):
         ctx.save_for_backward(*tensors)
         out = run()
         return tuple(out[o] for o in kernel.compiled.cascade.outputs)
+
+
+class _FusedBackward(_KernelFunction):
+    """Backward: the generated fused backward kernels (attndsl.passes.tile_grad derives them
+    from the kernel's running sums)."""
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple:
@@ -292,16 +296,8 @@ class _FusedBackward(torch.autograd.Function):
         return (None, None, None, None, *out)
 
 
-class _EagerBackward(torch.autograd.Function):
-    """Forward: the generated kernel.  Backward: autograd through the eager executor."""
-
-    @staticmethod
-    def forward(ctx: Any, kernel: Kernel, run: Callable, names: list[str], params: dict,
-                *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.kernel, ctx.names, ctx.params = kernel, names, params
-        ctx.save_for_backward(*tensors)
-        out = run()
-        return tuple(out[o] for o in kernel.compiled.cascade.outputs)
+class _EagerBackward(_KernelFunction):
+    """Backward: autograd through the eager executor."""
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple:
