@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attndsl
+from attndsl import AttentionError
 from attndsl.frontend.flex import lower_flex
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -293,3 +294,38 @@ def test_a_cascades_own_scale_parameter_is_used_when_no_scale_is_passed() -> Non
     default = attndsl.decode(q, k, v, lengths, cascade=cascade)
     torch.testing.assert_close(own, given)
     assert not torch.allclose(own, default)
+
+
+def _small_cache(num_pages: int = 4, max_pages: int = 4) -> attndsl.PagedKVCache:
+    return attndsl.PagedKVCache(num_pages=num_pages, page_size=16, heads=2, head_dim=8,
+                                max_batch=2, max_pages=max_pages)
+
+
+@pytest.mark.parametrize("k_shape, v_shape", [
+    ((2, 3, 4, 8), (2, 3, 4, 8)),    # more heads than the cache's
+    ((2, 2, 4, 4), (2, 2, 4, 8)),    # another head dim
+    ((2, 2, 4, 8), (2, 2, 5, 8)),    # k and v of different lengths
+    ((2, 2, 8), (2, 2, 8)),          # not 4-d
+])
+def test_cache_append_of_a_wrong_shape_is_refused_with_the_expected_shape(k_shape, v_shape):
+    cache = _small_cache()
+    with pytest.raises(AttentionError, match=r"must be \[2, 2, L, 8\]"):
+        cache.append(torch.randn(k_shape), torch.randn(v_shape))
+
+
+def test_cache_append_that_runs_out_of_pages_writes_nothing():
+    cache = _small_cache(num_pages=4)
+    cache.append(torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8))  # 2 pages each: pool full
+    before = (cache.lengths.clone(), cache.page_table.clone(), cache.k_pages.clone())
+    with pytest.raises(AttentionError, match="out of pages.*nothing was written"):
+        cache.append(torch.randn(2, 2, 13, 8), torch.randn(2, 2, 13, 8))  # seq 0 fits, 1 not
+    assert torch.equal(cache.lengths, before[0]) and torch.equal(cache.page_table, before[1])
+    assert torch.equal(cache.k_pages, before[2])
+
+
+def test_cache_append_to_unknown_or_repeated_sequences_is_refused():
+    cache = _small_cache()
+    kv = torch.randn(2, 2, 4, 8)
+    for seqs in ([0, 2], [1, 1], [-1, 0]):
+        with pytest.raises(AttentionError, match="distinct sequence numbers"):
+            cache.append(kv, kv, seqs=seqs)

@@ -71,10 +71,8 @@ class PagedKVCache:
 
     def append(self, k: Tensor, v: Tensor, seqs: list[int] | None = None) -> None:
         """Write ``k`` / ``v`` ``[len(seqs), Hkv, L, D]`` after each sequence's last token."""
-        seqs = list(range(k.shape[0])) if seqs is None else list(seqs)
-        if k.shape[0] != len(seqs) or v.shape[:3] != k.shape[:3]:
-            raise AttentionError(f"append: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
-                                 f"[{len(seqs)}, Hkv, L, D]")
+        seqs = list(range(k.shape[0])) if seqs is None else [int(s) for s in seqs]
+        self._check_append(k, v, seqs)
         steps = k.shape[2]
         for row, seq in enumerate(seqs):
             start = int(self.lengths[seq])
@@ -89,6 +87,37 @@ class PagedKVCache:
                 else:
                     pool[pages, :, slot] = rows
             self.lengths[seq] = start + steps
+
+    def _check_append(self, k: Tensor, v: Tensor, seqs: list[int]) -> None:
+        """Refuse an append that does not fit, before anything is written (an append is all or
+        nothing: no sequence grows when another one would not fit)."""
+        heads = self.k_pages.shape[2 if self.layout == "NPHD" else 1]
+        head_dim = self.k_pages.shape[-1]
+        want = (len(seqs), heads, k.shape[2] if k.dim() == 4 else 0)
+        if (k.dim() != 4 or v.dim() != 4 or tuple(k.shape[:3]) != want
+                or tuple(v.shape[:3]) != want or k.shape[3] != head_dim
+                or v.shape[3] != self.v_pages.shape[-1]):
+            raise AttentionError(
+                f"append: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
+                f"[{len(seqs)}, {heads}, L, {head_dim}] and [{len(seqs)}, {heads}, L, "
+                f"{self.v_pages.shape[-1]}] (sequences, the cache's heads, new tokens, dims)")
+        if not (k.is_floating_point() and v.is_floating_point()):
+            raise AttentionError(f"append: k and v must be floating point, got {k.dtype}, "
+                                 f"{v.dtype}")
+        batch = self.page_table.shape[0]
+        if any(not 0 <= s < batch for s in seqs) or len(set(seqs)) != len(seqs):
+            raise AttentionError(f"append: seqs must be distinct sequence numbers in "
+                                 f"[0, {batch}), got {seqs}")
+        more = 0
+        for seq in seqs:
+            need = -(-(int(self.lengths[seq]) + k.shape[2]) // self.page_size)
+            if need > self.page_table.shape[1]:
+                raise AttentionError(f"sequence {seq} would need {need} pages; the cache holds "
+                                     f"{self.page_table.shape[1]} per sequence")
+            more += max(0, need - len(self._owned[seq]))
+        if more > len(self._free):
+            raise AttentionError(f"out of pages: the append needs {more} more pages, "
+                                 f"{len(self._free)} are free; nothing was written")
 
     def gather(self, seq: int) -> tuple[Tensor, Tensor]:
         """Sequence ``seq``'s K and V in logical order, ``[Hkv, length, D]``."""
