@@ -212,10 +212,29 @@ def unshardable_lengths_are_refused(rank: int, world: int, group) -> None:
         context_parallel_attention(q, q, q, group=group)
 
 
+def additive_cascades(rank: int, world: int, group) -> None:
+    """examples/sigmoid.attn (causal, zigzag) and relu2.attn (its / N is the whole
+    sequence's N): shard outputs add, and each pair's gradients are its own."""
+    for name, layout in (("sigmoid", "zigzag"), ("relu2", "striped")):
+        spec = parse_file(str(EXAMPLES / f"{name}.attn"))[name]
+        q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 27, 16))
+        ref = attndsl.compile(spec)({"Q": q, "K": k, "V": v}, {"scale": 0.25})["O"]
+        weights = torch.randn(ref.shape)
+        (ref * weights).sum().backward()
+        mine = lambda t: shard(t, layout, world, rank)  # noqa: E731
+        parts = [mine(t.detach()).requires_grad_() for t in (q, k, v)]
+        out = context_parallel_attention(*parts, group=group, layout=layout, cascade=spec,
+                                         params={"scale": 0.25})["O"]
+        torch.testing.assert_close(out, mine(ref.detach()), atol=ATOL, rtol=1e-4)
+        (out * mine(weights)).sum().backward()
+        for got, full in zip(parts, (q, k, v)):
+            torch.testing.assert_close(got.grad, mine(full.grad), atol=1e-4, rtol=1e-4)
+
+
 TWO = [causal_alibi_every_layout, sliding_window_gqa, documents, padded_queries, sinks_causal,
        text_cascade_with_sinks, tree_decode_matches_one_process, unshardable_lengths_are_refused]
 FOUR = [documents, padded_queries, keys_nobody_needs_are_not_sent, fewer_rows_than_ranks,
-        text_cascade_with_sinks]
+        text_cascade_with_sinks, additive_cascades]
 
 
 def test_two_and_four_ranks_match_one_process_forward_and_backward():

@@ -18,6 +18,7 @@ from attndsl.distributed import (
     shard,
     unshard,
 )
+from attndsl.distributed.additive import AdditivePairs, is_additive
 from attndsl.distributed.merge import add_sink, merge
 from attndsl.distributed.normaliser import softmax_form
 from attndsl.distributed.pairs import imbalance, pair_classes, work
@@ -167,3 +168,65 @@ def test_calling_without_torch_distributed_says_how_to_start_it():
     x = torch.randn(1, 1, 4, 16)
     with pytest.raises(AttentionError, match="init_process_group"):
         context_parallel_attention(x, x, x)
+
+
+def _spec(name: str):
+    return parse_file(str(EXAMPLES / f"{name}.attn"))[name]
+
+
+@pytest.mark.parametrize("name, additive", [("sigmoid", True), ("relu2", True),
+                                            ("causal", False), ("softpick", False),
+                                            ("sink", False)])
+def test_outputs_that_are_plain_sums_over_the_keys_are_recognised_as_additive(name, additive):
+    assert is_additive(_spec(name)) is additive
+
+
+WINDOW_TO_END = """
+spec near_end {
+  index b: B batch, h: H head, m: M query, n: N key, e: E qk, f: F v
+  input Q[B, H, M, E], K[B, H, N, E], V[B, H, N, F]
+  param scale: float
+  mask n < N - 2
+  S[b,h,m,n] = Q[b,h,m,e] * K[b,h,n,e] * scale
+  O[b,h,m,f] = softmax(n) S[b,h,m,n] * V[b,h,n,f]
+  output O
+}"""
+
+
+def test_a_key_extent_read_is_bound_to_the_whole_sequence_not_a_shard():
+    spec = parse_text(WINDOW_TO_END)["near_end"]
+    with pytest.raises(AttentionError, match="reads the key extent N as a value"):
+        softmax_form(spec)
+    form = softmax_form(spec, extents={"N": 40, "M": 40})
+    assert str(form.flex.mask) == "Keep[b, h, m, n] = n < 40 - 2"
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "relu2"])
+def test_additive_pairs_over_two_key_shards_sum_to_the_whole_output_and_gradients(name):
+    """Without processes: one query shard against both key shards of a 2-way zigzag split,
+    forward summed and backward per pair, equal the single-process kernel and autograd."""
+    spec = _spec(name)
+    L, world = 26, 2
+    q, k, v = (torch.randn(1, 2, L, 16, dtype=torch.float64).float() for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attndsl.compile(spec)(dict(zip("QKV", leaves)), {"scale": 0.25})["O"]
+    dout = torch.randn(ref.shape)
+    ref.backward(dout)
+    pairs = AdditivePairs.of(spec, None, None, L, L)
+    pos = [positions("zigzag", L, world, r) for r in range(world)]
+    mine = pos[0]
+    out = sum(pairs.forward(q[:, :, mine], k[:, :, p], v[:, :, p], mine, p, PARTIAL, 0.25)[0]
+              for p in pos)
+    torch.testing.assert_close(out, ref.detach()[:, :, mine], atol=2e-5, rtol=1e-4)
+    dq = torch.zeros_like(q[:, :, mine])
+    for p in pos:
+        g = pairs.backward(q[:, :, mine], k[:, :, p], v[:, :, p], out, None,
+                           dout[:, :, mine], None, mine, p, PARTIAL, 0.25, ())
+        dq += g["Q"]
+        # the key shard's gradient from this query shard alone: autograd restricted likewise
+        part = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = attndsl.compile(spec)(dict(zip("QKV", part)), {"scale": 0.25})["O"]
+        o[:, :, mine].backward(dout[:, :, mine])
+        torch.testing.assert_close(g["K"], part[1].grad[:, :, p], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(g["V"], part[2].grad[:, :, p], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(dq, leaves[0].grad[:, :, mine], atol=2e-5, rtol=1e-4)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from attndsl.distributed.additive import AdditivePairs, is_additive
 from attndsl.distributed.kernels import PairKernels
 from attndsl.distributed.layout import all_positions, check_layout
 from attndsl.distributed.merge import add_sink
@@ -83,8 +84,10 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     (their gradients are summed over the ranks).  Returns ``out`` or ``(out, lse)``; lse is
     in natural log, -inf (and out 0) for rows no key reaches; with ``sinks`` it is the log of
     the whole denominator (sink included).  With ``cascade=`` (a text or
-    builder spec of the softmax family, :mod:`.normaliser`; its tensors in ``captured``, its
-    scalars in ``params``) it returns the cascade's outputs by name instead."""
+    builder spec of the softmax family, :mod:`.normaliser`, or one with no normaliser over
+    the keys -- sigmoid, ReLU^2 -- whose shard outputs add, :mod:`.additive`; its tensors in
+    ``captured``, its scalars in ``params``) it returns the cascade's outputs by name
+    instead."""
     group = process_group(group)
     layout = check_layout(layout)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -98,8 +101,15 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     form = None
     if cascade is None:
         kernels = PairKernels.of(score_mod, mask_mod)
+    elif is_additive(cascade):
+        _programs_refused(score_mod, mask_mod, sinks)
+        kernels = AdditivePairs.of(cascade, captured, params, sum(x[0] for x in lengths),
+                                   sum(x[1] for x in lengths))
     else:
-        form = _softmax_form(cascade, params, captured, q, k, score_mod, mask_mod, sinks)
+        extents = {cascade.index(cascade.role("query")).extent: sum(x[0] for x in lengths),
+                   cascade.index(cascade.role("key")).extent: sum(x[1] for x in lengths)}
+        form = _softmax_form(cascade, params, captured, extents, q, k, score_mod, mask_mod,
+                             sinks)
         kernels = PairKernels.of_cascade(form.flex, form.captured)
         sinks = form.sink_logit(q.shape[1])
         scale = (params or {}).get("scale", scale) if form.scaled else 1.0
@@ -112,22 +122,22 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     if sinks is not None:
         out, lse = add_sink(out, lse, Replicated.apply(sinks, group))
     out = out.movedim(2, seq_dim)
+    if isinstance(kernels, AdditivePairs):
+        return {kernels.output: out}
     if form is not None:
         return {name: out if kind == "O" else sums_lse for name, kind in form.outputs.items()}
     return (out, lse) if return_lse else out
 
 
-def _softmax_form(cascade: Cascade, params: dict | None, captured: dict | None, q: Tensor,
-                  k: Tensor, score_mod: Callable | None, mask_mod: Callable | None,
-                  sinks: Tensor | None) -> SoftmaxForm:
+def _softmax_form(cascade: Cascade, params: dict | None, captured: dict | None,
+                  extents: dict[str, int], q: Tensor, k: Tensor, score_mod: Callable | None,
+                  mask_mod: Callable | None, sinks: Tensor | None) -> SoftmaxForm:
     """The cascade's softmax form; a group size ``G`` defaults to the head ratio."""
-    if score_mod is not None or mask_mod is not None or sinks is not None:
-        raise AttentionError("pass either cascade= or score_mod / mask_mod / sinks, not both "
-                             "(the cascade holds its own score, mask and sinks)")
+    _programs_refused(score_mod, mask_mod, sinks)
     params = dict(params or {})
     if any(p.name == "G" for p in cascade.params):
         params.setdefault("G", q.shape[1] // max(1, k.shape[1]))
-    return softmax_form(cascade, params, captured)
+    return softmax_form(cascade, params, captured, extents)
 
 
 def tree_decode(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable | None = None,
@@ -196,3 +206,10 @@ def choose_layout(mask_mod: Callable | None, B: int, H: int, seq_len: int, world
     flex = lower_flex(None, mask_mod)
     mask = positioned(flex.cascade).mask.expr
     return best_layout(mask, flex.captured, B, H, seq_len, world, block)
+
+
+def _programs_refused(score_mod: Callable | None, mask_mod: Callable | None,
+                      sinks: Tensor | None) -> None:
+    if score_mod is not None or mask_mod is not None or sinks is not None:
+        raise AttentionError("pass either cascade= or score_mod / mask_mod / sinks, not both "
+                             "(the cascade holds its own score, mask and sinks)")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from attndsl.autograd import _SPECS, register_spec
+from attndsl.distributed.merge import Partial
 from attndsl.distributed.positions import KPOS, QPOS, positioned
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
@@ -54,6 +55,10 @@ class PairKernels:
     @property
     def mask(self) -> Expr | None:
         return None if self.cascade.mask is None else self.cascade.mask.expr
+
+    def empty_state(self, out_shape: tuple[int, ...], device: torch.device) -> Partial:
+        """The merged state before any pair: O = 0, lse = -inf (:mod:`.merge`)."""
+        return Partial.empty(out_shape, device)
 
     def _captured(self, qpos: Tensor, kpos: Tensor, device: torch.device) -> dict[str, Tensor]:
         return {**self.captured, QPOS: qpos.to(device), KPOS: kpos.to(device)}

@@ -9,9 +9,10 @@ with ``R`` an extra normaliser term independent of the keys (absent for softmax,
 off-by-one softmax, ``exp(sink[h])`` for learned sinks).  :func:`softmax_form` finds X and R
 in the fused form of a cascade (``softmax(n) X`` counts as R absent) and rewrites it as the
 FlexAttention cascade ``T = X`` over ``S = scale Q K^T``, whose generated forward and backward
-kernels run the pairs; R is added once after the merge as the sink logit ``log R[h]``.  Other
-normalisers (sigmoid, ReLU, softpick: sums of functions other than exp(X)) have no exact
-log-sum-exp merge and are refused with an AttentionError naming the output.
+kernels run the pairs; R is added once after the merge as the sink logit ``log R[h]``.
+Cascades with no normaliser over the keys (sigmoid, ReLU^2) merge by a plain sum
+(:mod:`.additive`); other normalisers (softpick: a sum of functions other than exp(X))
+have no exact merge and are refused with an AttentionError naming the output.
 """
 
 from __future__ import annotations
@@ -60,9 +61,13 @@ class SoftmaxForm:
 
 
 def softmax_form(c: Cascade, params: dict | None = None,
-                 captured: dict[str, Tensor] | None = None) -> SoftmaxForm:
+                 captured: dict[str, Tensor] | None = None,
+                 extents: dict[str, int] | None = None) -> SoftmaxForm:
     """``c`` as a :class:`SoftmaxForm`; parameters other than ``scale`` are bound to
-    ``params`` (or their defaults).  Raises AttentionError naming what does not fit."""
+    ``params`` (or their defaults), reads of the query / key extents (an index size used
+    as a value, ``n < N - 2``) to ``extents`` -- the whole sequence's lengths, which a shard's
+    kernel would otherwise take from its own rows.  Raises AttentionError naming what does
+    not fit (an extent read with no value in ``extents`` among it)."""
     captured = dict(captured or {})
     clash = sorted(FLEX_NAMES & {t.name for t in c.tensors if t.kind == "captured"})
     if clash:
@@ -71,6 +76,17 @@ def softmax_form(c: Cascade, params: dict | None = None,
     fused = inline(c)
     rename = {i.name: CANONICAL[i.role] for i in c.indices}
     bind = _bindings(c, params or {})
+    sequence = {c.index(c.role(r)).extent: r for r in ("query", "key")}
+    for name, value in (extents or {}).items():
+        bind[name] = E.const(int(value))
+    unbound = sorted({x.arg for _, _, e in fused.outputs for x in e.walk()
+                      if x.op is Op.PARAM and x.arg in sequence and x.arg not in bind}
+                     | {x.arg for x in (fused.mask.walk() if fused.mask is not None else ())
+                        if x.op is Op.PARAM and x.arg in sequence and x.arg not in bind})
+    if unbound:
+        raise AttentionError(f"cascade {c.name!r} reads the {sequence[unbound[0]]} extent "
+                             f"{unbound[0]} as a value; here the keys are split, so it has "
+                             f"no single value: write the length as a param instead")
     prepared = {name: _prepare(e, rename, bind) for name, _, e in fused.outputs}
     mask = None if fused.mask is None else _prepare(fused.mask, rename, bind)
     roles = {t.name: _role(c, t.name) for t in c.tensors if t.kind == "input"}

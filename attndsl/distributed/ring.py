@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from attndsl.distributed.additive import AdditivePairs
 from attndsl.distributed.kernels import PairKernels
-from attndsl.distributed.merge import Partial
 from attndsl.passes.mask import EMPTY
 
 Tensor = torch.Tensor
@@ -33,7 +33,7 @@ Tensor = torch.Tensor
 class Ring:
     """One context-parallel call: kernels, group, every rank's positions, the pair classes."""
 
-    kernels: PairKernels
+    kernels: PairKernels | AdditivePairs  # the pairs' kernels and their merge
     group: Any
     rank: int
     world: int
@@ -66,7 +66,7 @@ class Ring:
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """This rank's (O, lse) over every key shard (O in q's dtype, lse float32)."""
-        state = Partial.empty((*q.shape[:3], v.shape[-1]), q.device)
+        state = self.kernels.empty_state((*q.shape[:3], v.shape[-1]), q.device)
         sizes = [p.numel() for p in self.k_positions]
         pending = self._post(1, [k, v], [k, v], sizes) if self.world > 1 else ([], None)
         self._pair_forward(state, q, k, v, self.rank)
@@ -80,7 +80,7 @@ class Ring:
                 self._pair_forward(state, q, bufs[0], bufs[1], (self.rank - step) % self.world)
         return state.out.to(q.dtype), state.lse
 
-    def _pair_forward(self, state: Partial, q: Tensor, k: Tensor, v: Tensor, src: int) -> None:
+    def _pair_forward(self, state: Any, q: Tensor, k: Tensor, v: Tensor, src: int) -> None:
         cls = self.classes[self.rank][src]
         if cls == EMPTY:
             return
