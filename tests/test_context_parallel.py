@@ -221,7 +221,7 @@ def additive_cascades(rank: int, world: int, group) -> None:
         ref = attndsl.compile(spec)({"Q": q, "K": k, "V": v}, {"scale": 0.25})["O"]
         weights = torch.randn(ref.shape)
         (ref * weights).sum().backward()
-        mine = lambda t: shard(t, layout, world, rank)  # noqa: E731
+        mine = lambda t, lay=layout: shard(t, lay, world, rank)  # noqa: E731
         parts = [mine(t.detach()).requires_grad_() for t in (q, k, v)]
         out = context_parallel_attention(*parts, group=group, layout=layout, cascade=spec,
                                          params={"scale": 0.25})["O"]
