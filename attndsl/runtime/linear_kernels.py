@@ -293,3 +293,24 @@ def launch_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, states: T
                                    dv, ds0, length, e, f, HAS_GATE=g is not None,
                                    VECTOR=vector, C=chunk, BE=be, BF=bf, num_warps=WARPS)
     return dq, dk, dv, ds0
+
+
+def static_specs(variant: str, dim: int, target: str) -> list:
+    """The kernels the runtime launches for ``variant`` (``retention`` / ``simple_gla``: a
+    scalar gate; ``gla``: a vector gate) at qk and v dim ``dim``, as ahead-of-time compile
+    requests ``[(name, KernelSpec)]`` (benchmarks/linear_static.py)."""
+    from attndsl.runtime.aot import KernelSpec
+
+    vector = variant == "gla"
+    sig = {n: "*fp32" for n in ("Q", "K", "V", "G", "S0", "Out", "ST", "SP")}
+    sig.update({"L": "i32", "E": "i32", "F": "i32"})
+    fwd = dict(HAS_GATE=True, VECTOR=vector, HAS_S0=False, SAVE=False, C=default_chunk(dim),
+               BE=dim, BF=FORWARD_BF)
+    bsig = {n: "*fp32" for n in ("Q", "K", "V", "G", "SP", "DO", "DST", "DQ", "DK", "DV",
+                                 "DS0")}
+    bsig.update({"L": "i32", "E": "i32", "F": "i32"})
+    bwd = dict(HAS_GATE=True, VECTOR=vector, C=16, BE=dim, BF=dim)
+    return [("chunked_forward_kernel", KernelSpec(chunked_forward_kernel, sig, fwd, target,
+                                                  WARPS, 1)),
+            ("chunked_backward_kernel", KernelSpec(chunked_backward_kernel, bsig, bwd, target,
+                                                   WARPS, 1))]
