@@ -38,215 +38,187 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from attndsl.runtime.linear_gates import (
+from attndsl.runtime.linear_tiles import (
     gate_at,
     gate_at_vec,
     gate_rows,
     gate_rows_vec,
     masked_exp,
+    store_tile,
+    tile,
 )
 
 
 @triton.jit
-def chunk_state_grads_kernel(Q, G, DO, DST, DH, DS0, L, E, F,
+def chunk_state_grads_kernel(Q, G, DO, DST, DH, DS0, L, E: tl.constexpr, F: tl.constexpr,
                              HAS_GATE: tl.constexpr, VECTOR: tl.constexpr, C: tl.constexpr,
                              BK: tl.constexpr, BV: tl.constexpr):
     """DH [BH, chunks, E, F]: the gradient of the state after each chunk; DS0 [BH, E, F]."""
+    e0 = tl.program_id(0) * BK
+    f0 = tl.program_id(1) * BV
     bh = tl.program_id(2).to(tl.int64)
-    oe = tl.program_id(0) * BK + tl.arange(0, BK)
-    of = tl.program_id(1) * BV + tl.arange(0, BV)
-    oc = tl.arange(0, C)
-    me, mf = oe < E, of < F
-    s_off = oe[:, None] * F + of[None, :]
-    s_mask = me[:, None] & mf[None, :]
-    dS = tl.load(DST + bh * E * F + s_off, mask=s_mask, other=0.0)
+    Qb, DOb = Q + bh * L * E, DO + bh * L * F
     chunks = tl.cdiv(L, C)
+    DHb = DH + bh * chunks * E * F
+    dS = tile(DST + bh * E * F, E, F, F, e0, f0, BK, BV)
+    oc = tl.arange(0, C)
     for r in range(0, chunks):
         c = chunks - 1 - r
-        tl.store(DH + (bh * chunks + c) * E * F + s_off, dS, mask=s_mask)
-        t = c * C + oc
-        mt = t < L
-        q = tl.load(Q + bh * L * E + t[:, None] * E + oe[None, :],
-                    mask=mt[:, None] & me[None, :], other=0.0)
-        do = tl.load(DO + bh * L * F + t[:, None] * F + of[None, :],
-                     mask=mt[:, None] & mf[None, :], other=0.0)
-        last = tl.minimum(c * C + C, L) - 1
+        store_tile(DHb + c * E * F, E, F, F, e0, f0, dS, BK, BV)
+        q = tile(Qb, L, E, E, c * C, e0, C, BK)
+        do = tile(DOb, L, F, F, c * C, f0, C, BV)
         if HAS_GATE:
+            mt = c * C + oc < L
+            last = tl.minimum(c * C + C, L) - 1
             if VECTOR:
-                g = gate_rows_vec(G, bh, t, L, E, oe, me, mt)
-                g_prev = gate_at_vec(G, bh, c * C - 1, L, E, oe, me)
-                g_last = gate_at_vec(G, bh, last, L, E, oe, me)
+                g = gate_rows_vec(G, bh, c * C, e0, L, E, C, BK)
+                g_prev = gate_at_vec(G, bh, c * C - 1, e0, L, E, BK)
+                g_last = gate_at_vec(G, bh, last, e0, L, E, BK)
                 q = (q * masked_exp(g - g_prev[None, :], mt[:, None])).to(do.dtype)
                 dS = dS * tl.exp(g_last - g_prev)[:, None]
             else:
-                g = gate_rows(G, bh, t, L, mt)
                 g_prev = gate_at(G, bh, c * C - 1, L)
-                q = (q * masked_exp(g - g_prev, mt)[:, None]).to(do.dtype)  # Q . exp(g - g(s-1))
+                decay = masked_exp(gate_rows(G, bh, c * C, L, C) - g_prev, mt)
+                q = (q * decay[:, None]).to(do.dtype)                  # Q . exp(g - g(s-1))
                 dS = dS * tl.exp(gate_at(G, bh, last, L) - g_prev)
         dS += tl.dot(tl.trans(q), do)
-    tl.store(DS0 + bh * E * F + s_off, dS, mask=s_mask)
+    store_tile(DS0 + bh * E * F, E, F, F, e0, f0, dS, BK, BV)
 
 
 @triton.jit
-def chunk_dv_kernel(Q, K, G, A, DO, DH, DV, L, E, F,
+def chunk_dv_kernel(Q, K, G, A, DO, DH, DV, L, E: tl.constexpr, F: tl.constexpr,
                     HAS_GATE: tl.constexpr, VECTOR: tl.constexpr, C: tl.constexpr,
                     BK: tl.constexpr, BV: tl.constexpr):
     """DV [BH, L, F] (fp32): ``P^T dO + (K . exp(g(t) - g)) dS[c]``; A as in the forward
     (vector gates)."""
+    f0 = tl.program_id(0) * BV
     c = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
-    of = tl.program_id(0) * BV + tl.arange(0, BV)
+    Qb, Kb = Q + bh * L * E, K + bh * L * E
+    DHc = DH + (bh * tl.cdiv(L, C) + c) * E * F
     oc = tl.arange(0, C)
-    t = c * C + oc
-    mt, mf = t < L, of < F
-    chunks = tl.cdiv(L, C)
+    mt = c * C + oc < L
     last = tl.minimum(c * C + C, L) - 1
-    do = tl.load(DO + bh * L * F + t[:, None] * F + of[None, :],
-                 mask=mt[:, None] & mf[None, :], other=0.0)
+    do = tile(DO + bh * L * F, L, F, F, c * C, f0, C, BV)
     dv = tl.zeros([C, BV], dtype=tl.float32)
-    pt = tl.zeros([C, C], dtype=tl.float32)  # P^T: keys x queries
+    pt = tl.zeros([C, C], dtype=tl.float32)                            # P^T: keys x queries
     for e0 in range(0, E, BK):
-        oe = e0 + tl.arange(0, BK)
-        me = oe < E
-        k = tl.load(K + bh * L * E + t[:, None] * E + oe[None, :],
-                    mask=mt[:, None] & me[None, :], other=0.0)
-        ds = tl.load(DH + (bh * chunks + c) * E * F + oe[:, None] * F + of[None, :],
-                     mask=me[:, None] & mf[None, :], other=0.0)
+        k = tile(Kb, L, E, E, c * C, e0, C, BK)
+        ds = tile(DHc, E, F, F, e0, f0, BK, BV).to(do.dtype)
         if VECTOR:
-            g = gate_rows_vec(G, bh, t, L, E, oe, me, mt)
-            g_last = gate_at_vec(G, bh, last, L, E, oe, me)
-            k_out = k * masked_exp(g_last[None, :] - g, mt[:, None])
-            dv += tl.dot(k_out.to(k.dtype), ds.to(k.dtype))
+            g = gate_rows_vec(G, bh, c * C, e0, L, E, C, BK)
+            g_last = gate_at_vec(G, bh, last, e0, L, E, BK)
+            k_out = (k * masked_exp(g_last[None, :] - g, mt[:, None])).to(do.dtype)
+            dv += tl.dot(k_out, ds)                                    # (K . exp(g(t) - g)) dS
         else:
-            q = tl.load(Q + bh * L * E + t[:, None] * E + oe[None, :],
-                        mask=mt[:, None] & me[None, :], other=0.0)
-            dv += tl.dot(k, ds.to(k.dtype))  # K dS[c]
-            pt += tl.dot(k, tl.trans(q))  # K Q^T
-    causal_t = (oc[:, None] <= oc[None, :]) & mt[:, None] & mt[None, :]   # key n <= query m
+            dv += tl.dot(k, ds)                                        # K dS[c]
+            pt += tl.dot(k, tl.trans(tile(Qb, L, E, E, c * C, e0, C, BK)))  # K Q^T
+    causal_t = (oc[:, None] <= oc[None, :]) & mt[None, :]              # key n <= query m
     if VECTOR:
-        pt = tl.load(A + bh * L * C + t[None, :] * C + oc[:, None], mask=causal_t, other=0.0)
+        pt = tl.trans(tile(A + bh * L * C, L, C, C, c * C, 0, C, C))
     elif HAS_GATE:
-        g = gate_rows(G, bh, t, L, mt)
+        g = gate_rows(G, bh, c * C, L, C)
         dv *= masked_exp(gate_at(G, bh, last, L) - g, mt)[:, None]
         pt *= masked_exp(g[None, :] - g[:, None], causal_t)
     else:
         pt = tl.where(causal_t, pt, 0.0)
-    dv += tl.dot(pt.to(do.dtype), do)  # + P^T dO
-    tl.store(DV + bh * L * F + t[:, None] * F + of[None, :], dv,
-             mask=mt[:, None] & mf[None, :])
+    dv += tl.dot(pt.to(do.dtype), do)                                  # + P^T dO
+    store_tile(DV + bh * L * F, L, F, F, c * C, f0, dv, C, BV)
 
 
 @triton.jit
-def chunk_dqk_kernel(Q, K, V, G, H, DO, DH, DQ, DK, DA, L, E, F,
+def chunk_dqk_kernel(Q, K, V, G, H, DO, DH, DQ, DK, DA, L, E: tl.constexpr, F: tl.constexpr,
                      HAS_GATE: tl.constexpr, VECTOR: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr):
     """DQ, DK [BH, L, E] (fp32) of one chunk and block of key dims; with a vector gate only
     the inter-chunk terms, and DA [BH, L, C] (fp32) = dO V^T masked to n <= m."""
+    e0 = tl.program_id(0) * BK
     c = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
-    oe = tl.program_id(0) * BK + tl.arange(0, BK)
+    Vb, DOb = V + bh * L * F, DO + bh * L * F
+    s_off = (bh * tl.cdiv(L, C) + c) * E * F
     oc = tl.arange(0, C)
-    t = c * C + oc
-    mt, me = t < L, oe < E
-    chunks = tl.cdiv(L, C)
+    mt = c * C + oc < L
     last = tl.minimum(c * C + C, L) - 1
-    qe = bh * L * E + t[:, None] * E + oe[None, :]
-    qe_mask = mt[:, None] & me[None, :]
     dq = tl.zeros([C, BK], dtype=tl.float32)
     dk = tl.zeros([C, BK], dtype=tl.float32)
     dov = tl.zeros([C, C], dtype=tl.float32)
     for f0 in range(0, F, BV):
-        of = f0 + tl.arange(0, BV)
-        mf = of < F
-        vf_mask = mt[:, None] & mf[None, :]
-        do = tl.load(DO + bh * L * F + t[:, None] * F + of[None, :], mask=vf_mask, other=0.0)
-        v = tl.load(V + bh * L * F + t[:, None] * F + of[None, :], mask=vf_mask, other=0.0)
-        s_off = (bh * chunks + c) * E * F + oe[:, None] * F + of[None, :]
-        s_mask = me[:, None] & mf[None, :]
-        h = tl.load(H + s_off, mask=s_mask, other=0.0)
-        ds = tl.load(DH + s_off, mask=s_mask, other=0.0)
-        dq += tl.dot(do, tl.trans(h.to(do.dtype)))  # dO H[c]^T
-        dk += tl.dot(v, tl.trans(ds.to(v.dtype)))  # V dS[c]^T
-        dov += tl.dot(do, tl.trans(v))  # dO V^T
-    causal = (oc[:, None] >= oc[None, :]) & mt[:, None] & mt[None, :]
+        do = tile(DOb, L, F, F, c * C, f0, C, BV)
+        v = tile(Vb, L, F, F, c * C, f0, C, BV)
+        h = tile(H + s_off, E, F, F, e0, f0, BK, BV).to(do.dtype)
+        ds = tile(DH + s_off, E, F, F, e0, f0, BK, BV).to(do.dtype)
+        dq += tl.dot(do, tl.trans(h))                                  # dO H[c]^T
+        dk += tl.dot(v, tl.trans(ds))                                  # V dS[c]^T
+        dov += tl.dot(do, tl.trans(v))                                 # dO V^T
+    causal = (oc[:, None] >= oc[None, :]) & mt[:, None]
     if HAS_GATE:
         if VECTOR:
-            g = gate_rows_vec(G, bh, t, L, E, oe, me, mt)
-            g_prev = gate_at_vec(G, bh, c * C - 1, L, E, oe, me)
-            g_last = gate_at_vec(G, bh, last, L, E, oe, me)
-            dq *= masked_exp(g - g_prev[None, :], mt[:, None])
-            dk *= masked_exp(g_last[None, :] - g, mt[:, None])
+            g = gate_rows_vec(G, bh, c * C, e0, L, E, C, BK)
+            dq *= masked_exp(g - gate_at_vec(G, bh, c * C - 1, e0, L, E, BK)[None, :],
+                             mt[:, None])
+            dk *= masked_exp(gate_at_vec(G, bh, last, e0, L, E, BK)[None, :] - g, mt[:, None])
         else:
-            g = gate_rows(G, bh, t, L, mt)
+            g = gate_rows(G, bh, c * C, L, C)
             dq *= masked_exp(g - gate_at(G, bh, c * C - 1, L), mt)[:, None]
             dk *= masked_exp(gate_at(G, bh, last, L) - g, mt)[:, None]
             dov *= masked_exp(g[:, None] - g[None, :], causal)
     if VECTOR:
         if tl.program_id(0) == 0:
-            tl.store(DA + bh * L * C + t[:, None] * C + oc[None, :],
-                     tl.where(causal, dov, 0.0), mask=mt[:, None])
+            store_tile(DA + bh * L * C, L, C, C, c * C, 0, tl.where(causal, dov, 0.0), C, C)
     else:
-        dp = tl.where(causal, dov, 0.0).to(Q.dtype.element_ty)  # dP = (dO V^T) . D
-        q = tl.load(Q + qe, mask=qe_mask, other=0.0)
-        k = tl.load(K + qe, mask=qe_mask, other=0.0)
-        dq += tl.dot(dp, k)  # + dP K
-        dk += tl.dot(tl.trans(dp), q)  # + dP^T Q
-    tl.store(DQ + qe, dq, mask=qe_mask)
-    tl.store(DK + qe, dk, mask=qe_mask)
+        dp = tl.where(causal, dov, 0.0).to(Q.dtype.element_ty)         # dP = (dO V^T) . D
+        dq += tl.dot(dp, tile(K + bh * L * E, L, E, E, c * C, e0, C, BK))           # + dP K
+        dk += tl.dot(tl.trans(dp), tile(Q + bh * L * E, L, E, E, c * C, e0, C, BK))  # + dP^T Q
+    store_tile(DQ + bh * L * E, L, E, E, c * C, e0, dq, C, BK)
+    store_tile(DK + bh * L * E, L, E, E, c * C, e0, dk, C, BK)
 
 
 @triton.jit
-def vector_intra_grads_kernel(Q, K, G, DA, DQ, DK, L, E,
+def vector_intra_grads_kernel(Q, K, G, DA, DQ, DK, L, E: tl.constexpr,
                               C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr):
     """Adds the intra-chunk terms of a vector gate to DQ and DK for one sub-chunk (rows
     [start, start + SUB)) and block of key dims."""
-    oe = tl.program_id(0) * BK + tl.arange(0, BK)
+    e0 = tl.program_id(0) * BK
     c = tl.program_id(1) // (C // SUB)
     i = tl.program_id(1) % (C // SUB)
     bh = tl.program_id(2).to(tl.int64)
     start = c * C + i * SUB
     if start >= L:
         return
+    Qb, Kb, DAb = Q + bh * L * E, K + bh * L * E, DA + bh * L * C
     osub = tl.arange(0, SUB)
-    rows = start + osub
-    mr, me = rows < L, oe < E
-    qe = bh * L * E + rows[:, None] * E + oe[None, :]
-    qe_mask = mr[:, None] & me[None, :]
-    q = tl.load(Q + qe, mask=qe_mask, other=0.0)
-    k = tl.load(K + qe, mask=qe_mask, other=0.0)
-    g = gate_rows_vec(G, bh, rows, L, E, oe, me, mr)
-    da_rows = DA + bh * L * C + rows[:, None] * C
+    mr = start + osub < L
+    q = tile(Qb, L, E, E, start, e0, SUB, BK)
+    k = tile(Kb, L, E, E, start, e0, SUB, BK)
+    g = gate_rows_vec(G, bh, start, e0, L, E, SUB, BK)
     # dq from earlier sub-chunks j < i, reference g(start): k exp(r - g) <= 1, exp(g - r) <= 1
-    ref = gate_at_vec(G, bh, start, L, E, oe, me)
+    ref = gate_at_vec(G, bh, start, e0, L, E, BK)
     dq = tl.zeros([SUB, BK], dtype=tl.float32)
     for j in range(0, i):
-        cols = c * C + j * SUB + osub
-        kj = tl.load(K + bh * L * E + cols[:, None] * E + oe[None, :], mask=me[None, :],
-                     other=0.0)
-        gj = gate_rows_vec(G, bh, cols, L, E, oe, me, cols < L)
-        da = tl.load(da_rows + (j * SUB + osub)[None, :], mask=mr[:, None], other=0.0)
-        dq += tl.dot(da.to(kj.dtype), (kj * tl.exp(ref[None, :] - gj)).to(kj.dtype))
+        kj = tile(Kb, L, E, E, c * C + j * SUB, e0, SUB, BK)
+        gj = gate_rows_vec(G, bh, c * C + j * SUB, e0, L, E, SUB, BK)
+        da = tile(DAb, L, C, C, start, j * SUB, SUB, SUB).to(kj.dtype)
+        dq += tl.dot(da, (kj * tl.exp(ref[None, :] - gj)).to(kj.dtype))
     dq *= masked_exp(g - ref[None, :], mr[:, None])
     # dk from later sub-chunks j > i, reference g at the sub-chunk's last row
-    ref = gate_at_vec(G, bh, tl.minimum(start + SUB, L) - 1, L, E, oe, me)
+    ref = gate_at_vec(G, bh, tl.minimum(start + SUB, L) - 1, e0, L, E, BK)
     dk = tl.zeros([SUB, BK], dtype=tl.float32)
     for j in range(i + 1, C // SUB):
-        rj = c * C + j * SUB + osub
-        mj = rj < L
-        qj = tl.load(Q + bh * L * E + rj[:, None] * E + oe[None, :],
-                     mask=mj[:, None] & me[None, :], other=0.0)
-        gj = gate_rows_vec(G, bh, rj, L, E, oe, me, mj)
-        da = tl.load(DA + bh * L * C + rj[:, None] * C + (i * SUB + osub)[None, :],
-                     mask=mj[:, None], other=0.0)
-        qd = qj * masked_exp(gj - ref[None, :], mj[:, None])
-        dk += tl.dot(tl.trans(da.to(qj.dtype)), qd.to(qj.dtype))
+        row0 = c * C + j * SUB
+        qj = tile(Qb, L, E, E, row0, e0, SUB, BK)
+        gj = gate_rows_vec(G, bh, row0, e0, L, E, SUB, BK)
+        da = tile(DAb, L, C, C, row0, i * SUB, SUB, SUB).to(qj.dtype)
+        qd = qj * masked_exp(gj - ref[None, :], (row0 + osub < L)[:, None])
+        dk += tl.dot(tl.trans(da), qd.to(qj.dtype))
     dk *= masked_exp(ref[None, :] - g, mr[:, None])
     # the diagonal block: exact, the decay formed per pair n <= m
-    causal = (osub[:, None] >= osub[None, :]) & mr[:, None] & mr[None, :]
-    da = tl.load(da_rows + (i * SUB + osub)[None, :], mask=mr[:, None], other=0.0)
-    d = masked_exp(g[:, None, :] - g[None, :, :], causal[:, :, None])
-    d = da[:, :, None] * d
+    causal = (osub[:, None] >= osub[None, :]) & mr[:, None]
+    da = tile(DAb, L, C, C, start, i * SUB, SUB, SUB)
+    d = da[:, :, None] * masked_exp(g[:, None, :] - g[None, :, :], causal[:, :, None])
     dq += tl.sum(d * k.to(tl.float32)[None, :, :], axis=1)
     dk += tl.sum(d * q.to(tl.float32)[:, None, :], axis=0)
-    tl.store(DQ + qe, tl.load(DQ + qe, mask=qe_mask, other=0.0) + dq, mask=qe_mask)
-    tl.store(DK + qe, tl.load(DK + qe, mask=qe_mask, other=0.0) + dk, mask=qe_mask)
+    store_tile(DQ + bh * L * E, L, E, E, start, e0,
+               tile(DQ + bh * L * E, L, E, E, start, e0, SUB, BK) + dq, SUB, BK)
+    store_tile(DK + bh * L * E, L, E, E, start, e0,
+               tile(DK + bh * L * E, L, E, E, start, e0, SUB, BK) + dk, SUB, BK)

@@ -3,7 +3,7 @@
 recurrent (decode) step.
 
 Per (batch * head) row ``bh``, with features q, k (L x E), v (L x F), the gate g over positions
--1..L-1 (:mod:`attndsl.runtime.linear_gates`) and an initial state S0 (E x F):
+-1..L-1 (:mod:`attndsl.runtime.linear_tiles`) and an initial state S0 (E x F):
 
     o(m) = q(m) . S(m),  S(m) = sum_{n <= m} exp(g(m) - g(n)) k(n) (x) v(n)
                                 + exp(g(m) - g(-1)) S0
@@ -36,7 +36,7 @@ from attndsl.runtime.linear_forward import (
     chunk_states_kernel,
     vector_scores_kernel,
 )
-from attndsl.runtime.linear_gates import gate_at, gate_at_vec
+from attndsl.runtime.linear_tiles import gate_at, gate_at_vec
 
 Tensor = torch.Tensor
 
@@ -62,8 +62,8 @@ def recurrent_kernel(Q, K, V, G, S0, Out, ST, L, E, F,
         v = tl.load(V + bh * L * F + t * F + of, mask=mf, other=0.0).to(tl.float32)
         if HAS_GATE:
             if VECTOR:
-                step = gate_at_vec(G, bh, t, L, E, oe, me) - \
-                    gate_at_vec(G, bh, t - 1, L, E, oe, me)
+                step = gate_at_vec(G, bh, t, 0, L, E, BE) - \
+                    gate_at_vec(G, bh, t - 1, 0, L, E, BE)
                 S = S * tl.exp(step)[:, None]
             else:
                 S = S * tl.exp(gate_at(G, bh, t, L) - gate_at(G, bh, t - 1, L))
@@ -197,10 +197,10 @@ def static_specs(variant: str, dim: int, target: str, dtype: str = "bf16",
     from attndsl.runtime.aot import KernelSpec
 
     vector = variant == "gla"
-    dims = {"L": "i32", "E": "i32", "F": "i32"}
-    gate = dict(HAS_GATE=True, VECTOR=vector)
+    dims = {"L": "i32"}
+    gate = dict(HAS_GATE=True, VECTOR=vector, E=dim, F=dim)
     blocks = dict(C=chunk, BK=_block(dim), BV=_block(dim))
-    vec = dict(C=chunk, SUB=min(SUB, chunk), BK=_block(dim, VECTOR_BLOCK))
+    vec = dict(C=chunk, SUB=min(SUB, chunk), BK=_block(dim, VECTOR_BLOCK), E=dim)
 
     def sig(feats: str, rest: str, **extra: str) -> dict[str, str]:
         out = {n: f"*{dtype}" for n in feats.split()}
@@ -210,7 +210,7 @@ def static_specs(variant: str, dim: int, target: str, dtype: str = "bf16",
     def spec(fn: object, signature: dict[str, str], const: dict) -> KernelSpec:
         return KernelSpec(fn, signature, const, target, WARPS, 1)
 
-    vector_only = {"L": "i32", "E": "i32"}
+    vector_only = {"L": "i32"}
     out = [("chunk_states_kernel", spec(chunk_states_kernel, sig("K V", "G S0 H ST", **dims),
                                         dict(gate, HAS_S0=False, **blocks)))]
     if vector:
