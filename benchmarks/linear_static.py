@@ -34,6 +34,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import triton
+
 from attndsl.runtime import linear_kernels as lk
 from attndsl.runtime.aot import CompiledReport, KernelSpec, compile_kernels
 
@@ -171,6 +173,13 @@ def fla_available(path: str | None) -> str:
     return ""
 
 
+def fla_version() -> str:
+    """The version of the ``fla`` that imported."""
+    import fla
+
+    return f"fla-core {getattr(fla, '__version__', 'unknown')}"
+
+
 def main(argv: Sequence[str] | None = None,
          out: Callable[[str], None] = print) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -181,6 +190,8 @@ def main(argv: Sequence[str] | None = None,
     parser.add_argument("--jobs", type=int, default=2, help="compiler child processes")
     args = parser.parse_args(argv)
     skipped = fla_available(args.fla)
+    out(f"triton {triton.__version__}; FLA: {skipped or fla_version()}; attndsl bf16 features, "
+        f"chunk {lk.CHUNK}, blocks of {lk.BLOCK}, {lk.WARPS} warps")
     for target in args.targets:
         for variant in args.variants:
             for dim in args.dims:

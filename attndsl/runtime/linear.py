@@ -19,6 +19,7 @@ captured gates.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -188,6 +189,12 @@ def _before_start(c: Cascade, tensors: Mapping[str, Tensor],
     return out
 
 
+def _interpreting() -> bool:
+    """True when Triton kernels run in its interpreter (TRITON_INTERPRET, as attndsl sets it
+    on a machine without CUDA)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
 class _Linear(torch.autograd.Function):
     """Forward and backward: the Triton kernels (:func:`chunked_backward`)."""
 
@@ -213,8 +220,16 @@ class _Linear(torch.autograd.Function):
 
 def _kernel_inputs(operand: torch.dtype, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None,
                    s0: Tensor | None) -> list[Tensor | None]:
-    """Contiguous features in the operand dtype; the gate and the initial state in fp32."""
-    feats = [t.detach().to(operand).contiguous() for t in (q, k, v)]
+    """Contiguous features in the operand dtype; the gate and the initial state in fp32.
+
+    Under Triton's interpreter bf16 features go in as their exact fp32 values: the
+    interpreter (3.9) keeps bf16 as raw uint16 bits and multiplies the bits in ``tl.dot`` and
+    arithmetic, so only the rounding of the features is seen on the CPU (fp16 runs as fp16
+    there, casts inside the kernels included)."""
+    feats = [t.detach().to(operand) for t in (q, k, v)]
+    if operand == torch.bfloat16 and _interpreting():
+        feats = [t.float() for t in feats]
+    feats = [t.contiguous() for t in feats]
     return feats + [None if t is None else t.detach().float().contiguous() for t in (g, s0)]
 
 
