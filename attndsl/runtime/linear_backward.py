@@ -19,8 +19,9 @@ Kernels:
    state's gradient.
 2. :func:`chunk_dv_kernel`, grid (F blocks, chunks, BH): dV.
 3. :func:`chunk_dqk_kernel`, grid (E blocks, chunks, BH): dQ and dK, the inter-chunk terms
-   always and the intra-chunk ones for a scalar gate; for a vector gate it stores
-   ``dA = (dO V^T)`` masked to n <= m instead, and
+   always and the intra-chunk ones for a scalar gate; for a vector gate
+   :func:`chunk_da_kernel` (grid (chunks, BH)) stores ``dA = (dO V^T)`` masked to n <= m
+   and
 4. :func:`vector_intra_grads_kernel`, grid (E blocks, chunks x sub-chunks, BH), adds the
    intra-chunk terms ``dq(m, e) = sum_n dA(m, n) k(n, e) exp(g(m, e) - g(n, e))`` and
    ``dk(n, e) = sum_m dA(m, n) q(m, e) exp(g(m, e) - g(n, e))`` with the sub-chunk scheme
@@ -127,11 +128,27 @@ def chunk_dv_kernel(Q, K, G, A, DO, DH, DV, L, E: tl.constexpr, F: tl.constexpr,
 
 
 @triton.jit
-def chunk_dqk_kernel(Q, K, V, G, H, DO, DH, DQ, DK, DA, L, E: tl.constexpr, F: tl.constexpr,
+def chunk_da_kernel(V, DO, DA, L, F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr):
+    """DA [BH, L, C] (fp32) = dO V^T of one chunk, masked to n <= m (vector gates: the
+    intra-chunk gradients' input, :func:`vector_intra_grads_kernel`)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    Vb, DOb = V + bh * L * F, DO + bh * L * F
+    oc = tl.arange(0, C)
+    dov = tl.zeros([C, C], dtype=tl.float32)
+    for f0 in range(0, F, BV):
+        dov += tl.dot(tile(DOb, L, F, F, c * C, f0, C, BV),
+                      tl.trans(tile(Vb, L, F, F, c * C, f0, C, BV)))
+    causal = (oc[:, None] >= oc[None, :]) & (c * C + oc < L)[:, None]
+    store_tile(DA + bh * L * C, L, C, C, c * C, 0, tl.where(causal, dov, 0.0), C, C)
+
+
+@triton.jit
+def chunk_dqk_kernel(Q, K, V, G, H, DO, DH, DQ, DK, L, E: tl.constexpr, F: tl.constexpr,
                      HAS_GATE: tl.constexpr, VECTOR: tl.constexpr, C: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr):
     """DQ, DK [BH, L, E] (fp32) of one chunk and block of key dims; with a vector gate only
-    the inter-chunk terms, and DA [BH, L, C] (fp32) = dO V^T masked to n <= m."""
+    the inter-chunk terms (:func:`vector_intra_grads_kernel` adds the rest)."""
     e0 = tl.program_id(0) * BK
     c = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -150,7 +167,8 @@ def chunk_dqk_kernel(Q, K, V, G, H, DO, DH, DQ, DK, DA, L, E: tl.constexpr, F: t
         ds = tile(DH + s_off, E, F, F, e0, f0, BK, BV).to(do.dtype)
         dq += tl.dot(do, tl.trans(h))                                  # dO H[c]^T
         dk += tl.dot(v, tl.trans(ds))                                  # V dS[c]^T
-        dov += tl.dot(do, tl.trans(v))                                 # dO V^T
+        if not VECTOR:
+            dov += tl.dot(do, tl.trans(v))                             # dO V^T
     causal = (oc[:, None] >= oc[None, :]) & mt[:, None]
     if HAS_GATE:
         if VECTOR:
@@ -163,10 +181,7 @@ def chunk_dqk_kernel(Q, K, V, G, H, DO, DH, DQ, DK, DA, L, E: tl.constexpr, F: t
             dq *= masked_exp(g - gate_at(G, bh, c * C - 1, L), mt)[:, None]
             dk *= masked_exp(gate_at(G, bh, last, L) - g, mt)[:, None]
             dov *= masked_exp(g[:, None] - g[None, :], causal)
-    if VECTOR:
-        if tl.program_id(0) == 0:
-            store_tile(DA + bh * L * C, L, C, C, c * C, 0, tl.where(causal, dov, 0.0), C, C)
-    else:
+    if not VECTOR:
         dp = tl.where(causal, dov, 0.0).to(Q.dtype.element_ty)         # dP = (dO V^T) . D
         dq += tl.dot(dp, tile(K + bh * L * E, L, E, E, c * C, e0, C, BK))           # + dP K
         dk += tl.dot(tl.trans(dp), tile(Q + bh * L * E, L, E, E, c * C, e0, C, BK))  # + dP^T Q

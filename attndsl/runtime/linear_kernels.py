@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from attndsl.runtime.linear_backward import (
+    chunk_da_kernel,
     chunk_dqk_kernel,
     chunk_dv_kernel,
     chunk_state_grads_kernel,
@@ -177,10 +178,11 @@ def launch_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, states: T
     a = _scores(q, k, g, chunk) if vector else dq
     chunk_dv_kernel[(triton.cdiv(f, bv), chunks, bh)](q, k, gate, a, do, dh, dv, length, e, f,
                                                       **flags)
-    da = q.new_empty((bh, length, chunk), dtype=torch.float32) if vector else dq
     chunk_dqk_kernel[(triton.cdiv(e, bk), chunks, bh)](q, k, v, gate, states, do, dh, dq, dk,
-                                                       da, length, e, f, **flags)
+                                                       length, e, f, **flags)
     if vector:
+        da = q.new_empty((bh, length, chunk), dtype=torch.float32)
+        chunk_da_kernel[(chunks, bh)](v, do, da, length, f, C=chunk, BV=bv, num_warps=WARPS)
         sub = min(SUB, chunk)
         vbk = _block(e, VECTOR_BLOCK)
         vector_intra_grads_kernel[(triton.cdiv(e, vbk), chunks * (chunk // sub), bh)](
@@ -226,9 +228,11 @@ def static_specs(variant: str, dim: int, target: str, dtype: str = "bf16",
                                         {**sig("Q K", "G A"), **sig("DO", "DH DV"), **dims},
                                         dict(gate, **blocks))))
     out.append(("chunk_dqk_kernel", spec(chunk_dqk_kernel,
-                                         {**sig("Q K V", "G H"), **sig("DO", "DH DQ DK DA"),
+                                         {**sig("Q K V", "G H"), **sig("DO", "DH DQ DK"),
                                           **dims}, dict(gate, **blocks))))
     if vector:
+        out.append(("chunk_da_kernel", spec(chunk_da_kernel, sig("V DO", "DA", **dims),
+                                             dict(F=dim, C=chunk, BV=_block(dim)))))
         out.append(("vector_intra_grads_kernel", spec(vector_intra_grads_kernel,
                                                       sig("Q K", "G DA DQ DK", **vector_only),
                                                       vec)))
