@@ -7,8 +7,9 @@ executed and their multiply-accumulates (M * N * K each), i.e. the tensor-core w
 kernel as it actually ran (key tiles visited by the quadratic kernel, chunks and state updates
 by the chunked one), plus the interpreter's wall time.  The quadratic kernel's work grows as
 L^2 (causal: about L^2 / 2 score entries, each in a QK^T and a PV product), the chunked one's
-as L (per chunk of C positions: Q K^T, P V, Q S and the state update K^T V).  The recurrent
-kernel (decode) does no dots: one rank-1 state update per position, L per (batch, head).
+as L (per chunk of C positions: the state update K^T V in the states kernel, Q K^T, Q H and
+P V in the output kernel).  The recurrent kernel (decode) does no dots: one rank-1 state
+update per position, L per (batch, head).
 
 usage: python benchmarks/linear_work.py [--lengths 256 512 1024 2048] [--dim 64]
        [--chunk 64] [--out benchmarks/results/linear-work.txt]

@@ -273,29 +273,39 @@ def test_a_chunk_that_is_not_a_power_of_two_of_at_least_16_is_refused(chunk):
         kern.linear({"Q": q, "K": k, "V": v}, captured={"A": a}, chunk=chunk)
 
 
+# Hopper's warpgroup MMA for the chunk-sized products (64 rows); the vector gate's sub-chunk
+# kernels multiply 16 x 16 blocks, below a warpgroup's 64 rows: mma.sync (as FLA's do).
+_TENSOR_CORES = {False: "HGMMA", True: "HMMA"}
+
+
 def test_the_linear_kernels_compile_for_sm90_with_tensor_cores():
     """The kernels are real Triton, not interpreter-only code (helpers that returned tensors of
-    different shapes from constexpr branches ran interpreted but did not compile)."""
+    different shapes from constexpr branches ran interpreted but did not compile): every
+    chunked kernel the runtime launches, scalar and vector gates, fp32 features (what the CPU
+    tests run), and the recurrent step."""
     from attndsl.runtime import linear_kernels as lk
-    from attndsl.runtime.aot import compile_kernel
+    from attndsl.runtime.aot import compile_kernel, compile_kernels
 
-    sig = {n: "*fp32" for n in ("Q", "K", "V", "G", "S0", "Out", "ST", "SP")}
+    named = lk.static_specs("simple_gla", 64, "sm90", "fp32") + \
+        lk.static_specs("gla", 64, "sm90", "fp32")
+    for (name, _), rep in zip(named, compile_kernels([s for _, s in named], jobs=2)):
+        assert rep.tc_kind == _TENSOR_CORES[name.startswith("vector_")], (name, rep)
+    sig = {n: "*fp32" for n in ("Q", "K", "V", "G", "S0", "Out", "ST")}
     sig.update({"L": "i32", "E": "i32", "F": "i32"})
-    for vector in (False, True):
-        const = dict(HAS_GATE=True, VECTOR=vector, HAS_S0=True, SAVE=True, C=16, BE=64, BF=32)
-        rep = compile_kernel(lk.chunked_forward_kernel, sig, const, "sm90", lk.WARPS, 1)
-        assert rep.tc_kind == "HGMMA", rep
-    rec = {k: v for k, v in sig.items() if k != "SP"}
-    compile_kernel(lk.recurrent_kernel, rec, dict(HAS_GATE=True, VECTOR=True, HAS_S0=True,
-                                                  BE=64, BF=32), "sm90", lk.WARPS, 1)
-    bsig = {n: "*fp32" for n in ("Q", "K", "V", "G", "SP", "DO", "DST", "DQ", "DK", "DV",
-                                 "DS0")}
-    bsig.update({"L": "i32", "E": "i32", "F": "i32"})
-    for vector in (False, True):
-        rep = compile_kernel(lk.chunked_backward_kernel, bsig,
-                             dict(HAS_GATE=True, VECTOR=vector, C=16, BE=64, BF=64), "sm90",
-                             lk.WARPS, 1)
-        assert rep.tc_kind == "HGMMA", rep
+    compile_kernel(lk.recurrent_kernel, sig, dict(HAS_GATE=True, VECTOR=True, HAS_S0=True,
+                                                  BE=64, BF=32), "sm90", lk.RECURRENT_WARPS, 1)
+
+
+def test_every_chunked_kernel_fits_sm90_without_spills_at_head_dim_128_in_bf16():
+    """The single-kernel backward held all of E and F in one program and spilled at D = 128
+    (BENCHMARKS.md); split over key / value blocks no kernel does, forward or backward."""
+    from attndsl.runtime import linear_kernels as lk
+    from attndsl.runtime.aot import compile_kernels
+
+    named = lk.static_specs("simple_gla", 128, "sm90") + lk.static_specs("gla", 128, "sm90")
+    for (name, _), rep in zip(named, compile_kernels([s for _, s in named], jobs=2)):
+        assert rep.fits and not rep.spills, (name, rep)
+        assert rep.tc_kind == _TENSOR_CORES[name.startswith("vector_")], (name, rep)
 
 
 @pytest.mark.parametrize("length", [0, 1, 37])
@@ -322,3 +332,151 @@ def test_an_extent_read_as_a_value_in_a_decay_is_bound_in_the_linear_form():
     out = kern.linear({"Q": q, "K": k, "V": v}, chunk=16)[0]["O"]
     ref = attndsl.run_cascade(c, {"Q": q, "K": k, "V": v}, {"scale": 0.25})["O"]
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def _gates(shape, scale, gen):
+    """Cumulative log decays over positions -1..L-1 (g(-1) a random reference point)."""
+    logits = torch.randn(shape, generator=gen) * scale + 2.0 * (scale - 1)
+    start = torch.randn(shape[:1] + (1,) + shape[2:], generator=gen)
+    log_alpha = torch.nn.functional.logsigmoid(logits)
+    return log_alpha, torch.cat([start, log_alpha.cumsum(1) + start], 1)
+
+
+def _recurrence_grads(q, k, v, g, s0, do, dst):
+    leaves = [None if t is None else t.double().requires_grad_() for t in (q, k, v, g, s0)]
+    o, s_final = recurrence(leaves[0], leaves[1], leaves[2], leaves[3][:, 1:] - leaves[3][:, :-1],
+                            leaves[4])
+    return torch.autograd.grad((o, s_final), [t for t in leaves if t is not None],
+                               (do.double(), dst.double()))
+
+
+@settings(max_examples=5, deadline=None)
+@given(length=st.integers(1, 140), chunk=st.sampled_from([16, 32, 64]), vector=st.booleans(),
+       gate_scale=st.sampled_from([0.0, 1.0, 4.0]), seed=st.integers(0, 99))
+def test_split_chunk_kernels_match_the_recurrence_forward_and_backward_over_sub_chunks(
+        length, chunk, vector, gate_scale, seed):
+    """Chunks of 64 hold four sub-chunks (the vector gate's off-diagonal tensor-core blocks);
+    lengths end inside a sub-chunk; an initial state; outputs, final state, every gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    bh, e, f = 2, 8, 12
+    q, k = torch.randn(bh, length, e, generator=gen), torch.randn(bh, length, e, generator=gen)
+    v = torch.randn(bh, length, f, generator=gen)
+    log_alpha, g = _gates((bh, length, e) if vector else (bh, length), gate_scale, gen)
+    s0 = torch.randn(bh, e, f, generator=gen)
+    o, state, _ = launch(q, k, v, g, s0, chunk=chunk, vector=vector)
+    ref, ref_state = recurrence(q, k, v, log_alpha, s0)
+    torch.testing.assert_close(o.double(), ref, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(state.double(), ref_state, atol=2e-4, rtol=2e-4)
+    do, dst = torch.randn(bh, length, f, generator=gen), torch.randn(bh, e, f, generator=gen)
+    got = chunked_backward(q, k, v, g, s0, do, dst, chunk=chunk)
+    for dx, want in zip(got, _recurrence_grads(q, k, v, g, s0, do, dst)):
+        torch.testing.assert_close(dx.double(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_the_state_before_each_chunk_is_the_recurrence_state_at_the_chunk_start():
+    """The states kernel writes H[c] = S(s - 1) for every chunk start s (H[0] = S0)."""
+    gen = torch.Generator().manual_seed(7)
+    bh, length, e, f, chunk = 2, 50, 8, 8, 16
+    q, k = torch.randn(bh, length, e, generator=gen), torch.randn(bh, length, e, generator=gen)
+    v = torch.randn(bh, length, f, generator=gen)
+    log_alpha, g = _gates((bh, length, e), 1.0, gen)
+    s0 = torch.randn(bh, e, f, generator=gen)
+    _, _, states = launch(q, k, v, g, s0, chunk=chunk, vector=True, save_states=True)
+    assert states.shape == (bh, 4, e, f)
+    torch.testing.assert_close(states[:, 0], s0)
+    for c in range(1, 4):
+        s = c * chunk
+        _, before = recurrence(q[:, :s], k[:, :s], v[:, :s], log_alpha[:, :s], s0)
+        torch.testing.assert_close(states[:, c].double(), before, atol=1e-4, rtol=1e-4)
+
+
+def test_key_and_value_dims_above_one_block_are_split_over_programs_exactly():
+    """E = 80 and F = 72 exceed the 64-wide blocks: the states, outputs and gradients are
+    summed over key blocks and split over value blocks."""
+    gen = torch.Generator().manual_seed(8)
+    bh, length, e, f = 1, 70, 80, 72
+    q = torch.randn(bh, length, e, generator=gen) * e ** -0.5
+    k, v = torch.randn(bh, length, e, generator=gen), torch.randn(bh, length, f, generator=gen)
+    for vector in (False, True):
+        log_alpha, g = _gates((bh, length, e) if vector else (bh, length), 1.0, gen)
+        s0 = torch.randn(bh, e, f, generator=gen)
+        o, state, _ = launch(q, k, v, g, s0, chunk=64, vector=vector)
+        ref, ref_state = recurrence(q, k, v, log_alpha, s0)
+        torch.testing.assert_close(o.double(), ref, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(state.double(), ref_state, atol=2e-4, rtol=2e-4)
+        do, dst = torch.randn(bh, length, f, generator=gen), torch.randn(bh, e, f, generator=gen)
+        got = chunked_backward(q, k, v, g, s0, do, dst, chunk=64)
+        for dx, want in zip(got, _recurrence_grads(q, k, v, g, s0, do, dst)):
+            torch.testing.assert_close(dx.double(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_vector_gates_decaying_past_the_fp32_range_within_a_chunk_stay_finite_and_exact():
+    """log alpha = -4 per position: a chunk of 64 decays by exp(-256), so one reference per
+    chunk would form exp(256) (inf in fp32) for the factored tensor-core product; references
+    inside each sub-chunk pair keep every exponent <= 0."""
+    gen = torch.Generator().manual_seed(9)
+    bh, length, e, f = 1, 128, 16, 8
+    q, k = torch.randn(bh, length, e, generator=gen), torch.randn(bh, length, e, generator=gen)
+    v = torch.randn(bh, length, f, generator=gen)
+    log_alpha = torch.full((bh, length, e), -4.0)
+    log_alpha[..., : e // 2] = -0.01                                   # slow dims beside them
+    g = torch.cat([torch.zeros(bh, 1, e), log_alpha.cumsum(1)], 1)
+    o, state, _ = launch(q, k, v, g, None, chunk=64, vector=True)
+    ref, ref_state = recurrence(q, k, v, log_alpha)
+    assert torch.isfinite(o).all() and torch.isfinite(state).all()
+    torch.testing.assert_close(o.double(), ref, atol=2e-4, rtol=2e-4)
+    do, dst = torch.randn(bh, length, f, generator=gen), torch.randn(bh, e, f, generator=gen)
+    got = chunked_backward(q, k, v, g, None, do, dst, chunk=64)
+    for dx, want in zip([x for x in got if x is not None],
+                        _recurrence_grads(q, k, v, g, None, do, dst)):
+        assert torch.isfinite(dx).all()
+        torch.testing.assert_close(dx.double(), want, atol=2e-3, rtol=2e-3)
+
+
+# unit roundoff (half the spacing at 1) of the half-precision operand dtypes: 11 and 8
+# significand bits
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def _relative(got, want):
+    return float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name, gates", [("simple_gla", {"A": (1, 2, 75)}),
+                                         ("gla", {"A": (1, 2, 75, 16)})])
+def test_half_precision_inputs_take_half_precision_tensor_core_operands(name, gates, dtype):
+    """fp16 / bf16 Q, K, V: the features are rounded to that dtype and every tensor-core
+    product takes operands in it (decayed keys and queries, the fp32 states and the score
+    blocks rounded once more), accumulating in fp32.  Against the float64 oracle on the same
+    inputs each term of an output carries at most three roundings of <= u (the unit
+    roundoff): a decayed query, a state built from rounded decayed keys and rounded itself;
+    with random signs the errors add like the terms, so the norm-wise relative error is a
+    few u (measured: 0.4 u in fp16).  Bound: 8 u.  The gradients pass through the same
+    products in the backward and are rounded to the inputs' dtype at the end (<= u more):
+    bound 16 u.  (bf16 on the CPU: see ``runtime.linear._kernel_inputs``.)  fp32 inputs stay
+    fp32 operands."""
+    from attndsl.runtime.linear import operand_dtype
+
+    c = spec(name)
+    kern = attndsl.compile(c)
+    gen = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(1, 2, 75, 16, generator=gen).to(dtype) for _ in range(2))
+    v = torch.randn(1, 2, 75, 8, generator=gen).to(dtype)
+    cap = {n: torch.randn(shape, generator=gen) for n, shape in gates.items()}
+    assert operand_dtype(c, {"Q": q, "K": k, "V": v, **cap}) == dtype
+    assert operand_dtype(c, {"Q": q.float(), "K": k.float(), "V": v.float()}) == torch.float32
+    assert operand_dtype(c, {"Q": q, "K": k.float(), "V": v}) == torch.float32
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, *cap.values())]
+    names = ["Q", "K", "V", *cap]
+    out = kern.linear(dict(zip(names[:3], leaves[:3])), captured=dict(zip(names[3:], leaves[3:])),
+                      chunk=64)[0]["O"]
+    do = torch.randn(out.shape, generator=gen)
+    (out.float() * do).sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, *cap.values())]
+    ref = attndsl.run_cascade(c, dict(zip(names, ref_leaves)), {"scale": 0.25})["O"]
+    (ref * do.double()).sum().backward()
+    u = UNIT_ROUNDOFF[dtype]
+    assert _relative(out, ref) < 8 * u
+    for n, got, want in zip(names, leaves, ref_leaves):
+        assert _relative(got.grad, want.grad) < 16 * u, (n, _relative(got.grad, want.grad))

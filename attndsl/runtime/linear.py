@@ -19,6 +19,7 @@ captured gates.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -33,12 +34,22 @@ from attndsl.runtime.checks import AttentionError
 
 Tensor = torch.Tensor
 AUTO = "auto"  # chunk size chosen by qk dim (linear_kernels.default_chunk)
-BACKWARD_CHUNK = 16  # the backward's chunk (sm90 without spills at E = 64; any size is exact)
+BACKWARD_CHUNK = 64  # the backward's chunk (its kernels split E and F: any size is exact)
+HALF = (torch.float16, torch.bfloat16)  # operand dtypes of the tensor-core products besides fp32
 
 
 def _dtype_of(tensors: Mapping[str, Tensor]) -> torch.dtype:
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     return torch.float64 if torch.float64 in floats else torch.float32
+
+
+def operand_dtype(c: Cascade, tensors: Mapping[str, Tensor]) -> torch.dtype:
+    """The dtype the kernels' tensor-core products take their operands in: the cascade's
+    inputs' when they are all fp16 or all bf16 (the features, evaluated in fp32, are rounded
+    to it, as a hand-written kernel reads its inputs), else fp32."""
+    dtypes = {tensors[d.name].dtype for d in c.tensors
+              if d.kind == "input" and d.name in tensors and tensors[d.name].is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(HALF) else torch.float32
 
 
 def _sizes(c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any]
@@ -178,47 +189,70 @@ def _before_start(c: Cascade, tensors: Mapping[str, Tensor],
     return out
 
 
+def _interpreting() -> bool:
+    """True when Triton kernels run in its interpreter (TRITON_INTERPRET, as attndsl sets it
+    on a machine without CUDA)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
 class _Linear(torch.autograd.Function):
     """Forward and backward: the Triton kernels (:func:`chunked_backward`)."""
 
     @staticmethod
-    def forward(ctx: Any, chunk: int | None, q: Tensor, k: Tensor, v: Tensor,
-                g: Tensor | None, s0: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, chunk: int | None, operand: torch.dtype, q: Tensor, k: Tensor,
+                v: Tensor, g: Tensor | None, s0: Tensor | None) -> tuple[Tensor, Tensor]:
         from attndsl.runtime.linear_kernels import default_chunk, launch
 
         chunk = default_chunk(q.shape[-1]) if chunk == AUTO else chunk
-        ctx.has_s0 = s0 is not None
+        ctx.operand = operand
         ctx.save_for_backward(q, k, v, g, s0)
-        f32 = [None if t is None else t.detach().float().contiguous() for t in (q, k, v, g, s0)]
-        o, st, _ = launch(*f32, chunk=chunk, vector=g is not None and g.dim() == 3)
+        o, st, _ = launch(*_kernel_inputs(operand, q, k, v, g, s0), chunk=chunk,
+                          vector=g is not None and g.dim() == 3)
         return o.to(q.dtype), st.to(q.dtype)
 
     @staticmethod
     def backward(ctx: Any, do: Tensor, dst: Tensor) -> tuple:
         q, k, v, g, s0 = ctx.saved_tensors
-        grads = chunked_backward(q, k, v, g, s0, do, dst)
-        return (None, *(None if x is None else dx.to(x.dtype)
-                        for x, dx in zip((q, k, v, g, s0), grads)))
+        grads = chunked_backward(q, k, v, g, s0, do, dst, operand=ctx.operand)
+        return (None, None, *(None if x is None else dx.to(x.dtype)
+                              for x, dx in zip((q, k, v, g, s0), grads)))
+
+
+def _kernel_inputs(operand: torch.dtype, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None,
+                   s0: Tensor | None) -> list[Tensor | None]:
+    """Contiguous features in the operand dtype; the gate and the initial state in fp32.
+
+    Under Triton's interpreter bf16 features go in as their exact fp32 values: the
+    interpreter (3.9) keeps bf16 as raw uint16 bits and multiplies the bits in ``tl.dot`` and
+    arithmetic, so only the rounding of the features is seen on the CPU (fp16 runs as fp16
+    there, casts inside the kernels included)."""
+    feats = [t.detach().to(operand) for t in (q, k, v)]
+    if operand == torch.bfloat16 and _interpreting():
+        feats = [t.float() for t in feats]
+    feats = [t.contiguous() for t in feats]
+    return feats + [None if t is None else t.detach().float().contiguous() for t in (g, s0)]
 
 
 def chunked_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
-                     do: Tensor, dst: Tensor, chunk: int = BACKWARD_CHUNK
-                     ) -> tuple[Tensor | None, ...]:
+                     do: Tensor, dst: Tensor, chunk: int = BACKWARD_CHUNK,
+                     operand: torch.dtype = torch.float32) -> tuple[Tensor | None, ...]:
     """dq, dk, dv, dg, ds0 of the linear form (fp32), by the chunked Triton backward.
 
     The gate's gradient needs no kernel of its own: every term of o(m) carries
     exp(g(m) - .) and every term holding k(n) carries exp(. - g(n)), so per position p (and
     key dim e) dg(p) = q(p) dq(p) - k(p) dk(p); the final state adds dS_T . S_T at p = L - 1
     (its terms all carry exp(g(L-1) - .)) and the initial state's terms give
-    dg(-1) = -S0 . dS0 (summed over e and f for a scalar gate, over f for a vector one)."""
+    dg(-1) = -S0 . dS0 (summed over e and f for a scalar gate, over f for a vector one).
+    ``operand``: the dtype of the kernels' tensor-core operands (the features are rounded to
+    it, and the gate's gradient is formed from the rounded features the kernels saw)."""
     from attndsl.runtime.linear_kernels import launch, launch_backward
 
     vector = g is not None and g.dim() == 3
-    f32 = [None if t is None else t.detach().float().contiguous() for t in (q, k, v, g, s0)]
-    _, st, states = launch(*f32, chunk=chunk, vector=vector, save_states=True)
-    dq, dk, dv, ds0 = launch_backward(f32[0], f32[1], f32[2], f32[3], states,
-                                      do.float().contiguous(), dst.float().contiguous(),
-                                      chunk, vector)
+    ins = _kernel_inputs(operand, q, k, v, g, s0)
+    _, st, states = launch(*ins, chunk=chunk, vector=vector, save_states=True)
+    dq, dk, dv, ds0 = launch_backward(ins[0], ins[1], ins[2], ins[3], states, do, dst, chunk,
+                                      vector)
+    f32 = [t.float() for t in ins[:3]] + ins[3:]
     dg = None
     if g is not None:
         per_e = f32[0] * dq - f32[1] * dk                                  # [BH, L, E]
@@ -241,7 +275,8 @@ def check_chunk(chunk: int | str | None) -> None:
 
 class Flat(NamedTuple):
     """One output's features as the kernels take them: q, k [BH, L, E], v [BH, L, F(+1)],
-    g [BH, L + 1(, E)] or None (positions -1..L-1), and the (B, H) to restore."""
+    g [BH, L + 1(, E)] or None (positions -1..L-1), the (B, H) to restore and the operand
+    dtype of the kernels' products (:func:`operand_dtype`)."""
 
     q: Tensor
     k: Tensor
@@ -249,6 +284,7 @@ class Flat(NamedTuple):
     g: Tensor | None
     batch: int
     heads: int
+    operand: torch.dtype = torch.float32
 
 
 def flat_features(out: LinearOutput, c: Cascade, tensors: Mapping[str, Tensor],
@@ -257,14 +293,15 @@ def flat_features(out: LinearOutput, c: Cascade, tensors: Mapping[str, Tensor],
     q, k, v, g = features(out, c, tensors, params, scans)
     b, h = q.shape[:2]
     flat = [t.reshape(b * h, *t.shape[2:]) for t in (q, k, v)]
-    return Flat(*flat, None if g is None else g.reshape(b * h, *g.shape[2:]), b, h)
+    return Flat(*flat, None if g is None else g.reshape(b * h, *g.shape[2:]), b, h,
+                operand_dtype(c, tensors))
 
 
 def run_chunked(chunk: int | str | None, f: Flat, s0: Tensor | None
                 ) -> tuple[Tensor, Tensor]:
     """(o [BH, L, F(+1)], final state [BH, E, F(+1)]) from the initial state ``s0``
     [BH, E, F(+1)] or None (zeros); differentiable (the Triton backward)."""
-    return _Linear.apply(chunk, f.q, f.k, f.v, f.g, s0)
+    return _Linear.apply(chunk, f.operand, f.q, f.k, f.v, f.g, s0)
 
 
 def finish(out: LinearOutput, c: Cascade, f: Flat, o: Tensor) -> Tensor:
