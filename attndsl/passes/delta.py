@@ -105,6 +105,8 @@ class DeltaDecision:
                   f"  c = {'0' if r.erase is None else E.render(r.erase)}",
                   f"  a = {'1' if r.decay is None else E.render(r.decay)}"]
         lines += [f"  {name}: q = {E.render(q)}" for name, q in r.outputs]
+        lines.append("backward: autograd through the chunked form recomputed in torch "
+                     "(attndsl.runtime.delta; no Triton backward)")
         lines.append("quadratic form: none (a recurrence is not a sum over keys)")
         return "\n".join(lines)
 
@@ -128,8 +130,8 @@ def decide_delta(c: Cascade) -> DeltaDecision:
                 "delta_n^T, delta_n = u_n - c_n S_(n-1)^T k_n",
                 "UT transform per chunk: (I + A) Delta = U - W S_0, A strictly lower, "
                 "T = (I + A)^-1 by forward substitution; W = T diag(c gamma_(t-1)) K, U = T U",
-                "intra-chunk: O = diag(gamma) Q S_0 + tril(Q K^T . decay) Delta on tensor "
-                "cores; inter-chunk: S_C = gamma_C S_0 + (decay K)^T Delta"]
+                "intra-chunk: O = diag(gamma) Q S_0 + tril(Q K^T . decay) Delta (tl.dot, "
+                "fp32); inter-chunk: S_C = gamma_C S_0 + (decay K)^T Delta"]
     if rule.decay is not None:
         rewrites.append("decays as exp(G_t - G_i), G = cumsum(log a) inside the chunk")
     return DeltaDecision("chunked", rule, (), tuple(rewrites))
@@ -207,7 +209,10 @@ def _linear_terms(e: Expr, state: str) -> list[tuple[Expr, int]]:
 
 
 def _reads(e: Expr, state: str) -> list[Expr]:
-    return [x for x in e.walk() if x.op is Op.LOAD and x.arg == state]
+    """The reads of ``state`` in ``e``, each occurrence (``S * S`` is two)."""
+    if e.op is Op.LOAD and e.arg == state:
+        return [e]
+    return [r for s in e.src for r in _reads(s, state)]
 
 
 def _body(eq: Equation, body: Expr, qk: str, roles: dict[str, str | None]

@@ -25,7 +25,7 @@ from attndsl.ir.evaluate import Env, apply
 from attndsl.ir.expr import Expr, Op
 from attndsl.passes.delta import DeltaDecision, DeltaRule
 from attndsl.runtime.checks import AttentionError
-from attndsl.runtime.delta_kernels import delta_chunked_kernel, delta_recurrent_kernel
+from attndsl.runtime.delta_kernels import WARPS, delta_chunked_kernel, delta_recurrent_kernel
 
 Tensor = torch.Tensor
 AUTO = "auto"  # the default chunk (DEFAULT_CHUNK)
@@ -45,11 +45,13 @@ def _sizes(c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any]
 
 def _evaluate(e: Expr, c: Cascade, tensors: Mapping[str, Tensor], params: Mapping[str, Any],
               keep: tuple[str | None, ...], dtype: torch.dtype) -> Tensor:
-    """``e`` over the indices ``keep`` (None: a size-1 axis the cascade lacks), every index
-    over its whole extent; sums over an index by torch (element-wise otherwise)."""
+    """``e`` over the indices ``keep`` (None: a size-1 axis the cascade lacks), each over
+    its whole extent; sums over an index by torch (element-wise otherwise)."""
     sizes = _sizes(c, tensors, params)
     axes = [i.name for i in c.indices]
-    ranges = {i.name: torch.arange(sizes.get(i.extent, 1)) for i in c.indices}
+    full = set(keep) | {x.arg for x in e.walk() if x.op is Op.REDUCE_SUM}
+    ranges = {i.name: torch.arange(sizes.get(i.extent, 1) if i.name in full else 1)
+              for i in c.indices}  # an index e does not use: one value
     env = Env(axes, ranges, tensors, {**sizes, **params}, dtype)
     memo: dict[Expr, Tensor] = {}
     for node in e.walk():
@@ -61,11 +63,11 @@ def _evaluate(e: Expr, c: Cascade, tensors: Mapping[str, Tensor], params: Mappin
             memo[node] = body.to(dtype).expand(full).sum(axis, keepdim=True)
         else:
             memo[node] = apply(node, [memo[s] for s in node.src], env)
-    value = memo[e].to(dtype).expand([r.numel() for r in ranges.values()])
     named = [i for i in keep if i is not None]
+    value = memo[e].to(dtype).expand([ranges[a].numel() if a in named else 1 for a in axes])
     value = value.permute([axes.index(i) for i in named] +
                           [k for k, a in enumerate(axes) if a not in named])
-    value = value.reshape([ranges[i].numel() for i in named] + [-1])[..., 0]
+    value = value.reshape([ranges[i].numel() for i in named])
     for k, i in enumerate(keep):
         if i is None:
             value = value.unsqueeze(k)
@@ -139,7 +141,8 @@ def launch(q: Tensor, k: Tensor, u: Tensor, ce: Tensor, la: Tensor | None,
         return out, state
     be, bf = max(16, triton.next_power_of_2(E)), min(64, max(16, triton.next_power_of_2(F)))
     grid = (B * H, triton.cdiv(F, bf))
-    args = dict(HAS_DECAY=la is not None, HAS_S0=s0 is not None, BE=be, BF=bf)
+    args = dict(HAS_DECAY=la is not None, HAS_S0=s0 is not None, BE=be, BF=bf,
+                num_warps=WARPS)
     if chunk is None:
         delta_recurrent_kernel[grid](*f32, la32, s, rows, out, state, L, E, F, **args)
     else:
