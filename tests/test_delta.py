@@ -294,17 +294,18 @@ def test_gradients_of_q_k_v_beta_and_the_decay_match_autograd_of_the_float64_rec
         assert close(g, w, 1e-3), name
 
 
-def test_the_delta_kernels_compile_for_sm90():
-    """The kernels are real Triton (compiled in a child process: the tests run interpreted)."""
+def test_the_delta_kernels_compile_for_sm90_without_spills_at_the_default_chunk():
+    """The kernels are real Triton (compiled in a child process: the tests run interpreted),
+    at the launch's configuration for E = 64."""
     from attndsl.runtime import delta_kernels as dk
     from attndsl.runtime.aot import compile_kernel
+    from attndsl.runtime.delta import DEFAULT_CHUNK
 
     sig = {n: "*fp32" for n in ("Q", "K", "U", "CE", "LA", "S0")}
     sig.update({"LEN": "*i32", "Out": "*fp32", "ST": "*fp32", "L": "i32", "E": "i32",
                 "F": "i32"})
-    compile_kernel(dk.delta_chunked_kernel, sig, dict(HAS_DECAY=True, HAS_S0=True, C=16,
-                                                      BE=64, BF=32), "sm90", dk.WARPS, 1)
-    rep = compile_kernel(dk.delta_recurrent_kernel, sig, dict(HAS_DECAY=True, HAS_S0=True,
-                                                              BE=64, BF=32), "sm90",
-                         dk.WARPS, 1)
-    assert rep.fits, rep
+    const = dict(HAS_DECAY=True, HAS_S0=True, BE=64, BF=dk.BF)
+    for kernel, extra in ((dk.delta_chunked_kernel, {"C": DEFAULT_CHUNK}),
+                          (dk.delta_recurrent_kernel, {})):
+        rep = compile_kernel(kernel, sig, {**const, **extra}, "sm90", dk.WARPS, 1)
+        assert rep.fits, rep

@@ -25,11 +25,16 @@ from attndsl.ir.evaluate import Env, apply
 from attndsl.ir.expr import Expr, Op
 from attndsl.passes.delta import DeltaDecision, DeltaRule
 from attndsl.runtime.checks import AttentionError
-from attndsl.runtime.delta_kernels import WARPS, delta_chunked_kernel, delta_recurrent_kernel
+from attndsl.runtime.delta_kernels import (
+    BF,
+    WARPS,
+    delta_chunked_kernel,
+    delta_recurrent_kernel,
+)
 
 Tensor = torch.Tensor
 AUTO = "auto"  # the default chunk (DEFAULT_CHUNK)
-DEFAULT_CHUNK = 32
+DEFAULT_CHUNK = 16  # sm90 without spills at E = 64 (runtime/delta_kernels.py); any is exact
 
 
 # -- features ---------------------------------------------------------------------------------
@@ -139,7 +144,7 @@ def launch(q: Tensor, k: Tensor, u: Tensor, ce: Tensor, la: Tensor | None,
     rows = _lengths(lengths, B, H, L, dev)
     if B * H == 0 or E == 0 or F == 0:  # nothing to compute (an empty state or batch)
         return out, state
-    be, bf = max(16, triton.next_power_of_2(E)), min(64, max(16, triton.next_power_of_2(F)))
+    be, bf = max(16, triton.next_power_of_2(E)), BF
     grid = (B * H, triton.cdiv(F, bf))
     args = dict(HAS_DECAY=la is not None, HAS_S0=s0 is not None, BE=be, BF=bf,
                 num_warps=WARPS)
