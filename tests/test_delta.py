@@ -266,6 +266,28 @@ def test_prefill_then_decode_equals_one_pass_over_the_whole_sequence(split):
     assert close(torch.cat(outs, 2), whole["O"]) and close(state["S"], s_whole["S"])
 
 
+@pytest.mark.parametrize("length", [0, 1, 21])
+def test_a_recurrence_without_batch_and_head_indices_runs_in_its_own_layout(length):
+    c = parse_text("""spec s {
+      index m: L query, n: L key, e: E qk, d: E qk, f: F v
+      input Q[L, E], K[L, E], V[L, F]
+      tensor beta[L]: float
+      S[n,e,f] = recur(n) (S[n-1,e,f] - sum(d) beta[n] * K[n,e] * K[n,d] * S[n-1,d,f]
+                           + beta[n] * K[n,e] * V[n,f])
+      O[m,f] = Q[m,d] * S[m,d,f]
+      output O
+    }""")["s"]
+    gen = torch.Generator().manual_seed(length)
+    q, v = torch.randn(length, 8, generator=gen), torch.randn(length, 5, generator=gen)
+    k = torch.nn.functional.normalize(torch.randn(length, 8, generator=gen), dim=-1)
+    beta = torch.rand(length, generator=gen)
+    out, state = attndsl.compile(c).linear({"Q": q, "K": k, "V": v}, captured={"beta": beta})
+    want, s_want = delta_recurrence(q[None, None], k[None, None], v[None, None],
+                                    beta[None, None], torch.ones(1, 1, length), 1.0)
+    assert out["O"].shape == (length, 5) and close(out["O"], want[0, 0])
+    assert state["S"].shape == (1, 1, 8, 5) and close(state["S"], s_want)
+
+
 def test_a_chunk_that_is_not_a_power_of_two_of_at_least_16_is_refused():
     q, k, v, beta, a = inputs(1, 1, 5, 16, 8, 7)
     with pytest.raises(AttentionError, match="power of two >= 16"):

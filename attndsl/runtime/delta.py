@@ -55,7 +55,9 @@ def _evaluate(e: Expr, c: Cascade, tensors: Mapping[str, Tensor], params: Mappin
     sizes = _sizes(c, tensors, params)
     axes = [i.name for i in c.indices]
     full = set(keep) | {x.arg for x in e.walk() if x.op is Op.REDUCE_SUM}
-    ranges = {i.name: torch.arange(sizes.get(i.extent, 1) if i.name in full else 1)
+    device = next((t.device for t in tensors.values()), torch.device("cpu"))
+    ranges = {i.name: torch.arange(sizes.get(i.extent, 1) if i.name in full else 1,
+                                   device=device)
               for i in c.indices}  # an index e does not use: one value
     env = Env(axes, ranges, tensors, {**sizes, **params}, dtype)
     memo: dict[Expr, Tensor] = {}
@@ -119,7 +121,8 @@ def _lengths(lengths: Tensor | None, B: int, H: int, L: int, device: torch.devic
     """Per (batch * head) row lengths, int32, from per-batch ``lengths`` [B] (default L)."""
     if lengths is None:
         return torch.full((B * H,), L, dtype=torch.int32, device=device)
-    if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.is_complex():
+    if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.is_complex() or \
+            lengths.dtype == torch.bool:
         raise AttentionError(f"lengths must be an integer tensor of shape ({B},) (one per "
                              f"sequence), got {lengths.dtype} of shape {tuple(lengths.shape)}")
     if B and (int(lengths.min()) < 0 or int(lengths.max()) > L):
@@ -229,8 +232,9 @@ def run_delta(decision: DeltaDecision, c: Cascade, tensors: Mapping[str, Tensor]
               params: Mapping[str, Any], initial_state: Mapping[str, Tensor] | None = None,
               chunk: int | str | None = AUTO, lengths: Tensor | None = None
               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Every output by name and the final state ({state name: [B, H, E, F]}, fp32).
-    ``c`` is the cascade with its prefix sums materialised (``tensors`` holds them)."""
+    """Every output by name (in its own layout) and the final state ({state name:
+    [B, H, E, F]}, fp32; size 1 for a batch or head index the cascade lacks).  ``c`` is the
+    cascade with its prefix sums materialised (``tensors`` holds them)."""
     check_chunk(chunk)
     if decision.form != "chunked" and chunk not in (None, AUTO):
         raise AttentionError(f"{c.name} has no chunked form ({'; '.join(decision.reasons)}); "
@@ -251,5 +255,7 @@ def run_delta(decision: DeltaDecision, c: Cascade, tensors: Mapping[str, Tensor]
     for name, q in feats["q"].items():
         o, final = _DeltaFunction.apply(step, lengths, q, k, feats["u"], feats["c"],
                                         feats["la"], s0)
-        outputs[name] = o.to(dtype)
+        present = [o.shape[i] for i, r in enumerate(("batch", "head", "query", "v"))
+                   if c.role(r) is not None]  # the output's own layout
+        outputs[name] = o.to(dtype).reshape(present)
     return outputs, {rule.state: final}
