@@ -80,6 +80,7 @@ def inputs(b, h, length, e, f, seed, beta_low=0.0, log_alpha=(-1.0, 0.0)):
 
 
 def close(x, y, tol=2e-4):
+    x, y = x.detach(), y.detach()
     scale = max(1.0, float(y.abs().max())) if y.numel() else 1.0
     return float((x.double() - y.double()).abs().max()) <= tol * scale if x.numel() else True
 
@@ -138,7 +139,7 @@ def test_explain_shows_the_chunked_decision_the_state_and_the_ut_transform():
     assert "3. delta-rule:" in text and "no Triton backward" in text
 
 
-def test_a_decay_that_is_not_provably_positive_runs_recurrent_and_says_why():
+def test_a_decay_that_is_not_provably_positive_runs_recurrent_exactly_and_says_why():
     c = parse_text(DIRECT.replace("exp(A[b,h,n])", "A[b,h,n]"))["direct"]
     decision = compile_cascade(c).recurrence
     assert decision.form == "recurrent"
@@ -147,8 +148,16 @@ def test_a_decay_that_is_not_provably_positive_runs_recurrent_and_says_why():
     kern = attndsl.compile(c)
     with pytest.raises(AttentionError, match="has no chunked form"):
         kern.linear({"Q": q, "K": k, "V": v}, captured={"beta": beta, "A": a}, chunk=16)
-    out, _ = kern.linear({"Q": q, "K": k, "V": v}, captured={"beta": beta, "A": a.exp()})
-    assert close(out["O"], delta_recurrence(q, k, v, beta, a.exp(), 0.5)[0])
+    signed = a.exp() * torch.where(torch.arange(5) % 2 == 0, 1.0, -1.0)  # a < 0 at odd n
+    leaves = [x.clone().requires_grad_() for x in (q, k, signed)]
+    out, _ = kern.linear({"Q": leaves[0], "K": leaves[1], "V": v},
+                         captured={"beta": beta, "A": leaves[2]})
+    ref = [x.double().requires_grad_() for x in (q, k, signed)]
+    want = delta_recurrence(ref[0], ref[1], v, beta, ref[2], 0.5)[0]
+    assert close(out["O"], want)
+    for g, w in zip(torch.autograd.grad(out["O"].sum(), leaves),
+                    torch.autograd.grad(want.sum(), ref)):
+        assert close(g, w, 1e-3)
 
 
 BAD = [  # (replace in DIRECT, by, message, line, col)

@@ -7,8 +7,9 @@
    recurrent for decode, with initial and final states and per-sequence lengths, so
    segments chain: ``run_delta(..., initial_state=final)`` continues a sequence.
 3. Gradients: the forward runs the Triton kernel; the backward recomputes the same chunked
-   form in torch (:func:`chunked_reference`: ``solve_triangular`` for T, one chunk at a time)
-   and differentiates it with autograd.  Not a Triton backward: exact, O(L C) work, but it
+   form in torch (:func:`chunked_reference`: ``solve_triangular`` for T, one chunk at a time;
+   :func:`recurrent_reference` for a recurrence without a chunked form) and differentiates
+   it with autograd.  Not a Triton backward: exact, O(L C) work, but it
    keeps each chunk's intermediates for autograd.
 """
 
@@ -87,10 +88,10 @@ def _dtype_of(tensors: Mapping[str, Tensor]) -> torch.dtype:
 
 
 def delta_features(rule: DeltaRule, c: Cascade, tensors: Mapping[str, Tensor],
-                   params: Mapping[str, Any]) -> dict[str, Any]:
-    """q per output [B, H, L, E], k [B, H, L, E], u [B, H, L, F], c [B, H, L] and
-    log a [B, H, L] (None without a decay), in the cascade's batch and head (size 1 where
-    it has none)."""
+                   params: Mapping[str, Any], log_form: bool) -> dict[str, Any]:
+    """q per output [B, H, L, E], k [B, H, L, E], u [B, H, L, F], c [B, H, L] and the
+    decay [B, H, L] (None without one): log a when ``log_form`` (the chunked kernels), else
+    a; in the cascade's batch and head (size 1 where it has none)."""
     dtype = _dtype_of(tensors)
     b, h, n, m = c.role("batch"), c.role("head"), c.role("key"), c.role("query")
     e, f = rule.indices[-2], rule.indices[-1]
@@ -102,7 +103,8 @@ def delta_features(rule: DeltaRule, c: Cascade, tensors: Mapping[str, Tensor],
     return {"q": {name: at(q, e, pos=m) for name, q in rule.outputs}, "k": key,
             "u": at(rule.value, f),
             "c": at(rule.erase) if rule.erase is not None else key.new_zeros(key.shape[:3]),
-            "la": None if rule.log_decay is None else at(rule.log_decay)}
+            "decay": None if rule.decay is None else at(rule.log_decay if log_form
+                                                         else rule.decay)}
 
 
 # -- the kernels ------------------------------------------------------------------------------
@@ -131,11 +133,16 @@ def _lengths(lengths: Tensor | None, B: int, H: int, L: int, device: torch.devic
     return lengths.to(device, torch.int32).repeat_interleave(H)
 
 
-def launch(q: Tensor, k: Tensor, u: Tensor, ce: Tensor, la: Tensor | None,
-           s0: Tensor | None, lengths: Tensor | None, chunk: int | None
+def launch(q: Tensor, k: Tensor, u: Tensor, ce: Tensor, decay: Tensor | None,
+           s0: Tensor | None, lengths: Tensor | None, chunk: int | None, log_form: bool
            ) -> tuple[Tensor, Tensor]:
-    """(o [B, H, L, F], final state [B, H, E, F]) by the chunked kernel (``chunk``) or the
-    recurrent one (None); fp32 (inputs are cast)."""
+    """(o [B, H, L, F], final state [B, H, E, F]) by the chunked kernel (``chunk``; the decay
+    as log a, ``log_form``) or the recurrent one (None); fp32 (inputs are cast)."""
+    if decay is not None and chunk is None and log_form:
+        decay = decay.exp()  # the recurrent kernel takes a
+    if chunk is not None and decay is not None and not log_form:
+        raise AttentionError("the chunked delta kernel needs the decay as log a")
+    la = decay
     B, H, L, E = k.shape
     F = u.shape[-1]
     dev = k.device
@@ -156,6 +163,24 @@ def launch(q: Tensor, k: Tensor, u: Tensor, ce: Tensor, la: Tensor | None,
     else:
         delta_chunked_kernel[grid](*f32, la32, s, rows, out, state, L, E, F, C=chunk, **args)
     return out, state
+
+
+def recurrent_reference(q: Tensor, k: Tensor, u: Tensor, ce: Tensor, a: Tensor | None,
+                        s0: Tensor | None, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The recurrence one position at a time in torch (differentiable; the backward of a
+    recurrence without a chunked form): S = a S + k (u - c S^T k)^T, o = S^T q."""
+    B, H, L, E = k.shape
+    n = torch.full((B,), L) if lengths is None else lengths.to("cpu")
+    S = k.new_zeros(B, H, E, u.shape[-1]) if s0 is None else s0.to(k.dtype)
+    outs = []
+    for t in range(L):
+        live = (t < n).to(k.device)[:, None, None, None]
+        ks = torch.einsum("bhe,bhef->bhf", k[:, :, t], S)
+        new = S if a is None else S * a[:, :, t, None, None]
+        new = new + k[:, :, t, :, None] * (u[:, :, t] - ce[:, :, t, None] * ks)[..., None, :]
+        S = torch.where(live, new, S)
+        outs.append(torch.einsum("bhe,bhef->bhf", q[:, :, t], S) * live[..., 0])
+    return (torch.stack(outs, 2) if outs else u.new_zeros(u.shape)), S
 
 
 def chunked_reference(q: Tensor, k: Tensor, u: Tensor, ce: Tensor, la: Tensor | None,
@@ -206,12 +231,12 @@ class _DeltaFunction(torch.autograd.Function):
     """Forward: the Triton kernel.  Backward: autograd through :func:`chunked_reference`."""
 
     @staticmethod
-    def forward(ctx: Any, chunk: int | None, lengths: Tensor | None, q: Tensor, k: Tensor,
-                u: Tensor, ce: Tensor, la: Tensor | None, s0: Tensor | None
-                ) -> tuple[Tensor, Tensor]:
-        ctx.chunk, ctx.lengths = chunk, lengths
-        ctx.save_for_backward(q, k, u, ce, la, s0)
-        return launch(q, k, u, ce, la, s0, lengths, chunk)
+    def forward(ctx: Any, chunk: int | None, lengths: Tensor | None, log_form: bool,
+                q: Tensor, k: Tensor, u: Tensor, ce: Tensor, decay: Tensor | None,
+                s0: Tensor | None) -> tuple[Tensor, Tensor]:
+        ctx.chunk, ctx.lengths, ctx.log_form = chunk, lengths, log_form
+        ctx.save_for_backward(q, k, u, ce, decay, s0)
+        return launch(q, k, u, ce, decay, s0, lengths, chunk, log_form)
 
     @staticmethod
     def backward(ctx: Any, do: Tensor, dstate: Tensor) -> tuple:
@@ -219,13 +244,16 @@ class _DeltaFunction(torch.autograd.Function):
         leaves = [None if x is None else x.detach().to(torch.float32).requires_grad_()
                   for x in saved]
         with torch.enable_grad():
-            o, st = chunked_reference(*leaves, ctx.lengths, ctx.chunk or DEFAULT_CHUNK)
+            if ctx.log_form:
+                o, st = chunked_reference(*leaves, ctx.lengths, ctx.chunk or DEFAULT_CHUNK)
+            else:
+                o, st = recurrent_reference(*leaves, ctx.lengths)
             wanted = [x for x in leaves if x is not None]
             got = iter(torch.autograd.grad((o, st), wanted, (do, dstate), allow_unused=True))
         grads = [None if x is None else next(got) for x in leaves]
         grads = [None if g is None or x is None else g.to(x.dtype)
                  for g, x in zip(grads, saved)]
-        return (None, None, *grads)
+        return (None, None, None, *grads)
 
 
 def run_delta(decision: DeltaDecision, c: Cascade, tensors: Mapping[str, Tensor],
@@ -242,7 +270,8 @@ def run_delta(decision: DeltaDecision, c: Cascade, tensors: Mapping[str, Tensor]
     step = None if chunk is None or decision.form != "chunked" else (
         DEFAULT_CHUNK if chunk == AUTO else chunk)
     rule = decision.rule
-    feats = delta_features(rule, c, tensors, params)
+    log_form = decision.form == "chunked"
+    feats = delta_features(rule, c, tensors, params, log_form)
     s0 = (initial_state or {}).get(rule.state)
     k = feats["k"]
     if s0 is not None and tuple(s0.shape) != (*k.shape[:2], k.shape[3], feats["u"].shape[3]):
@@ -253,8 +282,8 @@ def run_delta(decision: DeltaDecision, c: Cascade, tensors: Mapping[str, Tensor]
     dtype = tensors[first].dtype if tensors[first].is_floating_point() else torch.float32
     outputs, final = {}, None
     for name, q in feats["q"].items():
-        o, final = _DeltaFunction.apply(step, lengths, q, k, feats["u"], feats["c"],
-                                        feats["la"], s0)
+        o, final = _DeltaFunction.apply(step, lengths, log_form, q, k, feats["u"],
+                                        feats["c"], feats["decay"], s0)
         present = [o.shape[i] for i, r in enumerate(("batch", "head", "query", "v"))
                    if c.role(r) is not None]  # the output's own layout
         outputs[name] = o.to(dtype).reshape(present)

@@ -7,7 +7,8 @@ state S0 (E x F), both compute
 
     S_n = a_n S_{n-1} - c_n k_n (k_n^T S_{n-1}) + k_n u_n^T,    o_n = q_n^T S_n
 
-and store the final state S_{len-1}.  Value columns are independent (every product acts on
+and store the final state S_{len-1}.  The chunked kernel takes la = log a (the decay must be
+positive), the recurrent one a itself.  Value columns are independent (every product acts on
 S from the left), so programs split F.
 
 Chunked (chunk C; attndsl.passes.delta derives it): inside a chunk, G = cumsum(la) (G_t the
@@ -107,10 +108,11 @@ def delta_chunked_kernel(Q, K, U, CE, LA, S0, LEN, Out, ST, L, E, F,
 
 
 @triton.jit
-def delta_recurrent_kernel(Q, K, U, CE, LA, S0, LEN, Out, ST, L, E, F,
+def delta_recurrent_kernel(Q, K, U, CE, A, S0, LEN, Out, ST, L, E, F,
                            HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr,
                            BE: tl.constexpr, BF: tl.constexpr):
-    """One position at a time (decode): S = a S + k (u - c S^T k)^T, o = S^T q."""
+    """One position at a time (decode): S = a S + k (u - c S^T k)^T, o = S^T q.  ``A`` holds
+    the decay a itself (any sign: the recurrent form needs no logarithm)."""
     bh = tl.program_id(0)
     oe = tl.arange(0, BE)
     of = tl.program_id(1) * BF + tl.arange(0, BF)
@@ -129,7 +131,7 @@ def delta_recurrent_kernel(Q, K, U, CE, LA, S0, LEN, Out, ST, L, E, F,
         ce = tl.load(CE + bh * L + t)
         ks = tl.sum(k[:, None] * S, axis=0)                                # S^T k
         if HAS_DECAY:
-            S = S * tl.exp(tl.load(LA + bh * L + t))
+            S = S * tl.load(A + bh * L + t)
         S = S + k[:, None] * (u - ce * ks)[None, :]
         o = tl.sum(q[:, None] * S, axis=0)                                 # S^T q
         tl.store(Out + (bh * L + t) * F + of, o, mask=mf)
