@@ -121,6 +121,29 @@ def test_the_builder_writes_the_same_recurrence_as_the_text():
     assert bld.build() == spec("deltanet")
 
 
+def test_a_builder_recurrence_that_is_no_delta_rule_is_located_at_its_python_line():
+    bld = CascadeBuilder("bad")
+    for name, ext, role in (("m", "L", "query"), ("n", "L", "key"), ("e", "E", "qk"),
+                            ("d", "E", "qk"), ("f", "F", "v")):
+        bld.index(name, ext, role)
+    bld.input("Q", "L", "E").input("K", "L", "E").input("V", "L", "F")
+    m, n, e, d, f = (bld.idx(i) for i in "mnedf")
+    line = _line() + 1
+    bld.recur("S", "n e f", n, lambda prev: prev(n - 1, e, f) * prev(n - 1, e, f)
+              + bld.read("K", n, e) * bld.read("V", n, f))
+    bld.eq("O", "m f", bld.read("Q", m, e) * bld.read("S", m, e, f))
+    bld.output("O")
+    with pytest.raises(attndsl.AttnDSLError, match=rf"test_delta.py:{line}:\d+: error: the "
+                                                   rf"term .* reads the state 2 times"):
+        compile_cascade(bld.build())
+
+
+def _line() -> int:
+    import inspect
+
+    return inspect.currentframe().f_back.f_lineno
+
+
 def test_the_oracle_starts_from_a_given_initial_state():
     q, k, v, beta, a = inputs(1, 2, 6, 4, 5, 3)
     s0 = torch.randn(1, 2, 4, 5, dtype=torch.float64)
