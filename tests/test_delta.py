@@ -359,7 +359,8 @@ def test_the_delta_kernels_compile_for_sm90_without_spills_at_the_default_chunk(
     sig.update({"LEN": "*i32", "Out": "*fp32", "ST": "*fp32", "L": "i32", "E": "i32",
                 "F": "i32"})
     const = dict(HAS_DECAY=True, HAS_S0=True, BE=64, BF=dk.BF)
-    for kernel, extra in ((dk.delta_chunked_kernel, {"C": DEFAULT_CHUNK}),
-                          (dk.delta_recurrent_kernel, {})):
-        rep = compile_kernel(kernel, sig, {**const, **extra}, "sm90", dk.WARPS, 1)
+    recurrent = {("A" if n == "LA" else n): t for n, t in sig.items()}  # the decay itself
+    for kernel, args, extra in ((dk.delta_chunked_kernel, sig, {"C": DEFAULT_CHUNK}),
+                                (dk.delta_recurrent_kernel, recurrent, {})):
+        rep = compile_kernel(kernel, args, {**const, **extra}, "sm90", dk.WARPS, 1)
         assert rep.fits, rep
