@@ -38,6 +38,7 @@ from attndsl.runtime.checks import kernel_options as _options
 from attndsl.runtime.checks import mask_of as _mask_of
 from attndsl.runtime.checks import no_work as _no_work
 from attndsl.runtime.checks import shapes_only as _shapes_only
+from attndsl.runtime.delta import run_delta
 from attndsl.runtime.kernels import compiled as _compiled
 from attndsl.runtime.kernels import launch_attention
 from attndsl.runtime.linear import AUTO, check_chunk, run_linear, scan_inputs
@@ -181,6 +182,8 @@ class Kernel:
         executor (float32, chunked over queries) and differentiates that."""
         first = next(iter(inputs.values()))
         cap = _shapes_only({**self.captured, **(captured or {})}, first.device)
+        if self.compiled.recurrence is not None and block_mask is None:
+            return self.linear(inputs, params, cap)[0]
         if self.compiled.linear.form == "chunked" and block_mask is None:
             return self.linear(inputs, params, cap)[0]
         module = self._quadratic()
@@ -223,6 +226,7 @@ class Kernel:
     def linear(self, inputs: dict[str, Tensor], params: dict | None = None,
                captured: dict[str, Tensor] | None = None,
                initial_state: dict[str, Tensor] | None = None, chunk: int | str | None = AUTO,
+               lengths: Tensor | None = None,
                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Run the chunked linear form (``attndsl explain`` says whether the cascade has
         one): every output by name and the final state of each ([B, H, E, F], size 1 for
@@ -231,11 +235,34 @@ class Kernel:
         with ``chunk=None``, the recurrent kernel).  Positions are counted from 0 in each
         segment; decays are relative, so chaining is exact.  Differentiable: the chunked
         Triton backward gives the features' gradients, autograd carries them to the inputs
-        and captured gates through the feature evaluation."""
+        and captured gates through the feature evaluation.
+
+        A state recurrence (``recur``, the delta rule) runs its chunked (UT transform) or
+        recurrent kernels the same way; its final state is ``{state name: [B, H, E, F]}``,
+        ``lengths`` ([B] integers) ends each sequence early (outputs past it are 0, the
+        final state is the one at the length), and the backward recomputes the chunked
+        form in torch (:mod:`attndsl.runtime.delta`)."""
+        if self.compiled.recurrence is not None:
+            return self._delta(inputs, params, captured, initial_state, chunk, lengths)
+        if lengths is not None:
+            raise AttentionError("lengths= is taken by state recurrences (recur) only; a "
+                                 "linear cascade runs whole sequences")
         setup = self.linear_setup(inputs, params, captured)
         check_chunk(chunk)
         return run_linear(setup.outputs, setup.cascade, setup.tensors, setup.params,
                           initial_state, chunk, setup.scans)
+
+    def _delta(self, inputs: dict[str, Tensor], params: dict | None,
+               captured: dict[str, Tensor] | None, initial_state: dict[str, Tensor] | None,
+               chunk: int | str | None, lengths: Tensor | None
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The delta rule's kernels on named inputs (prefix sums computed first)."""
+        cap = {**self.captured, **(captured or {})}
+        tensors = {**inputs, **cap}
+        full = _default_params(self.compiled.cascade, dict(params or {}), tensors)
+        tensors.update(scan_inputs(self.compiled.cascade, tensors, full))
+        return run_delta(self.compiled.recurrence, self.compiled.stage("materialise-scans"),
+                         tensors, full, initial_state, chunk, lengths)
 
     def linear_setup(self, inputs: dict[str, Tensor], params: dict | None = None,
                      captured: dict[str, Tensor] | None = None) -> LinearSetup:

@@ -18,6 +18,7 @@ from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import BOOL, FLOAT, Op
 from attndsl.passes.pipeline import Compiled
 from attndsl.passes.scans import scan_equations
+from attndsl.runtime.delta import AUTO, run_delta
 from attndsl.runtime.linear import run_linear, scan_inputs
 from attndsl.runtime.modules import load_kernel_module
 
@@ -93,6 +94,13 @@ def kernel_outputs(compiled: Compiled, problem: Problem,
     if compiled.kernel is not None:
         module = module or load_kernel_module(compiled.kernel)
         outs.append(module.launch(problem.inputs, problem.params, problem.captured))
+    if compiled.recurrence is not None:  # the delta rule: chunked (if any) and recurrent
+        tensors = {**problem.inputs, **problem.captured}
+        cascade = compiled.stage("materialise-scans")
+        for chunk in ((AUTO, None) if compiled.recurrence.form == "chunked" else (None,)):
+            outs.append(run_delta(compiled.recurrence, cascade, tensors, problem.params,
+                                  chunk=chunk)[0])
+        return outs
     if compiled.linear.form == "chunked":
         scans = tuple(eq.name for eq in scan_equations(compiled.cascade))
         outs.append(run_linear(compiled.linear.outputs, compiled.stage("materialise-scans"),

@@ -20,7 +20,7 @@ import torch
 
 from attndsl.errors import SubscriptError
 from attndsl.index_check import index_error
-from attndsl.ir.cascade import Cascade, Equation, is_scan
+from attndsl.ir.cascade import Cascade, Equation, is_recurrence, is_scan
 from attndsl.ir.evaluate import Env, EvaluationError, apply, as_float, safe_div
 from attndsl.ir.expr import Expr, Op, render
 
@@ -201,8 +201,12 @@ def bind_extents(c: Cascade, tensors: Mapping[str, Tensor]) -> dict[str, int]:
 def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
                 params: Mapping[str, float | int] | None = None, *,
                 dtype: torch.dtype = torch.float64, max_elements: int = 1 << 24,
+                initial_state: Mapping[str, Tensor] | None = None,
                 ) -> dict[str, Tensor]:
-    """Evaluate every output of ``c``; returns tensors shaped by each output's indices."""
+    """Evaluate every output of ``c``; returns tensors shaped by each output's indices.
+
+    ``initial_state`` maps a recurrence's state name to its value before the first position
+    (its dimensions without the position; zero when absent)."""
     sizes = bind_extents(c, tensors)
     params = dict(params or {})
     for p in c.params:
@@ -224,6 +228,11 @@ def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
     scans = [eq for eq in c.equations if is_scan(eq)]
     for eq in scans:  # per-position prefix sums: tensors over their indices, read like inputs
         cpu[eq.name] = _prefix_sum(eq, axes, extent, cpu, params, dtype)
+    states = [eq for eq in c.equations if is_recurrence(eq)]
+    for eq in states:  # state recurrences, token by token: tensors over their indices
+        start = (initial_state or {}).get(eq.name)
+        cpu[eq.name] = _recurrence(c, eq, axes, extent, cpu, params, dtype,
+                                   None if start is None else start.cpu())
     outs: dict[str, list[Tensor]] = {o: [] for o in c.outputs}
     for start in range(0, extent[query], chunk):
         ranges = {k: torch.arange(v) for k, v in extent.items()}
@@ -231,11 +240,11 @@ def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
         inter: dict[str, tuple[tuple[str, ...], Tensor]] = {}
         ctx = _Ctx(axes, ranges, cpu, params, key, dtype, inter)
         ctx.captured = frozenset([t.name for t in c.tensors if t.kind == "captured"] +
-                                 [eq.name for eq in scans])
+                                 [eq.name for eq in scans + states])
         if c.mask is not None:
             ctx.mask = _eval(c.mask.expr, ctx)
         for eq in c.equations:
-            if is_scan(eq):
+            if is_scan(eq) or is_recurrence(eq):
                 continue
             inter[eq.name] = (eq.indices, _eval_equation(eq, ctx))
         for o in c.outputs:
@@ -266,6 +275,56 @@ def _prefix_sum(eq: Equation, axes: list[str], extent: dict[str, int],
         total = torch.cat([torch.zeros_like(total.narrow(axis, 0, 1)),
                            total.narrow(axis, 0, max(total.shape[axis] - 1, 0))], dim=axis)
     return _compact(total, eq.indices, axes, ranges)
+
+
+PREVIOUS = "__previous"  # the previous state inside a recurrence (no user name starts with __)
+
+
+def _recurrence(c: Cascade, eq: Equation, axes: list[str], extent: dict[str, int],
+                tensors: Mapping[str, Tensor], params: Mapping[str, float | int],
+                dtype: torch.dtype, start: Tensor | None) -> Tensor:
+    """``S[..., n, ...] = recur(n) body``, exactly as written: for n = 0, 1, ... the body
+    with its reads ``S[..., n - 1, ...]`` bound to the previous state (``start``, else 0,
+    before the first position), laid out over the state's indices.  The equations the body
+    reads are evaluated at each position.  Differentiable (autograd through the steps)."""
+    idx = eq.expr.arg
+    slot = eq.indices.index(idx)
+    body = eq.expr.src[0].replace(
+        lambda node: Expr(Op.LOAD, node.src[:slot] + node.src[slot + 1:], PREVIOUS,
+                          node.dtype) if node.op is Op.LOAD and node.arg == eq.name else None)
+    dims = [extent[i] for i in eq.indices if i != idx]
+    prev = torch.zeros(dims, dtype=dtype) if start is None else start.to(dtype)
+    if tuple(prev.shape) != tuple(dims):
+        raise EagerError(f"the initial state of {eq.name} must have shape {tuple(dims)} (its "
+                         f"indices without {idx!r}), got {tuple(prev.shape)}")
+    needed = [e for e in c.equations if e.name in _reads(c, eq) and not is_scan(e)]
+    steps = []
+    for t in range(extent[idx]):
+        ranges = {k: torch.arange(v) for k, v in extent.items()}
+        ranges[idx] = torch.arange(t, t + 1)
+        inter: dict[str, tuple[tuple[str, ...], Tensor]] = {}
+        ctx = _Ctx(axes, ranges, {**tensors, PREVIOUS: prev}, params, None, dtype, inter)
+        for dep in needed:
+            inter[dep.name] = (dep.indices, _eval_equation(dep, ctx))
+        value = _eval_equation(Equation(eq.name, eq.indices, body), ctx)
+        prev = _compact(value, eq.indices, axes, ranges).squeeze(slot)
+        steps.append(prev)
+    if not steps:
+        return torch.zeros(dims[:slot] + [0] + dims[slot:], dtype=dtype)
+    return torch.stack(steps, dim=slot)
+
+
+def _reads(c: Cascade, eq: Equation) -> set[str]:
+    """The equations ``eq`` reads, directly or through others (itself excluded)."""
+    eqs = {e.name: e for e in c.equations}
+    seen: set[str] = set()
+    stack = [x.arg for x in eq.expr.walk() if x.op is Op.LOAD and x.arg != eq.name]
+    while stack:
+        name = stack.pop()
+        if name in eqs and name not in seen:
+            seen.add(name)
+            stack.extend(x.arg for x in eqs[name].expr.walk() if x.op is Op.LOAD)
+    return seen
 
 
 def _eval_equation(eq: Equation, ctx: _Ctx) -> Tensor:

@@ -12,7 +12,7 @@ from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import Expr, Op
 from attndsl.key_tile_plan import plan_key_tiles
 from attndsl.passes.grad import GradError
-from attndsl.passes.pipeline import PIPELINE, Compiled, compile_cascade
+from attndsl.passes.pipeline import PIPELINE, RECURRENCE_PIPELINE, Compiled, compile_cascade
 from attndsl.passes.tile_grad import derive_tile_backward
 
 
@@ -23,6 +23,12 @@ def _section(title: str, body: str) -> str:
 def explain(c: Cascade, captured: dict[str, torch.Tensor] | None = None, lq: int = 512,
             lkv: int = 512, target: str | None = None) -> str:
     comp = compile_cascade(c)
+    if comp.recurrence is not None:  # a state recurrence: the delta pass's decision
+        return "\n".join([
+            _section("cascade (as written)", str(c)),
+            _section("passes, with the rewrite rules that fired in each", pass_list(comp)),
+            _section("delta rule: chunked or recurrent", str(comp.recurrence)),
+            _section("quadratic form: not compiled", comp.quadratic_error or "")])
     direct = compile_cascade(c, stream=False).schedule
     out = [_section("cascade (as written)", str(c)),
            _section("passes, with the rewrite rules that fired in each", pass_list(comp)),
@@ -63,7 +69,7 @@ def backward_text(comp: Compiled) -> str:
 
 def pass_list(comp: Compiled) -> str:
     """One line per pass run (name: what it does), then ``- rule xN`` per rule that fired."""
-    docs = {p.name: p.doc for p in PIPELINE}
+    docs = {p.name: p.doc for p in PIPELINE + RECURRENCE_PIPELINE}
     lines = []
     for i, record in enumerate(comp.trace):
         lines.append(f"{i + 1}. {record.name}: {docs.get(record.name, '')}".rstrip(": "))

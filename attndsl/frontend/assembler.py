@@ -34,6 +34,7 @@ from attndsl.ir.expr import (
     Expr,
     IRError,
     Op,
+    render,
     render_const,
 )
 
@@ -55,6 +56,7 @@ class PendingEquation:
     expr: Expr | None = None
     locate: Locate | None = None
     depth: int | None = None  # levels of expr with the equations it reads inlined
+    state: bool = False  # a state recurrence S[..., n, ...] = recur(n) body
 
 
 class Assembler:
@@ -75,6 +77,7 @@ class Assembler:
         self.equations: dict[str, PendingEquation] = {}
         self.mask: tuple[Expr, Where] | None = None
         self.outputs: dict[str, Where] = {}
+        self._building: str | None = None  # the equation whose body is being checked
 
     # -- declarations (each checks everything before it records anything) --------------------
     def _check_new(self, name: str, kind: str, where: Where) -> None:
@@ -176,6 +179,11 @@ class Assembler:
             del self.equations[name], self.kinds[name]
             raise
 
+    def recurrence(self, name: str) -> None:
+        """Mark the equation ``name`` (declared by :meth:`header`) as a state recurrence: its
+        body may read its own previous state ``name[..., n - 1, ...]``."""
+        self.equations[name].state = True
+
     def output(self, name: str, where: Where) -> None:
         _expect_name(name, where, "output()")
         if name in self.outputs:
@@ -233,6 +241,8 @@ class Assembler:
         eq = self.equations.get(name)
         if eq is not None and eq.expr is not None:
             return E.load(name, tuple(subs), eq.expr.dtype)
+        if eq is not None and eq.state:  # its own previous state, inside its recurrence
+            return E.load(name, tuple(subs), FLOAT)
         if eq is not None:
             raise where.error(f"{name!r} is read before it is defined")
         kind = self.kinds.get(name, (None,))[0]
@@ -245,9 +255,18 @@ class Assembler:
     def body(self, name: str, expr: Expr, locate: Locate) -> None:
         """Check an equation's right-hand side and store it with its implicit sums."""
         eq = self.equations[name]
-        self._check_expr(expr, locate, f"{name}[{', '.join(eq.indices)}]")
+        self._building = name
+        try:
+            self._check_expr(expr, locate, f"{name}[{', '.join(eq.indices)}]")
+        finally:
+            self._building = None
         self._check_scan_equation(name, expr, locate)
-        eq.expr, eq.locate = implicit_sums(expr, eq.indices), locate
+        self._check_recurrence(name, expr, locate)
+        if expr.op is Op.RECUR:  # the Einsum convention applies to the recurrence's body
+            eq.expr = E.recur(expr.arg, implicit_sums(expr.src[0], eq.indices))
+        else:
+            eq.expr = implicit_sums(expr, eq.indices)
+        eq.locate = locate
         try:
             eq.depth = self._inlined_depth(eq.expr)
         except UnlocatedError as bad:
@@ -359,6 +378,58 @@ class Assembler:
                     f"the body of cumsum({i}) uses {extra} which the left-hand side of {name} "
                     f"lacks; a prefix sum is not also summed over other indices")
 
+    def _check_recurrence(self, name: str, expr: Expr, locate: Locate) -> None:
+        """``recur`` stands alone, ``S[b,h,n,e,f] = recur(n) body``, along the key index
+        (which is on the left), with a body of per-position values and the previous state;
+        an equation that is not a recurrence does not read itself."""
+        eq = self.equations[name]
+        for node in expr.walk():
+            if node.op is Op.RECUR and node is not expr:
+                raise locate(node, "arg").error(
+                    f"recur({node.arg}) must be the whole right-hand side of a state equation")
+        if expr.op is not Op.RECUR:
+            return
+        i, body = expr.arg, expr.src[0]
+        if i not in self.indices or self.indices[i].role != "key":
+            role = self.indices[i].role if i in self.indices else "unknown"
+            raise locate(expr, "arg").error(
+                f"recur({i}) runs along {i!r} ({role}); a recurrence runs along the key "
+                f"index (the positions), e.g. S[b,h,n,e,f] = recur(n) ...")
+        if i not in eq.indices:
+            raise locate(expr, "arg").error(
+                f"recur({i}) is indexed by {i!r}: put {i!r} on the left-hand side of {name} "
+                f"(the state after each position)")
+        if not eq.state:
+            raise locate(expr, "arg").error(f"recur({i}) must begin the right-hand side of "
+                                            f"{name}")
+        query = self.by_role.get("query")
+        if query in body.free_indices():
+            raise locate(expr, "arg").error(
+                f"the body of recur({i}) depends on the query index {query!r}; a state is "
+                f"updated from per-position values (the outputs read it at {query!r})")
+        for x in body.walk():
+            if x.op in (Op.REDUCE_MAX, Op.SOFTMAX, Op.CUMSUM) or (
+                    x.op is Op.REDUCE_SUM and x.arg == i):
+                raise locate(x, "arg").error(
+                    f"the body of recur({i}) contains {REDUCE_WORD[x.op]}({x.arg}); it may "
+                    f"only sum over indices other than {i!r}")
+
+    def _check_state_read(self, name: str, subs: Sequence[Expr]) -> None:
+        """A read of a state: plain indices of its extents; inside its own recurrence the
+        position is exactly the previous one (``n - 1``: the initial state at n = 0)."""
+        eq = self.equations[name]
+        own = name == self._building
+        for k, (s, lhs) in enumerate(zip(subs, eq.indices)):
+            if own and self.indices[lhs].role == "key":
+                if s != E.index(lhs) - 1:
+                    raise UnlocatedError(f"the recurrence of {name} reads its state at "
+                                         f"{render(s)}; it may read only the previous "
+                                         f"position, {name}[..., {lhs} - 1, ...]", k)
+            elif s.op is not Op.INDEX or s.arg not in self.indices or \
+                    self.indices[s.arg].extent != self.indices[lhs].extent:
+                raise UnlocatedError(f"subscript {k + 1} of the state {name} must be an index of "
+                                     f"extent {self.indices[lhs].extent}, got {render(s)}", k)
+
     def _check_reduction(self, node: Expr, mask: bool) -> None:
         word, i = REDUCE_WORD[node.op], node.arg
         if mask:
@@ -382,6 +453,10 @@ class Assembler:
                 dims, t = self._scan_dims(name), _SCAN
             if mask:
                 raise UnlocatedError(f"the mask cannot read equation results ({name!r})")
+            if self.equations[name].state:
+                if len(subs) == len(dims):
+                    self._check_state_read(name, subs)
+                    return
         else:
             raise UnlocatedError(f"unknown tensor {name!r}")
         if len(subs) != len(dims):
@@ -416,7 +491,8 @@ class Assembler:
                 raise w.error(f"output {name!r} is not defined by any equation"
                               f"{suggest(name, self.equations)}")
         eqs = self.equations
-        reads = {n: [x for x in e.expr.walk() if x.op is Op.LOAD and x.arg in eqs]
+        reads = {n: [x for x in e.expr.walk() if x.op is Op.LOAD and x.arg in eqs and
+                     not (e.state and x.arg == n)]  # a recurrence reads its previous state
                  for n, e in eqs.items() if e.expr is not None}
         try:
             order = stable_order(list(reads), {n: [x.arg for x in r] for n, r in reads.items()})

@@ -302,6 +302,31 @@ class CascadeBuilder:
         self._asm.define(name, _names(indices), lift(expr), w)
         return self
 
+    def recur(self, name: str, indices: str | Sequence[Any], over: Term | str,
+              body: Callable[[Callable[..., Term]], Any]) -> CascadeBuilder:
+        """The text's ``name[indices] = recur(over) body``: a state updated position by
+        position.  ``body(prev)`` builds the update from ``prev(*subscripts)``, the read of
+        the previous state (subscripts as for :meth:`read`, with ``over - 1`` at the
+        position), e.g. the delta rule
+        ``b.recur("S", "b h n e f", "n", lambda prev: prev(b_, h, n - 1, e, f) - ...)``."""
+        w = _caller()
+        lhs = _names(indices)
+        idx = _index_arg(over, "recur")
+        self._asm.header(name, lhs, w)
+        self._asm.recurrence(name)
+        try:
+            update = lift(body(lambda *subs: self._read_at(name, subs, w)))
+            self._asm.body(name, E.recur(idx, update), lambda node, slot: w)
+        except BaseException:
+            del self._asm.equations[name], self._asm.kinds[name]
+            raise
+        return self
+
+    def _read_at(self, name: str, subscripts: Sequence[Any], w: Any) -> Term:
+        subs = [E.index(self._asm.index_name(s, w, f"{name}[...]")) if isinstance(s, str)
+                else lift(s) for s in subscripts]
+        return Term(self._asm.read(name, subs, w))
+
     def output(self, *names: str) -> CascadeBuilder:
         w = _caller()
         for name in names:

@@ -114,7 +114,7 @@ BINARY_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "//": Op.FLOOR
               "!=": Op.NE}
 REDUCTIONS = {"sum": E.reduce_sum, "max": E.reduce_max, "softmax": E.softmax}
 REDUCE_WORD = {Op.REDUCE_SUM: "sum", Op.REDUCE_MAX: "max", Op.SOFTMAX: "softmax",
-               Op.CUMSUM: "cumsum"}
+               Op.CUMSUM: "cumsum", Op.RECUR: "recur"}
 SCAN_FORMS = ("inclusive", "exclusive")  # cumsum(n) x is inclusive; cumsum(n, exclusive) x
 
 

@@ -20,8 +20,9 @@ from attndsl.errors import AttnDSLError, located_message
 from attndsl.ir.cascade import SourceLoc
 
 INT_LIMIT = 2**63  # integer literals must fit in int64
+# Keep names the mask equation in the IR
 RESERVED = frozenset({"spec", "index", "input", "tensor", "param", "mask", "output", "sum", "max",
-                      "softmax", "cumsum", "inf", "Keep"})  # Keep names the mask equation in the IR
+                      "softmax", "cumsum", "recur", "inf", "Keep"})
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 class SpecError(AttnDSLError, ValueError):

@@ -77,8 +77,8 @@ def parser() -> Lark:
 # readable names of the terminals in syntax errors
 _WORDS = {"NAME": "a name", "NUMBER": "a number", "CMP_OP": "a comparison", "_NL": "end of line",
           "$END": "end of input"}
-_EXPR_START = {"NAME", "NUMBER", "(", "-", "!", "~", "sum", "max", "softmax", "cumsum", "inf",
-               "True", "False"}
+_EXPR_START = {"NAME", "NUMBER", "(", "-", "!", "~", "sum", "max", "softmax", "cumsum", "recur",
+               "inf", "True", "False"}
 _OPERATORS = {"+", "-", "*", "/", "//", "%", "**", "&", "|", "^", "<<", ">>", "CMP_OP"}
 _FIRST = {"]": 0, ")": 1, "}": 2, ",": 3}
 
@@ -149,7 +149,7 @@ def syntax_error(err: UnexpectedInput, text: str, src: SourceText) -> SpecError:
         "syntax error")
 
 
-BIG_OPERATORS = ("sum", "max", "softmax", "cumsum")  # word(index) body
+BIG_OPERATORS = ("sum", "max", "softmax", "cumsum", "recur")  # word(index) body
 
 
 def _starts_expression(tok: Token) -> bool:

@@ -214,6 +214,12 @@ class _Exprs(Transformer):
         e = E.cumsum(idx, body, exclusive=form is not None and form.value == "exclusive")
         return self._at(w, self._at(meta, e), "arg")
 
+    def recur(self, meta: Any, tok: Token, body: Expr) -> Expr:
+        """``recur(n) x``: the state recurrence along n (x reads the previous state)."""
+        w = self.src.of(tok)
+        idx = self.asm.index_name(tok.value, w, f"recur({tok.value})")
+        return self._at(w, self._at(meta, E.recur(idx, body)), "arg")
+
 
 def _transform(ex: _Exprs, tree: Any) -> Expr:
     try:
@@ -267,9 +273,13 @@ def _read_spec(tree: Tree, src: SourceText) -> Cascade:
         else:  # equation
             n, *idx, body = kids
             asm.header(n.value, [t.value for t in idx], src.of(n), [src.of(t) for t in idx])
+            if isinstance(body, Tree) and body.data == "recur":
+                asm.recurrence(n.value)
             bodies[n.value] = body
     asm.check_roles()
-    reads = {n: _eq_reads(b, asm.equations) for n, b in bodies.items()}
+    reads = {n: [t for t in _eq_reads(b, asm.equations)  # a recurrence reads its own state
+                 if not (t.value == n and asm.equations[n].state)]
+             for n, b in bodies.items()}
     try:
         order = stable_order(list(bodies), {n: [t.value for t in r] for n, r in reads.items()})
     except DependencyCycle as cyc:

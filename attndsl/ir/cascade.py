@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from attndsl.errors import located_message
+from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, DTYPES, FLOAT, INT, REDUCE, Expr, IRError, Op, render
 
 ROLES = ("batch", "head", "query", "key", "qk", "v")
@@ -156,6 +157,7 @@ def verify(c: Cascade) -> Cascade:
     for eq in eqs:
         _verify_equation(c, eq, defined, scalars, set(names))
         _verify_scan(c, eq)
+        _verify_recurrence(c, eq)
     if c.mask is not None and c.mask.expr.dtype != BOOL:
         raise IRError(f"{_where(c.mask)}the mask must be boolean, got {c.mask.expr.dtype}")
     for out in c.outputs:
@@ -226,8 +228,63 @@ def _verify_scan(c: Cascade, eq: Equation) -> None:
                           f"declared tensors, got {render(node)}")
 
 
+def is_recurrence(eq: Equation) -> bool:
+    """Whether ``eq`` is a state recurrence ``S[..., n, ...] = recur(n) body``."""
+    return eq.expr.op is Op.RECUR
+
+
+def previous_position(idx: str) -> Expr:
+    """The subscript of a recurrence's read of its previous state: ``idx - 1``."""
+    return E.index(idx) - 1
+
+
+def _verify_recurrence(c: Cascade, eq: Equation) -> None:
+    """A RECUR is the whole right-hand side of an equation indexed by the key index; its body
+    reads its own state only at the previous position (``n - 1``, plain indices of the same
+    extents elsewhere), does not use the query index, and reduces only by sums over indices
+    other than the key.  Every other equation reads the state at plain indices."""
+    for node in eq.expr.walk():
+        if node.op is Op.RECUR and node is not eq.expr:
+            raise IRError(f"{_where(eq)}recur({node.arg}) must be the whole right-hand side of "
+                          f"its equation")
+    states = {e.name: e for e in c.equations if is_recurrence(e)}
+    own = eq.name if is_recurrence(eq) else None
+    for node in eq.expr.walk():
+        if node.op is Op.LOAD and node.arg in states:
+            _verify_state_read(c, eq, states[node.arg], node, node.arg == own)
+    if own is None:
+        return
+    idx, body = eq.expr.arg, eq.expr.src[0]
+    if idx != c.role("key") or idx not in eq.indices:
+        raise IRError(f"{_where(eq)}recur({idx}) must run along the key index "
+                      f"{c.role('key')!r} and be indexed by it")
+    if c.role("query") in body.free_indices():
+        raise IRError(f"{_where(eq)}the body of recur({idx}) depends on the query index")
+    for node in body.walk():
+        if node.op in (Op.REDUCE_MAX, Op.SOFTMAX, Op.CUMSUM) or (
+                node.op is Op.REDUCE_SUM and node.arg == idx):
+            raise IRError(f"{_where(eq)}the body of recur({idx}) may sum only over indices "
+                          f"other than {idx!r}, got {render(node)}")
+
+
+def _verify_state_read(c: Cascade, eq: Equation, state: Equation, node: Expr,
+                       own: bool) -> None:
+    """A read of a recurrence's state: plain indices of the state's extents; inside its own
+    body the position slot is exactly the previous position."""
+    idx = state.expr.arg
+    for slot, (sub, lhs) in enumerate(zip(node.src, state.indices)):
+        if own and lhs == idx:
+            if sub != previous_position(idx):
+                raise IRError(f"{_where(eq)}the recurrence of {state.name} reads its state at "
+                              f"{render(sub)}; only the previous position {idx} - 1 is defined")
+        elif sub.op is not Op.INDEX or c.index(sub.arg).extent != c.index(lhs).extent:
+            raise IRError(f"{_where(eq)}{state.name} is read with subscript {slot + 1} = "
+                          f"{render(sub)}; a state is read at indices of its extents")
+
+
 def _check_acyclic(c: Cascade) -> None:
-    deps = {eq.name: {n.arg for n in eq.expr.walk() if n.op is Op.LOAD} for eq in c.equations}
+    deps = {eq.name: {n.arg for n in eq.expr.walk() if n.op is Op.LOAD} - (
+        {eq.name} if is_recurrence(eq) else set()) for eq in c.equations}
     state: dict[str, int] = {}
 
     def visit(name: str, path: list[str]) -> None:

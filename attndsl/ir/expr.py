@@ -98,6 +98,10 @@ class Op(Enum):
     # free (the result is indexed by it).  Only the whole right-hand side of a per-position
     # equation; the runtime materialises it (attndsl.passes.scans)
     CUMSUM = auto()
+    # linear recurrence along an index (arg: index name): ``S[..., n, ...] = recur(n) body``
+    # where body reads the previous state ``S[..., n - 1, ...]`` (the initial state at n = 0).
+    # Only the whole right-hand side of a state equation; recognised by attndsl.passes.delta
+    RECUR = auto()
 
 
 UNARY = {Op.NEG, Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.TANH, Op.SIGMOID, Op.ABS, Op.SQRT, Op.NOT,
@@ -334,6 +338,11 @@ def cumsum(idx: str, body: Any, exclusive: bool = False) -> Expr:
     return Expr(Op.CUMSUM, (body,), (idx, bool(exclusive)), FLOAT if body.dtype != INT else INT)
 
 
+def recur(idx: str, body: Any) -> Expr:
+    """The recurrence of a state along ``idx`` (see :attr:`Op.RECUR`)."""
+    return Expr(Op.RECUR, (as_expr(body),), idx, FLOAT)
+
+
 def exp(x: Any) -> Expr:
     return unary(Op.EXP, x)
 
@@ -397,8 +406,9 @@ def render(e: Expr, prec: float = 0) -> str:
         idx, exclusive = e.arg
         text = f"cumsum({idx}{', exclusive' if exclusive else ''}) {render(e.src[0], 7)}"
         return f"({text})" if prec > 0 else text
-    if op in (Op.REDUCE_SUM, Op.REDUCE_MAX, Op.SOFTMAX):
-        name = {Op.REDUCE_SUM: "sum", Op.REDUCE_MAX: "max", Op.SOFTMAX: "softmax"}[op]
+    if op in (Op.REDUCE_SUM, Op.REDUCE_MAX, Op.SOFTMAX, Op.RECUR):
+        name = {Op.REDUCE_SUM: "sum", Op.REDUCE_MAX: "max", Op.SOFTMAX: "softmax",
+                Op.RECUR: "recur"}[op]
         text = f"{name}({e.arg}) {render(e.src[0], 7)}"
         return f"({text})" if prec > 0 else text
     return f"{_CALL[op]}({', '.join(render(s) for s in e.src)})"

@@ -32,6 +32,7 @@ from attndsl.ir import tile as tile_ir
 from attndsl.ir.cascade import Cascade, Equation
 from attndsl.ir.expr import Expr, IRError, Op
 from attndsl.ir.tile import TileKernel
+from attndsl.passes.delta import decide_delta, has_recurrence
 from attndsl.passes.linear import linearise
 from attndsl.passes.lower import Fused, inline, verify_fused
 from attndsl.passes.rules import recording
@@ -80,6 +81,11 @@ def _materialise_scans(c: Cascade, _: NoOptions) -> Cascade:
     return materialise_scans(c)
 
 
+def _delta_rule(c: Cascade, _: NoOptions) -> Any:
+    """Recognise the state recurrence (the delta rule); choose chunked or recurrent."""
+    return decide_delta(c)
+
+
 def _linearise(f: Fused, _: NoOptions) -> Fused:
     """Decide quadratic vs chunked linear vs recurrent; the decision is kept on the IR."""
     return linearise(f)
@@ -115,6 +121,14 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("tile", _tile),
 )
 
+# A spec with a state recurrence (recur) has no sum over keys to fuse or stream: its pipeline
+# ends in the delta pass's decision (attndsl.passes.delta.DeltaDecision).
+RECURRENCE_PIPELINE: tuple[Pass, ...] = (
+    Pass("verify", _verify),
+    Pass("materialise-scans", _materialise_scans),
+    Pass("delta-rule", _delta_rule),
+)
+
 VERIFIERS: dict[type, Callable[[Any], Any]] = {
     Cascade: cascade_ir.verify, Fused: verify_fused, Schedule: verify_schedule,
     TileKernel: tile_ir.verify}
@@ -142,10 +156,16 @@ class Compiled:
     # why the quadratic form could not be compiled, for a cascade whose chunked linear form
     # is its only one (a feature map such as elu(k) + 1, a per-key-dim decay inside q.k)
     quadratic_error: str | None = field(default=None, compare=False)
+    # the delta pass's DeltaDecision for a spec with a state recurrence (then fused, schedule
+    # and kernel are None: RECURRENCE_PIPELINE)
+    recurrence: Any = field(default=None, compare=False)
 
     @property
     def linear(self) -> Any:
-        """The linearise pass's :class:`~attndsl.passes.linear.LinearDecision`."""
+        """The linearise pass's :class:`~attndsl.passes.linear.LinearDecision` (for a
+        recurrence spec, the delta pass's :class:`~attndsl.passes.delta.DeltaDecision`)."""
+        if self.recurrence is not None:
+            return self.recurrence
         return self.stage("linearise").linear
 
     def stage(self, name: str) -> Any:
@@ -194,7 +214,14 @@ def run_pipeline(ir: Any, passes: tuple[Pass, ...] = PIPELINE,
 def compile_cascade(c: Cascade, stream: bool = True) -> Compiled:
     """verify -> inline (fusion) -> expand-softmax -> stream (pass analysis + online
     derivation) -> tile.  An IRError of a pass after ``verify`` is re-raised located at the
-    equation to blame (:func:`blamed_equation`)."""
+    equation to blame (:func:`blamed_equation`).  A spec with a state recurrence runs
+    :data:`RECURRENCE_PIPELINE` instead (its errors are located by the delta pass)."""
+    if has_recurrence(c):
+        trace = run_pipeline(c, RECURRENCE_PIPELINE)
+        return Compiled(c, None, None, None, trace,  # type: ignore[arg-type]
+                        f"{c.name} is a state recurrence: it has no quadratic form (a sum "
+                        f"over keys); it runs as the delta rule (Kernel.linear)",
+                        recurrence=trace[-1].ir)
     done: list[PassRecord] = []
     try:
         trace = run_pipeline(c, options={"stream": StreamOptions(stream=stream)}, records=done)
