@@ -51,9 +51,10 @@ def main() -> int:
         cascade, _ = load_spec(str(path)).build(1, 2, 64, 64)
         compiled = compile_cascade(cascade)
         kernel = compiled.kernel
-        if compiled.linear.form == "chunked":  # runs as the chunked linear form by default: its
-            linear_only.append(path.name)  # fixed kernels (runtime/linear_kernels.py) are
-            continue  # compiled for sm90 by tests/test_linear.py
+        form = compiled.linear.form
+        if form != "quadratic":  # runs as a linear or recurrent form by default: its fixed
+            linear_only.append((path.name, form))  # kernels (runtime/linear*.py, delta*.py)
+            continue  # are compiled for sm90 by tests/test_linear.py and tests/test_delta.py
         module = kernel_path(kernel)
         modules[path.name] = module
         jobs.append({"path": module, "target": args.target, "dtype": args.dtype,
@@ -77,8 +78,8 @@ def main() -> int:
         print(f"{name:28s} {cfg:16s} {r['registers']:5d} {r['spills']:6d} "
               f"{r['shared'] / 1024:9.1f} {r['tc_kind'] + ' x' + str(r['tc_count']):>13s}  "
               f"{'ok' if not why else 'FAILED: ' + why}")
-    for name in linear_only:
-        print(f"{name:28s} chunked linear form (its kernels: tests/test_linear.py, sm90)")
+    for name, form in linear_only:
+        print(f"{name:28s} {form} form (its kernels: tests/test_linear.py, test_delta.py, sm90)")
     print(f"{len(modules) - failed} of {len(modules)} examples with a generated kernel pass")
     return 1 if failed else 0
 
