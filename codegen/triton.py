@@ -31,6 +31,7 @@ from attndsl.codegen.expr import (
     Lines,
     comment,
     literal,
+    lower_for_print,
     render,
     render_at,
     reset_spills,
@@ -655,13 +656,19 @@ def _arg_types(k: TileKernel, names: _Names, args: list[str]) -> dict[str, str]:
 
 
 def _regroup(k: TileKernel) -> TileKernel:
-    """The kernel with every pass expression's products regrouped (:func:`_invariant_factors`)."""
+    """The kernel with every pass expression lowered to its printed form
+    (:func:`lower_for_print`: tanh as one exp2 and a division, constant divisors as
+    multiplies) and its products regrouped (:func:`_invariant_factors`).  The mask is left
+    as it is: a comparison must see the exact quotient."""
     tile_vars = {k.roles[r] for r in ("query", "key", "v") if r in k.roles}
+
+    def lower(e: Expr) -> Expr:
+        return _invariant_factors(lower_for_print(e), tile_vars)
+
     passes = tuple(dataclasses.replace(
-        p, maxes=tuple(dataclasses.replace(mx, arg=_invariant_factors(mx.arg, tile_vars))
-                       for mx in p.maxes),
-        sums=tuple(dataclasses.replace(s, body=_invariant_factors(s.body, tile_vars))
-                   for s in p.sums)) for p in k.passes)
+        p, maxes=tuple(dataclasses.replace(mx, arg=lower(mx.arg)) for mx in p.maxes),
+        sums=tuple(dataclasses.replace(s, body=lower(s.body)) for s in p.sums))
+        for p in k.passes)
     return dataclasses.replace(k, passes=passes)
 
 
@@ -683,6 +690,10 @@ def _invariant_factors(e: Expr, tile_vars: set[str]) -> Expr:
         out = var[0]
         for f in var[1:]:
             out = E.binary(Op.MUL, out, f)
+        numbers = [f for f in inv if f.op is Op.CONST and f.dtype == FLOAT]
+        folded = math.prod(f.arg for f in numbers)
+        if len(numbers) > 1 and math.isfinite(folded) and folded != 0:  # one constant
+            inv = [f for f in inv if f not in numbers] + [E.const(folded)]
         c = inv[0]
         for f in inv[1:]:
             c = E.binary(Op.MUL, c, f)

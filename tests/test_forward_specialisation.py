@@ -44,3 +44,24 @@ def test_ragged_lengths_and_head_dims_below_the_block_give_the_oracles_attention
     out, ref = _causal(21, 27, 12, 20, 0.25)
     torch.testing.assert_close(out["O"].double(), ref["O"], atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(out["LSE"].double(), ref["LSE"], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e4])
+def test_softcap_kernel_matches_the_float64_softcap_from_tiny_to_saturated_scores(
+        magnitude: float) -> None:
+    """The printed tanh (1 - 2 / (2^(2x log2 e) + 1), the cap folded in) is exact at both
+    ends: scores of 1e4 saturate to +-cap (2^+inf and 2^-inf, no nan), scores near 0 keep
+    their absolute accuracy."""
+    import attndsl
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 20 * torch.tanh(score / 20)
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(3))
+    q = q * magnitude
+    out = attndsl.flex_attention(q, k, v, score_mod=softcap, kernel_options=dict(CONFIG))
+    s = 20 * torch.tanh((q.double() @ k.double().transpose(-1, -2)) * 0.25 / 20)
+    ref = torch.softmax(s, -1) @ v.double()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
