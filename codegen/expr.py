@@ -224,6 +224,18 @@ class Env:
     ranges: dict[Expr, tuple[int, int]] = field(default_factory=dict)  # of integer nodes
     # pointer -> its stride arguments in dim order (default: ``<pointer>_s<dim>``)
     strides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # subscripts whose wrap where(i < 0, i + size, i) the launch may prove the identity
+    # (the constexpr NONNEG_SUBSCRIPTS: every such subscript's interval is >= 0)
+    wraps: frozenset[Expr] = frozenset()
+    # int64 widenings print as conditional on the constexpr I32_INDICES (every integer node
+    # the kernel would widen fits int32 in this launch: narrow_ranges)
+    narrow: bool = False
+
+    def to_i64(self, x: str) -> str:
+        """``x`` converted to int64 (under ``narrow``: unless the launch proved int32 exact)."""
+        if self.narrow:
+            return f"({x} if I32_INDICES else ({x}).to(tl.int64))"
+        return f"({x}).to(tl.int64)"
 
     def stride(self, ptr: str, d: int) -> str:
         """The kernel argument holding dim ``d``'s stride of the tensor at ``ptr``."""
@@ -251,10 +263,20 @@ def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
                 literal(float(s.arg)) if s.op is Op.CONST else f"({x}).to(tl.float32)"
                 for i, (s, x) in enumerate(zip(e.src, a))]
     if env.wide(e) or any(env.wide(s) for s in e.src):
-        return [f"({x}).to(tl.int64)" if s.dtype in (INT, BOOL) and not env.wide(s)
+        return [env.to_i64(x) if s.dtype in (INT, BOOL) and not env.wide(s)
                 and s.op is not Op.CONST and not _is_where_cond(e, i) else x
                 for i, (s, x) in enumerate(zip(e.src, a))]
     return a
+
+
+def _is_wrap(e: Expr, subscripts: frozenset[Expr]) -> bool:
+    """Whether ``e`` is torch's wrap ``where(i < 0, i + size, i)`` of one of ``subscripts``
+    (attndsl.passes.index_bounds.wrap_negative)."""
+    if e.op is not Op.WHERE or e.src[2] not in subscripts:
+        return False
+    cond, wrapped, i = e.src
+    return cond.op is Op.LT and cond.src[0] == i and cond.src[1].op is Op.CONST and \
+        cond.src[1].arg == 0 and wrapped.op is Op.ADD and wrapped.src[0] == i
 
 
 def _is_where_cond(e: Expr, i: int) -> bool:
@@ -339,10 +361,12 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
             return f"_round_bf16({a[0]})"
         return f"({a[0]}).to(tl.float16).to(tl.float32)"
     if op is Op.CAST:
-        width = "tl.int64" if env.wide(e) else "tl.int32"
-        return {FLOAT: "({}).to(tl.float32)", INT: f"({{}}).to({width})",
-                BOOL: "(({}) != 0)"}[e.arg].format(a[0])
+        if e.arg == INT:
+            return env.to_i64(a[0]) if env.wide(e) else f"({a[0]}).to(tl.int32)"
+        return {FLOAT: "({}).to(tl.float32)", BOOL: "(({}) != 0)"}[e.arg].format(a[0])
     if op is Op.WHERE:
+        if _is_wrap(e, env.wraps):  # no negative subscripts: the select is the identity
+            return f"({a[2]} if NONNEG_SUBSCRIPTS else tl.where({a[0]}, {a[1]}, {a[2]}))"
         return f"tl.where({a[0]}, {a[1]}, {a[2]})"
     if op is Op.DIV:  # 0 / 0 = 0 (a fully masked row normalises to zero)
         d = e.src[1]
