@@ -233,8 +233,8 @@ class Env:
 
     def to_i64(self, x: str) -> str:
         """``x`` converted to int64 (under ``narrow``: unless the launch proved int32 exact)."""
-        if self.narrow:
-            return f"({x} if I32_INDICES else ({x}).to(tl.int64))"
+        if self.narrow:  # int32 of an int32 is free; booleans and floats convert
+            return f"(({x}).to(tl.int32) if I32_INDICES else ({x}).to(tl.int64))"
         return f"({x}).to(tl.int64)"
 
     def stride(self, ptr: str, d: int) -> str:
