@@ -44,7 +44,7 @@ def _worker(rank: int, world: int, store: str, cases: list[Case], backend: str) 
         dist.destroy_process_group()
 
 
-def spawn(world: int, cases: list[Case], timeout: float = 240,
+def spawn(world: int, cases: list[Case], timeout: float = 600,
           backend: str = "gloo") -> None:
     """Run ``cases`` on ``world`` spawned ranks (gloo on the CPU, or nccl) within
     ``timeout`` seconds."""
