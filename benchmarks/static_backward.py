@@ -66,6 +66,7 @@ def generated_flex(case: str, d: int) -> list:
     from attndsl.autograd import load_backward_module
     from attndsl.block_mask import create_block_mask
     from attndsl.frontend.flex import lower_flex
+    from attndsl.key_tile_plan import KeyTilePlan
     from attndsl.runtime.plan import block_mask_plan
 
     score, mask = FLEX_CASES[case]
@@ -74,9 +75,9 @@ def generated_flex(case: str, d: int) -> list:
     q, k, v, do = _tensors(d)
     lse = torch.zeros(q.shape[:3])
     tables = None
-    if mask is not None:  # the q-major tables of the block mask, as flex_attention passes
-        tables = block_mask_plan(create_block_mask(mask, 1, 2, LENGTH, LENGTH), LENGTH,
-                                 LENGTH).launch_tables()
+    if mask is not None:  # the block mask's eight tables, as flex_attention's backward gets
+        plan = block_mask_plan(create_block_mask(mask, 1, 2, LENGTH, LENGTH), LENGTH, LENGTH)
+        tables = KeyTilePlan.from_op_args(*plan.op_args()).launch_tables()
     cfg = {"dkdv": dict(REF_CONFIG), "dq": dict(REF_CONFIG)}
     return record_launches(lambda: module.launch_backward(
         {"Q": q, "K": k, "V": v}, {"O": q, "LSE": lse}, {"O": do, "LSE": None},
