@@ -9,8 +9,8 @@ instructions), all instructions, tensor-core, ``MUFU.EX2`` and the rest.
 Compared: the dK/dV and dQ kernels of the FlexAttention backward (codegen/backward.py, dQ by the
 deterministic kernel so that the dK/dV loop holds no atomics, as the reference's) against
 ``benchmarks/reference/backward.py`` for dense, causal, ALiBi + causal and softcap; and the
-fused backward of sigmoid attention (codegen/tile_backward.py) against the hand-written sigmoid
-backward.
+fused backward of sigmoid attention (codegen/tile_backward.py: its keys and queries kernels)
+against the hand-written sigmoid backward's dK/dV and dQ kernels.
 
     python benchmarks/static_backward.py [--target sm90] [--dims 64 128] [--json out.json]
 """
@@ -141,11 +141,12 @@ def measure(target: str, dims: list[int], cases: tuple[str, ...] = CASES) -> lis
             continue
         gen = generated_sigmoid(d)
         ref = reference("sigmoid", d)
-        for who, launch in (("generated", _pick(gen, "tile_bwd_keys_kernel")[0]),
-                            ("reference", _pick(ref, "reference_bwd_dkdv")[0])):
-            over = {k: v for k, v in REF_CONFIG.items() if k in launch.constexprs}
-            specs.append(launch.spec(target, num_warps=8, num_stages=2, **over))
-            labels.append(("sigmoid", d, "dkdv", who))
+        for kind, g, r in (("dkdv", "tile_bwd_keys_kernel", "reference_bwd_dkdv"),
+                           ("dq", "tile_bwd_queries_kernel", "reference_bwd_dq")):
+            for who, launch in (("generated", _pick(gen, g)[0]), ("reference", _pick(ref, r)[0])):
+                over = {k: v for k, v in REF_CONFIG.items() if k in launch.constexprs}
+                specs.append(launch.spec(target, num_warps=8, num_stages=2, **over))
+                labels.append(("sigmoid", d, kind, who))
     reports = aot.compile_kernels(specs, jobs=2, strict=False)
     for (case, d, kind, who), rep in zip(labels, reports):
         if isinstance(rep, Exception):

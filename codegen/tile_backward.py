@@ -10,9 +10,13 @@ It prints :class:`attndsl.passes.tile_grad.TileBackward` (the derivation lives t
   captured tensors read by the stores.
 * ``tile_bwd_keys_kernel``, one program per (key tile, batch*head): loops over the query
   tiles, re-forms the dot tiles and the sum bodies, and accumulates ``dV_s += b_s^T c_s``,
-  ``dK_d += dqk_d^T Q_d`` in registers, adding ``dQ_d += dqk_d K_d`` and the captured-tensor
-  gradients of tile sites with float32 atomics.  dK and dV are added atomically too at the
-  end (a kernel's key-side subscripts may send several heads to one element, as GQA does).
+  ``dK_d += dqk_d^T Q_d`` in registers, adding the captured-tensor gradients of tile sites
+  with float32 atomics.  dK and dV are added atomically at the end (a kernel's key-side
+  subscripts may send several heads to one element, as GQA does).
+* ``tile_bwd_queries_kernel``, one program per (query tile, batch*head), FlashAttention-2's
+  dQ kernel: loops over the key tiles, re-forms ``W_s = c_s V^T`` and ``dqk_d`` and
+  accumulates ``dQ_d += dqk_d K_d`` in registers, added once at the end (no atomics in the
+  loop: deterministic, and the key-tile loop holds one dot fewer).
 
 The mask is evaluated on every tile (no block tables): the backward visits every
 (query tile, key tile) pair, as the eager recomputation it replaces did.  Identifiers are
@@ -421,18 +425,84 @@ def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
     for d in k.dots:
         if not dqk[d.var]:
             continue
-        L(0, f"# d{d.var} = sum(s) W_s * d b_s / d {d.var}; dQ += d{d.var} K, dK += d{d.var}^T Q")
+        L(0, f"# d{d.var} = sum(s) W_s * d b_s / d {d.var}; dK += d{d.var}^T Q (dQ: its own "
+             f"kernel)")
         L(0, f"dqk = tl.where(keep, {' + '.join(dqk[d.var])}, 0.0)")
-        L(0, f"dq_part = tl.dot(tl.trans(dqk.to({d.k.var}.dtype)), {d.k.var}, "
-             f"input_precision=DOT_PRECISION)")
-        _atomic_operand(L, 0, d.q, names, _env(b, names, {}, {}, {}), "dq_part", "offs_m",
-                        "row_ok")
         L(0, f"d_{d.k.var} += tl.dot(dqk.to({d.q.var}.dtype), {d.q.var}, "
              f"input_precision=DOT_PRECISION)")
     for site, value in sites:
         L(0, comment(f"gradient of the captured tensor read at {E.render(site.load)}"))
         L(0, f"g = tl.where(keep, {value}, 0.0)")
         _scatter(L, 0, b, names, site, "g", env, tile_axes=("n", "m"))
+
+
+def _emit_queries_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
+    """dQ without atomics in the loop, as FlashAttention-2's dQ kernel: one program per query
+    tile, looping over the key tiles; the rows' coefficients and stabilisers are read once."""
+    k = b.kernel
+    args = _common_args(b, names)
+    for t, ptr in names.tensors.items():
+        args += _strided("D" + ptr, names.ranks[t])
+    _signature(L, "tile_bwd_queries_kernel", args,
+               "One program: BLOCK_M queries of one (batch, head); loops over the key tiles "
+               "and adds\n    dQ_d = sum dqk_d K_d once at the end (deterministic).")
+    _program(L, k, "m")
+    index, masks = _tile_index(k, QUERY_MAJOR)
+    head = _env(b, names, {}, {}, {})
+    L(1, "# query-side tiles, loaded once; their gradients sum in registers")
+    q_ops = {d.q.var: d.q for d in k.dots}
+    for o in k.operands:
+        if o.side == "q":
+            _load_operand(L, 1, o, names, head, "offs_m", "row_ok")
+            if o.var in q_ops:
+                L(1, f"d_{o.var} = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)")
+    for mx in b.stabilizers:
+        v = ident(mx)
+        L(1, f"{v}_use = tl.load({_rows_buffer('MX_' + v, False)}, mask=row_ok, other=0.0)")
+    for s in b.sums:
+        v, tile = ident(s.sum.var), s.sum.v is not None
+        ok = "row_ok[:, None] & f_ok[None, :]" if tile else "row_ok"
+        L(1, f"c_{v} = tl.load({_rows_buffer('CF_' + v, tile)}, mask={ok}, other=0.0)")
+    L(1, "for start_n in range(0, N_len, BLOCK_N):")
+    L(2, "offs_n = start_n + tl.arange(0, BLOCK_N)\n" + _ok("col_ok", "offs_n", "N"))
+    for o in k.operands:
+        if o.side != "q":
+            _load_operand(L, 2, o, names, head, "offs_n", "col_ok")
+    _dots(L, 2, k, QUERY_MAJOR)
+    env = _env(b, names, {**_use_rows(b, QUERY_MAJOR), **{d.var: d.var for d in k.dots}},
+               index, masks)
+    _keep(L, 2, k, env, QUERY_MAJOR)
+    body = Lines()
+    _emit_query_step(body, b, env)
+    L(2, "\n".join(body.out))
+    L(1, "# dQ: one float32 add per element (other heads may share these queries)")
+    for var, o in q_ops.items():
+        _atomic_operand(L, 1, o, names, head, f"d_{var}", "offs_m", "row_ok")
+
+
+def _emit_query_step(L: Lines, b: TileBackward, env: Env) -> None:
+    """One (query tile, key tile) step of the dQ kernel: W_s, dqk per dot, dQ += dqk K."""
+    k = b.kernel
+    dqk: dict[str, list[str]] = {d.var: [] for d in k.dots}
+    for s in b.sums:
+        r = s.sum
+        v = ident(r.var)
+        if not s.dots:
+            continue
+        if r.v is not None:  # [queries, keys] tiles: W = c V^T
+            L(0, f"w_{v} = tl.dot(c_{v}.to({r.v.var}.dtype), tl.trans({r.v.var}), "
+                 f"input_precision=DOT_PRECISION)  # W = c V^T")
+        else:
+            L(0, f"w_{v} = c_{v}[:, None]")
+        for dot, deriv in s.dots:
+            dqk[dot].append(f"w_{v} * ({render_at(L, 0, deriv, env)})")
+    for d in k.dots:
+        if not dqk[d.var]:
+            continue
+        L(0, f"# d{d.var} = sum(s) W_s * d b_s / d {d.var}; dQ += d{d.var} K")
+        L(0, f"dqk = tl.where(keep, {' + '.join(dqk[d.var])}, 0.0)")
+        L(0, f"d_{d.q.var} += tl.dot(dqk.to({d.k.var}.dtype), {d.k.var}, "
+             f"input_precision=DOT_PRECISION)")
 
 
 def _atomic_operand(L: Lines, depth: int, o: Operand, names: _Names, env: Env, value: str,
@@ -486,6 +556,8 @@ def generate_tile_backward(b: TileBackward, version: str) -> str:
     _emit_rows_kernel(L, b, names)
     L(0, "")
     _emit_keys_kernel(L, b, names)
+    L(0, "")
+    _emit_queries_kernel(L, b, names)
     L(0, "")
     L(0, launcher_source())
     return "\n".join(L.out) + "\n"

@@ -132,5 +132,7 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
         d_args += _with_strides(d_in[name])
     grid = (-(-n_len // cfg["BLOCK_N"]), n_batch * n_heads)
     _tile_bwd_kernel("tile_bwd_keys_kernel", device.type)[grid](*args, *d_args, **consts)
+    grid = (-(-m_len // cfg["BLOCK_M"]), n_batch * n_heads)
+    _tile_bwd_kernel("tile_bwd_queries_kernel", device.type)[grid](*args, *d_args, **consts)
     return result()
 # <<< launcher
