@@ -57,6 +57,7 @@ from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import FLOAT, Expr, Op
 from attndsl.passes import flex_grad
+from attndsl.passes.affine import is_zero
 from attndsl.passes.flex_grad import QK_ROW, SCORE_ROW, BackwardSpec, GatherGrad, NotFlexCascade
 from attndsl.passes.flex_grad import one_line as _one_line
 from attndsl.passes.rules import LOG2E
@@ -154,21 +155,17 @@ def _hoist_loads(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> Non
     for th in spec.tanhs:
         if th.coef is not None:
             L(depth, f"# {th.var} = tanh(x): 2 x log2e = qk * {th.var}_c"
-                     + ("" if _is_zero(th.offset) else f" + {th.var}_o"))
+                     + ("" if is_zero(th.offset) else f" + {th.var}_o"))
             L(depth, f"{th.var}_c = {render_at(L, depth, th.coef, env)}")
-            if not _is_zero(th.offset):
+            if not is_zero(th.offset):
                 L(depth, f"{th.var}_o = {render_at(L, depth, th.offset, env)}")
-
-
-def _is_zero(e: Expr | None) -> bool:
-    return e is not None and e.op is Op.CONST and e.arg == 0
 
 
 def _emit_tanhs(L: Lines, spec: BackwardSpec, names: _Names, env: Env) -> None:
     """Each tanh of the score once per tile (``TanhForm``); later renders print its name."""
     for th in spec.tanhs:
         if th.coef is not None:
-            arg2 = f"qk * {th.var}_c" + ("" if _is_zero(th.offset) else f" + {th.var}_o")
+            arg2 = f"qk * {th.var}_c" + ("" if is_zero(th.offset) else f" + {th.var}_o")
         else:
             arg2 = render_at(L, 0, th.arg2_tile, env)
         L(0, f"{th.var} = 1.0 - 2.0 / (tl.exp2({arg2}) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1)")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import FLOAT, Expr, Op
+from attndsl.passes.affine import affine, invariant
 from attndsl.passes.grad import GradError, diff, gather_grads
 from attndsl.passes.index_bounds import wrap_captured
 from attndsl.passes.rules import LOG2E, RULES, Rule, rewrite, simplify
@@ -146,58 +147,6 @@ def _tile_indices(roles: dict[str, str]) -> set[str]:
     return {roles[x] for x in ("query", "key", "qk", "v") if x in roles}
 
 
-def _invariant(e: Expr, tile: set[str]) -> bool:
-    """The same value for every element of a tile: no tile index and no tile row (captured
-    reads subscripted by the batch and head only are hoisted out of the backward's loops)."""
-    return not (e.free_indices() & tile) and not any(x.op is Op.ROW for x in e.walk())
-
-
-_ZERO = E.const(0.0)
-
-
-def _combine(op: Op, a: Expr, b: Expr) -> Expr:
-    """``a op b`` for the parts of an affine form, where a 0 part is structural (the form has
-    no such term) rather than a value: x +- 0 = x, 0 +- x = +-x, 0 * c = 0 / c = 0."""
-    if op in (Op.ADD, Op.SUB):
-        if _is_zero(b):
-            return a
-        if _is_zero(a):
-            return b if op is Op.ADD else -b
-    elif _is_zero(a):
-        return _ZERO
-    return E.binary(op, a, b)
-
-
-def _is_zero(e: Expr) -> bool:
-    return e == _ZERO
-
-
-def _affine(e: Expr, tile: set[str]) -> tuple[Expr, Expr] | None:
-    """(a, b) with e = a * qk + b, a and b tile-invariant (S = qk * scale), or None."""
-    if e.op is Op.ROW and e.arg in (QK_ROW, SCORE_ROW):
-        return (E.const(1.0) if e.arg == QK_ROW else E.param("scale")), _ZERO
-    if _invariant(e, tile):
-        return _ZERO, e
-    parts = [_affine(x, tile) for x in e.src] if e.op in (Op.ADD, Op.SUB, Op.NEG) else []
-    if parts and all(p is not None for p in parts):
-        if e.op is Op.NEG:
-            return _combine(Op.SUB, _ZERO, parts[0][0]), _combine(Op.SUB, _ZERO, parts[0][1])
-        (a1, b1), (a2, b2) = parts
-        return _combine(e.op, a1, a2), _combine(e.op, b1, b2)
-    if e.op is Op.MUL:
-        for x, c in (e.src, e.src[::-1]):
-            ab = _affine(x, tile) if _invariant(c, tile) else None
-            if ab is not None:
-                return _combine(Op.MUL, ab[0], c), _combine(Op.MUL, ab[1], c)
-    divisor = e.src[1] if e.op in (Op.DIV, Op.TRUEDIV) else None
-    if divisor is not None and _invariant(divisor, tile) and \
-            (e.op is Op.TRUEDIV or divisor.op is Op.CONST):  # DIV's 0 / 0 = 0 needs b != 0
-        ab = _affine(e.src[0], tile)
-        if ab is not None:
-            return _combine(e.op, ab[0], divisor), _combine(e.op, ab[1], divisor)
-    return None
-
-
 def tanh_forms(exprs: list[Expr], tile: set[str]) -> tuple[TanhForm, ...]:
     """The distinct tanh nodes of ``exprs`` (innermost first), identified by their argument
     over qk: S and qk * scale are one tile."""
@@ -213,7 +162,7 @@ def tanh_forms(exprs: list[Expr], tile: set[str]) -> tuple[TanhForm, ...]:
             forms.setdefault(arg2, []).append(node)
     out = []
     for i, (arg2, nodes) in enumerate(forms.items()):
-        ab = _affine(arg2, tile)
+        ab = affine(arg2, tile, {QK_ROW: E.const(1.0)})
         coef, offset = (None, None) if ab is None else (simplify(ab[0]), simplify(ab[1]))
         out.append(TanhForm(f"th{i}", tuple(dict.fromkeys(nodes)), coef, offset, arg2))
     return tuple(out)
@@ -238,7 +187,7 @@ def fold_hoisted(tile: set[str]) -> Rule:
         if e.op is not Op.MUL or e.src[0].op is not Op.MUL or e.src[1].op is not Op.CONST:
             return None
         for x, a in (e.src[0].src, e.src[0].src[::-1]):
-            if _invariant(a, tile) and not _invariant(x, tile):
+            if invariant(a, tile) and not invariant(x, tile):
                 return x * E.binary(Op.MUL, a, e.src[1])
         return None
     return Rule("fold-hoisted", rule)
