@@ -9,8 +9,8 @@ instructions), all instructions, tensor-core, ``MUFU.EX2`` and the rest.
 Compared: the dK/dV and dQ kernels of the FlexAttention backward (codegen/backward.py, dQ by the
 deterministic kernel so that the dK/dV loop holds no atomics, as the reference's) against
 ``benchmarks/reference/backward.py`` for dense, causal, ALiBi + causal and softcap; and the
-fused backward of sigmoid attention (codegen/tile_backward.py) against the hand-written sigmoid
-backward.
+fused backward of sigmoid attention (codegen/tile_backward.py: its keys and queries kernels)
+against the hand-written sigmoid backward's dK/dV and dQ kernels.
 
     python benchmarks/static_backward.py [--target sm90] [--dims 64 128] [--json out.json]
 """
@@ -66,6 +66,7 @@ def generated_flex(case: str, d: int) -> list:
     from attndsl.autograd import load_backward_module
     from attndsl.block_mask import create_block_mask
     from attndsl.frontend.flex import lower_flex
+    from attndsl.key_tile_plan import KeyTilePlan
     from attndsl.runtime.plan import block_mask_plan
 
     score, mask = FLEX_CASES[case]
@@ -74,9 +75,9 @@ def generated_flex(case: str, d: int) -> list:
     q, k, v, do = _tensors(d)
     lse = torch.zeros(q.shape[:3])
     tables = None
-    if mask is not None:  # the q-major tables of the block mask, as flex_attention passes
-        tables = block_mask_plan(create_block_mask(mask, 1, 2, LENGTH, LENGTH), LENGTH,
-                                 LENGTH).launch_tables()
+    if mask is not None:  # the block mask's eight tables, as flex_attention's backward gets
+        plan = block_mask_plan(create_block_mask(mask, 1, 2, LENGTH, LENGTH), LENGTH, LENGTH)
+        tables = KeyTilePlan.from_op_args(*plan.op_args()).launch_tables()
     cfg = {"dkdv": dict(REF_CONFIG), "dq": dict(REF_CONFIG)}
     return record_launches(lambda: module.launch_backward(
         {"Q": q, "K": k, "V": v}, {"O": q, "LSE": lse}, {"O": do, "LSE": None},
@@ -140,11 +141,12 @@ def measure(target: str, dims: list[int], cases: tuple[str, ...] = CASES) -> lis
             continue
         gen = generated_sigmoid(d)
         ref = reference("sigmoid", d)
-        for who, launch in (("generated", _pick(gen, "tile_bwd_keys_kernel")[0]),
-                            ("reference", _pick(ref, "reference_bwd_dkdv")[0])):
-            over = {k: v for k, v in REF_CONFIG.items() if k in launch.constexprs}
-            specs.append(launch.spec(target, num_warps=8, num_stages=2, **over))
-            labels.append(("sigmoid", d, "dkdv", who))
+        for kind, g, r in (("dkdv", "tile_bwd_keys_kernel", "reference_bwd_dkdv"),
+                           ("dq", "tile_bwd_queries_kernel", "reference_bwd_dq")):
+            for who, launch in (("generated", _pick(gen, g)[0]), ("reference", _pick(ref, r)[0])):
+                over = {k: v for k, v in REF_CONFIG.items() if k in launch.constexprs}
+                specs.append(launch.spec(target, num_warps=8, num_stages=2, **over))
+                labels.append(("sigmoid", d, kind, who))
     reports = aot.compile_kernels(specs, jobs=2, strict=False)
     for (case, d, kind, who), rep in zip(labels, reports):
         if isinstance(rep, Exception):

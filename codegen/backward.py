@@ -37,6 +37,7 @@ the module.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +55,9 @@ from attndsl.codegen.expr import (
 
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
-from attndsl.ir.expr import Op
+from attndsl.ir.expr import FLOAT, Expr, Op
 from attndsl.passes import flex_grad
+from attndsl.passes.affine import is_zero
 from attndsl.passes.flex_grad import QK_ROW, SCORE_ROW, BackwardSpec, GatherGrad, NotFlexCascade
 from attndsl.passes.flex_grad import one_line as _one_line
 from attndsl.passes.rules import LOG2E
@@ -140,7 +142,8 @@ def _hoist_loads(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> Non
     names.hoisted.clear()
     scalar = {spec.roles["batch"], spec.roles["head"]}
     exprs = [spec.log2_score, spec.score, spec.dscore] + ([spec.mask] if spec.mask else []) + \
-        [g.deriv for _, sites in spec.grads for g in sites]
+        [g.deriv for _, sites in spec.grads for g in sites] + \
+        [x for th in spec.tanhs for x in (th.coef, th.offset) if x is not None]
     env = _tile_env(spec, names, VECTORS)
     for e in exprs:
         for node in e.walk():
@@ -149,6 +152,46 @@ def _hoist_loads(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> Non
                 var = f"cap_{len(names.hoisted)}"
                 L(depth, f"{var} = {render_at(L, depth, node, env)}  # loop-invariant read")
                 names.hoisted[node] = var
+    for th in spec.tanhs:
+        if th.coef is not None:
+            L(depth, f"# {th.var} = tanh(x): 2 x log2e = qk * {th.var}_c"
+                     + ("" if is_zero(th.offset) else f" + {th.var}_o"))
+            L(depth, f"{th.var}_c = {render_at(L, depth, th.coef, env)}")
+            if not is_zero(th.offset):
+                L(depth, f"{th.var}_o = {render_at(L, depth, th.offset, env)}")
+
+
+def _emit_tanhs(L: Lines, spec: BackwardSpec, names: _Names, env: Env) -> None:
+    """Each tanh of the score once per tile (``TanhForm``); later renders print its name."""
+    for th in spec.tanhs:
+        if th.coef is not None:
+            arg2 = f"qk * {th.var}_c" + ("" if is_zero(th.offset) else f" + {th.var}_o")
+        else:
+            arg2 = render_at(L, 0, th.arg2_tile, env)
+        L(0, f"{th.var} = 1.0 - 2.0 / (tl.exp2({arg2}) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1)")
+        names.hoisted.update(dict.fromkeys(th.nodes, th.var))
+
+
+def _finite(e: Expr) -> bool:
+    """Whether ``e`` is finite wherever the tiles are (finite qk and indices): built from
+    finite constants, the score, indices and integer reads by arithmetic that cannot
+    overflow or divide by zero.  Then ``dT * e`` is 0 where P is 0 and needs no guard."""
+    for x in e.walk():
+        if x.op is Op.CONST and not math.isfinite(float(x.arg)):
+            return False
+        if x.op is Op.LOAD and x.dtype == FLOAT or x.op is Op.PARAM and x.arg != "scale":
+            return False
+        if x.op in (Op.DIV, Op.TRUEDIV) and not (x.src[1].op is Op.CONST and x.src[1].arg):
+            return False
+        if x.op not in _FINITE_OPS:
+            return False
+    return True
+
+
+# operators whose value is finite when their operands are (DIV: by a nonzero constant)
+_FINITE_OPS = {Op.CONST, Op.INDEX, Op.PARAM, Op.LOAD, Op.ROW, Op.NEG, Op.TANH, Op.SIGMOID,
+               Op.ABS, Op.NOT, Op.CAST, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.TRUEDIV, Op.MAX,
+               Op.MIN, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE, Op.AND, Op.OR, Op.WHERE}
 
 
 def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> None:
@@ -164,6 +207,7 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
     else:
         L(0, "qk = tl.dot(q, kT, input_precision=DOT_PRECISION)")
     L(0, "s = qk * scale")
+    _emit_tanhs(L, spec, names, env)
     L(0, f"t = {render_at(L, 0, spec.score, env)}")
     L(0, "# P = exp(T - LSE) = exp2(T log2e - lse2), lse2 = LSE log2e (+inf on empty rows: P = 0)")
     L(0, f"valid = {o.m_ok} & {o.n_ok}")
@@ -183,6 +227,8 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
         L(0, "ds = dt")
     elif spec.dscore.op is Op.CONST and spec.dscore.arg == 0.0:
         L(0, f"ds = tl.zeros({o.shape}, tl.float32)")
+    elif _finite(spec.dscore):  # 0 where P is 0 (dT is)
+        L(0, f"ds = dt * ({render_at(L, 0, spec.dscore, env)})")
     else:  # where P == 0, dT == 0: keep dT/dS's inf/nan (at T = -inf) out of the sums
         L(0, f"ds = tl.where(p != 0.0, dt * ({render_at(L, 0, spec.dscore, env)}), 0.0)")
     if kind == "dq":
@@ -216,6 +262,8 @@ def _emit_gather_grad(L: Lines, spec: BackwardSpec, names: _Names, name: str, i:
                  f"{_one_line(site.deriv)}"))
     if site.deriv.op is Op.CONST and site.deriv.arg == 1.0:
         L(1, f"{var} = dt")
+    elif _finite(site.deriv):  # 0 where P is 0 (dT is)
+        L(1, f"{var} = dt * ({render_at(L, 1, site.deriv, env)})")
     else:
         L(1, f"{var} = tl.where(p != 0.0, dt * ({render_at(L, 1, site.deriv, env)}), 0.0)")
     deps = site.deps & {m, n}

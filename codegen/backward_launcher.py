@@ -60,6 +60,10 @@ def _strides(t: torch.Tensor) -> list:
     return [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
 
 
+class AttentionInputError(ValueError):
+    """Inputs that do not fit the backward kernels: the message says what was expected."""
+
+
 def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
     """kv-major (num, idx) -> q-major (num, idx): the same block set, listed by column."""
     rows = idx.shape[-2]
@@ -73,9 +77,137 @@ def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
     return dense_t.sum(-1).to(torch.int32), order[..., :rows].to(torch.int32)
 
 
+def _block_matrix(num: torch.Tensor, idx: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Which (row, column) blocks the first ``num`` entries of the first ``rows`` rows list:
+    bool [.., rows, cols] (the indices already checked to lie in [0, cols))."""
+    num, idx = num[..., :rows].long(), idx[..., :rows, :].long()
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    dense = torch.zeros(tuple(idx.shape[:-1]) + (cols + 1,), dtype=torch.bool,
+                        device=idx.device)
+    dense.scatter_(-1, torch.where(listed, idx, cols), True)
+    return dense[..., :cols]
+
+
+def _lists_a_block_twice(num: torch.Tensor, idx: torch.Tensor, rows: int, cols: int) -> bool:
+    """Whether some row's first ``num`` entries name one block twice (sorted, the listed
+    entries come first and a repeat sits next to itself)."""
+    idx = idx[..., :rows, :].long()
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., :rows, None].long()
+    ordered = torch.where(listed, idx, cols).sort(dim=-1).values
+    return bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < cols)).any())
+
+
+def _checked_pair(name: str, num, idx, device: torch.device, heads: tuple[int, int],
+                  rows: int, cols: int) -> torch.Tensor:
+    """The block matrix of one (``name`` counts, indices) table pair as the kernels read it,
+    refused unless every read stays inside the tables and names an existing block: integer
+    tensors on the inputs' device, counts [B or 1, H or 1, >= rows] in [0, the indices'
+    columns], indices [B or 1, H or 1, rows, columns] naming, among the first count entries
+    of each of the first ``rows`` rows, distinct blocks in [0, cols)."""
+    idx_name = name.replace("num_blocks", "indices")
+    for what, t in ((name, num), (idx_name, idx)):
+        if not isinstance(t, torch.Tensor):
+            raise AttentionInputError(f"block table {what} must be a torch.Tensor, got "
+                                      f"{type(t).__name__}")
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise AttentionInputError(f"block table {what} has dtype {t.dtype}; expected an "
+                                      f"integer dtype (torch.int32, as BlockMask's tables)")
+        if t.device != device:
+            raise AttentionInputError(f"block table {what} is on {t.device}; expected the "
+                                      f"inputs' device {device}")
+    if num.dim() != 3 or idx.dim() != 4 or tuple(num.shape) != tuple(idx.shape[:3]):
+        raise AttentionInputError(f"block tables {name} must be [B, H, rows] and {idx_name} "
+                                  f"[B, H, rows, blocks], got {list(num.shape)} and "
+                                  f"{list(idx.shape)}")
+    for d, want in enumerate(heads):
+        if num.shape[d] not in (1, want):
+            raise AttentionInputError(f"block table {name} dim {d} is {num.shape[d]}; "
+                                      f"expected 1 or {want}")
+    if num.shape[2] < rows:
+        raise AttentionInputError(f"block table {name} has {num.shape[2]} rows; the inputs "
+                                  f"need {rows}")
+    counts = num[..., :rows]
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > idx.shape[3]):
+        raise AttentionInputError(f"block table {name} holds counts in [{int(counts.min())}, "
+                                  f"{int(counts.max())}]; they must lie in [0, "
+                                  f"{idx.shape[3]}] (the columns of {idx_name})")
+    listed = torch.arange(idx.shape[3], device=device) < counts[..., None]
+    vals = idx[..., :rows, :][listed]
+    if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= cols):
+        raise AttentionInputError(f"block table {idx_name} lists blocks in "
+                                  f"[{int(vals.min())}, {int(vals.max())}]; there are {cols} "
+                                  f"blocks (indices in [0, {cols}))")
+    if _lists_a_block_twice(num, idx, rows, cols):
+        raise AttentionInputError(f"block table {idx_name} lists a block twice in one row; "
+                                  f"each block must be listed at most once")
+    return _block_matrix(num, idx, rows, cols)
+
+
+def _block_sizes(block_tables: dict) -> tuple[int, int]:
+    """(Q_BLOCK_SIZE, KV_BLOCK_SIZE) of ``block_tables``, refused unless positive integers."""
+    sizes = []
+    for key in ("Q_BLOCK_SIZE", "KV_BLOCK_SIZE"):
+        size = block_tables.get(key)
+        if isinstance(size, bool) or not hasattr(size, "__index__") or size.__index__() <= 0:
+            raise AttentionInputError(f"block_tables[{key!r}] is {size!r}; expected a "
+                                      f"positive int (the block size the tables count in)")
+        sizes.append(size.__index__())
+    return sizes[0], sizes[1]
+
+
+def _checked_block_tables(block_tables: dict, device: torch.device, heads: tuple[int, int],
+                          n_q_blocks: int, n_kv_blocks: int) -> dict:
+    """``block_tables`` with every table as contiguous-strided int32 on ``device``, refused
+    unless the kernels' reads stay inside them and the kv-major tables (the forward's, read
+    by the dQ kernel) and the q-major ones (read by the dK/dV kernel) list the same partial
+    and the same full blocks, each block at most once: a mismatch would give the gradient of
+    another mask, silently."""
+    if block_tables.get("closed_form") or block_tables.get("kv_ranges") is not None:
+        raise AttentionInputError(
+            "launch_backward reads block tables (kv_num_blocks, kv_indices, full_kv_*, and "
+            "optionally the q_* transposes); a closed-form or range-table plan must be passed "
+            "as its tables (KeyTilePlan.block_tables())")
+    out = dict(block_tables)
+    seen: dict = {}
+    for major, rows, cols in (("kv_", n_q_blocks, n_kv_blocks), ("q_", n_kv_blocks, n_q_blocks)):
+        for part in ("", "full_"):
+            name = f"{part}{major}num_blocks"
+            num, idx = block_tables.get(name), block_tables.get(f"{part}{major}indices")
+            if (num is None) != (idx is None):
+                raise AttentionInputError(f"block tables {name} and {part}{major}indices "
+                                          f"must be given together (or neither)")
+            if num is None and not part and major == "kv_":
+                raise AttentionInputError("block_tables has no kv_num_blocks")
+            if num is None:
+                continue
+            dense = _checked_pair(name, num, idx, device, heads, rows, cols)
+            seen[major, part] = dense if major == "kv_" else dense.transpose(-1, -2)
+            out[name] = num.to(torch.int32)
+            out[f"{part}{major}indices"] = idx.to(torch.int32)
+    for major in ("kv_", "q_"):
+        part, full = seen.get((major, "")), seen.get((major, "full_"))
+        if part is not None and full is not None and bool((part & full).any()):
+            raise AttentionInputError(f"block tables {major}indices and full_{major}indices "
+                                      f"list one block as both partial and full")
+    if ("q_", "") in seen:
+        for part in ("", "full_"):
+            kv, q = seen.get(("kv_", part)), seen.get(("q_", part))
+            if kv is None or q is None:  # a missing table lists no block
+                same = not bool((q if kv is None else kv).any()) if kv is not q else True
+            else:
+                shape = torch.broadcast_shapes(kv.shape, q.shape)
+                same = torch.equal(kv.expand(shape), q.expand(shape))
+            if not same:
+                raise AttentionInputError(
+                    f"block tables {part}q_num_blocks/{part}q_indices list other blocks than "
+                    f"the transpose of {part}kv_num_blocks/{part}kv_indices; the backward "
+                    f"must read the forward's block set (omit the q_* tables to derive them)")
+    return out
+
+
 def _tables(block_tables, device, prefix: str, n_kv_blocks: int) -> list:
     """Kernel arguments of one kind of table (``kv_`` or ``q_``), or dummies; q-major tables
-    missing from ``block_tables`` are derived from the kv-major ones."""
+    missing from ``block_tables`` (already checked) are derived from the kv-major ones."""
     if block_tables is None:
         dummy = torch.zeros(4, dtype=torch.int32, device=device)
         return [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
@@ -95,7 +227,7 @@ def _tables(block_tables, device, prefix: str, n_kv_blocks: int) -> list:
         if t is None:  # no full blocks: every listed block is partial
             t = torch.zeros([1, 1, 1] + ([1] if "indices" in key else []), dtype=torch.int32,
                             device=device)
-        args += _strides(t.to(device=device, dtype=torch.int32))
+        args += _strides(t)
     return args
 
 
@@ -133,15 +265,16 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     sparsity, sparse_q, sparse_kv = (1 if HAS_MASK else 0), 1, 1  # noqa: F821
     if block_tables is not None:
         sparsity = 2
-        sparse_q, sparse_kv = int(block_tables["Q_BLOCK_SIZE"]), int(block_tables["KV_BLOCK_SIZE"])
+        sparse_q, sparse_kv = _block_sizes(block_tables)
     consts = {}
     for part, c in cfg.items():
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
-        if sparsity == 2:  # a tile lies inside one block of the tables
-            bm, bn = min(bm, sparse_q), min(bn, sparse_kv)
-            if sparse_q % bm or sparse_kv % bn:
-                raise ValueError(f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of "
-                                 f"the tile ({bm}, {bn})")
+        if sparsity == 2:  # a tile lies inside one block of the tables: a power-of-two divisor
+            bm, bn = min(bm, sparse_q & -sparse_q), min(bn, sparse_kv & -sparse_kv)
+            if min(bm, bn) < 16:
+                raise AttentionInputError(
+                    f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of a "
+                    f"power-of-two tile >= 16; the tile is ({bm}, {bn})")
         consts[part] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=_pow2(e_len), BLOCK_F=_pow2(f_len),
                             SPARSITY=sparsity, SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv,
                             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -151,6 +284,9 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
                             EVEN_N=n_len % (sparse_kv if sparsity == 2 else bn) == 0,
                             EVEN_E=e_len == _pow2(e_len), EVEN_F=f_len == _pow2(f_len),
                             num_warps=c["num_warps"], num_stages=c["num_stages"])
+    if block_tables is not None:
+        block_tables = _checked_block_tables(block_tables, device, (n_batch, n_heads),
+                                             _cdiv(m_len, sparse_q), _cdiv(n_len, sparse_kv))
     # delta = rowsum(dO * O) - dLSE
     delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
     lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)  # LSE log2e, -inf: +inf

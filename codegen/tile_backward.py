@@ -10,12 +10,18 @@ It prints :class:`attndsl.passes.tile_grad.TileBackward` (the derivation lives t
   captured tensors read by the stores.
 * ``tile_bwd_keys_kernel``, one program per (key tile, batch*head): loops over the query
   tiles, re-forms the dot tiles and the sum bodies, and accumulates ``dV_s += b_s^T c_s``,
-  ``dK_d += dqk_d^T Q_d`` in registers, adding ``dQ_d += dqk_d K_d`` and the captured-tensor
-  gradients of tile sites with float32 atomics.  dK and dV are added atomically too at the
-  end (a kernel's key-side subscripts may send several heads to one element, as GQA does).
+  ``dK_d += dqk_d^T Q_d`` in registers, adding the captured-tensor gradients of tile sites
+  with float32 atomics.  dK and dV are added atomically at the end (a kernel's key-side
+  subscripts may send several heads to one element, as GQA does).
+* ``tile_bwd_queries_kernel``, one program per (query tile, batch*head), FlashAttention-2's
+  dQ kernel: loops over the key tiles, re-forms ``W_s = c_s V^T`` and ``dqk_d`` and
+  accumulates ``dQ_d += dqk_d K_d`` in registers, added once at the end (no atomics in the
+  loop: deterministic, and the key-tile loop holds one dot fewer).
 
-The mask is evaluated on every tile (no block tables): the backward visits every
-(query tile, key tile) pair, as the eager recomputation it replaces did.  Identifiers are
+With the mask's closed-form key-block bounds (the forward's, ``TileKernel.bounds``) the keys
+and dQ kernels skip empty blocks and drop the mask on full ones: an unmasked loop and a masked
+one, as a hand-written FlashAttention backward; without them the mask is evaluated on every
+tile.  The rows kernel visits every (query tile, key tile) pair.  Identifiers are
 made here (``T0``, ``C0``, ``P0``, ``qk0``, ``l0``); spec names reach the source only as
 ``repr``'d strings in the metadata tables or as sanitised comments.
 """
@@ -23,6 +29,7 @@ made here (``T0``, ``C0``, ``P0``, ``qk0``, ``l0``); spec names reach the source
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from attndsl.codegen.expr import (
@@ -37,8 +44,11 @@ from attndsl.codegen.expr import (
 )
 
 from attndsl.ir import expr as E
-from attndsl.ir.expr import FLOAT
+from attndsl.ir.expr import FLOAT, Expr, Op
 from attndsl.ir.tile import Operand, TileKernel
+from attndsl.passes.affine import affine, invariant, is_zero
+from attndsl.passes.mask.closed_form import SPARSE_BLOCK
+from attndsl.passes.rules import LOG2E, RULES, rewrite, simplify
 from attndsl.passes.tile_grad import SiteGrad, TileBackward
 
 
@@ -56,6 +66,127 @@ class _Names:
                           if dt == FLOAT}
         self.params = {name: f"P{i}" for i, (name, _) in enumerate(k.params)}
         self.stores = {st.name: f"DY{i}" for i, st in enumerate(k.stores)}
+
+
+@dataclass(frozen=True)
+class _Unary:
+    """A sigmoid or tanh of the tiles, printed once per step with one exp2 and shared by the
+    sum bodies and their derivatives (sigmoid's s (1 - s) reuses s)::
+
+        sigmoid(x) = 1 / (1 + exp2(-x log2e))      tanh(x) = 1 - 2 / (exp2(2 x log2e) + 1)
+
+    (exact in real arithmetic; tl.sigmoid's exp and the forward's 2 sigmoid(2x) - 1 cost
+    multiplies and a range check per element).  ``scaled`` is the exp2 argument; when it is
+    ``dot * coef + offset`` with tile-invariant coef and offset, those two are computed once
+    before the tile loops."""
+
+    var: str
+    node: Expr
+    scaled: Expr
+    dot: str | None = None
+    coef: Expr | None = None
+    offset: Expr | None = None
+
+    def exp2_arg(self, env: Env, L: Lines) -> str:
+        if self.dot is None:
+            return render_at(L, 0, self.scaled, env)
+        return f"{self.dot} * {self.var}_c" + ("" if is_zero(self.offset) else
+                                               f" + {self.var}_o")
+
+    def value(self, arg: str) -> str:
+        if self.node.op is Op.SIGMOID:
+            return f"1.0 / (1.0 + tl.exp2({arg}))  # sigmoid x = 1 / (1 + e^-x)"
+        return f"1.0 - 2.0 / (tl.exp2({arg}) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1)"
+
+
+_EXP2_FACTOR = {Op.SIGMOID: -LOG2E, Op.TANH: 2.0 * LOG2E}
+
+
+def _unaries(b: TileBackward) -> tuple[_Unary, ...]:
+    """The distinct sigmoids and tanhs of the sum bodies and their derivatives, inner first."""
+    k = b.kernel
+    tile = {k.roles[r] for r in ("query", "key", "qk", "v") if r in k.roles}
+    exprs = [s.sum.body for s in b.sums] + [d for s in b.sums for _, d in s.dots] + \
+        [g.deriv for s in b.sums for g in s.sites]
+    dots = {d.var for d in k.dots}
+    out: dict[Expr, _Unary] = {}
+    for e in exprs:
+        for node in e.walk():
+            if node.op not in _EXP2_FACTOR or node in out:
+                continue
+            var = f"{'sg' if node.op is Op.SIGMOID else 'th'}{len(out)}"
+            scaled = rewrite(node.src[0] * _EXP2_FACTOR[node.op], RULES)
+            rows = {x.arg for x in scaled.walk() if x.op is Op.ROW}
+            ab = affine(scaled, tile, {d: E.const(1.0) for d in rows}) \
+                if len(rows) == 1 and rows <= dots else None
+            if ab is None:
+                out[node] = _Unary(var, node, scaled)
+            else:
+                out[node] = _Unary(var, node, scaled, next(iter(rows)), simplify(ab[0]),
+                                   simplify(ab[1]))
+    return tuple(out.values())
+
+
+def _hoist_unaries(L: Lines, depth: int, b: TileBackward, names: _Names) -> None:
+    """The tile-invariant exp2 coefficients of the sigmoids and tanhs, before the loops."""
+    head = _env(b, names, {}, {}, {})
+    for u in _unaries(b):
+        if u.dot is None:
+            continue
+        L(depth, f"# {u.var} = {E.render(u.node)[:60]}: exp2 of {u.dot} * {u.var}_c"
+                 + ("" if is_zero(u.offset) else f" + {u.var}_o"))
+        L(depth, f"{u.var}_c = {render_at(L, depth, u.coef, head)}")
+        if not is_zero(u.offset):
+            L(depth, f"{u.var}_o = {render_at(L, depth, u.offset, head)}")
+
+
+def _emit_unaries(L: Lines, b: TileBackward, env: Env) -> None:
+    """Each sigmoid and tanh once per step; later renders print its variable."""
+    for u in _unaries(b):
+        L(0, f"{u.var} = {u.value(u.exp2_arg(env, L))}")
+        env.hoisted[u.node] = u.var
+
+
+def _split_factor(e: Expr, tile: set[str]) -> tuple[Expr | None, Expr]:
+    """``e = c * rest`` with c tile-invariant (the scale of ``qk * scale``), or (None, e)."""
+    if e.op is Op.MUL:
+        for c, rest in (e.src, e.src[::-1]):
+            if invariant(c, tile) and not invariant(rest, tile):
+                return c, rest
+    return None, e
+
+
+def _common_factors(b: TileBackward, side: str) -> dict[str, Expr]:
+    """Per gradient accumulator (the dots' ``k`` operands for side "k", ``q`` for "q"): the
+    tile-invariant factor every d body / d qk feeding it shares, multiplied once into the
+    accumulator after the loop instead of into every tile element."""
+    k = b.kernel
+    tile = {k.roles[r] for r in ("query", "key", "qk", "v") if r in k.roles}
+    operand = {d.var: (d.k if side == "k" else d.q).var for d in k.dots}
+    seen: dict[str, set] = {}
+    for s in b.sums:
+        for dot, deriv in s.dots:
+            seen.setdefault(operand[dot], set()).add(_split_factor(deriv, tile)[0])
+    values = {s.sum.v.var for s in b.sums if s.sum.v is not None}  # dV sums into d_<v>
+    return {var: next(iter(f)) for var, f in seen.items()
+            if len(f) == 1 and None not in f and var not in values}
+
+
+def _deriv(b: TileBackward, dot: str, deriv: Expr, side: str) -> Expr:
+    """d body / d qk as the loop multiplies it: without the accumulator's common factor."""
+    k = b.kernel
+    d = next(x for x in k.dots if x.var == dot)
+    if (d.k if side == "k" else d.q).var not in _common_factors(b, side):
+        return deriv
+    tile = {k.roles[r] for r in ("query", "key", "qk", "v") if r in k.roles}
+    return _split_factor(deriv, tile)[1]
+
+
+def _scale_accumulators(L: Lines, b: TileBackward, names: _Names, side: str) -> None:
+    head = _env(b, names, {}, {}, {})
+    for var, c in _common_factors(b, side).items():
+        L(1, f"d_{var} = d_{var} * ({render_at(L, 1, c, head)})  # the factor common to "
+             f"every d b / d qk term")
 
 
 def _strided(ptr: str, rank: int) -> list[str]:
@@ -119,10 +250,67 @@ def _dots(L: Lines, depth: int, k: TileKernel, o: tuple[str, str, str]) -> None:
         L(depth, f"{d.var} = tl.dot({a}, tl.trans({b}), input_precision=DOT_PRECISION)")
 
 
-def _keep(L: Lines, depth: int, k: TileKernel, env: Env, o: tuple[str, str, str]) -> None:
+def _keep(L: Lines, depth: int, k: TileKernel, env: Env, o: tuple[str, str, str],
+          masked: bool = True) -> None:
+    """The kept elements of a tile: in range, and the mask unless the tile is full."""
     L(depth, f"keep = row_ok{o[0]} & col_ok{o[1]}")
-    if k.mask is not None:
+    if k.mask is not None and masked:
         L(depth, f"keep = keep & ({render_at(L, depth, k.mask, env)})")
+
+
+def _block_bounds(L: Lines, depth: int, k: TileKernel, qt: str) -> None:
+    """The closed-form key-block bounds lo_i, flo_i, fhi_i, hi_i of every segment i (in
+    BOUNDS_BLOCK units) of query block ``qt``: keys [flo, fhi) are full, [lo, flo) and
+    [fhi, hi) partial, the rest empty (attndsl.passes.mask.closed_form)."""
+    env = Env({"qt": qt}, {}, {"M": "M_len", "N": "N_len"}, {}, {})
+    assert k.bounds is not None
+    for i, seg in enumerate(k.bounds):
+        for name, expr in zip(("lo", "flo", "fhi", "hi"), seg):
+            value = render_at(L, depth, expr, env)
+            L(depth, f"{name}{i} = (tl.zeros([], tl.int32) + ({value})).to(tl.int32)")
+
+
+def _query_tiles(L: Lines, k: TileKernel, step) -> None:
+    """The keys kernel's loops over query tiles, ``step(L, depth, masked)`` in each: with
+    closed-form bounds, per query block of BOUNDS_BLOCK rows the tiles of a block that is
+    partial for this key block (masked), then of a full one (no mask); empty blocks are
+    skipped.  Else every tile, masked when there is a mask."""
+    if k.bounds is None:
+        L(1, "for start_m in range(0, M_len, BLOCK_M):")
+        step(L, 2, k.mask is not None)
+        return
+    L(1, f"kb = (pid_t * BLOCK_N) // {SPARSE_BLOCK}  # this key tile's block")
+    L(1, f"for qb in range(0, (M_len + {SPARSE_BLOCK - 1}) // {SPARSE_BLOCK}):")
+    L(2, "qbt = qb + tl.zeros([], tl.int32)  # a tensor, in the interpreter too")
+    _block_bounds(L, 2, k, "qbt")
+    full = " | ".join(f"((flo{i} <= kb) & (kb < fhi{i}))" for i in range(len(k.bounds)))
+    part = " | ".join(f"((lo{i} <= kb) & (kb < flo{i})) | ((fhi{i} <= kb) & (kb < hi{i}))"
+                      for i in range(len(k.bounds)))
+    L(2, f"part = {part}\nfull = ({full}) & ~part")
+    L(2, f"n_sub = (tl.minimum(M_len - qb * {SPARSE_BLOCK}, {SPARSE_BLOCK}) + BLOCK_M - 1) "
+         f"// BLOCK_M")
+    for flag, masked in (("part", True), ("full", False)):
+        L(2, f"for sub in range(0, tl.where({flag}, n_sub, 0)):")
+        L(3, f"start_m = qb * {SPARSE_BLOCK} + sub * BLOCK_M")
+        step(L, 3, masked)
+
+
+def _key_tiles(L: Lines, k: TileKernel, step) -> None:
+    """The dQ kernel's loops over key tiles: with closed-form bounds, per segment the partial
+    key blocks below the full ones (masked), the full ones (no mask), the partial ones above
+    (masked), as the forward; else every tile."""
+    if k.bounds is None:
+        L(1, "for start_n in range(0, N_len, BLOCK_N):")
+        step(L, 2, k.mask is not None)
+        return
+    L(1, f"qb = (pid_t * BLOCK_M) // {SPARSE_BLOCK}  # this query tile's block")
+    _block_bounds(L, 1, k, "qb")
+    for i in range(len(k.bounds)):
+        for a, z, masked in ((f"lo{i}", f"flo{i}", True), (f"flo{i}", f"fhi{i}", False),
+                             (f"fhi{i}", f"hi{i}", True)):
+            L(1, f"for start_n in range({a} * {SPARSE_BLOCK}, tl.minimum({z} * {SPARSE_BLOCK}, "
+                 f"N_len), BLOCK_N):")
+            step(L, 2, masked)
 
 
 def _use_rows(b: TileBackward, o: tuple[str, str, str]) -> dict[str, str]:
@@ -251,7 +439,7 @@ def _emit_sums(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
         r = s.sum
         v = ident(r.var)
         body = render_at(L, 0, r.body, env)
-        L(0, f"p = tl.where(keep, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({body}), 0.0)")
+        L(0, f"p = tl.where(keep, {body}, 0.0)")
         if r.v is None:
             L(0, f"{v} += tl.sum(p, 1)")
         else:
@@ -371,21 +559,28 @@ def _emit_keys_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
             _load_operand(L, 1, o, names, head, "offs_n", "col_ok")
             cols = "BLOCK_F" if o.side == "v" else "BLOCK_E"
             L(1, f"d_{o.var} = tl.zeros([BLOCK_N, {cols}], tl.float32)")
-    L(1, "for start_m in range(0, M_len, BLOCK_M):")
-    L(2, "offs_m = start_m + tl.arange(0, BLOCK_M)\n" + _ok("row_ok", "offs_m", "M"))
-    for o in k.operands:
-        if o.side == "q":
-            _load_operand(L, 2, o, names, head, "offs_m", "row_ok")
-    for mx in b.stabilizers:
-        v = ident(mx)
-        L(2, f"{v}_use = tl.load({_rows_buffer('MX_' + v, False)}, mask=row_ok, other=0.0)")
-    _dots(L, 2, k, KEY_MAJOR)
-    env = _env(b, names, {**_use_rows(b, KEY_MAJOR), **{d.var: d.var for d in k.dots}}, index,
-               masks)
-    _keep(L, 2, k, env, KEY_MAJOR)
-    body = Lines()
-    _emit_key_step(body, b, names, env)
-    L(2, "\n".join(body.out))
+    _hoist_unaries(L, 1, b, names)
+
+    def step(L2: Lines, depth: int, masked: bool) -> None:
+        B = Lines()
+        B(0, "offs_m = start_m + tl.arange(0, BLOCK_M)\n" + _ok("row_ok", "offs_m", "M"))
+        for o in k.operands:
+            if o.side == "q":
+                _load_operand(B, 0, o, names, head, "offs_m", "row_ok")
+        for mx in b.stabilizers:
+            v = ident(mx)
+            B(0, f"{v}_use = tl.load({_rows_buffer('MX_' + v, False)}, mask=row_ok, "
+                 f"other=0.0)")
+        _dots(B, 0, k, KEY_MAJOR)
+        env = _env(b, names, {**_use_rows(b, KEY_MAJOR), **{d.var: d.var for d in k.dots}},
+                   index, masks)
+        _keep(B, 0, k, env, KEY_MAJOR, masked)
+        _emit_unaries(B, b, env)
+        _emit_key_step(B, b, names, env)
+        L2(depth, "\n".join(B.out))
+
+    _query_tiles(L, k, step)
+    _scale_accumulators(L, b, names, "k")
     L(1, "# dK, dV: float32 atomics (other heads may share these keys)")
     for o in k.operands:
         if o.side != "q":
@@ -409,30 +604,103 @@ def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
             L(0, f"w_{v} = tl.dot({r.v.var}, tl.trans(c_{v}.to({dt})), "
                  f"input_precision=DOT_PRECISION)")
             body = render_at(L, 0, r.body, env)
-            L(0, f"p = tl.where(keep, tl.zeros([BLOCK_N, BLOCK_M], tl.float32) + ({body}), 0.0)")
+            L(0, f"p = tl.where(keep, {body}, 0.0)")
             L(0, f"d_{r.v.var} += tl.dot(p.to({dt}), c_{v}.to({dt}), "
                  f"input_precision=DOT_PRECISION)")
         else:
             L(0, f"w_{v} = c_{v}[None, :]")
         for dot, deriv in s.dots:
-            dqk[dot].append(f"w_{v} * ({render_at(L, 0, deriv, env)})")
+            term = _deriv(b, dot, deriv, "k")
+            dqk[dot].append(f"w_{v} * ({render_at(L, 0, term, env)})")
         for site in s.sites:
             sites.append((site, f"w_{v} * ({render_at(L, 0, site.deriv, env)})"))
     for d in k.dots:
         if not dqk[d.var]:
             continue
-        L(0, f"# d{d.var} = sum(s) W_s * d b_s / d {d.var}; dQ += d{d.var} K, dK += d{d.var}^T Q")
+        L(0, f"# d{d.var} = sum(s) W_s * d b_s / d {d.var}; dK += d{d.var}^T Q (dQ: its own "
+             f"kernel)")
         L(0, f"dqk = tl.where(keep, {' + '.join(dqk[d.var])}, 0.0)")
-        L(0, f"dq_part = tl.dot(tl.trans(dqk.to({d.k.var}.dtype)), {d.k.var}, "
-             f"input_precision=DOT_PRECISION)")
-        _atomic_operand(L, 0, d.q, names, _env(b, names, {}, {}, {}), "dq_part", "offs_m",
-                        "row_ok")
         L(0, f"d_{d.k.var} += tl.dot(dqk.to({d.q.var}.dtype), {d.q.var}, "
              f"input_precision=DOT_PRECISION)")
     for site, value in sites:
         L(0, comment(f"gradient of the captured tensor read at {E.render(site.load)}"))
         L(0, f"g = tl.where(keep, {value}, 0.0)")
         _scatter(L, 0, b, names, site, "g", env, tile_axes=("n", "m"))
+
+
+def _emit_queries_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
+    """dQ without atomics in the loop, as FlashAttention-2's dQ kernel: one program per query
+    tile, looping over the key tiles; the rows' coefficients and stabilisers are read once."""
+    k = b.kernel
+    args = _common_args(b, names)
+    for t, ptr in names.tensors.items():
+        args += _strided("D" + ptr, names.ranks[t])
+    _signature(L, "tile_bwd_queries_kernel", args,
+               "One program: BLOCK_M queries of one (batch, head); loops over the key tiles "
+               "and adds\n    dQ_d = sum dqk_d K_d once at the end (deterministic).")
+    _program(L, k, "m")
+    index, masks = _tile_index(k, QUERY_MAJOR)
+    head = _env(b, names, {}, {}, {})
+    L(1, "# query-side tiles, loaded once; their gradients sum in registers")
+    q_ops = {d.q.var: d.q for d in k.dots}
+    for o in k.operands:
+        if o.side == "q":
+            _load_operand(L, 1, o, names, head, "offs_m", "row_ok")
+            if o.var in q_ops:
+                L(1, f"d_{o.var} = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)")
+    for mx in b.stabilizers:
+        v = ident(mx)
+        L(1, f"{v}_use = tl.load({_rows_buffer('MX_' + v, False)}, mask=row_ok, other=0.0)")
+    for s in b.sums:
+        v, tile = ident(s.sum.var), s.sum.v is not None
+        ok = "row_ok[:, None] & f_ok[None, :]" if tile else "row_ok"
+        L(1, f"c_{v} = tl.load({_rows_buffer('CF_' + v, tile)}, mask={ok}, other=0.0)")
+    _hoist_unaries(L, 1, b, names)
+
+    def step(L2: Lines, depth: int, masked: bool) -> None:
+        B = Lines()
+        B(0, "offs_n = start_n + tl.arange(0, BLOCK_N)\n" + _ok("col_ok", "offs_n", "N"))
+        for o in k.operands:
+            if o.side != "q":
+                _load_operand(B, 0, o, names, head, "offs_n", "col_ok")
+        _dots(B, 0, k, QUERY_MAJOR)
+        env = _env(b, names, {**_use_rows(b, QUERY_MAJOR), **{d.var: d.var for d in k.dots}},
+                   index, masks)
+        _keep(B, 0, k, env, QUERY_MAJOR, masked)
+        _emit_unaries(B, b, env)
+        _emit_query_step(B, b, env)
+        L2(depth, "\n".join(B.out))
+
+    _key_tiles(L, k, step)
+    _scale_accumulators(L, b, names, "q")
+    L(1, "# dQ: one float32 add per element (other heads may share these queries)")
+    for var, o in q_ops.items():
+        _atomic_operand(L, 1, o, names, head, f"d_{var}", "offs_m", "row_ok")
+
+
+def _emit_query_step(L: Lines, b: TileBackward, env: Env) -> None:
+    """One (query tile, key tile) step of the dQ kernel: W_s, dqk per dot, dQ += dqk K."""
+    k = b.kernel
+    dqk: dict[str, list[str]] = {d.var: [] for d in k.dots}
+    for s in b.sums:
+        r = s.sum
+        v = ident(r.var)
+        if not s.dots:
+            continue
+        if r.v is not None:  # [queries, keys] tiles: W = c V^T
+            L(0, f"w_{v} = tl.dot(c_{v}.to({r.v.var}.dtype), tl.trans({r.v.var}), "
+                 f"input_precision=DOT_PRECISION)  # W = c V^T")
+        else:
+            L(0, f"w_{v} = c_{v}[:, None]")
+        for dot, deriv in s.dots:
+            dqk[dot].append(f"w_{v} * ({render_at(L, 0, _deriv(b, dot, deriv, 'q'), env)})")
+    for d in k.dots:
+        if not dqk[d.var]:
+            continue
+        L(0, f"# d{d.var} = sum(s) W_s * d b_s / d {d.var}; dQ += d{d.var} K")
+        L(0, f"dqk = tl.where(keep, {' + '.join(dqk[d.var])}, 0.0)")
+        L(0, f"d_{d.q.var} += tl.dot(dqk.to({d.k.var}.dtype), {d.k.var}, "
+             f"input_precision=DOT_PRECISION)")
 
 
 def _atomic_operand(L: Lines, depth: int, o: Operand, names: _Names, env: Env, value: str,
@@ -464,6 +732,8 @@ def _tables(L: Lines, b: TileBackward, names: _Names) -> None:
     L(0, "STABILIZERS = " + repr(len(b.stabilizers)))
     L(0, "# stores holding a max reduction's value: their gradient is not derived here")
     L(0, "MAX_STORES = " + repr(list(b.max_stores)))
+    L(0, "# key-block size of the closed-form bounds the loops skip empty blocks by (or None)")
+    L(0, "BOUNDS_BLOCK = " + repr(SPARSE_BLOCK if k.bounds is not None else None))
 
 
 def generate_tile_backward(b: TileBackward, version: str) -> str:
@@ -486,6 +756,8 @@ def generate_tile_backward(b: TileBackward, version: str) -> str:
     _emit_rows_kernel(L, b, names)
     L(0, "")
     _emit_keys_kernel(L, b, names)
+    L(0, "")
+    _emit_queries_kernel(L, b, names)
     L(0, "")
     L(0, launcher_source())
     return "\n".join(L.out) + "\n"

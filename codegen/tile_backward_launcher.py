@@ -3,7 +3,7 @@
 The text between the ``launcher`` markers is copied verbatim into each module
 (:func:`attndsl.codegen.tile_backward.launcher_source`), below the kernels and the TENSORS /
 CAPTURED / CAPTURED_GRADS / PARAMS / PARAM_DEFAULTS / ROLES / INDEX_EXTENTS / TENSOR_DIMS /
-STORES / SUMS / STABILIZERS tables it reads; the module needs only torch and triton.
+STORES / SUMS / STABILIZERS / BOUNDS_BLOCK tables it reads; the module needs only torch and triton.
 """
 
 import math
@@ -116,6 +116,10 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
         g = torch.zeros((1,) * len(shape), device=device) if g is None else g
         dy += _with_strides(g.to(device=device, dtype=torch.float32).expand(shape))
     cfg = {**tile_backward_config(device.type), **(config or {})}
+    block = BOUNDS_BLOCK  # noqa: F821
+    if block is not None and (block % cfg["BLOCK_M"] or block % cfg["BLOCK_N"]):
+        raise ValueError(f"tiles ({cfg['BLOCK_M']}, {cfg['BLOCK_N']}) must divide the "
+                         f"{block}-key blocks of the mask's closed-form bounds")
     consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   BLOCK_E=max(16, 1 << (int(e_len) - 1).bit_length()),
                   BLOCK_F=max(16, 1 << (int(f_len) - 1).bit_length()),
@@ -132,5 +136,7 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
         d_args += _with_strides(d_in[name])
     grid = (-(-n_len // cfg["BLOCK_N"]), n_batch * n_heads)
     _tile_bwd_kernel("tile_bwd_keys_kernel", device.type)[grid](*args, *d_args, **consts)
+    grid = (-(-m_len // cfg["BLOCK_M"]), n_batch * n_heads)
+    _tile_bwd_kernel("tile_bwd_queries_kernel", device.type)[grid](*args, *d_args, **consts)
     return result()
 # <<< launcher

@@ -240,6 +240,53 @@ def test_backward_source_is_readable_and_safe() -> None:
     assert E.render(bspec.dscore) == "1.0 - tanh(%s / 30) * tanh(%s / 30)"
 
 
+def test_each_tanh_of_the_score_is_one_exp2_per_tile_shared_with_its_derivative() -> None:
+    """Softcap: T log2e and dT/dS = 1 - t^2 read one tanh variable per tile, evaluated as
+    1 - 2 / (exp2(qk c) + 1) with c hoisted (it was printed three times as 2 sigmoid(2x) - 1,
+    with a division by the cap per element); dS needs no P != 0 guard (1 - t^2 is finite)."""
+    spec = lower_flex(lambda s, b, h, q, kv: 30 * torch.tanh(s / 30), None)
+    src = backward_source(spec.cascade)
+    steps = src.count("qk = tl.dot(")
+    assert steps == 8  # per kernel: partial and full table tiles, masked, unmasked
+    assert src.count("th0 = 1.0 - 2.0 / (tl.exp2(qk * th0_c) + 1.0)") == steps
+    assert src.count("th0_c = ((scale / 30.0) * 2.8853900817779268)") == 2  # once per kernel
+    assert "tl.sigmoid" not in src and "p != 0.0" not in src
+    assert src.count("ds = dt * ((1.0 - (th0 * th0)))") == steps
+
+
+def test_a_score_with_a_log_keeps_the_guard_on_ds() -> None:
+    """dT/dS = 1/S is infinite where P is 0 at S = 0: dS must stay 0 there."""
+    spec = lower_flex(lambda s, b, h, q, kv: torch.log(s.abs()), None)
+    assert "ds = tl.where(p != 0.0," in backward_source(spec.cascade)
+
+
+def test_alibi_folds_log2e_into_the_hoisted_slope() -> None:
+    """slope[h] (n - m) log2e: one per-tile multiply by the hoisted slope[h] log2e."""
+    slopes = torch.rand(2)
+    spec = lower_flex(lambda s, b, h, q, kv: s + slopes[h] * (kv - q), causal)
+    assert E.render(backward_spec(spec.cascade).log2_score) == \
+        "%qk * (scale * 1.4426950408889634) + (n - m) * (cap0[h] * 1.4426950408889634)"
+
+
+TANH_SCORES = {
+    "nested": lambda s, b, h, q, kv: 2 * torch.tanh(torch.tanh(s) + s / 2) + torch.tanh(s),
+    "not_affine": lambda s, b, h, q, kv: torch.tanh(s * (q - kv).float() / 8) + s,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TANH_SCORES))
+def test_scores_of_nested_and_position_dependent_tanh_match_the_oracle(name: str) -> None:
+    check_grads(TANH_SCORES[name], causal)
+    check_grads(TANH_SCORES[name], causal, deterministic=True)
+
+
+def test_a_per_head_softcap_matches_the_oracle_with_the_gradient_of_its_caps() -> None:
+    """tanh(S / cap[h]): the exp2 coefficient scale / cap[h] is hoisted per head."""
+    caps = torch.tensor([20.0, 3.0], requires_grad=True)
+    check_grads(lambda s, b, h, q, kv: caps[h] * torch.tanh(s / caps[h]), causal,
+                captured={"caps": caps})
+
+
 def test_backward_rejects_other_cascades() -> None:
     from attndsl.codegen.triton import CodegenError
 

@@ -190,3 +190,31 @@ def test_gradients_reach_the_source_of_a_prefix_sum_through_the_fused_backward()
         assert t.grad is not None, name
         torch.testing.assert_close(t.grad.double(), ref_leaves[name].grad, atol=1e-4,
                                    rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "off_by_one"])
+def test_fused_gradients_over_several_mask_blocks_match_the_oracle(name: str) -> None:
+    """Lengths over several 128-key blocks of the closed-form bounds, the last one cut short on
+    both sides: the keys and dQ kernels skip empty blocks and drop the mask on full ones."""
+    cascade = NORMALISERS[name][0]()
+    kernel = attndsl.compile(cascade)
+    assert kernel.fused_backward.BOUNDS_BLOCK == 128
+    _check_gradients(kernel, index_sizes(cascade, 1, 2, 1, 300, 270, 16, 16), torch.float32, 0)
+
+
+def test_the_fused_backward_adds_dq_in_its_own_kernel_and_skips_empty_blocks() -> None:
+    """dQ is summed in registers by tile_bwd_queries_kernel and added once (no atomics in the
+    key-tile loop of the keys kernel); the sigmoid is one exp2 of qk * c + o with c and o
+    hoisted, and the scale of d b / d qk is multiplied into dK and dQ once."""
+    kernel = attndsl.compile(NORMALISERS["sigmoid"][0]())
+    src = Path(kernel.fused_backward.__file__).read_text()
+    keys = src[src.index("def tile_bwd_keys_kernel("):src.index("def tile_bwd_queries_kernel(")]
+    queries = src[src.index("def tile_bwd_queries_kernel("):src.index("# The fused backward")]
+    assert keys.count("tl.atomic_add(") == 2 and "atomic_add(DT0" not in keys  # dK, dV only
+    assert queries.count("tl.atomic_add(") == 1 and "atomic_add(DT0" in queries
+    for kernel_src in (keys, queries):
+        assert "tl.sigmoid" not in kernel_src
+        assert "sg0 = 1.0 / (1.0 + tl.exp2(qk0 * sg0_c + sg0_o))" in kernel_src
+        assert "# the factor common to every d b / d qk term" in kernel_src
+    assert "for sub in range(0, tl.where(full, n_sub, 0)):" in keys
+    assert "for start_n in range(flo0 * 128, tl.minimum(fhi0 * 128, N_len), BLOCK_N):" in queries

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import FLOAT, Expr, Op
+from attndsl.passes.affine import affine, invariant
 from attndsl.passes.grad import GradError, diff, gather_grads
 from attndsl.passes.index_bounds import wrap_captured
-from attndsl.passes.rules import LOG2E, RULES, rewrite, simplify
+from attndsl.passes.rules import LOG2E, RULES, Rule, rewrite, simplify
 from attndsl.passes.stream import distribute_const, fold_scales
 
 
@@ -43,6 +44,23 @@ class GatherGrad:
 
 
 @dataclass(frozen=True)
+class TanhForm:
+    """One tanh of the score, printed once per tile as ``1 - 2 / (exp2(x 2 log2e) + 1)``: one
+    exp2 and one division, exact in real arithmetic (the forward's ``2 sigmoid(2x) - 1``
+    costs an exp, a division and four multiplies), shared by T log2e and dT/dS (softcap's
+    ``1 - t^2`` reuses t).  ``nodes``: the TANH nodes it stands for (the score's form over S
+    and T log2e's over qk * scale); ``arg2`` is ``x 2 log2e``, as ``qk * coef + offset`` with
+    tile-invariant ``coef``/``offset`` (hoisted out of the tile loops) when x is affine in
+    the dot tile, else None (the printer evaluates ``arg2_tile`` on the tile)."""
+
+    var: str
+    nodes: tuple[Expr, ...]
+    coef: Expr | None
+    offset: Expr | None
+    arg2_tile: Expr
+
+
+@dataclass(frozen=True)
 class BackwardSpec:
     """What the backward kernels evaluate, derived from a FlexAttention cascade."""
 
@@ -55,6 +73,8 @@ class BackwardSpec:
     roles: dict[str, str]
     # T log2e over the dot tile ROW(QK_ROW) = Q K^T, constants folded (P = exp2 of it - lse2)
     log2_score: Expr
+    # each distinct tanh of the score and its derivatives, evaluated once per tile
+    tanhs: tuple[TanhForm, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"T = {show(self.score)}", f"dT/dS = {show(self.dscore)}",
@@ -116,18 +136,61 @@ def backward_spec(c: Cascade) -> BackwardSpec:
             grads.append((t.name, sites))
     roles = {i.role: i.name for i in c.indices}
     t = as_row(simplify(score))
-    return BackwardSpec(c, t, as_row(diff(score, s_load)), mask, captured, tuple(grads), roles,
-                        log2_score(t, roles))
+    dscore = as_row(diff(score, s_load))
+    log2 = log2_score(t, roles)
+    exprs = [t, dscore, log2] + [g.deriv for _, sites in grads for g in sites]
+    return BackwardSpec(c, t, dscore, mask, captured, tuple(grads), roles, log2,
+                        tanh_forms(exprs, _tile_indices(roles)))
+
+
+def _tile_indices(roles: dict[str, str]) -> set[str]:
+    return {roles[x] for x in ("query", "key", "qk", "v") if x in roles}
+
+
+def tanh_forms(exprs: list[Expr], tile: set[str]) -> tuple[TanhForm, ...]:
+    """The distinct tanh nodes of ``exprs`` (innermost first), identified by their argument
+    over qk: S and qk * scale are one tile."""
+    qk_scale = E.row(QK_ROW) * E.param("scale")
+    forms: dict[Expr, list] = {}
+    for e in exprs:
+        for node in e.walk():
+            if node.op is not Op.TANH:
+                continue
+            arg = node.src[0].replace(
+                lambda x: qk_scale if x.op is Op.ROW and x.arg == SCORE_ROW else None)
+            arg2 = rewrite(arg * (2.0 * LOG2E), RULES + [distribute_const])
+            forms.setdefault(arg2, []).append(node)
+    out = []
+    for i, (arg2, nodes) in enumerate(forms.items()):
+        ab = affine(arg2, tile, {QK_ROW: E.const(1.0)})
+        coef, offset = (None, None) if ab is None else (simplify(ab[0]), simplify(ab[1]))
+        out.append(TanhForm(f"th{i}", tuple(dict.fromkeys(nodes)), coef, offset, arg2))
+    return tuple(out)
 
 
 def log2_score(t: Expr, roles: dict[str, str]) -> Expr:
     """``T log2e`` with the score tile as ``qk * scale`` and the constants folded by the
     stream pass's rules: ``qk * (scale * log2e)`` for a plain score, one multiply as in the
     forward (``(x + y) c -> x c + y c``, ``(x a) b -> x (a b)`` for tile-invariant a, b)."""
-    tile = {roles[x] for x in ("query", "key", "qk", "v") if x in roles}
+    tile = _tile_indices(roles)
     qk = E.row(QK_ROW) * E.param("scale")
     scaled = t.replace(lambda x: qk if x.op is Op.ROW and x.arg == SCORE_ROW else None)
-    return rewrite(scaled * LOG2E, RULES + [distribute_const, fold_scales(tile)])
+    return rewrite(scaled * LOG2E, RULES + [distribute_const, fold_scales(tile),
+                                            fold_hoisted(tile)])
+
+
+def fold_hoisted(tile: set[str]) -> Rule:
+    def rule(e: Expr) -> Expr | None:
+        """(x * a) * c -> x * (a * c) for a captured read a of the batch and head only and a
+        constant c (ALiBi's slope[h] (n - m) log2e: the slope times log2e is one hoisted
+        scalar, the tile pays one multiply)"""
+        if e.op is not Op.MUL or e.src[0].op is not Op.MUL or e.src[1].op is not Op.CONST:
+            return None
+        for x, a in (e.src[0].src, e.src[0].src[::-1]):
+            if invariant(a, tile) and not invariant(x, tile):
+                return x * E.binary(Op.MUL, a, e.src[1])
+        return None
+    return Rule("fold-hoisted", rule)
 
 
 
@@ -144,5 +207,5 @@ def one_line(e: Expr, limit: int = 70) -> str:
 
 
 
-__all__ = ["QK_ROW", "SCORE_ROW", "BackwardSpec", "GatherGrad", "NotFlexCascade", "backward_spec",
-           "one_line", "show"]
+__all__ = ["QK_ROW", "SCORE_ROW", "BackwardSpec", "GatherGrad", "NotFlexCascade", "TanhForm",
+           "backward_spec", "one_line", "show"]
