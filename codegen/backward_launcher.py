@@ -112,9 +112,11 @@ def _checked_pair(name: str, num, idx, device: torch.device, heads: tuple[int, i
         if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
             raise AttentionInputError(f"block table {what} has dtype {t.dtype}; expected an "
                                       f"integer dtype (torch.int32, as BlockMask's tables)")
-        if t.device != device:
-            raise AttentionInputError(f"block table {what} is on {t.device}; expected the "
-                                      f"inputs' device {device}")
+        if t.device != device and t.device.type == "meta":
+            raise AttentionInputError(f"block table {what} is on {t.device} (no values); "
+                                      f"expected the inputs' device {device}")
+    # tables on another device are moved, as the forward's launcher does
+    num, idx = num.to(device), idx.to(device)
     if num.dim() != 3 or idx.dim() != 4 or tuple(num.shape) != tuple(idx.shape[:3]):
         raise AttentionInputError(f"block tables {name} must be [B, H, rows] and {idx_name} "
                                   f"[B, H, rows, blocks], got {list(num.shape)} and "
