@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import triton.language as tl
-
 from attndsl.codegen.loads import tma_choice
+
 from attndsl.eager import run_cascade
 from attndsl.frontend.load import load_spec
 from attndsl.passes.pipeline import compile_cascade
