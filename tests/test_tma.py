@@ -9,6 +9,9 @@ autotuner's static pruning compiles TMA candidates as TMA kernels.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -198,3 +201,22 @@ def test_the_return_jump_of_an_out_of_line_wait_retry_is_no_loop() -> None:
     summary = summarize_sass(RETRY_SASS)
     assert [(lp.start, lp.end) for lp in summary.loops] == [(0x100, 0x150)]
     assert summary.loops[0].tma == 1 and summary.tma == 1
+
+
+@needs_descriptors
+def test_the_static_benchmark_reports_the_descriptor_variant(tmp_path: Path) -> None:
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "static_kernel.py"),
+                           "--quick", "--no-backward", "--tma", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["meta"]["compiled"] == 3
+    (row,) = data["rows"]
+    tma, pointer = row["generated_tma"], row["generated"]
+    assert "error" not in tma and tma["tma"] > 0 and pointer["tma"] == 0
+    assert sorted(p["kind"] for p in row["tma_loops"]) == sorted(p["kind"] for p in row["loops"])
+    for pair in row["tma_loops"]:
+        assert pair["generated"]["tensor_core"] == pair["reference"]["tensor_core"] > 0
+        assert pair["generated"]["tma"] > 0  # the key and value tiles, loaded in the loop
+    assert "Tensor-descriptor (TMA) variant" in out.with_suffix(".md").read_text()
