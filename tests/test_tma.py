@@ -87,6 +87,35 @@ def test_a_kernel_with_two_score_dots_reads_every_operand_through_a_descriptor()
         torch.testing.assert_close(out[name].double(), value, atol=2e-5, rtol=2e-5)
 
 
+@needs_descriptors
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_descriptor_loads_give_the_oracles_attention(dtype) -> None:
+    """16-bit tiles through descriptors (the interpreter upcasts bf16 after the load)."""
+    inputs = _inputs(41, 41, 32, 16, 4, 2, dtype)
+    out, ref, path = _run("gqa_causal.attn", inputs, {"scale": 0.2, "G": 2}, {"tma": True})
+    assert path["tma"] is True
+    torch.testing.assert_close(out["O"].double(), ref["O"], atol=2e-2, rtol=2e-2)
+
+
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
+
+
+@needs_descriptors
+def test_every_examples_descriptor_variant_compiles_for_sm90_without_spills() -> None:
+    """An sm90 launch takes the descriptor path by default: each example's kernel must build
+    there, with its default config, hold TMA instructions and fit without spills."""
+    jobs = []
+    for path in EXAMPLES:
+        kernel = compile_cascade(load_spec(str(path)).build(1, 2, 64, 64)[0]).kernel
+        if kernel is not None:
+            jobs.append({"path": kernel_path(kernel), "target": "sm90", "dtype": "fp16",
+                         "e": 64, "f": 64, "sparsity": 1 if kernel.mask is not None else 0,
+                         "config": None, "tma_loads": True, "example": path.stem})
+    for r in run_jobs(jobs):
+        assert "error" not in r, (r["example"], r["error"])
+        assert r["tma"] > 0 and r["fits"] and r["tc_kind"] == "HGMMA", (r["example"], r)
+
+
 def _misaligned_rows() -> dict:  # fp16 rows of 20 elements: a 40-byte row stride
     return _inputs(33, 33, 20, 16, dtype=torch.float16)
 

@@ -141,11 +141,15 @@ def kernel_path(kernel: TileKernel) -> str:
 
 def compile_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int = 64,
                     f: int = 64, sparsity: int = 1) -> list[dict]:
-    """Compile the default and every candidate config of ``kernel`` for ``target``."""
+    """Compile the default and every candidate config of ``kernel`` for ``target``; on a
+    target with TMA (sm90) also the default config's tensor-descriptor variant, which a
+    launch there uses when the layout allows it."""
     path = kernel_path(kernel)
     configs = [None] + [list(c) for c in CANDIDATES]
     jobs = [{"path": path, "target": target, "dtype": dtype, "e": e, "f": f,
              "sparsity": sparsity, "config": c, "default": c is None} for c in configs]
+    if TARGETS[target].capability >= 90:
+        jobs.insert(1, dict(jobs[0], tma_loads=True))
     return run_jobs(jobs)
 
 
