@@ -16,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from attndsl.errors import AttnDSLError
+from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
 from attndsl.passes.int_range import fits_i32, int_ranges
+from attndsl.passes.rules import LOG2E, Rule, rewrite
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -58,12 +60,90 @@ def literal(v: object) -> str:
 _UNARY = {Op.EXP: "tl.exp({})", Op.EXP2: "tl.exp2({})", Op.LOG: "tl.log({})",
           Op.LOG2: "tl.log2({})", Op.SIGMOID: "tl.sigmoid({})", Op.ABS: "tl.abs({})",
           Op.SQRT: "tl.sqrt({})", Op.NEG: "(-{})",
-          Op.TANH: "(2.0 * tl.sigmoid(2.0 * {}) - 1.0)"}  # tanh x = 2 sigmoid(2x) - 1
+          # tanh x = 1 - 2 / (2^(2 x log2 e) + 1): one exp2 and one division (see _tanh_exp2)
+          Op.TANH: f"(1.0 - 2.0 / (tl.exp2({{}} * {2 * LOG2E!r}) + 1.0))"}
 _BINARY = {Op.ADD: "({} + {})", Op.SUB: "({} - {})", Op.MUL: "({} * {})",
            Op.LT: "({} < {})", Op.LE: "({} <= {})", Op.GT: "({} > {})", Op.GE: "({} >= {})",
            Op.EQ: "({} == {})", Op.NE: "({} != {})", Op.AND: "({} & {})", Op.OR: "({} | {})",
            Op.XOR: "({} ^ {})", Op.LSHIFT: "_shl({}, {})", Op.RSHIFT: "_shr({}, {})",
            Op.TRUEDIV: "({} / {})", Op.MAX: "tl.maximum({}, {})", Op.MIN: "tl.minimum({}, {})"}
+
+
+# -- printer lowering: cheaper forms of the same value -------------------------------------
+
+def _number(e: Expr) -> float | None:
+    """The value of a numeric (int or float) constant, else None."""
+    return float(e.arg) if e.op is Op.CONST and e.dtype != BOOL else None
+
+
+def _div_const(e: Expr) -> Expr | None:
+    """x / c -> x * (1/c) for a float quotient by a constant whose reciprocal is a normal
+    float: a multiply instead of a division, and a factor that folds into the others
+    (:func:`codegen.triton._invariant_factors`); the quotient differs by at most an ulp."""
+    c = _number(e.src[1]) if e.op in (Op.TRUEDIV, Op.DIV) and e.dtype == FLOAT else None
+    if not c or not 2.0 ** -126 <= abs(1.0 / c) <= 2.0 ** 127:  # a normal fp32 reciprocal
+        return None
+    return E.binary(Op.MUL, e.src[0], E.const(1.0 / c))
+
+
+def _tanh_exp2(e: Expr) -> Expr | None:
+    """tanh x -> 1 - 2 / (2^(2 x log2 e) + 1): one exp2 and one division (Triton's ``/`` on
+    a GPU is the full-range div.full.f32, MUFU.RCP and a few multiplies; the interpreter's
+    is IEEE) instead of a sigmoid's exp, division and two multiplies.  Exact at both ends:
+    2^+inf gives 1, 2^-inf gives -1."""
+    if e.op is not Op.TANH:
+        return None
+    z = E.binary(Op.ADD, E.unary(Op.EXP2, E.binary(Op.MUL, e.src[0], E.const(2.0 * LOG2E))),
+                 E.const(1.0))
+    return E.binary(Op.SUB, E.const(1.0), E.binary(Op.TRUEDIV, E.const(2.0), z))
+
+
+def _uniform(e: Expr) -> bool:
+    """Whether ``e`` reads only constants and parameters (one value per launch)."""
+    return all(x.op in (Op.CONST, Op.PARAM) or x.src for x in e.walk()) and \
+        not any(x.op is Op.LOAD for x in e.walk())
+
+
+def _times(a: float, k: Expr) -> Expr:
+    """The constant ``a`` times ``k``, folded when ``k`` is a constant."""
+    kk = _number(k)
+    return E.const(a * kk) if kk is not None else E.binary(Op.MUL, E.const(a), k)
+
+
+def _scale_const_quotient(e: Expr) -> Expr | None:
+    """(a - b / z) * k, k * (a - b / z) -> a k - (b k) / z for constants a, b and a uniform
+    k (constants and parameters): a scaled tanh (softcap's cap * tanh(s / cap)) becomes one
+    multiply-add after the division.  The absolute error stays an ulp of a k, as in the
+    product form."""
+    if e.op is not Op.MUL or e.dtype != FLOAT:
+        return None
+    for d, k in ((e.src[0], e.src[1]), (e.src[1], e.src[0])):
+        if d.op is not Op.SUB or d.src[1].op is not Op.TRUEDIV or not _uniform(k):
+            continue
+        a, b = _number(d.src[0]), _number(d.src[1].src[0])
+        if a is not None and b is not None:
+            ak, bk = _times(a, k), _times(b, k)
+            if all(x.op is not Op.CONST or math.isfinite(x.arg) for x in (ak, bk)):
+                return E.binary(Op.SUB, ak, E.binary(Op.TRUEDIV, bk, d.src[1].src[1]))
+    return None
+
+
+PRINT_RULES: list[Rule] = [
+    Rule("div-const", _div_const),  # x / c -> x * (1/c)
+    Rule("tanh-exp2", _tanh_exp2),  # tanh x -> 1 - 2 / (2^(2x log2 e) + 1)
+    Rule("scale-const-quotient", _scale_const_quotient),  # (a - b/z) * c -> ac - (bc)/z
+]
+
+
+def lower_for_print(e: Expr) -> Expr:
+    """``e`` in the forms the printers emit (:data:`PRINT_RULES`): the same value, cheaper on
+    a GPU (fewer multiplies, no sigmoid, constants folded).  Each tanh adds three levels; an
+    expression that could then nest deeper than a spec may (``MAX_DEPTH``) is left as it is,
+    so that the printer's limits stay those of the spec."""
+    tanhs = sum(1 for node in e.walk() if node.op is Op.TANH)
+    if e.depth + 3 * tanhs > E.MAX_DEPTH:
+        return e
+    return rewrite(e, PRINT_RULES)
 
 
 def _nonneg(e: Expr) -> bool:
@@ -144,6 +224,18 @@ class Env:
     ranges: dict[Expr, tuple[int, int]] = field(default_factory=dict)  # of integer nodes
     # pointer -> its stride arguments in dim order (default: ``<pointer>_s<dim>``)
     strides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # subscripts whose wrap where(i < 0, i + size, i) the launch may prove the identity
+    # (the constexpr NONNEG_SUBSCRIPTS: every such subscript's interval is >= 0)
+    wraps: frozenset[Expr] = frozenset()
+    # int64 widenings print as conditional on the constexpr I32_INDICES (every integer node
+    # the kernel would widen fits int32 in this launch: narrow_ranges)
+    narrow: bool = False
+
+    def to_i64(self, x: str) -> str:
+        """``x`` converted to int64 (under ``narrow``: unless the launch proved int32 exact)."""
+        if self.narrow:
+            return f"({x} if I32_INDICES else ({x}).to(tl.int64))"
+        return f"({x}).to(tl.int64)"
 
     def stride(self, ptr: str, d: int) -> str:
         """The kernel argument holding dim ``d``'s stride of the tensor at ``ptr``."""
@@ -171,10 +263,20 @@ def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
                 literal(float(s.arg)) if s.op is Op.CONST else f"({x}).to(tl.float32)"
                 for i, (s, x) in enumerate(zip(e.src, a))]
     if env.wide(e) or any(env.wide(s) for s in e.src):
-        return [f"({x}).to(tl.int64)" if s.dtype in (INT, BOOL) and not env.wide(s)
+        return [env.to_i64(x) if s.dtype in (INT, BOOL) and not env.wide(s)
                 and s.op is not Op.CONST and not _is_where_cond(e, i) else x
                 for i, (s, x) in enumerate(zip(e.src, a))]
     return a
+
+
+def _is_wrap(e: Expr, subscripts: frozenset[Expr]) -> bool:
+    """Whether ``e`` is torch's wrap ``where(i < 0, i + size, i)`` of one of ``subscripts``
+    (attndsl.passes.index_bounds.wrap_negative)."""
+    if e.op is not Op.WHERE or e.src[2] not in subscripts:
+        return False
+    cond, wrapped, i = e.src
+    return cond.op is Op.LT and cond.src[0] == i and cond.src[1].op is Op.CONST and \
+        cond.src[1].arg == 0 and wrapped.op is Op.ADD and wrapped.src[0] == i
 
 
 def _is_where_cond(e: Expr, i: int) -> bool:
@@ -259,10 +361,12 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
             return f"_round_bf16({a[0]})"
         return f"({a[0]}).to(tl.float16).to(tl.float32)"
     if op is Op.CAST:
-        width = "tl.int64" if env.wide(e) else "tl.int32"
-        return {FLOAT: "({}).to(tl.float32)", INT: f"({{}}).to({width})",
-                BOOL: "(({}) != 0)"}[e.arg].format(a[0])
+        if e.arg == INT:
+            return env.to_i64(a[0]) if env.wide(e) else f"({a[0]}).to(tl.int32)"
+        return {FLOAT: "({}).to(tl.float32)", BOOL: "(({}) != 0)"}[e.arg].format(a[0])
     if op is Op.WHERE:
+        if _is_wrap(e, env.wraps):  # no negative subscripts: the select is the identity
+            return f"({a[2]} if NONNEG_SUBSCRIPTS else tl.where({a[0]}, {a[1]}, {a[2]}))"
         return f"tl.where({a[0]}, {a[1]}, {a[2]})"
     if op is Op.DIV:  # 0 / 0 = 0 (a fully masked row normalises to zero)
         d = e.src[1]

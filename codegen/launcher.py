@@ -177,7 +177,15 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
             raise AttentionInputError(f"the integer divisor {text} takes values in [{lo}, {hi}], "
                                       f"which includes 0 (torch raises ZeroDivisionError)")
     # every subscript in range (IndexError, as torch's)
-    check_index_ranges(index_ranges(values, tensors), tensors)
+    sites = index_ranges(values, tensors)
+    check_index_ranges(sites, tensors)
+    # no subscript that may wrap is negative here: the kernel drops torch's wrap (a select)
+    nonneg_subscripts = all(iv is not None and iv[0] >= 0 for _, _, iv, _, wraps in sites
+                            if wraps)
+    # every integer the kernel would widen to int64 fits int32 here, and so does every
+    # element offset (subscript * stride) of a captured tensor: the kernel computes in int32
+    i32_indices = all(-2**31 <= lo and hi <= 2**31 - 1 for lo, hi in narrow_ranges(
+        values, tensors)) and all(_max_offset(t) < 2**31 for t in captured.values())
     scale_nonneg = all(lo >= 0 for lo, _ in scale_ranges(values, tensors))
     dtype = next(iter(inputs.values())).dtype
     cfg = dict(default_config(e_len, f_len, dtype, device.type))
@@ -262,8 +270,10 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
 
     def run(c: dict) -> None:
         grid = (triton.cdiv(m_len, c["BLOCK_M"]), n_batch * n_heads)
-        _run(device.type, grid, args, dict(c, scale_nonneg=scale_nonneg, tma=use_tma), e_len,
-             f_len, m_len, n_len, sparsity, sparse_q, sparse_kv, segments, dtype)
+        _run(device.type, grid, args, dict(c, scale_nonneg=scale_nonneg,
+                                        nonneg_subscripts=nonneg_subscripts,
+                                        i32_indices=i32_indices, tma=use_tma), e_len, f_len,
+             m_len, n_len, sparsity, sparse_q, sparse_kv, segments, dtype)
 
     tune = cfg.pop("autotune", device.type == "cuda" and not set(config or {}) - {"tma"}
                    and os.environ.get("ATTNDSL_AUTOTUNE", "1") != "0")
@@ -406,13 +416,20 @@ def _tuned(key: tuple, candidates: list, run) -> dict:
     return {**extras, **_TUNED[skey]}
 
 
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset from ``t``'s first element to any of its elements."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)
+               if size > 0)
+
+
 def _run(device_type, grid, args, cfg, e_len, f_len, m_len, n_len, sparsity, sparse_q,
          sparse_kv, segments, dtype) -> None:
     block_e, block_f = max(16, _next_pow2(e_len)), max(16, _next_pow2(f_len))
     _kernel(device_type)[grid](
         **args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_E=block_e, BLOCK_F=block_f,
         EVEN_M=m_len % cfg["BLOCK_M"] == 0, EVEN_E=block_e == e_len, EVEN_F=block_f == f_len,
-        SCALE_NONNEG=cfg["scale_nonneg"],
+        SCALE_NONNEG=cfg["scale_nonneg"], NONNEG_SUBSCRIPTS=cfg["nonneg_subscripts"],
+        I32_INDICES=cfg["i32_indices"],
         EVEN_N=n_len % (sparse_kv if sparsity >= 2 else cfg["BLOCK_N"]) == 0, SPARSITY=sparsity,
         SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv, SEGMENTS=segments,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",

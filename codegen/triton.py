@@ -6,7 +6,8 @@ key-tile step (``_key_tile_step_N``: load K, the dot, the score printed once, th
 running max, the running sums) called with a constexpr MASKED from every sparsity branch; the
 kernel loads Q once, runs the loops and stores the outputs.  Launch-time specialisations drop
 what a problem does not need: EVEN_N / EVEN_M (tiles inside the sequence), EVEN_E / EVEN_F
-(the block is the head dim: no head-dim masks), SCALE_NONNEG (rowmax(qk * s) = rowmax(qk) * s).
+(the block is the head dim: no head-dim masks), SCALE_NONNEG (rowmax(qk * s) = rowmax(qk) * s),
+NONNEG_SUBSCRIPTS (no captured-tensor subscript is negative: torch's wrap is dropped).
 Every identifier in the generated source is made here, named by role as in the tutorial
 (``q_ptr``, ``stride_qm``, ``sm_scale``, ``q``, ``qk``, ``m_i``, ``acc``, ``l_i``, ``alpha``:
 :func:`_names`, :func:`_role_names`); names from a spec reach the source only as validated
@@ -32,6 +33,7 @@ from attndsl.codegen.expr import (
     Lines,
     comment,
     literal,
+    lower_for_print,
     render,
     render_at,
     reset_spills,
@@ -39,10 +41,10 @@ from attndsl.codegen.expr import (
 
 from attndsl.index_check import runtime_source
 from attndsl.ir import expr as E
-from attndsl.ir.expr import BOOL, FLOAT, INT, Expr, Op
+from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
 from attndsl.ir.tile import KVPass, Operand, RunningSum, TileKernel
 from attndsl.passes.index_bounds import walk_intervals
-from attndsl.passes.int_range import launch_divisors, zero_divisors
+from attndsl.passes.int_range import fits_i32, int_ranges, launch_divisors, zero_divisors
 from attndsl.passes.mask import SPARSE_BLOCK
 
 # -- the module -----------------------------------------------------------------------------
@@ -219,6 +221,7 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     L(0, loads.runtime_source())
     _emit_index_ranges(k, L, divisors)
     _emit_scale_ranges(k, L)
+    _emit_narrow_ranges(k, L)
     L(0, launcher_source())
     return "\n".join(L.out) + "\n"
 
@@ -372,6 +375,28 @@ def _emit_scale_ranges(k: TileKernel, L: Lines) -> None:
     _emit_intervals(dict(k.index_extents), L, [("", c, "") for c in _scaled_dots(k).values()])
 
 
+def _widened(k: TileKernel) -> list[Expr]:
+    """The integer nodes the kernel computes in int64 because their static range may leave
+    int32 (:mod:`attndsl.passes.int_range`); int64 tensor reads and shifts are int64 by
+    type and not among them."""
+    nodes: dict[Expr, None] = {}
+    for e in _kernel_exprs(k):
+        ranges = int_ranges(e)
+        nodes.update(dict.fromkeys(
+            x for x in e.walk() if x.dtype == INT and x.op is not Op.LOAD
+            and x.op not in SHIFTS and not fits_i32(ranges[x])))
+    return list(nodes)
+
+
+def _emit_narrow_ranges(k: TileKernel, L: Lines) -> None:
+    """``narrow_ranges(V, T)``: the interval of every integer node the kernel widens; when
+    each fits int32 the launcher sets I32_INDICES and the kernel computes them in int32
+    (exact: every value, intermediate ones included, is an int32)."""
+    L(0, "def narrow_ranges(V: dict, T: dict) -> list:")
+    L(1, '"""The interval of each integer node the kernel widens to int64 (I32_INDICES)."""')
+    _emit_intervals(dict(k.index_extents), L, [("", x, "") for x in _widened(k)])
+
+
 def _emit_intervals(extents: dict[str, str], L: Lines,
                     items: list[tuple[str, Expr, str]]) -> None:
     """The body of a function returning ``[head + interval of expr + tail, ...]``."""
@@ -445,11 +470,14 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "row_ok = offs_m < M_len")
+    L(1, "if EVEN_M:  # every row of the tile is in the sequence: the masks fold away")
+    L(2, "row_ok = tl.full([BLOCK_M], 1, tl.int1)")
     params = {p: names.params[p] for p, _ in k.params}
     captured = {c: (names.tensors[c], r) for c, r, _ in k.captured}
     scalar_index = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}
     head_env = Env(dict(scalar_index), {}, params, captured, {},
-                   scalar_indices=frozenset(scalar_index), strides=names.strides)
+                   scalar_indices=frozenset(scalar_index), strides=names.strides,
+                   wraps=frozenset(s.index for s in k.index_sites if s.wraps), narrow=True)
     tile_vars = {m, n} | ({f} if f else set())
     all_exprs = [mx.arg for p in k.passes for mx in p.maxes] + \
         [s.body for p in k.passes for s in p.sums] + [s.expr for s in k.stores] + \
@@ -473,7 +501,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
               for d, c in _scaled_dots(k).items()}
     row_env = Env({**scalar_index, m: "offs_m[:, None]"}, {}, params, captured,
                   {m: "row_ok[:, None]"}, loop_hoisted, head_env.scalar_indices,
-                  strides=names.strides)
+                  strides=names.strides, wraps=head_env.wraps, narrow=True)
     loop_exprs = [mx.arg for p in k.passes for mx in p.maxes] + \
         [s.body for p in k.passes for s in p.sums] + ([k.mask] if k.mask is not None else [])
     L(1, "# captured-tensor reads that depend on the query rows only")
@@ -562,7 +590,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         if f is not None:
             idx[f] = "offs_f[None, :]"
         env = Env(idx, rows, params, captured, {m: "row_ok[:, None]" if is_tile else "row_ok"},
-                  head_env.hoisted, head_env.scalar_indices, strides=names.strides)
+                  head_env.hoisted, head_env.scalar_indices, strides=names.strides,
+                  wraps=head_env.wraps, narrow=True)
         value = render_at(L, 1, st.expr, env)
         offs = " + ".join(f"{idx[i]} * {stride}"
                           for i, stride in zip(st.indices, names.strides[ptr], strict=True))
@@ -644,8 +673,11 @@ _TABLE_ARGS = ("kv_num", "kv_num_s0", "kv_num_s1", "kv_num_s2", "kv_idx", "kv_id
 
 # EVEN_M: BLOCK_M divides M_len; EVEN_E / EVEN_F: BLOCK_E == E_len / BLOCK_F == F_len
 # SCALE_NONNEG: every score scale of scale_ranges is >= 0
+# NONNEG_SUBSCRIPTS: no subscript of a captured tensor that may wrap (index_ranges) is < 0
+# I32_INDICES: every integer node the kernel widens to int64 fits int32 (narrow_ranges)
 # TMA: tiles through tensor descriptors (codegen/loads.py), chosen per launch by the launcher
-_EVEN = ("EVEN_M", "EVEN_E", "EVEN_F", "SCALE_NONNEG", loads.TMA_FLAG)
+_EVEN = ("EVEN_M", "EVEN_E", "EVEN_F", "SCALE_NONNEG", "NONNEG_SUBSCRIPTS", "I32_INDICES",
+         loads.TMA_FLAG)
 
 LOAD_TILE = '''
 @triton.jit
@@ -685,13 +717,19 @@ def _arg_types(k: TileKernel, names: _Names, args: list[str]) -> dict[str, str]:
 
 
 def _regroup(k: TileKernel) -> TileKernel:
-    """The kernel with every pass expression's products regrouped (:func:`_invariant_factors`)."""
+    """The kernel with every pass expression lowered to its printed form
+    (:func:`lower_for_print`: tanh as one exp2 and a division, constant divisors as
+    multiplies) and its products regrouped (:func:`_invariant_factors`).  The mask is left
+    as it is: a comparison must see the exact quotient."""
     tile_vars = {k.roles[r] for r in ("query", "key", "v") if r in k.roles}
+
+    def lower(e: Expr) -> Expr:
+        return _invariant_factors(lower_for_print(e), tile_vars)
+
     passes = tuple(dataclasses.replace(
-        p, maxes=tuple(dataclasses.replace(mx, arg=_invariant_factors(mx.arg, tile_vars))
-                       for mx in p.maxes),
-        sums=tuple(dataclasses.replace(s, body=_invariant_factors(s.body, tile_vars))
-                   for s in p.sums)) for p in k.passes)
+        p, maxes=tuple(dataclasses.replace(mx, arg=lower(mx.arg)) for mx in p.maxes),
+        sums=tuple(dataclasses.replace(s, body=lower(s.body)) for s in p.sums))
+        for p in k.passes)
     return dataclasses.replace(k, passes=passes)
 
 
@@ -713,6 +751,10 @@ def _invariant_factors(e: Expr, tile_vars: set[str]) -> Expr:
         out = var[0]
         for f in var[1:]:
             out = E.binary(Op.MUL, out, f)
+        numbers = [f for f in inv if f.op is Op.CONST and f.dtype == FLOAT]
+        folded = math.prod(f.arg for f in numbers)
+        if len(numbers) > 1 and math.isfinite(folded) and folded != 0:  # one constant
+            inv = [f for f in inv if f not in numbers] + [E.const(folded)]
         c = inv[0]
         for f in inv[1:]:
             c = E.binary(Op.MUL, c, f)
@@ -782,6 +824,8 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         L(1, "if MASKED:\n    tl.atomic_add(stats + 1, 1)\nelse:\n    tl.atomic_add(stats, 1)")
         L(0, "offs_n = start_n + tl.arange(0, BLOCK_N)")
         L(0, "col_ok = offs_n < N_len")
+        L(0, "if EVEN_N:  # every key of the tile is in the sequence: the masks fold away")
+        L(1, "col_ok = tl.full([BLOCK_N], 1, tl.int1)")
         idx = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}
         idx[m], idx[n] = "offs_m[:, None]", "offs_n[None, :]"
         rows = {r: f"{v}[:, None]" for r, v in finished.items()}
@@ -790,7 +834,8 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
                 rows[mx.var] = f"{mx.var}_use[:, None]"
         env = Env(idx, rows, head_env.params, head_env.captured,
                   {m: "row_ok[:, None]", n: "col_ok[None, :]"}, dict(loop_hoisted),
-                  head_env.scalar_indices, strides=head_env.strides)
+                  head_env.scalar_indices, strides=head_env.strides, wraps=head_env.wraps,
+                  narrow=True)
         used = {d.var for d in k.dots if any(
             x.op is Op.ROW and x.arg == d.var for e in
             [a for _, a in maxes] + [s for _, s in sums] for x in e.walk())}
@@ -873,7 +918,8 @@ def _emit_sum(L: Lines, s: RunningSum, sbody: Expr, env: Env, bounded: bool | st
     for u, _ in s.units:  # inside the step, a stabiliser reads its new (safe) value
         rows[u] = f"{u}_use_new[:, None]"
     step_env = Env(env.index, rows, env.params, env.captured, env.masks, env.hoisted,
-                   env.scalar_indices, strides=env.strides)
+                   env.scalar_indices, strides=env.strides, wraps=env.wraps,
+                   narrow=env.narrow)
     body = render_at(L, 0, sbody, step_env)
     p = shared.get(("p", body))
     if p is None:

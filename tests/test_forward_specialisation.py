@@ -44,3 +44,64 @@ def test_ragged_lengths_and_head_dims_below_the_block_give_the_oracles_attention
     out, ref = _causal(21, 27, 12, 20, 0.25)
     torch.testing.assert_close(out["O"].double(), ref["O"], atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(out["LSE"].double(), ref["LSE"], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e4])
+def test_softcap_kernel_matches_the_float64_softcap_from_tiny_to_saturated_scores(
+        magnitude: float) -> None:
+    """The printed tanh (1 - 2 / (2^(2x log2 e) + 1), the cap folded in) is exact at both
+    ends: scores of 1e4 saturate to +-cap (2^+inf and 2^-inf, no nan), scores near 0 keep
+    their absolute accuracy."""
+    import attndsl
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 20 * torch.tanh(score / 20)
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(3))
+    q = q * magnitude
+    out = attndsl.flex_attention(q, k, v, score_mod=softcap, kernel_options=dict(CONFIG))
+    s = 20 * torch.tanh((q.double() @ k.double().transpose(-1, -2)) * 0.25 / 20)
+    ref = torch.softmax(s, -1) @ v.double()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def _table_attention(subscript, length: int = 48) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """flex attention with ``score + table[h, subscript(q, kv)]`` (a [2, 2 length] table):
+    the output, the float64 reference (torch's indexing: negatives wrap) and the recorded
+    launch's constexprs."""
+    import attndsl
+    from attndsl.runtime.gpu_report import record_launches
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, length, 16, generator=gen) for _ in range(3))
+    table = torch.randn(2, 2 * length, generator=gen)
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, subscript(q_idx, kv_idx)]
+
+    out = attndsl.flex_attention(q, k, v, score_mod=bias, kernel_options=dict(CONFIG))
+    launch, = record_launches(lambda: attndsl.flex_attention(
+        q, k, v, score_mod=bias, kernel_options=dict(CONFIG)))
+    m, n = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25 + \
+        table.double()[torch.arange(2)[:, None, None], subscript(m, n)][None]
+    return out, torch.softmax(s, -1) @ v.double(), launch.constexprs
+
+
+def test_a_relative_bias_launch_drops_the_wrap_and_the_int64_subscript_math() -> None:
+    """table[h, q - kv + L - 1] is never negative and fits int32 for these lengths: the
+    launch sets NONNEG_SUBSCRIPTS and I32_INDICES (no select, int32 offsets per element),
+    and the result is torch's."""
+    out, ref, consts = _table_attention(lambda q, kv: q - kv + 47)
+    assert consts["NONNEG_SUBSCRIPTS"] is True and consts["I32_INDICES"] is True
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_a_negative_table_subscript_keeps_torchs_wrap() -> None:
+    """table[h, q - kv] is negative above the diagonal: the wrap stays (NONNEG_SUBSCRIPTS
+    False) and the kernel reads from the end of the row, as torch does."""
+    out, ref, consts = _table_attention(lambda q, kv: q - kv)
+    assert consts["NONNEG_SUBSCRIPTS"] is False
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)

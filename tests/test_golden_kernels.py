@@ -17,7 +17,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
+from attndsl.frontend.flex import lower_flex
 from attndsl.frontend.load import load_spec
 from attndsl.passes.pipeline import compile_cascade
 from attndsl.runtime.modules import module_source
@@ -80,3 +82,38 @@ def test_each_pass_prints_its_key_tile_step_once_and_every_loop_calls_it() -> No
         assert source.count(f"def _key_tile_step_{i}(") == 1
         assert source.count(f"= _key_tile_step_{i}(") == 7
     assert source.count("tl.dot(") == len(kernel.passes) * 2
+
+
+def _step_source(cascade) -> str:
+    """The printed key-tile step function of pass 1 of ``cascade``."""
+    source = module_source(compile_cascade(cascade).kernel)
+    start = source.index("def _key_tile_step_1(")
+    return source[start:source.index("\ndef ", start + 1)], source
+
+
+def test_softcap_prints_tanh_as_one_exp2_and_one_division_with_the_cap_folded() -> None:
+    """cap * tanh(qk * scale / cap) in log2 units is printed as A - B / (2^(qk * c) + 1) with
+    A = cap log2 e, B = 2 A and c = 2 scale log2 e / cap hoisted: no sigmoid, no division by
+    the cap, no multiply after the division."""
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 30 * torch.tanh(score / 30)
+
+    step, source = _step_source(lower_flex(softcap).cascade)
+    assert "sigmoid" not in step and "/ 30" not in step
+    score = re.search(r"^\s*y_m_i = (.*)$", step, re.M).group(1)
+    a, b, c = re.fullmatch(r"\(([\d.]+) - \(([\d.]+) / \(tl\.exp2\(\(qk \* (c\d+)\)\) \+ 1\.0"
+                           r"\)\)\)", score).groups()
+    assert float(a) == pytest.approx(30 * 1.4426950408889634, rel=1e-15)
+    assert float(b) == pytest.approx(2 * float(a), rel=1e-15)
+    hoisted = re.search(rf"^\s*{c} = \(sm_scale \* ([\d.e-]+)\)", source, re.M).group(1)
+    assert float(hoisted) == pytest.approx(2 * 1.4426950408889634 / 30, rel=1e-15)
+
+
+def test_a_parameter_cap_is_folded_into_the_multiply_add_after_the_division() -> None:
+    """softcap.attn's cap is a parameter: cap log2 e and 2 cap log2 e are hoisted scalars and
+    the score is one subtraction of a quotient."""
+    cascade, _ = load_spec(str(ROOT / "examples" / "softcap.attn")).build()
+    step, _ = _step_source(cascade)
+    score = re.search(r"^\s*y_m_i = (.*)$", step, re.M).group(1)
+    assert "sigmoid" not in score
+    assert re.fullmatch(r"\(c\d+ - \(c\d+ / \(tl\.exp2\(.*\) \+ 1\.0\)\)\)", score), score
