@@ -7,7 +7,11 @@ the case and the hand-written reference of ``benchmarks/reference/`` with the sa
 (128 x 64 tiles, 8 warps, the generated module's stages: 3 at D = 64, 2 at D = 128), and the
 generated backward kernels next to the FlashAttention-2 references. Per kernel: registers,
 spills, shared memory; per key-tile loop (:mod:`attndsl.runtime.sass`): all instructions,
-tensor-core, ``MUFU.EX2``, the rest, and the ratio generated / hand-written.
+tensor-core, ``MUFU.EX2``, the rest, and the ratio generated / hand-written; TMA instructions
+(``UTMALDG``, ``UTMASTG``, ...) per kernel.  With ``--tma`` the generated forward is also
+compiled for sm90 with its tensor-descriptor load path (the constexpr ``TMA``, as a GPU launch
+on sm90 chooses it; codegen/loads.py) and compared with the pointer-load variant and the
+hand-written reference in a table of its own.
 
 How a kernel is obtained: exactly as a user runs it. The generated kernels come from
 ``attndsl.flex_attention`` with the examples' ``score_mod``/``mask_mod`` (``examples/*.py``),
@@ -36,6 +40,7 @@ Usage::
     python benchmarks/static_kernel.py                 # everything (tens of minutes on 2 cores)
     python benchmarks/static_kernel.py --quick         # causal, sm90, fp16, D=64
     python benchmarks/static_kernel.py --cases dense,causal --targets sm90 --dims 128
+    python benchmarks/static_kernel.py --cases dense,causal --targets sm90 --no-backward --tma
 
 Writes ``benchmarks/results/static_kernel_<date>.json`` and ``.md`` (``--out`` to change).
 """
@@ -238,7 +243,7 @@ class Job:
     dtype: str
     dim: int
     kernel: str  # fwd / preprocess / dkdv / dq
-    side: str  # generated / reference
+    side: str  # generated / reference / generated_tma (the tensor-descriptor variant)
     spec: KernelSpec
 
 
@@ -252,8 +257,14 @@ def _spec(launch: RecordedLaunch, target: str, dtype: str, tiles: dict | None = 
     return launch.spec(target, dtype=retype, **over)
 
 
-def forward_jobs(cases: list[str], targets: list[str], dtypes: list[str], dims: list[int]
-                 ) -> list[Job]:
+# targets with tensor descriptors (TMA): the descriptor variant is compiled there with --tma
+TMA_TARGETS = ("sm90",)
+
+
+def forward_jobs(cases: list[str], targets: list[str], dtypes: list[str], dims: list[int],
+                 tma: bool = False) -> list[Job]:
+    """Generated and reference forward compiles per cell; with ``tma`` also the generated
+    kernel's tensor-descriptor variant on :data:`TMA_TARGETS`."""
     jobs = []
     for case in cases:
         for dim in dims:
@@ -264,6 +275,10 @@ def forward_jobs(cases: list[str], targets: list[str], dtypes: list[str], dims: 
                     for side, launch in launches.items():
                         jobs.append(Job("forward", case, target, dtype, dim, "fwd", side,
                                         _spec(launch, target, dtype)))
+                    if tma and target in TMA_TARGETS:
+                        jobs.append(Job("forward", case, target, dtype, dim, "fwd",
+                                        "generated_tma", _spec(launches["generated"], target,
+                                                               dtype, {"TMA": True})))
     return jobs
 
 
@@ -355,6 +370,8 @@ def rescore(path: Path) -> list[dict]:
     rows = json.loads(path.read_text())["rows"]
     for row in rows:
         row["loops"] = pair_loops(row["generated"] or {}, row["reference"] or {})
+        if "generated_tma" in row:
+            row["tma_loops"] = pair_loops(row["generated_tma"] or {}, row["reference"] or {})
     return rows
 
 
@@ -367,9 +384,13 @@ def compare(jobs: list[Job], reports: list[CompiledReport | Exception]) -> list[
     rows = []
     for (direction, case, target, dtype, dim, kernel), sides in cells.items():
         gen, ref = sides.get("generated"), sides.get("reference")
-        rows.append({"direction": direction, "case": case, "target": target, "dtype": dtype,
-                     "dim": dim, "kernel": kernel, "generated": gen, "reference": ref,
-                     "loops": pair_loops(gen or {}, ref or {})})
+        row = {"direction": direction, "case": case, "target": target, "dtype": dtype,
+               "dim": dim, "kernel": kernel, "generated": gen, "reference": ref,
+               "loops": pair_loops(gen or {}, ref or {})}
+        if "generated_tma" in sides:
+            row["generated_tma"] = sides["generated_tma"]
+            row["tma_loops"] = pair_loops(sides["generated_tma"], ref or {})
+        rows.append(row)
     return rows
 
 
@@ -382,7 +403,8 @@ def _regs(side: dict | None) -> str:
     if "error" in side:
         return "error"
     spill = f", {side['spills']} spill" if side["spills"] or side["stack"] else ""
-    return f"{side['registers']}{spill}, {side['shared_bytes'] / 1024:.0f}K"
+    tma = f", {side['tma']} TMA" if side.get("tma") else ""
+    return f"{side['registers']}{spill}, {side['shared_bytes'] / 1024:.0f}K{tma}"
 
 
 def _counts(loop: dict | None) -> str:
@@ -419,6 +441,35 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 ratio += f" (x{pair['tiles_per_body']:g} tiles)"
             lines.append(f"{head} | {pair['kind']} | {_counts(pair['generated'])} | "
                          f"{_counts(pair['reference'])} | {ratio} | {regs}")
+    return "\n".join(lines) + "\n"
+
+
+def tma_table(rows: list[dict]) -> str:
+    """The tensor-descriptor (TMA) variant next to the pointer-load one and the hand-written
+    kernel: per loop of the pointer variant, its counts, the TMA variant's loop of the same
+    kind, the reference's, the two ratios, and per kernel registers, shared memory and TMA
+    instructions."""
+    lines = ["| case | target | dtype | D | loop | pointer loads | TMA | hand-written | ratio "
+             "pointer / TMA | pointer regs, smem | TMA regs, smem, TMA instr | ref regs, smem |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if "generated_tma" not in row:
+            continue
+        tma_by_kind = {}
+        for pair in row["tma_loops"]:
+            tma_by_kind.setdefault(pair["kind"], pair)
+        head = f"| {row['case']} | {row['target']} | {row['dtype']} | {row['dim']}"
+        regs = (f"{_regs(row['generated'])} | {_regs(row['generated_tma'])} | "
+                f"{_regs(row['reference'])} |")
+        if not row["loops"]:
+            lines.append(f"{head} | - | - | - | - | - | {regs}")
+        for pair in row["loops"]:
+            other = tma_by_kind.get(pair["kind"], {})
+            ratios = " / ".join("-" if r is None else f"{r:.2f}"
+                                for r in (pair["ratio"], other.get("ratio")))
+            lines.append(f"{head} | {pair['kind']} | {_counts(pair['generated'])} | "
+                         f"{_counts(other.get('generated'))} | {_counts(pair['reference'])} | "
+                         f"{ratios} | {regs}")
     return "\n".join(lines) + "\n"
 
 
@@ -471,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", help=f"comma-separated, from {','.join(DTYPES)}")
     parser.add_argument("--dims", help="comma-separated head dims (default 64,128)")
     parser.add_argument("--no-backward", action="store_true", help="forward kernels only")
+    parser.add_argument("--tma", action="store_true",
+                        help="also the generated forward's tensor-descriptor (TMA) variant on "
+                             f"{', '.join(TMA_TARGETS)}")
     parser.add_argument("--jobs", type=int, default=2, help="compiling children (at most 2)")
     parser.add_argument("--rescore", help="recompute the pairs and tables of a JSON result")
     parser.add_argument("--out", help="output path without extension "
@@ -494,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         return _write(rescore(path), data["meta"], path.with_suffix(""),
                       sorted({r["dtype"] for r in data["rows"]}))
     t0 = time.perf_counter()
-    jobs = forward_jobs(fwd_cases, targets, dtypes, dims) + \
+    jobs = forward_jobs(fwd_cases, targets, dtypes, dims, args.tma) + \
         backward_jobs(bwd_cases, targets, dtypes, dims)
     reports = compile_kernels([job.spec for job in jobs], jobs=max(1, min(2, args.jobs)),
                               strict=False)
@@ -517,7 +571,10 @@ def _write(rows: list[dict], meta: dict, out: Path, dtypes: list[str]) -> int:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     short = "\n".join(f"Summary, {d} (worst loop of each kind):\n\n{summary(rows, d)}"
                       for d in dtypes)
-    out.with_suffix(".md").write_text(f"{short}\nAll loops:\n\n{markdown(rows, meta)}")
+    tma = tma_table(rows) if any("generated_tma" in r for r in rows) else ""
+    if tma:
+        tma = f"Tensor-descriptor (TMA) variant of the generated forward:\n\n{tma}\n"
+    out.with_suffix(".md").write_text(f"{short}\n{tma}All loops:\n\n{markdown(rows, meta)}")
     print(short)
     return 0
 

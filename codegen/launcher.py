@@ -1,11 +1,14 @@
 # ruff: noqa: F821
 # The launcher of every generated module.  The printer copies this text, below the kernel, the
 # metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, STRIDES, TABLE_ARGS, ROLES,
-# INDEX_EXTENTS, PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS) it reads
-# and the index-range checks (index_ranges, divisor_ranges, check_index_ranges), into the
+# INDEX_EXTENTS, PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS,
+# TMA_TENSORS) it reads, the index-range checks (index_ranges, divisor_ranges,
+# check_index_ranges) and the load-path choice (tma_choice, ensure_allocator), into the
 # module.  It needs only torch and triton; the kernel is launched with keyword arguments.
 
 _KERNELS: dict = {}
+# the tile load path of the last launch: {"tma": bool, "reason": why (codegen/loads.py)}
+LOAD_PATH: dict = {}
 
 
 class AttentionInputError(ValueError):
@@ -140,7 +143,10 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     (per segment the lo, full_lo, full_hi, hi key blocks of a query block: masked, unmasked,
     masked) with the block sizes, or ``{"closed_form": True}`` to let the kernel compute each
     query block's key-tile ranges (when BOUNDS_BLOCK is set; without tables that is the
-    default).  Returns every output by name."""
+    default).  ``config`` may hold ``tma``: True asks for tensor-descriptor (TMA) loads
+    (also under the interpreter), False for pointer loads, absent = TMA on sm90+ GPUs; a
+    layout TMA cannot read falls back to pointer loads (``LOAD_PATH`` says why).
+    Returns every output by name."""
     captured = dict(captured or {})
     device = _check(inputs, captured)
     sizes = _sizes(inputs, captured)
@@ -260,23 +266,45 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     args.update(n_heads=n_heads, M_len=m_len, N_len=n_len, E_len=e_len, F_len=f_len,
                 stats=stats if stats is not None else dummy)
     args.update(zip(TABLE_ARGS, tables, strict=True))
+    use_tma = _load_path(cfg, device, args, e_len, f_len)
 
     def run(c: dict) -> None:
         grid = (triton.cdiv(m_len, c["BLOCK_M"]), n_batch * n_heads)
         _run(device.type, grid, args, dict(c, scale_nonneg=scale_nonneg,
                                         nonneg_subscripts=nonneg_subscripts,
-                                        i32_indices=i32_indices), e_len, f_len, m_len,
-             n_len, sparsity, sparse_q, sparse_kv, segments, dtype)
+                                        i32_indices=i32_indices, tma=use_tma), e_len, f_len,
+             m_len, n_len, sparsity, sparse_q, sparse_kv, segments, dtype)
 
-    tune = cfg.pop("autotune", device.type == "cuda" and not config
+    tune = cfg.pop("autotune", device.type == "cuda" and not set(config or {}) - {"tma"}
                    and os.environ.get("ATTNDSL_AUTOTUNE", "1") != "0")
     if tune:
         key = (SPEC_HASH, str(device), str(dtype), e_len, f_len, sparsity, sparse_q, sparse_kv,
-               segments, _next_pow2(m_len), _next_pow2(n_len))
-        cfg = _tuned(key, [c for c in _candidates(cfg) if sparse_q % c["BLOCK_M"] == 0
-                           and sparse_kv % c["BLOCK_N"] == 0 or sparsity not in (2, 4)], run)
+               segments, _next_pow2(m_len), _next_pow2(n_len), use_tma)
+        cfg = _tuned(key, [dict(c, tma=use_tma) for c in _candidates(cfg)
+                           if sparse_q % c["BLOCK_M"] == 0 and sparse_kv % c["BLOCK_N"] == 0
+                           or sparsity not in (2, 4)], run)
     run(cfg)
     return out
+
+
+def _load_path(cfg: dict, device, args: dict, e_len: int, f_len: int) -> bool:
+    """Whether this launch reads its tiles through tensor descriptors (``tma_choice`` on the
+    config's ``tma``, popped, and the tensors of TMA_TENSORS); the choice and its reason go to
+    LOAD_PATH, a refused ``tma=True`` also to a warning."""
+    requested = cfg.pop("tma", None)
+    blocks = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+              "BLOCK_E": max(16, _next_pow2(e_len)), "BLOCK_F": max(16, _next_pow2(f_len))}
+    use, why = tma_choice(requested, device, {ptr: (args[ptr], *dims) for ptr, dims in
+                                              TMA_TENSORS.items()}, blocks)
+    LOAD_PATH.clear()
+    LOAD_PATH.update(tma=use, reason=why)
+    if requested is True and not use:
+        import warnings
+
+        warnings.warn(f"tma=True: {why}; using pointer loads", RuntimeWarning, stacklevel=3)
+    if use and device.type == "cuda":
+        ensure_allocator()
+    return use
 
 
 AUTOTUNE_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3),
@@ -406,6 +434,7 @@ def _run(device_type, grid, args, cfg, e_len, f_len, m_len, n_len, sparsity, spa
         SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv, SEGMENTS=segments,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=device_type == "cpu" and dtype == torch.bfloat16, STATS=cfg.get("counting", False),
+        TMA=cfg["tma"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

@@ -16,6 +16,8 @@ from attndsl.errors import AttnDSLError
 
 Tensor = torch.Tensor
 KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+# torch's spelling and attndsl's of the forward's load path (codegen/loads.py)
+LOAD_OPTIONS = ("USE_TMA", "tma")
 IGNORED_FLEX_OPTIONS = ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS",
                         "OUTPUT_LOGSUMEXP", "OUTPUT_MAX", "FORCE_USE_FLEX_ATTENTION",
                         "WRITE_DQ", "BACKEND")
@@ -69,7 +71,9 @@ def kernel_options(options: dict | None) -> dict:
     warps and stages >= 1); torch's other options are accepted and ignored."""
     out = {}
     for k, v in (options or {}).items():
-        if k in KERNEL_OPTIONS:
+        if k in LOAD_OPTIONS:  # tensor-descriptor (TMA) tile loads: on, off, or by target
+            out["tma"] = None if v is None else bool(v)
+        elif k in KERNEL_OPTIONS:
             out[k] = int(v)
             if k.startswith("BLOCK") and (out[k] < 16 or out[k] & (out[k] - 1)):
                 raise AttentionError(f"kernel option {k}={v}: tile sizes must be powers of two "
@@ -77,7 +81,8 @@ def kernel_options(options: dict | None) -> dict:
             if not k.startswith("BLOCK") and out[k] < 1:
                 raise AttentionError(f"kernel option {k}={v} must be >= 1")
         elif k not in IGNORED_FLEX_OPTIONS and k != "deterministic":
-            raise AttentionError(f"unknown kernel option {k!r}; attndsl reads {KERNEL_OPTIONS}")
+            raise AttentionError(f"unknown kernel option {k!r}; attndsl reads "
+                                 f"{KERNEL_OPTIONS + LOAD_OPTIONS}")
     return out
 
 

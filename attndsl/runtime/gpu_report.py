@@ -77,7 +77,7 @@ def _spec(job: dict) -> KernelSpec:
                   SEGMENTS=job.get("segments") or (module.BOUNDS_SEGMENTS
                                                    if job["sparsity"] == 3 else 1),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
-                  STATS=False)
+                  STATS=False, TMA=bool(job.get("tma_loads", False)))
     return KernelSpec(module.attention_fwd_kernel, sig, consts, job["target"], warps, stages)
 
 
@@ -118,7 +118,7 @@ def run_jobs(jobs: list[dict]) -> list[dict]:
         if job["config"] is None:
             job["config"] = default_config(job["path"], job["dtype"], job["e"], job["f"])
         key = (job["path"], job["target"], job["dtype"], job["e"], job["f"], job["sparsity"],
-               job.get("segments", 1), tuple(job["config"]))
+               job.get("segments", 1), tuple(job["config"]), bool(job.get("tma_loads")))
         if key not in seen:
             seen.add(key)
             unique.append(job)
@@ -141,22 +141,27 @@ def kernel_path(kernel: TileKernel) -> str:
 
 def compile_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int = 64,
                     f: int = 64, sparsity: int = 1) -> list[dict]:
-    """Compile the default and every candidate config of ``kernel`` for ``target``."""
+    """Compile the default and every candidate config of ``kernel`` for ``target``; on a
+    target with TMA (sm90) also the default config's tensor-descriptor variant, which a
+    launch there uses when the layout allows it."""
     path = kernel_path(kernel)
     configs = [None] + [list(c) for c in CANDIDATES]
     jobs = [{"path": path, "target": target, "dtype": dtype, "e": e, "f": f,
              "sparsity": sparsity, "config": c, "default": c is None} for c in configs]
+    if TARGETS[target].capability >= 90:
+        jobs.insert(1, dict(jobs[0], tma_loads=True))
     return run_jobs(jobs)
 
 
 def format_reports(reports: list[dict]) -> str:
-    """A table of reports: config, registers, spills, shared memory, tensor-core and TMA
-    instructions, programs per SM, the key-tile loops' instruction counts, fits."""
+    """A table of reports: config (``tma``: the tensor-descriptor variant), registers, spills,
+    shared memory, tensor-core and TMA instructions, programs per SM, the key-tile loops'
+    instruction counts, fits."""
     lines = [f"{'BLOCK_M x N, warps, stages':28s} {'regs':>5s} {'spills':>6s} {'smem KiB':>9s} "
              f"{'tensor cores':>14s} {'TMA':>4s} {'CTAs/SM':>7s} {'loop instr':>11s}  fits"]
     for r in reports:
         cfg = "{} x {}, {}w, {}s".format(*r["config"]) + \
-            ("  (default)" if r.get("default") else "")
+            (", tma" if r.get("tma_loads") else "") + ("  (default)" if r.get("default") else "")
         if "error" in r:
             lines.append(f"{cfg:28s} failed: {r['error']}")
             continue
@@ -193,7 +198,8 @@ def prune_candidates(module: Any, key: tuple, candidates: list[dict],
     """The autotuning candidates of a generated forward module that fit ``target`` statically.
 
     ``key`` is the launcher's tuning key ``(spec hash, device, dtype, E, F, sparsity, sparse_q,
-    sparse_kv, segments, ...)``. Each candidate is compiled ahead of time (:func:`run_jobs`) and
+    sparse_kv, segments, ...)``. Each candidate is compiled ahead of time (:func:`run_jobs`) with
+    the load path it will run with (its ``tma``: tensor descriptors or pointer loads) and
     kept when its report fits: shared memory within the block limit, no register spills. When
     none fits, those that at least compile within the shared-memory limit are kept (they run,
     with spills); when none of those either, the candidates are returned as given (the timing
@@ -202,9 +208,11 @@ def prune_candidates(module: Any, key: tuple, candidates: list[dict],
     base = {"path": module.__file__, "target": target, "dtype": _DTYPES[str(dtype)], "e": e,
             "f": f, "sparsity": sparsity, "segments": segments, "sparse_q": sparse_q,
             "sparse_kv": sparse_kv}
-    configs = [[c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]] for c in candidates]
-    rows = {tuple(r["config"]): r for r in run_jobs([{**base, "config": c} for c in configs])}
-    found = [rows.get(tuple(c), {"error": "not compiled"}) for c in configs]
+    configs = [([c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]],
+                bool(c.get("tma"))) for c in candidates]
+    rows = {(tuple(r["config"]), r["tma_loads"]): r for r in
+            run_jobs([{**base, "config": c, "tma_loads": tma} for c, tma in configs])}
+    found = [rows.get((tuple(c), tma), {"error": "not compiled"}) for c, tma in configs]
     fit = [c for c, r in zip(candidates, found, strict=True) if r.get("fits")]
     smem = TARGETS[target].smem_per_block
     runs = [c for c, r in zip(candidates, found, strict=True)

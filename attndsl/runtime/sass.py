@@ -8,7 +8,19 @@
 A loop is a backward branch: a ``BRA`` whose target address is lower than its own address; its
 body is the address range ``[target, branch]``. Several back edges to one target (a ``continue``)
 are one loop, ending at the last of them. A branch to its own address (``BRA 0x3200`` after
-``EXIT``, the trap loop) is no loop.
+``EXIT``, the trap loop) is no loop. Neither is the return jump of an out-of-line block: ptxas
+moves the retry of a TMA barrier wait behind the function's ``EXIT``::
+
+    /*2070*/  @!P1 BRA 0x72b0 ;          # the first try failed: go to the retry block
+    /*2080*/  ...                        # (the loop body goes on)
+    /*72b0*/  SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR20+0x10000], R15 ;
+    /*72c0*/  @!P1 BRA 0x72b0 ;          # spin
+    /*72d0*/  BRA 0x2080 ;               # back to where it was called from: no loop
+
+A backward branch is such a return when the instruction before its target branches into the
+block that ends with it, and that block cannot be fallen into (it follows an ``EXIT`` or an
+unconditional ``BRA``). The retry blocks are cold code outside the loops' address ranges and
+not counted in them.
 
 Key-tile loops are the innermost loops that hold tensor-core instructions (HGMMA on sm90, HMMA
 on sm80): a loop with tensor-core instructions none of whose nested loops has any. Small loops
@@ -47,7 +59,7 @@ EX2 = "MUFU.EX2"
 _FUNCTION_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
 # address, optional predicate (@P0, @!UP1, @PT), mnemonic with modifiers, operands up to ';'
 _INSTR_RE = re.compile(
-    r"^\s*/\*([0-9a-fA-F]+)\*/\s+(?:@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)"
+    r"^\s*/\*([0-9a-fA-F]+)\*/\s+(@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)"
     r"([^;]*);"
 )
 _HEX_RE = re.compile(r"0x([0-9a-fA-F]+)")
@@ -61,6 +73,7 @@ class SassInstruction:
     address: int
     opcode: str
     target: int | None = None
+    predicated: bool = False  # executed under a guard predicate (``@P0``, ``@!UP1``)
 
     @property
     def base(self) -> str:
@@ -98,12 +111,15 @@ def parse_sass(sass: str) -> list[SassInstruction]:
         found = _INSTR_RE.match(line)
         if not found:
             continue
-        address, opcode, operands = int(found.group(1), 16), found.group(2), found.group(3)
+        address, guard = int(found.group(1), 16), found.group(2)
+        opcode, operands = found.group(3), found.group(4)
         target = None
         if opcode.split(".", 1)[0] == "BRA":
             literals = _HEX_RE.findall(operands)
             target = int(literals[-1], 16) if literals else None
-        out.append(SassInstruction(address, opcode, target))
+        # @PT is "always": only a real predicate makes an instruction conditional
+        predicated = guard is not None and guard.strip() not in ("@PT", "@UPT")
+        out.append(SassInstruction(address, opcode, target, predicated))
     out.sort(key=lambda ins: ins.address)
     return out
 
@@ -130,12 +146,34 @@ class KeyTileLoop:
         return sum(n for op, n in self.opcodes.items() if op.startswith(prefixes))
 
 
+def _ends_flow(ins: SassInstruction) -> bool:
+    """True when control never falls through ``ins`` (``EXIT`` or an unconditional ``BRA``)."""
+    return not ins.predicated and ins.base in ("EXIT", "BRA")
+
+
+def _returns(instrs: list[SassInstruction]) -> set[int]:
+    """Addresses of the return jumps of out-of-line blocks (see the module docstring)."""
+    at = {ins.address: i for i, ins in enumerate(instrs)}
+    out = set()
+    for ins in instrs:
+        if ins.target is None or ins.target >= ins.address or ins.predicated \
+                or ins.base != "BRA" or ins.target not in at or at[ins.target] == 0:
+            continue
+        call = instrs[at[ins.target] - 1]  # the branch just before the return point
+        entry = call.target
+        if call.base == "BRA" and entry is not None and ins.target < entry <= ins.address \
+                and entry in at and at[entry] > 0 and _ends_flow(instrs[at[entry] - 1]):
+            out.add(ins.address)
+    return out
+
+
 def _loops(instrs: list[SassInstruction]) -> list[tuple[int, int]]:
     """``(start, end)`` of every loop: one per backward-branch target, ending at its last back
-    edge."""
+    edge (returns of out-of-line blocks are no back edges)."""
     ends: dict[int, int] = {}
+    returns = _returns(instrs)
     for ins in instrs:
-        if ins.target is not None and ins.target < ins.address:
+        if ins.target is not None and ins.target < ins.address and ins.address not in returns:
             ends[ins.target] = max(ends.get(ins.target, ins.address), ins.address)
     return sorted(ends.items())
 
