@@ -318,6 +318,63 @@ _iv_and_int, _iv_or_int = _bitwise(True), _bitwise(False)
 
 
 @_rule
+def _iv_xor_int(a, b):
+    """Integer ^: exact at points; for x, y >= 0 in [0, 2 ** bits(max(hi)) - 1]; otherwise
+    unknown."""
+    fin = all(math.isfinite(v) for v in a + b)
+    if fin and a[0] == a[1] and b[0] == b[1]:
+        v = int(a[0]) ^ int(b[0])
+        return (v, v)
+    if not fin or a[0] < 0 or b[0] < 0:
+        return _UNKNOWN
+    return (0, (1 << int(max(a[1], b[1])).bit_length()) - 1)
+
+
+@_rule
+def _iv_xor_bool(a, b):
+    """p ^ q: known when both are known, else either."""
+    if a[0] == a[1] and b[0] == b[1]:
+        v = int(bool(a[0]) != bool(b[0]))
+        return (v, v)
+    return (0, 1)
+
+
+@_rule
+def _iv_invert(a):
+    """~x = -x - 1 (integers): decreasing."""
+    return (-a[1] - 1, -a[0] - 1)
+
+
+def _shift(left):
+    @_rule
+    def rule(a, b):
+        """x << y, x >> y (int64): exact at points with 0 <= y < 64; x >> y for x >= 0 and
+        y in [0, 63] lies in [lo >> max(y), hi >> min(y)]; otherwise unknown."""
+        fin = all(math.isfinite(v) for v in a + b)
+        if not fin or b[0] < 0 or b[1] > 63:
+            return _UNKNOWN
+        if a[0] == a[1] and b[0] == b[1]:
+            v = int(a[0]) << int(b[0]) if left else int(a[0]) >> int(b[0])
+            return (v, v) if -(1 << 63) <= v < (1 << 63) else _UNKNOWN
+        if left or a[0] < 0:
+            return _UNKNOWN
+        return (int(a[0]) >> int(b[1]), int(a[1]) >> int(b[0]))
+    return rule
+
+
+_iv_lshift, _iv_rshift = _shift(True), _shift(False)
+
+
+@_rule
+def _iv_round(a):
+    """round(x): monotone (an infinite bound stays infinite)."""
+    return tuple(v if not math.isfinite(v) else round(v) for v in a)
+
+
+_iv_truediv = _iv_div
+
+
+@_rule
 def _iv_cast_int(a):
     """int(x) truncates toward 0 (monotone); an unbounded x stays unknown."""
     if not (math.isfinite(a[0]) and math.isfinite(a[1])):
@@ -448,6 +505,6 @@ def rule_name(op: str, dtype: str, arg: object = None) -> str:
         return f"_iv_cast_{arg}"
     if op == "mod":
         return "_iv_mod_int" if dtype == "int" else "_iv_mod_float"
-    if op in ("and", "or"):
+    if op in ("and", "or", "xor"):
         return f"_iv_{op}_bool" if dtype == "bool" else f"_iv_{op}_int"
     return f"_iv_{op}"

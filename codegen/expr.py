@@ -57,6 +57,14 @@ def literal(v: object) -> str:
     raise CodegenError(f"cannot print a constant of type {type(v).__name__}")
 
 
+def host_literal(v: object) -> str:
+    """A constant as plain Python, for the launcher's host-side code (interval functions):
+    an int of any size stays a Python int there."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return repr(int(v))
+    return literal(v)
+
+
 _UNARY = {Op.EXP: "tl.exp({})", Op.EXP2: "tl.exp2({})", Op.LOG: "tl.log({})",
           Op.LOG2: "tl.log2({})", Op.SIGMOID: "tl.sigmoid({})", Op.ABS: "tl.abs({})",
           Op.SQRT: "tl.sqrt({})", Op.NEG: "(-{})",

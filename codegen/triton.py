@@ -32,6 +32,7 @@ from attndsl.codegen.expr import (
     Env,
     Lines,
     comment,
+    host_literal,
     literal,
     lower_for_print,
     render,
@@ -409,7 +410,7 @@ def _emit_intervals(extents: dict[str, str], L: Lines,
 
     def leaf(node: Expr) -> str:
         if node.op is Op.CONST:
-            return assign(f"_iv_param({literal(node.arg)})")
+            return assign(f"_iv_param({host_literal(node.arg)})")
         if node.op is Op.INDEX:
             ext = extents.get(node.arg)
             return assign(f"_iv_index(V.get({ext!r}))" if ext else "_UNKNOWN")

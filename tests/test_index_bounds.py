@@ -338,3 +338,29 @@ def test_interval_check_costs_no_kernel_evaluation() -> None:
     assert iv == (-2, 3)
     assert rt.index_error("bias", 1, (2, 4), iv) is None
     assert "takes values in [-2, 3]" in str(rt.index_error("bias", 1, (2, 3), iv))
+
+
+def test_every_unary_and_binary_operation_has_an_interval_rule():
+    """The generated modules evaluate intervals of any integer node (I32_INDICES, subscript
+    checks): a missing rule was a NameError at launch (xor in a mask)."""
+    import attndsl.index_check as rt
+    from attndsl.ir import expr as E
+
+    for op in E.UNARY | E.BINARY:
+        for dtype in ("int", "float", "bool"):
+            for arg in (("int", "float", "bool") if op is E.Op.CAST else (None,)):
+                assert hasattr(rt, rt.rule_name(op.name, dtype, arg)), (op, dtype, arg)
+
+
+@pytest.mark.parametrize("a, b", [((0, 5), (3, 9)), ((2, 2), (7, 7)), ((0, 40), (0, 40))])
+def test_xor_and_shift_intervals_contain_every_value(a, b):
+    import attndsl.index_check as rt
+
+    for rule, fn in ((rt._iv_xor_int, lambda x, y: x ^ y), (rt._iv_rshift, lambda x, y: x >> y),
+                     (rt._iv_lshift, lambda x, y: x << y)):
+        lo, hi = rule(a, b)
+        for x in range(a[0], a[1] + 1):
+            for y in range(b[0], b[1] + 1):
+                assert lo <= fn(x, y) <= hi
+    lo, hi = rt._iv_invert(a)
+    assert all(lo <= ~x <= hi for x in range(a[0], a[1] + 1))
