@@ -8,10 +8,18 @@ the case and the hand-written reference of ``benchmarks/reference/`` with the sa
 generated backward kernels next to the FlashAttention-2 references. Per kernel: registers,
 spills, shared memory; per key-tile loop (:mod:`attndsl.runtime.sass`): all instructions,
 tensor-core, ``MUFU.EX2``, the rest, and the ratio generated / hand-written; TMA instructions
-(``UTMALDG``, ``UTMASTG``, ...) per kernel.  With ``--tma`` the generated forward is also
-compiled for sm90 with its tensor-descriptor load path (the constexpr ``TMA``, as a GPU launch
-on sm90 chooses it; codegen/loads.py) and compared with the pointer-load variant and the
-hand-written reference in a table of its own.
+(``UTMALDG``, ``UTMASTG``, ...) per kernel.
+
+Which generated forward a target runs: an sm90 launch reads its tiles through tensor
+descriptors (the constexpr ``TMA``; codegen/loads.py) when the module's ``tma_choice`` accepts
+the layout, sm80 and CPU launches through pointers.  On sm90 both variants are compiled (row
+keys ``generated``: pointer loads, ``generated_tma``: descriptors) and the row's ``default``
+names the one a launch runs, found by recording the launch with ``tma=True`` on the CPU, where
+``tma_choice`` makes the same layout checks as on an sm90 GPU (:func:`tma_default`).  The
+summary's generated column is that default (marked ``T`` for TMA), with the pointer variant's
+registers next to it; the TMA table compares the two loop by loop.  ``--quick`` (a smoke run)
+and ``--no-tma`` compile the pointer variant only; ``--tma`` is the default and kept for old
+command lines.
 
 How a kernel is obtained: exactly as a user runs it. The generated kernels come from
 ``attndsl.flex_attention`` with the examples' ``score_mod``/``mask_mod`` (``examples/*.py``),
@@ -40,7 +48,7 @@ Usage::
     python benchmarks/static_kernel.py                 # everything (tens of minutes on 2 cores)
     python benchmarks/static_kernel.py --quick         # causal, sm90, fp16, D=64
     python benchmarks/static_kernel.py --cases dense,causal --targets sm90 --dims 128
-    python benchmarks/static_kernel.py --cases dense,causal --targets sm90 --no-backward --tma
+    python benchmarks/static_kernel.py --cases dense,causal --targets sm90 --no-backward --no-tma
 
 Writes ``benchmarks/results/static_kernel_<date>.json`` and ``.md`` (``--out`` to change).
 """
@@ -146,15 +154,31 @@ def _one(launches: list[RecordedLaunch], what: str) -> RecordedLaunch:
     return launches[0]
 
 
-def generated_forward(case: str, dim: int) -> RecordedLaunch:
-    """The generated forward kernel's launch, through ``attndsl.flex_attention``."""
+def generated_forward(case: str, dim: int, tma: bool | None = None) -> RecordedLaunch:
+    """The generated forward kernel's launch, through ``attndsl.flex_attention`` (``tma``: the
+    config's load-path request, None = the target's default)."""
     q, k, v = _qkv(case, dim)
     mods = _mods(case)
     options = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "num_warps": WARPS,
                "num_stages": stages(dim)}
+    if tma is not None:
+        options["tma"] = tma
     return _one(record_launches(lambda: attndsl.flex_attention(
         q, k, v, score_mod=mods["score_mod"], mask_mod=mods["mask_mod"],
         enable_gqa=case == "gqa_causal", kernel_options=options)), f"{case} forward")
+
+
+def tma_default(case: str, dim: int) -> tuple[bool, str]:
+    """(whether an sm90 launch of the case reads through tensor descriptors, the reason).
+
+    The launch is recorded with ``tma=True`` on the CPU: the module's ``tma_choice`` then makes
+    exactly the checks an sm90 GPU launch makes by default (the installed triton's
+    ``tl.make_tensor_descriptor``, base alignment, unit column strides, 16-byte row strides,
+    the 256-element box), everything but the device's compute capability, which is sm90's."""
+    launch = generated_forward(case, dim, tma=True)
+    path = launch.fn.__globals__.get("LOAD_PATH", {})
+    use = bool(path.get("tma")) and bool(launch.constexprs.get("TMA"))
+    return use, str(path.get("reason", "the module reports no load path"))
 
 
 def reference_forward(case: str, dim: int) -> RecordedLaunch:
@@ -245,6 +269,7 @@ class Job:
     kernel: str  # fwd / preprocess / dkdv / dq
     side: str  # generated / reference / generated_tma (the tensor-descriptor variant)
     spec: KernelSpec
+    default: str = "generated"  # the generated side a launch on the target runs
 
 
 def _spec(launch: RecordedLaunch, target: str, dtype: str, tiles: dict | None = None
@@ -264,21 +289,25 @@ TMA_TARGETS = ("sm90",)
 def forward_jobs(cases: list[str], targets: list[str], dtypes: list[str], dims: list[int],
                  tma: bool = False) -> list[Job]:
     """Generated and reference forward compiles per cell; with ``tma`` also the generated
-    kernel's tensor-descriptor variant on :data:`TMA_TARGETS`."""
+    kernel's tensor-descriptor variant on :data:`TMA_TARGETS`, which is then the cell's
+    default when :func:`tma_default` says an sm90 launch chooses it."""
     jobs = []
     for case in cases:
         for dim in dims:
             launches = {"generated": generated_forward(case, dim),
                         "reference": reference_forward(case, dim)}
+            chosen = tma and any(t in TMA_TARGETS for t in targets) and tma_default(case, dim)[0]
             for target in targets:
+                with_tma = tma and target in TMA_TARGETS
+                default = "generated_tma" if with_tma and chosen else "generated"
                 for dtype in dtypes:
                     for side, launch in launches.items():
                         jobs.append(Job("forward", case, target, dtype, dim, "fwd", side,
-                                        _spec(launch, target, dtype)))
-                    if tma and target in TMA_TARGETS:
+                                        _spec(launch, target, dtype), default))
+                    if with_tma:
                         jobs.append(Job("forward", case, target, dtype, dim, "fwd",
                                         "generated_tma", _spec(launches["generated"], target,
-                                                               dtype, {"TMA": True})))
+                                                               dtype, {"TMA": True}), default))
     return jobs
 
 
@@ -378,15 +407,18 @@ def rescore(path: Path) -> list[dict]:
 def compare(jobs: list[Job], reports: list[CompiledReport | Exception]) -> list[dict]:
     """Rows of the result: one per (direction, case, target, dtype, dim, kernel)."""
     cells: dict[tuple, dict] = {}
+    defaults: dict[tuple, str] = {}
     for job, report in zip(jobs, reports, strict=True):
         key = (job.direction, job.case, job.target, job.dtype, job.dim, job.kernel)
         cells.setdefault(key, {})[job.side] = _kernel_row(job, report)
+        defaults[key] = job.default
     rows = []
-    for (direction, case, target, dtype, dim, kernel), sides in cells.items():
+    for key, sides in cells.items():
+        direction, case, target, dtype, dim, kernel = key
         gen, ref = sides.get("generated"), sides.get("reference")
         row = {"direction": direction, "case": case, "target": target, "dtype": dtype,
                "dim": dim, "kernel": kernel, "generated": gen, "reference": ref,
-               "loops": pair_loops(gen or {}, ref or {})}
+               "loops": pair_loops(gen or {}, ref or {}), "default": defaults[key]}
         if "generated_tma" in sides:
             row["generated_tma"] = sides["generated_tma"]
             row["tma_loops"] = pair_loops(sides["generated_tma"], ref or {})
@@ -448,7 +480,7 @@ def tma_table(rows: list[dict]) -> str:
     """The tensor-descriptor (TMA) variant next to the pointer-load one and the hand-written
     kernel: per loop of the pointer variant, its counts, the TMA variant's loop of the same
     kind, the reference's, the two ratios, and per kernel registers, shared memory and TMA
-    instructions."""
+    instructions; ``(default)`` marks the TMA variant where an sm90 launch runs it."""
     lines = ["| case | target | dtype | D | loop | pointer loads | TMA | hand-written | ratio "
              "pointer / TMA | pointer regs, smem | TMA regs, smem, TMA instr | ref regs, smem |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -459,7 +491,8 @@ def tma_table(rows: list[dict]) -> str:
         for pair in row["tma_loops"]:
             tma_by_kind.setdefault(pair["kind"], pair)
         head = f"| {row['case']} | {row['target']} | {row['dtype']} | {row['dim']}"
-        regs = (f"{_regs(row['generated'])} | {_regs(row['generated_tma'])} | "
+        default = " (default)" if _default_is_tma(row) else ""
+        regs = (f"{_regs(row['generated'])} | {_regs(row['generated_tma'])}{default} | "
                 f"{_regs(row['reference'])} |")
         if not row["loops"]:
             lines.append(f"{head} | - | - | - | - | - | {regs}")
@@ -473,27 +506,42 @@ def tma_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _default_is_tma(row: dict) -> bool:
+    """Whether the row's default launch is the tensor-descriptor variant (and it compiled)."""
+    return row.get("default") == "generated_tma" and "generated_tma" in row
+
+
 def _ratios(row: dict) -> str:
-    """``unmasked / masked`` ratios of a row's loops (the largest per kind), ``-`` if none."""
+    """``unmasked / masked`` ratios of the loops of the row's default launch (the largest per
+    kind), ``-`` if none."""
     best: dict[str, float] = {}
-    for pair in row["loops"]:
+    for pair in row["tma_loops" if _default_is_tma(row) else "loops"]:
         if pair["ratio"] is not None:
             best[pair["kind"]] = max(best.get(pair["kind"], 0.0), pair["ratio"])
     return " / ".join(f"{best[k]:.2f}" if k in best else "-" for k in ("unmasked", "masked"))
 
 
 def _regs_pair(row: dict) -> str:
-    gen, ref = row["generated"] or {}, row["reference"] or {}
+    """``gen / ref`` registers of the default launch (``T``: the TMA variant, then the pointer
+    variant's in brackets; ``s``: spills)."""
+    tma = _default_is_tma(row)
+    gen = (row["generated_tma"] if tma else row["generated"]) or {}
+    ref = row["reference"] or {}
     if "registers" not in gen or "registers" not in ref:
         return "-"
     spill = lambda side: "s" if side["spills"] or side["stack"] else ""  # noqa: E731
-    return f"{gen['registers']}{spill(gen)} / {ref['registers']}{spill(ref)}"
+    text = f"{gen['registers']}{spill(gen)}{'T' if tma else ''} / {ref['registers']}{spill(ref)}"
+    pointer = row["generated"] or {}
+    if tma and "registers" in pointer:
+        text += f" (pointer {pointer['registers']}{spill(pointer)})"
+    return text
 
 
 def summary(rows: list[dict], dtype: str = "fp16") -> str:
     """One line per (direction, case, D, kernel) with key-tile loops: per target the loop
     ratios (unmasked / masked, the worst loop of each kind) and registers (gen / ref, ``s``:
-    spills)."""
+    spills) of the launch the target runs by default: on sm90 the tensor-descriptor variant
+    when the layout allows it (``T``; the pointer variant's registers in brackets)."""
     targets = sorted({r["target"] for r in rows}, reverse=True)
     cells: dict[tuple, dict[str, dict]] = {}
     for row in rows:
@@ -524,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-backward", action="store_true", help="forward kernels only")
     parser.add_argument("--tma", action="store_true",
                         help="also the generated forward's tensor-descriptor (TMA) variant on "
-                             f"{', '.join(TMA_TARGETS)}")
+                             f"{', '.join(TMA_TARGETS)} (the default except with --quick)")
+    parser.add_argument("--no-tma", action="store_true",
+                        help="the pointer-load variant only (what sm80 and CPU launches run)")
     parser.add_argument("--jobs", type=int, default=2, help="compiling children (at most 2)")
     parser.add_argument("--rescore", help="recompute the pairs and tables of a JSON result")
     parser.add_argument("--out", help="output path without extension "
@@ -548,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         return _write(rescore(path), data["meta"], path.with_suffix(""),
                       sorted({r["dtype"] for r in data["rows"]}))
     t0 = time.perf_counter()
-    jobs = forward_jobs(fwd_cases, targets, dtypes, dims, args.tma) + \
+    tma = args.tma or not (args.quick or args.no_tma)
+    jobs = forward_jobs(fwd_cases, targets, dtypes, dims, tma) + \
         backward_jobs(bwd_cases, targets, dtypes, dims)
     reports = compile_kernels([job.spec for job in jobs], jobs=max(1, min(2, args.jobs)),
                               strict=False)
@@ -569,7 +620,8 @@ def _write(rows: list[dict], meta: dict, out: Path, dtypes: list[str]) -> int:
     """``out``.json (meta and rows) and ``out``.md (summaries per dtype, then every loop)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    short = "\n".join(f"Summary, {d} (worst loop of each kind):\n\n{summary(rows, d)}"
+    short = "\n".join(f"Summary, {d} (worst loop of each kind; per target the launch it runs "
+                      f"by default, T: tensor descriptors):\n\n{summary(rows, d)}"
                       for d in dtypes)
     tma = tma_table(rows) if any("generated_tma" in r for r in rows) else ""
     if tma:

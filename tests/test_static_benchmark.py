@@ -96,3 +96,38 @@ def test_the_backward_launches_are_recorded_by_role() -> None:
     # the references are recorded with the generated module's GPU tiles
     assert refs["dkdv"].constexprs["BLOCK_N"] == config["dkdv"]["BLOCK_N"]
     assert refs["dkdv"].num_warps == config["dkdv"]["num_warps"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("triton.language").language, "make_tensor_descriptor"),
+                    reason="the installed triton has no tensor descriptors")
+def test_an_sm90_launch_of_the_benchmark_layout_defaults_to_tensor_descriptors() -> None:
+    use, why = static_kernel.tma_default("causal", 64)
+    assert use is True and why == "tensor descriptors (TMA)"
+
+
+def _loop_row(all_: int) -> dict:
+    return {"kind": "unmasked", "all": all_, "tensor_core": 8, "ex2": 34, "rest": all_ - 42}
+
+
+def _side(registers: int, tma: int = 0, all_: int = 300) -> dict:
+    return {"registers": registers, "spills": 0, "stack": 0, "tma": tma, "shared_bytes": 65536,
+            "loops": [_loop_row(all_)]}
+
+
+def _row(default: str) -> dict:
+    row = {"direction": "forward", "case": "dense", "target": "sm90", "dtype": "fp16",
+           "dim": 64, "kernel": "fwd", "generated": _side(123), "generated_tma": _side(110, 21),
+           "reference": _side(108, all_=334),
+           "default": default}
+    row["loops"] = static_kernel.pair_loops(row["generated"], row["reference"])
+    row["tma_loops"] = static_kernel.pair_loops(row["generated_tma"], row["reference"])
+    return row
+
+
+def test_the_summary_reports_the_launch_a_target_runs_with_the_pointer_variant_beside_it() -> None:
+    tma = static_kernel.summary([_row("generated_tma")])
+    assert "| 110T / 108 (pointer 123) |" in tma
+    pointer = static_kernel.summary([_row("generated")])
+    assert "| 123 / 108 |" in pointer and "T" not in pointer.split("\n")[-2].split("|")[-2]
+    assert "(default)" in static_kernel.tma_table([_row("generated_tma")])
+    assert "(default)" not in static_kernel.tma_table([_row("generated")])
