@@ -238,6 +238,10 @@ class Env:
     # int64 widenings print as conditional on the constexpr I32_INDICES (every integer node
     # the kernel would widen fits int32 in this launch: narrow_ranges)
     narrow: bool = False
+    # captured reads linear in the key index -> (their pointer tile at this key tile, whether
+    # the fast form needs NONNEG_SUBSCRIPTS: a subscript whose wrap it drops); see
+    # codegen.triton._gathers
+    gathers: dict[Expr, tuple[str, bool]] = field(default_factory=dict)
 
     def to_i64(self, x: str) -> str:
         """``x`` converted to int64 (under ``narrow``: unless the launch proved int32 exact)."""
@@ -277,7 +281,7 @@ def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
     return a
 
 
-def _is_wrap(e: Expr, subscripts: frozenset[Expr]) -> bool:
+def is_wrap(e: Expr, subscripts: frozenset[Expr]) -> bool:
     """Whether ``e`` is torch's wrap ``where(i < 0, i + size, i)`` of one of ``subscripts``
     (attndsl.passes.index_bounds.wrap_negative)."""
     if e.op is not Op.WHERE or e.src[2] not in subscripts:
@@ -354,6 +358,11 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
         axes = sorted(e.free_indices() & set(env.masks))
         mask = f", mask={' & '.join(env.masks[x] for x in axes)}, other=0" if axes else ""
         load = f"tl.load({ptr} + {offs}{mask})"
+        fast = env.gathers.get(e)
+        if fast is not None:  # the same addresses from a pointer tile made before the loop
+            tile, wraps = fast
+            load = f"(tl.load({tile}{mask}) if NONNEG_SUBSCRIPTS else {load})" if wraps else \
+                f"tl.load({tile}{mask})"
         if e.dtype == FLOAT:  # 16-bit captured tensors are computed in fp32
             return f"{load}.to(tl.float32)"
         return f"({load} != 0)" if e.dtype == BOOL else load
@@ -373,7 +382,7 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
             return env.to_i64(a[0]) if env.wide(e) else f"({a[0]}).to(tl.int32)"
         return {FLOAT: "({}).to(tl.float32)", BOOL: "(({}) != 0)"}[e.arg].format(a[0])
     if op is Op.WHERE:
-        if _is_wrap(e, env.wraps):  # no negative subscripts: the select is the identity
+        if is_wrap(e, env.wraps):  # no negative subscripts: the select is the identity
             return f"({a[2]} if NONNEG_SUBSCRIPTS else tl.where({a[0]}, {a[1]}, {a[2]}))"
         return f"tl.where({a[0]}, {a[1]}, {a[2]})"
     if op is Op.DIV:  # 0 / 0 = 0 (a fully masked row normalises to zero)

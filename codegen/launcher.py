@@ -268,11 +268,14 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     args.update(zip(TABLE_ARGS, tables, strict=True))
     use_tma = _load_path(cfg, device, args, e_len, f_len)
 
+    pieces = gather_ranges(values, tensors)
+
     def run(c: dict) -> None:
         grid = (triton.cdiv(m_len, c["BLOCK_M"]), n_batch * n_heads)
+        i32 = i32_indices and _gathers_fit(args, pieces, n_len + c["BLOCK_N"])
         _run(device.type, grid, args, dict(c, scale_nonneg=scale_nonneg,
                                         nonneg_subscripts=nonneg_subscripts,
-                                        i32_indices=i32_indices, tma=use_tma), e_len, f_len,
+                                        i32_indices=i32, tma=use_tma), e_len, f_len,
              m_len, n_len, sparsity, sparse_q, sparse_kv, segments, dtype)
 
     tune = cfg.pop("autotune", device.type == "cuda" and not set(config or {}) - {"tma"}
@@ -414,6 +417,18 @@ def _tuned(key: tuple, candidates: list, run) -> dict:
     _TUNED[skey] = _settings(best[1])
     _write_tuning({skey: _TUNED[skey]})
     return {**extras, **_TUNED[skey]}
+
+
+def _gathers_fit(args: dict, pieces: list, keys: int) -> bool:
+    """Whether every term of the gathers' pointer tiles times its stride fits int32: the
+    pieces by their intervals, the key terms c * start_n and c * j (both below ``keys`` =
+    N_len + BLOCK_N times |c|) and the constants (GATHERS)."""
+    def fits(ptr: str, dim: int, bound: int) -> bool:
+        return bound * abs(args[STRIDES[ptr][dim]]) < 2**31
+
+    return all(fits(ptr, d, max(c * keys, k)) for ptr, d, c, k in GATHERS) and \
+        all(iv is not None and fits(ptr, d, max(abs(iv[0]), abs(iv[1])))
+            for ptr, d, iv in pieces)
 
 
 def _max_offset(t: torch.Tensor) -> int:

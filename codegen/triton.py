@@ -33,6 +33,7 @@ from attndsl.codegen.expr import (
     Lines,
     comment,
     host_literal,
+    is_wrap,
     literal,
     lower_for_print,
     render,
@@ -193,6 +194,122 @@ def _hoist_rows(exprs: list[Expr], m: str, lines: Lines, env: Env, depth: int) -
         visit(e)
 
 
+@dataclass(frozen=True)
+class _Gather:
+    """A captured-tensor read in the key-tile step whose every subscript is linear in the key
+    index n with a constant coefficient: ``sub_d = coefs[d] * n + consts[d] + sum(pieces[d])``,
+    the pieces free of n (query-row math, batch/head scalars).  With n = start_n + j
+    (j < BLOCK_N) its address is
+
+        ptr + sum_d (consts[d] + sum(pieces[d]) + coefs[d] * j) * stride_d
+            + sum_d coefs[d] * start_n * stride_d
+
+    the first part a pointer tile made once before the key loops (``name``), the second one
+    scalar per key tile.  Each piece is its own pointer addition, as in a hand-written kernel
+    (``bias + off_h * stride_h + offs_m[:, None] - offs_n[None, :]``): the compiler then sees
+    that the elements of a thread differ by constants (immediate offsets of one address)
+    instead of recomputing and sign-extending one int32 subscript per element.  The pointer
+    sums are 64-bit, so only each piece times its stride must fit int32 under I32_INDICES
+    (``gather_ranges``, checked by the launcher).  ``wraps``: some subscript is torch's
+    negative-index wrap, which the fast form drops (then it needs NONNEG_SUBSCRIPTS)."""
+
+    load: Expr
+    name: str
+    ptr: str
+    strides: tuple[str, ...]
+    coefs: tuple[int, ...]
+    consts: tuple[int, ...]
+    pieces: tuple[tuple[Expr, ...], ...]
+    wraps: bool
+
+    def at_tile(self) -> str:
+        """The pointer tile of key tile ``start_n``: the one at key 0 moved by a scalar (int64
+        unless I32_INDICES; ``start_n`` is a Python int in the interpreter)."""
+        moves = [f" + (start_n * {c} if I32_INDICES else start_n * tl.full((), {c}, "
+                 f"tl.int64)) * {self.strides[d]}" for d, c in enumerate(self.coefs) if c]
+        return self.name + "".join(moves)
+
+
+def _key_linear(e: Expr, n: str) -> tuple[int, int, list[Expr]] | None:
+    """(c, k, pieces) with e = c * n + k + sum(pieces), c and k ints and no piece reading n
+    or being a constant, or None.  Only +, -, negation and products by integer constants are
+    followed; anything else that reads n is not linear here."""
+    if e.op is Op.CONST and e.dtype == INT:
+        return 0, e.arg, []
+    if n not in e.free_indices():
+        return 0, 0, [e]
+    if e.dtype != INT:
+        return None
+    if e.op is Op.INDEX:
+        return 1, 0, []
+    if e.op is Op.NEG:
+        inner = _key_linear(e.src[0], n)
+        return None if inner is None else (-inner[0], -inner[1], [-x for x in inner[2]])
+    if e.op in (Op.ADD, Op.SUB):
+        a, b = (_key_linear(x, n) for x in e.src)
+        if a is None or b is None:
+            return None
+        if e.op is Op.ADD:
+            return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+        return a[0] - b[0], a[1] - b[1], a[2] + [-x for x in b[2]]
+    if e.op is Op.MUL:
+        for x, c in (e.src, e.src[::-1]):
+            inner = _key_linear(x, n) if c.op is Op.CONST and c.dtype == INT else None
+            if inner is not None:
+                return inner[0] * c.arg, inner[1] * c.arg, [E.binary(Op.MUL, q, c)
+                                                           for q in inner[2]]
+    return None
+
+
+def _gathers(exprs: list[Expr], n: str, allowed: set[str], wraps: frozenset[Expr],
+             names: _Names) -> list[_Gather]:
+    """The captured reads of the key-tile step that :class:`_Gather` applies to: each
+    subscript linear in n (after dropping a wrap of ``wraps``), some coefficient nonzero,
+    and every piece reading only the indices ``allowed`` (the query rows and the program's
+    batch/head), parameters and constants: no tensor and no running value."""
+    found: dict[Expr, _Gather] = {}
+    for e in exprs:
+        for node in e.walk():
+            if node.op is not Op.LOAD or node in found or n not in node.free_indices():
+                continue
+            coefs: list[int] = []
+            consts: list[int] = []
+            pieces: list[tuple[Expr, ...]] = []
+            wrapped = False
+            for sub in node.src:
+                if is_wrap(sub, wraps):
+                    sub, wrapped = sub.src[2], True
+                lin = _key_linear(sub, n)
+                if lin is None or any(not p.free_indices() <= allowed or any(
+                        x.op in (Op.LOAD, Op.ROW) for x in p.walk()) for p in lin[2]):
+                    break
+                coefs.append(lin[0])
+                consts.append(lin[1])
+                pieces.append(tuple(lin[2]))
+            else:
+                if any(coefs):
+                    ptr = names.tensors[node.arg]
+                    found[node] = _Gather(node, f"gather_{len(found)}", ptr, names.strides[ptr],
+                                          tuple(coefs), tuple(consts), tuple(pieces), wrapped)
+    return list(found.values())
+
+
+def _emit_gathers(gathers: list[_Gather], L: Lines, env: Env) -> None:
+    """Kernel scope: each gather's pointer tile at key 0, one pointer addition per piece."""
+    if not gathers:
+        return
+    L(1, "# captured reads linear in the key index: pointer tiles at key 0, moved per key tile")
+    for g in gathers:
+        L(1, f"# {comment(E.render(g.load))[2:]}")
+        terms = [f"{env.to_i64(render_at(L, 1, piece, env))} * {g.strides[d]}"
+                 for d, ps in enumerate(g.pieces) for piece in ps]
+        terms += [f"({literal(k)} if I32_INDICES else tl.full((), {k}, tl.int64)) * "
+                  f"{g.strides[d]}" for d, k in enumerate(g.consts) if k]
+        terms += [f"{env.to_i64(f'{c} * tl.arange(0, BLOCK_N)[None, :]')} * {g.strides[d]}"
+                  for d, c in enumerate(g.coefs) if c]
+        L(1, f"{g.name} = {g.ptr} + " + " + ".join(terms))
+
+
 def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     """The full source of a generated module for one tile kernel."""
     names = _names(k)
@@ -223,6 +340,7 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     _emit_index_ranges(k, L, divisors)
     _emit_scale_ranges(k, L)
     _emit_narrow_ranges(k, L)
+    _emit_gather_ranges(k, names, L)
     L(0, launcher_source())
     return "\n".join(L.out) + "\n"
 
@@ -398,6 +516,33 @@ def _emit_narrow_ranges(k: TileKernel, L: Lines) -> None:
     _emit_intervals(dict(k.index_extents), L, [("", x, "") for x in _widened(k)])
 
 
+def _kernel_gathers(k: TileKernel, names: _Names) -> list[_Gather]:
+    """The gathers (:class:`_Gather`) of the kernel's key-tile steps."""
+    scalar = {i for i in (k.roles.get("batch"), k.roles.get("head")) if i is not None}
+    loop_exprs = [mx.arg for p in k.passes for mx in p.maxes] + \
+        [s.body for p in k.passes for s in p.sums] + ([k.mask] if k.mask is not None else [])
+    return _gathers(loop_exprs, k.roles["key"], {k.roles["query"]} | scalar,
+                    frozenset(s.index for s in k.index_sites if s.wraps), names)
+
+
+def _emit_gather_ranges(k: TileKernel, names: _Names, L: Lines) -> None:
+    """``GATHERS``: (kernel pointer, dim, bound) of each term a gather's pointer tile adds
+    that is not an interval of IR (the key coefficient c: |c| * (N_len + BLOCK_N) bounds
+    c * start_n and c * j; a constant k: |k|), and ``gather_ranges(V, T)``: (kernel pointer,
+    dim, interval) of each of its pieces.  Under I32_INDICES each term times its stride is
+    computed in int32: the launcher sets it only when every one fits (``_gathers_fit``)."""
+    gathers = _kernel_gathers(k, names)
+    keys = [(g.ptr, d, c, k_) for g in gathers for d, (c, k_) in
+            enumerate(zip(g.coefs, g.consts, strict=True)) if c or k_]
+    L(0, "# gather pointer -> (dim, |key coefficient|, |constant|) of its pointer tile's terms")
+    L(0, "GATHERS = " + repr([(ptr, d, abs(c), abs(k_)) for ptr, d, c, k_ in keys]))
+    L(0, "def gather_ranges(V: dict, T: dict) -> list:")
+    L(1, '"""(kernel pointer, dim, interval) of each piece of a gather\'s pointer tile."""')
+    _emit_intervals(dict(k.index_extents), L, [(f"({g.ptr!r}, {d}, ", piece, ")")
+                                               for g in gathers for d, ps in enumerate(g.pieces)
+                                               for piece in ps])
+
+
 def _emit_intervals(extents: dict[str, str], L: Lines,
                     items: list[tuple[str, Expr, str]]) -> None:
     """The body of a function returning ``[head + interval of expr + tail, ...]``."""
@@ -505,6 +650,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         [s.body for p in k.passes for s in p.sums] + ([k.mask] if k.mask is not None else [])
     L(1, "# captured-tensor reads that depend on the query rows only")
     _hoist_rows(loop_exprs, m, L, row_env, 1)
+    gathers = _kernel_gathers(k, names)
+    _emit_gathers(gathers, L, row_env)
     finished: dict[str, str] = {}
     for pi, p in enumerate(k.passes):
         L(1, f"# pass {pi + 1} over the key tiles")
@@ -515,7 +662,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         for s in p.sums:
             shape = "[BLOCK_M, BLOCK_F]" if s.v is not None else "[BLOCK_M]"
             L(1, f"{s.var} = tl.zeros({shape}, tl.float32)")
-        step = _tile_body(k, p, names, head_env, loop_hoisted, finished, m, n, b, h, scaled)()
+        step = _tile_body(k, p, names, head_env, loop_hoisted, finished, m, n, b, h, scaled,
+                          gathers)()
         call = _emit_step_function(f"_key_tile_step_{pi + 1}", p, step, L.out[kernel_start:],
                                    args, const, steps)
 
@@ -807,7 +955,7 @@ def _vanishes_at_neg_inf(body: Expr, score: Expr, stabilizers: set[str]) -> bool
 
 def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dict,
                finished: dict[str, str], m: str, n: str, b: str | None, h: str | None,
-               scaled: dict[Expr, tuple[str, str]]):
+               scaled: dict[Expr, tuple[str, str]], gathers: list[_Gather]):
     """Returns body() -> the source of one key-tile step of pass p, masked when the constexpr
     MASKED is set.  ``scaled`` maps a score ``qk * s`` (:func:`_scaled_dots`) to (the dot, the
     printed scale)."""
@@ -834,7 +982,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         env = Env(idx, rows, head_env.params, head_env.captured,
                   {m: "row_ok[:, None]", n: "col_ok[None, :]"}, dict(loop_hoisted),
                   head_env.scalar_indices, strides=head_env.strides, wraps=head_env.wraps,
-                  narrow=True)
+                  narrow=True, gathers={g.load: (g.at_tile(), g.wraps) for g in gathers})
         used = {d.var for d in k.dots if any(
             x.op is Op.ROW and x.arg == d.var for e in
             [a for _, a in maxes] + [s for _, s in sums] for x in e.walk())}
@@ -916,9 +1064,7 @@ def _emit_sum(L: Lines, s: RunningSum, sbody: Expr, env: Env, bounded: bool | st
     rows = dict(env.rows)
     for u, _ in s.units:  # inside the step, a stabiliser reads its new (safe) value
         rows[u] = f"{u}_use_new[:, None]"
-    step_env = Env(env.index, rows, env.params, env.captured, env.masks, env.hoisted,
-                   env.scalar_indices, strides=env.strides, wraps=env.wraps,
-                   narrow=env.narrow)
+    step_env = dataclasses.replace(env, rows=rows)
     body = render_at(L, 0, sbody, step_env)
     p = shared.get(("p", body))
     if p is None:

@@ -1,0 +1,112 @@
+"""Captured-table reads linear in the key index (``table[h, q - kv + c]``) are read through a
+pointer tile made once before the key loops and moved by a scalar per key tile
+(codegen.triton._Gather): the answer stays the float64 oracle's for every layout, length and
+sparsity path, and a read that is not linear keeps the per-element subscript."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+import attndsl
+from attndsl.runtime.gpu_report import record_launches
+
+CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+
+
+def _run(subscript, table: torch.Tensor, lq: int, lkv: int, mask_mod=None,
+         block_mask=None) -> tuple[torch.Tensor, torch.Tensor, str, dict]:
+    """flex attention with ``score + table[h, subscript(q, kv)]``: the output, the float64
+    reference, the generated module's source and the launch's constexprs."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 2, lq, 16, generator=gen)
+    k, v = (torch.randn(1, 2, lkv, 16, generator=gen) for _ in range(2))
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, subscript(q_idx, kv_idx)]
+
+    kwargs = dict(score_mod=bias, mask_mod=mask_mod, block_mask=block_mask,
+                  kernel_options=dict(CONFIG))
+    out = attndsl.flex_attention(q, k, v, **kwargs)
+    launch, = record_launches(lambda: attndsl.flex_attention(q, k, v, **kwargs))
+    m, n = torch.arange(lq)[:, None], torch.arange(lkv)[None, :]
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25 + \
+        table.double()[torch.arange(2)[:, None, None], subscript(m, n)][None]
+    if mask_mod is not None:
+        s = s.masked_fill(~mask_mod(0, 0, m, n), float("-inf"))
+    ref = torch.softmax(s, -1) @ v.double()
+    source = Path(inspect.getsourcefile(launch.fn)).read_text()
+    return out, ref, source, launch.constexprs
+
+
+@pytest.mark.parametrize("lq, lkv", [(64, 64), (45, 37)])
+def test_a_relative_bias_read_through_a_pointer_tile_gives_the_oracles_attention(
+        lq: int, lkv: int) -> None:
+    """table[h, q - kv + lkv - 1], full and ragged tiles: the pointer tile is made in the
+    kernel scope and the answer is torch's."""
+    table = torch.randn(2, lq + lkv - 1, generator=torch.Generator().manual_seed(2))
+    out, ref, source, consts = _run(lambda q, kv: q - kv + (lkv - 1), table, lq, lkv)
+    assert "    gather_0 = " in source and "tl.load(gather_0 + " in source
+    assert consts["I32_INDICES"] is True
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_a_key_coefficient_other_than_one_and_a_transposed_table_give_the_oracles_attention(
+        ) -> None:
+    """table[h, 2 kv - q + 63] on a table stored transposed (the subscripted dim's stride is
+    not 1): the pointer tile moves by 2 * start_n * stride per key tile."""
+    table = torch.randn(192, 2, generator=torch.Generator().manual_seed(4)).t()
+    out, ref, source, _ = _run(lambda q, kv: 2 * kv - q + 63, table, 64, 64)
+    assert "gather_0" in source
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_a_block_mask_that_skips_key_tiles_moves_the_pointer_tile_to_each_visited_tile(
+        ) -> None:
+    """Causal with a block mask: the visited key tiles are not contiguous from 0, so each
+    tile's pointer is the tile at key 0 moved by its own start (no carried state)."""
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    block_mask = attndsl.create_block_mask(causal, 1, 2, 96, 96, device="cpu",
+                                           BLOCK_SIZE=32)
+    table = torch.randn(2, 191, generator=torch.Generator().manual_seed(6))
+    out, ref, source, consts = _run(lambda q, kv: q - kv + 95, table, 96, 96, causal,
+                                    block_mask)
+    assert "gather_0" in source and consts["SPARSITY"] == 2
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_a_subscript_not_linear_in_the_key_index_keeps_the_per_element_read() -> None:
+    """table[h, (q - kv) // 2 + 32] is not linear in kv: no pointer tile, still torch's."""
+    table = torch.randn(2, 64, generator=torch.Generator().manual_seed(8))
+    out, ref, source, _ = _run(lambda q, kv: (q - kv) // 2 + 32, table, 64, 64)
+    assert "gather_0" not in source
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_a_negative_subscript_reads_through_torchs_wrap_not_the_pointer_tile() -> None:
+    """table[h, q - kv] is negative above the diagonal: the pointer tile drops the wrap, so
+    the launch takes the per-element read (NONNEG_SUBSCRIPTS False) and wraps as torch."""
+    table = torch.randn(2, 64, generator=torch.Generator().manual_seed(9))
+    out, ref, source, consts = _run(lambda q, kv: q - kv, table, 64, 64)
+    assert "if NONNEG_SUBSCRIPTS else" in source and consts["NONNEG_SUBSCRIPTS"] is False
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_a_pointer_tile_term_whose_offset_leaves_int32_turns_the_int32_indices_off() -> None:
+    """_gathers_fit: a term times its stride of 2^31 or more is not computed in int32."""
+    table = torch.randn(2, 127, generator=torch.Generator().manual_seed(2))
+    _, _, source, _ = _run(lambda q, kv: q - kv + 63, table, 64, 64)
+    module: dict = {}
+    exec(compile(source, "<generated>", "exec"), module)  # noqa: S102 - our own output
+    strides = module["STRIDES"]
+    ptr, dim, _, _ = module["GATHERS"][0]
+    args = {s: 1 for stride in strides.values() for s in stride}
+    pieces = [(ptr, dim, (0, 63))]
+    assert module["_gathers_fit"](args, pieces, 64 + 16)
+    args[strides[ptr][dim]] = 2**31 // 64
+    assert not module["_gathers_fit"](args, pieces, 64 + 16)
