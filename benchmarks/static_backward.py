@@ -12,7 +12,10 @@ deterministic kernel so that the dK/dV loop holds no atomics, as the reference's
 fused backward of sigmoid attention (codegen/tile_backward.py: its keys and queries kernels)
 against the hand-written sigmoid backward's dK/dV and dQ kernels.
 
-    python benchmarks/static_backward.py [--target sm90] [--dims 64 128] [--json out.json]
+    python benchmarks/static_backward.py [--target sm90] [--dims 64 128] [--json out.json] [--diff]
+
+Loops pair like with like (:func:`pairs`: unmasked with unmasked, masked with masked);
+``--diff`` prints, per pair, the SASS mnemonics whose counts differ.
 """
 
 from __future__ import annotations
@@ -118,6 +121,37 @@ def _loops(report) -> list[tuple[int, int, int, int]]:
     return [(lp.instructions, lp.tensor_core, lp.ex2, lp.rest) for lp in report.loops]
 
 
+def pairs(gen: list, ref: list) -> list[tuple[str, int, int]]:
+    """Like with like: ``(label, generated index, reference index)`` per comparable loop.
+
+    A kernel's unmasked loop is its lightest (the same step without the mask); it pairs with
+    the other kernel's unmasked loop, and the masked loops pair in address order.  A kernel
+    without a mask has one loop, ``unmasked``; a reference with one loop has no masked loop
+    to compare (its dQ diagonal loop runs one trip, which the compiler unrolls), so only the
+    unmasked loops pair then (the sigmoid dQ kernel's masked loop comes after its unmasked
+    one: pairing by position would compare it with the reference's unmasked loop)."""
+    if not gen or not ref:
+        return []
+
+    def lightest(loops: list) -> int:
+        return min(range(len(loops)), key=lambda i: loops[i][0])
+
+    g0, r0 = lightest(gen), lightest(ref)
+    out = [("unmasked", g0, r0)]
+    masked = zip((i for i in range(len(gen)) if i != g0), (i for i in range(len(ref)) if i != r0))
+    out += [("masked", g, r) for g, r in masked]
+    return out
+
+
+def opcode_diff(gen: dict[str, int], ref: dict[str, int], limit: int = 14) -> str:
+    """The mnemonics whose counts differ between two loop bodies, largest difference first:
+    ``IMAD.IADD +16, I2FP.F32.S32 +16, ...`` (generated minus reference)."""
+    delta = {op: gen.get(op, 0) - ref.get(op, 0) for op in set(gen) | set(ref)}
+    ranked = sorted((d, op) for op, d in delta.items() if d)
+    ranked.sort(key=lambda x: -abs(x[0]))
+    return ", ".join(f"{op} {d:+d}" for d, op in ranked[:limit])
+
+
 CASES = ("dense", "causal", "alibi_causal", "softcap", "sigmoid")
 
 
@@ -155,7 +189,7 @@ def measure(target: str, dims: list[int], cases: tuple[str, ...] = CASES) -> lis
             continue
         rows.append({"case": case, "D": d, "kernel": kind, "who": who, "target": target,
                      "registers": rep.registers, "spills": rep.spill_stores + rep.spill_loads,
-                     "loops": _loops(rep)})
+                     "loops": _loops(rep), "opcodes": [lp.opcodes for lp in rep.loops]})
     return rows
 
 
@@ -174,10 +208,25 @@ def table(rows: list[dict]) -> str:
             return f"{x['loops']}, {x['registers']} regs, {x['spills']} spills"
 
         ratio = "-"
-        if ref and "error" not in ref and "error" not in r and r["loops"] and ref["loops"]:
-            ratio = ", ".join(f"{g[0] / h[0]:.2f}" for g, h in zip(
-                sorted(r["loops"]), sorted(ref["loops"])))
+        if ref and "error" not in ref and "error" not in r:
+            ratio = ", ".join(f"{label} {r['loops'][g][0] / ref['loops'][h][0]:.2f}"
+                              for label, g, h in pairs(r["loops"], ref["loops"])) or "-"
         out.append(f"| {case} | {d} | {kind} | {cell(r)} | {cell(ref)} | {ratio} |")
+    return "\n".join(out)
+
+
+def diffs(rows: list[dict]) -> str:
+    """Per paired loop, the opcodes whose counts differ (what the generated loop does beyond
+    the reference, or less)."""
+    keyed = {(r["case"], r["D"], r["kernel"], r["who"]): r for r in rows}
+    out = []
+    for (case, d, kind, who), r in keyed.items():
+        ref = keyed.get((case, d, kind, "reference"))
+        if who != "generated" or not ref or "error" in r or "error" in ref:
+            continue
+        for label, g, h in pairs(r["loops"], ref["loops"]):
+            out.append(f"{case} D{d} {kind} {label} {r['loops'][g][0]} vs {ref['loops'][h][0]}: "
+                       + opcode_diff(r["opcodes"][g], ref["opcodes"][h]))
     return "\n".join(out)
 
 
@@ -187,9 +236,13 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--diff", action="store_true",
+                    help="print the opcode counts that differ per paired loop")
     args = ap.parse_args()
     rows = measure(args.target, args.dims, tuple(args.cases))
     print(table(rows))
+    if args.diff:
+        print(diffs(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

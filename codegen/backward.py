@@ -58,7 +58,14 @@ from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import FLOAT, Expr, Op
 from attndsl.passes import flex_grad
 from attndsl.passes.affine import is_zero
-from attndsl.passes.flex_grad import QK_ROW, SCORE_ROW, BackwardSpec, GatherGrad, NotFlexCascade
+from attndsl.passes.flex_grad import (
+    QK_ROW,
+    SCORE_ROW,
+    BackwardSpec,
+    GatherGrad,
+    NotFlexCascade,
+    tile_start,
+)
 from attndsl.passes.flex_grad import one_line as _one_line
 from attndsl.passes.rules import LOG2E
 
@@ -125,11 +132,13 @@ KEY_MAJOR = _Orient("offs_m[None, :]", "offs_n[:, None]", "m_ok[None, :]", "n_ok
 VECTORS = _Orient("offs_m", "offs_n", "m_ok", "n_ok", "", -1)  # one axis: 1-D index vectors
 
 
-def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient) -> Env:
+def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient, start: str = "start_m") -> Env:
     """Leaves of a score tile (or of one axis of it): captured-tensor loads are masked with the
-    validity of the tile axes their subscripts use."""
+    validity of the tile axes their subscripts use; ``start`` is the first position of the
+    program's own tile (the split's anchor: ``start_n`` in the dK/dV kernel)."""
     r = spec.roles
-    index = {r["batch"]: "off_b", r["head"]: "off_h", r["query"]: o.m, r["key"]: o.n}
+    index = {r["batch"]: "off_b", r["head"]: "off_h", r["query"]: o.m, r["key"]: o.n,
+             tile_start(r): start}
     return Env(index=index, rows={SCORE_ROW: "s"},
                params={"scale": "scale", "G": "G", **names.sizes},
                captured=names.captured, masks={r["query"]: o.m_ok, r["key"]: o.n_ok},
@@ -198,7 +207,8 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
     """One (query tile, key tile) step: recompute P, then dS.  ``kind`` is ``dkdv`` (key-major
     tiles; also dV, dK, the atomic dQ and captured gradients) or ``dq`` (query-major tiles)."""
     o = KEY_MAJOR if kind == "dkdv" else QUERY_MAJOR
-    env = _tile_env(spec, names, o)
+    start = "start_n" if kind == "dkdv" else "start_m"  # the program's own tile
+    env = _tile_env(spec, names, o, start)
     env.rows[QK_ROW] = "qk"
     r = o.row
     L(0, "# scores: S = scale * Q K^T, T = score_mod(S)")
@@ -214,7 +224,13 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
     if masked:
         assert spec.mask is not None
         L(0, f"valid = valid & ({render_at(L, 0, spec.mask, env)})")
-    L(0, f"p = tl.exp2({render_at(L, 0, spec.log2_score, env)} - lse2{r})")
+    split = spec.log2_split
+    if split is None or not split.separable:
+        L(0, f"p = tl.exp2({render_at(L, 0, spec.log2_score, env)} - lse2{r})")
+    else:
+        if kind == "dkdv":  # the dQ kernel folded its rows once, before the key tiles
+            _emit_rows(L, 0, spec, names, start)
+        L(0, f"p = tl.exp2({_split_exp2_arg(L, spec, names, o, env, start)} - lse2{r})")
     L(0, "p = tl.where(valid, p, 0.0)")
     L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")
     if kind == "dkdv":
@@ -246,6 +262,31 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
     for name, sites in spec.grads:
         for i, site in enumerate(sites):
             _emit_gather_grad(L, spec, names, name, i, site, o)
+
+
+def _emit_rows(L: Lines, depth: int, spec: BackwardSpec, names: _Names, start: str) -> None:
+    """Fold the query-only terms of T log2e into lse2 (one vector per query tile):
+    exp2(tile + rows[m] + cols[n] - lse2[m]) = exp2(tile + cols[n] - (lse2 - rows)[m])."""
+    split = spec.log2_split
+    if split is None or not split.separable or is_zero(split.rows):
+        return
+    rows = render_at(L, depth, split.rows, _tile_env(spec, names, VECTORS, start))
+    L(depth, f"# the query-only terms of T log2e: {_one_line(split.rows)}")
+    L(depth, f"lse2 = lse2 - ({rows})")
+
+
+def _split_exp2_arg(L: Lines, spec: BackwardSpec, names: _Names, o: _Orient, env: Env,
+                    start: str) -> str:
+    """``tile + cols[n]`` of T log2e: the key-only terms as one vector per key tile."""
+    split = spec.log2_split
+    assert split is not None
+    terms = [] if is_zero(split.tile) else [render_at(L, 0, split.tile, env)]
+    if not is_zero(split.cols):
+        cols = render_at(L, 0, split.cols, _tile_env(spec, names, VECTORS, start))
+        L(0, f"# the key-only terms of T log2e: {_one_line(split.cols)}")
+        L(0, f"t_keys = {cols}")
+        terms.append("t_keys" + ("[:, None]" if o.m_axis == 1 else "[None, :]"))
+    return " + ".join(terms) or "0.0"
 
 
 def _emit_gather_grad(L: Lines, spec: BackwardSpec, names: _Names, name: str, i: int,
@@ -442,7 +483,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
                "atomic adds.")
     L(1, "pid_n = tl.program_id(0)\npid_bhkv = tl.program_id(1)")
     L(1, "off_b = pid_bhkv // n_kv_heads\noff_hkv = pid_bhkv % n_kv_heads")
-    L(1, "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)")
+    L(1, "start_n = pid_n * BLOCK_N\noffs_n = start_n + tl.arange(0, BLOCK_N)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, _ok("e_ok", "offs_e", "E_len", "EVEN_E"))
     L(1, _ok("f_ok", "offs_f", "F_len", "EVEN_F"))
@@ -488,12 +529,13 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
     L(1, "off_hkv = off_h // G")
     _hoist_loads(L, 1, spec, names)
-    L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+    L(1, "start_m = pid_m * BLOCK_M\noffs_m = start_m + tl.arange(0, BLOCK_M)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, _ok("e_ok", "offs_e", "E_len", "EVEN_E"))
     L(1, _ok("f_ok", "offs_f", "F_len", "EVEN_F"))
     L(1, _ok("m_ok", "offs_m", "M_len", "EVEN_M"))
     _emit_query_side(L, 1, "dq")
+    _emit_rows(L, 1, spec, names, "start_m")
     L(1, "dq = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)")
 
     def step(L2: Lines, depth: int, masked: bool) -> None:

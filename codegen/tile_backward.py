@@ -29,7 +29,8 @@ made here (``T0``, ``C0``, ``P0``, ``qk0``, ``l0``); spec names reach the source
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from attndsl.codegen.expr import (
@@ -44,7 +45,7 @@ from attndsl.codegen.expr import (
 )
 
 from attndsl.ir import expr as E
-from attndsl.ir.expr import FLOAT, Expr, Op
+from attndsl.ir.expr import BOOL, FLOAT, Expr, Op
 from attndsl.ir.tile import Operand, TileKernel
 from attndsl.passes.affine import affine, invariant, is_zero
 from attndsl.passes.mask.closed_form import SPARSE_BLOCK
@@ -587,10 +588,44 @@ def _emit_keys_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
             _atomic_operand(L, 1, o, names, head, f"d_{o.var}", "offs_n", "col_ok")
 
 
+def _vanishes(e: Expr, body: Expr) -> bool:
+    """Whether ``e`` is 0 wherever ``body`` is 0: ``body`` itself, a product of a vanishing
+    factor and a bounded one, sums, negations and quotients by finite nonzero constants of
+    vanishing terms.  Then ``where(keep, w e, 0) = w e[body := where(keep, body, 0)]`` for a
+    finite ``w``: the masked body already computed for dV guards dqk too (one select)."""
+    if e == body:
+        return True
+    if e.op is Op.MUL:
+        a, c = e.src
+        return (_vanishes(a, body) and _bounded(c)) or (_vanishes(c, body) and _bounded(a))
+    if e.op is Op.NEG:
+        return _vanishes(e.src[0], body)
+    if e.op in (Op.ADD, Op.SUB):
+        return all(_vanishes(x, body) for x in e.src)
+    if e.op in (Op.DIV, Op.TRUEDIV):
+        d = e.src[1]
+        return d.op is Op.CONST and d.arg != 0 and math.isfinite(d.arg) and \
+            _vanishes(e.src[0], body)
+    return False
+
+
+def _bounded(e: Expr) -> bool:
+    """Finite for every argument: finite constants, sigmoids and tanhs ([0, 1], [-1, 1])
+    and sums, differences, products and negations of them."""
+    if e.op is Op.CONST:
+        return e.dtype != BOOL and math.isfinite(e.arg)
+    if e.op in (Op.SIGMOID, Op.TANH):
+        return True
+    return e.op in (Op.ADD, Op.SUB, Op.MUL, Op.NEG) and all(_bounded(x) for x in e.src)
+
+
 def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
-    """One (query tile, key tile) step: W_s, dV, dqk per dot, tile-site captured gradients."""
+    """One (query tile, key tile) step: W_s, dV, dqk per dot, tile-site captured gradients.
+    A d b / d qk term that vanishes with its sum's body (:func:`_vanishes`) reads the masked
+    body ``p_s`` and needs no select of its own."""
     k = b.kernel
     dqk: dict[str, list[str]] = {d.var: [] for d in k.dots}
+    free: dict[str, list[str]] = {d.var: [] for d in k.dots}  # terms zero where masked
     sites: list[tuple[SiteGrad, str]] = []
     for s in b.sums:
         r = s.sum
@@ -598,28 +633,34 @@ def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
         tile = r.v is not None
         ok = "row_ok[:, None] & f_ok[None, :]" if tile else "row_ok"
         L(0, f"c_{v} = tl.load({_rows_buffer('CF_' + v, tile)}, mask={ok}, other=0.0)")
+        masked = None
         if tile:  # [keys, queries] tiles: W^T = V c^T, dV += P^T c
             dt = f"{r.v.var}.dtype"
             L(0, f"# W = c V^T, dV += P^T c  ({comment(E.render(r.body))[2:60]})")
             L(0, f"w_{v} = tl.dot({r.v.var}, tl.trans(c_{v}.to({dt})), "
                  f"input_precision=DOT_PRECISION)")
             body = render_at(L, 0, r.body, env)
-            L(0, f"p = tl.where(keep, {body}, 0.0)")
-            L(0, f"d_{r.v.var} += tl.dot(p.to({dt}), c_{v}.to({dt}), "
+            L(0, f"p_{v} = tl.where(keep, {body}, 0.0)")
+            L(0, f"d_{r.v.var} += tl.dot(p_{v}.to({dt}), c_{v}.to({dt}), "
                  f"input_precision=DOT_PRECISION)")
+            masked = replace(env, hoisted={**env.hoisted, r.body: f"p_{v}"})
         else:
             L(0, f"w_{v} = c_{v}[None, :]")
         for dot, deriv in s.dots:
             term = _deriv(b, dot, deriv, "k")
-            dqk[dot].append(f"w_{v} * ({render_at(L, 0, term, env)})")
+            if masked is not None and _vanishes(term, r.body):
+                free[dot].append(f"w_{v} * ({render_at(L, 0, term, masked)})")
+            else:
+                dqk[dot].append(f"w_{v} * ({render_at(L, 0, term, env)})")
         for site in s.sites:
             sites.append((site, f"w_{v} * ({render_at(L, 0, site.deriv, env)})"))
     for d in k.dots:
-        if not dqk[d.var]:
+        if not dqk[d.var] and not free[d.var]:
             continue
         L(0, f"# d{d.var} = sum(s) W_s * d b_s / d {d.var}; dK += d{d.var}^T Q (dQ: its own "
              f"kernel)")
-        L(0, f"dqk = tl.where(keep, {' + '.join(dqk[d.var])}, 0.0)")
+        guarded = [f"tl.where(keep, {' + '.join(dqk[d.var])}, 0.0)"] if dqk[d.var] else []
+        L(0, f"dqk = {' + '.join(free[d.var] + guarded)}")
         L(0, f"d_{d.k.var} += tl.dot(dqk.to({d.q.var}.dtype), {d.q.var}, "
              f"input_precision=DOT_PRECISION)")
     for site, value in sites:

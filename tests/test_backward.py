@@ -698,3 +698,62 @@ def test_lengths_that_fill_tiles_but_not_table_blocks_stay_in_bounds() -> None:
     (ref["O"].sum() + ref["LSE"].sum()).backward()
     for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+# -- the row/column split of T log2e (passes/affine.split_axes) -------------------------------
+
+def _split(score_mod: Callable) -> tuple[str, str, str]:
+    split = backward_spec(lower_flex(score_mod, causal).cascade).log2_split
+    assert split is not None
+    return E.render(split.tile), E.render(split.rows), E.render(split.cols)
+
+
+def test_alibi_splits_into_a_query_vector_and_a_key_vector_at_the_programs_tile_start() -> None:
+    """slope (n - m) = slope (n - start) + slope (start - m): no per-element conversion."""
+    slopes = torch.rand(2)
+    tile, rows, cols = _split(lambda s, b, h, q, kv: s + slopes[h] * (kv - q))
+    assert tile == "%qk * (scale * 1.4426950408889634)"
+    assert rows == "float(mn.start - m) * (cap0[h] * 1.4426950408889634)"
+    assert cols == "float(n - mn.start) * (cap0[h] * 1.4426950408889634)"
+    src = backward_source(lower_flex(lambda s, b, h, q, kv: s + slopes[h] * (kv - q),
+                                     causal).cascade)
+    exp2 = {ln.strip() for ln in src.splitlines() if ln.strip().startswith("p = tl.exp2(")}
+    assert exp2 == {"p = tl.exp2((qk * (scale * 1.4426950408889634)) + t_keys[:, None] - "
+                    "lse2[None, :])",
+                    "p = tl.exp2((qk * (scale * 1.4426950408889634)) + t_keys[None, :] - "
+                    "lse2[:, None])"}
+
+
+def test_terms_of_both_axes_that_are_no_relative_position_stay_in_the_tile() -> None:
+    """A table read at q - kv, a floor division of the offset, q + kv and q * kv are no outer
+    sums of one vector per axis: they stay per element (the split must not apply)."""
+    table = torch.randn(2, 8)
+    for mod in (lambda s, b, h, q, kv: s + table[h, (q - kv) % 8],
+                lambda s, b, h, q, kv: s + ((kv - q) // 2).float(),
+                lambda s, b, h, q, kv: s + (kv + q).float(),
+                lambda s, b, h, q, kv: s + (kv * q).float() / 100):
+        tile, rows, cols = _split(mod)
+        assert rows == cols == "0.0" and "%qk" in tile and ("n" in tile or "cap0" in tile)
+
+
+def test_one_axis_terms_and_scaled_offsets_split_and_match_the_oracle() -> None:
+    """Per-query and per-key biases, a parameter-free constant, a scaled and shifted offset
+    3 (kv - q + 5) / 7: all leave the tile; with ragged lengths, GQA, both dQ kernels."""
+    qb, kb = torch.randn(40), torch.randn(40)
+
+    def mod(s, b, h, q, kv):
+        return s + qb[q] - kb[kv] * 0.5 + 0.25 + (3 * (kv - q + 5)).float() / 7
+
+    tile, rows, cols = _split(mod)
+    assert tile == "%qk * (scale * 1.4426950408889634)"
+    assert "cap0[m]" in rows and "cap1[n]" in cols and "mn.start" in rows + cols
+    for deterministic in (False, True):
+        check_grads(mod, causal, H=4, HKV=2, Lq=37, Lkv=29, deterministic=deterministic)
+        check_grads(mod, None, Lq=13, Lkv=40, deterministic=deterministic)
+
+
+def test_learnable_alibi_slopes_keep_their_gradient_with_the_split_score() -> None:
+    """The slope gradient still sums dT (n - m) per element; lengths that fill no tile."""
+    slopes = torch.rand(4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    check_grads(lambda s, b, h, q, kv: s + slopes[h] * (q - kv) * 0.5, causal, H=4, HKV=1,
+                Lq=70, Lkv=45, captured={"slopes": slopes}, deterministic=True)

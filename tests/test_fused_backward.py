@@ -218,3 +218,24 @@ def test_the_fused_backward_adds_dq_in_its_own_kernel_and_skips_empty_blocks() -
         assert "# the factor common to every d b / d qk term" in kernel_src
     assert "for sub in range(0, tl.where(full, n_sub, 0)):" in keys
     assert "for start_n in range(flo0 * 128, tl.minimum(fhi0 * 128, N_len), BLOCK_N):" in queries
+
+
+def test_a_derivative_that_vanishes_with_the_masked_body_reads_it_without_a_second_select() -> None:
+    """sigmoid's d b / d qk = s (1 - s) is 0 where the masked body p = where(keep, s, 0) is:
+    dqk reads p (one select per element, as a hand-written kernel); terms that do not vanish
+    there keep their own select."""
+    from attndsl.codegen.tile_backward import _vanishes
+    from attndsl.ir import expr as E
+    from attndsl.ir.expr import Op
+
+    kernel = attndsl.compile(NORMALISERS["sigmoid"][0]())
+    src = Path(kernel.fused_backward.__file__).read_text()
+    keys = src[src.index("def tile_bwd_keys_kernel("):src.index("def tile_bwd_queries_kernel(")]
+    assert keys.count("p_l0 = tl.where(keep, sg0, 0.0)") == 2
+    assert keys.count("dqk = w_l0 * ((p_l0 * (1.0 - p_l0)))") == 2
+    s = E.unary(Op.SIGMOID, E.row("qk0"))
+    assert _vanishes(s * (1.0 - s), s) and _vanishes(-(s * 2.0) / 3.0, s)
+    assert not _vanishes(1.0 - s, s)  # 1 where the body is 0
+    assert not _vanishes(s * E.row("qk0"), s)  # an unbounded factor: inf * 0
+    assert not _vanishes(s / E.row("qk0"), s)  # a division by a tile value
+    assert not _vanishes(s * float("inf"), s)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import FLOAT, Expr, Op
-from attndsl.passes.affine import affine, invariant
+from attndsl.passes.affine import AxisSplit, affine, invariant, split_axes
 from attndsl.passes.grad import GradError, diff, gather_grads
 from attndsl.passes.index_bounds import wrap_captured
 from attndsl.passes.rules import LOG2E, RULES, Rule, rewrite, simplify
@@ -75,10 +75,17 @@ class BackwardSpec:
     log2_score: Expr
     # each distinct tanh of the score and its derivatives, evaluated once per tile
     tanhs: tuple[TanhForm, ...] = ()
+    # log2_score as tile + rows[query] + cols[key] (attndsl.passes.affine.split_axes): the
+    # printer evaluates the one-axis terms as vectors and folds the rows into lse2
+    log2_split: AxisSplit | None = None
 
     def __str__(self) -> str:
         lines = [f"T = {show(self.score)}", f"dT/dS = {show(self.dscore)}",
                  f"T log2e = {E.render(self.log2_score)}"]
+        split = self.log2_split
+        if split is not None and split.separable:
+            lines.append(f"T log2e split: tile {E.render(split.tile)}; rows "
+                         f"{E.render(split.rows)}; cols {E.render(split.cols)}")
         if self.mask is not None:
             lines.append(f"mask: {E.render(self.mask)}")
         for _, sites in self.grads:
@@ -139,8 +146,18 @@ def backward_spec(c: Cascade) -> BackwardSpec:
     dscore = as_row(diff(score, s_load))
     log2 = log2_score(t, roles)
     exprs = [t, dscore, log2] + [g.deriv for _, sites in grads for g in sites]
+    split = split_axes(log2, roles["query"], roles["key"], _tile_indices(roles),
+                       tile_start(roles))
     return BackwardSpec(c, t, dscore, mask, captured, tuple(grads), roles, log2,
-                        tanh_forms(exprs, _tile_indices(roles)))
+                        tanh_forms(exprs, _tile_indices(roles)), split)
+
+
+def tile_start(roles: dict[str, str]) -> str:
+    """The index name of the split's anchor (``mn.start``: not an identifier, so no spec
+    index can have it): the first position of the program's own tile, the key tile in the
+    dK/dV kernel, the query tile in the dQ kernel, so that one of the two vectors is the same
+    for every tile of the loop."""
+    return roles["query"] + roles["key"] + ".start"
 
 
 def _tile_indices(roles: dict[str, str]) -> set[str]:
@@ -208,4 +225,4 @@ def one_line(e: Expr, limit: int = 70) -> str:
 
 
 __all__ = ["QK_ROW", "SCORE_ROW", "BackwardSpec", "GatherGrad", "NotFlexCascade", "TanhForm",
-           "backward_spec", "one_line", "show"]
+           "backward_spec", "one_line", "show", "tile_start"]
