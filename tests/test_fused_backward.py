@@ -225,6 +225,7 @@ def test_a_derivative_that_vanishes_with_the_masked_body_reads_it_without_a_seco
     dqk reads p (one select per element, as a hand-written kernel); terms that do not vanish
     there keep their own select."""
     from attndsl.codegen.tile_backward import _vanishes
+
     from attndsl.ir import expr as E
     from attndsl.ir.expr import Op
 
