@@ -216,21 +216,15 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
         L(0, "qk = tl.dot(k, qT, input_precision=DOT_PRECISION)  # [keys, queries]")
     else:
         L(0, "qk = tl.dot(q, kT, input_precision=DOT_PRECISION)")
-    L(0, "s = qk * scale")
+    if _step_reads_score(spec, names, masked, kind):
+        L(0, "s = qk * scale")
     _emit_tanhs(L, spec, names, env)
-    L(0, f"t = {render_at(L, 0, spec.score, env)}")
     L(0, "# P = exp(T - LSE) = exp2(T log2e - lse2), lse2 = LSE log2e (+inf on empty rows: P = 0)")
     L(0, f"valid = {o.m_ok} & {o.n_ok}")
     if masked:
         assert spec.mask is not None
         L(0, f"valid = valid & ({render_at(L, 0, spec.mask, env)})")
-    split = spec.log2_split
-    if split is None or not split.separable:
-        L(0, f"p = tl.exp2({render_at(L, 0, spec.log2_score, env)} - lse2{r})")
-    else:
-        if kind == "dkdv":  # the dQ kernel folded its rows once, before the key tiles
-            _emit_rows(L, 0, spec, names, start)
-        L(0, f"p = tl.exp2({_split_exp2_arg(L, spec, names, o, env, start)} - lse2{r})")
+    _emit_p(L, spec, names, o, env, kind, start)
     L(0, "p = tl.where(valid, p, 0.0)")
     L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")
     if kind == "dkdv":
@@ -264,6 +258,58 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
             _emit_gather_grad(L, spec, names, name, i, site, o)
 
 
+def _step_reads_score(spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> bool:
+    """Whether a tile step prints a read of S (``s``): the expressions it renders (a tanh's
+    argument on the tile, the mask, T log2e or its split, dT/dS, the captured gradients), not
+    looking under the nodes printed as a name (hoisted reads, the tanhs)."""
+    split = spec.log2_split
+    exp2 = [spec.log2_score] if split is None or not split.separable else \
+        [split.tile, split.cols] + ([split.rows] if kind == "dkdv" else [])
+    named = set(names.hoisted) | {x for th in spec.tanhs for x in th.nodes}
+    exprs = exp2 + [spec.dscore] + ([spec.mask] if masked and spec.mask is not None else []) \
+        + [g.deriv for _, sites in spec.grads for g in sites]
+    tile_args = [th.arg2_tile for th in spec.tanhs if th.coef is None]
+    return any(_reads_row(e, SCORE_ROW, named) for e in exprs) or \
+        any(_reads_row(e, SCORE_ROW, set(names.hoisted)) for e in tile_args)
+
+
+def _reads_row(e: Expr, row: str, skip: set[Expr]) -> bool:
+    """Whether ``e`` reads ``ROW(row)`` outside the subtrees ``skip`` (printed as names)."""
+    seen: set[Expr] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x in skip or x in seen:
+            continue
+        seen.add(x)
+        if x.op is Op.ROW and x.arg == row:
+            return True
+        stack.extend(x.src)
+    return False
+
+
+def _emit_p(L: Lines, spec: BackwardSpec, names: _Names, o: _Orient, env: Env,
+            kind: str, start: str) -> None:
+    """``p = exp2(T log2e - lse2)``; with T log2e split (``spec.log2_split``), the key vector
+    is added to ``-lse2`` first, ``tile + (t_keys - lse2)``, so that the tile pays one add and
+    one multiply-add with ``qk`` (left to right it pays a multiply-add and two adds)."""
+    split = spec.log2_split
+    r = o.row
+    if split is None or not split.separable:
+        L(0, f"p = tl.exp2({render_at(L, 0, spec.log2_score, env)} - lse2{r})")
+        return
+    if kind == "dkdv":  # the dQ kernel folded its rows once, before the key tiles
+        _emit_rows(L, 0, spec, names, start)
+    rest = f"-lse2{r}"
+    if not is_zero(split.cols):
+        cols = render_at(L, 0, split.cols, _tile_env(spec, names, VECTORS, start))
+        L(0, f"# the key-only terms of T log2e: {_one_line(split.cols)}")
+        L(0, f"t_keys = {cols}")
+        rest = "t_keys" + ("[:, None]" if o.m_axis == 1 else "[None, :]") + f" - lse2{r}"
+    arg = rest if is_zero(split.tile) else f"{render_at(L, 0, split.tile, env)} + ({rest})"
+    L(0, f"p = tl.exp2({arg})")
+
+
 def _emit_rows(L: Lines, depth: int, spec: BackwardSpec, names: _Names, start: str) -> None:
     """Fold the query-only terms of T log2e into lse2 (one vector per query tile):
     exp2(tile + rows[m] + cols[n] - lse2[m]) = exp2(tile + cols[n] - (lse2 - rows)[m])."""
@@ -273,20 +319,6 @@ def _emit_rows(L: Lines, depth: int, spec: BackwardSpec, names: _Names, start: s
     rows = render_at(L, depth, split.rows, _tile_env(spec, names, VECTORS, start))
     L(depth, f"# the query-only terms of T log2e: {_one_line(split.rows)}")
     L(depth, f"lse2 = lse2 - ({rows})")
-
-
-def _split_exp2_arg(L: Lines, spec: BackwardSpec, names: _Names, o: _Orient, env: Env,
-                    start: str) -> str:
-    """``tile + cols[n]`` of T log2e: the key-only terms as one vector per key tile."""
-    split = spec.log2_split
-    assert split is not None
-    terms = [] if is_zero(split.tile) else [render_at(L, 0, split.tile, env)]
-    if not is_zero(split.cols):
-        cols = render_at(L, 0, split.cols, _tile_env(spec, names, VECTORS, start))
-        L(0, f"# the key-only terms of T log2e: {_one_line(split.cols)}")
-        L(0, f"t_keys = {cols}")
-        terms.append("t_keys" + ("[:, None]" if o.m_axis == 1 else "[None, :]"))
-    return " + ".join(terms) or "0.0"
 
 
 def _emit_gather_grad(L: Lines, spec: BackwardSpec, names: _Names, name: str, i: int,

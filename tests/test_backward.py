@@ -10,6 +10,7 @@ gradient, a sum over every (query, key) pair).
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -718,10 +719,35 @@ def test_alibi_splits_into_a_query_vector_and_a_key_vector_at_the_programs_tile_
     src = backward_source(lower_flex(lambda s, b, h, q, kv: s + slopes[h] * (kv - q),
                                      causal).cascade)
     exp2 = {ln.strip() for ln in src.splitlines() if ln.strip().startswith("p = tl.exp2(")}
-    assert exp2 == {"p = tl.exp2((qk * (scale * 1.4426950408889634)) + t_keys[:, None] - "
-                    "lse2[None, :])",
-                    "p = tl.exp2((qk * (scale * 1.4426950408889634)) + t_keys[None, :] - "
-                    "lse2[:, None])"}
+    assert exp2 == {"p = tl.exp2((qk * (scale * 1.4426950408889634)) + (t_keys[:, None] - "
+                    "lse2[None, :]))",
+                    "p = tl.exp2((qk * (scale * 1.4426950408889634)) + (t_keys[None, :] - "
+                    "lse2[:, None]))"}
+
+
+def _dead_names(src: str) -> dict[str, set[str]]:
+    """Per generated kernel, the names it assigns and never reads."""
+    out = {}
+    for fn in ast.walk(ast.parse(src)):
+        if isinstance(fn, ast.FunctionDef) and fn.name.endswith("_kernel"):
+            names = [n for n in ast.walk(fn) if isinstance(n, ast.Name)]
+            stored = {n.id for n in names if isinstance(n.ctx, ast.Store)}
+            out[fn.name] = stored - {n.id for n in names if isinstance(n.ctx, ast.Load)}
+    return out
+
+
+def test_backward_kernels_assign_no_name_they_never_read() -> None:
+    """No dead code in the tile steps: T itself is never needed (P is exp2 of T log2e, dS
+    reads dT/dS), and S is printed only where an expression of the step reads it (s * s's
+    dT/dS = 2 s does; ALiBi, softcap's tanh over qk and a plain score do not)."""
+    slopes = torch.rand(2)
+    mods = {"plain": None, "alibi": lambda s, b, h, q, kv: s + slopes[h] * (kv - q),
+            "softcap": lambda s, b, h, q, kv: 30.0 * torch.tanh(s / 30.0),
+            "square": lambda s, b, h, q, kv: s * s}
+    for name, mod in mods.items():
+        src = backward_source(lower_flex(mod, causal).cascade)
+        assert all(not dead for dead in _dead_names(src).values()), (name, _dead_names(src))
+        assert ("s = qk * scale" in src) == (name == "square"), name
 
 
 def test_terms_of_both_axes_that_are_no_relative_position_stay_in_the_tile() -> None:
