@@ -1,35 +1,28 @@
 """The launcher of every generated backward module.
 
-The text from the ``launcher`` marker to its end is copied verbatim into each module
-(:func:`attndsl.codegen.backward.launcher_source`), below the kernels and the CAPTURED / GRADS
-/ HAS_MASK tables it reads; the module needs only torch and triton.  The imports above the
-marker are the module's own (its header imports math and torch).
+The text between the ``launcher`` markers is copied verbatim into each module
+(:func:`attndsl.codegen.writer.launcher_sources`), after the common section of
+codegen/launch_common.py and below the kernels and the CAPTURED / GRADS / HAS_MASK tables it
+reads; the module needs only torch and triton.  The imports above the marker stand for what the
+module has there (its prologue imports math and torch).
 """
 
 import math
 
 import torch
+from attndsl.codegen.launch_common import (
+    AttentionInputError,
+    _block,
+    _cdiv,
+    _dim_consts,
+    _kernel,
+    _strides,
+)
 
 # >>> launcher
-# The backward launcher (copied into each generated backward module, which defines the kernels
-# and the CAPTURED / GRADS / HAS_MASK tables it reads; it needs only torch and triton).
-
-_BWD_KERNELS: dict = {}
-
-
-def _bwd_kernel(name: str, device_type: str):
-    """A kernel of this module, compiled for GPUs or run by the interpreter for CPU tensors."""
-    if (name, device_type) not in _BWD_KERNELS:
-        fn = globals()[name]
-        if device_type == "cpu":
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _BWD_KERNELS[name, device_type] = InterpretedFunction(fn)
-        else:
-            from triton.runtime.jit import JITFunction
-
-            _BWD_KERNELS[name, device_type] = JITFunction(fn)
-    return _BWD_KERNELS[name, device_type]
+# The backward launcher (copied into each generated backward module after launch_common.py's
+# common section; the module defines the kernels and the CAPTURED / GRADS / HAS_MASK tables it
+# reads; it needs only torch and triton).
 
 
 def backward_config(device_type: str, head_dim: int, v_dim: int) -> dict:
@@ -45,23 +38,6 @@ def backward_config(device_type: str, head_dim: int, v_dim: int) -> dict:
                 "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}
     return {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
             "dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}}
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-int(a) // int(b))
-
-
-def _pow2(x: int) -> int:
-    return max(16, 1 << max(0, (int(x) - 1).bit_length()))
-
-
-def _strides(t: torch.Tensor) -> list:
-    """A tensor and its strides, as kernel arguments (stride 0 along broadcast dims)."""
-    return [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
-
-
-class AttentionInputError(ValueError):
-    """Inputs that do not fit the backward kernels: the message says what was expected."""
 
 
 def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
@@ -277,14 +253,11 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
                 raise AttentionInputError(
                     f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of a "
                     f"power-of-two tile >= 16; the tile is ({bm}, {bn})")
-        consts[part] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=_pow2(e_len), BLOCK_F=_pow2(f_len),
-                            SPARSITY=sparsity, SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv,
-                            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                            UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
+        consts[part] = dict(BLOCK_M=bm, BLOCK_N=bn, SPARSITY=sparsity, SPARSE_Q=sparse_q,
+                            SPARSE_KV=sparse_kv, **_dim_consts(device.type, dtype, e_len, f_len),
                             # tables list whole blocks: even means a multiple of them
                             EVEN_M=m_len % (sparse_q if sparsity == 2 else bm) == 0,
                             EVEN_N=n_len % (sparse_kv if sparsity == 2 else bn) == 0,
-                            EVEN_E=e_len == _pow2(e_len), EVEN_F=f_len == _pow2(f_len),
                             num_warps=c["num_warps"], num_stages=c["num_stages"])
     if block_tables is not None:
         block_tables = _checked_block_tables(block_tables, device, (n_batch, n_heads),
@@ -293,10 +266,10 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
     lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)  # LSE log2e, -inf: +inf
     pre = cfg["dq"]
-    _bwd_kernel("attention_bwd_preprocess", device.type)[
+    _kernel("attention_bwd_preprocess", device.type)[
         (_cdiv(m_len, pre["BLOCK_M"]), n_batch * n_heads)](
         *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), *_strides(lse),
-        *_strides(lse2), n_heads, m_len, f_len, BLOCK_M=pre["BLOCK_M"], BLOCK_F=_pow2(f_len),
+        *_strides(lse2), n_heads, m_len, f_len, BLOCK_M=pre["BLOCK_M"], BLOCK_F=_block(f_len),
         num_warps=pre["num_warps"])
     cap_args = []
     for name in CAPTURED:  # noqa: F821
@@ -314,14 +287,14 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     need_flags = {f"NEED_{ptr}": name in cap_grads for name, ptr in GRADS.items()}  # noqa: F821
     # dK, dV (and, unless deterministic, dQ by atomics): a program per key tile
     dkdv_grid = (_cdiv(n_len, consts["dkdv"]["BLOCK_N"]), n_batch * n_kv_heads)
-    _bwd_kernel("attention_bwd_dkdv_kernel", device.type)[dkdv_grid](
+    _kernel("attention_bwd_dkdv_kernel", device.type)[dkdv_grid](
         *common, *_strides(dq), *_strides(dk), *_strides(dv), *cap_args, *grad_args, scale,
         group, n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
         *_tables(block_tables, device, "q_", n_kv_blocks), ATOMIC_DQ=not deterministic,
         **need_flags, **consts["dkdv"])
     if deterministic:  # dQ: a program per query tile
         dq_grid = (_cdiv(m_len, consts["dq"]["BLOCK_M"]), n_batch * n_heads)
-        _bwd_kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
+        _kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
             *common, *_strides(dq), *cap_args, scale, group, n_heads, m_len, n_len, e_len,
             f_len, *_tables(block_tables, device, "kv_", n_kv_blocks), **consts["dq"])
     else:

@@ -1,0 +1,125 @@
+"""Launch code shared by every generated module (forward, FlexAttention backward, fused tile
+backward).
+
+The text of each section is copied verbatim into the modules
+(:func:`attndsl.codegen.writer.launcher_sources`), above the direction's own launcher:
+``common`` into every module, ``tile-kernel`` into the modules of a Tile IR kernel (the
+forward and its fused backward), which define the TENSOR_DIMS, INDEX_EXTENTS, ROLES, PARAMS and
+PARAM_DEFAULTS tables it reads.  The modules need only torch and triton; the imports above the
+first marker are the modules' own (their prologue imports math and torch).
+"""
+
+import math
+
+import torch
+
+# >>> common
+# Launch code shared by every generated module (codegen/launch_common.py).
+
+_KERNELS: dict = {}
+
+
+class AttentionInputError(ValueError):
+    """Inputs that do not fit the kernels: the message says what was expected."""
+
+
+def _kernel(name: str, device_type: str):
+    """The kernel ``name`` of this module, compiled for GPUs, or run by Triton's interpreter
+    for CPU tensors; one cache per module, keyed by (kernel, device type)."""
+    if (name, device_type) not in _KERNELS:
+        fn = globals()[name]
+        if device_type == "cpu":
+            from triton.runtime.interpreter import InterpretedFunction
+
+            if not isinstance(tl.zeros, InterpretedFunction):  # noqa: F821
+                raise AttentionInputError(
+                    "CPU tensors run in Triton's interpreter, which needs TRITON_INTERPRET=1 "
+                    "in the environment before triton is first imported")
+
+            _KERNELS[name, device_type] = InterpretedFunction(fn)
+        else:
+            from triton.runtime.jit import JITFunction
+
+            _KERNELS[name, device_type] = JITFunction(fn)
+    return _KERNELS[name, device_type]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _block(length: int) -> int:
+    """The constexpr block of a head dim: the next power of two, at least 16 (tl.dot's K)."""
+    return max(16, _next_pow2(length))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def _strides(t: torch.Tensor) -> list:
+    """A tensor and its strides, as kernel arguments (stride 0 along broadcast dims)."""
+    return [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
+
+
+def _dim_consts(device_type: str, dtype: torch.dtype, e_len: int, f_len: int) -> dict:
+    """The constexprs every kernel takes from the head dims and the dtype: BLOCK_E / BLOCK_F,
+    EVEN_E / EVEN_F (the block is the dim: no head-dim masks), DOT_PRECISION (IEEE for fp32
+    inputs) and UPCAST (the interpreter has no bf16 arithmetic)."""
+    block_e, block_f = _block(e_len), _block(f_len)
+    return dict(BLOCK_E=block_e, BLOCK_F=block_f, EVEN_E=block_e == e_len,
+                EVEN_F=block_f == f_len,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                UPCAST=device_type == "cpu" and dtype == torch.bfloat16)
+# <<< common
+
+
+# >>> tile-kernel
+# Binding of a Tile IR kernel's extents and parameters (codegen/launch_common.py).
+
+def _sizes(inputs: dict, captured: dict) -> dict:
+    """Every extent's size, read off the tensors; a disagreement is an error."""
+    sizes, seen = {}, {}
+    tensors = {**inputs, **captured}
+    for tensor, dims in TENSOR_DIMS.items():  # noqa: F821
+        t = tensors.get(tensor)
+        if t is None:
+            continue
+        if t.dim() != len(dims):
+            raise AttentionInputError(f"{tensor} must have {len(dims)} dims [{', '.join(dims)}], "
+                                      f"got shape {tuple(t.shape)}")
+        for ext, size in zip(dims, t.shape):
+            if sizes.setdefault(ext, int(size)) != int(size):
+                shapes = {n: tuple(x.shape) for n, x in tensors.items()
+                          if n in TENSOR_DIMS}  # noqa: F821
+                raise AttentionInputError(f"extent {ext} is {sizes[ext]} (from {seen[ext]}) "
+                                          f"but {tensor} has {int(size)}; shapes: {shapes}")
+            seen.setdefault(ext, tensor)
+    return sizes
+
+
+def _bind(inputs: dict, captured: dict, params: dict | None) -> tuple[dict, dict]:
+    """(the size of each index or None, every parameter's value, extents included): the
+    defaults, the extents, scale = 1/sqrt(qk dim) unless given, G = query heads per key/value
+    head, then ``params``; an unbound parameter or heads that do not group are errors."""
+    sizes = _sizes(inputs, captured)
+    ext = {i: sizes.get(e) for i, e in INDEX_EXTENTS.items()}  # noqa: F821
+    e_len = ext.get(ROLES.get("qk")) or 1  # noqa: F821
+    head = ROLES.get("head")  # noqa: F821
+    n_heads = 1 if ext.get(head) is None else ext[head]
+    values = dict(PARAM_DEFAULTS)  # noqa: F821
+    values.update(sizes)
+    if "scale" in PARAMS and (params or {}).get("scale") is None:  # noqa: F821
+        values["scale"] = 1.0 / math.sqrt(e_len)
+    if "G" in PARAMS and "HKV" in sizes:  # noqa: F821
+        n_kv = sizes["HKV"]  # no heads at all (0 and 0) is an empty problem, not an error
+        if (n_kv == 0) != (n_heads == 0) or n_kv and n_heads % n_kv:
+            raise AttentionInputError(f"{n_heads} query heads cannot be grouped over "
+                                      f"{n_kv} key/value heads")
+        values["G"] = n_heads // n_kv if n_kv else 1
+    values.update({k: v for k, v in (params or {}).items() if v is not None})
+    for p in PARAMS:  # noqa: F821
+        if p not in values:
+            raise AttentionInputError(f"parameter {p!r} is not bound; pass it in params")
+    return ext, values
+# <<< tile-kernel
