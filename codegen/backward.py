@@ -297,9 +297,10 @@ def _emit_preprocess(L: Lines) -> None:
             + _tensor_args("DELTA", 3) + _tensor_args("LSE", 3) + _tensor_args("LSE2", 3)
             + ["n_heads", "M_len", "F_len"])
     writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F"],
-                     doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - dLSE[b, h, m], "
-               "in float32,\n    and lse2 = LSE log2e (+inf where LSE = -inf: an empty "
-               "row, whose P the loops then\n    compute as 0 without a guard).")
+                     doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
+                     "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
+                     "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
+                     "guard).")
     writer.program(L, "pid_m")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "m_ok = offs_m < M_len")
@@ -394,11 +395,11 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
             + writer.table_args("q_"))
     const = _CONSTEXPR + ["ATOMIC_DQ"] + [f"NEED_{p}" for p in names.grads.values()]
     writer.signature(L, "attention_bwd_dkdv_kernel", args, const, _EVEN,
-                     "One program: BLOCK_N keys of one (batch, key/value head).  Loops over the G "
-               "query\nheads of the group and over the query tiles (SPARSITY 0 = every "
-               "tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); dK and dV "
-               "sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients are float32 "
-               "atomic adds.")
+                     "One program: BLOCK_N keys of one (batch, key/value head).  Loops over "
+                     "the G query\nheads of the group and over the query tiles (SPARSITY 0 = "
+                     "every tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); "
+                     "dK and dV sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients "
+                     "are float32 atomic adds.")
     writer.program(L, "pid_n", "pid_bhkv", "n_kv_heads", "off_hkv")
     L(1, "offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
@@ -439,9 +440,9 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
             + ["scale", "G", "n_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("kv_"))
     writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR, _EVEN,
-                     "One program: BLOCK_M query rows of one (batch, head); loops over the key "
-               "tiles\n(as the forward) and writes dQ = scale * sum dS K without atomics "
-               "(deterministic).")
+                     "One program: BLOCK_M query rows of one (batch, head); loops over the "
+                     "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
+                     "atomics (deterministic).")
     writer.program(L, "pid_m")
     L(1, "off_hkv = off_h // G")
     _hoist_loads(L, 1, spec, names)
@@ -486,5 +487,6 @@ def generate_backward(c: Cascade, version: str) -> str:
     _emit_preprocess(L)
     _emit_dkdv(L, spec, names)
     _emit_dq(L, spec, names)
-    L(0, writer.launcher_sources("backward_launcher.py"))
+    L(0, writer.launcher_sources("backward_launcher.py",
+                                 (writer.COMMON, writer.BLOCK_TABLES)))
     return "\n".join(L.out) + "\n"

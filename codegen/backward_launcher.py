@@ -1,10 +1,10 @@
 """The launcher of every generated backward module.
 
 The text between the ``launcher`` markers is copied verbatim into each module
-(:func:`attndsl.codegen.writer.launcher_sources`), after the common section of
+(:func:`attndsl.codegen.writer.launcher_sources`), after the common and block-table sections of
 codegen/launch_common.py and below the kernels and the CAPTURED / GRADS / HAS_MASK tables it
-reads; the module needs only torch and triton.  The imports above the marker stand for what the
-module has there (its prologue imports math and torch).
+reads; the module needs only torch and triton.  The imports above the marker stand for what
+the module has there (its prologue imports math and torch).
 """
 
 import math
@@ -14,6 +14,7 @@ from attndsl.codegen.launch_common import (
     AttentionInputError,
     _block,
     _cdiv,
+    _checked_pair,
     _dim_consts,
     _kernel,
     _strides,
@@ -53,74 +54,6 @@ def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
     return dense_t.sum(-1).to(torch.int32), order[..., :rows].to(torch.int32)
 
 
-def _block_matrix(num: torch.Tensor, idx: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Which (row, column) blocks the first ``num`` entries of the first ``rows`` rows list:
-    bool [.., rows, cols] (the indices already checked to lie in [0, cols))."""
-    num, idx = num[..., :rows].long(), idx[..., :rows, :].long()
-    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
-    dense = torch.zeros(tuple(idx.shape[:-1]) + (cols + 1,), dtype=torch.bool,
-                        device=idx.device)
-    dense.scatter_(-1, torch.where(listed, idx, cols), True)
-    return dense[..., :cols]
-
-
-def _lists_a_block_twice(num: torch.Tensor, idx: torch.Tensor, rows: int, cols: int) -> bool:
-    """Whether some row's first ``num`` entries name one block twice (sorted, the listed
-    entries come first and a repeat sits next to itself)."""
-    idx = idx[..., :rows, :].long()
-    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., :rows, None].long()
-    ordered = torch.where(listed, idx, cols).sort(dim=-1).values
-    return bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < cols)).any())
-
-
-def _checked_pair(name: str, num, idx, device: torch.device, heads: tuple[int, int],
-                  rows: int, cols: int) -> torch.Tensor:
-    """The block matrix of one (``name`` counts, indices) table pair as the kernels read it,
-    refused unless every read stays inside the tables and names an existing block: integer
-    tensors on the inputs' device, counts [B or 1, H or 1, >= rows] in [0, the indices'
-    columns], indices [B or 1, H or 1, rows, columns] naming, among the first count entries
-    of each of the first ``rows`` rows, distinct blocks in [0, cols)."""
-    idx_name = name.replace("num_blocks", "indices")
-    for what, t in ((name, num), (idx_name, idx)):
-        if not isinstance(t, torch.Tensor):
-            raise AttentionInputError(f"block table {what} must be a torch.Tensor, got "
-                                      f"{type(t).__name__}")
-        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-            raise AttentionInputError(f"block table {what} has dtype {t.dtype}; expected an "
-                                      f"integer dtype (torch.int32, as BlockMask's tables)")
-        if t.device != device and t.device.type == "meta":
-            raise AttentionInputError(f"block table {what} is on {t.device} (no values); "
-                                      f"expected the inputs' device {device}")
-    # tables on another device are moved, as the forward's launcher does
-    num, idx = num.to(device), idx.to(device)
-    if num.dim() != 3 or idx.dim() != 4 or tuple(num.shape) != tuple(idx.shape[:3]):
-        raise AttentionInputError(f"block tables {name} must be [B, H, rows] and {idx_name} "
-                                  f"[B, H, rows, blocks], got {list(num.shape)} and "
-                                  f"{list(idx.shape)}")
-    for d, want in enumerate(heads):
-        if num.shape[d] not in (1, want):
-            raise AttentionInputError(f"block table {name} dim {d} is {num.shape[d]}; "
-                                      f"expected 1 or {want}")
-    if num.shape[2] < rows:
-        raise AttentionInputError(f"block table {name} has {num.shape[2]} rows; the inputs "
-                                  f"need {rows}")
-    counts = num[..., :rows]
-    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > idx.shape[3]):
-        raise AttentionInputError(f"block table {name} holds counts in [{int(counts.min())}, "
-                                  f"{int(counts.max())}]; they must lie in [0, "
-                                  f"{idx.shape[3]}] (the columns of {idx_name})")
-    listed = torch.arange(idx.shape[3], device=device) < counts[..., None]
-    vals = idx[..., :rows, :][listed]
-    if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= cols):
-        raise AttentionInputError(f"block table {idx_name} lists blocks in "
-                                  f"[{int(vals.min())}, {int(vals.max())}]; there are {cols} "
-                                  f"blocks (indices in [0, {cols}))")
-    if _lists_a_block_twice(num, idx, rows, cols):
-        raise AttentionInputError(f"block table {idx_name} lists a block twice in one row; "
-                                  f"each block must be listed at most once")
-    return _block_matrix(num, idx, rows, cols)
-
-
 def _block_sizes(block_tables: dict) -> tuple[int, int]:
     """(Q_BLOCK_SIZE, KV_BLOCK_SIZE) of ``block_tables``, refused unless positive integers."""
     sizes = []
@@ -158,7 +91,7 @@ def _checked_block_tables(block_tables: dict, device: torch.device, heads: tuple
                 raise AttentionInputError("block_tables has no kv_num_blocks")
             if num is None:
                 continue
-            dense = _checked_pair(name, num, idx, device, heads, rows, cols)
+            dense = _checked_pair(name, num, idx, device, heads, rows, cols, major == "kv_")
             seen[major, part] = dense if major == "kv_" else dense.transpose(-1, -2)
             out[name] = num.to(torch.int32)
             out[f"{part}{major}indices"] = idx.to(torch.int32)

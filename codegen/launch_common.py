@@ -3,10 +3,12 @@ backward).
 
 The text of each section is copied verbatim into the modules
 (:func:`attndsl.codegen.writer.launcher_sources`), above the direction's own launcher:
-``common`` into every module, ``tile-kernel`` into the modules of a Tile IR kernel (the
-forward and its fused backward), which define the TENSOR_DIMS, INDEX_EXTENTS, ROLES, PARAMS and
-PARAM_DEFAULTS tables it reads.  The modules need only torch and triton; the imports above the
-first marker are the modules' own (their prologue imports math and torch).
+``common`` into every module, ``block-tables`` into the modules that read torch-layout block
+tables (the forward and the FlexAttention backward), ``tile-kernel`` into the modules of a Tile
+IR kernel (the forward and its fused backward), which define the TENSOR_DIMS, INDEX_EXTENTS,
+ROLES, PARAMS and PARAM_DEFAULTS tables it reads.  The modules need only torch and triton;
+the imports above the first marker are the modules' own (their prologue imports math and
+torch).
 """
 
 import math
@@ -72,6 +74,81 @@ def _dim_consts(device_type: str, dtype: torch.dtype, e_len: int, f_len: int) ->
                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                 UPCAST=device_type == "cpu" and dtype == torch.bfloat16)
 # <<< common
+
+
+# >>> block-tables
+# Checks of torch-layout block tables (codegen/launch_common.py): the forward's kv-major
+# tables, and the backward's kv-major and q-major ones.
+
+def _block_matrix(num: torch.Tensor, idx: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Which (row, column) blocks the first ``num`` entries of the first ``rows`` rows list:
+    bool [.., rows, cols] (the indices already checked to lie in [0, cols))."""
+    num, idx = num[..., :rows].long(), idx[..., :rows, :].long()
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    dense = torch.zeros(tuple(idx.shape[:-1]) + (cols + 1,), dtype=torch.bool,
+                        device=idx.device)
+    dense.scatter_(-1, torch.where(listed, idx, cols), True)
+    return dense[..., :cols]
+
+
+def _lists_a_block_twice(num: torch.Tensor, idx: torch.Tensor, rows: int, cols: int) -> bool:
+    """Whether some row's first ``num`` entries name one block twice (sorted, the listed
+    entries come first and a repeat sits next to itself)."""
+    idx = idx[..., :rows, :].long()
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., :rows, None].long()
+    ordered = torch.where(listed, idx, cols).sort(dim=-1).values
+    return bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < cols)).any())
+
+
+def _checked_pair(name: str, num, idx, device: torch.device, heads: tuple[int, int],
+                  rows: int, cols: int, kv_major: bool) -> torch.Tensor:
+    """The block matrix of one (``name`` counts, indices) table pair as the kernels read it,
+    refused unless every read stays inside the tables and names an existing block: integer
+    tensors on the inputs' device, counts [B or 1, H or 1, >= rows] in [0, the indices'
+    columns], indices [B or 1, H or 1, rows, columns] naming, among the first count entries
+    of each of the first ``rows`` rows, distinct blocks in [0, cols).  ``kv_major``: rows
+    are query blocks listing key blocks (the forward's layout), else the transpose."""
+    row_kind, col_kind = ("query", "key") if kv_major else ("key", "query")
+    idx_name = name.replace("num_blocks", "indices")
+    for what, t in ((name, num), (idx_name, idx)):
+        if not isinstance(t, torch.Tensor):
+            raise AttentionInputError(f"block table {what} must be a torch.Tensor, got "
+                                      f"{type(t).__name__}")
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise AttentionInputError(f"block table {what} has dtype {t.dtype}; expected an "
+                                      f"integer dtype (torch.int32, as BlockMask's tables)")
+        if t.device != device and t.device.type == "meta":
+            raise AttentionInputError(f"block table {what} is on {t.device} (no values); "
+                                      f"expected the inputs' device {device}")
+    # tables on another device are moved, as the forward's launcher does
+    num, idx = num.to(device), idx.to(device)
+    if num.dim() != 3 or idx.dim() != 4 or tuple(num.shape) != tuple(idx.shape[:3]):
+        raise AttentionInputError(f"block tables {name} must be [B, H, rows] and {idx_name} "
+                                  f"[B, H, rows, blocks], got {list(num.shape)} and "
+                                  f"{list(idx.shape)}")
+    for d, want in enumerate(heads):
+        if num.shape[d] not in (1, want):
+            raise AttentionInputError(f"block table {name} dim {d} is {num.shape[d]}; "
+                                      f"expected 1 or {want}")
+    if num.shape[2] < rows:
+        raise AttentionInputError(f"block table {name} has {num.shape[2]} rows; the inputs "
+                                  f"need {rows} {row_kind}-block rows")
+    counts = num[..., :rows]
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > idx.shape[3]):
+        raise AttentionInputError(f"block table {name} holds counts in [{int(counts.min())}, "
+                                  f"{int(counts.max())}]; they must lie in [0, "
+                                  f"{idx.shape[3]}] (the columns of {idx_name})")
+    listed = torch.arange(idx.shape[3], device=device) < counts[..., None]
+    vals = idx[..., :rows, :][listed]
+    if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= cols):
+        raise AttentionInputError(f"block table {idx_name} lists blocks in "
+                                  f"[{int(vals.min())}, {int(vals.max())}]; expected "
+                                  f"{col_kind} blocks in [0, {cols})")
+    if _lists_a_block_twice(num, idx, rows, cols):
+        raise AttentionInputError(f"block table {idx_name} lists a block twice in one row; "
+                                  f"each block must be listed at most once")
+    return _block_matrix(num, idx, rows, cols)
+# <<< block-tables
 
 
 # >>> tile-kernel

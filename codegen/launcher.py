@@ -1,7 +1,8 @@
 # ruff: noqa: F821
 # The forward launcher of every generated module.  The printer copies the text below the
 # marker into the module after launch_common.py's sections (the kernel cache, the input error,
-# the constexprs of the head dims, the binding of extents and parameters), below the kernel,
+# the constexprs of the head dims, the block-table checks, the binding of extents and
+# parameters), below the kernel,
 # the metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, STRIDES, TABLE_ARGS, ROLES,
 # INDEX_EXTENTS, PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS,
 # TMA_TENSORS) it reads, the index-range checks (index_ranges, divisor_ranges,
@@ -54,38 +55,6 @@ def _check(inputs: dict, captured: dict) -> torch.device:
         if t.device != device:
             raise AttentionInputError(f"captured {name} is on {t.device}, inputs on {device}")
     return device
-
-
-def _checked_tables(prefix: str, num, idx, n_batch: int, n_heads: int, rows: int, cols: int,
-                    device):
-    """A (num_blocks, indices) pair of block tables as int32 on ``device``, refused unless the
-    kernel's reads stay inside them: [B or 1, H or 1, >= rows] counts in [0, indices' columns]
-    and, among the first count entries of each row, key-block indices in [0, cols)."""
-    name = prefix + "kv_num_blocks"
-    num, idx = (t.to(device=device, dtype=torch.int32) for t in (num, idx))
-    if num.dim() != 3 or idx.dim() != 4 or tuple(num.shape) != tuple(idx.shape[:3]):
-        raise AttentionInputError(f"{name} must be [B, H, rows] and {prefix}kv_indices "
-                                  f"[B, H, rows, blocks], got {list(num.shape)} and "
-                                  f"{list(idx.shape)}")
-    for d, (size, want) in enumerate(zip(num.shape, (n_batch, n_heads))):
-        if size not in (1, want):
-            raise AttentionInputError(f"{name} dim {d} is {size}; expected 1 or {want}")
-    if num.shape[2] < rows:
-        raise AttentionInputError(f"{name} has {num.shape[2]} query-block rows; the inputs "
-                                  f"need {rows}")
-    if num.numel():
-        lo, hi = int(num.min()), int(num.max())
-        if lo < 0 or hi > idx.shape[3]:
-            raise AttentionInputError(f"{name} holds counts in [{lo}, {hi}]; they must lie in "
-                                      f"[0, {idx.shape[3]}] (the columns of {prefix}kv_indices)")
-        used = torch.arange(idx.shape[3], device=device) < num[..., None]
-        if bool(used.any()):
-            vals = idx[used]
-            if int(vals.min()) < 0 or int(vals.max()) >= cols:
-                raise AttentionInputError(
-                    f"{prefix}kv_indices lists key blocks in [{int(vals.min())}, "
-                    f"{int(vals.max())}]; the keys have {cols} blocks")
-    return num, idx
 
 
 def launch(inputs: dict, params: dict | None = None, captured: dict | None = None,
@@ -180,8 +149,9 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
             if num is None:  # no full blocks: every listed block is partial (broadcast zeros)
                 num = torch.zeros([1, 1, grid_rows], dtype=torch.int32, device=device)
                 idx = torch.zeros([1, 1, grid_rows, 1], dtype=torch.int32, device=device)
-            num, idx = _checked_tables(prefix, num, idx, n_batch, n_heads, grid_rows,
-                                       -(-n_len // sparse_kv), device)
+            _checked_pair(f"{prefix}kv_num_blocks", num, idx, device, (n_batch, n_heads),
+                          grid_rows, -(-n_len // sparse_kv), True)
+            num, idx = (t.to(device=device, dtype=torch.int32) for t in (num, idx))
             for t in (num, idx):  # a dim of size 1 broadcasts (stride 0)
                 tables += [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
     else:

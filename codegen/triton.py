@@ -216,7 +216,8 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
     _emit_index_ranges(k, L, divisors)
     _emit_scale_ranges(k, L)
     _emit_narrow_ranges(k, L)
-    L(0, writer.launcher_sources("launcher.py", (writer.COMMON, writer.TILE_KERNEL)))
+    L(0, writer.launcher_sources("launcher.py", (writer.COMMON, writer.BLOCK_TABLES,
+                                                  writer.TILE_KERNEL)))
     return "\n".join(L.out) + "\n"
 
 
@@ -331,12 +332,8 @@ def _emit_tables(k: TileKernel, names: _Names, L: Lines) -> None:
     L(0, "STRIDES = " + repr(names.strides))
     L(0, "# the block-table arguments (SPARSITY 2 and 4), in the launcher's order")
     L(0, "TABLE_ARGS = " + repr(_TABLE_ARGS))
-    L(0, "ROLES = " + repr(dict(k.roles)))
     L(0, "HAS_MASK = " + repr(k.mask is not None))
-    L(0, "# tensor name -> extent name of each dim; index name -> extent name")
-    L(0, "TENSOR_DIMS = " + repr(dict(k.tensor_dims)))
-    L(0, "INDEX_EXTENTS = " + repr(dict(k.index_extents)))
-    L(0, "PARAM_DEFAULTS = " + repr(dict(k.param_defaults)))
+    writer.binding_tables(L, k)
     L(0, "PASSES = " + repr(len(k.passes)))
     L(0, loads.descriptor_table(list(names.descriptors.values())))
     L(0, "# closed-form key-tile ranges (SPARSITY 3) exist for this mask, in blocks of:")

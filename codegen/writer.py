@@ -6,6 +6,7 @@ What every generated module has in common is written here once, so the three can
 * :class:`Lines`, the line buffer (``L(depth, text)``);
 * :func:`prologue`: the header comment, the docstring, the imports (Triton's interpreter chosen
   for CPU tensors before triton is imported), ``SPEC_HASH`` and ``ATTNDSL_VERSION``;
+  :func:`binding_tables`: the tables a Tile IR kernel's launch binds extents and parameters by;
 * :func:`signature`: ``def kernel(`` runtime arguments, constexprs, then the specialisations a
   caller may leave out (``= False``: the general kernel);
 * pointer helpers: :func:`strided` (a pointer and its stride arguments ``X_s0, X_s1, ...``),
@@ -29,6 +30,7 @@ from pathlib import Path
 from attndsl.codegen.expr import Env, comment, render_at
 
 from attndsl.ir.expr import Expr
+from attndsl.ir.tile import TileKernel
 
 
 class Lines:
@@ -66,9 +68,10 @@ def section(path: Path, name: str) -> str:
 
 
 _HERE = Path(__file__).parent
-# launch sections of launch_common.py: every module; modules of a Tile IR kernel (forward and
-# fused backward), which carry TENSOR_DIMS, INDEX_EXTENTS, ROLES, PARAMS and PARAM_DEFAULTS
-COMMON, TILE_KERNEL = "common", "tile-kernel"
+# launch sections of launch_common.py: every module; modules reading block tables (forward and
+# flex backward); modules of a Tile IR kernel (forward and fused backward), which carry
+# TENSOR_DIMS, INDEX_EXTENTS, ROLES, PARAMS and PARAM_DEFAULTS
+COMMON, BLOCK_TABLES, TILE_KERNEL = "common", "block-tables", "tile-kernel"
 
 
 def launcher_sources(own: str, shared: tuple[str, ...] = (COMMON,)) -> str:
@@ -76,6 +79,17 @@ def launcher_sources(own: str, shared: tuple[str, ...] = (COMMON,)) -> str:
     the ``launcher`` section of the direction's own file ``own`` (in codegen/)."""
     parts = [section(_HERE / "launch_common.py", s) for s in shared]
     return "".join(parts) + section(_HERE / own, "launcher")
+
+
+def binding_tables(L: Lines, k: TileKernel) -> None:
+    """The tables a module of a Tile IR kernel binds its launch by (the ``tile-kernel``
+    section of launch_common.py): the index of each role, the extents of every tensor's dims
+    and of every index, the parameters' default values (names only as ``repr``'d strings)."""
+    L(0, "# role -> index name; tensor name -> extent name of each dim; index name -> extent")
+    L(0, "ROLES = " + repr(dict(k.roles)))
+    L(0, "TENSOR_DIMS = " + repr(dict(k.tensor_dims)))
+    L(0, "INDEX_EXTENTS = " + repr(dict(k.index_extents)))
+    L(0, "PARAM_DEFAULTS = " + repr(dict(k.param_defaults)))
 
 
 # -- kernel signatures and pointers -------------------------------------------------------
