@@ -181,9 +181,7 @@ def _bind(inputs: dict, captured: dict, params: dict | None) -> tuple[dict, dict
     head, then ``params``; an unbound parameter or heads that do not group are errors."""
     sizes = _sizes(inputs, captured)
     ext = {i: sizes.get(e) for i, e in INDEX_EXTENTS.items()}  # noqa: F821
-    e_len = ext.get(ROLES.get("qk")) or 1  # noqa: F821
-    head = ROLES.get("head")  # noqa: F821
-    n_heads = 1 if ext.get(head) is None else ext[head]
+    _, n_heads, _, _, e_len, _ = _lengths(ext)
     values = dict(PARAM_DEFAULTS)  # noqa: F821
     values.update(sizes)
     if "scale" in PARAMS and (params or {}).get("scale") is None:  # noqa: F821
@@ -199,4 +197,14 @@ def _bind(inputs: dict, captured: dict, params: dict | None) -> tuple[dict, dict
         if p not in values:
             raise AttentionInputError(f"parameter {p!r} is not bound; pass it in params")
     return ext, values
+
+
+def _lengths(ext: dict) -> tuple[int, int, int, int, int, int]:
+    """(batch, heads, M, N, E, F) of a launch from the size of each index: 1 for a batch or
+    head index the spec lacks (a size of 0 stays 0: an empty problem, no launch) and for an
+    absent qk or v dim."""
+    n_batch, n_heads = (1 if ext.get(ROLES.get(r)) is None else ext[ROLES[r]]  # noqa: F821
+                        for r in ("batch", "head"))
+    return (n_batch, n_heads, ext[ROLES["query"]] or 0, ext[ROLES["key"]] or 0,  # noqa: F821
+            ext.get(ROLES.get("qk")) or 1, ext.get(ROLES.get("v")) or 1)  # noqa: F821
 # <<< tile-kernel

@@ -73,12 +73,7 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     captured = dict(captured or {})
     device = _check(inputs, captured)
     ext, values = _bind(inputs, captured, params)
-    q_idx, k_idx = ROLES["query"], ROLES["key"]
-    e_len, f_len = ext.get(ROLES.get("qk")) or 1, ext.get(ROLES.get("v")) or 1
-    # 1 when the spec has no batch (head) index; a size of 0 stays 0: empty outputs, no launch
-    n_batch, n_heads = (1 if ext.get(ROLES.get(r)) is None else ext[ROLES[r]]
-                        for r in ("batch", "head"))
-    m_len, n_len = ext[q_idx], ext[k_idx]
+    n_batch, n_heads, m_len, n_len, e_len, f_len = _lengths(ext)
     tensors = {**inputs, **captured}
     for text, (lo, hi) in divisor_ranges(values, tensors) if m_len and n_batch * n_heads else ():
         if lo <= 0 <= hi:  # integer // and % by zero: torch raises ZeroDivisionError

@@ -9,7 +9,7 @@ BOUNDS_BLOCK tables it reads; the module needs only torch and triton.
 """
 
 import torch
-from attndsl.codegen.launch_common import _bind, _dim_consts, _kernel, _strides
+from attndsl.codegen.launch_common import _bind, _dim_consts, _kernel, _lengths, _strides
 
 # >>> launcher
 # The fused backward launcher (copied into each generated module; it reads the tables above).
@@ -31,11 +31,7 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
     ext, values = _bind(inputs, captured, params)
     first = next(iter(inputs.values()))
     device, dtype = first.device, first.dtype
-    m_len, n_len = ext[ROLES["query"]] or 0, ext[ROLES["key"]] or 0  # noqa: F821
-    e_len = ext.get(ROLES.get("qk")) or 1  # noqa: F821
-    f_len = ext.get(ROLES.get("v")) or 1  # noqa: F821
-    n_batch, n_heads = (1 if ext.get(ROLES.get(r)) is None else ext[ROLES[r]]  # noqa: F821
-                        for r in ("batch", "head"))
+    n_batch, n_heads, m_len, n_len, e_len, f_len = _lengths(ext)
     d_in = {name: torch.zeros(inputs[name].shape, dtype=torch.float32, device=device)
             for name in TENSORS}  # noqa: F821
     d_cap = {name: torch.zeros(captured[name].shape, dtype=torch.float32, device=device)

@@ -1,26 +1,10 @@
-"""The code writer the three printers share: forward (codegen/triton.py), FlexAttention
-backward (codegen/backward.py) and fused tile backward (codegen/tile_backward.py).
-
-What every generated module has in common is written here once, so the three cannot drift:
-
-* :class:`Lines`, the line buffer (``L(depth, text)``);
-* :func:`prologue`: the header comment, the docstring, the imports (Triton's interpreter chosen
-  for CPU tensors before triton is imported), ``SPEC_HASH`` and ``ATTNDSL_VERSION``;
-  :func:`binding_tables`: the tables a Tile IR kernel's launch binds extents and parameters by;
-* :func:`signature`: ``def kernel(`` runtime arguments, constexprs, then the specialisations a
-  caller may leave out (``= False``: the general kernel);
-* pointer helpers: :func:`strided` (a pointer and its stride arguments ``X_s0, X_s1, ...``),
-  :func:`offset` (``X + i0 * X_s0 + ...``), :func:`table_args` (the four block tables);
-* :func:`program`: the program ids and the (batch, head) of a program;
-* the sparsity loop nest: :func:`sparsity_loops` (SPARSITY 2 = block tables, partial tiles
-  masked and full ones not; 1 = every tile masked; 0 = every tile unmasked; the forward adds
-  its range branches) and :func:`bound_values` / :data:`SEGMENT_PARTS` (closed-form key-block
-  bounds: masked ``[lo, full_lo)``, unmasked ``[full_lo, full_hi)``, masked ``[full_hi, hi)``);
-* :func:`launcher_sources`: the launch sections of codegen/launch_common.py (one kernel cache,
-  one input error type, the shared constexprs) followed by the direction's own launcher.
-
-The loop *bodies* stay with their printers; this module only prints scaffolding.
-"""
+"""The code writer the three printers share -- forward (codegen/triton.py), FlexAttention
+backward (codegen/backward.py), fused tile backward (codegen/tile_backward.py) -- so that what
+every generated module has in common is printed once: the line buffer, the module prologue,
+kernel signatures, pointer and block-table helpers, the SPARSITY loop nest, the closed-form
+bounds and the launch sections (codegen/launch_common.py, then the direction's launcher).
+The loop *bodies* stay with their printers; docs/ARCHITECTURE.md ("The code writer") lists
+the pieces."""
 
 from __future__ import annotations
 
