@@ -288,8 +288,6 @@ def _ok(var: str, offs: str, length: str, even: str) -> str:
 
 _CONSTEXPR = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "SPARSITY", "SPARSE_Q", "SPARSE_KV",
               "DOT_PRECISION", "UPCAST"]
-# lengths that are multiples of the tile (M, N) or equal to it (E, F): no bounds masks
-_EVEN = ["EVEN_M", "EVEN_N", "EVEN_E", "EVEN_F"]
 
 
 def _emit_preprocess(L: Lines) -> None:
@@ -394,7 +392,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
             + ["scale", "G", "n_heads", "n_kv_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("q_"))
     const = _CONSTEXPR + ["ATOMIC_DQ"] + [f"NEED_{p}" for p in names.grads.values()]
-    writer.signature(L, "attention_bwd_dkdv_kernel", args, const, _EVEN,
+    writer.signature(L, "attention_bwd_dkdv_kernel", args, const, writer.EVEN,
                      "One program: BLOCK_N keys of one (batch, key/value head).  Loops over "
                      "the G query\nheads of the group and over the query tiles (SPARSITY 0 = "
                      "every tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); "
@@ -439,7 +437,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
             + _tensor_args("DQ", 4) + _captured_args(names, False)
             + ["scale", "G", "n_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("kv_"))
-    writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR, _EVEN,
+    writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR, writer.EVEN,
                      "One program: BLOCK_M query rows of one (batch, head); loops over the "
                      "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
                      "atomics (deterministic).")

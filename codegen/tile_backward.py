@@ -320,7 +320,7 @@ def _use_rows(b: TileBackward, o: tuple[str, str, str]) -> dict[str, str]:
 
 def _signature(L: Lines, fn: str, args: list[str], doc: str) -> None:
     writer.signature(L, fn, args, ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION",
-                                   "UPCAST"), ("EVEN_M", "EVEN_N", "EVEN_E", "EVEN_F"), doc)
+                                   "UPCAST"), writer.EVEN, doc)
 
 
 def _common_args(b: TileBackward, names: _Names) -> list[str]:

@@ -78,6 +78,12 @@ def binding_tables(L: Lines, k: TileKernel) -> None:
 
 # -- kernel signatures and pointers -------------------------------------------------------
 
+# lengths that are multiples of the tile (M, N) or equal to it (E, F): no bounds masks; the
+# backward kernels' specialisations (the forward's add its own, launch_common._dim_consts
+# sets EVEN_E / EVEN_F for every kernel)
+EVEN = ("EVEN_M", "EVEN_N", "EVEN_E", "EVEN_F")
+
+
 def signature(L: Lines, fn: str, args: list[str], constexprs: list[str] | tuple[str, ...],
               flags: list[str] | tuple[str, ...] = (), doc: str = "",
               notes: dict[str, str] | None = None) -> None:
