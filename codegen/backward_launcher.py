@@ -13,11 +13,13 @@ import torch
 from attndsl.codegen.launch_common import (
     AttentionInputError,
     _block,
+    _block_sizes,
     _cdiv,
     _checked_pair,
     _dim_consts,
     _kernel,
     _strides,
+    _table_tiles,
 )
 
 # >>> launcher
@@ -52,18 +54,6 @@ def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
     dense_t = dense[..., :n_cols].transpose(-1, -2)  # [.., cols, rows]
     order = torch.argsort((~dense_t).to(torch.int8), dim=-1, stable=True)
     return dense_t.sum(-1).to(torch.int32), order[..., :rows].to(torch.int32)
-
-
-def _block_sizes(block_tables: dict) -> tuple[int, int]:
-    """(Q_BLOCK_SIZE, KV_BLOCK_SIZE) of ``block_tables``, refused unless positive integers."""
-    sizes = []
-    for key in ("Q_BLOCK_SIZE", "KV_BLOCK_SIZE"):
-        size = block_tables.get(key)
-        if isinstance(size, bool) or not hasattr(size, "__index__") or size.__index__() <= 0:
-            raise AttentionInputError(f"block_tables[{key!r}] is {size!r}; expected a "
-                                      f"positive int (the block size the tables count in)")
-        sizes.append(size.__index__())
-    return sizes[0], sizes[1]
 
 
 def _checked_block_tables(block_tables: dict, device: torch.device, heads: tuple[int, int],
@@ -180,12 +170,8 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     consts = {}
     for part, c in cfg.items():
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
-        if sparsity == 2:  # a tile lies inside one block of the tables: a power-of-two divisor
-            bm, bn = min(bm, sparse_q & -sparse_q), min(bn, sparse_kv & -sparse_kv)
-            if min(bm, bn) < 16:
-                raise AttentionInputError(
-                    f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of a "
-                    f"power-of-two tile >= 16; the tile is ({bm}, {bn})")
+        if sparsity == 2:
+            bm, bn = _table_tiles(bm, bn, sparse_q, sparse_kv)
         consts[part] = dict(BLOCK_M=bm, BLOCK_N=bn, SPARSITY=sparsity, SPARSE_Q=sparse_q,
                             SPARSE_KV=sparse_kv, **_dim_consts(device.type, dtype, e_len, f_len),
                             # tables list whole blocks: even means a multiple of them

@@ -148,6 +148,28 @@ def _checked_pair(name: str, num, idx, device: torch.device, heads: tuple[int, i
         raise AttentionInputError(f"block table {idx_name} lists a block twice in one row; "
                                   f"each block must be listed at most once")
     return _block_matrix(num, idx, rows, cols)
+
+def _block_sizes(block_tables: dict) -> tuple[int, int]:
+    """(Q_BLOCK_SIZE, KV_BLOCK_SIZE) of ``block_tables``, refused unless positive integers."""
+    sizes = []
+    for key in ("Q_BLOCK_SIZE", "KV_BLOCK_SIZE"):
+        size = block_tables.get(key)
+        if isinstance(size, bool) or not hasattr(size, "__index__") or size.__index__() <= 0:
+            raise AttentionInputError(f"block_tables[{key!r}] is {size!r}; expected a "
+                                      f"positive int (the block size the tables count in)")
+        sizes.append(size.__index__())
+    return sizes[0], sizes[1]
+
+
+def _table_tiles(bm: int, bn: int, sparse_q: int, sparse_kv: int) -> tuple[int, int]:
+    """The (BLOCK_M, BLOCK_N) tiles of a launch over block tables: each tile lies inside one
+    block, so the config's tiles shrink to the largest power of two dividing the block sizes;
+    refused when the blocks are not multiples of a tile >= 16 (tl.dot's smallest)."""
+    bm, bn = min(bm, sparse_q & -sparse_q), min(bn, sparse_kv & -sparse_kv)
+    if sparse_q % bm or sparse_kv % bn or min(bm, bn) < 16:
+        raise AttentionInputError(f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of "
+                                  f"a power-of-two tile >= 16; the tile is ({bm}, {bn})")
+    return bm, bn
 # <<< block-tables
 
 

@@ -112,14 +112,9 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         block_tables = {"closed_form": True, "Q_BLOCK_SIZE": BOUNDS_BLOCK,
                         "KV_BLOCK_SIZE": BOUNDS_BLOCK}
     if block_tables is not None:
-        sparse_q, sparse_kv = int(block_tables["Q_BLOCK_SIZE"]), int(block_tables["KV_BLOCK_SIZE"])
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], sparse_q & -sparse_q)  # largest power of 2
-        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], sparse_kv & -sparse_kv)  # dividing the block
-        if sparse_q % cfg["BLOCK_M"] or sparse_kv % cfg["BLOCK_N"] or \
-                min(cfg["BLOCK_M"], cfg["BLOCK_N"]) < 16:
-            raise AttentionInputError(
-                f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of a power-of-two "
-                f"tile >= 16; the tile is ({cfg['BLOCK_M']}, {cfg['BLOCK_N']})")
+        sparse_q, sparse_kv = _block_sizes(block_tables)
+        cfg["BLOCK_M"], cfg["BLOCK_N"] = _table_tiles(cfg["BLOCK_M"], cfg["BLOCK_N"], sparse_q,
+                                                      sparse_kv)
     if block_tables is not None and block_tables.get("closed_form"):
         sparsity = 3  # the kernel computes each query block's key-tile ranges itself
         segments = BOUNDS_SEGMENTS
