@@ -145,3 +145,22 @@ def test_the_forward_refuses_a_block_listed_twice_as_the_backward_does() -> None
         mask_mod=lambda b, h, m, n: m >= n, seq_lengths=(256, 256))
     with pytest.raises(ValueError, match="lists a block twice"):
         attndsl.flex_attention(q, k, v, block_mask=twice)
+
+
+@pytest.mark.parametrize("size", [0, -128, 128.0, True])
+def test_the_forward_refuses_block_sizes_that_are_not_positive_ints(size) -> None:
+    """The forward checks Q_BLOCK_SIZE / KV_BLOCK_SIZE with the backward's check (a size of 0
+    was a ZeroDivisionError inside the launcher)."""
+    import torch
+
+    from attndsl.api import _compiled
+    from attndsl.frontend.flex import lower_flex
+
+    spec = lower_flex(None, lambda b, h, m, n: m >= n)
+    _, module = _compiled(spec.cascade)
+    q = torch.randn(1, 1, 128, 16)
+    tables = {"kv_num_blocks": torch.ones(1, 1, 1, dtype=torch.int32),
+              "kv_indices": torch.zeros(1, 1, 1, 1, dtype=torch.int32),
+              "Q_BLOCK_SIZE": size, "KV_BLOCK_SIZE": 128}
+    with pytest.raises(module.AttentionInputError, match="expected a positive int"):
+        module.launch({"Q": q, "K": q, "V": q}, {"scale": 0.25}, spec.captured, tables)
