@@ -502,12 +502,12 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         call = _emit_step_function(f"_key_tile_step_{pi + 1}", p, step, L.out[kernel_start:],
                                    args, const, steps)
 
-        def step(L: Lines, depth: int, masked: bool, call=call) -> None:
-            L(depth, call(masked))
+        def visit(L: Lines, depth: int, masked: bool, call=call) -> None:
+            L(depth, call(masked))  # one key tile: the step function, MASKED or not
 
-        writer.sparsity_loops(L, 1, step, k.mask is not None, "kv_",
+        writer.sparsity_loops(L, 1, visit, k.mask is not None, "kv_",
                               "(pid_m * BLOCK_M) // SPARSE_Q", "SPARSE_KV", "BLOCK_N", "start_n",
-                              "N_len", lambda L, depth, step=step: _ranges(L, depth, k, step))
+                              "N_len", lambda L, depth, visit=visit: _ranges(L, depth, k, visit))
         for mx in p.maxes:
             floor = f"tl.maximum({mx.var}, 0.0)" if mx.floor0 else \
                 f'tl.where({mx.var} == float("-inf"), 0.0, {mx.var})'
