@@ -39,19 +39,21 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from attndsl.codegen import writer
 from attndsl.codegen.expr import (
     HELPERS,
     CodegenError,
     Env,
-    Lines,
     comment,
     literal,
     render,
     render_at,
     reset_spills,
 )
+from attndsl.codegen.writer import Lines
+from attndsl.codegen.writer import offset as _ptr
+from attndsl.codegen.writer import strided as _tensor_args
 
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
@@ -100,11 +102,6 @@ def _names(spec: BackwardSpec) -> _Names:
     sizes = {spec.cascade.tensor(name).dims[d]: f"{ptr}_n{d}"
              for name, (ptr, rank) in captured.items() for d in range(rank)}
     return _Names(captured, grads, sizes)
-
-
-def _ptr(base: str, parts: list[str]) -> str:
-    """``base + i0 * base_s0 + i1 * base_s1 + ...`` (one term per dimension)."""
-    return base + " + " + " + ".join(f"{p} * {base}_s{d}" for d, p in enumerate(parts))
 
 
 @dataclass(frozen=True)
@@ -364,43 +361,18 @@ def _ok(var: str, offs: str, length: str, even: str) -> str:
 
 _CONSTEXPR = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "SPARSITY", "SPARSE_Q", "SPARSE_KV",
               "DOT_PRECISION", "UPCAST"]
-# lengths that are multiples of the tile (M, N) or equal to it (E, F): no bounds masks
-_EVEN = ["EVEN_M", "EVEN_N", "EVEN_E", "EVEN_F"]
-
-
-def _tensor_args(name: str, rank: int) -> list[str]:
-    return [name] + [f"{name}_s{d}" for d in range(rank)]
-
-
-def _table_args(prefix: str) -> list[str]:
-    return (_tensor_args(f"{prefix}num", 3) + _tensor_args(f"{prefix}idx", 4)
-            + _tensor_args(f"full_{prefix}num", 3) + _tensor_args(f"full_{prefix}idx", 4))
-
-
-def _signature(L: Lines, fn: str, args: list[str], const: list[str], doc: str,
-               even: bool = True) -> None:
-    L(0, f"def {fn}(")
-    for a in args:
-        L(1, f"{a},")
-    for c in const:
-        L(1, f"{c}: tl.constexpr,")
-    if even:
-        for c in _EVEN:
-            L(1, f"{c}: tl.constexpr = False,")
-    L(0, "):")
-    L(1, f'"""{doc}"""')
 
 
 def _emit_preprocess(L: Lines) -> None:
     args = (_tensor_args("O", 4) + _tensor_args("DO", 4) + _tensor_args("DLSE", 3)
             + _tensor_args("DELTA", 3) + _tensor_args("LSE", 3) + _tensor_args("LSE2", 3)
             + ["n_heads", "M_len", "F_len"])
-    _signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F"], even=False,
-               doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - dLSE[b, h, m], "
-               "in float32,\n    and lse2 = LSE log2e (+inf where LSE = -inf: an empty "
-               "row, whose P the loops then\n    compute as 0 without a guard).")
-    L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
-    L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
+    writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F"],
+                     doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
+                     "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
+                     "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
+                     "guard).")
+    writer.program(L, "pid_m")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "m_ok = offs_m < M_len")
     L(1, "tile_ok = m_ok[:, None] & (offs_f[None, :] < F_len)")
@@ -465,32 +437,18 @@ def _emit_key_side(L: Lines, depth: int, kind: str) -> None:
     L(depth + 1, f"{names[0]} = {names[0]}.to(tl.float32)\n{names[1]} = {names[1]}.to(tl.float32)")
 
 
-def _emit_loops(L: Lines, depth: int, spec: BackwardSpec, step, over: str) -> None:
-    """The SPARSITY branches of a loop over query tiles (``over='m'``) or key tiles ('n')."""
-    has_mask = spec.mask is not None
+def _emit_loops(L: Lines, depth: int, spec: BackwardSpec, step: writer.Step,
+                over: str) -> None:
+    """The SPARSITY branches of a loop over query tiles (``over='m'``, the q-major tables) or
+    key tiles ('n', the kv-major ones, as the forward)."""
     if over == "m":
-        table, own, other_block, own_block, start, tile, length = \
-            "q_", "pid_n * BLOCK_N", "SPARSE_Q", "SPARSE_KV", "start_m", "BLOCK_M", "M_len"
+        writer.sparsity_loops(L, depth, step, spec.mask is not None, "q_",
+                              "(pid_n * BLOCK_N) // SPARSE_KV", "SPARSE_Q", "BLOCK_M", "start_m",
+                              "M_len")
     else:
-        table, own, other_block, own_block, start, tile, length = \
-            "kv_", "pid_m * BLOCK_M", "SPARSE_KV", "SPARSE_Q", "start_n", "BLOCK_N", "N_len"
-    L(depth, "if SPARSITY == 2:")
-    L(depth + 1, f"sparse_row = ({own}) // {own_block}")
-    for prefix, masked in ((table, True), (f"full_{table}", False)):
-        L(depth + 1, f"# {'partial tiles: evaluate the mask' if masked else 'full tiles: no mask'}")
-        num, idx = f"{prefix}num", f"{prefix}idx"
-        L(depth + 1, f"n_blocks = tl.load({_ptr(num, ['off_b', 'off_h', 'sparse_row'])})")
-        L(depth + 1, "for blk_i in range(0, n_blocks):")
-        L(depth + 2, f"blk = tl.load({_ptr(idx, ['off_b', 'off_h', 'sparse_row', 'blk_i'])})")
-        L(depth + 2, f"for sub in range(0, {other_block} // {tile}):")
-        L(depth + 3, f"{start} = blk * {other_block} + sub * {tile}")
-        step(L, depth + 3, masked and has_mask)
-    L(depth, "elif SPARSITY == 1:")
-    L(depth + 1, f"for {start} in range(0, {length}, {tile}):")
-    step(L, depth + 2, has_mask)
-    L(depth, "else:")
-    L(depth + 1, f"for {start} in range(0, {length}, {tile}):")
-    step(L, depth + 2, False)
+        writer.sparsity_loops(L, depth, step, spec.mask is not None, "kv_",
+                              "(pid_m * BLOCK_M) // SPARSE_Q", "SPARSE_KV", "BLOCK_N", "start_n",
+                              "N_len")
 
 
 def _nested(L: Lines, depth: int, emit) -> None:
@@ -505,16 +463,15 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
             + _tensor_args("DQ", 4) + _tensor_args("DK", 4) + _tensor_args("DV", 4)
             + _captured_args(names, True)
             + ["scale", "G", "n_heads", "n_kv_heads", "M_len", "N_len", "E_len", "F_len"]
-            + _table_args("q_"))
+            + writer.table_args("q_"))
     const = _CONSTEXPR + ["ATOMIC_DQ"] + [f"NEED_{p}" for p in names.grads.values()]
-    _signature(L, "attention_bwd_dkdv_kernel", args, const,
-               "One program: BLOCK_N keys of one (batch, key/value head).  Loops over the G "
-               "query\nheads of the group and over the query tiles (SPARSITY 0 = every "
-               "tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); dK and dV "
-               "sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients are float32 "
-               "atomic adds.")
-    L(1, "pid_n = tl.program_id(0)\npid_bhkv = tl.program_id(1)")
-    L(1, "off_b = pid_bhkv // n_kv_heads\noff_hkv = pid_bhkv % n_kv_heads")
+    writer.signature(L, "attention_bwd_dkdv_kernel", args, const, writer.EVEN,
+                     "One program: BLOCK_N keys of one (batch, key/value head).  Loops over "
+                     "the G query\nheads of the group and over the query tiles (SPARSITY 0 = "
+                     "every tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); "
+                     "dK and dV sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients "
+                     "are float32 atomic adds.")
+    writer.program(L, "pid_n", "pid_bhkv", "n_kv_heads", "off_hkv")
     L(1, "start_n = pid_n * BLOCK_N\noffs_n = start_n + tl.arange(0, BLOCK_N)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, _ok("e_ok", "offs_e", "E_len", "EVEN_E"))
@@ -552,13 +509,12 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
             + _tensor_args("DO", 4) + _tensor_args("LSE", 3) + _tensor_args("DELTA", 3)
             + _tensor_args("DQ", 4) + _captured_args(names, False)
             + ["scale", "G", "n_heads", "M_len", "N_len", "E_len", "F_len"]
-            + _table_args("kv_"))
-    _signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR,
-               "One program: BLOCK_M query rows of one (batch, head); loops over the key "
-               "tiles\n(as the forward) and writes dQ = scale * sum dS K without atomics "
-               "(deterministic).")
-    L(1, "pid_m = tl.program_id(0)\npid_bh = tl.program_id(1)")
-    L(1, "off_b = pid_bh // n_heads\noff_h = pid_bh % n_heads")
+            + writer.table_args("kv_"))
+    writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR, writer.EVEN,
+                     "One program: BLOCK_M query rows of one (batch, head); loops over the "
+                     "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
+                     "atomics (deterministic).")
+    writer.program(L, "pid_m")
     L(1, "off_hkv = off_h // G")
     _hoist_loads(L, 1, spec, names)
     L(1, "start_m = pid_m * BLOCK_M\noffs_m = start_m + tl.arange(0, BLOCK_M)")
@@ -591,16 +547,9 @@ def generate_backward(c: Cascade, version: str) -> str:
     digest = hashlib.sha256(str(c).encode()).hexdigest()[:16]
     reset_spills()
     L = Lines()
-    L(0, comment(f"Generated by attndsl {version} -- do not edit.\nbackward of spec hash: "
-                 f"{digest}\n\nCascade:\n{c}\n\nBackward:\n{spec}"))
-    L(0, '"""Backward kernels of a fused attention kernel generated by attndsl; needs only '
-         'torch and triton."""\n')
-    L(0, "import math\nimport os\n\nimport torch\n")
-    L(0, "if not torch.cuda.is_available() and not os.environ.get(\"ATTNDSL_NO_INTERPRET\"):")
-    L(1, "# CPU tensors run in Triton's interpreter (chosen before triton is imported)")
-    L(1, 'os.environ.setdefault("TRITON_INTERPRET", "1")')
-    L(0, "import triton  # noqa: E402\nimport triton.language as tl  # noqa: E402\n")
-    L(0, f"SPEC_HASH = {digest!r}\nATTNDSL_VERSION = {version!r}")
+    writer.prologue(L, f"backward of spec hash: {digest}\n\nCascade:\n{c}\n\nBackward:\n{spec}",
+                    "Backward kernels of a fused attention kernel generated by attndsl; needs "
+                    "only torch and triton.", digest, version)
     L(0, "# captured tensor name -> (kernel pointer, rank)")
     L(0, "CAPTURED = " + repr(names.captured))
     L(0, "# captured tensor name -> kernel pointer of its float32 gradient buffer")
@@ -610,13 +559,6 @@ def generate_backward(c: Cascade, version: str) -> str:
     _emit_preprocess(L)
     _emit_dkdv(L, spec, names)
     _emit_dq(L, spec, names)
-    L(0, launcher_source())
+    L(0, writer.launcher_sources("backward_launcher.py",
+                                 (writer.COMMON, writer.BLOCK_TABLES)))
     return "\n".join(L.out) + "\n"
-
-
-def launcher_source() -> str:
-    """The launcher section of codegen/backward_launcher.py (between its markers), copied
-    into every module."""
-    text = Path(__file__).with_name("backward_launcher.py").read_text()
-    start = text.index("# >>> launcher\n") + len("# >>> launcher\n")
-    return text[start: text.index("# <<< launcher\n")]

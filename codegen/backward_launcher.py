@@ -1,35 +1,31 @@
 """The launcher of every generated backward module.
 
-The text from the ``launcher`` marker to its end is copied verbatim into each module
-(:func:`attndsl.codegen.backward.launcher_source`), below the kernels and the CAPTURED / GRADS
-/ HAS_MASK tables it reads; the module needs only torch and triton.  The imports above the
-marker are the module's own (its header imports math and torch).
+The text between the ``launcher`` markers is copied verbatim into each module
+(:func:`attndsl.codegen.writer.launcher_sources`), after the common and block-table sections of
+codegen/launch_common.py and below the kernels and the CAPTURED / GRADS / HAS_MASK tables it
+reads; the module needs only torch and triton.  The imports above the marker stand for what
+the module has there (its prologue imports math and torch).
 """
 
 import math
 
 import torch
+from attndsl.codegen.launch_common import (
+    AttentionInputError,
+    _block,
+    _block_sizes,
+    _cdiv,
+    _checked_pair,
+    _dim_consts,
+    _kernel,
+    _strides,
+    _table_tiles,
+)
 
 # >>> launcher
-# The backward launcher (copied into each generated backward module, which defines the kernels
-# and the CAPTURED / GRADS / HAS_MASK tables it reads; it needs only torch and triton).
-
-_BWD_KERNELS: dict = {}
-
-
-def _bwd_kernel(name: str, device_type: str):
-    """A kernel of this module, compiled for GPUs or run by the interpreter for CPU tensors."""
-    if (name, device_type) not in _BWD_KERNELS:
-        fn = globals()[name]
-        if device_type == "cpu":
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _BWD_KERNELS[name, device_type] = InterpretedFunction(fn)
-        else:
-            from triton.runtime.jit import JITFunction
-
-            _BWD_KERNELS[name, device_type] = JITFunction(fn)
-    return _BWD_KERNELS[name, device_type]
+# The backward launcher (copied into each generated backward module after launch_common.py's
+# common section; the module defines the kernels and the CAPTURED / GRADS / HAS_MASK tables it
+# reads; it needs only torch and triton).
 
 
 def backward_config(device_type: str, head_dim: int, v_dim: int) -> dict:
@@ -47,23 +43,6 @@ def backward_config(device_type: str, head_dim: int, v_dim: int) -> dict:
             "dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}}
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-int(a) // int(b))
-
-
-def _pow2(x: int) -> int:
-    return max(16, 1 << max(0, (int(x) - 1).bit_length()))
-
-
-def _strides(t: torch.Tensor) -> list:
-    """A tensor and its strides, as kernel arguments (stride 0 along broadcast dims)."""
-    return [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
-
-
-class AttentionInputError(ValueError):
-    """Inputs that do not fit the backward kernels: the message says what was expected."""
-
-
 def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
     """kv-major (num, idx) -> q-major (num, idx): the same block set, listed by column."""
     rows = idx.shape[-2]
@@ -75,86 +54,6 @@ def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
     dense_t = dense[..., :n_cols].transpose(-1, -2)  # [.., cols, rows]
     order = torch.argsort((~dense_t).to(torch.int8), dim=-1, stable=True)
     return dense_t.sum(-1).to(torch.int32), order[..., :rows].to(torch.int32)
-
-
-def _block_matrix(num: torch.Tensor, idx: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Which (row, column) blocks the first ``num`` entries of the first ``rows`` rows list:
-    bool [.., rows, cols] (the indices already checked to lie in [0, cols))."""
-    num, idx = num[..., :rows].long(), idx[..., :rows, :].long()
-    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
-    dense = torch.zeros(tuple(idx.shape[:-1]) + (cols + 1,), dtype=torch.bool,
-                        device=idx.device)
-    dense.scatter_(-1, torch.where(listed, idx, cols), True)
-    return dense[..., :cols]
-
-
-def _lists_a_block_twice(num: torch.Tensor, idx: torch.Tensor, rows: int, cols: int) -> bool:
-    """Whether some row's first ``num`` entries name one block twice (sorted, the listed
-    entries come first and a repeat sits next to itself)."""
-    idx = idx[..., :rows, :].long()
-    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., :rows, None].long()
-    ordered = torch.where(listed, idx, cols).sort(dim=-1).values
-    return bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < cols)).any())
-
-
-def _checked_pair(name: str, num, idx, device: torch.device, heads: tuple[int, int],
-                  rows: int, cols: int) -> torch.Tensor:
-    """The block matrix of one (``name`` counts, indices) table pair as the kernels read it,
-    refused unless every read stays inside the tables and names an existing block: integer
-    tensors on the inputs' device, counts [B or 1, H or 1, >= rows] in [0, the indices'
-    columns], indices [B or 1, H or 1, rows, columns] naming, among the first count entries
-    of each of the first ``rows`` rows, distinct blocks in [0, cols)."""
-    idx_name = name.replace("num_blocks", "indices")
-    for what, t in ((name, num), (idx_name, idx)):
-        if not isinstance(t, torch.Tensor):
-            raise AttentionInputError(f"block table {what} must be a torch.Tensor, got "
-                                      f"{type(t).__name__}")
-        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-            raise AttentionInputError(f"block table {what} has dtype {t.dtype}; expected an "
-                                      f"integer dtype (torch.int32, as BlockMask's tables)")
-        if t.device != device and t.device.type == "meta":
-            raise AttentionInputError(f"block table {what} is on {t.device} (no values); "
-                                      f"expected the inputs' device {device}")
-    # tables on another device are moved, as the forward's launcher does
-    num, idx = num.to(device), idx.to(device)
-    if num.dim() != 3 or idx.dim() != 4 or tuple(num.shape) != tuple(idx.shape[:3]):
-        raise AttentionInputError(f"block tables {name} must be [B, H, rows] and {idx_name} "
-                                  f"[B, H, rows, blocks], got {list(num.shape)} and "
-                                  f"{list(idx.shape)}")
-    for d, want in enumerate(heads):
-        if num.shape[d] not in (1, want):
-            raise AttentionInputError(f"block table {name} dim {d} is {num.shape[d]}; "
-                                      f"expected 1 or {want}")
-    if num.shape[2] < rows:
-        raise AttentionInputError(f"block table {name} has {num.shape[2]} rows; the inputs "
-                                  f"need {rows}")
-    counts = num[..., :rows]
-    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > idx.shape[3]):
-        raise AttentionInputError(f"block table {name} holds counts in [{int(counts.min())}, "
-                                  f"{int(counts.max())}]; they must lie in [0, "
-                                  f"{idx.shape[3]}] (the columns of {idx_name})")
-    listed = torch.arange(idx.shape[3], device=device) < counts[..., None]
-    vals = idx[..., :rows, :][listed]
-    if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= cols):
-        raise AttentionInputError(f"block table {idx_name} lists blocks in "
-                                  f"[{int(vals.min())}, {int(vals.max())}]; there are {cols} "
-                                  f"blocks (indices in [0, {cols}))")
-    if _lists_a_block_twice(num, idx, rows, cols):
-        raise AttentionInputError(f"block table {idx_name} lists a block twice in one row; "
-                                  f"each block must be listed at most once")
-    return _block_matrix(num, idx, rows, cols)
-
-
-def _block_sizes(block_tables: dict) -> tuple[int, int]:
-    """(Q_BLOCK_SIZE, KV_BLOCK_SIZE) of ``block_tables``, refused unless positive integers."""
-    sizes = []
-    for key in ("Q_BLOCK_SIZE", "KV_BLOCK_SIZE"):
-        size = block_tables.get(key)
-        if isinstance(size, bool) or not hasattr(size, "__index__") or size.__index__() <= 0:
-            raise AttentionInputError(f"block_tables[{key!r}] is {size!r}; expected a "
-                                      f"positive int (the block size the tables count in)")
-        sizes.append(size.__index__())
-    return sizes[0], sizes[1]
 
 
 def _checked_block_tables(block_tables: dict, device: torch.device, heads: tuple[int, int],
@@ -182,7 +81,7 @@ def _checked_block_tables(block_tables: dict, device: torch.device, heads: tuple
                 raise AttentionInputError("block_tables has no kv_num_blocks")
             if num is None:
                 continue
-            dense = _checked_pair(name, num, idx, device, heads, rows, cols)
+            dense = _checked_pair(name, num, idx, device, heads, rows, cols, major == "kv_")
             seen[major, part] = dense if major == "kv_" else dense.transpose(-1, -2)
             out[name] = num.to(torch.int32)
             out[f"{part}{major}indices"] = idx.to(torch.int32)
@@ -271,20 +170,13 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     consts = {}
     for part, c in cfg.items():
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
-        if sparsity == 2:  # a tile lies inside one block of the tables: a power-of-two divisor
-            bm, bn = min(bm, sparse_q & -sparse_q), min(bn, sparse_kv & -sparse_kv)
-            if min(bm, bn) < 16:
-                raise AttentionInputError(
-                    f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of a "
-                    f"power-of-two tile >= 16; the tile is ({bm}, {bn})")
-        consts[part] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=_pow2(e_len), BLOCK_F=_pow2(f_len),
-                            SPARSITY=sparsity, SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv,
-                            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                            UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
+        if sparsity == 2:
+            bm, bn = _table_tiles(bm, bn, sparse_q, sparse_kv)
+        consts[part] = dict(BLOCK_M=bm, BLOCK_N=bn, SPARSITY=sparsity, SPARSE_Q=sparse_q,
+                            SPARSE_KV=sparse_kv, **_dim_consts(device.type, dtype, e_len, f_len),
                             # tables list whole blocks: even means a multiple of them
                             EVEN_M=m_len % (sparse_q if sparsity == 2 else bm) == 0,
                             EVEN_N=n_len % (sparse_kv if sparsity == 2 else bn) == 0,
-                            EVEN_E=e_len == _pow2(e_len), EVEN_F=f_len == _pow2(f_len),
                             num_warps=c["num_warps"], num_stages=c["num_stages"])
     if block_tables is not None:
         block_tables = _checked_block_tables(block_tables, device, (n_batch, n_heads),
@@ -293,10 +185,10 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
     lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)  # LSE log2e, -inf: +inf
     pre = cfg["dq"]
-    _bwd_kernel("attention_bwd_preprocess", device.type)[
+    _kernel("attention_bwd_preprocess", device.type)[
         (_cdiv(m_len, pre["BLOCK_M"]), n_batch * n_heads)](
         *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), *_strides(lse),
-        *_strides(lse2), n_heads, m_len, f_len, BLOCK_M=pre["BLOCK_M"], BLOCK_F=_pow2(f_len),
+        *_strides(lse2), n_heads, m_len, f_len, BLOCK_M=pre["BLOCK_M"], BLOCK_F=_block(f_len),
         num_warps=pre["num_warps"])
     cap_args = []
     for name in CAPTURED:  # noqa: F821
@@ -314,14 +206,14 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     need_flags = {f"NEED_{ptr}": name in cap_grads for name, ptr in GRADS.items()}  # noqa: F821
     # dK, dV (and, unless deterministic, dQ by atomics): a program per key tile
     dkdv_grid = (_cdiv(n_len, consts["dkdv"]["BLOCK_N"]), n_batch * n_kv_heads)
-    _bwd_kernel("attention_bwd_dkdv_kernel", device.type)[dkdv_grid](
+    _kernel("attention_bwd_dkdv_kernel", device.type)[dkdv_grid](
         *common, *_strides(dq), *_strides(dk), *_strides(dv), *cap_args, *grad_args, scale,
         group, n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
         *_tables(block_tables, device, "q_", n_kv_blocks), ATOMIC_DQ=not deterministic,
         **need_flags, **consts["dkdv"])
     if deterministic:  # dQ: a program per query tile
         dq_grid = (_cdiv(m_len, consts["dq"]["BLOCK_M"]), n_batch * n_heads)
-        _bwd_kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
+        _kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
             *common, *_strides(dq), *cap_args, scale, group, n_heads, m_len, n_len, e_len,
             f_len, *_tables(block_tables, device, "kv_", n_kv_blocks), **consts["dq"])
     else:

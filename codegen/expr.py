@@ -413,14 +413,3 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
         return _BINARY[op].format(*a)
     raise CodegenError(f"no Triton rule for {op.name}")
 
-
-
-class Lines:
-    """Lines of generated source: ``L(depth, text)`` appends text indented by depth."""
-
-    def __init__(self) -> None:
-        self.out: list[str] = []
-
-    def __call__(self, depth: int, text: str = "") -> None:
-        self.out.extend(("    " * depth + ln).rstrip() for ln in text.split("\n"))
-

@@ -1,37 +1,17 @@
 # ruff: noqa: F821
-# The launcher of every generated module.  The printer copies this text, below the kernel, the
-# metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, STRIDES, TABLE_ARGS, ROLES,
+# The forward launcher of every generated module.  The printer copies the text below the
+# marker into the module after launch_common.py's sections (the kernel cache, the input error,
+# the constexprs of the head dims, the block-table checks, the binding of extents and
+# parameters), below the kernel,
+# the metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, STRIDES, TABLE_ARGS, ROLES,
 # INDEX_EXTENTS, PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS,
 # TMA_TENSORS) it reads, the index-range checks (index_ranges, divisor_ranges,
-# check_index_ranges) and the load-path choice (tma_choice, ensure_allocator), into the
-# module.  It needs only torch and triton; the kernel is launched with keyword arguments.
+# check_index_ranges) and the load-path choice (tma_choice, ensure_allocator).  It needs only
+# torch and triton; the kernel is launched with keyword arguments.
+# >>> launcher
 
-_KERNELS: dict = {}
 # the tile load path of the last launch: {"tma": bool, "reason": why (codegen/loads.py)}
 LOAD_PATH: dict = {}
-
-
-class AttentionInputError(ValueError):
-    """Inputs that do not fit the kernel: the message says what was expected."""
-
-
-def _kernel(device_type: str):
-    """The kernel, compiled for GPUs, or run by Triton's interpreter for CPU tensors."""
-    if device_type not in _KERNELS:
-        if device_type == "cpu":
-            from triton.runtime.interpreter import InterpretedFunction
-
-            if not isinstance(tl.zeros, InterpretedFunction):
-                raise AttentionInputError(
-                    "CPU tensors run in Triton's interpreter, which needs TRITON_INTERPRET=1 "
-                    "in the environment before triton is first imported")
-
-            _KERNELS[device_type] = InterpretedFunction(attention_fwd_kernel)
-        else:
-            from triton.runtime.jit import JITFunction
-
-            _KERNELS[device_type] = JITFunction(attention_fwd_kernel)
-    return _KERNELS[device_type]
 
 
 def default_config(head_dim: int, v_dim: int, dtype: torch.dtype, device_type: str) -> dict:
@@ -46,31 +26,6 @@ def default_config(head_dim: int, v_dim: int, dtype: torch.dtype, device_type: s
     if wide <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _sizes(inputs: dict, captured: dict) -> dict:
-    """Every extent's size, read off the tensors; a disagreement is an error."""
-    sizes, seen = {}, {}
-    tensors = {**inputs, **captured}
-    for tensor, dims in TENSOR_DIMS.items():
-        t = tensors.get(tensor)
-        if t is None:
-            continue
-        if t.dim() != len(dims):
-            raise AttentionInputError(f"{tensor} must have {len(dims)} dims [{', '.join(dims)}], "
-                                      f"got shape {tuple(t.shape)}")
-        for ext, size in zip(dims, t.shape):
-            if sizes.setdefault(ext, int(size)) != int(size):
-                raise AttentionInputError(
-                    f"extent {ext} is {sizes[ext]} (from {seen[ext]}) but {tensor} has "
-                    f"{int(size)}; shapes: "
-                    f"{ {n: tuple(x.shape) for n, x in tensors.items() if n in TENSOR_DIMS} }")
-            seen.setdefault(ext, tensor)
-    return sizes
 
 
 def _check(inputs: dict, captured: dict) -> torch.device:
@@ -102,38 +57,6 @@ def _check(inputs: dict, captured: dict) -> torch.device:
     return device
 
 
-def _checked_tables(prefix: str, num, idx, n_batch: int, n_heads: int, rows: int, cols: int,
-                    device):
-    """A (num_blocks, indices) pair of block tables as int32 on ``device``, refused unless the
-    kernel's reads stay inside them: [B or 1, H or 1, >= rows] counts in [0, indices' columns]
-    and, among the first count entries of each row, key-block indices in [0, cols)."""
-    name = prefix + "kv_num_blocks"
-    num, idx = (t.to(device=device, dtype=torch.int32) for t in (num, idx))
-    if num.dim() != 3 or idx.dim() != 4 or tuple(num.shape) != tuple(idx.shape[:3]):
-        raise AttentionInputError(f"{name} must be [B, H, rows] and {prefix}kv_indices "
-                                  f"[B, H, rows, blocks], got {list(num.shape)} and "
-                                  f"{list(idx.shape)}")
-    for d, (size, want) in enumerate(zip(num.shape, (n_batch, n_heads))):
-        if size not in (1, want):
-            raise AttentionInputError(f"{name} dim {d} is {size}; expected 1 or {want}")
-    if num.shape[2] < rows:
-        raise AttentionInputError(f"{name} has {num.shape[2]} query-block rows; the inputs "
-                                  f"need {rows}")
-    if num.numel():
-        lo, hi = int(num.min()), int(num.max())
-        if lo < 0 or hi > idx.shape[3]:
-            raise AttentionInputError(f"{name} holds counts in [{lo}, {hi}]; they must lie in "
-                                      f"[0, {idx.shape[3]}] (the columns of {prefix}kv_indices)")
-        used = torch.arange(idx.shape[3], device=device) < num[..., None]
-        if bool(used.any()):
-            vals = idx[used]
-            if int(vals.min()) < 0 or int(vals.max()) >= cols:
-                raise AttentionInputError(
-                    f"{prefix}kv_indices lists key blocks in [{int(vals.min())}, "
-                    f"{int(vals.max())}]; the keys have {cols} blocks")
-    return num, idx
-
-
 def launch(inputs: dict, params: dict | None = None, captured: dict | None = None,
            block_tables: dict | None = None, config: dict | None = None) -> dict:
     """Run the kernel.  ``inputs``/``captured`` map tensor names to tensors, ``params`` scalar
@@ -149,28 +72,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     Returns every output by name."""
     captured = dict(captured or {})
     device = _check(inputs, captured)
-    sizes = _sizes(inputs, captured)
-    ext = {i: sizes.get(e) for i, e in INDEX_EXTENTS.items()}
-    q_idx, k_idx = ROLES["query"], ROLES["key"]
-    e_len, f_len = ext.get(ROLES.get("qk")) or 1, ext.get(ROLES.get("v")) or 1
-    # 1 when the spec has no batch (head) index; a size of 0 stays 0: empty outputs, no launch
-    n_batch, n_heads = (1 if ext.get(ROLES.get(r)) is None else ext[ROLES[r]]
-                        for r in ("batch", "head"))
-    m_len, n_len = ext[q_idx], ext[k_idx]
-    values = dict(PARAM_DEFAULTS)
-    values.update(sizes)
-    if "scale" in PARAMS and (params or {}).get("scale") is None:
-        values["scale"] = 1.0 / math.sqrt(e_len)
-    if "G" in PARAMS and "HKV" in sizes:
-        n_kv = sizes["HKV"]  # no heads at all (0 and 0) is an empty problem, not an error
-        if (n_kv == 0) != (n_heads == 0) or n_kv and n_heads % n_kv:
-            raise AttentionInputError(f"{n_heads} query heads cannot be grouped over "
-                                      f"{n_kv} key/value heads")
-        values["G"] = n_heads // n_kv if n_kv else 1
-    values.update({k: v for k, v in (params or {}).items() if v is not None})
-    for p in PARAMS:
-        if p not in values:
-            raise AttentionInputError(f"parameter {p!r} is not bound; pass it in params")
+    ext, values = _bind(inputs, captured, params)
+    n_batch, n_heads, m_len, n_len, e_len, f_len = _lengths(ext)
     tensors = {**inputs, **captured}
     for text, (lo, hi) in divisor_ranges(values, tensors) if m_len and n_batch * n_heads else ():
         if lo <= 0 <= hi:  # integer // and % by zero: torch raises ZeroDivisionError
@@ -209,14 +112,9 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         block_tables = {"closed_form": True, "Q_BLOCK_SIZE": BOUNDS_BLOCK,
                         "KV_BLOCK_SIZE": BOUNDS_BLOCK}
     if block_tables is not None:
-        sparse_q, sparse_kv = int(block_tables["Q_BLOCK_SIZE"]), int(block_tables["KV_BLOCK_SIZE"])
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], sparse_q & -sparse_q)  # largest power of 2
-        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], sparse_kv & -sparse_kv)  # dividing the block
-        if sparse_q % cfg["BLOCK_M"] or sparse_kv % cfg["BLOCK_N"] or \
-                min(cfg["BLOCK_M"], cfg["BLOCK_N"]) < 16:
-            raise AttentionInputError(
-                f"block sizes ({sparse_q}, {sparse_kv}) must be multiples of a power-of-two "
-                f"tile >= 16; the tile is ({cfg['BLOCK_M']}, {cfg['BLOCK_N']})")
+        sparse_q, sparse_kv = _block_sizes(block_tables)
+        cfg["BLOCK_M"], cfg["BLOCK_N"] = _table_tiles(cfg["BLOCK_M"], cfg["BLOCK_N"], sparse_q,
+                                                      sparse_kv)
     if block_tables is not None and block_tables.get("closed_form"):
         sparsity = 3  # the kernel computes each query block's key-tile ranges itself
         segments = BOUNDS_SEGMENTS
@@ -241,8 +139,9 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
             if num is None:  # no full blocks: every listed block is partial (broadcast zeros)
                 num = torch.zeros([1, 1, grid_rows], dtype=torch.int32, device=device)
                 idx = torch.zeros([1, 1, grid_rows, 1], dtype=torch.int32, device=device)
-            num, idx = _checked_tables(prefix, num, idx, n_batch, n_heads, grid_rows,
-                                       -(-n_len // sparse_kv), device)
+            _checked_pair(f"{prefix}kv_num_blocks", num, idx, device, (n_batch, n_heads),
+                          grid_rows, -(-n_len // sparse_kv), True)
+            num, idx = (t.to(device=device, dtype=torch.int32) for t in (num, idx))
             for t in (num, idx):  # a dim of size 1 broadcasts (stride 0)
                 tables += [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
     else:
@@ -296,7 +195,7 @@ def _load_path(cfg: dict, device, args: dict, e_len: int, f_len: int) -> bool:
     LOAD_PATH, a refused ``tma=True`` also to a warning."""
     requested = cfg.pop("tma", None)
     blocks = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-              "BLOCK_E": max(16, _next_pow2(e_len)), "BLOCK_F": max(16, _next_pow2(f_len))}
+              "BLOCK_E": _block(e_len), "BLOCK_F": _block(f_len)}
     use, why = tma_choice(requested, device, {ptr: (args[ptr], *dims) for ptr, dims in
                                               TMA_TENSORS.items()}, blocks)
     LOAD_PATH.clear()
@@ -439,17 +338,14 @@ def _max_offset(t: torch.Tensor) -> int:
 
 def _run(device_type, grid, args, cfg, e_len, f_len, m_len, n_len, sparsity, sparse_q,
          sparse_kv, segments, dtype) -> None:
-    block_e, block_f = max(16, _next_pow2(e_len)), max(16, _next_pow2(f_len))
-    _kernel(device_type)[grid](
-        **args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_E=block_e, BLOCK_F=block_f,
-        EVEN_M=m_len % cfg["BLOCK_M"] == 0, EVEN_E=block_e == e_len, EVEN_F=block_f == f_len,
+    _kernel("attention_fwd_kernel", device_type)[grid](
+        **args, **_dim_consts(device_type, dtype, e_len, f_len), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], EVEN_M=m_len % cfg["BLOCK_M"] == 0,
         SCALE_NONNEG=cfg["scale_nonneg"], NONNEG_SUBSCRIPTS=cfg["nonneg_subscripts"],
         I32_INDICES=cfg["i32_indices"],
         EVEN_N=n_len % (sparse_kv if sparsity >= 2 else cfg["BLOCK_N"]) == 0, SPARSITY=sparsity,
         SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv, SEGMENTS=segments,
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        UPCAST=device_type == "cpu" and dtype == torch.bfloat16, STATS=cfg.get("counting", False),
-        TMA=cfg["tma"],
+        STATS=cfg.get("counting", False), TMA=cfg["tma"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -466,3 +362,4 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     inputs = {sides["q"]: query, sides["k"]: key, sides["v"]: value}
     out = launch(inputs, params, captured, block_tables, config)
     return out if return_all else next(iter(out.values()))
+# <<< launcher

@@ -26,6 +26,9 @@ application has set one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from attndsl.codegen.writer import section
 
 TMA_FLAG = "TMA"  # the kernel's constexpr: True = tensor descriptors, False = pointer loads
 
@@ -127,11 +130,7 @@ def output_descriptor(base: str, ptr: str, strides: tuple[str, ...], indices: tu
 
 def runtime_source() -> str:
     """The runtime part of this file, copied into every generated module."""
-    from pathlib import Path
-
-    text = Path(__file__).read_text()
-    start = text.index("# >>> runtime\n") + len("# >>> runtime\n")
-    return text[start: text.index("# <<< runtime\n")]
+    return section(Path(__file__), "runtime")
 
 
 # >>> runtime

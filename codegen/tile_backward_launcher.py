@@ -1,55 +1,18 @@
 """The launcher of every generated fused tile backward module.
 
 The text between the ``launcher`` markers is copied verbatim into each module
-(:func:`attndsl.codegen.tile_backward.launcher_source`), below the kernels and the TENSORS /
-CAPTURED / CAPTURED_GRADS / PARAMS / PARAM_DEFAULTS / ROLES / INDEX_EXTENTS / TENSOR_DIMS /
-STORES / SUMS / STABILIZERS / BOUNDS_BLOCK tables it reads; the module needs only torch and triton.
+(:func:`attndsl.codegen.writer.launcher_sources`), after both sections of
+codegen/launch_common.py (the kernel cache, the binding of extents and parameters, as the
+forward's) and below the kernels and the TENSORS / CAPTURED / CAPTURED_GRADS / PARAMS /
+PARAM_DEFAULTS / ROLES / INDEX_EXTENTS / TENSOR_DIMS / STORES / SUMS / STABILIZERS /
+BOUNDS_BLOCK tables it reads; the module needs only torch and triton.
 """
 
-import math
-
 import torch
+from attndsl.codegen.launch_common import _bind, _dim_consts, _kernel, _lengths, _strides
 
 # >>> launcher
 # The fused backward launcher (copied into each generated module; it reads the tables above).
-
-_TILE_BWD_KERNELS: dict = {}
-
-
-def _tile_bwd_kernel(name: str, device_type: str):
-    """A kernel of this module, compiled for GPUs or run by the interpreter for CPU tensors."""
-    if (name, device_type) not in _TILE_BWD_KERNELS:
-        fn = globals()[name]
-        if device_type == "cpu":
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _TILE_BWD_KERNELS[name, device_type] = InterpretedFunction(fn)
-        else:
-            from triton.runtime.jit import JITFunction
-
-            _TILE_BWD_KERNELS[name, device_type] = JITFunction(fn)
-    return _TILE_BWD_KERNELS[name, device_type]
-
-
-def _bound_values(inputs: dict, captured: dict, params: dict | None) -> tuple[dict, dict]:
-    """Extent sizes (read off the tensors) and every parameter's value, as the forward's
-    launcher binds them: defaults, extents, scale = 1/sqrt(qk dim), G from the head counts."""
-    sizes: dict = {}
-    for tensor, dims in TENSOR_DIMS.items():  # noqa: F821
-        t = {**inputs, **captured}.get(tensor)
-        if t is not None:
-            sizes.update({ext: int(n) for ext, n in zip(dims, t.shape)})
-    ext = {i: sizes.get(e) for i, e in INDEX_EXTENTS.items()}  # noqa: F821
-    values = dict(PARAM_DEFAULTS)  # noqa: F821
-    values.update(sizes)
-    e_len = ext.get(ROLES.get("qk")) or 1  # noqa: F821
-    if "scale" in PARAMS and (params or {}).get("scale") is None:  # noqa: F821
-        values["scale"] = 1.0 / math.sqrt(e_len)
-    if "G" in PARAMS and "HKV" in sizes:  # noqa: F821
-        n_heads = ext.get(ROLES.get("head")) or 1  # noqa: F821
-        values["G"] = n_heads // sizes["HKV"] if sizes["HKV"] else 1
-    values.update({k: v for k, v in (params or {}).items() if v is not None})
-    return ext, values
 
 
 def tile_backward_config(device_type: str) -> dict:
@@ -60,23 +23,15 @@ def tile_backward_config(device_type: str) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
-def _with_strides(t: torch.Tensor) -> list:
-    return [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
-
-
 def launch_backward(inputs: dict, params: dict | None, captured: dict | None, grads: dict,
                     need: tuple = (), config: dict | None = None) -> dict:
     """Gradients of the forward's inputs and of the captured tensors named in ``need``.
     ``grads`` maps each output name to its incoming gradient (or None: zero)."""
     captured = dict(captured or {})
-    ext, values = _bound_values(inputs, captured, params)
+    ext, values = _bind(inputs, captured, params)
     first = next(iter(inputs.values()))
     device, dtype = first.device, first.dtype
-    m_len, n_len = ext[ROLES["query"]] or 0, ext[ROLES["key"]] or 0  # noqa: F821
-    e_len = ext.get(ROLES.get("qk")) or 1  # noqa: F821
-    f_len = ext.get(ROLES.get("v")) or 1  # noqa: F821
-    n_batch, n_heads = (1 if ext.get(ROLES.get(r)) is None else ext[ROLES[r]]  # noqa: F821
-                        for r in ("batch", "head"))
+    n_batch, n_heads, m_len, n_len, e_len, f_len = _lengths(ext)
     d_in = {name: torch.zeros(inputs[name].shape, dtype=torch.float32, device=device)
             for name in TENSORS}  # noqa: F821
     d_cap = {name: torch.zeros(captured[name].shape, dtype=torch.float32, device=device)
@@ -99,44 +54,39 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
             for _ in range(STABILIZERS)]  # noqa: F821
     args: list = []
     for name in TENSORS:  # noqa: F821
-        args += _with_strides(inputs[name])
+        args += _strides(inputs[name])
     for name in CAPTURED:  # noqa: F821
         t = captured[name]
-        args += _with_strides(t.to(torch.int8) if t.dtype == torch.bool else t)
+        args += _strides(t.to(torch.int8) if t.dtype == torch.bool else t)
         args += [int(n) for n in t.shape]  # for the wrap of negative subscripts
     args += [values[p] for p in PARAMS]  # noqa: F821
     args += coef + stab
     for name in CAPTURED_GRADS:  # noqa: F821
-        args += _with_strides(d_cap[name])
+        args += _strides(d_cap[name])
     args += [n_heads, m_len, n_len, e_len, f_len]
     dy = []
     for name, (indices, _) in STORES.items():  # noqa: F821
         shape = [ext[i] if ext.get(i) is not None else 1 for i in indices]
         g = grads.get(name)
         g = torch.zeros((1,) * len(shape), device=device) if g is None else g
-        dy += _with_strides(g.to(device=device, dtype=torch.float32).expand(shape))
+        dy += _strides(g.to(device=device, dtype=torch.float32).expand(shape))
     cfg = {**tile_backward_config(device.type), **(config or {})}
     block = BOUNDS_BLOCK  # noqa: F821
     if block is not None and (block % cfg["BLOCK_M"] or block % cfg["BLOCK_N"]):
         raise ValueError(f"tiles ({cfg['BLOCK_M']}, {cfg['BLOCK_N']}) must divide the "
                          f"{block}-key blocks of the mask's closed-form bounds")
     consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                  BLOCK_E=max(16, 1 << (int(e_len) - 1).bit_length()),
-                  BLOCK_F=max(16, 1 << (int(f_len) - 1).bit_length()),
-                  DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                  UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
+                  **_dim_consts(device.type, dtype, e_len, f_len),
                   EVEN_M=m_len % cfg["BLOCK_M"] == 0, EVEN_N=n_len % cfg["BLOCK_N"] == 0,
-                  EVEN_E=e_len == max(16, 1 << (int(e_len) - 1).bit_length()),
-                  EVEN_F=f_len == max(16, 1 << (int(f_len) - 1).bit_length()),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (-(-m_len // cfg["BLOCK_M"]), n_batch * n_heads)
-    _tile_bwd_kernel("tile_bwd_rows_kernel", device.type)[grid](*args, *dy, **consts)
+    _kernel("tile_bwd_rows_kernel", device.type)[grid](*args, *dy, **consts)
     d_args = []
     for name in TENSORS:  # noqa: F821
-        d_args += _with_strides(d_in[name])
+        d_args += _strides(d_in[name])
     grid = (-(-n_len // cfg["BLOCK_N"]), n_batch * n_heads)
-    _tile_bwd_kernel("tile_bwd_keys_kernel", device.type)[grid](*args, *d_args, **consts)
+    _kernel("tile_bwd_keys_kernel", device.type)[grid](*args, *d_args, **consts)
     grid = (-(-m_len // cfg["BLOCK_M"]), n_batch * n_heads)
-    _tile_bwd_kernel("tile_bwd_queries_kernel", device.type)[grid](*args, *d_args, **consts)
+    _kernel("tile_bwd_queries_kernel", device.type)[grid](*args, *d_args, **consts)
     return result()
 # <<< launcher

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from attndsl.codegen.expr import Lines as _Lines
 from attndsl.codegen.triton import _emit_index_ranges
+from attndsl.codegen.writer import Lines as _Lines
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
