@@ -21,8 +21,10 @@ It prints :class:`attndsl.passes.tile_grad.TileBackward` (the derivation lives t
 With the mask's closed-form key-block bounds (the forward's, ``TileKernel.bounds``) the keys
 and dQ kernels skip empty blocks and drop the mask on full ones: an unmasked loop and a masked
 one, as a hand-written FlashAttention backward; without them the mask is evaluated on every
-tile.  The rows kernel visits every (query tile, key tile) pair.  Identifiers are
-made here (``T0``, ``C0``, ``P0``, ``qk0``, ``l0``); spec names reach the source only as
+tile.  The rows kernel visits every key tile (the kept count alone uses the bounds) and
+recomputes only the rows its outputs read (sigmoid's coefficient ``dY`` reads none: its key
+loop evaluates the mask alone).  Identifiers are made here (``T0``, ``C0``, ``P0``, ``qk0``,
+``l0``); spec names reach the source only as
 ``repr``'d strings in the metadata tables or as sanitised comments.
 """
 
@@ -51,7 +53,7 @@ from attndsl.ir.tile import Operand, TileKernel
 from attndsl.passes.affine import affine, invariant, is_zero
 from attndsl.passes.mask.closed_form import SPARSE_BLOCK
 from attndsl.passes.rules import LOG2E, RULES, rewrite, simplify
-from attndsl.passes.tile_grad import SiteGrad, TileBackward
+from attndsl.passes.tile_grad import SiteGrad, TileBackward, rows_read
 
 
 class _Names:
@@ -242,8 +244,9 @@ def _tile_index(k: TileKernel, o: tuple[str, str, str]) -> tuple[dict, dict]:
     return ({m: f"offs_m{o[0]}", n: f"offs_n{o[1]}"}, {m: f"row_ok{o[0]}", n: f"col_ok{o[1]}"})
 
 
-def _dots(L: Lines, depth: int, k: TileKernel, o: tuple[str, str, str]) -> None:
-    for d in k.dots:
+def _dots(L: Lines, depth: int, k: TileKernel, o: tuple[str, str, str],
+          only: set[str] | None = None) -> None:
+    for d in (x for x in k.dots if only is None or x.var in only):
         a, b = (d.q.var, d.k.var) if o is QUERY_MAJOR else (d.k.var, d.q.var)
         L(depth, f"{d.var} = tl.dot({a}, tl.trans({b}), input_precision=DOT_PRECISION)")
 
@@ -346,10 +349,14 @@ def _ok(var: str, offs: str, dim: str) -> str:
     return f"{var} = ({offs} < {dim}_len) | EVEN_{dim}"
 
 
-def _program(L: Lines, k: TileKernel, axis: str) -> None:
+def _program(L: Lines, k: TileKernel, axis: str, dots: bool = True) -> None:
+    """Program ids and index vectors; the head dim E's only when the kernel forms dots."""
     writer.program(L, "pid_t")
-    L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
-    L(1, _ok("e_ok", "offs_e", "E") + "\n" + _ok("f_ok", "offs_f", "F"))
+    if dots:
+        L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
+        L(1, _ok("e_ok", "offs_e", "E") + "\n" + _ok("f_ok", "offs_f", "F"))
+    else:
+        L(1, "offs_f = tl.arange(0, BLOCK_F)\n" + _ok("f_ok", "offs_f", "F"))
     if axis == "m":
         L(1, "offs_m = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)\n" + _ok("row_ok", "offs_m", "M"))
     else:
@@ -357,8 +364,14 @@ def _program(L: Lines, k: TileKernel, axis: str) -> None:
 
 
 def _emit_rows_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
+    """Recomputes only what the outputs read (:meth:`TileBackward.recomputed`): the needed
+    maxima, then the needed sums with the stabilisers final; without a needed sum the loop
+    only counts the kept keys, from the mask's closed-form bounds where it has them."""
     k = b.kernel
     (p,) = k.passes
+    need = b.recomputed()
+    maxes = [mx for mx in p.maxes if mx.var in need]
+    sums = [s for s in b.sums if s.sum.var in need]
     args = _common_args(b, names)
     for st in k.stores:
         args += _strided(names.stores[st.name], len(st.indices))
@@ -366,57 +379,104 @@ def _emit_rows_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
                "One program: BLOCK_M query rows of one (batch, head).  Recomputes the "
                "finished rows\n    and writes the chain rule's coefficient of every running "
                "sum and the final stabilisers.")
-    _program(L, k, "m")
+    q_read = {d.q.var for d in k.dots if d.var in need}
+    _program(L, k, "m", dots=bool(q_read))
     index, masks = _tile_index(k, QUERY_MAJOR)
     head = _env(b, names, {}, {}, {})
     for o in k.operands:
-        if o.side == "q":
+        if o.side == "q" and o.var in q_read:
             _load_operand(L, 1, o, names, head, "offs_m", "row_ok")
     L(1, "kept = tl.zeros([BLOCK_M], tl.float32)  # keys kept per row")
-    if p.maxes:
+    if maxes:
         L(1, "# stabilising maxima over every key tile")
-        for mx in p.maxes:
+        for mx in maxes:
             L(1, f'{ident(mx.var)} = tl.full([BLOCK_M], float("-inf"), tl.float32)')
-        _key_loop(L, b, names, lambda B, env: _emit_maxes(B, p, env), index, masks, {},
-                  count=False)
-        for mx in p.maxes:
+        _key_loop(L, b, names, lambda B, env: _emit_maxes(B, maxes, env), index, masks, {},
+                  count=False, reads={x for mx in maxes for x in rows_read(mx.arg)})
+        for mx in maxes:
             v = ident(mx.var)
             floor = f"tl.maximum({v}, 0.0)" if mx.floor0 else \
                 f'tl.where({v} == float("-inf"), 0.0, {v})'
             L(1, f"{v}_use = {floor}")
             if mx.var in b.stabilizers:
                 L(1, f"tl.store({_rows_buffer('MX_' + v, False)}, {v}_use, mask=row_ok)")
-    L(1, "# the running sums, each stabiliser at its final value")
-    for s in p.sums:
-        shape = "[BLOCK_M, BLOCK_F]" if s.v is not None else "[BLOCK_M]"
-        L(1, f"{ident(s.var)} = tl.zeros({shape}, tl.float32)")
-    _key_loop(L, b, names, lambda B, env: _emit_sums(B, b, names, env), index, masks,
-              _use_rows(b, QUERY_MAJOR), count=True)
+    if not sums:
+        _count_kept(L, b, names, index, masks)
+    else:
+        L(1, "# the running sums, each stabiliser at its final value")
+        for s in sums:
+            shape = "[BLOCK_M, BLOCK_F]" if s.sum.v is not None else "[BLOCK_M]"
+            L(1, f"{ident(s.sum.var)} = tl.zeros({shape}, tl.float32)")
+        reads = {x for s in sums for x in rows_read(s.sum.body)} | \
+            {s.sum.v.var for s in sums if s.sum.v is not None}
+        _key_loop(L, b, names, lambda B, env: _emit_sums(B, sums, env), index, masks,
+                  _use_rows(b, QUERY_MAJOR), count=True, reads=reads)
     _emit_coefficients(L, b, names)
 
 
-def _key_loop(L: Lines, b: TileBackward, names: _Names, step, index: dict, masks: dict,
-              rows: dict, count: bool) -> None:
-    """``for start_n``: the key-side operand loads, the dot tiles, the mask, then ``step``."""
+def _count_kept(L: Lines, b: TileBackward, names: _Names, index: dict, masks: dict) -> None:
+    """``kept`` when no sum is recomputed: no operand load, no dot, only the mask.  Without
+    a mask every in-range key is kept (N_len); with closed-form bounds each full key block
+    keeps all its in-range keys (one count per segment) and only the partial blocks
+    evaluate the mask; else every key tile does."""
     k = b.kernel
+    if k.mask is None:
+        L(1, "kept += N_len  # no mask: every key is kept")
+        return
+    L(1, "# keys kept per row: the mask only (no running sum is read)")
+    tile = _key_step(b, names, lambda B, env: None, index, masks, {}, True, set())
+    if k.bounds is None:
+        L(1, "for start_n in range(0, N_len, BLOCK_N):")
+        tile(L, 2, True)
+        return
+    L(1, f"qb = (pid_t * BLOCK_M) // {SPARSE_BLOCK}  # this query tile's block")
+    _block_bounds(L, 1, k, "qb")
+    B = SPARSE_BLOCK
+    for i in range(len(k.bounds)):
+        L(1, f"kept += tl.maximum(tl.minimum(fhi{i} * {B}, N_len) - flo{i} * {B}, 0)"
+             f".to(tl.float32)  # full blocks keep every in-range key")
+        for lo, hi in ((f"lo{i}", f"flo{i}"), (f"fhi{i}", f"hi{i}")):
+            L(1, f"for start_n in range({lo} * {B}, tl.minimum({hi} * {B}, N_len), BLOCK_N):")
+            tile(L, 2, True)
+
+
+def _key_loop(L: Lines, b: TileBackward, names: _Names, step, index: dict, masks: dict,
+              rows: dict, count: bool, reads: set[str]) -> None:
+    """The rows kernel's loop over every key tile, ``step`` in each.  (Restricting it to the
+    closed-form bounds' non-empty blocks measured heavier on sm90: a softmax sums loop of
+    546 -> 594 instructions and 126 -> 176 registers at D 64; only the kept count uses them.)"""
     L(1, "for start_n in range(0, N_len, BLOCK_N):")
-    L(2, "offs_n = start_n + tl.arange(0, BLOCK_N)\n" + _ok("col_ok", "offs_n", "N"))
+    _key_step(b, names, step, index, masks, rows, count, reads)(L, 2, b.kernel.mask is not None)
+
+
+def _key_step(b: TileBackward, names: _Names, step, index: dict, masks: dict, rows: dict,
+              count: bool, reads: set[str]):
+    """One key tile of the rows kernel: the key-side operands and dot tiles in ``reads`` (a
+    dot's name reads its operands; a value operand's name itself), the kept elements, then
+    ``step(lines, env)``."""
+    k = b.kernel
+    dots = {d.var for d in k.dots if d.var in reads}
+    loads = {d.k.var for d in k.dots if d.var in dots} | reads
     head = _env(b, names, {}, {}, {})
-    for o in k.operands:
-        if o.side != "q":
-            _load_operand(L, 2, o, names, head, "offs_n", "col_ok")
-    _dots(L, 2, k, QUERY_MAJOR)
-    env = _env(b, names, {**rows, **{d.var: d.var for d in k.dots}}, index, masks)
-    _keep(L, 2, k, env, QUERY_MAJOR)
-    if count:
-        L(2, "kept += tl.sum(keep.to(tl.float32), 1)")
-    inner = Lines()
-    step(inner, env)
-    L(2, "\n".join(inner.out))
+
+    def tile(L: Lines, depth: int, masked: bool) -> None:
+        B = Lines()
+        B(0, "offs_n = start_n + tl.arange(0, BLOCK_N)\n" + _ok("col_ok", "offs_n", "N"))
+        for o in k.operands:
+            if o.side != "q" and o.var in loads:
+                _load_operand(B, 0, o, names, head, "offs_n", "col_ok")
+        _dots(B, 0, k, QUERY_MAJOR, dots)
+        env = _env(b, names, {**rows, **{d: d for d in dots}}, index, masks)
+        _keep(B, 0, k, env, QUERY_MAJOR, masked)
+        if count:
+            B(0, "kept += tl.sum(keep.to(tl.float32), 1)")
+        step(B, env)
+        L(depth, "\n".join(B.out))
+    return tile
 
 
-def _emit_maxes(L: Lines, p, env: Env) -> None:
-    for mx in p.maxes:
+def _emit_maxes(L: Lines, maxes: list, env: Env) -> None:
+    for mx in maxes:
         v = ident(mx.var)
         value = render_at(L, 0, mx.arg, env)
         L(0, f"y = tl.where(keep, tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + ({value}), "
@@ -424,8 +484,8 @@ def _emit_maxes(L: Lines, p, env: Env) -> None:
         L(0, f"{v} = tl.maximum({v}, tl.max(y, 1))")
 
 
-def _emit_sums(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
-    for s in b.sums:
+def _emit_sums(L: Lines, sums: list, env: Env) -> None:
+    for s in sums:
         r = s.sum
         v = ident(r.var)
         body = render_at(L, 0, r.body, env)

@@ -23,6 +23,7 @@ import pytest
 import torch
 from attndsl.codegen.backward import backward_spec
 from attndsl.codegen.backward_launcher import transpose_block_tables
+from attndsl.codegen.tile_backward import generate_tile_backward
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -38,6 +39,8 @@ from attndsl.frontend.flex import lower_flex
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.passes.grad import GradError, diff, gather_grads
+from attndsl.passes.pipeline import compile_cascade
+from attndsl.passes.tile_grad import derive_tile_backward
 
 Tensor = torch.Tensor
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 4e-2}
@@ -748,6 +751,32 @@ def test_backward_kernels_assign_no_name_they_never_read() -> None:
         src = backward_source(lower_flex(mod, causal).cascade)
         assert all(not dead for dead in _dead_names(src).values()), (name, _dead_names(src))
         assert ("s = qk * scale" in src) == (name == "square"), name
+    from test_passes import NORMALISERS
+
+    for name, (build, _) in NORMALISERS.items():  # every kernel of each fused backward module
+        src = generate_tile_backward(derive_tile_backward(compile_cascade(build()).kernel), "t")
+        dead = _dead_names(src)
+        kernels = {f"tile_bwd_{k}_kernel" for k in ("rows", "keys", "queries")}
+        assert kernels <= set(dead) and all(not d for d in dead.values()), (name, dead)
+
+
+def test_sigmoid_rows_kernel_recomputes_no_sum_and_counts_kept_keys_from_the_bounds() -> None:
+    """Sigmoid's coefficient is dY x 1: the rows kernel reads no running sum, so it loads no
+    key or value tile and forms no dot; the causal mask's full blocks are counted in closed
+    form and only partial blocks evaluate it.  Softmax still recomputes its max and sums."""
+    from test_passes import NORMALISERS
+
+    def rows_kernel(name: str) -> str:
+        b = derive_tile_backward(compile_cascade(NORMALISERS[name][0]()).kernel)
+        src = generate_tile_backward(b, "t")
+        return src[src.index("def tile_bwd_rows_kernel"):src.index("def tile_bwd_keys_kernel")]
+
+    sigmoid = rows_kernel("sigmoid")
+    assert "tl.dot" not in sigmoid and "k0 = tl.load" not in sigmoid
+    assert "v0 = tl.load" not in sigmoid and "full blocks keep every in-range key" in sigmoid
+    assert "for start_n" not in rows_kernel("relu2")  # no mask: kept = N_len
+    softmax = rows_kernel("softmax3")
+    assert softmax.count("qk0 = tl.dot") == 2 and "l0 += tl.dot" in softmax  # max, then sums
 
 
 def test_terms_of_both_axes_that_are_no_relative_position_stay_in_the_tile() -> None:

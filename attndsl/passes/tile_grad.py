@@ -83,6 +83,27 @@ class TileBackward:
     # nonzero gradient only through the eager backward)
     max_stores: tuple[str, ...] = ()
 
+    def recomputed(self) -> frozenset[str]:
+        """The rows the rows kernel recomputes: those its outputs read, and what they read.
+
+        Its outputs are the coefficients ``c_s`` (the partials ``dG/dR``), the captured
+        gradients of the stores and the stabilisers held for the other kernels.  A needed sum
+        needs what its body reads (dot tiles, stabilisers), a needed max its argument's rows.
+        Sigmoid's ``c = dY x 1`` reads no sum: its forward sum ``P V`` is never recomputed.
+        Names are sum and max variables and dot tiles (``.safe`` reads name their max)."""
+        p = self.kernel.passes[0]
+        args = {s.var: s.body for s in p.sums} | {mx.var: mx.arg for mx in p.maxes}
+        todo = [*self.stabilizers]
+        for e in [x.deriv for x in self.partials] + [g.deriv for _, g in self.store_sites]:
+            todo += rows_read(e)
+        need: set[str] = set()
+        while todo:
+            row = todo.pop()
+            if row not in need:
+                need.add(row)
+                todo += rows_read(args[row]) if row in args else []
+        return frozenset(need)
+
     def __str__(self) -> str:
         lines = [f"backward of {self.kernel.name}: stabilisers {list(self.stabilizers)} held "
                  f"at their final values"]
@@ -102,6 +123,11 @@ class TileBackward:
         for st in self.max_stores:
             lines.append(f"  {st}: the value of a max reduction, not differentiated (eager)")
         return "\n".join(lines)
+
+
+def rows_read(e: Expr) -> list[str]:
+    """The rows ``e`` reads, a stabiliser's ``.safe`` form as the stabiliser itself."""
+    return [x.arg.removesuffix(".safe") for x in e.walk() if x.op is Op.ROW]
 
 
 def _as_loads(e: Expr) -> Expr:
@@ -165,4 +191,5 @@ def _reads_max_value(e: Expr, maxes: tuple[RunningMax, ...]) -> bool:
     return any(x.op is Op.ROW and x.arg in raw | plain for x in e.walk())
 
 
-__all__ = ["SiteGrad", "StorePartial", "SumGrad", "TileBackward", "derive_tile_backward"]
+__all__ = ["SiteGrad", "StorePartial", "SumGrad", "TileBackward", "derive_tile_backward",
+           "rows_read"]
