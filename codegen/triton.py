@@ -45,7 +45,8 @@ from attndsl.codegen.expr import (
 from attndsl.index_check import runtime_source
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
-from attndsl.ir.tile import KVPass, Operand, RunningSum, TileKernel
+from attndsl.ir.tile import KVPass, Operand, RunningMax, RunningSum, TileKernel
+from attndsl.passes.float_range import bounded_below
 from attndsl.passes.index_bounds import walk_intervals
 from attndsl.passes.int_range import fits_i32, int_ranges, launch_divisors, zero_divisors
 from attndsl.passes.mask import SPARSE_BLOCK
@@ -1031,9 +1032,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             env.hoisted[arg] = y  # the score, masked, is printed once and read by the sums
             L(0, f"{mx.var}_new = tl.maximum({mx.var}, {mx.var}_tile)")
             if mx.stabilizer:
-                safe = f"tl.maximum({mx.var}_new, 0.0)" if mx.floor0 else \
-                    f'tl.where({mx.var}_new == float("-inf"), 0.0, {mx.var}_new)'
-                L(0, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
+                _emit_stabiliser(L, mx, bounded_below(arg) and f"EVEN_N{unmasked}")
         shared: dict = {"names": names}
         for s, sbody in sums:
             scale = " * ".join(f"2^({k}*d{u})" for u, k in s.units) or "1"
@@ -1049,6 +1048,25 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         return "\n".join(L.out)
 
     return body
+
+
+def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool) -> None:
+    """The stabiliser's value in the step: ``max(m, 0)`` for a floor-0 max, else ``m`` with
+    -inf (a row of no finite score yet) replaced by 0.  ``finite``: the condition (a constexpr
+    expression) under which every score of the tile is a value of the max's argument and that
+    argument is bounded below (attndsl.passes.float_range), so ``m`` is finite and the
+    replacement is the identity; False when there is none."""
+    if mx.floor0:
+        L(0, f"{mx.var}_use_new = tl.maximum({mx.var}_new, 0.0)  # the stabiliser: finite")
+        return
+    safe = f'tl.where({mx.var}_new == float("-inf"), 0.0, {mx.var}_new)'
+    if not finite:
+        L(0, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
+        return
+    L(0, f"if {finite}:  # every score of the tile is > -inf (bounded below): so is the max")
+    L(1, f"{mx.var}_use_new = {mx.var}_new")
+    L(0, "else:")
+    L(1, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
 
 
 def _guard(L: Lines, bounded: bool | str, var: str, keep: str, fill: str) -> None:
