@@ -620,6 +620,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "row_ok = offs_m < M_len")
+    L(1, "if EVEN_M:  # every query row of the tile is in the sequence: the row masks fold away")
+    L(2, "row_ok = tl.full([BLOCK_M], 1, tl.int1)")
     params = {p: names.params[p] for p, _ in k.params}
     captured = {c: (names.tensors[c], r) for c, r, _ in k.captured}
     scalar_index = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}
