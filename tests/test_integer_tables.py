@@ -105,3 +105,18 @@ def test_a_read_compared_with_an_index_expression_is_compared_in_its_dtype() -> 
         source = _check(mask_mod=mask_mod)
         keep = [ln for ln in source.splitlines() if ln.strip().startswith("keep = (")]
         assert keep and not any("int64" in ln for ln in keep), keep
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.int8, 300), (torch.uint8, -1),
+                                          (torch.int16, -40000), (torch.int32, 2**40)])
+def test_a_narrow_table_compared_with_a_constant_outside_its_dtype_gives_the_oracles_attention(
+        dtype: torch.dtype, bound: int) -> None:
+    """ids[q] < c and ids[kv] != c with c outside the table's dtype (300 for int8, -1 for
+    uint8): the constant is a typed scalar the read is promoted with, not a Python int cast
+    to the read's dtype (out of range: Triton refuses it)."""
+    ids = (torch.arange(L) % 7).to(dtype)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (ids[q_idx] < bound) != (ids[kv_idx] == bound) | (ids[kv_idx] <= ids[q_idx])
+
+    _check(mask_mod=mask_mod)
