@@ -120,3 +120,24 @@ def test_a_narrow_table_compared_with_a_constant_outside_its_dtype_gives_the_ora
         return (ids[q_idx] < bound) != (ids[kv_idx] == bound) | (ids[kv_idx] <= ids[q_idx])
 
     _check(mask_mod=mask_mod)
+
+
+def test_the_backward_widens_arithmetic_on_int32_ids_too() -> None:
+    """The fused backward prints the same expressions: dQ, dK and dV of the score
+    (doc[q] - doc[kv] > 2^31) * 1.5 over int32 ids at both ends of int32 are torch's float64
+    gradients of the int64 difference."""
+    ids = _extreme_ids(torch.int32)[torch.randperm(L, generator=torch.Generator().manual_seed(1))]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + (ids[q_idx] - ids[kv_idx] > 2**31) * 1.5
+
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    out = attndsl.flex_attention(q, k, v, score_mod=score_mod)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    wide = ids.long()
+    bias = ((wide[:, None] - wide[None, :]) > 2**31).double() * 1.5
+    ref = torch.softmax(qd @ kd.transpose(-1, -2) * 0.25 + bias, -1) @ vd
+    want = torch.autograd.grad(ref.sum(), (qd, kd, vd))
+    for got, exp in zip(grads, want, strict=True):
+        torch.testing.assert_close(got.double(), exp, atol=1e-4, rtol=1e-4)
