@@ -34,6 +34,12 @@ argument names or constexprs are. Launches are recorded with fp16 tensors and re
 record time) is replaced by the generated module's GPU ``backward_config`` when it has one
 (else :data:`BACKWARD_CONFIG`), used for the references too.
 
+Like for like: the reference converts the document ids to int32 on the host, so the
+generated ``document`` kernel is given the same int32 id table (its ``mask_mod`` captures
+it; a read that is only compared keeps its table's dtype).  ``document_int64`` is the same
+case with the example's int64 ids, measured against the same reference: a user who keeps
+int64 ids gets 64-bit compares.
+
 How loops are paired (:func:`loop_kinds`, :func:`pair_loops`): a key-tile loop is *masked* when
 it compares indices about once per score element a thread owns (``ISETP`` counts; a mask is
 elementwise, loop control and row guards are per tile or per row), counted above the kernel's
@@ -74,6 +80,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from _common import and_masks, causal_mask  # noqa: E402  (examples/_common.py)
 
 import attndsl  # noqa: E402
 from attndsl.frontend.load import load_spec  # noqa: E402
@@ -86,7 +93,9 @@ from benchmarks.reference import forward as ref_fwd  # noqa: E402
 TARGETS = ("sm90", "sm80")
 DTYPES = ("fp16", "bf16")
 DIMS = (64, 128)
-FORWARD_CASES = tuple(ref_fwd.CASES)
+# forward cases that differ from a reference case only in their inputs -> that case
+FORWARD_VARIANTS = {"document_int64": "document"}
+FORWARD_CASES = tuple(ref_fwd.CASES) + tuple(FORWARD_VARIANTS)
 BACKWARD_CASES = tuple(ref_bwd.CASES)
 BATCH, HEADS, LENGTH = 2, 16, 1024
 BLOCK_M, BLOCK_N, WARPS = 128, 64, 8
@@ -97,6 +106,7 @@ BACKWARD_CONFIG = {"dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_s
 EXAMPLES = {"dense": None, "causal": "causal", "sliding_window": "sliding_window",
             "prefix_lm": "prefix_lm", "alibi_causal": "alibi", "softcap": "softcap",
             "relative_bias": "relative_bias", "document": "document_mask",
+            "document_int64": "document_mask",
             "gqa_causal": "gqa_causal", "sigmoid": "sigmoid"}
 
 
@@ -120,16 +130,32 @@ def _example(name: str) -> Any:
 def _qkv(case: str, dim: int, grad: bool = False) -> tuple[torch.Tensor, ...]:
     """fp16 q [B, H, L, D], k and v [B, H / G, L, D] (G = 4 for GQA), random."""
     gen = torch.Generator().manual_seed(0)
-    kv_heads = HEADS // ref_fwd.CASES.get(case, (0, 0, 1))[2]
+    kv_heads = HEADS // ref_fwd.CASES.get(reference_case(case), (0, 0, 1))[2]
     shapes = [(BATCH, HEADS, LENGTH, dim)] + [(BATCH, kv_heads, LENGTH, dim)] * 2
     return tuple(torch.randn(s, generator=gen).half().requires_grad_(grad) for s in shapes)
 
 
+def reference_case(case: str) -> str:
+    """The hand-written reference's case of a benchmark case (``FORWARD_VARIANTS``)."""
+    return FORWARD_VARIANTS.get(case, case)
+
+
+def _document_ids() -> torch.Tensor:
+    """The example's document ids [LENGTH] (int64), as the reference launcher takes them."""
+    doc = _example("document_mask")
+    return doc.document_ids(LENGTH, doc.NUM_DOCS, doc.generator())
+
+
 def _mods(case: str) -> dict:
-    """``{"score_mod", "mask_mod"}`` of the case's example (none for dense)."""
+    """``{"score_mod", "mask_mod"}`` of the case's example (none for dense); ``document``
+    captures the ids as int32, as the reference reads them."""
     name = EXAMPLES[case]
     if name is None:
         return {"score_mod": None, "mask_mod": None}
+    if case == "document":
+        ids = _document_ids().to(torch.int32)
+        mask = _example(name).generate_doc_mask(ids, ids)
+        return {"score_mod": None, "mask_mod": and_masks(mask, causal_mask)}
     return _example(name).make(BATCH, HEADS, LENGTH, LENGTH)
 
 
@@ -139,9 +165,8 @@ def _reference_extras(case: str) -> dict:
         return {"slopes": _example("alibi").alibi_slopes(HEADS)}
     if case == "relative_bias":
         return {"bias": torch.randn(HEADS, 2 * LENGTH - 1)}
-    if case == "document":
-        doc = _example("document_mask")
-        return {"doc": doc.document_ids(LENGTH, doc.NUM_DOCS, doc.generator())}
+    if reference_case(case) == "document":
+        return {"doc": _document_ids()}
     return {}
 
 
@@ -185,7 +210,7 @@ def reference_forward(case: str, dim: int) -> RecordedLaunch:
     """The hand-written forward kernel's launch with the same config."""
     q, k, v = _qkv(case, dim)
     return _one(record_launches(lambda: ref_fwd.attention(
-        q, k, v, case, block_m=BLOCK_M, block_n=BLOCK_N, num_warps=WARPS,
+        q, k, v, reference_case(case), block_m=BLOCK_M, block_n=BLOCK_N, num_warps=WARPS,
         num_stages=stages(dim), **_reference_extras(case))), f"{case} reference forward")
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from attndsl.errors import AttnDSLError
 from attndsl.ir import expr as E
-from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
+from attndsl.ir.expr import BOOL, COMPARE, FLOAT, INT, SHIFTS, Expr, Op
 from attndsl.passes.int_range import fits_i32, int_ranges
 from attndsl.passes.rules import LOG2E, Rule, rewrite
 
@@ -267,18 +267,48 @@ class Env:
 def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
     """Operands converted as the node computes: integers to int64 under an int64 node (an
     int32 operand would wrap), integers and booleans to fp32 under a float node (Triton's
-    float functions take no integers)."""
+    float functions take no integers).
+
+    A tensor read is int64 only when its tensor is (an int32 or int8 table reads as such), so
+    under integer arithmetic it is converted like an int32 value (:func:`arithmetic_reads`).
+    A boolean node (a comparison, ``not``) converts nothing: its integer operands are each
+    exact in their own width, and Triton compares an int32 with an int64 in int64, so
+    ``doc[q] == doc[kv]`` compares in the tables' dtype.  An integer constant compared with a
+    read is a typed int32 (or int64) scalar, which Triton promotes with the read: as a Python
+    int it would take the read's dtype, out of range for an int8 table (``ids[q] < 300``) or
+    negative for a uint8 one."""
     if e.op in (Op.CAST, Op.LOAD) or not e.src:
         return a
+    if e.dtype == BOOL:
+        if e.op not in COMPARE or not any(s.op is Op.LOAD for s in e.src):
+            return a
+        return [_typed_int(s.arg) if s.op is Op.CONST and s.dtype == INT else x
+                for s, x in zip(e.src, a)]
     if e.dtype == FLOAT:
         return [x if s.dtype == FLOAT or _is_where_cond(e, i) else
                 literal(float(s.arg)) if s.op is Op.CONST else f"({x}).to(tl.float32)"
                 for i, (s, x) in enumerate(zip(e.src, a))]
     if env.wide(e) or any(env.wide(s) for s in e.src):
-        return [env.to_i64(x) if s.dtype in (INT, BOOL) and not env.wide(s)
+        return [env.to_i64(x) if s.dtype in (INT, BOOL) and (s.op is Op.LOAD or not env.wide(s))
                 and s.op is not Op.CONST and not _is_where_cond(e, i) else x
                 for i, (s, x) in enumerate(zip(e.src, a))]
     return a
+
+
+def _typed_int(v: int) -> str:
+    """An integer constant as a 0-d tensor of int32 (int64 when it does not fit)."""
+    return f"tl.full((), {int(v)}, tl.int32)" if fits_i32((v, v)) else literal(v)
+
+
+def arithmetic_reads(e: Expr) -> list[Expr]:
+    """The integer tensor reads of ``e`` that are operands of integer arithmetic: :func:`_widen`
+    converts them with :meth:`Env.to_i64` (whatever the table's dtype), so under I32_INDICES
+    their values must fit int32 too (the forward lists them in ``narrow_ranges``)."""
+    found: dict[Expr, None] = {}
+    for x in e.walk():
+        if x.dtype == INT and x.op not in (Op.CAST, Op.LOAD):
+            found.update(dict.fromkeys(s for s in x.src if s.op is Op.LOAD and s.dtype == INT))
+    return list(found)
 
 
 def is_wrap(e: Expr, subscripts: frozenset[Expr]) -> bool:

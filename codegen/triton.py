@@ -29,6 +29,7 @@ from attndsl.codegen.expr import (
     HELPERS,
     CodegenError,
     Env,
+    arithmetic_reads,
     comment,
     host_literal,
     is_wrap,
@@ -43,7 +44,8 @@ from attndsl.codegen.writer import Lines
 from attndsl.index_check import runtime_source
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
-from attndsl.ir.tile import KVPass, Operand, RunningSum, TileKernel
+from attndsl.ir.tile import KVPass, Operand, RunningMax, RunningSum, TileKernel
+from attndsl.passes.float_range import bounded_below
 from attndsl.passes.index_bounds import walk_intervals
 from attndsl.passes.int_range import fits_i32, int_ranges, launch_divisors, zero_divisors
 from attndsl.passes.mask import SPARSE_BLOCK
@@ -486,14 +488,16 @@ def _emit_scale_ranges(k: TileKernel, L: Lines) -> None:
 
 def _widened(k: TileKernel) -> list[Expr]:
     """The integer nodes the kernel computes in int64 because their static range may leave
-    int32 (:mod:`attndsl.passes.int_range`); int64 tensor reads and shifts are int64 by
-    type and not among them."""
+    int32 (:mod:`attndsl.passes.int_range`) and the integer tensor reads integer arithmetic
+    converts with them (:func:`codegen.expr.arithmetic_reads`); shifts are int64 by
+    definition, and reads that are only compared keep their tensor's dtype: not among them."""
     nodes: dict[Expr, None] = {}
     for e in _kernel_exprs(k):
         ranges = int_ranges(e)
         nodes.update(dict.fromkeys(
             x for x in e.walk() if x.dtype == INT and x.op is not Op.LOAD
             and x.op not in SHIFTS and not fits_i32(ranges[x])))
+        nodes.update(dict.fromkeys(arithmetic_reads(e)))
     return list(nodes)
 
 
@@ -599,6 +603,8 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "row_ok = offs_m < M_len")
+    L(1, "if EVEN_M:  # every query row of the tile is in the sequence: the row masks fold away")
+    L(2, "row_ok = tl.full([BLOCK_M], 1, tl.int1)")
     params = {p: names.params[p] for p, _ in k.params}
     captured = {c: (names.tensors[c], r) for c, r, _ in k.captured}
     scalar_index = {i: v for i, v in ((b, "off_b"), (h, "off_h")) if i is not None}
@@ -1001,9 +1007,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             env.hoisted[arg] = y  # the score, masked, is printed once and read by the sums
             L(0, f"{mx.var}_new = tl.maximum({mx.var}, {mx.var}_tile)")
             if mx.stabilizer:
-                safe = f"tl.maximum({mx.var}_new, 0.0)" if mx.floor0 else \
-                    f'tl.where({mx.var}_new == float("-inf"), 0.0, {mx.var}_new)'
-                L(0, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
+                _emit_stabiliser(L, mx, bounded_below(arg) and f"EVEN_N{unmasked}")
         shared: dict = {"names": names}
         for s, sbody in sums:
             scale = " * ".join(f"2^({k}*d{u})" for u, k in s.units) or "1"
@@ -1019,6 +1023,25 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         return "\n".join(L.out)
 
     return body
+
+
+def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool) -> None:
+    """The stabiliser's value in the step: ``max(m, 0)`` for a floor-0 max, else ``m`` with
+    -inf (a row of no finite score yet) replaced by 0.  ``finite``: the condition (a constexpr
+    expression) under which every score of the tile is a value of the max's argument and that
+    argument is bounded below (attndsl.passes.float_range), so ``m`` is finite and the
+    replacement is the identity; False when there is none."""
+    if mx.floor0:
+        L(0, f"{mx.var}_use_new = tl.maximum({mx.var}_new, 0.0)  # the stabiliser: finite")
+        return
+    safe = f'tl.where({mx.var}_new == float("-inf"), 0.0, {mx.var}_new)'
+    if not finite:
+        L(0, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
+        return
+    L(0, f"if {finite}:  # every score of the tile is > -inf (bounded below): so is the max")
+    L(1, f"{mx.var}_use_new = {mx.var}_new")
+    L(0, "else:")
+    L(1, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
 
 
 def _guard(L: Lines, bounded: bool | str, var: str, keep: str, fill: str) -> None:

@@ -105,3 +105,24 @@ def test_a_negative_table_subscript_keeps_torchs_wrap() -> None:
     out, ref, consts = _table_attention(lambda q, kv: q - kv)
     assert consts["NONNEG_SUBSCRIPTS"] is False
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("length", [64, 48])
+def test_row_masks_fold_away_under_even_m_and_stay_on_a_ragged_query_tile(length: int) -> None:
+    """table[h, q - kv + L - 1] read per (query, key): with 64 queries (EVEN_M) every row of
+    every tile exists and the kernel makes ``row_ok`` all-true, so the reads lose their row
+    mask; with 48 the last query tile's rows 48..63 would read past the table, and their
+    mask stays.  Both are torch's answer."""
+    import inspect
+
+    import attndsl
+    from attndsl.runtime.gpu_report import record_launches
+
+    out, ref, consts = _table_attention(lambda q, kv: q - kv + length - 1, length)
+    assert consts["EVEN_M"] is (length % CONFIG["BLOCK_M"] == 0)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    q = torch.randn(1, 1, 32, 16)
+    launch, = record_launches(lambda: attndsl.flex_attention(
+        q, q, q, score_mod=lambda s, b, h, m, n: s + q[0, 0, m, 0], kernel_options=CONFIG))
+    source = Path(inspect.getsourcefile(launch.fn)).read_text()
+    assert "    if EVEN_M:" in source and "row_ok = tl.full([BLOCK_M], 1, tl.int1)" in source
