@@ -336,15 +336,22 @@ def elements_per_thread(spec: KernelSpec) -> int:
 
 
 def loop_kinds(loops: tuple[KeyTileLoop, ...], per_thread: int) -> list[str]:
-    """``masked`` / ``unmasked`` per loop, by its integer compares (``ISETP``).
+    """``masked`` / ``unmasked`` per loop, by its integer compares (``ISETP``) and selects.
 
-    A mask compares indices once per score element a thread owns (``per_thread``); loop control
-    and per-row guards compare a few times per tile. With several loops in a kernel, a loop is
-    masked when it has at least ``0.75 * per_thread`` compares more than the kernel's loop with
-    the fewest; a single loop, when it has at least ``0.75 * per_thread`` at all."""
-    counts = [loop.count("ISETP") for loop in loops]
-    base = min(counts) if len(counts) > 1 else 0
-    return ["masked" if c >= base + 0.75 * per_thread else "unmasked" for c in counts]
+    A mask compares indices once per score element a thread owns (``per_thread``) and selects
+    ``-inf`` for each; loop control and per-row guards compare and select a few times per tile.
+    With several loops in a kernel, a loop is masked when it has at least ``0.75 * per_thread``
+    compares, or as many selects (``FSEL``, ``SEL``), more than the kernel's loop with the
+    fewest: compilers merge a mask's compares (``0 <= m - n <= w`` is one unsigned compare),
+    never its selects.  A single loop is masked when it has at least ``0.75 * per_thread``
+    compares at all (a score's own selects, e.g. a subscript's wrap, do not make it masked)."""
+    compares = [loop.count("ISETP") for loop in loops]
+    if len(loops) == 1:
+        return ["masked" if compares[0] >= 0.75 * per_thread else "unmasked"]
+    selects = [loop.count("FSEL") + loop.count("SEL") for loop in loops]
+    return ["masked" if c >= min(compares) + 0.75 * per_thread or
+            s >= min(selects) + 0.75 * per_thread else "unmasked"
+            for c, s in zip(compares, selects, strict=True)]
 
 
 def _loop_row(loop: KeyTileLoop, kind: str) -> dict:
