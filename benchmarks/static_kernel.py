@@ -37,11 +37,12 @@ record time) is replaced by the generated module's GPU ``backward_config`` when 
 How loops are paired (:func:`loop_kinds`, :func:`pair_loops`): a key-tile loop is *masked* when
 it compares indices about once per score element a thread owns (``ISETP`` counts; a mask is
 elementwise, loop control and row guards are per tile or per row), counted above the kernel's
-least-comparing loop when the kernel has several. Each generated loop is compared with the
-first reference loop of the same kind (the reference kernels have one loop body per kind); a
-kernel pair with a single loop each is paired directly. A kind the reference lacks has no
-ratio: e.g. the reference dQ kernel's diagonal is a single key tile when BLOCK_M == BLOCK_N,
-which the compiler takes out of the loop.
+least-comparing loop when the kernel has several; there, as many selects (``FSEL``) above the
+least-selecting loop count too, since a window's two compares may be merged into one.  Each
+generated loop is compared with the first reference loop of the same kind (the reference
+kernels have one loop body per kind); a kernel pair with a single loop each is paired directly.
+A kind the reference lacks has no ratio: e.g. the reference dQ kernel's diagonal is a single
+key tile when BLOCK_M == BLOCK_N, which the compiler takes out of the loop.
 
 Usage::
 
