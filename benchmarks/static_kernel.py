@@ -43,11 +43,12 @@ int64 ids gets 64-bit compares.
 How loops are paired (:func:`loop_kinds`, :func:`pair_loops`): a key-tile loop is *masked* when
 it compares indices about once per score element a thread owns (``ISETP`` counts; a mask is
 elementwise, loop control and row guards are per tile or per row), counted above the kernel's
-least-comparing loop when the kernel has several. Each generated loop is compared with the
-first reference loop of the same kind (the reference kernels have one loop body per kind); a
-kernel pair with a single loop each is paired directly. A kind the reference lacks has no
-ratio: e.g. the reference dQ kernel's diagonal is a single key tile when BLOCK_M == BLOCK_N,
-which the compiler takes out of the loop.
+least-comparing loop when the kernel has several; there, as many selects (``FSEL``) above the
+least-selecting loop count too, since a window's two compares may be merged into one.  Each
+generated loop is compared with the first reference loop of the same kind (the reference
+kernels have one loop body per kind); a kernel pair with a single loop each is paired directly.
+A kind the reference lacks has no ratio: e.g. the reference dQ kernel's diagonal is a single
+key tile when BLOCK_M == BLOCK_N, which the compiler takes out of the loop.
 
 Usage::
 
@@ -361,15 +362,22 @@ def elements_per_thread(spec: KernelSpec) -> int:
 
 
 def loop_kinds(loops: tuple[KeyTileLoop, ...], per_thread: int) -> list[str]:
-    """``masked`` / ``unmasked`` per loop, by its integer compares (``ISETP``).
+    """``masked`` / ``unmasked`` per loop, by its integer compares (``ISETP``) and selects.
 
-    A mask compares indices once per score element a thread owns (``per_thread``); loop control
-    and per-row guards compare a few times per tile. With several loops in a kernel, a loop is
-    masked when it has at least ``0.75 * per_thread`` compares more than the kernel's loop with
-    the fewest; a single loop, when it has at least ``0.75 * per_thread`` at all."""
-    counts = [loop.count("ISETP") for loop in loops]
-    base = min(counts) if len(counts) > 1 else 0
-    return ["masked" if c >= base + 0.75 * per_thread else "unmasked" for c in counts]
+    A mask compares indices once per score element a thread owns (``per_thread``) and selects
+    ``-inf`` for each; loop control and per-row guards compare and select a few times per tile.
+    With several loops in a kernel, a loop is masked when it has at least ``0.75 * per_thread``
+    compares, or as many selects (``FSEL``, ``SEL``), more than the kernel's loop with the
+    fewest: compilers merge a mask's compares (``0 <= m - n <= w`` is one unsigned compare),
+    never its selects.  A single loop is masked when it has at least ``0.75 * per_thread``
+    compares at all (a score's own selects, e.g. a subscript's wrap, do not make it masked)."""
+    compares = [loop.count("ISETP") for loop in loops]
+    if len(loops) == 1:
+        return ["masked" if compares[0] >= 0.75 * per_thread else "unmasked"]
+    selects = [loop.count("FSEL") + loop.count("SEL") for loop in loops]
+    return ["masked" if c >= min(compares) + 0.75 * per_thread or
+            s >= min(selects) + 0.75 * per_thread else "unmasked"
+            for c, s in zip(compares, selects, strict=True)]
 
 
 def _loop_row(loop: KeyTileLoop, kind: str) -> dict:

@@ -168,9 +168,14 @@ def _nonneg(e: Expr) -> bool:
 HELPERS = '''
 @triton.jit
 def _safe_div(a, b):
-    """a / b, with 0 / 0 = 0 (a fully masked row normalises to zero)."""
-    both0 = (a == 0) & (b == 0)
-    return tl.where(both0, 0.0, a / tl.where(both0, 1.0, b))
+    """a / b, with 0 / 0 = 0 (a fully masked row normalises to zero).  The divisor is made
+    nonzero from b alone, so a divisor broadcast along the columns (l_i[:, None]) is one
+    reciprocal per row, not one per element; where b = +-0 the quotient is a * +-inf (IEEE
+    x / +-0, the sign read from b's bits) and 0 when a = 0."""
+    b = b.to(tl.float32)
+    b0 = b == 0
+    b_inf = tl.where(b.to(tl.int32, bitcast=True) < 0, float("-inf"), float("inf"))
+    return tl.where(b0 & (a == 0), 0.0, tl.where(b0, a * b_inf, a / tl.where(b0, 1.0, b)))
 
 
 @triton.jit

@@ -981,7 +981,17 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         if k.mask is not None:
             L(0, "keep = col_ok[None, :]")
             L(0, f"if MASKED:  # a partial tile: {comment(E.render(k.mask))[2:]}")
-            L(1, f"keep = {render_at(L, 1, k.mask, env)}")
+            mask_env = env
+            pairs = _index_pairs(k.mask, m, n)
+            if pairs is not None:
+                L(1, "# the mask reads m and n only as m - n or compares them: rows relative to "
+                     "start_n\n# against the constant columns 0..BLOCK_N-1 (no column index "
+                     "lives across tiles)")
+                L(1, _relative_rows(pairs))
+                mask_env = dataclasses.replace(env, hoisted={
+                    **env.hoisted, **{x: _pair_source(op, swap, pairs)
+                                      for x, (op, swap) in pairs.items()}})
+            L(1, f"keep = {render_at(L, 1, k.mask, mask_env)}")
             L(1, "if not EVEN_N:\n    keep = keep & col_ok[None, :]")
             keep, bounded = "keep", "MASKED or not EVEN_N"
         unmasked = "" if k.mask is None else " and not MASKED"
@@ -1042,6 +1052,57 @@ def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool) -> None:
     L(1, f"{mx.var}_use_new = {mx.var}_new")
     L(0, "else:")
     L(1, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
+
+
+def _index_pairs(e: Expr, m: str, n: str) -> dict[Expr, tuple[Op, bool]] | None:
+    """When ``e`` reads the indices m and n only in pairs, as ``m - n``, ``n - m`` or a
+    comparison of the two (at least once): each such node -> (its op, whether n comes
+    first).  Else None.  Such a value is unchanged when both indices move by start_n:
+    m - n = (m - s) - (n - s); int32 is exact, as m - n of indices below 2 ** 31 fits."""
+    pairs: dict[Expr, tuple[Op, bool]] = {}
+    seen: set[Expr] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        ops = tuple(s.arg if s.op is Op.INDEX else None for s in x.src)
+        if x.op is Op.INDEX and x.arg in (m, n):
+            return None  # read alone (n < 32, cap0[n]): not a function of m - n
+        if x.op in _PAIRED and ops in ((m, n), (n, m)):
+            pairs[x] = (x.op, ops == (n, m))
+            continue
+        todo.extend(x.src)
+    return pairs or None
+
+
+# m - n and the comparisons of m with n
+_PAIRED = {Op.SUB: "-", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==",
+           Op.NE: "!="}
+_ROWS, _COLS = "offs_m_rel[:, None]", "tl.arange(0, BLOCK_N)[None, :]"
+
+
+def _diagonal(pairs: dict[Expr, tuple[Op, bool]]) -> bool:
+    """A mask that subtracts the indices is printed on diag = m - n, comparisons included
+    (LLVM merges 0 <= diag <= w into one unsigned compare); one that only compares them
+    compares the relative rows with the columns directly (no subtraction per element)."""
+    return any(op is Op.SUB for op, _ in pairs.values())
+
+
+def _relative_rows(pairs: dict[Expr, tuple[Op, bool]]) -> str:
+    if _diagonal(pairs):
+        return f"diag = (offs_m - start_n)[:, None] - {_COLS}"
+    return "offs_m_rel = offs_m - start_n"
+
+
+def _pair_source(op: Op, swap: bool, pairs: dict[Expr, tuple[Op, bool]]) -> str:
+    """m OP n (n OP m when swapped) in terms of the relative rows and constant columns."""
+    if _diagonal(pairs):
+        if op is Op.SUB:
+            return "(-diag)" if swap else "diag"
+        return f"(0 {_PAIRED[op]} diag)" if swap else f"(diag {_PAIRED[op]} 0)"
+    return f"({_COLS} {_PAIRED[op]} {_ROWS})" if swap else f"({_ROWS} {_PAIRED[op]} {_COLS})"
 
 
 def _guard(L: Lines, bounded: bool | str, var: str, keep: str, fill: str) -> None:

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from attndsl.codegen.expr import HELPERS
 from attndsl.codegen.triton import generate
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,7 +30,7 @@ from attndsl.frontend.flex import mask_expr
 from attndsl.frontend.text import SpecError, parse_text
 from attndsl.ir.expr import MAX_DEPTH
 from attndsl.passes.pipeline import compile_cascade
-from attndsl.runtime.modules import load_kernel_module
+from attndsl.runtime.modules import load_kernel_module, load_source
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
 Tensor = torch.Tensor
@@ -210,6 +211,45 @@ def test_zero_over_zero_in_a_score_mod_is_nan_as_in_torch() -> None:
     ours, ref = _both(score_mod=score)
     assert torch.equal(ours.isnan(), ref.isnan()) and ref.isnan().any()
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+
+_DIV_PROBE = """
+import triton
+import triton.language as tl
+""" + HELPERS + """
+
+@triton.jit
+def _div_probe(a_ptr, b_ptr, out_ptr, N: tl.constexpr, ROW_DIVISOR: tl.constexpr):
+    rows = tl.arange(0, N)[:, None]
+    cols = tl.arange(0, N)[None, :]
+    a = tl.load(a_ptr + rows * N + cols)
+    if ROW_DIVISOR:  # one divisor per row, broadcast along it (the epilogue's l_i[:, None])
+        b = tl.load(b_ptr + tl.arange(0, N))[:, None]
+    else:
+        b = tl.load(b_ptr + rows * N + cols)
+    tl.store(out_ptr + rows * N + cols, _safe_div(a, b))
+"""
+
+
+@pytest.mark.parametrize("row_divisor", [True, False])
+def test_the_normalising_division_is_ieee_except_that_zero_over_zero_is_zero(
+        row_divisor: bool) -> None:
+    """x / y of the language (the kernels' _safe_div) for every pair of signed zeros,
+    infinities, NaN, a subnormal and ordinary numbers, with one divisor per element or one per
+    row: bit for bit torch's IEEE quotient (signs of zeros and infinities included), 0 / 0 = 0."""
+    special = [0.0, -0.0, 1.5, -2.0, math.inf, -math.inf, math.nan, 1e-40]
+    n = len(special)
+    a = torch.tensor(special).repeat(n, 1)  # a[i, j] = special[j]
+    b = torch.tensor(special)
+    b_full = b[:, None].expand(n, n).contiguous()  # b[i, j] = special[i]
+    out = torch.empty(n, n)
+    module = load_source(_DIV_PROBE, prefix="div_probe")
+    module._div_probe[(1,)](a, b if row_divisor else b_full, out, N=n, ROW_DIVISOR=row_divisor)
+    want = torch.where((a == 0) & (b_full == 0), torch.zeros(()), a / b_full)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(want))
+    assert torch.equal(out.signbit() | out.isnan(), want.signbit() | want.isnan())
 
 
 # -- 4. integer arguments of float functions -----------------------------------------------

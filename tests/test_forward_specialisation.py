@@ -12,7 +12,7 @@ import torch
 from attndsl.eager import run_cascade
 from attndsl.frontend.load import load_spec
 from attndsl.passes.pipeline import compile_cascade
-from attndsl.runtime.modules import load_kernel_module
+from attndsl.runtime.modules import load_kernel_module, module_source
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
@@ -126,3 +126,42 @@ def test_row_masks_fold_away_under_even_m_and_stay_on_a_ragged_query_tile(length
         q, q, q, score_mod=lambda s, b, h, m, n: s + q[0, 0, m, 0], kernel_options=CONFIG))
     source = Path(inspect.getsourcefile(launch.fn)).read_text()
     assert "    if EVEN_M:" in source and "row_ok = tl.full([BLOCK_M], 1, tl.int1)" in source
+
+
+# masks that read q and kv only as q - kv or a comparison of the two (printed on the rows
+# relative to the tile's first key), next to ones that read an index alone (printed as written)
+DIAGONAL_MASKS = {
+    "causal": (lambda b, h, q, kv: q >= kv, "offs_m_rel = offs_m - start_n"),
+    "anti-causal": (lambda b, h, q, kv: kv > q, "offs_m_rel = offs_m - start_n"),
+    "window": (lambda b, h, q, kv: (q >= kv) & (q - kv <= 9), "diag = "),
+    "stripes": (lambda b, h, q, kv: ((kv - q) % 3 == 0) | (q == kv), "diag = "),
+    "prefix": (lambda b, h, q, kv: (kv < 5) | (q >= kv), None),
+    "band of one index": (lambda b, h, q, kv: (q >= kv) & (kv % 4 != 1), None),
+}
+
+
+@pytest.mark.parametrize("name", DIAGONAL_MASKS)
+def test_masks_of_the_index_difference_compare_relative_rows_and_give_torchs_attention(
+        name: str) -> None:
+    """A mask that reads q and kv only through q - kv (or compares them) is printed on the
+    query rows relative to start_n against the constant columns 0..BLOCK_N-1, so no
+    per-column index lives across the key tiles; a mask that reads an index alone is not.
+    Either way, over ragged lengths and several key tiles, the result is torch's."""
+    import attndsl
+    from attndsl.frontend.flex import lower_flex
+
+    mask, printed = DIAGONAL_MASKS[name]
+    source = module_source(compile_cascade(lower_flex(mask_mod=mask).cascade).kernel)
+    step = source[source.index("if MASKED:  # a partial tile"):]
+    step = step[:step.index("keep = keep & col_ok")]
+    if printed is None:
+        assert "offs_m_rel" not in step and "diag" not in step, step
+    else:
+        assert printed in step and "offs_n" not in step, step
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, length, 16, generator=gen) for length in (45, 77, 77))
+    out = attndsl.flex_attention(q, k, v, mask_mod=mask, kernel_options=dict(CONFIG))
+    keep = mask(0, 0, torch.arange(45)[:, None], torch.arange(77)[None, :])
+    s = ((q.double() @ k.double().transpose(-1, -2)) * 0.25).masked_fill(~keep, -torch.inf)
+    ref = torch.nan_to_num(torch.softmax(s, -1)) @ v.double()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)

@@ -52,8 +52,9 @@ def test_quick_run_writes_loop_counts_and_ratios(tmp_path: Path) -> None:
     assert "| for | causal | sm90 | fp16 | 64 | fwd | masked |" in table
 
 
-def _loop(compares: int, all_: int = 100) -> KeyTileLoop:
-    return KeyTileLoop(0, 16, all_, 8, 34, opcodes={"ISETP.GE.AND": compares})
+def _loop(compares: int, all_: int = 100, selects: int = 2) -> KeyTileLoop:
+    return KeyTileLoop(0, 16, all_, 8, 34, opcodes={"ISETP.GE.AND": compares,
+                                                    "FSEL": selects})
 
 
 def test_loops_are_masked_when_they_compare_once_per_score_element() -> None:
@@ -63,6 +64,15 @@ def test_loops_are_masked_when_they_compare_once_per_score_element() -> None:
     assert static_kernel.loop_kinds((_loop(2),), 16) == ["unmasked"]
     # small tiles (4 elements per thread): guards of the unmasked loop do not make it masked
     assert static_kernel.loop_kinds((_loop(26), _loop(10)), 4) == ["masked", "unmasked"]
+
+
+def test_a_loop_whose_mask_compares_were_merged_is_masked_by_its_selects() -> None:
+    """0 <= m - n <= w compiles to one unsigned compare per element (fewer than one per
+    element after the compiler shares them), but every masked score still selects -inf."""
+    loops = (_loop(22, selects=66), _loop(4), _loop(22, selects=66))
+    assert static_kernel.loop_kinds(loops, 32) == ["masked", "unmasked", "masked"]
+    # one loop: its selects alone (a subscript's wrap in the score) do not make it masked
+    assert static_kernel.loop_kinds((_loop(3, selects=40),), 32) == ["unmasked"]
 
 
 def test_generated_loops_are_paired_with_the_reference_loop_of_their_kind() -> None:
