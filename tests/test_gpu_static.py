@@ -69,3 +69,21 @@ def test_example_compiles_and_fits(reports: dict, example: str, target: str,
         else:
             assert r["tc_kind"] == "HMMA" and r["tc_count"] > 0, r
             assert r["fits"] or "spill" in r["reason"], r  # sm80 may spill; it must fit smem
+
+
+def test_the_module_a_child_compiles_is_named_by_its_source_not_only_by_its_spec(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes whose printers differ (two attndsl versions, two checkouts) print
+    different modules for one spec: each must compile its own, so the cached file is named
+    by the source's hash, and holds exactly that source."""
+    from attndsl.runtime import gpu_report
+
+    cascade, _ = load_spec(str(EXAMPLES[0])).build(1, 2, 64, 64)
+    kernel = compile_cascade(cascade).kernel
+    first = kernel_path(kernel)
+    printed = gpu_report.module_source(kernel)
+    monkeypatch.setattr(gpu_report, "module_source", lambda k: printed + "# another printer\n")
+    second = kernel_path(kernel)
+    assert first != second
+    assert Path(first).read_text() == printed
+    assert Path(second).read_text() == printed + "# another printer\n"

@@ -14,6 +14,7 @@ as a GPU launch would specialise it (benchmarks/static_kernel.py compiles that w
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 from attndsl.ir.tile import TileKernel
 from attndsl.passes.mask import SPARSE_BLOCK
 from attndsl.runtime.aot import TARGETS, CompiledReport, KernelSpec, compile_kernels
-from attndsl.runtime.modules import cache_dir, module_source, spec_hash, write_module
+from attndsl.runtime.modules import cache_dir, module_source, write_module
 
 CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
 
@@ -134,8 +135,13 @@ def run_jobs(jobs: list[dict]) -> list[dict]:
 
 
 def kernel_path(kernel: TileKernel) -> str:
-    path = cache_dir() / f"aot_{spec_hash(kernel)}.py"
-    write_module(module_source(kernel), path)
+    """The kernel's module written to the cache for a child process to compile, named by the
+    hash of its source (as :func:`attndsl.runtime.modules.load_source`), so two processes
+    whose printers differ (two attndsl versions) never compile each other's module."""
+    source = module_source(kernel)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    path = cache_dir() / f"aot_{digest}.py"
+    write_module(source, path)
     return str(path)
 
 
