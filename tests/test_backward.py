@@ -833,3 +833,20 @@ def test_dkdv_steps_accumulate_dv_before_forming_dp() -> None:
         for i, ln in enumerate(lines):
             if ln.startswith("w_") and "tl.dot(" in ln:  # W = c V^T of a [keys, queries] sum
                 assert lines[i - 1].startswith("d_") and "+= tl.dot(" in lines[i - 1], (name, ln)
+
+
+def test_dkdv_steps_load_lse_and_delta_where_they_are_read() -> None:
+    """The dK/dV step reads lse2 after the QK^T dot and delta after dP's, not with the Q and
+    dO tiles: a row vector of the key-major tile loaded early stays live across the dots
+    (sm90, dense D 64: 154 -> 143 registers).  The dQ kernel still reads them once."""
+    for mod in (None, lambda s, b, h, q, kv: 30.0 * torch.tanh(s / 30.0)):
+        src = backward_source(lower_flex(mod, causal).cascade)
+        dkdv = src[src.index("def attention_bwd_dkdv_kernel"):
+                   src.index("def attention_bwd_dq_kernel")]
+        steps = dkdv.split("qT = tl.load(")[1:]
+        assert steps
+        for s in steps:
+            assert s.index("qk = tl.dot(") < s.index("lse2 = tl.load(") < s.index("p = tl.exp2(")
+            assert s.index("dp = tl.dot(") < s.index("delta = tl.load(") < s.index("dt = p *")
+        dq = src[src.index("def attention_bwd_dq_kernel"):]
+        assert dq.count("lse2 = tl.load(") == 1 and dq.count("delta = tl.load(") == 1
