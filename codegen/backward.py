@@ -224,9 +224,6 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
         L(0, f"valid = valid & ({render_at(L, 0, spec.mask, env)})")
     _emit_p(L, spec, names, o, env, kind, start)
     L(0, "p = tl.where(valid, p, 0.0)")
-    if kind == "dkdv":  # dV's dot before dP's, as FA2's dK/dV loop: fewer tiles live on sm90
-        L(0, "# dV += P^T dO")
-        L(0, "dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)")
     L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")
     if kind == "dkdv":
         L(0, "dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)")
@@ -248,7 +245,10 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
         L(0, "# dQ += dS K (times scale at the end)")
         L(0, "dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)")
         return
-    L(0, "# dK += dS^T Q (times scale at the end)")
+    # dV's dot after dP's: with delta read late, sm90 and sm80 both hold fewer registers so
+    # (dense D 64 on sm90: 143 with dV's first, 130; D 128 on sm80: 222, 172)
+    L(0, "# dV += P^T dO; dK += dS^T Q (times scale at the end)")
+    L(0, "dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)")
     L(0, "dk += tl.dot(ds.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)")
     L(0, "if ATOMIC_DQ:")
     L(1, "# dQ += scale * dS K: float32 atomics (other key tiles add to the same rows)")

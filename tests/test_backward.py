@@ -814,18 +814,13 @@ def test_learnable_alibi_slopes_keep_their_gradient_with_the_split_score() -> No
                 Lq=70, Lkv=45, captured={"slopes": slopes}, deterministic=True)
 
 
-def test_dkdv_steps_accumulate_dv_before_forming_dp() -> None:
-    """As in FA2's dK/dV loop, each step adds P^T dO to dV before the dP (W) dot: the float32
-    P tile and dP are then not both live with the dV operands (sm90, 128x64 tiles: 172 -> 154
-    registers at D 64 on the dense kernel).  Every step of the FlexAttention dK/dV kernel and
-    of the fused keys kernel of each normaliser keeps that order."""
+def test_fused_keys_steps_accumulate_dv_before_forming_w() -> None:
+    """As in FA2's dK/dV loop, each step of the fused keys kernel adds P^T c to dV before the
+    W = c V^T dot (sm90, 64x64 tiles, sigmoid: 171 -> 167 registers at D 64, 242 -> 228 at
+    D 128), for every normaliser with a [keys, queries] sum."""
     from test_passes import NORMALISERS
 
-    src = backward_source(lower_flex(None, causal).cascade)
-    dkdv = src[src.index("def attention_bwd_dkdv_kernel"):src.index("def attention_bwd_dq_kernel")]
-    steps = dkdv.split("dv += tl.dot(")[1:]
-    assert steps and all("dp = tl.dot(" in s.split("dk += tl.dot(")[0] for s in steps)
-    assert dkdv.index("dv += tl.dot(") < dkdv.index("dp = tl.dot(")
+    checked = 0
     for name, (build, _) in NORMALISERS.items():
         src = generate_tile_backward(derive_tile_backward(compile_cascade(build()).kernel), "t")
         keys = src[src.index("def tile_bwd_keys_kernel"):src.index("def tile_bwd_queries_kernel")]
@@ -833,6 +828,8 @@ def test_dkdv_steps_accumulate_dv_before_forming_dp() -> None:
         for i, ln in enumerate(lines):
             if ln.startswith("w_") and "tl.dot(" in ln:  # W = c V^T of a [keys, queries] sum
                 assert lines[i - 1].startswith("d_") and "+= tl.dot(" in lines[i - 1], (name, ln)
+                checked += 1
+    assert checked
 
 
 def test_dkdv_steps_load_lse_and_delta_where_they_are_read() -> None:
