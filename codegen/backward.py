@@ -211,6 +211,7 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
     L(0, "# scores: S = scale * Q K^T, T = score_mod(S)")
     if kind == "dkdv":
         L(0, "qk = tl.dot(k, qT, input_precision=DOT_PRECISION)  # [keys, queries]")
+        _emit_row_load(L, 0, "lse2")
     else:
         L(0, "qk = tl.dot(q, kT, input_precision=DOT_PRECISION)")
     if _step_reads_score(spec, names, masked, kind):
@@ -228,6 +229,8 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
         L(0, "dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)")
     else:
         L(0, "dp = tl.dot(do, vT, input_precision=DOT_PRECISION)")
+    if kind == "dkdv":
+        _emit_row_load(L, 0, "delta")
     L(0, f"dt = p * (dp - delta{r})")
     L(0, f"# dS = dT * dT/dS, dT/dS = {_one_line(spec.dscore)}")
     if spec.dscore.op is Op.CONST and spec.dscore.arg == 1.0:
@@ -242,6 +245,8 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
         L(0, "# dQ += dS K (times scale at the end)")
         L(0, "dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)")
         return
+    # dV's dot after dP's: with delta read late, sm90 and sm80 both hold fewer registers so
+    # (dense D 64 on sm90: 143 with dV's first, 130; D 128 on sm80: 222, 172)
     L(0, "# dV += P^T dO; dK += dS^T Q (times scale at the end)")
     L(0, "dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)")
     L(0, "dk += tl.dot(ds.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)")
@@ -401,8 +406,12 @@ def _captured_args(names: _Names, with_grads: bool) -> list[str]:
 
 def _emit_query_side(L: Lines, depth: int, kind: str) -> None:
     """Loads of the query-side tiles of one (b, h, query tile): Q (as Q^T [E, BLOCK_M] in the
-    key-major dK/dV kernel), dO, the saved log-sum-exp and delta."""
-    L(depth, "# query-side tiles: Q, dO, the log-sum-exp in log2 units and delta")
+    key-major dK/dV kernel), dO; in the dQ kernel also the saved log-sum-exp and delta, which
+    the dK/dV step reads where it uses them (:func:`_emit_row_load`)."""
+    if kind == "dkdv":
+        L(depth, "# query-side tiles: Q, dO (the log-sum-exp and delta where the step reads them)")
+    else:
+        L(depth, "# query-side tiles: Q, dO, the log-sum-exp in log2 units and delta")
     if kind == "dkdv":
         q, rows, cols = "qT", "[None, :]", "[:, None]"
     else:
@@ -413,10 +422,19 @@ def _emit_query_side(L: Lines, depth: int, kind: str) -> None:
              f", mask=m_ok[:, None] & f_ok[None, :], other=0.0)")
     L(depth, "if UPCAST:  # the interpreter has no bf16 arithmetic")
     L(depth + 1, f"{q} = {q}.to(tl.float32)\ndo = do.to(tl.float32)")
-    L(depth, f"lse2 = tl.load({_ptr('LSE', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
-             f'other=float("inf"))')
-    L(depth, f"delta = tl.load({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
-             f"other=0.0)")
+    if kind == "dq":
+        _emit_row_load(L, depth, "lse2")
+        _emit_row_load(L, depth, "delta")
+
+
+def _emit_row_load(L: Lines, depth: int, row: str) -> None:
+    """``lse2`` (the log-sum-exp in log2 units, +inf past the rows) or ``delta`` of the query
+    tile.  The dK/dV step reads each just before its use, lse2 after the QK^T dot and delta
+    after dP's: a row vector of the key-major tile spans every thread's columns, so one loaded
+    early stays live across the dots (sm90, dense D 64: 154 -> 143 registers)."""
+    table, other = ("LSE", 'float("inf")') if row == "lse2" else ("DELTA", "0.0")
+    L(depth, f"{row} = tl.load({_ptr(table, ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
+             f"other={other})")
 
 
 def _emit_key_side(L: Lines, depth: int, kind: str) -> None:

@@ -685,12 +685,13 @@ def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
         masked = None
         if tile:  # [keys, queries] tiles: W^T = V c^T, dV += P^T c
             dt = f"{r.v.var}.dtype"
-            L(0, f"# W = c V^T, dV += P^T c  ({comment(E.render(r.body))[2:60]})")
-            L(0, f"w_{v} = tl.dot({r.v.var}, tl.trans(c_{v}.to({dt})), "
-                 f"input_precision=DOT_PRECISION)")
+            # dV's dot before W's, as FA2's dK/dV loop: fewer tiles live at once on sm90
+            L(0, f"# dV += P^T c, W = c V^T  ({comment(E.render(r.body))[2:60]})")
             body = render_at(L, 0, r.body, env)
             L(0, f"p_{v} = tl.where(keep, {body}, 0.0)")
             L(0, f"d_{r.v.var} += tl.dot(p_{v}.to({dt}), c_{v}.to({dt}), "
+                 f"input_precision=DOT_PRECISION)")
+            L(0, f"w_{v} = tl.dot({r.v.var}, tl.trans(c_{v}.to({dt})), "
                  f"input_precision=DOT_PRECISION)")
             masked = replace(env, hoisted={**env.hoisted, r.body: f"p_{v}"})
         else:

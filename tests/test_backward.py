@@ -812,3 +812,38 @@ def test_learnable_alibi_slopes_keep_their_gradient_with_the_split_score() -> No
     slopes = torch.rand(4, generator=torch.Generator().manual_seed(1)).requires_grad_()
     check_grads(lambda s, b, h, q, kv: s + slopes[h] * (q - kv) * 0.5, causal, H=4, HKV=1,
                 Lq=70, Lkv=45, captured={"slopes": slopes}, deterministic=True)
+
+
+def test_fused_keys_steps_accumulate_dv_before_forming_w() -> None:
+    """As in FA2's dK/dV loop, each step of the fused keys kernel adds P^T c to dV before the
+    W = c V^T dot (sm90, 64x64 tiles, sigmoid: 171 -> 167 registers at D 64, 242 -> 228 at
+    D 128), for every normaliser with a [keys, queries] sum."""
+    from test_passes import NORMALISERS
+
+    checked = 0
+    for name, (build, _) in NORMALISERS.items():
+        src = generate_tile_backward(derive_tile_backward(compile_cascade(build()).kernel), "t")
+        keys = src[src.index("def tile_bwd_keys_kernel"):src.index("def tile_bwd_queries_kernel")]
+        lines = [ln.strip() for ln in keys.splitlines()]
+        for i, ln in enumerate(lines):
+            if ln.startswith("w_") and "tl.dot(" in ln:  # W = c V^T of a [keys, queries] sum
+                assert lines[i - 1].startswith("d_") and "+= tl.dot(" in lines[i - 1], (name, ln)
+                checked += 1
+    assert checked
+
+
+def test_dkdv_steps_load_lse_and_delta_where_they_are_read() -> None:
+    """The dK/dV step reads lse2 after the QK^T dot and delta after dP's, not with the Q and
+    dO tiles: a row vector of the key-major tile loaded early stays live across the dots
+    (sm90, dense D 64: 154 -> 143 registers).  The dQ kernel still reads them once."""
+    for mod in (None, lambda s, b, h, q, kv: 30.0 * torch.tanh(s / 30.0)):
+        src = backward_source(lower_flex(mod, causal).cascade)
+        dkdv = src[src.index("def attention_bwd_dkdv_kernel"):
+                   src.index("def attention_bwd_dq_kernel")]
+        steps = dkdv.split("qT = tl.load(")[1:]
+        assert steps
+        for s in steps:
+            assert s.index("qk = tl.dot(") < s.index("lse2 = tl.load(") < s.index("p = tl.exp2(")
+            assert s.index("dp = tl.dot(") < s.index("delta = tl.load(") < s.index("dt = p *")
+        dq = src[src.index("def attention_bwd_dq_kernel"):]
+        assert dq.count("lse2 = tl.load(") == 1 and dq.count("delta = tl.load(") == 1
