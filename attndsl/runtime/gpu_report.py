@@ -135,7 +135,7 @@ def run_jobs(jobs: list[dict]) -> list[dict]:
 
 def kernel_path(kernel: TileKernel) -> str:
     path = cache_dir() / f"aot_{spec_hash(kernel)}.py"
-    write_module(module_source(kernel), path)
+    write_module(module_source(kernel), path, cache_entry=True)
     return str(path)
 
 
