@@ -118,3 +118,14 @@ def test_compile_to_an_unwritable_path_exits_2_naming_it(tmp_path: Path, capsys)
     out = blocker / "kernel.py"  # a parent that is a file
     assert main(["compile", str(CAUSAL), "-o", str(out)]) == 2
     assert f"cannot write the module to {out}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["explain", "compile"])
+def test_an_unknown_target_exits_2_listing_the_known_ones(command: str, tmp_path: Path,
+                                                         capsys) -> None:
+    argv = [command, str(CAUSAL), "--target", "sm12"]
+    if command == "compile":
+        argv += ["-o", str(tmp_path / "o.py")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'sm12'; allowed: sm80" in err
