@@ -19,6 +19,7 @@ key-tile plan; ``AttentionError`` is re-exported here.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -180,6 +181,7 @@ class Kernel:
         Where there is none (:attr:`backward_fallback` says why), or an output holding a max
         reduction's value gets a nonzero gradient, it recomputes the cascade with the eager
         executor (float32, chunked over queries) and differentiates that."""
+        _check_call(self.compiled.cascade, inputs, params, captured)
         first = next(iter(inputs.values()))
         cap = _shapes_only({**self.captured, **(captured or {})}, first.device)
         if self.compiled.recurrence is not None and block_mask is None:
@@ -349,6 +351,34 @@ class _EagerBackward(_KernelFunction):
         out = [None if not x.requires_grad else torch.zeros_like(t) if g is None else
                g.to(t.device, t.dtype) for g, x, t in zip(out, leaves, tensors)]
         return (None, None, None, None, *out)
+
+
+def _check_call(cascade: Cascade, inputs: Any, params: Any, captured: Any) -> None:
+    """The arguments of :meth:`Kernel.__call__`: ``inputs`` a non-empty dict of tensors,
+    ``captured`` a dict of tensors, ``params`` a dict of numbers naming the cascade's own
+    parameters (a misspelt name would leave the parameter at its default, silently)."""
+    for what, given in (("inputs", inputs), ("captured", captured or {}),
+                        ("params", params or {})):
+        if not isinstance(given, dict):
+            raise AttentionError(f"{cascade.name}: {what} must be a dict by name, got "
+                                 f"{type(given).__name__}")
+    if not inputs:
+        raise AttentionError(f"{cascade.name}: inputs is empty; expected the input tensors "
+                             f"{[t.name for t in cascade.tensors if t.kind == 'input']}")
+    for what, given in (("input", inputs), ("captured tensor", captured or {})):
+        for name, t in given.items():
+            if not isinstance(t, torch.Tensor):
+                raise AttentionError(f"{cascade.name}: {what} {name!r} must be a torch.Tensor, "
+                                     f"got {type(t).__name__}")
+    known = [p.name for p in cascade.params]
+    for name, value in (params or {}).items():
+        if name not in known:
+            raise AttentionError(f"{cascade.name}: params names {name!r}, which is not a "
+                                 f"parameter of this cascade; its parameters are {known}")
+        if value is not None and (isinstance(value, bool) or
+                                  not isinstance(value, numbers.Real)):
+            raise AttentionError(f"{cascade.name}: parameter {name!r} must be a number, got "
+                                 f"{type(value).__name__}")
 
 
 def _default_params(cascade: Cascade, params: dict, tensors: dict[str, Tensor]) -> dict:

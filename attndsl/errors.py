@@ -18,6 +18,8 @@ The hierarchy (module of each class in brackets)::
       CodegenError (codegen)
       AttentionError (api)               bad arguments to flex_attention / a compiled kernel
       SubscriptError (errors)            a subscript out of range (an IndexError, as torch's)
+      ModuleWriteError (runtime.modules) a module path that is a directory or not writable
+                                         (an OSError)
 
 This module imports nothing of attndsl, so every layer can use it.
 """

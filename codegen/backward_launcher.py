@@ -15,6 +15,7 @@ from attndsl.codegen.launch_common import (
     _block,
     _block_sizes,
     _cdiv,
+    _check_disjoint,
     _checked_pair,
     _dim_consts,
     _kernel,
@@ -87,9 +88,8 @@ def _checked_block_tables(block_tables: dict, device: torch.device, heads: tuple
             out[f"{part}{major}indices"] = idx.to(torch.int32)
     for major in ("kv_", "q_"):
         part, full = seen.get((major, "")), seen.get((major, "full_"))
-        if part is not None and full is not None and bool((part & full).any()):
-            raise AttentionInputError(f"block tables {major}indices and full_{major}indices "
-                                      f"list one block as both partial and full")
+        if part is not None and full is not None:
+            _check_disjoint(part, full, major)
     if ("q_", "") in seen:
         for part in ("", "full_"):
             kv, q = seen.get(("kv_", part)), seen.get(("q_", part))

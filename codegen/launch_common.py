@@ -149,6 +149,16 @@ def _checked_pair(name: str, num, idx, device: torch.device, heads: tuple[int, i
                                   f"each block must be listed at most once")
     return _block_matrix(num, idx, rows, cols)
 
+
+def _check_disjoint(partial: torch.Tensor, full: torch.Tensor, major: str) -> None:
+    """Refuse a block listed as both partial and full (block matrices of ``_checked_pair``):
+    the kernels visit each listed block once per table, so it would be counted twice."""
+    if bool((partial & full).any()):
+        raise AttentionInputError(f"block tables {major}indices and full_{major}indices list "
+                                  f"one block as both partial and full; each block must be in "
+                                  f"at most one of them")
+
+
 def _block_sizes(block_tables: dict) -> tuple[int, int]:
     """(Q_BLOCK_SIZE, KV_BLOCK_SIZE) of ``block_tables``, refused unless positive integers."""
     sizes = []

@@ -121,16 +121,15 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         tables = [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
     elif block_tables is not None and block_tables.get("kv_ranges") is not None:
         sparsity = 4  # four numbers per query block, read by the kernel
-        r = block_tables["kv_ranges"].to(device=device, dtype=torch.int32).contiguous()
-        if r.dim() != 4 or r.shape[-1] % 4 or not r.shape[-1]:
-            raise AttentionInputError(f"kv_ranges must be [B, H, rows, 4 * segments], got "
-                                      f"{list(r.shape)}")
+        r = _checked_ranges(block_tables["kv_ranges"], device, (n_batch, n_heads),
+                            -(-m_len // sparse_q), -(-n_len // sparse_kv))
         segments = r.shape[-1] // 4
         tables = [r] + [0 if r.shape[d] == 1 and d < 2 else r.stride(d) for d in range(3)]
         tables += [dummy, 0, 0, 0, 0] + [dummy, 0, 0, 0, dummy, 0, 0, 0, 0]
     elif block_tables is not None:
         sparsity = 2
         grid_rows = -(-m_len // sparse_q)
+        listed = []  # the partial and the full block matrices
         for prefix in ("", "full_"):
             num = block_tables.get(prefix + "kv_num_blocks")
             idx = block_tables.get(prefix + "kv_indices")
@@ -139,11 +138,13 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
             if num is None:  # no full blocks: every listed block is partial (broadcast zeros)
                 num = torch.zeros([1, 1, grid_rows], dtype=torch.int32, device=device)
                 idx = torch.zeros([1, 1, grid_rows, 1], dtype=torch.int32, device=device)
-            _checked_pair(f"{prefix}kv_num_blocks", num, idx, device, (n_batch, n_heads),
-                          grid_rows, -(-n_len // sparse_kv), True)
+            listed.append(_checked_pair(f"{prefix}kv_num_blocks", num, idx, device,
+                                        (n_batch, n_heads), grid_rows, -(-n_len // sparse_kv),
+                                        True))
             num, idx = (t.to(device=device, dtype=torch.int32) for t in (num, idx))
             for t in (num, idx):  # a dim of size 1 broadcasts (stride 0)
                 tables += [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]
+        _check_disjoint(*listed, "kv_")
     else:
         tables = [dummy, 0, 0, 0, dummy, 0, 0, 0, 0] * 2
     args = {}  # kernel argument name -> value: the launch passes keywords
@@ -187,6 +188,45 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
                            or sparsity not in (2, 4)], run)
     run(cfg)
     return out
+
+
+def _checked_ranges(r, device, heads: tuple, rows: int, cols: int) -> torch.Tensor:
+    """The range table as the kernel reads it (int32, contiguous, on ``device``), refused
+    unless every read stays inside it and names each key block at most once: an integer
+    tensor [B or 1, H or 1, >= rows, 4 * segments] whose first ``rows`` rows hold, per
+    segment, 0 <= lo <= full_lo <= full_hi <= hi <= cols (the kernel visits [lo, hi) once
+    when they are ordered), the non-empty segments of a row disjoint."""
+    if not isinstance(r, torch.Tensor) or r.dtype == torch.bool or r.is_floating_point() \
+            or r.is_complex():
+        got = r.dtype if isinstance(r, torch.Tensor) else type(r).__name__
+        raise AttentionInputError(f"kv_ranges must be an integer tensor (torch.int32), got "
+                                  f"{got}")
+    if r.device != device and r.device.type == "meta":
+        raise AttentionInputError(f"kv_ranges is on {r.device} (no values); expected the "
+                                  f"inputs' device {device}")
+    r = r.to(device)
+    if r.dim() != 4 or r.shape[-1] % 4 or not r.shape[-1]:
+        raise AttentionInputError(f"kv_ranges must be [B, H, rows, 4 * segments], got "
+                                  f"{list(r.shape)}")
+    for d, want in enumerate(heads):
+        if r.shape[d] not in (1, want):
+            raise AttentionInputError(f"kv_ranges dim {d} is {r.shape[d]}; expected 1 or {want}")
+    if r.shape[2] < rows:
+        raise AttentionInputError(f"kv_ranges has {r.shape[2]} rows; the inputs need {rows} "
+                                  f"query-block rows")
+    seg = r[:, :, :rows].long().reshape(r.shape[0], r.shape[1], rows, -1, 4)
+    lo, full_lo, full_hi, hi = seg.unbind(-1)
+    if seg.numel() and not bool(((0 <= lo) & (lo <= full_lo) & (full_lo <= full_hi)
+                                 & (full_hi <= hi) & (hi <= cols)).all()):
+        raise AttentionInputError(f"kv_ranges holds a segment outside 0 <= lo <= full_lo <= "
+                                  f"full_hi <= hi <= {cols} (key blocks)")
+    used = lo < hi  # the non-empty segments, ordered by their first block
+    start, order = torch.where(used, lo, cols + 1).sort(dim=-1)
+    end = torch.where(used, hi, 0).gather(-1, order)
+    if bool((end[..., :-1] > start[..., 1:]).any()):
+        raise AttentionInputError("kv_ranges lists a key block in two segments of one row; "
+                                  "each block must be listed at most once")
+    return r.to(torch.int32).contiguous()
 
 
 def _load_path(cfg: dict, device, args: dict, e_len: int, f_len: int) -> bool:

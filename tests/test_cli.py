@@ -99,3 +99,33 @@ def test_every_example_checks_through_the_cli(path: Path, tmp_path: Path, capsys
     rc = main(["check", str(path), "--trials", "2", "--max-len", "40", "--dtypes", "fp32",
                "-o", str(tmp_path / "kernel.py")])
     assert rc == 0, capsys.readouterr().out
+
+
+def test_compile_to_an_existing_directory_exits_2_and_leaves_the_directory_alone(
+        tmp_path: Path, capsys) -> None:
+    target = tmp_path / "project"
+    target.mkdir()
+    (target / "work.txt").write_text("precious")
+    assert main(["compile", str(CAUSAL), "-o", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the module to {target}" in err and "not a regular file" in err
+    assert (target / "work.txt").read_text() == "precious"
+
+
+def test_compile_to_an_unwritable_path_exits_2_naming_it(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "kernel.py"  # a parent that is a file
+    assert main(["compile", str(CAUSAL), "-o", str(out)]) == 2
+    assert f"cannot write the module to {out}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["explain", "compile"])
+def test_an_unknown_target_exits_2_listing_the_known_ones(command: str, tmp_path: Path,
+                                                         capsys) -> None:
+    argv = [command, str(CAUSAL), "--target", "sm12"]
+    if command == "compile":
+        argv += ["-o", str(tmp_path / "o.py")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'sm12'; allowed: sm80" in err

@@ -329,3 +329,41 @@ def test_cache_append_to_unknown_or_repeated_sequences_is_refused():
     for seqs in ([0, 2], [1, 1], [-1, 0]):
         with pytest.raises(AttentionError, match="distinct sequence numbers"):
             cache.append(kv, kv, seqs=seqs)
+
+
+@pytest.mark.parametrize("sizes, match", [
+    ({"page_size": 20}, "page_size must be a positive multiple of 16"),
+    ({"page_size": 0}, "page_size must be a positive multiple of 16"),
+    ({"num_pages": -1}, "num_pages must be a positive int"),
+    ({"max_batch": 0}, "max_batch must be a positive int"),
+])
+def test_a_cache_of_unusable_sizes_is_refused_when_made(sizes: dict, match: str) -> None:
+    args = {"num_pages": 4, "page_size": 16, "heads": 2, "head_dim": 8, "max_batch": 2,
+            "max_pages": 4, **sizes}
+    with pytest.raises(AttentionError, match=match):
+        attndsl.PagedKVCache(args.pop("num_pages"), args.pop("page_size"), args.pop("heads"),
+                             args.pop("head_dim"), **args)
+
+
+def test_cache_bookkeeping_refuses_a_negative_sequence_rather_than_counting_from_the_end():
+    cache = _small_cache()
+    cache.append(torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8))
+    for call in (lambda: cache.free(-1), lambda: cache.gather(-1), lambda: cache.reserve(-1, 4),
+                 lambda: cache.gather(2)):
+        with pytest.raises(AttentionError, match=r"the sequence must be an int in \[0, 2\)"):
+            call()
+    assert cache.lengths.tolist() == [4, 4]  # sequence 1 was not freed
+
+
+def test_decode_names_the_page_table_row_that_lists_a_page_twice() -> None:
+    pool = torch.randn(4, 16, 1, 16)
+    q = torch.randn(2, 1, 1, 16)
+    table = torch.tensor([[0, 1], [2, 2]])
+    with pytest.raises(AttentionError, match="page_table row 1 lists a page twice"):
+        attndsl.decode(q, pool, pool, torch.tensor([20, 20]), page_table=table)
+
+
+def test_decode_refuses_lengths_that_are_not_a_tensor() -> None:
+    cache = torch.randn(2, 1, 32, 16)
+    with pytest.raises(AttentionError, match="lengths must be an integer tensor.*got list"):
+        attndsl.decode(torch.randn(2, 1, 1, 16), cache, cache, [5, 3])

@@ -480,3 +480,34 @@ def test_half_precision_inputs_take_half_precision_tensor_core_operands(name, ga
     assert _relative(out, ref) < 8 * u
     for n, got, want in zip(names, leaves, ref_leaves):
         assert _relative(got.grad, want.grad) < 16 * u, (n, _relative(got.grad, want.grad))
+
+
+INITIAL_STATE_FAULTS = {
+    "a misspelt state name": ({"Ostate": torch.zeros(1, 2, 16, 8)},
+                              r"names \['Ostate'\], which are not states.*\['O'\]"),
+    "a state of another shape": ({"O": torch.zeros(1, 2, 16, 9)},
+                                 r"must have shape \(1, 2, 16, 8\) \[B, H, E, F\]"),
+    "a state without its batch dim": ({"O": torch.zeros(2, 16, 8)}, r"must have shape"),
+    "an integer state": ({"O": torch.zeros(1, 2, 16, 8, dtype=torch.int32)},
+                         "must be a floating-point tensor"),
+    "a meta state": ({"O": torch.zeros(1, 2, 16, 8, device="meta")}, "is on meta"),
+    "not a dict": ([torch.zeros(1, 2, 16, 8)], "initial_state must be a dict"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(INITIAL_STATE_FAULTS))
+def test_an_initial_state_that_does_not_fit_is_refused_not_ignored_or_reshaped(fault):
+    kern = attndsl.compile(spec("simple_gla"))
+    q, k, v, a = gla_inputs(1, 2, 20, 16, 8, 1.0, 3)
+    state, match = INITIAL_STATE_FAULTS[fault]
+    with pytest.raises(AttentionError, match=match):
+        kern.linear({"Q": q, "K": k, "V": v}, captured={"A": a}, initial_state=state)
+
+
+def test_a_delta_rule_initial_state_of_a_misspelt_name_is_refused() -> None:
+    kern = attndsl.compile(spec("gated_deltanet"))
+    q, k, v = (torch.randn(1, 2, 20, 16) for _ in range(3))
+    gates = {"Al": torch.randn(1, 2, 20), "Bl": torch.randn(1, 2, 20)}
+    with pytest.raises(AttentionError, match=r"not states of this cascade; its states are"):
+        kern.linear({"Q": q, "K": k, "V": v}, captured=gates,
+                    initial_state={"state": torch.zeros(1, 2, 16, 16)})

@@ -201,3 +201,58 @@ def test_sliding_window_sparsity_at_300_is_three_skipped_tiles_of_nine() -> None
     bm = attndsl.create_block_mask(MASKS["sliding"], None, None, 300, 300, device="cpu")
     assert bm.closed_form and bm.tables is None
     assert abs(bm.sparsity() - 100 * 3 / 9) < 1e-9  # key tiles 0, 0-1, 0-2 of 3 rows
+
+
+def test_the_forward_refuses_a_key_block_listed_as_both_partial_and_full() -> None:
+    """A block in both of torch's tables would be visited twice (counted twice in the sums)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    q = torch.randn(1, 1, 100, 16)
+    one = torch.ones(1, 1, 1, dtype=torch.int32)
+    block0 = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    bm = BlockMask.from_kv_blocks(one, block0, one, block0.clone(), BLOCK_SIZE=128,
+                                  mask_mod=MASKS["causal"], seq_lengths=(100, 100))
+    with pytest.raises(attndsl.AttentionError, match="both partial and full"):
+        attndsl.flex_attention(q, q, q, block_mask=bm)
+
+
+def test_a_range_table_built_for_fewer_batches_than_the_inputs_is_refused() -> None:
+    """The kernel would read rows past the table (batches 2 and 3) and return garbage."""
+    docs = torch.stack([(torch.arange(300) >= 60 + 20 * b).long() for b in range(4)])
+    mask = lambda b, h, q, kv: docs[b, q] == docs[b, kv]  # noqa: E731
+    bm = attndsl.create_block_mask(mask, 2, 1, 300, 300, device="cpu")
+    assert bm.kv_ranges is not None and bm.kv_ranges.shape[0] == 2
+    q = torch.randn(4, 1, 300, 16)
+    with pytest.raises(attndsl.AttentionError, match="kv_ranges dim 0 is 2; expected 1 or 4"):
+        attndsl.flex_attention(q, q, q, block_mask=bm)
+
+
+RANGE_FAULTS = {
+    "a float table": (lambda r: r.float(), "integer tensor"),
+    "too few rows": (lambda r: r[:, :, :2], "has 2 rows; the inputs need 3"),
+    "a negative first block": (lambda r: _set_range(r, 0, -1), "outside 0 <= lo"),
+    "a block past the keys": (lambda r: _set_range(r, 3, 4), "outside 0 <= lo"),
+    "full blocks starting before the segment": (lambda r: _set_range(r, 1, 0, 2), "outside"),
+    "two segments sharing a block": (lambda r: torch.cat([r, r], -1), "in two segments"),
+}
+
+
+def _set_range(r: torch.Tensor, part: int, value: int, row: int = 1) -> torch.Tensor:
+    r = r.clone()
+    r[0, 0, row, part] = value
+    r[0, 0, row, 3] = max(int(r[0, 0, row, 3]), value)
+    return r
+
+
+@pytest.mark.parametrize("fault", sorted(RANGE_FAULTS))
+def test_a_range_table_that_would_read_outside_the_keys_or_twice_is_refused(fault: str) -> None:
+    spec = lower_flex(None, MASKS["document"])
+    _, module = _compiled(spec.cascade)
+    q = torch.randn(1, 1, L_DOC, 16)
+    tables = mask_plan(spec.cascade.mask.expr, spec.captured, 1, 1, L_DOC, L_DOC,
+                       q.device).launch_tables()
+    change, match = RANGE_FAULTS[fault]
+    bad = {**tables, "kv_ranges": change(tables["kv_ranges"])}
+    module.launch({"Q": q, "K": q, "V": q}, {"scale": 0.25}, spec.captured, tables)
+    with pytest.raises(module.AttentionInputError, match=match):
+        module.launch({"Q": q, "K": q, "V": q}, {"scale": 0.25}, spec.captured, bad)

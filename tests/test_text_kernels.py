@@ -100,3 +100,27 @@ def test_compiled_text_specs_skip_key_tiles_from_the_mask_analysis(name: str,
     out = kernel(prob.inputs, params, prob.captured)
     res = compare(out, oracle(c, replace(prob, params=params)))
     assert not res.nan and res.worst() <= TOLERANCE[torch.float32], res
+
+
+SINK_CALL_FAULTS = {
+    "a misspelt parameter": ({"params": {"sclae": 0.1}},
+                             r"params names 'sclae', which is not a parameter.*\['scale'\]"),
+    "a parameter that is not a number": ({"params": {"scale": "0.1"}}, "must be a number"),
+    "a captured list": ({"captured": {"sink": [0.0, 0.0]}}, "'sink' must be a torch.Tensor"),
+    "no inputs at all": ({"inputs": {}}, r"inputs is empty; expected the input tensors"),
+    "an input that is not a tensor": ({"inputs": {"Q": [1.0]}}, "'Q' must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(SINK_CALL_FAULTS))
+def test_a_kernel_call_with_misnamed_or_mistyped_arguments_is_refused(fault: str) -> None:
+    """A misspelt parameter used to leave the parameter at its default, silently."""
+    sink = parse_file(Path(__file__).resolve().parents[1] / "examples" / "sink.attn")["sink"]
+    kernel = attndsl.compile(sink)
+    q = torch.randn(1, 2, 20, 16)
+    call = {"inputs": {"Q": q, "K": q, "V": q}, "captured": {"sink": torch.zeros(2)},
+            "params": None}
+    change, match = SINK_CALL_FAULTS[fault]
+    call.update(change)
+    with pytest.raises(attndsl.AttentionError, match=match):
+        kernel(call["inputs"], call["params"], call["captured"])

@@ -170,6 +170,9 @@ def _check(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | 
                              f"heads")
     if not kv.paged and kv.k.shape[0] != b:
         raise AttentionError(f"decode: key has batch {kv.k.shape[0]}, query {b}")
+    if not isinstance(lengths, torch.Tensor):
+        raise AttentionError(f"decode: lengths must be an integer tensor of shape ({b},), got "
+                             f"{type(lengths).__name__}")
     if lengths.shape != (b,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise AttentionError(f"decode: lengths must be an integer tensor of shape ({b},), got "
                              f"{lengths.dtype} {tuple(lengths.shape)}")
@@ -207,6 +210,13 @@ def _check_pages(page_table: Tensor, lengths: Tensor, kv: PhysicalKV, b: int) ->
     if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= n_pages):
         raise AttentionError(f"decode: page_table lists pages outside [0, {n_pages}) for the "
                              f"sequences' lengths")
+    # the score and mask programs see each physical page's one logical page in a sequence
+    ordered = torch.where(used, page_table.to(torch.int64), -1).sort(dim=-1).values
+    twice = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if bool(twice.any()):
+        seq = int(twice.any(-1).nonzero()[0, 0])
+        raise AttentionError(f"decode: page_table row {seq} lists a page twice (each logical "
+                             f"page of a sequence needs its own physical page)")
 
 
 def _kv_block(kv: PhysicalKV) -> int:

@@ -39,6 +39,13 @@ class PagedKVCache:
                  device: torch.device | str = "cpu") -> None:
         if layout not in LAYOUTS:
             raise AttentionError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+        _check_sizes(num_pages=num_pages, heads=heads, max_batch=max_batch,
+                     max_pages=max_pages)
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0 \
+                or page_size % 16:
+            raise AttentionError(f"PagedKVCache: page_size must be a positive multiple of 16 "
+                                 f"(the smallest key tile), got {page_size!r}")
+        _check_sizes(head_dim=head_dim, v_dim=head_dim if v_dim is None else v_dim)
         shape = ((num_pages, page_size, heads) if layout == "NPHD"
                  else (num_pages, heads, page_size))
         self.layout, self.page_size = layout, page_size
@@ -54,8 +61,21 @@ class PagedKVCache:
         return paged_kv(self.k_pages, self.v_pages, self.layout)
 
     # -- bookkeeping ---------------------------------------------------------------------------
+    def _seq(self, seq: int, what: str) -> int:
+        """``seq`` as a sequence number in [0, max_batch), refused otherwise (a negative one
+        would name a sequence from the end, as Python's indexing does)."""
+        batch = self.page_table.shape[0]
+        if isinstance(seq, bool) or not hasattr(seq, "__index__") or \
+                not 0 <= seq.__index__() < batch:
+            raise AttentionError(f"{what}: the sequence must be an int in [0, {batch}), got "
+                                 f"{seq!r}")
+        return seq.__index__()
+
     def reserve(self, seq: int, length: int) -> None:
         """Allocate pages so that sequence ``seq`` can hold ``length`` tokens."""
+        seq = self._seq(seq, "reserve")
+        if isinstance(length, bool) or not hasattr(length, "__index__") or length < 0:
+            raise AttentionError(f"reserve: length must be an int >= 0, got {length!r}")
         need = -(-length // self.page_size)
         if need > self.page_table.shape[1]:
             raise AttentionError(f"sequence {seq} would need {need} pages; the cache holds "
@@ -121,6 +141,7 @@ class PagedKVCache:
 
     def gather(self, seq: int) -> tuple[Tensor, Tensor]:
         """Sequence ``seq``'s K and V in logical order, ``[Hkv, length, D]``."""
+        seq = self._seq(seq, "gather")
         pos = torch.arange(int(self.lengths[seq]), device=self.k_pages.device)
         pages = self.page_table[seq].to(torch.int64)[pos // self.page_size]
         slot = pos % self.page_size
@@ -132,6 +153,7 @@ class PagedKVCache:
 
     def free(self, seq: int) -> None:
         """Return sequence ``seq``'s pages and set its length to 0."""
+        seq = self._seq(seq, "free")
         self._free.extend(reversed(self._owned[seq]))
         self._owned[seq] = []
         self.page_table[seq] = 0
@@ -191,6 +213,13 @@ class PagedKVCache:
                                      tables["full_kv_indices"], None, None, None, None,
                                      BLOCK_SIZE=(q_block, kv_block), mask_mod=paged_mask,
                                      mechanism="the page table")
+
+
+def _check_sizes(**sizes: int) -> None:
+    """Refuse a size of the cache that is not a positive int, by name."""
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise AttentionError(f"PagedKVCache: {name} must be a positive int, got {size!r}")
 
 
 __all__ = ["PagedKVCache"]

@@ -7,7 +7,7 @@ read.  It also says which inputs need no launch at all (empty or meta problems).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -111,3 +111,35 @@ def shapes_only(captured: dict[str, Tensor], device: torch.device) -> dict[str, 
         return captured
     return {n: t if t.device.type == "meta" else t.detach().to("meta")
             for n, t in captured.items()}
+
+
+def check_initial_states(initial: Any, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """The initial states given to a linear or recurrent run, by state name: a mapping whose
+    names are among ``names`` (a misspelt name would leave its state at zero, silently);
+    each checked against its shape by :func:`check_state` when the run knows it."""
+    if initial is None:
+        return {}
+    if not isinstance(initial, Mapping):
+        raise AttentionError(f"initial_state must be a dict {{state name: tensor}} (the final "
+                             f"states of a previous run), got {type(initial).__name__}")
+    unknown = sorted(str(n) for n in initial if n not in names)
+    if unknown:
+        raise AttentionError(f"initial_state names {unknown}, which are not states of this "
+                             f"cascade; its states are {list(names)}")
+    return dict(initial)
+
+
+def check_state(name: str, state: Any, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """One initial state: a floating-point tensor of exactly ``shape`` ([B, H, E, F], the
+    shape of the final state a run returns) on ``device``."""
+    if not isinstance(state, torch.Tensor) or not state.is_floating_point():
+        got = state.dtype if isinstance(state, torch.Tensor) else type(state).__name__
+        raise AttentionError(f"the initial state of {name} must be a floating-point tensor, "
+                             f"got {got}")
+    if tuple(state.shape) != tuple(shape):
+        raise AttentionError(f"the initial state of {name} must have shape {tuple(shape)} "
+                             f"[B, H, E, F], got {tuple(state.shape)}")
+    if state.device != device:
+        raise AttentionError(f"the initial state of {name} is on {state.device}; the inputs "
+                             f"are on {device}")
+    return state

@@ -25,7 +25,7 @@ from attndsl.ir.cascade import Cascade
 from attndsl.ir.evaluate import Env, apply
 from attndsl.ir.expr import Expr, Op
 from attndsl.passes.delta import DeltaDecision, DeltaRule
-from attndsl.runtime.checks import AttentionError
+from attndsl.runtime.checks import AttentionError, check_initial_states, check_state
 from attndsl.runtime.delta_kernels import (
     BF,
     WARPS,
@@ -272,12 +272,11 @@ def run_delta(decision: DeltaDecision, c: Cascade, tensors: Mapping[str, Tensor]
     rule = decision.rule
     log_form = decision.form == "chunked"
     feats = delta_features(rule, c, tensors, params, log_form)
-    s0 = (initial_state or {}).get(rule.state)
+    s0 = check_initial_states(initial_state, (rule.state,)).get(rule.state)
     k = feats["k"]
-    if s0 is not None and tuple(s0.shape) != (*k.shape[:2], k.shape[3], feats["u"].shape[3]):
-        raise AttentionError(f"the initial state of {rule.state} must have shape "
-                             f"{(*k.shape[:2], k.shape[3], feats['u'].shape[3])} "
-                             f"[B, H, E, F], got {tuple(s0.shape)}")
+    if s0 is not None:
+        s0 = check_state(rule.state, s0, (*k.shape[:2], k.shape[3], feats["u"].shape[3]),
+                         k.device)
     first = next(t.name for t in c.tensors if t.kind == "input")
     dtype = tensors[first].dtype if tensors[first].is_floating_point() else torch.float32
     outputs, final = {}, None

@@ -22,7 +22,13 @@ from typing import Any
 
 from attndsl.ir.tile import TileKernel
 from attndsl.passes.mask import SPARSE_BLOCK
-from attndsl.runtime.aot import TARGETS, CompiledReport, KernelSpec, compile_kernels
+from attndsl.runtime.aot import (
+    TARGETS,
+    CompiledReport,
+    KernelSpec,
+    compile_kernels,
+    normalize_target,
+)
 from attndsl.runtime.modules import cache_dir, module_source, write_module
 
 CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
@@ -141,7 +147,7 @@ def kernel_path(kernel: TileKernel) -> str:
     source = module_source(kernel)
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     path = cache_dir() / f"aot_{digest}.py"
-    write_module(source, path)
+    write_module(source, path, cache_entry=True)
     return str(path)
 
 
@@ -149,7 +155,10 @@ def compile_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int
                     f: int = 64, sparsity: int = 1) -> list[dict]:
     """Compile the default and every candidate config of ``kernel`` for ``target``; on a
     target with TMA (sm90) also the default config's tensor-descriptor variant, which a
-    launch there uses when the layout allows it."""
+    launch there uses when the layout allows it.  ``target`` is any spelling
+    :func:`~attndsl.runtime.aot.normalize_target` takes (an unknown one is a ValueError
+    listing the known targets)."""
+    target = normalize_target(target)
     path = kernel_path(kernel)
     configs = [None] + [list(c) for c in CANDIDATES]
     jobs = [{"path": path, "target": target, "dtype": dtype, "e": e, "f": f,

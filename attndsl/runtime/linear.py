@@ -30,7 +30,7 @@ from attndsl.ir.evaluate import Env, EvaluationError, apply, safe_div
 from attndsl.ir.expr import Expr
 from attndsl.passes.linear import LinearOutput
 from attndsl.passes.scans import scan_equations
-from attndsl.runtime.checks import AttentionError
+from attndsl.runtime.checks import AttentionError, check_initial_states, check_state
 
 Tensor = torch.Tensor
 AUTO = "auto"  # chunk size chosen by qk dim (linear_kernels.default_chunk)
@@ -324,11 +324,13 @@ def run_linear(outputs: tuple[LinearOutput, ...], c: Cascade, tensors: Mapping[s
     states to start from (a previous segment's final states); ``chunk=None`` runs the
     recurrent kernel (decode)."""
     results, states = {}, {}
+    initial = check_initial_states(initial, tuple(out.name for out in outputs))
     for out in outputs:
         f = flat_features(out, c, tensors, params, scans)
         e, width = f.q.shape[-1], f.v.shape[-1]
-        s0 = None if initial is None or out.name not in initial else \
-            initial[out.name].reshape(f.q.shape[0], e, width)
+        s0 = None if out.name not in initial else check_state(
+            out.name, initial[out.name], (f.batch, f.heads, e, width),
+            f.q.device).reshape(f.q.shape[0], e, width)
         o, st = run_chunked(chunk, f, s0)
         results[out.name] = finish(out, c, f, o)
         states[out.name] = st.reshape(f.batch, f.heads, e, width)

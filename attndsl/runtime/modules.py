@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 
 from attndsl.codegen.triton import generate
+from attndsl.errors import AttnDSLError
 from attndsl.ir.tile import TileKernel
 
 VERSION = "0.1.0"
@@ -83,16 +84,42 @@ def _clear_non_file(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def write_module(source: str, path: str | os.PathLike) -> Path:
-    """Write atomically (a concurrent reader never sees half a file), replacing whatever
-    occupies the path (a directory left in an entry's place is removed first)."""
+class ModuleWriteError(AttnDSLError, OSError):
+    """A generated module cannot be written where the caller asked: the path is a directory
+    (or another non-file) or cannot be written; the message names the path."""
+
+
+def write_module(source: str, path: str | os.PathLike, *, cache_entry: bool = False) -> Path:
+    """Write atomically (a concurrent reader never sees half a file).  A path held by a
+    directory or another non-file is refused (:class:`ModuleWriteError`), never removed:
+    it is the caller's (``attndsl compile -o DIR`` must not delete DIR).  Only the cache's
+    own entries (``cache_entry=True``) replace whatever occupies their path, since a
+    directory left in an entry's place would otherwise fail every later load."""
     path = Path(path)
+    if cache_entry:
+        return _write_file(source, path, clear=True)
+    try:
+        return _write_file(source, path, clear=False)
+    except ModuleWriteError:
+        raise
+    except OSError as err:  # not writable, a parent that is a file, ...
+        raise ModuleWriteError(f"cannot write the module to {path}: "
+                               f"{err.strerror or err}") from None
+
+
+def _write_file(source: str, path: Path, clear: bool) -> Path:
+    """Write ``source`` to a temporary file beside ``path`` and rename it over ``path``;
+    ``clear``: remove a non-file at ``path`` first, else refuse it."""
+    if not clear and os.path.lexists(path) and not path.is_file():
+        raise ModuleWriteError(f"cannot write the module to {path}: it exists and is not a "
+                               f"regular file (a directory?); name a .py file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(source)
-        _clear_non_file(path)
+        if clear:
+            _clear_non_file(path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -148,7 +175,7 @@ def load_source(source: str, prefix: str = "k") -> ModuleType:
     if key not in _LOADED:
         path = cache_dir() / f"{key}.py"
         if _read_regular(path) != source.encode("utf-8"):
-            write_module(source, path)
+            write_module(source, path, cache_entry=True)
         _LOADED[key] = exec_source(source, path, f"attndsl_generated_{key}")
     return _LOADED[key]
 
