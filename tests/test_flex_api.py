@@ -256,6 +256,27 @@ def test_kernel_option_not_a_power_of_two() -> None:
         attndsl.flex_attention(q, k, v, kernel_options={"BLOCK_N": 24})
 
 
+@pytest.mark.parametrize("options", [{"BLOCK_M": 32.5}, {"BLOCK_N": "32"}, {"num_warps": 4.0},
+                                     {"num_stages": True}, {"USE_TMA": "false"}, {"tma": 0}])
+def test_kernel_options_of_the_wrong_type_are_refused_not_truncated(options: dict) -> None:
+    """int() turned 32.5 into 32 and "32" into 32, and bool("false") is True: each ran a
+    launch other than the one asked for.  Integer options take integers, the load option
+    True, False or None."""
+    q, k, v = qkv(1, 1, 40, 40)
+    (name, value), = options.items()
+    with pytest.raises(AttentionError, match=f"kernel option {name}={value!r}"):
+        attndsl.flex_attention(q, k, v, kernel_options=options)
+
+
+def test_integer_like_kernel_options_are_taken() -> None:
+    import numpy as np
+
+    q, k, v = qkv(1, 1, 40, 40)
+    out = attndsl.flex_attention(q, k, v, kernel_options={"BLOCK_M": np.int64(32),
+                                                          "tma": False})
+    torch.testing.assert_close(out, attndsl.flex_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
 # -- captured tensors and integer semantics ----------------------------------------------------
 
 def test_captured_tensors_indexed_by_batch_and_head_only() -> None:

@@ -7,6 +7,7 @@ read.  It also says which inputs need no launch at all (empty or meta problems).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -72,9 +73,11 @@ def kernel_options(options: dict | None) -> dict:
     out = {}
     for k, v in (options or {}).items():
         if k in LOAD_OPTIONS:  # tensor-descriptor (TMA) tile loads: on, off, or by target
-            out["tma"] = None if v is None else bool(v)
+            if v is not None and not isinstance(v, bool):
+                raise AttentionError(f"kernel option {k}={v!r} must be True, False or None")
+            out["tma"] = v
         elif k in KERNEL_OPTIONS:
-            out[k] = int(v)
+            out[k] = _whole(k, v)
             if k.startswith("BLOCK") and (out[k] < 16 or out[k] & (out[k] - 1)):
                 raise AttentionError(f"kernel option {k}={v}: tile sizes must be powers of two "
                                      f">= 16")
@@ -84,6 +87,17 @@ def kernel_options(options: dict | None) -> dict:
             raise AttentionError(f"unknown kernel option {k!r}; attndsl reads "
                                  f"{KERNEL_OPTIONS + LOAD_OPTIONS}")
     return out
+
+
+def _whole(name: str, value: Any) -> int:
+    """An integer option's value: an int (or an integer-like such as a numpy int), never a
+    bool, a float or a string, which ``int()`` would have truncated or parsed silently."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise AttentionError(f"kernel option {name}={value!r} must be an integer") from None
 
 
 def mask_of(block_mask: Any, mask_mod: Callable | None) -> Callable | None:
