@@ -360,6 +360,20 @@ def _descriptors(k: TileKernel, names: _Names) -> dict[str, loads.Descriptor]:
     return out
 
 
+def _key_tiles_first(operands: tuple[Operand, ...]) -> list[Operand]:
+    """The operands with those read every key tile (K and V sides) before the query-side
+    ones read once.
+
+    Why the order matters: the device-side descriptors lie in the program's global scratch in
+    the order they are made, and the key-tile loop hands each load the address of its
+    descriptor.  With the query tile's descriptor first, the first key-side one sits at an
+    offset, and ptxas (seen with triton 3.9, sm90, D=64) then kept the scratch address in
+    vector registers and moved it to uniform ones per load (R2UR, IMAD.U32): 8 instructions
+    per key tile (causal 314 -> 307, prefix-LM masked 432 -> 423).  The query tile is loaded
+    once, before the loops, so its descriptor's place costs nothing there."""
+    return sorted(operands, key=lambda o: o.side == "q")
+
+
 def _role_names(k: TileKernel) -> TileKernel:
     """The kernel with its tile variables named by role, as in Triton's fused-attention
     tutorial: operand tiles ``q``, ``k``, ``v``, score dots ``qk``, running maxima ``m_i``,
@@ -620,7 +634,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     L(1, "# base pointers of this (batch, head); query-side operands, loaded once")
     for o in k.operands:
         L(1, f"base_{o.var} = {_operand_base(o, names, head_env)}")
-    L(1, loads.descriptor_setup([names.descriptors[o.var] for o in k.operands]))
+    L(1, loads.descriptor_setup([names.descriptors[o.var] for o in _key_tiles_first(k.operands)]))
     for o in k.operands:
         if o.side == "q":
             ptr = _operand_ptr(o, names, "offs_m[:, None]", "offs_e[None, :]")
