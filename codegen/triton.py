@@ -751,7 +751,8 @@ _BOUNDS = ("lo", "full_lo", "full_hi", "hi")
 
 
 # float constants the passes introduce -> what they are (log2 e folds exp into exp2)
-_NAMED_CONSTANTS = {1 / math.log(2): "1/ln 2", math.log(2): "ln 2"}
+FLT_MAX = 3.4028234663852886e38  # the largest finite float32 (a finite stabiliser's floor)
+_NAMED_CONSTANTS = {1 / math.log(2): "1/ln 2", math.log(2): "ln 2", FLT_MAX: "FLT_MAX"}
 _FLOAT = re.compile(r"(?<![\w.])\d+\.\d+(?:e[+-]?\d+)?(?![\w.])")
 
 
@@ -1031,7 +1032,8 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             env.hoisted[arg] = y  # the score, masked, is printed once and read by the sums
             L(0, f"{mx.var}_new = tl.maximum({mx.var}, {mx.var}_tile)")
             if mx.stabilizer:
-                _emit_stabiliser(L, mx, bounded_below(arg) and f"EVEN_N{unmasked}")
+                _emit_stabiliser(L, mx, bounded_below(arg) and f"EVEN_N{unmasked}",
+                                 _read_as_own_weights(p, mx))
         shared: dict = {"names": names}
         for s, sbody in sums:
             scale = " * ".join(f"2^({k}*d{u})" for u, k in s.units) or "1"
@@ -1049,16 +1051,43 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
     return body
 
 
-def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool) -> None:
+def _read_as_own_weights(p: KVPass, mx: RunningMax) -> bool:
+    """Whether every read of the stabiliser ``mx`` in pass ``p`` (max arguments, sum bodies)
+    is a weight ``exp(a - m)`` or ``exp2(a - m)`` of its own argument ``a``.
+
+    Then a row whose max is still -inf has every ``a`` = -inf, each weight is exp(-inf) = 0
+    and each rescale factor 2^(-inf - m') = 0 for *any* finite stabiliser m', so -inf may be
+    replaced by the most negative float instead of 0: one ``max`` instead of a compare and a
+    select per row, with the same results bit for bit.  A read of any other form (``exp(-m)``
+    of an off-by-one denominator, a score not in the max) would see the replacement value."""
+    def only_weights(e: Expr) -> bool:
+        if e.op in (Op.EXP, Op.EXP2) and e.src[0].op is Op.SUB and \
+                e.src[0].src[0] == mx.arg and e.src[0].src[1].op is Op.ROW and \
+                e.src[0].src[1].arg == mx.var:
+            return True
+        if e.op is Op.ROW and e.arg == mx.var:
+            return False
+        return all(only_weights(x) for x in e.src)
+
+    reads_self = any(x.op is Op.ROW and x.arg == mx.var for x in mx.arg.walk())
+    return not reads_self and all(only_weights(e) for e in
+                                  [x.arg for x in p.maxes] + [s.body for s in p.sums])
+
+
+def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool, own_weights: bool) -> None:
     """The stabiliser's value in the step: ``max(m, 0)`` for a floor-0 max, else ``m`` with
-    -inf (a row of no finite score yet) replaced by 0.  ``finite``: the condition (a constexpr
-    expression) under which every score of the tile is a value of the max's argument and that
-    argument is bounded below (attndsl.passes.float_range), so ``m`` is finite and the
-    replacement is the identity; False when there is none."""
+    -inf (a row of no finite score yet) replaced by 0, or by -FLT_MAX when ``own_weights``
+    (:func:`_read_as_own_weights`: the same results, one instruction per row fewer).
+    ``finite``: the condition (a constexpr expression) under which every score of the tile is
+    a value of the max's argument and that argument is bounded below
+    (attndsl.passes.float_range), so ``m`` is finite and the replacement is the identity;
+    False when there is none."""
     if mx.floor0:
         L(0, f"{mx.var}_use_new = tl.maximum({mx.var}_new, 0.0)  # the stabiliser: finite")
         return
     safe = f'tl.where({mx.var}_new == float("-inf"), 0.0, {mx.var}_new)'
+    if own_weights:
+        safe = f"tl.maximum({mx.var}_new, {literal(-FLT_MAX)})"
     if not finite:
         L(0, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
         return

@@ -12,15 +12,19 @@ does per key tile.  The text holds no hashes, versions or paths.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from attndsl.codegen.triton import _read_as_own_weights
 
 from attndsl.frontend.flex import lower_flex
 from attndsl.frontend.load import load_spec
+from attndsl.ir import expr as E
+from attndsl.ir.expr import Op
 from attndsl.passes.pipeline import compile_cascade
 from attndsl.runtime.modules import module_source
 
@@ -117,3 +121,32 @@ def test_a_parameter_cap_is_folded_into_the_multiply_add_after_the_division() ->
     score = re.search(r"^\s*y_m_i = (.*)$", step, re.M).group(1)
     assert "sigmoid" not in score
     assert re.fullmatch(r"\(c\d+ - \(c\d+ / \(tl\.exp2\(.*\) \+ 1\.0\)\)\)", score), score
+
+
+def _causal_kernel():
+    cascade, _ = load_spec(str(ROOT / "examples" / "causal.attn")).build()
+    return compile_cascade(cascade).kernel
+
+
+def test_a_stabiliser_read_only_in_its_own_weights_is_floored_at_minus_flt_max() -> None:
+    """exp2(s - m) and the rescale 2^(m_old - m) are 0 for any finite m when the row has no
+    finite score yet, so -inf becomes -FLT_MAX by one max, not by a compare and a select."""
+    source = module_source(_causal_kernel())
+    assert "m_i_use_new = tl.maximum(m_i_new, -3.4028234663852886e+38)" in source
+    assert 'm_i_new == float("-inf")' not in source
+
+
+def test_a_stabiliser_read_outside_its_own_weights_keeps_zero_for_an_empty_row() -> None:
+    """A sum reading exp(-m) would see the replacement itself (exp(FLT_MAX) = inf): there the
+    stabiliser of an empty row stays 0."""
+    kernel = _causal_kernel()
+    p = kernel.passes[0]
+    mx = next(x for x in p.maxes if x.stabilizer)
+    assert _read_as_own_weights(p, mx)
+    other = E.unary(Op.EXP2, E.binary(Op.SUB, E.const(0.0), E.row(mx.var)))
+    odd = dataclasses.replace(p, sums=(dataclasses.replace(p.sums[0], body=other),))
+    assert not _read_as_own_weights(odd, mx)
+    shifted = E.unary(Op.EXP2, E.binary(Op.SUB, E.binary(Op.ADD, mx.arg, E.const(1.0)),
+                                        E.row(mx.var)))
+    plus_one = dataclasses.replace(p, sums=(dataclasses.replace(p.sums[0], body=shifted),))
+    assert not _read_as_own_weights(plus_one, mx)
