@@ -939,7 +939,11 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
     MASKED is set.  ``scaled`` maps a score ``qk * s`` (:func:`_scaled_dots`) to (the dot, the
     printed scale)."""
     maxes = [(mx, mx.arg) for mx in p.maxes]
-    sums = [(s, s.body) for s in p.sums]
+    # Row sums first, then the sums with a V tile (the tutorial's order): the float32 weights
+    # are then last read by their fp16 copy at the dot, so they are not live across the V
+    # load and the MMA.  The sums of a step are independent (each reads its own old value,
+    # the stabilisers and the dots), so their order is free.
+    sums = sorted(((s, s.body) for s in p.sums), key=lambda sb: sb[0].v is not None)
     stabilizers = {mx.var for mx in p.maxes if mx.stabilizer}
     floor0 = {mx.var: mx.floor0 for mx in p.maxes}
     dots = {d.var for d in k.dots}
