@@ -159,6 +159,7 @@ def _operand_ptr(o: Operand, names: _Names, row: str, col: str) -> str:
     return f"base_{o.var} + {row} * {strides[o.row_dim]} + {col} * {strides[o.col_dim]}"
 
 
+
 def _hoist(exprs: list[Expr], tile_vars: set[str], lines: Lines, env: Env, depth: int) -> None:
     """Loop-invariant code motion: scalar subexpressions become variables before the loop."""
     for e in exprs:
@@ -1039,23 +1040,32 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
     return body
 
 
+# the largest finite float32: the stabiliser of a row that has no finite score yet
+_FLT_MAX = 3.4028234663852886e38
+
+
 def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool) -> None:
-    """The stabiliser's value in the step: ``max(m, 0)`` for a floor-0 max, else ``m`` with
-    -inf (a row of no finite score yet) replaced by 0.  ``finite``: the condition (a constexpr
-    expression) under which every score of the tile is a value of the max's argument and that
-    argument is bounded below (attndsl.passes.float_range), so ``m`` is finite and the
-    replacement is the identity; False when there is none."""
+    """The stabiliser's value in the step: ``max(m, 0)`` for a floor-0 max, else
+    ``max(m, -FLT_MAX)``: ``m`` where it is finite, a finite value where it is -inf (a row of
+    no finite score yet).  Any finite value serves there: ``m`` bounds every exponent
+    argument of the step's sums (a sum whose terms do not all carry its units has a floor-0
+    max), so they are all -inf and each ``2^(k (y - u))``, k > 0, is exactly 0 whatever ``u``
+    is; the rescale reads the old ``m`` raw (2^-inf = 0) or guards it (k < 0).  One max, not
+    the compare and select of ``where(m == -inf, 0, m)``.  ``finite``: the condition (a
+    constexpr expression) under which every score of the tile is a value of the max's
+    argument and that argument is bounded below (attndsl.passes.float_range), so ``m`` is
+    finite and the replacement is the identity; False when there is none."""
     if mx.floor0:
         L(0, f"{mx.var}_use_new = tl.maximum({mx.var}_new, 0.0)  # the stabiliser: finite")
         return
-    safe = f'tl.where({mx.var}_new == float("-inf"), 0.0, {mx.var}_new)'
+    safe = f"tl.maximum({mx.var}_new, {-_FLT_MAX!r})"
     if not finite:
-        L(0, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
+        L(0, f"{mx.var}_use_new = {safe}  # the stabiliser: finite (-FLT_MAX for -inf)")
         return
     L(0, f"if {finite}:  # every score of the tile is > -inf (bounded below): so is the max")
     L(1, f"{mx.var}_use_new = {mx.var}_new")
     L(0, "else:")
-    L(1, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
+    L(1, f"{mx.var}_use_new = {safe}  # the stabiliser: finite (-FLT_MAX for -inf)")
 
 
 def _index_pairs(e: Expr, m: str, n: str) -> dict[Expr, tuple[Op, bool]] | None:

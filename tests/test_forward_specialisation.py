@@ -200,3 +200,36 @@ def test_each_step_updates_its_row_sums_before_it_loads_the_v_tile(spec: str) ->
             assert max(row_sums) < min(v_loads), (fn.name, body)
             checked += 1
     assert checked, "no step with both a row sum and a V tile"
+
+
+@pytest.mark.parametrize("lengths", [(64, 96), (45, 77)])
+def test_rows_with_no_finite_score_yet_keep_a_finite_stabiliser_and_torchs_attention(
+        lengths: tuple[int, int]) -> None:
+    """A score of -inf on the first key tiles of a row (and on every key of the last rows)
+    leaves the running max at -inf there; the step's stabiliser is then ``max(m, -FLT_MAX)``
+    (one max instead of a compare and a select): every weight 2^(-inf + FLT_MAX) is exactly
+    0, the next finite tile rescales nothing, and the result is torch's (rows of no finite
+    score: output 0, lse -inf), over full tiles (EVEN_N) and ragged ones."""
+    import attndsl
+    from attndsl.frontend.flex import lower_flex
+
+    def score_mod(score, b, h, q, kv):
+        return torch.where(kv < 2 * q, -torch.inf, score)
+
+    source = module_source(compile_cascade(lower_flex(score_mod=score_mod).cascade).kernel)
+    assert "m_i_use_new = tl.maximum(m_i_new, -3.4028234663852886e+38)" in source
+    assert 'm_i_new == float("-inf")' not in source
+    m, n = lengths
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, length, 16, generator=gen) for length in (m, n, n))
+    out, lse = attndsl.flex_attention(q, k, v, score_mod=score_mod, return_lse=True,
+                                      kernel_options=dict(CONFIG))
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    s = torch.where(torch.arange(n)[None, :] < 2 * torch.arange(m)[:, None], -torch.inf, s)
+    ref = torch.nan_to_num(torch.softmax(s, -1)) @ v.double()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    dead = 2 * torch.arange(m) >= n  # rows of no finite score
+    assert dead.any() and not dead.all()
+    assert torch.isneginf(lse[..., dead]).all()
+    torch.testing.assert_close(lse[..., ~dead].double(), torch.logsumexp(s, -1)[..., ~dead],
+                               atol=2e-5, rtol=2e-5)
