@@ -159,6 +159,7 @@ def _operand_ptr(o: Operand, names: _Names, row: str, col: str) -> str:
     return f"base_{o.var} + {row} * {strides[o.row_dim]} + {col} * {strides[o.col_dim]}"
 
 
+
 def _hoist(exprs: list[Expr], tile_vars: set[str], lines: Lines, env: Env, depth: int) -> None:
     """Loop-invariant code motion: scalar subexpressions become variables before the loop."""
     for e in exprs:
@@ -954,7 +955,11 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
     MASKED is set.  ``scaled`` maps a score ``qk * s`` (:func:`_scaled_dots`) to (the dot, the
     printed scale)."""
     maxes = [(mx, mx.arg) for mx in p.maxes]
-    sums = [(s, s.body) for s in p.sums]
+    # Row sums first, then the sums with a V tile (the tutorial's order): the float32 weights
+    # are then last read by their fp16 copy at the dot, so they are not live across the V
+    # load and the MMA.  The sums of a step are independent (each reads its own old value,
+    # the stabilisers and the dots), so their order is free.
+    sums = sorted(((s, s.body) for s in p.sums), key=lambda sb: sb[0].v is not None)
     stabilizers = {mx.var for mx in p.maxes if mx.stabilizer}
     floor0 = {mx.var: mx.floor0 for mx in p.maxes}
     dots = {d.var for d in k.dots}
@@ -1094,7 +1099,7 @@ def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool, own_weights: 
     L(0, f"if {finite}:  # every score of the tile is > -inf (bounded below): so is the max")
     L(1, f"{mx.var}_use_new = {mx.var}_new")
     L(0, "else:")
-    L(1, f"{mx.var}_use_new = {safe}  # the stabiliser: finite")
+    L(1, f"{mx.var}_use_new = {safe}  # the stabiliser: finite (-FLT_MAX for -inf)")
 
 
 def _index_pairs(e: Expr, m: str, n: str) -> dict[Expr, tuple[Op, bool]] | None:

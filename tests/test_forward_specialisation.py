@@ -165,3 +165,71 @@ def test_masks_of_the_index_difference_compare_relative_rows_and_give_torchs_att
     s = ((q.double() @ k.double().transpose(-1, -2)) * 0.25).masked_fill(~keep, -torch.inf)
     ref = torch.nan_to_num(torch.softmax(s, -1)) @ v.double()
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+
+def _weighted_dots(fn) -> list:
+    """The ``tl.dot(p.to(v.dtype), v)`` calls of a step function (weights times a V tile)."""
+    import ast
+
+    return [c for c in ast.walk(fn) if isinstance(c, ast.Call) and ast.unparse(c.func) == "tl.dot"
+            and isinstance(c.args[0], ast.Call) and ast.unparse(c.args[0].func).endswith(".to")]
+
+
+@pytest.mark.parametrize("spec", ["causal.attn", "differential.attn", "softpick.attn",
+                                  "off_by_one.attn", "softmax_3pass.attn"])
+def test_each_step_updates_its_row_sums_before_it_loads_the_v_tile(spec: str) -> None:
+    """The tutorial's order: a step's row sums (``l_i = l_i * alpha + tl.sum(p, 1)``) come
+    before the V loads and the ``p @ V`` dots, so the float32 weights are last read by their
+    fp16 copy at the dot and are not live across the V tile (sm80 dense D=128: 210 -> 197
+    registers).  Every step function of the spec's kernel is checked."""
+    import ast
+
+    cascade, _ = load_spec(str(ROOT / "examples" / spec)).build()
+    tree = ast.parse(module_source(compile_cascade(cascade).kernel))
+    steps = [f for f in tree.body if isinstance(f, ast.FunctionDef)
+             and f.name.startswith("_key_tile_step_")]
+    checked = 0
+    for fn in steps:
+        v_names = {ast.unparse(d.args[1]) for d in _weighted_dots(fn)}
+        body = [ast.unparse(node) for node in fn.body]
+        v_loads = [i for i, t in enumerate(body)
+                   if any(f"{v} = " in t for v in v_names)]
+        row_sums = [i for i, t in enumerate(body) if "tl.sum(" in t and "tl.dot(" not in t]
+        if v_loads and row_sums:
+            assert max(row_sums) < min(v_loads), (fn.name, body)
+            checked += 1
+    assert checked, "no step with both a row sum and a V tile"
+
+
+@pytest.mark.parametrize("lengths", [(64, 96), (45, 77)])
+def test_rows_with_no_finite_score_yet_keep_a_finite_stabiliser_and_torchs_attention(
+        lengths: tuple[int, int]) -> None:
+    """A score of -inf on the first key tiles of a row (and on every key of the last rows)
+    leaves the running max at -inf there; the step's stabiliser is then ``max(m, -FLT_MAX)``
+    (one max instead of a compare and a select): every weight 2^(-inf + FLT_MAX) is exactly
+    0, the next finite tile rescales nothing, and the result is torch's (rows of no finite
+    score: output 0, lse -inf), over full tiles (EVEN_N) and ragged ones."""
+    import attndsl
+    from attndsl.frontend.flex import lower_flex
+
+    def score_mod(score, b, h, q, kv):
+        return torch.where(kv < 2 * q, -torch.inf, score)
+
+    source = module_source(compile_cascade(lower_flex(score_mod=score_mod).cascade).kernel)
+    assert "m_i_use_new = tl.maximum(m_i_new, -3.4028234663852886e+38)" in source
+    assert 'm_i_new == float("-inf")' not in source
+    m, n = lengths
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, length, 16, generator=gen) for length in (m, n, n))
+    out, lse = attndsl.flex_attention(q, k, v, score_mod=score_mod, return_lse=True,
+                                      kernel_options=dict(CONFIG))
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    s = torch.where(torch.arange(n)[None, :] < 2 * torch.arange(m)[:, None], -torch.inf, s)
+    ref = torch.nan_to_num(torch.softmax(s, -1)) @ v.double()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    dead = 2 * torch.arange(m) >= n  # rows of no finite score
+    assert dead.any() and not dead.all()
+    assert torch.isneginf(lse[..., dead]).all()
+    torch.testing.assert_close(lse[..., ~dead].double(), torch.logsumexp(s, -1)[..., ~dead],
+                               atol=2e-5, rtol=2e-5)
