@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from attndsl.codegen import writer
 from attndsl.codegen.expr import (
@@ -66,6 +66,7 @@ from attndsl.passes.flex_grad import (
     BackwardSpec,
     GatherGrad,
     NotFlexCascade,
+    key_tile_start,
     tile_start,
 )
 from attndsl.passes.flex_grad import one_line as _one_line
@@ -129,13 +130,14 @@ KEY_MAJOR = _Orient("offs_m[None, :]", "offs_n[:, None]", "m_ok[None, :]", "n_ok
 VECTORS = _Orient("offs_m", "offs_n", "m_ok", "n_ok", "", -1)  # one axis: 1-D index vectors
 
 
-def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient, start: str = "start_m") -> Env:
+def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient, start: str = "start_m",
+              key_start: str = "start_n") -> Env:
     """Leaves of a score tile (or of one axis of it): captured-tensor loads are masked with the
-    validity of the tile axes their subscripts use; ``start`` is the first position of the
-    program's own tile (the split's anchor: ``start_n`` in the dK/dV kernel)."""
+    validity of the tile axes their subscripts use; ``start`` and ``key_start`` are the
+    split's anchors (:func:`_emit_anchor`, and the dK/dV kernel's key tile)."""
     r = spec.roles
     index = {r["batch"]: "off_b", r["head"]: "off_h", r["query"]: o.m, r["key"]: o.n,
-             tile_start(r): start}
+             tile_start(r): start, key_tile_start(r): key_start}
     return Env(index=index, rows={SCORE_ROW: "s"},
                params={"scale": "scale", "G": "G", **names.sizes},
                captured=names.captured, masks={r["query"]: o.m_ok, r["key"]: o.n_ok},
@@ -147,7 +149,7 @@ def _hoist_loads(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> Non
     subscripts use only the batch and head (``slopes[h]``) once, before the tile loops."""
     names.hoisted.clear()
     scalar = {spec.roles["batch"], spec.roles["head"]}
-    exprs = [spec.log2_score, spec.score, spec.dscore] + ([spec.mask] if spec.mask else []) + \
+    exprs = _exp2_parts(spec) + [spec.score, spec.dscore] + ([spec.mask] if spec.mask else []) + \
         [g.deriv for _, sites in spec.grads for g in sites] + \
         [x for th in spec.tanhs for x in (th.coef, th.offset) if x is not None]
     env = _tile_env(spec, names, VECTORS)
@@ -204,7 +206,7 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
     """One (query tile, key tile) step: recompute P, then dS.  ``kind`` is ``dkdv`` (key-major
     tiles; also dV, dK, the atomic dQ and captured gradients) or ``dq`` (query-major tiles)."""
     o = KEY_MAJOR if kind == "dkdv" else QUERY_MAJOR
-    start = "start_n" if kind == "dkdv" else "start_m"  # the program's own tile
+    start = "anchor_m"  # the split's anchor (_emit_anchor)
     env = _tile_env(spec, names, o, start)
     env.rows[QK_ROW] = "qk"
     r = o.row
@@ -214,7 +216,7 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
         _emit_row_load(L, 0, "lse2")
     else:
         L(0, "qk = tl.dot(q, kT, input_precision=DOT_PRECISION)")
-    if _step_reads_score(spec, names, masked, kind):
+    if _step_reads_score(spec, names, masked):
         L(0, "s = qk * scale")
     _emit_tanhs(L, spec, names, env)
     L(0, "# P = exp(T - LSE) = exp2(T log2e - lse2), lse2 = LSE log2e (+inf on empty rows: P = 0)")
@@ -260,13 +262,20 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
             _emit_gather_grad(L, spec, names, name, i, site, o)
 
 
-def _step_reads_score(spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> bool:
+def _exp2_parts(spec: BackwardSpec) -> list[Expr]:
+    """What the tile loops render of T log2e: all of it, or the split's tile and key parts
+    (its query part is in lse2, :func:`_emit_rows`)."""
+    split = spec.log2_split
+    if split is None or not split.separable:
+        return [spec.log2_score]
+    return [split.tile, split.cols]
+
+
+def _step_reads_score(spec: BackwardSpec, names: _Names, masked: bool) -> bool:
     """Whether a tile step prints a read of S (``s``): the expressions it renders (a tanh's
     argument on the tile, the mask, T log2e or its split, dT/dS, the captured gradients), not
     looking under the nodes printed as a name (hoisted reads, the tanhs)."""
-    split = spec.log2_split
-    exp2 = [spec.log2_score] if split is None or not split.separable else \
-        [split.tile, split.cols] + ([split.rows] if kind == "dkdv" else [])
+    exp2 = _exp2_parts(spec)
     named = set(names.hoisted) | {x for th in spec.tanhs for x in th.nodes}
     exprs = exp2 + [spec.dscore] + ([spec.mask] if masked and spec.mask is not None else []) \
         + [g.deriv for _, sites in spec.grads for g in sites]
@@ -292,33 +301,58 @@ def _reads_row(e: Expr, row: str, skip: set[Expr]) -> bool:
 
 def _emit_p(L: Lines, spec: BackwardSpec, names: _Names, o: _Orient, env: Env,
             kind: str, start: str) -> None:
-    """``p = exp2(T log2e - lse2)``; with T log2e split (``spec.log2_split``), the key vector
-    is added to ``-lse2`` first, ``tile + (t_keys - lse2)``, so that the tile pays one add and
-    one multiply-add with ``qk`` (left to right it pays a multiply-add and two adds)."""
+    """``p = exp2(T log2e - lse2)``; with T log2e split (``spec.log2_split``), the query-only
+    terms are already in lse2 (the preprocess kernel folded them, :func:`_emit_rows`) and the
+    key vector is added to ``-lse2`` first, ``tile + (t_keys - lse2)``, so that the tile pays
+    one add and one multiply-add with ``qk`` (left to right it pays a multiply-add and two
+    adds).  The dQ kernel's key vector is anchored at its query tile's anchor; the dK/dV
+    kernel's at its own key tile (the same for every query tile of its loop), and each query
+    tile subtracts the split's scalar ``shift`` between the two anchors from lse2: one add per
+    query of the tile instead of a conversion and a multiply-add (sm90 ALiBi D 64: 417 -> 385
+    loop instructions)."""
     split = spec.log2_split
     r = o.row
     if split is None or not split.separable:
         L(0, f"p = tl.exp2({render_at(L, 0, spec.log2_score, env)} - lse2{r})")
         return
-    if kind == "dkdv":  # the dQ kernel folded its rows once, before the key tiles
-        _emit_rows(L, 0, spec, names, start)
     rest = f"-lse2{r}"
     if not is_zero(split.cols):
-        cols = render_at(L, 0, split.cols, _tile_env(spec, names, VECTORS, start))
+        key_start = "start_n" if kind == "dkdv" else start
+        cols = render_at(L, 0, split.cols, _tile_env(spec, names, VECTORS, key_start))
         L(0, f"# the key-only terms of T log2e: {_one_line(split.cols)}")
         L(0, f"t_keys = {cols}")
         rest = "t_keys" + ("[:, None]" if o.m_axis == 1 else "[None, :]") + f" - lse2{r}"
+    if kind == "dkdv" and not is_zero(split.shift):
+        _emit_anchor(L, 0, spec, split.shift)
+        shift = render_at(L, 0, split.shift, _tile_env(spec, names, VECTORS, start))
+        L(0, f"# the key vector's anchor is this program's key tile: {_one_line(split.shift)}")
+        L(0, f"lse2 = lse2 - ({shift})")
     arg = rest if is_zero(split.tile) else f"{render_at(L, 0, split.tile, env)} + ({rest})"
     L(0, f"p = tl.exp2({arg})")
 
 
-def _emit_rows(L: Lines, depth: int, spec: BackwardSpec, names: _Names, start: str) -> None:
-    """Fold the query-only terms of T log2e into lse2 (one vector per query tile):
-    exp2(tile + rows[m] + cols[n] - lse2[m]) = exp2(tile + cols[n] - (lse2 - rows)[m])."""
+def _emit_anchor(L: Lines, depth: int, spec: BackwardSpec, part: Expr,
+                 rows: str = "start_m") -> None:
+    """``anchor_m``, the split's anchor ``mn.start`` (:func:`attndsl.passes.affine.split_axes`)
+    for the query positions ``rows``, where ``part`` of the split reads it: the start of their
+    ANCHOR_M-aligned block.  ANCHOR_M is a multiple of both kernels' BLOCK_M (the launcher
+    passes the larger; both are powers of two), so a query tile has one anchor, the same in
+    the preprocess kernel (per row) and in both loops, and ``|m - anchor| < ANCHOR_M`` keeps
+    the query vector as small as a tile's offsets."""
+    if any(x.op is Op.INDEX and x.arg == tile_start(spec.roles) for x in part.walk()):
+        L(depth, f"anchor_m = ({rows} // ANCHOR_M) * ANCHOR_M  # the split's anchor")
+
+
+def _emit_rows(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> None:
+    """Fold the query-only terms of T log2e into lse2 once per query row, in the preprocess
+    kernel: exp2(tile + rows[m] + cols[n] - lse2[m]) = exp2(tile + cols[n] - (lse2 - rows)[m]).
+    Captured reads are loaded where they are used (this kernel has no tile loop)."""
     split = spec.log2_split
     if split is None or not split.separable or is_zero(split.rows):
         return
-    rows = render_at(L, depth, split.rows, _tile_env(spec, names, VECTORS, start))
+    _emit_anchor(L, depth, spec, split.rows, "offs_m")
+    env = _tile_env(spec, replace(names, hoisted={}), VECTORS, "anchor_m")
+    rows = render_at(L, depth, split.rows, env)
     L(depth, f"# the query-only terms of T log2e: {_one_line(split.rows)}")
     L(depth, f"lse2 = lse2 - ({rows})")
 
@@ -368,15 +402,15 @@ _CONSTEXPR = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "SPARSITY", "SPARSE_Q"
               "DOT_PRECISION", "UPCAST"]
 
 
-def _emit_preprocess(L: Lines) -> None:
+def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     args = (_tensor_args("O", 4) + _tensor_args("DO", 4) + _tensor_args("DLSE", 3)
             + _tensor_args("DELTA", 3) + _tensor_args("LSE", 3) + _tensor_args("LSE2", 3)
-            + ["n_heads", "M_len", "F_len"])
-    writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F"],
+            + _captured_args(names, False) + ["scale", "G", "n_heads", "M_len", "F_len"])
+    writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F", "ANCHOR_M"],
                      doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
                      "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
                      "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
-                     "guard).")
+                     "guard) less the query-only terms of T log2e.")
     writer.program(L, "pid_m")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "m_ok = offs_m < M_len")
@@ -391,6 +425,7 @@ def _emit_preprocess(L: Lines) -> None:
     L(1, f"lse = tl.load({_ptr('LSE', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, other=0.0)")
     L(1, f'lse2 = tl.where(lse == float("-inf"), float("inf"), lse * {literal(LOG2E)})'
          f"  # 1/ln 2")
+    _emit_rows(L, 1, spec, names)
     L(1, f"tl.store({_ptr('LSE2', ['off_b', 'off_h', 'offs_m'])}, lse2, mask=m_ok)\n")
 
 
@@ -482,7 +517,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
             + _captured_args(names, True)
             + ["scale", "G", "n_heads", "n_kv_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("q_"))
-    const = _CONSTEXPR + ["ATOMIC_DQ"] + [f"NEED_{p}" for p in names.grads.values()]
+    const = _CONSTEXPR + ["ANCHOR_M", "ATOMIC_DQ"] + [f"NEED_{p}" for p in names.grads.values()]
     writer.signature(L, "attention_bwd_dkdv_kernel", args, const, writer.EVEN,
                      "One program: BLOCK_N keys of one (batch, key/value head).  Loops over "
                      "the G query\nheads of the group and over the query tiles (SPARSITY 0 = "
@@ -528,7 +563,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
             + _tensor_args("DQ", 4) + _captured_args(names, False)
             + ["scale", "G", "n_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("kv_"))
-    writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR, writer.EVEN,
+    writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR + ["ANCHOR_M"], writer.EVEN,
                      "One program: BLOCK_M query rows of one (batch, head); loops over the "
                      "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
                      "atomics (deterministic).")
@@ -541,7 +576,9 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, _ok("f_ok", "offs_f", "F_len", "EVEN_F"))
     L(1, _ok("m_ok", "offs_m", "M_len", "EVEN_M"))
     _emit_query_side(L, 1, "dq")
-    _emit_rows(L, 1, spec, names, "start_m")
+    split = spec.log2_split
+    if split is not None and split.separable:
+        _emit_anchor(L, 1, spec, split.cols)
     L(1, "dq = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)")
 
     def step(L2: Lines, depth: int, masked: bool) -> None:
@@ -574,7 +611,7 @@ def generate_backward(c: Cascade, version: str) -> str:
     L(0, "GRADS = " + repr(names.grads))
     L(0, "HAS_MASK = " + repr(spec.mask is not None))
     L(0, HELPERS)
-    _emit_preprocess(L)
+    _emit_preprocess(L, spec, names)
     _emit_dkdv(L, spec, names)
     _emit_dq(L, spec, names)
     L(0, writer.launcher_sources("backward_launcher.py",
