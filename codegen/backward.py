@@ -52,8 +52,6 @@ from attndsl.codegen.expr import (
     reset_spills,
 )
 from attndsl.codegen.writer import Lines
-from attndsl.codegen.writer import offset as _ptr
-from attndsl.codegen.writer import strided as _tensor_args
 
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
@@ -83,26 +81,68 @@ def backward_spec(c: Cascade) -> BackwardSpec:
 
 # -- printing helpers -------------------------------------------------------------------------
 
+# kernel pointers by role, as the forward's (``q_ptr`` with ``stride_qz, stride_qh, stride_qm,
+# stride_qk``): tensor -> (role base, the letters of its dims, what it stands for)
+_ROLES = {"Q": ("q", "zhmk", "Q"), "K": ("k", "zhnk", "K"), "V": ("v", "zhnd", "V"),
+          "O": ("o", "zhmd", "O"), "DO": ("do", "zhmd", "dO"), "LSE": ("lse", "zhm", "LSE"),
+          "LSE2": ("lse2", "zhm", "LSE log2e less the query-only terms of T log2e"),
+          "DLSE": ("dlse", "zhm", "dLSE"), "DELTA": ("delta", "zhm", "rowsum(dO * O) - dLSE"),
+          "DQ": ("dq", "zhmk", "dQ"), "DK": ("dk", "zhnk", "dK"), "DV": ("dv", "zhnd", "dV")}
+
+
+def _tensor_args(t: str) -> list[str]:
+    """The pointer and stride arguments of the tensor ``t`` (a key of ``_ROLES``)."""
+    return writer.role_args(*_ROLES[t][:2])
+
+
+def _ptr(t: str, parts: list[str]) -> str:
+    """The address of ``t`` at the subscripts ``parts`` (one per dim)."""
+    return writer.role_offset(*_ROLES[t][:2], parts)
+
+
+def _notes(names: _Names) -> dict[str, str]:
+    """Signature comments: what each role pointer stands for (the captured tensors' names are
+    in the CAPTURED and GRADS tables only)."""
+    return {f"{base}_ptr": spec for base, _, spec in _ROLES.values()}
+
+
 @dataclass(frozen=True)
 class _Names:
-    """Kernel pointer names of the captured tensors (``C0``...) and their gradients; the
-    sizes of their dimensions (``C0_n0``...: the wrap of negative subscripts reads them as
-    the parameters named by the dimensions' extents)."""
+    """Kernel pointer names of the captured tensors (``C0``...), their strides and gradients
+    (``DC0``); the sizes of their dimensions (``C0_n0``...: the wrap of negative subscripts
+    reads them as the parameters named by the dimensions' extents)."""
 
     captured: dict[str, tuple[str, int]]  # IR name -> (pointer, rank)
-    grads: dict[str, str]  # IR name -> gradient pointer (``DC0``...)
+    grads: dict[str, str]  # IR name -> gradient pointer
     sizes: dict[str, str]  # extent of a captured dimension -> its size argument
+    strides: dict[str, tuple[str, ...]]  # captured or gradient pointer -> its stride arguments
     # loop-invariant reads of captured tensors (subscripts of batch and head only) -> the
     # variable holding them, loaded once per (batch, head) instead of once per tile
     hoisted: dict = field(default_factory=dict)
 
 
 def _names(spec: BackwardSpec) -> _Names:
+    """Captured tensors are numbered (``C0``, gradients ``DC0``): spec names reach the source
+    only as repr'd strings in the metadata tables and as comments."""
     captured = {name: (f"C{i}", rank) for i, (name, rank) in enumerate(spec.captured)}
     grads = {name: "D" + captured[name][0] for name, _ in spec.grads}
+    strides = {ptr: tuple(f"{ptr}_s{d}" for d in range(rank)) for ptr, rank in captured.values()}
+    strides.update({g: tuple(f"{g}_s{d}" for d in range(captured[name][1]))
+                    for name, g in grads.items()})
     sizes = {spec.cascade.tensor(name).dims[d]: f"{ptr}_n{d}"
              for name, (ptr, rank) in captured.items() for d in range(rank)}
-    return _Names(captured, grads, sizes)
+    return _Names(captured, grads, sizes, strides)
+
+
+def _need(ptr: str) -> str:
+    """The constexpr flag that turns on a captured tensor's gradient (``NEED_DC0``)."""
+    return f"NEED_{ptr}"
+
+
+def _at(names: _Names, ptr: str, parts: list[str]) -> str:
+    """The address of a captured tensor or gradient ``ptr`` at ``parts``."""
+    return f"{ptr} + " + " + ".join(f"{p} * {s}" for p, s in zip(parts, names.strides[ptr],
+                                                                  strict=True))
 
 
 @dataclass(frozen=True)
@@ -141,6 +181,7 @@ def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient, start: str = "start
     return Env(index=index, rows={SCORE_ROW: "s"},
                params={"scale": "scale", "G": "G", **names.sizes},
                captured=names.captured, masks={r["query"]: o.m_ok, r["key"]: o.n_ok},
+               strides=names.strides,
                hoisted=names.hoisted, scalar_indices=frozenset({r["batch"], r["head"]}))
 
 
@@ -366,7 +407,7 @@ def _emit_gather_grad(L: Lines, spec: BackwardSpec, names: _Names, name: str, i:
     var = f"g_{ptr.lower()}_{i}"
     m, n = spec.roles["query"], spec.roles["key"]
     env = _tile_env(spec, names, o)
-    L(0, f"if NEED_{ptr}:")
+    L(0, f"if {_need(ptr)}:")
     L(1, comment(f"gradient of the captured tensor at {E.render(site.load)}: dT * "
                  f"{_one_line(site.deriv)}"))
     if site.deriv.op is Op.CONST and site.deriv.arg == 1.0:
@@ -386,7 +427,7 @@ def _emit_gather_grad(L: Lines, spec: BackwardSpec, names: _Names, name: str, i:
     else:
         value, mask = f"tl.sum(tl.sum({var}, 1), 0)", None
     offs = [f"({render(s, sub_env)})" for s in site.load.src]
-    target = _ptr(ptr, offs) if offs else ptr
+    target = _at(names, ptr, offs) if offs else ptr
     L(1, f"tl.atomic_add({target}, {value}" + (f", mask={mask})" if mask else ")"))
 
 
@@ -403,14 +444,14 @@ _CONSTEXPR = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "SPARSITY", "SPARSE_Q"
 
 
 def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> None:
-    args = (_tensor_args("O", 4) + _tensor_args("DO", 4) + _tensor_args("DLSE", 3)
-            + _tensor_args("DELTA", 3) + _tensor_args("LSE", 3) + _tensor_args("LSE2", 3)
+    args = (_tensor_args("O") + _tensor_args("DO") + _tensor_args("DLSE")
+            + _tensor_args("DELTA") + _tensor_args("LSE") + _tensor_args("LSE2")
             + _captured_args(names, False) + ["scale", "G", "n_heads", "M_len", "F_len"])
     writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F", "ANCHOR_M"],
                      doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
                      "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
                      "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
-                     "guard) less the query-only terms of T log2e.")
+                     "guard) less the query-only terms of T log2e.", notes=_notes(names))
     writer.program(L, "pid_m")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "m_ok = offs_m < M_len")
@@ -432,10 +473,10 @@ def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> None:
 def _captured_args(names: _Names, with_grads: bool) -> list[str]:
     args: list[str] = []
     for ptr, rank in names.captured.values():
-        args += _tensor_args(ptr, rank) + [f"{ptr}_n{d}" for d in range(rank)]
+        args += [ptr, *names.strides[ptr]] + [f"{ptr}_n{d}" for d in range(rank)]
     if with_grads:
-        for name, ptr in names.grads.items():
-            args += _tensor_args(ptr, names.captured[name][1])
+        for ptr in names.grads.values():
+            args += [ptr, *names.strides[ptr]]
     return args
 
 
@@ -467,7 +508,7 @@ def _emit_row_load(L: Lines, depth: int, row: str) -> None:
     tile.  The dK/dV step reads each just before its use, lse2 after the QK^T dot and delta
     after dP's: a row vector of the key-major tile spans every thread's columns, so one loaded
     early stays live across the dots (sm90, dense D 64: 154 -> 143 registers)."""
-    table, other = ("LSE", 'float("inf")') if row == "lse2" else ("DELTA", "0.0")
+    table, other = ("LSE2", 'float("inf")') if row == "lse2" else ("DELTA", "0.0")
     L(depth, f"{row} = tl.load({_ptr(table, ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
              f"other={other})")
 
@@ -511,19 +552,19 @@ def _nested(L: Lines, depth: int, emit) -> None:
 
 
 def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
-    args = (_tensor_args("Q", 4) + _tensor_args("K", 4) + _tensor_args("V", 4)
-            + _tensor_args("DO", 4) + _tensor_args("LSE", 3) + _tensor_args("DELTA", 3)
-            + _tensor_args("DQ", 4) + _tensor_args("DK", 4) + _tensor_args("DV", 4)
+    args = (_tensor_args("Q") + _tensor_args("K") + _tensor_args("V")
+            + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
+            + _tensor_args("DQ") + _tensor_args("DK") + _tensor_args("DV")
             + _captured_args(names, True)
             + ["scale", "G", "n_heads", "n_kv_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("q_"))
-    const = _CONSTEXPR + ["ANCHOR_M", "ATOMIC_DQ"] + [f"NEED_{p}" for p in names.grads.values()]
+    const = _CONSTEXPR + ["ANCHOR_M", "ATOMIC_DQ"] + [_need(p) for p in names.grads.values()]
     writer.signature(L, "attention_bwd_dkdv_kernel", args, const, writer.EVEN,
                      "One program: BLOCK_N keys of one (batch, key/value head).  Loops over "
                      "the G query\nheads of the group and over the query tiles (SPARSITY 0 = "
                      "every tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); "
                      "dK and dV sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients "
-                     "are float32 atomic adds.")
+                     "are float32 atomic adds.", notes=_notes(names))
     writer.program(L, "pid_n", "pid_bhkv", "n_kv_heads", "off_hkv")
     L(1, "start_n = pid_n * BLOCK_N\noffs_n = start_n + tl.arange(0, BLOCK_N)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
@@ -551,22 +592,22 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "# store dK = scale * sum dS^T Q and dV = sum P^T dO")
     L(1, "dk = dk * scale")
     rows = ["off_b", "off_hkv", "offs_n[:, None]"]
-    L(1, f"tl.store({_ptr('DK', rows + ['offs_e[None, :]'])}, dk.to(DK.dtype.element_ty), "
+    L(1, f"tl.store({_ptr('DK', rows + ['offs_e[None, :]'])}, dk.to(dk_ptr.dtype.element_ty), "
          f"mask=n_ok[:, None] & e_ok[None, :])")
-    L(1, f"tl.store({_ptr('DV', rows + ['offs_f[None, :]'])}, dv.to(DV.dtype.element_ty), "
+    L(1, f"tl.store({_ptr('DV', rows + ['offs_f[None, :]'])}, dv.to(dv_ptr.dtype.element_ty), "
          f"mask=n_ok[:, None] & f_ok[None, :])\n")
 
 
 def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
-    args = (_tensor_args("Q", 4) + _tensor_args("K", 4) + _tensor_args("V", 4)
-            + _tensor_args("DO", 4) + _tensor_args("LSE", 3) + _tensor_args("DELTA", 3)
-            + _tensor_args("DQ", 4) + _captured_args(names, False)
+    args = (_tensor_args("Q") + _tensor_args("K") + _tensor_args("V")
+            + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
+            + _tensor_args("DQ") + _captured_args(names, False)
             + ["scale", "G", "n_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("kv_"))
     writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR + ["ANCHOR_M"], writer.EVEN,
                      "One program: BLOCK_M query rows of one (batch, head); loops over the "
                      "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
-                     "atomics (deterministic).")
+                     "atomics (deterministic).", notes=_notes(names))
     writer.program(L, "pid_m")
     L(1, "off_hkv = off_h // G")
     _hoist_loads(L, 1, spec, names)
@@ -592,7 +633,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     _emit_loops(L, 1, spec, step, "n")
     L(1, "dq = dq * scale")
     L(1, f"tl.store({_ptr('DQ', ['off_b', 'off_h', 'offs_m[:, None]', 'offs_e[None, :]'])}, "
-         f"dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])\n")
+         f"dq.to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])\n")
 
 
 def generate_backward(c: Cascade, version: str) -> str:

@@ -45,7 +45,6 @@ from attndsl.codegen.expr import (
     reset_spills,
 )
 from attndsl.codegen.writer import Lines
-from attndsl.codegen.writer import strided as _strided
 
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, Expr, Op
@@ -57,19 +56,82 @@ from attndsl.passes.tile_grad import SiteGrad, TileBackward, rows_read
 
 
 class _Names:
-    """Kernel argument names: input tensors ``T<i>`` (gradients ``DT<i>``), captured
-    ``C<i>`` (gradients ``DC<i>``), parameters ``P<i>``, store gradients ``DY<i>``."""
+    """Kernel argument names by role, as the forward's: input tensors by side (``q_ptr``,
+    ``k_ptr``, ``v_ptr``; a second tensor of a side ``q0_ptr``...) with strides named by the
+    roles of their dims (``stride_qm``), their gradients ``dq_ptr``...; captured tensors
+    numbered ``C0`` (gradients ``DC0``, sizes ``C0_n0``); parameters ``sm_scale`` and
+    ``param_<name>``; the incoming gradients of the stores ``do_ptr``, ``dlse_ptr``..."""
 
     def __init__(self, k: TileKernel) -> None:
+        letter_of = {k.roles[r]: c for r, c in writer.DIM_LETTERS.items() if r in k.roles}
+        taken: set[str] = set()
+
+        def claim(want: str | None, role: str) -> str:
+            base, i = want, 0
+            while base is None or base in taken:
+                base, i = f"{role}{i}", i + 1
+            taken.add(base)
+            return base
+
+        self.strides: dict[str, tuple[str, ...]] = {}
+        self.spec: dict[str, str] = {}  # argument -> the spec name it stands for
+
+        def pointer(base: str, letters: list[str | None], spec: str) -> str:
+            ptr = f"{base}_ptr"
+            self.strides[ptr] = writer.stride_names(base, letters)
+            self.spec[ptr] = spec
+            return ptr
+
         self.tensors: dict[str, str] = {}
-        for o in k.operands:
-            self.tensors.setdefault(o.tensor, f"T{len(self.tensors)}")
+        self.grads: dict[str, str] = {}
         self.ranks = {o.tensor: len(o.idx) for o in k.operands}
-        self.captured = {name: (f"C{i}", rank) for i, (name, rank, _) in enumerate(k.captured)}
-        self.cap_grads = {name: f"DC{i}" for i, (name, _, dt) in enumerate(k.captured)
-                          if dt == FLOAT}
-        self.params = {name: f"P{i}" for i, (name, _) in enumerate(k.params)}
-        self.stores = {st.name: f"DY{i}" for i, st in enumerate(k.stores)}
+        sides: dict[str, int] = {}
+        for o in k.operands:
+            if o.tensor in self.tensors:
+                continue
+            first = sides.setdefault(o.side, len(self.tensors)) == len(self.tensors)
+            letters = [letter_of.get(i.arg) if i.op is Op.INDEX else None for i in o.idx]
+            base = claim(o.side if first else None, o.side)
+            self.tensors[o.tensor] = pointer(base, letters, o.tensor)
+            self.grads[o.tensor] = pointer(claim("d" + base, "d" + o.side), letters,
+                                           f"d {o.tensor}, float32")
+        # captured tensors are numbered (C0, gradients DC0), as in the FlexAttention backward
+        self.captured: dict[str, tuple[str, int]] = {}
+        self.sizes: dict[str, list[str]] = {}
+        for i, (name, rank, _) in enumerate(k.captured):
+            ptr = f"C{i}"
+            self.captured[name] = (ptr, rank)
+            self.strides[ptr] = tuple(f"{ptr}_s{d}" for d in range(rank))
+            self.sizes[name] = [f"{ptr}_n{d}" for d in range(rank)]
+        self.cap_grads = {}
+        for i, (name, rank, dt) in enumerate(k.captured):
+            if dt == FLOAT:
+                g = self.cap_grads[name] = f"DC{i}"
+                self.strides[g] = tuple(f"{g}_s{d}" for d in range(rank))
+        self.params: dict[str, str] = {}
+        for i, (name, _) in enumerate(k.params):
+            want = "sm_scale" if name == "scale" else \
+                f"param_{name}" if writer.SPEC_NAME.match(name) else None
+            self.params[name] = claim(want or f"param{i}", "param")
+            self.spec[self.params[name]] = name
+        self.stores = {st.name: pointer(claim(_dy_base(st.name), "dy"),
+                                        [letter_of.get(x) for x in st.indices],
+                                        f"d {st.name}, float32")
+                       for st in k.stores}
+
+    def args(self, ptr: str) -> list[str]:
+        """A pointer and its stride arguments."""
+        return [ptr, *self.strides[ptr]]
+
+    def at(self, ptr: str, parts: list[tuple[int, str]]) -> str:
+        """``ptr + part * stride + ...`` for the ``(dim, part)`` pairs ``parts``."""
+        return " + ".join([ptr] + [f"{p} * {self.strides[ptr][d]}" for d, p in parts])
+
+
+def _dy_base(store: str) -> str | None:
+    """The role base of a store's incoming gradient: ``do`` for O, ``dlse`` for LSE."""
+    base = writer.spec_base(store)
+    return None if base is None else "d" + base
 
 
 @dataclass(frozen=True)
@@ -193,15 +255,12 @@ def _scale_accumulators(L: Lines, b: TileBackward, names: _Names, side: str) -> 
              f"every d b / d qk term")
 
 
-def _base(o: Operand, ptr: str, env: Env) -> str:
-    """Pointer of the program's (batch, head) slice of an operand's tensor ``ptr``."""
-    parts = [f"({render(i, env)}) * {ptr}_s{d}" for d, i in enumerate(o.idx)
+def _tile_ptr(o: Operand, names: _Names, ptr: str, env: Env, row: str, col: str) -> str:
+    """The addresses of a [rows, columns] tile of an operand's tensor (or its gradient)
+    ``ptr``: the program's (batch, head) slice, then the rows and columns."""
+    parts = [(d, f"({render(i, env)})") for d, i in enumerate(o.idx)
              if d not in (o.row_dim, o.col_dim)]
-    return " + ".join([ptr] + parts)
-
-
-def _tile_ptr(o: Operand, ptr: str, env: Env, row: str, col: str) -> str:
-    return f"{_base(o, ptr, env)} + {row} * {ptr}_s{o.row_dim} + {col} * {ptr}_s{o.col_dim}"
+    return names.at(ptr, parts + [(o.row_dim, row), (o.col_dim, col)])
 
 
 def _rows_buffer(var: str, tile: bool) -> str:
@@ -215,7 +274,7 @@ def _load_operand(L: Lines, depth: int, o: Operand, names: _Names, env: Env, axi
     """``o`` as a [rows, columns] tile: rows ``offs_m``/``offs_n`` (axis), columns E or F."""
     ptr = names.tensors[o.tensor]
     col, col_ok = ("offs_e", "e_ok") if o.side != "v" else ("offs_f", "f_ok")
-    p = _tile_ptr(o, ptr, env, f"{axis}[:, None]", f"{col}[None, :]")
+    p = _tile_ptr(o, names, ptr, env, f"{axis}[:, None]", f"{col}[None, :]")
     L(depth, f"{o.var} = tl.load({p}, mask={ok}[:, None] & {col_ok}[None, :], "
              f"other=0.0)")
     L(depth, f"if UPCAST:  # the interpreter has no bf16 arithmetic\n    {o.var} = "
@@ -228,7 +287,7 @@ def _env(b: TileBackward, names: _Names, rows: dict[str, str], index: dict[str, 
     scalar = {i: v for i, v in ((k.roles.get("batch"), "off_b"), (k.roles.get("head"), "off_h"))
               if i is not None}
     return Env({**scalar, **index}, rows, dict(names.params), names.captured, masks,
-               scalar_indices=frozenset(scalar))
+               scalar_indices=frozenset(scalar), strides=names.strides)
 
 
 # How a kernel lays out its score tiles: [BLOCK_M, BLOCK_N] (queries x keys, the rows kernel)
@@ -322,24 +381,24 @@ def _use_rows(b: TileBackward, o: tuple[str, str, str]) -> dict[str, str]:
     return rows
 
 
-def _signature(L: Lines, fn: str, args: list[str], doc: str) -> None:
+def _signature(L: Lines, fn: str, args: list[str], doc: str, names: _Names) -> None:
     writer.signature(L, fn, args, ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION",
-                                   "UPCAST"), writer.EVEN, doc)
+                                   "UPCAST"), writer.EVEN, doc, names.spec)
 
 
 def _common_args(b: TileBackward, names: _Names) -> list[str]:
     args: list[str] = []
-    for t, ptr in names.tensors.items():
-        args += _strided(ptr, names.ranks[t])
-    for ptr, rank in names.captured.values():
-        args += _strided(ptr, rank) + [f"{ptr}_n{d}" for d in range(rank)]
+    for ptr in names.tensors.values():
+        args += names.args(ptr)
+    for name, (ptr, _) in names.captured.items():
+        args += names.args(ptr) + names.sizes[name]
     args += list(names.params.values())
     for s in b.sums:
         args.append(f"CF_{ident(s.sum.var)}")
     for mx in b.stabilizers:
         args.append(f"MX_{ident(mx)}")
-    for name, ptr in names.cap_grads.items():
-        args += _strided(ptr, names.captured[name][1])
+    for ptr in names.cap_grads.values():
+        args += names.args(ptr)
     return args + ["n_heads", "M_len", "N_len", "E_len", "F_len"]
 
 
@@ -374,11 +433,11 @@ def _emit_rows_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
     sums = [s for s in b.sums if s.sum.var in need]
     args = _common_args(b, names)
     for st in k.stores:
-        args += _strided(names.stores[st.name], len(st.indices))
+        args += names.args(names.stores[st.name])
     _signature(L, "tile_bwd_rows_kernel", args,
                "One program: BLOCK_M query rows of one (batch, head).  Recomputes the "
                "finished rows\n    and writes the chain rule's coefficient of every running "
-               "sum and the final stabilisers.")
+               "sum and the final stabilisers.", names)
     q_read = {d.q.var for d in k.dots if d.var in need}
     _program(L, k, "m", dots=bool(q_read))
     index, masks = _tile_index(k, QUERY_MAJOR)
@@ -524,11 +583,10 @@ def _emit_coefficients(L: Lines, b: TileBackward, names: _Names) -> None:
     for st in (x for x in k.stores if x.name not in b.max_stores):
         ptr = names.stores[st.name]
         env = _store_env(b, names, st.tile)
-        offs = " + ".join(f"{env.index.get(i, '0')} * {ptr}_s{d}"
-                          for d, i in enumerate(st.indices))
+        offs = names.at(ptr, [(d, env.index.get(i, '0')) for d, i in enumerate(st.indices)])
         ok = "row_ok[:, None] & f_ok[None, :]" if st.tile else "row_ok"
         dy[st.name] = f"dy{len(dy)}"
-        L(1, f"{dy[st.name]} = tl.load({ptr} + {offs}, mask={ok}, other=0.0).to(tl.float32)")
+        L(1, f"{dy[st.name]} = tl.load({offs}, mask={ok}, other=0.0).to(tl.float32)")
     tiles = {st.name: st.tile for st in k.stores}
     L(1, "# coefficients of the running sums: c_s = sum(Y) dY dG/dR_s")
     for s in b.sums:
@@ -580,11 +638,9 @@ def _scatter(L: Lines, depth: int, b: TileBackward, names: _Names, site: SiteGra
         sel = "" if shape == 1 else ("[:, None]" if j == 0 else "[None, :]")
         idx[axis_index[tile_axes.index(a)]] = vec[a] + sel
     sub_env = Env(idx, env.rows, env.params, env.captured, env.masks,
-                  scalar_indices=env.scalar_indices)
+                  scalar_indices=env.scalar_indices, strides=env.strides)
     dptr = names.cap_grads[site.tensor]
-    offs = " + ".join(f"({render(s, sub_env)}) * {dptr}_s{d}"
-                      for d, s in enumerate(site.load.src))
-    target = f"{dptr} + {offs}" if offs else dptr
+    target = names.at(dptr, [(d, f"({render(s, sub_env)})") for d, s in enumerate(site.load.src)])
     if shape == 0:
         L(depth, f"tl.atomic_add({target}, {value})")
         return
@@ -596,10 +652,10 @@ def _scatter(L: Lines, depth: int, b: TileBackward, names: _Names, site: SiteGra
 def _emit_keys_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
     k = b.kernel
     args = _common_args(b, names)
-    for t, ptr in names.tensors.items():
-        args += _strided("D" + ptr, names.ranks[t])
+    for t in names.tensors:
+        args += names.args(names.grads[t])
     _signature(L, "tile_bwd_keys_kernel", args,
-               "One program: BLOCK_N keys of one (batch, head); loops over the query tiles.")
+               "One program: BLOCK_N keys of one (batch, head); loops over the query tiles.", names)
     _program(L, k, "n")
     index, masks = _tile_index(k, KEY_MAJOR)
     head = _env(b, names, {}, {}, {})
@@ -724,11 +780,11 @@ def _emit_queries_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
     tile, looping over the key tiles; the rows' coefficients and stabilisers are read once."""
     k = b.kernel
     args = _common_args(b, names)
-    for t, ptr in names.tensors.items():
-        args += _strided("D" + ptr, names.ranks[t])
+    for t in names.tensors:
+        args += names.args(names.grads[t])
     _signature(L, "tile_bwd_queries_kernel", args,
                "One program: BLOCK_M queries of one (batch, head); loops over the key tiles "
-               "and adds\n    dQ_d = sum dqk_d K_d once at the end (deterministic).")
+               "and adds\n    dQ_d = sum dqk_d K_d once at the end (deterministic).", names)
     _program(L, k, "m")
     index, masks = _tile_index(k, QUERY_MAJOR)
     head = _env(b, names, {}, {}, {})
@@ -796,13 +852,10 @@ def _emit_query_step(L: Lines, b: TileBackward, env: Env) -> None:
 
 def _atomic_operand(L: Lines, depth: int, o: Operand, names: _Names, env: Env, value: str,
                     axis: str, ok: str) -> None:
-    ptr = "D" + names.tensors[o.tensor]
+    ptr = names.grads[o.tensor]
     col, col_ok = ("offs_e", "e_ok") if o.side != "v" else ("offs_f", "f_ok")
-    parts = [f"({render(i, env)}) * {ptr}_s{d}" for d, i in enumerate(o.idx)
-             if d not in (o.row_dim, o.col_dim)]
-    base = " + ".join([ptr] + parts)
-    L(depth, f"tl.atomic_add({base} + {axis}[:, None] * {ptr}_s{o.row_dim} + {col}[None, :] * "
-             f"{ptr}_s{o.col_dim}, {value}, mask={ok}[:, None] & {col_ok}[None, :])")
+    target = _tile_ptr(o, names, ptr, env, f"{axis}[:, None]", f"{col}[None, :]")
+    L(depth, f"tl.atomic_add({target}, {value}, mask={ok}[:, None] & {col_ok}[None, :])")
 
 
 def _tables(L: Lines, b: TileBackward, names: _Names) -> None:

@@ -8,6 +8,7 @@ the pieces."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -100,6 +101,42 @@ def signature(L: Lines, fn: str, args: list[str], constexprs: list[str] | tuple[
         L(1, f"{c}: tl.constexpr = False,")
     L(0, "):")
     L(1, f'"""{doc}"""')
+
+
+# the letter of a stride by the role of the dim's index (stride_qz ... stride_vd)
+DIM_LETTERS = {"batch": "z", "head": "h", "query": "m", "key": "n", "qk": "k", "v": "d"}
+SPEC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,23}$")  # short ASCII identifiers only
+
+
+def spec_base(name: str) -> str | None:
+    """A pointer role name made from a spec's tensor name (``slopes``, ``LSE`` -> ``lse``), or
+    None when the name is not a short ASCII identifier (then a role name is used)."""
+    return name.lower() if SPEC_NAME.match(name) and not name.startswith("_") else None
+
+
+def stride_names(base: str, letters: list[str | None] | str) -> tuple[str, ...]:
+    """``stride_<base><letter>`` per dim (``stride_qm``; ``stride_lse_m`` for a longer base);
+    a dim without a role letter, or whose letter another dim took, is named by its position.
+    Distinct bases give distinct names: a one-letter base always gives 8 + 1 characters, a
+    longer one ``_`` and one letter or the position after it."""
+    sep = "" if len(base) == 1 else "_"
+    out: list[str] = []
+    for d, letter in enumerate(letters):
+        if letter is None or f"stride_{base}{sep}{letter}" in out:
+            letter = str(d)
+        out.append(f"stride_{base}{sep}{letter}")
+    return tuple(out)
+
+
+def role_args(base: str, letters: list[str | None] | str) -> list[str]:
+    """A pointer argument by role and its strides: ``[q_ptr, stride_qz, ..., stride_qk]``."""
+    return [f"{base}_ptr", *stride_names(base, letters)]
+
+
+def role_offset(base: str, letters: list[str | None] | str, parts: list[str]) -> str:
+    """``base_ptr + p0 * stride_0 + ...`` with the strides of :func:`role_args`."""
+    strides = stride_names(base, letters)
+    return f"{base}_ptr + " + " + ".join(f"{p} * {s}" for p, s in zip(parts, strides, strict=True))
 
 
 def strided(ptr: str, rank: int) -> list[str]:

@@ -580,7 +580,7 @@ from attndsl.runtime.modules import import_path
 mod = import_path(sys.argv[1], "attndsl_bwd_aot")
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
 cfg = mod.backward_config("cuda", 64, 64)
-half = {"Q", "K", "V", "DO", "O", "DK", "DV"}
+half = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dk_ptr", "dv_ptr"}
 ints = ("q_num", "q_idx", "full_q_num", "full_q_idx", "kv_num", "kv_idx", "full_kv_num",
         "full_kv_idx")
 out = {}
@@ -592,7 +592,8 @@ for name, part in (("attention_bwd_dkdv_kernel", "dkdv"), ("attention_bwd_dq_ker
         if "constexpr" in str(p.annotation):
             continue
         sig[a] = ("*fp16" if a in half else "*i32" if a in ints else "fp32" if a == "scale"
-                  else "i32" if "_s" in a or a.endswith("_len") or a in ("G", "n_heads",
+                  else "i32" if "_s" in a or a.startswith("stride_") or a.endswith("_len")
+                  or a in ("G", "n_heads",
                   "n_kv_heads") else "*fp32")
     c = cfg[part]
     consts = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_E=64, BLOCK_F=64,
