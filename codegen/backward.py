@@ -100,7 +100,7 @@ def _ptr(t: str, parts: list[str]) -> str:
     return writer.role_offset(*_ROLES[t][:2], parts)
 
 
-def _notes(names: _Names) -> dict[str, str]:
+def _notes() -> dict[str, str]:
     """Signature comments: what each role pointer stands for (the captured tensors' names are
     in the CAPTURED and GRADS tables only)."""
     return {f"{base}_ptr": spec for base, _, spec in _ROLES.values()}
@@ -443,7 +443,7 @@ _CONSTEXPR = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "SPARSITY", "SPARSE_Q"
               "DOT_PRECISION", "UPCAST"]
 
 
-def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> None:
+def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     args = (_tensor_args("O") + _tensor_args("DO") + _tensor_args("DLSE")
             + _tensor_args("DELTA") + _tensor_args("LSE") + _tensor_args("LSE2")
             + _captured_args(names, False) + ["scale", "G", "n_heads", "M_len", "F_len"])
@@ -451,7 +451,7 @@ def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> None:
                      doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
                      "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
                      "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
-                     "guard) less the query-only terms of T log2e.", notes=_notes(names))
+                     "guard) less the query-only terms of T log2e.", notes=_notes())
     writer.program(L, "pid_m")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "m_ok = offs_m < M_len")
@@ -468,6 +468,7 @@ def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> None:
          f"  # 1/ln 2")
     _emit_rows(L, 1, spec, names)
     L(1, f"tl.store({_ptr('LSE2', ['off_b', 'off_h', 'offs_m'])}, lse2, mask=m_ok)\n")
+    return args
 
 
 def _captured_args(names: _Names, with_grads: bool) -> list[str]:
@@ -551,7 +552,7 @@ def _nested(L: Lines, depth: int, emit) -> None:
     L(depth, "\n".join(inner.out))
 
 
-def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
+def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     args = (_tensor_args("Q") + _tensor_args("K") + _tensor_args("V")
             + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
             + _tensor_args("DQ") + _tensor_args("DK") + _tensor_args("DV")
@@ -564,7 +565,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
                      "the G query\nheads of the group and over the query tiles (SPARSITY 0 = "
                      "every tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); "
                      "dK and dV sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients "
-                     "are float32 atomic adds.", notes=_notes(names))
+                     "are float32 atomic adds.", notes=_notes())
     writer.program(L, "pid_n", "pid_bhkv", "n_kv_heads", "off_hkv")
     L(1, "start_n = pid_n * BLOCK_N\noffs_n = start_n + tl.arange(0, BLOCK_N)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
@@ -596,9 +597,10 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
          f"mask=n_ok[:, None] & e_ok[None, :])")
     L(1, f"tl.store({_ptr('DV', rows + ['offs_f[None, :]'])}, dv.to(dv_ptr.dtype.element_ty), "
          f"mask=n_ok[:, None] & f_ok[None, :])\n")
+    return args
 
 
-def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
+def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     args = (_tensor_args("Q") + _tensor_args("K") + _tensor_args("V")
             + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
             + _tensor_args("DQ") + _captured_args(names, False)
@@ -607,7 +609,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR + ["ANCHOR_M"], writer.EVEN,
                      "One program: BLOCK_M query rows of one (batch, head); loops over the "
                      "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
-                     "atomics (deterministic).", notes=_notes(names))
+                     "atomics (deterministic).", notes=_notes())
     writer.program(L, "pid_m")
     L(1, "off_hkv = off_h // G")
     _hoist_loads(L, 1, spec, names)
@@ -634,6 +636,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "dq = dq * scale")
     L(1, f"tl.store({_ptr('DQ', ['off_b', 'off_h', 'offs_m[:, None]', 'offs_e[None, :]'])}, "
          f"dq.to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])\n")
+    return args
 
 
 def generate_backward(c: Cascade, version: str) -> str:
@@ -652,9 +655,10 @@ def generate_backward(c: Cascade, version: str) -> str:
     L(0, "GRADS = " + repr(names.grads))
     L(0, "HAS_MASK = " + repr(spec.mask is not None))
     L(0, HELPERS)
-    _emit_preprocess(L, spec, names)
-    _emit_dkdv(L, spec, names)
-    _emit_dq(L, spec, names)
+    args = {"attention_bwd_preprocess": _emit_preprocess(L, spec, names),
+            "attention_bwd_dkdv_kernel": _emit_dkdv(L, spec, names),
+            "attention_bwd_dq_kernel": _emit_dq(L, spec, names)}
+    writer.kernel_args(L, args)
     L(0, writer.launcher_sources("backward_launcher.py",
-                                 (writer.COMMON, writer.BLOCK_TABLES)))
+                                 (writer.COMMON, writer.BLOCK_TABLES, writer.BY_NAME)))
     return "\n".join(L.out) + "\n"

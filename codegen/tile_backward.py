@@ -75,6 +75,7 @@ class _Names:
 
         self.strides: dict[str, tuple[str, ...]] = {}
         self.spec: dict[str, str] = {}  # argument -> the spec name it stands for
+        self.kernel_args: dict[str, list[str]] = {}  # kernel -> its runtime arguments
 
         def pointer(base: str, letters: list[str | None], spec: str) -> str:
             ptr = f"{base}_ptr"
@@ -382,6 +383,7 @@ def _use_rows(b: TileBackward, o: tuple[str, str, str]) -> dict[str, str]:
 
 
 def _signature(L: Lines, fn: str, args: list[str], doc: str, names: _Names) -> None:
+    names.kernel_args[fn] = list(args)  # the KERNEL_ARGS table of the launch by keyword
     writer.signature(L, fn, args, ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION",
                                    "UPCAST"), writer.EVEN, doc, names.spec)
 
@@ -894,8 +896,9 @@ def generate_tile_backward(b: TileBackward, version: str) -> str:
     L(0, "")
     _emit_queries_kernel(L, b, names)
     L(0, "")
+    writer.kernel_args(L, names.kernel_args)
     L(0, writer.launcher_sources("tile_backward_launcher.py",
-                                 (writer.COMMON, writer.TILE_KERNEL)))
+                                 (writer.COMMON, writer.TILE_KERNEL, writer.BY_NAME)))
     return "\n".join(L.out) + "\n"
 
 

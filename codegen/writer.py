@@ -56,7 +56,7 @@ _HERE = Path(__file__).parent
 # launch sections of launch_common.py: every module; modules reading block tables (forward and
 # flex backward); modules of a Tile IR kernel (forward and fused backward), which carry
 # TENSOR_DIMS, INDEX_EXTENTS, ROLES, PARAMS and PARAM_DEFAULTS
-COMMON, BLOCK_TABLES, TILE_KERNEL = "common", "block-tables", "tile-kernel"
+COMMON, BLOCK_TABLES, TILE_KERNEL, BY_NAME = "common", "block-tables", "tile-kernel", "by-name"
 
 
 def launcher_sources(own: str, shared: tuple[str, ...] = (COMMON,)) -> str:
@@ -64,6 +64,13 @@ def launcher_sources(own: str, shared: tuple[str, ...] = (COMMON,)) -> str:
     the ``launcher`` section of the direction's own file ``own`` (in codegen/)."""
     parts = [section(_HERE / "launch_common.py", s) for s in shared]
     return "".join(parts) + section(_HERE / own, "launcher")
+
+
+def kernel_args(L: Lines, args: dict[str, list[str]]) -> None:
+    """The table the ``by-name`` launch section reads: each kernel's runtime arguments, in
+    the order its launcher builds their values."""
+    L(0, "# kernel -> its runtime arguments (launched by keyword, launch_common._launch)")
+    L(0, "KERNEL_ARGS = " + repr({name: tuple(a) for name, a in args.items()}) + "\n")
 
 
 def binding_tables(L: Lines, k: TileKernel) -> None:

@@ -14,6 +14,7 @@ import ast
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -902,3 +903,33 @@ def test_query_tiles_of_different_heights_in_the_two_kernels_share_one_anchor() 
         other = module.launch_backward(*args, config=mixed, deterministic=det)
         for name in base:
             torch.testing.assert_close(other[name], base[name], rtol=1e-5, atol=1e-5)
+
+
+def test_backward_kernels_take_role_names_and_are_launched_by_keyword() -> None:
+    """Both backward modules (FlexAttention and fused) name pointers by role (``q_ptr`` with
+    ``stride_qm``), with what they stand for in a comment, and list each kernel's runtime
+    arguments in KERNEL_ARGS, exactly its non-constexpr parameters in order: the launchers
+    pass them by keyword (launch_common._launch), so a list that drifts is an error."""
+    slopes = torch.rand(2)
+    flex = backward_source(lower_flex(lambda s, b, h, q, kv: s + slopes[h] * (kv - q),
+                                      causal).cascade)
+    from test_passes import NORMALISERS
+
+    fused = generate_tile_backward(derive_tile_backward(
+        compile_cascade(NORMALISERS["sigmoid"][0]()).kernel), "t")
+    for src, kernels in ((flex, ("attention_bwd_preprocess", "attention_bwd_dkdv_kernel",
+                                 "attention_bwd_dq_kernel")),
+                         (fused, ("tile_bwd_rows_kernel", "tile_bwd_keys_kernel",
+                                  "tile_bwd_queries_kernel"))):
+        tree = ast.parse(src)
+        table = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                     and getattr(n.targets[0], "id", "") == "KERNEL_ARGS")
+        fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        for name in kernels:
+            params = [a.arg for a in fns[name].args.args
+                      if "constexpr" not in ast.unparse(a.annotation or ast.Constant(""))]
+            assert list(table[name]) == params, name
+            old = r"(Q|K|V|O|DO|LSE2?|DLSE|DELTA|DQ|DK|DV|T\d+|DT\d+|P\d+|DY\d+)(_s\d+)?"
+            assert not [p for p in params if re.fullmatch(old, p)], name
+        assert "    q_ptr,  # Q" in src and "stride_qm," in src
+        assert not re.search(r"\]\(\*[^*]", src)  # no positional launch
