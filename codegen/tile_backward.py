@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from attndsl.codegen import writer
 from attndsl.codegen.expr import (
@@ -49,10 +49,9 @@ from attndsl.codegen.writer import Lines
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, Expr, Op
 from attndsl.ir.tile import Operand, TileKernel
-from attndsl.passes.affine import affine, invariant, is_zero
+from attndsl.passes.affine import is_zero
 from attndsl.passes.mask.closed_form import SPARSE_BLOCK
-from attndsl.passes.rules import LOG2E, RULES, rewrite, simplify
-from attndsl.passes.tile_grad import SiteGrad, TileBackward, rows_read
+from attndsl.passes.tile_grad import SiteGrad, TileBackward, UnaryForm, rows_read
 
 
 class _Names:
@@ -135,69 +134,23 @@ def _dy_base(store: str) -> str | None:
     return None if base is None else "d" + base
 
 
-@dataclass(frozen=True)
-class _Unary:
-    """A sigmoid or tanh of the tiles, printed once per step with one exp2 and shared by the
-    sum bodies and their derivatives (sigmoid's s (1 - s) reuses s)::
-
-        sigmoid(x) = 1 / (1 + exp2(-x log2e))      tanh(x) = 1 - 2 / (exp2(2 x log2e) + 1)
-
-    (exact in real arithmetic; tl.sigmoid's exp and the forward's 2 sigmoid(2x) - 1 cost
-    multiplies and a range check per element).  ``scaled`` is the exp2 argument; when it is
-    ``dot * coef + offset`` with tile-invariant coef and offset, those two are computed once
-    before the tile loops."""
-
-    var: str
-    node: Expr
-    scaled: Expr
-    dot: str | None = None
-    coef: Expr | None = None
-    offset: Expr | None = None
-
-    def exp2_arg(self, env: Env, L: Lines) -> str:
-        if self.dot is None:
-            return render_at(L, 0, self.scaled, env)
-        return f"{self.dot} * {self.var}_c" + ("" if is_zero(self.offset) else
-                                               f" + {self.var}_o")
-
-    def value(self, arg: str) -> str:
-        if self.node.op is Op.SIGMOID:
-            return f"1.0 / (1.0 + tl.exp2({arg}))  # sigmoid x = 1 / (1 + e^-x)"
-        return f"1.0 - 2.0 / (tl.exp2({arg}) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1)"
+def _exp2_arg(u: UnaryForm, env: Env, L: Lines) -> str:
+    """The exp2 argument of a sigmoid or tanh: the hoisted ``dot * c + o`` or the tile."""
+    if u.dot is None:
+        return render_at(L, 0, u.scaled, env)
+    return f"{u.dot} * {u.var}_c" + ("" if is_zero(u.offset) else f" + {u.var}_o")
 
 
-_EXP2_FACTOR = {Op.SIGMOID: -LOG2E, Op.TANH: 2.0 * LOG2E}
-
-
-def _unaries(b: TileBackward) -> tuple[_Unary, ...]:
-    """The distinct sigmoids and tanhs of the sum bodies and their derivatives, inner first."""
-    k = b.kernel
-    tile = {k.roles[r] for r in ("query", "key", "qk", "v") if r in k.roles}
-    exprs = [s.sum.body for s in b.sums] + [d for s in b.sums for _, d in s.dots] + \
-        [g.deriv for s in b.sums for g in s.sites]
-    dots = {d.var for d in k.dots}
-    out: dict[Expr, _Unary] = {}
-    for e in exprs:
-        for node in e.walk():
-            if node.op not in _EXP2_FACTOR or node in out:
-                continue
-            var = f"{'sg' if node.op is Op.SIGMOID else 'th'}{len(out)}"
-            scaled = rewrite(node.src[0] * _EXP2_FACTOR[node.op], RULES)
-            rows = {x.arg for x in scaled.walk() if x.op is Op.ROW}
-            ab = affine(scaled, tile, {d: E.const(1.0) for d in rows}) \
-                if len(rows) == 1 and rows <= dots else None
-            if ab is None:
-                out[node] = _Unary(var, node, scaled)
-            else:
-                out[node] = _Unary(var, node, scaled, next(iter(rows)), simplify(ab[0]),
-                                   simplify(ab[1]))
-    return tuple(out.values())
+def _unary_value(u: UnaryForm, arg: str) -> str:
+    if u.node.op is Op.SIGMOID:
+        return f"1.0 / (1.0 + tl.exp2({arg}))  # sigmoid x = 1 / (1 + e^-x)"
+    return f"1.0 - 2.0 / (tl.exp2({arg}) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1)"
 
 
 def _hoist_unaries(L: Lines, depth: int, b: TileBackward, names: _Names) -> None:
     """The tile-invariant exp2 coefficients of the sigmoids and tanhs, before the loops."""
     head = _env(b, names, {}, {}, {})
-    for u in _unaries(b):
+    for u in b.unaries:
         if u.dot is None:
             continue
         L(depth, f"# {u.var} = {E.render(u.node)[:60]}: exp2 of {u.dot} * {u.var}_c"
@@ -209,49 +162,14 @@ def _hoist_unaries(L: Lines, depth: int, b: TileBackward, names: _Names) -> None
 
 def _emit_unaries(L: Lines, b: TileBackward, env: Env) -> None:
     """Each sigmoid and tanh once per step; later renders print its variable."""
-    for u in _unaries(b):
-        L(0, f"{u.var} = {u.value(u.exp2_arg(env, L))}")
+    for u in b.unaries:
+        L(0, f"{u.var} = {_unary_value(u, _exp2_arg(u, env, L))}")
         env.hoisted[u.node] = u.var
-
-
-def _split_factor(e: Expr, tile: set[str]) -> tuple[Expr | None, Expr]:
-    """``e = c * rest`` with c tile-invariant (the scale of ``qk * scale``), or (None, e)."""
-    if e.op is Op.MUL:
-        for c, rest in (e.src, e.src[::-1]):
-            if invariant(c, tile) and not invariant(rest, tile):
-                return c, rest
-    return None, e
-
-
-def _common_factors(b: TileBackward, side: str) -> dict[str, Expr]:
-    """Per gradient accumulator (the dots' ``k`` operands for side "k", ``q`` for "q"): the
-    tile-invariant factor every d body / d qk feeding it shares, multiplied once into the
-    accumulator after the loop instead of into every tile element."""
-    k = b.kernel
-    tile = {k.roles[r] for r in ("query", "key", "qk", "v") if r in k.roles}
-    operand = {d.var: (d.k if side == "k" else d.q).var for d in k.dots}
-    seen: dict[str, set] = {}
-    for s in b.sums:
-        for dot, deriv in s.dots:
-            seen.setdefault(operand[dot], set()).add(_split_factor(deriv, tile)[0])
-    values = {s.sum.v.var for s in b.sums if s.sum.v is not None}  # dV sums into d_<v>
-    return {var: next(iter(f)) for var, f in seen.items()
-            if len(f) == 1 and None not in f and var not in values}
-
-
-def _deriv(b: TileBackward, dot: str, deriv: Expr, side: str) -> Expr:
-    """d body / d qk as the loop multiplies it: without the accumulator's common factor."""
-    k = b.kernel
-    d = next(x for x in k.dots if x.var == dot)
-    if (d.k if side == "k" else d.q).var not in _common_factors(b, side):
-        return deriv
-    tile = {k.roles[r] for r in ("query", "key", "qk", "v") if r in k.roles}
-    return _split_factor(deriv, tile)[1]
 
 
 def _scale_accumulators(L: Lines, b: TileBackward, names: _Names, side: str) -> None:
     head = _env(b, names, {}, {}, {})
-    for var, c in _common_factors(b, side).items():
+    for var, c in b.factors[side].items():
         L(1, f"d_{var} = d_{var} * ({render_at(L, 1, c, head)})  # the factor common to "
              f"every d b / d qk term")
 
@@ -755,7 +673,7 @@ def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
         else:
             L(0, f"w_{v} = c_{v}[None, :]")
         for dot, deriv in s.dots:
-            term = _deriv(b, dot, deriv, "k")
+            term = b.loop_deriv(dot, deriv, "k")
             if masked is not None and _vanishes(term, r.body):
                 free[dot].append(f"w_{v} * ({render_at(L, 0, term, masked)})")
             else:
@@ -842,7 +760,7 @@ def _emit_query_step(L: Lines, b: TileBackward, env: Env) -> None:
         else:
             L(0, f"w_{v} = c_{v}[:, None]")
         for dot, deriv in s.dots:
-            dqk[dot].append(f"w_{v} * ({render_at(L, 0, _deriv(b, dot, deriv, 'q'), env)})")
+            dqk[dot].append(f"w_{v} * ({render_at(L, 0, b.loop_deriv(dot, deriv, 'q'), env)})")
     for d in k.dots:
         if not dqk[d.var]:
             continue
