@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from attndsl.codegen import writer
 from attndsl.codegen.expr import (
@@ -52,8 +52,6 @@ from attndsl.codegen.expr import (
     reset_spills,
 )
 from attndsl.codegen.writer import Lines
-from attndsl.codegen.writer import offset as _ptr
-from attndsl.codegen.writer import strided as _tensor_args
 
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
@@ -66,6 +64,7 @@ from attndsl.passes.flex_grad import (
     BackwardSpec,
     GatherGrad,
     NotFlexCascade,
+    key_tile_start,
     tile_start,
 )
 from attndsl.passes.flex_grad import one_line as _one_line
@@ -82,26 +81,68 @@ def backward_spec(c: Cascade) -> BackwardSpec:
 
 # -- printing helpers -------------------------------------------------------------------------
 
+# kernel pointers by role, as the forward's (``q_ptr`` with ``stride_qz, stride_qh, stride_qm,
+# stride_qk``): tensor -> (role base, the letters of its dims, what it stands for)
+_ROLES = {"Q": ("q", "zhmk", "Q"), "K": ("k", "zhnk", "K"), "V": ("v", "zhnd", "V"),
+          "O": ("o", "zhmd", "O"), "DO": ("do", "zhmd", "dO"), "LSE": ("lse", "zhm", "LSE"),
+          "LSE2": ("lse2", "zhm", "LSE log2e less the query-only terms of T log2e"),
+          "DLSE": ("dlse", "zhm", "dLSE"), "DELTA": ("delta", "zhm", "rowsum(dO * O) - dLSE"),
+          "DQ": ("dq", "zhmk", "dQ"), "DK": ("dk", "zhnk", "dK"), "DV": ("dv", "zhnd", "dV")}
+
+
+def _tensor_args(t: str) -> list[str]:
+    """The pointer and stride arguments of the tensor ``t`` (a key of ``_ROLES``)."""
+    return writer.role_args(*_ROLES[t][:2])
+
+
+def _ptr(t: str, parts: list[str]) -> str:
+    """The address of ``t`` at the subscripts ``parts`` (one per dim)."""
+    return writer.role_offset(*_ROLES[t][:2], parts)
+
+
+def _notes() -> dict[str, str]:
+    """Signature comments: what each role pointer stands for (the captured tensors' names are
+    in the CAPTURED and GRADS tables only)."""
+    return {f"{base}_ptr": spec for base, _, spec in _ROLES.values()}
+
+
 @dataclass(frozen=True)
 class _Names:
-    """Kernel pointer names of the captured tensors (``C0``...) and their gradients; the
-    sizes of their dimensions (``C0_n0``...: the wrap of negative subscripts reads them as
-    the parameters named by the dimensions' extents)."""
+    """Kernel pointer names of the captured tensors (``C0``...), their strides and gradients
+    (``DC0``); the sizes of their dimensions (``C0_n0``...: the wrap of negative subscripts
+    reads them as the parameters named by the dimensions' extents)."""
 
     captured: dict[str, tuple[str, int]]  # IR name -> (pointer, rank)
-    grads: dict[str, str]  # IR name -> gradient pointer (``DC0``...)
+    grads: dict[str, str]  # IR name -> gradient pointer
     sizes: dict[str, str]  # extent of a captured dimension -> its size argument
+    strides: dict[str, tuple[str, ...]]  # captured or gradient pointer -> its stride arguments
     # loop-invariant reads of captured tensors (subscripts of batch and head only) -> the
     # variable holding them, loaded once per (batch, head) instead of once per tile
     hoisted: dict = field(default_factory=dict)
 
 
 def _names(spec: BackwardSpec) -> _Names:
+    """Captured tensors are numbered (``C0``, gradients ``DC0``): spec names reach the source
+    only as repr'd strings in the metadata tables and as comments."""
     captured = {name: (f"C{i}", rank) for i, (name, rank) in enumerate(spec.captured)}
     grads = {name: "D" + captured[name][0] for name, _ in spec.grads}
+    strides = {ptr: tuple(f"{ptr}_s{d}" for d in range(rank)) for ptr, rank in captured.values()}
+    strides.update({g: tuple(f"{g}_s{d}" for d in range(captured[name][1]))
+                    for name, g in grads.items()})
     sizes = {spec.cascade.tensor(name).dims[d]: f"{ptr}_n{d}"
              for name, (ptr, rank) in captured.items() for d in range(rank)}
-    return _Names(captured, grads, sizes)
+    return _Names(captured, grads, sizes, strides)
+
+
+def _need(ptr: str) -> str:
+    """The constexpr flag that turns on a captured tensor's gradient (``NEED_DC0``)."""
+    return f"NEED_{ptr}"
+
+
+def _at(names: _Names, ptr: str, parts: list[str]) -> str:
+    """The address of a captured tensor or gradient ``ptr`` at ``parts``."""
+    return f"{ptr} + " + " + ".join(f"{p} * {s}" for p, s in zip(parts, names.strides[ptr],
+                                                                  strict=True))
 
 
 @dataclass(frozen=True)
@@ -129,16 +170,18 @@ KEY_MAJOR = _Orient("offs_m[None, :]", "offs_n[:, None]", "m_ok[None, :]", "n_ok
 VECTORS = _Orient("offs_m", "offs_n", "m_ok", "n_ok", "", -1)  # one axis: 1-D index vectors
 
 
-def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient, start: str = "start_m") -> Env:
+def _tile_env(spec: BackwardSpec, names: _Names, o: _Orient, start: str = "start_m",
+              key_start: str = "start_n") -> Env:
     """Leaves of a score tile (or of one axis of it): captured-tensor loads are masked with the
-    validity of the tile axes their subscripts use; ``start`` is the first position of the
-    program's own tile (the split's anchor: ``start_n`` in the dK/dV kernel)."""
+    validity of the tile axes their subscripts use; ``start`` and ``key_start`` are the
+    split's anchors (:func:`_emit_anchor`, and the dK/dV kernel's key tile)."""
     r = spec.roles
     index = {r["batch"]: "off_b", r["head"]: "off_h", r["query"]: o.m, r["key"]: o.n,
-             tile_start(r): start}
+             tile_start(r): start, key_tile_start(r): key_start}
     return Env(index=index, rows={SCORE_ROW: "s"},
                params={"scale": "scale", "G": "G", **names.sizes},
                captured=names.captured, masks={r["query"]: o.m_ok, r["key"]: o.n_ok},
+               strides=names.strides,
                hoisted=names.hoisted, scalar_indices=frozenset({r["batch"], r["head"]}))
 
 
@@ -147,7 +190,7 @@ def _hoist_loads(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> Non
     subscripts use only the batch and head (``slopes[h]``) once, before the tile loops."""
     names.hoisted.clear()
     scalar = {spec.roles["batch"], spec.roles["head"]}
-    exprs = [spec.log2_score, spec.score, spec.dscore] + ([spec.mask] if spec.mask else []) + \
+    exprs = _exp2_parts(spec) + [spec.score, spec.dscore] + ([spec.mask] if spec.mask else []) + \
         [g.deriv for _, sites in spec.grads for g in sites] + \
         [x for th in spec.tanhs for x in (th.coef, th.offset) if x is not None]
     env = _tile_env(spec, names, VECTORS)
@@ -204,7 +247,7 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
     """One (query tile, key tile) step: recompute P, then dS.  ``kind`` is ``dkdv`` (key-major
     tiles; also dV, dK, the atomic dQ and captured gradients) or ``dq`` (query-major tiles)."""
     o = KEY_MAJOR if kind == "dkdv" else QUERY_MAJOR
-    start = "start_n" if kind == "dkdv" else "start_m"  # the program's own tile
+    start = "anchor_m"  # the split's anchor (_emit_anchor)
     env = _tile_env(spec, names, o, start)
     env.rows[QK_ROW] = "qk"
     r = o.row
@@ -214,7 +257,7 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
         _emit_row_load(L, 0, "lse2")
     else:
         L(0, "qk = tl.dot(q, kT, input_precision=DOT_PRECISION)")
-    if _step_reads_score(spec, names, masked, kind):
+    if _step_reads_score(spec, names, masked):
         L(0, "s = qk * scale")
     _emit_tanhs(L, spec, names, env)
     L(0, "# P = exp(T - LSE) = exp2(T log2e - lse2), lse2 = LSE log2e (+inf on empty rows: P = 0)")
@@ -260,13 +303,20 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
             _emit_gather_grad(L, spec, names, name, i, site, o)
 
 
-def _step_reads_score(spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> bool:
+def _exp2_parts(spec: BackwardSpec) -> list[Expr]:
+    """What the tile loops render of T log2e: all of it, or the split's tile and key parts
+    (its query part is in lse2, :func:`_emit_rows`)."""
+    split = spec.log2_split
+    if split is None or not split.separable:
+        return [spec.log2_score]
+    return [split.tile, split.cols]
+
+
+def _step_reads_score(spec: BackwardSpec, names: _Names, masked: bool) -> bool:
     """Whether a tile step prints a read of S (``s``): the expressions it renders (a tanh's
     argument on the tile, the mask, T log2e or its split, dT/dS, the captured gradients), not
     looking under the nodes printed as a name (hoisted reads, the tanhs)."""
-    split = spec.log2_split
-    exp2 = [spec.log2_score] if split is None or not split.separable else \
-        [split.tile, split.cols] + ([split.rows] if kind == "dkdv" else [])
+    exp2 = _exp2_parts(spec)
     named = set(names.hoisted) | {x for th in spec.tanhs for x in th.nodes}
     exprs = exp2 + [spec.dscore] + ([spec.mask] if masked and spec.mask is not None else []) \
         + [g.deriv for _, sites in spec.grads for g in sites]
@@ -292,33 +342,58 @@ def _reads_row(e: Expr, row: str, skip: set[Expr]) -> bool:
 
 def _emit_p(L: Lines, spec: BackwardSpec, names: _Names, o: _Orient, env: Env,
             kind: str, start: str) -> None:
-    """``p = exp2(T log2e - lse2)``; with T log2e split (``spec.log2_split``), the key vector
-    is added to ``-lse2`` first, ``tile + (t_keys - lse2)``, so that the tile pays one add and
-    one multiply-add with ``qk`` (left to right it pays a multiply-add and two adds)."""
+    """``p = exp2(T log2e - lse2)``; with T log2e split (``spec.log2_split``), the query-only
+    terms are already in lse2 (the preprocess kernel folded them, :func:`_emit_rows`) and the
+    key vector is added to ``-lse2`` first, ``tile + (t_keys - lse2)``, so that the tile pays
+    one add and one multiply-add with ``qk`` (left to right it pays a multiply-add and two
+    adds).  The dQ kernel's key vector is anchored at its query tile's anchor; the dK/dV
+    kernel's at its own key tile (the same for every query tile of its loop), and each query
+    tile subtracts the split's scalar ``shift`` between the two anchors from lse2: one add per
+    query of the tile instead of a conversion and a multiply-add (sm90 ALiBi D 64: 417 -> 385
+    loop instructions)."""
     split = spec.log2_split
     r = o.row
     if split is None or not split.separable:
         L(0, f"p = tl.exp2({render_at(L, 0, spec.log2_score, env)} - lse2{r})")
         return
-    if kind == "dkdv":  # the dQ kernel folded its rows once, before the key tiles
-        _emit_rows(L, 0, spec, names, start)
     rest = f"-lse2{r}"
     if not is_zero(split.cols):
-        cols = render_at(L, 0, split.cols, _tile_env(spec, names, VECTORS, start))
+        key_start = "start_n" if kind == "dkdv" else start
+        cols = render_at(L, 0, split.cols, _tile_env(spec, names, VECTORS, key_start))
         L(0, f"# the key-only terms of T log2e: {_one_line(split.cols)}")
         L(0, f"t_keys = {cols}")
         rest = "t_keys" + ("[:, None]" if o.m_axis == 1 else "[None, :]") + f" - lse2{r}"
+    if kind == "dkdv" and not is_zero(split.shift):
+        _emit_anchor(L, 0, spec, split.shift)
+        shift = render_at(L, 0, split.shift, _tile_env(spec, names, VECTORS, start))
+        L(0, f"# the key vector's anchor is this program's key tile: {_one_line(split.shift)}")
+        L(0, f"lse2 = lse2 - ({shift})")
     arg = rest if is_zero(split.tile) else f"{render_at(L, 0, split.tile, env)} + ({rest})"
     L(0, f"p = tl.exp2({arg})")
 
 
-def _emit_rows(L: Lines, depth: int, spec: BackwardSpec, names: _Names, start: str) -> None:
-    """Fold the query-only terms of T log2e into lse2 (one vector per query tile):
-    exp2(tile + rows[m] + cols[n] - lse2[m]) = exp2(tile + cols[n] - (lse2 - rows)[m])."""
+def _emit_anchor(L: Lines, depth: int, spec: BackwardSpec, part: Expr,
+                 rows: str = "start_m") -> None:
+    """``anchor_m``, the split's anchor ``mn.start`` (:func:`attndsl.passes.affine.split_axes`)
+    for the query positions ``rows``, where ``part`` of the split reads it: the start of their
+    ANCHOR_M-aligned block.  ANCHOR_M is a multiple of both kernels' BLOCK_M (the launcher
+    passes the larger; both are powers of two), so a query tile has one anchor, the same in
+    the preprocess kernel (per row) and in both loops, and ``|m - anchor| < ANCHOR_M`` keeps
+    the query vector as small as a tile's offsets."""
+    if any(x.op is Op.INDEX and x.arg == tile_start(spec.roles) for x in part.walk()):
+        L(depth, f"anchor_m = ({rows} // ANCHOR_M) * ANCHOR_M  # the split's anchor")
+
+
+def _emit_rows(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> None:
+    """Fold the query-only terms of T log2e into lse2 once per query row, in the preprocess
+    kernel: exp2(tile + rows[m] + cols[n] - lse2[m]) = exp2(tile + cols[n] - (lse2 - rows)[m]).
+    Captured reads are loaded where they are used (this kernel has no tile loop)."""
     split = spec.log2_split
     if split is None or not split.separable or is_zero(split.rows):
         return
-    rows = render_at(L, depth, split.rows, _tile_env(spec, names, VECTORS, start))
+    _emit_anchor(L, depth, spec, split.rows, "offs_m")
+    env = _tile_env(spec, replace(names, hoisted={}), VECTORS, "anchor_m")
+    rows = render_at(L, depth, split.rows, env)
     L(depth, f"# the query-only terms of T log2e: {_one_line(split.rows)}")
     L(depth, f"lse2 = lse2 - ({rows})")
 
@@ -332,7 +407,7 @@ def _emit_gather_grad(L: Lines, spec: BackwardSpec, names: _Names, name: str, i:
     var = f"g_{ptr.lower()}_{i}"
     m, n = spec.roles["query"], spec.roles["key"]
     env = _tile_env(spec, names, o)
-    L(0, f"if NEED_{ptr}:")
+    L(0, f"if {_need(ptr)}:")
     L(1, comment(f"gradient of the captured tensor at {E.render(site.load)}: dT * "
                  f"{_one_line(site.deriv)}"))
     if site.deriv.op is Op.CONST and site.deriv.arg == 1.0:
@@ -352,7 +427,7 @@ def _emit_gather_grad(L: Lines, spec: BackwardSpec, names: _Names, name: str, i:
     else:
         value, mask = f"tl.sum(tl.sum({var}, 1), 0)", None
     offs = [f"({render(s, sub_env)})" for s in site.load.src]
-    target = _ptr(ptr, offs) if offs else ptr
+    target = _at(names, ptr, offs) if offs else ptr
     L(1, f"tl.atomic_add({target}, {value}" + (f", mask={mask})" if mask else ")"))
 
 
@@ -368,15 +443,15 @@ _CONSTEXPR = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "SPARSITY", "SPARSE_Q"
               "DOT_PRECISION", "UPCAST"]
 
 
-def _emit_preprocess(L: Lines) -> None:
-    args = (_tensor_args("O", 4) + _tensor_args("DO", 4) + _tensor_args("DLSE", 3)
-            + _tensor_args("DELTA", 3) + _tensor_args("LSE", 3) + _tensor_args("LSE2", 3)
-            + ["n_heads", "M_len", "F_len"])
-    writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F"],
+def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
+    args = (_tensor_args("O") + _tensor_args("DO") + _tensor_args("DLSE")
+            + _tensor_args("DELTA") + _tensor_args("LSE") + _tensor_args("LSE2")
+            + _captured_args(names, False) + ["scale", "G", "n_heads", "M_len", "F_len"])
+    writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F", "ANCHOR_M"],
                      doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
                      "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
                      "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
-                     "guard).")
+                     "guard) less the query-only terms of T log2e.", notes=_notes())
     writer.program(L, "pid_m")
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "m_ok = offs_m < M_len")
@@ -391,16 +466,18 @@ def _emit_preprocess(L: Lines) -> None:
     L(1, f"lse = tl.load({_ptr('LSE', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, other=0.0)")
     L(1, f'lse2 = tl.where(lse == float("-inf"), float("inf"), lse * {literal(LOG2E)})'
          f"  # 1/ln 2")
+    _emit_rows(L, 1, spec, names)
     L(1, f"tl.store({_ptr('LSE2', ['off_b', 'off_h', 'offs_m'])}, lse2, mask=m_ok)\n")
+    return args
 
 
 def _captured_args(names: _Names, with_grads: bool) -> list[str]:
     args: list[str] = []
     for ptr, rank in names.captured.values():
-        args += _tensor_args(ptr, rank) + [f"{ptr}_n{d}" for d in range(rank)]
+        args += [ptr, *names.strides[ptr]] + [f"{ptr}_n{d}" for d in range(rank)]
     if with_grads:
-        for name, ptr in names.grads.items():
-            args += _tensor_args(ptr, names.captured[name][1])
+        for ptr in names.grads.values():
+            args += [ptr, *names.strides[ptr]]
     return args
 
 
@@ -432,7 +509,7 @@ def _emit_row_load(L: Lines, depth: int, row: str) -> None:
     tile.  The dK/dV step reads each just before its use, lse2 after the QK^T dot and delta
     after dP's: a row vector of the key-major tile spans every thread's columns, so one loaded
     early stays live across the dots (sm90, dense D 64: 154 -> 143 registers)."""
-    table, other = ("LSE", 'float("inf")') if row == "lse2" else ("DELTA", "0.0")
+    table, other = ("LSE2", 'float("inf")') if row == "lse2" else ("DELTA", "0.0")
     L(depth, f"{row} = tl.load({_ptr(table, ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
              f"other={other})")
 
@@ -475,20 +552,20 @@ def _nested(L: Lines, depth: int, emit) -> None:
     L(depth, "\n".join(inner.out))
 
 
-def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
-    args = (_tensor_args("Q", 4) + _tensor_args("K", 4) + _tensor_args("V", 4)
-            + _tensor_args("DO", 4) + _tensor_args("LSE", 3) + _tensor_args("DELTA", 3)
-            + _tensor_args("DQ", 4) + _tensor_args("DK", 4) + _tensor_args("DV", 4)
+def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
+    args = (_tensor_args("Q") + _tensor_args("K") + _tensor_args("V")
+            + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
+            + _tensor_args("DQ") + _tensor_args("DK") + _tensor_args("DV")
             + _captured_args(names, True)
             + ["scale", "G", "n_heads", "n_kv_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("q_"))
-    const = _CONSTEXPR + ["ATOMIC_DQ"] + [f"NEED_{p}" for p in names.grads.values()]
+    const = _CONSTEXPR + ["ANCHOR_M", "ATOMIC_DQ"] + [_need(p) for p in names.grads.values()]
     writer.signature(L, "attention_bwd_dkdv_kernel", args, const, writer.EVEN,
                      "One program: BLOCK_N keys of one (batch, key/value head).  Loops over "
                      "the G query\nheads of the group and over the query tiles (SPARSITY 0 = "
                      "every tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); "
                      "dK and dV sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients "
-                     "are float32 atomic adds.")
+                     "are float32 atomic adds.", notes=_notes())
     writer.program(L, "pid_n", "pid_bhkv", "n_kv_heads", "off_hkv")
     L(1, "start_n = pid_n * BLOCK_N\noffs_n = start_n + tl.arange(0, BLOCK_N)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
@@ -516,22 +593,23 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, "# store dK = scale * sum dS^T Q and dV = sum P^T dO")
     L(1, "dk = dk * scale")
     rows = ["off_b", "off_hkv", "offs_n[:, None]"]
-    L(1, f"tl.store({_ptr('DK', rows + ['offs_e[None, :]'])}, dk.to(DK.dtype.element_ty), "
+    L(1, f"tl.store({_ptr('DK', rows + ['offs_e[None, :]'])}, dk.to(dk_ptr.dtype.element_ty), "
          f"mask=n_ok[:, None] & e_ok[None, :])")
-    L(1, f"tl.store({_ptr('DV', rows + ['offs_f[None, :]'])}, dv.to(DV.dtype.element_ty), "
+    L(1, f"tl.store({_ptr('DV', rows + ['offs_f[None, :]'])}, dv.to(dv_ptr.dtype.element_ty), "
          f"mask=n_ok[:, None] & f_ok[None, :])\n")
+    return args
 
 
-def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
-    args = (_tensor_args("Q", 4) + _tensor_args("K", 4) + _tensor_args("V", 4)
-            + _tensor_args("DO", 4) + _tensor_args("LSE", 3) + _tensor_args("DELTA", 3)
-            + _tensor_args("DQ", 4) + _captured_args(names, False)
+def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
+    args = (_tensor_args("Q") + _tensor_args("K") + _tensor_args("V")
+            + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
+            + _tensor_args("DQ") + _captured_args(names, False)
             + ["scale", "G", "n_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("kv_"))
-    writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR, writer.EVEN,
+    writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR + ["ANCHOR_M"], writer.EVEN,
                      "One program: BLOCK_M query rows of one (batch, head); loops over the "
                      "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
-                     "atomics (deterministic).")
+                     "atomics (deterministic).", notes=_notes())
     writer.program(L, "pid_m")
     L(1, "off_hkv = off_h // G")
     _hoist_loads(L, 1, spec, names)
@@ -541,7 +619,9 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     L(1, _ok("f_ok", "offs_f", "F_len", "EVEN_F"))
     L(1, _ok("m_ok", "offs_m", "M_len", "EVEN_M"))
     _emit_query_side(L, 1, "dq")
-    _emit_rows(L, 1, spec, names, "start_m")
+    split = spec.log2_split
+    if split is not None and split.separable:
+        _emit_anchor(L, 1, spec, split.cols)
     L(1, "dq = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)")
 
     def step(L2: Lines, depth: int, masked: bool) -> None:
@@ -555,7 +635,8 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> None:
     _emit_loops(L, 1, spec, step, "n")
     L(1, "dq = dq * scale")
     L(1, f"tl.store({_ptr('DQ', ['off_b', 'off_h', 'offs_m[:, None]', 'offs_e[None, :]'])}, "
-         f"dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])\n")
+         f"dq.to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])\n")
+    return args
 
 
 def generate_backward(c: Cascade, version: str) -> str:
@@ -574,9 +655,10 @@ def generate_backward(c: Cascade, version: str) -> str:
     L(0, "GRADS = " + repr(names.grads))
     L(0, "HAS_MASK = " + repr(spec.mask is not None))
     L(0, HELPERS)
-    _emit_preprocess(L)
-    _emit_dkdv(L, spec, names)
-    _emit_dq(L, spec, names)
+    args = {"attention_bwd_preprocess": _emit_preprocess(L, spec, names),
+            "attention_bwd_dkdv_kernel": _emit_dkdv(L, spec, names),
+            "attention_bwd_dq_kernel": _emit_dq(L, spec, names)}
+    writer.kernel_args(L, args)
     L(0, writer.launcher_sources("backward_launcher.py",
-                                 (writer.COMMON, writer.BLOCK_TABLES)))
+                                 (writer.COMMON, writer.BLOCK_TABLES, writer.BY_NAME)))
     return "\n".join(L.out) + "\n"

@@ -14,6 +14,7 @@ from attndsl.codegen.launch_common import (
     AttentionInputError,
     _block,
     _block_sizes,
+    _by_name,
     _cdiv,
     _check_disjoint,
     _checked_pair,
@@ -184,17 +185,21 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     # delta = rowsum(dO * O) - dLSE
     delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
     lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)  # LSE log2e, -inf: +inf
-    pre = cfg["dq"]
-    _kernel("attention_bwd_preprocess", device.type)[
-        (_cdiv(m_len, pre["BLOCK_M"]), n_batch * n_heads)](
-        *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), *_strides(lse),
-        *_strides(lse2), n_heads, m_len, f_len, BLOCK_M=pre["BLOCK_M"], BLOCK_F=_block(f_len),
-        num_warps=pre["num_warps"])
     cap_args = []
     for name in CAPTURED:  # noqa: F821
         t = captured[name]
         cap_args += _strides(t.to(torch.int8) if t.dtype == torch.bool else t) + \
             [int(size) for size in t.shape]  # for the wrap of negative subscripts
+    # the anchor of the split of T log2e: one per query tile of either kernel (powers of two)
+    anchor = max(consts["dkdv"]["BLOCK_M"], consts["dq"]["BLOCK_M"])
+    pre = cfg["dq"]
+    _kernel("attention_bwd_preprocess", device.type)[
+        (_cdiv(m_len, pre["BLOCK_M"]), n_batch * n_heads)](
+        **_by_name("attention_bwd_preprocess", [
+            *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), *_strides(lse),
+            *_strides(lse2), *cap_args, scale, group, n_heads, m_len, f_len]),
+        BLOCK_M=pre["BLOCK_M"], BLOCK_F=_block(f_len), ANCHOR_M=anchor,
+        num_warps=pre["num_warps"])
     grad_args = []
     for name in GRADS:  # noqa: F821
         t = cap_grads.get(name, torch.zeros((1,) * captured[name].dim(), device=device))
@@ -207,15 +212,18 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     # dK, dV (and, unless deterministic, dQ by atomics): a program per key tile
     dkdv_grid = (_cdiv(n_len, consts["dkdv"]["BLOCK_N"]), n_batch * n_kv_heads)
     _kernel("attention_bwd_dkdv_kernel", device.type)[dkdv_grid](
-        *common, *_strides(dq), *_strides(dk), *_strides(dv), *cap_args, *grad_args, scale,
-        group, n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
-        *_tables(block_tables, device, "q_", n_kv_blocks), ATOMIC_DQ=not deterministic,
-        **need_flags, **consts["dkdv"])
+        **_by_name("attention_bwd_dkdv_kernel", [
+            *common, *_strides(dq), *_strides(dk), *_strides(dv), *cap_args, *grad_args, scale,
+            group, n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
+            *_tables(block_tables, device, "q_", n_kv_blocks)]),
+        ANCHOR_M=anchor, ATOMIC_DQ=not deterministic, **need_flags, **consts["dkdv"])
     if deterministic:  # dQ: a program per query tile
         dq_grid = (_cdiv(m_len, consts["dq"]["BLOCK_M"]), n_batch * n_heads)
         _kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
-            *common, *_strides(dq), *cap_args, scale, group, n_heads, m_len, n_len, e_len,
-            f_len, *_tables(block_tables, device, "kv_", n_kv_blocks), **consts["dq"])
+            **_by_name("attention_bwd_dq_kernel", [
+                *common, *_strides(dq), *cap_args, scale, group, n_heads, m_len, n_len, e_len,
+                f_len, *_tables(block_tables, device, "kv_", n_kv_blocks)]),
+            ANCHOR_M=anchor, **consts["dq"])
     else:
         dq = dq.to(dtype)
     out = {"Q": dq, "K": dk, "V": dv}

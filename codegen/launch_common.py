@@ -6,7 +6,8 @@ The text of each section is copied verbatim into the modules
 ``common`` into every module, ``block-tables`` into the modules that read torch-layout block
 tables (the forward and the FlexAttention backward), ``tile-kernel`` into the modules of a Tile
 IR kernel (the forward and its fused backward), which define the TENSOR_DIMS, INDEX_EXTENTS,
-ROLES, PARAMS and PARAM_DEFAULTS tables it reads.  The modules need only torch and triton;
+ROLES, PARAMS and PARAM_DEFAULTS tables it reads; ``by-name`` into the backward modules, whose
+KERNEL_ARGS table lists each kernel's runtime arguments.  The modules need only torch and triton;
 the imports above the first marker are the modules' own (their prologue imports math and
 torch).
 """
@@ -240,3 +241,17 @@ def _lengths(ext: dict) -> tuple[int, int, int, int, int, int]:
     return (n_batch, n_heads, ext[ROLES["query"]] or 0, ext[ROLES["key"]] or 0,  # noqa: F821
             ext.get(ROLES.get("qk")) or 1, ext.get(ROLES.get("v")) or 1)  # noqa: F821
 # <<< tile-kernel
+
+
+# >>> by-name
+# Launch by keyword (codegen/launch_common.py): KERNEL_ARGS names each kernel's runtime arguments.
+
+def _by_name(name: str, values: list) -> dict:
+    """The runtime arguments of the kernel ``name`` by keyword, ``values`` in the order of
+    ``KERNEL_ARGS[name]``: a count that differs is an error, never a shifted argument."""
+    names = KERNEL_ARGS[name]  # noqa: F821
+    if len(names) != len(values):
+        raise RuntimeError(f"{name} takes {len(names)} runtime arguments, the launcher built "
+                           f"{len(values)}")
+    return dict(zip(names, values))
+# <<< by-name

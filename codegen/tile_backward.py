@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from attndsl.codegen import writer
 from attndsl.codegen.expr import (
@@ -45,96 +45,112 @@ from attndsl.codegen.expr import (
     reset_spills,
 )
 from attndsl.codegen.writer import Lines
-from attndsl.codegen.writer import strided as _strided
 
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, Expr, Op
 from attndsl.ir.tile import Operand, TileKernel
-from attndsl.passes.affine import affine, invariant, is_zero
+from attndsl.passes.affine import is_zero
 from attndsl.passes.mask.closed_form import SPARSE_BLOCK
-from attndsl.passes.rules import LOG2E, RULES, rewrite, simplify
-from attndsl.passes.tile_grad import SiteGrad, TileBackward, rows_read
+from attndsl.passes.tile_grad import SiteGrad, TileBackward, UnaryForm, rows_read
 
 
 class _Names:
-    """Kernel argument names: input tensors ``T<i>`` (gradients ``DT<i>``), captured
-    ``C<i>`` (gradients ``DC<i>``), parameters ``P<i>``, store gradients ``DY<i>``."""
+    """Kernel argument names by role, as the forward's: input tensors by side (``q_ptr``,
+    ``k_ptr``, ``v_ptr``; a second tensor of a side ``q0_ptr``...) with strides named by the
+    roles of their dims (``stride_qm``), their gradients ``dq_ptr``...; captured tensors
+    numbered ``C0`` (gradients ``DC0``, sizes ``C0_n0``); parameters ``sm_scale`` and
+    ``param_<name>``; the incoming gradients of the stores ``do_ptr``, ``dlse_ptr``..."""
 
     def __init__(self, k: TileKernel) -> None:
+        letter_of = {k.roles[r]: c for r, c in writer.DIM_LETTERS.items() if r in k.roles}
+        taken: set[str] = set()
+
+        def claim(want: str | None, role: str) -> str:
+            base, i = want, 0
+            while base is None or base in taken:
+                base, i = f"{role}{i}", i + 1
+            taken.add(base)
+            return base
+
+        self.strides: dict[str, tuple[str, ...]] = {}
+        self.spec: dict[str, str] = {}  # argument -> the spec name it stands for
+        self.kernel_args: dict[str, list[str]] = {}  # kernel -> its runtime arguments
+
+        def pointer(base: str, letters: list[str | None], spec: str) -> str:
+            ptr = f"{base}_ptr"
+            self.strides[ptr] = writer.stride_names(base, letters)
+            self.spec[ptr] = spec
+            return ptr
+
         self.tensors: dict[str, str] = {}
-        for o in k.operands:
-            self.tensors.setdefault(o.tensor, f"T{len(self.tensors)}")
+        self.grads: dict[str, str] = {}
         self.ranks = {o.tensor: len(o.idx) for o in k.operands}
-        self.captured = {name: (f"C{i}", rank) for i, (name, rank, _) in enumerate(k.captured)}
-        self.cap_grads = {name: f"DC{i}" for i, (name, _, dt) in enumerate(k.captured)
-                          if dt == FLOAT}
-        self.params = {name: f"P{i}" for i, (name, _) in enumerate(k.params)}
-        self.stores = {st.name: f"DY{i}" for i, st in enumerate(k.stores)}
-
-
-@dataclass(frozen=True)
-class _Unary:
-    """A sigmoid or tanh of the tiles, printed once per step with one exp2 and shared by the
-    sum bodies and their derivatives (sigmoid's s (1 - s) reuses s)::
-
-        sigmoid(x) = 1 / (1 + exp2(-x log2e))      tanh(x) = 1 - 2 / (exp2(2 x log2e) + 1)
-
-    (exact in real arithmetic; tl.sigmoid's exp and the forward's 2 sigmoid(2x) - 1 cost
-    multiplies and a range check per element).  ``scaled`` is the exp2 argument; when it is
-    ``dot * coef + offset`` with tile-invariant coef and offset, those two are computed once
-    before the tile loops."""
-
-    var: str
-    node: Expr
-    scaled: Expr
-    dot: str | None = None
-    coef: Expr | None = None
-    offset: Expr | None = None
-
-    def exp2_arg(self, env: Env, L: Lines) -> str:
-        if self.dot is None:
-            return render_at(L, 0, self.scaled, env)
-        return f"{self.dot} * {self.var}_c" + ("" if is_zero(self.offset) else
-                                               f" + {self.var}_o")
-
-    def value(self, arg: str) -> str:
-        if self.node.op is Op.SIGMOID:
-            return f"1.0 / (1.0 + tl.exp2({arg}))  # sigmoid x = 1 / (1 + e^-x)"
-        return f"1.0 - 2.0 / (tl.exp2({arg}) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1)"
-
-
-_EXP2_FACTOR = {Op.SIGMOID: -LOG2E, Op.TANH: 2.0 * LOG2E}
-
-
-def _unaries(b: TileBackward) -> tuple[_Unary, ...]:
-    """The distinct sigmoids and tanhs of the sum bodies and their derivatives, inner first."""
-    k = b.kernel
-    tile = {k.roles[r] for r in ("query", "key", "qk", "v") if r in k.roles}
-    exprs = [s.sum.body for s in b.sums] + [d for s in b.sums for _, d in s.dots] + \
-        [g.deriv for s in b.sums for g in s.sites]
-    dots = {d.var for d in k.dots}
-    out: dict[Expr, _Unary] = {}
-    for e in exprs:
-        for node in e.walk():
-            if node.op not in _EXP2_FACTOR or node in out:
+        sides: dict[str, int] = {}
+        for o in k.operands:
+            if o.tensor in self.tensors:
                 continue
-            var = f"{'sg' if node.op is Op.SIGMOID else 'th'}{len(out)}"
-            scaled = rewrite(node.src[0] * _EXP2_FACTOR[node.op], RULES)
-            rows = {x.arg for x in scaled.walk() if x.op is Op.ROW}
-            ab = affine(scaled, tile, {d: E.const(1.0) for d in rows}) \
-                if len(rows) == 1 and rows <= dots else None
-            if ab is None:
-                out[node] = _Unary(var, node, scaled)
-            else:
-                out[node] = _Unary(var, node, scaled, next(iter(rows)), simplify(ab[0]),
-                                   simplify(ab[1]))
-    return tuple(out.values())
+            first = sides.setdefault(o.side, len(self.tensors)) == len(self.tensors)
+            letters = [letter_of.get(i.arg) if i.op is Op.INDEX else None for i in o.idx]
+            base = claim(o.side if first else None, o.side)
+            self.tensors[o.tensor] = pointer(base, letters, o.tensor)
+            self.grads[o.tensor] = pointer(claim("d" + base, "d" + o.side), letters,
+                                           f"d {o.tensor}, float32")
+        # captured tensors are numbered (C0, gradients DC0), as in the FlexAttention backward
+        self.captured: dict[str, tuple[str, int]] = {}
+        self.sizes: dict[str, list[str]] = {}
+        for i, (name, rank, _) in enumerate(k.captured):
+            ptr = f"C{i}"
+            self.captured[name] = (ptr, rank)
+            self.strides[ptr] = tuple(f"{ptr}_s{d}" for d in range(rank))
+            self.sizes[name] = [f"{ptr}_n{d}" for d in range(rank)]
+        self.cap_grads = {}
+        for i, (name, rank, dt) in enumerate(k.captured):
+            if dt == FLOAT:
+                g = self.cap_grads[name] = f"DC{i}"
+                self.strides[g] = tuple(f"{g}_s{d}" for d in range(rank))
+        self.params: dict[str, str] = {}
+        for i, (name, _) in enumerate(k.params):
+            want = "sm_scale" if name == "scale" else \
+                f"param_{name}" if writer.SPEC_NAME.match(name) else None
+            self.params[name] = claim(want or f"param{i}", "param")
+            self.spec[self.params[name]] = name
+        self.stores = {st.name: pointer(claim(_dy_base(st.name), "dy"),
+                                        [letter_of.get(x) for x in st.indices],
+                                        f"d {st.name}, float32")
+                       for st in k.stores}
+
+    def args(self, ptr: str) -> list[str]:
+        """A pointer and its stride arguments."""
+        return [ptr, *self.strides[ptr]]
+
+    def at(self, ptr: str, parts: list[tuple[int, str]]) -> str:
+        """``ptr + part * stride + ...`` for the ``(dim, part)`` pairs ``parts``."""
+        return " + ".join([ptr] + [f"{p} * {self.strides[ptr][d]}" for d, p in parts])
+
+
+def _dy_base(store: str) -> str | None:
+    """The role base of a store's incoming gradient: ``do`` for O, ``dlse`` for LSE."""
+    base = writer.spec_base(store)
+    return None if base is None else "d" + base
+
+
+def _exp2_arg(u: UnaryForm, env: Env, L: Lines) -> str:
+    """The exp2 argument of a sigmoid or tanh: the hoisted ``dot * c + o`` or the tile."""
+    if u.dot is None:
+        return render_at(L, 0, u.scaled, env)
+    return f"{u.dot} * {u.var}_c" + ("" if is_zero(u.offset) else f" + {u.var}_o")
+
+
+def _unary_value(u: UnaryForm, arg: str) -> str:
+    if u.node.op is Op.SIGMOID:
+        return f"1.0 / (1.0 + tl.exp2({arg}))  # sigmoid x = 1 / (1 + e^-x)"
+    return f"1.0 - 2.0 / (tl.exp2({arg}) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1)"
 
 
 def _hoist_unaries(L: Lines, depth: int, b: TileBackward, names: _Names) -> None:
     """The tile-invariant exp2 coefficients of the sigmoids and tanhs, before the loops."""
     head = _env(b, names, {}, {}, {})
-    for u in _unaries(b):
+    for u in b.unaries:
         if u.dot is None:
             continue
         L(depth, f"# {u.var} = {E.render(u.node)[:60]}: exp2 of {u.dot} * {u.var}_c"
@@ -146,62 +162,24 @@ def _hoist_unaries(L: Lines, depth: int, b: TileBackward, names: _Names) -> None
 
 def _emit_unaries(L: Lines, b: TileBackward, env: Env) -> None:
     """Each sigmoid and tanh once per step; later renders print its variable."""
-    for u in _unaries(b):
-        L(0, f"{u.var} = {u.value(u.exp2_arg(env, L))}")
+    for u in b.unaries:
+        L(0, f"{u.var} = {_unary_value(u, _exp2_arg(u, env, L))}")
         env.hoisted[u.node] = u.var
-
-
-def _split_factor(e: Expr, tile: set[str]) -> tuple[Expr | None, Expr]:
-    """``e = c * rest`` with c tile-invariant (the scale of ``qk * scale``), or (None, e)."""
-    if e.op is Op.MUL:
-        for c, rest in (e.src, e.src[::-1]):
-            if invariant(c, tile) and not invariant(rest, tile):
-                return c, rest
-    return None, e
-
-
-def _common_factors(b: TileBackward, side: str) -> dict[str, Expr]:
-    """Per gradient accumulator (the dots' ``k`` operands for side "k", ``q`` for "q"): the
-    tile-invariant factor every d body / d qk feeding it shares, multiplied once into the
-    accumulator after the loop instead of into every tile element."""
-    k = b.kernel
-    tile = {k.roles[r] for r in ("query", "key", "qk", "v") if r in k.roles}
-    operand = {d.var: (d.k if side == "k" else d.q).var for d in k.dots}
-    seen: dict[str, set] = {}
-    for s in b.sums:
-        for dot, deriv in s.dots:
-            seen.setdefault(operand[dot], set()).add(_split_factor(deriv, tile)[0])
-    values = {s.sum.v.var for s in b.sums if s.sum.v is not None}  # dV sums into d_<v>
-    return {var: next(iter(f)) for var, f in seen.items()
-            if len(f) == 1 and None not in f and var not in values}
-
-
-def _deriv(b: TileBackward, dot: str, deriv: Expr, side: str) -> Expr:
-    """d body / d qk as the loop multiplies it: without the accumulator's common factor."""
-    k = b.kernel
-    d = next(x for x in k.dots if x.var == dot)
-    if (d.k if side == "k" else d.q).var not in _common_factors(b, side):
-        return deriv
-    tile = {k.roles[r] for r in ("query", "key", "qk", "v") if r in k.roles}
-    return _split_factor(deriv, tile)[1]
 
 
 def _scale_accumulators(L: Lines, b: TileBackward, names: _Names, side: str) -> None:
     head = _env(b, names, {}, {}, {})
-    for var, c in _common_factors(b, side).items():
+    for var, c in b.factors[side].items():
         L(1, f"d_{var} = d_{var} * ({render_at(L, 1, c, head)})  # the factor common to "
              f"every d b / d qk term")
 
 
-def _base(o: Operand, ptr: str, env: Env) -> str:
-    """Pointer of the program's (batch, head) slice of an operand's tensor ``ptr``."""
-    parts = [f"({render(i, env)}) * {ptr}_s{d}" for d, i in enumerate(o.idx)
+def _tile_ptr(o: Operand, names: _Names, ptr: str, env: Env, row: str, col: str) -> str:
+    """The addresses of a [rows, columns] tile of an operand's tensor (or its gradient)
+    ``ptr``: the program's (batch, head) slice, then the rows and columns."""
+    parts = [(d, f"({render(i, env)})") for d, i in enumerate(o.idx)
              if d not in (o.row_dim, o.col_dim)]
-    return " + ".join([ptr] + parts)
-
-
-def _tile_ptr(o: Operand, ptr: str, env: Env, row: str, col: str) -> str:
-    return f"{_base(o, ptr, env)} + {row} * {ptr}_s{o.row_dim} + {col} * {ptr}_s{o.col_dim}"
+    return names.at(ptr, parts + [(o.row_dim, row), (o.col_dim, col)])
 
 
 def _rows_buffer(var: str, tile: bool) -> str:
@@ -215,7 +193,7 @@ def _load_operand(L: Lines, depth: int, o: Operand, names: _Names, env: Env, axi
     """``o`` as a [rows, columns] tile: rows ``offs_m``/``offs_n`` (axis), columns E or F."""
     ptr = names.tensors[o.tensor]
     col, col_ok = ("offs_e", "e_ok") if o.side != "v" else ("offs_f", "f_ok")
-    p = _tile_ptr(o, ptr, env, f"{axis}[:, None]", f"{col}[None, :]")
+    p = _tile_ptr(o, names, ptr, env, f"{axis}[:, None]", f"{col}[None, :]")
     L(depth, f"{o.var} = tl.load({p}, mask={ok}[:, None] & {col_ok}[None, :], "
              f"other=0.0)")
     L(depth, f"if UPCAST:  # the interpreter has no bf16 arithmetic\n    {o.var} = "
@@ -228,7 +206,7 @@ def _env(b: TileBackward, names: _Names, rows: dict[str, str], index: dict[str, 
     scalar = {i: v for i, v in ((k.roles.get("batch"), "off_b"), (k.roles.get("head"), "off_h"))
               if i is not None}
     return Env({**scalar, **index}, rows, dict(names.params), names.captured, masks,
-               scalar_indices=frozenset(scalar))
+               scalar_indices=frozenset(scalar), strides=names.strides)
 
 
 # How a kernel lays out its score tiles: [BLOCK_M, BLOCK_N] (queries x keys, the rows kernel)
@@ -322,24 +300,25 @@ def _use_rows(b: TileBackward, o: tuple[str, str, str]) -> dict[str, str]:
     return rows
 
 
-def _signature(L: Lines, fn: str, args: list[str], doc: str) -> None:
+def _signature(L: Lines, fn: str, args: list[str], doc: str, names: _Names) -> None:
+    names.kernel_args[fn] = list(args)  # the KERNEL_ARGS table of the launch by keyword
     writer.signature(L, fn, args, ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION",
-                                   "UPCAST"), writer.EVEN, doc)
+                                   "UPCAST"), writer.EVEN, doc, names.spec)
 
 
 def _common_args(b: TileBackward, names: _Names) -> list[str]:
     args: list[str] = []
-    for t, ptr in names.tensors.items():
-        args += _strided(ptr, names.ranks[t])
-    for ptr, rank in names.captured.values():
-        args += _strided(ptr, rank) + [f"{ptr}_n{d}" for d in range(rank)]
+    for ptr in names.tensors.values():
+        args += names.args(ptr)
+    for name, (ptr, _) in names.captured.items():
+        args += names.args(ptr) + names.sizes[name]
     args += list(names.params.values())
     for s in b.sums:
         args.append(f"CF_{ident(s.sum.var)}")
     for mx in b.stabilizers:
         args.append(f"MX_{ident(mx)}")
-    for name, ptr in names.cap_grads.items():
-        args += _strided(ptr, names.captured[name][1])
+    for ptr in names.cap_grads.values():
+        args += names.args(ptr)
     return args + ["n_heads", "M_len", "N_len", "E_len", "F_len"]
 
 
@@ -374,11 +353,11 @@ def _emit_rows_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
     sums = [s for s in b.sums if s.sum.var in need]
     args = _common_args(b, names)
     for st in k.stores:
-        args += _strided(names.stores[st.name], len(st.indices))
+        args += names.args(names.stores[st.name])
     _signature(L, "tile_bwd_rows_kernel", args,
                "One program: BLOCK_M query rows of one (batch, head).  Recomputes the "
                "finished rows\n    and writes the chain rule's coefficient of every running "
-               "sum and the final stabilisers.")
+               "sum and the final stabilisers.", names)
     q_read = {d.q.var for d in k.dots if d.var in need}
     _program(L, k, "m", dots=bool(q_read))
     index, masks = _tile_index(k, QUERY_MAJOR)
@@ -524,11 +503,10 @@ def _emit_coefficients(L: Lines, b: TileBackward, names: _Names) -> None:
     for st in (x for x in k.stores if x.name not in b.max_stores):
         ptr = names.stores[st.name]
         env = _store_env(b, names, st.tile)
-        offs = " + ".join(f"{env.index.get(i, '0')} * {ptr}_s{d}"
-                          for d, i in enumerate(st.indices))
+        offs = names.at(ptr, [(d, env.index.get(i, '0')) for d, i in enumerate(st.indices)])
         ok = "row_ok[:, None] & f_ok[None, :]" if st.tile else "row_ok"
         dy[st.name] = f"dy{len(dy)}"
-        L(1, f"{dy[st.name]} = tl.load({ptr} + {offs}, mask={ok}, other=0.0).to(tl.float32)")
+        L(1, f"{dy[st.name]} = tl.load({offs}, mask={ok}, other=0.0).to(tl.float32)")
     tiles = {st.name: st.tile for st in k.stores}
     L(1, "# coefficients of the running sums: c_s = sum(Y) dY dG/dR_s")
     for s in b.sums:
@@ -580,11 +558,9 @@ def _scatter(L: Lines, depth: int, b: TileBackward, names: _Names, site: SiteGra
         sel = "" if shape == 1 else ("[:, None]" if j == 0 else "[None, :]")
         idx[axis_index[tile_axes.index(a)]] = vec[a] + sel
     sub_env = Env(idx, env.rows, env.params, env.captured, env.masks,
-                  scalar_indices=env.scalar_indices)
+                  scalar_indices=env.scalar_indices, strides=env.strides)
     dptr = names.cap_grads[site.tensor]
-    offs = " + ".join(f"({render(s, sub_env)}) * {dptr}_s{d}"
-                      for d, s in enumerate(site.load.src))
-    target = f"{dptr} + {offs}" if offs else dptr
+    target = names.at(dptr, [(d, f"({render(s, sub_env)})") for d, s in enumerate(site.load.src)])
     if shape == 0:
         L(depth, f"tl.atomic_add({target}, {value})")
         return
@@ -596,10 +572,10 @@ def _scatter(L: Lines, depth: int, b: TileBackward, names: _Names, site: SiteGra
 def _emit_keys_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
     k = b.kernel
     args = _common_args(b, names)
-    for t, ptr in names.tensors.items():
-        args += _strided("D" + ptr, names.ranks[t])
+    for t in names.tensors:
+        args += names.args(names.grads[t])
     _signature(L, "tile_bwd_keys_kernel", args,
-               "One program: BLOCK_N keys of one (batch, head); loops over the query tiles.")
+               "One program: BLOCK_N keys of one (batch, head); loops over the query tiles.", names)
     _program(L, k, "n")
     index, masks = _tile_index(k, KEY_MAJOR)
     head = _env(b, names, {}, {}, {})
@@ -697,7 +673,7 @@ def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
         else:
             L(0, f"w_{v} = c_{v}[None, :]")
         for dot, deriv in s.dots:
-            term = _deriv(b, dot, deriv, "k")
+            term = b.loop_deriv(dot, deriv, "k")
             if masked is not None and _vanishes(term, r.body):
                 free[dot].append(f"w_{v} * ({render_at(L, 0, term, masked)})")
             else:
@@ -724,11 +700,11 @@ def _emit_queries_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
     tile, looping over the key tiles; the rows' coefficients and stabilisers are read once."""
     k = b.kernel
     args = _common_args(b, names)
-    for t, ptr in names.tensors.items():
-        args += _strided("D" + ptr, names.ranks[t])
+    for t in names.tensors:
+        args += names.args(names.grads[t])
     _signature(L, "tile_bwd_queries_kernel", args,
                "One program: BLOCK_M queries of one (batch, head); loops over the key tiles "
-               "and adds\n    dQ_d = sum dqk_d K_d once at the end (deterministic).")
+               "and adds\n    dQ_d = sum dqk_d K_d once at the end (deterministic).", names)
     _program(L, k, "m")
     index, masks = _tile_index(k, QUERY_MAJOR)
     head = _env(b, names, {}, {}, {})
@@ -784,7 +760,7 @@ def _emit_query_step(L: Lines, b: TileBackward, env: Env) -> None:
         else:
             L(0, f"w_{v} = c_{v}[:, None]")
         for dot, deriv in s.dots:
-            dqk[dot].append(f"w_{v} * ({render_at(L, 0, _deriv(b, dot, deriv, 'q'), env)})")
+            dqk[dot].append(f"w_{v} * ({render_at(L, 0, b.loop_deriv(dot, deriv, 'q'), env)})")
     for d in k.dots:
         if not dqk[d.var]:
             continue
@@ -796,13 +772,10 @@ def _emit_query_step(L: Lines, b: TileBackward, env: Env) -> None:
 
 def _atomic_operand(L: Lines, depth: int, o: Operand, names: _Names, env: Env, value: str,
                     axis: str, ok: str) -> None:
-    ptr = "D" + names.tensors[o.tensor]
+    ptr = names.grads[o.tensor]
     col, col_ok = ("offs_e", "e_ok") if o.side != "v" else ("offs_f", "f_ok")
-    parts = [f"({render(i, env)}) * {ptr}_s{d}" for d, i in enumerate(o.idx)
-             if d not in (o.row_dim, o.col_dim)]
-    base = " + ".join([ptr] + parts)
-    L(depth, f"tl.atomic_add({base} + {axis}[:, None] * {ptr}_s{o.row_dim} + {col}[None, :] * "
-             f"{ptr}_s{o.col_dim}, {value}, mask={ok}[:, None] & {col_ok}[None, :])")
+    target = _tile_ptr(o, names, ptr, env, f"{axis}[:, None]", f"{col}[None, :]")
+    L(depth, f"tl.atomic_add({target}, {value}, mask={ok}[:, None] & {col_ok}[None, :])")
 
 
 def _tables(L: Lines, b: TileBackward, names: _Names) -> None:
@@ -841,8 +814,9 @@ def generate_tile_backward(b: TileBackward, version: str) -> str:
     L(0, "")
     _emit_queries_kernel(L, b, names)
     L(0, "")
+    writer.kernel_args(L, names.kernel_args)
     L(0, writer.launcher_sources("tile_backward_launcher.py",
-                                 (writer.COMMON, writer.TILE_KERNEL)))
+                                 (writer.COMMON, writer.TILE_KERNEL, writer.BY_NAME)))
     return "\n".join(L.out) + "\n"
 
 

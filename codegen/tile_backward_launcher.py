@@ -9,7 +9,14 @@ BOUNDS_BLOCK tables it reads; the module needs only torch and triton.
 """
 
 import torch
-from attndsl.codegen.launch_common import _bind, _dim_consts, _kernel, _lengths, _strides
+from attndsl.codegen.launch_common import (
+    _bind,
+    _by_name,
+    _dim_consts,
+    _kernel,
+    _lengths,
+    _strides,
+)
 
 # >>> launcher
 # The fused backward launcher (copied into each generated module; it reads the tables above).
@@ -80,13 +87,16 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
                   EVEN_M=m_len % cfg["BLOCK_M"] == 0, EVEN_N=n_len % cfg["BLOCK_N"] == 0,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (-(-m_len // cfg["BLOCK_M"]), n_batch * n_heads)
-    _kernel("tile_bwd_rows_kernel", device.type)[grid](*args, *dy, **consts)
+    _kernel("tile_bwd_rows_kernel", device.type)[grid](
+        **_by_name("tile_bwd_rows_kernel", [*args, *dy]), **consts)
     d_args = []
     for name in TENSORS:  # noqa: F821
         d_args += _strides(d_in[name])
     grid = (-(-n_len // cfg["BLOCK_N"]), n_batch * n_heads)
-    _kernel("tile_bwd_keys_kernel", device.type)[grid](*args, *d_args, **consts)
+    _kernel("tile_bwd_keys_kernel", device.type)[grid](
+        **_by_name("tile_bwd_keys_kernel", [*args, *d_args]), **consts)
     grid = (-(-m_len // cfg["BLOCK_M"]), n_batch * n_heads)
-    _kernel("tile_bwd_queries_kernel", device.type)[grid](*args, *d_args, **consts)
+    _kernel("tile_bwd_queries_kernel", device.type)[grid](
+        **_by_name("tile_bwd_queries_kernel", [*args, *d_args]), **consts)
     return result()
 # <<< launcher

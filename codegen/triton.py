@@ -39,7 +39,11 @@ from attndsl.codegen.expr import (
     render_at,
     reset_spills,
 )
+from attndsl.codegen.writer import DIM_LETTERS as _DIM_LETTERS
+from attndsl.codegen.writer import SPEC_NAME as _SPEC_NAME
 from attndsl.codegen.writer import Lines
+from attndsl.codegen.writer import spec_base as _spec_base
+from attndsl.codegen.writer import stride_names as _stride_names
 
 from attndsl.index_check import runtime_source
 from attndsl.ir import expr as E
@@ -70,31 +74,6 @@ class _Names:
     def base(self, ptr: str) -> str:
         """The role name of a pointer (``q_ptr`` -> ``q``), for the variables derived from it."""
         return ptr.removesuffix("_ptr")
-
-
-# the letter of a stride by the role of the dim's index (stride_qz ... stride_vd)
-_DIM_LETTERS = {"batch": "z", "head": "h", "query": "m", "key": "n", "qk": "k", "v": "d"}
-_SPEC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,23}$")  # short ASCII identifiers only
-
-
-def _spec_base(name: str) -> str | None:
-    """A pointer role name made from a spec's tensor name (``slopes``, ``LSE`` -> ``lse``), or
-    None when the name is not a short ASCII identifier (then a role name is used)."""
-    return name.lower() if _SPEC_NAME.match(name) and not name.startswith("_") else None
-
-
-def _stride_names(base: str, letters: list[str | None]) -> tuple[str, ...]:
-    """``stride_<base><letter>`` per dim (``stride_qm``; ``stride_lse_m`` for a longer base);
-    a dim without a role letter, or whose letter another dim took, is named by its position.
-    Distinct bases give distinct names: a one-letter base always gives 8 + 1 characters, a
-    longer one ``_`` and one letter or the position after it."""
-    sep = "" if len(base) == 1 else "_"
-    out: list[str] = []
-    for d, letter in enumerate(letters):
-        if letter is None or f"stride_{base}{sep}{letter}" in out:
-            letter = str(d)
-        out.append(f"stride_{base}{sep}{letter}")
-    return tuple(out)
 
 
 def _names(k: TileKernel) -> _Names:

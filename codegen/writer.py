@@ -8,6 +8,7 @@ the pieces."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -55,7 +56,7 @@ _HERE = Path(__file__).parent
 # launch sections of launch_common.py: every module; modules reading block tables (forward and
 # flex backward); modules of a Tile IR kernel (forward and fused backward), which carry
 # TENSOR_DIMS, INDEX_EXTENTS, ROLES, PARAMS and PARAM_DEFAULTS
-COMMON, BLOCK_TABLES, TILE_KERNEL = "common", "block-tables", "tile-kernel"
+COMMON, BLOCK_TABLES, TILE_KERNEL, BY_NAME = "common", "block-tables", "tile-kernel", "by-name"
 
 
 def launcher_sources(own: str, shared: tuple[str, ...] = (COMMON,)) -> str:
@@ -63,6 +64,13 @@ def launcher_sources(own: str, shared: tuple[str, ...] = (COMMON,)) -> str:
     the ``launcher`` section of the direction's own file ``own`` (in codegen/)."""
     parts = [section(_HERE / "launch_common.py", s) for s in shared]
     return "".join(parts) + section(_HERE / own, "launcher")
+
+
+def kernel_args(L: Lines, args: dict[str, list[str]]) -> None:
+    """The table the ``by-name`` launch section reads: each kernel's runtime arguments, in
+    the order its launcher builds their values."""
+    L(0, "# kernel -> its runtime arguments (launched by keyword, launch_common._launch)")
+    L(0, "KERNEL_ARGS = " + repr({name: tuple(a) for name, a in args.items()}) + "\n")
 
 
 def binding_tables(L: Lines, k: TileKernel) -> None:
@@ -100,6 +108,42 @@ def signature(L: Lines, fn: str, args: list[str], constexprs: list[str] | tuple[
         L(1, f"{c}: tl.constexpr = False,")
     L(0, "):")
     L(1, f'"""{doc}"""')
+
+
+# the letter of a stride by the role of the dim's index (stride_qz ... stride_vd)
+DIM_LETTERS = {"batch": "z", "head": "h", "query": "m", "key": "n", "qk": "k", "v": "d"}
+SPEC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,23}$")  # short ASCII identifiers only
+
+
+def spec_base(name: str) -> str | None:
+    """A pointer role name made from a spec's tensor name (``slopes``, ``LSE`` -> ``lse``), or
+    None when the name is not a short ASCII identifier (then a role name is used)."""
+    return name.lower() if SPEC_NAME.match(name) and not name.startswith("_") else None
+
+
+def stride_names(base: str, letters: list[str | None] | str) -> tuple[str, ...]:
+    """``stride_<base><letter>`` per dim (``stride_qm``; ``stride_lse_m`` for a longer base);
+    a dim without a role letter, or whose letter another dim took, is named by its position.
+    Distinct bases give distinct names: a one-letter base always gives 8 + 1 characters, a
+    longer one ``_`` and one letter or the position after it."""
+    sep = "" if len(base) == 1 else "_"
+    out: list[str] = []
+    for d, letter in enumerate(letters):
+        if letter is None or f"stride_{base}{sep}{letter}" in out:
+            letter = str(d)
+        out.append(f"stride_{base}{sep}{letter}")
+    return tuple(out)
+
+
+def role_args(base: str, letters: list[str | None] | str) -> list[str]:
+    """A pointer argument by role and its strides: ``[q_ptr, stride_qz, ..., stride_qk]``."""
+    return [f"{base}_ptr", *stride_names(base, letters)]
+
+
+def role_offset(base: str, letters: list[str | None] | str, parts: list[str]) -> str:
+    """``base_ptr + p0 * stride_0 + ...`` with the strides of :func:`role_args`."""
+    strides = stride_names(base, letters)
+    return f"{base}_ptr + " + " + ".join(f"{p} * {s}" for p, s in zip(parts, strides, strict=True))
 
 
 def strided(ptr: str, rank: int) -> list[str]:

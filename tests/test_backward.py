@@ -14,6 +14,7 @@ import ast
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -580,7 +581,7 @@ from attndsl.runtime.modules import import_path
 mod = import_path(sys.argv[1], "attndsl_bwd_aot")
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
 cfg = mod.backward_config("cuda", 64, 64)
-half = {"Q", "K", "V", "DO", "O", "DK", "DV"}
+half = {"q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dk_ptr", "dv_ptr"}
 ints = ("q_num", "q_idx", "full_q_num", "full_q_idx", "kv_num", "kv_idx", "full_kv_num",
         "full_kv_idx")
 out = {}
@@ -592,12 +593,14 @@ for name, part in (("attention_bwd_dkdv_kernel", "dkdv"), ("attention_bwd_dq_ker
         if "constexpr" in str(p.annotation):
             continue
         sig[a] = ("*fp16" if a in half else "*i32" if a in ints else "fp32" if a == "scale"
-                  else "i32" if "_s" in a or a.endswith("_len") or a in ("G", "n_heads",
+                  else "i32" if "_s" in a or a.startswith("stride_") or a.endswith("_len")
+                  or a in ("G", "n_heads",
                   "n_kv_heads") else "*fp32")
     c = cfg[part]
     consts = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_E=64, BLOCK_F=64,
                   SPARSITY=2, SPARSE_Q=128, SPARSE_KV=128, DOT_PRECISION="tf32", UPCAST=False,
-                  ATOMIC_DQ=True, **{f"NEED_{p}": True for p in mod.GRADS.values()})
+                  ATOMIC_DQ=True, ANCHOR_M=max(cfg["dkdv"]["BLOCK_M"], cfg["dq"]["BLOCK_M"]),
+                  **{f"NEED_{p}": True for p in mod.GRADS.values()})
     consts = {k: v for k, v in consts.items() if k in params}
     r = compile_kernel(fn, sig, consts, "sm_90", c["num_warps"], c["num_stages"])
     out[part] = {"registers": r.registers, "spills": r.spill_stores, "tc": r.tc_kind}
@@ -847,3 +850,86 @@ def test_dkdv_steps_load_lse_and_delta_where_they_are_read() -> None:
             assert s.index("dp = tl.dot(") < s.index("delta = tl.load(") < s.index("dt = p *")
         dq = src[src.index("def attention_bwd_dq_kernel"):]
         assert dq.count("lse2 = tl.load(") == 1 and dq.count("delta = tl.load(") == 1
+
+
+def test_the_query_terms_of_the_split_are_folded_into_lse2_once_per_row_by_the_preprocess() -> None:
+    """The preprocess kernel subtracts the query-only terms of T log2e from lse2; the tile
+    loops compute no query vector: the dK/dV loop subtracts one scalar, the shift from the
+    query tile's anchor to its key tile (it converted and multiplied a query vector per query
+    tile: sm90 ALiBi D 64 unmasked loop 417 -> 390 instructions, sm80 656 -> 633), and the
+    dQ kernel anchors its key vector at its query tile's anchor."""
+    qb = torch.randn(40)
+    slopes = torch.rand(2)
+    for mod, relative in ((lambda s, b, h, q, kv: s + slopes[h] * (kv - q), True),
+                          (lambda s, b, h, q, kv: s + qb[q] * 0.5, False)):
+        src = backward_source(lower_flex(mod, causal).cascade)
+        pre = src[src.index("def attention_bwd_preprocess"):src.index("def attention_bwd_dkdv")]
+        dkdv = src[src.index("def attention_bwd_dkdv"):src.index("def attention_bwd_dq_kernel")]
+        dq = src[src.index("def attention_bwd_dq_kernel"):src.index("def backward_config")]
+        assert pre.count("lse2 = lse2 - (") == 1
+        shifts = [ln.strip() for ln in dkdv.splitlines() if "lse2 = lse2 - (" in ln]
+        assert "lse2 = lse2 -" not in dq and all("offs_m" not in ln for ln in shifts)
+        assert all("(start_n - anchor_m)" in ln for ln in shifts) and bool(shifts) == relative
+        anchors = {ln.strip() for ln in dkdv.splitlines() + dq.splitlines() if "anchor_m =" in ln}
+        assert anchors == ({"anchor_m = (start_m // ANCHOR_M) * ANCHOR_M  # the split's anchor"}
+                           if relative else set())  # a query-only term needs no anchor there
+
+
+def test_query_tiles_of_different_heights_in_the_two_kernels_share_one_anchor() -> None:
+    """dK/dV query tiles of 16 rows, dQ tiles of 32 (the preprocess runs on the dQ's): the
+    anchor is the larger tile's start, so the lse2 the preprocess folded matches the key
+    vector of each kernel; ALiBi plus a query bias on 70 queries (ragged), against the oracle
+    path's default tiles, with and without the atomic dQ."""
+    qb = torch.randn(70)
+    slopes = torch.rand(2)
+
+    def mod(s, b, h, q, kv):
+        return s + slopes[h] * (kv - q) + qb[q]
+
+    spec = lower_flex(mod, causal)
+    module = load_backward_module(spec.cascade)
+    register_spec(spec.cascade)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, do = (torch.randn(1, 2, 70, 16, generator=gen) for _ in range(4))
+    fwd = attndsl.api._compiled(spec.cascade)[1].launch(
+        {"Q": q, "K": k, "V": v}, {"scale": 0.25}, dict(spec.captured))
+    args = ({"Q": q, "K": k, "V": v}, {"O": fwd["O"], "LSE": fwd["LSE"]},
+            {"O": do, "LSE": None}, {"scale": 0.25}, dict(spec.captured), tuple(spec.captured))
+    base = module.launch_backward(*args, config={"dkdv": {"BLOCK_M": 64, "BLOCK_N": 64},
+                                                 "dq": {"BLOCK_M": 64, "BLOCK_N": 64}},
+                                  deterministic=True)
+    mixed = {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32}, "dq": {"BLOCK_M": 32, "BLOCK_N": 16}}
+    for det in (False, True):
+        other = module.launch_backward(*args, config=mixed, deterministic=det)
+        for name in base:
+            torch.testing.assert_close(other[name], base[name], rtol=1e-5, atol=1e-5)
+
+
+def test_backward_kernels_take_role_names_and_are_launched_by_keyword() -> None:
+    """Both backward modules (FlexAttention and fused) name pointers by role (``q_ptr`` with
+    ``stride_qm``), with what they stand for in a comment, and list each kernel's runtime
+    arguments in KERNEL_ARGS, exactly its non-constexpr parameters in order: the launchers
+    pass them by keyword (launch_common._launch), so a list that drifts is an error."""
+    slopes = torch.rand(2)
+    flex = backward_source(lower_flex(lambda s, b, h, q, kv: s + slopes[h] * (kv - q),
+                                      causal).cascade)
+    from test_passes import NORMALISERS
+
+    fused = generate_tile_backward(derive_tile_backward(
+        compile_cascade(NORMALISERS["sigmoid"][0]()).kernel), "t")
+    for src, kernels in ((flex, ("attention_bwd_preprocess", "attention_bwd_dkdv_kernel",
+                                 "attention_bwd_dq_kernel")),
+                         (fused, ("tile_bwd_rows_kernel", "tile_bwd_keys_kernel",
+                                  "tile_bwd_queries_kernel"))):
+        tree = ast.parse(src)
+        table = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                     and getattr(n.targets[0], "id", "") == "KERNEL_ARGS")
+        fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        for name in kernels:
+            params = [a.arg for a in fns[name].args.args
+                      if "constexpr" not in ast.unparse(a.annotation or ast.Constant(""))]
+            assert list(table[name]) == params, name
+            old = r"(Q|K|V|O|DO|LSE2?|DLSE|DELTA|DQ|DK|DV|T\d+|DT\d+|P\d+|DY\d+)(_s\d+)?"
+            assert not [p for p in params if re.fullmatch(old, p)], name
+        assert "    q_ptr,  # Q" in src and "stride_qm," in src
+        assert not re.search(r"\]\(\*[^*]", src)  # no positional launch

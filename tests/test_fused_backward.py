@@ -210,8 +210,8 @@ def test_the_fused_backward_adds_dq_in_its_own_kernel_and_skips_empty_blocks() -
     src = Path(kernel.fused_backward.__file__).read_text()
     keys = src[src.index("def tile_bwd_keys_kernel("):src.index("def tile_bwd_queries_kernel(")]
     queries = src[src.index("def tile_bwd_queries_kernel("):src.index("# The fused backward")]
-    assert keys.count("tl.atomic_add(") == 2 and "atomic_add(DT0" not in keys  # dK, dV only
-    assert queries.count("tl.atomic_add(") == 1 and "atomic_add(DT0" in queries
+    assert keys.count("tl.atomic_add(") == 2 and "atomic_add(dq_ptr" not in keys  # dK, dV only
+    assert queries.count("tl.atomic_add(") == 1 and "atomic_add(dq_ptr" in queries
     for kernel_src in (keys, queries):
         assert "tl.sigmoid" not in kernel_src
         assert "sg0 = 1.0 / (1.0 + tl.exp2(qk0 * sg0_c + sg0_o))" in kernel_src
@@ -240,3 +240,25 @@ def test_a_derivative_that_vanishes_with_the_masked_body_reads_it_without_a_seco
     assert not _vanishes(s * E.row("qk0"), s)  # an unbounded factor: inf * 0
     assert not _vanishes(s / E.row("qk0"), s)  # a division by a tile value
     assert not _vanishes(s * float("inf"), s)
+
+
+def test_the_lowering_gives_the_printer_its_exp2_forms_and_common_factors() -> None:
+    """derive_tile_backward lowers the sigmoid of sigmoid attention to one exp2 of
+    ``qk * c + o`` (c, o tile-invariant) and the scale every d body / d qk shares to one
+    factor per accumulator (dK's and dQ's); the printer only prints them."""
+    import ast
+    from pathlib import Path
+
+    from test_passes import NORMALISERS
+
+    from attndsl.passes.pipeline import compile_cascade
+    from attndsl.passes.tile_grad import derive_tile_backward
+
+    b = derive_tile_backward(compile_cascade(NORMALISERS["sigmoid"][0]()).kernel)
+    (u,) = b.unaries
+    assert u.node.op.name == "SIGMOID" and u.dot is not None and u.coef is not None
+    assert set(b.factors) == {"k", "q"} and all(len(f) == 1 for f in b.factors.values())
+    printer = ast.parse((Path(__file__).parents[1] / "codegen" / "tile_backward.py").read_text())
+    imported = {a.name for n in ast.walk(printer) if isinstance(n, ast.ImportFrom)
+                for a in n.names}
+    assert not imported & {"rewrite", "simplify", "RULES", "affine", "invariant"}

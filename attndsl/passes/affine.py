@@ -14,7 +14,11 @@ values per tile instead of BLOCK_M * BLOCK_N), and a relative position ``c (n - 
     c (n - m) + k  =  [c (n - m0) + k]  +  [c (m0 - m)]          (integers: exact)
 
 so both vectors stay as small as the true offsets (``|m0 - m| < BLOCK_M``) and the float
-conversions and products round at the size of the value, as the unsplit form does.
+conversions and products round at the size of the value, as the unsplit form does.  A kernel
+may hold the key vector at another anchor ``n0`` (its own key tile, so the vector is the same
+for every query tile of its loop); the split's ``shift`` is the scalar that moves it there::
+
+    c (n - m0) + k  =  [c (n - n0) + k]  +  [c (n0 - m0)]                   (shift)
 """
 
 from __future__ import annotations
@@ -133,11 +137,14 @@ def _int_combine(op: Op, a: Expr, b: Expr) -> Expr:
 class AxisSplit:
     """``e = tile + rows + cols``: ``rows`` free of the key index (and of the dot tile),
     ``cols`` free of the query index; either may read the query tile's first row ``start``
-    (an integer index of that name).  A structural zero (``is_zero``) is an absent part."""
+    (an integer index of that name).  ``shift`` (of the anchors ``start`` and ``key_start``
+    only) moves the key vector's anchor: ``cols = cols[start := key_start] + shift``.  A
+    structural zero (``is_zero``) is an absent part."""
 
     tile: Expr
     rows: Expr
     cols: Expr
+    shift: Expr = _ZERO
 
     @property
     def separable(self) -> bool:
@@ -145,55 +152,61 @@ class AxisSplit:
         return not (is_zero(self.rows) and is_zero(self.cols))
 
 
-def split_axes(e: Expr, m: str, n: str, tile: set[str], start: str) -> AxisSplit:
+def split_axes(e: Expr, m: str, n: str, tile: set[str], start: str,
+               key_start: str | None = None) -> AxisSplit:
     """``e`` (a float sum over a tile of query index ``m`` and key index ``n``; ``tile``: the
     indices and rows that vary over it) as tile + rows + cols, by additive terms: sums and
     differences split, products with and quotients by tile-invariant factors distribute, a
     term of one axis (or of none: it joins the rows) leaves the tile, and an integer
-    ``c n - c m + k`` becomes ``[c (n - start) + k] + [c (start - m)]`` (module docstring).
-    Anything else stays in the tile."""
-    parts = _split(e, m, n, tile, start)
-    return AxisSplit(*parts)
+    ``c n - c m + k`` becomes ``[c (n - start) + k] + [c (start - m)]``, with the shift
+    ``c (key_start - start)`` when ``key_start`` is named (module docstring).  Anything else
+    stays in the tile."""
+    return AxisSplit(*_split(e, m, n, tile, (start, key_start)))
 
 
-def _split(e: Expr, m: str, n: str, tile: set[str], start: str) -> tuple[Expr, Expr, Expr]:
+Parts = tuple[Expr, Expr, Expr, Expr]  # tile, rows, cols, shift
+
+
+def _split(e: Expr, m: str, n: str, tile: set[str], at: tuple[str, str | None]) -> Parts:
     uses_rows = any(x.op is Op.ROW for x in e.walk())
     deps = e.free_indices() & {m, n}
     if not uses_rows and n not in deps:
-        return _ZERO, E.to_float(e), _ZERO
+        return _ZERO, E.to_float(e), _ZERO, _ZERO
     if not uses_rows and m not in deps:
-        return _ZERO, _ZERO, E.to_float(e)
+        return _ZERO, _ZERO, E.to_float(e), _ZERO
     if e.dtype == INT:
-        return _split_relative(e, m, n, start)
+        return _split_relative(e, m, n, at)
     if e.op is Op.CAST and e.src[0].dtype == INT:  # float(c (n - m) + k)
-        return _split_relative(e.src[0], m, n, start)
+        return _split_relative(e.src[0], m, n, at)
     if e.op is Op.NEG:
-        return tuple(_combine(Op.SUB, _ZERO, x) for x in _split(e.src[0], m, n, tile, start))
+        return tuple(_combine(Op.SUB, _ZERO, x) for x in _split(e.src[0], m, n, tile, at))
     if e.op in (Op.ADD, Op.SUB):
-        a, b = (_split(x, m, n, tile, start) for x in e.src)
+        a, b = (_split(x, m, n, tile, at) for x in e.src)
         return tuple(_combine(e.op, x, y) for x, y in zip(a, b))
     if e.op is Op.MUL:
         for x, c in (e.src, e.src[::-1]):
             if invariant(c, tile):
-                return tuple(_combine(Op.MUL, p, c) for p in _split(x, m, n, tile, start))
+                return tuple(_combine(Op.MUL, p, c) for p in _split(x, m, n, tile, at))
     divisor = e.src[1] if e.op in (Op.DIV, Op.TRUEDIV) else None
     if divisor is not None and invariant(divisor, tile) and \
             (e.op is Op.TRUEDIV or divisor.op is Op.CONST):  # DIV's 0 / 0 = 0 needs b != 0
-        return tuple(_combine(e.op, p, divisor) for p in _split(e.src[0], m, n, tile, start))
-    return E.to_float(e), _ZERO, _ZERO
+        return tuple(_combine(e.op, p, divisor) for p in _split(e.src[0], m, n, tile, at))
+    return E.to_float(e), _ZERO, _ZERO, _ZERO
 
 
-def _split_relative(e: Expr, m: str, n: str, start: str) -> tuple[Expr, Expr, Expr]:
+def _split_relative(e: Expr, m: str, n: str, at: tuple[str, str | None]) -> Parts:
     """An integer term of both axes: ``c (n - m) + k`` -> (0, c (start - m), c (n - start)
-    + k) as floats; any other stays in the tile."""
+    + k, c (key_start - start)) as floats; any other stays in the tile."""
     form = int_affine(e, {m, n})
     if form is None or set(form[0]) != {m, n} or form[0][m] != -form[0][n]:
-        return E.to_float(e), _ZERO, _ZERO
+        return E.to_float(e), _ZERO, _ZERO, _ZERO
     c, k = E.const(form[0][n]), form[1]
-    at = E.index(start)
-    cols = _combine(Op.ADD, _times_int(c, E.binary(Op.SUB, E.index(n), at)), k)
-    rows = _times_int(c, E.binary(Op.SUB, at, E.index(m)))
-    return _ZERO, E.to_float(rows), E.to_float(cols)
+    start = E.index(at[0])
+    cols = _combine(Op.ADD, _times_int(c, E.binary(Op.SUB, E.index(n), start)), k)
+    rows = _times_int(c, E.binary(Op.SUB, start, E.index(m)))
+    shift = _ZERO if at[1] is None else \
+        E.to_float(_times_int(c, E.binary(Op.SUB, E.index(at[1]), start)))
+    return _ZERO, E.to_float(rows), E.to_float(cols), shift
 
 
 def _times_int(c: Expr, x: Expr) -> Expr:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from attndsl.ir import expr as E
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import FLOAT, Expr, Op
-from attndsl.passes.affine import AxisSplit, affine, invariant, split_axes
+from attndsl.passes.affine import AxisSplit, affine, invariant, is_zero, split_axes
 from attndsl.passes.grad import GradError, diff, gather_grads
 from attndsl.passes.index_bounds import wrap_captured
 from attndsl.passes.rules import LOG2E, RULES, Rule, rewrite, simplify
@@ -85,7 +85,8 @@ class BackwardSpec:
         split = self.log2_split
         if split is not None and split.separable:
             lines.append(f"T log2e split: tile {E.render(split.tile)}; rows "
-                         f"{E.render(split.rows)}; cols {E.render(split.cols)}")
+                         f"{E.render(split.rows)}; cols {E.render(split.cols)}"
+                         + ("" if is_zero(split.shift) else f"; shift {E.render(split.shift)}"))
         if self.mask is not None:
             lines.append(f"mask: {E.render(self.mask)}")
         for _, sites in self.grads:
@@ -147,17 +148,24 @@ def backward_spec(c: Cascade) -> BackwardSpec:
     log2 = log2_score(t, roles)
     exprs = [t, dscore, log2] + [g.deriv for _, sites in grads for g in sites]
     split = split_axes(log2, roles["query"], roles["key"], _tile_indices(roles),
-                       tile_start(roles))
+                       tile_start(roles), key_tile_start(roles))
     return BackwardSpec(c, t, dscore, mask, captured, tuple(grads), roles, log2,
                         tanh_forms(exprs, _tile_indices(roles)), split)
 
 
 def tile_start(roles: dict[str, str]) -> str:
     """The index name of the split's anchor (``mn.start``: not an identifier, so no spec
-    index can have it): the first position of the program's own tile, the key tile in the
-    dK/dV kernel, the query tile in the dQ kernel, so that one of the two vectors is the same
-    for every tile of the loop."""
+    index can have it): the start of the query tile's anchor block (the kernels'
+    ``anchor_m``), the same in both kernels and in the preprocess kernel, which folds the
+    query vector into lse2."""
     return roles["query"] + roles["key"] + ".start"
+
+
+def key_tile_start(roles: dict[str, str]) -> str:
+    """The index name of the key vector's own anchor (``mn.key_start``, the split's
+    ``shift``): the dK/dV kernel's key tile, so that its key vector is the same for every
+    query tile of its loop."""
+    return roles["query"] + roles["key"] + ".key_start"
 
 
 def _tile_indices(roles: dict[str, str]) -> set[str]:
@@ -225,4 +233,4 @@ def one_line(e: Expr, limit: int = 70) -> str:
 
 
 __all__ = ["QK_ROW", "SCORE_ROW", "BackwardSpec", "GatherGrad", "NotFlexCascade", "TanhForm",
-           "backward_spec", "one_line", "show", "tile_start"]
+           "backward_spec", "key_tile_start", "one_line", "show", "tile_start"]

@@ -33,12 +33,14 @@ whenever their incoming gradient is nonzero.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from attndsl.ir import expr as E
 from attndsl.ir.expr import FLOAT, Expr, Op
 from attndsl.ir.tile import RunningMax, RunningSum, TileKernel
+from attndsl.passes.affine import affine, invariant
 from attndsl.passes.grad import GradError, diff, gather_grads
+from attndsl.passes.rules import LOG2E, RULES, rewrite, simplify
 
 _PLACEHOLDER = "%row:"  # a ROW value as a LOAD variable while differentiating
 
@@ -71,6 +73,26 @@ class StorePartial:
 
 
 @dataclass(frozen=True)
+class UnaryForm:
+    """A sigmoid or tanh of the tiles, evaluated once per step with one exp2 of ``scaled`` and
+    shared by the sum bodies and their derivatives (sigmoid's s (1 - s) reuses s)::
+
+        sigmoid(x) = 1 / (1 + exp2(-x log2e))      tanh(x) = 1 - 2 / (exp2(2 x log2e) + 1)
+
+    (exact in real arithmetic; tl.sigmoid's exp and the forward's 2 sigmoid(2x) - 1 cost
+    multiplies and a range check per element).  When ``scaled`` is ``dot * coef + offset``
+    with tile-invariant coef and offset, those two are computed once before the tile loops
+    (``dot`` names the dot tile; else it is None)."""
+
+    var: str
+    node: Expr
+    scaled: Expr
+    dot: str | None = None
+    coef: Expr | None = None
+    offset: Expr | None = None
+
+
+@dataclass(frozen=True)
 class TileBackward:
     """The backward IR of a one-pass tile kernel: what the backward printer prints."""
 
@@ -82,6 +104,18 @@ class TileBackward:
     # stores holding a max reduction's value: not differentiated here (a caller gives them a
     # nonzero gradient only through the eager backward)
     max_stores: tuple[str, ...] = ()
+    # the lowering (:func:`lower`): each sigmoid and tanh of the tiles once, and per gradient
+    # side ("k": dK's accumulators, "q": dQ's) the tile-invariant factor of d body / d qk
+    # multiplied once into each accumulator after the loop
+    unaries: tuple[UnaryForm, ...] = ()
+    factors: dict[str, dict[str, Expr]] = field(default_factory=dict)
+
+    def loop_deriv(self, dot: str, deriv: Expr, side: str) -> Expr:
+        """d body / d qk as the loop multiplies it: without the accumulator's common factor."""
+        d = next(x for x in self.kernel.dots if x.var == dot)
+        if (d.k if side == "k" else d.q).var not in self.factors.get(side, {}):
+            return deriv
+        return split_factor(deriv, _tile(self.kernel))[1]
 
     def recomputed(self) -> frozenset[str]:
         """The rows the rows kernel recomputes: those its outputs read, and what they read.
@@ -178,7 +212,75 @@ def derive_tile_backward(k: TileKernel) -> TileBackward:
     partials = tuple(StorePartial(st.name, s.var, d) for st in derived for s in p.sums
                      if not _is_zero(d := _d_row(st.expr, s.var)))
     store_sites = tuple((st.name, g) for st in derived for g in _site_grads(st.expr, k))
-    return TileBackward(k, stabs, tuple(sums), partials, store_sites, max_stores)
+    return lower(TileBackward(k, stabs, tuple(sums), partials, store_sites, max_stores))
+
+
+def lower(b: TileBackward) -> TileBackward:
+    """The lowering step the printer reads: the tile's sigmoids and tanhs as single exp2
+    forms (:func:`unary_forms`) and the accumulators' common factors (:func:`common_factors`);
+    the printer only prints them."""
+    return replace(b, unaries=unary_forms(b),
+                   factors={side: common_factors(b, side) for side in ("k", "q")})
+
+
+def _tile(k: TileKernel) -> set[str]:
+    """The indices that vary over a tile."""
+    return {k.roles[r] for r in ("query", "key", "qk", "v") if r in k.roles}
+
+
+_EXP2_FACTOR = {Op.SIGMOID: -LOG2E, Op.TANH: 2.0 * LOG2E}
+
+
+def unary_forms(b: TileBackward) -> tuple[UnaryForm, ...]:
+    """The distinct sigmoids and tanhs of the sum bodies and their derivatives, inner first;
+    the exp2 argument as ``dot * coef + offset`` (:func:`attndsl.passes.affine.affine`) when
+    it is affine in one dot tile."""
+    k = b.kernel
+    tile = _tile(k)
+    exprs = [s.sum.body for s in b.sums] + [d for s in b.sums for _, d in s.dots] + \
+        [g.deriv for s in b.sums for g in s.sites]
+    dots = {d.var for d in k.dots}
+    out: dict[Expr, UnaryForm] = {}
+    for e in exprs:
+        for node in e.walk():
+            if node.op not in _EXP2_FACTOR or node in out:
+                continue
+            var = f"{'sg' if node.op is Op.SIGMOID else 'th'}{len(out)}"
+            scaled = rewrite(node.src[0] * _EXP2_FACTOR[node.op], RULES)
+            rows = {x.arg for x in scaled.walk() if x.op is Op.ROW}
+            ab = affine(scaled, tile, {d: E.const(1.0) for d in rows}) \
+                if len(rows) == 1 and rows <= dots else None
+            if ab is None:
+                out[node] = UnaryForm(var, node, scaled)
+            else:
+                out[node] = UnaryForm(var, node, scaled, next(iter(rows)), simplify(ab[0]),
+                                      simplify(ab[1]))
+    return tuple(out.values())
+
+
+def split_factor(e: Expr, tile: set[str]) -> tuple[Expr | None, Expr]:
+    """``e = c * rest`` with c tile-invariant (the scale of ``qk * scale``), or (None, e)."""
+    if e.op is Op.MUL:
+        for c, rest in (e.src, e.src[::-1]):
+            if invariant(c, tile) and not invariant(rest, tile):
+                return c, rest
+    return None, e
+
+
+def common_factors(b: TileBackward, side: str) -> dict[str, Expr]:
+    """Per gradient accumulator (the dots' ``k`` operands for side "k", ``q`` for "q"): the
+    tile-invariant factor every d body / d qk feeding it shares, multiplied once into the
+    accumulator after the loop instead of into every tile element."""
+    k = b.kernel
+    tile = _tile(k)
+    operand = {d.var: (d.k if side == "k" else d.q).var for d in k.dots}
+    seen: dict[str, set] = {}
+    for s in b.sums:
+        for dot, deriv in s.dots:
+            seen.setdefault(operand[dot], set()).add(split_factor(deriv, tile)[0])
+    values = {s.sum.v.var for s in b.sums if s.sum.v is not None}  # dV sums into d_<v>
+    return {var: next(iter(f)) for var, f in seen.items()
+            if len(f) == 1 and None not in f and var not in values}
 
 
 def _reads_max_value(e: Expr, maxes: tuple[RunningMax, ...]) -> bool:
@@ -191,5 +293,6 @@ def _reads_max_value(e: Expr, maxes: tuple[RunningMax, ...]) -> bool:
     return any(x.op is Op.ROW and x.arg in raw | plain for x in e.walk())
 
 
-__all__ = ["SiteGrad", "StorePartial", "SumGrad", "TileBackward", "derive_tile_backward",
-           "rows_read"]
+__all__ = ["SiteGrad", "StorePartial", "SumGrad", "TileBackward", "UnaryForm",
+           "common_factors", "derive_tile_backward", "lower", "rows_read", "split_factor",
+           "unary_forms"]
