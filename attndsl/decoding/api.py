@@ -132,6 +132,11 @@ def _spec_source(score_mod: Any, mask_mod: Any, cascade: Cascade | None, params:
             raise AttentionError(f"decode: {name} must be a FlexAttention function, got "
                                  f"{type(fn).__name__}; pass a cascade as cascade=")
     if cascade is None:
+        for name, given in (("params", params), ("captured", captured)):
+            if given:
+                raise AttentionError(f"decode: {name}= holds a cascade's own {name}; with "
+                                     f"score_mod / mask_mod it would be ignored (their "
+                                     f"tensors are captured from the functions)")
         return _Source(None, {}, score_mod, mask_mod)
     if not isinstance(cascade, Cascade):
         raise AttentionError(f"decode: cascade= must be a Cascade, got "

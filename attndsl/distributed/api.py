@@ -100,6 +100,12 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     _check_lengths(lengths, k_pos, "key", 1, layout)
     form = None
     if cascade is None:
+        for name, given in (("params", params), ("captured", captured)):
+            if given:
+                raise AttentionError(f"context_parallel_attention: {name}= holds a cascade's "
+                                     f"own {name}; with score_mod / mask_mod it would be "
+                                     f"ignored (their tensors are captured from the "
+                                     f"functions)")
         kernels = PairKernels.of(score_mod, mask_mod)
     elif is_additive(cascade):
         _programs_refused(score_mod, mask_mod, sinks)
