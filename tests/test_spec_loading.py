@@ -60,3 +60,27 @@ def test_a_nan_where_the_oracle_is_nan_agrees_and_anywhere_else_is_flagged() -> 
     stray = compare({"O": torch.tensor([[float("nan"), float("nan")]])}, ref)
     assert stray.nan and stray.worst() == float("inf")
 
+
+def test_a_text_spec_saved_with_a_byte_order_mark_and_crlf_compiles(tmp_path: Path) -> None:
+    """Editors that write UTF-8 with a BOM made every such file fail at 1:1 (unexpected
+    character '\\ufeff')."""
+    from attndsl.frontend.text import parse_file
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "alibi.attn"
+    spec = tmp_path / "alibi.attn"
+    spec.write_bytes(b"\xef\xbb\xbf" + example.read_bytes().replace(b"\n", b"\r\n"))
+    assert str(parse_file(spec)["alibi"]) == str(parse_file(example)["alibi"])
+
+
+def test_bytes_that_are_not_utf8_are_located_at_their_column_with_the_line_shown(
+        tmp_path: Path) -> None:
+    from attndsl.frontend.source import SpecError
+    from attndsl.frontend.text import parse_file
+
+    bad = tmp_path / "bad.attn"
+    bad.write_bytes(b"spec s {\r\n  index b: B batch \xff\xfe\r\n}\r\n")
+    with pytest.raises(SpecError) as info:
+        parse_file(bad)
+    assert str(info.value).splitlines() == [
+        f"{bad}:2:20: error: the file is not valid UTF-8 (byte 0xff)",
+        "    index b: B batch \ufffd\ufffd", "                     ^"]
