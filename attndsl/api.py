@@ -32,7 +32,7 @@ from attndsl.ir.cascade import Cascade
 from attndsl.passes.linear import LinearOutput
 from attndsl.passes.pipeline import Compiled
 from attndsl.passes.scans import scan_equations
-from attndsl.runtime.checks import AttentionError, check_params
+from attndsl.runtime.checks import AttentionError, check_params, check_scale
 from attndsl.runtime.checks import check_qkv as _check_qkv
 from attndsl.runtime.checks import kernel_options as _options
 from attndsl.runtime.checks import mask_of as _mask_of
@@ -86,6 +86,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor,
     log-sum-exp is in natural log; fully masked rows give 0 and lse = -inf.
     """
     _check_qkv(query, key, value, enable_gqa)
+    scale = check_scale("flex_attention", scale)
     if torch.compiler.is_compiling():  # custom ops with fake kernels: no graph breaks
         return _trainable(query, key, value, score_mod, block_mask, scale, enable_gqa,
                           return_lse, kernel_options, mask_mod, return_aux)

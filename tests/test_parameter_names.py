@@ -136,3 +136,29 @@ def test_decode_refuses_params_without_a_cascade_and_a_misspelt_cascade_paramete
     cascade = attndsl.parse_file(EXAMPLES / "off_by_one.attn")["off_by_one"]
     with pytest.raises(attndsl.AttentionError, match=r"params names 'sclae'"):
         attndsl.decode(q, k, k, lengths, cascade=cascade, params={"sclae": 0.5})
+
+
+@pytest.mark.parametrize("scale", ["0.5", True, [0.5]], ids=["str", "bool", "list"])
+def test_a_scale_that_is_not_a_real_number_is_refused(scale) -> None:
+    """A string was parsed by float() and a bool read as 1.0, silently."""
+    q = torch.randn(1, 2, 20, 16)
+    with pytest.raises(attndsl.AttentionError, match=r"flex_attention: scale must be None or "
+                                                     r"a real number"):
+        attndsl.flex_attention(q, q, q, scale=scale)
+    with pytest.raises(attndsl.AttentionError, match=r"decode: scale must be None"):
+        attndsl.decode(q[:, :, :1], q, q, torch.tensor([20]), scale=scale)
+
+
+def test_a_zero_dimensional_tensor_scale_is_read_as_its_value() -> None:
+    q = torch.randn(1, 2, 20, 16)
+    torch.testing.assert_close(attndsl.flex_attention(q, q, q, scale=torch.tensor(0.3)),
+                               attndsl.flex_attention(q, q, q, scale=0.3))
+
+
+@pytest.mark.parametrize("splits", [1.5, True, "2", 0])
+def test_decode_splits_that_are_not_a_positive_int_are_refused(splits) -> None:
+    """1.5 failed inside torch's expand (TypeError); True was refused as the kernel's 'S'."""
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 20, 16)
+    with pytest.raises(attndsl.AttentionError, match=r"decode: splits must be None or an int "
+                                                     r">= 1"):
+        attndsl.decode(q, k, k, torch.tensor([20]), splits=splits)

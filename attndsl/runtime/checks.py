@@ -128,6 +128,20 @@ def shapes_only(captured: dict[str, Tensor], device: torch.device) -> dict[str, 
             for n, t in captured.items()}
 
 
+def check_scale(where: str, scale: Any) -> float | None:
+    """The score scale given to ``where``: None (1/sqrt(E)) or a real number (a 0-d tensor
+    is read as its value), as a float; a string was parsed by float() and a bool taken as
+    0 or 1, silently."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.is_floating_point():
+        return float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise AttentionError(f"{where}: scale must be None or a real number, got {scale!r} "
+                             f"({type(scale).__name__})")
+    return float(scale)
+
+
 def check_params(name: str, declared: Mapping[str, str], params: Any) -> dict:
     """``params`` of a run of the spec ``name``, whose parameters are ``declared`` ({name:
     "int" | "float"}): a dict (or None) naming only declared parameters -- a misspelt name
