@@ -67,3 +67,13 @@ def test_a_per_head_decay_of_zero_in_retention_is_refused() -> None:
     kernel = attndsl.compile(c)
     with pytest.raises(attndsl.AttentionError, match=r"g = n \* log\(sigmoid\(c\[h\]\)\)"):
         kernel(_qkv(), {"scale": 0.25}, {"c": torch.tensor([0.5, -math.inf])})
+
+
+def test_a_linear_run_whose_tensors_disagree_on_an_extent_names_both_tensors() -> None:
+    """Queries of 10 rows against 20 keys in a cascade with one length L: it said 'extent L
+    is 10 elsewhere', naming neither the tensor that set it nor the shapes."""
+    c = parse_file(EXAMPLES / "simple_gla.attn")["simple_gla"]
+    inputs = {**_qkv(length=20), "Q": torch.randn(1, 2, 10, 16)}
+    with pytest.raises(attndsl.AttnDSLError, match=r"extent L is 10 \(dim 2 of Q, shape \(1, 2, "
+                                                   r"10, 16\)\) but dim 2 of K .* is 20"):
+        attndsl.compile(c).linear(inputs, {"scale": 0.25}, {"A": torch.randn(1, 2, 20)})
