@@ -132,8 +132,8 @@ def check_scale(where: str, scale: Any) -> float | None:
     """The score scale given to ``where``: None (1/sqrt(E)) or a real number (a 0-d tensor
     is read as its value), as a float; a string was parsed by float() and a bool taken as
     0 or 1, silently."""
-    if scale is None:
-        return None
+    if scale is None or isinstance(scale, (torch.SymFloat, torch.SymInt)):  # traced: as is
+        return scale
     if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.is_floating_point():
         return float(scale)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
