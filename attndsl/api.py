@@ -261,7 +261,7 @@ class Kernel:
         """The delta rule's kernels on named inputs (prefix sums computed first)."""
         cap = {**self.captured, **(captured or {})}
         tensors = {**inputs, **cap}
-        params = declared_params(self.compiled.cascade, params)
+        params = _declared_params(self.compiled.cascade, params)
         full = _default_params(self.compiled.cascade, params, tensors)
         tensors.update(scan_inputs(self.compiled.cascade, tensors, full))
         return run_delta(self.compiled.recurrence, self.compiled.stage("materialise-scans"),
@@ -278,7 +278,7 @@ class Kernel:
                                  f"{'; '.join(decision.reasons)}")
         cap = {**self.captured, **(captured or {})}
         tensors = {**inputs, **cap}
-        params = declared_params(self.compiled.cascade, params)
+        params = _declared_params(self.compiled.cascade, params)
         full = _default_params(self.compiled.cascade, params, tensors)
         tensors.update(scan_inputs(self.compiled.cascade, tensors, full))
         kernel_cascade = self.compiled.stage("materialise-scans")
@@ -372,10 +372,10 @@ def _check_call(cascade: Cascade, inputs: Any, params: Any, captured: Any) -> No
             if not isinstance(t, torch.Tensor):
                 raise AttentionError(f"{cascade.name}: {what} {name!r} must be a torch.Tensor, "
                                      f"got {type(t).__name__}")
-    declared_params(cascade, params)
+    _declared_params(cascade, params)
 
 
-def declared_params(cascade: Cascade, params: Any) -> dict:
+def _declared_params(cascade: Cascade, params: Any) -> dict:
     """``params`` checked against the cascade's declared parameters (``check_params``)."""
     return check_params(cascade.name, {p.name: p.dtype for p in cascade.params}, params)
 
