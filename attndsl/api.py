@@ -19,7 +19,6 @@ key-tile plan; ``AttentionError`` is re-exported here.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -33,7 +32,7 @@ from attndsl.ir.cascade import Cascade
 from attndsl.passes.linear import LinearOutput
 from attndsl.passes.pipeline import Compiled
 from attndsl.passes.scans import scan_equations
-from attndsl.runtime.checks import AttentionError
+from attndsl.runtime.checks import AttentionError, check_params, check_scale
 from attndsl.runtime.checks import check_qkv as _check_qkv
 from attndsl.runtime.checks import kernel_options as _options
 from attndsl.runtime.checks import mask_of as _mask_of
@@ -87,6 +86,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor,
     log-sum-exp is in natural log; fully masked rows give 0 and lse = -inf.
     """
     _check_qkv(query, key, value, enable_gqa)
+    scale = check_scale("flex_attention", scale)
     if torch.compiler.is_compiling():  # custom ops with fake kernels: no graph breaks
         return _trainable(query, key, value, score_mod, block_mask, scale, enable_gqa,
                           return_lse, kernel_options, mask_mod, return_aux)
@@ -261,7 +261,8 @@ class Kernel:
         """The delta rule's kernels on named inputs (prefix sums computed first)."""
         cap = {**self.captured, **(captured or {})}
         tensors = {**inputs, **cap}
-        full = _default_params(self.compiled.cascade, dict(params or {}), tensors)
+        params = _declared_params(self.compiled.cascade, params)
+        full = _default_params(self.compiled.cascade, params, tensors)
         tensors.update(scan_inputs(self.compiled.cascade, tensors, full))
         return run_delta(self.compiled.recurrence, self.compiled.stage("materialise-scans"),
                          tensors, full, initial_state, chunk, lengths)
@@ -277,7 +278,8 @@ class Kernel:
                                  f"{'; '.join(decision.reasons)}")
         cap = {**self.captured, **(captured or {})}
         tensors = {**inputs, **cap}
-        full = _default_params(self.compiled.cascade, dict(params or {}), tensors)
+        params = _declared_params(self.compiled.cascade, params)
+        full = _default_params(self.compiled.cascade, params, tensors)
         tensors.update(scan_inputs(self.compiled.cascade, tensors, full))
         kernel_cascade = self.compiled.stage("materialise-scans")
         scans = tuple(eq.name for eq in scan_equations(self.compiled.cascade))
@@ -370,15 +372,12 @@ def _check_call(cascade: Cascade, inputs: Any, params: Any, captured: Any) -> No
             if not isinstance(t, torch.Tensor):
                 raise AttentionError(f"{cascade.name}: {what} {name!r} must be a torch.Tensor, "
                                      f"got {type(t).__name__}")
-    known = [p.name for p in cascade.params]
-    for name, value in (params or {}).items():
-        if name not in known:
-            raise AttentionError(f"{cascade.name}: params names {name!r}, which is not a "
-                                 f"parameter of this cascade; its parameters are {known}")
-        if value is not None and (isinstance(value, bool) or
-                                  not isinstance(value, numbers.Real)):
-            raise AttentionError(f"{cascade.name}: parameter {name!r} must be a number, got "
-                                 f"{type(value).__name__}")
+    _declared_params(cascade, params)
+
+
+def _declared_params(cascade: Cascade, params: Any) -> dict:
+    """``params`` checked against the cascade's declared parameters (``check_params``)."""
+    return check_params(cascade.name, {p.name: p.dtype for p in cascade.params}, params)
 
 
 def _default_params(cascade: Cascade, params: dict, tensors: dict[str, Tensor]) -> dict:
@@ -389,7 +388,7 @@ def _default_params(cascade: Cascade, params: dict, tensors: dict[str, Tensor]) 
     head = next((i.extent for i in cascade.indices if i.role == "head"), None)
     if any(p.name == "scale" for p in cascade.params) and out.get("scale") is None:
         out["scale"] = 1.0 / math.sqrt(sizes.get(qk, 1))
-    if any(p.name == "G" for p in cascade.params) and "G" not in out and "HKV" in sizes:
+    if any(p.name == "G" for p in cascade.params) and out.get("G") is None and "HKV" in sizes:
         out["G"] = sizes[head] // sizes["HKV"] if sizes["HKV"] else 1  # 0 heads: empty
     return out
 

@@ -151,13 +151,17 @@ class Comparison:
 
 
 def compare(outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> Comparison:
+    """The kernel's ``outputs`` against the oracle's: an infinity of the same sign and a NaN
+    where the oracle's is NaN (the spec's own value there, e.g. a score program giving NaN)
+    agree; a NaN anywhere else is flagged."""
     out = Comparison()
     for name, ref in reference.items():
         got = outputs[name].detach().cpu().double()
-        if torch.isnan(got).any():
+        both_nan = torch.isnan(got) & torch.isnan(ref)
+        if (torch.isnan(got) & ~both_nan).any():
             out.nan = True
-        both_inf = torch.isinf(ref) & (got == ref)
-        diff = torch.where(both_inf, torch.zeros_like(ref), (got - ref).abs())
+        same = (torch.isinf(ref) & (got == ref)) | both_nan
+        diff = torch.where(same, torch.zeros_like(ref), (got - ref).abs())
         finite = ref[torch.isfinite(ref)]
         scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
         out.errors[name] = float(torch.nan_to_num(diff, nan=math.inf).max()) / scale \

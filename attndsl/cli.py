@@ -155,6 +155,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _dtype_list(text: str) -> str:
+    """An argparse type: a comma list of fp32, fp16, bf16 (refused by the subcommand's own
+    parser, which names itself and the option)."""
+    bad = [d for d in text.split(",") if d not in DTYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {bad}; choose from "
+                                         f"{sorted(DTYPES)}, comma-separated")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attndsl", description="Compile attention variants "
                                 "(FlexAttention score/mask programs, .attn Einsum cascades) "
@@ -180,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("spec", help=spec_help)
     k.add_argument("--trials", type=_positive, default=4, help="random shapes to try (default 4)")
     k.add_argument("--max-len", type=_positive, default=80, help="largest Lq/Lkv (default 80)")
-    k.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma list of fp32,fp16,bf16")
+    k.add_argument("--dtypes", type=_dtype_list, default="fp32,fp16,bf16",
+                   help="comma list of fp32,fp16,bf16")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("-o", "--output", help="also write the module here and check it from there")
     k.set_defaults(fn=cmd_check)
@@ -202,10 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "dtypes", None):
-        bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
-        if bad:
-            parser.error(f"unknown dtype(s) {bad}; choose from {sorted(DTYPES)}")
     try:
         return args.fn(args)
     except BrokenPipeError:  # output piped into a reader that stopped early (| head)

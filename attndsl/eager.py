@@ -184,6 +184,7 @@ def _softmax(node: Expr, ctx: _Ctx) -> Tensor:
 def bind_extents(c: Cascade, tensors: Mapping[str, Tensor]) -> dict[str, int]:
     """Sizes of every extent name, read off the shapes of the bound tensors."""
     sizes: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}  # extent -> (axis, tensor) that set its size
     for decl in c.tensors:
         if decl.name not in tensors:
             raise EagerError(f"cascade {c.name!r} needs tensor {decl.name!r}")
@@ -191,10 +192,13 @@ def bind_extents(c: Cascade, tensors: Mapping[str, Tensor]) -> dict[str, int]:
         if t.dim() != len(decl.dims):
             raise EagerError(f"{decl.name} must have {len(decl.dims)} dims "
                              f"[{', '.join(decl.dims)}], got shape {tuple(t.shape)}")
-        for dim, size in zip(decl.dims, t.shape):
+        for axis, (dim, size) in enumerate(zip(decl.dims, t.shape)):
+            first_axis, first = seen.setdefault(dim, (axis, decl.name))
             if sizes.setdefault(dim, int(size)) != int(size):
-                raise EagerError(f"extent {dim} is {sizes[dim]} elsewhere but {decl.name} has "
-                                 f"{int(size)}")
+                raise EagerError(f"cascade {c.name!r}: extent {dim} is {sizes[dim]} (dim "
+                                 f"{first_axis} of {first}, shape {tuple(tensors[first].shape)})"
+                                 f" but dim {axis} of {decl.name} (shape {tuple(t.shape)}) is "
+                                 f"{int(size)}; tensors sharing an extent must agree")
     return sizes
 
 

@@ -133,6 +133,31 @@ def _tables(block_tables, device, prefix: str, n_kv_blocks: int) -> list:
     return args
 
 
+def _backward_scale(params: dict | None, group: int) -> float | None:
+    """The scale in ``params`` (None: the default 1/sqrt(E)), refused unless ``params`` names
+    only the forward's parameters, ``scale`` (a real number) and ``G`` (read off the head
+    counts here; given, it must be that group): a misspelt name would run the default."""
+    import numbers
+
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise AttentionInputError(f"params must be a dict of parameter values by name, got "
+                                  f"{type(params).__name__}")
+    for name, value in params.items():
+        if name not in ("scale", "G"):
+            raise AttentionInputError(f"params names {name!r}, which is not a parameter of "
+                                      f"this kernel; its parameters are ['G', 'scale']")
+        if name == "G" and value is not None and value != group:
+            raise AttentionInputError(f"params gives G = {value!r}, but the head counts make "
+                                      f"{group} query heads per key/value head")
+    scale = params.get("scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise AttentionInputError(f"parameter 'scale' is {scale!r} ({type(scale).__name__}); "
+                                  f"expected a real number")
+    return None if scale is None else float(scale)
+
+
 def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
                     captured: dict | None = None, need: tuple = (),
                     block_tables: dict | None = None, config: dict | None = None,
@@ -150,8 +175,8 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     n_kv_heads, n_len, f_len = k.shape[1], k.shape[2], v.shape[3]
     device, dtype = q.device, q.dtype
     group = n_heads // max(1, n_kv_heads)  # no heads at all: an empty problem
-    scale = params.get("scale")
-    scale = 1.0 / math.sqrt(e_len) if scale is None else float(scale)
+    scale = _backward_scale(params, group)
+    scale = 1.0 / math.sqrt(e_len) if scale is None else scale
     dlse = grads.get("LSE")
     if dlse is None:
         dlse = torch.zeros((1, 1, 1), dtype=torch.float32, device=device).expand(lse.shape)

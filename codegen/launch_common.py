@@ -6,10 +6,10 @@ The text of each section is copied verbatim into the modules
 ``common`` into every module, ``block-tables`` into the modules that read torch-layout block
 tables (the forward and the FlexAttention backward), ``tile-kernel`` into the modules of a Tile
 IR kernel (the forward and its fused backward), which define the TENSOR_DIMS, INDEX_EXTENTS,
-ROLES, PARAMS and PARAM_DEFAULTS tables it reads; ``by-name`` into the backward modules, whose
-KERNEL_ARGS table lists each kernel's runtime arguments.  The modules need only torch and triton;
-the imports above the first marker are the modules' own (their prologue imports math and
-torch).
+ROLES, PARAMS, PARAM_DEFAULTS and PARAM_TYPES tables it reads; ``by-name`` into the backward
+modules, whose KERNEL_ARGS table lists each kernel's runtime arguments.  The modules need only
+torch and triton; the imports above the first marker are the modules' own (their prologue
+imports math and torch).
 """
 
 import math
@@ -208,16 +208,49 @@ def _sizes(inputs: dict, captured: dict) -> dict:
     return sizes
 
 
+def _checked_params(params: dict | None) -> dict:
+    """``params`` by name, refused unless each names a parameter the spec declares
+    (PARAM_TYPES; a misspelt name would leave the parameter at its default, silently; the
+    extents are read off the tensors, never given) and holds a number of its type, None
+    meaning the default: an int parameter takes an integer (2.0 and 2.5 are refused, not
+    truncated), a float one any real.  The values come back as Python ints and floats."""
+    import numbers
+
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise AttentionInputError(f"params must be a dict of parameter values by name, got "
+                                  f"{type(params).__name__}")
+    out = {}
+    for name, value in params.items():
+        if name not in PARAM_TYPES:  # noqa: F821
+            raise AttentionInputError(f"params names {name!r}, which is not a parameter of "
+                                      f"this kernel; its parameters are "
+                                      f"{sorted(PARAM_TYPES)}")  # noqa: F821
+        if value is None:
+            continue
+        want = PARAM_TYPES[name]  # noqa: F821
+        kind = numbers.Integral if want == "int" else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise AttentionInputError(f"parameter {name!r} is {value!r} "
+                                      f"({type(value).__name__}); expected "
+                                      f"{'an int' if want == 'int' else 'a real number'}")
+        out[name] = int(value) if want == "int" else float(value)
+    return out
+
+
 def _bind(inputs: dict, captured: dict, params: dict | None) -> tuple[dict, dict]:
     """(the size of each index or None, every parameter's value, extents included): the
     defaults, the extents, scale = 1/sqrt(qk dim) unless given, G = query heads per key/value
-    head, then ``params``; an unbound parameter or heads that do not group are errors."""
+    head, then ``params`` (:func:`_checked_params`); an unbound parameter or heads that do
+    not group are errors."""
+    params = _checked_params(params)
     sizes = _sizes(inputs, captured)
     ext = {i: sizes.get(e) for i, e in INDEX_EXTENTS.items()}  # noqa: F821
     _, n_heads, _, _, e_len, _ = _lengths(ext)
     values = dict(PARAM_DEFAULTS)  # noqa: F821
     values.update(sizes)
-    if "scale" in PARAMS and (params or {}).get("scale") is None:  # noqa: F821
+    if "scale" in PARAMS and params.get("scale") is None:  # noqa: F821
         values["scale"] = 1.0 / math.sqrt(e_len)
     if "G" in PARAMS and "HKV" in sizes:  # noqa: F821
         n_kv = sizes["HKV"]  # no heads at all (0 and 0) is an empty problem, not an error
@@ -225,7 +258,7 @@ def _bind(inputs: dict, captured: dict, params: dict | None) -> tuple[dict, dict
             raise AttentionInputError(f"{n_heads} query heads cannot be grouped over "
                                       f"{n_kv} key/value heads")
         values["G"] = n_heads // n_kv if n_kv else 1
-    values.update({k: v for k, v in (params or {}).items() if v is not None})
+    values.update(params)
     for p in PARAMS:  # noqa: F821
         if p not in values:
             raise AttentionInputError(f"parameter {p!r} is not bound; pass it in params")

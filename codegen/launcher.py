@@ -4,7 +4,7 @@
 # the constexprs of the head dims, the block-table checks, the binding of extents and
 # parameters), below the kernel,
 # the metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, STRIDES, TABLE_ARGS, ROLES,
-# INDEX_EXTENTS, PARAM_DEFAULTS, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS,
+# INDEX_EXTENTS, PARAM_DEFAULTS, PARAM_TYPES, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS,
 # TMA_TENSORS) it reads, the index-range checks (index_ranges, divisor_ranges,
 # check_index_ranges) and the load-path choice (tma_choice, ensure_allocator).  It needs only
 # torch and triton; the kernel is launched with keyword arguments.

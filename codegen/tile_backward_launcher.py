@@ -4,7 +4,7 @@ The text between the ``launcher`` markers is copied verbatim into each module
 (:func:`attndsl.codegen.writer.launcher_sources`), after both sections of
 codegen/launch_common.py (the kernel cache, the binding of extents and parameters, as the
 forward's) and below the kernels and the TENSORS / CAPTURED / CAPTURED_GRADS / PARAMS /
-PARAM_DEFAULTS / ROLES / INDEX_EXTENTS / TENSOR_DIMS / STORES / SUMS / STABILIZERS /
+PARAM_DEFAULTS / PARAM_TYPES / ROLES / INDEX_EXTENTS / TENSOR_DIMS / STORES / SUMS / STABILIZERS /
 BOUNDS_BLOCK tables it reads; the module needs only torch and triton.
 """
 

@@ -55,7 +55,7 @@ def section(path: Path, name: str) -> str:
 _HERE = Path(__file__).parent
 # launch sections of launch_common.py: every module; modules reading block tables (forward and
 # flex backward); modules of a Tile IR kernel (forward and fused backward), which carry
-# TENSOR_DIMS, INDEX_EXTENTS, ROLES, PARAMS and PARAM_DEFAULTS
+# TENSOR_DIMS, INDEX_EXTENTS, ROLES, PARAMS, PARAM_DEFAULTS and PARAM_TYPES
 COMMON, BLOCK_TABLES, TILE_KERNEL, BY_NAME = "common", "block-tables", "tile-kernel", "by-name"
 
 
@@ -76,12 +76,14 @@ def kernel_args(L: Lines, args: dict[str, list[str]]) -> None:
 def binding_tables(L: Lines, k: TileKernel) -> None:
     """The tables a module of a Tile IR kernel binds its launch by (the ``tile-kernel``
     section of launch_common.py): the index of each role, the extents of every tensor's dims
-    and of every index, the parameters' default values (names only as ``repr``'d strings)."""
+    and of every index, the parameters' default values and the type of every declared
+    parameter (names only as ``repr``'d strings)."""
     L(0, "# role -> index name; tensor name -> extent name of each dim; index name -> extent")
     L(0, "ROLES = " + repr(dict(k.roles)))
     L(0, "TENSOR_DIMS = " + repr(dict(k.tensor_dims)))
     L(0, "INDEX_EXTENTS = " + repr(dict(k.index_extents)))
     L(0, "PARAM_DEFAULTS = " + repr(dict(k.param_defaults)))
+    L(0, "PARAM_TYPES = " + repr(dict(k.declared_params)))
 
 
 # -- kernel signatures and pointers -------------------------------------------------------

@@ -396,7 +396,7 @@ def test_caret_under_tabs_and_crlf() -> None:
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.attn"
     bad.write_bytes(b"spec s {\n  \xff\n}\n")
-    with pytest.raises(SpecError, match="bad.attn:2:1: error: the file is not valid UTF-8"):
+    with pytest.raises(SpecError, match="bad.attn:2:3: error: the file is not valid UTF-8"):
         parse_file(bad)
     (tmp_path / "empty.attn").write_text("# nothing here\n")
     with pytest.raises(SpecError, match="no spec found"):

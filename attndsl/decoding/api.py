@@ -28,6 +28,7 @@ with context parallelism) combines the splits.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +44,7 @@ from attndsl.decoding.tables import inverse_pages, logical_blocks, split_tables
 from attndsl.distributed.merge import add_sink, merge
 from attndsl.distributed.normaliser import softmax_form
 from attndsl.ir.cascade import Cascade
-from attndsl.runtime.checks import AttentionError, kernel_options
+from attndsl.runtime.checks import AttentionError, check_scale, kernel_options
 from attndsl.runtime.kernels import compiled
 
 Tensor = torch.Tensor
@@ -66,6 +67,8 @@ def decode(query: Tensor, key: Tensor, value: Tensor, lengths: Tensor, *,
     a cascade of the softmax family (:mod:`attndsl.distributed.normaliser`: softmax,
     off-by-one softmax, learned sinks -- an extra normaliser term becomes the sink logit);
     other normalisers (sigmoid, ReLU, ...) have no split merge and are refused by name."""
+    _check_splits(splits)
+    scale = check_scale("decode", scale)
     spec_of = _spec_source(score_mod, mask_mod, cascade, params, captured, sinks,
                            query.shape[1] if query.dim() == 4 else 0)
     if spec_of.sinks is not None:
@@ -96,6 +99,16 @@ def decode(query: Tensor, key: Tensor, value: Tensor, lengths: Tensor, *,
         return out, AuxOutput(lse if return_aux.lse else None,
                               mx if return_aux.max_scores else None)
     return (out, lse) if return_lse else out
+
+
+def _check_splits(splits: Any) -> None:
+    """``splits``: None (chosen from the GPU) or a whole number >= 1 of key splits; a float
+    failed inside torch's expand and a bool was refused as the kernel's parameter 'S'."""
+    if splits is None:
+        return
+    if isinstance(splits, bool) or not isinstance(splits, numbers.Integral) or splits < 1:
+        raise AttentionError(f"decode: splits must be None or an int >= 1 (how many ways "
+                             f"the keys are split), got {splits!r}")
 
 
 def _empty(query: Tensor, f: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,6 +145,11 @@ def _spec_source(score_mod: Any, mask_mod: Any, cascade: Cascade | None, params:
             raise AttentionError(f"decode: {name} must be a FlexAttention function, got "
                                  f"{type(fn).__name__}; pass a cascade as cascade=")
     if cascade is None:
+        for name, given in (("params", params), ("captured", captured)):
+            if given:
+                raise AttentionError(f"decode: {name}= holds a cascade's own {name}; with "
+                                     f"score_mod / mask_mod it would be ignored (their "
+                                     f"tensors are captured from the functions)")
         return _Source(None, {}, score_mod, mask_mod)
     if not isinstance(cascade, Cascade):
         raise AttentionError(f"decode: cascade= must be a Cascade, got "
@@ -241,8 +259,6 @@ def _run(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | No
     most = int(live.sum(-1).max())
     if splits is None:
         splits = choose_splits(b * hkv * q_tiles, most, sm_count(query.device))
-    if splits < 1:
-        raise AttentionError(f"decode: splits must be >= 1, got {splits}")
     packed = query.reshape(b, hkv, rows, e)
     if splits > 1:
         packed = packed.unsqueeze(1).expand(b, splits, hkv, rows, e).reshape(-1, hkv, rows, e)

@@ -33,7 +33,7 @@ from attndsl.distributed.ring import Replicated, Ring, RingFunction
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
 from attndsl.passes.mask import EMPTY
-from attndsl.runtime.checks import AttentionError, check_qkv
+from attndsl.runtime.checks import AttentionError, check_qkv, check_scale
 
 Tensor = torch.Tensor
 
@@ -88,6 +88,7 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     the keys -- sigmoid, ReLU^2 -- whose shard outputs add, :mod:`.additive`; its tensors in
     ``captured``, its scalars in ``params``) it returns the cascade's outputs by name
     instead."""
+    scale = check_scale("context_parallel_attention", scale)
     group = process_group(group)
     layout = check_layout(layout)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -100,6 +101,12 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     _check_lengths(lengths, k_pos, "key", 1, layout)
     form = None
     if cascade is None:
+        for name, given in (("params", params), ("captured", captured)):
+            if given:
+                raise AttentionError(f"context_parallel_attention: {name}= holds a cascade's "
+                                     f"own {name}; with score_mod / mask_mod it would be "
+                                     f"ignored (their tensors are captured from the "
+                                     f"functions)")
         kernels = PairKernels.of(score_mod, mask_mod)
     elif is_additive(cascade):
         _programs_refused(score_mod, mask_mod, sinks)
@@ -151,6 +158,7 @@ def tree_decode(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable |
     states merge with an all-reduce of the row maxima and one all-reduce of the rescaled
     (sum, acc) -- two collectives, no ring.  The queries sit at ``q_positions`` (default:
     the last Lq positions of the whole cache).  Forward only."""
+    scale = check_scale("tree_decode", scale)
     group = process_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     check_qkv(query, key, value, enable_gqa)

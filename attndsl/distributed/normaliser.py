@@ -28,7 +28,7 @@ from attndsl.ir.evaluate import evaluate
 from attndsl.ir.expr import INT, Expr, Op
 from attndsl.passes.lower import inline
 from attndsl.passes.terms import factors, terms
-from attndsl.runtime.checks import AttentionError
+from attndsl.runtime.checks import AttentionError, check_params
 
 Tensor = torch.Tensor
 CANONICAL = {"batch": "b", "head": "h", "query": "m", "key": "n", "qk": "e", "v": "f"}
@@ -68,6 +68,7 @@ def softmax_form(c: Cascade, params: dict | None = None,
     as a value, ``n < N - 2``) to ``extents`` -- the whole sequence's lengths, which a shard's
     kernel would otherwise take from its own rows.  Raises AttentionError naming what does
     not fit (an extent read with no value in ``extents`` among it)."""
+    params = check_params(c.name, {p.name: p.dtype for p in c.params}, params)
     captured = dict(captured or {})
     clash = sorted(FLEX_NAMES & {t.name for t in c.tensors if t.kind == "captured"})
     if clash:
@@ -75,7 +76,7 @@ def softmax_form(c: Cascade, params: dict | None = None,
                              f"with the attention cascade's own; rename them")
     fused = inline(c)
     rename = {i.name: CANONICAL[i.role] for i in c.indices}
-    bind = _bindings(c, params or {})
+    bind = _bindings(c, params)
     sequence = {c.index(c.role(r)).extent: r for r in ("query", "key")}
     for name, value in (extents or {}).items():
         bind[name] = E.const(int(value))

@@ -11,6 +11,7 @@ SPEC forms:
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import inspect
@@ -62,8 +63,11 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as err:
+    except SyntaxError as err:  # its own file:line
         raise SpecLoadError(f"{path}: importing it raised {type(err).__name__}: {err}") from err
+    except (Exception, SystemExit) as err:  # a sys.exit() in user code is no exit of ours
+        raise SpecLoadError(f"{raised_at(err, str(path))}: importing {path} raised "
+                            f"{type(err).__name__}: {err}") from err
     return module
 
 
@@ -95,7 +99,7 @@ def _call_make(make: Callable[..., Any], *args: Any) -> dict:
         pass
     try:
         fns = make(*args)
-    except Exception as err:  # user code: keep the cause, say where it came from
+    except (Exception, SystemExit) as err:  # user code: keep the cause, say where from
         raise SpecLoadError(f"{raised_at(err, where)}: {MAKE_SIGNATURE} raised "
                             f"{type(err).__name__}: {err}") from err
     if not isinstance(fns, dict) or not set(fns) <= set(_PROGRAMS):
@@ -139,11 +143,30 @@ def _from_module(module: ModuleType, where: str) -> LoadedSpec:
     elif isinstance(getattr(module, "cascade", None), Cascade):
         spec = _from_attr(module.cascade, where)
     elif hasattr(module, "score_mod") or hasattr(module, "mask_mod"):
-        fns = {k: getattr(module, k, None) for k in ("score_mod", "mask_mod")}
+        fns = {k: getattr(module, k, None) for k in _PROGRAMS}
+        for key, fn in fns.items():
+            if fn is not None and not callable(fn):
+                raise SpecLoadError(f"{_assigned_at(module, key, where)}: {key} is "
+                                    f"{_describe(fn)}; expected a function or None")
         spec = LoadedSpec(Path(where).stem, _flex_builder(lambda *a: fns), gqa)
     else:
         raise SpecLoadError(f"{where} defines none of make(), score_mod, mask_mod or cascade")
     return spec
+
+
+def _assigned_at(module: ModuleType, name: str, where: str) -> str:
+    """'file:line' of the last top-level assignment to ``name`` in ``module``'s source (the
+    line that made it what it is), else ``where``."""
+    path = getattr(module, "__file__", None)
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, TypeError, ValueError):
+        return where
+    lines = [node.lineno for node in tree.body
+             if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+             for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+             if isinstance(target, ast.Name) and target.id == name]
+    return f"{path}:{lines[-1]}" if lines else where
 
 
 def _from_text(path: Path, name: str | None) -> LoadedSpec:

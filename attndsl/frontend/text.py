@@ -333,15 +333,21 @@ def parse_text(text: str, filename: str = "<string>") -> dict[str, Cascade]:
 
 
 def parse_file(path: str | Path) -> dict[str, Cascade]:
-    """Parse a .attn file (see :func:`parse_text`); errors name the file."""
+    """Parse a .attn file (see :func:`parse_text`); errors name the file.  A leading UTF-8
+    byte-order mark (as some editors write) is not part of the text; bytes that are not
+    UTF-8 are located at their line and column, the line shown with them replaced."""
     path = Path(path)
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         before = data[: err.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         line = before.count(b"\n") + 1
-        raise SpecError("the file is not valid UTF-8", str(path), line, 1) from None
+        col = len(before.rsplit(b"\n", 1)[-1].decode("utf-8", errors="replace")) + 1
+        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        shown = lines[line - 1].decode("utf-8", errors="replace")
+        raise SpecError(f"the file is not valid UTF-8 (byte 0x{data[err.start]:02x})",
+                        str(path), line, col, shown) from None
     return parse_text(text, str(path))
 
 

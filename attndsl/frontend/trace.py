@@ -533,7 +533,8 @@ def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | N
         raise
     except E.IRError as err:
         raise ctx.fail(str(err)) from None
-    except Exception as err:  # a user function failing on symbols: say where, keep the cause
+    except (Exception, SystemExit) as err:  # the user's function failing on symbols (or
+        # calling sys.exit, which is no exit of attndsl's): say where, keep the cause
         raise TraceError(f"cannot trace {name}: calling it with symbolic arguments raised "
                          f"{type(err).__name__}: {err}\n  at "
                          f"{raised_at(err, ctx.fn_where)}") from err

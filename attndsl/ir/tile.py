@@ -97,6 +97,9 @@ class TileKernel:
     bounds: tuple[tuple[Expr, Expr, Expr, Expr], ...] | None = None
     # subscripts of tensor reads checked at launch (attndsl.passes.index_bounds.IndexSite)
     index_sites: tuple = ()
+    # (name, dtype) of every parameter the cascade declares, used or not: the names a launch
+    # accepts in ``params`` and the type each must have
+    declared_params: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         lines = [f"kernel {self.name}: for each (b, h, query tile)"]

@@ -209,4 +209,4 @@ def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
                             if t.kind == "input" or t.name in captured),
                       tuple((i.name, i.extent) for i in c.indices),
                       tuple((p.name, p.default) for p in c.params if p.default is not None),
-                      str(c), bounds, sites)
+                      str(c), bounds, sites, tuple((p.name, p.dtype) for p in c.params))

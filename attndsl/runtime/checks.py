@@ -7,6 +7,7 @@ read.  It also says which inputs need no launch at all (empty or meta problems).
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -125,6 +126,43 @@ def shapes_only(captured: dict[str, Tensor], device: torch.device) -> dict[str, 
         return captured
     return {n: t if t.device.type == "meta" else t.detach().to("meta")
             for n, t in captured.items()}
+
+
+def check_scale(where: str, scale: Any) -> float | None:
+    """The score scale given to ``where``: None (1/sqrt(E)) or a real number (a 0-d tensor
+    is read as its value), as a float; a string was parsed by float() and a bool taken as
+    0 or 1, silently."""
+    if scale is None or isinstance(scale, (torch.SymFloat, torch.SymInt)):  # traced: as is
+        return scale
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.is_floating_point():
+        return float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise AttentionError(f"{where}: scale must be None or a real number, got {scale!r} "
+                             f"({type(scale).__name__})")
+    return float(scale)
+
+
+def check_params(name: str, declared: Mapping[str, str], params: Any) -> dict:
+    """``params`` of a run of the spec ``name``, whose parameters are ``declared`` ({name:
+    "int" | "float"}): a dict (or None) naming only declared parameters -- a misspelt name
+    would leave the parameter at its default, silently -- each None (the default) or a
+    number of its type: an int parameter an integer (2.0 and 2.5 are refused, not
+    truncated), a float one any real number, never a bool, a string or a tensor."""
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise AttentionError(f"{name}: params must be a dict by name, got "
+                             f"{type(params).__name__}")
+    for key, value in params.items():
+        if key not in declared:
+            raise AttentionError(f"{name}: params names {key!r}, which is not a parameter of "
+                                 f"this cascade; its parameters are {sorted(declared)}")
+        kind = numbers.Integral if declared[key] == "int" else numbers.Real
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            want = "an int" if declared[key] == "int" else "a number"
+            raise AttentionError(f"{name}: parameter {key!r} must be {want}, got {value!r} "
+                                 f"({type(value).__name__})")
+    return dict(params)
 
 
 def check_initial_states(initial: Any, names: tuple[str, ...]) -> dict[str, Tensor]:

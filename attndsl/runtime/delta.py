@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -256,6 +257,14 @@ class _DeltaFunction(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+def _zero_decay(log_decay: Tensor | None) -> bool:
+    """Whether some position's decay is exactly 0 (log a = -inf): the chunked form, which
+    sums log a over a chunk, cannot represent it."""
+    if log_decay is None or log_decay.device.type == "meta":
+        return False
+    return bool((log_decay == -math.inf).any())
+
+
 def run_delta(decision: DeltaDecision, c: Cascade, tensors: Mapping[str, Tensor],
               params: Mapping[str, Any], initial_state: Mapping[str, Tensor] | None = None,
               chunk: int | str | None = AUTO, lengths: Tensor | None = None
@@ -272,6 +281,12 @@ def run_delta(decision: DeltaDecision, c: Cascade, tensors: Mapping[str, Tensor]
     rule = decision.rule
     log_form = decision.form == "chunked"
     feats = delta_features(rule, c, tensors, params, log_form)
+    if log_form and _zero_decay(feats["decay"]):
+        # the chunked form reads log a; a decay of exactly 0 (log a = -inf, the state forgotten
+        # there) makes its cumulative decays -inf - (-inf) = NaN.  The recurrent form applies
+        # a itself, token by token as the oracle does: exact, and so is its backward.
+        step, log_form = None, False
+        feats = delta_features(rule, c, tensors, params, log_form)
     s0 = check_initial_states(initial_state, (rule.state,)).get(rule.state)
     k = feats["k"]
     if s0 is not None:

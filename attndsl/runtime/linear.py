@@ -27,7 +27,7 @@ import torch
 
 from attndsl.ir.cascade import Cascade, Equation
 from attndsl.ir.evaluate import Env, EvaluationError, apply, safe_div
-from attndsl.ir.expr import Expr
+from attndsl.ir.expr import Expr, render
 from attndsl.passes.linear import LinearOutput
 from attndsl.passes.scans import scan_equations
 from attndsl.runtime.checks import AttentionError, check_initial_states, check_state
@@ -170,7 +170,28 @@ def features(out: LinearOutput, c: Cascade, tensors: Mapping[str, Tensor],
         g = shaped(_over(out.gate, c, padded, params, grid(roles["key"], inner, -1), dtype),
                    out.vector_gate)
         g = g if out.vector_gate else g.squeeze(-1)
+        _check_gate(out, g)
     return q, k, v, g
+
+
+def _check_gate(out: LinearOutput, g: Tensor) -> None:
+    """Refuse a gate g [B, H, L + 1(, E)] (positions -1..L-1) that is not finite: the
+    kernels read the decay as exp(g(m) - g(n)), and once g is -inf (a decay of exactly 0,
+    e.g. a gate logit of -inf under log(sigmoid(.))) every later pair is exp(-inf + inf) =
+    NaN -- as the cascade itself is (the oracle evaluates it so); the zero decay's meaning,
+    the state forgotten there, is not in a cumulative g.  O(B H L), one check per run."""
+    bad = ~torch.isfinite(g)
+    if g.device.type == "meta" or not bool(bad.any()):
+        return
+    at = [int(i) for i in bad.nonzero()[0]]
+    at[2] -= 1  # g's first column is position -1
+    raise AttentionError(
+        f"output {out.name}: the gate g = {render(out.gate)} of its decay exp(g(m) - g(n)) is "
+        f"{float(g[tuple(bad.nonzero()[0])])} at (batch, head, position"
+        f"{', qk' if out.vector_gate else ''}) = {tuple(at)}; it must be finite (a decay of "
+        f"exactly 0 makes exp(g(m) - g(n)) NaN for every later pair).  Clamp the gate logits "
+        f"(log(sigmoid(-80)) = -80 forgets as well), or end the sequence there and start "
+        f"the next segment with initial_state zeros")
 
 
 def _before_start(c: Cascade, tensors: Mapping[str, Tensor],
