@@ -17,6 +17,7 @@ from attndsl.codegen.launch_common import (
     _by_name,
     _cdiv,
     _check_disjoint,
+    _check_spans,
     _checked_pair,
     _dim_consts,
     _kernel,
@@ -186,6 +187,8 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     if min(n_batch, n_heads, m_len, n_len) == 0:
         return {"Q": dq32.to(dtype), "K": dk, "V": dv, **cap_grads}
+    _check_spans({"Q": q, "K": k, "V": v, "O": o, "LSE": lse, "dO": do, "dLSE": dlse,
+                  "dQ": dq32, **{f"d{name}": g for name, g in cap_grads.items()}})
     cfg = backward_config(device.type, e_len, f_len)
     for part, over in (config or {}).items():
         cfg[part] = {**cfg[part], **over}

@@ -60,6 +60,21 @@ def _cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
+def _check_spans(tensors: dict) -> None:
+    """Refuse a tensor the kernels cannot address: they compute element offsets
+    ``sum_d index_d * stride_d`` in 32-bit integers (program ids times strides, tile indices
+    times strides), so every offset must stay below 2**31.  The largest is
+    ``sum_d (size_d - 1) * |stride_d|`` (0 along broadcast and empty dims)."""
+    for name, t in tensors.items():
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())
+                   if size > 1)
+        if t.numel() and span >= 2**31:
+            raise AttentionInputError(
+                f"{name} of shape {tuple(t.shape)} and strides {tuple(t.stride())} reaches "
+                f"element offset {span}; the kernels index in 32 bits, so every tensor must "
+                f"span fewer than 2**31 elements (split the batch or the heads into calls)")
+
+
 def _strides(t: torch.Tensor) -> list:
     """A tensor and its strides, as kernel arguments (stride 0 along broadcast dims)."""
     return [t] + [0 if t.shape[d] == 1 else t.stride(d) for d in range(t.dim())]

@@ -99,6 +99,7 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         out[name] = torch.empty(shape, device=device, dtype=dtype if tile else torch.float32)
     if m_len == 0 or n_batch * n_heads == 0 or device.type == "meta":
         return out  # nothing to compute, or shapes only (meta tensors: model initialisation)
+    _check_spans({**inputs, **out})
     sparsity = 1 if HAS_MASK else 0
     segments = 1
     tables = []

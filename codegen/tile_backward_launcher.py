@@ -12,6 +12,7 @@ import torch
 from attndsl.codegen.launch_common import (
     _bind,
     _by_name,
+    _check_spans,
     _dim_consts,
     _kernel,
     _lengths,
@@ -52,6 +53,8 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
 
     if min(m_len, n_len, n_batch * n_heads) == 0:
         return result()
+    _check_spans({**inputs, **{f"d{name}": g for name, g in {**d_in, **d_cap}.items()},
+                  **{f"d{name}": g for name, g in grads.items() if g is not None}})
     rows = n_batch * n_heads * m_len
     # coefficients of value sums in the inputs' dtype (the 16-bit operand of two dots, as
     # FlashAttention's dO), of row sums in float32

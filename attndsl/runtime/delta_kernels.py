@@ -60,7 +60,7 @@ def delta_chunked_kernel(Q, K, U, CE, LA, S0, LEN, Out, ST, L, E, F,
                          HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, C: tl.constexpr,
                          BE: tl.constexpr, BF: tl.constexpr):
     """One program per (batch * head) row and block of BF value columns."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # bh * L * E may pass 2**31
     oe = tl.arange(0, BE)
     of = tl.program_id(1) * BF + tl.arange(0, BF)
     oc = tl.arange(0, C)
@@ -113,7 +113,7 @@ def delta_recurrent_kernel(Q, K, U, CE, A, S0, LEN, Out, ST, L, E, F,
                            BE: tl.constexpr, BF: tl.constexpr):
     """One position at a time (decode): S = a S + k (u - c S^T k)^T, o = S^T q.  ``A`` holds
     the decay a itself (any sign: the recurrent form needs no logarithm)."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # bh * L * E may pass 2**31
     oe = tl.arange(0, BE)
     of = tl.program_id(1) * BF + tl.arange(0, BF)
     me, mf = oe < E, of < F
