@@ -656,6 +656,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     gathers = _kernel_gathers(k, names)
     _emit_gathers(gathers, L, row_env)
     finished: dict[str, str] = {}
+    infinite: dict[str, str] = {}  # row sum -> its stabiliser, made 1 where that is +inf
     for pi, p in enumerate(k.passes):
         L(1, f"# pass {pi + 1} over the key tiles")
         for mx in p.maxes:
@@ -682,9 +683,11 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
             L(1, f"{mx.var}_safe = {floor}")
             finished[mx.var] = mx.var
             finished[mx.var + ".safe"] = f"{mx.var}_safe"
+        infinite.update(_infinite_rows(k, p))
         for s in p.sums:
             finished[s.var] = s.var
     L(1, "# outputs")
+    printed: set[str] = set()  # the row sums of infinite whose l_inf is printed
     for st in k.stores:
         ptr = names.outputs[st.name]
         is_tile = st.tile
@@ -692,6 +695,13 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         for s in (x for p in k.passes for x in p.sums):
             if s.v is not None:
                 rows[s.var] = s.var
+        for s, mx in infinite.items():
+            if _reads(st.expr, mx + ".safe"):  # reads the sum as 2^m * l
+                if s not in printed:  # printed where first read: a short live range
+                    printed.add(s)
+                    L(1, f'{s}_inf = tl.where({mx} == float("inf"), 1.0, {s})  # a +inf '
+                         f"score: the sum of exp is +inf")
+                rows[s] = f"{s}_inf[:, None]" if is_tile else f"{s}_inf"
         idx = dict(scalar_index)
         idx[m] = "offs_m[:, None]" if is_tile else "offs_m"
         if f is not None:
@@ -1061,9 +1071,7 @@ def _read_as_own_weights(p: KVPass, mx: RunningMax) -> bool:
     select per row, with the same results bit for bit.  A read of any other form (``exp(-m)``
     of an off-by-one denominator, a score not in the max) would see the replacement value."""
     def only_weights(e: Expr) -> bool:
-        if e.op in (Op.EXP, Op.EXP2) and e.src[0].op is Op.SUB and \
-                e.src[0].src[0] == mx.arg and e.src[0].src[1].op is Op.ROW and \
-                e.src[0].src[1].arg == mx.var:
+        if _own_weight(e, mx):
             return True
         if e.op is Op.ROW and e.arg == mx.var:
             return False
@@ -1072,6 +1080,42 @@ def _read_as_own_weights(p: KVPass, mx: RunningMax) -> bool:
     reads_self = any(x.op is Op.ROW and x.arg == mx.var for x in mx.arg.walk())
     return not reads_self and all(only_weights(e) for e in
                                   [x.arg for x in p.maxes] + [s.body for s in p.sums])
+
+
+def _own_weight(e: Expr, mx: RunningMax) -> bool:
+    """Whether ``e`` is ``exp(a - m)`` or ``exp2(a - m)`` of the max ``m`` = ``mx`` of ``a``."""
+    return e.op in (Op.EXP, Op.EXP2) and e.src[0].op is Op.SUB and \
+        e.src[0].src[0] == mx.arg and e.src[0].src[1].op is Op.ROW and \
+        e.src[0].src[1].arg == mx.var
+
+
+def _infinite_rows(k: TileKernel, p: KVPass) -> dict[str, str]:
+    """Row sums ``l`` of pass ``p`` read by a store as ``sum 2^a`` = ``2^m * l``: sum -> the
+    stabiliser ``m`` = max ``a`` whose weights ``2^(a - m)`` it sums, for each such ``l`` that
+    some store reads beside ``m``'s ``.safe`` form (the streamed forms' un-scaling, e.g. the
+    log-sum-exp ``log l + m.safe``).
+
+    Why: a kept score of +inf makes ``m`` = +inf and that score's weight 2^(inf - inf) NaN, so
+    ``l`` is NaN, and so would be the log-sum-exp where ``sum 2^a`` is +inf (torch's and the
+    float64 oracle's lse).  Any finite positive ``l`` with ``m`` = +inf stands for +inf; 1 is
+    the weight of the max itself (``l_inf``, printed before the first store reading it: once
+    per row after the key tiles, nothing in the loops).  A store reading ``l`` without
+    ``.safe`` keeps it as is: a ratio ``acc / l`` is NaN either way (``acc`` is NaN, as the
+    oracle's output), and a 3-pass softmax's ``GM + log(SD)`` reads the cascade's own
+    ``max(n)`` raw, whose ``sum exp(s - GM)`` the oracle evaluates as written: NaN."""
+    out = {}
+    for s in p.sums:
+        mx = next((x for x in p.maxes if x.stabilizer and not x.floor0
+                   and _own_weight(s.body, x)), None)
+        if s.v is None and mx is not None and any(_reads(st.expr, s.var) and
+                                                  _reads(st.expr, mx.var + ".safe")
+                                                  for st in k.stores):
+            out[s.var] = mx.var
+    return out
+
+
+def _reads(e: Expr, row: str) -> bool:
+    return any(x.op is Op.ROW and x.arg == row for x in e.walk())
 
 
 def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool, own_weights: bool) -> None:

@@ -1,0 +1,101 @@
+"""Rows with infinite scores: the rule, against torch and the float64 oracle.
+
+A kept score of +inf (an inf in Q or K, an infinite scale, a score program giving +inf)
+makes the row's softmax inf / inf: the output is NaN (as torch's), and the row's
+log-sum-exp, log(sum(n) exp(s)), is +inf -- torch's flex_attention and attndsl's oracle both
+say so.  A row whose kept scores are all -inf is an empty row: output 0, lse -inf."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import attndsl
+from attndsl.checking import index_sizes, oracle, random_problem
+from attndsl.frontend.text import parse_file
+
+INF = math.inf
+
+
+def _plus_inf_at_key_3(score, b, h, q_idx, kv_idx):
+    return torch.where(kv_idx == 3, score + INF, score)
+
+
+def _minus_inf_in_row_0(score, b, h, q_idx, kv_idx):
+    return torch.where(q_idx == 0, score - INF, score)
+
+
+def _qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, 2, 20, 16, generator=gen) for _ in range(3))
+
+
+def _oracle(score_mod, q, k, v, scale: float) -> dict[str, torch.Tensor]:
+    kernel = attndsl.compile(score_mod=score_mod)
+    return attndsl.run_cascade(kernel.compiled.cascade, {"Q": q, "K": k, "V": v,
+                                                         **kernel.captured},
+                               {"scale": scale, "G": 1})
+
+
+def test_the_oracle_gives_nan_outputs_and_an_infinite_lse_for_a_plus_infinite_score() -> None:
+    q, k, v = _qkv()
+    ref = _oracle(_plus_inf_at_key_3, q, k, v, 0.25)
+    assert ref["O"].isnan().all()
+    assert torch.equal(ref["LSE"], torch.full_like(ref["LSE"], INF))
+
+
+def test_a_row_of_minus_infinite_scores_is_an_empty_row_in_the_kernel() -> None:
+    q, k, v = _qkv()
+    out, lse = attndsl.flex_attention(q, k, v, score_mod=_minus_inf_in_row_0, return_lse=True)
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0]))
+    assert torch.equal(lse[:, :, 0], torch.full_like(lse[:, :, 0], -INF))
+    ref = _oracle(_minus_inf_in_row_0, q, k, v, 0.25)
+    torch.testing.assert_close(out[:, :, 1:].double(), ref["O"][:, :, 1:], atol=2e-5,
+                               rtol=2e-5)
+
+
+def test_a_plus_infinite_score_gives_nan_outputs_in_the_kernel() -> None:
+    q, k, v = _qkv()
+    out = attndsl.flex_attention(q, k, v, score_mod=_plus_inf_at_key_3)
+    assert out.isnan().all()
+
+
+@pytest.mark.parametrize("case", ["score +inf", "scale inf", "inf in Q"])
+def test_the_kernels_lse_is_plus_infinity_where_a_kept_score_is(case: str) -> None:
+    q, k, v = _qkv()
+    score_mod, scale = (_plus_inf_at_key_3, None) if case == "score +inf" else (None, None)
+    if case == "scale inf":
+        scale = INF
+    if case == "inf in Q":
+        q[0, 0, 1, 0] = INF  # row 1 of head 0: +inf and -inf scores, none NaN
+    _, lse = attndsl.flex_attention(q, k, v, score_mod=score_mod, scale=scale,
+                                    return_lse=True)
+    rows = lse[0, 0, 1] if case == "inf in Q" else lse
+    assert torch.equal(rows, torch.full_like(rows, INF))
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("name", ["causal", "off_by_one", "sink", "differential", "softpick",
+                                  "softmax_3pass"])
+def test_a_plus_infinite_score_in_a_spec_matches_the_oracle_nan_for_nan_and_inf_for_inf(
+        name: str) -> None:
+    """Every store of a row holding a +inf score, as the oracle evaluates the spec: the
+    log-sum-exp of ``causal`` is +inf, a 3-pass softmax's ``GM + log(SD)`` is NaN as written
+    (``SD = sum exp(QK - GM)`` with ``GM = +inf``), outputs NaN."""
+    (c,) = parse_file(EXAMPLES / f"{name}.attn").values()
+    gen = torch.Generator().manual_seed(0)
+    prob = random_problem(c, index_sizes(c, 1, 2, 2, 20, 20, 16, 16), torch.float32, gen)
+    q = next(n for n in prob.inputs if n.startswith("Q"))
+    prob.inputs[q][0, 0, 1, 0] = INF  # row 1 of head 0: +inf and -inf scores
+    out = attndsl.compile(c)(prob.inputs, prob.params, prob.captured)
+    ref = oracle(c, prob)
+    for store in ref:
+        got, want = out[store].double(), ref[store]
+        assert torch.equal(got.isnan(), want.isnan()), store
+        kept = ~want.isnan()
+        torch.testing.assert_close(got[kept], want[kept], atol=1e-4, rtol=1e-4)
