@@ -660,6 +660,10 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     for pi, p in enumerate(k.passes):
         L(1, f"# pass {pi + 1} over the key tiles")
         for mx in p.maxes:
+            if _empty_row_sum(p, mx):
+                L(1, f"{mx.var} = tl.full([BLOCK_M], {literal(-FLT_MAX)}, tl.float32)  # the "
+                     f"stabiliser, finite from the start")
+                continue
             L(1, f'{mx.var} = tl.full([BLOCK_M], float("-inf"), tl.float32)')
             if mx.stabilizer:
                 L(1, f"{mx.var}_use = tl.zeros([BLOCK_M], tl.float32)")
@@ -678,6 +682,13 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
                               "(pid_m * BLOCK_M) // SPARSE_Q", "SPARSE_KV", "BLOCK_N", "start_n",
                               "N_len", lambda L, depth, visit=visit: _ranges(L, depth, k, visit))
         for mx in p.maxes:
+            empty = _empty_row_sum(p, mx)
+            later = [st.expr for st in k.stores] + [e for q in k.passes[pi + 1:] for e in
+                                                    [x.arg for x in q.maxes] +
+                                                    [x.body for x in q.sums]]
+            if empty and any(_reads(e, mx.var) or _reads(e, mx.var + ".safe") for e in later):
+                L(1, f'{mx.var} = tl.where(({mx.var} == {literal(-FLT_MAX)}) & ({empty} == 0.0), '
+                     f'float("-inf"), {mx.var})  # the max: -inf on a row of no kept key')
             floor = f"tl.maximum({mx.var}, 0.0)" if mx.floor0 else \
                 f'tl.where({mx.var} == float("-inf"), 0.0, {mx.var})'
             L(1, f"{mx.var}_safe = {floor}")
@@ -792,8 +803,9 @@ def _emit_step_function(fn: str, p: KVPass, step: str, kernel: list[str], args: 
     The function takes the pass's running values (and returns them updated), every kernel
     argument or kernel-scope variable the step reads, ``start_n``, the constexprs it reads and
     MASKED (a partial tile: evaluate the mask)."""
-    state = [v for mx in p.maxes for v in ([mx.var, f"{mx.var}_use"] if mx.stabilizer
-                                           else [mx.var])] + [s.var for s in p.sums]
+    state = [v for mx in p.maxes for v in ([mx.var, f"{mx.var}_use"] if mx.stabilizer and
+                                           not _empty_row_sum(p, mx) else [mx.var])] + \
+        [s.var for s in p.sums]
     used = set(_NAME.findall(step))
     scope = list(dict.fromkeys(args + _ASSIGNED.findall("\n".join(kernel))))
     own = set(_ASSIGNED.findall(step)) | {"start_n"}  # the step's locals, its tile start
@@ -981,7 +993,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         idx[m], idx[n] = "offs_m[:, None]", "offs_n[None, :]"
         rows = {r: f"{v}[:, None]" for r, v in finished.items()}
         for mx in p.maxes:
-            if mx.stabilizer:
+            if mx.stabilizer and not _empty_row_sum(p, mx):
                 rows[mx.var] = f"{mx.var}_use[:, None]"
         env = Env(idx, rows, head_env.params, head_env.captured,
                   {m: "row_ok[:, None]", n: "col_ok[None, :]"}, dict(loop_hoisted),
@@ -1041,7 +1053,9 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             scores[arg] = y
             env.hoisted[arg] = y  # the score, masked, is printed once and read by the sums
             L(0, f"{mx.var}_new = tl.maximum({mx.var}, {mx.var}_tile)")
-            if mx.stabilizer:
+            if mx.stabilizer and _empty_row_sum(p, mx):
+                L(0, f"{mx.var}_use_new = {mx.var}_new  # the stabiliser: finite (>= its start)")
+            elif mx.stabilizer:
                 _emit_stabiliser(L, mx, bounded_below(arg) and f"EVEN_N{unmasked}",
                                  _read_as_own_weights(p, mx))
         shared: dict = {"names": names}
@@ -1054,7 +1068,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
                       _full_tile(sbody, dots, m, n))
         for mx in p.maxes:
             L(0, f"{mx.var} = {mx.var}_new")
-            if mx.stabilizer:
+            if mx.stabilizer and not _empty_row_sum(p, mx):
                 L(0, f"{mx.var}_use = {mx.var}_use_new")
         return "\n".join(L.out)
 
@@ -1080,6 +1094,27 @@ def _read_as_own_weights(p: KVPass, mx: RunningMax) -> bool:
     reads_self = any(x.op is Op.ROW and x.arg == mx.var for x in mx.arg.walk())
     return not reads_self and all(only_weights(e) for e in
                                   [x.arg for x in p.maxes] + [s.body for s in p.sums])
+
+
+def _empty_row_sum(p: KVPass, mx: RunningMax) -> str | None:
+    """The row sum of pass ``p`` that is 0 exactly on the rows of no kept key, when the running
+    max ``mx`` may start at -FLT_MAX instead of -inf and be its own stabiliser; else None.
+
+    With every read of ``mx`` a weight 2^(a - m) of its own argument
+    (:func:`_read_as_own_weights`) and every rescale 2^(k (old - new)) with k > 0, the floor
+    ``max(m, -FLT_MAX)`` of each step (one ``max`` per row per key tile) is the same as
+    starting ``m`` at -FLT_MAX: max(max(m, t), -F) = max(max(m, -F), t).  A rescale from the
+    start is then 2^(-F - new) (0, or 1 while nothing is kept) in place of 2^(-inf - new) = 0:
+    either times sums that are still 0.  The epilogue needs the raw max back (-inf on an empty
+    row): a sum ``l`` of the weights 2^(a - m) alone is 0 there and > 0 on a row with a kept key
+    a > -inf (the key at the max enters ``l`` with weight 2^0 = 1; a weight of 0 needs the
+    rounding of a contracted ``a - m`` to exceed 149, so |m| > 2^32), so the row is empty where
+    m is still -F and l is 0."""
+    if not mx.stabilizer or mx.floor0 or not _read_as_own_weights(p, mx) or \
+            any(k <= 0 for s in p.sums for u, k in s.units if u == mx.var):
+        return None
+    return next((s.var for s in p.sums if s.v is None and s.units == ((mx.var, 1),)
+                 and _own_weight(s.body, mx)), None)
 
 
 def _own_weight(e: Expr, mx: RunningMax) -> bool:

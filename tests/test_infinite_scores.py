@@ -77,6 +77,28 @@ def test_the_kernels_lse_is_plus_infinity_where_a_kept_score_is(case: str) -> No
     assert torch.equal(rows, torch.full_like(rows, INF))
 
 
+def test_the_max_that_starts_at_minus_flt_max_is_minus_inf_again_on_an_empty_row() -> None:
+    """After the key tiles the raw max of a row with no kept key is -inf (its row sum is 0),
+    a row with a kept key keeps its max: max_scores, lse and the output as the oracle's."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen) for _ in range(3))
+
+    def score_mod(score, b, h, q_idx, kv_idx):  # rows 0..4 empty, row 5 keeps one key
+        return torch.where(q_idx < 5, -math.inf, torch.where((q_idx == 5) & (kv_idx > 0),
+                                                             -math.inf, score))
+
+    out, aux = attndsl.flex_attention(q, k, v, score_mod=score_mod,
+                                      return_aux=attndsl.AuxRequest(lse=True, max_scores=True))
+    assert torch.equal(aux.max_scores[:, :, :5], torch.full_like(aux.max_scores[:, :, :5],
+                                                                 -math.inf))
+    assert torch.equal(aux.lse[:, :, :5], torch.full_like(aux.lse[:, :, :5], -math.inf))
+    assert torch.equal(out[:, :, :5], torch.zeros_like(out[:, :, :5]))
+    scores = (q[:, :, 5] * k[:, :, 0]).sum(-1) / 4.0
+    torch.testing.assert_close(aux.max_scores[:, :, 5], scores)
+    torch.testing.assert_close(aux.lse[:, :, 5], scores)
+    torch.testing.assert_close(out[:, :, 5], v[:, :, 0])
+
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
