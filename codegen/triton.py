@@ -636,9 +636,14 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     gathers = _kernel_gathers(k, names)
     _emit_gathers(gathers, L, row_env)
     finished: dict[str, str] = {}
+    infinite: dict[str, str] = {}  # row sum -> its stabiliser, made 1 where that is +inf
     for pi, p in enumerate(k.passes):
         L(1, f"# pass {pi + 1} over the key tiles")
         for mx in p.maxes:
+            if _empty_row_sum(p, mx):
+                L(1, f"{mx.var} = tl.full([BLOCK_M], {literal(-FLT_MAX)}, tl.float32)  # the "
+                     f"stabiliser, finite from the start")
+                continue
             L(1, f'{mx.var} = tl.full([BLOCK_M], float("-inf"), tl.float32)')
             if mx.stabilizer:
                 L(1, f"{mx.var}_use = tl.zeros([BLOCK_M], tl.float32)")
@@ -657,14 +662,23 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
                               "(pid_m * BLOCK_M) // SPARSE_Q", "SPARSE_KV", "BLOCK_N", "start_n",
                               "N_len", lambda L, depth, visit=visit: _ranges(L, depth, k, visit))
         for mx in p.maxes:
+            empty = _empty_row_sum(p, mx)
+            later = [st.expr for st in k.stores] + [e for q in k.passes[pi + 1:] for e in
+                                                    [x.arg for x in q.maxes] +
+                                                    [x.body for x in q.sums]]
+            if empty and any(_reads(e, mx.var) or _reads(e, mx.var + ".safe") for e in later):
+                L(1, f'{mx.var} = tl.where(({mx.var} == {literal(-FLT_MAX)}) & ({empty} == 0.0), '
+                     f'float("-inf"), {mx.var})  # the max: -inf on a row of no kept key')
             floor = f"tl.maximum({mx.var}, 0.0)" if mx.floor0 else \
                 f'tl.where({mx.var} == float("-inf"), 0.0, {mx.var})'
             L(1, f"{mx.var}_safe = {floor}")
             finished[mx.var] = mx.var
             finished[mx.var + ".safe"] = f"{mx.var}_safe"
+        infinite.update(_infinite_rows(k, p))
         for s in p.sums:
             finished[s.var] = s.var
     L(1, "# outputs")
+    printed: set[str] = set()  # the row sums of infinite whose l_inf is printed
     for st in k.stores:
         ptr = names.outputs[st.name]
         is_tile = st.tile
@@ -672,6 +686,13 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         for s in (x for p in k.passes for x in p.sums):
             if s.v is not None:
                 rows[s.var] = s.var
+        for s, mx in infinite.items():
+            if _reads(st.expr, mx + ".safe"):  # reads the sum as 2^m * l
+                if s not in printed:  # printed where first read: a short live range
+                    printed.add(s)
+                    L(1, f'{s}_inf = tl.where({mx} == float("inf"), 1.0, {s})  # a +inf '
+                         f"score: the sum of exp is +inf")
+                rows[s] = f"{s}_inf[:, None]" if is_tile else f"{s}_inf"
         idx = dict(scalar_index)
         idx[m] = "offs_m[:, None]" if is_tile else "offs_m"
         if f is not None:
@@ -762,8 +783,9 @@ def _emit_step_function(fn: str, p: KVPass, step: str, kernel: list[str], args: 
     The function takes the pass's running values (and returns them updated), every kernel
     argument or kernel-scope variable the step reads, ``start_n``, the constexprs it reads and
     MASKED (a partial tile: evaluate the mask)."""
-    state = [v for mx in p.maxes for v in ([mx.var, f"{mx.var}_use"] if mx.stabilizer
-                                           else [mx.var])] + [s.var for s in p.sums]
+    state = [v for mx in p.maxes for v in ([mx.var, f"{mx.var}_use"] if mx.stabilizer and
+                                           not _empty_row_sum(p, mx) else [mx.var])] + \
+        [s.var for s in p.sums]
     used = set(_NAME.findall(step))
     scope = list(dict.fromkeys(args + _ASSIGNED.findall("\n".join(kernel))))
     own = set(_ASSIGNED.findall(step)) | {"start_n"}  # the step's locals, its tile start
@@ -955,7 +977,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         idx[m], idx[n] = "offs_m[:, None]", "offs_n[None, :]"
         rows = {r: f"{v}[:, None]" for r, v in finished.items()}
         for mx in p.maxes:
-            if mx.stabilizer:
+            if mx.stabilizer and not _empty_row_sum(p, mx):
                 rows[mx.var] = f"{mx.var}_use[:, None]"
         env = Env(idx, rows, head_env.params, head_env.captured,
                   {m: "row_ok[:, None]", n: "col_ok[None, :]"}, dict(loop_hoisted),
@@ -1015,7 +1037,9 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             scores[arg] = y
             env.hoisted[arg] = y  # the score, masked, is printed once and read by the sums
             L(0, f"{mx.var}_new = tl.maximum({mx.var}, {mx.var}_tile)")
-            if mx.stabilizer:
+            if mx.stabilizer and _empty_row_sum(p, mx):
+                L(0, f"{mx.var}_use_new = {mx.var}_new  # the stabiliser: finite (>= its start)")
+            elif mx.stabilizer:
                 _emit_stabiliser(L, mx, bounded_below(arg) and f"EVEN_N{unmasked}",
                                  _read_as_own_weights(p, mx))
         shared: dict = {"names": names}
@@ -1028,7 +1052,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
                       _full_tile(sbody, dots, m, n))
         for mx in p.maxes:
             L(0, f"{mx.var} = {mx.var}_new")
-            if mx.stabilizer:
+            if mx.stabilizer and not _empty_row_sum(p, mx):
                 L(0, f"{mx.var}_use = {mx.var}_use_new")
         return "\n".join(L.out)
 
@@ -1045,9 +1069,7 @@ def _read_as_own_weights(p: KVPass, mx: RunningMax) -> bool:
     select per row, with the same results bit for bit.  A read of any other form (``exp(-m)``
     of an off-by-one denominator, a score not in the max) would see the replacement value."""
     def only_weights(e: Expr) -> bool:
-        if e.op in (Op.EXP, Op.EXP2) and e.src[0].op is Op.SUB and \
-                e.src[0].src[0] == mx.arg and e.src[0].src[1].op is Op.ROW and \
-                e.src[0].src[1].arg == mx.var:
+        if _own_weight(e, mx):
             return True
         if e.op is Op.ROW and e.arg == mx.var:
             return False
@@ -1056,6 +1078,63 @@ def _read_as_own_weights(p: KVPass, mx: RunningMax) -> bool:
     reads_self = any(x.op is Op.ROW and x.arg == mx.var for x in mx.arg.walk())
     return not reads_self and all(only_weights(e) for e in
                                   [x.arg for x in p.maxes] + [s.body for s in p.sums])
+
+
+def _empty_row_sum(p: KVPass, mx: RunningMax) -> str | None:
+    """The row sum of pass ``p`` that is 0 exactly on the rows of no kept key, when the running
+    max ``mx`` may start at -FLT_MAX instead of -inf and be its own stabiliser; else None.
+
+    With every read of ``mx`` a weight 2^(a - m) of its own argument
+    (:func:`_read_as_own_weights`) and every rescale 2^(k (old - new)) with k > 0, the floor
+    ``max(m, -FLT_MAX)`` of each step (one ``max`` per row per key tile) is the same as
+    starting ``m`` at -FLT_MAX: max(max(m, t), -F) = max(max(m, -F), t).  A rescale from the
+    start is then 2^(-F - new) (0, or 1 while nothing is kept) in place of 2^(-inf - new) = 0:
+    either times sums that are still 0.  The epilogue needs the raw max back (-inf on an empty
+    row): a sum ``l`` of the weights 2^(a - m) alone is 0 there and > 0 on a row with a kept key
+    a > -inf (the key at the max enters ``l`` with weight 2^0 = 1; a weight of 0 needs the
+    rounding of a contracted ``a - m`` to exceed 149, so |m| > 2^32), so the row is empty where
+    m is still -F and l is 0."""
+    if not mx.stabilizer or mx.floor0 or not _read_as_own_weights(p, mx) or \
+            any(k <= 0 for s in p.sums for u, k in s.units if u == mx.var):
+        return None
+    return next((s.var for s in p.sums if s.v is None and s.units == ((mx.var, 1),)
+                 and _own_weight(s.body, mx)), None)
+
+
+def _own_weight(e: Expr, mx: RunningMax) -> bool:
+    """Whether ``e`` is ``exp(a - m)`` or ``exp2(a - m)`` of the max ``m`` = ``mx`` of ``a``."""
+    return e.op in (Op.EXP, Op.EXP2) and e.src[0].op is Op.SUB and \
+        e.src[0].src[0] == mx.arg and e.src[0].src[1].op is Op.ROW and \
+        e.src[0].src[1].arg == mx.var
+
+
+def _infinite_rows(k: TileKernel, p: KVPass) -> dict[str, str]:
+    """Row sums ``l`` of pass ``p`` read by a store as ``sum 2^a`` = ``2^m * l``: sum -> the
+    stabiliser ``m`` = max ``a`` whose weights ``2^(a - m)`` it sums, for each such ``l`` that
+    some store reads beside ``m``'s ``.safe`` form (the streamed forms' un-scaling, e.g. the
+    log-sum-exp ``log l + m.safe``).
+
+    Why: a kept score of +inf makes ``m`` = +inf and that score's weight 2^(inf - inf) NaN, so
+    ``l`` is NaN, and so would be the log-sum-exp where ``sum 2^a`` is +inf (torch's and the
+    float64 oracle's lse).  Any finite positive ``l`` with ``m`` = +inf stands for +inf; 1 is
+    the weight of the max itself (``l_inf``, printed before the first store reading it: once
+    per row after the key tiles, nothing in the loops).  A store reading ``l`` without
+    ``.safe`` keeps it as is: a ratio ``acc / l`` is NaN either way (``acc`` is NaN, as the
+    oracle's output), and a 3-pass softmax's ``GM + log(SD)`` reads the cascade's own
+    ``max(n)`` raw, whose ``sum exp(s - GM)`` the oracle evaluates as written: NaN."""
+    out = {}
+    for s in p.sums:
+        mx = next((x for x in p.maxes if x.stabilizer and not x.floor0
+                   and _own_weight(s.body, x)), None)
+        if s.v is None and mx is not None and any(_reads(st.expr, s.var) and
+                                                  _reads(st.expr, mx.var + ".safe")
+                                                  for st in k.stores):
+            out[s.var] = mx.var
+    return out
+
+
+def _reads(e: Expr, row: str) -> bool:
+    return any(x.op is Op.ROW and x.arg == row for x in e.walk())
 
 
 def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool, own_weights: bool) -> None:

@@ -130,10 +130,14 @@ def _causal_kernel():
 
 def test_a_stabiliser_read_only_in_its_own_weights_is_floored_at_minus_flt_max() -> None:
     """exp2(s - m) and the rescale 2^(m_old - m) are 0 for any finite m when the row has no
-    finite score yet, so -inf becomes -FLT_MAX by one max, not by a compare and a select."""
+    finite score yet, so -inf becomes -FLT_MAX, not by a compare and a select: the running
+    max starts there, so it is its own stabiliser and no key tile floors it."""
     source = module_source(_causal_kernel())
-    assert "m_i_use_new = tl.maximum(m_i_new, -3.4028234663852886e+38)" in source
+    assert "m_i = tl.full([BLOCK_M], -3.4028234663852886e+38, tl.float32)" in source
     assert 'm_i_new == float("-inf")' not in source
+    assert "tl.maximum(m_i_new, -3.4028234663852886e+38)" not in source
+    assert "m_i_use =" not in source  # one running max is carried, not two
+
 
 
 def test_a_stabiliser_read_outside_its_own_weights_keeps_zero_for_an_empty_row() -> None:
