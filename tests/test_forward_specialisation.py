@@ -206,8 +206,8 @@ def test_each_step_updates_its_row_sums_before_it_loads_the_v_tile(spec: str) ->
 def test_rows_with_no_finite_score_yet_keep_a_finite_stabiliser_and_torchs_attention(
         lengths: tuple[int, int]) -> None:
     """A score of -inf on the first key tiles of a row (and on every key of the last rows)
-    leaves the running max at -inf there; the step's stabiliser is then ``max(m, -FLT_MAX)``
-    (one max instead of a compare and a select): every weight 2^(-inf + FLT_MAX) is exactly
+    would leave the running max at -inf there; it starts at -FLT_MAX instead (no compare and
+    select per tile): every weight 2^(-inf + FLT_MAX) is exactly
     0, the next finite tile rescales nothing, and the result is torch's (rows of no finite
     score: output 0, lse -inf), over full tiles (EVEN_N) and ragged ones."""
     import attndsl
@@ -217,8 +217,10 @@ def test_rows_with_no_finite_score_yet_keep_a_finite_stabiliser_and_torchs_atten
         return torch.where(kv < 2 * q, -torch.inf, score)
 
     source = module_source(compile_cascade(lower_flex(score_mod=score_mod).cascade).kernel)
-    assert "m_i_use_new = tl.maximum(m_i_new, -3.4028234663852886e+38)" in source
+    # the max starts finite (codegen/triton.py _emit_kernel): no per-tile -inf replacement
+    assert "m_i = tl.full([BLOCK_M], -3.4028234663852886e+38, tl.float32)" in source
     assert 'm_i_new == float("-inf")' not in source
+    assert "tl.maximum(m_i_new, -3.4028234663852886e+38)" not in source
     m, n = lengths
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, length, 16, generator=gen) for length in (m, n, n))
