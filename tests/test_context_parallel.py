@@ -231,6 +231,34 @@ def additive_cascades(rank: int, world: int, group) -> None:
             torch.testing.assert_close(got.grad, mine(full.grad), atol=1e-4, rtol=1e-4)
 
 
+def a_head_dim_mismatch_on_the_last_rank_only(rank: int, world: int, group) -> None:
+    """The last rank's query has head dim 32 against its keys' 16: refused by that rank's
+    check, raised on every rank (else the others wait in the gather of lengths)."""
+    q, k, v = _inputs(1, 2, 8, 16)
+    if rank == world - 1:
+        q = torch.randn(1, 2, 8, 32)
+    with pytest.raises(AttentionError, match=rf"rank {world - 1} of {world} refused: "
+                                             r".*query head dim 32 != key head dim 16"):
+        context_parallel_attention(q, k, v, group=group)
+
+
+def more_heads_on_one_rank(rank: int, world: int, group) -> None:
+    """Each rank's tensors agree with each other, but rank 1 has three heads: refused on
+    every rank before the ring sends key shards of another shape."""
+    q, k, v = _inputs(1, 2 + (rank == 1), 8, 16)
+    with pytest.raises(AttentionError, match="rank 1 has query heads 3 but rank 0 has 2"):
+        context_parallel_attention(q, k, v, group=group)
+
+
+def a_tree_decode_refused_by_one_rank(rank: int, world: int, group) -> None:
+    """kv_positions of the wrong length on rank 0 only: every rank raises."""
+    q, k, v = _inputs(1, 2, 8, 16)
+    with torch.no_grad(), pytest.raises(AttentionError, match=f"rank 0 of {world} refused: "
+                                                              ".*kv_positions has 9 entries"):
+        tree_decode(q[:, :, :1], k, v, group=group,
+                    kv_positions=torch.arange(8 + (rank == 0)) + 8 * rank)
+
+
 TWO = [causal_alibi_every_layout, sliding_window_gqa, documents, padded_queries, sinks_causal,
        text_cascade_with_sinks, tree_decode_matches_one_process, unshardable_lengths_are_refused]
 FOUR = [documents, padded_queries, keys_nobody_needs_are_not_sent, fewer_rows_than_ranks,
@@ -246,3 +274,18 @@ def test_two_and_four_ranks_match_one_process_forward_and_backward():
                     reason="NCCL needs two CUDA devices")
 def test_nccl_runs_the_same_code():  # pragma: no cover - GPU machines only
     spawn(2, [(2, causal_alibi_every_layout), (2, sinks_causal)], backend="nccl")
+
+
+REFUSAL_TIMEOUT = 180  # s: far above a refusal's run, so a hang fails the test
+
+
+def test_a_shape_mismatch_on_one_rank_only_is_refused_on_every_rank_not_left_hanging():
+    spawn(2, [(2, a_head_dim_mismatch_on_the_last_rank_only)], timeout=REFUSAL_TIMEOUT)
+
+
+def test_ranks_holding_different_head_counts_are_refused_before_the_ring():
+    spawn(2, [(2, more_heads_on_one_rank)], timeout=REFUSAL_TIMEOUT)
+
+
+def test_a_tree_decode_argument_refused_by_one_rank_is_refused_on_every_rank():
+    spawn(2, [(2, a_tree_decode_refused_by_one_rank)], timeout=REFUSAL_TIMEOUT)

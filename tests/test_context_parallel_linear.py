@@ -17,6 +17,7 @@ from tests.cp_harness import spawn
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TOL = dict(atol=1e-4, rtol=1e-4)
+REFUSAL_TIMEOUT = 180  # s: far above a refusal's run, so a hang fails the test
 
 
 def _spec(name: str):
@@ -95,6 +96,44 @@ def other_layouts_are_refused(rank: int, world: int, group) -> None:
                                 {"Q": q, "K": q, "V": q}, group=group, layout="striped")
 
 
+def _refused_on_every_rank(rank: int, world: int, group, inputs: dict, captured: dict,
+                           match: str) -> None:
+    """Every rank raises the same refusal (a rank refusing alone would leave the others in
+    the all-gather: the spawn's timeout turns that hang into a failure)."""
+    kern = attndsl.compile(_spec("simple_gla"))
+    with pytest.raises(AttentionError, match=match):
+        context_parallel_linear(kern, inputs, captured=captured, group=group, chunk=16)
+
+
+def a_non_finite_gate_on_the_last_rank_only(rank: int, world: int, group) -> None:
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    gate = torch.randn(1, 2, 8)
+    if rank == world - 1:
+        gate[0, 1, 3] = float("nan")
+    _refused_on_every_rank(rank, world, group, {"Q": q, "K": k, "V": v}, {"A": gate},
+                           rf"rank {world - 1} of {world} refused: .*gate .* must be finite")
+
+
+def a_gate_of_the_wrong_shape_on_the_first_rank_only(rank: int, world: int, group) -> None:
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    gate = torch.randn(1, 2, 8 + (rank == 0))
+    _refused_on_every_rank(rank, world, group, {"Q": q, "K": k, "V": v}, {"A": gate},
+                           rf"rank 0 of {world} refused: ")
+
+
+def more_heads_on_one_rank_than_on_the_others(rank: int, world: int, group) -> None:
+    heads = 2 + (rank == 1)
+    q, k, v = (torch.randn(1, heads, 8, 16) for _ in range(3))
+    _refused_on_every_rank(rank, world, group, {"Q": q, "K": k, "V": v},
+                           {"A": torch.randn(1, heads, 8)},
+                           r"rank 1 has state size 771 but rank 0 has 514; every rank must "
+                           r"hold the same batch, heads")  # 2 heads x (16 x 16 + 1) values
+
+
+def _refusal_test(case) -> None:
+    spawn(2, [(2, case)], timeout=REFUSAL_TIMEOUT)
+
+
 TWO = [retention_matches_one_process, simple_gla_matches_one_process,
        gla_matches_one_process, two_outputs_share_one_all_gather, other_layouts_are_refused]
 FOUR = [retention_matches_one_process, simple_gla_matches_one_process,
@@ -155,3 +194,15 @@ def test_a_feature_reading_the_position_as_a_value_is_refused():
     with pytest.raises(AttentionError, match="O's query feature uses the position m"):
         _check_shardable(kern.compiled.stage("materialise-scans"),
                          kern.compiled.linear.outputs[0])
+
+
+def test_a_non_finite_gate_on_one_rank_only_is_refused_on_every_rank_not_left_hanging():
+    _refusal_test(a_non_finite_gate_on_the_last_rank_only)
+
+
+def test_a_gate_of_the_wrong_shape_on_one_rank_only_is_refused_on_every_rank():
+    _refusal_test(a_gate_of_the_wrong_shape_on_the_first_rank_only)
+
+
+def test_ranks_holding_different_head_counts_are_refused_before_the_all_gather():
+    _refusal_test(more_heads_on_one_rank_than_on_the_others)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from attndsl.distributed.additive import AdditivePairs, is_additive
+from attndsl.distributed.agree import dtype_code, refuse_unequal, settle
 from attndsl.distributed.kernels import PairKernels
 from attndsl.distributed.layout import all_positions, check_layout
 from attndsl.distributed.merge import add_sink
@@ -49,14 +50,6 @@ def process_group(group: Any) -> Any:
                                  f"{group.ndim} dimensions; slice it: mesh['cp']")
         return group.get_group()
     return group
-
-
-def _global_lengths(q: Tensor, k: Tensor, group: Any, world: int) -> list[list[int]]:
-    """[[L_r, S_r] for every rank r]: one small all-gather."""
-    mine = torch.tensor([q.shape[2], k.shape[2]], dtype=torch.int64, device=q.device)
-    every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine, group=group)
-    return [t.tolist() for t in every]
 
 
 def _check_lengths(lengths: list[list[int]], pos: list[Tensor], what: str, col: int,
@@ -88,35 +81,35 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     the keys -- sigmoid, ReLU^2 -- whose shard outputs add, :mod:`.additive`; its tensors in
     ``captured``, its scalars in ``params``) it returns the cascade's outputs by name
     instead."""
-    scale = check_scale("context_parallel_attention", scale)
     group = process_group(group)
-    layout = check_layout(layout)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    q, k, v = (x.movedim(seq_dim, 2) for x in (query, key, value))
-    check_qkv(q, k, v, enable_gqa or cascade is not None)
-    lengths = _global_lengths(q, k, group, world)
+    try:  # every rank-local refusal before any communication, then agreed by every rank
+        scale = check_scale("context_parallel_attention", scale)
+        layout = check_layout(layout)
+        q, k, v = (x.movedim(seq_dim, 2) for x in (query, key, value))
+        check_qkv(q, k, v, enable_gqa or cascade is not None)
+        _check_arguments(cascade, score_mod, mask_mod, sinks, params, captured)
+        facts, error = _facts(q, k, v), None
+    except Exception as err:  # noqa: BLE001 - re-raised on every rank by settle
+        facts, error = [0] * len(_FACTS), err
+    table = settle(group, error, facts)  # the gather of lengths, carrying the refusals
+    refuse_unequal([row[2:] for row in table], _FACTS[2:],
+                   "every rank must pass the same batch, heads, head dims and dtype")
+    lengths = [row[:2] for row in table]
     q_pos = all_positions(layout, sum(x[0] for x in lengths), world)
     k_pos = all_positions(layout, sum(x[1] for x in lengths), world)
     _check_lengths(lengths, q_pos, "query", 0, layout)
     _check_lengths(lengths, k_pos, "key", 1, layout)
     form = None
     if cascade is None:
-        for name, given in (("params", params), ("captured", captured)):
-            if given:
-                raise AttentionError(f"context_parallel_attention: {name}= holds a cascade's "
-                                     f"own {name}; with score_mod / mask_mod it would be "
-                                     f"ignored (their tensors are captured from the "
-                                     f"functions)")
         kernels = PairKernels.of(score_mod, mask_mod)
     elif is_additive(cascade):
-        _programs_refused(score_mod, mask_mod, sinks)
         kernels = AdditivePairs.of(cascade, captured, params, sum(x[0] for x in lengths),
                                    sum(x[1] for x in lengths))
     else:
         extents = {cascade.index(cascade.role("query")).extent: sum(x[0] for x in lengths),
                    cascade.index(cascade.role("key")).extent: sum(x[1] for x in lengths)}
-        form = _softmax_form(cascade, params, captured, extents, q, k, score_mod, mask_mod,
-                             sinks)
+        form = _softmax_form(cascade, params, captured, extents, q, k)
         kernels = PairKernels.of_cascade(form.flex, form.captured)
         sinks = form.sink_logit(q.shape[1])
         scale = (params or {}).get("scale", scale) if form.scaled else 1.0
@@ -137,10 +130,8 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
 
 
 def _softmax_form(cascade: Cascade, params: dict | None, captured: dict | None,
-                  extents: dict[str, int], q: Tensor, k: Tensor, score_mod: Callable | None,
-                  mask_mod: Callable | None, sinks: Tensor | None) -> SoftmaxForm:
+                  extents: dict[str, int], q: Tensor, k: Tensor) -> SoftmaxForm:
     """The cascade's softmax form; a group size ``G`` defaults to the head ratio."""
-    _programs_refused(score_mod, mask_mod, sinks)
     params = dict(params or {})
     if any(p.name == "G" for p in cascade.params):
         params.setdefault("G", q.shape[1] // max(1, k.shape[1]))
@@ -158,19 +149,28 @@ def tree_decode(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable |
     states merge with an all-reduce of the row maxima and one all-reduce of the rescaled
     (sum, acc) -- two collectives, no ring.  The queries sit at ``q_positions`` (default:
     the last Lq positions of the whole cache).  Forward only."""
-    scale = check_scale("tree_decode", scale)
     group = process_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    check_qkv(query, key, value, enable_gqa)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        raise AttentionError("tree_decode is forward-only (decoding); call it under "
-                             "torch.no_grad() or use context_parallel_attention to train")
-    total = sum(x[1] for x in _global_lengths(query, key, group, world))
+    try:  # every rank-local refusal before any communication, then agreed by every rank
+        scale = check_scale("tree_decode", scale)
+        check_qkv(query, key, value, enable_gqa)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            raise AttentionError("tree_decode is forward-only (decoding); call it under "
+                                 "torch.no_grad() or use context_parallel_attention to train")
+        if kv_positions is not None and kv_positions.numel() != key.shape[2]:
+            raise AttentionError(f"kv_positions has {kv_positions.numel()} entries for a key "
+                                 f"shard of {key.shape[2]} rows")
+        facts, error = _facts(query, key, value), None
+    except Exception as err:  # noqa: BLE001 - re-raised on every rank by settle
+        facts, error = [0] * len(_FACTS), err
+    table = settle(group, error, facts)
+    refuse_unequal([[row[0], *row[2:]] for row in table], (_FACTS[0], *_FACTS[2:]),
+                   "every rank must pass the same queries, heads, head dims and dtype")
+    total = sum(row[1] for row in table)
     if kv_positions is None:
-        kv_positions = all_positions("contiguous", total, world)[rank]
-    if kv_positions.numel() != key.shape[2]:
-        raise AttentionError(f"kv_positions has {kv_positions.numel()} entries for a key "
-                             f"shard of {key.shape[2]} rows")
+        pos = all_positions("contiguous", total, world)
+        _check_lengths(table, pos, "key", 1, "contiguous")
+        kv_positions = pos[rank]
     if q_positions is None:
         q_positions = torch.arange(total - query.shape[2], total)
     kernels = PairKernels.of(score_mod, mask_mod)
@@ -214,6 +214,32 @@ def choose_layout(mask_mod: Callable | None, B: int, H: int, seq_len: int, world
     flex = lower_flex(None, mask_mod)
     mask = positioned(flex.cascade).mask.expr
     return best_layout(mask, flex.captured, B, H, seq_len, world, block)
+
+
+#: What every rank gathers: its lengths, then what the ranks must agree on.
+_FACTS = ("query length", "key length", "batch", "query heads", "key/value heads",
+          "head dim", "value head dim", "dtype")
+
+
+def _facts(q: Tensor, k: Tensor, v: Tensor) -> list[int]:
+    """This rank's values of :data:`_FACTS`."""
+    return [q.shape[2], k.shape[2], q.shape[0], q.shape[1], k.shape[1], q.shape[3],
+            v.shape[3], dtype_code(q.dtype)]
+
+
+def _check_arguments(cascade: Cascade | None, score_mod: Callable | None,
+                     mask_mod: Callable | None, sinks: Tensor | None, params: dict | None,
+                     captured: dict | None) -> None:
+    """cascade= excludes the programs and sinks; without it params= / captured= would be
+    ignored."""
+    if cascade is not None:
+        _programs_refused(score_mod, mask_mod, sinks)
+        return
+    for name, given in (("params", params), ("captured", captured)):
+        if given:
+            raise AttentionError(f"context_parallel_attention: {name}= holds a cascade's "
+                                 f"own {name}; with score_mod / mask_mod it would be "
+                                 f"ignored (their tensors are captured from the functions)")
 
 
 def _programs_refused(score_mod: Callable | None, mask_mod: Callable | None,

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from attndsl.distributed.agree import dtype_code, refuse_unequal, settle
 from attndsl.distributed.api import process_group
 from attndsl.distributed.ring import Replicated
 from attndsl.ir.cascade import Cascade
@@ -164,26 +165,18 @@ def context_parallel_linear(kernel: Any, inputs: dict[str, Tensor],
     captured tensors (gate logits) are this rank's consecutive piece (any lengths, even
     none); other captured tensors are the same on every rank.  Returns this rank's rows of
     every output by name.  Differentiable (see the module docstring)."""
-    if layout != "contiguous":
-        raise AttentionError(f"context-parallel linear attention needs the contiguous layout "
-                             f"(the state runs along positions, rank r after rank r - 1), "
-                             f"got {layout!r}")
-    check_chunk(chunk)
     group = process_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    shared = _replicated(kernel.compiled.cascade, {**kernel.captured, **(captured or {})},
-                         group)
-    setup = kernel.linear_setup(inputs, params, shared)
-    c, tensors = setup.cascade, setup.tensors
-    for out in setup.outputs:  # before any communication: every rank refuses alike
-        _check_shardable(c, out)
-    runs = []
-    for out in setup.outputs:
-        f = flat_features(out, c, tensors, setup.params, setup.scans)
-        o, local = run_chunked(chunk, f, None)
-        runs.append((out, f, o, local, _log_decay(f).to(local.dtype)))
-    every = _AllGather.apply(torch.cat([t.flatten() for *_, st, d in runs for t in (st, d)]),
-                             group, rank, world)  # one collective for every output
+    try:  # every rank-local refusal before any communication, then agreed by every rank
+        c, runs = _local_runs(kernel, inputs, params, captured, group, layout, chunk)
+        packed = torch.cat([t.flatten() for *_, st, d in runs for t in (st, d)])
+        error = None
+    except Exception as err:  # noqa: BLE001 - re-raised on every rank by settle
+        packed, error = None, err
+    facts = [0, -1] if packed is None else [packed.numel(), dtype_code(packed.dtype)]
+    refuse_unequal(settle(group, error, facts), ("state size", "dtype"),
+                   "every rank must hold the same batch, heads and feature dims (and dtype)")
+    every = _AllGather.apply(packed, group, rank, world)  # one collective for every output
     results, at = {}, 0
     for out, f, o, local, decay in runs:
         states = every[:, at:at + local.numel()].view(world, *local.shape)
@@ -193,3 +186,27 @@ def context_parallel_linear(kernel: Any, inputs: dict[str, Tensor],
         o = o + _from_initial(f, combine_states(states, decays, rank))
         results[out.name] = finish(out, c, f, o)
     return results
+
+
+def _local_runs(kernel: Any, inputs: dict[str, Tensor], params: dict | None,
+                captured: dict[str, Tensor] | None, group: Any, layout: str,
+                chunk: int | str) -> tuple[Cascade, list[tuple]]:
+    """This rank's checks and its kernel pass from a zero state: the cascade the kernels
+    read and, per output, (output, features, O from zero, state S_j, log decay d_j)."""
+    if layout != "contiguous":
+        raise AttentionError(f"context-parallel linear attention needs the contiguous layout "
+                             f"(the state runs along positions, rank r after rank r - 1), "
+                             f"got {layout!r}")
+    check_chunk(chunk)
+    shared = _replicated(kernel.compiled.cascade, {**kernel.captured, **(captured or {})},
+                         group)
+    setup = kernel.linear_setup(inputs, params, shared)
+    c, tensors = setup.cascade, setup.tensors
+    for out in setup.outputs:
+        _check_shardable(c, out)
+    runs = []
+    for out in setup.outputs:
+        f = flat_features(out, c, tensors, setup.params, setup.scans)
+        o, local = run_chunked(chunk, f, None)
+        runs.append((out, f, o, local, _log_decay(f).to(local.dtype)))
+    return c, runs
