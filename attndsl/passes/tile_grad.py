@@ -45,6 +45,11 @@ from attndsl.passes.rules import LOG2E, RULES, rewrite, simplify
 _PLACEHOLDER = "%row:"  # a ROW value as a LOAD variable while differentiating
 
 
+# the chain rule's weight tile W_s in a weighted term (TileBackward.weighted): the printer
+# prints it as the name of the tile it computed
+WEIGHT = E.load("%weight", ())
+
+
 @dataclass(frozen=True)
 class SiteGrad:
     """d(expression)/d(captured tensor at one gather site)."""
@@ -116,6 +121,11 @@ class TileBackward:
         if (d.k if side == "k" else d.q).var not in self.factors.get(side, {}):
             return deriv
         return split_factor(deriv, _tile(self.kernel))[1]
+
+    def weighted(self, term: Expr) -> Expr:
+        """``W * term`` as the loops multiply it (:func:`weighted`), ``W`` the placeholder
+        :data:`WEIGHT` for the weight tile the printer names."""
+        return weighted(WEIGHT, term)
 
     def recomputed(self) -> frozenset[str]:
         """The rows the rows kernel recomputes: those its outputs read, and what they read.
@@ -221,6 +231,38 @@ def lower(b: TileBackward) -> TileBackward:
     the printer only prints them."""
     return replace(b, unaries=unary_forms(b),
                    factors={side: common_factors(b, side) for side in ("k", "q")})
+
+
+def weighted(w: Expr, term: Expr) -> Expr:
+    """``w * term``, a chain-rule weight times d body / d qk, with one factor ``1 - b`` of
+    ``term`` multiplied out::
+
+        w * (a * (1 - b))  =  u - u * b,    u = w * a
+
+    Exact in real arithmetic, and the same value whenever ``u`` is finite (b = 1 gives an
+    exact 0 either way; a NaN anywhere stays NaN).  An infinite ``u`` -- an infinite weight,
+    that is an infinite incoming gradient -- gives NaN where the product form may give
+    +-inf; either way that gradient is not finite.  ``u - u * b`` is one FFMA per element
+    where the product form is a subtract and two multiplies, and the tile ``a (1 - b)`` is
+    not formed (and held in registers) while W's dot is still in flight: sigmoid's
+    ``s (1 - s)`` is the case, tanh's ``1 - t^2`` another.  A term with no such factor is
+    ``w * term``."""
+    factors = _factors(term)
+    for i, f in enumerate(factors):
+        one = f.src[0] if f.op is Op.SUB else None
+        if one is not None and one.op is Op.CONST and one.dtype == FLOAT and one.arg == 1.0:
+            u = w
+            for g in factors[:i] + factors[i + 1:]:
+                u = u * g
+            return u - u * f.src[1]
+    return w * term
+
+
+def _factors(e: Expr) -> list[Expr]:
+    """The factors of a product tree, left to right (``[e]`` for a non-product)."""
+    if e.op is Op.MUL:
+        return _factors(e.src[0]) + _factors(e.src[1])
+    return [e]
 
 
 def _tile(k: TileKernel) -> set[str]:
