@@ -51,7 +51,7 @@ from attndsl.ir.expr import BOOL, FLOAT, Expr, Op
 from attndsl.ir.tile import Operand, TileKernel
 from attndsl.passes.affine import is_zero
 from attndsl.passes.mask.closed_form import SPARSE_BLOCK
-from attndsl.passes.tile_grad import WEIGHT, SiteGrad, TileBackward, UnaryForm, rows_read
+from attndsl.passes.tile_grad import SiteGrad, TileBackward, UnaryForm, rows_read
 
 
 class _Names:
@@ -644,12 +644,6 @@ def _bounded(e: Expr) -> bool:
     return e.op in (Op.ADD, Op.SUB, Op.MUL, Op.NEG) and all(_bounded(x) for x in e.src)
 
 
-def _times_w(L: Lines, b: TileBackward, w: str, term: Expr, env: Env) -> str:
-    """The source of ``w * term`` in the form the backward IR gives it
-    (:meth:`TileBackward.weighted`), ``w`` the name of a weight tile already computed."""
-    return render_at(L, 0, b.weighted(term), replace(env, hoisted={**env.hoisted, WEIGHT: w}))
-
-
 def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
     """One (query tile, key tile) step: W_s, dV, dqk per dot, tile-site captured gradients.
     A d b / d qk term that vanishes with its sum's body (:func:`_vanishes`) reads the masked
@@ -681,11 +675,11 @@ def _emit_key_step(L: Lines, b: TileBackward, names: _Names, env: Env) -> None:
         for dot, deriv in s.dots:
             term = b.loop_deriv(dot, deriv, "k")
             if masked is not None and _vanishes(term, r.body):
-                free[dot].append(_times_w(L, b, f"w_{v}", term, masked))
+                free[dot].append(f"w_{v} * ({render_at(L, 0, term, masked)})")
             else:
-                dqk[dot].append(_times_w(L, b, f"w_{v}", term, env))
+                dqk[dot].append(f"w_{v} * ({render_at(L, 0, term, env)})")
         for site in s.sites:
-            sites.append((site, _times_w(L, b, f"w_{v}", site.deriv, env)))
+            sites.append((site, f"w_{v} * ({render_at(L, 0, site.deriv, env)})"))
     for d in k.dots:
         if not dqk[d.var] and not free[d.var]:
             continue
@@ -766,7 +760,7 @@ def _emit_query_step(L: Lines, b: TileBackward, env: Env) -> None:
         else:
             L(0, f"w_{v} = c_{v}[:, None]")
         for dot, deriv in s.dots:
-            dqk[dot].append(_times_w(L, b, f"w_{v}", b.loop_deriv(dot, deriv, "q"), env))
+            dqk[dot].append(f"w_{v} * ({render_at(L, 0, b.loop_deriv(dot, deriv, 'q'), env)})")
     for d in k.dots:
         if not dqk[d.var]:
             continue

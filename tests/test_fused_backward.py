@@ -233,8 +233,8 @@ def test_a_derivative_that_vanishes_with_the_masked_body_reads_it_without_a_seco
     src = Path(kernel.fused_backward.__file__).read_text()
     keys = src[src.index("def tile_bwd_keys_kernel("):src.index("def tile_bwd_queries_kernel(")]
     assert keys.count("p_l0 = tl.where(keep, sg0, 0.0)") == 2
-    # W s (1 - s) as W p - (W p) p (test_a_one_minus_factor_of_a_derivative_is_multiplied_out)
-    assert keys.count("dqk = ((w_l0 * p_l0) - ((w_l0 * p_l0) * p_l0))") == 2
+    # s (1 - s) as p - p p (test_a_one_minus_factor_of_a_derivative_is_multiplied_out)
+    assert keys.count("dqk = w_l0 * ((p_l0 - (p_l0 * p_l0)))") == 2
     s = E.unary(Op.SIGMOID, E.row("qk0"))
     assert _vanishes(s * (1.0 - s), s) and _vanishes(-(s * 2.0) / 3.0, s)
     assert not _vanishes(1.0 - s, s)  # 1 where the body is 0
@@ -265,25 +265,23 @@ def test_the_lowering_gives_the_printer_its_exp2_forms_and_common_factors() -> N
     assert not imported & {"rewrite", "simplify", "RULES", "affine", "invariant"}
 
 
-def test_a_one_minus_factor_of_a_derivative_is_multiplied_out_by_the_weight() -> None:
-    """W * (a (1 - b)) is printed as u - u b with u = W a (one FFMA per element, and no
-    a (1 - b) tile held while W's dot runs: sigmoid's fused dK/dV loop at D=64 on sm90 went
-    from 167 to 150 registers and 536 to 507 instructions).  The same value whenever W a is
-    finite, NaN for NaN; an infinite W a gives NaN where W a (1 - b) may be +-inf.  A term
-    with no such factor stays W * term."""
+def test_a_one_minus_factor_of_a_derivative_is_multiplied_out() -> None:
+    """a (1 - b) in d body / d qk is printed as a - a b (one FFMA per element, no 1 - b
+    tile: sigmoid's fused dK/dV loop at D=64 on sm90 went from 167 to 150 registers and 536
+    to 507 instructions).  The same value whenever a is finite, NaN for NaN; an infinite a
+    gives NaN where a (1 - b) may be +-inf.  Anything else is left as it is."""
     import itertools
 
     from attndsl.ir import expr as E
     from attndsl.ir.expr import Op
-    from attndsl.passes.tile_grad import weighted
+    from attndsl.passes.tile_grad import multiplied_out
 
-    w, a, b, c = (E.row(x) for x in ("w", "a", "b", "c"))
-    assert weighted(w, a * (1.0 - b)) == (w * a) - (w * a) * b
-    assert weighted(w, (1.0 - b) * a) == (w * a) - (w * a) * b
-    assert weighted(w, a * (1.0 - b) * c) == (w * a * c) - (w * a * c) * b
-    assert weighted(w, 1.0 - b) == w - w * b
-    for term in (a * (2.0 - b), a * (b - 1.0), a * b, -(a * (1.0 - b))):
-        assert weighted(w, term) == w * term
+    a, b, c = (E.row(x) for x in ("a", "b", "c"))
+    assert multiplied_out(a * (1.0 - b)) == a - a * b
+    assert multiplied_out((1.0 - b) * a) == a - a * b
+    assert multiplied_out(a * (1.0 - b) * c) == (a * c) - (a * c) * b
+    for e in (1.0 - b, a * (2.0 - b), a * (b - 1.0), a * b, -(a * (1.0 - b)), a + (1.0 - b)):
+        assert multiplied_out(e) == e
     values = (0.0, -0.0, 0.5, -3.25, 1.0, 7.0, float("inf"), -float("inf"), float("nan"))
 
     def ev(e: E.Expr, env: dict) -> torch.Tensor:
@@ -294,23 +292,23 @@ def test_a_one_minus_factor_of_a_derivative_is_multiplied_out_by_the_weight() ->
         x = [ev(s, env) for s in e.src]
         return {Op.MUL: torch.mul, Op.SUB: torch.sub}[e.op](*x)
 
-    for vw, va, vb in itertools.product(values, repeat=3):
-        env = {n: torch.tensor(v, dtype=torch.float64) for n, v in zip("wab", (vw, va, vb))}
-        want, got = ev(w * (a * (1.0 - b)), env), ev(weighted(w, a * (1.0 - b)), env)
-        if not torch.isfinite(env["w"] * env["a"]):
+    for va, vb in itertools.product(values, repeat=2):
+        env = {n: torch.tensor(v, dtype=torch.float64) for n, v in (("a", va), ("b", vb))}
+        want, got = ev(a * (1.0 - b), env), ev(multiplied_out(a * (1.0 - b)), env)
+        if not torch.isfinite(env["a"]):
             assert not torch.isfinite(got) and (torch.isnan(got) or got == want)
         elif torch.isnan(want):
-            assert torch.isnan(got), (vw, va, vb)
+            assert torch.isnan(got), (va, vb)
         else:
-            assert torch.isclose(want, got), (vw, va, vb, want, got)
+            assert torch.isclose(want, got), (va, vb, want, got)
 
 
 def test_the_sigmoid_backward_loops_form_no_one_minus_tile() -> None:
-    """Both fused backward loops of sigmoid attention multiply W into s (1 - s) before the
-    (1 - s) factor: no dqk statement subtracts the sigmoid from 1."""
+    """Both fused backward loops of sigmoid attention multiply W by s - s s: no dqk statement
+    subtracts the sigmoid from 1."""
     kernel = attndsl.compile(NORMALISERS["sigmoid"][0]())
     src = Path(kernel.fused_backward.__file__).read_text()
     lines = [x.strip() for x in src.splitlines() if x.strip().startswith("dqk = ")]
     assert len(lines) == 5, lines  # dK/dV: masked, full; dQ: three segment parts
     assert not any("(1.0 - " in x for x in lines), lines
-    assert sum("((w_l0 * sg0) - ((w_l0 * sg0) * sg0))" in x for x in lines) == 3, lines
+    assert sum("w_l0 * ((sg0 - (sg0 * sg0)))" in x for x in lines) == 3, lines

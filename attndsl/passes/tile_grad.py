@@ -45,11 +45,6 @@ from attndsl.passes.rules import LOG2E, RULES, rewrite, simplify
 _PLACEHOLDER = "%row:"  # a ROW value as a LOAD variable while differentiating
 
 
-# the chain rule's weight tile W_s in a weighted term (TileBackward.weighted): the printer
-# prints it as the name of the tile it computed
-WEIGHT = E.load("%weight", ())
-
-
 @dataclass(frozen=True)
 class SiteGrad:
     """d(expression)/d(captured tensor at one gather site)."""
@@ -116,16 +111,12 @@ class TileBackward:
     factors: dict[str, dict[str, Expr]] = field(default_factory=dict)
 
     def loop_deriv(self, dot: str, deriv: Expr, side: str) -> Expr:
-        """d body / d qk as the loop multiplies it: without the accumulator's common factor."""
+        """d body / d qk as the loop multiplies it: without the accumulator's common factor,
+        a factor ``1 - b`` multiplied out (:func:`multiplied_out`)."""
         d = next(x for x in self.kernel.dots if x.var == dot)
-        if (d.k if side == "k" else d.q).var not in self.factors.get(side, {}):
-            return deriv
-        return split_factor(deriv, _tile(self.kernel))[1]
-
-    def weighted(self, term: Expr) -> Expr:
-        """``W * term`` as the loops multiply it (:func:`weighted`), ``W`` the placeholder
-        :data:`WEIGHT` for the weight tile the printer names."""
-        return weighted(WEIGHT, term)
+        if (d.k if side == "k" else d.q).var in self.factors.get(side, {}):
+            deriv = split_factor(deriv, _tile(self.kernel))[1]
+        return multiplied_out(deriv)
 
     def recomputed(self) -> frozenset[str]:
         """The rows the rows kernel recomputes: those its outputs read, and what they read.
@@ -233,29 +224,28 @@ def lower(b: TileBackward) -> TileBackward:
                    factors={side: common_factors(b, side) for side in ("k", "q")})
 
 
-def weighted(w: Expr, term: Expr) -> Expr:
-    """``w * term``, a chain-rule weight times d body / d qk, with one factor ``1 - b`` of
-    ``term`` multiplied out::
+def multiplied_out(e: Expr) -> Expr:
+    """A product ``e`` with a factor ``1 - b`` as ``a - a * b``, ``a`` the other factors::
 
-        w * (a * (1 - b))  =  u - u * b,    u = w * a
+        a * (1 - b)  =  a - a * b
 
-    Exact in real arithmetic, and the same value whenever ``u`` is finite (b = 1 gives an
-    exact 0 either way; a NaN anywhere stays NaN).  An infinite ``u`` -- an infinite weight,
-    that is an infinite incoming gradient -- gives NaN where the product form may give
-    +-inf; either way that gradient is not finite.  ``u - u * b`` is one FFMA per element
-    where the product form is a subtract and two multiplies, and the tile ``a (1 - b)`` is
-    not formed (and held in registers) while W's dot is still in flight: sigmoid's
-    ``s (1 - s)`` is the case, tanh's ``1 - t^2`` another.  A term with no such factor is
-    ``w * term``."""
-    factors = _factors(term)
+    Exact in real arithmetic, and the same value whenever ``a`` is finite (b = 1 gives an
+    exact 0 either way, a NaN stays NaN); an infinite ``a`` gives NaN where the product may
+    be +-inf.  ``a - a * b`` is one FFMA per element where ``a * (1 - b)`` is a subtract and
+    a multiply, and the tile ``1 - b`` is not formed: sigmoid's ``s (1 - s)`` (s in [0, 1],
+    so always the same value) is the case, tanh's ``1 - t^2`` another.  Anything else,
+    ``1 - b`` alone included, is returned as it is."""
+    factors = _factors(e)
     for i, f in enumerate(factors):
         one = f.src[0] if f.op is Op.SUB else None
-        if one is not None and one.op is Op.CONST and one.dtype == FLOAT and one.arg == 1.0:
-            u = w
-            for g in factors[:i] + factors[i + 1:]:
-                u = u * g
-            return u - u * f.src[1]
-    return w * term
+        if len(factors) > 1 and one is not None and one.op is Op.CONST and \
+                one.dtype == FLOAT and one.arg == 1.0:
+            rest = factors[:i] + factors[i + 1:]
+            a = rest[0]
+            for g in rest[1:]:
+                a = a * g
+            return a - a * f.src[1]
+    return e
 
 
 def _factors(e: Expr) -> list[Expr]:
