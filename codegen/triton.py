@@ -282,12 +282,14 @@ def _emit_gathers(gathers: list[_Gather], L: Lines, env: Env) -> None:
     L(1, "# captured reads linear in the key index: pointer tiles at key 0, moved per key tile")
     for g in gathers:
         L(1, f"# {comment(E.render(g.load))[2:]}")
-        terms = [f"{env.to_i64(render_at(L, 1, piece, env))} * {g.strides[d]}"
-                 for d, ps in enumerate(g.pieces) for piece in ps]
+        # the key-column terms first: added last, LLVM rebuilt the column of a thread's first
+        # element apart from the others' (two bases moved per key tile instead of one)
+        terms = [f"{env.to_i64(f'{c} * tl.arange(0, BLOCK_N)[None, :]')} * {g.strides[d]}"
+                 for d, c in enumerate(g.coefs) if c]
+        terms += [f"{env.to_i64(render_at(L, 1, piece, env))} * {g.strides[d]}"
+                  for d, ps in enumerate(g.pieces) for piece in ps]
         terms += [f"({literal(k)} if I32_INDICES else tl.full((), {k}, tl.int64)) * "
                   f"{g.strides[d]}" for d, k in enumerate(g.consts) if k]
-        terms += [f"{env.to_i64(f'{c} * tl.arange(0, BLOCK_N)[None, :]')} * {g.strides[d]}"
-                  for d, c in enumerate(g.coefs) if c]
         L(1, f"{g.name} = {g.ptr} + " + " + ".join(terms))
 
 
