@@ -30,6 +30,7 @@ from attndsl.codegen.expr import (
     CodegenError,
     Env,
     arithmetic_reads,
+    compared_reads,
     comment,
     host_literal,
     is_wrap,
@@ -485,15 +486,16 @@ def _emit_scale_ranges(k: TileKernel, L: Lines) -> None:
 def _widened(k: TileKernel) -> list[Expr]:
     """The integer nodes the kernel computes in int64 because their static range may leave
     int32 (:mod:`attndsl.passes.int_range`) and the integer tensor reads integer arithmetic
-    converts with them (:func:`codegen.expr.arithmetic_reads`); shifts are int64 by
-    definition, and reads that are only compared keep their tensor's dtype: not among them."""
+    converts with them (:func:`codegen.expr.arithmetic_reads`), and the integer tensor reads
+    that are compared, in int32 under I32_INDICES (:func:`codegen.expr.compared_reads`);
+    shifts are int64 by definition: not among them."""
     nodes: dict[Expr, None] = {}
     for e in _kernel_exprs(k):
         ranges = int_ranges(e)
         nodes.update(dict.fromkeys(
             x for x in e.walk() if x.dtype == INT and x.op is not Op.LOAD
             and x.op not in SHIFTS and not fits_i32(ranges[x])))
-        nodes.update(dict.fromkeys(arithmetic_reads(e)))
+        nodes.update(dict.fromkeys(arithmetic_reads(e) + compared_reads(e)))
     return list(nodes)
 
 
