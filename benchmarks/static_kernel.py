@@ -36,9 +36,9 @@ record time) is replaced by the generated module's GPU ``backward_config`` when 
 
 Like for like: the reference converts the document ids to int32 on the host, so the
 generated ``document`` kernel is given the same int32 id table (its ``mask_mod`` captures
-it; a read that is only compared keeps its table's dtype).  ``document_int64`` is the same
-case with the example's int64 ids, measured against the same reference: a user who keeps
-int64 ids gets 64-bit compares.
+it).  ``document_int64`` is the same case with the example's int64 ids, measured against
+the same reference: the ids fit int32, so the launch compares them in int32 (I32_INDICES),
+but the kernel still reads 8 bytes per id.
 
 How loops are paired (:func:`loop_kinds`, :func:`pair_loops`): a key-tile loop is *masked* when
 it compares indices about once per score element a thread owns (``ISETP`` counts; a mask is

@@ -254,6 +254,12 @@ class Env:
             return f"(({x}).to(tl.int32) if I32_INDICES else ({x}).to(tl.int64))"
         return f"({x}).to(tl.int64)"
 
+    def to_i32(self, x: str) -> str:
+        """An integer tensor read ``x`` compared in int32 when the launch proved its values fit
+        (I32_INDICES, under ``narrow``), else in its table's dtype: an int64 equality is two
+        compares per element, an int32 one is one."""
+        return f"(({x}).to(tl.int32) if I32_INDICES else {x})" if self.narrow else x
+
     def stride(self, ptr: str, d: int) -> str:
         """The kernel argument holding dim ``d``'s stride of the tensor at ``ptr``."""
         named = self.strides.get(ptr)
@@ -276,9 +282,12 @@ def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
 
     A tensor read is int64 only when its tensor is (an int32 or int8 table reads as such), so
     under integer arithmetic it is converted like an int32 value (:func:`arithmetic_reads`).
-    A boolean node (a comparison, ``not``) converts nothing: its integer operands are each
+    A boolean node (a comparison, ``not``) widens nothing: its integer operands are each
     exact in their own width, and Triton compares an int32 with an int64 in int64, so
-    ``doc[q] == doc[kv]`` compares in the tables' dtype.  An integer constant compared with a
+    ``doc[q] == doc[kv]`` compares in the tables' dtype, or in int32 under I32_INDICES, which
+    the launch sets only when every compared read's values fit int32 (:func:`compared_reads`,
+    listed in ``narrow_ranges``): exact, and half the compares of int64 ids.  An integer
+    constant compared with a
     read is a typed int32 (or int64) scalar, which Triton promotes with the read: as a Python
     int it would take the read's dtype, out of range for an int8 table (``ids[q] < 300``) or
     negative for a uint8 one."""
@@ -287,7 +296,8 @@ def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
     if e.dtype == BOOL:
         if e.op not in COMPARE or not any(s.op is Op.LOAD for s in e.src):
             return a
-        return [_typed_int(s.arg) if s.op is Op.CONST and s.dtype == INT else x
+        return [_typed_int(s.arg) if s.op is Op.CONST and s.dtype == INT else
+                env.to_i32(x) if s.op is Op.LOAD and s.dtype == INT else x
                 for s, x in zip(e.src, a)]
     if e.dtype == FLOAT:
         return [x if s.dtype == FLOAT or _is_where_cond(e, i) else
@@ -312,6 +322,17 @@ def arithmetic_reads(e: Expr) -> list[Expr]:
     found: dict[Expr, None] = {}
     for x in e.walk():
         if x.dtype == INT and x.op not in (Op.CAST, Op.LOAD):
+            found.update(dict.fromkeys(s for s in x.src if s.op is Op.LOAD and s.dtype == INT))
+    return list(found)
+
+
+def compared_reads(e: Expr) -> list[Expr]:
+    """The integer tensor reads of ``e`` that are operands of a comparison: :func:`_widen`
+    compares them in int32 under I32_INDICES (:meth:`Env.to_i32`), so their values must fit
+    int32 then (the forward lists them in ``narrow_ranges``)."""
+    found: dict[Expr, None] = {}
+    for x in e.walk():
+        if x.op in COMPARE:
             found.update(dict.fromkeys(s for s in x.src if s.op is Op.LOAD and s.dtype == INT))
     return list(found)
 

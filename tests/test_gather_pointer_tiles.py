@@ -110,3 +110,15 @@ def test_a_pointer_tile_term_whose_offset_leaves_int32_turns_the_int32_indices_o
     assert module["_gathers_fit"](args, pieces, 64 + 16)
     args[strides[ptr][dim]] = 2**31 // 64
     assert not module["_gathers_fit"](args, pieces, 64 + 16)
+
+
+def test_a_pointer_tiles_key_column_term_is_its_first_addition() -> None:
+    """The key column term (c * arange(BLOCK_N) * stride) is added to the pointer first: added
+    last, LLVM rebuilt the column of a thread's first element apart from the others', and
+    each key tile moved two bases instead of one (sm90 relative bias D=64 loop 435 -> 433)."""
+    table = torch.randn(2, 127, generator=torch.Generator().manual_seed(2))
+    out, ref, source, _ = _run(lambda q, kv: q - kv + 63, table, 64, 64)
+    line, = [ln.strip() for ln in source.splitlines() if ln.strip().startswith("gather_0 = ")]
+    first = line.split(" = ", 1)[1].split(" + ")[1]
+    assert "tl.arange(0, BLOCK_N)" in first, line
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)

@@ -141,3 +141,29 @@ def test_the_backward_widens_arithmetic_on_int32_ids_too() -> None:
     want = torch.autograd.grad(ref.sum(), (qd, kd, vd))
     for got, exp in zip(grads, want, strict=True):
         torch.testing.assert_close(got.double(), exp, atol=1e-4, rtol=1e-4)
+
+
+def _launch(mask_mod: Callable) -> tuple[str, dict]:
+    """(the generated module's source, the launch's constexprs) of a masked flex attention."""
+    q, k, v = _qkv()
+    launch, = record_launches(lambda: attndsl.flex_attention(
+        q, k, v, mask_mod=mask_mod, kernel_options=dict(CONFIG)))
+    return Path(inspect.getsourcefile(launch.fn)).read_text(), launch.constexprs
+
+
+def test_int64_ids_that_fit_int32_are_compared_in_int32_and_ids_beyond_it_in_int64() -> None:
+    """doc[q] == doc[kv] over an int64 table: an int64 equality is two compares per element
+    on the GPU (sm90 document D=64 masked loop 544 instructions against 520).  The compared
+    reads are in narrow_ranges, so the launch sets I32_INDICES, and the mask compares in
+    int32, only when every id fits int32; ids 2^32 apart keep I32_INDICES off (int64, not
+    truncated to equal ids), and both answers are the oracle's."""
+    small = _extreme_ids(torch.int64)
+    source, consts = _launch(_document(small, small))
+    keep, = [ln for ln in source.splitlines() if ln.strip().startswith("keep = (")]
+    assert keep.count(".to(tl.int32) if I32_INDICES else") == 2, keep
+    assert consts["I32_INDICES"] is True
+    _check(mask_mod=_document(small, small))
+    wide = small + torch.where(torch.arange(L) % 3 == 0, 2**32, 0)
+    _, consts = _launch(_document(wide, wide))
+    assert consts["I32_INDICES"] is False
+    _check(mask_mod=_document(wide, wide))
