@@ -48,7 +48,7 @@ from attndsl.codegen.writer import stride_names as _stride_names
 from attndsl.index_check import runtime_source
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
-from attndsl.ir.tile import KVPass, Operand, RunningMax, RunningSum, TileKernel
+from attndsl.ir.tile import KVPass, Operand, RunningMax, RunningSum, TileKernel, head_params
 from attndsl.passes.float_range import bounded_below
 from attndsl.passes.index_bounds import walk_intervals
 from attndsl.passes.int_range import fits_i32, int_ranges, launch_divisors, zero_divisors
@@ -122,34 +122,6 @@ def _names(k: TileKernel) -> _Names:
     if len(set(every)) != len(every):  # an invariant of the naming rules above
         raise CodegenError(f"kernel argument names collide: {sorted(every)}")
     return names
-
-
-def head_params(k: TileKernel) -> tuple[str, ...]:
-    """The integer parameters the kernel reads only in its operands' batch/head subscripts
-    (``K[b, h // G, n, e]``: the group size of grouped-query attention), printed as
-    constexprs.
-
-    Such a parameter only chooses which rows of Q/K/V one program reads: it is part of the
-    per-program base offset and of nothing per tile, so it takes few values and one compile
-    per value is cheap (as a launch already specialises on dtypes and the EVEN flags).  A
-    constant divisor is a multiply-high instead of the runtime integer division, whose
-    registers were the peak of the sm80 GQA kernel (194 against 182 with G constant).  A
-    parameter read anywhere else (a score, the mask, a captured read, the closed-form bounds,
-    a row or column subscript) stays a runtime argument: specialising a kernel per window
-    size or per offset would compile once per user value."""
-    per_program = [idx for o in k.operands for d, idx in enumerate(o.idx)
-                   if d not in (o.row_dim, o.col_dim)]
-    elsewhere = [idx for o in k.operands for d, idx in enumerate(o.idx)
-                 if d in (o.row_dim, o.col_dim)]
-    elsewhere += [mx.arg for p in k.passes for mx in p.maxes]
-    elsewhere += [s.body for p in k.passes for s in p.sums] + [s.expr for s in k.stores]
-    elsewhere += ([k.mask] if k.mask is not None else []) + \
-        [e for seg in (k.bounds or ()) for e in seg]
-
-    def read(exprs: list[Expr]) -> set[str]:
-        return {x.arg for e in exprs for x in e.walk() if x.op is Op.PARAM}
-    ints = {p for p, dt in k.params if dt == INT}
-    return tuple(p for p, _ in k.params if p in ints & read(per_program) - read(elsewhere))
 
 
 def _operand_base(o: Operand, names: _Names, env: Env) -> str:
@@ -467,8 +439,8 @@ def _emit_tables(k: TileKernel, names: _Names, L: Lines) -> None:
     L(0, "CAPTURED = " + repr({c: (names.tensors[c], r) for c, r, _ in k.captured}))
     L(0, "# scalar parameter name -> kernel argument")
     L(0, "PARAMS = " + repr(names.params))
-    L(0, "# parameters the kernel takes as constexprs (read only in batch/head subscripts)")
-    L(0, "CONSTEXPR_PARAMS = " + repr(head_params(k)))
+    L(0, "# parameter -> its constexpr kernel argument (read only in head subscripts)")
+    L(0, "CONSTEXPR_PARAMS = " + repr({p: names.params[p] for p in head_params(k)}))
     L(0, "# output name -> (kernel pointer, indices, is a [rows, v] tile)")
     L(0, "OUTPUTS = " + repr({s.name: (names.outputs[s.name], s.indices, s.tile)
                               for s in k.stores}))

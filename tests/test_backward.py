@@ -351,6 +351,15 @@ def test_gqa(hkv: int) -> None:
                 captured={"slopes": slopes})
 
 
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+def test_every_group_size_has_the_gradients_of_the_oracle(group: int) -> None:
+    """G query heads per key/value head, a constexpr of the backward kernels: dK and dV sum
+    over the G heads of the group, dQ reads key/value head h // G (both dQ kernels)."""
+    for deterministic in (False, True):
+        check_grads(lambda s, b, h, q, kv: s - 0.25 * h * (q - kv).abs(), causal, H=2 * group,
+                    HKV=2, Lq=19, Lkv=23, deterministic=deterministic, seed=group)
+
+
 def test_lq_ne_lkv_and_d32() -> None:
     check_grads(mask_mod=causal, Lq=13, Lkv=40, D=32)
 

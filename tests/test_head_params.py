@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from attndsl.codegen.triton import head_params
 
 import attndsl
 from attndsl.frontend.text import parse_file, parse_text
 from attndsl.ir.cascade import Cascade
+from attndsl.ir.tile import head_params
 from attndsl.passes.pipeline import compile_cascade
 from attndsl.runtime.gpu_report import _spec, record_launches
 from attndsl.runtime.modules import module_source
@@ -89,7 +89,7 @@ def test_the_group_size_is_a_constexpr_parameter_of_the_printed_kernel() -> None
     signature = signature_of(source)
     assert "    param_G: tl.constexpr,  # G" in signature.split("\n")
     assert "    param_G,  # G" not in signature.split("\n")  # not a runtime argument too
-    assert "CONSTEXPR_PARAMS = ('G',)" in source
+    assert "CONSTEXPR_PARAMS = {'G': 'param_G'}" in source
     assert "'param_G'" not in source[source.index("ARG_TYPES = "):].split("\n")[0]
     # the value is never a literal of the kernel: the head mapping reads the constexpr
     assert "_floor_div(off_h, param_G)" in source
@@ -102,7 +102,7 @@ def test_a_parameter_read_outside_the_head_subscripts_stays_a_runtime_argument()
         kernel = compile_cascade(cascade_of(text)).kernel
         assert head_params(kernel) == ()
         source = module_source(kernel)
-        assert "CONSTEXPR_PARAMS = ()" in source
+        assert "CONSTEXPR_PARAMS = {}" in source
         assert ": tl.constexpr,  #" not in signature_of(source)
     assert "    param_G,  # G" in signature_of(source_of(WINDOW_GQA)).split("\n")
 
@@ -144,3 +144,62 @@ def test_two_group_sizes_are_two_compiled_kernels_each_with_its_own_result() -> 
     for t in inputs.values():
         got = attndsl.flex_attention(*t, score_mod=head_mod, mask_mod=causal, enable_gqa=True)
         torch.testing.assert_close(got.double(), oracle(*t), atol=5e-5, rtol=5e-5)
+
+
+SIGMOID_GQA = """
+spec sigmoid_gqa {
+  index b: B batch, h: H head, m: M query, n: N key, e: E qk, f: F v
+  input Q[B, H, M, E], K[B, HKV, N, E], V[B, HKV, N, F]
+  param scale: float
+  param G: int
+  S[b,h,m,n] = Q[b,h,m,e] * K[b, h // G, n, e] * scale
+  P[b,h,m,n] = sigmoid(S[b,h,m,n] - 2.0)
+  O[b,h,m,f] = P[b,h,m,n] * V[b, h // G, n, f]
+  output O
+}
+"""
+
+
+def test_the_backward_kernels_take_the_group_size_as_a_constexpr() -> None:
+    """The flex backward (softmax, flex_attention) and the fused backward (a sigmoid spec):
+    every launch passes G = 3 as a constexpr by name, none as a runtime argument."""
+    q, k, v = (t.requires_grad_() for t in grouped(3, length=20))
+    fused = attndsl.compile(cascade_of(SIGMOID_GQA))
+
+    def flex() -> None:
+        out = attndsl.flex_attention(q, k, v, mask_mod=causal, enable_gqa=True,
+                                     kernel_options={"deterministic": True})
+        out.backward(torch.ones_like(out))
+
+    def tile() -> None:
+        out = fused({"Q": q, "K": k, "V": v})["O"]
+        out.backward(torch.ones_like(out))
+
+    found = {}
+    for what, run in (("flex", flex), ("fused", tile)):
+        for launch in record_launches(run):
+            found[what, launch.name] = {a: launch.constexprs[a] for a in ("G", "param_G")
+                                        if a in launch.constexprs}
+            assert not {"G", "param_G"} & set(launch.signature), launch.name
+    g, param_g = {"G": 3}, {"param_G": 3}
+    assert found == {("flex", "attention_fwd_kernel"): param_g,
+                     ("flex", "attention_bwd_preprocess"): g,
+                     ("flex", "attention_bwd_dkdv_kernel"): g,
+                     ("flex", "attention_bwd_dq_kernel"): g,
+                     ("fused", "attention_fwd_kernel"): param_g,
+                     ("fused", "tile_bwd_rows_kernel"): param_g,
+                     ("fused", "tile_bwd_keys_kernel"): param_g,
+                     ("fused", "tile_bwd_queries_kernel"): param_g}
+
+
+def test_a_batch_side_parameter_of_decode_stays_a_runtime_argument() -> None:
+    """Decode reads K/V at batch b // KVB (KVB = splits x batch for a page pool): a constexpr
+    there would compile once per batch size, so only head subscripts make constexprs."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 1, 16, generator=gen)
+    k, v = (torch.randn(3, 2, 40, 16, generator=gen) for _ in range(2))
+    lengths = torch.tensor([40, 7, 23])
+    launches = record_launches(lambda: attndsl.decode(q, k, v, lengths, splits=2))
+    forward = [x for x in launches if x.name == "attention_fwd_kernel"]
+    assert forward and all("param_KVB" in x.signature for x in forward)
+    assert all("param_KVB" not in x.constexprs for x in forward)

@@ -94,8 +94,8 @@ def _constexpr_params(module: Any, given: dict) -> dict:
     (``CONSTEXPR_PARAMS``, e.g. the GQA group size G) by kernel argument: ``given`` by name
     (a launch's), else the parameter's default, else 1 (for G: no grouping)."""
     defaults = getattr(module, "PARAM_DEFAULTS", {})
-    return {module.PARAMS[p]: given.get(p, defaults.get(p, 1))
-            for p in getattr(module, "CONSTEXPR_PARAMS", ())}
+    return {arg: given.get(p, defaults.get(p, 1))
+            for p, arg in getattr(module, "CONSTEXPR_PARAMS", {}).items()}
 
 
 def _row(job: dict, report: CompiledReport | Exception) -> dict:
@@ -232,7 +232,7 @@ def prune_candidates(module: Any, key: tuple, candidates: list[dict],
     with spills); when none of those either, the candidates are returned as given (the timing
     loop then reports what cannot run)."""
     _, _, dtype, e, f, sparsity, sparse_q, sparse_kv, segments = key[:9]
-    names = getattr(module, "CONSTEXPR_PARAMS", ())  # their values end a launcher's key
+    names = getattr(module, "CONSTEXPR_PARAMS", {})  # their values end a launcher's key
     static = dict(zip(names, key[12], strict=True)) if len(key) > 12 else {}
     base = {"path": module.__file__, "target": target, "dtype": _DTYPES[str(dtype)], "e": e,
             "f": f, "sparsity": sparsity, "segments": segments, "sparse_q": sparse_q,
