@@ -609,6 +609,7 @@ for name, part in (("attention_bwd_dkdv_kernel", "dkdv"), ("attention_bwd_dq_ker
     consts = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_E=64, BLOCK_F=64,
                   SPARSITY=2, SPARSE_Q=128, SPARSE_KV=128, DOT_PRECISION="tf32", UPCAST=False,
                   ATOMIC_DQ=True, ANCHOR_M=max(cfg["dkdv"]["BLOCK_M"], cfg["dq"]["BLOCK_M"]),
+                  G=1,  # query heads per key/value head: a constexpr of the backward kernels
                   **{f"NEED_{p}": True for p in mod.GRADS.values()})
     consts = {k: v for k, v in consts.items() if k in params}
     r = compile_kernel(fn, sig, consts, "sm_90", c["num_warps"], c["num_stages"])
