@@ -439,15 +439,18 @@ def _ok(var: str, offs: str, length: str, even: str) -> str:
 
 # -- kernels ----------------------------------------------------------------------------------
 
+# G, the query heads per key/value head, is a constexpr: it only maps a program's query head
+# to its key/value head (one compile per group size, a constant division; as the forward's
+# CONSTEXPR_PARAMS)
 _CONSTEXPR = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "SPARSITY", "SPARSE_Q", "SPARSE_KV",
-              "DOT_PRECISION", "UPCAST"]
+              "DOT_PRECISION", "UPCAST", "G"]
 
 
 def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     args = (_tensor_args("O") + _tensor_args("DO") + _tensor_args("DLSE")
             + _tensor_args("DELTA") + _tensor_args("LSE") + _tensor_args("LSE2")
-            + _captured_args(names, False) + ["scale", "G", "n_heads", "M_len", "F_len"])
-    writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F", "ANCHOR_M"],
+            + _captured_args(names, False) + ["scale", "n_heads", "M_len", "F_len"])
+    writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F", "ANCHOR_M", "G"],
                      doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
                      "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
                      "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
@@ -557,7 +560,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
             + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
             + _tensor_args("DQ") + _tensor_args("DK") + _tensor_args("DV")
             + _captured_args(names, True)
-            + ["scale", "G", "n_heads", "n_kv_heads", "M_len", "N_len", "E_len", "F_len"]
+            + ["scale", "n_heads", "n_kv_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("q_"))
     const = _CONSTEXPR + ["ANCHOR_M", "ATOMIC_DQ"] + [_need(p) for p in names.grads.values()]
     writer.signature(L, "attention_bwd_dkdv_kernel", args, const, writer.EVEN,
@@ -604,7 +607,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     args = (_tensor_args("Q") + _tensor_args("K") + _tensor_args("V")
             + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
             + _tensor_args("DQ") + _captured_args(names, False)
-            + ["scale", "G", "n_heads", "M_len", "N_len", "E_len", "F_len"]
+            + ["scale", "n_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("kv_"))
     writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR + ["ANCHOR_M"], writer.EVEN,
                      "One program: BLOCK_M query rows of one (batch, head); loops over the "

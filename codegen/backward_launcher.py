@@ -225,8 +225,8 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
         (_cdiv(m_len, pre["BLOCK_M"]), n_batch * n_heads)](
         **_by_name("attention_bwd_preprocess", [
             *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), *_strides(lse),
-            *_strides(lse2), *cap_args, scale, group, n_heads, m_len, f_len]),
-        BLOCK_M=pre["BLOCK_M"], BLOCK_F=_block(f_len), ANCHOR_M=anchor,
+            *_strides(lse2), *cap_args, scale, n_heads, m_len, f_len]),
+        BLOCK_M=pre["BLOCK_M"], BLOCK_F=_block(f_len), ANCHOR_M=anchor, G=group,
         num_warps=pre["num_warps"])
     grad_args = []
     for name in GRADS:  # noqa: F821
@@ -242,16 +242,16 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     _kernel("attention_bwd_dkdv_kernel", device.type)[dkdv_grid](
         **_by_name("attention_bwd_dkdv_kernel", [
             *common, *_strides(dq), *_strides(dk), *_strides(dv), *cap_args, *grad_args, scale,
-            group, n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
+            n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
             *_tables(block_tables, device, "q_", n_kv_blocks)]),
-        ANCHOR_M=anchor, ATOMIC_DQ=not deterministic, **need_flags, **consts["dkdv"])
+        ANCHOR_M=anchor, ATOMIC_DQ=not deterministic, G=group, **need_flags, **consts["dkdv"])
     if deterministic:  # dQ: a program per query tile
         dq_grid = (_cdiv(m_len, consts["dq"]["BLOCK_M"]), n_batch * n_heads)
         _kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
             **_by_name("attention_bwd_dq_kernel", [
-                *common, *_strides(dq), *cap_args, scale, group, n_heads, m_len, n_len, e_len,
-                f_len, *_tables(block_tables, device, "kv_", n_kv_blocks)]),
-            ANCHOR_M=anchor, **consts["dq"])
+                *common, *_strides(dq), *cap_args, scale, n_heads, m_len, n_len, e_len, f_len,
+                *_tables(block_tables, device, "kv_", n_kv_blocks)]),
+            ANCHOR_M=anchor, G=group, **consts["dq"])
     else:
         dq = dq.to(dtype)
     out = {"Q": dq, "K": dk, "V": dv}

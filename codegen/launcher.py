@@ -2,12 +2,12 @@
 # The forward launcher of every generated module.  The printer copies the text below the
 # marker into the module after launch_common.py's sections (the kernel cache, the input error,
 # the constexprs of the head dims, the block-table checks, the binding of extents and
-# parameters), below the kernel,
-# the metadata tables (OPERANDS, CAPTURED, PARAMS, OUTPUTS, STRIDES, TABLE_ARGS, ROLES,
-# INDEX_EXTENTS, PARAM_DEFAULTS, PARAM_TYPES, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS,
-# TMA_TENSORS) it reads, the index-range checks (index_ranges, divisor_ranges,
-# check_index_ranges) and the load-path choice (tma_choice, ensure_allocator).  It needs only
-# torch and triton; the kernel is launched with keyword arguments.
+# parameters), below the kernel, the metadata tables (OPERANDS, CAPTURED, PARAMS,
+# CONSTEXPR_PARAMS, OUTPUTS, STRIDES, TABLE_ARGS, ROLES, INDEX_EXTENTS, PARAM_DEFAULTS,
+# PARAM_TYPES, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS, TMA_TENSORS) it reads,
+# the index-range checks (index_ranges, divisor_ranges, check_index_ranges) and the load-path
+# choice (tma_choice, ensure_allocator).  It needs only torch and triton; the kernel is
+# launched with keyword arguments.
 # >>> launcher
 
 # the tile load path of the last launch: {"tma": bool, "reason": why (codegen/loads.py)}
@@ -183,7 +183,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
                    and os.environ.get("ATTNDSL_AUTOTUNE", "1") != "0")
     if tune:
         key = (SPEC_HASH, str(device), str(dtype), e_len, f_len, sparsity, sparse_q, sparse_kv,
-               segments, _next_pow2(m_len), _next_pow2(n_len), use_tma)
+               segments, _next_pow2(m_len), _next_pow2(n_len), use_tma,
+               tuple(values[p] for p in CONSTEXPR_PARAMS))  # one compile per value
         cfg = _tuned(key, [dict(c, tma=use_tma) for c in _candidates(cfg)
                            if sparse_q % c["BLOCK_M"] == 0 and sparse_kv % c["BLOCK_N"] == 0
                            or sparsity not in (2, 4)], run)

@@ -48,7 +48,7 @@ from attndsl.codegen.writer import Lines
 
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, Expr, Op
-from attndsl.ir.tile import Operand, TileKernel
+from attndsl.ir.tile import Operand, TileKernel, head_params
 from attndsl.passes.affine import is_zero
 from attndsl.passes.mask.closed_form import SPARSE_BLOCK
 from attndsl.passes.tile_grad import SiteGrad, TileBackward, UnaryForm, rows_read
@@ -114,6 +114,8 @@ class _Names:
                 f"param_{name}" if writer.SPEC_NAME.match(name) else None
             self.params[name] = claim(want or f"param{i}", "param")
             self.spec[self.params[name]] = name
+        # parameters read only in head subscripts (the GQA group size): constexprs
+        self.static = {name: self.params[name] for name in head_params(k)}
         self.stores = {st.name: pointer(claim(_dy_base(st.name), "dy"),
                                         [letter_of.get(x) for x in st.indices],
                                         f"d {st.name}, float32")
@@ -303,7 +305,8 @@ def _use_rows(b: TileBackward, o: tuple[str, str, str]) -> dict[str, str]:
 def _signature(L: Lines, fn: str, args: list[str], doc: str, names: _Names) -> None:
     names.kernel_args[fn] = list(args)  # the KERNEL_ARGS table of the launch by keyword
     writer.signature(L, fn, args, ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION",
-                                   "UPCAST"), writer.EVEN, doc, names.spec)
+                                   "UPCAST", *names.static.values()), writer.EVEN, doc,
+                     names.spec)
 
 
 def _common_args(b: TileBackward, names: _Names) -> list[str]:
@@ -312,7 +315,7 @@ def _common_args(b: TileBackward, names: _Names) -> list[str]:
         args += names.args(ptr)
     for name, (ptr, _) in names.captured.items():
         args += names.args(ptr) + names.sizes[name]
-    args += list(names.params.values())
+    args += [arg for name, arg in names.params.items() if name not in names.static]
     for s in b.sums:
         args.append(f"CF_{ident(s.sum.var)}")
     for mx in b.stabilizers:
@@ -785,6 +788,8 @@ def _tables(L: Lines, b: TileBackward, names: _Names) -> None:
     L(0, "CAPTURED = " + repr(names.captured))
     L(0, "CAPTURED_GRADS = " + repr(names.cap_grads))
     L(0, "PARAMS = " + repr(list(names.params)))
+    L(0, "# parameter -> its constexpr kernel argument (read only in head subscripts)")
+    L(0, "CONSTEXPR_PARAMS = " + repr(names.static))
     writer.binding_tables(L, k)
     L(0, "# store name -> (its indices, is a [rows, v] tile)")
     L(0, "STORES = " + repr({st.name: (st.indices, st.tile) for st in k.stores}))

@@ -4,8 +4,8 @@ The text between the ``launcher`` markers is copied verbatim into each module
 (:func:`attndsl.codegen.writer.launcher_sources`), after both sections of
 codegen/launch_common.py (the kernel cache, the binding of extents and parameters, as the
 forward's) and below the kernels and the TENSORS / CAPTURED / CAPTURED_GRADS / PARAMS /
-PARAM_DEFAULTS / PARAM_TYPES / ROLES / INDEX_EXTENTS / TENSOR_DIMS / STORES / SUMS / STABILIZERS /
-BOUNDS_BLOCK tables it reads; the module needs only torch and triton.
+CONSTEXPR_PARAMS / PARAM_DEFAULTS / PARAM_TYPES / ROLES / INDEX_EXTENTS / TENSOR_DIMS / STORES /
+SUMS / STABILIZERS / BOUNDS_BLOCK tables it reads; the module needs only torch and triton.
 """
 
 import torch
@@ -69,7 +69,7 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
         t = captured[name]
         args += _strides(t.to(torch.int8) if t.dtype == torch.bool else t)
         args += [int(n) for n in t.shape]  # for the wrap of negative subscripts
-    args += [values[p] for p in PARAMS]  # noqa: F821
+    args += [values[p] for p in PARAMS if p not in CONSTEXPR_PARAMS]  # noqa: F821
     args += coef + stab
     for name in CAPTURED_GRADS:  # noqa: F821
         args += _strides(d_cap[name])
@@ -88,6 +88,7 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
     consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                   **_dim_consts(device.type, dtype, e_len, f_len),
                   EVEN_M=m_len % cfg["BLOCK_M"] == 0, EVEN_N=n_len % cfg["BLOCK_N"] == 0,
+                  **{arg: values[p] for p, arg in CONSTEXPR_PARAMS.items()},  # noqa: F821
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (-(-m_len // cfg["BLOCK_M"]), n_batch * n_heads)
     _kernel("tile_bwd_rows_kernel", device.type)[grid](

@@ -49,7 +49,7 @@ from attndsl.codegen.writer import stride_names as _stride_names
 from attndsl.index_check import runtime_source
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, FLOAT, INT, SHIFTS, Expr, Op
-from attndsl.ir.tile import KVPass, Operand, RunningMax, RunningSum, TileKernel
+from attndsl.ir.tile import KVPass, Operand, RunningMax, RunningSum, TileKernel, head_params
 from attndsl.passes.float_range import bounded_below
 from attndsl.passes.index_bounds import walk_intervals
 from attndsl.passes.int_range import fits_i32, int_ranges, launch_divisors, zero_divisors
@@ -447,6 +447,8 @@ def _emit_tables(k: TileKernel, names: _Names, L: Lines) -> None:
     L(0, "CAPTURED = " + repr({c: (names.tensors[c], r) for c, r, _ in k.captured}))
     L(0, "# scalar parameter name -> kernel argument")
     L(0, "PARAMS = " + repr(names.params))
+    L(0, "# parameter -> its constexpr kernel argument (read only in head subscripts)")
+    L(0, "CONSTEXPR_PARAMS = " + repr({p: names.params[p] for p in head_params(k)}))
     L(0, "# output name -> (kernel pointer, indices, is a [rows, v] tile)")
     L(0, "OUTPUTS = " + repr({s.name: (names.outputs[s.name], s.indices, s.tile)
                               for s in k.stores}))
@@ -585,10 +587,12 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         p = names.outputs[s.name]
         args.append(p)
         args.extend(names.strides[p])
-    args.extend(names.params[p] for p, _ in k.params)
+    static = head_params(k)
+    args.extend(names.params[p] for p, _ in k.params if p not in static)
     args += ["n_heads", "M_len", "N_len", "E_len", "F_len", *_TABLE_ARGS, "stats"]
     const = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "EVEN_N", "SPARSITY", "SPARSE_Q",
              "SPARSE_KV", "SEGMENTS", "DOT_PRECISION", "UPCAST", "STATS"]
+    const += [names.params[p] for p in static]  # passed by name like the runtime arguments
     types = _arg_types(k, names, args)
     L(0, "# kernel argument -> Triton type ({dtype} is the inputs' dtype); for ahead-of-time")
     L(0, "# compilation: a launch specialises unit strides to 1 and multiples of 16 as such")

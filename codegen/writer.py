@@ -105,7 +105,7 @@ def signature(L: Lines, fn: str, args: list[str], constexprs: list[str] | tuple[
     for a in args:
         L(1, f"{a},  {comment(notes[a])}" if a in notes else f"{a},")
     for c in constexprs:
-        L(1, f"{c}: tl.constexpr,")
+        L(1, f"{c}: tl.constexpr,  {comment(notes[c])}" if c in notes else f"{c}: tl.constexpr,")
     for c in flags:
         L(1, f"{c}: tl.constexpr = False,")
     L(0, "):")

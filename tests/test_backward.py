@@ -351,6 +351,15 @@ def test_gqa(hkv: int) -> None:
                 captured={"slopes": slopes})
 
 
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+def test_every_group_size_has_the_gradients_of_the_oracle(group: int) -> None:
+    """G query heads per key/value head, a constexpr of the backward kernels: dK and dV sum
+    over the G heads of the group, dQ reads key/value head h // G (both dQ kernels)."""
+    for deterministic in (False, True):
+        check_grads(lambda s, b, h, q, kv: s - 0.25 * h * (q - kv).abs(), causal, H=2 * group,
+                    HKV=2, Lq=19, Lkv=23, deterministic=deterministic, seed=group)
+
+
 def test_lq_ne_lkv_and_d32() -> None:
     check_grads(mask_mod=causal, Lq=13, Lkv=40, D=32)
 
@@ -600,6 +609,7 @@ for name, part in (("attention_bwd_dkdv_kernel", "dkdv"), ("attention_bwd_dq_ker
     consts = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_E=64, BLOCK_F=64,
                   SPARSITY=2, SPARSE_Q=128, SPARSE_KV=128, DOT_PRECISION="tf32", UPCAST=False,
                   ATOMIC_DQ=True, ANCHOR_M=max(cfg["dkdv"]["BLOCK_M"], cfg["dq"]["BLOCK_M"]),
+                  G=1,  # query heads per key/value head: a constexpr of the backward kernels
                   **{f"NEED_{p}": True for p in mod.GRADS.values()})
     consts = {k: v for k, v in consts.items() if k in params}
     r = compile_kernel(fn, sig, consts, "sm_90", c["num_warps"], c["num_stages"])

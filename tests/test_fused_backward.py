@@ -69,6 +69,15 @@ def test_fused_normaliser_gradients_match_the_oracle(name, lq, lkv, hkv, group, 
     _check_gradients(kernel, sizes, torch.float32, seed)
 
 
+@pytest.mark.parametrize("group", [3, 4, 8])
+def test_fused_gradients_of_every_group_size_match_the_oracle(group: int) -> None:
+    """The group size G is a constexpr of the fused backward kernels (one compile per G):
+    groups the hypothesis test above does not draw, dK/dV summed over G query heads."""
+    cascade = NORMALISERS["sigmoid"][0]()
+    sizes = index_sizes(cascade, 1, 2 * group, 2, 19, 23, 16, 16)
+    _check_gradients(attndsl.compile(cascade), sizes, torch.float32, group)
+
+
 def test_fused_gradients_in_half_precision_match_the_oracle() -> None:
     for name in ("sigmoid", "sink", "softpick"):
         cascade = NORMALISERS[name][0]()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attndsl.ir.expr import Expr, IRError, Op, render
+from attndsl.ir.expr import INT, Expr, IRError, Op, render
 
 
 @dataclass(frozen=True)
@@ -293,3 +293,35 @@ def _verify_stores(k: TileKernel, where: str, finished: set[str], v_sums: set[st
         if reads_v and not st.tile:
             raise IRError(f"{what}: reads the value product(s) {sorted(reads_v)} but is not a "
                           f"tile over {f!r}")
+
+
+def head_params(k: TileKernel) -> tuple[str, ...]:
+    """The integer parameters the kernel reads only in its operands' head subscripts (those
+    reading the head index and no other: ``K[b, h // G, n, e]``, the group size of
+    grouped-query attention), which the forward and fused backward printers make constexprs
+    (codegen/triton.py, codegen/tile_backward.py).
+
+    Such a parameter only chooses which head of K/V one program reads: it is part of the
+    per-program base offset and of nothing per tile, and it is fixed by the model's head
+    counts, so one compile per value is cheap (as a launch already specialises on dtypes and
+    the EVEN flags).  A constant divisor is a multiply-high instead of the runtime integer
+    division, whose registers were the peak of the sm80 GQA kernel (194 against 182 with G
+    constant).  A parameter read anywhere else stays a runtime argument: a score, the mask, a
+    captured read, the closed-form bounds, a row or column subscript (one compile per window
+    size or offset), or a batch subscript (decode's ``K[b // KVB]``, KVB = splits x batch
+    for a page pool: one compile per batch size)."""
+    head = k.roles.get("head")
+    per_head, elsewhere = [], []
+    for o in k.operands:
+        for d, idx in enumerate(o.idx):
+            own = d not in (o.row_dim, o.col_dim) and idx.free_indices() == {head}
+            (per_head if own else elsewhere).append(idx)
+    elsewhere += [mx.arg for p in k.passes for mx in p.maxes]
+    elsewhere += [s.body for p in k.passes for s in p.sums] + [s.expr for s in k.stores]
+    elsewhere += ([k.mask] if k.mask is not None else []) + \
+        [e for seg in (k.bounds or ()) for e in seg]
+
+    def read(exprs: list[Expr]) -> set[str]:
+        return {x.arg for e in exprs for x in e.walk() if x.op is Op.PARAM}
+    ints = {p for p, dt in k.params if dt == INT}
+    return tuple(p for p, _ in k.params if p in ints & read(per_head) - read(elsewhere))

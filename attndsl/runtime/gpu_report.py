@@ -85,7 +85,17 @@ def _spec(job: dict) -> KernelSpec:
                                                    if job["sparsity"] == 3 else 1),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
                   STATS=False, TMA=bool(job.get("tma_loads", False)))
+    consts.update(_constexpr_params(module, job.get("params") or {}))
     return KernelSpec(module.attention_fwd_kernel, sig, consts, job["target"], warps, stages)
+
+
+def _constexpr_params(module: Any, given: dict) -> dict:
+    """The values of the parameters a generated forward kernel takes as constexprs
+    (``CONSTEXPR_PARAMS``, e.g. the GQA group size G) by kernel argument: ``given`` by name
+    (a launch's), else the parameter's default, else 1 (for G: no grouping)."""
+    defaults = getattr(module, "PARAM_DEFAULTS", {})
+    return {arg: given.get(p, defaults.get(p, 1))
+            for p, arg in getattr(module, "CONSTEXPR_PARAMS", {}).items()}
 
 
 def _row(job: dict, report: CompiledReport | Exception) -> dict:
@@ -125,7 +135,8 @@ def run_jobs(jobs: list[dict]) -> list[dict]:
         if job["config"] is None:
             job["config"] = default_config(job["path"], job["dtype"], job["e"], job["f"])
         key = (job["path"], job["target"], job["dtype"], job["e"], job["f"], job["sparsity"],
-               job.get("segments", 1), tuple(job["config"]), bool(job.get("tma_loads")))
+               job.get("segments", 1), tuple(job["config"]), bool(job.get("tma_loads")),
+               tuple(sorted((job.get("params") or {}).items())))
         if key not in seen:
             seen.add(key)
             unique.append(job)
@@ -213,16 +224,19 @@ def prune_candidates(module: Any, key: tuple, candidates: list[dict],
     """The autotuning candidates of a generated forward module that fit ``target`` statically.
 
     ``key`` is the launcher's tuning key ``(spec hash, device, dtype, E, F, sparsity, sparse_q,
-    sparse_kv, segments, ...)``. Each candidate is compiled ahead of time (:func:`run_jobs`) with
-    the load path it will run with (its ``tma``: tensor descriptors or pointer loads) and
-    kept when its report fits: shared memory within the block limit, no register spills. When
-    none fits, those that at least compile within the shared-memory limit are kept (they run,
+    sparse_kv, segments, M, N, tma, the values of CONSTEXPR_PARAMS)``. Each candidate is
+    compiled ahead of time (:func:`run_jobs`) with the load path it will run with (its
+    ``tma``: tensor descriptors or pointer loads) and its constexpr parameters, and kept when
+    its report fits: shared memory within the block limit, no register spills. When none
+    fits, those that at least compile within the shared-memory limit are kept (they run,
     with spills); when none of those either, the candidates are returned as given (the timing
     loop then reports what cannot run)."""
     _, _, dtype, e, f, sparsity, sparse_q, sparse_kv, segments = key[:9]
+    names = getattr(module, "CONSTEXPR_PARAMS", {})  # their values end a launcher's key
+    static = dict(zip(names, key[12], strict=True)) if len(key) > 12 else {}
     base = {"path": module.__file__, "target": target, "dtype": _DTYPES[str(dtype)], "e": e,
             "f": f, "sparsity": sparsity, "segments": segments, "sparse_q": sparse_q,
-            "sparse_kv": sparse_kv}
+            "sparse_kv": sparse_kv, "params": static}
     configs = [([c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]],
                 bool(c.get("tma"))) for c in candidates]
     rows = {(tuple(r["config"]), r["tma_loads"]): r for r in
