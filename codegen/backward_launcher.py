@@ -188,7 +188,8 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     if min(n_batch, n_heads, m_len, n_len) == 0:
         return {"Q": dq32.to(dtype), "K": dk, "V": dv, **cap_grads}
     _check_spans({"Q": q, "K": k, "V": v, "O": o, "LSE": lse, "dO": do, "dLSE": dlse,
-                  "dQ": dq32, **{f"d{name}": g for name, g in cap_grads.items()}})
+                  "dQ": dq32, **{f"d{name}": g for name, g in cap_grads.items()}},
+                 "the backward kernels index in 32 bits")
     cfg = backward_config(device.type, e_len, f_len)
     for part, over in (config or {}).items():
         cfg[part] = {**cfg[part], **over}

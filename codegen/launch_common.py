@@ -60,19 +60,48 @@ def _cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
-def _check_spans(tensors: dict) -> None:
-    """Refuse a tensor the kernels cannot address: they compute element offsets
-    ``sum_d index_d * stride_d`` in 32-bit integers (program ids times strides, tile indices
-    times strides), so every offset must stay below 2**31.  The largest is
+_I32_LIMIT = 2**31  # element offsets computed in int32 must stay below this
+_LANES = 256  # tile lanes a load may run past a tensor's end (masked): no tile dim is longer
+
+
+def _check_spans(tensors: dict, why: str) -> None:
+    """Refuse a tensor the kernels index whole in 32 bits (``why`` says which and why): every
+    element offset ``sum_d index_d * stride_d`` must stay below 2**31.  The largest is
     ``sum_d (size_d - 1) * |stride_d|`` (0 along broadcast and empty dims)."""
     for name, t in tensors.items():
         span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())
                    if size > 1)
-        if t.numel() and span >= 2**31:
+        if t.numel() and span >= _I32_LIMIT:
             raise AttentionInputError(
                 f"{name} of shape {tuple(t.shape)} and strides {tuple(t.stride())} reaches "
-                f"element offset {span}; the kernels index in 32 bits, so every tensor must "
-                f"span fewer than 2**31 elements (split the batch or the heads into calls)")
+                f"element offset {span}; {why}, so it must span fewer than 2**31 elements")
+
+
+def _tile_span(t: torch.Tensor, dims) -> int:
+    """The largest element offset a tile of ``t`` computes from its (batch, head) base along
+    ``dims`` (its row and column dims), the masked lanes past the end included: per dim
+    ``(extent - 1) * |stride|`` with the extent padded by a tile's overhang (``_LANES`` rows,
+    a head dim to its power-of-two block)."""
+    return sum((max(t.shape[d] + _LANES, _block(t.shape[d])) - 1) * abs(t.stride(d))
+               for d in dims)
+
+
+def _needs_i64_tiles(tiles: dict) -> bool:
+    """Whether some tile offset of ``tiles`` (name -> (tensor, its tile dims)) may reach 2**31:
+    then the launch sets I64_TILES (in-tile offsets in int64); else they are exact in int32,
+    and only each program's (batch, head) base offset is int64."""
+    return any(t.numel() and _tile_span(t, dims) >= _I32_LIMIT for t, dims in tiles.values())
+
+
+def _check_lengths(lengths: dict) -> None:
+    """Refuse a sequence or head dim the kernels cannot count: tile indices (``start_n +
+    arange(BLOCK_N)``, loop counters, descriptor shapes) are int32, so a length plus a tile
+    must stay below 2**31 (a tensor that long is at least 2**31 rows)."""
+    for name, n in lengths.items():
+        if n + _LANES >= _I32_LIMIT:
+            raise AttentionInputError(
+                f"{name} is {n}; the kernels count positions in 32 bits, so it must be below "
+                f"2**31 - {_LANES} (split the sequence into calls)")
 
 
 def _strides(t: torch.Tensor) -> list:

@@ -54,7 +54,8 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
     if min(m_len, n_len, n_batch * n_heads) == 0:
         return result()
     _check_spans({**inputs, **{f"d{name}": g for name, g in {**d_in, **d_cap}.items()},
-                  **{f"d{name}": g for name, g in grads.items() if g is not None}})
+                  **{f"d{name}": g for name, g in grads.items() if g is not None}},
+                 "the backward kernels index in 32 bits")
     rows = n_batch * n_heads * m_len
     # coefficients of value sums in the inputs' dtype (the 16-bit operand of two dots, as
     # FlashAttention's dO), of row sums in float32

@@ -125,10 +125,12 @@ def _names(k: TileKernel) -> _Names:
 
 
 def _operand_base(o: Operand, names: _Names, env: Env) -> str:
-    """The program's base pointer into an operand: its batch/head subscripts (loop-invariant)."""
+    """The program's base pointer into an operand: its batch/head subscripts (loop-invariant),
+    each times its stride in int64 (``batch * stride_b`` passes 2**31 on a big tensor; once
+    per program, outside the key loop)."""
     ptr = names.tensors[o.tensor]
     strides = names.strides[ptr]
-    parts = [f"({render(idx, env)}) * {strides[d]}" for d, idx in enumerate(o.idx)
+    parts = [f"{writer.to_i64(render(idx, env))} * {strides[d]}" for d, idx in enumerate(o.idx)
              if d not in (o.row_dim, o.col_dim)]
     return " + ".join([ptr] + parts)
 
@@ -594,6 +596,9 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
                      "(partial tiles masked, full ones not),\n    3 = closed-form key-tile "
                      "ranges, 4 = a table of SEGMENTS key-tile ranges.")
     writer.program(L, "pid_m")
+    tiled = [names.tensors[o.tensor] for o in k.operands] + [names.outputs[s.name]
+                                                              for s in k.stores]
+    writer.widen_strides(L, 1, [s for ptr in tiled for s in names.strides[ptr]])
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "row_ok = offs_m < M_len")
@@ -701,7 +706,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
                   head_env.hoisted, head_env.scalar_indices, strides=names.strides,
                   wraps=head_env.wraps, narrow=True)
         value = render_at(L, 1, st.expr, env)
-        offs = " + ".join(f"{idx[i]} * {stride}"
+        offs = " + ".join(f"{writer.to_i64(idx[i]) if i in scalar_index else idx[i]} * {stride}"
                           for i, stride in zip(st.indices, names.strides[ptr], strict=True))
         mask = "row_ok[:, None] & (offs_f[None, :] < F_len)" if is_tile else "row_ok"
         val = f"val_{names.base(ptr)}"
@@ -819,8 +824,9 @@ _TABLE_ARGS = tuple(writer.table_args("kv_"))
 # NONNEG_SUBSCRIPTS: no subscript of a captured tensor that may wrap (index_ranges) is < 0
 # I32_INDICES: every integer node the kernel widens to int64 fits int32 (narrow_ranges)
 # TMA: tiles through tensor descriptors (codegen/loads.py), chosen per launch by the launcher
+# I64_TILES: some (batch, head) slice of an operand or output reaches element offset 2**31
 _EVEN = ("EVEN_M", "EVEN_E", "EVEN_F", "SCALE_NONNEG", "NONNEG_SUBSCRIPTS", "I32_INDICES",
-         loads.TMA_FLAG)
+         loads.TMA_FLAG, writer.I64_FLAG)
 
 LOAD_TILE = '''
 @triton.jit

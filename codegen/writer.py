@@ -148,6 +148,29 @@ def role_offset(base: str, letters: list[str | None] | str, parts: list[str]) ->
     return f"{base}_ptr + " + " + ".join(f"{p} * {s}" for p, s in zip(parts, strides, strict=True))
 
 
+# -- 64-bit addressing ----------------------------------------------------------------------
+# Element offsets: a program's batch/head offsets (``off_b * stride_b``) are always int64, once
+# per program; the in-tile ones (``offs_n * stride_n``, inside the loops) are int32 unless the
+# launcher sets I64_TILES (some (batch, head) slice of a tensor reaches element offset 2**31).
+I64_FLAG = "I64_TILES"
+
+
+def to_i64(x: str) -> str:
+    """The scalar expression ``x`` as int64 (``tl.cast``: also a Python int or constexpr), for
+    a base offset ``x * stride`` that may pass 2**31."""
+    return f"tl.cast({x}, tl.int64)"
+
+
+def widen_strides(L: Lines, depth: int, strides: list[str]) -> None:
+    """Under I64_TILES, ``strides`` (the kernel's stride arguments) as int64, so that every
+    offset ``index * stride`` computed from them is int64; a normal launch keeps int32."""
+    if strides:
+        L(depth, f"if {I64_FLAG}:  # a (batch, head) slice reaches element offset 2**31: "
+                 f"in-tile offsets in int64")
+        for s in dict.fromkeys(strides):
+            L(depth + 1, f"{s} = {to_i64(s)}")
+
+
 def strided(ptr: str, rank: int) -> list[str]:
     """A pointer argument and its stride arguments: ``[X, X_s0, ..., X_s{rank-1}]``."""
     return [ptr] + [f"{ptr}_s{d}" for d in range(rank)]

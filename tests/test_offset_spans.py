@@ -1,7 +1,12 @@
-"""Tensors the kernels cannot address are refused, not read out of bounds: every generated
-kernel computes element offsets (program ids times strides, tile indices times strides) in
-32-bit integers, so a tensor whose largest element offset reaches 2**31 would wrap
-(codegen/launch_common.py ``_check_spans``)."""
+"""What the kernels' addressing accepts and what it still refuses.
+
+Every generated kernel computes each program's (batch, head) base offset in int64, and its
+in-tile offsets (tile indices times strides) in int32 unless some (batch, head) slice of a
+tensor reaches element offset 2**31, when the launch sets I64_TILES (int64 in-tile offsets):
+so no Q/K/V/output tensor is refused for its size (tests/test_big_offsets.py runs them).  What
+is still refused: a sequence or head dim of 2**31 - 256 or more (positions are counted in
+int32), and a block table spanning 2**31 entries (indexed in int32)
+(codegen/launch_common.py ``_check_spans``, ``_check_lengths``, ``_needs_i64_tiles``)."""
 
 from __future__ import annotations
 
@@ -25,27 +30,57 @@ def causal():
     return cascade, compile_cascade(cascade).kernel
 
 
-def test_a_tensor_reaching_element_offset_2_31_is_refused_naming_it(causal) -> None:
+def test_a_table_reaching_element_offset_2_31_is_refused_naming_it(causal) -> None:
     mod = load_source(module_source(causal[1]))
+    why = "the kernels index block tables in 32 bits"
     fits = torch.empty(2, 1024, 1024, 1024, device="meta").as_strided(
         (2, 1024, 1024, 1024), (2**30, 1024 * 1024, 1024, 1))  # last offset 2**31 - 1
-    mod._check_spans({"K": fits})
-    mod._check_spans({"K": torch.empty(1, device="meta").expand(2**20, 2**20)})  # stride 0
+    mod._check_spans({"kv_idx": fits}, why)
+    mod._check_spans({"kv_idx": torch.empty(1, device="meta").expand(2**20, 2**20)}, why)
     big = torch.empty(2, 1024, 1024, 1024, device="meta")
     big = big.as_strided(big.shape, (2**30 + 1, 1024 * 1024, 1024, 1))  # last offset 2**31
-    with pytest.raises(mod.AttentionInputError, match=r"K of shape \(2, 1024, 1024, 1024\).*"
-                                                      r"2147483648.*2\*\*31"):
-        mod._check_spans({"K": big})
-    mod._check_spans({"K": torch.empty(0, 2**31, device="meta")})  # empty: nothing is read
+    with pytest.raises(mod.AttentionInputError, match=r"kv_idx of shape \(2, 1024, 1024, 1024\)"
+                                                      r".*2147483648; the kernels index block "
+                                                      r"tables in 32 bits.*2\*\*31"):
+        mod._check_spans({"kv_idx": big}, why)
+    mod._check_spans({"kv_idx": torch.empty(0, 2**31, device="meta")}, why)  # nothing is read
 
 
-def test_the_forward_launch_checks_every_operand_and_output(causal, monkeypatch) -> None:
+def test_int64_tile_offsets_are_chosen_only_when_a_slice_may_reach_2_31(causal) -> None:
+    """The batch and head dims never count (int64 bases); rows and columns do, with the masked
+    lanes a tile runs past the end (256 rows, a head dim to its power-of-two block)."""
     mod = load_source(module_source(causal[1]))
-    seen: list[str] = []
-    monkeypatch.setattr(mod, "_check_spans", lambda tensors: seen.extend(tensors))
+    rows = (2**31 - 1) // (4096 + 256 - 1) // 64 * 64  # the largest row stride that fits
+    fits = torch.empty(8, 32, 4096, 64, device="meta").as_strided(
+        (8, 32, 4096, 64), (2**40, 2**35, rows, 1))
+    assert not mod._needs_i64_tiles({"K": (fits, (2, 3))})
+    wide = fits.as_strided(fits.shape, (2**40, 2**35, rows + 64, 1))
+    assert mod._needs_i64_tiles({"K": (wide, (2, 3))})
+    assert not mod._needs_i64_tiles({"K": (wide[:, :, :0], (2, 3))})  # empty: nothing is read
+    real = torch.empty(8, 32, 128 * 1024, 64, device="meta")  # 2**31 elements
+    assert not mod._needs_i64_tiles({"K": (real, (2, 3))})
+
+
+def test_a_length_of_2_31_positions_is_refused_naming_it(causal) -> None:
+    mod = load_source(module_source(causal[1]))
+    mod._check_lengths({"the key length": 2**31 - 257})
+    with pytest.raises(mod.AttentionInputError, match=r"the key length is 2147483392; the "
+                                                      r"kernels count positions in 32 bits"):
+        mod._check_lengths({"the key length": 2**31 - 256})
+
+
+def test_the_forward_launch_weighs_every_operand_and_output_and_checks_its_tables(
+        causal, monkeypatch) -> None:
+    mod = load_source(module_source(causal[1]))
+    weighed: list[str] = []
+    checked: list[str] = []
+    monkeypatch.setattr(mod, "_needs_i64_tiles",
+                        lambda tiles: weighed.extend(tiles) or False)
+    monkeypatch.setattr(mod, "_check_spans", lambda tensors, why: checked.extend(tensors))
     q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
     mod.launch({"Q": q, "K": k, "V": v})
-    assert set(mod.OPERANDS) | set(mod.OUTPUTS) <= set(seen)
+    assert set(mod.OPERANDS) | set(mod.OUTPUTS) <= set(weighed)
+    assert {f"block table argument {a}" for a in ("kv_num", "kv_idx")} <= set(checked)
 
 
 @pytest.mark.parametrize("kind", ["flex", "fused"])
