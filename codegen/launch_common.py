@@ -86,11 +86,17 @@ def _tile_span(t: torch.Tensor, dims) -> int:
                for d in dims)
 
 
-def _needs_i64_tiles(tiles: dict) -> bool:
-    """Whether some tile offset of ``tiles`` (name -> (tensor, its tile dims)) may reach 2**31:
-    then the launch sets I64_TILES (in-tile offsets in int64); else they are exact in int32,
-    and only each program's (batch, head) base offset is int64."""
-    return any(t.numel() and _tile_span(t, dims) >= _I32_LIMIT for t, dims in tiles.values())
+def _offset_flags(tiles: dict) -> dict:
+    """The constexprs I32_BASES and I32_TILES of a launch over ``tiles`` (name -> (tensor, its
+    tile dims)): whether every tensor spans fewer than 2**31 elements (int32 base offsets),
+    and whether every tile offset from a (batch, head) base does (int32 in-tile offsets).
+    Each is False when it may not hold: the kernel then computes those offsets in int64."""
+    live = [(t, dims) for t, dims in tiles.values() if t.numel()]
+    i32_tiles = all(_tile_span(t, dims) < _I32_LIMIT for t, dims in live)
+    i32_bases = i32_tiles and all(
+        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 1)
+        < _I32_LIMIT for t, _ in live)
+    return {"I32_BASES": i32_bases, "I32_TILES": i32_tiles}
 
 
 def _check_lengths(lengths: dict) -> None:

@@ -101,9 +101,9 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         return out  # nothing to compute, or shapes only (meta tensors: model initialisation)
     _check_lengths({"the query length": m_len, "the key length": n_len,
                     "the qk head dim": e_len, "the v head dim": f_len})
-    # int64 bases per program always; in-tile offsets in int64 only when a slice needs them
+    # element offsets in int32 where they provably fit: the bases, the in-tile offsets
     program_dims = (ROLES.get("batch"), ROLES.get("head"))
-    i64_tiles = _needs_i64_tiles(
+    offset_flags = _offset_flags(
         {**{name: (inputs[name], (row, col)) for name, (_, _, row, col) in OPERANDS.items()},
          **{name: (out[name], [d for d, i in enumerate(idx) if i not in program_dims])
             for name, (_, idx, _) in OUTPUTS.items()}})
@@ -185,15 +185,16 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         i32 = i32_indices and _gathers_fit(args, pieces, n_len + c["BLOCK_N"])
         _run(device.type, grid, args, dict(c, scale_nonneg=scale_nonneg,
                                         nonneg_subscripts=nonneg_subscripts,
-                                        i32_indices=i32, tma=use_tma, i64_tiles=i64_tiles),
-             e_len, f_len,
+                                        i32_indices=i32, tma=use_tma,
+                                        offset_flags=offset_flags), e_len, f_len,
              m_len, n_len, sparsity, sparse_q, sparse_kv, segments, dtype)
 
     tune = cfg.pop("autotune", device.type == "cuda" and not set(config or {}) - {"tma"}
                    and os.environ.get("ATTNDSL_AUTOTUNE", "1") != "0")
     if tune:
         key = (SPEC_HASH, str(device), str(dtype), e_len, f_len, sparsity, sparse_q, sparse_kv,
-               segments, _next_pow2(m_len), _next_pow2(n_len), use_tma, i64_tiles)
+               segments, _next_pow2(m_len), _next_pow2(n_len), use_tma,
+               tuple(offset_flags.values()))
         cfg = _tuned(key, [dict(c, tma=use_tma) for c in _candidates(cfg)
                            if sparse_q % c["BLOCK_M"] == 0 and sparse_kv % c["BLOCK_N"] == 0
                            or sparsity not in (2, 4)], run)
@@ -393,7 +394,7 @@ def _run(device_type, grid, args, cfg, e_len, f_len, m_len, n_len, sparsity, spa
         **args, **_dim_consts(device_type, dtype, e_len, f_len), BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], EVEN_M=m_len % cfg["BLOCK_M"] == 0,
         SCALE_NONNEG=cfg["scale_nonneg"], NONNEG_SUBSCRIPTS=cfg["nonneg_subscripts"],
-        I32_INDICES=cfg["i32_indices"], I64_TILES=cfg["i64_tiles"],
+        I32_INDICES=cfg["i32_indices"], **cfg["offset_flags"],
         EVEN_N=n_len % (sparse_kv if sparsity >= 2 else cfg["BLOCK_N"]) == 0, SPARSITY=sparsity,
         SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv, SEGMENTS=segments,
         STATS=cfg.get("counting", False), TMA=cfg["tma"],

@@ -126,8 +126,8 @@ def _names(k: TileKernel) -> _Names:
 
 def _operand_base(o: Operand, names: _Names, env: Env) -> str:
     """The program's base pointer into an operand: its batch/head subscripts (loop-invariant),
-    each times its stride in int64 (``batch * stride_b`` passes 2**31 on a big tensor; once
-    per program, outside the key loop)."""
+    each times its stride in int64 unless I32_BASES (``batch * stride_b`` passes 2**31 on a
+    big tensor; once per program, outside the key loop)."""
     ptr = names.tensors[o.tensor]
     strides = names.strides[ptr]
     parts = [f"{writer.to_i64(render(idx, env))} * {strides[d]}" for d, idx in enumerate(o.idx)
@@ -824,9 +824,9 @@ _TABLE_ARGS = tuple(writer.table_args("kv_"))
 # NONNEG_SUBSCRIPTS: no subscript of a captured tensor that may wrap (index_ranges) is < 0
 # I32_INDICES: every integer node the kernel widens to int64 fits int32 (narrow_ranges)
 # TMA: tiles through tensor descriptors (codegen/loads.py), chosen per launch by the launcher
-# I64_TILES: some (batch, head) slice of an operand or output reaches element offset 2**31
+# I32_BASES / I32_TILES: base / in-tile element offsets exact in int32 (codegen/writer.py)
 _EVEN = ("EVEN_M", "EVEN_E", "EVEN_F", "SCALE_NONNEG", "NONNEG_SUBSCRIPTS", "I32_INDICES",
-         loads.TMA_FLAG, writer.I64_FLAG)
+         loads.TMA_FLAG, *writer.OFFSET_FLAGS)
 
 LOAD_TILE = '''
 @triton.jit

@@ -149,26 +149,32 @@ def role_offset(base: str, letters: list[str | None] | str, parts: list[str]) ->
 
 
 # -- 64-bit addressing ----------------------------------------------------------------------
-# Element offsets: a program's batch/head offsets (``off_b * stride_b``) are always int64, once
-# per program; the in-tile ones (``offs_n * stride_n``, inside the loops) are int32 unless the
-# launcher sets I64_TILES (some (batch, head) slice of a tensor reaches element offset 2**31).
-I64_FLAG = "I64_TILES"
+# Element offsets are int64 unless the launch proves int32 exact, by two constexprs (default
+# False: a caller that leaves them out gets the general, int64 kernel):
+# I32_BASES: every tensor spans fewer than 2**31 elements, so each program's (batch, head)
+#   base offset (``off_b * stride_b``, once per program) is exact in int32;
+# I32_TILES: every (batch, head) slice does (a tile's masked overhang included), so the
+#   in-tile offsets (``offs_n * stride_n``, inside the loops) are.
+# A big batch of ordinary slices (B=8, H=32, L=128k, D=64) keeps int32 loops: only its bases
+# are int64.
+OFFSET_FLAGS = ("I32_BASES", "I32_TILES")
 
 
 def to_i64(x: str) -> str:
-    """The scalar expression ``x`` as int64 (``tl.cast``: also a Python int or constexpr), for
-    a base offset ``x * stride`` that may pass 2**31."""
-    return f"tl.cast({x}, tl.int64)"
+    """The scalar ``x`` (a batch or head index) as it multiplies a stride into a base offset:
+    int64 unless I32_BASES (``tl.cast``: also a Python int or constexpr)."""
+    return f"({x} if I32_BASES else tl.cast({x}, tl.int64))"
 
 
-def widen_strides(L: Lines, depth: int, strides: list[str]) -> None:
-    """Under I64_TILES, ``strides`` (the kernel's stride arguments) as int64, so that every
-    offset ``index * stride`` computed from them is int64; a normal launch keeps int32."""
-    if strides:
-        L(depth, f"if {I64_FLAG}:  # a (batch, head) slice reaches element offset 2**31: "
-                 f"in-tile offsets in int64")
-        for s in dict.fromkeys(strides):
-            L(depth + 1, f"{s} = {to_i64(s)}")
+def widen_strides(L: Lines, depth: int, strides: list[str], scalars: tuple[str, ...] = ()) \
+        -> None:
+    """Unless I32_TILES, ``strides`` (stride arguments) and ``scalars`` (row counters of a
+    program) as int64, so that every offset computed from them is int64."""
+    if strides or scalars:
+        L(depth, "if not I32_TILES:  # a (batch, head) slice may reach element offset 2**31: "
+                 "in-tile offsets in int64")
+        for s in dict.fromkeys([*strides, *scalars]):
+            L(depth + 1, f"{s} = tl.cast({s}, tl.int64)")
 
 
 def strided(ptr: str, rank: int) -> list[str]:

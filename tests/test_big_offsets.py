@@ -1,8 +1,9 @@
 """Tensors whose element offsets pass 2**31 are read in place, not refused and not wrapped.
 
-Every generated kernel computes each program's (batch, head) base offset in int64, and its
-in-tile offsets in int32 unless the launcher finds a (batch, head) slice reaching 2**31, when
-it sets the constexpr I64_TILES (codegen/writer.py ``widen_strides``).  These tests run the
+Every generated kernel computes each program's (batch, head) base offset in int64 unless the
+launcher proves every tensor spans fewer than 2**31 elements (the constexpr I32_BASES), and its
+in-tile offsets in int64 unless it proves every (batch, head) slice does (I32_TILES;
+codegen/writer.py).  These tests run the
 real kernels in Triton's interpreter on views into one 4 GiB storage that is never written
 outside the few slices they touch (the pages stay unallocated), against a float64 reference
 on the same small values.  Without int64 offsets the interpreter reads at a wrapped, negative
@@ -63,7 +64,7 @@ def _constexprs(q, k, v, **kwargs) -> dict:
 def test_a_batch_starting_past_element_2_31_is_read_through_int64_base_offsets(
         storage: torch.Tensor) -> None:
     """K and V of 3 batches 2**30 + 64 elements apart: batch 2 starts past 2**31, each slice
-    is small (int32 tile offsets, I64_TILES off)."""
+    is small: int64 bases, int32 tile offsets."""
     gen = torch.Generator().manual_seed(1)
     q, k0, v0 = (torch.randn(3, 2, L, D, generator=gen).half() for _ in range(3))
     stride = (2**30 + 64, L * D, D, 1)
@@ -73,12 +74,13 @@ def test_a_batch_starting_past_element_2_31_is_read_through_int64_base_offsets(
     out = attndsl.flex_attention(q, k, v, **kwargs)
     torch.testing.assert_close(out.double(), _reference(q, k0, v0, causal=True),
                                atol=2e-3, rtol=2e-3)
-    assert _constexprs(q, k, v, **kwargs)["I64_TILES"] is False
+    flags = _constexprs(q, k, v, **kwargs)
+    assert (flags["I32_BASES"], flags["I32_TILES"]) == (False, True)
 
 
 def test_one_slice_spanning_2_31_elements_runs_the_int64_tile_path(storage) -> None:
     """K rows 2**28 elements apart: row 8 of the one (batch, head) slice starts at 2**31, so
-    its in-tile offsets need int64 (the launch sets I64_TILES); ragged L = 9 keys."""
+    its in-tile offsets need int64 (I32_TILES off); ragged L = 9 keys."""
     gen = torch.Generator().manual_seed(2)
     n = 9
     q = torch.randn(1, 1, L, D, generator=gen).half()
@@ -88,4 +90,61 @@ def test_one_slice_spanning_2_31_elements_runs_the_int64_tile_path(storage) -> N
     kwargs = dict(kernel_options=dict(CONFIG))
     out = attndsl.flex_attention(q, k, v, **kwargs)
     torch.testing.assert_close(out.double(), _reference(q, k0, v0), atol=2e-3, rtol=2e-3)
-    assert _constexprs(q, k, v, **kwargs)["I64_TILES"] is True
+    assert _constexprs(q, k, v, **kwargs)["I32_TILES"] is False
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a view into the storage, same strides) as a leaf that requires grad."""
+    return t.detach().requires_grad_()
+
+
+def _gradients(q, k, v, run) -> tuple:
+    """The output of ``run(q, k, v)`` and the gradients of a fixed weighting of it."""
+    out = run(q, k, v)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    return (out,) + torch.autograd.grad((out.float() * weight).sum(), (q, k, v))
+
+
+def _check_backward(big: tuple, small: tuple, run, causal: bool) -> None:
+    """Gradients through ``run`` on the big views against float64 autograd on the values."""
+    got = _gradients(*big, run)
+    want = _gradients(*(t.detach().double().requires_grad_() for t in small),
+                      lambda q, k, v: _reference(q, k, v, causal=causal))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("rows", [L * D, 2**28], ids=["batch-past-2-31", "slice-of-2-31"])
+def test_the_flexattention_backward_reads_tensors_past_element_2_31(storage, rows) -> None:
+    """Q, K and V of 3 batches, the last past 2**31; or K with rows 2**28 apart (its one
+    slice reaches 2**31: int64 tile offsets).  dQ, dK, dV against float64 autograd."""
+    gen = torch.Generator().manual_seed(3)
+    b, n = (3, L) if rows == L * D else (1, 9)
+    small = [torch.randn(b, 1, m, D, generator=gen).half() for m in (L, n, n)]
+    batch = 2**30 + 64 if b == 3 else 0
+    q = _view(storage, small[0].shape, (batch, L * D, D, 1), small[0], offset=4096)
+    k = _view(storage, small[1].shape, (batch, rows * n, rows, 1), small[1])
+    v = _view(storage, small[2].shape, (batch, n * D, D, 1), small[2], offset=8192)
+    _check_backward(tuple(map(_leaf, (q, k, v))), tuple(small),
+                    lambda q, k, v: attndsl.flex_attention(
+                        q, k, v, mask_mod=_causal, kernel_options=dict(CONFIG)), causal=True)
+
+
+@pytest.mark.parametrize("rows", [L * D, 2**28], ids=["batch-past-2-31", "slice-of-2-31"])
+def test_the_fused_backward_reads_tensors_past_element_2_31(storage, rows) -> None:
+    """The fused tile backward of a compiled kernel, on the same layouts."""
+    kernel = attndsl.compile(score_mod=lambda s, b, h, q, kv: s)
+    assert kernel.fused_backward is not None
+    gen = torch.Generator().manual_seed(4)
+    b, n = (3, L) if rows == L * D else (1, 9)
+    small = [torch.randn(b, 1, m, D, generator=gen).half() for m in (L, n, n)]
+    batch = 2**30 + 64 if b == 3 else 0
+    q = _view(storage, small[0].shape, (batch, L * D, D, 1), small[0], offset=4096)
+    k = _view(storage, small[1].shape, (batch, rows * n, rows, 1), small[1])
+    v = _view(storage, small[2].shape, (batch, n * D, D, 1), small[2], offset=8192)
+
+    def run(q, k, v):
+        return kernel({"Q": q, "K": k, "V": v}, {"scale": D ** -0.5},
+                      kernel_options=dict(CONFIG))["O"]
+
+    _check_backward(tuple(map(_leaf, (q, k, v))), tuple(small), run, causal=False)

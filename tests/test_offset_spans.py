@@ -1,12 +1,13 @@
 """What the kernels' addressing accepts and what it still refuses.
 
-Every generated kernel computes each program's (batch, head) base offset in int64, and its
+Every generated kernel computes each program's (batch, head) base offset in int64 (unless every
+tensor spans < 2**31 elements: I32_BASES), and its
 in-tile offsets (tile indices times strides) in int32 unless some (batch, head) slice of a
-tensor reaches element offset 2**31, when the launch sets I64_TILES (int64 in-tile offsets):
+tensor may reach element offset 2**31 (then the launch leaves I32_TILES off):
 so no Q/K/V/output tensor is refused for its size (tests/test_big_offsets.py runs them).  What
 is still refused: a sequence or head dim of 2**31 - 256 or more (positions are counted in
 int32), and a block table spanning 2**31 entries (indexed in int32)
-(codegen/launch_common.py ``_check_spans``, ``_check_lengths``, ``_needs_i64_tiles``)."""
+(codegen/launch_common.py ``_check_spans``, ``_check_lengths``, ``_offset_flags``)."""
 
 from __future__ import annotations
 
@@ -46,19 +47,23 @@ def test_a_table_reaching_element_offset_2_31_is_refused_naming_it(causal) -> No
     mod._check_spans({"kv_idx": torch.empty(0, 2**31, device="meta")}, why)  # nothing is read
 
 
-def test_int64_tile_offsets_are_chosen_only_when_a_slice_may_reach_2_31(causal) -> None:
-    """The batch and head dims never count (int64 bases); rows and columns do, with the masked
-    lanes a tile runs past the end (256 rows, a head dim to its power-of-two block)."""
+def test_int32_offsets_are_kept_exactly_where_they_fit(causal) -> None:
+    """I32_TILES: the rows and columns of each (batch, head) slice, with the masked lanes a
+    tile runs past the end (256 rows, a head dim to its power-of-two block), stay below
+    2**31; I32_BASES: besides, the whole tensor does."""
     mod = load_source(module_source(causal[1]))
-    rows = (2**31 - 1) // (4096 + 256 - 1) // 64 * 64  # the largest row stride that fits
+    rows = (2**31 - 1 - 319) // (4096 + 256 - 1)  # the largest row stride that fits
     fits = torch.empty(8, 32, 4096, 64, device="meta").as_strided(
         (8, 32, 4096, 64), (2**40, 2**35, rows, 1))
-    assert not mod._needs_i64_tiles({"K": (fits, (2, 3))})
-    wide = fits.as_strided(fits.shape, (2**40, 2**35, rows + 64, 1))
-    assert mod._needs_i64_tiles({"K": (wide, (2, 3))})
-    assert not mod._needs_i64_tiles({"K": (wide[:, :, :0], (2, 3))})  # empty: nothing is read
-    real = torch.empty(8, 32, 128 * 1024, 64, device="meta")  # 2**31 elements
-    assert not mod._needs_i64_tiles({"K": (real, (2, 3))})
+    assert mod._offset_flags({"K": (fits, (2, 3))}) == {"I32_BASES": False, "I32_TILES": True}
+    wide = fits.as_strided(fits.shape, (2**40, 2**35, rows + 1, 1))
+    assert mod._offset_flags({"K": (wide, (2, 3))}) == {"I32_BASES": False, "I32_TILES": False}
+    empty = {"K": (wide[:, :, :0], (2, 3))}  # nothing is read
+    assert mod._offset_flags(empty) == {"I32_BASES": True, "I32_TILES": True}
+    big = torch.empty(8, 32, 128 * 1024 + 1, 64, device="meta")  # past 2**31 elements
+    assert mod._offset_flags({"K": (big, (2, 3))}) == {"I32_BASES": False, "I32_TILES": True}
+    most = torch.empty(8, 32, 128 * 1024, 64, device="meta")  # 2**31 elements, the last at 2**31-1
+    assert mod._offset_flags({"K": (most, (2, 3))}) == {"I32_BASES": True, "I32_TILES": True}
 
 
 def test_a_length_of_2_31_positions_is_refused_naming_it(causal) -> None:
@@ -74,8 +79,8 @@ def test_the_forward_launch_weighs_every_operand_and_output_and_checks_its_table
     mod = load_source(module_source(causal[1]))
     weighed: list[str] = []
     checked: list[str] = []
-    monkeypatch.setattr(mod, "_needs_i64_tiles",
-                        lambda tiles: weighed.extend(tiles) or False)
+    real = mod._offset_flags
+    monkeypatch.setattr(mod, "_offset_flags", lambda tiles: weighed.extend(tiles) or real(tiles))
     monkeypatch.setattr(mod, "_check_spans", lambda tensors, why: checked.extend(tensors))
     q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
     mod.launch({"Q": q, "K": k, "V": v})
