@@ -86,16 +86,18 @@ def _tile_span(t: torch.Tensor, dims) -> int:
                for d in dims)
 
 
-def _offset_flags(tiles: dict) -> dict:
+def _offset_flags(tiles: dict, whole: tuple = ()) -> dict:
     """The constexprs I32_BASES and I32_TILES of a launch over ``tiles`` (name -> (tensor, its
-    tile dims)): whether every tensor spans fewer than 2**31 elements (int32 base offsets),
-    and whether every tile offset from a (batch, head) base does (int32 in-tile offsets).
-    Each is False when it may not hold: the kernel then computes those offsets in int64."""
+    tile dims)) and ``whole`` (tensors read at any subscript: captured tensors and their
+    gradients): whether every tensor spans fewer than 2**31 elements (int32 base offsets and
+    captured-tensor offsets), and whether every tile offset from a (batch, head) base does
+    (int32 in-tile offsets).  Each is False when it may not hold: the kernel then computes
+    those offsets in int64."""
     live = [(t, dims) for t, dims in tiles.values() if t.numel()]
     i32_tiles = all(_tile_span(t, dims) < _I32_LIMIT for t, dims in live)
     i32_bases = i32_tiles and all(
         sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 1)
-        < _I32_LIMIT for t, _ in live)
+        < _I32_LIMIT for t in [t for t, _ in live] + [t for t in whole if t.numel()])
     return {"I32_BASES": i32_bases, "I32_TILES": i32_tiles}
 
 

@@ -126,8 +126,8 @@ def test_the_flexattention_backward_reads_tensors_past_element_2_31(storage, row
     k = _view(storage, small[1].shape, (batch, rows * n, rows, 1), small[1])
     v = _view(storage, small[2].shape, (batch, n * D, D, 1), small[2], offset=8192)
     _check_backward(tuple(map(_leaf, (q, k, v))), tuple(small),
-                    lambda q, k, v: attndsl.flex_attention(
-                        q, k, v, mask_mod=_causal, kernel_options=dict(CONFIG)), causal=True)
+                    lambda q, k, v: attndsl.flex_attention(q, k, v, mask_mod=_causal),
+                    causal=True)
 
 
 @pytest.mark.parametrize("rows", [L * D, 2**28], ids=["batch-past-2-31", "slice-of-2-31"])
@@ -148,3 +148,54 @@ def test_the_fused_backward_reads_tensors_past_element_2_31(storage, rows) -> No
                       kernel_options=dict(CONFIG))["O"]
 
     _check_backward(tuple(map(_leaf, (q, k, v))), tuple(small), run, causal=False)
+
+
+def test_a_captured_bias_past_element_2_31_is_read_forward_and_backward(storage) -> None:
+    """score + bias[b, h, q, kv] with the bias's last batch past 2**31 (the forward reads it
+    with int64 offsets: I32_INDICES off), and its gradient through the FlexAttention
+    backward, which reads it there too."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(3, 1, L, D, generator=gen).half() for _ in range(3))
+    bias0 = torch.randn(3, 1, L, L, generator=gen).half()
+    bias = _leaf(_view(storage, (3, 1, L, L), (2**30 + 64, L * L, L, 1), bias0))
+
+    def run(q, k, v, bias=bias, **kwargs):
+        return attndsl.flex_attention(q, k, v, score_mod=lambda s, b, h, m, n: s + bias[b, h, m, n],
+                                      **kwargs)
+
+    fixed = bias.detach()  # kernel options need a launch without gradients
+    out = run(q, k, v, fixed, kernel_options=dict(CONFIG))
+    torch.testing.assert_close(out.double(), _reference(q, k, v, bias0), atol=2e-3, rtol=2e-3)
+    assert _constexprs(q, k, v, score_mod=lambda s, b, h, m, n: s + fixed[b, h, m, n],
+                       kernel_options=dict(CONFIG))["I32_INDICES"] is False
+    weight = torch.randn(out.shape, generator=gen)
+    got, = torch.autograd.grad((run(q, k, v).float() * weight).sum(), (bias,))
+    ref_bias = bias0.double().requires_grad_()
+    want, = torch.autograd.grad((_reference(q, k, v, ref_bias) * weight).sum(), (ref_bias,))
+    torch.testing.assert_close(got.double(), want, atol=5e-3, rtol=5e-3)
+
+
+def test_decode_reads_a_page_pool_past_element_2_31(storage) -> None:
+    """A K/V page pool ("NPHD") whose pages lie 2**30 + 512 elements apart: the pool, viewed
+    as one physical sequence, spans 2**31 (int64 tile offsets), and page 2 starts past it."""
+    gen = torch.Generator().manual_seed(7)
+    pages, page, heads = 3, 16, 2
+    page_stride = 2**30 + 512  # 2**25 + 16 rows: pages start on 16-row blocks
+    lengths = torch.tensor([20, 9])
+    table = torch.tensor([[2, 0], [1, 1]])  # sequence 0 reads page 2 (past 2**31), then 0
+    k_pool, v_pool = (storage.as_strided((pages, page, heads, D), (page_stride, heads * D, D, 1),
+                                         offset) for offset in (0, page * heads * D))
+    seqs = []
+    for b, n in enumerate(lengths.tolist()):
+        kv = [torch.randn(n, heads, D, generator=gen).half() for _ in range(2)]
+        for i in range(-(-n // page)):  # write each logical page into its physical page
+            rows = slice(i * page, min(n, (i + 1) * page))
+            for pool, x in zip((k_pool, v_pool), kv, strict=True):
+                pool[table[b, i], : rows.stop - rows.start].copy_(x[rows])
+        seqs.append(kv)
+    q = torch.randn(2, 4, 1, D, generator=gen).half()
+    out = attndsl.decode(q, k_pool, v_pool, lengths, page_table=table)
+    for b, (k, v) in enumerate(seqs):  # GQA: query heads 2h, 2h + 1 read kv head h
+        k, v = (x.transpose(0, 1).repeat_interleave(2, 0)[None] for x in (k, v))
+        torch.testing.assert_close(out[b:b + 1].double(), _reference(q[b:b + 1], k, v),
+                                   atol=2e-3, rtol=2e-3)

@@ -89,14 +89,17 @@ def test_the_forward_launch_weighs_every_operand_and_output_and_checks_its_table
 
 
 @pytest.mark.parametrize("kind", ["flex", "fused"])
-def test_each_backward_launch_checks_its_tensors_before_its_first_kernel(causal, kind) -> None:
+def test_each_backward_launch_weighs_its_offsets_before_its_first_kernel(causal, kind) -> None:
+    """The backward launchers check the lengths and choose I32_BASES / I32_TILES before any
+    kernel runs, and pass the flags to every kernel."""
     source = backward_source(causal[0]) if kind == "flex" else tile_backward_source(causal[1])
     launch = next(node for node in ast.walk(ast.parse(source))
                   if isinstance(node, ast.FunctionDef) and node.name == "launch_backward")
-    calls = [node.func.id for node in ast.walk(launch)
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-             and node.func.id in ("_check_spans", "_kernel")]
-    lines = {name: min(node.lineno for node in ast.walk(launch) if isinstance(node, ast.Call)
-                       and isinstance(node.func, ast.Name) and node.func.id == name)
-             for name in set(calls)}
-    assert "_check_spans" in lines and lines["_check_spans"] < lines["_kernel"]
+    calls = [node for node in ast.walk(launch) if isinstance(node, ast.Call)]
+    first = {name: min(node.lineno for node in calls if isinstance(node.func, ast.Name)
+                       and node.func.id == name)
+             for name in ("_check_lengths", "_offset_flags", "_kernel")}
+    assert first["_check_lengths"] < first["_kernel"] and first["_offset_flags"] < first["_kernel"]
+    launches = [node for node in calls if isinstance(node.func, ast.Subscript)]
+    assert launches and all(any(k.arg is None and ast.unparse(k.value) in ("offsets", "consts")
+                                for k in node.keywords) for node in launches)
