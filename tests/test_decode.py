@@ -367,3 +367,41 @@ def test_decode_refuses_lengths_that_are_not_a_tensor() -> None:
     cache = torch.randn(2, 1, 32, 16)
     with pytest.raises(AttentionError, match="lengths must be an integer tensor.*got list"):
         attndsl.decode(torch.randn(2, 1, 1, 16), cache, cache, [5, 3])
+
+
+@pytest.mark.parametrize("stride_rows", [24, 32, 40])
+def test_a_page_pool_whose_pages_do_not_start_on_16_row_blocks_is_refused_not_misread(
+        stride_rows: int) -> None:
+    """Pages of 16 rows whose starts lie ``stride_rows`` rows apart (a padded pool): at 24 or
+    40 rows page 1 starts mid-block, which the block tables (one block per page) read
+    wrongly; it is refused, naming the stride.  At 32 rows the pool is read exactly."""
+    gen = torch.Generator().manual_seed(8)
+    page, heads, d = 16, 2, 16
+    store = torch.zeros(3 * stride_rows * heads * d + 1024)
+    k_pool, v_pool = (store.as_strided((3, page, heads, d), (stride_rows * heads * d,
+                                                             heads * d, d, 1), offset)
+                      for offset in (0, page * heads * d))
+    table = torch.tensor([[2, 0], [1, 1]])
+    lengths = [20, 9]
+    ks, vs = [], []
+    for b, n in enumerate(lengths):
+        k, v = (torch.randn(n, heads, d, generator=gen) for _ in range(2))
+        for i in range(-(-n // page)):
+            rows = slice(i * page, min(n, (i + 1) * page))
+            k_pool[table[b, i], : rows.stop - rows.start] = k[rows]
+            v_pool[table[b, i], : rows.stop - rows.start] = v[rows]
+        ks.append(k.transpose(0, 1))
+        vs.append(v.transpose(0, 1))
+    q = torch.randn(2, 4, 1, d, generator=gen)
+    run = lambda: attndsl.decode(q, k_pool, v_pool, torch.tensor(lengths),  # noqa: E731
+                                 page_table=table)
+    if stride_rows % 16:
+        with pytest.raises(AttentionError, match=rf"pages start every {stride_rows} rows"):
+            run()
+        return
+    out = run()
+    for b in range(len(lengths)):
+        k, v = (x.repeat_interleave(2, 0) for x in (ks[b], vs[b]))
+        want = torch.softmax(q[b].double() @ k.double().transpose(-1, -2) / d ** 0.5, -1) \
+            @ v.double()
+        torch.testing.assert_close(out[b].double(), want, atol=1e-4, rtol=1e-4)
