@@ -313,6 +313,26 @@ def test_cache_append_of_a_wrong_shape_is_refused_with_the_expected_shape(k_shap
         cache.append(torch.randn(k_shape), torch.randn(v_shape))
 
 
+@pytest.mark.parametrize("k_dtype, v_dtype", [
+    (torch.float16, torch.float16),   # an exact widening into the fp32 cache
+    (torch.float64, torch.float64),   # a lossy narrowing
+    (torch.float32, torch.bfloat16),  # v alone
+])
+def test_cache_append_of_another_dtype_is_refused_naming_both_and_writes_nothing(
+        k_dtype, v_dtype) -> None:
+    cache = _small_cache()
+    with pytest.raises(AttentionError, match=rf"are {k_dtype}, {v_dtype}; the cache holds "
+                                             rf"torch.float32"):
+        cache.append(torch.randn(2, 2, 4, 8, dtype=k_dtype), torch.randn(2, 2, 4, 8,
+                                                                         dtype=v_dtype))
+    assert int(cache.lengths.sum()) == 0
+    half = attndsl.PagedKVCache(num_pages=4, page_size=16, heads=2, head_dim=8, max_batch=2,
+                                max_pages=4, dtype=torch.float16)
+    kv = torch.randn(2, 2, 4, 8, dtype=torch.float16)
+    half.append(kv, kv)  # the cache's own dtype is stored as it is
+    assert torch.equal(half.k_pages[half.page_table[0, 0].long(), :4], kv[0].transpose(0, 1))
+
+
 def test_cache_append_that_runs_out_of_pages_writes_nothing():
     cache = _small_cache(num_pages=4)
     cache.append(torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8))  # 2 pages each: pool full
