@@ -642,6 +642,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     _emit_gathers(gathers, L, row_env)
     finished: dict[str, str] = {}
     infinite: dict[str, str] = {}  # row sum -> its stabiliser, made 1 where that is +inf
+    nan_max: dict[str, str] = {}  # max -> the sum of its own weights (a NaN score: NaN)
     for pi, p in enumerate(k.passes):
         L(1, f"# pass {pi + 1} over the key tiles")
         for mx in p.maxes:
@@ -680,10 +681,12 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
             finished[mx.var] = mx.var
             finished[mx.var + ".safe"] = f"{mx.var}_safe"
         infinite.update(_infinite_rows(k, p))
+        nan_max.update({mx.var: _empty_row_sum(p, mx) for mx in p.maxes
+                        if _empty_row_sum(p, mx) is not None})
         for s in p.sums:
             finished[s.var] = s.var
     L(1, "# outputs")
-    printed: set[str] = set()  # the row sums of infinite whose l_inf is printed
+    printed: set[str] = set()  # the row sums whose l_inf, the maxes whose m_nan is printed
     for st in k.stores:
         ptr = names.outputs[st.name]
         is_tile = st.tile
@@ -698,6 +701,14 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
                     L(1, f'{s}_inf = tl.where({mx} == float("inf"), 1.0, {s})  # a +inf '
                          f"score: the sum of exp is +inf")
                 rows[s] = f"{s}_inf[:, None]" if is_tile else f"{s}_inf"
+        for mx, s in nan_max.items():
+            if _reads(st.expr, mx):  # the raw max: NaN where the oracle's is
+                if mx not in printed:
+                    printed.add(mx)
+                    L(1, f'{mx}_nan = tl.where(({s} != {s}) & ({mx} != float("inf")), '
+                         f'float("nan"), {mx})  # a kept NaN score (tl.max skips it) made '
+                         f"its weight, so {s}, NaN")
+                rows[mx] = f"{mx}_nan[:, None]" if is_tile else f"{mx}_nan"
         idx = dict(scalar_index)
         idx[m] = "offs_m[:, None]" if is_tile else "offs_m"
         if f is not None:
