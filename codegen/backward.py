@@ -100,6 +100,11 @@ def _ptr(t: str, parts: list[str]) -> str:
     return writer.role_offset(*_ROLES[t][:2], parts)
 
 
+def _widen(L: Lines, tensors: tuple[str, ...]) -> None:
+    """The strides of the role ``tensors`` a kernel reads, as int64 unless I32_TILES."""
+    writer.widen_strides(L, 1, [s for t in tensors for s in _tensor_args(t)[1:]])
+
+
 def _notes() -> dict[str, str]:
     """Signature comments: what each role pointer stands for (the captured tensors' names are
     in the CAPTURED and GRADS tables only)."""
@@ -140,9 +145,10 @@ def _need(ptr: str) -> str:
 
 
 def _at(names: _Names, ptr: str, parts: list[str]) -> str:
-    """The address of a captured tensor or gradient ``ptr`` at ``parts``."""
-    return f"{ptr} + " + " + ".join(f"{p} * {s}" for p, s in zip(parts, names.strides[ptr],
-                                                                  strict=True))
+    """The address of a captured tensor or gradient ``ptr`` at ``parts`` (int64 offsets
+    unless I32_BASES: the tensor may span 2**31 elements)."""
+    return f"{ptr} + " + " + ".join(f"{writer.to_i64(p)} * {s}"
+                                    for p, s in zip(parts, names.strides[ptr], strict=True))
 
 
 @dataclass(frozen=True)
@@ -451,11 +457,13 @@ def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
             + _tensor_args("DELTA") + _tensor_args("LSE") + _tensor_args("LSE2")
             + _captured_args(names, False) + ["scale", "n_heads", "M_len", "F_len"])
     writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F", "ANCHOR_M", "G"],
+                     writer.OFFSET_FLAGS,
                      doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
                      "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
                      "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
                      "guard) less the query-only terms of T log2e.", notes=_notes())
     writer.program(L, "pid_m")
+    _widen(L, ("O", "DO", "DLSE", "DELTA", "LSE", "LSE2"))
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "m_ok = offs_m < M_len")
     L(1, "tile_ok = m_ok[:, None] & (offs_f[None, :] < F_len)")
@@ -570,6 +578,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
                      "dK and dV sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients "
                      "are float32 atomic adds.", notes=_notes())
     writer.program(L, "pid_n", "pid_bhkv", "n_kv_heads", "off_hkv")
+    _widen(L, ("Q", "K", "V", "DO", "LSE2", "DELTA", "DQ", "DK", "DV"))
     L(1, "start_n = pid_n * BLOCK_N\noffs_n = start_n + tl.arange(0, BLOCK_N)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, _ok("e_ok", "offs_e", "E_len", "EVEN_E"))
@@ -614,6 +623,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
                      "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
                      "atomics (deterministic).", notes=_notes())
     writer.program(L, "pid_m")
+    _widen(L, ("Q", "K", "V", "DO", "LSE2", "DELTA", "DQ"))
     L(1, "off_hkv = off_h // G")
     _hoist_loads(L, 1, spec, names)
     L(1, "start_m = pid_m * BLOCK_M\noffs_m = start_m + tl.arange(0, BLOCK_M)")

@@ -17,10 +17,12 @@ from attndsl.codegen.launch_common import (
     _by_name,
     _cdiv,
     _check_disjoint,
+    _check_lengths,
     _check_spans,
     _checked_pair,
     _dim_consts,
     _kernel,
+    _offset_flags,
     _strides,
     _table_tiles,
 )
@@ -130,6 +132,7 @@ def _tables(block_tables, device, prefix: str, n_kv_blocks: int) -> list:
         if t is None:  # no full blocks: every listed block is partial
             t = torch.zeros([1, 1, 1] + ([1] if "indices" in key else []), dtype=torch.int32,
                             device=device)
+        _check_spans({f"block table {name}": t}, "the kernels index block tables in 32 bits")
         args += _strides(t)
     return args
 
@@ -187,8 +190,8 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     if min(n_batch, n_heads, m_len, n_len) == 0:
         return {"Q": dq32.to(dtype), "K": dk, "V": dv, **cap_grads}
-    _check_spans({"Q": q, "K": k, "V": v, "O": o, "LSE": lse, "dO": do, "dLSE": dlse,
-                  "dQ": dq32, **{f"d{name}": g for name, g in cap_grads.items()}})
+    _check_lengths({"the query length": m_len, "the key length": n_len,
+                    "the qk head dim": e_len, "the v head dim": f_len})
     cfg = backward_config(device.type, e_len, f_len)
     for part, over in (config or {}).items():
         cfg[part] = {**cfg[part], **over}
@@ -213,6 +216,11 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
     # delta = rowsum(dO * O) - dLSE
     delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
     lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)  # LSE log2e, -inf: +inf
+    # element offsets in int32 where they provably fit (rows and head dims are the tiles)
+    tiled = dict(Q=q, K=k, V=v, O=o, LSE=lse, dO=do, dLSE=dlse, dQ=dq32, dK=dk, dV=dv,
+                 delta=delta, lse2=lse2)
+    offsets = _offset_flags({name: (t, range(2, t.dim())) for name, t in tiled.items()},
+                            (*captured.values(), *cap_grads.values()))
     cap_args = []
     for name in CAPTURED:  # noqa: F821
         t = captured[name]
@@ -227,7 +235,7 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
             *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), *_strides(lse),
             *_strides(lse2), *cap_args, scale, n_heads, m_len, f_len]),
         BLOCK_M=pre["BLOCK_M"], BLOCK_F=_block(f_len), ANCHOR_M=anchor, G=group,
-        num_warps=pre["num_warps"])
+        num_warps=pre["num_warps"], **offsets)
     grad_args = []
     for name in GRADS:  # noqa: F821
         t = cap_grads.get(name, torch.zeros((1,) * captured[name].dim(), device=device))
@@ -244,14 +252,15 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
             *common, *_strides(dq), *_strides(dk), *_strides(dv), *cap_args, *grad_args, scale,
             n_heads, n_kv_heads, m_len, n_len, e_len, f_len,
             *_tables(block_tables, device, "q_", n_kv_blocks)]),
-        ANCHOR_M=anchor, ATOMIC_DQ=not deterministic, G=group, **need_flags, **consts["dkdv"])
+        ANCHOR_M=anchor, ATOMIC_DQ=not deterministic, G=group, **need_flags, **consts["dkdv"],
+        **offsets)
     if deterministic:  # dQ: a program per query tile
         dq_grid = (_cdiv(m_len, consts["dq"]["BLOCK_M"]), n_batch * n_heads)
         _kernel("attention_bwd_dq_kernel", device.type)[dq_grid](
             **_by_name("attention_bwd_dq_kernel", [
                 *common, *_strides(dq), *cap_args, scale, n_heads, m_len, n_len, e_len, f_len,
                 *_tables(block_tables, device, "kv_", n_kv_blocks)]),
-            ANCHOR_M=anchor, G=group, **consts["dq"])
+            ANCHOR_M=anchor, G=group, **consts["dq"], **offsets)
     else:
         dq = dq.to(dtype)
     out = {"Q": dq, "K": dk, "V": dv}

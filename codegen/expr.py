@@ -260,6 +260,14 @@ class Env:
         compares per element, an int32 one is one."""
         return f"(({x}).to(tl.int32) if I32_INDICES else {x})" if self.narrow else x
 
+    def offset_index(self, x: str) -> str:
+        """The subscript ``x`` of a captured-tensor read as it multiplies its stride: int64
+        unless the launch proved every element offset of the tensor below 2**31 (the
+        forward's I32_INDICES, the backward's I32_BASES).  ``tl.cast`` also types a constant
+        subscript, a Python int."""
+        flag = "I32_INDICES" if self.narrow else "I32_BASES"
+        return f"({x} if {flag} else tl.cast({x}, tl.int64))"
+
     def stride(self, ptr: str, d: int) -> str:
         """The kernel argument holding dim ``d``'s stride of the tensor at ``ptr``."""
         named = self.strides.get(ptr)
@@ -410,7 +418,8 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
         return env.rows[e.arg]
     if op is Op.LOAD:
         ptr, rank = env.captured[e.arg]
-        offs = " + ".join(f"({a[d]}) * {env.stride(ptr, d)}" for d in range(rank)) or "0"
+        offs = " + ".join(f"{env.offset_index(a[d])} * {env.stride(ptr, d)}"
+                          for d in range(rank)) or "0"
         axes = sorted(e.free_indices() & set(env.masks))
         mask = f", mask={' & '.join(env.masks[x] for x in axes)}, other=0" if axes else ""
         load = f"tl.load({ptr} + {offs}{mask})"

@@ -60,19 +60,56 @@ def _cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
-def _check_spans(tensors: dict) -> None:
-    """Refuse a tensor the kernels cannot address: they compute element offsets
-    ``sum_d index_d * stride_d`` in 32-bit integers (program ids times strides, tile indices
-    times strides), so every offset must stay below 2**31.  The largest is
+_I32_LIMIT = 2**31  # element offsets computed in int32 must stay below this
+_LANES = 256  # tile lanes a load may run past a tensor's end (masked): no tile dim is longer
+
+
+def _check_spans(tensors: dict, why: str) -> None:
+    """Refuse a tensor the kernels index whole in 32 bits (``why`` says which and why): every
+    element offset ``sum_d index_d * stride_d`` must stay below 2**31.  The largest is
     ``sum_d (size_d - 1) * |stride_d|`` (0 along broadcast and empty dims)."""
     for name, t in tensors.items():
         span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())
                    if size > 1)
-        if t.numel() and span >= 2**31:
+        if t.numel() and span >= _I32_LIMIT:
             raise AttentionInputError(
                 f"{name} of shape {tuple(t.shape)} and strides {tuple(t.stride())} reaches "
-                f"element offset {span}; the kernels index in 32 bits, so every tensor must "
-                f"span fewer than 2**31 elements (split the batch or the heads into calls)")
+                f"element offset {span}; {why}, so it must span fewer than 2**31 elements")
+
+
+def _tile_span(t: torch.Tensor, dims) -> int:
+    """The largest element offset a tile of ``t`` computes from its (batch, head) base along
+    ``dims`` (its row and column dims), the masked lanes past the end included: per dim
+    ``(extent - 1) * |stride|`` with the extent padded by a tile's overhang (``_LANES`` rows,
+    a head dim to its power-of-two block)."""
+    return sum((max(t.shape[d] + _LANES, _block(t.shape[d])) - 1) * abs(t.stride(d))
+               for d in dims)
+
+
+def _offset_flags(tiles: dict, whole: tuple = ()) -> dict:
+    """The constexprs I32_BASES and I32_TILES of a launch over ``tiles`` (name -> (tensor, its
+    tile dims)) and ``whole`` (tensors read at any subscript: captured tensors and their
+    gradients): whether every tensor spans fewer than 2**31 elements (int32 base offsets and
+    captured-tensor offsets), and whether every tile offset from a (batch, head) base does
+    (int32 in-tile offsets).  Each is False when it may not hold: the kernel then computes
+    those offsets in int64."""
+    live = [(t, dims) for t, dims in tiles.values() if t.numel()]
+    i32_tiles = all(_tile_span(t, dims) < _I32_LIMIT for t, dims in live)
+    i32_bases = i32_tiles and all(
+        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 1)
+        < _I32_LIMIT for t in [t for t, _ in live] + [t for t in whole if t.numel()])
+    return {"I32_BASES": i32_bases, "I32_TILES": i32_tiles}
+
+
+def _check_lengths(lengths: dict) -> None:
+    """Refuse a sequence or head dim the kernels cannot count: tile indices (``start_n +
+    arange(BLOCK_N)``, loop counters, descriptor shapes) are int32, so a length plus a tile
+    must stay below 2**31 (a tensor that long is at least 2**31 rows)."""
+    for name, n in lengths.items():
+        if n + _LANES >= _I32_LIMIT:
+            raise AttentionInputError(
+                f"{name} is {n}; the kernels count positions in 32 bits, so it must be below "
+                f"2**31 - {_LANES} (split the sequence into calls)")
 
 
 def _strides(t: torch.Tensor) -> list:

@@ -99,7 +99,14 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         out[name] = torch.empty(shape, device=device, dtype=dtype if tile else torch.float32)
     if m_len == 0 or n_batch * n_heads == 0 or device.type == "meta":
         return out  # nothing to compute, or shapes only (meta tensors: model initialisation)
-    _check_spans({**inputs, **out})
+    _check_lengths({"the query length": m_len, "the key length": n_len,
+                    "the qk head dim": e_len, "the v head dim": f_len})
+    # element offsets in int32 where they provably fit: the bases, the in-tile offsets
+    program_dims = (ROLES.get("batch"), ROLES.get("head"))
+    offset_flags = _offset_flags(
+        {**{name: (inputs[name], (row, col)) for name, (_, _, row, col) in OPERANDS.items()},
+         **{name: (out[name], [d for d, i in enumerate(idx) if i not in program_dims])
+            for name, (_, idx, _) in OUTPUTS.items()}})
     sparsity = 1 if HAS_MASK else 0
     segments = 1
     tables = []
@@ -167,6 +174,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     args.update(n_heads=n_heads, M_len=m_len, N_len=n_len, E_len=e_len, F_len=f_len,
                 stats=stats if stats is not None else dummy)
     args.update(zip(TABLE_ARGS, tables, strict=True))
+    _check_spans({f"block table argument {a}": t for a, t in zip(TABLE_ARGS, tables)
+                  if isinstance(t, torch.Tensor)}, "the kernels index block tables in 32 bits")
     use_tma = _load_path(cfg, device, args, e_len, f_len)
 
     pieces = gather_ranges(values, tensors)
@@ -176,7 +185,8 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         i32 = i32_indices and _gathers_fit(args, pieces, n_len + c["BLOCK_N"])
         _run(device.type, grid, args, dict(c, scale_nonneg=scale_nonneg,
                                         nonneg_subscripts=nonneg_subscripts,
-                                        i32_indices=i32, tma=use_tma), e_len, f_len,
+                                        i32_indices=i32, tma=use_tma,
+                                        offset_flags=offset_flags), e_len, f_len,
              m_len, n_len, sparsity, sparse_q, sparse_kv, segments, dtype)
 
     tune = cfg.pop("autotune", device.type == "cuda" and not set(config or {}) - {"tma"}
@@ -184,6 +194,7 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     if tune:
         key = (SPEC_HASH, str(device), str(dtype), e_len, f_len, sparsity, sparse_q, sparse_kv,
                segments, _next_pow2(m_len), _next_pow2(n_len), use_tma,
+               tuple(offset_flags.values()),
                tuple(values[p] for p in CONSTEXPR_PARAMS))  # one compile per value
         cfg = _tuned(key, [dict(c, tma=use_tma) for c in _candidates(cfg)
                            if sparse_q % c["BLOCK_M"] == 0 and sparse_kv % c["BLOCK_N"] == 0
@@ -384,7 +395,7 @@ def _run(device_type, grid, args, cfg, e_len, f_len, m_len, n_len, sparsity, spa
         **args, **_dim_consts(device_type, dtype, e_len, f_len), BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], EVEN_M=m_len % cfg["BLOCK_M"] == 0,
         SCALE_NONNEG=cfg["scale_nonneg"], NONNEG_SUBSCRIPTS=cfg["nonneg_subscripts"],
-        I32_INDICES=cfg["i32_indices"],
+        I32_INDICES=cfg["i32_indices"], **cfg["offset_flags"],
         EVEN_N=n_len % (sparse_kv if sparsity >= 2 else cfg["BLOCK_N"]) == 0, SPARSITY=sparsity,
         SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv, SEGMENTS=segments,
         STATS=cfg.get("counting", False), TMA=cfg["tma"],

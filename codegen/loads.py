@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from attndsl.codegen.writer import section
+from attndsl.codegen.writer import section, to_i64
 
 TMA_FLAG = "TMA"  # the kernel's constexpr: True = tensor descriptors, False = pointer loads
 
@@ -121,7 +121,7 @@ def output_descriptor(base: str, ptr: str, strides: tuple[str, ...], indices: tu
     if f is None or m not in indices or f not in indices or \
             any(i not in (m, f) and i not in scalar for i in indices):
         return None
-    offsets = [f"{scalar[i]} * {s}" for i, s in zip(indices, strides, strict=True)
+    offsets = [f"{to_i64(scalar[i])} * {s}" for i, s in zip(indices, strides, strict=True)
                if i in scalar]
     return Descriptor(f"desc_{base}", ptr, " + ".join([ptr] + offsets), ("M_len", "F_len"),
                       strides[indices.index(m)], ("BLOCK_M", "BLOCK_F"), indices.index(m),

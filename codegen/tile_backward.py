@@ -178,8 +178,9 @@ def _scale_accumulators(L: Lines, b: TileBackward, names: _Names, side: str) -> 
 
 def _tile_ptr(o: Operand, names: _Names, ptr: str, env: Env, row: str, col: str) -> str:
     """The addresses of a [rows, columns] tile of an operand's tensor (or its gradient)
-    ``ptr``: the program's (batch, head) slice, then the rows and columns."""
-    parts = [(d, f"({render(i, env)})") for d, i in enumerate(o.idx)
+    ``ptr``: the program's (batch, head) slice (a base offset: int64 unless I32_BASES), then
+    the rows and columns."""
+    parts = [(d, writer.to_i64(render(i, env))) for d, i in enumerate(o.idx)
              if d not in (o.row_dim, o.col_dim)]
     return names.at(ptr, parts + [(o.row_dim, row), (o.col_dim, col)])
 
@@ -331,9 +332,16 @@ def _ok(var: str, offs: str, dim: str) -> str:
     return f"{var} = ({offs} < {dim}_len) | EVEN_{dim}"
 
 
-def _program(L: Lines, k: TileKernel, axis: str, dots: bool = True) -> None:
-    """Program ids and index vectors; the head dim E's only when the kernel forms dots."""
+def _program(L: Lines, k: TileKernel, axis: str, names: _Names, args: list[str],
+             dots: bool = True) -> None:
+    """Program ids and index vectors; the head dim E's only when the kernel forms dots.
+    Unless I32_TILES, the strides of the tiled tensors among ``args`` (inputs, their
+    gradients, the stores' incoming gradients) and ``pid_bh`` (the float32 row buffers are
+    indexed from it) are int64."""
     writer.program(L, "pid_t")
+    tiled = [*names.tensors.values(), *names.grads.values(), *names.stores.values()]
+    writer.widen_strides(L, 1, [s for ptr in tiled if ptr in args for s in names.strides[ptr]],
+                         ("pid_bh",))
     if dots:
         L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
         L(1, _ok("e_ok", "offs_e", "E") + "\n" + _ok("f_ok", "offs_f", "F"))
@@ -362,7 +370,7 @@ def _emit_rows_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
                "finished rows\n    and writes the chain rule's coefficient of every running "
                "sum and the final stabilisers.", names)
     q_read = {d.q.var for d in k.dots if d.var in need}
-    _program(L, k, "m", dots=bool(q_read))
+    _program(L, k, "m", names, args, dots=bool(q_read))
     index, masks = _tile_index(k, QUERY_MAJOR)
     head = _env(b, names, {}, {}, {})
     for o in k.operands:
@@ -506,7 +514,9 @@ def _emit_coefficients(L: Lines, b: TileBackward, names: _Names) -> None:
     for st in (x for x in k.stores if x.name not in b.max_stores):
         ptr = names.stores[st.name]
         env = _store_env(b, names, st.tile)
-        offs = names.at(ptr, [(d, env.index.get(i, '0')) for d, i in enumerate(st.indices)])
+        offs = names.at(ptr, [(d, writer.to_i64(v) if v in writer.PROGRAM_SCALARS else v)
+                              for d, v in ((d, env.index.get(i, "0"))
+                                           for d, i in enumerate(st.indices))])
         ok = "row_ok[:, None] & f_ok[None, :]" if st.tile else "row_ok"
         dy[st.name] = f"dy{len(dy)}"
         L(1, f"{dy[st.name]} = tl.load({offs}, mask={ok}, other=0.0).to(tl.float32)")
@@ -563,7 +573,8 @@ def _scatter(L: Lines, depth: int, b: TileBackward, names: _Names, site: SiteGra
     sub_env = Env(idx, env.rows, env.params, env.captured, env.masks,
                   scalar_indices=env.scalar_indices, strides=env.strides)
     dptr = names.cap_grads[site.tensor]
-    target = names.at(dptr, [(d, f"({render(s, sub_env)})") for d, s in enumerate(site.load.src)])
+    target = names.at(dptr, [(d, writer.to_i64(render(s, sub_env)))  # any element: I32_BASES
+                             for d, s in enumerate(site.load.src)])
     if shape == 0:
         L(depth, f"tl.atomic_add({target}, {value})")
         return
@@ -579,7 +590,7 @@ def _emit_keys_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
         args += names.args(names.grads[t])
     _signature(L, "tile_bwd_keys_kernel", args,
                "One program: BLOCK_N keys of one (batch, head); loops over the query tiles.", names)
-    _program(L, k, "n")
+    _program(L, k, "n", names, args)
     index, masks = _tile_index(k, KEY_MAJOR)
     head = _env(b, names, {}, {}, {})
     L(1, "# key-side tiles, loaded once; their gradients sum in registers")
@@ -708,7 +719,7 @@ def _emit_queries_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
     _signature(L, "tile_bwd_queries_kernel", args,
                "One program: BLOCK_M queries of one (batch, head); loops over the key tiles "
                "and adds\n    dQ_d = sum dqk_d K_d once at the end (deterministic).", names)
-    _program(L, k, "m")
+    _program(L, k, "m", names, args)
     index, masks = _tile_index(k, QUERY_MAJOR)
     head = _env(b, names, {}, {}, {})
     L(1, "# query-side tiles, loaded once; their gradients sum in registers")

@@ -12,10 +12,11 @@ import torch
 from attndsl.codegen.launch_common import (
     _bind,
     _by_name,
-    _check_spans,
+    _check_lengths,
     _dim_consts,
     _kernel,
     _lengths,
+    _offset_flags,
     _strides,
 )
 
@@ -53,8 +54,8 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
 
     if min(m_len, n_len, n_batch * n_heads) == 0:
         return result()
-    _check_spans({**inputs, **{f"d{name}": g for name, g in {**d_in, **d_cap}.items()},
-                  **{f"d{name}": g for name, g in grads.items() if g is not None}})
+    _check_lengths({"the query length": m_len, "the key length": n_len,
+                    "the qk head dim": e_len, "the v head dim": f_len})
     rows = n_batch * n_heads * m_len
     # coefficients of value sums in the inputs' dtype (the 16-bit operand of two dots, as
     # FlashAttention's dO), of row sums in float32
@@ -75,11 +76,22 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
         args += _strides(d_cap[name])
     args += [n_heads, m_len, n_len, e_len, f_len]
     dy = []
+    # element offsets in int32 where they provably fit: the tile dims are those of the rows
+    # and head dims, the row buffers are indexed whole
+    tile_indices = {ROLES.get(r) for r in ("query", "key", "qk", "v")} - {None}  # noqa: F821
+    tile_extents = {INDEX_EXTENTS[i] for i in tile_indices}  # noqa: F821
+    tiles = {f"{prefix}{name}": (t, [d for d, x in enumerate(TENSOR_DIMS[name])  # noqa: F821
+                                     if x in tile_extents])
+             for prefix, ts in (("", inputs), ("d", d_in)) for name, t in ts.items()}
+    tiles.update({f"row buffer {i}": (t, (0,)) for i, t in enumerate(coef + stab)})
     for name, (indices, _) in STORES.items():  # noqa: F821
         shape = [ext[i] if ext.get(i) is not None else 1 for i in indices]
         g = grads.get(name)
         g = torch.zeros((1,) * len(shape), device=device) if g is None else g
-        dy += _strides(g.to(device=device, dtype=torch.float32).expand(shape))
+        g = g.to(device=device, dtype=torch.float32).expand(shape)
+        tiles[f"d{name}"] = (g, [d for d, i in enumerate(indices) if i in tile_indices])
+        dy += _strides(g)
+    offsets = _offset_flags(tiles, (*captured.values(), *d_cap.values()))
     cfg = {**tile_backward_config(device.type), **(config or {})}
     block = BOUNDS_BLOCK  # noqa: F821
     if block is not None and (block % cfg["BLOCK_M"] or block % cfg["BLOCK_N"]):
@@ -89,7 +101,7 @@ def launch_backward(inputs: dict, params: dict | None, captured: dict | None, gr
                   **_dim_consts(device.type, dtype, e_len, f_len),
                   EVEN_M=m_len % cfg["BLOCK_M"] == 0, EVEN_N=n_len % cfg["BLOCK_N"] == 0,
                   **{arg: values[p] for p, arg in CONSTEXPR_PARAMS.items()},  # noqa: F821
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **offsets)
     grid = (-(-m_len // cfg["BLOCK_M"]), n_batch * n_heads)
     _kernel("tile_bwd_rows_kernel", device.type)[grid](
         **_by_name("tile_bwd_rows_kernel", [*args, *dy]), **consts)

@@ -126,10 +126,12 @@ def _names(k: TileKernel) -> _Names:
 
 
 def _operand_base(o: Operand, names: _Names, env: Env) -> str:
-    """The program's base pointer into an operand: its batch/head subscripts (loop-invariant)."""
+    """The program's base pointer into an operand: its batch/head subscripts (loop-invariant),
+    each times its stride in int64 unless I32_BASES (``batch * stride_b`` passes 2**31 on a
+    big tensor; once per program, outside the key loop)."""
     ptr = names.tensors[o.tensor]
     strides = names.strides[ptr]
-    parts = [f"({render(idx, env)}) * {strides[d]}" for d, idx in enumerate(o.idx)
+    parts = [f"{writer.to_i64(render(idx, env))} * {strides[d]}" for d, idx in enumerate(o.idx)
              if d not in (o.row_dim, o.col_dim)]
     return " + ".join([ptr] + parts)
 
@@ -607,6 +609,9 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
                      "(partial tiles masked, full ones not),\n    3 = closed-form key-tile "
                      "ranges, 4 = a table of SEGMENTS key-tile ranges.")
     writer.program(L, "pid_m")
+    tiled = [names.tensors[o.tensor] for o in k.operands] + [names.outputs[s.name]
+                                                              for s in k.stores]
+    writer.widen_strides(L, 1, [s for ptr in tiled for s in names.strides[ptr]])
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "row_ok = offs_m < M_len")
@@ -650,6 +655,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     _emit_gathers(gathers, L, row_env)
     finished: dict[str, str] = {}
     infinite: dict[str, str] = {}  # row sum -> its stabiliser, made 1 where that is +inf
+    nan_max: dict[str, str] = {}  # max -> the sum of its own weights (a NaN score: NaN)
     for pi, p in enumerate(k.passes):
         L(1, f"# pass {pi + 1} over the key tiles")
         for mx in p.maxes:
@@ -688,10 +694,12 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
             finished[mx.var] = mx.var
             finished[mx.var + ".safe"] = f"{mx.var}_safe"
         infinite.update(_infinite_rows(k, p))
+        nan_max.update({mx.var: _empty_row_sum(p, mx) for mx in p.maxes
+                        if _empty_row_sum(p, mx) is not None})
         for s in p.sums:
             finished[s.var] = s.var
     L(1, "# outputs")
-    printed: set[str] = set()  # the row sums of infinite whose l_inf is printed
+    printed: set[str] = set()  # the row sums whose l_inf, the maxes whose m_nan is printed
     for st in k.stores:
         ptr = names.outputs[st.name]
         is_tile = st.tile
@@ -706,6 +714,14 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
                     L(1, f'{s}_inf = tl.where({mx} == float("inf"), 1.0, {s})  # a +inf '
                          f"score: the sum of exp is +inf")
                 rows[s] = f"{s}_inf[:, None]" if is_tile else f"{s}_inf"
+        for mx, s in nan_max.items():
+            if _reads(st.expr, mx):  # the raw max: NaN where the oracle's is
+                if mx not in printed:
+                    printed.add(mx)
+                    L(1, f'{mx}_nan = tl.where(({s} != {s}) & ({mx} != float("inf")), '
+                         f'float("nan"), {mx})  # a kept NaN score (tl.max skips it) made '
+                         f"its weight, so {s}, NaN")
+                rows[mx] = f"{mx}_nan[:, None]" if is_tile else f"{mx}_nan"
         idx = dict(scalar_index)
         idx[m] = "offs_m[:, None]" if is_tile else "offs_m"
         if f is not None:
@@ -714,7 +730,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
                   head_env.hoisted, head_env.scalar_indices, strides=names.strides,
                   wraps=head_env.wraps, narrow=True)
         value = render_at(L, 1, st.expr, env)
-        offs = " + ".join(f"{idx[i]} * {stride}"
+        offs = " + ".join(f"{writer.to_i64(idx[i]) if i in scalar_index else idx[i]} * {stride}"
                           for i, stride in zip(st.indices, names.strides[ptr], strict=True))
         mask = "row_ok[:, None] & (offs_f[None, :] < F_len)" if is_tile else "row_ok"
         val = f"val_{names.base(ptr)}"
@@ -832,8 +848,9 @@ _TABLE_ARGS = tuple(writer.table_args("kv_"))
 # NONNEG_SUBSCRIPTS: no subscript of a captured tensor that may wrap (index_ranges) is < 0
 # I32_INDICES: every integer node the kernel widens to int64 fits int32 (narrow_ranges)
 # TMA: tiles through tensor descriptors (codegen/loads.py), chosen per launch by the launcher
+# I32_BASES / I32_TILES: base / in-tile element offsets exact in int32 (codegen/writer.py)
 _EVEN = ("EVEN_M", "EVEN_E", "EVEN_F", "SCALE_NONNEG", "NONNEG_SUBSCRIPTS", "I32_INDICES",
-         loads.TMA_FLAG)
+         loads.TMA_FLAG, *writer.OFFSET_FLAGS)
 
 LOAD_TILE = '''
 @triton.jit

@@ -86,12 +86,42 @@ def binding_tables(L: Lines, k: TileKernel) -> None:
     L(0, "PARAM_TYPES = " + repr(dict(k.declared_params)))
 
 
+# -- 64-bit addressing ----------------------------------------------------------------------
+# Element offsets are int64 unless the launch proves int32 exact, by two constexprs (default
+# False: a caller that leaves them out gets the general, int64 kernel):
+# I32_BASES: every tensor spans fewer than 2**31 elements, so each program's (batch, head)
+#   base offset (``off_b * stride_b``, once per program) is exact in int32;
+# I32_TILES: every (batch, head) slice does (a tile's masked overhang included), so the
+#   in-tile offsets (``offs_n * stride_n``, inside the loops) are.
+# A big batch of ordinary slices (B=8, H=32, L=128k, D=64) keeps int32 loops: only its bases
+# are int64.
+OFFSET_FLAGS = ("I32_BASES", "I32_TILES")
+PROGRAM_SCALARS = frozenset({"off_b", "off_h", "off_hkv"})  # batch and head indices (program)
+
+
+def to_i64(x: str) -> str:
+    """The scalar ``x`` (a batch or head index) as it multiplies a stride into a base offset:
+    int64 unless I32_BASES (``tl.cast``: also a Python int or constexpr)."""
+    return f"({x} if I32_BASES else tl.cast({x}, tl.int64))"
+
+
+def widen_strides(L: Lines, depth: int, strides: list[str], scalars: tuple[str, ...] = ()) \
+        -> None:
+    """Unless I32_TILES, ``strides`` (stride arguments) and ``scalars`` (row counters of a
+    program) as int64, so that every offset computed from them is int64."""
+    if strides or scalars:
+        L(depth, "if not I32_TILES:  # a (batch, head) slice may reach element offset 2**31: "
+                 "in-tile offsets in int64")
+        for s in dict.fromkeys([*strides, *scalars]):
+            L(depth + 1, f"{s} = tl.cast({s}, tl.int64)")
+
+
 # -- kernel signatures and pointers -------------------------------------------------------
 
 # lengths that are multiples of the tile (M, N) or equal to it (E, F): no bounds masks; the
 # backward kernels' specialisations (the forward's add its own, launch_common._dim_consts
 # sets EVEN_E / EVEN_F for every kernel)
-EVEN = ("EVEN_M", "EVEN_N", "EVEN_E", "EVEN_F")
+EVEN = ("EVEN_M", "EVEN_N", "EVEN_E", "EVEN_F", *OFFSET_FLAGS)
 
 
 def signature(L: Lines, fn: str, args: list[str], constexprs: list[str] | tuple[str, ...],
@@ -143,9 +173,11 @@ def role_args(base: str, letters: list[str | None] | str) -> list[str]:
 
 
 def role_offset(base: str, letters: list[str | None] | str, parts: list[str]) -> str:
-    """``base_ptr + p0 * stride_0 + ...`` with the strides of :func:`role_args`."""
+    """``base_ptr + p0 * stride_0 + ...`` with the strides of :func:`role_args`; a program
+    scalar part (batch, head: :data:`PROGRAM_SCALARS`) is a base offset (:func:`to_i64`)."""
     strides = stride_names(base, letters)
-    return f"{base}_ptr + " + " + ".join(f"{p} * {s}" for p, s in zip(parts, strides, strict=True))
+    return f"{base}_ptr + " + " + ".join(f"{to_i64(p) if p in PROGRAM_SCALARS else p} * {s}"
+                                         for p, s in zip(parts, strides, strict=True))
 
 
 def strided(ptr: str, rank: int) -> list[str]:

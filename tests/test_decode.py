@@ -313,6 +313,26 @@ def test_cache_append_of_a_wrong_shape_is_refused_with_the_expected_shape(k_shap
         cache.append(torch.randn(k_shape), torch.randn(v_shape))
 
 
+@pytest.mark.parametrize("k_dtype, v_dtype", [
+    (torch.float16, torch.float16),   # an exact widening into the fp32 cache
+    (torch.float64, torch.float64),   # a lossy narrowing
+    (torch.float32, torch.bfloat16),  # v alone
+])
+def test_cache_append_of_another_dtype_is_refused_naming_both_and_writes_nothing(
+        k_dtype, v_dtype) -> None:
+    cache = _small_cache()
+    with pytest.raises(AttentionError, match=rf"are {k_dtype}, {v_dtype}; the cache holds "
+                                             rf"torch.float32"):
+        cache.append(torch.randn(2, 2, 4, 8, dtype=k_dtype), torch.randn(2, 2, 4, 8,
+                                                                         dtype=v_dtype))
+    assert int(cache.lengths.sum()) == 0
+    half = attndsl.PagedKVCache(num_pages=4, page_size=16, heads=2, head_dim=8, max_batch=2,
+                                max_pages=4, dtype=torch.float16)
+    kv = torch.randn(2, 2, 4, 8, dtype=torch.float16)
+    half.append(kv, kv)  # the cache's own dtype is stored as it is
+    assert torch.equal(half.k_pages[half.page_table[0, 0].long(), :4], kv[0].transpose(0, 1))
+
+
 def test_cache_append_that_runs_out_of_pages_writes_nothing():
     cache = _small_cache(num_pages=4)
     cache.append(torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8))  # 2 pages each: pool full
@@ -367,3 +387,41 @@ def test_decode_refuses_lengths_that_are_not_a_tensor() -> None:
     cache = torch.randn(2, 1, 32, 16)
     with pytest.raises(AttentionError, match="lengths must be an integer tensor.*got list"):
         attndsl.decode(torch.randn(2, 1, 1, 16), cache, cache, [5, 3])
+
+
+@pytest.mark.parametrize("stride_rows", [24, 32, 40])
+def test_a_page_pool_whose_pages_do_not_start_on_16_row_blocks_is_refused_not_misread(
+        stride_rows: int) -> None:
+    """Pages of 16 rows whose starts lie ``stride_rows`` rows apart (a padded pool): at 24 or
+    40 rows page 1 starts mid-block, which the block tables (one block per page) read
+    wrongly; it is refused, naming the stride.  At 32 rows the pool is read exactly."""
+    gen = torch.Generator().manual_seed(8)
+    page, heads, d = 16, 2, 16
+    store = torch.zeros(3 * stride_rows * heads * d + 1024)
+    k_pool, v_pool = (store.as_strided((3, page, heads, d), (stride_rows * heads * d,
+                                                             heads * d, d, 1), offset)
+                      for offset in (0, page * heads * d))
+    table = torch.tensor([[2, 0], [1, 1]])
+    lengths = [20, 9]
+    ks, vs = [], []
+    for b, n in enumerate(lengths):
+        k, v = (torch.randn(n, heads, d, generator=gen) for _ in range(2))
+        for i in range(-(-n // page)):
+            rows = slice(i * page, min(n, (i + 1) * page))
+            k_pool[table[b, i], : rows.stop - rows.start] = k[rows]
+            v_pool[table[b, i], : rows.stop - rows.start] = v[rows]
+        ks.append(k.transpose(0, 1))
+        vs.append(v.transpose(0, 1))
+    q = torch.randn(2, 4, 1, d, generator=gen)
+    run = lambda: attndsl.decode(q, k_pool, v_pool, torch.tensor(lengths),  # noqa: E731
+                                 page_table=table)
+    if stride_rows % 16:
+        with pytest.raises(AttentionError, match=rf"pages start every {stride_rows} rows"):
+            run()
+        return
+    out = run()
+    for b in range(len(lengths)):
+        k, v = (x.repeat_interleave(2, 0) for x in (ks[b], vs[b]))
+        want = torch.softmax(q[b].double() @ k.double().transpose(-1, -2) / d ** 0.5, -1) \
+            @ v.double()
+        torch.testing.assert_close(out[b].double(), want, atol=1e-4, rtol=1e-4)

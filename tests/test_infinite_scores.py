@@ -121,3 +121,32 @@ def test_a_plus_infinite_score_in_a_spec_matches_the_oracle_nan_for_nan_and_inf_
         assert torch.equal(got.isnan(), want.isnan()), store
         kept = ~want.isnan()
         torch.testing.assert_close(got[kept], want[kept], atol=1e-4, rtol=1e-4)
+
+
+def test_the_kernels_max_is_nan_on_a_row_with_a_kept_nan_score_as_the_oracles() -> None:
+    """tl.max skips NaN, so the running max of a row with a NaN score is the max of the rest;
+    that score's weight makes the row sum NaN, which the stored max now reads.  Rows without
+    a NaN, a row whose NaN is masked out and a row of +inf keep their max."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen) for _ in range(3))
+
+    def score_mod(score, b, h, q_idx, kv_idx):  # row 3: NaN at key 7; row 9: +inf at key 2
+        score = torch.where((q_idx == 3) & (kv_idx == 7), math.nan, score)
+        return torch.where((q_idx == 9) & (kv_idx == 2), math.inf, score)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # row 5's NaN (key 30) is masked out
+        return ~((q_idx == 5) & (kv_idx == 30))
+
+    def nan_at_30(score, b, h, q_idx, kv_idx):
+        return torch.where((q_idx == 5) & (kv_idx == 30), math.nan, score_mod(score, b, h,
+                                                                             q_idx, kv_idx))
+
+    _, aux = attndsl.flex_attention(q, k, v, score_mod=nan_at_30, mask_mod=mask_mod,
+                                    return_aux=attndsl.AuxRequest(max_scores=True))
+    s = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    s[:, :, 3, 7], s[:, :, 9, 2], s[:, :, 5, 30] = math.nan, math.inf, -math.inf
+    want = s.max(-1).values.float()
+    assert aux.max_scores[:, :, 3].isnan().all() and want[:, :, 3].isnan().all()
+    assert torch.equal(aux.max_scores[:, :, 9], want[:, :, 9])  # +inf
+    rest = [r for r in range(40) if r != 3]
+    torch.testing.assert_close(aux.max_scores[:, :, rest], want[:, :, rest])

@@ -238,10 +238,21 @@ def _check_pages(page_table: Tensor, lengths: Tensor, kv: PhysicalKV, b: int) ->
 
 
 def _kv_block(kv: PhysicalKV) -> int:
-    """Key rows per block: the largest power of two <= 128 dividing the page (dense: 64)."""
+    """Key rows per block: the largest power of two <= 128 dividing the page and the rows
+    from one page's start to the next (dense: 64).  Pages then start on block boundaries:
+    a page stride of, say, 24 rows for 16-row pages would put page 1 across two 16-row
+    blocks, of which the tables (one block per page-sized piece) list only the first."""
     if not kv.paged:
         return DENSE_BLOCK
-    return min(MAX_Q_BLOCK, kv.page & -kv.page)
+    block = min(MAX_Q_BLOCK, kv.page & -kv.page)
+    rows = math.gcd(block, kv.pw)
+    if rows < min(block, 16):  # the kernels' key tiles are >= 16 rows (tl.dot)
+        raise AttentionError(
+            f"decode: the pages start every {kv.pw} rows (the page stride over the row "
+            f"stride), which is not a multiple of {min(block, 16)} rows; the kernels read "
+            f"each page in blocks of that many rows (pad the page stride, or make the pool "
+            f"contiguous)")
+    return rows
 
 
 def _run(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | None,

@@ -124,6 +124,14 @@ class PagedKVCache:
         if not (k.is_floating_point() and v.is_floating_point()):
             raise AttentionError(f"append: k and v must be floating point, got {k.dtype}, "
                                  f"{v.dtype}")
+        # as FlashInfer's append_paged_kv_cache (and vLLM's cache write, which quantizes only
+        # to an explicit fp8 cache dtype with scales): the cache stores what the model makes,
+        # so another dtype is a mistake -- a narrowing loses bits silently, and even an exact
+        # widening (fp16 into fp32) doubles the cache a model meant to hold in 16 bits
+        if k.dtype != self.k_pages.dtype or v.dtype != self.v_pages.dtype:
+            raise AttentionError(f"append: k and v are {k.dtype}, {v.dtype}; the cache holds "
+                                 f"{self.k_pages.dtype} (convert them, or make the cache with "
+                                 f"dtype={k.dtype})")
         batch = self.page_table.shape[0]
         if any(not 0 <= s < batch for s in seqs) or len(set(seqs)) != len(seqs):
             raise AttentionError(f"append: seqs must be distinct sequence numbers in "
