@@ -74,8 +74,19 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     device = _check(inputs, captured)
     ext, values = _bind(inputs, captured, params)
     n_batch, n_heads, m_len, n_len, e_len, f_len = _lengths(ext)
+    dtype = next(iter(inputs.values())).dtype
+    cfg = dict(default_config(e_len, f_len, dtype, device.type))
+    cfg.update(config or {})
+    out = {}
+    for name, (_, idx, tile) in OUTPUTS.items():
+        shape = [ext[i] if i in ext and ext[i] is not None else 1 for i in idx]
+        out[name] = torch.empty(shape, device=device, dtype=dtype if tile else torch.float32)
+    # nothing to compute, or shapes only (meta tensors, as in model initialisation: they hold
+    # no values for the checks below to read)
+    if m_len == 0 or n_batch * n_heads == 0 or device.type == "meta":
+        return out
     tensors = {**inputs, **captured}
-    for text, (lo, hi) in divisor_ranges(values, tensors) if m_len and n_batch * n_heads else ():
+    for text, (lo, hi) in divisor_ranges(values, tensors):
         if lo <= 0 <= hi:  # integer // and % by zero: torch raises ZeroDivisionError
             raise AttentionInputError(f"the integer divisor {text} takes values in [{lo}, {hi}], "
                                       f"which includes 0 (torch raises ZeroDivisionError)")
@@ -90,15 +101,6 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     i32_indices = all(-2**31 <= lo and hi <= 2**31 - 1 for lo, hi in narrow_ranges(
         values, tensors)) and all(_max_offset(t) < 2**31 for t in captured.values())
     scale_nonneg = all(lo >= 0 for lo, _ in scale_ranges(values, tensors))
-    dtype = next(iter(inputs.values())).dtype
-    cfg = dict(default_config(e_len, f_len, dtype, device.type))
-    cfg.update(config or {})
-    out = {}
-    for name, (_, idx, tile) in OUTPUTS.items():
-        shape = [ext[i] if i in ext and ext[i] is not None else 1 for i in idx]
-        out[name] = torch.empty(shape, device=device, dtype=dtype if tile else torch.float32)
-    if m_len == 0 or n_batch * n_heads == 0 or device.type == "meta":
-        return out  # nothing to compute, or shapes only (meta tensors: model initialisation)
     _check_lengths({"the query length": m_len, "the key length": n_len,
                     "the qk head dim": e_len, "the v head dim": f_len})
     # element offsets in int32 where they provably fit: the bases, the in-tile offsets

@@ -196,6 +196,20 @@ def test_a_compiled_kernel_of_meta_inputs_gives_meta_outputs() -> None:
         "O": ("meta", (2, 4, 30, 16)), "LSE": ("meta", (2, 4, 30)), "MAX": ("meta", (2, 4, 30))}
 
 
+
+def test_meta_inputs_skip_the_checks_that_read_table_values() -> None:
+    """A table read through another table's values: the subscript's range comes from the
+    values, which meta tensors do not have; the launch gives the shapes without reading them."""
+    bias = torch.randn(6)
+
+    def doc_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score + bias[DOCS[kv_idx]]
+
+    q, k, v = _meta_qkv(False)
+    out = attndsl.flex_attention(q, k, v, score_mod=doc_bias, mask_mod=doc_mask,
+                                 enable_gqa=True)
+    assert (out.device.type, out.shape) == ("meta", (2, 4, 30, 32))
+
 # -- 3. the module cache ------------------------------------------------------------------------
 
 @pytest.fixture()
