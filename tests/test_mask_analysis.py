@@ -517,10 +517,16 @@ def test_interval_rules_are_sound_for_integer_powers_torch_computes_in_int64(
         assert float(iv.lo) == float(iv.hi) == float(vals.reshape(-1)[0])
 
 
-@pytest.mark.parametrize("mask", ["(m - n + 100) ** -1 == 0", "(m + 1) ** 70 == 0"])
-def test_a_mask_of_integer_powers_keeps_the_keys_the_oracle_keeps(mask: str) -> None:
-    """Both masks hold for every key (the analysis had classified every tile as empty: the
-    kernel returned zeros)."""
+@pytest.mark.parametrize("mask", ["(m - n + 100) ** -1 == 0", "(m + 1) ** 70 == 0",
+                                  "(m + 1) * 4611686018427387904 * 4 == n - n",
+                                  "m - n + 9223372036854775807 >= 0",
+                                  "-(m - 9223372036854775807 - 1) > n"])
+def test_a_mask_whose_integers_wrap_in_int64_keeps_the_keys_the_oracle_keeps(
+        mask: str) -> None:
+    """torch's integer arithmetic (the oracle's, the kernel's) is int64 and wraps: the first
+    three hold for every key, the last two only where nothing wraps (m - n <= 0; m = 0).  The
+    interval rules had classified every tile empty (powers), and the closed-form bounds,
+    real-number algebra, had kept no key or every key."""
     cascade = attndsl.cascade(f"""spec p {{
   index b: B batch, h: H head, m: M query, n: N key, e: E qk, f: F v
   input Q[B, H, M, E], K[B, H, N, E], V[B, H, N, F]
