@@ -102,6 +102,13 @@ def test_a_kernel_call_refuses_an_int_parameter_that_int64_does_not_hold(value: 
         kernel(_qkv(), {"w": value})
 
 
+def test_the_oracle_refuses_an_int_parameter_that_int64_does_not_hold() -> None:
+    """It used to fail inside torch ("Overflow when unpacking long long")."""
+    with pytest.raises(ValueError, match=r"parameter 'w' of width is 9223372036854775808; "
+                                         r"expected an int in \[-2\*\*63, 2\*\*63\)"):
+        attndsl.run_cascade(WIDTH, _qkv(), {"scale": 0.25, "w": 2**63, "unused": 1.0})
+
+
 def test_a_group_size_outside_int32_is_refused_by_the_forward_and_fused_backward() -> None:
     """The GQA group size is a constexpr of the kernels' int32 head arithmetic: 2**40 used to
     fail inside Triton ("Scalar 1099511627776 is out of range for type int32")."""
