@@ -22,7 +22,7 @@ from attndsl.errors import SubscriptError
 from attndsl.index_check import index_error
 from attndsl.ir.cascade import Cascade, Equation, is_recurrence, is_scan
 from attndsl.ir.evaluate import Env, EvaluationError, apply, as_float, safe_div
-from attndsl.ir.expr import Expr, Op, render
+from attndsl.ir.expr import INT, Expr, Op, render
 
 Tensor = torch.Tensor
 
@@ -202,6 +202,16 @@ def bind_extents(c: Cascade, tensors: Mapping[str, Tensor]) -> dict[str, int]:
     return sizes
 
 
+def _check_int_params(c: Cascade, params: Mapping[str, float | int]) -> None:
+    """An int parameter must be an int64 (torch's integers; 2**63 failed inside torch with
+    'Overflow when unpacking long long')."""
+    for p in c.params:
+        value = params.get(p.name)
+        if p.dtype == INT and isinstance(value, int) and not -2**63 <= value < 2**63:
+            raise EagerError(f"parameter {p.name!r} of {c.name} is {value}; expected an int in "
+                             f"[-2**63, 2**63) (torch's int64)")
+
+
 def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
                 params: Mapping[str, float | int] | None = None, *,
                 dtype: torch.dtype = torch.float64, max_elements: int = 1 << 24,
@@ -213,6 +223,7 @@ def run_cascade(c: Cascade, tensors: Mapping[str, Tensor],
     (its dimensions without the position; zero when absent)."""
     sizes = bind_extents(c, tensors)
     params = dict(params or {})
+    _check_int_params(c, params)
     for p in c.params:
         if p.name not in params and p.default is not None:
             params[p.name] = p.default

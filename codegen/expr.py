@@ -209,6 +209,38 @@ def _safe_div_scalar(a, b):
 
 
 @triton.jit
+def _pow(a, b):
+    """torch.pow on floats: exp2(b log2|a|), negated for a negative (-0.0 included) and an
+    odd integer b, NaN for a finite a < 0 and a fractional b; 1 when b == 0, a == 1 or
+    a == -1 and b = +-inf (C's pow).  Both are broadcast first: the interpreter cannot & a
+    scalar bool with a tile of them."""
+    a, b = tl.broadcast(a.to(tl.float32), b.to(tl.float32))
+    r = tl.exp2(tl.log2(tl.abs(a)) * b)
+    whole = tl.floor(b) == b
+    odd = whole & (tl.floor(b * 0.5) * 2.0 != b)
+    r = tl.where((a.to(tl.int32, bitcast=True) < 0) & odd, -r, r)
+    r = tl.where((a < 0) & (a > float("-inf")) & ~whole, float("nan"), r)
+    one = (b == 0) | (a == 1) | ((a == -1) & (tl.abs(b) == float("inf")))
+    return tl.where(one, 1.0, r)
+
+
+@triton.jit
+def _int_pow(a, b):
+    """torch.pow on int64: a ** b by squaring over b's 63 value bits, wrapping as torch does;
+    a negative b gives 0, except 1 for a = 1 and +-1 (the parity of b) for a = -1."""
+    a, b = tl.broadcast(a.to(tl.int64), b.to(tl.int64))
+    x = a
+    e = tl.where(b < 0, 0, b)
+    r = a * 0 + 1
+    for _ in tl.static_range(63):
+        r = tl.where((e & 1) != 0, r * x, r)
+        x = x * x
+        e = e >> 1
+    negative = tl.where(a == 1, 1, tl.where(a == -1, 1 - 2 * (b & 1), 0))
+    return tl.where(b < 0, negative.to(tl.int64), r)
+
+
+@triton.jit
 def _floor_div(a, b):
     """Python's a // b on integers (Triton's // truncates toward zero)."""
     q = a // b
@@ -316,6 +348,22 @@ def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
                 and s.op is not Op.CONST and not _is_where_cond(e, i) else x
                 for i, (s, x) in enumerate(zip(e.src, a))]
     return a
+
+
+def _pow(e: Expr, a: list[str]) -> str:
+    """x ** y as torch.pow: a constant whole exponent 1..8 as products (of the operand's
+    dtype, int64 for integers: POW's range is unbounded), 0 as a 1 of the result's dtype, any
+    other exponent by the ``_pow`` (float) or ``_int_pow`` (integer, exact and wrapping) helper;
+    a constant operand of the helpers is a typed 0-d tensor (a Python scalar has no dtype)."""
+    y = e.src[1]
+    if y.op is Op.CONST and float(y.arg).is_integer() and 0 <= y.arg <= 8:
+        if y.arg:
+            return "(" + " * ".join([f"({a[0]})"] * int(y.arg)) + ")"
+        return "1.0" if e.dtype == FLOAT else "tl.full((), 1, tl.int64)"
+    kind = "tl.float32" if e.dtype == FLOAT else "tl.int64"
+    x, z = (f"tl.full((), {literal(float(s.arg) if e.dtype == FLOAT else int(s.arg))}, {kind})"
+            if s.op is Op.CONST else v for s, v in zip(e.src, a))
+    return f"_pow({x}, {z})" if e.dtype == FLOAT else f"_int_pow({x}, {z})"
 
 
 def _typed_int(v: int) -> str:
@@ -470,10 +518,7 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
             return f"({a[0]} % {a[1]})"
         return f"_floor_mod({a[0]}, {a[1]})"
     if op is Op.POW:
-        y = e.src[1]
-        if y.op is Op.CONST and float(y.arg).is_integer() and 0 <= y.arg <= 8:
-            return "(" + " * ".join([f"({a[0]})"] * int(y.arg)) + ")" if y.arg else "1.0"
-        return f"tl.exp2(tl.log2({a[0]}) * ({a[1]}))"
+        return _pow(e, a)
     if op in _BINARY:
         return _BINARY[op].format(*a)
     raise CodegenError(f"no Triton rule for {op.name}")

@@ -264,8 +264,9 @@ def _checked_params(params: dict | None) -> dict:
     """``params`` by name, refused unless each names a parameter the spec declares
     (PARAM_TYPES; a misspelt name would leave the parameter at its default, silently; the
     extents are read off the tensors, never given) and holds a number of its type, None
-    meaning the default: an int parameter takes an integer (2.0 and 2.5 are refused, not
-    truncated), a float one any real.  The values come back as Python ints and floats."""
+    meaning the default: an int parameter takes an integer that int64 holds (2.0 and 2.5 are
+    refused, not truncated), a float one any real.  The values come back as Python ints and
+    floats."""
     import numbers
 
     if params is None:
@@ -287,6 +288,9 @@ def _checked_params(params: dict | None) -> dict:
             raise AttentionInputError(f"parameter {name!r} is {value!r} "
                                       f"({type(value).__name__}); expected "
                                       f"{'an int' if want == 'int' else 'a real number'}")
+        if want == "int" and not -2**63 <= value < 2**63:  # the kernels' widest integer
+            raise AttentionInputError(f"parameter {name!r} is {value}; expected an int in "
+                                      f"[-2**63, 2**63) (the kernels compute in int64)")
         out[name] = int(value) if want == "int" else float(value)
     return out
 
@@ -295,7 +299,8 @@ def _bind(inputs: dict, captured: dict, params: dict | None) -> tuple[dict, dict
     """(the size of each index or None, every parameter's value, extents included): the
     defaults, the extents, scale = 1/sqrt(qk dim) unless given, G = query heads per key/value
     head, then ``params`` (:func:`_checked_params`); an unbound parameter or heads that do
-    not group are errors."""
+    not group are errors, and so is a CONSTEXPR_PARAMS value outside int32 (Triton refuses
+    such a constant against the int32 head index, in the compiler and the interpreter)."""
     params = _checked_params(params)
     sizes = _sizes(inputs, captured)
     ext = {i: sizes.get(e) for i, e in INDEX_EXTENTS.items()}  # noqa: F821
@@ -314,6 +319,11 @@ def _bind(inputs: dict, captured: dict, params: dict | None) -> tuple[dict, dict
     for p in PARAMS:  # noqa: F821
         if p not in values:
             raise AttentionInputError(f"parameter {p!r} is not bound; pass it in params")
+    for p in CONSTEXPR_PARAMS:  # noqa: F821
+        if not -2**31 <= values[p] < 2**31:
+            raise AttentionInputError(
+                f"parameter {p!r} is {values[p]}; expected an int in [-2**31, 2**31): the "
+                f"kernel compiles it as a constant of its int32 head arithmetic")
     return ext, values
 
 

@@ -74,6 +74,19 @@ def test_bad_specs_exit_2(argv, message, capsys) -> None:
         assert message in err
 
 
+@pytest.mark.parametrize("command", ["compile", "check", "explain"])
+@pytest.mark.parametrize("name", ["specs.attn", "specs.py"])
+def test_a_directory_named_like_a_spec_file_exits_2_saying_it_is_a_directory(
+        command: str, name: str, tmp_path: Path, capsys) -> None:
+    """It used to end in IsADirectoryError's traceback (.attn) or an import error (.py)."""
+    (tmp_path / name).mkdir()
+    argv = [command, str(tmp_path / name)] + (["-o", str(tmp_path / "o.py")]
+                                              if command == "compile" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / name}: is a directory; expected a {Path(name).suffix} file" in err
+
+
 def test_untraceable_spec_names_the_line(tmp_path: Path, capsys) -> None:
     spec = tmp_path / "bad.py"
     spec.write_text("def score_mod(score, b, h, q, kv):\n    if score > 0:\n        return score\n"

@@ -264,6 +264,74 @@ def test_float_functions_of_integers_compile_and_match_the_oracle() -> None:
     assert not res.nan and res.worst() <= TOLERANCE[torch.float32], res
 
 
+POWERS = {
+    "an integer to a negative constant": "S[b,h,m,n] + (m - n + 1) ** -1",
+    "an integer to an integer": "S[b,h,m,n] + (m + 1) ** (n - m) + 2 ** (m - n) * 0.01",
+    "an integer to the 0th": "S[b,h,m,n] + (m - n) ** 0",
+    "a constant power past int64 (wraps)": "S[b,h,m,n] + (2 ** 63) * 1e-19",
+    "zero to integers": "S[b,h,m,n] + 0 ** (m - n)",
+    "a negative float to -1": "S[b,h,m,n] ** -1 * 0.01",
+    "a negative float to odd and fractional powers": "(S[b,h,m,n] - 1) ** 9 * 1e-3 + "
+                                                     "S[b,h,m,n] ** 0.5",
+    "a float to an integer": "S[b,h,m,n] + 1.5 ** (m - n)",
+}
+
+
+@pytest.mark.parametrize("name", POWERS)
+def test_powers_of_every_form_match_the_oracle_in_the_kernel(name: str) -> None:
+    """x ** y was exp2(log2(x) y) unless y was a constant 0..8: NaN for a negative x (-2.0 **
+    -1 is -0.5), a Triton type error on integers, and (m - n) ** 0 printed a float 1.0."""
+    (c,) = parse_text(_TEXT.format(mask="", extra="", score=POWERS[name])).values()
+    module = load_kernel_module(compile_cascade(c).kernel)
+    prob = random_problem(c, index_sizes(c, 1, 1, 1, 9, 11, 16, 16), torch.float32,
+                          torch.Generator().manual_seed(2))
+    got = module.launch(prob.inputs, prob.params, prob.captured)["O"].double()
+    want = oracle(c, prob)["O"]
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, equal_nan=True)
+
+
+_POW_PROBE = """
+import triton
+import triton.language as tl
+""" + HELPERS + """
+
+@triton.jit
+def _pow_probe(a_ptr, b_ptr, out_ptr, N: tl.constexpr, INTEGER: tl.constexpr):
+    offs = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
+    a = tl.load(a_ptr + offs)
+    b = tl.load(b_ptr + offs)
+    if INTEGER:
+        tl.store(out_ptr + offs, _int_pow(a, b))
+    else:
+        tl.store(out_ptr + offs, _pow(a, b))
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_the_kernels_powers_are_torch_pow_on_special_values(dtype: torch.dtype) -> None:
+    """_pow on every pair of signed zeros, +-1, negative and positive whole and fractional
+    numbers, infinities and NaN; _int_pow on small, negative and int32-edge bases and
+    exponents -3 .. 64 (wrapping in int64 as torch does)."""
+    if dtype.is_floating_point:
+        special = [0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0, 2.5, -2.5,
+                   math.inf, -math.inf, math.nan, 1e-3]
+    else:
+        special = [0, 1, -1, 2, -2, 3, -3, 7, 2**31 - 1, -2**31, -5, 10, 63, 64, 31, -4]
+    n = len(special)
+    a = torch.tensor(special, dtype=dtype)[None, :].expand(n, n).contiguous()
+    b = a.t().contiguous()
+    out = torch.empty(n, n, dtype=dtype)
+    module = load_source(_POW_PROBE, prefix="pow_probe")
+    module._pow_probe[(1,)](a, b, out, N=n, INTEGER=not dtype.is_floating_point)
+    want = torch.pow(a, b)
+    if dtype.is_floating_point:
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=0, equal_nan=True)
+        assert torch.equal(out.signbit() | out.isnan(), want.signbit() | want.isnan())
+    else:
+        assert torch.equal(out, want)
+
+
 # -- 5. 16-bit casts -------------------------------------------------------------------------
 
 HALF_CASTS = {

@@ -495,6 +495,53 @@ def test_interval_rules_are_sound(e: E.Expr, mlo: int, nlo: int, dm: int, dn: in
     assert float(exact.lo) == float(exact.hi) == float(vals.reshape(-1)[0])
 
 
+@pytest.mark.parametrize("base, power, mlo, dm", [
+    (_m + 100, E.const(-1), 0, 15), (_m - 3, E.const(-1), 0, 7), (_m - 3, E.const(-3), 2, 0),
+    (_m + 1, E.const(70), 0, 15), (_m + 1, E.const(64), 1, 0), (_m + 2, _m - 1, 0, 7),
+], ids=["(m + 100) ** -1", "(m - 3) ** -1", "(2 - 3) ** -3", "(m + 1) ** 70", "2 ** 64",
+        "(m + 2) ** (m - 1)"])
+def test_interval_rules_are_sound_for_integer_powers_torch_computes_in_int64(
+        base: E.Expr, power: E.Expr, mlo: int, dm: int) -> None:
+    """Integer pow is torch's: x ** -k is 0 unless x = +-1 (the real bound [1/115, 1/100] of
+    (m + 100) ** -1 excluded it), and x ** 70 wraps in int64 (0 for an even x; the real bound
+    [1, 16 ** 70] excluded that too).  A degenerate box stays exact for a negative power; a
+    wrapped one is unknown (float64 does not hold the real value exactly)."""
+    e = E.binary(Op.POW, base, power)
+    f = torch.float64
+    iv = IntervalEvaluator({}).evaluate(e, Boxes(*(torch.tensor([float(v)], dtype=f)
+                                                         for v in (0, 0, mlo, mlo + dm, 0, 0))))
+    vals = eval_expr(e, ["m", "n"], {"m": torch.arange(mlo, mlo + dm + 1),
+                                           "n": torch.arange(1)}, {}).to(f)
+    assert float(iv.lo.min()) <= float(vals.min()) and float(vals.max()) <= float(iv.hi.max())
+    if dm == 0 and power.arg < 0:
+        assert float(iv.lo) == float(iv.hi) == float(vals.reshape(-1)[0])
+
+
+@pytest.mark.parametrize("mask", ["(m - n + 100) ** -1 == 0", "(m + 1) ** 70 == 0",
+                                  "(m + 1) * 4611686018427387904 * 4 == n - n",
+                                  "m - n + 9223372036854775807 >= 0",
+                                  "-(m - 9223372036854775807 - 1) > n"])
+def test_a_mask_whose_integers_wrap_in_int64_keeps_the_keys_the_oracle_keeps(
+        mask: str) -> None:
+    """torch's integer arithmetic (the oracle's, the kernel's) is int64 and wraps: the first
+    three hold for every key, the last two only where nothing wraps (m - n <= 0; m = 0).  The
+    interval rules had classified every tile empty (powers), and the closed-form bounds,
+    real-number algebra, had kept no key or every key."""
+    cascade = attndsl.cascade(f"""spec p {{
+  index b: B batch, h: H head, m: M query, n: N key, e: E qk, f: F v
+  input Q[B, H, M, E], K[B, H, N, E], V[B, H, N, F]
+  mask {mask}
+  S[b,h,m,n] = Q[b,h,m,e] * K[b,h,n,e]
+  O[b,h,m,f] = softmax(n) S[b,h,m,n] * V[b,h,n,f]
+  output O
+}}""")
+    gen = torch.Generator().manual_seed(0)
+    inputs = {n: torch.randn(1, 1, 20, 16, generator=gen) for n in "QKV"}
+    want = attndsl.run_cascade(cascade, inputs, {})["O"]
+    got = attndsl.compile(cascade)(inputs)["O"].double()
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 # -- mechanisms and robustness ---------------------------------------------------------------------
 
 def test_non_analysable_masks_use_chunked_evaluation() -> None:

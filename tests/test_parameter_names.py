@@ -59,6 +59,9 @@ STANDALONE_FAULTS = {
                                          r"real number"),
     "a bool": ({"w": True}, r"parameter 'w' is True"),
     "not a dict": ([("scale", 0.5)], r"params must be a dict"),
+    "an int past int64": ({"w": 2**63}, r"parameter 'w' is 9223372036854775808; expected an "
+                                        r"int in \[-2\*\*63, 2\*\*63\)"),
+    "an int below int64": ({"w": -2**63 - 1}, r"parameter 'w' is -9223372036854775809"),
 }
 
 
@@ -88,6 +91,39 @@ def test_a_kernel_call_refuses_a_float_for_an_int_parameter() -> None:
     kernel = attndsl.compile(WIDTH)
     with pytest.raises(attndsl.AttentionError, match=r"parameter 'w' must be an int, got 2.5"):
         kernel(_qkv(), {"w": 2.5})
+
+
+@pytest.mark.parametrize("value", [2**63, -2**63 - 1, 2**70])
+def test_a_kernel_call_refuses_an_int_parameter_that_int64_does_not_hold(value: int) -> None:
+    """It used to reach Triton's launcher (an OverflowError about specialisation)."""
+    kernel = attndsl.compile(WIDTH)
+    with pytest.raises(attndsl.AttentionError, match=rf"parameter 'w' is {value}; expected an "
+                                                     r"int in \[-2\*\*63, 2\*\*63\)"):
+        kernel(_qkv(), {"w": value})
+
+
+def test_the_oracle_refuses_an_int_parameter_that_int64_does_not_hold() -> None:
+    """It used to fail inside torch ("Overflow when unpacking long long")."""
+    with pytest.raises(ValueError, match=r"parameter 'w' of width is 9223372036854775808; "
+                                         r"expected an int in \[-2\*\*63, 2\*\*63\)"):
+        attndsl.run_cascade(WIDTH, _qkv(), {"scale": 0.25, "w": 2**63, "unused": 1.0})
+
+
+def test_a_group_size_outside_int32_is_refused_by_the_forward_and_fused_backward() -> None:
+    """The GQA group size is a constexpr of the kernels' int32 head arithmetic: 2**40 used to
+    fail inside Triton ("Scalar 1099511627776 is out of range for type int32")."""
+    kernel = attndsl.compile(attndsl.frontend.text.parse_file(EXAMPLES / "gqa_causal.attn")[
+        "gqa_causal"])
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"Q": torch.randn(1, 4, 5, 16, generator=gen),
+              "K": torch.randn(1, 2, 5, 16, generator=gen),
+              "V": torch.randn(1, 2, 5, 16, generator=gen)}
+    match = r"parameter 'G' is 1099511627776; expected an int in \[-2\*\*31, 2\*\*31\)"
+    with pytest.raises(AttentionInputError, match=match):
+        kernel(inputs, {"G": 2**40})
+    with pytest.raises(AttentionInputError, match=match):
+        kernel.fused_backward.launch_backward(inputs, {"G": 2**40}, {},
+                                              {"O": torch.ones(1, 4, 5, 16)})
 
 
 def test_the_fused_backward_module_refuses_a_misspelt_parameter() -> None:

@@ -184,6 +184,17 @@ def _from_text(path: Path, name: str | None) -> LoadedSpec:
     return LoadedSpec(name, lambda *a, **k: (c, {}), is_flex=False)
 
 
+def _spec_file(path: Path) -> Path:
+    """``path`` if it names a regular file, else a SpecLoadError saying what it is (a
+    directory named ``x.attn`` used to fail with IsADirectoryError inside the reader)."""
+    if not path.exists():
+        raise SpecLoadError(f"{path}: no such file")
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file"
+        raise SpecLoadError(f"{path}: is {what}; expected a {path.suffix} file")
+    return path
+
+
 def load_spec(text: str) -> LoadedSpec:
     """Resolve a SPEC string (see the module docstring)."""
     path_part, _, attr = text.partition(":")
@@ -192,13 +203,9 @@ def load_spec(text: str) -> LoadedSpec:
         path_part = text[:2] + path_part
     path = Path(path_part)
     if path.suffix == ".attn":
-        if not path.exists():
-            raise SpecLoadError(f"{path}: no such file")
-        return _from_text(path, attr or None)
+        return _from_text(_spec_file(path), attr or None)
     if path.suffix == ".py":
-        if not path.exists():
-            raise SpecLoadError(f"{path}: no such file")
-        module = import_spec_file(path)
+        module = import_spec_file(_spec_file(path))
     else:
         try:
             module = importlib.import_module(path_part)

@@ -113,6 +113,35 @@ def int_ranges(e: Expr) -> dict[Expr, Range]:
     return out
 
 
+def may_wrap(e: Expr) -> bool:
+    """Whether an integer ``+``, ``-``, ``*``, negation, ``abs`` or ``**`` of ``e`` may leave
+    int64 -- where torch's (and the kernels') arithmetic wraps, so that real-number reasoning
+    about ``e`` (the closed-form mask bounds) is wrong: ``m + 2**63 - 1 >= 0`` is false for
+    every m >= 1.  From the ranges of :func:`int_ranges`, before their clip to int64; ``**``
+    always may (its range is not tracked)."""
+    ranges = int_ranges(e)
+    for node in e.walk():
+        if node.dtype != INT or not node.src:
+            continue
+        s = [ranges.get(x, I64) for x in node.src]
+        if node.op is Op.POW:
+            return True
+        if node.op in (Op.NEG, Op.ABS):
+            real = (-s[0][1], -s[0][0]) if node.op is Op.NEG else (0, max(map(abs, s[0])))
+        elif node.op is Op.ADD:
+            real = (s[0][0] + s[1][0], s[0][1] + s[1][1])
+        elif node.op is Op.SUB:
+            real = (s[0][0] - s[1][1], s[0][1] - s[1][0])
+        elif node.op is Op.MUL:
+            vals = [x * y for x in s[0] for y in s[1]]
+            real = (min(vals), max(vals))
+        else:
+            continue
+        if real[0] < I64[0] or real[1] > I64[1]:
+            return True
+    return False
+
+
 def may_be_zero(e: Expr) -> bool:
     """Whether an integer expression can be 0 at some point of its index space."""
     lo, hi = int_ranges(e)[e]

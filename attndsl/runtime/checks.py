@@ -147,7 +147,8 @@ def check_params(name: str, declared: Mapping[str, str], params: Any) -> dict:
     "int" | "float"}): a dict (or None) naming only declared parameters -- a misspelt name
     would leave the parameter at its default, silently -- each None (the default) or a
     number of its type: an int parameter an integer (2.0 and 2.5 are refused, not
-    truncated), a float one any real number, never a bool, a string or a tensor."""
+    truncated) that int64 holds, a float one any real number, never a bool, a string or a
+    tensor."""
     if params is None:
         return {}
     if not isinstance(params, Mapping):
@@ -162,6 +163,9 @@ def check_params(name: str, declared: Mapping[str, str], params: Any) -> dict:
             want = "an int" if declared[key] == "int" else "a number"
             raise AttentionError(f"{name}: parameter {key!r} must be {want}, got {value!r} "
                                  f"({type(value).__name__})")
+        if declared[key] == "int" and value is not None and not -2**63 <= value < 2**63:
+            raise AttentionError(f"{name}: parameter {key!r} is {value}; expected an int in "
+                                 f"[-2**63, 2**63) (the kernels compute in int64)")
     return dict(params)
 
 

@@ -22,6 +22,7 @@ import torch
 from attndsl.ir import evaluate as ir_eval
 from attndsl.ir import expr as E
 from attndsl.ir.expr import INT, Expr, Op
+from attndsl.passes.int_range import may_wrap
 from attndsl.passes.mask.bands import (
     _Band,
     _band_of_chunk,
@@ -146,9 +147,11 @@ def _band_bounds(band: _Band, BM: int, BN: int, torch_boundary: bool) -> _Four:
 
 
 def _positions_only(mask: Expr) -> bool:
-    """The mask reads only m and n and constants: closed forms may exist."""
+    """The mask reads only m and n and constants, and no integer arithmetic of it may wrap
+    in int64 (:func:`may_wrap`; the closed forms are real-number algebra): closed forms may
+    exist."""
     return not mask.free_indices() - {"m", "n"} and \
-        not any(x.op in (Op.PARAM, Op.LOAD) for x in mask.walk())
+        not any(x.op in (Op.PARAM, Op.LOAD) for x in mask.walk()) and not may_wrap(mask)
 
 
 def _diagonal_chunk_and_lin(e: Expr) -> tuple[_Band, _Band] | None:

@@ -32,6 +32,7 @@ from attndsl.passes.mask.intervals import (
     _numeric,
     _point,
     _scalar,
+    no_wrap,
 )
 from attndsl.passes.mask.summaries import RangeTable
 from attndsl.passes.mask.tiles import _MAYBE, Geometry, MaskAnalysisError
@@ -103,7 +104,7 @@ class IntervalEvaluator:
             raise MaskAnalysisError(f"{E.render(node)}: a mask cannot contain {op.name}")
         if op not in _LOGICAL:
             args = [_numeric(a) for a in args]
-        return rule(node, *args)
+        return no_wrap(node, rule(node, *args))
 
     def _load(self, node: Expr, idx: list[Iv]) -> Iv:
         """t[i0, i1, ..]: exact at exact indices; a range in one dimension reads the range

@@ -178,7 +178,25 @@ def _r_mod(node: Expr, a: Iv, b: Iv) -> Iv:
 
 def _r_pow(node: Expr, a: Iv, b: Iv) -> Iv:
     """x ** y: exact at points; y a constant integer k >= 0: |x| ** k bounds (k even) or
-    [lo ** k, hi ** k] (k odd, monotone); x > 0 and y constant: monotone in x; else unknown."""
+    [lo ** k, hi ** k] (k odd, monotone); x > 0 and y constant: monotone in x; else unknown.
+    Integers to a negative power are torch's integer pow: 1 for x = 1, (-1) ** k for x = -1,
+    else 0 (so within [-1, 1]), not the float x ** k."""
+    if node.dtype == INT:
+        negative = _r_int_pow_negative(a, b)
+        return Iv(*(_where(b.hi < 0, n, x) for n, x in zip(negative, _r_pow_real(a, b))))
+    return _r_pow_real(a, b)
+
+
+def _r_int_pow_negative(a: Iv, b: Iv) -> Iv:
+    """x ** k of integers for k < 0: within [-1, 1], exact at points."""
+    x, k = a.lo, b.lo
+    value = _where(x == 1, 1.0, _where(x == -1, 1.0 - 2.0 * torch.remainder(k, 2), 0.0))
+    point = _is_point(a) & _is_point(b)
+    return Iv(_where(point, value, -1.0), _where(point, value, 1.0))
+
+
+def _r_pow_real(a: Iv, b: Iv) -> Iv:
+    """x ** y over the reals (see :func:`_r_pow`)."""
     k = b.lo
     const = _is_point(b) & torch.isfinite(k)
     whole = const & (k == torch.floor(k)) & (k >= 0)
@@ -326,6 +344,25 @@ def _r_where(node: Expr, c: Iv, a: Iv, b: Iv) -> Iv:
     lo = _where(always, a.lo, _where(never, b.lo, torch.minimum(a.lo, b.lo)))
     hi = _where(always, a.hi, _where(never, b.hi, torch.maximum(a.hi, b.hi)))
     return Iv(lo, hi)
+
+
+# integer ops whose int64 result wraps (torch's integer arithmetic) where the real one leaves
+# [-2**63, 2**63): a bound past it is no bound of the wrapped value (see no_wrap)
+_WRAPS = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.POW, Op.NEG, Op.ABS, Op.FLOORDIV})
+_I64_LO, _I64_END = -2.0 ** 63, 2.0 ** 63
+
+
+def no_wrap(node: Expr, v: Iv) -> Iv:
+    """``v``, the real-arithmetic bound of ``node``, where it is inside int64; unknown
+    (-inf, inf) on the boxes where an integer op's bound leaves int64 (``(m + 1) ** 70`` is 0
+    for m = 1 in int64, outside the real bound [1, 2**70]), infinite bounds included (an
+    overflow to inf in float64)."""
+    if node.dtype != INT or node.op not in _WRAPS:
+        return v
+    out = (v.lo < _I64_LO) | (v.hi >= _I64_END)
+    if not bool(out.any()):
+        return v
+    return Iv(_where(out, -_INF, v.lo), _where(out, _INF, v.hi))
 
 
 # rules that take boolean intervals (bool tensors) as they are; the others get float64
