@@ -218,7 +218,8 @@ def _pow(a, b):
     r = tl.exp2(tl.log2(tl.abs(a)) * b)
     whole = tl.floor(b) == b
     odd = whole & (tl.floor(b * 0.5) * 2.0 != b)
-    r = tl.where((a.to(tl.int32, bitcast=True) < 0) & odd, -r, r)
+    # r * -1.0, not -r: triton < 3.7 lowers -r as 0 - r, which is +0.0 for r = 0 (-0.0 ** 3)
+    r = tl.where((a.to(tl.int32, bitcast=True) < 0) & odd, r * -1.0, r)
     r = tl.where((a < 0) & (a > float("-inf")) & ~whole, float("nan"), r)
     one = (b == 0) | (a == 1) | ((a == -1) & (tl.abs(b) == float("inf")))
     return tl.where(one, 1.0, r)
