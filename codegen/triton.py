@@ -7,7 +7,9 @@ running max, the running sums) called with a constexpr MASKED from every sparsit
 kernel loads Q once, runs the loops and stores the outputs.  Launch-time specialisations drop
 what a problem does not need: EVEN_N / EVEN_M (tiles inside the sequence), EVEN_E / EVEN_F
 (the block is the head dim: no head-dim masks), SCALE_NONNEG (rowmax(qk * s) = rowmax(qk) * s),
-NONNEG_SUBSCRIPTS (no captured-tensor subscript is negative: torch's wrap is dropped).
+NONNEG_SUBSCRIPTS (no captured-tensor subscript is negative: torch's wrap is dropped).  A score
+with a multiply-free [BLOCK_M, BLOCK_N] term (a bias table read) is printed in natural units
+and scaled by log2 e inside the max and the weights (:func:`_natural_scores`).
 Every identifier in the generated source is made here, named by role as in the tutorial
 (``q_ptr``, ``stride_qm``, ``sm_scale``, ``q``, ``qk``, ``m_i``, ``acc``, ``l_i``, ``alpha``:
 :func:`_names`, :func:`_role_names`); names from a spec reach the source only as validated
