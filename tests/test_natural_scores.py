@@ -133,3 +133,39 @@ def test_a_score_read_outside_a_weight_is_not_rescaled() -> None:
     assert _read_as_weight(E.unary(Op.EXP2, y - m) * E.const(2.0), y)
     assert not _read_as_weight(E.unary(Op.EXP2, y - m) * y, y)
     assert not _read_as_weight(E.unary(Op.EXP2, m - y), y)
+
+
+
+SOFTPICK_BIAS = """
+spec softpick_bias {
+  index b: B batch, h: H head, m: M query, n: N key, e: E qk, f: F v
+  input Q[B, H, M, E], K[B, H, N, E], V[B, H, N, F]
+  tensor table[H, T]: float
+  param scale: float
+  mask n <= m
+  S[b,h,m,n] = Q[b,h,m,e] * K[b,h,n,e] * scale + table[h, m - n + N - 1]
+  P[b,h,m,n] = relu(exp(S[b,h,m,n]) - 1) / sum(n) abs(exp(S[b,h,m,n]) - 1)
+  O[b,h,m,f] = P[b,h,m,n] * V[b,h,n,f]
+  output O
+}
+"""
+
+
+def test_a_softpick_with_a_bias_table_reads_its_floored_stabiliser_in_log2_units() -> None:
+    """Softpick's exp(S) - 1 reads its stabiliser outside its own weights (exp2(-m)), kept
+    >= 0: the max is the natural-units rowmax times log2e, the units every other read of it
+    has, so the output is the float64 oracle's on causal, ragged tiles with -inf entries."""
+    spec = attndsl.frontend.text.parse_text(SOFTPICK_BIAS)["softpick_bias"]
+    kernel = attndsl.compile(spec)
+    q, k, v = _qkv(45, 37, seed=8)
+    table = torch.randn(2, 45 + 37 - 1, generator=torch.Generator().manual_seed(9)) * 4
+    table[:, ::5] = float("-inf")
+    inputs, params, captured = {"Q": q, "K": k, "V": v}, {"scale": 0.25}, {"table": table}
+    out = kernel(inputs, params, captured, kernel_options=dict(CONFIG))["O"]
+    ref = attndsl.run_cascade(spec, {**inputs, **captured}, params)["O"]
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    launch, = record_launches(lambda: kernel(inputs, params, captured,
+                                             kernel_options=dict(CONFIG)))
+    source = Path(inspect.getsourcefile(launch.fn)).read_text()
+    assert "_tile = tl.max(y_m_i, 1) * 1.4426950408889634" in source
+    assert "tl.maximum(m_i_new, 0.0)" in source
