@@ -56,6 +56,7 @@ from attndsl.passes.float_range import bounded_below
 from attndsl.passes.index_bounds import walk_intervals
 from attndsl.passes.int_range import fits_i32, int_ranges, launch_divisors, zero_divisors
 from attndsl.passes.mask import SPARSE_BLOCK
+from attndsl.passes.rules import LOG2E
 
 # -- the module -----------------------------------------------------------------------------
 
@@ -963,9 +964,6 @@ def _scaled_dots(k: TileKernel) -> dict[str, Expr]:
                 prev = scale.get(child.arg, c)
                 scale[child.arg] = c if ok and prev == c else None
     return {d.var: c for d in k.dots if (c := scale.get(d.var)) is not None}
-
-
-LOG2E = 1.4426950408889634  # 1/ln 2: the stream pass's base change (passes/rules.py)
 
 
 def _natural_scores(k: TileKernel) -> tuple[TileKernel, frozenset[str]]:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from attndsl.codegen.triton import LOG2E, _natural_score, _read_as_weight
+from attndsl.codegen.triton import _natural_score, _read_as_weight
 
 import attndsl
 from attndsl.ir import expr as E
 from attndsl.ir.expr import Op
+from attndsl.passes.rules import LOG2E
 from attndsl.runtime.gpu_report import record_launches
 
 CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
