@@ -238,3 +238,75 @@ def test_the_key_tile_loop_of_a_real_compile_holds_the_tile_exponentials(target,
     assert 0 < loop.tensor_core == loop.count(tc) <= r.tc_count
     assert loop.rest == loop.instructions - loop.tensor_core - loop.ex2 > 0
     assert r.tma_count == 0  # pointer loads: no tensor descriptors in this kernel
+
+
+def _fake_cuobjdump(directory, name: str = "cuobjdump", tag: str = "v1"):
+    """A stand-in cuobjdump that logs each run and prints its flag, its tag and the cubin."""
+    tool = directory / name
+    log = directory / f"{name}.log"
+    tool.write_text(f'#!/bin/sh\necho "$1" >> "{log}"\necho "{tag} $1 $(cat "$2")"\n')
+    tool.chmod(0o755)
+    return str(tool), log
+
+
+def _runs(log) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_a_cubins_listing_is_disassembled_once_and_then_read_from_the_cache(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("ATTNDSL_CACHE", str(tmp_path / "cache"))
+    tool, log = _fake_cuobjdump(tmp_path)
+    monkeypatch.setattr(aot, "find_cuobjdump", lambda: tool)
+    first = aot._run_cuobjdump(b"cubin-a")
+    assert first == ("v1 --dump-resource-usage cubin-a\n", "v1 --dump-sass cubin-a\n")
+    assert _runs(log) == 2
+    assert aot._run_cuobjdump(b"cubin-a") == first and _runs(log) == 2
+    assert aot._run_cuobjdump(b"cubin-b")[1] == "v1 --dump-sass cubin-b\n" and _runs(log) == 4
+
+
+def test_another_cuobjdump_never_reads_the_listing_an_earlier_one_cached(tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setenv("ATTNDSL_CACHE", str(tmp_path / "cache"))
+    old, _ = _fake_cuobjdump(tmp_path, "old", "v1")
+    new, new_log = _fake_cuobjdump(tmp_path, "new", "v2")
+    monkeypatch.setattr(aot, "find_cuobjdump", lambda: old)
+    aot._run_cuobjdump(b"cubin-a")
+    monkeypatch.setattr(aot, "find_cuobjdump", lambda: new)
+    assert aot._run_cuobjdump(b"cubin-a")[1] == "v2 --dump-sass cubin-a\n"
+    assert _runs(new_log) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a listing", "directory", "binary"])
+def test_a_damaged_cached_listing_is_disassembled_again_and_replaced(tmp_path, monkeypatch,
+                                                                     damage):
+    monkeypatch.setenv("ATTNDSL_CACHE", str(tmp_path / "cache"))
+    tool, log = _fake_cuobjdump(tmp_path)
+    monkeypatch.setattr(aot, "find_cuobjdump", lambda: tool)
+    want = aot._run_cuobjdump(b"cubin-a")
+    (entry,) = (tmp_path / "cache" / "cuobjdump").iterdir()
+    text = entry.read_text()
+    entry.unlink()
+    if damage == "truncated":
+        entry.write_text(text[: len(text) // 2])
+    elif damage == "not a listing":
+        entry.write_text('{"usage": 1, "sass": null}')
+    elif damage == "directory":
+        entry.mkdir()
+    else:
+        entry.write_bytes(b"\xff\xfe\x00")
+    assert aot._run_cuobjdump(b"cubin-a") == want and _runs(log) == 4
+    assert entry.is_file() and aot._run_cuobjdump(b"cubin-a") == want and _runs(log) == 4
+
+
+def test_a_cache_that_cannot_be_written_still_gives_the_listing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNDSL_CACHE", str(tmp_path / "cache"))
+    tool, log = _fake_cuobjdump(tmp_path)
+    monkeypatch.setattr(aot, "find_cuobjdump", lambda: tool)
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aot, "write_module", refuse)
+    assert aot._run_cuobjdump(b"cubin-a")[1] == "v1 --dump-sass cubin-a\n"
+    assert aot._run_cuobjdump(b"cubin-a")[1] == "v1 --dump-sass cubin-a\n" and _runs(log) == 4

@@ -47,6 +47,7 @@ Formulas used (all per streaming multiprocessor, SM):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -54,6 +55,7 @@ import json
 import math
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -63,8 +65,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from attndsl.runtime.modules import cache_dir, write_module
 from attndsl.runtime.sass import KeyTileLoop, summarize_sass
 
 __all__ = [
@@ -243,8 +247,59 @@ def find_cuobjdump(triton_dir: str | None = None) -> str:
 
 
 def _run_cuobjdump(cubin: bytes) -> tuple[str, str]:
-    """Return (``--dump-resource-usage`` text, ``--dump-sass`` text) for a cubin."""
+    """Return (``--dump-resource-usage`` text, ``--dump-sass`` text) for a cubin.
+
+    The listing is a pure function of the cubin's bytes and of the tool, and disassembling
+    is the slow part of a report once Triton's own cache holds the cubin (about 0.4 s per
+    kernel, ten times Triton's cache lookup), so it is cached on disk, in
+    ``cache_dir()/cuobjdump``, by the hash of both (:func:`_listing_path`)."""
     tool = find_cuobjdump()
+    path = _listing_path(tool, cubin)
+    cached = _read_listing(path)
+    if cached is not None:
+        return cached
+    listing = _disassemble(tool, cubin)
+    try:
+        write_module(json.dumps({"usage": listing[0], "sass": listing[1]}), path,
+                     cache_entry=True)
+    except OSError:  # a full or read-only disk costs the next report a disassembly, no more
+        pass
+    return listing
+
+
+@functools.lru_cache(maxsize=8)
+def _tool_digest(tool: str, size: int, mtime_ns: int) -> str:
+    """Hash of the cuobjdump binary's bytes (read once per version of the file)."""
+    with open(tool, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def _listing_path(tool: str, cubin: bytes) -> Path:
+    """Cache entry of ``cubin``'s listing: named by the hash of the tool's bytes and the
+    cubin's, so another cuobjdump (another Triton wheel) or another cubin never shares it."""
+    info = os.stat(tool)
+    key = hashlib.sha256(_tool_digest(tool, info.st_size, info.st_mtime_ns).encode()
+                         + cubin).hexdigest()[:32]
+    return cache_dir() / "cuobjdump" / f"{key}.json"
+
+
+def _read_listing(path: Path) -> tuple[str, str] | None:
+    """The cached (usage, sass) listing at ``path``, or None when there is none or the entry
+    is unreadable, truncated or not such a listing (it is then rebuilt and replaced)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a FIFO: it would block
+            return None
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str)
+                                              for k in ("usage", "sass")):
+        return None
+    return entry["usage"], entry["sass"]
+
+
+def _disassemble(tool: str, cubin: bytes) -> tuple[str, str]:
+    """Run ``tool`` on ``cubin`` for its resource usage and its SASS."""
     with tempfile.TemporaryDirectory(prefix="attndsl_aot_") as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as handle:
