@@ -17,6 +17,7 @@ attndsl and usable by torch alike.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -177,7 +178,7 @@ class BlockMask:
         ``computed * BQ * BK`` by the unpadded ``B * H * Q_LEN * KV_LEN``, which counts a block
         cut short by a length at full size and goes negative (-27% for a sliding window at
         L = 300, 128-blocks); that is not a fraction of anything, so it is not followed."""
-        copies = self.numel() // (self.seq_lengths[0] * self.seq_lengths[1])  # B * H
+        copies = math.prod(self.shape[:-2])  # B * H (numel / Q_LEN / KV_LEN: 0 / 0 when empty)
         if self.tables is None and self.kv_ranges is not None:
             r = self.kv_ranges.reshape(*self.kv_ranges.shape[:-1], -1, 4)
             stored = r.shape[0] * r.shape[1]  # 1 along a broadcast batch or head dim
@@ -272,6 +273,30 @@ def _size(name: str, v: int | None, default: int | None = None) -> int:
     return v
 
 
+def _length(name: str, v: int) -> int:
+    """A sequence length: an int >= 0 (0, as torch allows: an empty grid of blocks)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise MaskAnalysisError(f"{name} must be an int >= 0, got {v!r}")
+    return v
+
+
+def _empty_block_mask(seq_lengths: tuple[int, int], block: tuple[int, int],
+                      batch_heads: tuple[int, int], mask_mod: MaskMod, mask: Expr,
+                      captured: dict[str, Tensor], device: torch.device) -> BlockMask:
+    """The block mask of a grid with no query or no key blocks: every table empty along its
+    zero dim, with torch's shapes ([1, 1, nq] counts, [1, 1, nq, nk] indices and their
+    q-major transposes, broadcast to B, H), so nothing is classified."""
+    nq, nk = (-(-length // size) for length, size in zip(seq_lengths, block, strict=True))
+
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros((1, 1, *shape), dtype=torch.int32, device=device)
+
+    kv, q = (zeros(nq), zeros(nq, nk)), (zeros(nk), zeros(nk, nq))
+    return BlockMask.from_tables(seq_lengths, *kv, *kv, *q, *q, BLOCK_SIZE=block,
+                                 mask_mod=mask_mod, mask=mask, captured=captured,
+                                 mechanism="empty grid", batch_heads=batch_heads)
+
+
 def _default_device(device: Any) -> torch.device:
     """``device``, else the current accelerator when one is usable, else the CPU (a CUDA build
     of torch on a machine without a driver names CUDA as its accelerator but cannot use it)."""
@@ -296,8 +321,11 @@ def create_block_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: in
         raise MaskAnalysisError(f"mask_mod must be callable, got {type(mask_mod).__name__}")
     bm, bn = _block_size(BLOCK_SIZE)
     b, h = _size("B", B, 1), _size("H", H, 1)
-    q_len, kv_len = _size("Q_LEN", Q_LEN), _size("KV_LEN", KV_LEN)
+    q_len, kv_len = _length("Q_LEN", Q_LEN), _length("KV_LEN", KV_LEN)
     mask, captured = mask_expr(mask_mod)
+    if q_len == 0 or kv_len == 0:
+        return _empty_block_mask((q_len, kv_len), (bm, bn), (b, h), mask_mod, mask, captured,
+                                 _default_device(device))
     plan = plan_key_tiles(mask, captured, b, h, q_len, kv_len, (bm, bn),
                           _default_device(device))
     return BlockMask.from_plan(plan, (q_len, kv_len), mask_mod, mask, captured, (b, h))

@@ -115,8 +115,9 @@ class KeyTilePlan:
 
     def op_args(self) -> tuple[list[Tensor], int, int]:
         """The plan as custom-op arguments (a schema that cannot hold None or a dict): the
-        eight tables in TABLE_NAMES order, an empty tensor for a missing one, and the block
-        sizes; ([], 0, 0) when dense.  :meth:`from_op_args` reads them back."""
+        eight tables in TABLE_NAMES order, a 1-D empty tensor for a missing one (a table is
+        3-D or 4-D, and may itself be empty: a length of 0), and the block sizes; ([], 0, 0)
+        when dense.  :meth:`from_op_args` reads them back."""
         if self.kind == DENSE:
             return [], 0, 0
         tables = self.block_tables()
@@ -128,7 +129,7 @@ class KeyTilePlan:
         """The inverse of :meth:`op_args` (a tables plan, or dense for no tables)."""
         if not tables:
             return cls.dense()
-        named = {k: (t if t.numel() else None) for k, t in zip(TABLE_NAMES, tables)}
+        named = {k: (None if t.dim() == 1 else t) for k, t in zip(TABLE_NAMES, tables)}
         return cls(TABLES, (q_block, kv_block), "op arguments", tables=named)
 
     def __str__(self) -> str:

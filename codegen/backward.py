@@ -456,7 +456,10 @@ def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     args = (_tensor_args("O") + _tensor_args("DO") + _tensor_args("DLSE")
             + _tensor_args("DELTA") + _tensor_args("LSE") + _tensor_args("LSE2")
             + _captured_args(names, False) + ["scale", "n_heads", "M_len", "F_len"])
-    writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F", "ANCHOR_M", "G"],
+    # no G: the kernel reads query-head rows only (a score reads no parameter but the scale,
+    # so the query-only terms never map a head to its key/value head): one compile for
+    # every group size
+    writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F", "ANCHOR_M"],
                      writer.OFFSET_FLAGS,
                      doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
                      "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "

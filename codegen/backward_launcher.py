@@ -234,7 +234,7 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
         **_by_name("attention_bwd_preprocess", [
             *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), *_strides(lse),
             *_strides(lse2), *cap_args, scale, n_heads, m_len, f_len]),
-        BLOCK_M=pre["BLOCK_M"], BLOCK_F=_block(f_len), ANCHOR_M=anchor, G=group,
+        BLOCK_M=pre["BLOCK_M"], BLOCK_F=_block(f_len), ANCHOR_M=anchor,
         num_warps=pre["num_warps"], **offsets)
     grad_args = []
     for name in GRADS:  # noqa: F821

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from attndsl.codegen.expr import Env, comment, render_at
+from attndsl.codegen.expr import Env, comment, host_literal, render_at
 
 from attndsl.ir.expr import Expr
 from attndsl.ir.tile import TileKernel
@@ -82,7 +82,8 @@ def binding_tables(L: Lines, k: TileKernel) -> None:
     L(0, "ROLES = " + repr(dict(k.roles)))
     L(0, "TENSOR_DIMS = " + repr(dict(k.tensor_dims)))
     L(0, "INDEX_EXTENTS = " + repr(dict(k.index_extents)))
-    L(0, "PARAM_DEFAULTS = " + repr(dict(k.param_defaults)))
+    L(0, "PARAM_DEFAULTS = {" + ", ".join(f"{name!r}: {host_literal(value)}"  # inf: a literal
+                                          for name, value in k.param_defaults) + "}")
     L(0, "PARAM_TYPES = " + repr(dict(k.declared_params)))
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import attndsl
 from attndsl.api import AttentionError
 from attndsl.distributed import context_parallel_attention, shard, tree_decode
+from attndsl.distributed.kernels import PairKernels
 from attndsl.frontend.text import parse_file
 from tests.cp_harness import spawn
 
@@ -259,6 +260,79 @@ def a_tree_decode_refused_by_one_rank(rank: int, world: int, group) -> None:
                     kv_positions=torch.arange(8 + (rank == 0)) + 8 * rank)
 
 
+def a_table_read_out_of_bounds_in_one_pair_only(rank: int, world: int, group) -> None:
+    """bias[q - kv + 7] of 16 entries: in bounds on the diagonal pairs, out of bounds only
+    where rank 1's queries meet rank 0's keys (q - kv up to 15), so only rank 1's second
+    ring step refuses -- raised on every rank (rank 0 had finished its ring)."""
+    bias = torch.randn(16)
+
+    def shifted(score, b, h, q_idx, kv_idx):
+        return score + bias[q_idx - kv_idx + 7]
+
+    q, k, v = (shard(t, "contiguous", world, rank).requires_grad_()
+               for t in _inputs(1, 2, 16, 16))
+    with pytest.raises(AttentionError, match=rf"rank 1 of {world} refused: SubscriptError: "
+                                             r"index out of range: subscript 0 \(m - n \+ 7\)"
+                                             r" of tensor 'cap0' \(bias, captured by "
+                                             r"shifted\(\)\)"):
+        context_parallel_attention(q, k, v, shifted, group=group)
+
+
+def a_backward_pair_refused_on_one_rank(rank: int, world: int, group) -> None:
+    """Rank 1's backward of its pair with rank 0's keys refuses (a fault injected there): rank
+    0 still gets zero dK/dV back instead of waiting, and every rank raises."""
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    q, k, v = (shard(t, "contiguous", world, rank).requires_grad_()
+               for t in _inputs(1, 2, 16, 16))
+    out = context_parallel_attention(q, k, v, mask_mod=causal, group=group)
+    real = PairKernels.backward
+
+    def refusing(self, q, k, v, out, lse, dout, dlse, qpos, kpos, *rest):
+        if rank == 1 and int(kpos[0]) == 0:
+            raise AttentionError("injected refusal")
+        return real(self, q, k, v, out, lse, dout, dlse, qpos, kpos, *rest)
+
+    PairKernels.backward = refusing
+    try:
+        with pytest.raises(AttentionError, match=rf"rank 1 of {world} refused: "
+                                                 r"AttentionError: injected refusal"):
+            out.sum().backward()
+    finally:
+        PairKernels.backward = real
+
+
+def captured_tensors_that_differ_between_ranks(rank: int, world: int, group) -> None:
+    """Document ids that differ on rank 1 would make the ranks disagree on which pairs
+    exchange keys (one waits for a shard the other never sends): refused on every rank."""
+    doc = torch.tensor([0] * 8 + [1] * 8) if rank == 0 else torch.zeros(16, dtype=torch.long)
+
+    def same_doc(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    q, k, v = (shard(t, "contiguous", world, rank) for t in _inputs(1, 2, 16, 16))
+    with pytest.raises(AttentionError, match="rank 1 classifies the pair of query shard 0 "
+                                             "and key shard 1 differently"):
+        context_parallel_attention(q, k, v, mask_mod=same_doc, group=group)
+
+
+def a_tree_decode_launch_refused_on_one_rank(rank: int, world: int, group) -> None:
+    """bias[kv] of 12 entries over a 16-key cache: only rank 1's shard (keys 8..15) reads
+    past it; every rank raises before the all-reduce (else rank 0 waits in it)."""
+    bias = torch.randn(12)
+
+    def by_key(score, b, h, q_idx, kv_idx):
+        return score + bias[kv_idx]
+
+    q, k, v = _inputs(1, 2, 16, 16)
+    with torch.no_grad(), pytest.raises(AttentionError, match=rf"rank 1 of {world} refused: "
+                                                              r".*index out of range.*\(n\) "
+                                                              r"of tensor 'cap0' \(bias"):
+        tree_decode(q[:, :, :1], shard(k, "contiguous", world, rank),
+                    shard(v, "contiguous", world, rank), by_key, group=group)
+
+
 TWO = [causal_alibi_every_layout, sliding_window_gqa, documents, padded_queries, sinks_causal,
        text_cascade_with_sinks, tree_decode_matches_one_process, unshardable_lengths_are_refused]
 FOUR = [documents, padded_queries, keys_nobody_needs_are_not_sent, fewer_rows_than_ranks,
@@ -289,3 +363,19 @@ def test_ranks_holding_different_head_counts_are_refused_before_the_ring():
 
 def test_a_tree_decode_argument_refused_by_one_rank_is_refused_on_every_rank():
     spawn(2, [(2, a_tree_decode_refused_by_one_rank)], timeout=REFUSAL_TIMEOUT)
+
+
+def test_a_launch_refused_in_the_middle_of_the_ring_is_raised_on_every_rank():
+    spawn(2, [(2, a_table_read_out_of_bounds_in_one_pair_only)], timeout=REFUSAL_TIMEOUT)
+
+
+def test_a_backward_refused_on_one_rank_is_raised_on_every_rank():
+    spawn(2, [(2, a_backward_pair_refused_on_one_rank)], timeout=REFUSAL_TIMEOUT)
+
+
+def test_captured_tensors_that_differ_between_ranks_are_refused_before_the_ring():
+    spawn(2, [(2, captured_tensors_that_differ_between_ranks)], timeout=REFUSAL_TIMEOUT)
+
+
+def test_a_tree_decode_launch_refused_on_one_rank_is_raised_on_every_rank():
+    spawn(2, [(2, a_tree_decode_launch_refused_on_one_rank)], timeout=REFUSAL_TIMEOUT)

@@ -21,6 +21,7 @@ from torch.nn.attention.flex_attention import flex_attention as torch_flex_atten
 
 import attndsl
 from attndsl.api import AttentionError
+from attndsl.passes.mask import MaskAnalysisError
 
 Tensor = torch.Tensor
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -521,3 +522,33 @@ def test_inference_under_torch_compile_fullgraph() -> None:
         got = torch.compile(model, fullgraph=True)(q, k, v)
         want = model(q, k, v)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("q_len", "kv_len", "block"), [(0, 5, 128), (5, 0, 128), (0, 0, 128),
+                                                        (0, 300, (32, 64)), (300, 0, 16)])
+def test_a_block_mask_of_an_empty_length_has_torchs_empty_tables(q_len, kv_len, block):
+    """torch builds a BlockMask with Q_LEN or KV_LEN 0 (an empty block grid); attndsl refused
+    it ('must be a positive int') although flex_attention takes empty lengths.  The tables
+    equal torch's, and the mask runs forward and backward (0 out, zero gradients: the
+    custom op's table arguments had read an empty table back as a missing one)."""
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    ours = attndsl.create_block_mask(causal, 2, 3, q_len, kv_len, device="cpu",
+                                     BLOCK_SIZE=block)
+    theirs = create_block_mask(causal, 2, 3, q_len, kv_len, device="cpu", BLOCK_SIZE=block)
+    assert ours.shape == theirs.shape == (2, 3, q_len, kv_len)
+    for got, want in zip(ours.as_tuple()[2:10], theirs.as_tuple()[2:10], strict=True):
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert ours.sparsity() == 100.0  # no block computed (torch divides 0 by 0 here)
+    q = torch.randn(2, 3, q_len, 16, requires_grad=True)
+    k = torch.randn(2, 3, kv_len, 16, requires_grad=True)
+    out = attndsl.flex_attention(q, k, k, block_mask=ours)
+    assert out.shape == (2, 3, q_len, 16) and not out.any()
+    out.sum().backward()
+    assert not q.grad.any() and not k.grad.any()
+
+
+def test_a_negative_block_mask_length_is_refused_by_name():
+    with pytest.raises(MaskAnalysisError, match="KV_LEN must be an int >= 0, got -1"):
+        attndsl.create_block_mask(lambda b, h, q, k: k <= q, 1, 1, 4, -1)

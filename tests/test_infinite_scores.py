@@ -150,3 +150,61 @@ def test_the_kernels_max_is_nan_on_a_row_with_a_kept_nan_score_as_the_oracles() 
     assert torch.equal(aux.max_scores[:, :, 9], want[:, :, 9])  # +inf
     rest = [r for r in range(40) if r != 3]
     torch.testing.assert_close(aux.max_scores[:, :, rest], want[:, :, rest])
+
+
+LINEAR = ["lightning", "retention", "simple_gla", "gla", "linear_attention"]
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_an_infinite_query_in_the_linear_forms_gives_the_oracles_infinities_not_nan(name):
+    """+inf in a query against positive keys and values: every kept term of the row's sum
+    is +inf, so the oracle's output is +inf (a normalised form: inf / inf = NaN).  The
+    chunked kernel multiplied the first chunk's empty state (no Q H[0] in the sum) and the
+    masked pairs of a gated chunk by an exact 0, giving inf * 0 = NaN; the recurrent form
+    and the quadratic kernel agreed with the oracle already.  Rows in the first and in a
+    later chunk, a length not a multiple of the chunk."""
+    (c,) = parse_file(EXAMPLES / f"{name}.attn").values()
+    kernel = attndsl.compile(c)
+    gen = torch.Generator().manual_seed(0)
+    problem = random_problem(c, index_sizes(c, 1, 2, 2, 40, 40, 16, 16), torch.float32, gen)
+    inputs = dict(problem.inputs)
+    k_name, v_name = (n for n in inputs if n != next(iter(inputs)))
+    for n in (k_name, v_name):
+        inputs[n] = inputs[n].abs() + 0.1
+    q_name = next(iter(inputs))
+    inputs[q_name] = inputs[q_name].clone()
+    inputs[q_name][0, 0, 3, 2] = INF  # first chunk
+    inputs[q_name][0, 1, 21, 5] = INF  # second chunk of 16
+    want = attndsl.run_cascade(c, {n: t.double() for n, t in
+                                   {**inputs, **problem.captured}.items()}, problem.params)
+    for chunk in (16, None):
+        got, _ = kernel.linear(inputs, problem.params, problem.captured, chunk=chunk)
+        for out in c.outputs:
+            assert torch.isinf(want[out]).any() or torch.isnan(want[out]).any()
+            torch.testing.assert_close(got[out].double(), want[out], atol=1e-4, rtol=1e-4,
+                                       equal_nan=True, msg=lambda m, at=chunk: f"chunk={at}: {m}")
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_an_infinite_first_query_of_the_delta_rule_gives_the_oracles_infinities_not_nan(name):
+    """+inf in the first query: its output q(0) . S(0) is one term per value column, so
+    the oracle's row is +-inf.  The chunked kernel added q(0) times the zero state before
+    the first chunk (a term the sum does not hold), inf * 0 = NaN.  Later rows of a chunk
+    sum several infinite terms in another order than the recurrence (the UT form), which
+    the README describes."""
+    (c,) = parse_file(EXAMPLES / f"{name}.attn").values()
+    kernel = attndsl.compile(c)
+    gen = torch.Generator().manual_seed(0)
+    problem = random_problem(c, index_sizes(c, 1, 2, 2, 40, 40, 16, 16), torch.float32, gen)
+    inputs = dict(problem.inputs)
+    q_name = next(iter(inputs))
+    inputs[q_name] = inputs[q_name].clone()
+    inputs[q_name][0, 0, 0, 2] = INF
+    want = attndsl.run_cascade(c, {n: t.double() for n, t in
+                                   {**inputs, **problem.captured}.items()}, problem.params)
+    for chunk in (16, None):
+        got, _ = kernel.linear(inputs, problem.params, problem.captured, chunk=chunk)
+        for out in c.outputs:
+            assert torch.isinf(want[out][0, 0, 0]).all()
+            torch.testing.assert_close(got[out].double(), want[out], atol=1e-4, rtol=1e-4,
+                                       equal_nan=True, msg=lambda m, at=chunk: f"chunk={at}: {m}")

@@ -656,8 +656,8 @@ def test_bad_input_errors() -> None:
         classify_tiles(mask, {}, 1, 1, 64, 64, 0, 16)
     with pytest.raises(MaskAnalysisError, match="BLOCK_N"):
         kv_tile_bounds(mask, 16, -1)
-    with pytest.raises(MaskAnalysisError, match="Q_LEN"):
-        create_block_mask(causal, None, None, 0, 64)
+    with pytest.raises(MaskAnalysisError, match="Q_LEN"):  # 0 is torch's empty grid
+        create_block_mask(causal, None, None, -1, 64)
     with pytest.raises(MaskAnalysisError, match="callable"):
         create_block_mask("causal", None, None, 64, 64)
     with pytest.raises(MaskAnalysisError, match="not bound"):

@@ -18,6 +18,7 @@ from attndsl.checking import (
     oracle,
     random_problem,
 )
+from attndsl.eager import run_cascade
 from attndsl.frontend.flex import lower_flex
 from attndsl.frontend.text import parse_file
 from attndsl.passes.pipeline import compile_cascade
@@ -124,3 +125,31 @@ def test_a_kernel_call_with_misnamed_or_mistyped_arguments_is_refused(fault: str
     call.update(change)
     with pytest.raises(attndsl.AttentionError, match=match):
         kernel(call["inputs"], call["params"], call["captured"])
+
+
+CLAMPED = """spec clamped {
+  index b: B batch, h: H head, m: M query, n: N key, e: E qk, f: F v
+  input Q[B, H, M, E], K[B, H, N, E], V[B, H, N, F]
+  param lo: float = -inf
+  param hi: float = inf
+  R[b,h,m,n] = Q[b,h,m,e] * K[b,h,n,e] * 0.25
+  S[b,h,m,n] = min(max(R[b,h,m,n], lo), hi)
+  O[b,h,m,f] = (sum(n) exp(S[b,h,m,n]) * V[b,h,n,f]) / (sum(n) exp(S[b,h,m,n]))
+  output O
+}"""
+
+
+def test_infinite_float_defaults_reach_the_kernel_and_the_oracle_exactly() -> None:
+    """-inf / inf defaults (no clamp) were refused as out of range; they are exact floats,
+    printed into the module as float("-inf") (a repr would read the name inf)."""
+    c = attndsl.cascade(CLAMPED)
+    assert [p.default for p in c.params] == [float("-inf"), float("inf")]
+    kernel = attndsl.compile(c)
+    assert "PARAM_DEFAULTS = {'lo': float(\"-inf\"), 'hi': float(\"inf\")}" in kernel.source
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    s = q @ k.transpose(-1, -2) * 0.25
+    for params, scores in ((None, s), ({"lo": 0.0}, s.clamp_min(0.0))):
+        got = kernel({"Q": q, "K": k, "V": v}, params)["O"]
+        torch.testing.assert_close(got, torch.softmax(scores, -1) @ v, atol=1e-5, rtol=1e-5)
+    want = run_cascade(c, {"Q": q.double(), "K": k.double(), "V": v.double()})["O"]
+    torch.testing.assert_close(want.float(), torch.softmax(s, -1) @ v, atol=1e-5, rtol=1e-5)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from attndsl.distributed.additive import AdditivePairs, is_additive
-from attndsl.distributed.agree import dtype_code, refuse_unequal, settle
+from attndsl.distributed.agree import RankRefusal, dtype_code, refuse_unequal, settle
 from attndsl.distributed.kernels import PairKernels
 from attndsl.distributed.layout import all_positions, check_layout
 from attndsl.distributed.merge import add_sink
@@ -100,20 +100,25 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     k_pos = all_positions(layout, sum(x[1] for x in lengths), world)
     _check_lengths(lengths, q_pos, "query", 0, layout)
     _check_lengths(lengths, k_pos, "key", 1, layout)
-    form = None
-    if cascade is None:
-        kernels = PairKernels.of(score_mod, mask_mod)
-    elif is_additive(cascade):
-        kernels = AdditivePairs.of(cascade, captured, params, sum(x[0] for x in lengths),
-                                   sum(x[1] for x in lengths))
-    else:
-        extents = {cascade.index(cascade.role("query")).extent: sum(x[0] for x in lengths),
-                   cascade.index(cascade.role("key")).extent: sum(x[1] for x in lengths)}
-        form = _softmax_form(cascade, params, captured, extents, q, k)
-        kernels = PairKernels.of_cascade(form.flex, form.captured)
-        sinks = form.sink_logit(q.shape[1])
-        scale = (params or {}).get("scale", scale) if form.scaled else 1.0
-    classes = pair_classes(kernels.mask, kernels.captured, q.shape[0], q.shape[1], q_pos, k_pos)
+    try:  # the kernels and the pair classes, agreed before the ring (module docstring)
+        form = None
+        if cascade is None:
+            kernels = PairKernels.of(score_mod, mask_mod)
+        elif is_additive(cascade):
+            kernels = AdditivePairs.of(cascade, captured, params, sum(x[0] for x in lengths),
+                                       sum(x[1] for x in lengths))
+        else:
+            extents = {cascade.index(cascade.role("query")).extent: sum(x[0] for x in lengths),
+                       cascade.index(cascade.role("key")).extent: sum(x[1] for x in lengths)}
+            form = _softmax_form(cascade, params, captured, extents, q, k)
+            kernels = PairKernels.of_cascade(form.flex, form.captured)
+            sinks = form.sink_logit(q.shape[1])
+            scale = (params or {}).get("scale", scale) if form.scaled else 1.0
+        classes, error = pair_classes(kernels.mask, kernels.captured, q.shape[0], q.shape[1],
+                                      q_pos, k_pos), None
+    except Exception as err:  # noqa: BLE001 - re-raised on every rank by settle
+        classes, error = [[EMPTY] * world for _ in range(world)], err
+    _refuse_other_classes(settle(group, error, [c for row in classes for c in row]), world)
     ring = Ring(kernels, group, rank, world, q_pos, k_pos, classes,
                 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
     names = tuple(kernels.captured)
@@ -127,6 +132,20 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor,
     if form is not None:
         return {name: out if kind == "O" else sums_lse for name, kind in form.outputs.items()}
     return (out, lse) if return_lse else out
+
+
+def _refuse_other_classes(table: list[list[int]], world: int) -> None:
+    """Every rank must classify every (query shard, key shard) pair alike: the classes decide
+    who sends K/V to whom, so a rank that disagrees (its mask reads captured tensors that
+    differ from rank 0's) would wait for a shard that is never sent."""
+    for r, row in enumerate(table):
+        for at, (got, want) in enumerate(zip(row, table[0])):
+            if got != want:
+                raise RankRefusal(f"rank {r} classifies the pair of query shard {at // world} "
+                                  f"and key shard {at % world} differently from rank 0 (the "
+                                  f"mask reads captured tensors that differ between the "
+                                  f"ranks); captured tensors must hold the same values on "
+                                  f"every rank")
 
 
 def _softmax_form(cascade: Cascade, params: dict | None, captured: dict | None,
@@ -173,22 +192,36 @@ def tree_decode(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable |
         kv_positions = pos[rank]
     if q_positions is None:
         q_positions = torch.arange(total - query.shape[2], total)
-    kernels = PairKernels.of(score_mod, mask_mod)
-    cls = classify_pair(kernels.mask, kernels.captured, query.shape[0], query.shape[1],
-                        q_positions.cpu(), kv_positions.cpu())
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    b, h, lq = query.shape[:3]
-    out = torch.zeros((b, h, lq, value.shape[-1]), dtype=torch.float32, device=query.device)
-    lse = torch.full((b, h, lq), float("-inf"), dtype=torch.float32, device=query.device)
-    if cls != EMPTY:
-        o, s = kernels.forward(query, key, value, q_positions.cpu(), kv_positions.cpu(), cls,
-                               scale)
-        out, lse = o.float(), s.float()
+    try:  # this rank's shard, agreed before the all-reduces (else a peer waits in them)
+        out, lse = _tree_shard(query, key, value, PairKernels.of(score_mod, mask_mod),
+                               q_positions.cpu(), kv_positions.cpu(), scale)
+        error = None
+    except Exception as err:  # noqa: BLE001 - re-raised on every rank by settle
+        out = lse = None
+        error = err
+    settle(group, error)
     out, lse = _all_reduce_merge(out, lse, group)
     if sinks is not None:
         out, lse = add_sink(out, lse, sinks)
     out = out.to(query.dtype)
     return (out, lse) if return_lse else out
+
+
+def _tree_shard(query: Tensor, key: Tensor, value: Tensor, kernels: PairKernels,
+                q_positions: Tensor, kv_positions: Tensor, scale: float | None
+                ) -> tuple[Tensor, Tensor]:
+    """This rank's (O, lse) in float32 over its key shard (0 and -inf where the mask keeps
+    none of it)."""
+    cls = classify_pair(kernels.mask, kernels.captured, query.shape[0], query.shape[1],
+                        q_positions, kv_positions)
+    b, h, lq = query.shape[:3]
+    if cls == EMPTY:
+        return (torch.zeros((b, h, lq, value.shape[-1]), dtype=torch.float32,
+                            device=query.device),
+                torch.full((b, h, lq), float("-inf"), dtype=torch.float32, device=query.device))
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    o, s = kernels.forward(query, key, value, q_positions, kv_positions, cls, scale)
+    return o.float(), s.float()
 
 
 def _all_reduce_merge(out: Tensor, lse: Tensor, group: Any) -> tuple[Tensor, Tensor]:

@@ -11,13 +11,14 @@ partial sums of the single-process gradients (P = exp(T - lse) is the global pro
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from attndsl.autograd import _SPECS, register_spec
 from attndsl.distributed.merge import Partial
 from attndsl.distributed.positions import KPOS, QPOS, positioned
+from attndsl.errors import SubscriptError
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
 from attndsl.ir.expr import Expr, Op
@@ -25,6 +26,7 @@ from attndsl.key_tile_plan import SPARSE_BLOCK, KeyTilePlan, plan_key_tiles
 from attndsl.passes.mask import FULL
 from attndsl.runtime.checks import AttentionError
 from attndsl.runtime.plan import mask_plan
+from attndsl.runtime.user_names import relabelled, user_labels
 
 Tensor = torch.Tensor
 
@@ -37,20 +39,31 @@ class PairKernels:
     masked: str  # spec keys of attndsl.autograd's registry
     unmasked: str
     captured: dict[str, Tensor]  # the programs' captured tensors, by IR name
+    labels: dict[str, str] = field(default_factory=dict)  # IR name -> the user's, for errors
 
     @classmethod
     def of(cls, score_mod: Callable | None, mask_mod: Callable | None) -> PairKernels:
         """The kernels of FlexAttention programs (traced here)."""
         flex = lower_flex(score_mod, mask_mod)
-        return cls.of_cascade(flex.cascade, flex.captured)
+        return cls.of_cascade(flex.cascade, flex.captured,
+                              user_labels((score_mod, mask_mod), flex.captured))
 
     @classmethod
-    def of_cascade(cls, flex: Cascade, captured: dict[str, Tensor]) -> PairKernels:
+    def of_cascade(cls, flex: Cascade, captured: dict[str, Tensor],
+                   labels: dict[str, str] | None = None) -> PairKernels:
         """The kernels of a FlexAttention cascade (:func:`attndsl.frontend.flex.
         attention_cascade`'s form) reading ``captured``."""
         pc = positioned(flex)
         bare = pc.replace_equations(pc.equations, None, keep_mask=False)
-        return cls(pc, register_spec(pc), register_spec(bare), dict(captured))
+        return cls(pc, register_spec(pc), register_spec(bare), dict(captured), dict(labels or {}))
+
+    def _refusal(self, err: IndexError) -> SubscriptError:
+        """A pair's subscript refusal as the user reads the programs: positions as the
+        cascade's own indices (QPOS[m] is the global m) and captured tensors by name."""
+        q, k = self.cascade.role("query"), self.cascade.role("key")
+        out = relabelled(err, self.labels)
+        text = str(out).replace(f"{QPOS}[{q}]", q).replace(f"{KPOS}[{k}]", k)
+        return SubscriptError(text)
 
     @property
     def mask(self) -> Expr | None:
@@ -88,6 +101,8 @@ class PairKernels:
                                        self._captured(qpos, kpos, q.device), tables)
         except entry.forward.AttentionInputError as err:
             raise AttentionError(str(err)) from None
+        except IndexError as err:
+            raise self._refusal(err) from None
         return out["O"], out["LSE"]
 
     def backward(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -101,6 +116,10 @@ class PairKernels:
         if not full:
             tables = KeyTilePlan.from_op_args(*self._plan(q, k, qpos, kpos).op_args())
             tables = tables.launch_tables()
-        return entry.backward.launch_backward(
-            {"Q": q, "K": k, "V": v}, {"O": out, "LSE": lse}, {"O": dout, "LSE": dlse},
-            {"scale": scale}, self._captured(qpos, kpos, q.device), need, tables, None, False)
+        try:
+            return entry.backward.launch_backward(
+                {"Q": q, "K": k, "V": v}, {"O": out, "LSE": lse}, {"O": dout, "LSE": dlse},
+                {"scale": scale}, self._captured(qpos, kpos, q.device), need, tables, None,
+                False)
+        except IndexError as err:
+            raise self._refusal(err) from None

@@ -12,21 +12,34 @@ Backward: each rank recomputes its pairs with the global O, dO and lse (FA2's ba
 keeps dQ, and sends each pair's dK/dV back to the shard's owner over the same schedule in
 reverse; gradients of captured tensors (replicated on every rank) are summed with one
 all-reduce.  The same code runs on gloo (CPU) and NCCL (GPU).
+
+A pair's launch may refuse its inputs on one rank only (a captured table read out of bounds
+where that rank's queries meet another rank's keys).  Raising there would leave the other
+ranks waiting for transfers that never come, so a refusal is held: the rank keeps its part of
+every transfer (a refused backward pair returns zero gradients) and after the last one all
+ranks agree in one small all-gather (:func:`attndsl.distributed.agree.settle`), each raising
+the first refusing rank's error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from attndsl.distributed.additive import AdditivePairs
+from attndsl.distributed.agree import settle
 from attndsl.distributed.kernels import PairKernels
 from attndsl.passes.mask import EMPTY
 
 Tensor = torch.Tensor
+
+
+def _nothing() -> None:
+    """The fallback of a held forward pair: nothing merged."""
 
 
 @dataclass
@@ -41,6 +54,23 @@ class Ring:
     k_positions: list[Tensor]
     classes: list[list[int]]
     scale: float
+    error: Exception | None = field(default=None, init=False)  # the first held refusal
+
+    def _held(self, fallback: Callable[[], Any], work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)``, or after a refusal (this one or an earlier one) ``fallback()``: the
+        refusal is held until :meth:`_agree`, so this rank still takes part in every
+        transfer."""
+        if self.error is None:
+            try:
+                return work(*args)
+            except Exception as err:  # noqa: BLE001 - raised on every rank by _agree
+                self.error = err
+        return fallback()
+
+    def _agree(self) -> None:
+        """After the ring: every rank raises the first refusing rank's error, or none does."""
+        error, self.error = self.error, None
+        settle(self.group, error)
 
     def needs(self, q_rank: int, k_rank: int) -> bool:
         return self.classes[q_rank][k_rank] != EMPTY
@@ -69,7 +99,7 @@ class Ring:
         state = self.kernels.empty_state((*q.shape[:3], v.shape[-1]), q.device)
         sizes = [p.numel() for p in self.k_positions]
         pending = self._post(1, [k, v], [k, v], sizes) if self.world > 1 else ([], None)
-        self._pair_forward(state, q, k, v, self.rank)
+        self._held(_nothing, self._pair_forward, state, q, k, v, self.rank)
         for step in range(1, self.world):
             reqs, bufs = pending
             for r in reqs:
@@ -77,7 +107,9 @@ class Ring:
             if step + 1 < self.world:
                 pending = self._post(step + 1, [k, v], [k, v], sizes)
             if bufs is not None:
-                self._pair_forward(state, q, bufs[0], bufs[1], (self.rank - step) % self.world)
+                self._held(_nothing, self._pair_forward, state, q, bufs[0], bufs[1],
+                           (self.rank - step) % self.world)
+        self._agree()
         return state.out.to(q.dtype), state.lse
 
     def _pair_forward(self, state: Any, q: Tensor, k: Tensor, v: Tensor, src: int) -> None:
@@ -99,7 +131,7 @@ class Ring:
                                device=q.device) for n in need}
         rows = (q, out, lse, dout, dlse)
         sizes = [p.numel() for p in self.k_positions]
-        grads = self._pair_backward(rows, k, v, self.rank, need, dq, caps)
+        grads = self._pair_backward_held(rows, k, v, self.rank, need, dq, caps)
         if grads is not None:
             dk += grads[0]
             dv += grads[1]
@@ -114,7 +146,7 @@ class Ring:
             src = (self.rank - step) % self.world
             grads = None
             if bufs is not None:
-                grads = self._pair_backward(rows, bufs[0], bufs[1], src, need, dq, caps)
+                grads = self._pair_backward_held(rows, bufs[0], bufs[1], src, need, dq, caps)
             returning.append(self._return(step, grads, k, v))
         for reqs, bufs in returning:
             for r in reqs:
@@ -124,6 +156,7 @@ class Ring:
                 dv += bufs[1]
         for g in caps.values():
             dist.all_reduce(g, group=self.group)
+        self._agree()
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), caps
 
     def _return(self, step: int, grads: tuple[Tensor, Tensor] | None, k: Tensor, v: Tensor
@@ -139,6 +172,18 @@ class Ring:
             bufs = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
             ops += [dist.P2POp(dist.irecv, b, self._peer(user), self.group) for b in bufs]
         return (dist.batch_isend_irecv(ops) if ops else []), bufs
+
+    def _pair_backward_held(self, rows: tuple, k: Tensor, v: Tensor, src: int,
+                            need: tuple[str, ...], dq: Tensor, caps: dict[str, Tensor]
+                            ) -> tuple[Tensor, Tensor] | None:
+        """:meth:`_pair_backward`, or zero (dK, dV) once a refusal is held (the shard's
+        owner still waits for them)."""
+        def zeros() -> tuple[Tensor, Tensor] | None:
+            if self.classes[self.rank][src] == EMPTY:
+                return None
+            return tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+                         for t in (k, v))
+        return self._held(zeros, self._pair_backward, rows, k, v, src, need, dq, caps)
 
     def _pair_backward(self, rows: tuple, k: Tensor, v: Tensor, src: int, need: tuple[str, ...],
                        dq: Tensor, caps: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:

@@ -147,7 +147,7 @@ class Assembler:
             if dtype == INT and not isinstance(default, int):
                 raise wd.error(f"the default of int parameter {name!r} must be an integer, got "
                                f"{render_const(default)}")
-            if math.isnan(default) or abs(default) >= (INT_LIMIT if dtype == INT else math.inf):
+            if math.isnan(default) or (dtype == INT and abs(default) >= INT_LIMIT):
                 raise wd.error(f"the default of {name!r} is out of range: {default!r}")
             default = float(default) if dtype == FLOAT else default
         self._record(name, "parameter", w_name)

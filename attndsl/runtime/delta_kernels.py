@@ -98,8 +98,10 @@ def delta_chunked_kernel(Q, K, U, CE, LA, S0, LEN, Out, ST, L, E, F,
                        input_precision="ieee")                            # T (U - W S)
         p = tl.where(lower, tl.dot(q, tl.trans(k), input_precision="ieee") *
                      tl.exp(tl.where(lower, g[:, None] - g[None, :], 0.0)), 0.0)
-        o = (tl.dot(q * tl.exp(g)[:, None], S, input_precision="ieee") +
-             tl.dot(p, delta, input_precision="ieee"))                    # inter + intra
+        o = tl.dot(p, delta, input_precision="ieee")                      # intra
+        if (c > 0) | HAS_S0:  # inter: the first chunk has no state before it without S0 (a
+            # product with the zero state would make an infinite query NaN: inf * 0)
+            o += tl.dot(q * tl.exp(g)[:, None], S, input_precision="ieee")
         k_out = k * tl.exp(g_last - g)[:, None]
         S = S * tl.exp(g_last) + tl.dot(tl.trans(k_out), delta, input_precision="ieee")
         tl.store(Out + bh * L * F + t[:, None] * F + of[None, :], o,

@@ -132,9 +132,14 @@ def vector_scores_kernel(Q, K, G, A, L, E: tl.constexpr,
 
 @triton.jit
 def chunk_output_kernel(Q, K, V, G, H, A, Out, L, E: tl.constexpr, F: tl.constexpr,
-                        HAS_GATE: tl.constexpr, VECTOR: tl.constexpr, C: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr):
-    """Out [BH, L, F] (fp32) of one chunk and block of value columns."""
+                        HAS_GATE: tl.constexpr, VECTOR: tl.constexpr, HAS_S0: tl.constexpr,
+                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Out [BH, L, F] (fp32) of one chunk and block of value columns.
+
+    A term the sum does not hold is skipped or selected away, never multiplied by an exact
+    0: the first chunk without an initial state has no earlier keys (no Q H[0]), and a
+    masked pair contributes nothing -- so an infinite q or k gives the literal sum's
+    +-inf, not inf * 0 = NaN."""
     f0 = tl.program_id(0) * BV
     c = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -145,6 +150,7 @@ def chunk_output_kernel(Q, K, V, G, H, A, Out, L, E: tl.constexpr, F: tl.constex
     v = tile(V + bh * L * F, L, F, F, c * C, f0, C, BV)
     o = tl.zeros([C, BV], dtype=tl.float32)
     p = tl.zeros([C, C], dtype=tl.float32)
+    earlier = (c > 0) | HAS_S0  # keys (or a state) before the chunk: the term Q H[c]
     for e0 in range(0, E, BK):
         q = tile(Qb, L, E, E, c * C, e0, C, BK)
         h = tile(Hc, E, F, F, e0, f0, BK, BV).to(v.dtype)
@@ -152,17 +158,19 @@ def chunk_output_kernel(Q, K, V, G, H, A, Out, L, E: tl.constexpr, F: tl.constex
             g = gate_rows_vec(G, bh, c * C, e0, L, E, C, BK)
             g_prev = gate_at_vec(G, bh, c * C - 1, e0, L, E, BK)
             q = (q * masked_exp(g - g_prev[None, :], mt[:, None])).to(v.dtype)
-            o += tl.dot(q, h)                                          # (Q . exp(g - g(s-1))) H
+            if earlier:
+                o += tl.dot(q, h)                                      # (Q . exp(g - g(s-1))) H
         else:
-            o += tl.dot(q, h)                                          # Q H[c]
+            if earlier:
+                o += tl.dot(q, h)                                      # Q H[c]
             p += tl.dot(q, tl.trans(tile(Kb, L, E, E, c * C, e0, C, BK)))  # Q K^T
     causal = (oc[:, None] >= oc[None, :]) & mt[:, None]
     if VECTOR:
-        p = tile(A + bh * L * C, L, C, C, c * C, 0, C, C)
+        p = tl.where(causal, tile(A + bh * L * C, L, C, C, c * C, 0, C, C), 0.0)
     elif HAS_GATE:
         g = gate_rows(G, bh, c * C, L, C)
         o *= masked_exp(g - gate_at(G, bh, c * C - 1, L), mt)[:, None]  # exp(g(m) - g(s-1))
-        p *= masked_exp(g[:, None] - g[None, :], causal)
+        p = tl.where(causal, p * masked_exp(g[:, None] - g[None, :], causal), 0.0)
     else:
         p = tl.where(causal, p, 0.0)
     o += tl.dot(p.to(v.dtype), v)                                      # + P V

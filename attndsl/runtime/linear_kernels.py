@@ -147,7 +147,7 @@ def launch(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
     bv = _block(f)
     chunk_output_kernel[(triton.cdiv(f, bv), chunks, bh)](
         q, k, v, o if g is None else g, h, a, o, length, e, f, HAS_GATE=g is not None,
-        VECTOR=vector, C=chunk, BK=_block(e), BV=bv, num_warps=WARPS)
+        VECTOR=vector, HAS_S0=s0 is not None, C=chunk, BK=_block(e), BV=bv, num_warps=WARPS)
     return o, st, (h if save_states else None)
 
 
@@ -220,7 +220,7 @@ def static_specs(variant: str, dim: int, target: str, dtype: str = "bf16",
                                                  sig("Q K", "G A", **vector_only), vec)))
     out.append(("chunk_output_kernel", spec(chunk_output_kernel,
                                             sig("Q K V", "G H A Out", **dims),
-                                            dict(gate, **blocks))))
+                                            dict(gate, HAS_S0=False, **blocks))))
     out.append(("chunk_state_grads_kernel", spec(chunk_state_grads_kernel,
                                                  {**sig("Q", "G"), **sig("DO", "DST DH DS0"),
                                                   **dims}, dict(gate, **blocks))))

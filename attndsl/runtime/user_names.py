@@ -36,6 +36,21 @@ def _user_names(fns: Iterable[Callable | None], captured: Mapping[str, torch.Ten
     return out
 
 
+def relabelled(err: IndexError, labels: Mapping[str, str]) -> SubscriptError:
+    """``err`` (a launch's subscript refusal) with each IR tensor name of ``labels`` followed
+    by the user's label (``tensor 'cap1' (bias, captured by score_mod())``)."""
+    text = str(err)
+    for ir, label in labels.items():
+        text = text.replace(f"tensor {ir!r}", f"tensor {ir!r} ({label})")
+    return SubscriptError(text)
+
+
+def user_labels(fns: Iterable[Callable | None], captured: Mapping[str, torch.Tensor]
+                ) -> dict[str, str]:
+    """IR name -> ``name, captured by fn()`` for the tensors ``fns`` capture (see above)."""
+    return _user_names([f for f in fns if f is not None], captured)
+
+
 def names_captured_tensors(entry: Callable) -> Callable:
     """Decorate a FlexAttention entry point: an IndexError about a captured tensor names it as
     the user does (``tensor 'cap1' (bias, captured by score_mod())``)."""
@@ -51,9 +66,5 @@ def names_captured_tensors(entry: Callable) -> Callable:
                 captured = lower_flex(score, mask).captured
             except AttnDSLError:
                 raise err from None
-            fns = [f for f in (score, mask) if f is not None]
-            text = str(err)
-            for ir, label in _user_names(fns, captured).items():
-                text = text.replace(f"tensor {ir!r}", f"tensor {ir!r} ({label})")
-            raise SubscriptError(text) from None
+            raise relabelled(err, user_labels((score, mask), captured)) from None
     return run
