@@ -209,6 +209,8 @@ def _nonneg(e: Expr) -> bool:
 
 
 HELPERS = '''
+import inspect  # noqa: E402
+
 # tl.fdiv(a, b, approx=True) (div.approx.f32) is new in triton 3.9; older ones divide with /
 _APPROX_DIV = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
 

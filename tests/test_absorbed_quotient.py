@@ -77,8 +77,6 @@ def test_a_softcap_kernel_prints_its_division_as_the_fast_one() -> None:
 
 
 _DIV_PROBE = """
-import inspect
-
 import triton
 import triton.language as tl
 """ + HELPERS + """
