@@ -223,7 +223,8 @@ def _emit_tanhs(L: Lines, spec: BackwardSpec, names: _Names, env: Env) -> None:
             arg2 = f"qk * {th.var}_c" + ("" if is_zero(th.offset) else f" + {th.var}_o")
         else:
             arg2 = render_at(L, 0, th.arg2_tile, env)
-        L(0, f"{th.var} = 1.0 - 2.0 / (tl.exp2({arg2}) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1)")
+        L(0, f"{th.var} = 1.0 - _absorbed_div(2.0, tl.exp2({arg2}) + 1.0)  "
+          "# tanh x = 1 - 2 / (e^2x + 1); 2^x + 1 >= 1 (codegen.expr._absorbed_quotient)")
         names.hoisted.update(dict.fromkeys(th.nodes, th.var))
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from attndsl.errors import AttnDSLError
 from attndsl.ir import expr as E
 from attndsl.ir.expr import BOOL, COMPARE, FLOAT, INT, SHIFTS, Expr, Op
+from attndsl.passes.float_range import float_ranges
 from attndsl.passes.int_range import fits_i32, int_ranges
 from attndsl.passes.rules import LOG2E, Rule, rewrite
 
@@ -136,10 +137,52 @@ def _scale_const_quotient(e: Expr) -> Expr | None:
     return None
 
 
+# divisors of at least this magnitude are normal fp32 numbers, with room for rounding
+_NORMAL_DIVISOR = 2.0 ** -125
+# quotients of a divisor past 2**126 that an addend absorbs: |b| * 2**-126 < ulp(a) / 4
+_ABSORBED_RATIO = 2.0 ** 90
+# the range of normal fp32 constants
+_FP32_NORMAL = (2.0 ** -126, 3.4028234663852886e38)
+
+
+def _normal_const(e: Expr) -> float | None:
+    """The value of a float constant that fp32 holds as a normal number, else None."""
+    v = _number(e)
+    return v if v is not None and _FP32_NORMAL[0] <= abs(v) <= _FP32_NORMAL[1] else None
+
+
+def _absorbed_quotient(e: Expr) -> Expr | None:
+    """a - b / z, a + b / z, b / z + a, b / z - a -> the same with b / z marked ``absorbed``
+    (printed as the fast division, :data:`HELPERS`' ``_absorbed_div``) for normal constants
+    a, b with |b| <= 2**90 |a| and a divisor z that float_ranges keeps at |z| >= 2**-125.
+
+    Triton's ``/`` is div.full.f32: for |z| <= 2**126 it is MUFU.RCP and a multiply, and
+    above that it first scales both operands by 1/4 (a compare, a select and a multiply per
+    element).  div.approx.f32 is the same reciprocal and multiply (2 ulp, PTX ISA, the bound
+    of div.full.f32) and gives 0 for |z| > 2**126 (b finite), where the exact quotient is
+    below |b| 2**-126 <= |a| 2**-36, under a quarter ulp of a: a +- b / z rounds to a either
+    way.  z = +-inf gives a; z = 0 gives +-inf and NaN gives NaN on both paths.  This is
+    tanh's form (:func:`_tanh_exp2`: z = 2^(2 x log2 e) + 1 >= 1), softcap's included."""
+    if e.op not in (Op.ADD, Op.SUB) or e.dtype != FLOAT:
+        return None
+    for a, q in ((e.src[0], e.src[1]), (e.src[1], e.src[0])):
+        if q.op is not Op.TRUEDIV or q.arg is not None or q.dtype != FLOAT:
+            continue
+        av, bv = _normal_const(a), _normal_const(q.src[0])
+        if av is None or bv is None or abs(bv) > _ABSORBED_RATIO * abs(av):
+            continue
+        lo, hi = float_ranges(q.src[1])[q.src[1]]
+        if lo >= _NORMAL_DIVISOR or hi <= -_NORMAL_DIVISOR:
+            fast = Expr(Op.TRUEDIV, q.src, "absorbed", FLOAT)
+            return Expr(e.op, (a, fast) if a is e.src[0] else (fast, a), e.arg, e.dtype)
+    return None
+
+
 PRINT_RULES: list[Rule] = [
     Rule("div-const", _div_const),  # x / c -> x * (1/c)
     Rule("tanh-exp2", _tanh_exp2),  # tanh x -> 1 - 2 / (2^(2x log2 e) + 1)
     Rule("scale-const-quotient", _scale_const_quotient),  # (a - b/z) * c -> ac - (bc)/z
+    Rule("absorbed-quotient", _absorbed_quotient),  # a - b/z -> a - fast(b/z), |z| >= 2^-125
 ]
 
 
@@ -166,6 +209,23 @@ def _nonneg(e: Expr) -> bool:
 
 
 HELPERS = '''
+import inspect  # noqa: E402
+
+# tl.fdiv(a, b, approx=True) (div.approx.f32) is new in triton 3.9; older ones divide with /
+_APPROX_DIV = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
+
+
+@triton.jit
+def _absorbed_div(a, b):
+    """a / b, added to a constant that absorbs any quotient of a divisor past 2**126: the
+    fast division (MUFU.RCP and a multiply), which is the full-range / except that there it
+    gives 0 instead of scaling both operands (codegen/expr.py, _absorbed_quotient)."""
+    if _APPROX_DIV:
+        return tl.fdiv(a, b, approx=True)
+    else:
+        return a / b
+
+
 @triton.jit
 def _safe_div(a, b):
     """a / b, with 0 / 0 = 0 (a fully masked row normalises to zero).  The divisor is made
@@ -520,6 +580,8 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
         return f"_floor_mod({a[0]}, {a[1]})"
     if op is Op.POW:
         return _pow(e, a)
+    if op is Op.TRUEDIV and e.arg == "absorbed":  # see _absorbed_quotient
+        return f"_absorbed_div({a[0]}, {a[1]})"
     if op in _BINARY:
         return _BINARY[op].format(*a)
     raise CodegenError(f"no Triton rule for {op.name}")

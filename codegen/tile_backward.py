@@ -144,9 +144,11 @@ def _exp2_arg(u: UnaryForm, env: Env, L: Lines) -> str:
 
 
 def _unary_value(u: UnaryForm, arg: str) -> str:
+    """The printed sigmoid or tanh of ``arg``; tanh's division is the fast one, which its
+    1.0 absorbs (2^x + 1 >= 1: codegen.expr._absorbed_quotient)."""
     if u.node.op is Op.SIGMOID:
         return f"1.0 / (1.0 + tl.exp2({arg}))  # sigmoid x = 1 / (1 + e^-x)"
-    return f"1.0 - 2.0 / (tl.exp2({arg}) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1)"
+    return f"1.0 - _absorbed_div(2.0, tl.exp2({arg}) + 1.0)  # tanh x = 1 - 2 / (e^2x + 1)"
 
 
 def _hoist_unaries(L: Lines, depth: int, b: TileBackward, names: _Names) -> None:

@@ -253,7 +253,8 @@ def test_each_tanh_of_the_score_is_one_exp2_per_tile_shared_with_its_derivative(
     src = backward_source(spec.cascade)
     steps = src.count("qk = tl.dot(")
     assert steps == 8  # per kernel: partial and full table tiles, masked, unmasked
-    assert src.count("th0 = 1.0 - 2.0 / (tl.exp2(qk * th0_c) + 1.0)") == steps
+    # the division is the fast one, which the 1.0 absorbs (test_absorbed_quotient.py)
+    assert src.count("th0 = 1.0 - _absorbed_div(2.0, tl.exp2(qk * th0_c) + 1.0)") == steps
     assert src.count("th0_c = ((scale / 30.0) * 2.8853900817779268)") == 2  # once per kernel
     assert "tl.sigmoid" not in src and "p != 0.0" not in src
     assert src.count("ds = dt * ((1.0 - (th0 * th0)))") == steps

@@ -69,7 +69,7 @@ class Op(Enum):
     SUB = auto()
     MUL = auto()
     DIV = auto()  # 0 / 0 = 0 (normalisation)
-    TRUEDIV = auto()  # IEEE division (torch's /)
+    TRUEDIV = auto()  # IEEE division (torch's /); arg "absorbed": printed fast (codegen.expr)
     FLOORDIV = auto()
     MOD = auto()
     MAX = auto()

@@ -1,0 +1,105 @@
+"""The printer's fast division (``absorbed-quotient`` in codegen/expr.py): ``a - b / z`` with
+constants a, b and a divisor bounded away from zero is printed with ``_absorbed_div``, the
+reciprocal-and-multiply division that equals Triton's full-range ``/`` except for |z| > 2**126,
+where a absorbs the quotient either way.  Tanh (softcap) is the form that has it."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import pytest
+import torch
+import triton.language as tl
+from attndsl.codegen.expr import HELPERS, lower_for_print
+
+from attndsl.frontend.flex import lower_flex
+from attndsl.ir import expr as E
+from attndsl.ir.expr import Op
+from attndsl.passes.pipeline import compile_cascade
+from attndsl.runtime.modules import load_source, module_source
+
+X = E.row("x")  # a value a launch decides: any float
+
+
+def _absorbed(e: E.Expr) -> list[E.Expr]:
+    """The divisions of ``e`` in printed form that are marked for the fast division."""
+    return [n for n in lower_for_print(e).walk() if n.op is Op.TRUEDIV and n.arg == "absorbed"]
+
+
+def _exp2_plus(c: float) -> E.Expr:
+    return E.binary(Op.ADD, E.unary(Op.EXP2, X), E.const(c))
+
+
+def test_a_capped_tanh_divides_with_the_fast_division() -> None:
+    """30 tanh(x / 30) lowers to A - B / (2^(x c) + 1): the divisor is >= 1, A and B are
+    constants, so its one division is the fast one."""
+    capped = E.binary(Op.MUL, E.const(30.0),
+                      E.unary(Op.TANH, E.binary(Op.MUL, X, E.const(1 / 30))))
+    (q,) = _absorbed(capped)
+    assert q.src[0].op is Op.CONST and q.src[1].op is Op.ADD
+    assert _absorbed(E.unary(Op.TANH, X))  # tanh alone: 1 - 2 / (2^(2 x log2 e) + 1)
+
+
+DIVISIONS_KEPT = {
+    # the divisor may be 0 or subnormal
+    "any divisor": E.binary(Op.SUB, E.const(1.0), E.binary(Op.TRUEDIV, E.const(2.0), X)),
+    "divisor >= 1e-40": E.binary(Op.SUB, E.const(1.0),
+                                 E.binary(Op.TRUEDIV, E.const(2.0), _exp2_plus(1e-40))),
+    # the addend is not a constant, or is 0: the quotient is (part of) the value
+    "row addend": E.binary(Op.SUB, X, E.binary(Op.TRUEDIV, E.const(2.0), _exp2_plus(1.0))),
+    "no addend": E.binary(Op.SUB, E.const(0.0),
+                          E.binary(Op.TRUEDIV, E.const(2.0), _exp2_plus(1.0))),
+    # a quotient of 1e30 / 2**127 is not below a quarter ulp of 1
+    "numerator 2**90 times the addend": E.binary(
+        Op.SUB, E.const(1.0), E.binary(Op.TRUEDIV, E.const(1e30), _exp2_plus(1.0))),
+    "a row numerator": E.binary(Op.SUB, E.const(1.0), E.binary(Op.TRUEDIV, X, _exp2_plus(1.0))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIVISIONS_KEPT))
+def test_a_quotient_the_addend_may_not_absorb_keeps_the_full_range_division(name: str) -> None:
+    assert not _absorbed(DIVISIONS_KEPT[name])
+
+
+def test_a_softcap_kernel_prints_its_division_as_the_fast_one() -> None:
+    """The literal cap's score is A - _absorbed_div(B, 2^(qk c) + 1) in the key-tile step,
+    and the module defines the helper."""
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 20 * torch.tanh(score / 20)
+
+    source = module_source(compile_cascade(lower_flex(softcap).cascade).kernel)
+    score = re.search(r"^\s*y_m_i = (.*)$", source, re.M).group(1)
+    assert re.fullmatch(r"\([\d.]+ - _absorbed_div\([\d.]+, \(tl\.exp2\(\(qk \* c\d+\)\) "
+                        r"\+ 1\.0\)\)\)", score), score
+    assert "def _absorbed_div(a, b):" in source
+
+
+_DIV_PROBE = """
+import triton
+import triton.language as tl
+""" + HELPERS + """
+
+@triton.jit
+def _div_probe(z_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    z = tl.load(z_ptr + offs)
+    tl.store(out_ptr + offs, 43.2808512266689 - _absorbed_div(86.5617024533378, z))
+"""
+
+
+def test_the_fast_division_gives_the_full_range_value_on_every_kind_of_divisor() -> None:
+    """43.28 - 86.56 / z on z in [1, 2**126], past it, +-inf, +-0 and NaN (where Triton has
+    tl.fdiv(approx=True) the helper uses it, elsewhere /): the fp32 quotient subtracted as
+    torch does it."""
+    special = [1.0, 3.0, 2.0 ** 60, 2.0 ** 126, 2.0 ** 126 * 1.5, 2.0 ** 127, 3e38, math.inf,
+               -math.inf, 0.0, -0.0, math.nan, -7.0, 1e-30, 2.0 ** -120, 0.5]
+    z = torch.tensor(special, dtype=torch.float32)
+    out = torch.empty_like(z)
+    module = load_source(_DIV_PROBE, prefix="div_probe")
+    module._div_probe[(1,)](z, out, N=len(special))
+    want = torch.tensor(43.2808512266689) - torch.tensor(86.5617024533378) / z
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out[~want.isnan()], want[~want.isnan()])
+    assert bool(module._APPROX_DIV) == ("approx" in inspect.signature(tl.fdiv).parameters)
