@@ -239,7 +239,16 @@ def _join(fn: Any, obj: Any) -> Callable | None:
     return fn if obj is None else types.MethodType(fn, obj)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without its import of ``torch._dynamo``
+    (a second of every process's ``import attndsl``, paid again by each spawned rank and compile
+    child): the decorator only marks ``fn`` with the attribute dynamo reads when it traces a
+    call.  tests/test_imports.py checks the mark is the one torch's decorator sets."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_assume_constant_result
 def _prepare_constant(score_fn: Any, score_self: Any, mask_fn: Any, mask_self: Any,
                       *ids: int) -> tuple[str, tuple[Path, ...]]:
     """Under torch.compile: the spec key and, for each captured tensor, the path that reaches

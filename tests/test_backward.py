@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 import attndsl
 from attndsl import eager
 from attndsl.autograd import (
+    _assume_constant_result,
     backward_source,
     flex_attention_trainable,
     load_backward_module,
@@ -528,6 +529,27 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert COMPILE_SLOPES.grad is None and eager_grads[-1].abs().sum() > 0
+
+
+def test_the_constant_mark_is_the_one_torchs_assume_constant_result_sets() -> None:
+    """attndsl marks its trace-time function itself (importing dynamo costs every process a
+    second); the mark must stay what torch's own decorator sets, whatever torch version."""
+    def marked_by_torch():
+        return 0
+
+    def marked_by_attndsl():
+        return 0
+
+    torch.compiler.assume_constant_result(marked_by_torch)
+    _assume_constant_result(marked_by_attndsl)
+    assert vars(marked_by_torch) == vars(marked_by_attndsl) != {}
+
+
+def test_importing_attndsl_does_not_import_dynamo() -> None:
+    code = "import sys, attndsl; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # torch 2.11's dynamo cannot pass an nn.Module to an assume_constant_result function
