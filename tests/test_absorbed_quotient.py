@@ -102,4 +102,33 @@ def test_the_fast_division_gives_the_full_range_value_on_every_kind_of_divisor()
     want = torch.tensor(43.2808512266689) - torch.tensor(86.5617024533378) / z
     assert torch.equal(out.isnan(), want.isnan())
     assert torch.equal(out[~want.isnan()], want[~want.isnan()])
-    assert bool(module._APPROX_DIV) == ("approx" in inspect.signature(tl.fdiv).parameters)
+    approx = "approx" in inspect.signature(tl.fdiv).parameters
+    assert module._DIV_PATH == ("approx" if approx else "slash")  # the tests interpret
+
+
+def _fdiv_without_approx(x, y, ieee_rounding=False):  # triton < 3.9's tl.fdiv signature
+    raise AssertionError("only the signature is read")
+
+
+def _fdiv_with_approx(x, y, ieee_rounding=False, approx=False):  # triton >= 3.9's
+    raise AssertionError("only the signature is read")
+
+
+@pytest.mark.parametrize(("fdiv", "interpret", "path"), [
+    (_fdiv_with_approx, False, "approx"), (_fdiv_with_approx, True, "approx"),
+    (_fdiv_without_approx, False, "asm"), (_fdiv_without_approx, True, "slash"),
+])
+def test_the_printed_helper_divides_with_approx_inline_ptx_or_slash_as_triton_allows(
+        fdiv, interpret: bool, path: str) -> None:
+    """The module's ``_DIV_PATH``, as printed, against the triton it is imported with:
+    tl.fdiv(approx=True) where tl.fdiv takes ``approx``; else div.approx.f32 as inline PTX when
+    triton.jit compiles (TRITON_INTERPRET off), / under the interpreter (no PTX there)."""
+    (stmt,) = re.findall(r"^_DIV_PATH = .*?(?=\n\n)", HELPERS, re.M | re.S)
+    fake_tl = type("tl", (), {"constexpr": tl.constexpr, "fdiv": staticmethod(fdiv)})
+    fake_runtime = type("runtime", (), {"interpret": interpret})
+    fake_triton = type("triton", (), {"knobs": type("knobs", (), {"runtime": fake_runtime})})
+    scope = {"inspect": inspect, "tl": fake_tl, "triton": fake_triton}
+    exec(stmt, scope)
+    assert scope["_DIV_PATH"] == tl.constexpr(path)
+    # the helper has a branch for it (/ is the last one)
+    assert f'_DIV_PATH == "{path}"' in HELPERS if path != "slash" else "return a / b" in HELPERS
