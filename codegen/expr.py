@@ -211,8 +211,15 @@ def _nonneg(e: Expr) -> bool:
 HELPERS = '''
 import inspect  # noqa: E402
 
-# tl.fdiv(a, b, approx=True) (div.approx.f32) is new in triton 3.9; older ones divide with /
-_APPROX_DIV = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
+# How _absorbed_div divides: tl.fdiv(a, b, approx=True) (div.approx.f32) where triton has it
+# (3.9 on); on older ones div.approx.f32 as inline PTX when the module is compiled (triton's /
+# is div.full.f32; "r" is a 32-bit register, float32 included, as in triton's own examples),
+# and / under the interpreter, which runs no PTX.  triton.jit picks the interpreter when it
+# decorates, from TRITON_INTERPRET (knobs.runtime.interpret); the module reads the same flag
+# when it is imported, so the two agree.
+_DIV_PATH = tl.constexpr(
+    "approx" if "approx" in inspect.signature(tl.fdiv).parameters
+    else "slash" if triton.knobs.runtime.interpret else "asm")
 
 
 @triton.jit
@@ -220,8 +227,12 @@ def _absorbed_div(a, b):
     """a / b, added to a constant that absorbs any quotient of a divisor past 2**126: the
     fast division (MUFU.RCP and a multiply), which is the full-range / except that there it
     gives 0 instead of scaling both operands (codegen/expr.py, _absorbed_quotient)."""
-    if _APPROX_DIV:
+    if _DIV_PATH == "approx":
         return tl.fdiv(a, b, approx=True)
+    elif _DIV_PATH == "asm":
+        tl.static_assert(b.dtype == tl.float32, "div.approx.f32 divides float32 operands")
+        return tl.inline_asm_elementwise("div.approx.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
     else:
         return a / b
 

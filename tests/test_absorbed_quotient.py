@@ -18,6 +18,7 @@ from attndsl.frontend.flex import lower_flex
 from attndsl.ir import expr as E
 from attndsl.ir.expr import Op
 from attndsl.passes.pipeline import compile_cascade
+from attndsl.runtime.aot import compile_kernel
 from attndsl.runtime.modules import load_source, module_source
 
 X = E.row("x")  # a value a launch decides: any float
@@ -102,4 +103,68 @@ def test_the_fast_division_gives_the_full_range_value_on_every_kind_of_divisor()
     want = torch.tensor(43.2808512266689) - torch.tensor(86.5617024533378) / z
     assert torch.equal(out.isnan(), want.isnan())
     assert torch.equal(out[~want.isnan()], want[~want.isnan()])
-    assert bool(module._APPROX_DIV) == ("approx" in inspect.signature(tl.fdiv).parameters)
+    approx = "approx" in inspect.signature(tl.fdiv).parameters
+    assert module._DIV_PATH == ("approx" if approx else "slash")  # the tests interpret
+
+
+def _fdiv_without_approx(x, y, ieee_rounding=False):  # triton < 3.9's tl.fdiv signature
+    raise AssertionError("only the signature is read")
+
+
+def _fdiv_with_approx(x, y, ieee_rounding=False, approx=False):  # triton >= 3.9's
+    raise AssertionError("only the signature is read")
+
+
+@pytest.mark.parametrize(("fdiv", "interpret", "path"), [
+    (_fdiv_with_approx, False, "approx"), (_fdiv_with_approx, True, "approx"),
+    (_fdiv_without_approx, False, "asm"), (_fdiv_without_approx, True, "slash"),
+])
+def test_the_printed_helper_divides_with_approx_inline_ptx_or_slash_as_triton_allows(
+        fdiv, interpret: bool, path: str) -> None:
+    """The module's ``_DIV_PATH``, as printed, against the triton it is imported with:
+    tl.fdiv(approx=True) where tl.fdiv takes ``approx``; else div.approx.f32 as inline PTX when
+    triton.jit compiles (TRITON_INTERPRET off), / under the interpreter (no PTX there)."""
+    (stmt,) = re.findall(r"^_DIV_PATH = .*?(?=\n\n)", HELPERS, re.M | re.S)
+    fake_tl = type("tl", (), {"constexpr": tl.constexpr, "fdiv": staticmethod(fdiv)})
+    fake_runtime = type("runtime", (), {"interpret": interpret})
+    fake_triton = type("triton", (), {"knobs": type("knobs", (), {"runtime": fake_runtime})})
+    scope = {"inspect": inspect, "tl": fake_tl, "triton": fake_triton}
+    exec(stmt, scope)
+    assert scope["_DIV_PATH"] == tl.constexpr(path)
+    # the helper has a branch for it (/ is the last one)
+    assert f'_DIV_PATH == "{path}"' in HELPERS if path != "slash" else "return a / b" in HELPERS
+
+
+_DIV_LOOP = """
+
+@triton.jit
+def _div_loop(q_ptr, k_ptr, out_ptr, n_tiles):
+    offs = tl.arange(0, 16)
+    tile = offs[:, None] * 16 + offs[None, :]
+    q = tl.load(q_ptr + tile)
+    acc = tl.zeros([16, 16], tl.float32)
+    for i in range(n_tiles):
+        s = tl.dot(q, tl.load(k_ptr + i * 256 + tile))
+        acc += 43.2808512266689 - _absorbed_div(86.5617024533378, tl.exp2(s) + 1.0)
+    tl.store(out_ptr + tile, acc)
+"""
+
+
+@pytest.mark.parametrize("path", ["approx", "asm", "slash"])
+def test_the_compiled_fast_division_has_no_compare_or_select_of_the_full_range_one(
+        path: str) -> None:
+    """A score loop compiled for sm80 with ``_DIV_PATH`` set to each path: the fast ones
+    (tl.fdiv(approx=True), the inline div.approx.f32) have no FSETP or FSEL in the loop; /
+    (div.full.f32) has its compare and select, one per element."""
+    if path == "approx" and "approx" not in inspect.signature(tl.fdiv).parameters:
+        pytest.skip("this triton has no tl.fdiv(approx=True)")
+    helpers = re.sub(r"^_DIV_PATH = .*?(?=\n\n)", f'_DIV_PATH = tl.constexpr("{path}")', HELPERS,
+                     flags=re.M | re.S)
+    source = "import triton\nimport triton.language as tl\n" + helpers + _DIV_LOOP
+    module = load_source(source, prefix=f"div_loop_{path}")
+    report = compile_kernel(module._div_loop, {"q_ptr": "*fp16", "k_ptr": "*fp16",
+                                               "out_ptr": "*fp32", "n_tiles": "i32"},
+                            {}, "sm80", 4, 1)
+    (loop,) = report.loops
+    compares = sum(n for op, n in loop.opcodes.items() if op.startswith(("FSETP", "FSEL")))
+    assert (compares == 0) == (path != "slash"), loop.opcodes
