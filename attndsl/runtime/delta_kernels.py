@@ -98,10 +98,12 @@ def delta_chunked_kernel(Q, K, U, CE, LA, S0, LEN, Out, ST, L, E, F,
                        input_precision="ieee")                            # T (U - W S)
         p = tl.where(lower, tl.dot(q, tl.trans(k), input_precision="ieee") *
                      tl.exp(tl.where(lower, g[:, None] - g[None, :], 0.0)), 0.0)
-        o = tl.dot(p, delta, input_precision="ieee")                      # intra
-        if (c > 0) | HAS_S0:  # inter: the first chunk has no state before it without S0 (a
-            # product with the zero state would make an infinite query NaN: inf * 0)
-            o += tl.dot(q * tl.exp(g)[:, None], S, input_precision="ieee")
+        inter = tl.dot(q * tl.exp(g)[:, None], S, input_precision="ieee")
+        if not HAS_S0:  # the first chunk has no state before it: its product with the zero
+            # state is not a term of the sum (it would make an infinite query NaN: inf * 0).
+            # A select, not a branch: a branch in the loop made triton 3.6 spill on sm90.
+            inter = tl.where(c > 0, inter, 0.0)
+        o = inter + tl.dot(p, delta, input_precision="ieee")              # inter + intra
         k_out = k * tl.exp(g_last - g)[:, None]
         S = S * tl.exp(g_last) + tl.dot(tl.trans(k_out), delta, input_precision="ieee")
         tl.store(Out + bh * L * F + t[:, None] * F + of[None, :], o,
