@@ -335,21 +335,13 @@ def generate(k: TileKernel, spec_hash: str, version: str) -> str:
 
 
 def _descriptors(k: TileKernel, names: _Names) -> dict[str, loads.Descriptor]:
-    """The tensor descriptor of every operand tile and [rows, v] output tile (the TMA path)."""
+    """The tensor descriptor of every operand tile (the TMA path; outputs are stored through
+    pointers, see :mod:`codegen.loads`)."""
     out: dict[str, loads.Descriptor] = {}
     for o in k.operands:
         ptr = names.tensors[o.tensor]
         out[o.var] = loads.operand_descriptor(o.var, o.side, ptr, names.strides[ptr],
                                               o.row_dim, o.col_dim)
-    scalar = {i: v for i, v in ((k.roles.get("batch"), "off_b"), (k.roles.get("head"), "off_h"))
-              if i is not None}
-    for st in k.stores:
-        ptr = names.outputs[st.name]
-        desc = st.tile and loads.output_descriptor(names.base(ptr), ptr, names.strides[ptr],
-                                                   tuple(st.indices), scalar, k.roles["query"],
-                                                   k.roles.get("v"))
-        if desc:
-            out[ptr] = desc
     return out
 
 
@@ -740,8 +732,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
         L(1, comment(f"output {st.name}[{', '.join(st.indices)}] = {E.render(st.expr)}"))
         L(1, f"{val} = {value}")
         typed = f"{val}.to({ptr}.dtype.element_ty)"
-        L(1, loads.tile_store(names.descriptors.get(ptr), "pid_m * BLOCK_M", typed,
-                              f"tl.store({ptr} + {offs}, {typed}, mask={mask})"))
+        L(1, f"tl.store({ptr} + {offs}, {typed}, mask={mask})")
     L(0, "")
     L.out[steps_at:steps_at] = steps.out
     L.out[steps_at:] = [_annotate_constants(line) for line in L.out[steps_at:]]
