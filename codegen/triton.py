@@ -42,6 +42,7 @@ from attndsl.codegen.expr import (
     render_at,
     reset_spills,
 )
+from attndsl.codegen.key_bounds import key_bound, merge_key_bounds, relative_bound
 from attndsl.codegen.writer import DIM_LETTERS as _DIM_LETTERS
 from attndsl.codegen.writer import SPEC_NAME as _SPEC_NAME
 from attndsl.codegen.writer import Lines
@@ -1125,16 +1126,20 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             L(0, "keep = col_ok[None, :]")
             L(0, f"if MASKED:  # a partial tile: {comment(E.render(k.mask))[2:]}")
             mask_env = env
-            pairs = _index_pairs(k.mask, m, n)
-            if pairs is not None:
-                L(1, "# the mask reads m and n only as m - n or compares them: rows relative to "
-                     "start_n\n# against the constant columns 0..BLOCK_N-1 (no column index "
-                     "lives across tiles)")
-                L(1, _relative_rows(pairs))
-                mask_env = dataclasses.replace(env, hoisted={
-                    **env.hoisted, **{x: _pair_source(op, swap, pairs)
-                                      for x, (op, swap) in pairs.items()}})
-            L(1, f"keep = {render_at(L, 1, k.mask, mask_env)}")
+            mask = merge_key_bounds(k.mask, n)
+            relative = _index_pairs(mask, m, n)
+            if relative is not None:
+                pairs, bounds = relative
+                L(1, "# the mask reads n only against m or bounds free of n: rows and bounds "
+                     "relative to\n# start_n against the constant columns 0..BLOCK_N-1 (no "
+                     "column index lives across tiles)")
+                if pairs:
+                    L(1, _relative_rows(pairs))
+                hoisted = {x: _pair_source(op, swap, pairs) for x, (op, swap) in pairs.items()}
+                for x, (op, a) in bounds.items():
+                    hoisted[x] = f"({_COLS} {_PAIRED[op]} ({render_at(L, 1, a, env)} - start_n))"
+                mask_env = dataclasses.replace(env, hoisted={**env.hoisted, **hoisted})
+            L(1, f"keep = {render_at(L, 1, mask, mask_env)}")
             L(1, "if not EVEN_N:\n    keep = keep & col_ok[None, :]")
             keep, bounded = "keep", "MASKED or not EVEN_N"
         unmasked = "" if k.mask is None else " and not MASKED"
@@ -1288,12 +1293,17 @@ def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool, own_weights: 
     L(1, f"{mx.var}_use_new = {safe}  # the stabiliser: finite (-FLT_MAX for -inf)")
 
 
-def _index_pairs(e: Expr, m: str, n: str) -> dict[Expr, tuple[Op, bool]] | None:
-    """When ``e`` reads the indices m and n only in pairs, as ``m - n``, ``n - m`` or a
-    comparison of the two (at least once): each such node -> (its op, whether n comes
-    first).  Else None.  Such a value is unchanged when both indices move by start_n:
-    m - n = (m - s) - (n - s); int32 is exact, as m - n of indices below 2 ** 31 fits."""
+def _index_pairs(e: Expr, m: str, n: str
+                 ) -> tuple[dict[Expr, tuple[Op, bool]], dict[Expr, tuple[Op, Expr]]] | None:
+    """When ``e`` reads the key index n only in pairs with m (``m - n``, ``n - m`` or a
+    comparison of the two) and in key bounds ``n OP A`` that move with the tile
+    (:func:`codegen.key_bounds.relative_bound`): (each pair node -> (its op, whether n comes
+    first), each bound node -> (OP, A)).  Else None.  A pair is unchanged when both indices
+    move by start_n: m - n = (m - s) - (n - s); int32 is exact, as m - n of indices below
+    2 ** 31 fits."""
     pairs: dict[Expr, tuple[Op, bool]] = {}
+    bounds: dict[Expr, tuple[Op, Expr]] = {}
+    ranges = int_ranges(e)
     seen: set[Expr] = set()
     todo = [e]
     while todo:
@@ -1302,13 +1312,17 @@ def _index_pairs(e: Expr, m: str, n: str) -> dict[Expr, tuple[Op, bool]] | None:
             continue
         seen.add(x)
         ops = tuple(s.arg if s.op is Op.INDEX else None for s in x.src)
-        if x.op is Op.INDEX and x.arg in (m, n):
-            return None  # read alone (n < 32, cap0[n]): not a function of m - n
         if x.op in _PAIRED and ops in ((m, n), (n, m)):
             pairs[x] = (x.op, ops == (n, m))
             continue
+        bound = key_bound(x, n)
+        if bound is not None and relative_bound(bound, ranges):
+            bounds[x] = bound
+            continue
+        if x.op is Op.INDEX and x.arg in (m, n):
+            return None  # read alone (cap0[n], doc[m]): not relative to the tile
         todo.extend(x.src)
-    return pairs or None
+    return (pairs, bounds) if pairs or bounds else None
 
 
 # m - n and the comparisons of m with n

@@ -1,0 +1,122 @@
+"""Masks that bound the key index n are printed cheaper and stay the same boolean
+(codegen.key_bounds): bounds of one direction joined by ``|`` / ``&`` merge into one
+(prefix-LM's ``(n < 32) | (m >= n)`` is ``n <= max(m, 31)``), and a bound ``n OP A`` is read
+relative to the key tile, ``j OP (A - start_n)`` on the constant columns, when int32 holds
+``A - start_n`` exactly (``-1 <= A <= 2**31 - 1``)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from attndsl.codegen.key_bounds import key_bound, merge_key_bounds, relative_bound
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attndsl
+from attndsl.ir import expr as E
+from attndsl.ir.expr import Op
+from attndsl.passes.int_range import int_ranges
+from attndsl.runtime.gpu_report import record_launches
+
+M, N = E.index("m"), E.index("n")
+COMPARES = [Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE]
+_PY = {Op.LT: lambda a, b: a < b, Op.LE: lambda a, b: a <= b, Op.GT: lambda a, b: a > b,
+       Op.GE: lambda a, b: a >= b, Op.EQ: lambda a, b: a == b, Op.NE: lambda a, b: a != b,
+       Op.AND: lambda a, b: a and b, Op.OR: lambda a, b: a or b, Op.ADD: lambda a, b: a + b,
+       Op.SUB: lambda a, b: a - b, Op.MAX: max, Op.MIN: min}
+
+
+def _value(e: E.Expr, m: int, n: int):
+    """``e`` at the point (m, n), in Python integers and booleans."""
+    if e.op is Op.INDEX:
+        return {"m": m, "n": n}[e.arg]
+    if e.op is Op.CONST:
+        return e.arg
+    return _PY[e.op](*(_value(s, m, n) for s in e.src))
+
+
+# the n-free side of a bound: a constant (negative ones included), m, m + c
+sides = st.one_of(st.integers(-40, 40).map(E.const), st.just(M),
+                  st.integers(-9, 9).map(lambda c: E.binary(Op.ADD, M, E.const(c))))
+bounds = st.builds(lambda op, a, flip: E.binary(op, a, N) if flip else E.binary(op, N, a),
+                   st.sampled_from(COMPARES), sides, st.booleans())
+terms = st.one_of(bounds, st.builds(lambda op: E.binary(op, M, N), st.sampled_from(COMPARES)))
+
+
+def _chain(draw_terms: list[E.Expr], joins: list[Op]) -> E.Expr:
+    e = draw_terms[0]
+    for t, j in zip(draw_terms[1:], joins, strict=False):
+        e = E.binary(j, e, t)
+    return e
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(terms, min_size=1, max_size=5),
+       st.lists(st.sampled_from([Op.AND, Op.OR]), min_size=4, max_size=4))
+def test_merged_key_bounds_are_the_same_boolean(parts: list[E.Expr], joins: list[Op]) -> None:
+    mask = _chain(parts, joins)
+    merged = merge_key_bounds(mask, "n")
+    for m in range(-3, 45, 3):
+        for n in range(-45, 50):
+            assert _value(merged, m, n) == _value(mask, m, n), (E.render(mask), m, n)
+
+
+@pytest.mark.parametrize("mask, printed", [
+    (E.binary(Op.OR, E.binary(Op.LT, N, E.const(32)), E.binary(Op.GE, M, N)), "n <= max(m, 31)"),
+    (E.binary(Op.AND, E.binary(Op.LT, N, E.const(32)), E.binary(Op.LT, N, E.const(40))),
+     "n < 32"),
+    (E.binary(Op.OR, E.binary(Op.GT, N, E.const(4)), E.binary(Op.GE, N, M)), "n >= min(m, 5)"),
+    (E.binary(Op.OR, E.binary(Op.GT, N, M), E.binary(Op.GE, N, E.const(5))),
+     "(n > m) | (n >= 5)"),  # strict against m: m + 1 could leave int32, kept
+    (E.binary(Op.AND, E.binary(Op.GE, N, E.const(3)), E.binary(Op.GT, E.binary(
+        Op.ADD, M, E.const(2)), N)), "(n >= 3) & (m + 2 > n)"),  # two directions: kept
+])
+def test_bounds_of_one_direction_merge_and_others_stay(mask: E.Expr, printed: str) -> None:
+    assert E.render(merge_key_bounds(mask, "n")) == printed
+
+
+def test_a_key_bound_is_read_relative_to_the_tile_only_where_int32_holds_it() -> None:
+    near = E.binary(Op.LT, N, E.const(-1))
+    far = E.binary(Op.LT, N, E.const(-2))
+    mask = E.binary(Op.OR, near, far)
+    ranges = int_ranges(mask)
+    assert relative_bound(key_bound(near, "n"), ranges)
+    assert not relative_bound(key_bound(far, "n"), ranges)
+    assert key_bound(E.binary(Op.LT, N, E.binary(Op.ADD, N, E.const(1))), "n") is None
+
+
+def _source(q, k, v, **kwargs) -> str:
+    launch, = record_launches(lambda: attndsl.flex_attention(q, k, v, **kwargs))
+    return Path(inspect.getsourcefile(launch.fn)).read_text()
+
+
+CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+MASKS = {
+    "prefix_lm": lambda b, h, q, kv: (kv < 7) | (q >= kv),
+    "window_after_prefix": lambda b, h, q, kv: (kv >= q - 5) & (kv > 3) & (kv <= q + 2),
+    "negative_bound": lambda b, h, q, kv: (kv > -3) & (q >= kv) | (kv == 20),
+    "far_bound": lambda b, h, q, kv: (kv > -2**40) & (q - 9 < kv),
+}
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("lq, lkv", [(45, 37), (32, 53)])
+def test_masks_with_key_bounds_give_the_oracles_attention(name: str, lq: int, lkv: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, length, 16, generator=gen) for length in (lq, lkv, lkv))
+    mask_mod = MASKS[name]
+    out = attndsl.flex_attention(q, k, v, mask_mod=mask_mod, kernel_options=dict(CONFIG))
+    keep = mask_mod(0, 0, torch.arange(lq)[:, None], torch.arange(lkv)[None, :])
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    w = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    torch.testing.assert_close(out.double(), w @ v.double(), atol=2e-5, rtol=2e-5)
+
+
+def test_the_prefix_lm_mask_is_one_compare_of_the_tile_columns() -> None:
+    q = torch.randn(1, 1, 64, 16)
+    text = _source(q, q, q, mask_mod=MASKS["prefix_lm"], kernel_options=dict(CONFIG))
+    assert "keep = (tl.arange(0, BLOCK_N)[None, :] <= (tl.maximum(offs_m[:, None], 6) - " \
+           "start_n))" in text
