@@ -1127,7 +1127,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             L(0, f"if MASKED:  # a partial tile: {comment(E.render(k.mask))[2:]}")
             mask_env = env
             mask = merge_key_bounds(k.mask, n)
-            relative = _index_pairs(mask, m, n)
+            relative = _index_pairs(mask, m, n, _opaque_reads(env))
             if relative is not None:
                 pairs, bounds = relative
                 L(1, "# the mask reads n only against m or bounds free of n: rows and bounds "
@@ -1293,11 +1293,19 @@ def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool, own_weights: 
     L(1, f"{mx.var}_use_new = {safe}  # the stabiliser: finite (-FLT_MAX for -inf)")
 
 
-def _index_pairs(e: Expr, m: str, n: str
+def _opaque_reads(env: Env) -> frozenset[Expr]:
+    """The nodes ``env`` prints from values already at hand, not from the indices they read:
+    the row values hoisted above the key loop (``doc[m]``) and the captured reads gathered per
+    key tile (``doc[n]``, through a pointer tile that moves with start_n)."""
+    return frozenset(env.hoisted) | frozenset(env.gathers)
+
+
+def _index_pairs(e: Expr, m: str, n: str, opaque: frozenset[Expr] = frozenset()
                  ) -> tuple[dict[Expr, tuple[Op, bool]], dict[Expr, tuple[Op, Expr]]] | None:
     """When ``e`` reads the key index n only in pairs with m (``m - n``, ``n - m`` or a
-    comparison of the two) and in key bounds ``n OP A`` that move with the tile
-    (:func:`codegen.key_bounds.relative_bound`): (each pair node -> (its op, whether n comes
+    comparison of the two), in key bounds ``n OP A`` that move with the tile
+    (:func:`codegen.key_bounds.relative_bound`) and inside ``opaque`` nodes (printed from
+    values at hand, :func:`_opaque_reads`): (each pair node -> (its op, whether n comes
     first), each bound node -> (OP, A)).  Else None.  A pair is unchanged when both indices
     move by start_n: m - n = (m - s) - (n - s); int32 is exact, as m - n of indices below
     2 ** 31 fits."""
@@ -1308,7 +1316,7 @@ def _index_pairs(e: Expr, m: str, n: str
     todo = [e]
     while todo:
         x = todo.pop()
-        if x in seen:
+        if x in seen or x in opaque:
             continue
         seen.add(x)
         ops = tuple(s.arg if s.op is Op.INDEX else None for s in x.src)

@@ -122,3 +122,65 @@ def test_a_pointer_tiles_key_column_term_is_its_first_addition() -> None:
     first = line.split(" = ", 1)[1].split(" + ")[1]
     assert "tl.arange(0, BLOCK_N)" in first, line
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def _document_case(ids_q: torch.Tensor, ids_kv: torch.Tensor, strict: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """flex attention under ``doc[q] == doc[kv] & q >= kv`` (``q > kv`` when ``strict``): the
+    output and lse, the float64 reference's, and the generated module's source."""
+    lq, lkv = len(ids_q), len(ids_kv)
+    gen = torch.Generator().manual_seed(lq * 131 + lkv)
+    q = torch.randn(1, 2, lq, 16, generator=gen)
+    k, v = (torch.randn(1, 2, lkv, 16, generator=gen) for _ in range(2))
+
+    def document(b, h, q_idx, kv_idx):
+        order = q_idx > kv_idx if strict else q_idx >= kv_idx
+        return (ids_q[q_idx] == ids_kv[kv_idx]) & order
+
+    options = dict(CONFIG)
+    out, lse = attndsl.flex_attention(q, k, v, mask_mod=document, return_lse=True,
+                                      kernel_options=options)
+    launch, = record_launches(lambda: attndsl.flex_attention(
+        q, k, v, mask_mod=document, kernel_options=options))
+    m, n = torch.arange(lq)[:, None], torch.arange(lkv)[None, :]
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    s = s.masked_fill(~document(0, 0, m, n), float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    ref = torch.nan_to_num(torch.softmax(s, -1)) @ v.double()
+    return out, lse, ref, ref_lse, Path(inspect.getsourcefile(launch.fn)).read_text()
+
+
+@pytest.mark.parametrize("lq, lkv, dtype, sort", [
+    (64, 64, torch.int32, True), (45, 37, torch.int64, True), (37, 53, torch.int32, False),
+    (80, 80, torch.int64, False)])
+def test_a_mask_reading_gathered_ids_keeps_its_causal_pair_relative_to_the_key_tile(
+        lq: int, lkv: int, dtype: torch.dtype, sort: bool) -> None:
+    """doc[q] == doc[kv] & q >= kv: doc[q] is a row value hoisted above the key loop and
+    doc[kv] a gathered pointer tile, neither a per-element read of the indices, so the causal
+    pair is still read on the rows relative to start_n (``offs_m_rel``) against the constant
+    columns.  Sorted ids (documents) and unsorted ones (the mask alone), ragged lengths."""
+    gen = torch.Generator().manual_seed(lq + lkv)
+    ids_q = torch.randint(0, 4, (lq,), generator=gen).to(dtype)
+    ids_kv = torch.randint(0, 4, (lkv,), generator=gen).to(dtype)
+    if sort:
+        ids_q, ids_kv = ids_q.sort().values, ids_kv.sort().values
+    out, lse, ref, ref_lse, source = _document_case(ids_q, ids_kv, strict=False)
+    step = source[source.index("if MASKED:  # a partial tile"):]
+    assert "offs_m_rel = offs_m - start_n" in step.split("keep = keep & col_ok")[0]
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    finite = ref_lse.isfinite()
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=2e-5, rtol=2e-5)
+    assert torch.equal(lse.isfinite(), finite)
+
+
+def test_rows_a_gathered_document_mask_leaves_empty_give_zero_and_minus_infinite_lse(
+        ) -> None:
+    """doc[q] == doc[kv] & q > kv: each document's first query sees no key, so its row is 0
+    with lse -inf (no NaN), and the other rows are the oracle's."""
+    ids = torch.tensor([0] * 5 + [1] * 17 + [2] * 3 + [3] * 22, dtype=torch.int32)
+    out, lse, ref, ref_lse, _ = _document_case(ids, ids, strict=True)
+    empty = ~ref_lse.isfinite()
+    assert empty.sum() == 2 * 4  # two heads, four documents
+    assert not out.isnan().any() and torch.equal(out[empty], torch.zeros_like(out[empty]))
+    assert torch.equal(lse[empty], torch.full_like(lse[empty], float("-inf")))
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
