@@ -1147,7 +1147,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         for mx, arg in maxes:
             L(0, f"# {mx.var} = max({mx.var}, rowmax({comment(E.render(arg))[2:]}))")
             score = arg.src[0] if mx.var in natural else arg  # natural: arg = T * log2e
-            value = render_at(L, 0, score, env)
+            value = render_at(L, 0, score, _tile_relative(L, score, m, n, env))
             y = f"y_{mx.var}"
             full = _full_tile(score, dots, m, n)
             L(0, f"{y} = {value}" if full else
@@ -1337,6 +1337,26 @@ def _index_pairs(e: Expr, m: str, n: str, opaque: frozenset[Expr] = frozenset()
 _PAIRED = {Op.SUB: "-", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==",
            Op.NE: "!="}
 _ROWS, _COLS = "offs_m_rel[:, None]", "tl.arange(0, BLOCK_N)[None, :]"
+
+
+def _tile_relative(L: Lines, e: Expr, m: str, n: str, env: Env) -> Env:
+    """``env`` printing a score ``e`` that reads n only in pairs with m (``n - m``,
+    ``m >= n``) and in key bounds (``n <= m - 3``), :func:`_index_pairs`, on the rows relative
+    to start_n against the constant columns 0..BLOCK_N-1; the int32 values are the same, as
+    m - n = (m - start_n) - (n - start_n).  With constant columns the compiler sees that the
+    rows r and r + 8 a thread holds meet the same distances, (r + 8) - (j + 8) = r - j, so a
+    distance bias (ALiBi's ``slope * (n - m)``) is converted and scaled once per distinct
+    distance, not once per element."""
+    relative = _index_pairs(e, m, n, _opaque_reads(env))
+    if relative is None:
+        return env
+    pairs, bounds = relative
+    rows = "(offs_m - start_n)[:, None]"
+    hoisted = {x: f"({_COLS} {_PAIRED[op]} {rows})" if swap else f"({rows} {_PAIRED[op]} {_COLS})"
+               for x, (op, swap) in pairs.items()}
+    for x, (op, a) in bounds.items():
+        hoisted[x] = f"({_COLS} {_PAIRED[op]} ({render_at(L, 0, a, env)} - start_n))"
+    return dataclasses.replace(env, hoisted={**env.hoisted, **hoisted})
 
 
 def _diagonal(pairs: dict[Expr, tuple[Op, bool]]) -> bool:

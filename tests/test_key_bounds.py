@@ -120,3 +120,37 @@ def test_the_prefix_lm_mask_is_one_compare_of_the_tile_columns() -> None:
     text = _source(q, q, q, mask_mod=MASKS["prefix_lm"], kernel_options=dict(CONFIG))
     assert "keep = (tl.arange(0, BLOCK_N)[None, :] <= (tl.maximum(offs_m[:, None], 6) - " \
            "start_n))" in text
+
+
+SLOPES = torch.tensor([0.5, -0.25])
+SCORES = {  # scores that read the indices only in pairs, with their torch form
+    "alibi": lambda s, h, q, kv: s + SLOPES[h] * (kv - q),
+    "alibi_other_sign": lambda s, h, q, kv: s - (q - kv) * SLOPES[h],
+    "compared": lambda s, h, q, kv: torch.where(q >= kv, s, s * 0.5 + (q - kv)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCORES))
+@pytest.mark.parametrize("lq, lkv, causal", [(45, 37, True), (32, 53, False), (19, 64, True)])
+def test_scores_read_on_tile_relative_pairs_give_the_oracles_attention(
+        name: str, lq: int, lkv: int, causal: bool) -> None:
+    """A score that reads m and n only as ``n - m``, ``m - n`` or their comparisons prints
+    them on the rows relative to start_n against the constant columns (the int32 values are
+    the same); ragged tiles, Lq != Lkv, with and without a causal mask."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, length, 16, generator=gen) for length in (lq, lkv, lkv))
+    score = SCORES[name]
+    mask_mod = (lambda b, h, qi, kv: qi >= kv) if causal else None
+    kwargs = dict(score_mod=lambda s, b, h, qi, kv: score(s, h, qi, kv), mask_mod=mask_mod,
+                  kernel_options=dict(CONFIG))
+    out = attndsl.flex_attention(q, k, v, **kwargs)
+    text = _source(q, k, v, **kwargs)
+    score_line = text.split("y_m_i = ", 1)[1].split("\n", 1)[0]
+    assert "tl.arange(0, BLOCK_N)[None, :]" in score_line and "offs_n" not in score_line
+    m, n = torch.arange(lq)[:, None], torch.arange(lkv)[None, :]
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    s = score(s, torch.arange(2)[:, None, None], m, n)
+    if causal:
+        s = s.masked_fill(~(m >= n), float("-inf"))
+    w = torch.softmax(s, -1).nan_to_num(0.0)
+    torch.testing.assert_close(out.double(), w @ v.double(), atol=2e-5, rtol=2e-5)
