@@ -4,7 +4,8 @@
 # the constexprs of the head dims, the block-table checks, the binding of extents and
 # parameters), below the kernel, the metadata tables (OPERANDS, CAPTURED, PARAMS,
 # CONSTEXPR_PARAMS, OUTPUTS, STRIDES, TABLE_ARGS, ROLES, INDEX_EXTENTS, PARAM_DEFAULTS,
-# PARAM_TYPES, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS, TMA_TENSORS) it reads,
+# PARAM_TYPES, HAS_MASK, TENSOR_DIMS, BOUNDS_BLOCK, BOUNDS_SEGMENTS, TMA_TENSORS,
+# PREFER_POINTERS) it reads,
 # the index-range checks (index_ranges, divisor_ranges, check_index_ranges) and the load-path
 # choice (tma_choice, ensure_allocator).  It needs only torch and triton; the kernel is
 # launched with keyword arguments.
@@ -252,7 +253,7 @@ def _load_path(cfg: dict, device, args: dict, e_len: int, f_len: int) -> bool:
     blocks = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
               "BLOCK_E": _block(e_len), "BLOCK_F": _block(f_len)}
     use, why = tma_choice(requested, device, {ptr: (args[ptr], *dims) for ptr, dims in
-                                              TMA_TENSORS.items()}, blocks)
+                                              TMA_TENSORS.items()}, blocks, PREFER_POINTERS)
     LOAD_PATH.clear()
     LOAD_PATH.update(tma=use, reason=why)
     if requested is True and not use:

@@ -87,12 +87,24 @@ def tile_load(var: str, desc: Descriptor | None, row0: str, pointer_load: str,
     return f"if TMA:\n    {var} = {read}\nelse:\n    {var} = {pointer_load}"
 
 
-def descriptor_table(descs: list[Descriptor]) -> str:
+def descriptor_table(descs: list[Descriptor], per_key_reads: bool) -> str:
     """``TMA_TENSORS``: kernel pointer -> (row dim, column dim, block constexprs) of every
-    tensor a TMA launch reads through a descriptor (the launcher checks them)."""
+    tensor a TMA launch reads through a descriptor (the launcher checks them), and
+    ``PREFER_POINTERS``: why a launch by target default takes pointer loads ("" = it need not).
+
+    ``per_key_reads``: the scores or sums read a captured tensor per key (a relative-bias
+    table), on every key tile.  That load is an asynchronous copy (``cp.async``) beside the
+    descriptor loads, and the compiled loop then waits on each wgmma (static SASS, sm90,
+    triton 3.6, 3.8 and 3.9: 8 and 12 ``WARPGROUP.ARRIVE`` per D=64 / D=128 key tile where the
+    pointer path and a hand-written kernel have 2), losing the overlap of the MMAs with the
+    softmax; the pointer path keeps it.  Reads in the mask only (a document id) do not."""
     table = {d.ptr: (d.row_dim, d.col_dim, d.block) for d in descs}
+    why = ("pointer loads: the scores read a captured tensor per key tile, an asynchronous "
+           "copy beside descriptor loads that serialises the wgmma" if per_key_reads else "")
     return "# kernel pointer -> (row dim, column dim, block constexprs) of each descriptor\n" \
-        f"TMA_TENSORS = {table!r}"
+        f"TMA_TENSORS = {table!r}\n" \
+        "# why a launch takes pointer loads by default (\"\": descriptors where they can)\n" \
+        f"PREFER_POINTERS = {why!r}"
 
 
 # the extents and block constexprs of a tile by the side it is read on: (rows, columns)
@@ -115,7 +127,8 @@ def runtime_source() -> str:
 
 
 # >>> runtime
-def tma_choice(requested, device, tensors: dict, blocks: dict) -> tuple:
+def tma_choice(requested, device, tensors: dict, blocks: dict, prefer_pointers: str = ""
+               ) -> tuple:
     """(use tensor descriptors, why) for one launch.
 
     ``requested`` is the config's ``tma`` (True / False / None = by target), ``tensors`` maps
@@ -124,7 +137,9 @@ def tma_choice(requested, device, tensors: dict, blocks: dict) -> tuple:
     descriptors on the CPU when asked to), ``tl.make_tensor_descriptor`` in the installed
     triton, and per tensor: a 16-byte aligned base, unit stride along the columns, every other
     stride of a dim longer than 1 a multiple of 16 bytes (the row stride, and the batch/head
-    offsets that move the base), blocks of at most 256 elements per dim."""
+    offsets that move the base), blocks of at most 256 elements per dim.  ``prefer_pointers``
+    (the module's PREFER_POINTERS) is why this kernel runs better on pointer loads: then a GPU
+    launch takes them unless ``tma=True`` asks for descriptors."""
     import torch
     import triton
     import triton.language as tl
@@ -139,6 +154,8 @@ def tma_choice(requested, device, tensors: dict, blocks: dict) -> tuple:
             return False, f"sm{major}x has no TMA (sm90+ only)"
     elif requested is not True:
         return False, f"{device.type} tensors: pointer loads unless tma=True is asked for"
+    if requested is None and prefer_pointers:
+        return False, prefer_pointers
     for ptr, (t, _, col_dim, block) in tensors.items():
         size = t.element_size()
         if t.data_ptr() % 16:

@@ -457,10 +457,20 @@ def _emit_tables(k: TileKernel, names: _Names, L: Lines) -> None:
     L(0, "HAS_MASK = " + repr(k.mask is not None))
     writer.binding_tables(L, k)
     L(0, "PASSES = " + repr(len(k.passes)))
-    L(0, loads.descriptor_table(list(names.descriptors.values())))
+    L(0, loads.descriptor_table(list(names.descriptors.values()), _per_key_reads(k)))
     L(0, "# closed-form key-tile ranges (SPARSITY 3) exist for this mask, in blocks of:")
     L(0, "BOUNDS_BLOCK = " + repr(SPARSE_BLOCK if k.bounds is not None else None))
     L(0, "BOUNDS_SEGMENTS = " + repr(len(k.bounds) if k.bounds is not None else None) + "\n")
+
+
+def _per_key_reads(k: TileKernel) -> bool:
+    """Whether a score or a sum of the key-tile step reads a captured tensor at a subscript
+    that reads the key index (loaded on every key tile, not only where the mask is read)."""
+    n = k.roles["key"]
+    exprs = [mx.arg for p in k.passes for mx in p.maxes] + [s.body for p in k.passes
+                                                            for s in p.sums]
+    return any(x.op is Op.LOAD and any(y.op is Op.INDEX and y.arg == n for y in x.walk())
+               for e in exprs for x in e.walk())
 
 
 def _emit_index_ranges(k: TileKernel, L: Lines, divisors: tuple[Expr, ...] = ()) -> None:

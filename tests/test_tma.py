@@ -21,11 +21,12 @@ import torch
 import triton.language as tl
 from attndsl.codegen.loads import tma_choice
 
+import attndsl
 from attndsl.eager import run_cascade
 from attndsl.frontend.load import load_spec
 from attndsl.passes.pipeline import compile_cascade
 from attndsl.runtime import gpu_report
-from attndsl.runtime.gpu_report import kernel_path, run_jobs
+from attndsl.runtime.gpu_report import kernel_path, record_launches, run_jobs
 from attndsl.runtime.modules import load_kernel_module
 from attndsl.runtime.sass import summarize_sass
 
@@ -266,3 +267,31 @@ def test_the_static_benchmark_reports_the_descriptor_variant(tmp_path: Path) -> 
         assert pair["generated"]["tensor_core"] == pair["reference"]["tensor_core"] > 0
         assert pair["generated"]["tma"] > 0  # the key and value tiles, loaded in the loop
     assert "Tensor-descriptor (TMA) variant" in out.with_suffix(".md").read_text()
+
+
+@needs_descriptors
+def test_a_kernel_whose_scores_read_a_table_per_key_prefers_pointer_loads(monkeypatch) -> None:
+    """A relative-bias table read per key tile is a cp.async beside the descriptor loads, which
+    serialises the wgmma: the module says so (PREFER_POINTERS), a default sm90 launch takes
+    pointer loads, ``tma=True`` still gets descriptors; a table read in the mask only (document
+    ids) and a per-head table (ALiBi slopes) leave descriptors the default."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    table, ids, slopes = torch.randn(2, 127), torch.arange(64) // 20, torch.rand(2)
+
+    def module_of(score_mod=None, mask_mod=None) -> dict:
+        q = torch.randn(1, 2, 64, 64)
+        launch, = record_launches(lambda: attndsl.flex_attention(
+            q, q, q, score_mod=score_mod, mask_mod=mask_mod, kernel_options={"tma": True}))
+        return launch.fn.__globals__
+
+    bias = module_of(score_mod=lambda s, b, h, qi, kv: s + table[h, qi - kv + 63])
+    document = module_of(mask_mod=lambda b, h, qi, kv: ids[qi] == ids[kv])
+    alibi = module_of(score_mod=lambda s, b, h, qi, kv: s + slopes[h] * (kv - qi))
+    assert "serialises the wgmma" in bias["PREFER_POINTERS"]
+    assert document["PREFER_POINTERS"] == alibi["PREFER_POINTERS"] == ""
+    tensors = _descriptor_tensors()
+    cuda = torch.device("cuda")
+    use, why = bias["tma_choice"](None, cuda, tensors, BLOCKS, bias["PREFER_POINTERS"])
+    assert not use and why == bias["PREFER_POINTERS"]
+    assert bias["tma_choice"](True, cuda, tensors, BLOCKS, bias["PREFER_POINTERS"])[0]
+    assert document["tma_choice"](None, cuda, tensors, BLOCKS, document["PREFER_POINTERS"])[0]
