@@ -426,3 +426,33 @@ def test_the_flex_backward_of_a_deep_score_mod_still_compiles() -> None:
     out = attndsl.flex_attention(q, k, v, score_mod=deep)
     out.sum().backward()
     assert all(math.isfinite(float(t.grad.abs().sum())) for t in (q, k, v))
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_an_integer_difference_times_a_constant_is_not_split_into_cancelling_products(
+        backward: bool) -> None:
+    """``((q + k) - (kv + k)) * c`` is the distance times c: the integer difference is computed
+    exactly and converted once.  Distributed into ``(q + k) c - (kv + k) c`` in float32 it
+    cancelled, and at k = 3e6 the output was off by 0.026 (forward and gradients)."""
+    big = 3_000_000
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen, dtype=torch.float64).float()
+               .requires_grad_(backward) for _ in range(3))
+
+    def score(s, b, h, qi, kv):
+        return s - ((qi + big) - (kv + big)) * 0.3
+
+    config = None if backward else {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4,
+                                    "num_stages": 1}
+    out = attndsl.flex_attention(q, k, v, score_mod=score, kernel_options=config)
+    m, n = torch.arange(40)[:, None], torch.arange(40)[None, :]
+    q64, k64, v64 = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
+    s = (q64 @ k64.transpose(-1, -2)) * 0.25 - (m - n).double() * 0.3
+    ref = torch.softmax(s, -1) @ v64
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    if backward:
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        out.backward(grad.float())
+        ref.backward(grad)
+        for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
