@@ -250,9 +250,10 @@ _FINITE_OPS = {Op.CONST, Op.INDEX, Op.PARAM, Op.LOAD, Op.ROW, Op.NEG, Op.TANH, O
                Op.MIN, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE, Op.AND, Op.OR, Op.WHERE}
 
 
-def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: str) -> None:
+def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, kind: str) -> None:
     """One (query tile, key tile) step: recompute P, then dS.  ``kind`` is ``dkdv`` (key-major
-    tiles; also dV, dK, the atomic dQ and captured gradients) or ``dq`` (query-major tiles)."""
+    tiles; also dV, dK, the atomic dQ and captured gradients) or ``dq`` (query-major tiles).
+    The mask is evaluated under the constexpr MASKED (partial tiles)."""
     o = KEY_MAJOR if kind == "dkdv" else QUERY_MAJOR
     start = "anchor_m"  # the split's anchor (_emit_anchor)
     env = _tile_env(spec, names, o, start)
@@ -264,14 +265,14 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, masked: bool, kind: 
         _emit_row_load(L, 0, "lse2")
     else:
         L(0, "qk = tl.dot(q, kT, input_precision=DOT_PRECISION)")
-    if _step_reads_score(spec, names, masked):
+    if _step_reads_score(spec, names):
         L(0, "s = qk * scale")
     _emit_tanhs(L, spec, names, env)
     L(0, "# P = exp(T - LSE) = exp2(T log2e - lse2), lse2 = LSE log2e (+inf on empty rows: P = 0)")
     L(0, f"valid = {o.m_ok} & {o.n_ok}")
-    if masked:
-        assert spec.mask is not None
-        L(0, f"valid = valid & ({render_at(L, 0, spec.mask, env)})")
+    if spec.mask is not None:
+        L(0, "if MASKED:  # a partial tile: evaluate the mask")
+        L(1, f"valid = valid & ({render_at(L, 1, spec.mask, env)})")
     _emit_p(L, spec, names, o, env, kind, start)
     L(0, "p = tl.where(valid, p, 0.0)")
     L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")
@@ -319,13 +320,13 @@ def _exp2_parts(spec: BackwardSpec) -> list[Expr]:
     return [split.tile, split.cols]
 
 
-def _step_reads_score(spec: BackwardSpec, names: _Names, masked: bool) -> bool:
+def _step_reads_score(spec: BackwardSpec, names: _Names) -> bool:
     """Whether a tile step prints a read of S (``s``): the expressions it renders (a tanh's
     argument on the tile, the mask, T log2e or its split, dT/dS, the captured gradients), not
     looking under the nodes printed as a name (hoisted reads, the tanhs)."""
     exp2 = _exp2_parts(spec)
     named = set(names.hoisted) | {x for th in spec.tanhs for x in th.nodes}
-    exprs = exp2 + [spec.dscore] + ([spec.mask] if masked and spec.mask is not None else []) \
+    exprs = exp2 + [spec.dscore] + ([spec.mask] if spec.mask is not None else []) \
         + [g.deriv for _, sites in spec.grads for g in sites]
     tile_args = [th.arg2_tile for th in spec.tanhs if th.coef is None]
     return any(_reads_row(e, SCORE_ROW, named) for e in exprs) or \
@@ -561,12 +562,6 @@ def _emit_loops(L: Lines, depth: int, spec: BackwardSpec, step: writer.Step,
                               "N_len")
 
 
-def _nested(L: Lines, depth: int, emit) -> None:
-    inner = Lines()
-    emit(inner)
-    L(depth, "\n".join(inner.out))
-
-
 def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     args = (_tensor_args("Q") + _tensor_args("K") + _tensor_args("V")
             + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
@@ -575,6 +570,8 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
             + ["scale", "n_heads", "n_kv_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("q_"))
     const = _CONSTEXPR + ["ANCHOR_M", "ATOMIC_DQ"] + [_need(p) for p in names.grads.values()]
+    steps = Lines()  # the step function, printed above the kernel
+    at = len(L.out)
     writer.signature(L, "attention_bwd_dkdv_kernel", args, const, writer.EVEN,
                      "One program: BLOCK_N keys of one (batch, key/value head).  Loops over "
                      "the G query\nheads of the group and over the query tiles (SPARSITY 0 = "
@@ -597,15 +594,16 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     L(2, "off_h = off_hkv * G + g")
     _hoist_loads(L, 2, spec, names)
 
-    def step(L2: Lines, depth: int, masked: bool) -> None:
-        def body(B: Lines) -> None:
-            B(0, "offs_m = start_m + tl.arange(0, BLOCK_M)")
-            B(0, _ok("m_ok", "offs_m", "M_len", "EVEN_M"))
-            _emit_query_side(B, 0, "dkdv")
-            _emit_step(B, spec, names, masked, "dkdv")
-        _nested(L2, depth, body)
-
-    _emit_loops(L, 2, spec, step, "m")
+    body = Lines()
+    body(0, "offs_m = start_m + tl.arange(0, BLOCK_M)")
+    body(0, _ok("m_ok", "offs_m", "M_len", "EVEN_M"))
+    _emit_query_side(body, 0, "dkdv")
+    _emit_step(body, spec, names, "dkdv")
+    call = writer.step_function(steps, "_dkdv_step", "\n".join(body.out), ["dk", "dv"],
+                                L.out[at:], args, const + list(writer.EVEN), "start_m",
+                                "One query tile [start_m, start_m + BLOCK_M) of the key tile's "
+                                "loop")
+    _emit_loops(L, 2, spec, lambda L2, depth, masked: L2(depth, call(masked)), "m")
     L(1, "# store dK = scale * sum dS^T Q and dV = sum P^T dO")
     L(1, "dk = dk * scale")
     rows = ["off_b", "off_hkv", "offs_n[:, None]"]
@@ -613,6 +611,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
          f"mask=n_ok[:, None] & e_ok[None, :])")
     L(1, f"tl.store({_ptr('DV', rows + ['offs_f[None, :]'])}, dv.to(dv_ptr.dtype.element_ty), "
          f"mask=n_ok[:, None] & f_ok[None, :])\n")
+    L.out[at:at] = steps.out
     return args
 
 
@@ -622,7 +621,10 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
             + _tensor_args("DQ") + _captured_args(names, False)
             + ["scale", "n_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("kv_"))
-    writer.signature(L, "attention_bwd_dq_kernel", args, _CONSTEXPR + ["ANCHOR_M"], writer.EVEN,
+    const = _CONSTEXPR + ["ANCHOR_M"]
+    steps = Lines()  # the step function, printed above the kernel
+    at = len(L.out)
+    writer.signature(L, "attention_bwd_dq_kernel", args, const, writer.EVEN,
                      "One program: BLOCK_M query rows of one (batch, head); loops over the "
                      "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
                      "atomics (deterministic).", notes=_notes())
@@ -641,18 +643,20 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
         _emit_anchor(L, 1, spec, split.cols)
     L(1, "dq = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)")
 
-    def step(L2: Lines, depth: int, masked: bool) -> None:
-        def body(B: Lines) -> None:
-            B(0, "offs_n = start_n + tl.arange(0, BLOCK_N)")
-            B(0, _ok("n_ok", "offs_n", "N_len", "EVEN_N"))
-            _emit_key_side(B, 0, "dq")
-            _emit_step(B, spec, names, masked, "dq")
-        _nested(L2, depth, body)
-
-    _emit_loops(L, 1, spec, step, "n")
+    body = Lines()
+    body(0, "offs_n = start_n + tl.arange(0, BLOCK_N)")
+    body(0, _ok("n_ok", "offs_n", "N_len", "EVEN_N"))
+    _emit_key_side(body, 0, "dq")
+    _emit_step(body, spec, names, "dq")
+    call = writer.step_function(steps, "_dq_step", "\n".join(body.out), ["dq"], L.out[at:],
+                                args, const + list(writer.EVEN), "start_n",
+                                "One key tile [start_n, start_n + BLOCK_N) of the query tile's "
+                                "loop")
+    _emit_loops(L, 1, spec, lambda L2, depth, masked: L2(depth, call(masked)), "n")
     L(1, "dq = dq * scale")
     L(1, f"tl.store({_ptr('DQ', ['off_b', 'off_h', 'offs_m[:, None]', 'offs_e[None, :]'])}, "
          f"dq.to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])\n")
+    L.out[at:at] = steps.out
     return args
 
 

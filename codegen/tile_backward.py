@@ -235,11 +235,16 @@ def _dots(L: Lines, depth: int, k: TileKernel, o: tuple[str, str, str],
 
 
 def _keep(L: Lines, depth: int, k: TileKernel, env: Env, o: tuple[str, str, str],
-          masked: bool = True) -> None:
-    """The kept elements of a tile: in range, and the mask unless the tile is full."""
+          masked: bool | None = True) -> None:
+    """The kept elements of a tile: in range, and the mask unless the tile is full
+    (``masked``; None: under the constexpr MASKED of a step function)."""
     L(depth, f"keep = row_ok{o[0]} & col_ok{o[1]}")
-    if k.mask is not None and masked:
-        L(depth, f"keep = keep & ({render_at(L, depth, k.mask, env)})")
+    if k.mask is None or masked is False:
+        return
+    if masked is None:
+        L(depth, "if MASKED:  # a partial tile: evaluate the mask")
+        depth += 1
+    L(depth, f"keep = keep & ({render_at(L, depth, k.mask, env)})")
 
 
 def _block_bounds(L: Lines, depth: int, k: TileKernel, qt: str) -> None:
@@ -305,10 +310,12 @@ def _use_rows(b: TileBackward, o: tuple[str, str, str]) -> dict[str, str]:
     return rows
 
 
+_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION", "UPCAST")
+
+
 def _signature(L: Lines, fn: str, args: list[str], doc: str, names: _Names) -> None:
     names.kernel_args[fn] = list(args)  # the KERNEL_ARGS table of the launch by keyword
-    writer.signature(L, fn, args, ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION",
-                                   "UPCAST", *names.static.values()), writer.EVEN, doc,
+    writer.signature(L, fn, args, (*_CONSTEXPRS, *names.static.values()), writer.EVEN, doc,
                      names.spec)
 
 
@@ -585,11 +592,22 @@ def _scatter(L: Lines, depth: int, b: TileBackward, names: _Names, site: SiteGra
     L(depth, f"tl.atomic_add({target}, {value}, mask={' & '.join(masks)})")
 
 
+def _step_function(L: Lines, at: int, steps: Lines, fn: str, body: Lines, state: list[str],
+                   args: list[str], names: _Names, start: str, doc: str):
+    """:func:`attndsl.codegen.writer.step_function` for a kernel whose signature starts at
+    line ``at`` of ``L``: the step's kernel-scope reads are what ``L`` assigned since."""
+    flags = [*_CONSTEXPRS, *names.static.values(), *writer.EVEN]
+    call = writer.step_function(steps, fn, "\n".join(body.out), state, L.out[at:], args, flags,
+                                start, doc)
+    return lambda L2, depth, masked: L2(depth, call(masked))
+
+
 def _emit_keys_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
     k = b.kernel
     args = _common_args(b, names)
     for t in names.tensors:
         args += names.args(names.grads[t])
+    steps, at = Lines(), len(L.out)  # the step function, printed above the kernel
     _signature(L, "tile_bwd_keys_kernel", args,
                "One program: BLOCK_N keys of one (batch, head); loops over the query tiles.", names)
     _program(L, k, "n", names, args)
@@ -603,30 +621,30 @@ def _emit_keys_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
             L(1, f"d_{o.var} = tl.zeros([BLOCK_N, {cols}], tl.float32)")
     _hoist_unaries(L, 1, b, names)
 
-    def step(L2: Lines, depth: int, masked: bool) -> None:
-        B = Lines()
-        B(0, "offs_m = start_m + tl.arange(0, BLOCK_M)\n" + _ok("row_ok", "offs_m", "M"))
-        for o in k.operands:
-            if o.side == "q":
-                _load_operand(B, 0, o, names, head, "offs_m", "row_ok")
-        for mx in b.stabilizers:
-            v = ident(mx)
-            B(0, f"{v}_use = tl.load({_rows_buffer('MX_' + v, False)}, mask=row_ok, "
-                 f"other=0.0)")
-        _dots(B, 0, k, KEY_MAJOR)
-        env = _env(b, names, {**_use_rows(b, KEY_MAJOR), **{d.var: d.var for d in k.dots}},
-                   index, masks)
-        _keep(B, 0, k, env, KEY_MAJOR, masked)
-        _emit_unaries(B, b, env)
-        _emit_key_step(B, b, names, env)
-        L2(depth, "\n".join(B.out))
-
-    _query_tiles(L, k, step)
+    B = Lines()
+    B(0, "offs_m = start_m + tl.arange(0, BLOCK_M)\n" + _ok("row_ok", "offs_m", "M"))
+    for o in k.operands:
+        if o.side == "q":
+            _load_operand(B, 0, o, names, head, "offs_m", "row_ok")
+    for mx in b.stabilizers:
+        v = ident(mx)
+        B(0, f"{v}_use = tl.load({_rows_buffer('MX_' + v, False)}, mask=row_ok, other=0.0)")
+    _dots(B, 0, k, KEY_MAJOR)
+    env = _env(b, names, {**_use_rows(b, KEY_MAJOR), **{d.var: d.var for d in k.dots}},
+               index, masks)
+    _keep(B, 0, k, env, KEY_MAJOR, None)
+    _emit_unaries(B, b, env)
+    _emit_key_step(B, b, names, env)
+    state = [f"d_{o.var}" for o in k.operands if o.side != "q"]
+    _query_tiles(L, k, _step_function(L, at, steps, "_tile_bwd_keys_step", B, state, args,
+                                      names, "start_m", "One query tile [start_m, start_m + "
+                                      "BLOCK_M) of the key tile's loop"))
     _scale_accumulators(L, b, names, "k")
     L(1, "# dK, dV: float32 atomics (other heads may share these keys)")
     for o in k.operands:
         if o.side != "q":
             _atomic_operand(L, 1, o, names, head, f"d_{o.var}", "offs_n", "col_ok")
+    L.out[at:at] = steps.out
 
 
 def _vanishes(e: Expr, body: Expr) -> bool:
@@ -718,6 +736,7 @@ def _emit_queries_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
     args = _common_args(b, names)
     for t in names.tensors:
         args += names.args(names.grads[t])
+    steps, at = Lines(), len(L.out)  # the step function, printed above the kernel
     _signature(L, "tile_bwd_queries_kernel", args,
                "One program: BLOCK_M queries of one (batch, head); loops over the key tiles "
                "and adds\n    dQ_d = sum dqk_d K_d once at the end (deterministic).", names)
@@ -740,25 +759,26 @@ def _emit_queries_kernel(L: Lines, b: TileBackward, names: _Names) -> None:
         L(1, f"c_{v} = tl.load({_rows_buffer('CF_' + v, tile)}, mask={ok}, other=0.0)")
     _hoist_unaries(L, 1, b, names)
 
-    def step(L2: Lines, depth: int, masked: bool) -> None:
-        B = Lines()
-        B(0, "offs_n = start_n + tl.arange(0, BLOCK_N)\n" + _ok("col_ok", "offs_n", "N"))
-        for o in k.operands:
-            if o.side != "q":
-                _load_operand(B, 0, o, names, head, "offs_n", "col_ok")
-        _dots(B, 0, k, QUERY_MAJOR)
-        env = _env(b, names, {**_use_rows(b, QUERY_MAJOR), **{d.var: d.var for d in k.dots}},
-                   index, masks)
-        _keep(B, 0, k, env, QUERY_MAJOR, masked)
-        _emit_unaries(B, b, env)
-        _emit_query_step(B, b, env)
-        L2(depth, "\n".join(B.out))
-
-    _key_tiles(L, k, step)
+    B = Lines()
+    B(0, "offs_n = start_n + tl.arange(0, BLOCK_N)\n" + _ok("col_ok", "offs_n", "N"))
+    for o in k.operands:
+        if o.side != "q":
+            _load_operand(B, 0, o, names, head, "offs_n", "col_ok")
+    _dots(B, 0, k, QUERY_MAJOR)
+    env = _env(b, names, {**_use_rows(b, QUERY_MAJOR), **{d.var: d.var for d in k.dots}},
+               index, masks)
+    _keep(B, 0, k, env, QUERY_MAJOR, None)
+    _emit_unaries(B, b, env)
+    _emit_query_step(B, b, env)
+    _key_tiles(L, k, _step_function(L, at, steps, "_tile_bwd_queries_step", B,
+                                    [f"d_{var}" for var in q_ops], args, names, "start_n",
+                                    "One key tile [start_n, start_n + BLOCK_N) of the query "
+                                    "tile's loop"))
     _scale_accumulators(L, b, names, "q")
     L(1, "# dQ: one float32 add per element (other heads may share these queries)")
     for var, o in q_ops.items():
         _atomic_operand(L, 1, o, names, head, f"d_{var}", "offs_m", "row_ok")
+    L.out[at:at] = steps.out
 
 
 def _emit_query_step(L: Lines, b: TileBackward, env: Env) -> None:

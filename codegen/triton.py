@@ -805,45 +805,17 @@ def _annotate_constants(line: str) -> str:
     return f"{code}{sep}{note}; {text}" if sep else f"{line}  # {text}"
 
 
-_NAME = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
-_ASSIGNED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*) = ", re.M)
-
-
 def _emit_step_function(fn: str, p: KVPass, step: str, kernel: list[str], args: list[str],
                         const: list[str], out: Lines) -> Callable[[bool], str]:
     """Print ``step`` (one key-tile step of pass ``p``) as ``@triton.jit def fn(...)`` into
-    ``out``; returns masked -> the statement that calls it from a loop.
-
-    The function takes the pass's running values (and returns them updated), every kernel
-    argument or kernel-scope variable the step reads, ``start_n``, the constexprs it reads and
-    MASKED (a partial tile: evaluate the mask)."""
+    ``out`` (:func:`attndsl.codegen.writer.step_function`); its running values are the pass's
+    maxes (with their ``_use`` twins) and sums."""
     state = [v for mx in p.maxes for v in ([mx.var, f"{mx.var}_use"] if mx.stabilizer and
                                            not _empty_row_sum(p, mx) else [mx.var])] + \
         [s.var for s in p.sums]
-    used = set(_NAME.findall(step))
-    scope = list(dict.fromkeys(args + _ASSIGNED.findall("\n".join(kernel))))
-    own = set(_ASSIGNED.findall(step)) | {"start_n"}  # the step's locals, its tile start
-    values = [a for a in scope if a in used and a not in state and a not in const
-              and a not in own]
-    flags = [c for c in const + list(_EVEN) if c in used and c != "MASKED"]
-    out(0, "@triton.jit")
-    out(0, f"def {fn}(")
-    for a in state + values + ["start_n"]:
-        out(1, f"{a},")
-    for c in flags + ["MASKED"]:
-        out(1, f"{c}: tl.constexpr,")
-    out(0, "):")
-    out(1, f'"""One key tile [start_n, start_n + BLOCK_N) of the pass: returns '
-           f'{", ".join(state)}."""')
-    out(1, step)
-    out(1, f"return {', '.join(state)}\n\n")
-    lhs = ", ".join(state)
-    positional = ", ".join(state + values + ["start_n"])
-    keywords = ", ".join(f"{c}={c}" for c in flags)
-
-    def call(masked: bool) -> str:
-        return f"{lhs} = {fn}({positional}, {keywords}, MASKED={masked})"
-    return call
+    return writer.step_function(out, fn, step, state, kernel, args, const + list(_EVEN),
+                                "start_n", "One key tile [start_n, start_n + BLOCK_N) of the "
+                                "pass")
 
 
 _TABLE_ARGS = tuple(writer.table_args("kv_"))

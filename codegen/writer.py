@@ -211,6 +211,48 @@ def program(L: Lines, pid: str, bh: str = "pid_bh", heads: str = "n_heads",
 
 Step = Callable[[Lines, int, bool], None]  # (lines, depth, masked) -> one tile's step
 
+_NAME = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
+_ASSIGNED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*) = ", re.M)
+_COMMENT = re.compile(r"#.*$", re.M)
+
+
+def step_function(out: Lines, fn: str, step: str, state: list[str], kernel: list[str],
+                  args: list[str], flags: list[str], start: str, doc: str) \
+        -> Callable[[bool], str]:
+    """Print ``step`` (one tile's step, a block of code at depth 0) as ``@triton.jit def
+    fn(...)`` into ``out``, the tutorial's inner function; returns masked -> the statement that
+    calls it from a loop of the SPARSITY nest (:func:`sparsity_loops`).
+
+    The function takes the running values ``state`` (and returns them updated), then every
+    kernel argument (``args``) or kernel-scope variable (assigned in the ``kernel`` lines
+    printed so far) that the step's code reads and does not assign itself, the tile start
+    ``start``, the constexprs of ``flags`` it reads, and MASKED (a partial tile: evaluate the
+    mask).  Names in comments are not reads."""
+    code = _COMMENT.sub("", step)
+    used = set(_NAME.findall(code))
+    scope = dict.fromkeys(args + _ASSIGNED.findall("\n".join(kernel)))
+    own = set(_ASSIGNED.findall(code)) | {start}
+    values = [a for a in scope if a in used and a not in state and a not in flags
+              and a not in own]
+    consts = [c for c in dict.fromkeys(flags) if c in used and c != "MASKED"]
+    out(0, "@triton.jit")
+    out(0, f"def {fn}(")
+    for a in state + values + [start]:
+        out(1, f"{a},")
+    for c in consts + ["MASKED"]:
+        out(1, f"{c}: tl.constexpr,")
+    out(0, "):")
+    out(1, f'"""{doc}: returns {", ".join(state)}."""')
+    out(1, step)
+    out(1, f"return {', '.join(state)}\n\n")
+    lhs = ", ".join(state)
+    positional = ", ".join(state + values + [start])
+    keywords = "".join(f"{c}={c}, " for c in consts)
+
+    def call(masked: bool) -> str:
+        return f"{lhs} = {fn}({positional}, {keywords}MASKED={masked})"
+    return call
+
 
 def sparsity_loops(L: Lines, depth: int, step: Step, has_mask: bool, prefix: str, row: str,
                    block: str, tile: str, start: str, length: str,

@@ -253,7 +253,7 @@ def test_each_tanh_of_the_score_is_one_exp2_per_tile_shared_with_its_derivative(
     spec = lower_flex(lambda s, b, h, q, kv: 30 * torch.tanh(s / 30), None)
     src = backward_source(spec.cascade)
     steps = src.count("qk = tl.dot(")
-    assert steps == 8  # per kernel: partial and full table tiles, masked, unmasked
+    assert steps == 2  # one step function per kernel (_dkdv_step, _dq_step), called per branch
     # the division is the fast one, which the 1.0 absorbs (test_absorbed_quotient.py)
     assert src.count("th0 = 1.0 - _absorbed_div(2.0, tl.exp2(qk * th0_c) + 1.0)") == steps
     assert src.count("th0_c = ((scale / 30.0) * 2.8853900817779268)") == 2  # once per kernel
@@ -805,7 +805,7 @@ def test_sigmoid_rows_kernel_recomputes_no_sum_and_counts_kept_keys_from_the_bou
     def rows_kernel(name: str) -> str:
         b = derive_tile_backward(compile_cascade(NORMALISERS[name][0]()).kernel)
         src = generate_tile_backward(b, "t")
-        return src[src.index("def tile_bwd_rows_kernel"):src.index("def tile_bwd_keys_kernel")]
+        return src[src.index("def tile_bwd_rows_kernel"):src.index("def _tile_bwd_keys_step")]
 
     sigmoid = rows_kernel("sigmoid")
     assert "tl.dot" not in sigmoid and "k0 = tl.load" not in sigmoid
@@ -859,7 +859,7 @@ def test_fused_keys_steps_accumulate_dv_before_forming_w() -> None:
     checked = 0
     for name, (build, _) in NORMALISERS.items():
         src = generate_tile_backward(derive_tile_backward(compile_cascade(build()).kernel), "t")
-        keys = src[src.index("def tile_bwd_keys_kernel"):src.index("def tile_bwd_queries_kernel")]
+        keys = src[src.index("def _tile_bwd_keys_step"):src.index("def tile_bwd_keys_kernel")]
         lines = [ln.strip() for ln in keys.splitlines()]
         for i, ln in enumerate(lines):
             if ln.startswith("w_") and "tl.dot(" in ln:  # W = c V^T of a [keys, queries] sum
@@ -874,14 +874,13 @@ def test_dkdv_steps_load_lse_and_delta_where_they_are_read() -> None:
     (sm90, dense D 64: 154 -> 143 registers).  The dQ kernel still reads them once."""
     for mod in (None, lambda s, b, h, q, kv: 30.0 * torch.tanh(s / 30.0)):
         src = backward_source(lower_flex(mod, causal).cascade)
-        dkdv = src[src.index("def attention_bwd_dkdv_kernel"):
-                   src.index("def attention_bwd_dq_kernel")]
+        dkdv = src[src.index("def _dkdv_step"):src.index("def _dq_step")]  # step and kernel
         steps = dkdv.split("qT = tl.load(")[1:]
-        assert steps
+        assert len(steps) == 1  # one step function, called from every SPARSITY branch
         for s in steps:
             assert s.index("qk = tl.dot(") < s.index("lse2 = tl.load(") < s.index("p = tl.exp2(")
             assert s.index("dp = tl.dot(") < s.index("delta = tl.load(") < s.index("dt = p *")
-        dq = src[src.index("def attention_bwd_dq_kernel"):]
+        dq = src[src.index("def _dq_step"):]
         assert dq.count("lse2 = tl.load(") == 1 and dq.count("delta = tl.load(") == 1
 
 
@@ -896,9 +895,9 @@ def test_the_query_terms_of_the_split_are_folded_into_lse2_once_per_row_by_the_p
     for mod, relative in ((lambda s, b, h, q, kv: s + slopes[h] * (kv - q), True),
                           (lambda s, b, h, q, kv: s + qb[q] * 0.5, False)):
         src = backward_source(lower_flex(mod, causal).cascade)
-        pre = src[src.index("def attention_bwd_preprocess"):src.index("def attention_bwd_dkdv")]
-        dkdv = src[src.index("def attention_bwd_dkdv"):src.index("def attention_bwd_dq_kernel")]
-        dq = src[src.index("def attention_bwd_dq_kernel"):src.index("def backward_config")]
+        pre = src[src.index("def attention_bwd_preprocess"):src.index("def _dkdv_step")]
+        dkdv = src[src.index("def _dkdv_step"):src.index("def _dq_step")]  # step and kernel
+        dq = src[src.index("def _dq_step"):src.index("def backward_config")]
         assert pre.count("lse2 = lse2 - (") == 1
         shifts = [ln.strip() for ln in dkdv.splitlines() if "lse2 = lse2 - (" in ln]
         assert "lse2 = lse2 -" not in dq and all("offs_m" not in ln for ln in shifts)

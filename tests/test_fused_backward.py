@@ -4,6 +4,7 @@ for every normaliser and for FlexAttention-style specs called through ``attndsl.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -217,8 +218,9 @@ def test_the_fused_backward_adds_dq_in_its_own_kernel_and_skips_empty_blocks() -
     hoisted, and the scale of d b / d qk is multiplied into dK and dQ once."""
     kernel = attndsl.compile(NORMALISERS["sigmoid"][0]())
     src = Path(kernel.fused_backward.__file__).read_text()
-    keys = src[src.index("def tile_bwd_keys_kernel("):src.index("def tile_bwd_queries_kernel(")]
-    queries = src[src.index("def tile_bwd_queries_kernel("):src.index("# The fused backward")]
+    # each kernel with the step function printed above it
+    keys = src[src.index("def _tile_bwd_keys_step("):src.index("def _tile_bwd_queries_step(")]
+    queries = src[src.index("def _tile_bwd_queries_step("):src.index("# The fused backward")]
     assert keys.count("tl.atomic_add(") == 2 and "atomic_add(dq_ptr" not in keys  # dK, dV only
     assert queries.count("tl.atomic_add(") == 1 and "atomic_add(dq_ptr" in queries
     for kernel_src in (keys, queries):
@@ -227,6 +229,12 @@ def test_the_fused_backward_adds_dq_in_its_own_kernel_and_skips_empty_blocks() -
         assert "# the factor common to every d b / d qk term" in kernel_src
     assert "for sub in range(0, tl.where(full, n_sub, 0)):" in keys
     assert "for start_n in range(flo0 * 128, tl.minimum(fhi0 * 128, N_len), BLOCK_N):" in queries
+    # one step function per kernel, called from each loop: partial and full query blocks;
+    # the partial key blocks below the full ones, the full ones, the partial ones above
+    for step, calls in (("_tile_bwd_keys_step", ["False", "True"]),
+                        ("_tile_bwd_queries_step", ["False", "True", "True"])):
+        assert src.count(f"def {step}(") == 1
+        assert sorted(re.findall(rf"= {step}\(.*MASKED=(True|False)\)", src)) == calls
 
 
 def test_a_derivative_that_vanishes_with_the_masked_body_reads_it_without_a_second_select() -> None:
@@ -240,10 +248,10 @@ def test_a_derivative_that_vanishes_with_the_masked_body_reads_it_without_a_seco
 
     kernel = attndsl.compile(NORMALISERS["sigmoid"][0]())
     src = Path(kernel.fused_backward.__file__).read_text()
-    keys = src[src.index("def tile_bwd_keys_kernel("):src.index("def tile_bwd_queries_kernel(")]
-    assert keys.count("p_l0 = tl.where(keep, sg0, 0.0)") == 2
+    keys = src[src.index("def _tile_bwd_keys_step("):src.index("def tile_bwd_keys_kernel(")]
+    assert keys.count("p_l0 = tl.where(keep, sg0, 0.0)") == 1
     # s (1 - s) as p - p p (test_a_one_minus_factor_of_a_derivative_is_multiplied_out)
-    assert keys.count("dqk = w_l0 * ((p_l0 - (p_l0 * p_l0)))") == 2
+    assert keys.count("dqk = w_l0 * ((p_l0 - (p_l0 * p_l0)))") == 1
     s = E.unary(Op.SIGMOID, E.row("qk0"))
     assert _vanishes(s * (1.0 - s), s) and _vanishes(-(s * 2.0) / 3.0, s)
     assert not _vanishes(1.0 - s, s)  # 1 where the body is 0
@@ -318,6 +326,6 @@ def test_the_sigmoid_backward_loops_form_no_one_minus_tile() -> None:
     kernel = attndsl.compile(NORMALISERS["sigmoid"][0]())
     src = Path(kernel.fused_backward.__file__).read_text()
     lines = [x.strip() for x in src.splitlines() if x.strip().startswith("dqk = ")]
-    assert len(lines) == 5, lines  # dK/dV: masked, full; dQ: three segment parts
+    assert len(lines) == 2, lines  # the step functions of the dK/dV and dQ kernels
     assert not any("(1.0 - " in x for x in lines), lines
-    assert sum("w_l0 * ((sg0 - (sg0 * sg0)))" in x for x in lines) == 3, lines
+    assert sum("w_l0 * ((sg0 - (sg0 * sg0)))" in x for x in lines) == 1, lines

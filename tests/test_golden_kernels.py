@@ -1,6 +1,7 @@
-"""Golden-text tests of the Triton printer: the printed forward kernel (its metadata tables and
+"""Golden-text tests of the Triton printers: the printed forward kernel (its metadata tables and
 the ``attention_fwd_kernel`` function) of two examples, compared with the checked-in text in
-``tests/golden/kernel_<spec>.txt``.
+``tests/golden/kernel_<spec>.txt``, and the printed backward of causal FlexAttention
+(``tests/golden/backward_causal_flex.txt``).
 
 When a change to the printer is intended, regenerate with::
 
@@ -21,6 +22,7 @@ import pytest
 import torch
 from attndsl.codegen.triton import _read_as_own_weights
 
+from attndsl.autograd import backward_source
 from attndsl.frontend.flex import lower_flex
 from attndsl.frontend.load import load_spec
 from attndsl.ir import expr as E
@@ -61,6 +63,45 @@ def test_printed_kernel_matches_the_golden_text(spec: str, request) -> None:
     diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
                                         f"golden/{path.name}", "printer output"))
     assert text == expected, f"the kernel differs from golden/{path.name}:\n{diff}"
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def backward_text() -> str:
+    """The printed backward of causal FlexAttention: its two step functions and the dK/dV
+    and dQ kernels that call them."""
+    source = backward_source(lower_flex(None, _causal).cascade)
+    start = source.index("@triton.jit\ndef _dkdv_step(")
+    end = source.index("\n# kernel -> its runtime arguments")
+    return ("# golden backward of FlexAttention causal (mask_mod kv_idx <= q_idx): the dK/dV and "
+            "dQ kernels\n# regenerate: python -m pytest tests/test_golden_kernels.py "
+            "--update-golden\n" + source[start:end].rstrip() + "\n")
+
+
+def test_printed_backward_matches_the_golden_text(request) -> None:
+    text = backward_text()
+    path = GOLDEN / "backward_causal_flex.txt"
+    if request.config.getoption("--update-golden"):
+        path.write_text(text)
+    assert path.exists(), f"{path.name} is missing: run pytest {__file__} --update-golden"
+    expected = path.read_text()
+    diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
+                                        f"golden/{path.name}", "printer output"))
+    assert text == expected, f"the backward differs from golden/{path.name}:\n{diff}"
+
+
+def test_each_backward_kernel_prints_its_step_once_and_every_loop_calls_it() -> None:
+    """One @triton.jit step function per backward kernel, called with MASKED from each
+    sparsity branch (partial and full block-table tiles, every tile masked, none masked); the
+    unmasked calls evaluate no mask."""
+    source = backward_source(lower_flex(None, _causal).cascade)
+    for step in ("_dkdv_step", "_dq_step"):
+        assert source.count(f"def {step}(") == 1
+        calls = re.findall(rf"= {step}\(.*MASKED=(True|False)\)", source)
+        assert sorted(calls) == ["False", "False", "True", "True"]
+    assert source.count("if MASKED:") == 2 and source.count("qk = tl.dot(") == 2
 
 
 def test_printed_kernel_is_the_same_on_a_second_compilation() -> None:
