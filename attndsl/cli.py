@@ -114,6 +114,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
+    if not EXAMPLES.is_dir():  # a wheel installs the package, not the repository's examples/
+        print(f"attndsl: no examples at {EXAMPLES}: they ship with the source tree "
+              "(examples/ of a checkout), not with an installed wheel", file=sys.stderr)
+        return 1
     for path in sorted(EXAMPLES.glob("*.py")) + sorted(EXAMPLES.glob("*.attn")):
         if path.name.startswith("_"):
             continue

@@ -59,6 +59,15 @@ def test_examples_lists_every_example(capsys) -> None:
             assert path.name in out
 
 
+def test_examples_without_the_source_tree_says_where_they_are(capsys, monkeypatch, tmp_path):
+    import attndsl.cli as cli
+
+    monkeypatch.setattr(cli, "EXAMPLES", tmp_path / "examples")
+    assert main(["examples"]) == 1
+    err = capsys.readouterr().err
+    assert "no examples at" in err and "source tree" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["compile", "nope.py", "-o", "x.py"], "no such file"),
     (["compile", "examples/causal.py:missing", "-o", "x.py"], "has no attribute 'missing'"),
