@@ -17,12 +17,24 @@ such masks cheaper per score element, both exact on integers:
   ``0..BLOCK_N-1``), ``n OP A  =  j OP (A - start_n)``: the per-row (or scalar) side moves by
   the tile start, and no column index lives across tiles.  In int32 that subtraction is
   exact when ``-1 <= A <= 2**31 - 1``, as ``0 <= start_n <= 2**31 - 1``.
+* :func:`distance_bounds`: a comparison whose sides differ by ``c (m - n) + k`` (``k`` free
+  of both indices) bounds the distance, ``m >= n + 3  =  m - n >= 3``, so that the printer
+  reads it on the tile's ``diag = m - n`` like any pair of the two indices::
+
+      c (m - n) + k OP 0   =   (m - n) OP' K       (c > 0: OP' = OP, K = -k / c; c < 0:
+                                                    OP flipped, K = k / |c|)
+
+  exact on integers where neither side wraps in int64; for ``|c| > 1`` the constant ``K``
+  is rounded toward the kept side (``2 (m - n) >= 3  =  m - n >= 2``).
 """
 
 from __future__ import annotations
 
 from attndsl.ir import expr as E
 from attndsl.ir.expr import INT, Expr, Op
+from attndsl.passes.affine import int_affine
+from attndsl.passes.int_range import int_ranges, may_wrap
+from attndsl.passes.rules import simplify
 
 # a bound with n on the left: n OP A for A OP n
 _FLIPPED = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}
@@ -123,3 +135,76 @@ def relative_bound(bound: tuple[Op, Expr], ranges: dict[Expr, tuple[int, int]]) 
     (``ranges``: :func:`attndsl.passes.int_range.int_ranges` of the mask)."""
     lo, hi = ranges.get(bound[1], (None, None))
     return lo is not None and RELATIVE_RANGE[0] <= lo and hi <= RELATIVE_RANGE[1]
+
+
+# m - n of two indices in [0, 2**31 - 2] (attndsl.passes.int_range.INDEX_RANGE)
+_DISTANCE = (-(2**31 - 2), 2**31 - 2)
+_DECIDE = {Op.LT: lambda lo, hi, k: (hi < k, lo >= k), Op.LE: lambda lo, hi, k: (hi <= k, lo > k),
+           Op.GT: lambda lo, hi, k: (lo > k, hi <= k), Op.GE: lambda lo, hi, k: (lo >= k, hi < k),
+           Op.EQ: lambda lo, hi, k: (lo == hi == k, not lo <= k <= hi),
+           Op.NE: lambda lo, hi, k: (not lo <= k <= hi, lo == hi == k)}
+
+
+def _scaled(op: Op, c: int, k: int) -> tuple[Op, int] | bool:
+    """``c * d OP k`` for an integer d and ``c > 0`` as ``d OP' K`` (or the constant truth,
+    when ``c`` does not divide ``k`` in an ``==`` / ``!=``)."""
+    q, r = divmod(k, c)  # floor
+    if r == 0:
+        return op, q
+    if op in (Op.EQ, Op.NE):
+        return op is Op.NE
+    # c d < k = d <= floor(k / c); c d > k = d >= floor(k / c) + 1 (and <= / >= alike)
+    return (Op.LE, q) if op in (Op.LT, Op.LE) else (Op.GE, q + 1)
+
+
+def distance_bound(e: Expr, m: str, n: str) -> Expr | None:
+    """The comparison ``e`` as ``(m - n) OP K`` (or a constant), when its sides differ by
+    ``c (m - n) + k`` with ``k`` free of both indices and nothing in it wraps; else None
+    (also for ``m OP n`` itself, already a pair)."""
+    if e.op not in _FLIPPED or any(x.dtype != INT for x in e.src):
+        return None
+    if all(x.op is Op.INDEX for x in e.src):
+        return None
+    form = int_affine(E.binary(Op.SUB, *e.src), {m, n})
+    if form is None:
+        return None
+    coef, k = form
+    c = coef.get(m, 0)
+    if c == 0 or coef != {m: c, n: -c} or may_wrap(e):
+        return None
+    op = e.op if c > 0 else _FLIPPED[e.op]
+    rhs = simplify(-k) if c > 0 else k  # c d + k OP 0  =  |c| d OP' (-k or k)
+    if rhs.op is Op.CONST:
+        scaled = _scaled(op, abs(c), rhs.arg)
+        if isinstance(scaled, bool):
+            return E.const(scaled)
+        op, value = scaled
+        if op in (Op.LT, Op.GT):  # non-strict, as written by hand: m - n > -1 is m - n >= 0
+            op, value = (Op.LE, value - 1) if op is Op.LT else (Op.GE, value + 1)
+        always, never = _DECIDE[op](*_DISTANCE, value)
+        if always or never:
+            return E.const(bool(always))
+        rhs = E.const(value)
+    elif abs(c) != 1 or may_wrap(rhs):
+        return None
+    return E.binary(op, E.binary(Op.SUB, E.index(m), E.index(n)), rhs)
+
+
+def distance_bounds(e: Expr, m: str, n: str) -> Expr:
+    """``e`` with the comparisons :func:`distance_bound` rewrites replaced.  A key bound that
+    :func:`relative_bound` reads on the tile columns (one compare per element, where the
+    distance costs a subtraction too) is kept, unless ``e`` compares the distance (or the two
+    indices) more than once: a window ``n <= m - 1 & n >= m - 64`` is then
+    ``1 <= m - n <= 64``, one unsigned compare of the distance once LLVM merges the two."""
+    ranges = int_ranges(e)
+    lowered = {x: d for x in e.walk() if (d := distance_bound(x, m, n)) is not None}
+    pairs = sum(1 for x in e.walk() if x.op in _FLIPPED and all(
+        s.op is Op.INDEX and s.arg in (m, n) for s in x.src) and x.src[0].arg != x.src[1].arg)
+
+    def kept(x: Expr) -> bool:
+        bound = key_bound(x, n)
+        return bound is not None and relative_bound(bound, ranges)
+
+    if len(lowered) + pairs < 2:
+        lowered = {x: d for x, d in lowered.items() if not kept(x)}
+    return e.replace(lambda x: lowered.get(x))

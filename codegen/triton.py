@@ -42,7 +42,12 @@ from attndsl.codegen.expr import (
     render_at,
     reset_spills,
 )
-from attndsl.codegen.key_bounds import key_bound, merge_key_bounds, relative_bound
+from attndsl.codegen.key_bounds import (
+    distance_bounds,
+    key_bound,
+    merge_key_bounds,
+    relative_bound,
+)
 from attndsl.codegen.writer import DIM_LETTERS as _DIM_LETTERS
 from attndsl.codegen.writer import SPEC_NAME as _SPEC_NAME
 from attndsl.codegen.writer import Lines
@@ -1108,18 +1113,21 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             L(0, "keep = col_ok[None, :]")
             L(0, f"if MASKED:  # a partial tile: {comment(E.render(k.mask))[2:]}")
             mask_env = env
-            mask = merge_key_bounds(k.mask, n)
+            mask = distance_bounds(merge_key_bounds(k.mask, n), m, n)
             relative = _index_pairs(mask, m, n, _opaque_reads(env))
             if relative is not None:
-                pairs, bounds = relative
                 L(1, "# the mask reads n only against m or bounds free of n: rows and bounds "
                      "relative to\n# start_n against the constant columns 0..BLOCK_N-1 (no "
                      "column index lives across tiles)")
-                if pairs:
-                    L(1, _relative_rows(pairs))
-                hoisted = {x: _pair_source(op, swap, pairs) for x, (op, swap) in pairs.items()}
-                for x, (op, a) in bounds.items():
+                if relative.pairs or relative.distances:
+                    L(1, _relative_rows(relative))
+                hoisted = {x: _pair_source(op, swap, relative)
+                           for x, (op, swap) in relative.pairs.items()}
+                for x, (op, a) in relative.bounds.items():
                     hoisted[x] = f"({_COLS} {_PAIRED[op]} ({render_at(L, 1, a, env)} - start_n))"
+                for x, (op, dist) in relative.distances.items():
+                    hoisted[x] = f"(diag {_PAIRED[op]} {dist})" if _diagonal(relative) else \
+                        f"({_ROWS} {_PAIRED[op]} {_shifted_cols(dist)})"
                 mask_env = dataclasses.replace(env, hoisted={**env.hoisted, **hoisted})
             L(1, f"keep = {render_at(L, 1, mask, mask_env)}")
             L(1, "if not EVEN_N:\n    keep = keep & col_ok[None, :]")
@@ -1282,17 +1290,44 @@ def _opaque_reads(env: Env) -> frozenset[Expr]:
     return frozenset(env.hoisted) | frozenset(env.gathers)
 
 
+@dataclasses.dataclass
+class IndexPairs:
+    """How a mask or score reads the key index n, when only relative to the query index m
+    (:func:`_index_pairs`): each node -> how it is printed on the tile."""
+
+    pairs: dict[Expr, tuple[Op, bool]]  # m OP n / n OP m (m - n, m >= n): (OP, n first)
+    bounds: dict[Expr, tuple[Op, Expr]]  # n OP A, A free of n: (OP, A)
+    distances: dict[Expr, tuple[Op, int]]  # (m - n) OP K for a small constant K: (OP, K)
+
+
+# |K| of a distance compare read as m - start_n OP j + K (int32-exact beside the columns j)
+_SMALL_DISTANCE = 2**30
+
+
+def _distance_compare(x: Expr, m: str, n: str) -> tuple[Op, int] | None:
+    """(OP, K) when ``x`` is ``(m - n) OP K`` with a constant |K| <= 2**30
+    (:func:`codegen.key_bounds.distance_bounds` writes them), else None."""
+    if x.op not in _PAIRED or x.op is Op.SUB:
+        return None
+    d, k = x.src
+    if d.op is not Op.SUB or k.op is not Op.CONST or k.dtype != E.INT or \
+            abs(k.arg) > _SMALL_DISTANCE:
+        return None
+    if tuple(s.arg if s.op is Op.INDEX else None for s in d.src) != (m, n):
+        return None
+    return x.op, k.arg
+
+
 def _index_pairs(e: Expr, m: str, n: str, opaque: frozenset[Expr] = frozenset()
-                 ) -> tuple[dict[Expr, tuple[Op, bool]], dict[Expr, tuple[Op, Expr]]] | None:
-    """When ``e`` reads the key index n only in pairs with m (``m - n``, ``n - m`` or a
-    comparison of the two), in key bounds ``n OP A`` that move with the tile
-    (:func:`codegen.key_bounds.relative_bound`) and inside ``opaque`` nodes (printed from
-    values at hand, :func:`_opaque_reads`): (each pair node -> (its op, whether n comes
-    first), each bound node -> (OP, A)).  Else None.  A pair is unchanged when both indices
-    move by start_n: m - n = (m - s) - (n - s); int32 is exact, as m - n of indices below
-    2 ** 31 fits."""
-    pairs: dict[Expr, tuple[Op, bool]] = {}
-    bounds: dict[Expr, tuple[Op, Expr]] = {}
+                 ) -> IndexPairs | None:
+    """When ``e`` reads the key index n only in pairs with m (``m - n``, ``n - m``, a
+    comparison of the two, or of their distance with a constant), in key bounds ``n OP A``
+    that move with the tile (:func:`codegen.key_bounds.relative_bound`) and inside ``opaque``
+    nodes (printed from values at hand, :func:`_opaque_reads`): those nodes.  Else None.  A
+    pair is unchanged when both indices move by start_n: m - n = (m - s) - (n - s); int32 is
+    exact, as m - n of indices below 2 ** 31 fits."""
+    found = IndexPairs({}, {}, {})
+    pairs, bounds = found.pairs, found.bounds
     ranges = int_ranges(e)
     seen: set[Expr] = set()
     todo = [e]
@@ -1301,6 +1336,10 @@ def _index_pairs(e: Expr, m: str, n: str, opaque: frozenset[Expr] = frozenset()
         if x in seen or x in opaque:
             continue
         seen.add(x)
+        distance = _distance_compare(x, m, n)
+        if distance is not None:
+            found.distances[x] = distance
+            continue
         ops = tuple(s.arg if s.op is Op.INDEX else None for s in x.src)
         if x.op in _PAIRED and ops in ((m, n), (n, m)):
             pairs[x] = (x.op, ops == (n, m))
@@ -1312,7 +1351,7 @@ def _index_pairs(e: Expr, m: str, n: str, opaque: frozenset[Expr] = frozenset()
         if x.op is Op.INDEX and x.arg in (m, n):
             return None  # read alone (cap0[n], doc[m]): not relative to the tile
         todo.extend(x.src)
-    return (pairs, bounds) if pairs or bounds else None
+    return found if pairs or bounds or found.distances else None
 
 
 # m - n and the comparisons of m with n
@@ -1332,31 +1371,42 @@ def _tile_relative(L: Lines, e: Expr, m: str, n: str, env: Env) -> Env:
     relative = _index_pairs(e, m, n, _opaque_reads(env))
     if relative is None:
         return env
-    pairs, bounds = relative
     rows = "(offs_m - start_n)[:, None]"
     hoisted = {x: f"({_COLS} {_PAIRED[op]} {rows})" if swap else f"({rows} {_PAIRED[op]} {_COLS})"
-               for x, (op, swap) in pairs.items()}
-    for x, (op, a) in bounds.items():
+               for x, (op, swap) in relative.pairs.items()}
+    for x, (op, a) in relative.bounds.items():
         hoisted[x] = f"({_COLS} {_PAIRED[op]} ({render_at(L, 0, a, env)} - start_n))"
+    for x, (op, k) in relative.distances.items():
+        hoisted[x] = f"({rows} {_PAIRED[op]} {_shifted_cols(k)})"
     return dataclasses.replace(env, hoisted={**env.hoisted, **hoisted})
 
 
-def _diagonal(pairs: dict[Expr, tuple[Op, bool]]) -> bool:
-    """A mask that subtracts the indices is printed on diag = m - n, comparisons included
-    (LLVM merges 0 <= diag <= w into one unsigned compare); one that only compares them
-    compares the relative rows with the columns directly (no subtraction per element)."""
-    return any(op is Op.SUB for op, _ in pairs.values())
+def _shifted_cols(k: int) -> str:
+    """The constant columns moved by ``k``: m - n OP k  =  (m - start_n) OP (j + k)."""
+    if k == 0:
+        return _COLS
+    return f"(tl.arange(0, BLOCK_N) {'+' if k > 0 else '-'} {abs(k)})[None, :]"
 
 
-def _relative_rows(pairs: dict[Expr, tuple[Op, bool]]) -> str:
-    if _diagonal(pairs):
+def _diagonal(relative: IndexPairs) -> bool:
+    """A mask that subtracts the indices, or compares their distance more than once (a
+    window ``0 <= m - n <= w``), is printed on diag = m - n, comparisons included (LLVM merges
+    0 <= diag <= w into one unsigned compare); one that only compares them once compares the
+    relative rows with the (shifted) columns directly (no subtraction per element)."""
+    if any(op is Op.SUB for op, _ in relative.pairs.values()):
+        return True
+    return bool(relative.distances) and len(relative.distances) + len(relative.pairs) >= 2
+
+
+def _relative_rows(relative: IndexPairs) -> str:
+    if _diagonal(relative):
         return f"diag = (offs_m - start_n)[:, None] - {_COLS}"
     return "offs_m_rel = offs_m - start_n"
 
 
-def _pair_source(op: Op, swap: bool, pairs: dict[Expr, tuple[Op, bool]]) -> str:
+def _pair_source(op: Op, swap: bool, relative: IndexPairs) -> str:
     """m OP n (n OP m when swapped) in terms of the relative rows and constant columns."""
-    if _diagonal(pairs):
+    if _diagonal(relative):
         if op is Op.SUB:
             return "(-diag)" if swap else "diag"
         return f"(0 {_PAIRED[op]} diag)" if swap else f"(diag {_PAIRED[op]} 0)"

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from attndsl.codegen.key_bounds import key_bound, merge_key_bounds, relative_bound
-from hypothesis import given, settings
+from attndsl.codegen.key_bounds import (
+    distance_bounds,
+    key_bound,
+    merge_key_bounds,
+    relative_bound,
+)
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import attndsl
@@ -26,16 +31,24 @@ COMPARES = [Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE]
 _PY = {Op.LT: lambda a, b: a < b, Op.LE: lambda a, b: a <= b, Op.GT: lambda a, b: a > b,
        Op.GE: lambda a, b: a >= b, Op.EQ: lambda a, b: a == b, Op.NE: lambda a, b: a != b,
        Op.AND: lambda a, b: a and b, Op.OR: lambda a, b: a or b, Op.ADD: lambda a, b: a + b,
-       Op.SUB: lambda a, b: a - b, Op.MAX: max, Op.MIN: min}
+       Op.SUB: lambda a, b: a - b, Op.MAX: max, Op.MIN: min, Op.MUL: lambda a, b: a * b,
+       Op.NEG: lambda a: -a}
+
+
+def _wrap(v):
+    """An integer as int64 holds it (torch's and the kernels' arithmetic wraps)."""
+    if isinstance(v, bool):
+        return v
+    return (v + 2**63) % 2**64 - 2**63
 
 
 def _value(e: E.Expr, m: int, n: int):
-    """``e`` at the point (m, n), in Python integers and booleans."""
+    """``e`` at the point (m, n), in int64 integers and booleans."""
     if e.op is Op.INDEX:
         return {"m": m, "n": n}[e.arg]
     if e.op is Op.CONST:
         return e.arg
-    return _PY[e.op](*(_value(s, m, n) for s in e.src))
+    return _wrap(_PY[e.op](*(_value(s, m, n) for s in e.src)))
 
 
 # the n-free side of a bound: a constant (negative ones included), m, m + c
@@ -62,6 +75,45 @@ def test_merged_key_bounds_are_the_same_boolean(parts: list[E.Expr], joins: list
     for m in range(-3, 45, 3):
         for n in range(-45, 50):
             assert _value(merged, m, n) == _value(mask, m, n), (E.render(mask), m, n)
+
+
+# a side of a distance comparison: c * index + k, with big constants (near int64's end) too
+_consts = st.one_of(st.integers(-40, 40), st.sampled_from([2**31 - 2, -(2**31), 2**40,
+                                                          2**62, -(2**62), 2**63 - 1]))
+_affine = st.builds(lambda cm, cn, k: E.binary(Op.ADD, E.binary(Op.ADD, E.binary(
+    Op.MUL, E.const(cm), M), E.binary(Op.MUL, E.const(cn), N)), E.const(k)),
+    st.integers(-3, 3), st.integers(-3, 3), _consts)
+_POINTS = [(m, n) for m in (0, 1, 2, 5, 17, 40, 2**31 - 2) for n in (0, 1, 3, 16, 39, 2**31 - 2)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(COMPARES), _affine, _affine)
+@example(Op.GE, M, E.binary(Op.ADD, N, E.const(2**63 - 1)))  # n + k wraps: kept as written
+@example(Op.LT, E.binary(Op.SUB, M, E.const(2**63 - 1)), E.binary(Op.SUB, N, E.const(4)))
+@example(Op.EQ, E.binary(Op.MUL, E.const(3), M), E.binary(
+    Op.ADD, E.binary(Op.MUL, E.const(3), N), E.const(2)))  # 3 does not divide 2: never
+def test_distance_bounds_are_the_same_boolean(op: Op, a: E.Expr, b: E.Expr) -> None:
+    """``c (m - n) + k OP 0`` as ``(m - n) OP' K``: the same truth at every index pair (in
+    int64, wrapping as torch does), including constants that decide it and sides that wrap."""
+    mask = E.binary(op, a, b)
+    lowered = distance_bounds(mask, "m", "n")
+    for m, n in _POINTS + [(m, n) for m in range(0, 12) for n in range(0, 12)]:
+        assert _value(lowered, m, n) == _value(mask, m, n), (E.render(mask), m, n)
+
+
+@pytest.mark.parametrize("mask, printed", [
+    (E.binary(Op.GE, M, E.binary(Op.ADD, N, E.const(3))), "m - n >= 3"),
+    (E.binary(Op.LE, N, E.binary(Op.SUB, M, E.const(3))), "m - n >= 3"),  # not int32-relative
+    (E.binary(Op.GE, E.binary(Op.MUL, E.const(2), M), E.binary(
+        Op.ADD, E.binary(Op.MUL, E.const(2), N), E.const(3))), "m - n >= 2"),
+    (E.binary(Op.LT, N, E.binary(Op.ADD, M, E.const(1))), "n < m + 1"),  # a relative bound
+    (E.binary(Op.AND, E.binary(Op.LT, N, E.binary(Op.ADD, M, E.const(1))), E.binary(
+        Op.GE, N, E.binary(Op.SUB, M, E.const(9)))), "(m - n >= 0) & (m - n <= 9)"),  # window
+    (E.binary(Op.GE, M, N), "m >= n"),  # a pair already
+    (E.binary(Op.GE, M, E.binary(Op.ADD, N, E.const(2**40))), "False"),
+])
+def test_distance_comparisons_are_printed_on_the_distance(mask: E.Expr, printed: str) -> None:
+    assert E.render(distance_bounds(mask, "m", "n")) == printed
 
 
 @pytest.mark.parametrize("mask, printed", [
@@ -99,6 +151,11 @@ MASKS = {
     "window_after_prefix": lambda b, h, q, kv: (kv >= q - 5) & (kv > 3) & (kv <= q + 2),
     "negative_bound": lambda b, h, q, kv: (kv > -3) & (q >= kv) | (kv == 20),
     "far_bound": lambda b, h, q, kv: (kv > -2**40) & (q - 9 < kv),
+    "shifted_causal": lambda b, h, q, kv: q >= kv + 3,
+    "window_of_sums": lambda b, h, q, kv: (kv + 5 >= q) & (q + 2 >= kv),
+    "scaled_distance": lambda b, h, q, kv: 2 * q >= 2 * kv - 3,
+    "decided_distance": lambda b, h, q, kv: (q >= kv + 2**40) | (kv < 4),
+    "bound_window": lambda b, h, q, kv: (kv <= q - 1) & (kv >= q - 64),
 }
 
 
@@ -115,6 +172,20 @@ def test_masks_with_key_bounds_give_the_oracles_attention(name: str, lq: int, lk
     torch.testing.assert_close(out.double(), w @ v.double(), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("name, printed", [
+    ("shifted_causal", "keep = (offs_m_rel[:, None] >= (tl.arange(0, BLOCK_N) + 3)[None, :])"),
+    ("window_of_sums", "keep = ((diag <= 5) & (diag >= -2))"),
+    ("bound_window", "keep = ((diag >= 1) & (diag <= 64))"),
+])
+def test_distance_masks_are_compared_on_the_tile(name: str, printed: str) -> None:
+    """One distance compare: the relative rows against the shifted constant columns (one
+    compare per element); two: both on diag = m - n (LLVM merges them into one unsigned
+    compare), relative key bounds included."""
+    q = torch.randn(1, 1, 64, 16)
+    text = _source(q, q, q, mask_mod=MASKS[name], kernel_options=dict(CONFIG))
+    assert printed in text
+
+
 def test_the_prefix_lm_mask_is_one_compare_of_the_tile_columns() -> None:
     q = torch.randn(1, 1, 64, 16)
     text = _source(q, q, q, mask_mod=MASKS["prefix_lm"], kernel_options=dict(CONFIG))
@@ -127,6 +198,7 @@ SCORES = {  # scores that read the indices only in pairs, with their torch form
     "alibi": lambda s, h, q, kv: s + SLOPES[h] * (kv - q),
     "alibi_other_sign": lambda s, h, q, kv: s - (q - kv) * SLOPES[h],
     "compared": lambda s, h, q, kv: torch.where(q >= kv, s, s * 0.5 + (q - kv)),
+    "distance_compared": lambda s, h, q, kv: torch.where(q - kv >= 3, s, s * 0.5),
 }
 
 
@@ -146,7 +218,7 @@ def test_scores_read_on_tile_relative_pairs_give_the_oracles_attention(
     out = attndsl.flex_attention(q, k, v, **kwargs)
     text = _source(q, k, v, **kwargs)
     score_line = text.split("y_m_i = ", 1)[1].split("\n", 1)[0]
-    assert "tl.arange(0, BLOCK_N)[None, :]" in score_line and "offs_n" not in score_line
+    assert "tl.arange(0, BLOCK_N)" in score_line and "offs_n" not in score_line
     m, n = torch.arange(lq)[:, None], torch.arange(lkv)[None, :]
     s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
     s = score(s, torch.arange(2)[:, None, None], m, n)
