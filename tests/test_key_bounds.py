@@ -186,6 +186,45 @@ def test_distance_masks_are_compared_on_the_tile(name: str, printed: str) -> Non
     assert printed in text
 
 
+_OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+        ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+# one side of a distance comparison, as a mask_mod writes it: c * index + k
+_side = st.tuples(st.sampled_from([-2, -1, 1, 2]), st.sampled_from(["q", "kv"]),
+                  st.integers(-20, 20))
+
+
+def _distance_term(op: str, a: tuple, b: tuple):
+    (ca, ia, ka), (cb, ib, kb) = a, b
+
+    def term(q, kv):
+        at = {"q": q, "kv": kv}
+        return _OPS[op](ca * at[ia] + ka, cb * at[ib] + kb)
+    return term
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(list(_OPS)), _side, _side), min_size=1, max_size=3),
+       st.sampled_from(["&", "|"]), st.integers(1, 40), st.integers(1, 40))
+def test_random_distance_masks_give_the_oracles_attention(terms, join, lq, lkv) -> None:
+    """Comparisons of affine index forms (distances among them, rewritten by
+    distance_bounds; others printed as written), joined, on ragged tiles, Lq != Lkv."""
+    parts = [_distance_term(*t) for t in terms]
+
+    def mask_mod(b, h, q, kv):
+        out = parts[0](q, kv)
+        for part in parts[1:]:
+            out = (out & part(q, kv)) if join == "&" else (out | part(q, kv))
+        return out
+
+    gen = torch.Generator().manual_seed(lq * 41 + lkv)
+    q, k, v = (torch.randn(1, 1, length, 16, generator=gen) for length in (lq, lkv, lkv))
+    out = attndsl.flex_attention(q, k, v, mask_mod=mask_mod, kernel_options=dict(CONFIG))
+    keep = mask_mod(0, 0, torch.arange(lq)[:, None], torch.arange(lkv)[None, :])
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    w = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    torch.testing.assert_close(out.double(), w @ v.double(), atol=2e-5, rtol=2e-5)
+
+
 def test_the_prefix_lm_mask_is_one_compare_of_the_tile_columns() -> None:
     q = torch.randn(1, 1, 64, 16)
     text = _source(q, q, q, mask_mod=MASKS["prefix_lm"], kernel_options=dict(CONFIG))
