@@ -26,6 +26,8 @@ such masks cheaper per score element, both exact on integers:
 
   exact on integers where neither side wraps in int64; for ``|c| > 1`` the constant ``K``
   is rounded toward the kept side (``2 (m - n) >= 3  =  m - n >= 2``).
+* :func:`decided_compares`: a comparison that the ranges of its sides decide (an index is
+  never negative: ``m >= 0``) is its constant truth, folded into the ``&`` / ``|`` around it.
 """
 
 from __future__ import annotations
@@ -208,3 +210,36 @@ def distance_bounds(e: Expr, m: str, n: str) -> Expr:
     if len(lowered) + pairs < 2:
         lowered = {x: d for x, d in lowered.items() if not kept(x)}
     return e.replace(lambda x: lowered.get(x))
+
+
+def _truth(op: Op, a: tuple[int, int], b: tuple[int, int]) -> bool | None:
+    """``x OP y`` for every x in ``a`` and y in ``b`` (closed ranges), or None."""
+    (alo, ahi), (blo, bhi) = a, b
+    if op is Op.EQ or op is Op.NE:
+        if alo == ahi == blo == bhi:
+            return op is Op.EQ
+        if ahi < blo or bhi < alo:
+            return op is Op.NE
+        return None
+    if op in (Op.GT, Op.GE):
+        return _truth(_FLIPPED[op], b, a)
+    strict = op is Op.LT
+    if ahi < blo or (not strict and ahi == blo):
+        return True
+    if alo > bhi or (strict and alo == bhi):
+        return False
+    return None
+
+
+def decided_compares(e: Expr) -> Expr:
+    """``e`` with each integer comparison that :func:`attndsl.passes.int_range.int_ranges`
+    decides replaced by its truth, and the constants folded (``True & p = p``)."""
+    ranges = int_ranges(e)
+
+    def fold(x: Expr) -> Expr | None:
+        if x.op not in _FLIPPED or any(s.dtype != INT or s not in ranges for s in x.src):
+            return None
+        truth = _truth(x.op, ranges[x.src[0]], ranges[x.src[1]])
+        return None if truth is None else E.const(truth)
+
+    return simplify(e.replace(fold))

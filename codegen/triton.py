@@ -43,6 +43,7 @@ from attndsl.codegen.expr import (
     reset_spills,
 )
 from attndsl.codegen.key_bounds import (
+    decided_compares,
     distance_bounds,
     key_bound,
     merge_key_bounds,
@@ -1113,7 +1114,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             L(0, "keep = col_ok[None, :]")
             L(0, f"if MASKED:  # a partial tile: {comment(E.render(k.mask))[2:]}")
             mask_env = env
-            mask = distance_bounds(merge_key_bounds(k.mask, n), m, n)
+            mask = distance_bounds(merge_key_bounds(decided_compares(k.mask), n), m, n)
             relative = _index_pairs(mask, m, n, _opaque_reads(env))
             if relative is not None:
                 L(1, "# the mask reads n only against m or bounds free of n: rows and bounds "
@@ -1325,7 +1326,8 @@ def _index_pairs(e: Expr, m: str, n: str, opaque: frozenset[Expr] = frozenset()
     that move with the tile (:func:`codegen.key_bounds.relative_bound`) and inside ``opaque``
     nodes (printed from values at hand, :func:`_opaque_reads`): those nodes.  Else None.  A
     pair is unchanged when both indices move by start_n: m - n = (m - s) - (n - s); int32 is
-    exact, as m - n of indices below 2 ** 31 fits."""
+    exact, as m - n of indices below 2 ** 31 fits.  The query index read alone (``m < 100``)
+    is a row value and stays as it is."""
     found = IndexPairs({}, {}, {})
     pairs, bounds = found.pairs, found.bounds
     ranges = int_ranges(e)
@@ -1348,8 +1350,8 @@ def _index_pairs(e: Expr, m: str, n: str, opaque: frozenset[Expr] = frozenset()
         if bound is not None and relative_bound(bound, ranges):
             bounds[x] = bound
             continue
-        if x.op is Op.INDEX and x.arg in (m, n):
-            return None  # read alone (cap0[n], doc[m]): not relative to the tile
+        if x.op is Op.INDEX and x.arg == n:
+            return None  # read alone (cap0[n], n // 64): not relative to the tile
         todo.extend(x.src)
     return found if pairs or bounds or found.distances else None
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from attndsl.codegen.key_bounds import (
+    _truth,
+    decided_compares,
     distance_bounds,
     key_bound,
     merge_key_bounds,
@@ -101,6 +103,33 @@ def test_distance_bounds_are_the_same_boolean(op: Op, a: E.Expr, b: E.Expr) -> N
         assert _value(lowered, m, n) == _value(mask, m, n), (E.render(mask), m, n)
 
 
+_range = st.tuples(st.integers(-4, 4), st.integers(0, 3)).map(lambda t: (t[0], t[0] + t[1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(COMPARES), _range, _range)
+def test_a_comparison_is_decided_exactly_when_every_pair_of_values_agrees(op, a, b) -> None:
+    truths = {_PY[op](x, y) for x in range(a[0], a[1] + 1) for y in range(b[0], b[1] + 1)}
+    assert _truth(op, a, b) == (truths.pop() if len(truths) == 1 else None)
+
+
+@pytest.mark.parametrize("mask, printed", [
+    (E.binary(Op.AND, E.binary(Op.GE, M, E.const(0)), E.binary(Op.GE, M, N)), "m >= n"),
+    (E.binary(Op.OR, E.binary(Op.LT, N, E.const(0)), E.binary(Op.GE, M, N)), "m >= n"),
+    (E.binary(Op.OR, E.binary(Op.LT, N, E.const(2**31)), E.binary(Op.GE, M, N)), "True"),
+    (E.binary(Op.AND, E.binary(Op.LT, M, E.const(5)), E.binary(Op.GE, M, N)), "(m < 5) & (m >= n)"),
+])
+def test_comparisons_the_index_ranges_decide_are_folded(mask: E.Expr, printed: str) -> None:
+    assert E.render(decided_compares(mask)) == printed
+
+
+def test_the_query_index_read_alone_keeps_the_mask_relative_to_the_tile() -> None:
+    q = torch.randn(1, 1, 64, 16)
+    text = _source(q, q, q, mask_mod=lambda b, h, qi, kv: (qi < 40) & (qi - kv <= 8) & (qi >= kv),
+                   kernel_options=dict(CONFIG))
+    assert "keep = (((offs_m[:, None] < 40) & (diag <= 8)) & (diag >= 0))" in text
+
+
 @pytest.mark.parametrize("mask, printed", [
     (E.binary(Op.GE, M, E.binary(Op.ADD, N, E.const(3))), "m - n >= 3"),
     (E.binary(Op.LE, N, E.binary(Op.SUB, M, E.const(3))), "m - n >= 3"),  # not int32-relative
@@ -156,6 +185,7 @@ MASKS = {
     "scaled_distance": lambda b, h, q, kv: 2 * q >= 2 * kv - 3,
     "decided_distance": lambda b, h, q, kv: (q >= kv + 2**40) | (kv < 4),
     "bound_window": lambda b, h, q, kv: (kv <= q - 1) & (kv >= q - 64),
+    "query_bounded": lambda b, h, q, kv: (q < 20) & (q - kv <= 8) & (q >= kv) | (q >= 0) & (kv < 0),
 }
 
 

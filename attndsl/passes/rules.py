@@ -117,6 +117,8 @@ RULES: list[Rule] = [
          if e.op in (Op.ADD, Op.SUB) and _is(e.src[1], 0) else None),  # x+0 -> x, x-0 -> x
     Rule("zero-add", lambda e: _keep_dtype(e, e.src[1])
          if e.op is Op.ADD and _is(e.src[0], 0) else None),  # 0+x -> x
+    Rule("int-mul-zero", lambda e: E.const(0) if e.op is Op.MUL and e.dtype == INT
+         and (_is(e.src[0], 0) or _is(e.src[1], 0)) else None),  # x*0 -> 0 (integers only)
     Rule("div-one", lambda e: _keep_dtype(e, e.src[0])
          if e.op is Op.DIV and _is(e.src[1], 1) else None),  # x/1 -> x
     Rule("neg-neg", lambda e: e.src[0].src[0]
@@ -135,6 +137,14 @@ RULES: list[Rule] = [
          and e.src[1].arg is True else None),  # p & True -> p (an integer x & True is x & 1)
     Rule("true-and", lambda e: e.src[1] if e.op is Op.AND and e.dtype == BOOL and _c(e.src[0])
          and e.src[0].arg is True else None),  # True & p -> p
+    Rule("and-false", lambda e: E.const(False) if e.op is Op.AND and e.dtype == BOOL and any(
+        _c(x) and x.arg is False for x in e.src) else None),  # p & False -> False
+    Rule("or-false", lambda e: e.src[0] if e.op is Op.OR and e.dtype == BOOL and _c(e.src[1])
+         and e.src[1].arg is False else None),  # p | False -> p
+    Rule("false-or", lambda e: e.src[1] if e.op is Op.OR and e.dtype == BOOL and _c(e.src[0])
+         and e.src[0].arg is False else None),  # False | p -> p
+    Rule("or-true", lambda e: E.const(True) if e.op is Op.OR and e.dtype == BOOL and any(
+        _c(x) and x.arg is True for x in e.src) else None),  # p | True -> True
     Rule("not-not", lambda e: e.src[0].src[0]
          if e.op is Op.NOT and e.src[0].op is Op.NOT else None),  # !!x -> x
     Rule("sub-self", lambda e: E.const(0.0) if e.op is Op.SUB and e.src[0] == e.src[1]
