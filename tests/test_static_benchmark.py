@@ -141,3 +141,15 @@ def test_the_summary_reports_the_launch_a_target_runs_with_the_pointer_variant_b
     assert "| 123 / 108 |" in pointer and "T" not in pointer.split("\n")[-2].split("|")[-2]
     assert "(default)" in static_kernel.tma_table([_row("generated_tma")])
     assert "(default)" not in static_kernel.tma_table([_row("generated")])
+
+
+def test_spellings_of_a_distance_mask_compile_to_the_same_loops() -> None:
+    """benchmarks/static_masks.py: ``kv <= q - 3`` (a key bound int32 cannot read relative to
+    the tile) compiles to the loops of the distance form ``q - kv >= 3``."""
+    import static_masks
+
+    spellings = dict(static_masks.GROUPS["causal, 3 back"])
+    distance = static_masks.measure(spellings["q - kv >= 3"], "sm90", 64)
+    bound = static_masks.measure(spellings["kv <= q - 3"], "sm90", 64)
+    assert distance["masked"] and [kind for kind, _ in distance["loops"]].count("masked") == 1
+    assert bound["loops"] == distance["loops"] and bound["spills"] == 0
