@@ -35,7 +35,7 @@ from __future__ import annotations
 from attndsl.ir import expr as E
 from attndsl.ir.expr import INT, Expr, Op
 from attndsl.passes.affine import int_affine
-from attndsl.passes.int_range import int_ranges, may_wrap
+from attndsl.passes.int_range import int_ranges, may_wrap, reads_data
 from attndsl.passes.rules import simplify
 
 # a bound with n on the left: n OP A for A OP n
@@ -172,7 +172,9 @@ def distance_bound(e: Expr, m: str, n: str) -> Expr | None:
         return None
     coef, k = form
     c = coef.get(m, 0)
-    if c == 0 or coef != {m: c, n: -c} or may_wrap(e):
+    # a parameter or a table value may arrive as any int64 (the ranges assume int32 for a
+    # parameter), where n + W could wrap and m - n >= W not: only values the ranges bound
+    if c == 0 or coef != {m: c, n: -c} or reads_data(k) or may_wrap(e):
         return None
     op = e.op if c > 0 else _FLIPPED[e.op]
     rhs = simplify(-k) if c > 0 else k  # c d + k OP 0  =  |c| d OP' (-k or k)
@@ -232,12 +234,15 @@ def _truth(op: Op, a: tuple[int, int], b: tuple[int, int]) -> bool | None:
 
 
 def decided_compares(e: Expr) -> Expr:
-    """``e`` with each integer comparison that :func:`attndsl.passes.int_range.int_ranges`
-    decides replaced by its truth, and the constants folded (``True & p = p``)."""
+    """``e`` with each integer comparison of indices and constants that
+    :func:`attndsl.passes.int_range.int_ranges` decides replaced by its truth, and the
+    constants folded (``True & p = p``)."""
     ranges = int_ranges(e)
 
     def fold(x: Expr) -> Expr | None:
         if x.op not in _FLIPPED or any(s.dtype != INT or s not in ranges for s in x.src):
+            return None
+        if reads_data(x):  # the ranges assume int32 for a parameter; it may be any int64
             return None
         truth = _truth(x.op, ranges[x.src[0]], ranges[x.src[1]])
         return None if truth is None else E.const(truth)

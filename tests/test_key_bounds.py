@@ -295,3 +295,37 @@ def test_scores_read_on_tile_relative_pairs_give_the_oracles_attention(
         s = s.masked_fill(~(m >= n), float("-inf"))
     w = torch.softmax(s, -1).nan_to_num(0.0)
     torch.testing.assert_close(out.double(), w @ v.double(), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mask", ["mask m >= n + W", "mask n + W <= m & m - n < 40",
+                                  "mask n < W + 4294967296 | m == n"])
+@pytest.mark.parametrize("w", [3, 2**63 - 1, -(2**40), -(2**63)])
+def test_parameters_past_int32_keep_masks_of_sums_as_torch_wraps_them(mask: str, w: int) -> None:
+    """An int parameter may arrive as any int64, where ``n + W`` wraps: a distance or a
+    decided compare reading it would differ from torch, so it is printed as written."""
+    from dataclasses import replace
+
+    from attndsl.checking import TOLERANCE, compare, index_sizes, oracle, random_problem
+    from attndsl.frontend.text import parse_text
+    from attndsl.passes.pipeline import compile_cascade
+    from attndsl.runtime.modules import load_kernel_module
+
+    text = f"""spec s {{
+  index b: B batch, h: H head, m: M query, n: N key, e: E qk, f: F v
+  input Q[B, H, M, E], K[B, H, N, E], V[B, H, N, F]
+  param W: int
+  S[b,h,m,n] = Q[b,h,m,e] * K[b,h,n,e]
+  {mask}
+  O[b,h,m,f] = softmax(n) S[b,h,m,n] * V[b,h,n,f]
+  output O
+}}
+"""
+    (c,) = parse_text(text).values()
+    module = load_kernel_module(compile_cascade(c).kernel)
+    prob = random_problem(c, index_sizes(c, 1, 2, 1, 37, 29, 16, 16), torch.float32,
+                          torch.Generator().manual_seed(3))
+    prob = replace(prob, params={**prob.params, "W": w})
+    ours = module.launch(prob.inputs, prob.params, prob.captured)
+    ref = oracle(c, prob)
+    result = compare(ours, ref)
+    assert not result.nan and result.worst() <= TOLERANCE[torch.float32], result
