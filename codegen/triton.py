@@ -49,6 +49,7 @@ from attndsl.codegen.key_bounds import (
     merge_key_bounds,
     relative_bound,
 )
+from attndsl.codegen.launch_common import _LANES as LENGTH_MARGIN
 from attndsl.codegen.writer import DIM_LETTERS as _DIM_LETTERS
 from attndsl.codegen.writer import SPEC_NAME as _SPEC_NAME
 from attndsl.codegen.writer import Lines
@@ -1127,8 +1128,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
                 for x, (op, a) in relative.bounds.items():
                     hoisted[x] = f"({_COLS} {_PAIRED[op]} ({render_at(L, 1, a, env)} - start_n))"
                 for x, (op, dist) in relative.distances.items():
-                    hoisted[x] = f"(diag {_PAIRED[op]} {dist})" if _diagonal(relative) else \
-                        f"({_ROWS} {_PAIRED[op]} {_shifted_cols(dist)})"
+                    hoisted[x] = _distance_source(op, dist, relative)
                 mask_env = dataclasses.replace(env, hoisted={**env.hoisted, **hoisted})
             L(1, f"keep = {render_at(L, 1, mask, mask_env)}")
             L(1, "if not EVEN_N:\n    keep = keep & col_ok[None, :]")
@@ -1303,6 +1303,8 @@ class IndexPairs:
 
 # |K| of a distance compare read as m - start_n OP j + K (int32-exact beside the columns j)
 _SMALL_DISTANCE = 2**30
+# |K| of one read as (m - start_n - K) OP j: the margin below 2**31 the launchers keep lengths
+_ROW_SHIFT = LENGTH_MARGIN
 
 
 def _distance_compare(x: Expr, m: str, n: str) -> tuple[Op, int] | None:
@@ -1381,6 +1383,20 @@ def _tile_relative(L: Lines, e: Expr, m: str, n: str, env: Env) -> Env:
     for x, (op, k) in relative.distances.items():
         hoisted[x] = f"({rows} {_PAIRED[op]} {_shifted_cols(k)})"
     return dataclasses.replace(env, hoisted={**env.hoisted, **hoisted})
+
+
+def _distance_source(op: Op, k: int, relative: IndexPairs) -> str:
+    """(m - n) OP k of a mask on the tile: on diag, or as the relative rows moved by k
+    against the constant columns (one compare per element, the shift once per row), or, for
+    a larger k, the rows against the columns moved by k.  The launchers refuse lengths past
+    2**31 - _ROW_SHIFT, so (m - start_n) - k of a row in the sequence is int32-exact for
+    |k| <= _ROW_SHIFT (a padded row past the length is never stored)."""
+    if _diagonal(relative):
+        return f"(diag {_PAIRED[op]} {k})"
+    if abs(k) <= _ROW_SHIFT:
+        rows = _ROWS if k == 0 else f"(offs_m_rel {'-' if k > 0 else '+'} {abs(k)})[:, None]"
+        return f"({rows} {_PAIRED[op]} {_COLS})"
+    return f"({_ROWS} {_PAIRED[op]} {_shifted_cols(k)})"
 
 
 def _shifted_cols(k: int) -> str:

@@ -181,6 +181,8 @@ MASKS = {
     "negative_bound": lambda b, h, q, kv: (kv > -3) & (q >= kv) | (kv == 20),
     "far_bound": lambda b, h, q, kv: (kv > -2**40) & (q - 9 < kv),
     "shifted_causal": lambda b, h, q, kv: q >= kv + 3,
+    "far_shifted": lambda b, h, q, kv: q >= kv + 300,
+    "shifted_ahead": lambda b, h, q, kv: kv <= q + 5,
     "window_of_sums": lambda b, h, q, kv: (kv + 5 >= q) & (q + 2 >= kv),
     "scaled_distance": lambda b, h, q, kv: 2 * q >= 2 * kv - 3,
     "decided_distance": lambda b, h, q, kv: (q >= kv + 2**40) | (kv < 4),
@@ -203,14 +205,16 @@ def test_masks_with_key_bounds_give_the_oracles_attention(name: str, lq: int, lk
 
 
 @pytest.mark.parametrize("name, printed", [
-    ("shifted_causal", "keep = (offs_m_rel[:, None] >= (tl.arange(0, BLOCK_N) + 3)[None, :])"),
+    ("shifted_causal", "keep = ((offs_m_rel - 3)[:, None] >= tl.arange(0, BLOCK_N)[None, :])"),
+    ("far_shifted", "keep = (offs_m_rel[:, None] >= (tl.arange(0, BLOCK_N) + 300)[None, :])"),
     ("window_of_sums", "keep = ((diag <= 5) & (diag >= -2))"),
     ("bound_window", "keep = ((diag >= 1) & (diag <= 64))"),
 ])
 def test_distance_masks_are_compared_on_the_tile(name: str, printed: str) -> None:
-    """One distance compare: the relative rows against the shifted constant columns (one
-    compare per element); two: both on diag = m - n (LLVM merges them into one unsigned
-    compare), relative key bounds included."""
+    """One distance compare: the relative rows moved by the distance against the constant
+    columns (one compare per element; a distance past the launchers' length margin moves the
+    columns instead); two: both on diag = m - n (LLVM merges them into one unsigned compare),
+    relative key bounds included."""
     q = torch.randn(1, 1, 64, 16)
     text = _source(q, q, q, mask_mod=MASKS[name], kernel_options=dict(CONFIG))
     assert printed in text
