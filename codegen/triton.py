@@ -44,6 +44,7 @@ from attndsl.codegen.expr import (
 )
 from attndsl.codegen.key_bounds import (
     decided_compares,
+    distance_bound,
     distance_bounds,
     key_bound,
     merge_key_bounds,
@@ -1372,17 +1373,33 @@ def _tile_relative(L: Lines, e: Expr, m: str, n: str, env: Env) -> Env:
     rows r and r + 8 a thread holds meet the same distances, (r + 8) - (j + 8) = r - j, so a
     distance bias (ALiBi's ``slope * (n - m)``) is converted and scaled once per distinct
     distance, not once per element."""
-    relative = _index_pairs(e, m, n, _opaque_reads(env))
-    if relative is None:
-        return env
+    lowered = {}  # comparisons of sums that are distance compares (codegen.key_bounds)
+    for x in e.walk():
+        d = distance_bound(x, m, n)
+        if d is not None and _distance_compare(d, m, n) is not None:
+            lowered[x] = _distance_compare(d, m, n)
+    relative = _index_pairs(e, m, n, _opaque_reads(env) | frozenset(lowered))
     rows = "(offs_m - start_n)[:, None]"
-    hoisted = {x: f"({_COLS} {_PAIRED[op]} {rows})" if swap else f"({rows} {_PAIRED[op]} {_COLS})"
-               for x, (op, swap) in relative.pairs.items()}
-    for x, (op, a) in relative.bounds.items():
-        hoisted[x] = f"({_COLS} {_PAIRED[op]} ({render_at(L, 0, a, env)} - start_n))"
-    for x, (op, k) in relative.distances.items():
-        hoisted[x] = f"({rows} {_PAIRED[op]} {_shifted_cols(k)})"
+    distances = {**lowered, **(relative.distances if relative else {})}
+    hoisted = {x: _score_distance(op, k) for x, (op, k) in distances.items()}
+    if relative is not None:
+        for x, (op, swap) in relative.pairs.items():
+            hoisted[x] = f"({_COLS} {_PAIRED[op]} {rows})" if swap else \
+                f"({rows} {_PAIRED[op]} {_COLS})"
+        for x, (op, a) in relative.bounds.items():
+            hoisted[x] = f"({_COLS} {_PAIRED[op]} ({render_at(L, 0, a, env)} - start_n))"
+    if not hoisted:
+        return env
     return dataclasses.replace(env, hoisted={**env.hoisted, **hoisted})
+
+
+def _score_distance(op: Op, k: int) -> str:
+    """(m - n) OP k inside a score, on the rows relative to start_n (see
+    :func:`_distance_source`)."""
+    if abs(k) <= _ROW_SHIFT:
+        shift = "" if k == 0 else f" {'-' if k > 0 else '+'} {abs(k)}"
+        return f"((offs_m - start_n{shift})[:, None] {_PAIRED[op]} {_COLS})"
+    return f"((offs_m - start_n)[:, None] {_PAIRED[op]} {_shifted_cols(k)})"
 
 
 def _distance_source(op: Op, k: int, relative: IndexPairs) -> str:

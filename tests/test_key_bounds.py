@@ -272,6 +272,8 @@ SCORES = {  # scores that read the indices only in pairs, with their torch form
     "alibi_other_sign": lambda s, h, q, kv: s - (q - kv) * SLOPES[h],
     "compared": lambda s, h, q, kv: torch.where(q >= kv, s, s * 0.5 + (q - kv)),
     "distance_compared": lambda s, h, q, kv: torch.where(q - kv >= 3, s, s * 0.5),
+    "sum_compared": lambda s, h, q, kv: torch.where(kv + 2 <= q, s, s * 0.5 + (q - kv)),
+    "far_sum_compared": lambda s, h, q, kv: torch.where(q >= kv + 300, s * 2.0, s),
 }
 
 
