@@ -141,10 +141,6 @@ def relative_bound(bound: tuple[Op, Expr], ranges: dict[Expr, tuple[int, int]]) 
 
 # m - n of two indices in [0, 2**31 - 2] (attndsl.passes.int_range.INDEX_RANGE)
 _DISTANCE = (-(2**31 - 2), 2**31 - 2)
-_DECIDE = {Op.LT: lambda lo, hi, k: (hi < k, lo >= k), Op.LE: lambda lo, hi, k: (hi <= k, lo > k),
-           Op.GT: lambda lo, hi, k: (lo > k, hi <= k), Op.GE: lambda lo, hi, k: (lo >= k, hi < k),
-           Op.EQ: lambda lo, hi, k: (lo == hi == k, not lo <= k <= hi),
-           Op.NE: lambda lo, hi, k: (not lo <= k <= hi, lo == hi == k)}
 
 
 def _scaled(op: Op, c: int, k: int) -> tuple[Op, int] | bool:
@@ -185,9 +181,9 @@ def distance_bound(e: Expr, m: str, n: str) -> Expr | None:
         op, value = scaled
         if op in (Op.LT, Op.GT):  # non-strict, as written by hand: m - n > -1 is m - n >= 0
             op, value = (Op.LE, value - 1) if op is Op.LT else (Op.GE, value + 1)
-        always, never = _DECIDE[op](*_DISTANCE, value)
-        if always or never:
-            return E.const(bool(always))
+        truth = _truth(op, _DISTANCE, (value, value))
+        if truth is not None:  # every distance of two indices agrees
+            return E.const(truth)
         rhs = E.const(value)
     elif abs(c) != 1 or may_wrap(rhs):
         return None
