@@ -51,6 +51,7 @@ from attndsl.codegen.expr import (
     render_at,
     reset_spills,
 )
+from attndsl.codegen.key_bounds import lowered_mask
 from attndsl.codegen.writer import Lines
 
 from attndsl.ir import expr as E
@@ -272,7 +273,8 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, kind: str) -> None:
     L(0, f"valid = {o.m_ok} & {o.n_ok}")
     if spec.mask is not None:
         L(0, "if MASKED:  # a partial tile: evaluate the mask")
-        L(1, f"valid = valid & ({render_at(L, 1, spec.mask, env)})")
+        mask = lowered_mask(spec.mask, spec.roles["query"], spec.roles["key"])
+        L(1, f"valid = valid & ({render_at(L, 1, mask, env)})")
     _emit_p(L, spec, names, o, env, kind, start)
     L(0, "p = tl.where(valid, p, 0.0)")
     L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")

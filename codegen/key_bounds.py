@@ -244,3 +244,9 @@ def decided_compares(e: Expr) -> Expr:
         return None if truth is None else E.const(truth)
 
     return simplify(e.replace(fold))
+
+
+def lowered_mask(mask: Expr, m: str, n: str) -> Expr:
+    """The mask as the printers evaluate it: decided compares folded, key bounds of one
+    direction merged, comparisons of sums as distance compares (the same boolean)."""
+    return distance_bounds(merge_key_bounds(decided_compares(mask), n), m, n)

@@ -44,6 +44,7 @@ from attndsl.codegen.expr import (
     render_at,
     reset_spills,
 )
+from attndsl.codegen.key_bounds import lowered_mask
 from attndsl.codegen.writer import Lines
 
 from attndsl.ir import expr as E
@@ -244,7 +245,8 @@ def _keep(L: Lines, depth: int, k: TileKernel, env: Env, o: tuple[str, str, str]
     if masked is None:
         L(depth, "if MASKED:  # a partial tile: evaluate the mask")
         depth += 1
-    L(depth, f"keep = keep & ({render_at(L, depth, k.mask, env)})")
+    mask = lowered_mask(k.mask, k.roles["query"], k.roles["key"])
+    L(depth, f"keep = keep & ({render_at(L, depth, mask, env)})")
 
 
 def _block_bounds(L: Lines, depth: int, k: TileKernel, qt: str) -> None:

@@ -42,14 +42,7 @@ from attndsl.codegen.expr import (
     render_at,
     reset_spills,
 )
-from attndsl.codegen.key_bounds import (
-    decided_compares,
-    distance_bound,
-    distance_bounds,
-    key_bound,
-    merge_key_bounds,
-    relative_bound,
-)
+from attndsl.codegen.key_bounds import distance_bound, key_bound, lowered_mask, relative_bound
 from attndsl.codegen.launch_common import _LANES as LENGTH_MARGIN
 from attndsl.codegen.writer import DIM_LETTERS as _DIM_LETTERS
 from attndsl.codegen.writer import SPEC_NAME as _SPEC_NAME
@@ -1116,7 +1109,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
             L(0, "keep = col_ok[None, :]")
             L(0, f"if MASKED:  # a partial tile: {comment(E.render(k.mask))[2:]}")
             mask_env = env
-            mask = distance_bounds(merge_key_bounds(decided_compares(k.mask), n), m, n)
+            mask = lowered_mask(k.mask, m, n)
             relative = _index_pairs(mask, m, n, _opaque_reads(env))
             if relative is not None:
                 L(1, "# the mask reads n only against m or bounds free of n: rows and bounds "

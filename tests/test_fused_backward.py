@@ -95,8 +95,10 @@ def _alibi(s, b, h, q, kv):
 
 @pytest.mark.parametrize("mask", [lambda b, h, q, kv: kv <= q,
                                   lambda b, h, q, kv: (q - kv).abs() < 7,
-                                  lambda b, h, q, kv: (kv < 5) | (kv <= q)],
-                         ids=["causal", "sliding", "prefix"])
+                                  lambda b, h, q, kv: (kv < 5) | (kv <= q),
+                                  lambda b, h, q, kv: (kv + 9 >= q) & (q >= kv + 1),
+                                  lambda b, h, q, kv: (q >= 0) & (q < 20) & (kv <= q - 2)],
+                         ids=["causal", "sliding", "prefix", "window_of_sums", "query_bounded"])
 def test_flex_specs_through_compile_get_fused_gradients_of_captured_tensors(mask) -> None:
     """A learnable ALiBi slope table (a captured tensor read per head) gets its gradient
     from the tile kernel's scatter; fully masked rows (none here for causal) add nothing."""
