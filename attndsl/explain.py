@@ -51,11 +51,25 @@ def explain(c: Cascade, captured: dict[str, torch.Tensor] | None = None, lq: int
         defaults = {p.name: E.const(p.default) for p in c.params if p.default is not None}
         mask = comp.fused.mask.replace(
             lambda n: defaults.get(n.arg) if n.op is Op.PARAM else None)
+        out.append(_section("mask as the kernels evaluate it on partial tiles",
+                            _lowered(comp, comp.fused.mask)))
         out.append(_section(f"mask tiles at Lq={lq}, Lkv={lkv}",
                             _mask_picture(mask, captured or {}, lq, lkv)))
     if target is not None:
         out.append(_section(f"GPU report for {target}", _target_report(comp, target)))
     return "\n".join(out)
+
+
+def _lowered(comp: Compiled, mask: Expr) -> str:
+    """The mask after the printers' lowering (codegen/key_bounds.py: decided compares folded,
+    key bounds merged, comparisons of sums as distance compares), beside the written one."""
+    from attndsl.codegen.key_bounds import lowered_mask
+
+    roles = comp.kernel.roles
+    lowered = lowered_mask(mask, roles["query"], roles["key"])
+    if lowered == mask:
+        return f"{E.render(mask)}  (as written)"
+    return f"{E.render(lowered)}\n  written: {E.render(mask)}"
 
 
 def backward_text(comp: Compiled) -> str:

@@ -156,3 +156,13 @@ def test_an_unknown_target_exits_2_listing_the_known_ones(command: str, tmp_path
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "unknown target 'sm12'; allowed: sm80" in err
+
+
+def test_explain_shows_the_mask_the_kernels_evaluate(capsys, tmp_path) -> None:
+    spec = tmp_path / "shifted.attn"
+    spec.write_text((ROOT / "examples" / "sliding_window.attn").read_text().replace(
+        "mask 0 <= m - n < W", "mask n + 64 >= m & m >= n + 2 & m >= 0"))
+    assert main(["explain", str(spec), "--lq", "128", "--lkv", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "== mask as the kernels evaluate it on partial tiles ==\n(m - n <= 64) & (m - n >= 2)" \
+        "\n  written: ((n + 64 >= m) & (m >= n + 2)) & (m >= 0)" in out
