@@ -13,6 +13,10 @@ fused backward of sigmoid attention (codegen/tile_backward.py: its keys and quer
 against the hand-written sigmoid backward's dK/dV and dQ kernels.
 
     python benchmarks/static_backward.py [--target sm90] [--dims 64 128] [--json out.json] [--diff]
+                                         [--check]
+
+After the table it lists the generated kernels that miss a parity target (benchmarks/parity.py);
+``--check`` exits 1 when there is one.
 
 Loops pair like with like (:func:`pairs`: unmasked with unmasked, masked with masked);
 ``--diff`` prints, per pair, the SASS mnemonics whose counts differ.
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attndsl.runtime import aot  # noqa: E402
 from attndsl.runtime.gpu_report import record_launches  # noqa: E402
+from benchmarks.parity import misses  # noqa: E402
 
 REF_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 LENGTH = 256
@@ -230,7 +235,27 @@ def diffs(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def missed_targets(rows: list[dict]) -> str:
+    """One line per generated kernel that misses a parity target (benchmarks/parity.py), or
+    that it or its reference failed to compile; "" when none does."""
+    keyed = {(r["case"], r["D"], r["kernel"], r["who"]): r for r in rows}
+    lines = []
+    for (case, d, kind, who), r in keyed.items():
+        if who != "generated":
+            continue
+        ref = keyed.get((case, d, kind, "reference"))
+        broken = [f"{side}: {x.get('error', 'not compiled') if x else 'not compiled'}"
+                  for side, x in (("generated", r), ("reference", ref)) if not x or "error" in x]
+        found = broken or misses(
+            [(label, r["loops"][g][0] / ref["loops"][h][0])
+             for label, g, h in pairs(r["loops"], ref["loops"])],
+            (r["registers"], ref["registers"]), (r["spills"], ref["spills"]))
+        if found:
+            lines.append(f"- {case} D={d} {kind}: " + "; ".join(found))
+    return "\n".join(lines)
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="sm90")
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
@@ -238,14 +263,19 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--diff", action="store_true",
                     help="print the opcode counts that differ per paired loop")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 when a generated kernel misses a parity target")
     args = ap.parse_args()
     rows = measure(args.target, args.dims, tuple(args.cases))
     print(table(rows))
+    missed = missed_targets(rows)
+    print(f"\nParity targets missed ({args.target}, benchmarks/parity.py):\n{missed or 'none'}")
     if args.diff:
         print(diffs(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if args.check and missed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

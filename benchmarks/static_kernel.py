@@ -58,6 +58,10 @@ Usage::
     python benchmarks/static_kernel.py --quick         # causal, sm90, fp16, D=64
     python benchmarks/static_kernel.py --cases dense,causal --targets sm90 --dims 128
     python benchmarks/static_kernel.py --cases dense,causal --targets sm90 --no-backward --no-tma
+    python benchmarks/static_kernel.py --rescore benchmarks/results/X.json --check
+
+The .md lists the rows whose default launch misses a parity target (benchmarks/parity.py);
+``--check`` exits 1 when there is one.
 
 Writes ``benchmarks/results/static_kernel_<date>.json`` and ``.md`` (``--out`` to change).
 """
@@ -90,6 +94,7 @@ from attndsl.frontend.load import load_spec  # noqa: E402
 from attndsl.runtime.aot import CompiledReport, KernelSpec, compile_kernels  # noqa: E402
 from attndsl.runtime.gpu_report import RecordedLaunch, record_launches  # noqa: E402
 from attndsl.runtime.sass import KeyTileLoop  # noqa: E402
+from benchmarks.parity import misses  # noqa: E402
 from benchmarks.reference import backward as ref_bwd  # noqa: E402
 from benchmarks.reference import forward as ref_fwd  # noqa: E402
 
@@ -576,6 +581,32 @@ def _regs_pair(row: dict) -> str:
     return text
 
 
+def row_misses(row: dict) -> list[str]:
+    """The parity targets (benchmarks/parity.py) that the row's default launch misses; a side
+    that failed to compile is a miss too."""
+    tma = _default_is_tma(row)
+    gen = (row["generated_tma"] if tma else row["generated"]) or {}
+    ref = row["reference"] or {}
+    broken = [f"{who}: {side.get('error', 'not compiled')}" for who, side in
+              (("generated", gen), ("reference", ref)) if "registers" not in side]
+    if broken:
+        return broken
+    pairs = row["tma_loops" if tma else "loops"]
+    return misses([(pair["kind"], pair["ratio"]) for pair in pairs],
+                  (gen["registers"], ref["registers"]), (gen["spills"], ref["spills"]))
+
+
+def missed_targets(rows: list[dict]) -> str:
+    """One line per row whose default launch misses a parity target ("" when none does)."""
+    lines = []
+    for row in rows:
+        found = row_misses(row)
+        if found:
+            lines.append(f"- {row['direction'][:3]} {row['case']} {row['target']} {row['dtype']} "
+                         f"D={row['dim']} {row['kernel']}: " + "; ".join(found))
+    return "\n".join(lines)
+
+
 def summary(rows: list[dict], dtype: str = "fp16") -> str:
     """One line per (direction, case, D, kernel) with key-tile loops: per target the loop
     ratios (unmasked / masked, the worst loop of each kind) and registers (gen / ref, ``s``:
@@ -614,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{', '.join(TMA_TARGETS)} (the default except with --quick)")
     parser.add_argument("--no-tma", action="store_true",
                         help="the pointer-load variant only (what sm80 and CPU launches run)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a row's default launch misses a parity target "
+                             "(benchmarks/parity.py)")
     parser.add_argument("--jobs", type=int, default=2, help="compiling children (at most 2)")
     parser.add_argument("--rescore", help="recompute the pairs and tables of a JSON result")
     parser.add_argument("--out", help="output path without extension "
@@ -634,8 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rescore:
         path = Path(args.rescore)
         data = json.loads(path.read_text())
-        return _write(rescore(path), data["meta"], path.with_suffix(""),
-                      sorted({r["dtype"] for r in data["rows"]}))
+        rows = rescore(path)
+        _write(rows, data["meta"], path.with_suffix(""), sorted({r["dtype"] for r in rows}))
+        return 1 if args.check and missed_targets(rows) else 0
     t0 = time.perf_counter()
     tma = args.tma or not (args.quick or args.no_tma)
     jobs = forward_jobs(fwd_cases, targets, dtypes, dims, tma) + \
@@ -652,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         ROOT / "benchmarks" / "results" / f"static_kernel_{meta['date']}"
     _write(rows, meta, out, dtypes)
     print(f"{len(jobs)} kernels compiled in {meta['seconds']} s; wrote {out}.json and .md")
-    return 0
+    return 1 if args.check and missed_targets(rows) else 0
 
 
 def _write(rows: list[dict], meta: dict, out: Path, dtypes: list[str]) -> int:
@@ -665,8 +700,12 @@ def _write(rows: list[dict], meta: dict, out: Path, dtypes: list[str]) -> int:
     tma = tma_table(rows) if any("generated_tma" in r for r in rows) else ""
     if tma:
         tma = f"Tensor-descriptor (TMA) variant of the generated forward:\n\n{tma}\n"
-    out.with_suffix(".md").write_text(f"{short}\n{tma}All loops:\n\n{markdown(rows, meta)}")
+    missed = missed_targets(rows) or "none"
+    missed = f"Parity targets missed (benchmarks/parity.py), default launches:\n\n{missed}\n"
+    out.with_suffix(".md").write_text(f"{short}\n{missed}\n{tma}All loops:\n\n"
+                                      f"{markdown(rows, meta)}")
     print(short)
+    print(missed)
     return 0
 
 

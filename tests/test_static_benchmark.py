@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import static_kernel  # noqa: E402
 
+from benchmarks import parity, static_backward  # noqa: E402
+
 
 def test_quick_run_writes_loop_counts_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "quick"
@@ -50,6 +52,9 @@ def test_quick_run_writes_loop_counts_and_ratios(tmp_path: Path) -> None:
         assert pair["ratio"] == pytest.approx(gen["all"] / ref["all"], abs=1e-3)
     table = out.with_suffix(".md").read_text()
     assert "| for | causal | sm90 | fp16 | 64 | fwd | masked |" in table
+    # the parity guard: this cell meets every target on each triton of the version matrix
+    assert static_kernel.row_misses(row) == []
+    assert "Parity targets missed (benchmarks/parity.py), default launches:\n\nnone" in table
 
 
 def _loop(compares: int, all_: int = 100, selects: int = 2) -> KeyTileLoop:
@@ -153,3 +158,46 @@ def test_spellings_of_a_distance_mask_compile_to_the_same_loops() -> None:
     bound = static_masks.measure(spellings["kv <= q - 3"], "sm90", 64)
     assert distance["masked"] and [kind for kind, _ in distance["loops"]].count("masked") == 1
     assert bound["loops"] == distance["loops"] and bound["spills"] == 0
+
+
+def test_the_parity_targets_bound_each_loop_kind_the_registers_and_the_spills() -> None:
+    assert parity.misses([("unmasked", 1.0), ("masked", 1.05)], (188, 180), (0, 0)) == []
+    assert parity.misses([("unmasked", 1.0004)], (100, 100), (0, 0)) == []  # rounds to 1.000
+    assert parity.misses([("unmasked", 1.0006), ("masked", 1.051)], (189, 180), (2, 0)) == [
+        "unmasked loop 1.001 > 1.00", "masked loop 1.051 > 1.05", "registers 189 > 180 + 8",
+        "2 spills where the reference has none"]
+    assert parity.misses([("masked", None)], (255, 255), (14, 20)) == []  # unpaired; ref spills
+
+
+def test_a_row_lists_what_its_default_launch_misses() -> None:
+    row = _row("generated")  # pointer variant: 300 / 334 instructions, 123 / 108 registers
+    assert static_kernel.row_misses(row) == ["registers 123 > 108 + 8"]
+    assert static_kernel.row_misses(_row("generated_tma")) == []  # 110 / 108 registers
+    row["reference"] = {"error": "CompilationError: out of resources"}
+    assert static_kernel.row_misses(row) == ["reference: CompilationError: out of resources"]
+    listed = static_kernel.missed_targets([_row("generated"), _row("generated_tma")])
+    assert listed == "- for dense sm90 fp16 D=64 fwd: registers 123 > 108 + 8"
+
+
+def test_the_backward_lists_the_kernels_that_miss_a_target() -> None:
+    def side(who: str, kernel: str, loops: list, registers: int) -> dict:
+        return {"case": "dense", "D": 128, "kernel": kernel, "who": who, "registers": registers,
+                "spills": 0, "loops": [(n, 36, 32, n - 68) for n in loops]}
+
+    rows = [side("generated", "dq", [355], 127), side("reference", "dq", [339], 137),
+            side("generated", "dkdv", [388], 176), side("reference", "dkdv", [399], 195)]
+    assert static_backward.missed_targets(rows) == "- dense D=128 dq: unmasked loop 1.047 > 1.00"
+    rows[2]["registers"] = 204
+    assert static_backward.missed_targets(rows).splitlines()[1] == \
+        "- dense D=128 dkdv: registers 204 > 195 + 8"
+
+
+def test_the_causal_backward_meets_the_parity_targets_on_sm90() -> None:
+    """A parity guard on the installed triton: the causal D=64 dK/dV and dQ kernels, compiled
+    for sm_90a next to the hand-written FA2 backward (each triton of the version matrix meets
+    every target there)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "static_backward.py"),
+                           "--target", "sm90", "--dims", "64", "--cases", "causal", "--check"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "Parity targets missed (sm90, benchmarks/parity.py):\nnone" in proc.stdout
