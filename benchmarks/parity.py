@@ -20,11 +20,12 @@ REGISTER_MARGIN = 8  # registers a generated kernel may hold beyond the referenc
 
 
 def misses(ratios: Iterable[tuple[str, float | None]], registers: tuple[int, int],
-           spills: tuple[int, int]) -> list[str]:
+           spills: tuple[int, int], occupancy: tuple[int, int] | None = None) -> list[str]:
     """The targets missed by one generated kernel against its reference: ``ratios`` holds
     (loop kind, ratio or None when unpaired) per generated loop, ``registers`` and ``spills``
     are (generated, reference).  Ratios are compared as rounded to three decimals (as the
-    benchmarks report them)."""
+    benchmarks report them).  ``occupancy`` (programs per SM, generated and reference) goes
+    beside a register miss: whether the extra registers cost resident programs."""
     out = []
     for kind, ratio in ratios:
         limit = LOOP_LIMITS.get(kind)
@@ -32,7 +33,10 @@ def misses(ratios: Iterable[tuple[str, float | None]], registers: tuple[int, int
             out.append(f"{kind} loop {ratio:.3f} > {limit:.2f}")
     gen_regs, ref_regs = registers
     if gen_regs > ref_regs + REGISTER_MARGIN:
-        out.append(f"registers {gen_regs} > {ref_regs} + {REGISTER_MARGIN}")
+        line = f"registers {gen_regs} > {ref_regs} + {REGISTER_MARGIN}"
+        if occupancy is not None:
+            line += f" (programs per SM: {occupancy[0]}, reference {occupancy[1]})"
+        out.append(line)
     gen_spills, ref_spills = spills
     if gen_spills and not ref_spills:
         out.append(f"{gen_spills} spills where the reference has none")

@@ -91,7 +91,12 @@ from _common import and_masks, causal_mask  # noqa: E402  (examples/_common.py)
 
 import attndsl  # noqa: E402
 from attndsl.frontend.load import load_spec  # noqa: E402
-from attndsl.runtime.aot import CompiledReport, KernelSpec, compile_kernels  # noqa: E402
+from attndsl.runtime.aot import (  # noqa: E402
+    CompiledReport,
+    KernelSpec,
+    compile_kernels,
+    estimate_occupancy,
+)
 from attndsl.runtime.gpu_report import RecordedLaunch, record_launches  # noqa: E402
 from attndsl.runtime.sass import KeyTileLoop  # noqa: E402
 from benchmarks.parity import misses  # noqa: E402
@@ -592,8 +597,12 @@ def row_misses(row: dict) -> list[str]:
     if broken:
         return broken
     pairs = row["tma_loops" if tma else "loops"]
+    occupancy = tuple(estimate_occupancy(side["registers"], side["shared_bytes"],
+                                         side["num_warps"], row["target"])[0]
+                      for side in (gen, ref))
     return misses([(pair["kind"], pair["ratio"]) for pair in pairs],
-                  (gen["registers"], ref["registers"]), (gen["spills"], ref["spills"]))
+                  (gen["registers"], ref["registers"]), (gen["spills"], ref["spills"]),
+                  occupancy)
 
 
 def missed_targets(rows: list[dict]) -> str:

@@ -126,7 +126,7 @@ def _loop_row(all_: int) -> dict:
 
 def _side(registers: int, tma: int = 0, all_: int = 300) -> dict:
     return {"registers": registers, "spills": 0, "stack": 0, "tma": tma, "shared_bytes": 65536,
-            "loops": [_loop_row(all_)]}
+            "num_warps": 8, "loops": [_loop_row(all_)]}
 
 
 def _row(default: str) -> dict:
@@ -167,16 +167,21 @@ def test_the_parity_targets_bound_each_loop_kind_the_registers_and_the_spills() 
         "unmasked loop 1.001 > 1.00", "masked loop 1.051 > 1.05", "registers 189 > 180 + 8",
         "2 spills where the reference has none"]
     assert parity.misses([("masked", None)], (255, 255), (14, 20)) == []  # unpaired; ref spills
+    assert parity.misses([], (200, 180), (0, 0), (1, 2)) == [
+        "registers 200 > 180 + 8 (programs per SM: 1, reference 2)"]
 
 
 def test_a_row_lists_what_its_default_launch_misses() -> None:
     row = _row("generated")  # pointer variant: 300 / 334 instructions, 123 / 108 registers
-    assert static_kernel.row_misses(row) == ["registers 123 > 108 + 8"]
+    # 256 threads of 123 or of 108 registers: two programs fill an SM's 64K registers
+    assert static_kernel.row_misses(row) == ["registers 123 > 108 + 8 (programs per SM: 2, "
+                                             "reference 2)"]
     assert static_kernel.row_misses(_row("generated_tma")) == []  # 110 / 108 registers
     row["reference"] = {"error": "CompilationError: out of resources"}
     assert static_kernel.row_misses(row) == ["reference: CompilationError: out of resources"]
     listed = static_kernel.missed_targets([_row("generated"), _row("generated_tma")])
-    assert listed == "- for dense sm90 fp16 D=64 fwd: registers 123 > 108 + 8"
+    assert listed == ("- for dense sm90 fp16 D=64 fwd: registers 123 > 108 + 8 (programs per "
+                      "SM: 2, reference 2)")
 
 
 def test_the_backward_lists_the_kernels_that_miss_a_target() -> None:
