@@ -101,6 +101,21 @@ def _ptr(t: str, parts: list[str]) -> str:
     return writer.role_offset(*_ROLES[t][:2], parts)
 
 
+def _row_strides() -> dict[str, str]:
+    """The stride of the rows of every 2-D tile role (Q, K, V, O, dO, dQ, dK, dV) -> the length
+    of its columns: the kernels take them as constexprs (writer.row_strides_note)."""
+    out = {}
+    for t, (_, letters, _) in _ROLES.items():
+        if len(letters) == 4:
+            dims = dict(zip(letters, _tensor_args(t)[1:], strict=True))
+            row = dims.get("m") or dims["n"]
+            out[row] = "E_len" if "k" in letters else "F_len"
+    return out
+
+
+ROW_STRIDES = _row_strides()
+
+
 def _widen(L: Lines, tensors: tuple[str, ...]) -> None:
     """The strides of the role ``tensors`` a kernel reads, as int64 unless I32_TILES."""
     writer.widen_strides(L, 1, [s for t in tensors for s in _tensor_args(t)[1:]])
@@ -468,7 +483,8 @@ def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
                      doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
                      "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
                      "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
-                     "guard) less the query-only terms of T log2e.", notes=_notes())
+                     "guard) less the query-only terms of T log2e.", notes=_notes(),
+                     specialised=ROW_STRIDES)
     writer.program(L, "pid_m")
     _widen(L, ("O", "DO", "DLSE", "DELTA", "LSE", "LSE2"))
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
@@ -579,7 +595,8 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
                      "the G query\nheads of the group and over the query tiles (SPARSITY 0 = "
                      "every tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); "
                      "dK and dV sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients "
-                     "are float32 atomic adds.", notes=_notes())
+                     "are float32 atomic adds.", notes=_notes(),
+                     specialised=ROW_STRIDES)
     writer.program(L, "pid_n", "pid_bhkv", "n_kv_heads", "off_hkv")
     _widen(L, ("Q", "K", "V", "DO", "LSE2", "DELTA", "DQ", "DK", "DV"))
     L(1, "start_n = pid_n * BLOCK_N\noffs_n = start_n + tl.arange(0, BLOCK_N)")
@@ -629,7 +646,8 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     writer.signature(L, "attention_bwd_dq_kernel", args, const, writer.EVEN,
                      "One program: BLOCK_M query rows of one (batch, head); loops over the "
                      "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
-                     "atomics (deterministic).", notes=_notes())
+                     "atomics (deterministic).", notes=_notes(),
+                     specialised=ROW_STRIDES)
     writer.program(L, "pid_m")
     _widen(L, ("Q", "K", "V", "DO", "LSE2", "DELTA", "DQ"))
     L(1, "off_hkv = off_h // G")
@@ -682,6 +700,7 @@ def generate_backward(c: Cascade, version: str) -> str:
             "attention_bwd_dkdv_kernel": _emit_dkdv(L, spec, names),
             "attention_bwd_dq_kernel": _emit_dq(L, spec, names)}
     writer.kernel_args(L, args)
+    L(0, writer.row_strides_note(ROW_STRIDES) + "\n")
     L(0, writer.launcher_sources("backward_launcher.py",
                                  (writer.COMMON, writer.BLOCK_TABLES, writer.BY_NAME)))
     return "\n".join(L.out) + "\n"

@@ -71,6 +71,8 @@ _UNARY = {Op.EXP: "tl.exp({})", Op.EXP2: "tl.exp2({})", Op.LOG: "tl.log({})",
           Op.SQRT: "tl.sqrt({})", Op.NEG: "(-{})",
           # tanh x = 1 - 2 / (2^(2 x log2 e) + 1): one exp2 and one division (see _tanh_exp2)
           Op.TANH: f"(1.0 - 2.0 / (tl.exp2({{}} * {2 * LOG2E!r}) + 1.0))"}
+# integer arithmetic, whose bool operands the printer widens (int1 + int1 wraps to 0)
+_INT_ARITH = (Op.ADD, Op.SUB, Op.MUL, Op.FLOORDIV, Op.MOD, Op.MAX, Op.MIN, Op.POW)
 _BINARY = {Op.ADD: "({} + {})", Op.SUB: "({} - {})", Op.MUL: "({} * {})",
            Op.LT: "({} < {})", Op.LE: "({} <= {})", Op.GT: "({} > {})", Op.GE: "({} >= {})",
            Op.EQ: "({} == {})", Op.NE: "({} != {})", Op.AND: "({} & {})", Op.OR: "({} | {})",
@@ -274,9 +276,10 @@ def _shr(a, b):
 @triton.jit
 def _safe_div_scalar(a, b):
     """_safe_div for a divisor that is one scalar (the interpreter cannot & a scalar bool with
-    a tile of them)."""
-    q = a / b
-    return tl.where(a == 0, tl.where(b == 0, 0.0, q), q)
+    a tile of them, and divides two scalar parameters as Python floats, where / 0 raises):
+    0 / 0 = 0, a / 0 = a * inf (a zero divisor counts as +0)."""
+    q = a / tl.where(b == 0, 1.0, b)
+    return tl.where(b == 0, tl.where(a == 0, 0.0, a * float("inf")), q)
 
 
 @triton.jit
@@ -563,6 +566,12 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
             return f"_round_bf16({a[0]})"
         return f"({a[0]}).to(tl.float16).to(tl.float32)"
     if op is Op.CAST:
+        c = e.src[0]
+        if e.arg == INT and c.op is Op.CONST and not (math.isfinite(c.arg) and
+                                                      abs(c.arg) < 2**63):
+            raise CodegenError(f"int() of the constant {c.arg!r}: no int64 holds it (torch's "
+                               f"result is platform-dependent there); use a finite value "
+                               f"below 2**63")
         if e.arg == INT:
             return env.to_i64(a[0]) if env.wide(e) else f"({a[0]}).to(tl.int32)"
         return {FLOAT: "({}).to(tl.float32)", BOOL: "(({}) != 0)"}[e.arg].format(a[0])
@@ -577,6 +586,14 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
         if _scalar(d, env):
             return f"_safe_div_scalar({a[0]}, {a[1]})"
         return f"_safe_div({a[0]}, {a[1]})"
+    if op in (Op.FLOORDIV, Op.MOD) and e.dtype == INT and \
+            all(s.op is Op.CONST for s in e.src) and e.src[1].arg != 0:
+        # Python's floor semantics on two literals (inside @triton.jit, // and % of Python
+        # ints already floor: _floor_div would correct them a second time)
+        x, y = int(e.src[0].arg), int(e.src[1].arg)
+        return literal(x // y if op is Op.FLOORDIV else x % y)
+    if op in _INT_ARITH and e.dtype == INT:  # bool operands count as 0 / 1, not as int1
+        a = [f"({x}).to(tl.int32)" if s.dtype == BOOL else x for s, x in zip(e.src, a)]
     if op is Op.FLOORDIV:
         if e.dtype == FLOAT:
             return f"tl.floor(({a[0]}) / ({a[1]}))"
@@ -593,6 +610,9 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
         return _pow(e, a)
     if op is Op.TRUEDIV and e.arg == "absorbed":  # see _absorbed_quotient
         return f"_absorbed_div({a[0]}, {a[1]})"
+    if op in (Op.MAX, Op.MIN) and e.dtype == FLOAT:  # torch's: a NaN operand gives NaN
+        fn = "maximum" if op is Op.MAX else "minimum"
+        return f"tl.{fn}({a[0]}, {a[1]}, propagate_nan=tl.PropagateNan.ALL)"
     if op in _BINARY:
         return _BINARY[op].format(*a)
     raise CodegenError(f"no Triton rule for {op.name}")

@@ -121,6 +121,18 @@ class _Names:
                                         [letter_of.get(x) for x in st.indices],
                                         f"d {st.name}, float32")
                        for st in k.stores}
+        # the stride of the rows of each tile the kernels read or write -> the length of its
+        # columns: taken as constexprs (writer.row_strides_note)
+        self.row_strides: dict[str, str] = {}
+        for o in k.operands:
+            cols = "F_len" if o.side == "v" else "E_len"
+            for ptr in (self.tensors[o.tensor], self.grads[o.tensor]):
+                self.row_strides[self.strides[ptr][o.row_dim]] = cols
+        m = k.roles["query"]
+        for st in k.stores:
+            if st.tile and m in st.indices:
+                self.row_strides[self.strides[self.stores[st.name]][st.indices.index(m)]] = \
+                    "F_len"
 
     def args(self, ptr: str) -> list[str]:
         """A pointer and its stride arguments."""
@@ -318,7 +330,7 @@ _CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION", "UPC
 def _signature(L: Lines, fn: str, args: list[str], doc: str, names: _Names) -> None:
     names.kernel_args[fn] = list(args)  # the KERNEL_ARGS table of the launch by keyword
     writer.signature(L, fn, args, (*_CONSTEXPRS, *names.static.values()), writer.EVEN, doc,
-                     names.spec)
+                     names.spec, specialised=names.row_strides)
 
 
 def _common_args(b: TileBackward, names: _Names) -> list[str]:
@@ -855,6 +867,7 @@ def generate_tile_backward(b: TileBackward, version: str) -> str:
     _emit_queries_kernel(L, b, names)
     L(0, "")
     writer.kernel_args(L, names.kernel_args)
+    L(0, writer.row_strides_note(names.row_strides) + "\n")
     L(0, writer.launcher_sources("tile_backward_launcher.py",
                                  (writer.COMMON, writer.TILE_KERNEL, writer.BY_NAME)))
     return "\n".join(L.out) + "\n"

@@ -633,7 +633,8 @@ for name, part in (("attention_bwd_dkdv_kernel", "dkdv"), ("attention_bwd_dq_ker
                   SPARSITY=2, SPARSE_Q=128, SPARSE_KV=128, DOT_PRECISION="tf32", UPCAST=False,
                   ATOMIC_DQ=True, ANCHOR_M=max(cfg["dkdv"]["BLOCK_M"], cfg["dq"]["BLOCK_M"]),
                   G=1,  # query heads per key/value head: a constexpr of the backward kernels
-                  **{f"NEED_{p}": True for p in mod.GRADS.values()})
+                  **{f"NEED_{p}": True for p in mod.GRADS.values()},
+                  **dict.fromkeys(mod.ROW_STRIDES, 64))  # contiguous [.., L, 64] tiles
     consts = {k: v for k, v in consts.items() if k in params}
     r = compile_kernel(fn, sig, consts, "sm_90", c["num_warps"], c["num_stages"])
     out[part] = {"registers": r.registers, "spills": r.spill_stores, "tc": r.tc_kind}
@@ -940,7 +941,8 @@ def test_query_tiles_of_different_heights_in_the_two_kernels_share_one_anchor() 
 def test_backward_kernels_take_role_names_and_are_launched_by_keyword() -> None:
     """Both backward modules (FlexAttention and fused) name pointers by role (``q_ptr`` with
     ``stride_qm``), with what they stand for in a comment, and list each kernel's runtime
-    arguments in KERNEL_ARGS, exactly its non-constexpr parameters in order: the launchers
+    arguments in KERNEL_ARGS, exactly its non-constexpr parameters and its row strides (the
+    constexprs ROW_STRIDES names) in order: the launchers
     pass them by keyword (launch_common._launch), so a list that drifts is an error."""
     slopes = torch.rand(2)
     flex = backward_source(lower_flex(lambda s, b, h, q, kv: s + slopes[h] * (kv - q),
@@ -956,10 +958,12 @@ def test_backward_kernels_take_role_names_and_are_launched_by_keyword() -> None:
         tree = ast.parse(src)
         table = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                      and getattr(n.targets[0], "id", "") == "KERNEL_ARGS")
+        rows = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                    and getattr(n.targets[0], "id", "") == "ROW_STRIDES")
         fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-        for name in kernels:
-            params = [a.arg for a in fns[name].args.args
-                      if "constexpr" not in ast.unparse(a.annotation or ast.Constant(""))]
+        for name in kernels:  # the row strides are constexprs passed by keyword too
+            params = [a.arg for a in fns[name].args.args if a.arg in rows or
+                      "constexpr" not in ast.unparse(a.annotation or ast.Constant(""))]
             assert list(table[name]) == params, name
             old = r"(Q|K|V|O|DO|LSE2?|DLSE|DELTA|DQ|DK|DV|T\d+|DT\d+|P\d+|DY\d+)(_s\d+)?"
             assert not [p for p in params if re.fullmatch(old, p)], name

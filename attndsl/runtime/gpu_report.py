@@ -39,12 +39,14 @@ def _next_pow2(x: int) -> int:
 
 
 def signature(module: Any, dtype: str, e: int, f: int) -> tuple[dict, dict]:
-    """(signature, unit-stride constexprs) as a launch with contiguous tensors specialises.
+    """(signature, stride constexprs) as a launch with contiguous tensors specialises.
 
     The strides come from the module's ``STRIDES`` table (pointer -> its stride arguments in
     dim order), not from their names: the last one of every tensor is 1 (specialised to a
-    constant); the others of the attention operands and outputs are multiples of 16 when both
-    head dims are (a contiguous [.., rows, D] tensor), those of captured tensors plain i32."""
+    constant); the row strides the kernel takes as constexprs (``ROW_STRIDES``) are the head
+    dim of their tile (a contiguous [.., rows, D] tensor); the others of the attention
+    operands and outputs are multiples of 16 when both head dims are, those of captured
+    tensors plain i32."""
     strides: dict[str, tuple[str, ...]] = module.STRIDES
     tiles = {entry[0] for table in (module.OPERANDS, module.OUTPUTS)
              for entry in table.values()}
@@ -55,7 +57,8 @@ def signature(module: Any, dtype: str, e: int, f: int) -> tuple[dict, dict]:
             kind[name] = "unit" if d == len(names) - 1 else \
                 "i32:16" if ptr in tiles and aligned else "i32"
     sig: dict[str, str] = {}
-    units: dict[str, int] = {}
+    units: dict[str, int] = {a: e if cols == "E_len" else f
+                             for a, cols in getattr(module, "ROW_STRIDES", {}).items()}
     for a, ty in module.ARG_TYPES.items():
         if kind.get(a) == "unit":
             units[a] = 1  # contiguous last dim: specialised to 1 at launch
