@@ -43,7 +43,7 @@ from attndsl.runtime.kernels import compiled as _compiled
 from attndsl.runtime.kernels import launch_attention
 from attndsl.runtime.linear import AUTO, check_chunk, run_linear, scan_inputs
 from attndsl.runtime.modules import module_source
-from attndsl.runtime.plan import block_mask_plan, kernel_plan, mask_plan
+from attndsl.runtime.plan import block_mask_plan, check_broadcast, kernel_plan, mask_plan
 from attndsl.runtime.user_names import names_captured_tensors
 
 Tensor = torch.Tensor
@@ -93,6 +93,7 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor,
     lq, lkv = query.shape[2], key.shape[2]
     plan = block_mask_plan(block_mask, lq, lkv)
     spec = lower_flex(score_mod, _mask_of(block_mask, mask_mod))
+    check_broadcast(block_mask, spec.cascade, query.shape[0], query.shape[1])
     if torch.is_grad_enabled() and any(t.requires_grad for t in
                                        (query, key, value, *spec.captured.values())):
         return _trainable(query, key, value, score_mod, block_mask, scale, enable_gqa,
@@ -193,8 +194,10 @@ class Kernel:
         if scans:  # prefix sums (differentiable torch ops): the fused backward's dG flows on
             cap = {**cap, **scan_inputs(self.compiled.cascade, {**inputs, **cap}, params or {})}
         if block_mask is not None:
-            key = next(t for n, t in inputs.items() if n != next(iter(inputs)))
-            tables = block_mask_plan(block_mask, first.shape[-2], key.shape[-2]).launch_tables()
+            c = self.compiled.cascade
+            lq, lkv = (_extent(c, inputs, r) for r in ("query", "key"))
+            check_broadcast(block_mask, c, *(_extent(c, inputs, r) for r in ("batch", "head")))
+            tables = block_mask_plan(block_mask, lq, lkv).launch_tables()
         else:
             tables = self._mask_plan({**inputs, **cap}, params or {}, first.device)
         run = lambda: module.launch(  # noqa: E731
@@ -290,6 +293,20 @@ class Kernel:
         """The launch tables of a call without a block mask (:func:`kernel_plan`)."""
         return kernel_plan(self.compiled.cascade, self.module, tensors, params,
                            device).launch_tables()
+
+
+def _extent(c: Cascade, inputs: dict[str, Tensor], role: str) -> int:
+    """The length of the index of ``role`` (query, key, batch, head), read off the first
+    input that holds it by the cascade's declarations (not by the inputs' order); 1 for a
+    role the cascade has no index of."""
+    if c.role(role) is None:
+        return 1
+    extent = c.index(c.role(role)).extent
+    for decl in c.tensors:
+        if decl.name in inputs and extent in decl.dims:
+            return int(inputs[decl.name].shape[decl.dims.index(extent)])
+    raise AttentionError(f"cascade {c.name!r}: no input holds the {role} extent {extent}, "
+                         f"which a block_mask is built for")
 
 
 class _KernelFunction(torch.autograd.Function):

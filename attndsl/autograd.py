@@ -53,7 +53,7 @@ from attndsl.passes.tile_grad import derive_tile_backward
 from attndsl.runtime.checks import AttentionError, check_qkv, mask_of, shapes_only
 from attndsl.runtime.kernels import compiled
 from attndsl.runtime.modules import VERSION, load_source, spec_hash
-from attndsl.runtime.plan import block_mask_plan
+from attndsl.runtime.plan import block_mask_plan, check_broadcast
 
 Tensor = torch.Tensor
 
@@ -363,6 +363,7 @@ def flex_attention_trainable(query: Tensor, key: Tensor, value: Tensor,
         entry_key, captured = _prepare(score_mod, mask_fn)
         names = _SPECS[entry_key].captured
         captured = list(shapes_only(dict(zip(names, captured)), query.device).values())
+    check_broadcast(block_mask, _SPECS[entry_key].cascade, query.shape[0], query.shape[1])
     tables, q_block, kv_block = block_mask_plan(block_mask, lq, lkv).op_args()
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])

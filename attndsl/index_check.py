@@ -195,6 +195,9 @@ def _iv_pow(a, b):
     if b[0] != b[1] or not math.isfinite(b[0]):
         return _UNKNOWN
     k = b[0]
+    big = max(abs(a[0]), abs(a[1]))
+    if big > 1 and k > 0 and k * math.log2(big) > 256:  # far past int64 and float32: the
+        return _UNKNOWN  # bounds say nothing, and a Python int power of them may not finish
     try:
         if k == int(k) and k >= 0:
             k = int(k)

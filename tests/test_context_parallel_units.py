@@ -100,6 +100,21 @@ def test_rows_empty_in_every_part_merge_to_zero_and_minus_infinity_not_nan():
                                                                                           0.5))
 
 
+def test_a_sink_of_minus_infinity_leaves_an_empty_row_zero_with_finite_gradients():
+    """e^-inf adds nothing: an empty row stays (0, -inf) and a kept row is unchanged; lse -
+    sink is NaN there, which must reach neither the output nor a gradient."""
+    out = torch.zeros(1, 1, 2, 4)
+    out[0, 0, 1] = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    out.requires_grad_(True)
+    lse = torch.tensor([[[float("-inf"), 0.25]]], requires_grad=True)
+    sink = torch.tensor([float("-inf")], requires_grad=True)
+    got, got_lse = add_sink(out, lse, sink)
+    assert torch.equal(got.detach(), out.detach()) and torch.equal(got_lse.detach(), lse.detach())
+    (got.sum() + got_lse[..., 1].sum()).backward()
+    for t in (out, lse, sink):
+        assert bool(torch.isfinite(t.grad).all()), t.grad
+
+
 def _classes(mask_mod, length: int, world: int, layout: str = "contiguous"):
     spec = lower_flex(None, mask_mod)
     pos = [positions(layout, length, world, r) for r in range(world)]

@@ -165,6 +165,31 @@ def test_sinks_enter_each_denominator_once_whatever_the_split_count() -> None:
                                        rtol=2e-5)
 
 
+def test_a_sink_of_minus_infinity_is_no_sink_and_an_empty_sequence_gives_zero() -> None:
+    k, v = torch.randn(2, 1, 48, D), torch.randn(2, 1, 48, D)
+    q, lengths = torch.randn(2, 2, 1, D), torch.tensor([0, 40])
+    out, lse = attndsl.decode(q, k, v, lengths, sinks=torch.full((2,), -math.inf),
+                              return_lse=True)
+    plain, plain_lse = attndsl.decode(q, k, v, lengths, return_lse=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and bool(torch.isneginf(lse[0]).all())
+    torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, plain_lse, atol=1e-6, rtol=1e-6)
+
+
+def test_a_mask_reading_a_table_sized_to_the_cache_by_key_is_accepted() -> None:
+    """The block analysis reads keys below the longest length only: a table of the cache's
+    40 rows is in range (it was refused for the 64 keys of the rounded-up block)."""
+    k, v, q = torch.randn(2, 1, 40, D), torch.randn(2, 1, 40, D), torch.randn(2, 2, 1, D)
+    lengths, keep = torch.tensor([40, 30]), torch.rand(40) > 0.3
+    keep[0] = True
+    out = attndsl.decode(q, k, v, lengths, mask_mod=lambda b, h, m, n: keep[n])
+    for i, n in enumerate(lengths.tolist()):
+        s = torch.einsum("hqd,hkd->hqk", q[i].double(), k[i, :, :n].double().expand(2, -1, -1))
+        s = (s / math.sqrt(D)).masked_fill(~keep[:n], -math.inf)
+        ref = torch.softmax(s, -1) @ v[i, :, :n].double().expand(2, -1, -1)
+        torch.testing.assert_close(out[i].double(), ref, atol=2e-5, rtol=2e-5)
+
+
 def test_decoding_step_by_step_equals_prefill_over_the_whole_sequence() -> None:
     hq, hkv, steps = 4, 2, 5
     cache = attndsl.PagedKVCache(8, 16, hkv, D, max_batch=2, max_pages=4, layout="NHPD")
@@ -389,6 +414,31 @@ def test_decode_refuses_lengths_that_are_not_a_tensor() -> None:
         attndsl.decode(torch.randn(2, 1, 1, 16), cache, cache, [5, 3])
 
 
+@pytest.mark.parametrize("arg, value, match", [
+    ("key", torch.zeros(2, 8, D), r"dense key cache must be \(B, Hkv, N, D\), got \(2, 8, 16\)"),
+    ("value", torch.zeros(2, 1, 8, D, 1), r"dense value cache must be \(B, Hkv, N, D\)"),
+    ("query", [[0.0]], "query must be a torch.Tensor, got list"),
+    ("key", None, "key must be a torch.Tensor, got NoneType"),
+    ("sinks", [0.0, 0.0], "sinks must be a torch.Tensor, got list"),
+    ("page_table", [[0]], "page_table must be a torch.Tensor, got list"),
+])
+def test_decode_refuses_arguments_of_the_wrong_kind_or_rank(arg: str, value, match: str) -> None:
+    given = {"query": torch.zeros(2, 2, 1, D), "key": torch.zeros(2, 1, 8, D),
+             "value": torch.zeros(2, 1, 8, D), "lengths": torch.tensor([8, 3])}
+    extra = {arg: value} if arg in ("sinks", "page_table") else {}
+    if arg not in extra:
+        given[arg] = value
+    with pytest.raises(AttentionError, match=match):
+        attndsl.decode(*given.values(), **extra)
+
+
+def test_a_boolean_page_table_is_refused_not_read_as_pages_0_and_1() -> None:
+    pages = torch.zeros(4, 16, 1, D)
+    with pytest.raises(AttentionError, match="page_table must be an integer"):
+        attndsl.decode(torch.zeros(1, 1, 1, D), pages, pages, torch.tensor([20]),
+                       page_table=torch.tensor([[True, False]]))
+
+
 @pytest.mark.parametrize("stride_rows", [24, 32, 40])
 def test_a_page_pool_whose_pages_do_not_start_on_16_row_blocks_is_refused_not_misread(
         stride_rows: int) -> None:
@@ -425,3 +475,12 @@ def test_a_page_pool_whose_pages_do_not_start_on_16_row_blocks_is_refused_not_mi
         want = torch.softmax(q[b].double() @ k.double().transpose(-1, -2) / d ** 0.5, -1) \
             @ v.double()
         torch.testing.assert_close(out[b].double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [4, 0, True, 1.0])
+def test_the_cache_refuses_a_batch_it_does_not_hold_for_flex_attention(batch) -> None:
+    cache = attndsl.PagedKVCache(8, 16, 1, D, max_batch=3, max_pages=2)
+    with pytest.raises(AttentionError, match=r"batch must be an int in \[1, 3\]"):
+        cache.block_mask(None, batch, 1)
+    with pytest.raises(AttentionError, match=r"batch must be an int in \[1, 3\]"):
+        cache.score_mod(lambda s, b, h, q, kv: s, batch, 1)

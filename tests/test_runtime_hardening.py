@@ -409,3 +409,55 @@ def test_block_tables_the_kernel_would_read_past_are_refused(num, idx, match) ->
     q, k, v = (torch.randn(1, 1, 256, 16) for _ in range(3))
     with pytest.raises(ValueError, match=match):
         attndsl.flex_attention(q, k, v, block_mask=_kv_block_mask(num, idx, 256))
+
+
+@pytest.mark.parametrize("junk", [3, "causal", {"kv_num_blocks": 1}, (1, 2)])
+def test_a_block_mask_that_is_not_one_is_refused_by_name(junk) -> None:
+    q = torch.randn(1, 1, 16, 16)
+    with pytest.raises(attndsl.AttentionError, match=rf"must be a BlockMask .*; "
+                                                     rf"{type(junk).__name__} has no"):
+        attndsl.flex_attention(q, q, q, block_mask=junk)
+
+
+def test_a_compiled_kernel_reads_a_block_masks_lengths_by_input_name_not_order() -> None:
+    causal = lambda b, h, i, j: j <= i  # noqa: E731
+    kernel = attndsl.compile(mask_mod=causal)
+    q, k, v = torch.randn(1, 2, 48, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
+    bm = attndsl.create_block_mask(causal, 1, 2, 48, 32)
+    want = kernel({"Q": q, "K": k, "V": v}, block_mask=bm)["O"]
+    for order in ({"K": k, "Q": q, "V": v}, {"V": v, "K": k, "Q": q}):
+        assert torch.equal(kernel(order, block_mask=bm)["O"], want)
+    with pytest.raises(attndsl.AttentionError, match=r"built for \(Q_LEN, KV_LEN\) = \(48, 32\)"
+                                                     r", but the inputs have \(32, 48\)"):
+        kernel({"Q": k, "K": q, "V": q}, block_mask=bm)
+
+
+@pytest.mark.parametrize("maker", ["attndsl", "torch"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_block_mask_broadcast_over_heads_its_mask_reads_is_refused(maker: str,
+                                                                      grad: bool) -> None:
+    """Tile classes found for head 0 skip other heads' masks: refused, never wrong."""
+    per_head = lambda b, h, i, j: j <= i - 10 * h  # noqa: E731
+    create = attndsl.create_block_mask if maker == "attndsl" else \
+        __import__("torch.nn.attention.flex_attention", fromlist=["x"]).create_block_mask
+    kw = {} if maker == "attndsl" else {"device": "cpu"}
+    q = torch.randn(1, 4, 40, 16, requires_grad=grad)
+    with pytest.raises(attndsl.AttentionError, match=r"built for H = 1 \(broadcast over the "
+                                                     r"inputs' 4\), but its mask_mod reads the "
+                                                     r"head index"):
+        attndsl.flex_attention(q, q, q, block_mask=create(per_head, 1, None, 40, 40, **kw))
+    causal = lambda b, h, i, j: j <= i  # noqa: E731  (reads no head: broadcast is exact)
+    out = attndsl.flex_attention(q, q, q, block_mask=create(causal, 1, 1, 40, 40, **kw))
+    torch.testing.assert_close(out, attndsl.flex_attention(q, q, q, mask_mod=causal))
+    exact = create(per_head, 1, 4, 40, 40, **kw)
+    torch.testing.assert_close(attndsl.flex_attention(q, q, q, block_mask=exact),
+                               attndsl.flex_attention(q, q, q, mask_mod=per_head))
+
+
+def test_a_compiled_kernel_refuses_a_block_mask_broadcast_over_the_batch_its_mask_reads() -> None:
+    per_batch = lambda b, h, i, j: j <= i - 5 * b  # noqa: E731
+    kernel = attndsl.compile(mask_mod=per_batch)
+    q = torch.randn(2, 1, 32, 16)
+    with pytest.raises(attndsl.AttentionError, match=r"built for B = 1 .* reads the batch"):
+        kernel({"Q": q, "K": q, "V": q},
+               block_mask=attndsl.create_block_mask(per_batch, None, 1, 32, 32))

@@ -68,6 +68,7 @@ def decode(query: Tensor, key: Tensor, value: Tensor, lengths: Tensor, *,
     off-by-one softmax, learned sinks -- an extra normaliser term becomes the sink logit);
     other normalisers (sigmoid, ReLU, ...) have no split merge and are refused by name."""
     _check_splits(splits)
+    _check_types(query, key, value, page_table, sinks)
     scale = check_scale("decode", scale)
     spec_of = _spec_source(score_mod, mask_mod, cascade, params, captured, sinks,
                            query.shape[1] if query.dim() == 4 else 0)
@@ -99,6 +100,23 @@ def decode(query: Tensor, key: Tensor, value: Tensor, lengths: Tensor, *,
         return out, AuxOutput(lse if return_aux.lse else None,
                               mx if return_aux.max_scores else None)
     return (out, lse) if return_lse else out
+
+
+def _check_types(query: Any, key: Any, value: Any, page_table: Any, sinks: Any) -> None:
+    """Tensors where tensors are expected, and a dense cache of 4 dims, before any shape is
+    read (a 3-D cache failed with an IndexError, a list with an AttributeError)."""
+    given = {"query": query, "key": key, "value": value, "page_table": page_table,
+             "sinks": sinks}
+    for name, t in given.items():
+        if not isinstance(t, torch.Tensor) and (t is not None or name in ("query", "key",
+                                                                           "value")):
+            raise AttentionError(f"decode: {name} must be a torch.Tensor, got "
+                                 f"{type(t).__name__}")
+    if page_table is None:
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != 4:
+                raise AttentionError(f"decode: a dense {name} cache must be (B, Hkv, N, D), "
+                                     f"got {tuple(t.shape)}")
 
 
 def _check_splits(splits: Any) -> None:
@@ -210,7 +228,8 @@ def _check(query: Tensor, kv: PhysicalKV, lengths: Tensor, page_table: Tensor | 
 
 
 def _check_pages(page_table: Tensor, lengths: Tensor, kv: PhysicalKV, b: int) -> None:
-    if page_table.dim() != 2 or page_table.shape[0] != b or page_table.dtype.is_floating_point:
+    if page_table.dim() != 2 or page_table.shape[0] != b or page_table.dtype.is_floating_point \
+            or page_table.dtype == torch.bool:
         raise AttentionError(f"decode: page_table must be an integer (B={b}, max_pages) tensor, "
                              f"got {page_table.dtype} {tuple(page_table.shape)}")
     if kv.page % 16:

@@ -15,6 +15,7 @@ score / mask programs are wrapped to see logical positions: key row ``n`` is log
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -180,6 +181,11 @@ class PagedKVCache:
         return (kv.k.expand(batch, *kv.k.shape[1:]), kv.v.expand(batch, *kv.v.shape[1:]))
 
     def _logical(self, batch: int) -> tuple[Tensor, Tensor, PhysicalKV]:
+        max_batch = self.lengths.shape[0]
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or \
+                not 1 <= batch <= max_batch:
+            raise AttentionError(f"batch must be an int in [1, {max_batch}] (the cache's "
+                                 f"max_batch), got {batch!r}")
         kv = self.physical()
         lengths = self.lengths[:batch].clone()
         return (inverse_pages(self.page_table[:batch], lengths, kv.page, kv.pw, kv.k.shape[2]),

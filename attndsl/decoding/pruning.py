@@ -48,12 +48,13 @@ def live_blocks(mask: Expr | None, captured: dict[str, Tensor], lengths: Tensor,
     under = torch.arange(n_blocks, device=lengths.device)[None] < \
         logical_blocks(lengths, kv_block)[:, None]
     fallback = under[:, None].expand(b, kv_heads, n_blocks)
-    if mask is None:
+    longest = int(lengths.max()) if b else 0
+    if mask is None or longest == 0:
         return fallback
     tensors = {**captured, LENGTHS: lengths.to(torch.int64)}
-    try:
+    try:  # keys [0, longest): a table sized to the cache is read in range
         tm = classify_tiles(_logical_mask(mask, q_len), tensors, b, q_heads, q_len,
-                            n_blocks * kv_block, q_len, kv_block, exact=False)
+                            longest, q_len, kv_block, exact=False)
     except MaskAnalysisError:
         return fallback
     live = (tm.classes != EMPTY)[:, :, 0].to(lengths.device)  # [B|1, Hq|1, n_blocks]

@@ -68,7 +68,13 @@ def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 def add_sink(out: Tensor, lse: Tensor, sink: Tensor) -> tuple[Tensor, Tensor]:
     """The extra denominator term ``e^{sink[h]}`` added once: (O, lse) with the sink.
 
-    ``out`` is [B, H, rows, F], ``lse`` [B, H, rows], ``sink`` [H] (a per-head logit).
-    Differentiable in all three (torch ops)."""
+    ``out`` is [B, H, rows, F], ``lse`` [B, H, rows], ``sink`` [H] (a per-head logit).  Each
+    row is scaled by e^lse / (e^lse + e^sink) = sigmoid(lse - sink); a row with no kept key
+    (lse = -inf, O = 0) keeps weight 0 whatever the sink, also a sink of -inf, where lse -
+    sink would be NaN.  Differentiable in all three (torch ops; no NaN reaches a gradient)."""
     z = sink.float().view(1, -1, 1)
-    return out * torch.sigmoid(lse - z).unsqueeze(-1).to(out.dtype), torch.logaddexp(lse, z)
+    empty = lse == float("-inf")
+    weight = torch.where(empty, 0.0, torch.sigmoid(torch.where(empty, 0.0, lse - z)))
+    nothing = empty & (z == float("-inf"))  # logaddexp(-inf, -inf): -inf, its gradient NaN
+    total = torch.where(nothing, lse, torch.logaddexp(torch.where(nothing, 0.0, lse), z))
+    return out * weight.unsqueeze(-1).to(out.dtype), total

@@ -361,6 +361,17 @@ def _binop(op: Op) -> Callable[..., Sym]:
     return run
 
 
+def _div(ctx: TraceContext, a: Any, b: Any, *rest: Any, rounding_mode: str | None = None,
+         **kw: Any) -> Sym:
+    """torch.div: a / b, or a // b with rounding_mode="floor" ("trunc" is not traced)."""
+    if rest or kw:
+        raise ctx.fail("div takes two arguments and rounding_mode here")
+    if rounding_mode not in (None, "floor"):
+        raise ctx.fail(f"torch.div(..., rounding_mode={rounding_mode!r}) is not supported; "
+                       f"use rounding_mode='floor' (or //) or plain division")
+    return _sym(ctx, a)._bin(Op.TRUEDIV if rounding_mode is None else Op.FLOORDIV, a, b)
+
+
 def _where(ctx: TraceContext, c: Any, a: Any, b: Any) -> Sym:
     s = _sym(ctx, c)
     try:
@@ -461,7 +472,7 @@ _FUNCS: dict[str, Callable[..., Sym]] = {
     "clamp": _clamp, "clip": _clamp, "maximum": _binop(Op.MAX), "minimum": _binop(Op.MIN),
     "max": _binop(Op.MAX), "min": _binop(Op.MIN), "add": _binop(Op.ADD), "sub": _binop(Op.SUB),
     "subtract": _binop(Op.SUB), "mul": _binop(Op.MUL), "multiply": _binop(Op.MUL),
-    "div": _binop(Op.TRUEDIV), "true_divide": _binop(Op.TRUEDIV),
+    "div": _div, "true_divide": _binop(Op.TRUEDIV),
     "floor_divide": _binop(Op.FLOORDIV),
     "remainder": _binop(Op.MOD), "pow": _sign_safe_pow, "eq": _binop(Op.EQ),
     "ne": _binop(Op.NE), "lt": _binop(Op.LT), "le": _binop(Op.LE), "gt": _binop(Op.GT),

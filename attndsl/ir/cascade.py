@@ -161,8 +161,12 @@ def verify(c: Cascade) -> Cascade:
     if c.mask is not None and c.mask.expr.dtype != BOOL:
         raise IRError(f"{_where(c.mask)}the mask must be boolean, got {c.mask.expr.dtype}")
     for out in c.outputs:
-        if c.equation(out) is None:
+        eq = c.equation(out)
+        if eq is None:
             raise IRError(f"cascade {c.name!r}: output {out!r} is not defined by any equation")
+        if is_scan(eq):  # computed by the runtime as an input of the kernel, not stored by it
+            raise IRError(f"{_where(eq)}output {out!r} is a prefix sum (cumsum): a cumsum feeds "
+                          f"the cascade's other equations and cannot be one of its outputs")
     _check_acyclic(c)
     return c
 

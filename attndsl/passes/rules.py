@@ -63,8 +63,8 @@ def _fold_binary(e: Expr) -> Expr | None:
         v = float(v)
         if not math.isfinite(v) and math.isfinite(float(a)) and math.isfinite(float(b)):
             return None
-    elif e.dtype == INT:
-        v = int(v)
+    elif e.dtype == INT:  # int64, wrapping as torch's
+        v = (int(v) + 2**63) % 2**64 - 2**63
     else:
         v = bool(v)
     return E.const(v)

@@ -29,6 +29,7 @@ sinks, softpick and sigmoid attention fall out of the same rules.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -370,20 +371,35 @@ def fold_scales(tile_indices: set[str]) -> Rule:
     return Rule("fold-scales", rule)
 
 
+def _never_zero(f: Expr) -> bool:
+    """A factor that is nonzero for every value of its operands: an exponential (the units
+    of the streamed sums), a finite nonzero constant.  Any other factor (a parameter, a
+    captured tensor, an index) may be 0, where (a * x) / (b * x) is 0 / 0 = 0, not a / b."""
+    if f.op in (Op.EXP, Op.EXP2):
+        return True
+    return f.op is Op.CONST and isinstance(f.arg, (int, float)) and f.arg != 0 and \
+        math.isfinite(f.arg)
+
+
 @named("cancel-factors")
 def cancel_factors(e: Expr) -> Expr | None:
-    """(a * x) / (b * x) -> a / b: a factor common to a quotient's numerator and denominator
-    cancels (so an exp(-max) that overflows on a fully masked row never meets a zero)"""
+    """(a * x) / (b * x) -> a / b for a factor x that is never zero (:func:`_never_zero`)
+    common to a quotient's numerator and denominator (so an exp(-max) that overflows on a
+    fully masked row never meets a zero)"""
     if e.op is not Op.DIV:
         return None
     factors = T.factors(e)
     power: dict[Expr, int] = {}
     for f, p in factors:
         power[f] = power.get(f, 0) + p
-    if all(abs(power[f]) == sum(abs(p) for g, p in factors if g == f) for f in power):
+    if all(abs(power[f]) == sum(abs(p) for g, p in factors if g == f) or not _never_zero(f)
+           for f in power):
         return None
     kept: list[tuple[Expr, int]] = []
     for f, p in power.items():
+        if not _never_zero(f):  # both sides keep it as written
+            kept.extend((g, q) for g, q in factors if g == f)
+            continue
         kept.extend([(f, 1 if p > 0 else -1)] * abs(p))
     return T.product(kept) if kept else E.const(1.0)
 

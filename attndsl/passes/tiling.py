@@ -160,7 +160,15 @@ def lower_to_tiles(schedule: Schedule, c: Cascade) -> TileKernel:
         return RunningSum(r.name, body, v, r.units)
 
     def lower_store(name: str, idx: tuple[str, ...], x: Expr) -> Store:
+        if n in idx:
+            raise LoweringError(f"output {name}[{', '.join(idx)}] keeps the key index {n}: the "
+                                f"kernel streams key tiles and writes rows per query; an "
+                                f"output must reduce over {n} (sum or max)", (name,))
         x = replace_dots(x)
+        if any(node.op is Op.ROW and node.arg in {d.var for d in dots.values()}
+               for node in x.walk()):
+            raise LoweringError(f"output {name} reads a score tile outside a reduction over "
+                                f"{n}: {E.render(x)}", (name,))
         check_elementwise(x, f"output {name}", {roles.get("batch"), roles.get("head"), m}
                           - {None})
         if m not in idx:

@@ -59,7 +59,8 @@ def mask_plan(mask: Expr, captured: dict[str, Tensor], B: int, H: int, lq: int, 
 
 def _block_sizes(block_mask: Any, lq: int, lkv: int) -> tuple[int, int]:
     for attr in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE"):  # on the class: tables may be
-        if not hasattr(type(block_mask), attr) and attr not in vars(block_mask):  # built lazily
+        if not hasattr(type(block_mask), attr) and \
+                attr not in getattr(block_mask, "__dict__", {}):  # built lazily
             raise AttentionError(f"block_mask must be a BlockMask (torch's or attndsl's); "
                                  f"{type(block_mask).__name__} has no {attr}")
     seq = getattr(block_mask, "seq_lengths", None)
@@ -70,6 +71,26 @@ def _block_sizes(block_mask: Any, lq: int, lkv: int) -> tuple[int, int]:
     bs = block_mask.BLOCK_SIZE
     q_bs, kv_bs = (bs, bs) if isinstance(bs, int) else bs
     return int(q_bs), int(kv_bs)
+
+
+def check_broadcast(block_mask: Any, cascade: Cascade, batch: int, heads: int) -> None:
+    """A block mask built for B = 1 or H = 1 (or None) broadcasts its tables over the inputs'
+    batch or heads: its tile classes (which tiles are skipped, which run unmasked) were found
+    for batch 0 / head 0.  They hold for every batch / head only if the mask does not read
+    that index; otherwise a tile full for head 0 would skip another head's mask (and an empty
+    one skip its keys), a silently wrong result.  Refused, naming the index."""
+    shape = getattr(block_mask, "shape", None)
+    if block_mask is None or cascade.mask is None or shape is None or len(shape) != 4:
+        return
+    reads = cascade.mask.expr.free_indices()
+    for d, (role, actual, name) in enumerate((("batch", batch, "B"), ("head", heads, "H"))):
+        index = cascade.role(role)
+        if int(shape[d]) == 1 and actual > 1 and index in reads:
+            raise AttentionError(
+                f"block_mask was built for {name} = 1 (broadcast over the inputs' {actual}), "
+                f"but its mask_mod reads the {role} index ({index}): tile classes found for "
+                f"{role} 0 do not hold for the others; build it for the inputs' B = {batch}, "
+                f"H = {heads}")
 
 
 def block_mask_plan(block_mask: Any, lq: int, lkv: int) -> KeyTilePlan:
