@@ -101,19 +101,24 @@ def _ptr(t: str, parts: list[str]) -> str:
     return writer.role_offset(*_ROLES[t][:2], parts)
 
 
-def _row_strides() -> dict[str, str]:
-    """The stride of the rows of every 2-D tile role (Q, K, V, O, dO, dQ, dK, dV) -> the length
-    of its columns: the kernels take them as constexprs (writer.row_strides_note)."""
+def _row_strides(tensors: tuple[str, ...]) -> dict[str, str]:
+    """The stride of the rows of each 2-D tile role in ``tensors`` (those a kernel's loop
+    reads or writes every iteration) -> the length of its columns: the kernel takes them as
+    constexprs (writer.row_strides_note)."""
     out = {}
-    for t, (_, letters, _) in _ROLES.items():
-        if len(letters) == 4:
-            dims = dict(zip(letters, _tensor_args(t)[1:], strict=True))
-            row = dims.get("m") or dims["n"]
-            out[row] = "E_len" if "k" in letters else "F_len"
+    for t in tensors:
+        letters = _ROLES[t][1]
+        dims = dict(zip(letters, _tensor_args(t)[1:], strict=True))
+        out[dims.get("m") or dims["n"]] = "E_len" if "k" in letters else "F_len"
     return out
 
 
-ROW_STRIDES = _row_strides()
+# per kernel: the tiles of its loop (dK/dV: query tiles, and dQ atomics; dQ: key tiles),
+# and the dK/dV kernel's stores: without them triton 3.6 spilled 3 values around the loop
+# at 255 registers (sm80, D=64, dense; static SASS, 3.8 and 3.9 either way)
+ROW_STRIDES = {"attention_bwd_preprocess": {},
+               "attention_bwd_dkdv_kernel": _row_strides(("Q", "DO", "DQ", "DK", "DV")),
+               "attention_bwd_dq_kernel": _row_strides(("K", "V"))}
 
 
 def _widen(L: Lines, tensors: tuple[str, ...]) -> None:
@@ -484,7 +489,7 @@ def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
                      "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
                      "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
                      "guard) less the query-only terms of T log2e.", notes=_notes(),
-                     specialised=ROW_STRIDES)
+                     specialised=ROW_STRIDES["attention_bwd_preprocess"])
     writer.program(L, "pid_m")
     _widen(L, ("O", "DO", "DLSE", "DELTA", "LSE", "LSE2"))
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
@@ -596,7 +601,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
                      "every tile unmasked, 1 = every\ntile masked, 2 = q-major block tables); "
                      "dK and dV sum in registers, dQ (ATOMIC_DQ) and\ncaptured-tensor gradients "
                      "are float32 atomic adds.", notes=_notes(),
-                     specialised=ROW_STRIDES)
+                     specialised=ROW_STRIDES["attention_bwd_dkdv_kernel"])
     writer.program(L, "pid_n", "pid_bhkv", "n_kv_heads", "off_hkv")
     _widen(L, ("Q", "K", "V", "DO", "LSE2", "DELTA", "DQ", "DK", "DV"))
     L(1, "start_n = pid_n * BLOCK_N\noffs_n = start_n + tl.arange(0, BLOCK_N)")
@@ -647,7 +652,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
                      "One program: BLOCK_M query rows of one (batch, head); loops over the "
                      "key tiles\n(as the forward) and writes dQ = scale * sum dS K without "
                      "atomics (deterministic).", notes=_notes(),
-                     specialised=ROW_STRIDES)
+                     specialised=ROW_STRIDES["attention_bwd_dq_kernel"])
     writer.program(L, "pid_m")
     _widen(L, ("Q", "K", "V", "DO", "LSE2", "DELTA", "DQ"))
     L(1, "off_hkv = off_h // G")

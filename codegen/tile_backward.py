@@ -121,18 +121,25 @@ class _Names:
                                         [letter_of.get(x) for x in st.indices],
                                         f"d {st.name}, float32")
                        for st in k.stores}
-        # the stride of the rows of each tile the kernels read or write -> the length of its
-        # columns: taken as constexprs (writer.row_strides_note)
-        self.row_strides: dict[str, str] = {}
-        for o in k.operands:
-            cols = "F_len" if o.side == "v" else "E_len"
-            for ptr in (self.tensors[o.tensor], self.grads[o.tensor]):
-                self.row_strides[self.strides[ptr][o.row_dim]] = cols
+        # per kernel, the stride of the rows of each tile its loop reads every iteration ->
+        # the length of the tile's columns: taken as constexprs (writer.row_strides_note).
+        # The keys kernel loops over query tiles (the query-side operands and the incoming
+        # gradients of the stores), the queries kernel over key tiles (the key-side operands).
+        def rows(sides: tuple[str, ...]) -> dict[str, str]:
+            out = {}
+            for o in k.operands:
+                if o.side in sides:
+                    out[self.strides[self.tensors[o.tensor]][o.row_dim]] = \
+                        "F_len" if o.side == "v" else "E_len"
+            return out
+
+        keys = rows(("q",))
         m = k.roles["query"]
         for st in k.stores:
             if st.tile and m in st.indices:
-                self.row_strides[self.strides[self.stores[st.name]][st.indices.index(m)]] = \
-                    "F_len"
+                keys[self.strides[self.stores[st.name]][st.indices.index(m)]] = "F_len"
+        self.row_strides = {"tile_bwd_rows_kernel": {}, "tile_bwd_keys_kernel": keys,
+                            "tile_bwd_queries_kernel": rows(("k", "v"))}
 
     def args(self, ptr: str) -> list[str]:
         """A pointer and its stride arguments."""
@@ -330,7 +337,7 @@ _CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "DOT_PRECISION", "UPC
 def _signature(L: Lines, fn: str, args: list[str], doc: str, names: _Names) -> None:
     names.kernel_args[fn] = list(args)  # the KERNEL_ARGS table of the launch by keyword
     writer.signature(L, fn, args, (*_CONSTEXPRS, *names.static.values()), writer.EVEN, doc,
-                     names.spec, specialised=names.row_strides)
+                     names.spec, specialised=names.row_strides[fn])
 
 
 def _common_args(b: TileBackward, names: _Names) -> list[str]:

@@ -602,12 +602,12 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     const = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "EVEN_N", "SPARSITY", "SPARSE_Q",
              "SPARSE_KV", "SEGMENTS", "DOT_PRECISION", "UPCAST", "STATS"]
     const += [names.params[p] for p in static]  # passed by name like the runtime arguments
-    row_strides = _row_strides(k, names, m)
+    row_strides = _row_strides(k, names)
     types = {a: t for a, t in _arg_types(k, names, args).items() if a not in row_strides}
     L(0, "# kernel argument -> Triton type ({dtype} is the inputs' dtype); for ahead-of-time")
     L(0, "# compilation: a launch specialises unit strides to 1 and multiples of 16 as such")
     L(0, "ARG_TYPES = " + repr(types))
-    L(0, writer.row_strides_note(row_strides) + "\n")
+    L(0, writer.row_strides_note({"attention_fwd_kernel": row_strides}) + "\n")
     steps = Lines()  # the key-tile step functions, printed above the kernel
     steps_at = len(L.out)
     kernel_start = len(L.out)
@@ -852,17 +852,12 @@ def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.
 _POINTER = {FLOAT: "*fp32", INT: "*i64", BOOL: "*i8"}
 
 
-def _row_strides(k: TileKernel, names: _Names, m: str) -> dict[str, str]:
-    """The stride of the rows of every operand and output tile -> the length of the tile's
-    columns (:func:`attndsl.codegen.writer.row_strides_note`)."""
-    out = {}
-    for o in k.operands:
-        out[names.strides[names.tensors[o.tensor]][o.row_dim]] = \
-            "F_len" if o.side == "v" else "E_len"
-    for st in k.stores:
-        if st.tile and m in st.indices:
-            out[names.strides[names.outputs[st.name]][st.indices.index(m)]] = "F_len"
-    return out
+def _row_strides(k: TileKernel, names: _Names) -> dict[str, str]:
+    """The stride of the rows of every tile a key-tile step loads (the key-side operands) ->
+    the length of the tile's columns (:func:`attndsl.codegen.writer.row_strides_note`); the
+    query tiles and outputs, read and written once per program, keep runtime strides."""
+    return {names.strides[names.tensors[o.tensor]][o.row_dim]:
+            "F_len" if o.side == "v" else "E_len" for o in k.operands if o.side != "q"}
 
 
 def _arg_types(k: TileKernel, names: _Names, args: list[str]) -> dict[str, str]:

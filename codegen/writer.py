@@ -146,20 +146,23 @@ def signature(L: Lines, fn: str, args: list[str], constexprs: list[str] | tuple[
     L(1, f'"""{doc}"""')
 
 
-def row_strides_note(row_strides: dict[str, str]) -> str:
-    """``ROW_STRIDES``: the stride arguments a kernel takes as constexprs, each the stride of
-    the rows of a tile it loads or stores, with the length of that tile's columns (the
-    stride's value when the rows are contiguous).
+def row_strides_note(row_strides: dict[str, dict[str, str]]) -> str:
+    """``ROW_STRIDES``: per kernel, the stride arguments it takes as constexprs, each the
+    stride of the rows of a tile its loop loads or stores on every iteration, with the
+    length of that tile's columns (the stride's value when the rows are contiguous).
 
     Each row of a tile a thread holds is one address: with the row stride a constant, the
     compiler offsets a tile's rows from one pointer by immediates instead of computing (and
     holding) an address per row and tile.  Static SASS, generated dQ kernel, sm_90a, fp16,
     D=128, dense, per key tile: triton 3.8 355 -> 318 instructions (the hand-written FA2
-    reference, runtime strides: 339), 3.6 349 -> 312 (333), 3.9 382 -> 368 (382).  A launch
-    compiles once per distinct row stride, which a layout fixes ([B, H, L, D]: D; [B, L, H,
-    D]: H * D) whatever the lengths."""
-    return ("# stride argument -> the length of its tile's columns: the row strides, taken as "
-            "constexprs\nROW_STRIDES = " + repr(row_strides))
+    reference, runtime strides: 339), 3.6 349 -> 312 (333), 3.9 382 -> 368 (382).  Tiles
+    read or written once per program keep runtime strides: they gain nothing, and at 255
+    registers (sm80, D=64 dK/dV) their constant offsets cost spills.  A launch compiles once
+    per distinct row stride, which a layout fixes ([B, H, L, D]: D; [B, L, H, D]: H * D)
+    whatever the lengths."""
+    return ("# kernel -> its stride arguments taken as constexprs (the row strides of the tiles "
+            "its loop\n# reads) -> the length of their tile's columns\nROW_STRIDES = "
+            + repr(row_strides))
 
 
 # the letter of a stride by the role of the dim's index (stride_qz ... stride_vd)
@@ -280,7 +283,11 @@ def sparsity_loops(L: Lines, depth: int, step: Step, has_mask: bool, prefix: str
 
     * 2: the block tables ``{prefix}num/idx`` (partial blocks: the mask evaluated) and
       ``full_{prefix}num/idx`` (full blocks: no mask) of the table row ``row`` (an
-      expression); each listed block of ``block`` positions is visited ``tile`` at a time;
+      expression); each listed block of ``block`` positions is visited ``tile`` at a time:
+      with at most two tiles a block, one loop trip per block (its tiles unrolled in the
+      body); with more, one trip per tile (unrolled, the tiles of a block were scheduled
+      together: the sm90 D=128 dQ kernel at the backward's default 32x32 tiles held 252
+      registers, 162 per tile, the hand-written kernel 163; static SASS, triton 3.9);
     * ``ranges`` (the forward's 3 and 4, key-tile ranges), printed by the caller;
     * 1: every tile, masked; else every tile, unmasked.
 
@@ -291,10 +298,18 @@ def sparsity_loops(L: Lines, depth: int, step: Step, has_mask: bool, prefix: str
         L(depth + 1, f"# {'partial tiles: evaluate the mask' if masked else 'full tiles: no mask'}")
         num, idx = f"{part}{prefix}num", f"{part}{prefix}idx"
         L(depth + 1, f"n_blocks = tl.load({offset(num, ['off_b', 'off_h', 'sparse_row'])})")
-        L(depth + 1, "for blk_i in range(0, n_blocks):")
-        L(depth + 2, f"blk = tl.load({offset(idx, ['off_b', 'off_h', 'sparse_row', 'blk_i'])})")
-        L(depth + 2, f"for sub in range(0, {block} // {tile}):")
-        L(depth + 3, f"{start} = blk * {block} + sub * {tile}")
+        subs = f"{block} // {tile}"
+        L(depth + 1, f"if {subs} <= 2:  # a block's tiles unrolled in one loop body")
+        L(depth + 2, "for blk_i in range(0, n_blocks):")
+        L(depth + 3, f"blk = tl.load({offset(idx, ['off_b', 'off_h', 'sparse_row', 'blk_i'])})")
+        L(depth + 3, f"for sub in range(0, {subs}):")
+        L(depth + 4, f"{start} = blk * {block} + sub * {tile}")
+        step(L, depth + 4, masked and has_mask)
+        L(depth + 1, "else:  # one tile per trip: unrolling more held every tile's registers")
+        L(depth + 2, f"for t in range(0, n_blocks * ({subs})):")
+        trip = offset(idx, ["off_b", "off_h", "sparse_row", f"t // ({subs})"])
+        L(depth + 3, f"blk = tl.load({trip})")
+        L(depth + 3, f"{start} = blk * {block} + (t % ({subs})) * {tile}")
         step(L, depth + 3, masked and has_mask)
     if ranges is not None:
         ranges(L, depth)

@@ -634,7 +634,7 @@ for name, part in (("attention_bwd_dkdv_kernel", "dkdv"), ("attention_bwd_dq_ker
                   ATOMIC_DQ=True, ANCHOR_M=max(cfg["dkdv"]["BLOCK_M"], cfg["dq"]["BLOCK_M"]),
                   G=1,  # query heads per key/value head: a constexpr of the backward kernels
                   **{f"NEED_{p}": True for p in mod.GRADS.values()},
-                  **dict.fromkeys(mod.ROW_STRIDES, 64))  # contiguous [.., L, 64] tiles
+                  **dict.fromkeys(mod.ROW_STRIDES[name], 64))  # contiguous [.., L, 64]
     consts = {k: v for k, v in consts.items() if k in params}
     r = compile_kernel(fn, sig, consts, "sm_90", c["num_warps"], c["num_stages"])
     out[part] = {"registers": r.registers, "spills": r.spill_stores, "tc": r.tc_kind}
@@ -962,7 +962,7 @@ def test_backward_kernels_take_role_names_and_are_launched_by_keyword() -> None:
                     and getattr(n.targets[0], "id", "") == "ROW_STRIDES")
         fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
         for name in kernels:  # the row strides are constexprs passed by keyword too
-            params = [a.arg for a in fns[name].args.args if a.arg in rows or
+            params = [a.arg for a in fns[name].args.args if a.arg in rows[name] or
                       "constexpr" not in ast.unparse(a.annotation or ast.Constant(""))]
             assert list(table[name]) == params, name
             old = r"(Q|K|V|O|DO|LSE2?|DLSE|DELTA|DQ|DK|DV|T\d+|DT\d+|P\d+|DY\d+)(_s\d+)?"

@@ -145,3 +145,13 @@ def test_torch_div_with_floor_rounding_traces_as_floor_division_and_trunc_is_ref
     with pytest.raises(attndsl.TraceError, match=r"rounding_mode='trunc'\) is not supported"):
         attndsl.flex_attention(q, q, q, mask_mod=lambda b, h, i, j: torch.div(
             i, 4, rounding_mode="trunc") >= j)
+
+
+def test_x_minus_x_is_nan_where_x_is_infinite() -> None:
+    got, want = _kernel_and_oracle("""  S[b,h,m,n] = Q[b,h,m,e] * K[b,h,n,e] * 0.25
+  X[b,h,m,n] = exp(S[b,h,m,n] * 1000.0)
+  T[b,h,m,n] = S[b,h,m,n] + (X[b,h,m,n] - X[b,h,m,n])
+  O[b,h,m,f] = softmax(n) T[b,h,m,n] * V[b,h,n,f]
+  output O""")
+    assert bool(torch.isnan(want).any())
+    assert torch.equal(torch.isnan(got), torch.isnan(want))

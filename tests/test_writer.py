@@ -115,14 +115,17 @@ def _loops(has_mask: bool) -> list[str]:
 
 
 def test_the_sparsity_loop_nest_masks_partial_tiles_only() -> None:
-    """SPARSITY 2: partial blocks masked, full blocks not; 1: every tile masked; 0: none --
-    and without a mask nothing is masked anywhere."""
+    """SPARSITY 2: partial blocks masked, full blocks not (each table walked a block per
+    trip or a tile per trip, by the constexpr tiles per block); 1: every tile masked; 0:
+    none -- and without a mask nothing is masked anywhere."""
     out = _loops(True)
     steps = [ln.strip() for ln in out if "step(" in ln]
-    assert steps == ["step(MASKED=True)", "step(MASKED=False)", "step(MASKED=True)",
-                     "step(MASKED=False)"]
-    assert [ln.strip() for ln in out if ln.strip().startswith(("if SPARSITY", "elif", "else"))] \
-        == ["if SPARSITY == 2:", "elif SPARSITY == 1:", "else:"]
+    assert steps == ["step(MASKED=True)"] * 2 + ["step(MASKED=False)"] * 2 + \
+        ["step(MASKED=True)", "step(MASKED=False)"]
+    branches = ("if SPARSITY", "elif", "else", "if SPARSE")
+    assert [ln.strip().split("  #")[0] for ln in out if ln.strip().startswith(branches)] == \
+        ["if SPARSITY == 2:"] + ["if SPARSE_KV // BLOCK_N <= 2:", "else:"] * 2 + \
+        ["elif SPARSITY == 1:", "else:"]
     assert any("tl.load(full_kv_num + off_b * full_kv_num_s0" in ln for ln in out)
     assert all("MASKED=True" not in ln for ln in _loops(False))
     compile("\n".join(out), "<loops>", "exec")  # the nest is valid Python

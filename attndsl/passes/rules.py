@@ -50,6 +50,15 @@ def _c(e: Expr) -> bool:
     return e.op is Op.CONST
 
 
+def _finite(x: Expr) -> bool:
+    """x is finite whatever the inputs (x - x is NaN where x is +-inf or NaN): a finite
+    constant, a running row value (a stabiliser: finite by construction), an index or an
+    integer cast to float."""
+    if x.op is Op.CONST:
+        return isinstance(x.arg, (int, float)) and math.isfinite(x.arg)
+    return x.op in (Op.ROW, Op.INDEX) or (x.op is Op.CAST and x.src[0].dtype != FLOAT)
+
+
 def _fold_binary(e: Expr) -> Expr | None:
     """c1 op c2 -> c (finite, same dtype rules as the IR)"""
     if e.op not in _FOLD or not (_c(e.src[0]) and _c(e.src[1])):
@@ -148,7 +157,7 @@ RULES: list[Rule] = [
     Rule("not-not", lambda e: e.src[0].src[0]
          if e.op is Op.NOT and e.src[0].op is Op.NOT else None),  # !!x -> x
     Rule("sub-self", lambda e: E.const(0.0) if e.op is Op.SUB and e.src[0] == e.src[1]
-         and e.dtype == FLOAT else None),  # x - x -> 0
+         and e.dtype == FLOAT and _finite(e.src[0]) else None),  # x - x -> 0, x finite
     Rule("exp-zero", lambda e: E.const(1.0)
          if e.op in (Op.EXP, Op.EXP2) and _is(e.src[0], 0) else None),  # exp(0) -> 1
 ]

@@ -57,8 +57,8 @@ def signature(module: Any, dtype: str, e: int, f: int) -> tuple[dict, dict]:
             kind[name] = "unit" if d == len(names) - 1 else \
                 "i32:16" if ptr in tiles and aligned else "i32"
     sig: dict[str, str] = {}
-    units: dict[str, int] = {a: e if cols == "E_len" else f
-                             for a, cols in getattr(module, "ROW_STRIDES", {}).items()}
+    rows = getattr(module, "ROW_STRIDES", {}).get("attention_fwd_kernel", {})
+    units: dict[str, int] = {a: e if cols == "E_len" else f for a, cols in rows.items()}
     for a, ty in module.ARG_TYPES.items():
         if kind.get(a) == "unit":
             units[a] = 1  # contiguous last dim: specialised to 1 at launch
