@@ -206,3 +206,24 @@ def test_the_causal_backward_meets_the_parity_targets_on_sm90() -> None:
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "Parity targets missed (sm90, benchmarks/parity.py):\nnone" in proc.stdout
+
+
+def test_a_kernel_the_reference_lacks_is_no_miss_but_an_unrecorded_one_is() -> None:
+    rows_kernel = {"direction": "backward", "case": "sigmoid", "target": "sm90",
+                   "dtype": "fp16", "dim": 64, "kernel": "preprocess", "loops": [],
+                   "generated": _side(40) | {"loops": []}, "reference": None,
+                   "default": "generated"}
+    assert static_kernel.row_misses(rows_kernel) == []
+    unrecorded = dict(rows_kernel, kernel="dq", generated=None, reference=_side(124))
+    assert static_kernel.row_misses(unrecorded) == ["generated: not compiled"]
+
+
+def test_the_fused_backward_kernels_are_recorded_by_role() -> None:
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    roles = [static_kernel._role(Named(n)) for n in
+             ("tile_bwd_rows_kernel", "tile_bwd_keys_kernel", "tile_bwd_queries_kernel",
+              "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")]
+    assert roles == ["preprocess", "dkdv", "dq", "dkdv", "dq"]
