@@ -42,8 +42,8 @@ from attndsl.codegen.expr import (
     render_at,
     reset_spills,
 )
-from attndsl.codegen.key_bounds import distance_bound, key_bound, lowered_mask, relative_bound
-from attndsl.codegen.launch_common import _LANES as LENGTH_MARGIN
+from attndsl.codegen.key_bounds import lowered_mask
+from attndsl.codegen.relative import KEYS_MOVE, relative_mask, relative_score
 from attndsl.codegen.writer import DIM_LETTERS as _DIM_LETTERS
 from attndsl.codegen.writer import SPEC_NAME as _SPEC_NAME
 from attndsl.codegen.writer import Lines
@@ -1119,22 +1119,8 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         if k.mask is not None:
             L(0, "keep = col_ok[None, :]")
             L(0, f"if MASKED:  # a partial tile: {comment(E.render(k.mask))[2:]}")
-            mask_env = env
             mask = lowered_mask(k.mask, m, n)
-            relative = _index_pairs(mask, m, n, _opaque_reads(env))
-            if relative is not None:
-                L(1, "# the mask reads n only against m or bounds free of n: rows and bounds "
-                     "relative to\n# start_n against the constant columns 0..BLOCK_N-1 (no "
-                     "column index lives across tiles)")
-                if relative.pairs or relative.distances:
-                    L(1, _relative_rows(relative))
-                hoisted = {x: _pair_source(op, swap, relative)
-                           for x, (op, swap) in relative.pairs.items()}
-                for x, (op, a) in relative.bounds.items():
-                    hoisted[x] = f"({_COLS} {_PAIRED[op]} ({render_at(L, 1, a, env)} - start_n))"
-                for x, (op, dist) in relative.distances.items():
-                    hoisted[x] = _distance_source(op, dist, relative)
-                mask_env = dataclasses.replace(env, hoisted={**env.hoisted, **hoisted})
+            mask_env = relative_mask(L, 1, mask, m, n, env, KEYS_MOVE)
             L(1, f"keep = {render_at(L, 1, mask, mask_env)}")
             L(1, "if not EVEN_N:\n    keep = keep & col_ok[None, :]")
             keep, bounded = "keep", "MASKED or not EVEN_N"
@@ -1143,7 +1129,7 @@ def _tile_body(k: TileKernel, p, names: _Names, head_env: Env, loop_hoisted: dic
         for mx, arg in maxes:
             L(0, f"# {mx.var} = max({mx.var}, rowmax({comment(E.render(arg))[2:]}))")
             score = arg.src[0] if mx.var in natural else arg  # natural: arg = T * log2e
-            value = render_at(L, 0, score, _tile_relative(L, score, m, n, env))
+            value = render_at(L, 0, score, relative_score(L, 0, score, m, n, env, KEYS_MOVE))
             y = f"y_{mx.var}"
             full = _full_tile(score, dots, m, n)
             L(0, f"{y} = {value}" if full else
@@ -1287,169 +1273,6 @@ def _emit_stabiliser(L: Lines, mx: RunningMax, finite: str | bool, own_weights: 
     L(1, f"{mx.var}_use_new = {mx.var}_new")
     L(0, "else:")
     L(1, f"{mx.var}_use_new = {safe}  # the stabiliser: finite (-FLT_MAX for -inf)")
-
-
-def _opaque_reads(env: Env) -> frozenset[Expr]:
-    """The nodes ``env`` prints from values already at hand, not from the indices they read:
-    the row values hoisted above the key loop (``doc[m]``) and the captured reads gathered per
-    key tile (``doc[n]``, through a pointer tile that moves with start_n)."""
-    return frozenset(env.hoisted) | frozenset(env.gathers)
-
-
-@dataclasses.dataclass
-class IndexPairs:
-    """How a mask or score reads the key index n, when only relative to the query index m
-    (:func:`_index_pairs`): each node -> how it is printed on the tile."""
-
-    pairs: dict[Expr, tuple[Op, bool]]  # m OP n / n OP m (m - n, m >= n): (OP, n first)
-    bounds: dict[Expr, tuple[Op, Expr]]  # n OP A, A free of n: (OP, A)
-    distances: dict[Expr, tuple[Op, int]]  # (m - n) OP K for a small constant K: (OP, K)
-
-
-# |K| of a distance compare read as m - start_n OP j + K (int32-exact beside the columns j)
-_SMALL_DISTANCE = 2**30
-# |K| of one read as (m - start_n - K) OP j: the margin below 2**31 the launchers keep lengths
-_ROW_SHIFT = LENGTH_MARGIN
-
-
-def _distance_compare(x: Expr, m: str, n: str) -> tuple[Op, int] | None:
-    """(OP, K) when ``x`` is ``(m - n) OP K`` with a constant |K| <= 2**30
-    (:func:`codegen.key_bounds.distance_bounds` writes them), else None."""
-    if x.op not in _PAIRED or x.op is Op.SUB:
-        return None
-    d, k = x.src
-    if d.op is not Op.SUB or k.op is not Op.CONST or k.dtype != E.INT or \
-            abs(k.arg) > _SMALL_DISTANCE:
-        return None
-    if tuple(s.arg if s.op is Op.INDEX else None for s in d.src) != (m, n):
-        return None
-    return x.op, k.arg
-
-
-def _index_pairs(e: Expr, m: str, n: str, opaque: frozenset[Expr] = frozenset()
-                 ) -> IndexPairs | None:
-    """When ``e`` reads the key index n only in pairs with m (``m - n``, ``n - m``, a
-    comparison of the two, or of their distance with a constant), in key bounds ``n OP A``
-    that move with the tile (:func:`codegen.key_bounds.relative_bound`) and inside ``opaque``
-    nodes (printed from values at hand, :func:`_opaque_reads`): those nodes.  Else None.  A
-    pair is unchanged when both indices move by start_n: m - n = (m - s) - (n - s); int32 is
-    exact, as m - n of indices below 2 ** 31 fits.  The query index read alone (``m < 100``)
-    is a row value and stays as it is."""
-    found = IndexPairs({}, {}, {})
-    pairs, bounds = found.pairs, found.bounds
-    ranges = int_ranges(e)
-    seen: set[Expr] = set()
-    todo = [e]
-    while todo:
-        x = todo.pop()
-        if x in seen or x in opaque:
-            continue
-        seen.add(x)
-        distance = _distance_compare(x, m, n)
-        if distance is not None:
-            found.distances[x] = distance
-            continue
-        ops = tuple(s.arg if s.op is Op.INDEX else None for s in x.src)
-        if x.op in _PAIRED and ops in ((m, n), (n, m)):
-            pairs[x] = (x.op, ops == (n, m))
-            continue
-        bound = key_bound(x, n)
-        if bound is not None and relative_bound(bound, ranges):
-            bounds[x] = bound
-            continue
-        if x.op is Op.INDEX and x.arg == n:
-            return None  # read alone (cap0[n], n // 64): not relative to the tile
-        todo.extend(x.src)
-    return found if pairs or bounds or found.distances else None
-
-
-# m - n and the comparisons of m with n
-_PAIRED = {Op.SUB: "-", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==",
-           Op.NE: "!="}
-_ROWS, _COLS = "offs_m_rel[:, None]", "tl.arange(0, BLOCK_N)[None, :]"
-
-
-def _tile_relative(L: Lines, e: Expr, m: str, n: str, env: Env) -> Env:
-    """``env`` printing a score ``e`` that reads n only in pairs with m (``n - m``,
-    ``m >= n``) and in key bounds (``n <= m - 3``), :func:`_index_pairs`, on the rows relative
-    to start_n against the constant columns 0..BLOCK_N-1; the int32 values are the same, as
-    m - n = (m - start_n) - (n - start_n).  With constant columns the compiler sees that the
-    rows r and r + 8 a thread holds meet the same distances, (r + 8) - (j + 8) = r - j, so a
-    distance bias (ALiBi's ``slope * (n - m)``) is converted and scaled once per distinct
-    distance, not once per element."""
-    lowered = {}  # comparisons of sums that are distance compares (codegen.key_bounds)
-    for x in e.walk():
-        d = distance_bound(x, m, n)
-        if d is not None and _distance_compare(d, m, n) is not None:
-            lowered[x] = _distance_compare(d, m, n)
-    relative = _index_pairs(e, m, n, _opaque_reads(env) | frozenset(lowered))
-    rows = "(offs_m - start_n)[:, None]"
-    distances = {**lowered, **(relative.distances if relative else {})}
-    hoisted = {x: _score_distance(op, k) for x, (op, k) in distances.items()}
-    if relative is not None:
-        for x, (op, swap) in relative.pairs.items():
-            hoisted[x] = f"({_COLS} {_PAIRED[op]} {rows})" if swap else \
-                f"({rows} {_PAIRED[op]} {_COLS})"
-        for x, (op, a) in relative.bounds.items():
-            hoisted[x] = f"({_COLS} {_PAIRED[op]} ({render_at(L, 0, a, env)} - start_n))"
-    if not hoisted:
-        return env
-    return dataclasses.replace(env, hoisted={**env.hoisted, **hoisted})
-
-
-def _score_distance(op: Op, k: int) -> str:
-    """(m - n) OP k inside a score, on the rows relative to start_n (see
-    :func:`_distance_source`)."""
-    if abs(k) <= _ROW_SHIFT:
-        shift = "" if k == 0 else f" {'-' if k > 0 else '+'} {abs(k)}"
-        return f"((offs_m - start_n{shift})[:, None] {_PAIRED[op]} {_COLS})"
-    return f"((offs_m - start_n)[:, None] {_PAIRED[op]} {_shifted_cols(k)})"
-
-
-def _distance_source(op: Op, k: int, relative: IndexPairs) -> str:
-    """(m - n) OP k of a mask on the tile: on diag, or as the relative rows moved by k
-    against the constant columns (one compare per element, the shift once per row), or, for
-    a larger k, the rows against the columns moved by k.  The launchers refuse lengths past
-    2**31 - _ROW_SHIFT, so (m - start_n) - k of a row in the sequence is int32-exact for
-    |k| <= _ROW_SHIFT (a padded row past the length is never stored)."""
-    if _diagonal(relative):
-        return f"(diag {_PAIRED[op]} {k})"
-    if abs(k) <= _ROW_SHIFT:
-        rows = _ROWS if k == 0 else f"(offs_m_rel {'-' if k > 0 else '+'} {abs(k)})[:, None]"
-        return f"({rows} {_PAIRED[op]} {_COLS})"
-    return f"({_ROWS} {_PAIRED[op]} {_shifted_cols(k)})"
-
-
-def _shifted_cols(k: int) -> str:
-    """The constant columns moved by ``k``: m - n OP k  =  (m - start_n) OP (j + k)."""
-    if k == 0:
-        return _COLS
-    return f"(tl.arange(0, BLOCK_N) {'+' if k > 0 else '-'} {abs(k)})[None, :]"
-
-
-def _diagonal(relative: IndexPairs) -> bool:
-    """A mask that subtracts the indices, or compares their distance more than once (a
-    window ``0 <= m - n <= w``), is printed on diag = m - n, comparisons included (LLVM merges
-    0 <= diag <= w into one unsigned compare); one that only compares them once compares the
-    relative rows with the (shifted) columns directly (no subtraction per element)."""
-    if any(op is Op.SUB for op, _ in relative.pairs.values()):
-        return True
-    return bool(relative.distances) and len(relative.distances) + len(relative.pairs) >= 2
-
-
-def _relative_rows(relative: IndexPairs) -> str:
-    if _diagonal(relative):
-        return f"diag = (offs_m - start_n)[:, None] - {_COLS}"
-    return "offs_m_rel = offs_m - start_n"
-
-
-def _pair_source(op: Op, swap: bool, relative: IndexPairs) -> str:
-    """m OP n (n OP m when swapped) in terms of the relative rows and constant columns."""
-    if _diagonal(relative):
-        if op is Op.SUB:
-            return "(-diag)" if swap else "diag"
-        return f"(0 {_PAIRED[op]} diag)" if swap else f"(diag {_PAIRED[op]} 0)"
-    return f"({_COLS} {_PAIRED[op]} {_ROWS})" if swap else f"({_ROWS} {_PAIRED[op]} {_COLS})"
 
 
 def _guard(L: Lines, bounded: bool | str, var: str, keep: str, fill: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import attndsl
@@ -20,6 +20,7 @@ from attndsl.passes.pipeline import compile_cascade
 from attndsl.passes.tile_grad import derive_tile_backward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_key_bounds import _OPS, _distance_term, _side  # noqa: E402
 from test_passes import NORMALISERS, softmax_3pass  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
@@ -108,6 +109,30 @@ def test_flex_specs_through_compile_get_fused_gradients_of_captured_tensors(mask
     cascade = kernel.compiled.cascade
     sizes = index_sizes(cascade, 2, 2, 2, 29, 37, 16, 16)
     _check_gradients(kernel, sizes, torch.float32, 0, captured={cap: SLOPES.clone()})
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(list(_OPS)), _side, _side), min_size=1, max_size=3),
+       st.sampled_from(["&", "|"]), st.integers(1, 40), st.integers(1, 40))
+@example([(">=", (1, "q", 0), (1, "kv", 0))], "&", 150, 140)  # blocks of 128, cut short
+@example([("<=", (1, "q", -9), (1, "kv", 0)), (">", (1, "q", 0), (1, "kv", 2))], "&", 37, 29)
+@example([(">=", (1, "q", 0), (1, "kv", 3))], "&", 37, 29)  # one distance: rows moved by 3
+def test_random_distance_masks_get_the_oracles_fused_gradients(terms, join, lq, lkv) -> None:
+    """Comparisons of affine index forms, joined (windows, distances, key bounds): the loops
+    over key tiles print them relative to start_n (codegen/relative.py), the keys kernel
+    absolute over its blocks' ranges of query tiles; odd lengths, Lq != Lkv."""
+    parts = [_distance_term(*t) for t in terms]
+
+    def mask_mod(b, h, q, kv):
+        out = parts[0](q, kv)
+        for part in parts[1:]:
+            out = (out & part(q, kv)) if join == "&" else (out | part(q, kv))
+        return out
+
+    kernel = attndsl.compile(score_mod=None, mask_mod=mask_mod)
+    cascade = kernel.compiled.cascade
+    _check_gradients(kernel, index_sizes(cascade, 1, 2, 1, lq, lkv, 16, 16), torch.float32,
+                     lq + lkv)
 
 
 def test_rows_with_no_key_get_zero_gradients() -> None:
@@ -229,7 +254,7 @@ def test_the_fused_backward_adds_dq_in_its_own_kernel_and_skips_empty_blocks() -
         assert "tl.sigmoid" not in kernel_src
         assert "sg0 = 1.0 / (1.0 + tl.exp2(qk0 * sg0_c + sg0_o))" in kernel_src
         assert "# the factor common to every d b / d qk term" in kernel_src
-    assert "for sub in range(0, tl.where(full, n_sub, 0)):" in keys
+    assert "for start_m in range(blk_lo, tl.where(full, blk_hi, blk_lo), BLOCK_M):" in keys
     assert "for start_n in range(flo0 * 128, tl.minimum(fhi0 * 128, N_len), BLOCK_N):" in queries
     # one step function per kernel, called from each loop: partial and full query blocks;
     # the partial key blocks below the full ones, the full ones, the partial ones above
