@@ -20,7 +20,7 @@ from attndsl.passes.pipeline import compile_cascade
 from attndsl.passes.tile_grad import derive_tile_backward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_key_bounds import _OPS, _distance_term, _side  # noqa: E402
+from test_key_bounds import _OPS, _side, joined_mask  # noqa: E402
 from test_passes import NORMALISERS, softmax_3pass  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
@@ -121,15 +121,7 @@ def test_random_distance_masks_get_the_oracles_fused_gradients(terms, join, lq, 
     """Comparisons of affine index forms, joined (windows, distances, key bounds): the loops
     over key tiles print them relative to start_n (codegen/relative.py), the keys kernel
     absolute over its blocks' ranges of query tiles; odd lengths, Lq != Lkv."""
-    parts = [_distance_term(*t) for t in terms]
-
-    def mask_mod(b, h, q, kv):
-        out = parts[0](q, kv)
-        for part in parts[1:]:
-            out = (out & part(q, kv)) if join == "&" else (out | part(q, kv))
-        return out
-
-    kernel = attndsl.compile(score_mod=None, mask_mod=mask_mod)
+    kernel = attndsl.compile(score_mod=None, mask_mod=joined_mask(terms, join))
     cascade = kernel.compiled.cascade
     _check_gradients(kernel, index_sizes(cascade, 1, 2, 1, lq, lkv, 16, 16), torch.float32,
                      lq + lkv)

@@ -236,12 +236,8 @@ def _distance_term(op: str, a: tuple, b: tuple):
     return term
 
 
-@settings(max_examples=12, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(list(_OPS)), _side, _side), min_size=1, max_size=3),
-       st.sampled_from(["&", "|"]), st.integers(1, 40), st.integers(1, 40))
-def test_random_distance_masks_give_the_oracles_attention(terms, join, lq, lkv) -> None:
-    """Comparisons of affine index forms (distances among them, rewritten by
-    distance_bounds; others printed as written), joined, on ragged tiles, Lq != Lkv."""
+def joined_mask(terms: list[tuple], join: str):
+    """The mask_mod of the distance terms ``(op, side, side)`` joined by ``&`` or ``|``."""
     parts = [_distance_term(*t) for t in terms]
 
     def mask_mod(b, h, q, kv):
@@ -249,7 +245,16 @@ def test_random_distance_masks_give_the_oracles_attention(terms, join, lq, lkv) 
         for part in parts[1:]:
             out = (out & part(q, kv)) if join == "&" else (out | part(q, kv))
         return out
+    return mask_mod
 
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(list(_OPS)), _side, _side), min_size=1, max_size=3),
+       st.sampled_from(["&", "|"]), st.integers(1, 40), st.integers(1, 40))
+def test_random_distance_masks_give_the_oracles_attention(terms, join, lq, lkv) -> None:
+    """Comparisons of affine index forms (distances among them, rewritten by
+    distance_bounds; others printed as written), joined, on ragged tiles, Lq != Lkv."""
+    mask_mod = joined_mask(terms, join)
     gen = torch.Generator().manual_seed(lq * 41 + lkv)
     q, k, v = (torch.randn(1, 1, length, 16, generator=gen) for length in (lq, lkv, lkv))
     out = attndsl.flex_attention(q, k, v, mask_mod=mask_mod, kernel_options=dict(CONFIG))
