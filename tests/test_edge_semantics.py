@@ -3,8 +3,7 @@
 NaN through max / min / clamp / relu; a quotient whose common factor may be zero (0 / 0 = 0,
 never cancelled); booleans in integer arithmetic (0 / 1, not 1-bit wrap-around); floor division
 of literals; int64 wrap-around in constant folding; int() of a constant no int64 holds; an
-output that keeps the key index; an integer power far past int64 in the launcher's ranges;
-programs that check their arguments' types.
+output that keeps the key index; an integer power far past int64 in the launcher's ranges.
 """
 
 from __future__ import annotations
@@ -156,20 +155,3 @@ def test_x_minus_x_is_nan_where_x_is_infinite() -> None:
   output O""")
     assert bool(torch.isnan(want).any())
     assert torch.equal(torch.isnan(got), torch.isnan(want))
-
-
-def _type_checking_score(s, b, h, q, kv):
-    """Branches on the types of its arguments, as code written for torch's tensors may."""
-    if torch.is_tensor(s) and isinstance(q, torch.Tensor) and not isinstance(kv, int):
-        return s * 2.0 + (q - kv) * 0.125
-    return s
-
-
-def test_score_programs_see_their_arguments_as_tensors_as_torch_passes_them() -> None:
-    """torch's flex_attention calls a score_mod with tensors: ``torch.is_tensor`` and
-    ``isinstance(x, torch.Tensor)`` are True there, so they are during the trace (the other
-    branch was traced before, silently)."""
-    q, k, v = _qkv().values()
-    got = attndsl.flex_attention(q, k, v, score_mod=_type_checking_score)
-    want = torch_flex_attention(q, k, v, score_mod=_type_checking_score)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

@@ -174,14 +174,6 @@ class Sym:
 
     __int__ = __index__
 
-    @property
-    def __class__(self) -> type:
-        """``torch.Tensor``: torch's flex_attention calls a score or mask program with
-        tensors, so ``isinstance(x, torch.Tensor)`` and ``torch.is_tensor(x)`` are True of
-        its arguments, as here (a program branching on them traced the other branch,
-        silently; ``type(x)`` is still Sym)."""
-        return torch.Tensor
-
     def __float__(self) -> float:
         raise self.ctx.fail("a symbolic value was converted to a Python float")
 
@@ -329,7 +321,7 @@ def _flat(args: tuple, kwargs: dict) -> list[Any]:
 
 
 def _gather(ctx: TraceContext, t: torch.Tensor, idx: Any) -> Sym:
-    if isinstance(t, Sym) or not isinstance(t, torch.Tensor):
+    if not isinstance(t, torch.Tensor):
         raise ctx.fail("only captured tensors can be indexed with symbolic indices")
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(i is None or i is Ellipsis or isinstance(i, slice) for i in idx):
@@ -418,7 +410,7 @@ def _clamp(ctx: TraceContext, x: Any, min: Any = None, max: Any = None) -> Sym:
 
 def _cast(ctx: TraceContext, x: Any, *args: Any, **kw: Any) -> Sym:
     dt = kw.get("dtype", args[0] if args else None)
-    if isinstance(dt, torch.Tensor) and not isinstance(dt, Sym):
+    if isinstance(dt, torch.Tensor):
         dt = dt.dtype
     if not isinstance(dt, torch.dtype):
         raise ctx.fail(".to() in a score/mask program needs a dtype (devices are implicit)")
@@ -562,7 +554,7 @@ def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | N
             sys.setprofile(None)
     if isinstance(result, bool | int | float):
         result = Sym(E.const(result), ctx)
-    if isinstance(result, torch.Tensor) and not isinstance(result, Sym) and result.dim() == 0:
+    if isinstance(result, torch.Tensor) and result.dim() == 0:
         result = Sym(Sym(E.const(0), ctx)._lift(result), ctx)
     if not isinstance(result, Sym):
         shape = f" of shape {tuple(result.shape)}" if isinstance(result, torch.Tensor) else ""
