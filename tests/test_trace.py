@@ -121,6 +121,22 @@ def test_untraceable_functions_name_the_function_and_line(fn, message) -> None:
     assert message in text and fn.__name__ in text and "test_trace.py:" in text
 
 
+@pytest.mark.parametrize("make", [torch.tensor, torch.as_tensor, torch.is_tensor],
+                         ids=["tensor", "as_tensor", "is_tensor"])
+def test_torch_reading_a_symbol_as_a_tensor_is_refused_or_false(make) -> None:
+    """A symbol is not a torch.Tensor to torch's C++ argument parser, which reads a tensor's
+    storage once ``isinstance`` says it is one: a symbol passing as one (a ``__class__``
+    property) crashed the process in ``torch.tensor(score)``.  torch.is_tensor stays False."""
+    def score(s, b, h, q, kv):
+        out = make(s)
+        return s if out is False else out
+    if make is torch.is_tensor:
+        assert lower_flex(score, None).cascade is not None
+        return
+    with pytest.raises(TraceError):
+        lower_flex(score, None)
+
+
 def test_mask_mod_must_return_bool() -> None:
     with pytest.raises(TraceError, match="mask_mod must return a boolean"):
         lower_flex(None, lambda b, h, q, kv: q - kv)
