@@ -126,15 +126,22 @@ def test_untraceable_functions_name_the_function_and_line(fn, message) -> None:
 def test_torch_reading_a_symbol_as_a_tensor_is_refused_or_false(make) -> None:
     """A symbol is not a torch.Tensor to torch's C++ argument parser, which reads a tensor's
     storage once ``isinstance`` says it is one: a symbol passing as one (a ``__class__``
-    property) crashed the process in ``torch.tensor(score)``.  torch.is_tensor stays False."""
+    property) crashed the process in ``torch.tensor(score)``.  ``torch.is_tensor`` of a symbol,
+    False here and True under torch, is refused: a program branching on it would trace the
+    other branch than torch runs, silently."""
     def score(s, b, h, q, kv):
         out = make(s)
         return s if out is False else out
-    if make is torch.is_tensor:
-        assert lower_flex(score, None).cascade is not None
-        return
-    with pytest.raises(TraceError):
+    with pytest.raises(TraceError, match="is_tensor of a symbolic argument" if
+                       make is torch.is_tensor else "cannot trace score"):
         lower_flex(score, None)
+
+
+def test_is_tensor_of_a_captured_tensor_is_allowed() -> None:
+    """Only a symbol is refused: a captured tensor is a tensor in both worlds."""
+    bias = torch.randn(4)
+    spec = lower_flex(lambda s, b, h, q, kv: s + bias[h] if torch.is_tensor(bias) else s, None)
+    assert [t is bias for t in spec.captured.values()] == [True]  # its branch was traced
 
 
 def test_mask_mod_must_return_bool() -> None:

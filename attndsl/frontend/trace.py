@@ -71,6 +71,8 @@ class TraceContext:
     prefix: str = "cap"
     return_lines: dict[Any, int] = field(default_factory=dict)  # code object -> return line
     fn_where: str = "<unknown location>"  # where the function being traced is defined
+    # where the program asked torch.is_tensor of a symbol ('file:line in name()')
+    type_checks: list[str] = field(default_factory=list)
 
     def fail(self, what: str) -> TraceError:
         return TraceError(f"cannot trace {self.fn_name}: {what}\n  at {_user_frame(self.fn_where)}")
@@ -519,6 +521,10 @@ class Traced:
     captured: dict[str, torch.Tensor]
 
 
+# torch.is_tensor's code: a call of it on a symbol is refused (see trace)
+_IS_TENSOR = getattr(torch.is_tensor, "__code__", None)
+
+
 def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | None = None,
           ) -> Traced:
     """Call ``fn`` on symbols standing for ``args`` and return the expression it builds."""
@@ -531,13 +537,18 @@ def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | N
     _check_signature(fn, name, len(args), what, ctx.fn_where)
     code = getattr(inspect.unwrap(fn), "__code__", None)
 
-    def on_return(frame: Any, event: str, arg: Any) -> None:
+    def on_event(frame: Any, event: str, arg: Any) -> None:
         if event == "return" and frame.f_code is code:
             ctx.return_lines[code] = frame.f_lineno
+        elif event == "call" and frame.f_code is _IS_TENSOR and \
+                isinstance(frame.f_locals.get("obj"), Sym):
+            caller = frame.f_back
+            ctx.type_checks.append(f"{caller.f_code.co_filename}:{caller.f_lineno} in "
+                                   f"{caller.f_code.co_name}()")
 
     hook = sys.getprofile() is None  # never displace a profiler the user is running
     if hook:
-        sys.setprofile(on_return)
+        sys.setprofile(on_event)
     try:
         result = fn(*(Sym(a, ctx) for a in args))
     except TraceError:
@@ -552,6 +563,11 @@ def trace(fn: Callable, args: tuple[Expr, ...], what: str, ctx: TraceContext | N
     finally:
         if hook:
             sys.setprofile(None)
+    if ctx.type_checks:  # isinstance(x, torch.Tensor), a builtin, is not seen: it is False too
+        raise TraceError(f"cannot trace {name}: torch.is_tensor of a symbolic argument is False "
+                         f"while tracing, where torch's flex_attention passes tensors (True): "
+                         f"the program would take another branch than torch's; drop the "
+                         f"check\n  at {ctx.type_checks[0]}")
     if isinstance(result, bool | int | float):
         result = Sym(E.const(result), ctx)
     if isinstance(result, torch.Tensor) and result.dim() == 0:
