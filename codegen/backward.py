@@ -86,7 +86,7 @@ def backward_spec(c: Cascade) -> BackwardSpec:
 # stride_qk``): tensor -> (role base, the letters of its dims, what it stands for)
 _ROLES = {"Q": ("q", "zhmk", "Q"), "K": ("k", "zhnk", "K"), "V": ("v", "zhnd", "V"),
           "O": ("o", "zhmd", "O"), "DO": ("do", "zhmd", "dO"), "LSE": ("lse", "zhm", "LSE"),
-          "LSE2": ("lse2", "zhm", "LSE log2e less the query-only terms of T log2e"),
+          "NEG_LSE2": ("neg_lse2", "zhm", "-LSE log2e plus the query-only terms of T log2e"),
           "DLSE": ("dlse", "zhm", "dLSE"), "DELTA": ("delta", "zhm", "rowsum(dO * O) - dLSE"),
           "DQ": ("dq", "zhmk", "dQ"), "DK": ("dk", "zhnk", "dK"), "DV": ("dv", "zhnd", "dV")}
 
@@ -283,13 +283,14 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, kind: str) -> None:
     L(0, "# scores: S = scale * Q K^T, T = score_mod(S)")
     if kind == "dkdv":
         L(0, "qk = tl.dot(k, qT, input_precision=DOT_PRECISION)  # [keys, queries]")
-        _emit_row_load(L, 0, "lse2")
+        _emit_row_load(L, 0, "neg_lse2")
     else:
         L(0, "qk = tl.dot(q, kT, input_precision=DOT_PRECISION)")
     if _step_reads_score(spec, names):
         L(0, "s = qk * scale")
     _emit_tanhs(L, spec, names, env)
-    L(0, "# P = exp(T - LSE) = exp2(T log2e - lse2), lse2 = LSE log2e (+inf on empty rows: P = 0)")
+    L(0, "# P = exp(T - LSE) = exp2(T log2e + neg_lse2), neg_lse2 = -LSE log2e (-inf on empty "
+         "rows: P = 0)")
     L(0, f"valid = {o.m_ok} & {o.n_ok}")
     if spec.mask is not None:
         L(0, "if MASKED:  # a partial tile: evaluate the mask")
@@ -335,7 +336,7 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, kind: str) -> None:
 
 def _exp2_parts(spec: BackwardSpec) -> list[Expr]:
     """What the tile loops render of T log2e: all of it, or the split's tile and key parts
-    (its query part is in lse2, :func:`_emit_rows`)."""
+    (its query part is in neg_lse2, :func:`_emit_rows`)."""
     split = spec.log2_split
     if split is None or not split.separable:
         return [spec.log2_score]
@@ -372,32 +373,35 @@ def _reads_row(e: Expr, row: str, skip: set[Expr]) -> bool:
 
 def _emit_p(L: Lines, spec: BackwardSpec, names: _Names, o: _Orient, env: Env,
             kind: str, start: str) -> None:
-    """``p = exp2(T log2e - lse2)``; with T log2e split (``spec.log2_split``), the query-only
-    terms are already in lse2 (the preprocess kernel folded them, :func:`_emit_rows`) and the
-    key vector is added to ``-lse2`` first, ``tile + (t_keys - lse2)``, so that the tile pays
-    one add and one multiply-add with ``qk`` (left to right it pays a multiply-add and two
-    adds).  The dQ kernel's key vector is anchored at its query tile's anchor; the dK/dV
-    kernel's at its own key tile (the same for every query tile of its loop), and each query
-    tile subtracts the split's scalar ``shift`` between the two anchors from lse2: one add per
-    query of the tile instead of a conversion and a multiply-add (sm90 ALiBi D 64: 417 -> 385
-    loop instructions)."""
+    """``p = exp2(T log2e + neg_lse2)``, neg_lse2 = -LSE log2e: the tile pays one multiply-add
+    (stored as LSE log2e, its negation was an instruction per element: ptxas negated the loaded
+    vector instead of folding the sign into the FFMA; sm80 causal D=64 dK/dV 190 -> 185 loop
+    instructions, static SASS, triton 3.9).  With T log2e split (``spec.log2_split``), the
+    query-only terms are already in neg_lse2 (the preprocess kernel folded them,
+    :func:`_emit_rows`) and the key vector is added to it first, ``tile + (t_keys + neg_lse2)``,
+    so that the tile pays one add and one multiply-add with ``qk`` (left to right it pays a
+    multiply-add and two adds).  The dQ kernel's key vector is anchored at its query tile's
+    anchor; the dK/dV kernel's at its own key tile (the same for every query tile of its
+    loop), and each query tile adds the split's scalar ``shift`` between the two anchors to
+    neg_lse2: one add per query of the tile instead of a conversion and a multiply-add (sm90
+    ALiBi D 64: 417 -> 385 loop instructions)."""
     split = spec.log2_split
     r = o.row
     if split is None or not split.separable:
-        L(0, f"p = tl.exp2({render_at(L, 0, spec.log2_score, env)} - lse2{r})")
+        L(0, f"p = tl.exp2({render_at(L, 0, spec.log2_score, env)} + neg_lse2{r})")
         return
-    rest = f"-lse2{r}"
+    rest = f"neg_lse2{r}"
     if not is_zero(split.cols):
         key_start = "start_n" if kind == "dkdv" else start
         cols = render_at(L, 0, split.cols, _tile_env(spec, names, VECTORS, key_start))
         L(0, f"# the key-only terms of T log2e: {_one_line(split.cols)}")
         L(0, f"t_keys = {cols}")
-        rest = "t_keys" + ("[:, None]" if o.m_axis == 1 else "[None, :]") + f" - lse2{r}"
+        rest = "t_keys" + ("[:, None]" if o.m_axis == 1 else "[None, :]") + f" + neg_lse2{r}"
     if kind == "dkdv" and not is_zero(split.shift):
         _emit_anchor(L, 0, spec, split.shift)
         shift = render_at(L, 0, split.shift, _tile_env(spec, names, VECTORS, start))
         L(0, f"# the key vector's anchor is this program's key tile: {_one_line(split.shift)}")
-        L(0, f"lse2 = lse2 - ({shift})")
+        L(0, f"neg_lse2 = neg_lse2 + ({shift})")
     arg = rest if is_zero(split.tile) else f"{render_at(L, 0, split.tile, env)} + ({rest})"
     L(0, f"p = tl.exp2({arg})")
 
@@ -415,8 +419,9 @@ def _emit_anchor(L: Lines, depth: int, spec: BackwardSpec, part: Expr,
 
 
 def _emit_rows(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> None:
-    """Fold the query-only terms of T log2e into lse2 once per query row, in the preprocess
-    kernel: exp2(tile + rows[m] + cols[n] - lse2[m]) = exp2(tile + cols[n] - (lse2 - rows)[m]).
+    """Fold the query-only terms of T log2e into neg_lse2 once per query row, in the preprocess
+    kernel: exp2(tile + rows[m] + cols[n] + neg_lse2[m]) = exp2(tile + cols[n] + (neg_lse2 +
+    rows)[m]).
     Captured reads are loaded where they are used (this kernel has no tile loop)."""
     split = spec.log2_split
     if split is None or not split.separable or is_zero(split.rows):
@@ -425,7 +430,7 @@ def _emit_rows(L: Lines, depth: int, spec: BackwardSpec, names: _Names) -> None:
     env = _tile_env(spec, replace(names, hoisted={}), VECTORS, "anchor_m")
     rows = render_at(L, depth, split.rows, env)
     L(depth, f"# the query-only terms of T log2e: {_one_line(split.rows)}")
-    L(depth, f"lse2 = lse2 - ({rows})")
+    L(depth, f"neg_lse2 = neg_lse2 + ({rows})")
 
 
 def _emit_gather_grad(L: Lines, spec: BackwardSpec, names: _Names, name: str, i: int,
@@ -478,7 +483,7 @@ _CONSTEXPR = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "SPARSITY", "SPARSE_Q"
 
 def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     args = (_tensor_args("O") + _tensor_args("DO") + _tensor_args("DLSE")
-            + _tensor_args("DELTA") + _tensor_args("LSE") + _tensor_args("LSE2")
+            + _tensor_args("DELTA") + _tensor_args("LSE") + _tensor_args("NEG_LSE2")
             + _captured_args(names, False) + ["scale", "n_heads", "M_len", "F_len"])
     # no G: the kernel reads query-head rows only (a score reads no parameter but the scale,
     # so the query-only terms never map a head to its key/value head): one compile for
@@ -486,12 +491,12 @@ def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     writer.signature(L, "attention_bwd_preprocess", args, ["BLOCK_M", "BLOCK_F", "ANCHOR_M"],
                      writer.OFFSET_FLAGS,
                      doc="delta[b, h, m] = sum(f) dO[b, h, m, f] * O[b, h, m, f] - "
-                     "dLSE[b, h, m], in float32,\n    and lse2 = LSE log2e (+inf where LSE = "
+                     "dLSE[b, h, m], in float32,\n    and neg_lse2 = -LSE log2e (-inf where LSE = "
                      "-inf: an empty row, whose P the loops then\n    compute as 0 without a "
-                     "guard) less the query-only terms of T log2e.", notes=_notes(),
+                     "guard) plus the query-only terms of T log2e.", notes=_notes(),
                      specialised=ROW_STRIDES["attention_bwd_preprocess"])
     writer.program(L, "pid_m")
-    _widen(L, ("O", "DO", "DLSE", "DELTA", "LSE", "LSE2"))
+    _widen(L, ("O", "DO", "DLSE", "DELTA", "LSE", "NEG_LSE2"))
     L(1, "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, "m_ok = offs_m < M_len")
     L(1, "tile_ok = m_ok[:, None] & (offs_f[None, :] < F_len)")
@@ -503,10 +508,10 @@ def _emit_preprocess(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     L(1, "delta = tl.sum(o * do, 1) - dlse")
     L(1, f"tl.store({_ptr('DELTA', ['off_b', 'off_h', 'offs_m'])}, delta, mask=m_ok)")
     L(1, f"lse = tl.load({_ptr('LSE', ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, other=0.0)")
-    L(1, f'lse2 = tl.where(lse == float("-inf"), float("inf"), lse * {literal(LOG2E)})'
-         f"  # 1/ln 2")
+    L(1, f'neg_lse2 = tl.where(lse == float("-inf"), float("-inf"), lse * {literal(-LOG2E)})'
+         f"  # -1/ln 2")
     _emit_rows(L, 1, spec, names)
-    L(1, f"tl.store({_ptr('LSE2', ['off_b', 'off_h', 'offs_m'])}, lse2, mask=m_ok)\n")
+    L(1, f"tl.store({_ptr('NEG_LSE2', ['off_b', 'off_h', 'offs_m'])}, neg_lse2, mask=m_ok)\n")
     return args
 
 
@@ -539,18 +544,18 @@ def _emit_query_side(L: Lines, depth: int, kind: str) -> None:
     L(depth, "if UPCAST:  # the interpreter has no bf16 arithmetic")
     L(depth + 1, f"{q} = {q}.to(tl.float32)\ndo = do.to(tl.float32)")
     if kind == "dq":
-        _emit_row_load(L, depth, "lse2")
+        _emit_row_load(L, depth, "neg_lse2")
         _emit_row_load(L, depth, "delta")
 
 
 def _emit_row_load(L: Lines, depth: int, row: str) -> None:
-    """``lse2`` (the log-sum-exp in log2 units, +inf past the rows) or ``delta`` of the query
-    tile.  The dK/dV step reads each just before its use, lse2 after the QK^T dot and delta
-    after dP's: a row vector of the key-major tile spans every thread's columns, so one loaded
-    early stays live across the dots (sm90, dense D 64: 154 -> 143 registers)."""
-    table, other = ("LSE2", 'float("inf")') if row == "lse2" else ("DELTA", "0.0")
-    L(depth, f"{row} = tl.load({_ptr(table, ['off_b', 'off_h', 'offs_m'])}, mask=m_ok, "
-             f"other={other})")
+    """``neg_lse2`` (minus the log-sum-exp in log2 units, -inf past the rows) or ``delta`` of
+    the query tile.  The dK/dV step reads each just before its use, neg_lse2 after the QK^T
+    dot and delta after dP's: a row vector of the key-major tile spans every thread's columns,
+    so one loaded early stays live across the dots (sm90, dense D 64: 154 -> 143 registers)."""
+    table, other = ("NEG_LSE2", 'float("-inf")') if row == "neg_lse2" else ("DELTA", "0.0")
+    ptr = _ptr(table, ['off_b', 'off_h', 'offs_m'])
+    L(depth, f"{row} = tl.load({ptr}, mask=m_ok, other={other})")
 
 
 def _emit_key_side(L: Lines, depth: int, kind: str) -> None:
@@ -587,7 +592,7 @@ def _emit_loops(L: Lines, depth: int, spec: BackwardSpec, step: writer.Step,
 
 def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     args = (_tensor_args("Q") + _tensor_args("K") + _tensor_args("V")
-            + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
+            + _tensor_args("DO") + _tensor_args("NEG_LSE2") + _tensor_args("DELTA")
             + _tensor_args("DQ") + _tensor_args("DK") + _tensor_args("DV")
             + _captured_args(names, True)
             + ["scale", "n_heads", "n_kv_heads", "M_len", "N_len", "E_len", "F_len"]
@@ -603,7 +608,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
                      "are float32 atomic adds.", notes=_notes(),
                      specialised=ROW_STRIDES["attention_bwd_dkdv_kernel"])
     writer.program(L, "pid_n", "pid_bhkv", "n_kv_heads", "off_hkv")
-    _widen(L, ("Q", "K", "V", "DO", "LSE2", "DELTA", "DQ", "DK", "DV"))
+    _widen(L, ("Q", "K", "V", "DO", "NEG_LSE2", "DELTA", "DQ", "DK", "DV"))
     L(1, "start_n = pid_n * BLOCK_N\noffs_n = start_n + tl.arange(0, BLOCK_N)")
     L(1, "offs_e = tl.arange(0, BLOCK_E)\noffs_f = tl.arange(0, BLOCK_F)")
     L(1, _ok("e_ok", "offs_e", "E_len", "EVEN_E"))
@@ -641,7 +646,7 @@ def _emit_dkdv(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
 
 def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
     args = (_tensor_args("Q") + _tensor_args("K") + _tensor_args("V")
-            + _tensor_args("DO") + _tensor_args("LSE2") + _tensor_args("DELTA")
+            + _tensor_args("DO") + _tensor_args("NEG_LSE2") + _tensor_args("DELTA")
             + _tensor_args("DQ") + _captured_args(names, False)
             + ["scale", "n_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("kv_"))
@@ -654,7 +659,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
                      "atomics (deterministic).", notes=_notes(),
                      specialised=ROW_STRIDES["attention_bwd_dq_kernel"])
     writer.program(L, "pid_m")
-    _widen(L, ("Q", "K", "V", "DO", "LSE2", "DELTA", "DQ"))
+    _widen(L, ("Q", "K", "V", "DO", "NEG_LSE2", "DELTA", "DQ"))
     L(1, "off_hkv = off_h // G")
     _hoist_loads(L, 1, spec, names)
     L(1, "start_m = pid_m * BLOCK_M\noffs_m = start_m + tl.arange(0, BLOCK_M)")

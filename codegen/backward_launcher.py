@@ -215,10 +215,10 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
                                              _cdiv(m_len, sparse_q), _cdiv(n_len, sparse_kv))
     # delta = rowsum(dO * O) - dLSE
     delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
-    lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)  # LSE log2e, -inf: +inf
+    neg_lse2 = torch.empty(lse.shape, dtype=torch.float32, device=device)  # -LSE log2e
     # element offsets in int32 where they provably fit (rows and head dims are the tiles)
     tiled = dict(Q=q, K=k, V=v, O=o, LSE=lse, dO=do, dLSE=dlse, dQ=dq32, dK=dk, dV=dv,
-                 delta=delta, lse2=lse2)
+                 delta=delta, neg_lse2=neg_lse2)
     offsets = _offset_flags({name: (t, range(2, t.dim())) for name, t in tiled.items()},
                             (*captured.values(), *cap_grads.values()))
     cap_args = []
@@ -233,14 +233,14 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
         (_cdiv(m_len, pre["BLOCK_M"]), n_batch * n_heads)](
         **_by_name("attention_bwd_preprocess", [
             *_strides(o), *_strides(do), *_strides(dlse), *_strides(delta), *_strides(lse),
-            *_strides(lse2), *cap_args, scale, n_heads, m_len, f_len]),
+            *_strides(neg_lse2), *cap_args, scale, n_heads, m_len, f_len]),
         BLOCK_M=pre["BLOCK_M"], BLOCK_F=_block(f_len), ANCHOR_M=anchor,
         num_warps=pre["num_warps"], **offsets)
     grad_args = []
     for name in GRADS:  # noqa: F821
         t = cap_grads.get(name, torch.zeros((1,) * captured[name].dim(), device=device))
         grad_args += _strides(t)
-    common = [*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(lse2),
+    common = [*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(neg_lse2),
               *_strides(delta)]
     dq = torch.empty_like(q) if deterministic else dq32
     n_kv_blocks = _cdiv(n_len, sparse_kv)

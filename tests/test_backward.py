@@ -759,10 +759,10 @@ def test_alibi_splits_into_a_query_vector_and_a_key_vector_at_the_programs_tile_
     src = backward_source(lower_flex(lambda s, b, h, q, kv: s + slopes[h] * (kv - q),
                                      causal).cascade)
     exp2 = {ln.strip() for ln in src.splitlines() if ln.strip().startswith("p = tl.exp2(")}
-    assert exp2 == {"p = tl.exp2((qk * (scale * 1.4426950408889634)) + (t_keys[:, None] - "
-                    "lse2[None, :]))",
-                    "p = tl.exp2((qk * (scale * 1.4426950408889634)) + (t_keys[None, :] - "
-                    "lse2[:, None]))"}
+    assert exp2 == {"p = tl.exp2((qk * (scale * 1.4426950408889634)) + (t_keys[:, None] + "
+                    "neg_lse2[None, :]))",
+                    "p = tl.exp2((qk * (scale * 1.4426950408889634)) + (t_keys[None, :] + "
+                    "neg_lse2[:, None]))"}
 
 
 def _dead_names(src: str) -> dict[str, set[str]]:
@@ -870,7 +870,7 @@ def test_fused_keys_steps_accumulate_dv_before_forming_w() -> None:
 
 
 def test_dkdv_steps_load_lse_and_delta_where_they_are_read() -> None:
-    """The dK/dV step reads lse2 after the QK^T dot and delta after dP's, not with the Q and
+    """The dK/dV step reads neg_lse2 after the QK^T dot and delta after dP's, not with the Q and
     dO tiles: a row vector of the key-major tile loaded early stays live across the dots
     (sm90, dense D 64: 154 -> 143 registers).  The dQ kernel still reads them once."""
     for mod in (None, lambda s, b, h, q, kv: 30.0 * torch.tanh(s / 30.0)):
@@ -879,15 +879,17 @@ def test_dkdv_steps_load_lse_and_delta_where_they_are_read() -> None:
         steps = dkdv.split("qT = tl.load(")[1:]
         assert len(steps) == 1  # one step function, called from every SPARSITY branch
         for s in steps:
-            assert s.index("qk = tl.dot(") < s.index("lse2 = tl.load(") < s.index("p = tl.exp2(")
+            load = s.index("neg_lse2 = tl.load(")
+            assert s.index("qk = tl.dot(") < load < s.index("p = tl.exp2(")
             assert s.index("dp = tl.dot(") < s.index("delta = tl.load(") < s.index("dt = p *")
         dq = src[src.index("def _dq_step"):]
-        assert dq.count("lse2 = tl.load(") == 1 and dq.count("delta = tl.load(") == 1
+        assert dq.count("neg_lse2 = tl.load(") == 1 and dq.count("delta = tl.load(") == 1
 
 
-def test_the_query_terms_of_the_split_are_folded_into_lse2_once_per_row_by_the_preprocess() -> None:
-    """The preprocess kernel subtracts the query-only terms of T log2e from lse2; the tile
-    loops compute no query vector: the dK/dV loop subtracts one scalar, the shift from the
+def test_the_query_terms_of_the_split_are_folded_into_neg_lse2_once_per_row_by_the_preprocess(
+) -> None:
+    """The preprocess kernel adds the query-only terms of T log2e to neg_lse2; the tile
+    loops compute no query vector: the dK/dV loop adds one scalar, the shift from the
     query tile's anchor to its key tile (it converted and multiplied a query vector per query
     tile: sm90 ALiBi D 64 unmasked loop 417 -> 390 instructions, sm80 656 -> 633), and the
     dQ kernel anchors its key vector at its query tile's anchor."""
@@ -899,9 +901,9 @@ def test_the_query_terms_of_the_split_are_folded_into_lse2_once_per_row_by_the_p
         pre = src[src.index("def attention_bwd_preprocess"):src.index("def _dkdv_step")]
         dkdv = src[src.index("def _dkdv_step"):src.index("def _dq_step")]  # step and kernel
         dq = src[src.index("def _dq_step"):src.index("def backward_config")]
-        assert pre.count("lse2 = lse2 - (") == 1
-        shifts = [ln.strip() for ln in dkdv.splitlines() if "lse2 = lse2 - (" in ln]
-        assert "lse2 = lse2 -" not in dq and all("offs_m" not in ln for ln in shifts)
+        assert pre.count("neg_lse2 = neg_lse2 + (") == 1
+        shifts = [ln.strip() for ln in dkdv.splitlines() if "neg_lse2 = neg_lse2 + (" in ln]
+        assert "neg_lse2 = neg_lse2 +" not in dq and all("offs_m" not in ln for ln in shifts)
         assert all("(start_n - anchor_m)" in ln for ln in shifts) and bool(shifts) == relative
         anchors = {ln.strip() for ln in dkdv.splitlines() + dq.splitlines() if "anchor_m =" in ln}
         assert anchors == ({"anchor_m = (start_m // ANCHOR_M) * ANCHOR_M  # the split's anchor"}
@@ -910,7 +912,7 @@ def test_the_query_terms_of_the_split_are_folded_into_lse2_once_per_row_by_the_p
 
 def test_query_tiles_of_different_heights_in_the_two_kernels_share_one_anchor() -> None:
     """dK/dV query tiles of 16 rows, dQ tiles of 32 (the preprocess runs on the dQ's): the
-    anchor is the larger tile's start, so the lse2 the preprocess folded matches the key
+    anchor is the larger tile's start, so the neg_lse2 the preprocess folded matches the key
     vector of each kernel; ALiBi plus a query bias on 70 queries (ragged), against the oracle
     path's default tiles, with and without the atomic dQ."""
     qb = torch.randn(70)

@@ -71,12 +71,12 @@ class BackwardSpec:
     captured: tuple[tuple[str, int], ...]  # (IR name, rank) read by the score or the mask
     grads: tuple[tuple[str, tuple[GatherGrad, ...]], ...]  # float captured with a gradient
     roles: dict[str, str]
-    # T log2e over the dot tile ROW(QK_ROW) = Q K^T, constants folded (P = exp2 of it - lse2)
+    # T log2e over the dot tile ROW(QK_ROW) = Q K^T, constants folded (P = exp2 of it + neg_lse2)
     log2_score: Expr
     # each distinct tanh of the score and its derivatives, evaluated once per tile
     tanhs: tuple[TanhForm, ...] = ()
     # log2_score as tile + rows[query] + cols[key] (attndsl.passes.affine.split_axes): the
-    # printer evaluates the one-axis terms as vectors and folds the rows into lse2
+    # printer evaluates the one-axis terms as vectors and folds the rows into neg_lse2
     log2_split: AxisSplit | None = None
 
     def __str__(self) -> str:
@@ -157,7 +157,7 @@ def tile_start(roles: dict[str, str]) -> str:
     """The index name of the split's anchor (``mn.start``: not an identifier, so no spec
     index can have it): the start of the query tile's anchor block (the kernels'
     ``anchor_m``), the same in both kernels and in the preprocess kernel, which folds the
-    query vector into lse2."""
+    query vector into neg_lse2."""
     return roles["query"] + roles["key"] + ".start"
 
 
