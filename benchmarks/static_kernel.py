@@ -33,8 +33,8 @@ interpreter with every launch *recorded instead of executed*
 compile signature exactly as a GPU launch specialises it, whatever the generated kernel's
 argument names or constexprs are. Launches are recorded with fp16 tensors and retyped to bf16
 (the CPU launcher upcasts bf16 for the interpreter); the backward's tile config (CPU values at
-record time) is replaced by the generated module's GPU ``backward_config`` when it has one
-(else :data:`BACKWARD_CONFIG`), used for the references too.
+record time) is replaced by the generated module's GPU ``backward_config`` for the target's
+compute capability when it has one (else :data:`BACKWARD_CONFIG`), used for the references too.
 
 Like for like: the reference converts the document ids to int32 on the host, so the
 generated ``document`` kernel is given the same int32 id table (its ``mask_mod`` captures
@@ -266,14 +266,16 @@ def generated_backward(case: str, dim: int) -> dict[str, RecordedLaunch]:
     return found
 
 
-def backward_config(launches: dict[str, RecordedLaunch], dim: int) -> dict[str, dict]:
-    """The generated module's GPU backward config per kernel (``BACKWARD_CONFIG`` if none)."""
+def backward_config(launches: dict[str, RecordedLaunch], dim: int, target: str = "sm90"
+                    ) -> dict[str, dict]:
+    """The generated module's GPU backward config per kernel on ``target`` (``sm90``, ``sm80``:
+    the compute capability it is chosen by; ``BACKWARD_CONFIG`` if the module has none)."""
     for launch in launches.values():
         fn = launch.fn.__globals__.get("backward_config")
         if callable(fn):
-            cfg = fn("cuda", dim, dim)
-            return {role: {k: int(cfg[role][k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps",
-                                                          "num_stages")}
+            major, minor = divmod(int(target.removeprefix("sm")), 10)
+            cfg = fn("cuda", dim, dim, (major, minor))
+            return {role: {k: int(value) for k, value in cfg[role].items()}
                     for role in ("dkdv", "dq")}
     return BACKWARD_CONFIG
 
@@ -360,9 +362,9 @@ def backward_jobs(cases: list[str], targets: list[str], dtypes: list[str], dims:
     for case in cases:
         for dim in dims:
             gen = generated_backward(case, dim)
-            config = backward_config(gen, dim)
-            ref = reference_backward(case, dim, config)
-            for target in targets:
+            ref = reference_backward(case, dim, backward_config(gen, dim))
+            for target in targets:  # the references take each target's tiles, as ours
+                config = backward_config(gen, dim, target)
                 for dtype in dtypes:
                     for side, launches in (("generated", gen), ("reference", ref)):
                         for role, launch in launches.items():

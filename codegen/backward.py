@@ -280,6 +280,10 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, kind: str) -> None:
     env = _tile_env(spec, names, o, start)
     env.rows[QK_ROW] = "qk"
     r = o.row
+    dq_dp = "dp = tl.dot(do, vT, input_precision=DOT_PRECISION)"
+    if kind == "dq":
+        L(0, "if DP_FIRST:  # dP = dO V^T ahead of the scores (the config's choice)")
+        L(1, dq_dp)
     L(0, "# scores: S = scale * Q K^T, T = score_mod(S)")
     if kind == "dkdv":
         L(0, "qk = tl.dot(k, qT, input_precision=DOT_PRECISION)  # [keys, queries]")
@@ -298,13 +302,14 @@ def _emit_step(L: Lines, spec: BackwardSpec, names: _Names, kind: str) -> None:
         L(1, f"valid = valid & ({render_at(L, 1, mask, env)})")
     _emit_p(L, spec, names, o, env, kind, start)
     L(0, "p = tl.where(valid, p, 0.0)")
-    L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")
     if kind == "dkdv":
+        L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")
         L(0, "dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)")
-    else:
-        L(0, "dp = tl.dot(do, vT, input_precision=DOT_PRECISION)")
-    if kind == "dkdv":
         _emit_row_load(L, 0, "delta")
+    else:
+        L(0, "# dP = dO V^T; dT = P * (dP - delta), delta = rowsum(dO * O) - dLSE")
+        L(0, "if not DP_FIRST:")
+        L(1, dq_dp)
     L(0, f"dt = p * (dp - delta{r})")
     L(0, f"# dS = dT * dT/dS, dT/dS = {_one_line(spec.dscore)}")
     if spec.dscore.op is Op.CONST and spec.dscore.arg == 1.0:
@@ -650,7 +655,7 @@ def _emit_dq(L: Lines, spec: BackwardSpec, names: _Names) -> list[str]:
             + _tensor_args("DQ") + _captured_args(names, False)
             + ["scale", "n_heads", "M_len", "N_len", "E_len", "F_len"]
             + writer.table_args("kv_"))
-    const = _CONSTEXPR + ["ANCHOR_M"]
+    const = _CONSTEXPR + ["ANCHOR_M", "DP_FIRST"]
     steps = Lines()  # the step function, printed above the kernel
     at = len(L.out)
     writer.signature(L, "attention_bwd_dq_kernel", args, const, writer.EVEN,

@@ -33,19 +33,35 @@ from attndsl.codegen.launch_common import (
 # reads; it needs only torch and triton).
 
 
-def backward_config(device_type: str, head_dim: int, v_dim: int) -> dict:
+def backward_config(device_type: str, head_dim: int, v_dim: int,
+                    capability: tuple[int, int] | None = None) -> dict:
     """Launch settings per kernel: ``dkdv`` (BLOCK_M queries x BLOCK_N keys per step, one
     program per key tile) and ``dq`` (one program per query tile).  GPU values: no register
     spills for sm90 fp16 (ahead-of-time reports of a plain and of a softcap + ALiBi + relative
-    bias + causal spec; the dK/dV kernel holds dK, dV, K, V and four score tiles at once)."""
+    bias + causal spec; the dK/dV kernel holds dK, dV, K, V and four score tiles at once).
+
+    ``DP_FIRST`` (dQ): issue dP = dO V^T ahead of the scores.  On the 32 x 32 tiles of head
+    dims past 64 the exponentials of P then fill the latency of dP's dependent MMAs (static
+    SASS, triton 3.6 / 3.8 / 3.9, sm90 and sm80: the dense, causal and ALiBi dQ loops 3 to 11
+    instructions lighter, 5 NOPs gone at 3.6 sm90 dense; softcap's 1 to 5 heavier, still 0.89
+    of a hand-written kernel's); on 64 x 64 tiles dP held across P costs registers (3.6 sm90
+    causal D 64: 122 -> 131), so those keep it after P.
+
+    ``capability`` (a CUDA device's compute capability; None = sm90's choice): below sm90
+    (mma.sync, no wgmma) the D <= 64 dQ kernel takes 32 x 64 tiles on 4 warps; 64 x 64 on 8
+    warps ran out of registers there (255 and spills, ours and a hand-written one alike)."""
     if device_type == "cpu":  # the interpreter runs numpy: large tiles, few programs
         one = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-        return {"dkdv": one, "dq": dict(one)}
+        return {"dkdv": one, "dq": dict(one, DP_FIRST=False)}
     if max(head_dim, v_dim) <= 64:
+        dq = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "DP_FIRST": False}
+        if capability is not None and capability[0] < 9:
+            dq.update(BLOCK_M=32, num_warps=4)
         return {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1},
-                "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}
+                "dq": dq}
     return {"dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-            "dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}}
+            "dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1,
+                   "DP_FIRST": True}}
 
 
 def transpose_block_tables(num: torch.Tensor, idx: torch.Tensor, n_cols: int):
@@ -192,7 +208,8 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
         return {"Q": dq32.to(dtype), "K": dk, "V": dv, **cap_grads}
     _check_lengths({"the query length": m_len, "the key length": n_len,
                     "the qk head dim": e_len, "the v head dim": f_len})
-    cfg = backward_config(device.type, e_len, f_len)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    cfg = backward_config(device.type, e_len, f_len, capability)
     for part, over in (config or {}).items():
         cfg[part] = {**cfg[part], **over}
     sparsity, sparse_q, sparse_kv = (1 if HAS_MASK else 0), 1, 1  # noqa: F821
@@ -210,6 +227,7 @@ def launch_backward(inputs: dict, outputs: dict, grads: dict, params: dict,
                             EVEN_M=m_len % (sparse_q if sparsity == 2 else bm) == 0,
                             EVEN_N=n_len % (sparse_kv if sparsity == 2 else bn) == 0,
                             num_warps=c["num_warps"], num_stages=c["num_stages"])
+    consts["dq"]["DP_FIRST"] = bool(cfg["dq"].get("DP_FIRST", False))
     if block_tables is not None:
         block_tables = _checked_block_tables(block_tables, device, (n_batch, n_heads),
                                              _cdiv(m_len, sparse_q), _cdiv(n_len, sparse_kv))
