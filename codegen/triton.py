@@ -600,7 +600,7 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
     args.extend(names.params[p] for p, _ in k.params if p not in static)
     args += ["n_heads", "M_len", "N_len", "E_len", "F_len", *_TABLE_ARGS, "stats"]
     const = ["BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "EVEN_N", "SPARSITY", "SPARSE_Q",
-             "SPARSE_KV", "SEGMENTS", "DOT_PRECISION", "UPCAST", "STATS"]
+             "SPARSE_KV", "SEGMENTS", "EDGE_STAGES", "DOT_PRECISION", "UPCAST", "STATS"]
     const += [names.params[p] for p in static]  # passed by name like the runtime arguments
     row_strides = _row_strides(k, names)
     types = {a: t for a, t in _arg_types(k, names, args).items() if a not in row_strides}
@@ -759,7 +759,8 @@ def _ranges(L: Lines, depth: int, k: TileKernel, step: writer.Step) -> None:
     [full_hi, hi), read from a range table (4) or computed from the mask's closed forms (3)."""
     L(depth, "elif SPARSITY >= 3:")
     L(depth + 1, "# key-tile segments of this query tile, each masked [lo, full_lo), unmasked")
-    L(depth + 1, "# [full_lo, full_hi), masked [full_hi, hi); everything else is empty")
+    L(depth + 1, "# [full_lo, full_hi), masked [full_hi, hi); everything else is empty.  A masked")
+    L(depth + 1, "# edge is a few tiles: its loop is pipelined EDGE_STAGES deep (edge_stages)")
     L(depth + 1, "sparse_row = (pid_m * BLOCK_M) // SPARSE_Q")
     L(depth + 1, "for seg in tl.static_range(SEGMENTS):")
     L(depth + 2, "if SPARSITY == 4:  # read from a [B, H, rows, 4 * SEGMENTS] range table")
@@ -782,7 +783,11 @@ def _ranges(L: Lines, depth: int, k: TileKernel, step: writer.Step) -> None:
                      "SPARSITY 3")
         L(depth + 3, "full_lo = 0\nfull_hi = 0\nhi = 0")
     for a, z, masked in writer.SEGMENT_PARTS:
-        L(depth + 2, f"for start_n in range({_BOUNDS[a]}, {_BOUNDS[z]}, BLOCK_N):")
+        tiles = f"{_BOUNDS[a]}, {_BOUNDS[z]}, BLOCK_N"
+        if masked:
+            L(depth + 2, f"for start_n in tl.range({tiles}, num_stages=EDGE_STAGES):")
+        else:
+            L(depth + 2, f"for start_n in range({tiles}):")
         step(L, depth + 3, masked and k.mask is not None)
 
 

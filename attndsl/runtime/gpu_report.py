@@ -86,6 +86,7 @@ def _spec(job: dict) -> KernelSpec:
                   SPARSE_KV=job.get("sparse_kv", SPARSE_BLOCK),
                   SEGMENTS=job.get("segments") or (module.BOUNDS_SEGMENTS
                                                    if job["sparsity"] == 3 else 1),
+                  EDGE_STAGES=module.edge_stages(stages),
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
                   STATS=False, TMA=bool(job.get("tma_loads", False)))
     consts.update(_constexpr_params(module, job.get("params") or {}))
