@@ -756,7 +756,12 @@ def _emit_kernel(k: TileKernel, names: _Names, L: Lines, m: str, n: str, b: str 
 def _ranges(L: Lines, depth: int, k: TileKernel, step: writer.Step) -> None:
     """The SPARSITY 3 and 4 branches of the key-tile loop nest: per segment of this query
     tile, key tiles masked in [lo, full_lo), unmasked in [full_lo, full_hi), masked in
-    [full_hi, hi), read from a range table (4) or computed from the mask's closed forms (3)."""
+    [full_hi, hi), read from a range table (4) or computed from the mask's closed forms (3).
+    A closed-form segment with no unmasked tiles (``full_lo == full_hi == hi``: a window
+    narrower than two bound blocks, the tiling pass) runs one masked loop over [lo, hi): three
+    loops there held registers for two that never run (triton 3.6, sm80, a 64-key window at
+    D=128: 245 against 225)."""
+    single = [seg[1] == seg[2] == seg[3] for seg in k.bounds or ()]
     L(depth, "elif SPARSITY >= 3:")
     L(depth + 1, "# key-tile segments of this query tile, each masked [lo, full_lo), unmasked")
     L(depth + 1, "# [full_lo, full_hi), masked [full_hi, hi); everything else is empty.  A masked")
@@ -767,6 +772,8 @@ def _ranges(L: Lines, depth: int, k: TileKernel, step: writer.Step) -> None:
     L(depth + 3, f"ranges = {writer.offset('kv_num', ['off_b', 'off_h', 'sparse_row'])}")
     for i, name in enumerate(_BOUNDS):
         L(depth + 3, f"{name} = tl.minimum(tl.load(ranges + 4 * seg + {i}) * SPARSE_KV, N_len)")
+    if any(single):
+        _segment_loops(L, depth + 3, k, step, single=False)
     L(depth + 2, "else:  # closed forms of the query-tile index (SEGMENTS = BOUNDS_SEGMENTS)")
     if k.bounds is not None:
         for i, seg in enumerate(k.bounds):
@@ -774,21 +781,36 @@ def _ranges(L: Lines, depth: int, k: TileKernel, step: writer.Step) -> None:
             if len(k.bounds) > 1:
                 L(at, f"{'if' if i == 0 else 'elif'} seg == {i}:")
                 at += 1
-            for name, value in zip(_BOUNDS, writer.bound_values(L, at, seg, "sparse_row")):
+            names, exprs = ((_BOUNDS[0], _BOUNDS[3]), (seg[0], seg[3])) if single[i] else \
+                (_BOUNDS, seg)
+            if single[i]:
+                L(at, "# no key tile of this segment is unmasked: one masked loop")
+            for name, value in zip(names, writer.bound_values(L, at, exprs, "sparse_row")):
                 # in [0, N_len]: int32, so the key offsets and the mask are int32 too
                 L(at, f"{name} = tl.minimum(tl.maximum(({value}) * SPARSE_KV, 0), "
                       f"N_len).to(tl.int32)")
+            if any(single):
+                _segment_loops(L, at, k, step, single=single[i])
     else:
         L(depth + 3, "lo = 0  # this mask has no closed form: the launcher never selects "
                      "SPARSITY 3")
         L(depth + 3, "full_lo = 0\nfull_hi = 0\nhi = 0")
-    for a, z, masked in writer.SEGMENT_PARTS:
+    if not any(single):
+        _segment_loops(L, depth + 2, k, step, single=False)
+
+
+def _segment_loops(L: Lines, depth: int, k: TileKernel, step: writer.Step,
+                   single: bool) -> None:
+    """One segment's key-tile loops: masked [lo, full_lo), unmasked [full_lo, full_hi),
+    masked [full_hi, hi); or, ``single``, one masked loop over [lo, hi)."""
+    parts = ((0, 3, True),) if single else writer.SEGMENT_PARTS
+    for a, z, masked in parts:
         tiles = f"{_BOUNDS[a]}, {_BOUNDS[z]}, BLOCK_N"
         if masked:
-            L(depth + 2, f"for start_n in tl.range({tiles}, num_stages=EDGE_STAGES):")
+            L(depth, f"for start_n in tl.range({tiles}, num_stages=EDGE_STAGES):")
         else:
-            L(depth + 2, f"for start_n in range({tiles}):")
-        step(L, depth + 3, masked and k.mask is not None)
+            L(depth, f"for start_n in range({tiles}):")
+        step(L, depth + 1, masked and k.mask is not None)
 
 
 _BOUNDS = ("lo", "full_lo", "full_hi", "hi")

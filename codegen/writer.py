@@ -336,8 +336,9 @@ SEGMENT_PARTS = ((0, 1, True), (1, 2, False), (2, 3, True))
 
 def bound_values(L: Lines, depth: int, segment: tuple[Expr, ...],
                  block_row: str) -> Iterator[str]:
-    """The four closed-form bounds (lo, full_lo, full_hi, hi, in key blocks) of one segment of
-    the mask for the query block ``block_row`` (``attndsl.passes.mask.closed_form``), rendered
+    """The closed-form bounds (lo, full_lo, full_hi, hi, in key blocks, or those the caller
+    names) of one segment of the mask for the query block ``block_row``
+    (``attndsl.passes.mask.closed_form``), rendered
     over the lengths ``M_len`` and ``N_len`` one at a time as the caller reads them (each
     bound's spilled subexpressions go to ``L`` just before the caller's line for it)."""
     env = Env({"qt": block_row}, {}, {"M": "M_len", "N": "N_len"}, {}, {})

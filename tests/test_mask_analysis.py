@@ -403,6 +403,34 @@ def test_closed_form_bounds(kind: str, data: st.DataObject) -> None:
         assert torch.equal(full, c == FULL), f"{bounds}"
         assert bool(((v["lo"] <= v["full_lo"]) & (v["full_lo"] <= v["full_hi"])
                      & (v["full_hi"] <= v["hi"])).all())
+        if bounds.edge_full_only:
+            assert_full_only_at_cut_tiles(c, Lq, Lkv, BM, BN)
+
+
+def assert_full_only_at_cut_tiles(classes: torch.Tensor, Lq: int, Lkv: int, BM: int,
+                                  BN: int) -> None:
+    """Every full tile of ``classes`` [query tiles, key tiles] is cut short by Lq or Lkv."""
+    cut_rows = (torch.arange(classes.shape[0]) + 1) * BM > Lq
+    cut_cols = (torch.arange(classes.shape[1]) + 1) * BN > Lkv
+    uncut = ~cut_rows[:, None] & ~cut_cols[None, :]
+    assert not bool(((classes == FULL) & uncut).any())
+
+
+def test_edge_full_only_marks_windows_narrower_than_two_tiles() -> None:
+    """A band of w < BM + BN - 1 keys a row has no full tile that is not cut short (so it is
+    marked, and has none at 1024 x 1024); from w = BM + BN - 1 on it may have one (at w = 255
+    the tile grid's alignment still leaves none, at 400 there are)."""
+    for w, narrow in ((64, True), (254, True), (255, False), (400, False)):
+        for mask_mod in (and_masks(causal, _window(w)),
+                         lambda b, h, q, kv, w=w: (q - kv >= 3) & (q - kv < 3 + w)):
+            mask = mask_expr(mask_mod)[0]
+            bounds = kv_tile_bounds(mask, 128, 128)
+            assert bounds is not None and bounds.edge_full_only is narrow, (w, str(bounds))
+            classes = classify_tiles(mask, {}, 1, 1, 1024, 1024, 128, 128).classes[0, 0]
+            if narrow or w == 400:
+                assert bool((classes == FULL).any()) is not narrow
+    for mask_mod in (causal, lambda b, h, q, kv: (kv < 130) | (kv <= q)):
+        assert not kv_tile_bounds(mask_expr(mask_mod)[0], 128, 128).edge_full_only
 
 
 SEGMENTED = {
@@ -436,6 +464,9 @@ def test_closed_form_segments(kind: str, data: st.DataObject) -> None:
             covered += (kt >= v["lo"][:, None]) & (kt < v["hi"][:, None])
             full = (kt >= v["full_lo"][:, None]) & (kt < v["full_hi"][:, None])
             assert bool((c[full] == FULL).all()), str(seg)
+            if seg.edge_full_only:
+                inside = (kt >= v["lo"][:, None]) & (kt < v["hi"][:, None])
+                assert_full_only_at_cut_tiles(torch.where(inside, c, EMPTY), Lq, Lkv, BM, BN)
         assert int(covered.max()) <= 1 and torch.equal(covered == 1, c != EMPTY)
 
 

@@ -269,3 +269,14 @@ def test_a_range_table_that_would_read_outside_the_keys_or_twice_is_refused(faul
     module.launch({"Q": q, "K": q, "V": q}, {"scale": 0.25}, spec.captured, tables)
     with pytest.raises(module.AttentionInputError, match=match):
         module.launch({"Q": q, "K": q, "V": q}, {"scale": 0.25}, spec.captured, bad)
+
+
+@pytest.mark.parametrize("name, single", [("sliding", True), ("sinks_window", True),
+                                          ("causal", False), ("prefix", False)])
+def test_windows_narrower_than_two_blocks_run_one_masked_loop(name: str, single: bool) -> None:
+    """A closed-form segment without unmasked tiles (a 200- or 100-key window against
+    128-key bound blocks) is one masked key-tile loop in the kernel, the others three."""
+    source = attndsl.compile(mask_mod=MASKS[name]).source
+    assert ("one masked loop" in source) is single
+    assert ("for start_n in tl.range(lo, hi, BLOCK_N" in source) is single
+    assert "for start_n in range(full_lo, full_hi, BLOCK_N):" in source  # the range table's

@@ -120,7 +120,12 @@ class TileKernel:
         if self.mask is not None:
             lines.append(f"  mask (partial tiles only): {render(self.mask)}")
         for i, seg in enumerate(self.bounds or ()):
-            lines.append(f"  key-tile segment {i + 1} in closed form: " + ", ".join(
+            head = f"  key-tile segment {i + 1} in closed form: "
+            if seg[1] == seg[2] == seg[3]:  # the tiling pass's edge_full_only segments
+                lines.append(f"{head}lo = {render(seg[0])}, hi = {render(seg[3])}, every tile "
+                             f"partial")
+                continue
+            lines.append(head + ", ".join(
                 f"{n} = {render(b)}" for n, b in zip(("lo", "full_lo", "full_hi", "hi"), seg)))
         for st in self.stores:
             lines.append(f"  store {st.name}[{', '.join(st.indices)}] = {render(st.expr)}")

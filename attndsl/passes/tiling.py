@@ -69,11 +69,17 @@ def _loads(e: Expr) -> tuple[str, ...]:
 
 def _closed_form_bounds(mask: Expr | None, roles: dict[str, str]) -> tuple | None:
     """Segments (lo, full_lo, full_hi, hi) of each query block's key blocks, in blocks of
-    SPARSE_BLOCK, when the mask has closed forms for them (the kernel then computes them)."""
+    SPARSE_BLOCK, when the mask has closed forms for them (the kernel then computes them).  A
+    segment whose full blocks can only be cut short by M or N (``edge_full_only``: a window
+    narrower than two blocks) is (lo, hi, hi, hi), every block partial: the kernel's key-tile
+    loop over it is then one masked loop, and masking a full block is only extra work."""
     if mask is None or (roles["query"], roles["key"]) != ("m", "n"):
         return None
     segs = closed_form_segments(mask, SPARSE_BLOCK, SPARSE_BLOCK)
-    return None if segs is None else tuple((b.lo, b.full_lo, b.full_hi, b.hi) for b in segs)
+    if segs is None:
+        return None
+    return tuple((b.lo, b.hi, b.hi, b.hi) if b.edge_full_only else
+                 (b.lo, b.full_lo, b.full_hi, b.hi) for b in segs)
 
 
 def _wrapped(schedule: Schedule, c: Cascade) -> Schedule:

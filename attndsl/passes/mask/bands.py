@@ -151,13 +151,15 @@ def _lin_of(e: Expr) -> _Lin | None:
 class _Band:
     """Keys allowed for query row m: lo(m) <= n <= hi(m) (None: no bound), for rows in
     [row_lo, row_hi].  lo and hi are non-decreasing in m, lo(m) <= hi(m) on those rows and
-    lo(m + 1) <= hi(m) + 1, so the keys allowed for a run of rows form one interval."""
+    lo(m + 1) <= hi(m) + 1, so the keys allowed for a run of rows form one interval.  ``width``:
+    at most that many keys a row (dhi - dlo + 1 of dlo <= m - n <= dhi), when known."""
 
     lo: Callable[[Expr], Expr] | None
     hi: Callable[[Expr], Expr] | None
     row_lo: int | None = None
     row_hi: int | None = None
     empty: bool = False
+    width: int | None = None
 
 
 def _band_of_lin(c: _Lin) -> _Band:
@@ -180,7 +182,8 @@ def _band_of_lin(c: _Lin) -> _Band:
     row_lo = _opt(max, c.mlo, nlo + dlo if nlo is not None and dlo is not None else None)
     row_hi = _opt(min, c.mhi, nhi + dhi if nhi is not None and dhi is not None else None)
     has_lo, has_hi = dhi is not None or nlo is not None, dlo is not None or nhi is not None
-    return _Band(lo if has_lo else None, hi if has_hi else None, row_lo, row_hi)
+    width = dhi - dlo + 1 if dlo is not None and dhi is not None else None
+    return _Band(lo if has_lo else None, hi if has_hi else None, row_lo, row_hi, width=width)
 
 
 def _chunk_side(e: Expr) -> tuple[str, int] | None:

@@ -44,7 +44,9 @@ class KVBounds:
     exactly [full_lo, full_hi) (inside [lo, hi); lo == hi when none).  Integer expressions over
     INDEX ``qt``, PARAM ``M`` (= Lq) and PARAM ``N`` (= Lkv).  Full means full over in-range
     points (a kernel must still bound-check keys >= N in the last tile), or under torch's
-    convention (cut-short tiles never full) when ``torch_boundary``."""
+    convention (cut-short tiles never full) when ``torch_boundary``.  ``edge_full_only``: only
+    a tile cut short by M or N can be full (a band narrower than BLOCK_M + BLOCK_N - 1 keys,
+    :func:`_edge_full_only`), so a kernel may take all of [lo, hi) as partial."""
 
     lo: Expr
     hi: Expr
@@ -53,6 +55,7 @@ class KVBounds:
     BLOCK_M: int
     BLOCK_N: int
     torch_boundary: bool = False
+    edge_full_only: bool = False
 
     def evaluate(self, Lq: int, Lkv: int) -> dict[str, Tensor]:
         """The four bounds for every query tile, int64 [nq] tensors."""
@@ -146,6 +149,14 @@ def _band_bounds(band: _Band, BM: int, BN: int, torch_boundary: bool) -> _Four:
     return lo, hi, full_lo, full_hi
 
 
+def _edge_full_only(band: _Band, BM: int, BN: int) -> bool:
+    """Whether only tiles cut short by M or N can be full for ``band``.  A tile of BM rows
+    [m0, m1] and BN keys [n0, n1] is full iff n0 >= lo(m1) >= m1 - dhi and n1 <= hi(m0) <=
+    m0 - dlo, so it needs dhi - dlo >= (m1 - m0) + (n1 - n0) = BM + BN - 2: a band of width
+    dhi - dlo + 1 < BM + BN - 1 has no full tile that is not cut short."""
+    return band.width is not None and band.width < BM + BN - 1
+
+
 def _positions_only(mask: Expr) -> bool:
     """The mask reads only m and n and constants, and no integer arithmetic of it may wrap
     in int64 (:func:`may_wrap`; the closed forms are real-number algebra): closed forms may
@@ -216,11 +227,13 @@ def kv_tile_bounds(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
         if pair is None:
             return None
         four = _meet(*(_band_bounds(b, BM, BN, torch_boundary) for b in pair))
-        return KVBounds(*four, BM, BN, torch_boundary)
+        narrow = any(_edge_full_only(b, BM, BN) for b in pair)  # the meet is narrower still
+        return KVBounds(*four, BM, BN, torch_boundary, narrow)
     if any(b is None for b in bands):
         return None
     if len(bands) == 1:
-        return KVBounds(*_band_bounds(bands[0], BM, BN, torch_boundary), BM, BN, torch_boundary)
+        return KVBounds(*_band_bounds(bands[0], BM, BN, torch_boundary), BM, BN, torch_boundary,
+                        _edge_full_only(bands[0], BM, BN))
     if any(b.lo is not None for b in bands if not b.empty):
         return None
     return KVBounds(*_prefix_union(bands, BM, BN, torch_boundary), BM, BN, torch_boundary)
@@ -266,7 +279,8 @@ def kv_tile_segments(mask: Expr, BLOCK_M: int, BLOCK_N: int, *,
     full_lo = _min(_max(full_lo, lo), hi)
     full_hi = _max(_min(full_hi, hi), full_lo)
     return [KVBounds(*head, BM, BN, torch_boundary),
-            KVBounds(lo, hi, full_lo, full_hi, BM, BN, torch_boundary)]
+            KVBounds(lo, hi, full_lo, full_hi, BM, BN, torch_boundary,
+                     _edge_full_only(bands[bounded[0]], BM, BN))]
 
 
 SPARSE_BLOCK = 128  # the block of sparse key-tile plans: 128 queries x 128 keys (see below)
