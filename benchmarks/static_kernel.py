@@ -16,8 +16,8 @@ the layout, sm80 and CPU launches through pointers.  On sm90 both variants are c
 keys ``generated``: pointer loads, ``generated_tma``: descriptors) and the row's ``default``
 names the one a launch runs, found by recording the launch with ``tma=True`` on the CPU, where
 ``tma_choice`` makes the same layout checks as on an sm90 GPU, and from the module's
-``PREFER_POINTERS`` (a kernel whose scores read a captured tensor per key tile runs on
-pointers by default; :func:`tma_default`).  The
+``pointer_default`` (a kernel whose scores read a captured tensor per key tile, and one of
+head dims at most 64, runs on pointers by default; :func:`tma_default`).  The
 summary's generated column is that default (marked ``T`` for TMA), with the pointer variant's
 registers next to it; the TMA table compares the two loop by loop.  ``--quick`` (a smoke run)
 and ``--no-tma`` compile the pointer variant only; ``--tma`` is the default and kept for old
@@ -213,12 +213,15 @@ def tma_default(case: str, dim: int) -> tuple[bool, str]:
     exactly the checks an sm90 GPU launch makes by default (the installed triton's
     ``tl.make_tensor_descriptor``, base alignment, unit column strides, 16-byte row strides,
     the 256-element box), everything but the device's compute capability, which is sm90's,
-    and the module's ``PREFER_POINTERS``, which a GPU launch without ``tma=True`` follows."""
+    and the module's ``pointer_default`` (its PREFER_POINTERS, head dims of at most 64), which
+    a GPU launch without ``tma=True`` follows."""
     launch = generated_forward(case, dim, tma=True)
-    prefer_pointers = launch.fn.__globals__.get("PREFER_POINTERS", "")
-    if prefer_pointers:
-        return False, prefer_pointers
-    path = launch.fn.__globals__.get("LOAD_PATH", {})
+    module = launch.fn.__globals__
+    blocks = {b: launch.constexprs[b] for b in ("BLOCK_E", "BLOCK_F")}
+    why_pointers = module["pointer_default"](blocks, module.get("PREFER_POINTERS", ""))
+    if why_pointers:
+        return False, why_pointers
+    path = module.get("LOAD_PATH", {})
     use = bool(path.get("tma")) and bool(launch.constexprs.get("TMA"))
     return use, str(path.get("reason", "the module reports no load path"))
 

@@ -77,8 +77,10 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     masked) with the block sizes, or ``{"closed_form": True}`` to let the kernel compute each
     query block's key-tile ranges (when BOUNDS_BLOCK is set; without tables that is the
     default).  ``config`` may hold ``tma``: True asks for tensor-descriptor (TMA) loads
-    (also under the interpreter), False for pointer loads, absent = TMA on sm90+ GPUs; a
-    layout TMA cannot read falls back to pointer loads (``LOAD_PATH`` says why).
+    (also under the interpreter), False for pointer loads, absent = the target's default
+    (TMA on sm90+ GPUs from head dims above 64, ``pointer_default``), with both paths timed
+    when autotuning; a layout TMA cannot read falls back to pointer loads (``LOAD_PATH``
+    says why).
     Returns every output by name."""
     captured = dict(captured or {})
     device = _check(inputs, captured)
@@ -188,7 +190,7 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
     args.update(zip(TABLE_ARGS, tables, strict=True))
     _check_spans({f"block table argument {a}": t for a, t in zip(TABLE_ARGS, tables)
                   if isinstance(t, torch.Tensor)}, "the kernels index block tables in 32 bits")
-    use_tma = _load_path(cfg, device, args, e_len, f_len)
+    use_tma, either_path = _load_path(cfg, device, args, e_len, f_len)
 
     pieces = gather_ranges(values, tensors)
 
@@ -197,20 +199,24 @@ def launch(inputs: dict, params: dict | None = None, captured: dict | None = Non
         i32 = i32_indices and _gathers_fit(args, pieces, n_len + c["BLOCK_N"])
         _run(device.type, grid, args, dict(c, scale_nonneg=scale_nonneg,
                                         nonneg_subscripts=nonneg_subscripts,
-                                        i32_indices=i32, tma=use_tma,
+                                        i32_indices=i32, tma=c.get("tma", use_tma),
                                         offset_flags=offset_flags), e_len, f_len,
              m_len, n_len, sparsity, sparse_q, sparse_kv, segments, dtype)
 
     tune = cfg.pop("autotune", device.type == "cuda" and not set(config or {}) - {"tma"}
                    and os.environ.get("ATTNDSL_AUTOTUNE", "1") != "0")
-    if tune:
+    if tune:  # both load paths are timed where the launch left the choice open
+        paths = (use_tma, not use_tma) if either_path else (use_tma,)
         key = (SPEC_HASH, str(device), str(dtype), e_len, f_len, sparsity, sparse_q, sparse_kv,
-               segments, _next_pow2(m_len), _next_pow2(n_len), use_tma,
+               segments, _next_pow2(m_len), _next_pow2(n_len), paths,
                tuple(offset_flags.values()),
                tuple(values[p] for p in CONSTEXPR_PARAMS))  # one compile per value
-        cfg = _tuned(key, [dict(c, tma=use_tma) for c in _candidates(cfg)
+        cfg = _tuned(key, [dict(c, tma=tma) for tma in paths for c in _candidates(cfg)
                            if sparse_q % c["BLOCK_M"] == 0 and sparse_kv % c["BLOCK_N"] == 0
                            or sparsity not in (2, 4)], run)
+        if cfg["tma"] != use_tma:
+            LOAD_PATH.update(tma=cfg["tma"], reason="autotuned: timed faster than the default "
+                             f"({LOAD_PATH['reason']})")
     run(cfg)
     return out
 
@@ -254,24 +260,28 @@ def _checked_ranges(r, device, heads: tuple, rows: int, cols: int) -> torch.Tens
     return r.to(torch.int32).contiguous()
 
 
-def _load_path(cfg: dict, device, args: dict, e_len: int, f_len: int) -> bool:
-    """Whether this launch reads its tiles through tensor descriptors (``tma_choice`` on the
-    config's ``tma``, popped, and the tensors of TMA_TENSORS); the choice and its reason go to
-    LOAD_PATH, a refused ``tma=True`` also to a warning."""
+def _load_path(cfg: dict, device, args: dict, e_len: int, f_len: int) -> tuple[bool, bool]:
+    """(whether this launch reads its tiles through tensor descriptors by default, whether
+    the other load path may run instead): ``tma_choice`` on the config's ``tma``, popped, and
+    the tensors of TMA_TENSORS.  The other path is open on a GPU when the config names none
+    and descriptors can read the layout; the choice and its reason go to LOAD_PATH, a refused
+    ``tma=True`` also to a warning."""
     requested = cfg.pop("tma", None)
     blocks = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
               "BLOCK_E": _block(e_len), "BLOCK_F": _block(f_len)}
-    use, why = tma_choice(requested, device, {ptr: (args[ptr], *dims) for ptr, dims in
-                                              TMA_TENSORS.items()}, blocks, PREFER_POINTERS)
+    tensors = {ptr: (args[ptr], *dims) for ptr, dims in TMA_TENSORS.items()}
+    use, why = tma_choice(requested, device, tensors, blocks, PREFER_POINTERS)
+    either = requested is None and device.type == "cuda" and \
+        (use or tma_choice(True, device, tensors, blocks)[0])
     LOAD_PATH.clear()
     LOAD_PATH.update(tma=use, reason=why)
     if requested is True and not use:
         import warnings
 
         warnings.warn(f"tma=True: {why}; using pointer loads", RuntimeWarning, stacklevel=3)
-    if use and device.type == "cuda":
+    if (use or either) and device.type == "cuda":
         ensure_allocator()
-    return use
+    return use, either
 
 
 AUTOTUNE_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3),
@@ -299,14 +309,17 @@ _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 def _valid_config(c) -> bool:
     """A saved config is used only if it has exactly the launch settings, as positive ints
-    (tile sizes powers of two): anything else in the file is ignored and re-tuned."""
-    return isinstance(c, dict) and sorted(c) == sorted(_CONFIG_KEYS) and all(
+    (tile sizes powers of two), and the load path (``tma``, a bool) when it was timed:
+    anything else in the file is ignored and re-tuned."""
+    return isinstance(c, dict) and sorted(set(c) - {"tma"}) == sorted(_CONFIG_KEYS) and all(
         type(c[k]) is int and c[k] > 0 for k in _CONFIG_KEYS) and all(
-        c[k] & (c[k] - 1) == 0 for k in ("BLOCK_M", "BLOCK_N"))
+        c[k] & (c[k] - 1) == 0 for k in ("BLOCK_M", "BLOCK_N")) and \
+        type(c.get("tma", False)) is bool
 
 
 def _settings(c: dict) -> dict:
-    return {k: c[k] for k in _CONFIG_KEYS}
+    """The tuned settings of a candidate: its launch settings and load path."""
+    return {k: c[k] for k in (*_CONFIG_KEYS, "tma") if k in c}
 
 
 def _read_tuning() -> dict:

@@ -137,9 +137,9 @@ def tma_choice(requested, device, tensors: dict, blocks: dict, prefer_pointers: 
     descriptors on the CPU when asked to), ``tl.make_tensor_descriptor`` in the installed
     triton, and per tensor: a 16-byte aligned base, unit stride along the columns, every other
     stride of a dim longer than 1 a multiple of 16 bytes (the row stride, and the batch/head
-    offsets that move the base), blocks of at most 256 elements per dim.  ``prefer_pointers``
-    (the module's PREFER_POINTERS) is why this kernel runs better on pointer loads: then a GPU
-    launch takes them unless ``tma=True`` asks for descriptors."""
+    offsets that move the base), blocks of at most 256 elements per dim.  A GPU launch that
+    asks for neither takes pointer loads where :func:`pointer_default` says why (the module's
+    PREFER_POINTERS, ``prefer_pointers``, or head-dim blocks of at most 64)."""
     import torch
     import triton
     import triton.language as tl
@@ -154,8 +154,8 @@ def tma_choice(requested, device, tensors: dict, blocks: dict, prefer_pointers: 
             return False, f"sm{major}x has no TMA (sm90+ only)"
     elif requested is not True:
         return False, f"{device.type} tensors: pointer loads unless tma=True is asked for"
-    if requested is None and prefer_pointers:
-        return False, prefer_pointers
+    if requested is None and pointer_default(blocks, prefer_pointers):
+        return False, pointer_default(blocks, prefer_pointers)
     for ptr, (t, _, col_dim, block) in tensors.items():
         size = t.element_size()
         if t.data_ptr() % 16:
@@ -171,6 +171,25 @@ def tma_choice(requested, device, tensors: dict, blocks: dict, prefer_pointers: 
             if blocks[b] > 256:
                 return False, f"{ptr}: {b}={blocks[b]} > 256, the TMA box limit"
     return True, "tensor descriptors (TMA)"
+
+
+def pointer_default(blocks: dict, prefer_pointers: str = "") -> str:
+    """Why a GPU launch that asks for no load path takes pointer loads ("": it takes tensor
+    descriptors where the layout allows): the kernel's own reason (``prefer_pointers``, the
+    module's PREFER_POINTERS), or head-dim blocks (``BLOCK_E``, ``BLOCK_F``) of at most 64.
+
+    At 64 columns a key tile is 8 KiB, two 16-byte copies per thread of 8 warps, and the
+    elected TMA issue with its barrier waits costs more than those: the descriptor key-tile
+    loops took 5 to 67 more instructions (summed over a kernel's loops) than the pointer ones
+    in every case of benchmarks/static_kernel.py (sm90, 128x64 tiles, triton 3.6, 3.8 and
+    3.9; static SASS).  At 128 columns descriptors take at most 2 more instructions and 7 to
+    33 fewer registers.  The autotuner of a GPU launch times both load paths."""
+    if prefer_pointers:
+        return prefer_pointers
+    if max(blocks["BLOCK_E"], blocks["BLOCK_F"]) <= 64:
+        return "pointer loads: head dims of at most 64, where the descriptor key-tile loop " \
+            "is heavier (tma=True asks for descriptors)"
+    return ""
 
 
 def ensure_allocator() -> None:

@@ -33,7 +33,8 @@ def test_autotune_picks_and_caches_a_config(module, tmp_path: Path, monkeypatch)
     torch.testing.assert_close(out["O"], ref, atol=1e-5, rtol=1e-5)
     saved = json.loads((tmp_path / "tuning.json").read_text())
     (cfg,) = saved.values()
-    assert set(cfg) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+    assert set(cfg) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "tma"}
+    assert cfg["tma"] is False  # a CPU launch that names no load path: pointer loads
 
 
 @pytest.mark.parametrize("inputs, message", [

@@ -341,7 +341,7 @@ def test_a_corrupt_tuning_file_is_ignored_and_replaced(tmp_path: Path,
     torch.testing.assert_close(out["O"], ref, atol=1e-5, rtol=1e-5)
     if content != "directory":
         (cfg,) = json.loads(tuning.read_text()).values()
-        assert set(cfg) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+        assert set(cfg) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "tma"}
 
 
 def test_a_tuning_entry_with_bad_values_is_re_tuned(tmp_path: Path,

@@ -115,9 +115,12 @@ def test_the_backward_launches_are_recorded_by_role() -> None:
 
 @pytest.mark.skipif(not hasattr(__import__("triton.language").language, "make_tensor_descriptor"),
                     reason="the installed triton has no tensor descriptors")
-def test_an_sm90_launch_of_the_benchmark_layout_defaults_to_tensor_descriptors() -> None:
-    use, why = static_kernel.tma_default("causal", 64)
+def test_an_sm90_launch_of_the_benchmark_layout_defaults_to_tensor_descriptors_above_d64(
+        ) -> None:
+    use, why = static_kernel.tma_default("causal", 128)
     assert use is True and why == "tensor descriptors (TMA)"
+    use, why = static_kernel.tma_default("causal", 64)
+    assert use is False and "head dims of at most 64" in why
 
 
 def _loop_row(all_: int) -> dict:

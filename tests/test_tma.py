@@ -178,6 +178,7 @@ def _descriptor_tensors() -> dict:
 
 
 BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_E": 64, "BLOCK_F": 64}
+WIDE = dict(BLOCKS, BLOCK_E=128, BLOCK_F=128)  # head dims 65 to 128
 
 
 @needs_descriptors
@@ -185,9 +186,78 @@ BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_E": 64, "BLOCK_F": 64}
 def test_descriptors_are_chosen_on_sm90_and_later_gpus_only(monkeypatch, major: int,
                                                             expected: bool) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
-    use, why = tma_choice(None, torch.device("cuda"), _descriptor_tensors(), BLOCKS)
+    use, why = tma_choice(None, torch.device("cuda"), _descriptor_tensors(), WIDE)
     assert use is expected, why
-    assert tma_choice(False, torch.device("cuda"), _descriptor_tensors(), BLOCKS)[0] is False
+    assert tma_choice(False, torch.device("cuda"), _descriptor_tensors(), WIDE)[0] is False
+
+
+@needs_descriptors
+@pytest.mark.parametrize("e, f", [(64, 64), (32, 64), (64, 16)])
+def test_head_dims_of_at_most_64_take_pointer_loads_unless_descriptors_are_asked_for(
+        monkeypatch, e: int, f: int) -> None:
+    """At 64 columns the descriptor key-tile loop is the heavier one (codegen/loads.py
+    pointer_default): an sm90 launch takes pointers by default and descriptors on request; a
+    wider qk or v head dim takes descriptors."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda, tensors = torch.device("cuda"), _descriptor_tensors()
+    narrow = dict(BLOCKS, BLOCK_E=e, BLOCK_F=f)
+    use, why = tma_choice(None, cuda, tensors, narrow)
+    assert not use and "head dims of at most 64" in why
+    assert tma_choice(True, cuda, tensors, narrow)[0]
+    assert tma_choice(None, cuda, tensors, dict(narrow, BLOCK_F=128))[0]
+    assert tma_choice(None, cuda, tensors, dict(narrow, BLOCK_E=128))[0]
+
+
+def _causal_module():
+    return load_kernel_module(compile_cascade(
+        load_spec(str(ROOT / "examples" / "causal.attn")).build()[0]).kernel)
+
+
+@needs_descriptors
+def test_a_gpu_launch_that_names_no_load_path_may_run_either(monkeypatch) -> None:
+    """The launcher's load path: (the default, whether the autotuner may time the other one):
+    open on a GPU launch that names none and whose layout descriptors can read, closed when
+    the config names one or the layout needs pointers."""
+    module = _causal_module()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(module, "ensure_allocator", lambda: None)
+    cuda = torch.device("cuda")
+    t = torch.randn(1, 2, 64, 128, dtype=torch.float16)
+    args = {ptr: t for ptr in module.TMA_TENSORS}
+    tiles = {"BLOCK_M": 128, "BLOCK_N": 64}
+    assert module._load_path(dict(tiles), cuda, args, 64, 64) == (False, True)
+    assert module._load_path(dict(tiles), cuda, args, 128, 128) == (True, True)
+    assert module._load_path(dict(tiles, tma=False), cuda, args, 128, 128) == (False, False)
+    assert module._load_path(dict(tiles, tma=True), cuda, args, 64, 64) == (True, False)
+    assert module._load_path(dict(tiles), torch.device("cpu"), args, 128, 128) == (False, False)
+    rows_of_40_bytes = {ptr: torch.randn(1, 2, 64, 20, dtype=torch.float16)
+                        for ptr in module.TMA_TENSORS}
+    assert module._load_path(dict(tiles), cuda, rows_of_40_bytes, 128, 128) == (False, False)
+
+
+def test_the_autotuner_keeps_the_faster_load_path(tmp_path: Path, monkeypatch) -> None:
+    """Candidates that differ in their load path are timed like tile configs: the faster one's
+    ``tma`` is what the launch runs and what the tuning file keeps (a non-bool is refused)."""
+    import time
+
+    module = _causal_module()
+    monkeypatch.setenv("ATTNDSL_CACHE", str(tmp_path))
+    monkeypatch.setattr(module, "_TUNED", {})
+    ran: list[bool] = []
+
+    def run(c: dict) -> None:
+        ran.append(c["tma"])
+        time.sleep(0.0 if c["tma"] else 0.02)
+
+    candidates = [dict(CONFIG, tma=tma) for tma in (False, True)]
+    key = ("spec", "cpu", "torch.float16", 64, 64, 1, 1, 1, 1, 64, 64, (False, True))
+    assert module._tuned(key, candidates, run) == dict(CONFIG, tma=True)
+    assert ran == [False, True]
+    saved = json.loads((tmp_path / "tuning.json").read_text())
+    assert saved == {repr(key): dict(CONFIG, tma=True)}
+    assert module._valid_config(dict(CONFIG, tma=False))
+    assert not module._valid_config(dict(CONFIG, tma="yes"))
+    assert not module._valid_config(dict(CONFIG, tma=1))
 
 
 @needs_descriptors
@@ -294,4 +364,4 @@ def test_a_kernel_whose_scores_read_a_table_per_key_prefers_pointer_loads(monkey
     use, why = bias["tma_choice"](None, cuda, tensors, BLOCKS, bias["PREFER_POINTERS"])
     assert not use and why == bias["PREFER_POINTERS"]
     assert bias["tma_choice"](True, cuda, tensors, BLOCKS, bias["PREFER_POINTERS"])[0]
-    assert document["tma_choice"](None, cuda, tensors, BLOCKS, document["PREFER_POINTERS"])[0]
+    assert document["tma_choice"](None, cuda, tensors, WIDE, document["PREFER_POINTERS"])[0]

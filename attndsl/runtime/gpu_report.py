@@ -170,7 +170,8 @@ def compile_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int
                     f: int = 64, sparsity: int = 1) -> list[dict]:
     """Compile the default and every candidate config of ``kernel`` for ``target``; on a
     target with TMA (sm90) also the default config's tensor-descriptor variant, which a
-    launch there uses when the layout allows it.  ``target`` is any spelling
+    launch there uses by default from head dims above 64 when the layout allows it (and the
+    autotuner times against pointer loads).  ``target`` is any spelling
     :func:`~attndsl.runtime.aot.normalize_target` takes (an unknown one is a ValueError
     listing the known targets)."""
     target = normalize_target(target)
