@@ -365,3 +365,26 @@ def test_a_kernel_whose_scores_read_a_table_per_key_prefers_pointer_loads(monkey
     assert not use and why == bias["PREFER_POINTERS"]
     assert bias["tma_choice"](True, cuda, tensors, BLOCKS, bias["PREFER_POINTERS"])[0]
     assert document["tma_choice"](None, cuda, tensors, WIDE, document["PREFER_POINTERS"])[0]
+
+
+def test_the_gpu_report_marks_the_load_path_a_default_launch_takes(monkeypatch) -> None:
+    """``attndsl report`` on sm90 lists the default config twice (pointer and descriptor
+    loads); only the one a launch naming no load path takes is marked ``(default)``: pointers
+    at head dims of at most 64, descriptors above, pointers where the module prefers them."""
+    causal = kernel_path(compile_cascade(
+        load_spec(str(ROOT / "examples" / "causal.attn")).build()[0]).kernel)
+    assert not gpu_report.default_takes_tma(causal, 64, 64)
+    assert gpu_report.default_takes_tma(causal, 128, 128)
+    assert gpu_report.default_takes_tma(causal, 64, 128)
+    bias = kernel_path(compile_cascade(
+        load_spec(str(ROOT / "examples" / "relative_bias.attn")).build()[0]).kernel)
+    assert not gpu_report.default_takes_tma(bias, 128, 128)
+
+    jobs: list[list[dict]] = []
+    monkeypatch.setattr(gpu_report, "run_jobs", lambda js: jobs.append(js) or js)
+    for dim, tma_default in ((64, False), (128, True)):
+        rows = gpu_report.compile_reports(compile_cascade(load_spec(
+            str(ROOT / "examples" / "causal.attn")).build()[0]).kernel, "sm90", e=dim, f=dim)
+        marked = [r for r in rows if r.get("default")]
+        assert len(marked) == 1 and bool(marked[0].get("tma_loads")) == tma_default
+        assert rows[0]["config"] is None and rows[1]["config"] is None

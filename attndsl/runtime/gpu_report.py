@@ -171,17 +171,33 @@ def compile_reports(kernel: TileKernel, target: str, dtype: str = "fp16", e: int
     """Compile the default and every candidate config of ``kernel`` for ``target``; on a
     target with TMA (sm90) also the default config's tensor-descriptor variant, which a
     launch there uses by default from head dims above 64 when the layout allows it (and the
-    autotuner times against pointer loads).  ``target`` is any spelling
-    :func:`~attndsl.runtime.aot.normalize_target` takes (an unknown one is a ValueError
-    listing the known targets)."""
+    autotuner times against pointer loads); ``default`` marks the one load path of the
+    default config that a launch naming none takes (:func:`default_takes_tma`).  ``target``
+    is any spelling :func:`~attndsl.runtime.aot.normalize_target` takes (an unknown one is a
+    ValueError listing the known targets)."""
     target = normalize_target(target)
     path = kernel_path(kernel)
     configs = [None] + [list(c) for c in CANDIDATES]
     jobs = [{"path": path, "target": target, "dtype": dtype, "e": e, "f": f,
              "sparsity": sparsity, "config": c, "default": c is None} for c in configs]
     if TARGETS[target].capability >= 90:
-        jobs.insert(1, dict(jobs[0], tma_loads=True))
+        takes_tma = default_takes_tma(path, e, f)
+        jobs.insert(1, dict(jobs[0], tma_loads=True, default=takes_tma))
+        jobs[0]["default"] = not takes_tma
     return run_jobs(jobs)
+
+
+def default_takes_tma(kernel_path: str, e: int, f: int) -> bool:
+    """Whether an sm90 launch of the module at head dims ``e``, ``f`` that names no load path
+    reads through tensor descriptors (contiguous, aligned tensors assumed): the module's own
+    ``pointer_default`` with the head-dim blocks a launch sets, and its PREFER_POINTERS."""
+    from attndsl.runtime.modules import import_path
+
+    module = import_path(kernel_path)
+    if not getattr(module, "TMA_TENSORS", None):
+        return False
+    blocks = {"BLOCK_E": max(16, _next_pow2(e)), "BLOCK_F": max(16, _next_pow2(f))}
+    return not module.pointer_default(blocks, getattr(module, "PREFER_POINTERS", ""))
 
 
 def format_reports(reports: list[dict]) -> str:
