@@ -29,6 +29,7 @@ import torch
 from attndsl.eager import bind_extents, run_cascade
 from attndsl.frontend.flex import lower_flex
 from attndsl.ir.cascade import Cascade
+from attndsl.ir.expr import BOOL, FLOAT, INT
 from attndsl.passes.linear import LinearOutput
 from attndsl.passes.pipeline import Compiled
 from attndsl.passes.scans import scan_equations
@@ -276,6 +277,13 @@ class Kernel:
         they read (prefix sums materialised), the tensors with the prefix sums computed, the
         parameters with defaults, and the names of the prefix sums."""
         decision = self.compiled.linear
+        if self.compiled.recurrence is not None:
+            raise AttentionError(f"{self.compiled.cascade.name} is a state recurrence "
+                                 f"(recur(n), the delta rule) whose state moves by a matrix "
+                                 f"per position, not by a decay: Kernel.linear runs it "
+                                 f"(initial_state= chains segments), but it has no linear "
+                                 f"setup, and so no context-parallel path (ranks' states "
+                                 f"combine by decays only)")
         if decision.form != "chunked":
             raise AttentionError(f"{self.compiled.cascade.name} has no linear form: "
                                  f"{'; '.join(decision.reasons)}")
@@ -389,7 +397,28 @@ def _check_call(cascade: Cascade, inputs: Any, params: Any, captured: Any) -> No
             if not isinstance(t, torch.Tensor):
                 raise AttentionError(f"{cascade.name}: {what} {name!r} must be a torch.Tensor, "
                                      f"got {type(t).__name__}")
+    _check_captured(cascade, captured or {})
     _declared_params(cascade, params)
+
+
+def _check_captured(cascade: Cascade, captured: dict[str, Tensor]) -> None:
+    """Captured tensors name the cascade's own (a misspelt name would leave the traced
+    tensor in place, silently) and hold values of the kind it computes with: an integer
+    table (indices, ids, windows: integer arithmetic, floor division) integers, a boolean
+    one booleans or integers (read as ``!= 0``), a float one no complex values."""
+    declared = {t.name: t.dtype for t in cascade.tensors if t.kind != "input"}
+    for name, t in captured.items():
+        if name not in declared:
+            raise AttentionError(f"{cascade.name}: no captured tensor {name!r}; it captures "
+                                 f"{sorted(declared) or 'none'}")
+        kind = declared[name]
+        ok = not t.is_complex() and (
+            kind == FLOAT or (not t.is_floating_point() and
+                              (kind == BOOL or t.dtype != torch.bool)))
+        if not ok:
+            raise AttentionError(f"{cascade.name}: captured tensor {name!r} holds {kind} "
+                                 f"values (as traced or declared), got {t.dtype}; pass "
+                                 f"{'an integer' if kind == INT else 'a ' + kind} tensor")
 
 
 def _declared_params(cascade: Cascade, params: Any) -> dict:

@@ -354,6 +354,8 @@ class Env:
     # the fast form needs NONNEG_SUBSCRIPTS: a subscript whose wrap it drops); see
     # codegen.triton._gathers
     gathers: dict[Expr, tuple[str, bool]] = field(default_factory=dict)
+    # the integer leaves this context knows more of than int_ranges (passes.int_range)
+    leaves: dict[tuple[Op, str], tuple[int, int]] = field(default_factory=dict)
 
     def to_i64(self, x: str) -> str:
         """``x`` converted to int64 (under ``narrow``: unless the launch proved int32 exact)."""
@@ -385,9 +387,20 @@ class Env:
         shift (int64 by definition) or it reads an int64 tensor."""
         if e.dtype != INT:
             return False
+        return e.op in SHIFTS or e.op is Op.LOAD or not fits_i32(self.range(e))
+
+    def range(self, e: Expr) -> tuple[int, int]:
+        """The static range of an integer node (``leaves`` narrowing its leaves); ranges
+        already known stay as they are, so every node of a render takes one width."""
         if e not in self.ranges:
-            self.ranges.update(int_ranges(e))
-        return e.op in SHIFTS or e.op is Op.LOAD or not fits_i32(self.ranges[e])
+            for node, r in int_ranges(e, self.leaves).items():
+                self.ranges.setdefault(node, r)
+        return self.ranges[e]
+
+    def nonneg(self, e: Expr) -> bool:
+        """Whether an integer node is provably >= 0 (a cheap syntactic proof, or its range):
+        then ``//`` and ``%`` are Triton's own, which agree with floor semantics there."""
+        return _nonneg(e) or self.range(e)[0] >= 0
 
 
 def _widen(e: Expr, a: list[str], env: Env) -> list[str]:
@@ -597,13 +610,13 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
     if op is Op.FLOORDIV:
         if e.dtype == FLOAT:
             return f"tl.floor(({a[0]}) / ({a[1]}))"
-        if _nonneg(e.src[0]) and _nonneg(e.src[1]):
+        if env.nonneg(e.src[0]) and env.nonneg(e.src[1]):
             return f"({a[0]} // {a[1]})"
         return f"_floor_div({a[0]}, {a[1]})"
     if op is Op.MOD:
         if e.dtype == FLOAT:
             return f"(({a[0]}) - tl.floor(({a[0]}) / ({a[1]})) * ({a[1]}))"
-        if _nonneg(e.src[0]) and _nonneg(e.src[1]):
+        if env.nonneg(e.src[0]) and env.nonneg(e.src[1]):
             return f"({a[0]} % {a[1]})"
         return f"_floor_mod({a[0]}, {a[1]})"
     if op is Op.POW:

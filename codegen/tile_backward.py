@@ -283,7 +283,8 @@ def _block_bounds(L: Lines, depth: int, k: TileKernel, qt: str) -> None:
     [fhi, hi) partial, the rest empty (attndsl.passes.mask.closed_form)."""
     assert k.bounds is not None
     for i, seg in enumerate(k.bounds):
-        for name, value in zip(_BOUNDS, writer.bound_values(L, depth, seg, qt)):
+        temps = "t" if len(k.bounds) == 1 else f"s{i}_t"
+        for name, value in zip(_BOUNDS, writer.bound_values(L, depth, seg, qt, temps)):
             L(depth, f"{name}{i} = (tl.zeros([], tl.int32) + ({value})).to(tl.int32)")
 
 

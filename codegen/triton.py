@@ -785,9 +785,12 @@ def _ranges(L: Lines, depth: int, k: TileKernel, step: writer.Step) -> None:
                 (_BOUNDS, seg)
             if single[i]:
                 L(at, "# no key tile of this segment is unmasked: one masked loop")
-            for name, value in zip(names, writer.bound_values(L, at, exprs, "sparse_row")):
+            temps = "t" if len(k.bounds) == 1 else f"s{i}_t"
+            for name, value in zip(names, writer.bound_values(L, at, exprs, "sparse_row",
+                                                              temps)):
                 # in [0, N_len]: int32, so the key offsets and the mask are int32 too
-                L(at, f"{name} = tl.minimum(tl.maximum(({value}) * SPARSE_KV, 0), "
+                L(at, f"{name} = 0" if value == "0" else
+                      f"{name} = tl.minimum(tl.maximum(({value}) * SPARSE_KV, 0), "
                       f"N_len).to(tl.int32)")
             if any(single):
                 _segment_loops(L, at, k, step, single=single[i])

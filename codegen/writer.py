@@ -14,8 +14,10 @@ from pathlib import Path
 
 from attndsl.codegen.expr import Env, comment, host_literal, render_at
 
-from attndsl.ir.expr import Expr
+from attndsl.ir.expr import Expr, Op, shared_nodes
 from attndsl.ir.tile import TileKernel
+from attndsl.passes.int_range import LENGTH_RANGE
+from attndsl.passes.mask import SPARSE_BLOCK
 
 
 class Lines:
@@ -334,12 +336,25 @@ def sparsity_loops(L: Lines, depth: int, step: Step, has_mask: bool, prefix: str
 SEGMENT_PARTS = ((0, 1, True), (1, 2, False), (2, 3, True))
 
 
-def bound_values(L: Lines, depth: int, segment: tuple[Expr, ...],
-                 block_row: str) -> Iterator[str]:
+def bound_values(L: Lines, depth: int, segment: tuple[Expr, ...], block_row: str,
+                 temps: str = "t") -> Iterator[str]:
     """The closed-form bounds (lo, full_lo, full_hi, hi, in key blocks, or those the caller
     names) of one segment of the mask for the query block ``block_row``
-    (``attndsl.passes.mask.closed_form``), rendered
-    over the lengths ``M_len`` and ``N_len`` one at a time as the caller reads them (each
-    bound's spilled subexpressions go to ``L`` just before the caller's line for it)."""
-    env = Env({"qt": block_row}, {}, {"M": "M_len", "N": "N_len"}, {}, {})
+    (``attndsl.passes.mask.closed_form``), rendered over the lengths ``M_len`` and ``N_len``
+    one at a time as the caller reads them.
+
+    The terms the bounds share (the tile's first and last rows, the window's first key) are
+    assigned once to ``t0``, ``t1``, ... (``temps``: the prefix; one per segment) before the
+    first bound, as ``attndsl explain`` prints them; each bound's spilled subexpressions go
+    to ``L`` just before the caller's line for it.  A launch holds every length in
+    :data:`LENGTH_RANGE` and ``block_row`` below ``M_len / SPARSE_BLOCK`` (its grid), so the
+    bounds compute in int32 wherever those ranges prove it exact, and floor divisions of
+    terms proved non-negative are plain ``//``."""
+    most = LENGTH_RANGE[1]
+    leaves = {(Op.INDEX, "qt"): (0, max(0, most - 1) // SPARSE_BLOCK),
+              (Op.PARAM, "M"): LENGTH_RANGE, (Op.PARAM, "N"): LENGTH_RANGE}
+    env = Env({"qt": block_row}, {}, {"M": "M_len", "N": "N_len"}, {}, {}, leaves=leaves)
+    for i, node in enumerate(shared_nodes(list(segment))):
+        L(depth, f"{temps}{i} = {render_at(L, depth, node, env)}")
+        env.hoisted[node] = f"{temps}{i}"
     return (render_at(L, depth, e, env) for e in segment)

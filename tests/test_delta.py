@@ -279,6 +279,24 @@ def test_lengths_outside_the_sequence_are_refused():
                     lengths=torch.tensor([6, 1]))
 
 
+@pytest.mark.parametrize("lengths", [[5, 1], (5, 1), 5])
+def test_lengths_that_are_not_a_tensor_are_refused_by_name(lengths):
+    q, k, v, beta, a = inputs(2, 1, 5, 16, 8, 7)
+    kern = attndsl.compile(direct())
+    with pytest.raises(AttentionError, match=r"lengths must be an integer tensor of shape "
+                                             rf"\(2,\) .*got {type(lengths).__name__}"):
+        kern.linear({"Q": q, "K": k, "V": v}, captured={"beta": beta, "A": a},
+                    lengths=lengths)
+
+
+def test_a_delta_rule_has_no_linear_setup_and_says_why():
+    """The delta rule's state moves by a matrix per position: no decayed-sum setup (which
+    context parallelism combines ranks' states with), refused by name, not an AttributeError."""
+    kern = attndsl.compile(direct())
+    with pytest.raises(AttentionError, match="state recurrence .* no context-parallel path"):
+        kern.linear_setup({"Q": torch.zeros(1, 1, 4, 16)})
+
+
 @pytest.mark.parametrize("split", [0, 17, 33])
 def test_prefill_then_decode_equals_one_pass_over_the_whole_sequence(split):
     q, k, v, beta, a = inputs(2, 2, 40, 16, 16, 11)

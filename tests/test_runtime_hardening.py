@@ -461,3 +461,25 @@ def test_a_compiled_kernel_refuses_a_block_mask_broadcast_over_the_batch_its_mas
     with pytest.raises(attndsl.AttentionError, match=r"built for B = 1 .* reads the batch"):
         kernel({"Q": q, "K": q, "V": q},
                block_mask=attndsl.create_block_mask(per_batch, None, 1, 32, 32))
+
+
+def test_a_kernels_captured_tensors_are_checked_by_name_and_kind() -> None:
+    """``Kernel(captured=...)`` replaces a traced table: a misspelt name (which would leave the
+    traced table in place) and a table of another kind (floats where the program does integer
+    floor division) are refused by name, not run."""
+    tab = torch.tensor([3, 5])
+
+    def score_mod(s, b, h, q_idx, kv_idx):
+        return s + ((q_idx - kv_idx) // tab[h]).float() * 0.5
+
+    kern = attndsl.compile(score_mod=score_mod)
+    (name,) = kern.captured
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(api.AttentionError, match=rf"no captured tensor 'cap9'; it captures "
+                                                 rf"\['{name}'\]"):
+        kern({"Q": q, "K": q, "V": q}, captured={"cap9": tab})
+    for wrong in (torch.tensor([2.5, 4.5]), torch.tensor([True, False])):
+        with pytest.raises(api.AttentionError, match=rf"'{name}' holds int values .* got "
+                                                     rf"{wrong.dtype}"):
+            kern({"Q": q, "K": q, "V": q}, captured={name: wrong})
+    assert kern({"Q": q, "K": q, "V": q}, captured={name: tab.int()})["O"].shape == q.shape

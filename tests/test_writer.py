@@ -8,12 +8,18 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 from attndsl.codegen import writer
+from attndsl.codegen.expr import HELPERS
 
 from attndsl.autograd import backward_source, tile_backward_source
+from attndsl.frontend.flex import lower_flex
 from attndsl.frontend.load import load_spec
+from attndsl.ir import evaluate as ir_eval
+from attndsl.passes.int_range import LENGTH_RANGE
+from attndsl.passes.mask import SPARSE_BLOCK
 from attndsl.passes.pipeline import compile_cascade
-from attndsl.runtime.modules import module_source
+from attndsl.runtime.modules import load_source, module_source
 
 ROOT = Path(__file__).resolve().parent.parent
 CODEGEN = ROOT / "codegen"
@@ -167,3 +173,53 @@ def test_the_forward_refuses_block_sizes_that_are_not_positive_ints(size) -> Non
               "Q_BLOCK_SIZE": size, "KV_BLOCK_SIZE": 128}
     with pytest.raises(module.AttentionInputError, match="expected a positive int"):
         module.launch({"Q": q, "K": q, "V": q}, {"scale": 0.25}, spec.captured, tables)
+
+
+# -- the closed-form key-tile bounds ----------------------------------------------------------
+
+_BOUNDS_PROBE = """
+import triton
+import triton.language as tl
+""" + HELPERS + """
+
+@triton.jit
+def _bounds_probe(out_ptr, sparse_row, M_len, N_len):
+{body}
+"""
+
+CLOSED_FORM_MASKS = {
+    "causal": lambda b, h, q, kv: kv <= q,
+    "sliding window 64": lambda b, h, q, kv: (kv <= q) & (q - kv < 64),
+    "sliding window 300": lambda b, h, q, kv: (kv <= q) & (q - kv < 300),
+    "symmetric window": lambda b, h, q, kv: (q - kv <= 200) & (kv - q <= 200),
+    "prefix-LM": lambda b, h, q, kv: (kv <= q) | (kv < 31),
+    "chunked causal": lambda b, h, q, kv: (kv <= q) & (q // 200 == kv // 200),
+    "sinks beside a window": lambda b, h, q, kv: (kv <= q) & ((q - kv < 100) | (kv < 4)),
+}
+
+
+@pytest.mark.parametrize("name", CLOSED_FORM_MASKS)
+def test_the_printed_closed_form_bounds_are_exact_at_every_length_a_launch_takes(name) -> None:
+    """The bounds print their shared terms once (t0, t1, ...) and compute in int32 where the
+    launch's length limit proves it exact; run in the interpreter on int32 arguments, from
+    empty sequences up to the longest a launch accepts, they equal the closed forms evaluated
+    exactly (int64)."""
+    bounds = compile_cascade(lower_flex(None, CLOSED_FORM_MASKS[name]).cascade).kernel.bounds
+    assert bounds is not None, f"{name}: no closed form"
+    lines = writer.Lines()
+    for i, seg in enumerate(bounds):
+        for j, value in enumerate(writer.bound_values(lines, 1, seg, "sparse_row")):
+            lines(1, f"tl.store(out_ptr + {4 * i + j}, ({value}) + tl.zeros([], tl.int64))")
+    body = "\n".join(lines.out)
+    assert "tl.int64)" not in body.replace("tl.zeros([], tl.int64)", ""), body
+    module = load_source(_BOUNDS_PROBE.format(body=body), prefix="bounds_probe")
+    most = LENGTH_RANGE[1]
+    for m_len, n_len in ((1, 1), (130, 7), (1000, 1000), (most, most), (most, 300), (5, most)):
+        rows = -(-m_len // SPARSE_BLOCK)
+        for qt in sorted({0, 1, rows // 2, rows - 1} & set(range(rows))):
+            out = torch.zeros(4 * len(bounds), dtype=torch.int64)
+            module._bounds_probe[(1,)](out, qt, m_len, n_len)
+            want = [int(ir_eval.evaluate(e, ["qt"], {"qt": torch.tensor(qt)}, {},
+                                         {"M": m_len, "N": n_len}).long())
+                    for seg in bounds for e in seg]
+            assert out.tolist() == want, (name, m_len, n_len, qt)

@@ -355,6 +355,21 @@ def is_const(e: Expr, value: float | None = None) -> bool:
     return e.op is Op.CONST and (value is None or e.arg == value)
 
 
+def shared_nodes(roots: list[Expr]) -> list[Expr]:
+    """The non-leaf nodes referenced more than once across ``roots`` (as a root or an operand;
+    negations excluded: they print as cheaply as a name), children before parents."""
+    refs: dict[Expr, int] = {}
+    order: dict[Expr, None] = {}
+    for r in roots:
+        refs[r] = refs.get(r, 0) + 1
+        for node in r.walk():
+            if node not in order:
+                order[node] = None
+                for s in node.src:
+                    refs[s] = refs.get(s, 0) + 1
+    return [x for x in order if refs.get(x, 0) > 1 and x.src and x.op is not Op.NEG]
+
+
 # -- printing --------------------------------------------------------------------------------
 
 # precedence climbs as in grammar/attn.lark: | ^ & (comparison) << >> + - * / // % ** (prefix)

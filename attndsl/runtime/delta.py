@@ -124,6 +124,9 @@ def _lengths(lengths: Tensor | None, B: int, H: int, L: int, device: torch.devic
     """Per (batch * head) row lengths, int32, from per-batch ``lengths`` [B] (default L)."""
     if lengths is None:
         return torch.full((B * H,), L, dtype=torch.int32, device=device)
+    if not isinstance(lengths, torch.Tensor):
+        raise AttentionError(f"lengths must be an integer tensor of shape ({B},) (one per "
+                             f"sequence), got {type(lengths).__name__}")
     if lengths.shape != (B,) or lengths.dtype.is_floating_point or lengths.is_complex() or \
             lengths.dtype == torch.bool:
         raise AttentionError(f"lengths must be an integer tensor of shape ({B},) (one per "

@@ -77,18 +77,9 @@ class KVBounds:
 
 
 def _shared_nodes(roots: list[Expr]) -> dict[Expr, str]:
-    """Non-leaf nodes referenced more than once across ``roots``, children first."""
-    refs: dict[Expr, int] = {}
-    order: list[Expr] = []
-    for r in roots:
-        refs[r] = refs.get(r, 0) + 1
-        for node in r.walk():
-            if node not in order:
-                order.append(node)
-                for s in node.src:
-                    refs[s] = refs.get(s, 0) + 1
-    shared = [x for x in order if refs.get(x, 0) > 1 and x.src and x.op is not Op.NEG]
-    return {x: f"t{i}" for i, x in enumerate(shared)}
+    """Non-leaf nodes referenced more than once across ``roots``, children first, named t0,
+    t1, ..."""
+    return {x: f"t{i}" for i, x in enumerate(E.shared_nodes(roots))}
 
 
 def _named(e: Expr, names: dict[Expr, str]) -> Expr:
