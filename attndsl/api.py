@@ -427,12 +427,14 @@ def _declared_params(cascade: Cascade, params: Any) -> dict:
 
 
 def _default_params(cascade: Cascade, params: dict, tensors: dict[str, Tensor]) -> dict:
-    """The scalars the kernel's launcher would use: scale = 1/sqrt(qk dim), G from heads."""
+    """The scalars the kernel's launcher would use: a float scale declared without a default
+    = 1/sqrt(qk dim), G from heads."""
     sizes = bind_extents(cascade, tensors)
     out = dict(params)
     qk = next((i.extent for i in cascade.indices if i.role == "qk"), None)
     head = next((i.extent for i in cascade.indices if i.role == "head"), None)
-    if any(p.name == "scale" for p in cascade.params) and out.get("scale") is None:
+    if any(p.name == "scale" and p.default is None and p.dtype == FLOAT
+           for p in cascade.params) and out.get("scale") is None:
         out["scale"] = 1.0 / math.sqrt(sizes.get(qk, 1))
     if any(p.name == "G" for p in cascade.params) and out.get("G") is None and "HKV" in sizes:
         out["G"] = sizes[head] // sizes["HKV"] if sizes["HKV"] else 1  # 0 heads: empty

@@ -50,7 +50,7 @@ def random_problem(c: Cascade, sizes: dict[str, int], dtype: torch.dtype,
     sizes = dict(sizes)
     params = dict(params or {})
     for p in c.params:
-        if p.name == "scale":
+        if p.name == "scale" and p.default is None and p.dtype == FLOAT:
             params.setdefault("scale", 1.0 / math.sqrt(max(1, sizes.get(_qk_extent(c), 1))))
         elif p.name == "G" and "HKV" in sizes:
             params.setdefault("G", sizes[_head_extent(c)] // sizes["HKV"])

@@ -297,7 +297,8 @@ def _checked_params(params: dict | None) -> dict:
 
 def _bind(inputs: dict, captured: dict, params: dict | None) -> tuple[dict, dict]:
     """(the size of each index or None, every parameter's value, extents included): the
-    defaults, the extents, scale = 1/sqrt(qk dim) unless given, G = query heads per key/value
+    defaults, the extents, a float scale = 1/sqrt(qk dim) unless given or declared with a
+    default, G = query heads per key/value
     head, then ``params`` (:func:`_checked_params`); an unbound parameter or heads that do
     not group are errors, and so is a CONSTEXPR_PARAMS value outside int32 (Triton refuses
     such a constant against the int32 head index, in the compiler and the interpreter)."""
@@ -307,7 +308,8 @@ def _bind(inputs: dict, captured: dict, params: dict | None) -> tuple[dict, dict
     _, n_heads, _, _, e_len, _ = _lengths(ext)
     values = dict(PARAM_DEFAULTS)  # noqa: F821
     values.update(sizes)
-    if "scale" in PARAMS and params.get("scale") is None:  # noqa: F821
+    if "scale" in PARAMS and params.get("scale") is None and "scale" not in values \
+            and PARAM_TYPES.get("scale") == "float":  # noqa: F821 - a declared default wins
         values["scale"] = 1.0 / math.sqrt(e_len)
     if "G" in PARAMS and "HKV" in sizes:  # noqa: F821
         n_kv = sizes["HKV"]  # no heads at all (0 and 0) is an empty problem, not an error

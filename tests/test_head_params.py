@@ -205,3 +205,32 @@ def test_a_batch_side_parameter_of_decode_stays_a_runtime_argument() -> None:
     forward = [x for x in launches if x.name == "attention_fwd_kernel"]
     assert forward and all("param_KVB" in x.signature for x in forward)
     assert all("param_KVB" not in x.constexprs for x in forward)
+
+
+SCALE_DEFAULT = """
+spec scaled {
+  index b: B batch, h: H head, m: M query, n: N key, e: E qk, f: F v
+  input Q[B, H, M, E], K[B, H, N, E], V[B, H, N, F]
+  param scale: float = 2.0
+  mask n <= m
+  S[b,h,m,n] = Q[b,h,m,e] * K[b,h,n,e] * scale
+  O[b,h,m,f] = softmax(n) S[b,h,m,n] * V[b,h,n,f]
+  output O
+}
+"""
+
+
+def test_a_declared_default_of_scale_is_the_scale_of_every_executor() -> None:
+    """1/sqrt(qk dim) stands in for a float ``scale`` declared without a default only: a
+    declared default is what the kernel, its generated module and the oracle all use, and
+    an int ``scale`` without one must be given."""
+    (spec,) = parse_text(SCALE_DEFAULT).values()
+    gen = torch.Generator().manual_seed(1)
+    t = {n: torch.randn(1, 2, 9, 16, generator=gen) for n in ("Q", "K", "V")}
+    want = attndsl.run_cascade(spec, t, {"scale": 2.0})["O"]
+    kern = attndsl.compile(spec)
+    assert torch.allclose(kern(t)["O"].double(), want, atol=1e-5)
+    assert torch.allclose(kern.module.launch(t)["O"].double(), want, atol=1e-5)
+    (as_int,) = parse_text(SCALE_DEFAULT.replace("float = 2.0", "int")).values()
+    with pytest.raises(ValueError, match="parameter 'scale' is not bound"):
+        attndsl.compile(as_int)(t)
