@@ -354,8 +354,6 @@ class Env:
     # the fast form needs NONNEG_SUBSCRIPTS: a subscript whose wrap it drops); see
     # codegen.triton._gathers
     gathers: dict[Expr, tuple[str, bool]] = field(default_factory=dict)
-    # the integer leaves this context knows more of than int_ranges (passes.int_range)
-    leaves: dict[tuple[Op, str], tuple[int, int]] = field(default_factory=dict)
 
     def to_i64(self, x: str) -> str:
         """``x`` converted to int64 (under ``narrow``: unless the launch proved int32 exact)."""
@@ -390,10 +388,10 @@ class Env:
         return e.op in SHIFTS or e.op is Op.LOAD or not fits_i32(self.range(e))
 
     def range(self, e: Expr) -> tuple[int, int]:
-        """The static range of an integer node (``leaves`` narrowing its leaves); ranges
-        already known stay as they are, so every node of a render takes one width."""
+        """The static range of an integer node (passes.int_range); ranges already known stay
+        as they are, so every node of a render takes one width."""
         if e not in self.ranges:
-            for node, r in int_ranges(e, self.leaves).items():
+            for node, r in int_ranges(e).items():
                 self.ranges.setdefault(node, r)
         return self.ranges[e]
 

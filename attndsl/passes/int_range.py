@@ -19,9 +19,6 @@ Range = tuple[int, int]
 I32 = (-(2**31), 2**31 - 1)
 I64 = (-(2**63), 2**63 - 1)
 INDEX_RANGE = (0, 2**31 - 2)
-# a sequence length a launch accepts: a length plus a tile (256 lanes at most) below 2**31
-# (codegen/launch_common.py, _check_lengths)
-LENGTH_RANGE = (0, 2**31 - 257)
 
 
 def fits_i32(r: Range) -> bool:
@@ -95,17 +92,11 @@ def _rule(e: Expr, s: list[Range]) -> Range:
     return I64  # POW, shifts (computed in int64 always), reductions
 
 
-def int_ranges(e: Expr, leaves: dict[tuple[Op, str], Range] | None = None
-               ) -> dict[Expr, Range]:
-    """A range for every integer or boolean node of ``e`` (booleans are [0, 1]); ``leaves``
-    narrows the integer indices and parameters a context knows more of, by (op, name): the
-    closed-form bounds' query block ``qt`` and lengths ``M``, ``N`` (:data:`LENGTH_RANGE`)."""
+def int_ranges(e: Expr) -> dict[Expr, Range]:
+    """A range for every integer or boolean node of ``e`` (booleans are [0, 1])."""
     out: dict[Expr, Range] = {}
     for node in e.walk():
-        known = None if leaves is None or node.dtype != INT else leaves.get((node.op, node.arg))
-        if known is not None:
-            out[node] = known
-        elif node.dtype == BOOL:
+        if node.dtype == BOOL:
             out[node] = (int(node.arg), int(node.arg)) if node.op is Op.CONST else (0, 1)
         elif node.dtype != INT:
             continue
