@@ -601,8 +601,8 @@ def _render_node(e: Expr, a: list[str], env: Env) -> str:
             all(s.op is Op.CONST for s in e.src) and e.src[1].arg != 0:
         # Python's floor semantics on two literals (inside @triton.jit, // and % of Python
         # ints already floor: _floor_div would correct them a second time)
-        x, y = int(e.src[0].arg), int(e.src[1].arg)
-        return literal(x // y if op is Op.FLOORDIV else x % y)
+        x, y = int(e.src[0].arg), int(e.src[1].arg)  # int64, wrapping: -2**63 // -1
+        return literal((((x // y) if op is Op.FLOORDIV else x % y) + 2**63) % 2**64 - 2**63)
     if op in _INT_ARITH and e.dtype == INT:  # bool operands count as 0 / 1, not as int1
         a = [f"({x}).to(tl.int32)" if s.dtype == BOOL else x for s, x in zip(e.src, a)]
     if op is Op.FLOORDIV:

@@ -28,6 +28,7 @@ from attndsl.checking import TOLERANCE, compare, index_sizes, oracle, random_pro
 from attndsl.eager import EagerError, eval_expr
 from attndsl.frontend.flex import mask_expr
 from attndsl.frontend.text import SpecError, parse_text
+from attndsl.ir import expr as E
 from attndsl.ir.expr import MAX_DEPTH
 from attndsl.passes.pipeline import compile_cascade
 from attndsl.runtime.modules import load_kernel_module, load_source
@@ -458,3 +459,25 @@ def test_an_integer_difference_times_a_constant_is_not_split_into_cancelling_pro
         ref.backward(grad)
         for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
             torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+# -- int64 constants wrap as torch's ----------------------------------------------------------
+
+@pytest.mark.parametrize("op", [E.Op.NEG, E.Op.ABS])
+def test_folding_negation_and_abs_of_int64_min_wraps_as_torch(op) -> None:
+    """torch: -(-2**63) and abs(-2**63) are -2**63 in int64; the folded constant is too."""
+    from attndsl.passes.rules import _fold_unary
+
+    folded = _fold_unary(E.unary(op, E.const(-2**63)))
+    want = int(torch.tensor(-2**63).neg() if op is E.Op.NEG else torch.tensor(-2**63).abs())
+    assert folded is not None and folded.arg == want == -2**63
+
+
+def test_a_printed_floor_division_of_two_int64_literals_wraps_as_torch() -> None:
+    """-2**63 // -1 is -2**63 in torch's int64: the printed literal holds it (2**63 would not
+    fit the kernel's int64 constant)."""
+    from attndsl.codegen.expr import Env, render
+
+    e = E.binary(E.Op.FLOORDIV, E.const(-2**63), E.const(-1))
+    printed = render(e, Env({}, {}, {}, {}, {}))
+    assert printed == "tl.full((), -9223372036854775808, tl.int64)", printed

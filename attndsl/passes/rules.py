@@ -87,6 +87,8 @@ def _fold_unary(e: Expr) -> Expr | None:
         v = _FOLD1[e.op](e.src[0].arg)
     except OverflowError:
         return None
+    if e.dtype == INT:  # int64, wrapping as torch's: -(-2**63) and abs(-2**63) are -2**63
+        v = (int(v) + 2**63) % 2**64 - 2**63
     return E.const(float(v) if e.dtype == FLOAT else v)
 
 
