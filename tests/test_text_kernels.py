@@ -153,3 +153,33 @@ def test_infinite_float_defaults_reach_the_kernel_and_the_oracle_exactly() -> No
         torch.testing.assert_close(got, torch.softmax(scores, -1) @ v, atol=1e-5, rtol=1e-5)
     want = run_cascade(c, {"Q": q.double(), "K": k.double(), "V": v.double()})["O"]
     torch.testing.assert_close(want.float(), torch.softmax(s, -1) @ v, atol=1e-5, rtol=1e-5)
+
+
+NESTED_NORMALISERS = {
+    "a sum of exponentials inside an exponential": (
+        "D[b,h,m] = sum(n) exp(S[b,h,m,n])\n"
+        "  O[b,h,m,f] = sum(n) exp(S[b,h,m,n] / D[b,h,m]) * V[b,h,n,f]"),
+    "a softmax of a softmax": "O[b,h,m,f] = (softmax(n) softmax(n) S[b,h,m,n]) * V[b,h,n,f]",
+    "a running max of scores over a finished sum": (
+        "D[b,h,m] = sum(n) exp(S[b,h,m,n])\n"
+        "  G[b,h,m] = max(n) (S[b,h,m,n] * D[b,h,m])\n"
+        "  O[b,h,m,f] = sum(n) exp(S[b,h,m,n] - G[b,h,m]) * V[b,h,n,f]"),
+}
+
+
+@pytest.mark.parametrize("name", NESTED_NORMALISERS)
+def test_a_later_pass_reads_a_finished_sum_at_its_true_value(name: str) -> None:
+    """A streamed sum is kept divided by 2^(its running max); a later pass that reads it
+    inside an exponential or a max must apply that factor, as the outputs do."""
+    text = ("spec nested {\n  index b: B batch, h: H head, m: M query, n: N key, e: E qk, "
+            "f: F v\n  input Q[B, H, M, E], K[B, H, N, E], V[B, H, N, F]\n"
+            "  param scale: float\n  S[b,h,m,n] = Q[b,h,m,e] * K[b,h,n,e] * scale\n  "
+            + NESTED_NORMALISERS[name] + "\n  output O\n}\n")
+    (spec,) = attndsl.frontend.text.parse_text(text).values()
+    gen = torch.Generator().manual_seed(2)
+    t = {"Q": torch.randn(1, 2, 37, 16, generator=gen) * 2,
+         "K": torch.randn(1, 2, 45, 16, generator=gen) * 2,
+         "V": torch.randn(1, 2, 45, 16, generator=gen)}
+    want = attndsl.run_cascade(spec, t, {"scale": 0.5})["O"]
+    got = attndsl.compile(spec)(t, {"scale": 0.5})["O"]
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)

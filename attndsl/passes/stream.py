@@ -283,8 +283,9 @@ def _scaled(e: Expr, units_of_row: dict[str, Units], stabs: _Stabilizers | None,
             return n, units_of_row[n.arg]
         if op is Op.EXP:
             if stabs is not None and not _invariant(n.src[0], key):
-                s = stabs.get(n.src[0])
-                y2 = n.src[0] * LOG2E
+                arg = _plain_rows(n.src[0], units_of_row)
+                s = stabs.get(arg)
+                y2 = arg * LOG2E
                 return E.unary(Op.EXP2, y2 - E.row(s)), ((s, 1),)
             lin = _linear_in_rows(n.src[0], exp_units)
             if lin is not None:
@@ -318,6 +319,14 @@ def _scaled(e: Expr, units_of_row: dict[str, Units], stabs: _Stabilizers | None,
         return Expr(op, src, n.arg, n.dtype), ()
 
     return go(e)
+
+
+def _plain_rows(e: Expr, units_of_row: dict[str, Units]) -> Expr:
+    """``e`` with each finished sum of an earlier pass read at its true value: a streamed sum
+    is kept as x with sum == x * prod 2^(k * mx), so a read of it in an exponent or a max
+    body (where no units are carried) is x * prod 2^(k * mx.safe), as the outputs read it."""
+    return e.replace(lambda n: _unscale(n, units_of_row[n.arg], lambda _: ".safe")
+                     if n.op is Op.ROW and n.arg in units_of_row else None)
 
 
 def _units_value(u: Units, sfx: Suffix) -> Expr:
@@ -471,7 +480,8 @@ def derive_schedule(fused: Fused, stream: bool = True) -> Schedule:
                 x, u = _scaled(body, units_of_row, stabs, key, {})
                 built.append(Reduction(names[r], "sum", rewrite(x, simple), u))
             else:
-                built.append(Reduction(names[r], "max", rewrite(body, simple)))
+                built.append(Reduction(names[r], "max",
+                                       rewrite(_plain_rows(body, units_of_row), simple)))
         # stabilisers: reuse a max reduction of the same exponent when it needs no floor
         maxes = {rewrite(b.body, simple): b for b in built if b.kind == "max"}
         stab_reds: list[Reduction] = []
