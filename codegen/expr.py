@@ -277,12 +277,9 @@ def _shr(a, b):
 def _safe_div_scalar(a, b):
     """_safe_div for a divisor that is one scalar (the interpreter cannot & a scalar bool with
     a tile of them, and divides two scalar parameters as Python floats, where / 0 raises):
-    0 / 0 = 0, a / +-0 = a * +-inf (the sign read from b's bits; ``b * 1.0`` keeps it, and
-    makes a Python float a tensor)."""
+    0 / 0 = 0, a / 0 = a * inf (a zero divisor counts as +0)."""
     q = a / tl.where(b == 0, 1.0, b)
-    b_bits = (b * tl.full((), 1.0, tl.float32)).to(tl.int32, bitcast=True)
-    b_inf = tl.where(b_bits < 0, float("-inf"), float("inf"))
-    return tl.where(b == 0, tl.where(a == 0, 0.0, a * b_inf), q)
+    return tl.where(b == 0, tl.where(a == 0, 0.0, a * float("inf")), q)
 
 
 @triton.jit

@@ -481,24 +481,3 @@ def test_a_printed_floor_division_of_two_int64_literals_wraps_as_torch() -> None
     e = E.binary(E.Op.FLOORDIV, E.const(-2**63), E.const(-1))
     printed = render(e, Env({}, {}, {}, {}, {}))
     assert printed == "tl.full((), -9223372036854775808, tl.int64)", printed
-
-
-_SCALAR_DIV_PROBE = """
-import triton
-import triton.language as tl
-""" + HELPERS + """
-
-@triton.jit
-def _scalar_div_probe(out_ptr, a, b):
-    tl.store(out_ptr, _safe_div_scalar(a, b))
-"""
-
-
-@pytest.mark.parametrize("a, b", [(1.0, -0.0), (1.0, 0.0), (-2.0, -0.0), (0.0, -0.0),
-                                  (3.0, -1.5)])
-def test_a_scalar_divisor_of_minus_zero_divides_as_ieee(a: float, b: float) -> None:
-    """1 / -0.0 = -inf (IEEE, the oracle's); only 0 / 0 is 0."""
-    out = torch.zeros(1)
-    load_source(_SCALAR_DIV_PROBE, prefix="scalar_div_probe")._scalar_div_probe[(1,)](out, a, b)
-    want = 0.0 if a == 0 else a / b if b else math.copysign(math.inf, a) * math.copysign(1, b)
-    assert out.item() == want
